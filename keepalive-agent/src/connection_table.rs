@@ -1,0 +1,344 @@
+//! Per-connection keepalive state, bounded. Live connections are keyed by socket address; a
+//! socket that closes and whose memory is reused for another connection (TCP sockets come from
+//! a SLAB_TYPESAFE_BY_RCU cache) starts a new generation, recognised by its endpoints.
+
+use std::{
+    collections::VecDeque,
+    num::NonZeroUsize,
+    time::{Duration, Instant},
+};
+
+use lru::LruCache;
+
+use crate::{
+    classifier::{CloseOutcome, DropReason},
+    decoder::{CloseEvent, Endpoints, KeepaliveExpiry},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionState {
+    pub endpoints: Endpoints,
+    /// Probes the kernel sent on this connection since the agent first saw it.
+    pub probes_sent: u64,
+    /// Probes still unanswered when the keepalive timer last ran (`icsk_probes_out` at entry:
+    /// the kernel zeroes it on every acceptable ACK, so a non-zero value at the next expiry
+    /// means the peer stayed silent for a whole interval).
+    pub unanswered_probes: u8,
+    /// Set once the connection was dropped.
+    pub dropped: Option<DropReason>,
+    pub updated: Instant,
+}
+
+/// What one keepalive expiry meant for its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExpiryOutcome {
+    pub probe_sent: bool,
+    /// A streak of probes ended with the peer answering.
+    pub streak_answered: bool,
+}
+
+#[derive(Debug)]
+pub struct ConnectionTable {
+    live: LruCache<u64, ConnectionState>,
+    /// Dropped connections, oldest first, kept `retention` so alerts can name them.
+    dropped: VecDeque<ConnectionState>,
+    max_dropped: usize,
+    retention: Duration,
+    evictions: u64,
+}
+
+impl ConnectionTable {
+    pub fn new(max_live: NonZeroUsize, max_dropped: usize, retention: Duration) -> Self {
+        Self {
+            live: LruCache::new(max_live),
+            dropped: VecDeque::new(),
+            max_dropped,
+            retention,
+            evictions: 0,
+        }
+    }
+
+    pub fn on_expiry(&mut self, e: &KeepaliveExpiry, now: Instant) -> ExpiryOutcome {
+        let probe_sent = e.probe_sent();
+        let state = match self.live.get_mut(&e.sk) {
+            Some(state) if state.endpoints == e.endpoints => state,
+            _ => {
+                // First sight, or the slot now holds another connection. Connections that never
+                // probed stay out of the table: idle expiries before the first probe are common
+                // and tell nothing per connection.
+                if !probe_sent && e.probes_out_before == 0 {
+                    self.live.pop(&e.sk);
+                    return ExpiryOutcome::default();
+                }
+                self.insert_live(e.sk, e.endpoints, now);
+                self.live.get_mut(&e.sk).expect("entry inserted just above")
+            }
+        };
+        let streak_answered = state.unanswered_probes > 0 && e.probes_out_before == 0;
+        state.unanswered_probes = e.probes_out_before;
+        if probe_sent {
+            state.probes_sent += 1;
+        }
+        state.updated = now;
+        ExpiryOutcome {
+            probe_sent,
+            streak_answered,
+        }
+    }
+
+    /// Ends the connection. Returns its final state when it was dropped.
+    pub fn on_close(
+        &mut self,
+        c: &CloseEvent,
+        outcome: CloseOutcome,
+        now: Instant,
+    ) -> Option<&ConnectionState> {
+        let previous = self
+            .live
+            .pop(&c.sk)
+            .filter(|state| state.endpoints == c.endpoints);
+        let CloseOutcome::Dropped(reason) = outcome else {
+            return None;
+        };
+        let mut state = previous.unwrap_or(ConnectionState {
+            endpoints: c.endpoints,
+            probes_sent: 0,
+            unanswered_probes: 0,
+            dropped: None,
+            updated: now,
+        });
+        if reason == DropReason::KeepaliveTimeout {
+            // The abort expiry found every probe unanswered.
+            state.unanswered_probes = state.unanswered_probes.max(c.probes_out);
+        }
+        state.dropped = Some(reason);
+        state.updated = now;
+        if self.dropped.len() >= self.max_dropped {
+            self.dropped.pop_front();
+            self.evictions += 1;
+        }
+        self.dropped.push_back(state);
+        self.dropped.back()
+    }
+
+    fn insert_live(&mut self, sk: u64, endpoints: Endpoints, now: Instant) {
+        let fresh = ConnectionState {
+            endpoints,
+            probes_sent: 0,
+            unanswered_probes: 0,
+            dropped: None,
+            updated: now,
+        };
+        if let Some((evicted_sk, _)) = self.live.push(sk, fresh)
+            && evicted_sk != sk
+        {
+            self.evictions += 1;
+        }
+    }
+
+    /// Forgets dropped connections older than the retention.
+    pub fn expire(&mut self, now: Instant) {
+        while self
+            .dropped
+            .front()
+            .is_some_and(|state| now.duration_since(state.updated) >= self.retention)
+        {
+            self.dropped.pop_front();
+        }
+    }
+
+    pub fn live_len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn dropped_len(&self) -> usize {
+        self.dropped.len()
+    }
+
+    /// Connections pushed out by the size bounds, since start.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Connections that deserve a series: dropped ones (newest first), then live ones that have
+    /// probed, most unanswered probes first.
+    pub fn reportable(&self) -> Vec<&ConnectionState> {
+        let mut live: Vec<&ConnectionState> = self
+            .live
+            .iter()
+            .map(|(_, state)| state)
+            .filter(|state| state.probes_sent > 0 || state.unanswered_probes > 0)
+            .collect();
+        live.sort_by(|a, b| {
+            (b.unanswered_probes, b.probes_sent).cmp(&(a.unanswered_probes, a.probes_sent))
+        });
+        self.dropped.iter().rev().chain(live).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keepalive_ebpf::CloseContext;
+
+    use super::*;
+    use crate::decoder::KeepaliveSettings;
+
+    const SETTINGS: KeepaliveSettings = KeepaliveSettings {
+        enabled: true,
+        idle_jiffies: 250,
+        interval_jiffies: 250,
+        probes: 3,
+        user_timeout_ms: 0,
+    };
+
+    fn endpoints(port: u16) -> Endpoints {
+        Endpoints {
+            netns: 7,
+            local: format!("127.0.0.1:{port}").parse().unwrap(),
+            remote: "127.0.0.1:80".parse().unwrap(),
+        }
+    }
+
+    fn expiry(sk: u64, port: u16, before: u8, after: u8) -> KeepaliveExpiry {
+        KeepaliveExpiry {
+            sk,
+            endpoints: endpoints(port),
+            state: 1,
+            probes_out_before: before,
+            probes_out_after: Some(after),
+            closed_in_timer: false,
+            settings: SETTINGS,
+            ktime_ns: 0,
+            jiffies: 0,
+            last_received_jiffies: 0,
+        }
+    }
+
+    fn close(sk: u64, port: u16, probes_out: u8) -> CloseEvent {
+        CloseEvent {
+            sk,
+            endpoints: endpoints(port),
+            old_state: 1,
+            context: CloseContext::KeepaliveTimer,
+            reset_received: false,
+            reset_sent_reason: None,
+            orphan: false,
+            settings: SETTINGS,
+            probes_out,
+            packets_out: 0,
+            send_window: 1,
+            sk_err: libc::ETIMEDOUT,
+            sk_err_soft: 0,
+            ktime_ns: 0,
+            jiffies: 0,
+            last_received_jiffies: 0,
+        }
+    }
+
+    fn table() -> ConnectionTable {
+        ConnectionTable::new(NonZeroUsize::new(2).unwrap(), 2, Duration::from_secs(60))
+    }
+
+    #[test]
+    fn blackholed_connection_accumulates_unanswered_probes_then_drops() {
+        let mut t = table();
+        let now = Instant::now();
+        for (before, after) in [(0, 1), (1, 2), (2, 3)] {
+            assert!(t.on_expiry(&expiry(1, 1000, before, after), now).probe_sent);
+        }
+        let dropped = t
+            .on_close(
+                &close(1, 1000, 3),
+                CloseOutcome::Dropped(DropReason::KeepaliveTimeout),
+                now,
+            )
+            .unwrap()
+            .clone();
+        assert_eq!(dropped.probes_sent, 3);
+        assert_eq!(dropped.unanswered_probes, 3);
+        assert_eq!(dropped.dropped, Some(DropReason::KeepaliveTimeout));
+        assert_eq!(t.live_len(), 0);
+        assert_eq!(t.reportable().len(), 1);
+    }
+
+    #[test]
+    fn answered_probes_leave_nothing_unanswered() {
+        let mut t = table();
+        let now = Instant::now();
+        t.on_expiry(&expiry(1, 1000, 0, 1), now);
+        let out = t.on_expiry(&expiry(1, 1000, 0, 1), now);
+        assert!(out.probe_sent);
+        let state = t.reportable()[0].clone();
+        assert_eq!((state.probes_sent, state.unanswered_probes), (2, 0));
+        // A streak that had gone unanswered and then got its ACK.
+        t.on_expiry(&expiry(1, 1000, 1, 2), now);
+        assert!(t.on_expiry(&expiry(1, 1000, 0, 1), now).streak_answered);
+    }
+
+    #[test]
+    fn idle_expiries_without_probes_are_not_tracked() {
+        let mut t = table();
+        let out = t.on_expiry(&expiry(1, 1000, 0, 0), Instant::now());
+        assert!(!out.probe_sent);
+        assert_eq!(t.live_len(), 0);
+    }
+
+    #[test]
+    fn reused_socket_slot_starts_a_new_connection() {
+        let mut t = table();
+        let now = Instant::now();
+        t.on_expiry(&expiry(1, 1000, 0, 1), now);
+        t.on_expiry(&expiry(1, 2000, 0, 1), now);
+        let states = t.reportable();
+        assert_eq!(states.len(), 1);
+        assert_eq!(states[0].endpoints.local.port(), 2000);
+        assert_eq!(states[0].probes_sent, 1);
+    }
+
+    #[test]
+    fn bounds_evict_and_count() {
+        let mut t = table();
+        let now = Instant::now();
+        for sk in 1..=3 {
+            t.on_expiry(&expiry(sk, 1000 + sk as u16, 0, 1), now);
+        }
+        assert_eq!(t.live_len(), 2);
+        assert_eq!(t.evictions(), 1);
+        for sk in 1..=3 {
+            t.on_close(
+                &close(sk, 1000 + sk as u16, 3),
+                CloseOutcome::Dropped(DropReason::KeepaliveTimeout),
+                now,
+            );
+        }
+        assert_eq!(t.dropped_len(), 2);
+        assert_eq!(t.evictions(), 2);
+    }
+
+    #[test]
+    fn dropped_connections_expire_after_retention() {
+        let mut t = table();
+        let now = Instant::now();
+        t.on_close(
+            &close(1, 1000, 0),
+            CloseOutcome::Dropped(DropReason::ResetReceived),
+            now,
+        );
+        t.expire(now + Duration::from_secs(59));
+        assert_eq!(t.dropped_len(), 1);
+        t.expire(now + Duration::from_secs(60));
+        assert_eq!(t.dropped_len(), 0);
+    }
+
+    #[test]
+    fn orderly_close_forgets_without_reporting() {
+        let mut t = table();
+        let now = Instant::now();
+        t.on_expiry(&expiry(1, 1000, 0, 1), now);
+        assert!(
+            t.on_close(&close(1, 1000, 0), CloseOutcome::Orderly, now)
+                .is_none()
+        );
+        assert!(t.reportable().is_empty());
+    }
+}

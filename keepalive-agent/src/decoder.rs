@@ -1,0 +1,337 @@
+//! Ring-buffer record → typed event. The only place that interprets [`SocketRecord`] bytes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use keepalive_ebpf::{AF_INET, AF_INET6, CloseContext, RecordKind, SocketRecord, record_flags};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error(
+        "ring buffer record is {0} bytes, expected {expected}: agent and kernel programs were built from different sources",
+        expected = SocketRecord::SIZE
+    )]
+    Size(usize),
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+    #[error("unknown close context {0}")]
+    Context(u8),
+    #[error("unknown address family {0}")]
+    Family(u16),
+}
+
+/// Where a connection lives: its namespace and both ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoints {
+    /// Network namespace inode number.
+    pub netns: u32,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// The keepalive settings the kernel would apply: the socket's own, else the namespace's sysctl.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveSettings {
+    pub enabled: bool,
+    /// `TCP_KEEPIDLE`, in jiffies.
+    pub idle_jiffies: u32,
+    /// `TCP_KEEPINTVL`, in jiffies.
+    pub interval_jiffies: u32,
+    /// `TCP_KEEPCNT`.
+    pub probes: u8,
+    /// `TCP_USER_TIMEOUT` in milliseconds; 0 = unset.
+    pub user_timeout_ms: u32,
+}
+
+/// One expiry of `tcp_keepalive_timer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveExpiry {
+    pub sk: u64,
+    pub endpoints: Endpoints,
+    pub state: u8,
+    /// `icsk_probes_out` when the timer started: probes still unanswered an interval later.
+    pub probes_out_before: u8,
+    /// `icsk_probes_out` when the timer finished, if it could be read safely.
+    pub probes_out_after: Option<u8>,
+    /// The connection was aborted inside this expiry.
+    pub closed_in_timer: bool,
+    pub settings: KeepaliveSettings,
+    pub ktime_ns: u64,
+    pub jiffies: u64,
+    /// Last segment received (jiffies, low 32 bits).
+    pub last_received_jiffies: u32,
+}
+
+impl KeepaliveExpiry {
+    /// `tcp_write_wakeup` sent a probe: only it raises `icsk_probes_out` in this timer.
+    pub fn probe_sent(&self) -> bool {
+        !self.closed_in_timer
+            && self
+                .probes_out_after
+                .is_some_and(|after| after > self.probes_out_before)
+    }
+}
+
+/// The socket moved to `TCP_CLOSE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseEvent {
+    pub sk: u64,
+    pub endpoints: Endpoints,
+    /// The state it left.
+    pub old_state: u8,
+    pub context: CloseContext,
+    pub reset_received: bool,
+    /// `enum sk_rst_reason` of a reset sent on the way to closing.
+    pub reset_sent_reason: Option<u32>,
+    pub orphan: bool,
+    pub settings: KeepaliveSettings,
+    pub probes_out: u8,
+    pub packets_out: u32,
+    pub send_window: u32,
+    pub sk_err: i32,
+    pub sk_err_soft: i32,
+    pub ktime_ns: u64,
+    pub jiffies: u64,
+    pub last_received_jiffies: u32,
+}
+
+/// `inet_sk_error_report` on a closed socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorReport {
+    pub sk: u64,
+    pub endpoints: Endpoints,
+    pub error: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    KeepaliveExpiry(KeepaliveExpiry),
+    Close(CloseEvent),
+    ErrorReport(ErrorReport),
+}
+
+impl Event {
+    pub fn endpoints(&self) -> &Endpoints {
+        match self {
+            Self::KeepaliveExpiry(e) => &e.endpoints,
+            Self::Close(e) => &e.endpoints,
+            Self::ErrorReport(e) => &e.endpoints,
+        }
+    }
+
+    /// Label value for per-kind event counters.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::KeepaliveExpiry(_) => "keepalive_timer",
+            Self::Close(_) => "close",
+            Self::ErrorReport(_) => "error_report",
+        }
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() != SocketRecord::SIZE {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    // SAFETY: length checked; SocketRecord is plain integers, any bit pattern is valid, and
+    // read_unaligned does not require the ring buffer's alignment.
+    let rec: SocketRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    decode_record(&rec)
+}
+
+pub fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
+    let kind = RecordKind::from_u8(rec.kind).ok_or(DecodeError::Kind(rec.kind))?;
+    let endpoints = endpoints(rec)?;
+    let flag = |bit: u8| rec.flags & bit != 0;
+    let settings = KeepaliveSettings {
+        enabled: flag(record_flags::KEEPALIVE_ON),
+        idle_jiffies: nonzero_or(rec.keepalive_time, rec.sysctl_keepalive_time),
+        interval_jiffies: nonzero_or(rec.keepalive_intvl, rec.sysctl_keepalive_intvl),
+        probes: if rec.keepalive_probes != 0 {
+            rec.keepalive_probes
+        } else {
+            rec.sysctl_keepalive_probes
+        },
+        user_timeout_ms: rec.user_timeout_ms,
+    };
+    // `keepalive_time_elapsed` measures from the newer of the two receive stamps.
+    let last_received_jiffies = if rec.lrcvtime.wrapping_sub(rec.rcv_tstamp) as i32 > 0 {
+        rec.lrcvtime
+    } else {
+        rec.rcv_tstamp
+    };
+    Ok(match kind {
+        RecordKind::KeepaliveTimer => Event::KeepaliveExpiry(KeepaliveExpiry {
+            sk: rec.sk,
+            endpoints,
+            state: rec.state,
+            probes_out_before: rec.probes_out_before,
+            probes_out_after: (!flag(record_flags::EXIT_UNVERIFIED)
+                && !flag(record_flags::CLOSED_IN_TIMER))
+            .then_some(rec.probes_out_after),
+            closed_in_timer: flag(record_flags::CLOSED_IN_TIMER),
+            settings,
+            ktime_ns: rec.ktime_ns,
+            jiffies: rec.jiffies,
+            last_received_jiffies,
+        }),
+        RecordKind::Close => Event::Close(CloseEvent {
+            sk: rec.sk,
+            endpoints,
+            old_state: rec.state,
+            context: CloseContext::from_u8(rec.context).ok_or(DecodeError::Context(rec.context))?,
+            reset_received: flag(record_flags::RESET_RECEIVED),
+            reset_sent_reason: flag(record_flags::RESET_SENT).then_some(rec.reset_reason_sent),
+            orphan: flag(record_flags::ORPHAN),
+            settings,
+            probes_out: rec.probes_out_before,
+            packets_out: rec.packets_out,
+            send_window: rec.snd_wnd,
+            sk_err: rec.sk_err,
+            sk_err_soft: rec.sk_err_soft,
+            ktime_ns: rec.ktime_ns,
+            jiffies: rec.jiffies,
+            last_received_jiffies,
+        }),
+        RecordKind::ErrorReport => Event::ErrorReport(ErrorReport {
+            sk: rec.sk,
+            endpoints,
+            error: rec.sk_err,
+        }),
+    })
+}
+
+fn nonzero_or(own: u32, fallback: u32) -> u32 {
+    if own != 0 { own } else { fallback }
+}
+
+fn endpoints(rec: &SocketRecord) -> Result<Endpoints, DecodeError> {
+    let addr = |bytes: [u8; 16]| -> Result<IpAddr, DecodeError> {
+        match rec.family {
+            AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ))),
+            AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(bytes))),
+            other => Err(DecodeError::Family(other)),
+        }
+    };
+    Ok(Endpoints {
+        netns: rec.netns,
+        local: SocketAddr::new(addr(rec.local_addr)?, rec.local_port),
+        remote: SocketAddr::new(addr(rec.remote_addr)?, rec.remote_port),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> SocketRecord {
+        let mut rec = SocketRecord {
+            sk: 0xffff_8880_1234_5600,
+            kind: RecordKind::KeepaliveTimer as u8,
+            family: AF_INET,
+            netns: 4026532000,
+            local_port: 40000,
+            remote_port: 8080,
+            state: 1,
+            probes_out_before: 1,
+            probes_out_after: 2,
+            keepalive_time: 250,
+            sysctl_keepalive_time: 7200 * 250,
+            sysctl_keepalive_intvl: 75 * 250,
+            sysctl_keepalive_probes: 9,
+            flags: record_flags::KEEPALIVE_ON,
+            ..SocketRecord::default()
+        };
+        rec.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        rec.remote_addr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        rec
+    }
+
+    fn bytes(rec: &SocketRecord) -> Vec<u8> {
+        // SAFETY: SocketRecord is plain data without padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (rec as *const SocketRecord).cast::<u8>(),
+                SocketRecord::SIZE,
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn keepalive_record_decodes_endpoints_and_effective_settings() {
+        let Event::KeepaliveExpiry(e) = decode(&bytes(&record())).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!(e.endpoints.local, "127.0.0.1:40000".parse().unwrap());
+        assert_eq!(e.endpoints.remote, "127.0.0.2:8080".parse().unwrap());
+        assert_eq!(e.endpoints.netns, 4026532000);
+        // The socket's own idle time wins; interval and count fall back to the sysctl.
+        assert_eq!(e.settings.idle_jiffies, 250);
+        assert_eq!(e.settings.interval_jiffies, 75 * 250);
+        assert_eq!(e.settings.probes, 9);
+        assert!(e.settings.enabled);
+        assert!(e.probe_sent());
+    }
+
+    #[test]
+    fn unverified_exit_never_counts_a_probe() {
+        let mut rec = record();
+        rec.flags |= record_flags::EXIT_UNVERIFIED;
+        let Event::KeepaliveExpiry(e) = decode(&bytes(&rec)).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!(e.probes_out_after, None);
+        assert!(!e.probe_sent());
+    }
+
+    #[test]
+    fn close_record_carries_reset_and_context() {
+        let mut rec = record();
+        rec.kind = RecordKind::Close as u8;
+        rec.context = CloseContext::KeepaliveTimer as u8;
+        rec.flags |= record_flags::RESET_SENT;
+        rec.reset_reason_sent = 15;
+        rec.sk_err = 110;
+        let Event::Close(c) = decode(&bytes(&rec)).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!(c.context, CloseContext::KeepaliveTimer);
+        assert_eq!(c.reset_sent_reason, Some(15));
+        assert!(!c.reset_received);
+        assert_eq!(c.sk_err, 110);
+    }
+
+    #[test]
+    fn ipv6_addresses_decode() {
+        let mut rec = record();
+        rec.family = AF_INET6;
+        rec.local_addr = Ipv6Addr::LOCALHOST.octets();
+        rec.remote_addr = Ipv6Addr::LOCALHOST.octets();
+        let event = decode(&bytes(&rec)).unwrap();
+        assert_eq!(event.endpoints().local, "[::1]:40000".parse().unwrap());
+    }
+
+    #[test]
+    fn malformed_records_are_rejected() {
+        assert_eq!(decode(&[0; 12]), Err(DecodeError::Size(12)));
+        let mut rec = record();
+        rec.kind = 99;
+        assert_eq!(decode(&bytes(&rec)), Err(DecodeError::Kind(99)));
+        let mut rec = record();
+        rec.family = 1;
+        assert_eq!(decode(&bytes(&rec)), Err(DecodeError::Family(1)));
+    }
+
+    #[test]
+    fn last_received_is_the_newer_stamp_across_wraparound() {
+        let mut rec = record();
+        rec.rcv_tstamp = u32::MAX - 5;
+        rec.lrcvtime = 10; // 16 jiffies later, after the wrap
+        let Event::KeepaliveExpiry(e) = decode(&bytes(&rec)).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!(e.last_received_jiffies, 10);
+    }
+}

@@ -1,0 +1,248 @@
+//! Everything the agent exports. Aggregates are prometheus-client families updated by the
+//! pipeline; per-connection series and table gauges are rendered from the connection table at
+//! scrape time, so the cap and the retention apply without bookkeeping twice.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{MapData, PerCpuArray};
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
+        gauge::Gauge, info::Info,
+    },
+    registry::Registry,
+};
+
+use crate::{classifier::DropReason, connection_table::ConnectionTable};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NetnsLabels {
+    pub netns: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub netns: u32,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    pub hook: &'static str,
+    pub program_type: &'static str,
+}
+
+/// Aggregates the pipeline updates.
+#[derive(Debug, Default, Clone)]
+pub struct PipelineMetrics {
+    pub probes: Family<NetnsLabels, Counter>,
+    pub drops: Family<DropLabels, Counter>,
+    pub events: Family<KindLabels, Counter>,
+    pub decode_errors: Counter,
+    seen_netns: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl PipelineMetrics {
+    /// Creates every aggregate series of a namespace at 0 the first time it shows up, so
+    /// `increase()` and alerts work from the first scrape.
+    pub fn see_netns(&self, netns: u32) {
+        let mut seen = self.seen_netns.lock().expect("metrics lock poisoned");
+        if !seen.insert(netns) {
+            return;
+        }
+        let _ = self.probes.get_or_create(&NetnsLabels { netns });
+        for reason in DropReason::ALL {
+            let _ = self.drops.get_or_create(&DropLabels {
+                netns,
+                reason: reason.as_str(),
+            });
+        }
+    }
+
+    pub fn count_drop(&self, netns: u32, reason: DropReason) {
+        self.drops
+            .get_or_create(&DropLabels {
+                netns,
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn count_probe(&self, netns: u32) {
+        self.probes.get_or_create(&NetnsLabels { netns }).inc();
+    }
+}
+
+/// Builds the registry: the pipeline's aggregates, per-connection series, and self-metrics.
+pub fn registry(
+    pipeline: &PipelineMetrics,
+    table: Arc<Mutex<ConnectionTable>>,
+    max_connection_series: usize,
+    reserve_failures: ReserveFailures,
+    hooks: &Family<HookLabels, Gauge>,
+) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "tcp_keepalive_probes",
+        "TCP keepalive probes the kernel sent (tcp_write_wakeup from tcp_keepalive_timer), per network namespace",
+        pipeline.probes.clone(),
+    );
+    registry.register(
+        "tcp_connection_drops",
+        "TCP connections the kernel ended abnormally, by reason",
+        pipeline.drops.clone(),
+    );
+    registry.register(
+        "keepalive_agent_events",
+        "Records received from the kernel programs, by kind",
+        pipeline.events.clone(),
+    );
+    registry.register(
+        "keepalive_agent_decode_errors",
+        "Ring buffer records the agent could not decode",
+        pipeline.decode_errors.clone(),
+    );
+    registry.register(
+        "keepalive_agent_hook_attached",
+        "1 when the kernel hook is attached, 0 when it could not be",
+        hooks.clone(),
+    );
+    registry.register(
+        "keepalive_agent_build",
+        "Build information",
+        Info::new(vec![
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("ebpf_record_bytes", RECORD_BYTES),
+        ]),
+    );
+    registry.register_collector(Box::new(ConnectionSeries {
+        table,
+        max_series: max_connection_series,
+    }));
+    registry.register_collector(Box::new(reserve_failures));
+    registry
+}
+
+const RECORD_BYTES: &str = {
+    // Makes a mismatch between agent and kernel-program builds visible in the build info.
+    const _: () = assert!(keepalive_ebpf::SocketRecord::SIZE == 128);
+    "128"
+};
+
+/// Per-connection series and the connection table's own gauges, rendered at scrape time.
+#[derive(Debug)]
+struct ConnectionSeries {
+    table: Arc<Mutex<ConnectionTable>>,
+    max_series: usize,
+}
+
+impl prometheus_client::collector::Collector for ConnectionSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut table = self.table.lock().map_err(|_| fmt::Error)?;
+        table.expire(std::time::Instant::now());
+        let reportable = table.reportable();
+        let shown = &reportable[..reportable.len().min(self.max_series)];
+        let labels: Vec<Vec<(&'static str, String)>> = shown
+            .iter()
+            .map(|state| {
+                let e = &state.endpoints;
+                let mut labels = vec![
+                    ("netns", e.netns.to_string()),
+                    ("local_addr", e.local.ip().to_string()),
+                    ("local_port", e.local.port().to_string()),
+                    ("remote_addr", e.remote.ip().to_string()),
+                    ("remote_port", e.remote.port().to_string()),
+                ];
+                if let Some(reason) = state.dropped {
+                    labels.push(("reason", reason.as_str().to_owned()));
+                }
+                labels
+            })
+            .collect();
+
+        let mut probes = encoder.encode_descriptor(
+            "tcp_keepalive_connection_probes",
+            "Keepalive probes sent on this connection; `reason` is set once it was dropped",
+            None,
+            MetricType::Counter,
+        )?;
+        for (state, labels) in shown.iter().zip(&labels) {
+            ConstCounter::new(state.probes_sent).encode(probes.encode_family(labels)?)?;
+        }
+        let mut unanswered = encoder.encode_descriptor(
+            "tcp_keepalive_connection_unanswered_probes",
+            "Keepalive probes still unanswered when the keepalive timer last ran on this connection",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, labels) in shown.iter().zip(&labels) {
+            ConstGauge::new(i64::from(state.unanswered_probes))
+                .encode(unanswered.encode_family(labels)?)?;
+        }
+
+        let gauges = [
+            (
+                "keepalive_agent_tracked_connections",
+                "Connections in the agent's table: live ones that probed, and recently dropped ones",
+                (table.live_len() + table.dropped_len()) as i64,
+            ),
+            (
+                "keepalive_agent_connection_series_hidden",
+                "Per-connection series not exported because of --connections.max-series",
+                (reportable.len() - shown.len()) as i64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            ConstGauge::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        ConstCounter::new(table.evictions()).encode(encoder.encode_descriptor(
+            "keepalive_agent_connection_table_evictions",
+            "Connections pushed out of the agent's table by --connections.max-tracked",
+            None,
+            MetricType::Counter,
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Ring-buffer reserves that failed in the kernel (events lost), summed over CPUs at scrape.
+pub struct ReserveFailures(pub Mutex<PerCpuArray<MapData, u64>>);
+
+impl fmt::Debug for ReserveFailures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReserveFailures")
+    }
+}
+
+impl prometheus_client::collector::Collector for ReserveFailures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let total: u64 = match self.0.lock().map_err(|_| fmt::Error)?.get(&0, 0) {
+            Ok(per_cpu) => per_cpu.iter().sum(),
+            Err(err) => {
+                log::warn!("cannot read the ring buffer failure counters: {err}");
+                return Ok(());
+            }
+        };
+        ConstCounter::new(total).encode(encoder.encode_descriptor(
+            "keepalive_agent_ringbuf_reserve_failures",
+            "Kernel events lost because the ring buffer was full (raise --ring-buffer.bytes)",
+            None,
+            MetricType::Counter,
+        )?)
+    }
+}

@@ -1,0 +1,214 @@
+//! Loads the embedded kernel programs with this kernel's offsets and attaches them.
+//!
+//! Every hook is a BTF tracepoint (`tp_btf`): stable kernel ABI, no tracefs, and allowed where
+//! fentry/fexit are refused (EPERM under lockdown) and kprobes are not built. The agent has no
+//! fentry or kprobe variants to fall back from; it logs once which hooks it attached.
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError},
+};
+use keepalive_ebpf::names;
+use log::{info, warn};
+
+use crate::{kallsyms::TimerFunctions, kernel_layout::KernelLayout};
+
+static PROGRAMS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive-ebpf"));
+
+/// A kernel hook: the tracepoint, and whether the agent can work without it.
+#[derive(Debug, Clone, Copy)]
+pub struct Hook {
+    pub tracepoint: &'static str,
+    pub required: bool,
+    /// What is lost without it.
+    pub role: &'static str,
+}
+
+pub const HOOKS: [Hook; 6] = [
+    Hook {
+        tracepoint: "timer_expire_entry",
+        required: true,
+        role: "keepalive timer expiries (probes sent, unanswered probes)",
+    },
+    Hook {
+        tracepoint: "timer_expire_exit",
+        required: true,
+        role: "probes sent by each keepalive timer expiry",
+    },
+    Hook {
+        tracepoint: "inet_sock_set_state",
+        required: true,
+        role: "connection teardown (drops and their reasons)",
+    },
+    Hook {
+        tracepoint: "tcp_send_reset",
+        required: false,
+        role: "confirmation of keepalive aborts by their RST reason",
+    },
+    Hook {
+        tracepoint: "tcp_receive_reset",
+        required: false,
+        role: "resets received (falls back to the socket error)",
+    },
+    Hook {
+        tracepoint: "inet_sk_error_report",
+        required: false,
+        role: "the error reported to the application (debug log only)",
+    },
+];
+
+pub const PROGRAM_TYPE: &str = "tp_btf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramsError {
+    #[error(
+        "loading the kernel programs failed (needs root or CAP_BPF+CAP_PERFMON, and a kernel with BTF): {0}"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error(
+        "cannot read the kernel BTF (/sys/kernel/btf/vmlinux; needs CONFIG_DEBUG_INFO_BTF): {0}"
+    )]
+    Btf(#[source] aya::BtfError),
+    #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot attach to tracepoint {hook} ({role}): {source}")]
+    Attach {
+        hook: &'static str,
+        role: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct HookStatus {
+    pub hook: Hook,
+    pub attached: bool,
+}
+
+pub struct KernelPrograms {
+    /// Keeps programs and links alive.
+    pub ebpf: Ebpf,
+    pub hooks: Vec<HookStatus>,
+    pub events: RingBuf<MapData>,
+    pub reserve_failures: PerCpuArray<MapData, u64>,
+}
+
+impl KernelPrograms {
+    pub fn all_required_attached(&self) -> bool {
+        self.hooks.iter().all(|s| s.attached || !s.hook.required)
+    }
+}
+
+pub fn load(
+    layout: &KernelLayout,
+    timers: &TimerFunctions,
+    ring_buffer_bytes: u32,
+) -> Result<KernelPrograms, ProgramsError> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::OFFSETS_GLOBAL, &layout.offsets, true)
+        .override_global(names::KEEPALIVE_TIMER_FN_GLOBAL, &timers.keepalive, true)
+        .override_global(names::WRITE_TIMER_FN_GLOBAL, &timers.write, true)
+        .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
+        .load(PROGRAMS_OBJECT)
+        .map_err(ProgramsError::Load)?;
+
+    match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(logger) => spawn_kernel_log(logger),
+        Err(err) => warn!("kernel-side diagnostics unavailable: {err}"),
+    }
+
+    let btf = Btf::from_sys_fs().map_err(ProgramsError::Btf)?;
+    let mut hooks = Vec::with_capacity(HOOKS.len());
+    for hook in HOOKS {
+        match attach(&mut ebpf, &btf, hook) {
+            Ok(()) => {
+                info!(
+                    "attached {} as {PROGRAM_TYPE}: {}",
+                    hook.tracepoint, hook.role
+                );
+                hooks.push(HookStatus {
+                    hook,
+                    attached: true,
+                });
+            }
+            Err(err) if !hook.required => {
+                warn!("{err}; continuing without it");
+                hooks.push(HookStatus {
+                    hook,
+                    attached: false,
+                });
+            }
+            Err(err) => return Err(err),
+        }
+    }
+
+    let events = ebpf
+        .take_map(names::EVENTS_MAP)
+        .ok_or(ProgramsError::Missing(names::EVENTS_MAP))?;
+    let events = RingBuf::try_from(events).map_err(|source| ProgramsError::Map {
+        name: names::EVENTS_MAP,
+        source,
+    })?;
+    let failures = ebpf
+        .take_map(names::RESERVE_FAILURES_MAP)
+        .ok_or(ProgramsError::Missing(names::RESERVE_FAILURES_MAP))?;
+    let reserve_failures =
+        PerCpuArray::try_from(failures).map_err(|source| ProgramsError::Map {
+            name: names::RESERVE_FAILURES_MAP,
+            source,
+        })?;
+    Ok(KernelPrograms {
+        ebpf,
+        hooks,
+        events,
+        reserve_failures,
+    })
+}
+
+fn attach(ebpf: &mut Ebpf, btf: &Btf, hook: Hook) -> Result<(), ProgramsError> {
+    let attach_error = |source| ProgramsError::Attach {
+        hook: hook.tracepoint,
+        role: hook.role,
+        source,
+    };
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(hook.tracepoint)
+        .ok_or(ProgramsError::Missing(hook.tracepoint))?
+        .try_into()
+        .map_err(attach_error)?;
+    program.load(hook.tracepoint, btf).map_err(attach_error)?;
+    program.attach().map_err(attach_error)?;
+    Ok(())
+}
+
+fn spawn_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer descriptor for as long as the AsyncFd owns it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut logger = match registered {
+        Ok(logger) => logger,
+        Err(err) => {
+            warn!("kernel-side diagnostics unavailable: {err}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

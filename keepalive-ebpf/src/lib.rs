@@ -1,0 +1,215 @@
+//! Types shared by the kernel programs and the agent. Everything that crosses the ring buffer or
+//! is written into the programs' globals is defined here, once.
+#![no_std]
+
+/// Names the agent uses to find maps, programs and globals in the object.
+pub mod names {
+    pub const EVENTS_MAP: &str = "EVENTS";
+    pub const RESERVE_FAILURES_MAP: &str = "RESERVE_FAILURES";
+    pub const OFFSETS_GLOBAL: &str = "OFFSETS";
+    pub const KEEPALIVE_TIMER_FN_GLOBAL: &str = "KEEPALIVE_TIMER_FN";
+    pub const WRITE_TIMER_FN_GLOBAL: &str = "WRITE_TIMER_FN";
+}
+
+/// TCP states as `include/net/tcp_states.h` numbers them (kernel ABI, stable since 2.6).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Byte offsets into kernel structures, resolved by the agent from the running kernel's BTF and
+/// written into the programs' read-only data before load. Offsets are from the start of
+/// `struct sock` (which begins `struct inet_connection_sock` and `struct tcp_sock`) unless the
+/// field name says otherwise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `timer_list.function`, from the start of the timer.
+    pub timer_function: u32,
+    /// The `timer_list` whose callback is `tcp_keepalive_timer` (`sk_timer`, or
+    /// `icsk_keepalive_timer` on kernels that moved it).
+    pub keepalive_timer: u32,
+    /// The `timer_list` whose callback is `tcp_write_timer` (`icsk_retransmit_timer`, or
+    /// `sk_timer` on kernels that moved the keepalive timer out of it).
+    pub write_timer: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_flags: u32,
+    /// `possible_net_t skc_net` (its `net` pointer is its first member).
+    pub skc_net: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `inet_sock.inet_sport` (network order). Not `skc_num`: `inet_put_port` zeroes that before
+    /// the `TCP_CLOSE` tracepoint fires (`inet_sk_state_store` runs after the unhash).
+    pub inet_sport: u32,
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    pub sk_err_soft: u32,
+    pub icsk_probes_out: u32,
+    pub icsk_user_timeout: u32,
+    pub icsk_ack_lrcvtime: u32,
+    pub tcp_keepalive_time: u32,
+    pub tcp_keepalive_intvl: u32,
+    pub tcp_keepalive_probes: u32,
+    pub tcp_rcv_tstamp: u32,
+    pub tcp_packets_out: u32,
+    pub tcp_snd_wnd: u32,
+    /// `net.ns.inum`, from the start of `struct net`.
+    pub net_ns_inum: u32,
+    /// `net.ipv4.sysctl_tcp_keepalive_{time,intvl,probes}`, from the start of `struct net`.
+    pub net_keepalive_time: u32,
+    pub net_keepalive_intvl: u32,
+    pub net_keepalive_probes: u32,
+    /// Bit numbers of `SOCK_DEAD` and `SOCK_KEEPOPEN` in `skc_flags` (`enum sock_flags`).
+    pub sock_flag_dead: u32,
+    pub sock_flag_keepopen: u32,
+}
+
+/// What produced a [`SocketRecord`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// One expiry of `tcp_keepalive_timer`: socket state at entry, `icsk_probes_out` at exit.
+    KeepaliveTimer = 1,
+    /// The socket moved to `TCP_CLOSE` (`inet_sock_set_state`, inside `tcp_done` and friends).
+    Close = 2,
+    /// `inet_sk_error_report` on a closed socket: the error the application is told.
+    ErrorReport = 3,
+}
+
+impl RecordKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::KeepaliveTimer),
+            2 => Some(Self::Close),
+            3 => Some(Self::ErrorReport),
+            _ => None,
+        }
+    }
+}
+
+/// Which timer callback, if any, was running on this CPU for this socket when it closed.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseContext {
+    None = 0,
+    KeepaliveTimer = 1,
+    WriteTimer = 2,
+}
+
+impl CloseContext {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::None),
+            1 => Some(Self::KeepaliveTimer),
+            2 => Some(Self::WriteTimer),
+            _ => None,
+        }
+    }
+}
+
+/// Bits of [`SocketRecord::flags`].
+pub mod record_flags {
+    /// `tcp_receive_reset` fired for this socket just before it closed.
+    pub const RESET_RECEIVED: u8 = 1 << 0;
+    /// `tcp_send_reset` fired for this socket just before it closed;
+    /// `reset_reason_sent` holds its reason.
+    pub const RESET_SENT: u8 = 1 << 1;
+    /// `SOCK_DEAD`: the application has closed its descriptor (an orphan).
+    pub const ORPHAN: u8 = 1 << 2;
+    /// Timer record: the socket closed inside this expiry (so it was not re-read at exit).
+    pub const CLOSED_IN_TIMER: u8 = 1 << 3;
+    /// Timer record: at exit the slot no longer held the same connection, so
+    /// `probes_out_after` repeats the entry value.
+    pub const EXIT_UNVERIFIED: u8 = 1 << 4;
+    /// `SOCK_KEEPOPEN`: keepalive is enabled on the socket.
+    pub const KEEPALIVE_ON: u8 = 1 << 5;
+}
+
+/// One ring-buffer record. Fixed size, no implicit padding, so both sides agree byte for byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketRecord {
+    /// Address of the `struct sock`. With the 4-tuple and netns it identifies the connection;
+    /// the agent starts a new generation when a closed slot is reused.
+    pub sk: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub ktime_ns: u64,
+    /// `bpf_jiffies64`, the clock `rcv_tstamp` and the keepalive settings are in.
+    pub jiffies: u64,
+    /// Network byte order; IPv4 uses the first four bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Network namespace inode number (`net.ns.inum`).
+    pub netns: u32,
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    /// A [`RecordKind`].
+    pub kind: u8,
+    /// A [`CloseContext`] (close records).
+    pub context: u8,
+    /// TCP state: at timer entry, or the state left when closing.
+    pub state: u8,
+    /// `icsk_probes_out` at timer entry, or when closing.
+    pub probes_out_before: u8,
+    /// `icsk_probes_out` at timer exit (timer records).
+    pub probes_out_after: u8,
+    /// `tcp_sock.keepalive_probes`; 0 means the namespace's sysctl applies.
+    pub keepalive_probes: u8,
+    pub sysctl_keepalive_probes: u8,
+    /// [`record_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// `tcp_sock.keepalive_time`/`keepalive_intvl` in jiffies; 0 means the sysctl applies.
+    pub keepalive_time: u32,
+    pub keepalive_intvl: u32,
+    /// The namespace's `tcp_keepalive_time`/`intvl` in jiffies.
+    pub sysctl_keepalive_time: u32,
+    pub sysctl_keepalive_intvl: u32,
+    /// `icsk_user_timeout` (TCP_USER_TIMEOUT) in milliseconds; 0 = unset.
+    pub user_timeout_ms: u32,
+    /// `tcp_sock.rcv_tstamp` and `icsk_ack.lrcvtime` (jiffies, low 32 bits): last segment received.
+    pub rcv_tstamp: u32,
+    pub lrcvtime: u32,
+    pub packets_out: u32,
+    pub snd_wnd: u32,
+    pub sk_err: i32,
+    pub sk_err_soft: i32,
+    /// `enum sk_rst_reason` of the reset sent just before closing (with `RESET_SENT`).
+    pub reset_reason_sent: u32,
+    pub _reserved: u32,
+}
+
+impl SocketRecord {
+    pub const SIZE: usize = core::mem::size_of::<Self>();
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` data made only of integers, without implicit padding
+    // (checked by the size assertion below).
+    unsafe impl aya::Pod for super::SocketRecord {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+const _: () = assert!(SocketRecord::SIZE == 128);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 31 * 4);

@@ -1,0 +1,318 @@
+//! Running the agent binary and reading its HTTP endpoints.
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+use crate::DEADLINE;
+use crate::expect::Expectations;
+use crate::metrics::Metrics;
+
+static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Where the agent binary is: `$KEEPALIVE_AGENT_BIN`, else `<target dir>/release/keepalive-agent`
+/// (`$CARGO_TARGET_DIR` or the workspace's `target/`).
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KEEPALIVE_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("tests crate sits inside the workspace")
+                .join("target")
+        });
+    target.join("release").join("keepalive-agent")
+}
+
+/// A running `keepalive-agent run`, killed on drop.
+///
+/// The child gets PR_SET_PDEATHSIG=SIGKILL, which fires when the *thread* that spawned it exits:
+/// create and drop an `Agent` on the same (test) thread.
+#[derive(Debug)]
+pub struct Agent {
+    child: Child,
+    addr: SocketAddr,
+    log_path: PathBuf,
+    /// Keep the log file after drop (set when a check fails).
+    keep_log: AtomicBool,
+}
+
+impl Agent {
+    /// Starts the agent on a free loopback port and waits (up to 30 s) for `/readyz` to answer 200.
+    pub fn start() -> anyhow::Result<Agent> {
+        let bin = agent_bin();
+        ensure!(
+            bin.is_file(),
+            "agent binary {} not found (build it, or set KEEPALIVE_AGENT_BIN)",
+            bin.display()
+        );
+        let addr = free_loopback_port()?;
+        let log_path = std::env::temp_dir().join(format!(
+            "keepalive-agent-test-{}-{}.log",
+            std::process::id(),
+            LOG_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log = File::create(&log_path).with_context(|| format!("{}", log_path.display()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["run", "--web.listen-address", &addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let mut agent = Agent {
+            child,
+            addr,
+            log_path,
+            keep_log: AtomicBool::new(false),
+        };
+        if let Err(e) = agent.wait_ready() {
+            agent.keep_log.store(true, Ordering::Relaxed);
+            return Err(e.context(format!(
+                "agent did not become ready; its log ({}):\n{}",
+                agent.log_path.display(),
+                agent.log()
+            )));
+        }
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let mut last = String::from("no answer yet");
+        while start.elapsed() < DEADLINE {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("agent exited with {status} before it was ready");
+            }
+            match self.get("/readyz") {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => last = format!("/readyz answered {code}: {}", body.trim()),
+                Err(e) => last = format!("/readyz: {e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("not ready after {DEADLINE:?} (last: {last})")
+    }
+
+    /// `http://addr` of the agent's web server.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// GET `path` from the agent: (status, body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(self.addr, path)
+    }
+
+    /// Scrapes and parses `/metrics`.
+    pub fn scrape(&self) -> anyhow::Result<Metrics> {
+        let (code, body) = self.get("/metrics")?;
+        ensure!(code == 200, "/metrics answered {code}: {body}");
+        Metrics::parse(&body)
+    }
+
+    /// The agent's stdout+stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("<cannot read {}: {e}>", self.log_path.display()))
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Polls `/metrics` until every expectation holds in one scrape (deadline 30 s). On timeout
+    /// the error lists what differed, the namespace's series and the end of the agent's log.
+    pub fn wait_for(&self, what: &str, expected: &Expectations) -> anyhow::Result<Metrics> {
+        let start = Instant::now();
+        let mut last_problem;
+        loop {
+            match self.scrape() {
+                Ok(m) => {
+                    let mismatches = expected.mismatches(&m);
+                    if mismatches.is_empty() {
+                        return Ok(m);
+                    }
+                    last_problem = format!(
+                        "mismatches (metric: expected, got):\n  {}\n\
+                         agent series for netns {}:\n{}",
+                        mismatches.join("\n  "),
+                        expected.netns(),
+                        m.lines_with_label("netns", &expected.netns().to_string())
+                    );
+                }
+                Err(e) => last_problem = format!("scrape failed: {e:#}"),
+            }
+            if start.elapsed() >= DEADLINE {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.keep_log.store(true, Ordering::Relaxed);
+        bail!(
+            "agent metrics never matched for {what} within {DEADLINE:?}.\n{last_problem}\n\
+             agent log (last 40 lines, full log {}):\n{}",
+            self.log_path.display(),
+            self.log_tail(40)
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking()
+            || self.keep_log.load(Ordering::Relaxed)
+            || std::env::var_os("KEEPALIVE_KEEP_LOGS").is_some()
+        {
+            eprintln!("agent log kept at {}", self.log_path.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log_path);
+        }
+    }
+}
+
+/// A loopback address whose port was free a moment ago.
+fn free_loopback_port() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+/// Minimal blocking HTTP/1.1 GET (Connection: close), handling Content-Length, chunked and
+/// read-to-EOF bodies. Returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let timeout = Duration::from_secs(10);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("{addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("read GET {path}"))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of HTTP headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let body = &raw[split + 4..];
+    let mut lines = head.lines();
+    let status_line = lines.next().context("empty response")?;
+    let code = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            } else if k == "content-length" {
+                length = v.parse::<usize>().ok();
+            }
+        }
+    }
+    let body = if chunked {
+        dechunk(body)?
+    } else if let Some(n) = length {
+        ensure!(body.len() >= n, "body has {} of {n} bytes", body.len());
+        body[..n].to_vec()
+    } else {
+        body.to_vec()
+    };
+    Ok((code, String::from_utf8(body).context("body is not UTF-8")?))
+}
+
+fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("bad chunk header")?;
+        let size_text = String::from_utf8_lossy(&data[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .with_context(|| format!("bad chunk size {size_text:?}"))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        ensure!(data.len() >= size + 2, "truncated chunk");
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dechunks() {
+        let body = b"4\r\nabcd\r\n3;ext=1\r\nefg\r\n0\r\n\r\n";
+        assert_eq!(dechunk(body).expect("dechunk"), b"abcdefg");
+    }
+
+    #[test]
+    fn http_get_reads_content_length_and_chunked_bodies() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            for reply in [
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\nnot ready",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            ] {
+                let (mut s, _) = listener.accept().expect("accept");
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.ends_with(b"\r\n\r\n") {
+                    let n = s.read(&mut buf).expect("read request");
+                    assert!(n > 0, "request ended early");
+                    request.extend_from_slice(&buf[..n]);
+                }
+                s.write_all(reply.as_bytes()).expect("reply");
+            }
+        });
+        assert_eq!(
+            http_get(addr, "/readyz").expect("get"),
+            (503, "not ready".to_owned())
+        );
+        assert_eq!(
+            http_get(addr, "/readyz").expect("get"),
+            (200, "ok".to_owned())
+        );
+        server.join().expect("server thread");
+    }
+}

@@ -1,0 +1,251 @@
+//! What the agent's metrics for one network namespace should say.
+
+use crate::metrics::Metrics;
+use crate::sock::Conn;
+
+pub const PROBES: &str = "tcp_keepalive_probes_total";
+pub const DROPS: &str = "tcp_connection_drops_total";
+pub const CONN_PROBES: &str = "tcp_keepalive_connection_probes_total";
+pub const CONN_UNANSWERED: &str = "tcp_keepalive_connection_unanswered_probes";
+
+/// Every `reason` of `tcp_connection_drops_total`.
+pub const DROP_REASONS: [&str; 8] = [
+    "keepalive_timeout",
+    "keepalive_reset",
+    "retransmit_timeout",
+    "zero_window_timeout",
+    "connect_timeout",
+    "reset_received",
+    "local_abort",
+    "other",
+];
+
+#[derive(Debug, Clone)]
+enum Check {
+    /// Sum of the matching samples equals the value (absent series count as 0).
+    Value {
+        name: &'static str,
+        labels: Vec<(String, String)>,
+        expected: f64,
+    },
+    /// At least one matching sample exists.
+    Present {
+        name: &'static str,
+        labels: Vec<(String, String)>,
+    },
+    /// A connection's series carry no `reason` label (it was not dropped).
+    NotDropped { conn: Conn },
+}
+
+/// A set of checks on one namespace's series, all of which must hold in the same scrape.
+#[derive(Debug, Clone)]
+pub struct Expectations {
+    netns: u64,
+    checks: Vec<Check>,
+    explicit_reasons: Vec<&'static str>,
+    other_drops_zero: bool,
+}
+
+impl Expectations {
+    pub fn netns(&self) -> u64 {
+        self.netns
+    }
+
+    /// Expectations about namespace `netns` (its inode number).
+    pub fn for_netns(netns: u64) -> Expectations {
+        Expectations {
+            netns,
+            checks: Vec::new(),
+            explicit_reasons: Vec::new(),
+            other_drops_zero: false,
+        }
+    }
+
+    fn ns_labels(&self) -> Vec<(String, String)> {
+        vec![("netns".to_owned(), self.netns.to_string())]
+    }
+
+    fn value(mut self, name: &'static str, labels: Vec<(String, String)>, expected: u64) -> Self {
+        self.checks.push(Check::Value {
+            name,
+            labels,
+            expected: expected as f64,
+        });
+        self
+    }
+
+    /// `tcp_keepalive_probes_total{netns}` == n.
+    pub fn probes(self, n: u64) -> Self {
+        let labels = self.ns_labels();
+        self.value(PROBES, labels, n)
+    }
+
+    /// `tcp_connection_drops_total{netns,reason}` == n. The series must exist (every reason is
+    /// initialised to 0 once the namespace is seen).
+    pub fn drops(mut self, reason: &'static str, n: u64) -> Self {
+        assert!(DROP_REASONS.contains(&reason), "unknown reason {reason}");
+        let mut labels = self.ns_labels();
+        labels.push(("reason".to_owned(), reason.to_owned()));
+        self.explicit_reasons.push(reason);
+        self.checks.push(Check::Present {
+            name: DROPS,
+            labels: labels.clone(),
+        });
+        self.value(DROPS, labels, n)
+    }
+
+    /// Every reason not named in a `drops()` call is 0 (and present).
+    pub fn other_drops_zero(mut self) -> Self {
+        self.other_drops_zero = true;
+        self
+    }
+
+    /// `tcp_keepalive_connection_probes_total{conn}` == n (whatever the reason label).
+    pub fn conn_probes(self, conn: &Conn, n: u64) -> Self {
+        let labels = conn.labels(self.netns);
+        self.value(CONN_PROBES, labels.clone(), n)
+            .present(CONN_PROBES, labels)
+    }
+
+    /// `tcp_keepalive_connection_unanswered_probes{conn}` == n (whatever the reason label).
+    pub fn conn_unanswered(self, conn: &Conn, n: u64) -> Self {
+        let labels = conn.labels(self.netns);
+        self.value(CONN_UNANSWERED, labels.clone(), n)
+            .present(CONN_UNANSWERED, labels)
+    }
+
+    /// The connection's series exist with `reason="<reason>"`.
+    pub fn conn_dropped(self, conn: &Conn, reason: &'static str) -> Self {
+        assert!(DROP_REASONS.contains(&reason), "unknown reason {reason}");
+        let mut labels = conn.labels(self.netns);
+        labels.push(("reason".to_owned(), reason.to_owned()));
+        self.present(CONN_PROBES, labels.clone())
+            .present(CONN_UNANSWERED, labels)
+    }
+
+    /// The connection's series (if any) have no `reason` label.
+    pub fn conn_not_dropped(mut self, conn: &Conn) -> Self {
+        self.checks.push(Check::NotDropped { conn: *conn });
+        self
+    }
+
+    fn present(mut self, name: &'static str, labels: Vec<(String, String)>) -> Self {
+        self.checks.push(Check::Present { name, labels });
+        self
+    }
+
+    fn all_checks(&self) -> Vec<Check> {
+        let mut checks = self.checks.clone();
+        if self.other_drops_zero {
+            for reason in DROP_REASONS {
+                if !self.explicit_reasons.contains(&reason) {
+                    let mut labels = self.ns_labels();
+                    labels.push(("reason".to_owned(), reason.to_owned()));
+                    checks.push(Check::Present {
+                        name: DROPS,
+                        labels: labels.clone(),
+                    });
+                    checks.push(Check::Value {
+                        name: DROPS,
+                        labels,
+                        expected: 0.0,
+                    });
+                }
+            }
+        }
+        checks
+    }
+
+    /// Human-readable descriptions of the checks that fail on `m`; empty when all hold.
+    pub fn mismatches(&self, m: &Metrics) -> Vec<String> {
+        let mut out = Vec::new();
+        for check in self.all_checks() {
+            match check {
+                Check::Value {
+                    name,
+                    labels,
+                    expected,
+                } => {
+                    let got = m.value(name, &labels);
+                    if got != expected {
+                        out.push(format!("{name}{}: {expected}, got {got}", fmt(&labels)));
+                    }
+                }
+                Check::Present { name, labels } => {
+                    if m.matching(name, &labels).is_empty() {
+                        out.push(format!("{name}{}: present, got no series", fmt(&labels)));
+                    }
+                }
+                Check::NotDropped { conn } => {
+                    let labels = conn.labels(self.netns);
+                    for name in [CONN_PROBES, CONN_UNANSWERED] {
+                        for s in m.matching(name, &labels) {
+                            if let Some(reason) = s.label("reason") {
+                                out.push(format!(
+                                    "{name}{}: no reason label, got reason={reason:?}",
+                                    fmt(&labels)
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn fmt(labels: &[(String, String)]) -> String {
+    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_mismatches_and_accepts_matching_scrapes() {
+        let conn = Conn {
+            local: "127.0.0.1:40000".parse().expect("addr"),
+            remote: "127.0.0.1:5000".parse().expect("addr"),
+        };
+        let e = Expectations::for_netns(42)
+            .probes(3)
+            .drops("keepalive_timeout", 1)
+            .other_drops_zero()
+            .conn_probes(&conn, 3)
+            .conn_dropped(&conn, "keepalive_timeout");
+        let mut text = String::from("tcp_keepalive_probes_total{netns=\"42\"} 3\n");
+        for r in DROP_REASONS {
+            let v = u8::from(r == "keepalive_timeout");
+            text.push_str(&format!(
+                "tcp_connection_drops_total{{netns=\"42\",reason=\"{r}\"}} {v}\n"
+            ));
+        }
+        let conn_labels = "netns=\"42\",local_addr=\"127.0.0.1\",local_port=\"40000\",\
+                           remote_addr=\"127.0.0.1\",remote_port=\"5000\",reason=\"keepalive_timeout\"";
+        text.push_str(&format!(
+            "tcp_keepalive_connection_probes_total{{{conn_labels}}} 3\n\
+             tcp_keepalive_connection_unanswered_probes{{{conn_labels}}} 3\n"
+        ));
+        let m = Metrics::parse(&text).expect("parse");
+        assert_eq!(e.mismatches(&m), Vec::<String>::new());
+
+        let healthy = Expectations::for_netns(42).conn_not_dropped(&conn);
+        assert_eq!(healthy.mismatches(&m).len(), 2);
+
+        let m = Metrics::parse("tcp_keepalive_probes_total{netns=\"42\"} 2\n").expect("parse");
+        let problems = e.mismatches(&m);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("tcp_keepalive_probes_total{netns=\"42\"}: 3, got 2"))
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("reason=\"local_abort\""))
+        );
+    }
+}

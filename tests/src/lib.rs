@@ -1,0 +1,199 @@
+//! Test harness for keepalive-agent's integration tests.
+//!
+//! Each scenario creates its own network namespace, makes TCP connections over that namespace's
+//! loopback only, reads the namespace's kernel counters (`TcpExt` in `/proc/net/netstat`) before
+//! and after, and checks that the agent's per-namespace metrics equal the kernel's deltas.
+//!
+//! Environment:
+//! - `KEEPALIVE_AGENT_BIN`: the agent binary (default `<workspace>/target/release/keepalive-agent`).
+//! - `KEEPALIVE_REQUIRE_KERNEL=1`: a missing prerequisite (root, BTF, tools, agent start) fails
+//!   the test instead of skipping it. CI sets this.
+//! - `KEEPALIVE_TESTS_KERNEL_ONLY=1`: do not start the agent; run only the kernel-side half of
+//!   every scenario (useful to debug the scenarios themselves).
+//! - `KEEPALIVE_KEEP_LOGS=1`: keep the agent's log file even when the test passes.
+
+pub mod agent;
+pub mod expect;
+pub mod metrics;
+pub mod netns;
+pub mod sock;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+pub use agent::{Agent, agent_bin, http_get};
+pub use expect::{DROP_REASONS, Expectations};
+pub use metrics::{Metrics, Sample};
+pub use netns::{Netns, NftRule, TcpExt};
+pub use sock::{
+    Conn, TCP_CLOSE, TCP_ESTABLISHED, TcpPair, disable_keepalive, errno_name, set_keepalive,
+    set_linger_zero, set_user_timeout, so_error, tcp_info, tcp_state, wait_closed,
+};
+
+/// How long any test waits for an expected state before failing.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `f` every 50 ms until it returns `Ok(true)`; fails after `deadline` or on the first
+/// error `f` returns.
+pub fn wait_until(
+    deadline: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if start.elapsed() >= deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn env_is_1(key: &str) -> bool {
+    std::env::var(key).is_ok_and(|v| v == "1")
+}
+
+/// `KEEPALIVE_TESTS_KERNEL_ONLY=1`: run scenarios without the agent.
+pub fn kernel_only() -> bool {
+    env_is_1("KEEPALIVE_TESTS_KERNEL_ONLY")
+}
+
+/// `KEEPALIVE_REQUIRE_KERNEL=1`: prerequisites missing is a failure, not a skip.
+pub fn kernel_required() -> bool {
+    env_is_1("KEEPALIVE_REQUIRE_KERNEL")
+}
+
+/// Skips (prints `SKIPPED <test>: <reason>`, returns false) or, under
+/// `KEEPALIVE_REQUIRE_KERNEL=1`, panics.
+pub fn skip_or_fail(test: &str, reason: &str) -> bool {
+    if kernel_required() {
+        panic!("{test}: KEEPALIVE_REQUIRE_KERNEL=1 but {reason}");
+    }
+    println!("SKIPPED {test}: {reason}");
+    eprintln!("SKIPPED {test}: {reason}");
+    false
+}
+
+fn tool_runs(prog: &str, arg: &str) -> bool {
+    Command::new(prog)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root (network namespaces and eBPF need it)".to_owned());
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Some("kernel has no BTF (/sys/kernel/btf/vmlinux missing)".to_owned());
+    }
+    for (prog, arg) in [("ip", "-V"), ("nft", "--version"), ("ss", "-V")] {
+        if !tool_runs(prog, arg) {
+            return Some(format!("`{prog}` is not available"));
+        }
+    }
+    if !kernel_only() && !agent_bin().is_file() {
+        return Some(format!(
+            "agent binary {} not found (build it, or set KEEPALIVE_AGENT_BIN)",
+            agent_bin().display()
+        ));
+    }
+    None
+}
+
+/// Whether this machine can run the kernel scenarios (root, BTF, ip/nft/ss, agent binary unless
+/// kernel-only). See [`skip_or_fail`] for what happens when it cannot.
+pub fn kernel_tests_enabled(test: &str) -> bool {
+    match missing_prerequisite() {
+        None => true,
+        Some(reason) => skip_or_fail(test, &reason),
+    }
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit (the many-connection scenario needs
+/// hundreds of sockets while other tests run).
+fn raise_nofile_limit() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: lim is a live rlimit.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0
+                && lim.rlim_cur < lim.rlim_max
+            {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+            }
+        }
+    });
+}
+
+/// One scenario's environment: prerequisites checked and, unless kernel-only, a ready agent.
+#[derive(Debug)]
+pub struct TestEnv {
+    test: String,
+    agent: Option<Agent>,
+}
+
+impl TestEnv {
+    /// `None` when the test is skipped (see [`kernel_tests_enabled`]); an agent that does not
+    /// start is a skip too (a failure under `KEEPALIVE_REQUIRE_KERNEL=1`).
+    ///
+    /// Call on the test's own thread and keep the value there (see [`Agent`]).
+    pub fn start(test: &str) -> Option<TestEnv> {
+        if !kernel_tests_enabled(test) {
+            return None;
+        }
+        raise_nofile_limit();
+        let agent = if kernel_only() {
+            eprintln!("{test}: KEEPALIVE_TESTS_KERNEL_ONLY=1, checking the kernel side only");
+            None
+        } else {
+            match Agent::start() {
+                Ok(agent) => Some(agent),
+                Err(e) => {
+                    skip_or_fail(test, &format!("the agent did not start: {e:#}"));
+                    return None;
+                }
+            }
+        };
+        Some(TestEnv {
+            test: test.to_owned(),
+            agent,
+        })
+    }
+
+    pub fn test(&self) -> &str {
+        &self.test
+    }
+
+    /// The agent, `None` in kernel-only mode.
+    pub fn agent(&self) -> Option<&Agent> {
+        self.agent.as_ref()
+    }
+
+    /// Waits until the agent's metrics meet `expected` (no-op in kernel-only mode).
+    pub fn expect_agent(&self, what: &str, expected: &Expectations) -> anyhow::Result<()> {
+        match &self.agent {
+            Some(agent) => agent
+                .wait_for(&format!("{}: {what}", self.test), expected)
+                .map(drop),
+            None => Ok(()),
+        }
+    }
+}

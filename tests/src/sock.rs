@@ -1,0 +1,211 @@
+//! Socket options and kernel-side state of test sockets.
+
+use std::io;
+use std::mem::size_of;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::wait_until;
+
+/// `tcpi_state` values (include/net/tcp_states.h).
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_CLOSE: u8 = 7;
+
+/// A connection's addresses as seen from one end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conn {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+impl Conn {
+    /// The per-connection label set the agent uses (without `reason`).
+    pub fn labels(&self, netns: u64) -> Vec<(String, String)> {
+        vec![
+            ("netns".to_owned(), netns.to_string()),
+            ("local_addr".to_owned(), self.local.ip().to_string()),
+            ("local_port".to_owned(), self.local.port().to_string()),
+            ("remote_addr".to_owned(), self.remote.ip().to_string()),
+            ("remote_port".to_owned(), self.remote.port().to_string()),
+        ]
+    }
+}
+
+/// Both ends of one loopback connection, with their addresses recorded while connected (they
+/// cannot be asked for once the connection is gone).
+#[derive(Debug)]
+pub struct TcpPair {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub client_conn: Conn,
+    pub server_conn: Conn,
+}
+
+impl TcpPair {
+    pub fn new(client: TcpStream, server: TcpStream) -> anyhow::Result<TcpPair> {
+        let client_conn = Conn {
+            local: client.local_addr()?,
+            remote: client.peer_addr()?,
+        };
+        let server_conn = Conn {
+            local: server.local_addr()?,
+            remote: server.peer_addr()?,
+        };
+        Ok(TcpPair {
+            client,
+            server,
+            client_conn,
+            server_conn,
+        })
+    }
+
+    /// The listener's port (the server end's local port).
+    pub fn server_port(&self) -> u16 {
+        self.server_conn.local.port()
+    }
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, opt: i32, value: i32, what: &str) -> anyhow::Result<()> {
+    // SAFETY: value is a live c_int and we pass its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("setsockopt {what}"));
+    }
+    Ok(())
+}
+
+/// TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT (seconds, seconds, count), then SO_KEEPALIVE on
+/// (which arms the timer with the idle time just set).
+pub fn set_keepalive(s: &impl AsRawFd, idle_s: i32, intvl_s: i32, cnt: i32) -> anyhow::Result<()> {
+    let fd = s.as_raw_fd();
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        idle_s,
+        "TCP_KEEPIDLE",
+    )?;
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPINTVL,
+        intvl_s,
+        "TCP_KEEPINTVL",
+    )?;
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, cnt, "TCP_KEEPCNT")?;
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE")
+}
+
+/// SO_KEEPALIVE off: deletes the keepalive timer, so no further probes.
+pub fn disable_keepalive(s: &impl AsRawFd) -> anyhow::Result<()> {
+    setsockopt_int(
+        s.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        0,
+        "SO_KEEPALIVE",
+    )
+}
+
+/// TCP_USER_TIMEOUT in milliseconds.
+pub fn set_user_timeout(s: &impl AsRawFd, ms: i32) -> anyhow::Result<()> {
+    setsockopt_int(
+        s.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        ms,
+        "TCP_USER_TIMEOUT",
+    )
+}
+
+/// SO_LINGER {on, 0}: closing the socket then sends RST instead of FIN.
+pub fn set_linger_zero(s: &impl AsRawFd) -> anyhow::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: linger is a live struct linger and we pass its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("setsockopt SO_LINGER");
+    }
+    Ok(())
+}
+
+/// SO_ERROR (reading it clears the pending error). 0 when none.
+pub fn so_error(s: &impl AsRawFd) -> anyhow::Result<i32> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: err/len are live and len holds err's size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut err).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("getsockopt SO_ERROR");
+    }
+    Ok(err)
+}
+
+/// TCP_INFO of the socket.
+pub fn tcp_info(s: &impl AsRawFd) -> anyhow::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: info/len are live and len holds info's size; the kernel writes at most len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("getsockopt TCP_INFO");
+    }
+    Ok(info)
+}
+
+/// The socket's TCP state (`TCP_ESTABLISHED`, `TCP_CLOSE`, ...).
+pub fn tcp_state(s: &impl AsRawFd) -> anyhow::Result<u8> {
+    Ok(tcp_info(s)?.tcpi_state)
+}
+
+/// Waits until the kernel has moved the socket to CLOSE, then returns (and clears) its SO_ERROR.
+pub fn wait_closed(s: &impl AsRawFd, deadline: Duration, what: &str) -> anyhow::Result<i32> {
+    wait_until(deadline, &format!("{what} to reach TCP_CLOSE"), || {
+        Ok(tcp_state(s)? == TCP_CLOSE)
+    })?;
+    so_error(s)
+}
+
+/// `strerror`-style name for an errno, for messages.
+pub fn errno_name(e: i32) -> String {
+    format!("{e} ({})", io::Error::from_raw_os_error(e))
+}

@@ -1,0 +1,125 @@
+//! Developer tasks for keepalive-agent, run as `cargo xtask <command>`.
+//!
+//! Every command first runs `setup`, which installs what a fresh Debian machine lacks (system
+//! packages, a nightly toolchain on the LLVM major bpf-linker was built for, bpf-linker itself)
+//! and picks the nightly toolchain the agent's build.rs uses to compile the eBPF programs.
+
+mod env;
+mod setup;
+mod tasks;
+
+use std::{ffi::OsString, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, run, test and benchmark keepalive-agent",
+    long_about = "Build, run, test and benchmark keepalive-agent.\n\n\
+        Every command runs `setup` first, so a fresh Debian machine only needs rustup and \
+        `cargo xtask <command>` (as root, or with the Debian packages already installed)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what this machine lacks: Debian packages, a nightly toolchain on LLVM 22 with
+    /// rust-src and clippy, rustfmt and clippy on the active toolchain, bpf-linker, and mount
+    /// tracefs. Idempotent: prints one line per check.
+    Setup,
+    /// Setup, then build target/release/keepalive-agent (with the eBPF programs embedded).
+    Build,
+    /// Build, then run `keepalive-agent run ARGS...` in the foreground, as root (via `sudo -E`
+    /// when not root). Exits with the agent's status.
+    Run {
+        /// Arguments for `keepalive-agent run` (put them after `--`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+    /// Build, then run fmt check, clippy (host crates and the eBPF crate) and `cargo test`.
+    /// KEEPALIVE_REQUIRE_KERNEL is passed through to the tests unchanged.
+    Test {
+        /// Extra arguments appended to `cargo test` (put them after `--`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+    /// Build, then run the hook-cost benchmark (`keepalive-tests --bin hook-cost`).
+    Bench {
+        /// Arguments for the hook-cost benchmark (put them after `--`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::setup().map(|_| ExitCode::SUCCESS),
+        Command::Build => tasks::build().map(|_| ExitCode::SUCCESS),
+        Command::Run { args } => tasks::run(&args),
+        Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench { args } => tasks::bench(&args).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+            .expect("parses")
+            .command
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_passes_args_after_double_dash() {
+        let Command::Run { args } = parse(&["run", "--", "--listen", "0.0.0.0:9000", "-v"]) else {
+            panic!("not run");
+        };
+        assert_eq!(args, ["--listen", "0.0.0.0:9000", "-v"]);
+        let Command::Run { args } = parse(&["run"]) else {
+            panic!("not run");
+        };
+        assert!(args.is_empty());
+    }
+
+    #[test]
+    fn test_passes_cargo_test_args() {
+        let Command::Test { args } = parse(&["test", "--", "-p", "keepalive-tests", "--", "x"])
+        else {
+            panic!("not test");
+        };
+        assert_eq!(args, ["-p", "keepalive-tests", "--", "x"]);
+    }
+}

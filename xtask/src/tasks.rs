@@ -1,0 +1,186 @@
+//! `build`, `run`, `test` and `bench`: each runs setup and the build first.
+
+use std::{
+    ffi::{OsStr, OsString},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    env,
+    setup::{self, Setup},
+};
+
+/// Tells the integration tests and the benchmark which agent binary to run.
+const AGENT_BIN_ENV: &str = "KEEPALIVE_AGENT_BIN";
+/// Built by the agent's build.rs for the BPF target only; host-side commands leave it out.
+const EBPF_PACKAGE: &str = "keepalive-ebpf";
+
+/// Setup, then build the agent (whose build.rs compiles and embeds the eBPF programs).
+pub fn build() -> Result<(Setup, PathBuf)> {
+    let setup = setup::setup()?;
+    let bin = build_agent(&setup)?;
+    Ok((setup, bin))
+}
+
+fn build_agent(setup: &Setup) -> Result<PathBuf> {
+    header("build: cargo build --release -p keepalive-agent");
+    env::run(
+        setup
+            .command("cargo")
+            .args(["build", "--release", "-p", "keepalive-agent"]),
+    )
+    .context("building keepalive-agent failed")?;
+    let bin = setup.env.agent_bin();
+    if !bin.is_file() {
+        bail!("the build succeeded but {} does not exist", bin.display());
+    }
+    println!("built: {}", bin.display());
+    Ok(bin)
+}
+
+/// Build, then run `keepalive-agent run ARGS...` in the foreground as root. On success this
+/// process is replaced by the agent, so the agent's exit status is ours.
+pub fn run(args: &[OsString]) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt as _;
+
+    let (setup, bin) = build()?;
+    let mut cmd = if env::is_root() {
+        setup.command(&bin)
+    } else if let Some(sudo) = setup.env.which(OsStr::new("sudo")) {
+        println!("note: not root; running the agent via sudo -E");
+        let mut cmd = setup.command(sudo);
+        cmd.arg("-E").arg(&bin);
+        cmd
+    } else {
+        bail!(
+            "the agent must run as root (it loads eBPF programs) and sudo is not installed; \
+             run as root: {} run ...",
+            bin.display()
+        );
+    };
+    cmd.arg("run").args(args);
+    header(&format!("run: {}", env::display(&cmd)));
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("failed to start {}", bin.display()))
+}
+
+/// Build, then fmt, clippy (host crates, then the eBPF crate for the BPF target), then tests.
+pub fn test(args: &[OsString]) -> Result<()> {
+    let (setup, bin) = build()?;
+
+    step("fmt", "cargo fmt --all -- --check", || {
+        env::run(
+            setup
+                .command("cargo")
+                .args(["fmt", "--all", "--", "--check"]),
+        )
+    })?;
+
+    step(
+        "clippy (host)",
+        "cargo clippy --workspace --exclude keepalive-ebpf --all-targets --release -- -D warnings",
+        || {
+            env::run(setup.command("cargo").args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                EBPF_PACKAGE,
+                "--all-targets",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        },
+    )?;
+
+    let ebpf_clippy = format!(
+        "cargo +{} clippy -p {EBPF_PACKAGE} --target bpfel-unknown-none -Z build-std=core \
+         --release -- -D warnings",
+        setup.toolchain
+    );
+    step("clippy (eBPF)", &ebpf_clippy, || {
+        let mut cmd = setup.command("cargo");
+        cmd.current_dir(setup.env.root.join(EBPF_PACKAGE))
+            // The same cfg aya-build gives the eBPF build, so clippy sees the same code.
+            .env(
+                "CARGO_ENCODED_RUSTFLAGS",
+                format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+            )
+            .arg(format!("+{}", setup.toolchain))
+            .args([
+                "clippy",
+                "-p",
+                EBPF_PACKAGE,
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ]);
+        env::run(&mut cmd)
+    })?;
+
+    step(
+        "test",
+        "cargo test --workspace --exclude keepalive-ebpf --release",
+        || {
+            env::run(
+                setup
+                    .command("cargo")
+                    .env(AGENT_BIN_ENV, &bin)
+                    .args([
+                        "test",
+                        "--workspace",
+                        "--exclude",
+                        EBPF_PACKAGE,
+                        "--release",
+                    ])
+                    .args(args),
+            )
+        },
+    )?;
+
+    println!("\n== all test steps passed");
+    Ok(())
+}
+
+/// Build, then run the hook-cost benchmark against the built agent.
+pub fn bench(args: &[OsString]) -> Result<()> {
+    let (setup, bin) = build()?;
+    step(
+        "bench",
+        "cargo run --release -p keepalive-tests --bin hook-cost",
+        || {
+            let mut cmd = setup.command("cargo");
+            cmd.env(AGENT_BIN_ENV, &bin).args([
+                "run",
+                "--release",
+                "-p",
+                "keepalive-tests",
+                "--bin",
+                "hook-cost",
+            ]);
+            if !args.is_empty() {
+                cmd.arg("--").args(args);
+            }
+            env::run(&mut cmd)
+        },
+    )
+}
+
+fn header(text: &str) {
+    println!("\n== {text}");
+}
+
+/// Runs one named step with a header; on failure says which step failed.
+fn step(name: &str, what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    header(&format!("{name}: {what}"));
+    f().with_context(|| format!("step `{name}` failed"))
+}
