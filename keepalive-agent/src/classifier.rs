@@ -1,7 +1,7 @@
 //! Why did a connection end? One pure function over a [`CloseEvent`]; the reasons are defined,
 //! with the kernel path behind each, in ARCHITECTURE.md.
 
-use keepalive_ebpf::{CloseContext, tcp_state};
+use keepalive_ebpf::{CloseContext, icsk_timer, tcp_state};
 
 use crate::decoder::CloseEvent;
 
@@ -73,12 +73,14 @@ pub fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
     use DropReason::*;
 
     let old = close.old_state;
-    // Keepalive probing is the only thing that leaves probes out with nothing in flight and an
-    // open send window (zero-window probes need snd_wnd == 0).
+    // `icsk_probes_out` counts keepalive and zero-window probes only (retransmissions count in
+    // `icsk_retransmits`); zero-window probing needs a closed send window, and keepalive never
+    // probes with data in flight (`packets_out` as it was before the abort purged it).
     let keepalive_probing = close.settings.enabled
         && close.probes_out > 0
         && close.packets_out == 0
         && close.send_window > 0;
+    let zero_window_probing = close.probes_out > 0 && close.send_window == 0;
     let keepalive_reset_sent =
         close.reset_sent_reason.is_some() && close.reset_sent_reason == reasons.keepalive_timeout;
 
@@ -89,10 +91,13 @@ pub fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
             return Orderly;
         }
         CloseContext::KeepaliveTimer => return Dropped(KeepaliveTimeout),
-        // tcp_write_timer → tcp_write_timeout (retransmits or SYN retries exhausted) or
-        // tcp_probe_timer (zero-window probes exhausted; nothing is in flight then).
+        // tcp_write_timer_handler runs the event in icsk_pending: ICSK_TIME_PROBE0 →
+        // tcp_probe_timer (zero-window probes exhausted), ICSK_TIME_RETRANS →
+        // tcp_retransmit_timer → tcp_write_timeout (retransmits or SYN retries exhausted).
         CloseContext::WriteTimer if old == tcp_state::SYN_SENT => return Dropped(ConnectTimeout),
-        CloseContext::WriteTimer if close.packets_out == 0 => return Dropped(ZeroWindowTimeout),
+        CloseContext::WriteTimer if close.write_timer_event == icsk_timer::PROBE0 => {
+            return Dropped(ZeroWindowTimeout);
+        }
         CloseContext::WriteTimer => return Dropped(RetransmitTimeout),
         CloseContext::None => {}
     }
@@ -112,10 +117,12 @@ pub fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
     match close.sk_err {
         // tcp_abort (SOCK_DESTROY, `ss -K`).
         ECONNABORTED => return Dropped(LocalAbort),
-        // A timeout whose timer was not seen on this CPU: decide from the socket.
+        // A timeout whose timer was not seen on this CPU: decide from the socket (the write
+        // queue is already purged, so only the probe counters and the window are left).
         ETIMEDOUT if old == tcp_state::SYN_SENT => return Dropped(ConnectTimeout),
         ETIMEDOUT if keepalive_probing => return Dropped(KeepaliveTimeout),
-        ETIMEDOUT if close.packets_out > 0 => return Dropped(RetransmitTimeout),
+        ETIMEDOUT if zero_window_probing => return Dropped(ZeroWindowTimeout),
+        ETIMEDOUT => return Dropped(RetransmitTimeout),
         _ => {}
     }
     match old {
@@ -168,6 +175,7 @@ mod tests {
             },
             probes_out: 0,
             packets_out: 0,
+            write_timer_event: 0,
             send_window: 65535,
             sk_err: 0,
             sk_err_soft: 0,
@@ -257,15 +265,17 @@ mod tests {
     }
 
     #[test]
-    fn write_timer_aborts_split_by_state_and_flight() {
+    fn write_timer_aborts_split_by_the_event_it_ran() {
         let mut c = close(tcp_state::ESTABLISHED);
         c.context = CloseContext::WriteTimer;
+        c.write_timer_event = icsk_timer::RETRANS;
         c.packets_out = 3;
         c.sk_err = ETIMEDOUT;
         assert_eq!(
             outcome(c),
             CloseOutcome::Dropped(DropReason::RetransmitTimeout)
         );
+        c.write_timer_event = icsk_timer::PROBE0;
         c.packets_out = 0;
         c.send_window = 0;
         assert_eq!(
@@ -274,6 +284,7 @@ mod tests {
         );
         let mut c = close(tcp_state::SYN_SENT);
         c.context = CloseContext::WriteTimer;
+        c.write_timer_event = icsk_timer::RETRANS;
         c.packets_out = 1;
         c.sk_err = ETIMEDOUT;
         assert_eq!(
@@ -284,9 +295,9 @@ mod tests {
 
     #[test]
     fn timeout_seen_without_its_timer_is_decided_from_the_socket() {
+        // The write queue is already purged: nothing in flight is left to look at.
         let mut c = close(tcp_state::ESTABLISHED);
         c.sk_err = ETIMEDOUT;
-        c.packets_out = 2;
         assert_eq!(
             outcome(c),
             CloseOutcome::Dropped(DropReason::RetransmitTimeout)
@@ -297,6 +308,14 @@ mod tests {
         assert_eq!(
             outcome(c),
             CloseOutcome::Dropped(DropReason::KeepaliveTimeout)
+        );
+        let mut c = close(tcp_state::ESTABLISHED);
+        c.sk_err = ETIMEDOUT;
+        c.probes_out = 4;
+        c.send_window = 0;
+        assert_eq!(
+            outcome(c),
+            CloseOutcome::Dropped(DropReason::ZeroWindowTimeout)
         );
     }
 

@@ -59,6 +59,10 @@ impl ConnectionTable {
     }
 
     pub fn on_expiry(&mut self, e: &KeepaliveExpiry, now: Instant) -> ExpiryOutcome {
+        if e.closed_in_timer {
+            // Reported at timer exit, after the close record that already ended the connection.
+            return ExpiryOutcome::default();
+        }
         let probe_sent = e.probe_sent();
         let state = match self.live.get_mut(&e.sk) {
             Some(state) if state.endpoints == e.endpoints => state,
@@ -226,6 +230,7 @@ mod tests {
             settings: SETTINGS,
             probes_out,
             packets_out: 0,
+            write_timer_event: 0,
             send_window: 1,
             sk_err: libc::ETIMEDOUT,
             sk_err_soft: 0,
@@ -273,6 +278,24 @@ mod tests {
         // A streak that had gone unanswered and then got its ACK.
         t.on_expiry(&expiry(1, 1000, 1, 2), now);
         assert!(t.on_expiry(&expiry(1, 1000, 0, 1), now).streak_answered);
+    }
+
+    #[test]
+    fn abort_expiry_reported_after_the_close_does_not_revive_the_connection() {
+        let mut t = table();
+        let now = Instant::now();
+        t.on_expiry(&expiry(1, 1000, 0, 1), now);
+        t.on_close(
+            &close(1, 1000, 3),
+            CloseOutcome::Dropped(DropReason::KeepaliveTimeout),
+            now,
+        );
+        let mut abort = expiry(1, 1000, 3, 3);
+        abort.closed_in_timer = true;
+        abort.probes_out_after = None;
+        assert_eq!(t.on_expiry(&abort, now), ExpiryOutcome::default());
+        assert_eq!(t.live_len(), 0);
+        assert_eq!(t.reportable().len(), 1);
     }
 
     #[test]

@@ -85,7 +85,10 @@ pub struct CloseEvent {
     pub orphan: bool,
     pub settings: KeepaliveSettings,
     pub probes_out: u8,
+    /// In flight before the abort purged the write queue (see [`SocketRecord::packets_out`]).
     pub packets_out: u32,
+    /// Closed inside the write timer: the `ICSK_TIME_*` event it was running.
+    pub write_timer_event: u8,
     pub send_window: u32,
     pub sk_err: i32,
     pub sk_err_soft: i32,
@@ -185,6 +188,7 @@ pub fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             settings,
             probes_out: rec.probes_out_before,
             packets_out: rec.packets_out,
+            write_timer_event: rec.write_timer_event,
             send_window: rec.snd_wnd,
             sk_err: rec.sk_err,
             sk_err_soft: rec.sk_err_soft,

@@ -248,6 +248,7 @@ impl KernelLayout {
             sk_err: r.offset("sock.sk_err", Int(4))?,
             sk_err_soft: r.offset("sock.sk_err_soft", Int(4))?,
             icsk_probes_out: r.offset("inet_connection_sock.icsk_probes_out", Int(1))?,
+            icsk_pending: r.offset("inet_connection_sock.icsk_pending", Int(1))?,
             icsk_user_timeout: r.offset("inet_connection_sock.icsk_user_timeout", Int(4))?,
             icsk_ack_lrcvtime: r.offset("inet_connection_sock.icsk_ack.lrcvtime", Int(4))?,
             tcp_keepalive_time: r.offset("tcp_sock.keepalive_time", Int(4))?,
@@ -1056,6 +1057,7 @@ mod tests {
             sk_err: 72,
             sk_err_soft: 76,
             icsk_probes_out: 178,
+            icsk_pending: 177,
             icsk_user_timeout: 192,
             icsk_ack_lrcvtime: 188,
             tcp_keepalive_time: 216,
@@ -1094,6 +1096,7 @@ mod tests {
         assert_eq!(o.sk_err_soft, 372);
         assert_eq!(o.skc_flags, 96);
         assert_eq!(o.icsk_probes_out, 1253);
+        assert_eq!(o.icsk_pending, 1250);
         assert_eq!(o.icsk_user_timeout, 1292);
         assert_eq!(o.icsk_ack_lrcvtime, 1264);
         assert_eq!(o.tcp_keepalive_time, 2220);

@@ -14,7 +14,8 @@ use log::{info, warn};
 
 use crate::{kallsyms::TimerFunctions, kernel_layout::KernelLayout};
 
-static PROGRAMS_OBJECT: &[u8] =
+/// The kernel programs, compiled for this agent by build.rs.
+pub static PROGRAMS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive-ebpf"));
 
 /// A kernel hook: the tracepoint, and whether the agent can work without it.
@@ -60,6 +61,9 @@ pub const HOOKS: [Hook; 6] = [
 ];
 
 pub const PROGRAM_TYPE: &str = "tp_btf";
+
+/// An empty program on `timer_expire_entry`, for benchmarks only.
+pub const BASELINE_PROGRAM: &str = "timer_entry_baseline";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramsError {

@@ -63,6 +63,8 @@ pub struct KernelOffsets {
     pub sk_err: u32,
     pub sk_err_soft: u32,
     pub icsk_probes_out: u32,
+    /// `icsk_pending`: which `ICSK_TIME_*` event the write timer is due for.
+    pub icsk_pending: u32,
     pub icsk_user_timeout: u32,
     pub icsk_ack_lrcvtime: u32,
     pub tcp_keepalive_time: u32,
@@ -125,6 +127,13 @@ impl CloseContext {
     }
 }
 
+/// `ICSK_TIME_*` values of `icsk_pending` (`include/net/inet_connection_sock.h`, unchanged since
+/// 2.6): what `tcp_write_timer_handler` is about to run.
+pub mod icsk_timer {
+    pub const RETRANS: u8 = 1;
+    pub const PROBE0: u8 = 3;
+}
+
 /// Bits of [`SocketRecord::flags`].
 pub mod record_flags {
     /// `tcp_receive_reset` fired for this socket just before it closed.
@@ -178,7 +187,9 @@ pub struct SocketRecord {
     pub sysctl_keepalive_probes: u8,
     /// [`record_flags`].
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Close inside the write timer: `icsk_pending` when that timer started ([`icsk_timer`]).
+    pub write_timer_event: u8,
+    pub _pad: u8,
     /// `tcp_sock.keepalive_time`/`keepalive_intvl` in jiffies; 0 means the sysctl applies.
     pub keepalive_time: u32,
     pub keepalive_intvl: u32,
@@ -190,6 +201,8 @@ pub struct SocketRecord {
     /// `tcp_sock.rcv_tstamp` and `icsk_ack.lrcvtime` (jiffies, low 32 bits): last segment received.
     pub rcv_tstamp: u32,
     pub lrcvtime: u32,
+    /// Segments in flight. Close records take it from before the abort purged the write queue
+    /// (`tcp_done_with_error` zeroes it): at write-timer entry or at `tcp_receive_reset`.
     pub packets_out: u32,
     pub snd_wnd: u32,
     pub sk_err: i32,
@@ -212,4 +225,4 @@ mod pod {
 }
 
 const _: () = assert!(SocketRecord::SIZE == 128);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 31 * 4);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 32 * 4);
