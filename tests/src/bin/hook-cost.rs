@@ -1,0 +1,245 @@
+//! Kernel-side cost per hit of the agent's timer hooks, from `kernel.bpf_stats_enabled`
+//! run-time counters (`cargo xtask bench`, as root). Not a test: it prints figures.
+//!
+//! `timer_expire_entry`/`_exit` fire for every kernel timer. Two phases on the same running
+//! agent, each with `--connections` loopback connections in a private namespace: first without
+//! keepalive, one byte sent on each every 100 ms, so their delayed-ACK timers (`tcp_delack_timer`,
+//! filtered out) fire; then with keepalive every second against a healthy peer. Keepalive hits
+//! are known exactly from the agent's own event counter; the two phases give two equations for
+//! the two per-hit costs. Costs are reported as the
+//! difference from an empty tp_btf program attached to `timer_expire_entry` at the same time,
+//! because an empty program's run time is the measurement's own floor.
+
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
+use keepalive_agent::programs::{BASELINE_PROGRAM, PROGRAMS_OBJECT};
+use keepalive_tests::{Agent, Netns, set_keepalive};
+
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+/// Program names as the kernel keeps them (BPF_OBJ_NAME_LEN - 1 = 15 bytes).
+const ENTRY_NAME: &str = "timer_expire_en";
+const EXIT_NAME: &str = "timer_expire_ex";
+
+fn main() -> anyhow::Result<()> {
+    let mut connections = 200usize;
+    let mut seconds = 6u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().context("flag needs a value");
+        match arg.as_str() {
+            "--connections" => connections = value()?.parse()?,
+            "--seconds" => seconds = value()?.parse()?,
+            other => bail!("unknown argument {other}; flags: --connections N --seconds S"),
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run as root: the benchmark loads eBPF programs and enables bpf_stats");
+    }
+    let _stats = BpfStats::enable()?;
+    let agent = Agent::start().context("starting the agent")?;
+
+    let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+    let mut baseline_obj =
+        aya::Ebpf::load(PROGRAMS_OBJECT).context("loading the programs object")?;
+    let baseline: &mut BtfTracePoint = baseline_obj
+        .program_mut(BASELINE_PROGRAM)
+        .context("baseline program missing from the object")?
+        .try_into()?;
+    baseline.load("timer_expire_entry", &btf)?;
+    baseline.attach()?;
+    let ids = ProgramIds {
+        baseline: baseline.info()?.id(),
+        entry: newest(ENTRY_NAME)?,
+        exit: newest(EXIT_NAME)?,
+    };
+
+    let phase = Duration::from_secs(seconds);
+    println!(
+        "timer hook cost, {seconds} s per phase, {} CPUs",
+        std::thread::available_parallelism()?
+    );
+
+    let ns = Netns::new("bench")?;
+    let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let pairs = ns.connect_pairs(&listener, connections)?;
+    let idle = {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| -> anyhow::Result<()> {
+                // Each byte is acknowledged by the peer's delayed-ACK timer (no reply follows);
+                // sending again within the RTO keeps the retransmit timer from expiring.
+                while !stop.load(Ordering::Relaxed) {
+                    for pair in &pairs {
+                        (&pair.client).write_all(b"x")?;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(())
+            });
+            let phase = measure(&ids, &agent, phase);
+            stop.store(true, Ordering::Relaxed);
+            writer.join().expect("writer thread panicked")?;
+            phase
+        })?
+    };
+    for pair in &pairs {
+        // A healthy peer answers every probe; the timer then fires once a second.
+        set_keepalive(&pair.client, 1, 1, 3)?;
+    }
+    let busy = measure(&ids, &agent, phase)?;
+    drop(pairs);
+
+    let (filtered_entry, keepalive_entry) = solve(&idle, &busy, |p| p.entry);
+    let (filtered_exit, keepalive_exit) = solve(&idle, &busy, |p| p.exit);
+
+    println!(
+        "delayed-ACK phase: {} timer hits, {} keepalive; keepalive phase ({connections} probing connections): {} timer hits, {} keepalive",
+        idle.entry.count, idle.keepalive_hits, busy.entry.count, busy.keepalive_hits
+    );
+    println!(
+        "empty tp_btf program (floor): {:.0} ns/hit, then {:.0} ns/hit",
+        idle.baseline.per_hit(),
+        busy.baseline.per_hit()
+    );
+    println!(
+        "| hook | filtered-out path (ns/hit above floor) | keepalive path (ns/hit above floor) |"
+    );
+    println!("|---|---|---|");
+    println!("| timer_expire_entry | {filtered_entry:.0} | {keepalive_entry:.0} |");
+    println!("| timer_expire_exit | {filtered_exit:.0} | {keepalive_exit:.0} |");
+    Ok(())
+}
+
+struct ProgramIds {
+    baseline: u32,
+    entry: u32,
+    exit: u32,
+}
+
+/// The most recently loaded program of that name: the agent this run started.
+fn newest(name: &str) -> anyhow::Result<u32> {
+    loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(name))
+        .map(|p| p.id())
+        .max()
+        .with_context(|| format!("no loaded program named {name}: did the agent attach?"))
+}
+
+#[derive(Clone, Copy, Default)]
+struct Stats {
+    count: u64,
+    nanos: u64,
+}
+
+impl Stats {
+    fn per_hit(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.nanos as f64 / self.count as f64
+        }
+    }
+
+    fn since(&self, earlier: &Stats) -> Stats {
+        Stats {
+            count: self.count - earlier.count,
+            nanos: self.nanos - earlier.nanos,
+        }
+    }
+}
+
+fn stats(id: u32) -> anyhow::Result<Stats> {
+    let info: ProgramInfo = loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .with_context(|| format!("program {id} vanished"))?;
+    Ok(Stats {
+        count: info.run_count(),
+        nanos: info.run_time().as_nanos() as u64,
+    })
+}
+
+struct Phase {
+    baseline: Stats,
+    entry: Stats,
+    exit: Stats,
+    keepalive_hits: u64,
+}
+
+impl Phase {
+    /// ns above the floor spent in `hook` during the phase.
+    fn above_floor(&self, hook: Stats) -> f64 {
+        hook.nanos as f64 - hook.count as f64 * self.baseline.per_hit()
+    }
+}
+
+/// Per-hit cost above the floor of the filtered-out path `f` and of the keepalive path `c`,
+/// from the two phases: `above_floor = (hits - keepalive) * f + keepalive * c` in each.
+fn solve(idle: &Phase, busy: &Phase, hook: impl Fn(&Phase) -> Stats) -> (f64, f64) {
+    let row = |p: &Phase| {
+        let k = p.keepalive_hits as f64;
+        let other = hook(p).count as f64 - k;
+        (other, k, p.above_floor(hook(p)))
+    };
+    let (a1, b1, y1) = row(idle);
+    let (a2, b2, y2) = row(busy);
+    let det = a1 * b2 - a2 * b1;
+    ((y1 * b2 - y2 * b1) / det, (a1 * y2 - a2 * y1) / det)
+}
+
+fn keepalive_events(agent: &Agent) -> anyhow::Result<u64> {
+    Ok(agent.scrape()?.value(
+        "keepalive_agent_events_total",
+        &[("kind", "keepalive_timer")],
+    ) as u64)
+}
+
+fn measure(ids: &ProgramIds, agent: &Agent, length: Duration) -> anyhow::Result<Phase> {
+    // The agent drains its ring buffer asynchronously, so its event count is read a moment
+    // after each stats snapshot, at both ends alike: the window shifts, its length does not.
+    let snapshot = || -> anyhow::Result<(Stats, Stats, Stats, u64)> {
+        let stats = (stats(ids.baseline)?, stats(ids.entry)?, stats(ids.exit)?);
+        std::thread::sleep(Duration::from_millis(300));
+        Ok((stats.0, stats.1, stats.2, keepalive_events(agent)?))
+    };
+    let (b0, e0, x0, k0) = snapshot()?;
+    std::thread::sleep(length);
+    let (b1, e1, x1, k1) = snapshot()?;
+    Ok(Phase {
+        baseline: b1.since(&b0),
+        entry: e1.since(&e0),
+        exit: x1.since(&x0),
+        keepalive_hits: k1 - k0,
+    })
+}
+
+/// Turns `kernel.bpf_stats_enabled` on for the run and restores the previous value.
+struct BpfStats {
+    previous: String,
+}
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        let previous = std::fs::read_to_string(STATS_SYSCTL)
+            .with_context(|| format!("reading {STATS_SYSCTL}"))?;
+        std::fs::write(STATS_SYSCTL, "1").with_context(|| format!("writing {STATS_SYSCTL}"))?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(STATS_SYSCTL, self.previous.trim()) {
+            eprintln!("warning: could not restore {STATS_SYSCTL}: {e}");
+        }
+    }
+}
