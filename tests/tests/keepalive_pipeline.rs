@@ -40,6 +40,20 @@ fn assert_errno(got: i32, want: i32, what: &str) {
     );
 }
 
+/// The namespace's own keepalive-probe and timeout-abort counters moved by exactly this much.
+fn assert_kernel_deltas(before: &TcpExt, after: &TcpExt, keepalive: u64, aborts: u64) {
+    assert_eq!(
+        after.delta(before, KEEPALIVE),
+        keepalive,
+        "kernel {KEEPALIVE} delta"
+    );
+    assert_eq!(
+        after.delta(before, ABORT_ON_TIMEOUT),
+        aborts,
+        "kernel {ABORT_ON_TIMEOUT} delta"
+    );
+}
+
 /// Waits until the namespace's kernel counter `key` has grown by at least `n` since `before`.
 fn wait_kernel_delta(ns: &Netns, before: &TcpExt, key: &str, n: u64) -> TestResult {
     wait_until(DEADLINE, &format!("kernel {key} to grow by {n}"), || {
@@ -159,16 +173,7 @@ fn blackholed_peer(
     let err = wait_closed(&pair.server, DEADLINE, "server")?;
     assert_errno(err, ECONNRESET, "server after the client's keepalive RST");
     let after = ns.tcp_ext()?;
-    assert_eq!(
-        after.delta(&before, KEEPALIVE),
-        expected_probes,
-        "kernel {KEEPALIVE} delta"
-    );
-    assert_eq!(
-        after.delta(&before, ABORT_ON_TIMEOUT),
-        1,
-        "kernel {ABORT_ON_TIMEOUT} delta"
-    );
+    assert_kernel_deltas(&before, &after, expected_probes, 1);
     eprintln!(
         "{test}: client closed after {took:?}; kernel TcpExt changes: {}",
         after.changes(&before)
@@ -256,26 +261,17 @@ fn peer_that_lost_its_socket_answers_the_probe_with_rst_counted_as_keepalive_res
     let err = wait_closed(&client, DEADLINE, "client")?;
     assert_errno(err, ECONNRESET, "client after its probe met a closed port");
     let after = ns.tcp_ext()?;
-    assert_eq!(
-        after.delta(&before, KEEPALIVE),
-        1,
-        "kernel {KEEPALIVE} delta"
-    );
-    assert_eq!(
-        after.delta(&before, ABORT_ON_TIMEOUT),
-        0,
-        "kernel {ABORT_ON_TIMEOUT} delta"
-    );
+    assert_kernel_deltas(&before, &after, 1, 0);
     eprintln!("{test}: kernel TcpExt changes: {}", after.changes(&before));
 
-    // The server's own abortive close (SO_LINGER 0) is the application's doing; how the agent
-    // files it (local_abort, other, or not at all) is not what this test is about, so
-    // local_abort and other are left unchecked.
+    // The server's own abortive close (SO_LINGER 0, straight from ESTABLISHED to CLOSE) is a
+    // local abort.
     env.expect_agent(
         "RST in answer to a keepalive probe",
         &Expectations::for_netns(ns.inum())
             .probes(1)
             .drops("keepalive_reset", 1)
+            .drops("local_abort", 1)
             .drops("reset_received", 0)
             .drops("keepalive_timeout", 0)
             .drops("retransmit_timeout", 0)
@@ -317,16 +313,7 @@ fn unacknowledged_data_to_dead_peer_is_a_retransmit_timeout_not_a_keepalive_time
     assert_eq!(&buf, b"never acknowledged");
     assert_eq!(tcp_state(&pair.server)?, TCP_ESTABLISHED);
     let after = ns.tcp_ext()?;
-    assert_eq!(
-        after.delta(&before, KEEPALIVE),
-        0,
-        "kernel {KEEPALIVE} delta"
-    );
-    assert_eq!(
-        after.delta(&before, ABORT_ON_TIMEOUT),
-        1,
-        "kernel {ABORT_ON_TIMEOUT} delta"
-    );
+    assert_kernel_deltas(&before, &after, 0, 1);
     eprintln!(
         "{test}: client closed after {took:?}; kernel TcpExt changes: {}",
         after.changes(&before)
@@ -341,6 +328,85 @@ fn unacknowledged_data_to_dead_peer_is_a_retransmit_timeout_not_a_keepalive_time
             .conn_probes(&pair.client_conn, 0)
             .conn_dropped(&pair.client_conn, "retransmit_timeout")
             .conn_not_dropped(&pair.server_conn),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5b. The other write-timer aborts: zero-window probes and SYN retries.
+
+#[test]
+fn unanswered_zero_window_probes_are_a_zero_window_timeout() -> TestResult {
+    let test = "unanswered_zero_window_probes_are_a_zero_window_timeout";
+    let Some(env) = TestEnv::start(test) else {
+        return Ok(());
+    };
+    let ns = Netns::new("zwp")?;
+    // tcp_probe_timer gives up after tcp_retries2 unanswered zero-window probes.
+    ns.sysctl("net.ipv4.tcp_retries2", "3")?;
+    let listener = ns.listen(V4)?;
+    let pair = ns.connect_pair(&listener)?;
+    set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
+    let before = ns.tcp_ext()?;
+
+    // The server never reads: once its receive buffer is full it advertises a zero window and
+    // the client, with data still queued, sends window probes (TcpExt TCPWinProbe).
+    pair.client.set_nonblocking(true)?;
+    let chunk = [0u8; 16 * 1024];
+    loop {
+        match (&pair.client).write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    wait_kernel_delta(&ns, &before, "TCPWinProbe", 1)?;
+    // Now nothing answers the probes.
+    let _blackhole = ns.blackhole_replies_from_port(pair.server_port())?;
+    let err = wait_closed(&pair.client, DEADLINE, "client")?;
+    assert_errno(err, ETIMEDOUT, "client after unanswered window probes");
+    let after = ns.tcp_ext()?;
+    // Keepalive never probes a connection with data queued.
+    assert_kernel_deltas(&before, &after, 0, 1);
+    eprintln!("{test}: kernel TcpExt changes: {}", after.changes(&before));
+
+    env.expect_agent(
+        "zero-window probe timeout",
+        &Expectations::for_netns(ns.inum())
+            .probes(0)
+            .drops("zero_window_timeout", 1)
+            .other_drops_zero()
+            .conn_dropped(&pair.client_conn, "zero_window_timeout")
+            .conn_not_dropped(&pair.server_conn),
+    )
+}
+
+#[test]
+fn unanswered_syn_is_a_connect_timeout() -> TestResult {
+    let test = "unanswered_syn_is_a_connect_timeout";
+    let Some(env) = TestEnv::start(test) else {
+        return Ok(());
+    };
+    let ns = Netns::new("syn")?;
+    // One SYN retransmission: the kernel gives up after about 3 s.
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1")?;
+    let listener = ns.listen(V4)?;
+    let addr = listener.local_addr()?;
+    let _blackhole = ns.blackhole_replies_from_port(addr.port())?;
+    let before = ns.tcp_ext()?;
+
+    let result = ns.run(|| TcpStream::connect(addr))?;
+    let err = result.expect_err("connect must fail while SYN-ACKs are dropped");
+    assert_eq!(err.raw_os_error(), Some(ETIMEDOUT), "connect error: {err}");
+    let after = ns.tcp_ext()?;
+    assert_kernel_deltas(&before, &after, 0, 1);
+    eprintln!("{test}: kernel TcpExt changes: {}", after.changes(&before));
+
+    env.expect_agent(
+        "connect timeout",
+        &Expectations::for_netns(ns.inum())
+            .probes(0)
+            .drops("connect_timeout", 1)
+            .other_drops_zero(),
     )
 }
 
@@ -371,18 +437,8 @@ fn rst_from_peer_during_traffic_is_counted_as_reset_received() -> TestResult {
     let err = wait_closed(&client, DEADLINE, "client")?;
     assert_errno(err, ECONNRESET, "client after the server's RST");
     let after = ns.tcp_ext()?;
-    assert_eq!(
-        after.delta(&before, KEEPALIVE),
-        0,
-        "kernel {KEEPALIVE} delta"
-    );
-    assert_eq!(
-        after.delta(&before, ABORT_ON_TIMEOUT),
-        0,
-        "kernel {ABORT_ON_TIMEOUT} delta"
-    );
+    assert_kernel_deltas(&before, &after, 0, 0);
 
-    // As in the lost-socket scenario, the server's abortive close itself is not checked.
     eprintln!("{test}: kernel TcpExt changes: {}", after.changes(&before));
 
     env.expect_agent(
@@ -390,6 +446,8 @@ fn rst_from_peer_during_traffic_is_counted_as_reset_received() -> TestResult {
         &Expectations::for_netns(ns.inum())
             .probes(0)
             .drops("reset_received", 1)
+            // The server's SO_LINGER 0 close that sent the RST.
+            .drops("local_abort", 1)
             .drops("keepalive_timeout", 0)
             .drops("keepalive_reset", 0)
             .drops("retransmit_timeout", 0)
@@ -423,16 +481,7 @@ fn socket_destroyed_with_ss_kill_is_a_local_abort_and_a_reset_for_its_peer() -> 
     let err = wait_closed(&pair.server, DEADLINE, "server")?;
     assert_errno(err, ECONNRESET, "server after the client's abort RST");
     let after = ns.tcp_ext()?;
-    assert_eq!(
-        after.delta(&before, KEEPALIVE),
-        0,
-        "kernel {KEEPALIVE} delta"
-    );
-    assert_eq!(
-        after.delta(&before, ABORT_ON_TIMEOUT),
-        0,
-        "kernel {ABORT_ON_TIMEOUT} delta"
-    );
+    assert_kernel_deltas(&before, &after, 0, 0);
 
     eprintln!("{test}: kernel TcpExt changes: {}", after.changes(&before));
 
