@@ -145,7 +145,7 @@ pub fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decoder::{Endpoints, KeepaliveSettings};
+    use crate::decoder::{Endpoints, KeepaliveSettings, SocketOwner};
 
     const KEEPALIVE_TIMEOUT_REASON: u32 = 15;
     const TCP_STATE_REASON: u32 = 14;
@@ -161,6 +161,7 @@ mod tests {
                 local: "127.0.0.1:1".parse().unwrap(),
                 remote: "127.0.0.1:2".parse().unwrap(),
             },
+            owner: SocketOwner::default(),
             old_state,
             context: CloseContext::None,
             reset_received: false,

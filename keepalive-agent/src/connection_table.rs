@@ -185,7 +185,7 @@ mod tests {
     use keepalive_ebpf::CloseContext;
 
     use super::*;
-    use crate::decoder::KeepaliveSettings;
+    use crate::decoder::{KeepaliveSettings, SocketOwner};
 
     const SETTINGS: KeepaliveSettings = KeepaliveSettings {
         enabled: true,
@@ -207,6 +207,7 @@ mod tests {
         KeepaliveExpiry {
             sk,
             endpoints: endpoints(port),
+            owner: SocketOwner::default(),
             state: 1,
             probes_out_before: before,
             probes_out_after: Some(after),
@@ -222,6 +223,7 @@ mod tests {
         CloseEvent {
             sk,
             endpoints: endpoints(port),
+            owner: SocketOwner::default(),
             old_state: 1,
             context: CloseContext::KeepaliveTimer,
             reset_received: false,

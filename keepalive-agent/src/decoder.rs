@@ -42,11 +42,21 @@ pub struct KeepaliveSettings {
     pub user_timeout_ms: u32,
 }
 
+/// Who owns the socket, as the kernel knows it: attribution starts from these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct SocketOwner {
+    /// cgroup v2 id (inode of the cgroup directory); 0 when unknown.
+    pub cgroup_id: u64,
+    /// Inode of the socket's file (`socket:[INO]` in /proc/PID/fd); 0 for orphans.
+    pub socket_ino: u64,
+}
+
 /// One expiry of `tcp_keepalive_timer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeepaliveExpiry {
     pub sk: u64,
     pub endpoints: Endpoints,
+    pub owner: SocketOwner,
     pub state: u8,
     /// `icsk_probes_out` when the timer started: probes still unanswered an interval later.
     pub probes_out_before: u8,
@@ -76,6 +86,7 @@ impl KeepaliveExpiry {
 pub struct CloseEvent {
     pub sk: u64,
     pub endpoints: Endpoints,
+    pub owner: SocketOwner,
     /// The state it left.
     pub old_state: u8,
     pub context: CloseContext,
@@ -105,11 +116,26 @@ pub struct ErrorReport {
     pub error: i32,
 }
 
+/// One socket seen by the `iter/tcp` audit walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditedSocket {
+    pub sk: u64,
+    pub endpoints: Endpoints,
+    pub owner: SocketOwner,
+    pub state: u8,
+    pub settings: KeepaliveSettings,
+    /// `icsk_probes_out`: keepalive (or zero-window) probes currently unanswered.
+    pub probes_out: u8,
+    pub jiffies: u64,
+    pub last_received_jiffies: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     KeepaliveExpiry(KeepaliveExpiry),
     Close(CloseEvent),
     ErrorReport(ErrorReport),
+    Audit(AuditedSocket),
 }
 
 impl Event {
@@ -118,6 +144,7 @@ impl Event {
             Self::KeepaliveExpiry(e) => &e.endpoints,
             Self::Close(e) => &e.endpoints,
             Self::ErrorReport(e) => &e.endpoints,
+            Self::Audit(e) => &e.endpoints,
         }
     }
 
@@ -127,6 +154,7 @@ impl Event {
             Self::KeepaliveExpiry(_) => "keepalive_timer",
             Self::Close(_) => "close",
             Self::ErrorReport(_) => "error_report",
+            Self::Audit(_) => "audit",
         }
     }
 }
@@ -145,6 +173,10 @@ pub fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
     let kind = RecordKind::from_u8(rec.kind).ok_or(DecodeError::Kind(rec.kind))?;
     let endpoints = endpoints(rec)?;
     let flag = |bit: u8| rec.flags & bit != 0;
+    let owner = SocketOwner {
+        cgroup_id: rec.cgroup_id,
+        socket_ino: rec.socket_ino,
+    };
     let settings = KeepaliveSettings {
         enabled: flag(record_flags::KEEPALIVE_ON),
         idle_jiffies: nonzero_or(rec.keepalive_time, rec.sysctl_keepalive_time),
@@ -166,6 +198,7 @@ pub fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
         RecordKind::KeepaliveTimer => Event::KeepaliveExpiry(KeepaliveExpiry {
             sk: rec.sk,
             endpoints,
+            owner,
             state: rec.state,
             probes_out_before: rec.probes_out_before,
             probes_out_after: (!flag(record_flags::EXIT_UNVERIFIED)
@@ -180,6 +213,7 @@ pub fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
         RecordKind::Close => Event::Close(CloseEvent {
             sk: rec.sk,
             endpoints,
+            owner,
             old_state: rec.state,
             context: CloseContext::from_u8(rec.context).ok_or(DecodeError::Context(rec.context))?,
             reset_received: flag(record_flags::RESET_RECEIVED),
@@ -200,6 +234,16 @@ pub fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             sk: rec.sk,
             endpoints,
             error: rec.sk_err,
+        }),
+        RecordKind::Audit => Event::Audit(AuditedSocket {
+            sk: rec.sk,
+            endpoints,
+            owner,
+            state: rec.state,
+            settings,
+            probes_out: rec.probes_out_before,
+            jiffies: rec.jiffies,
+            last_received_jiffies,
         }),
     })
 }

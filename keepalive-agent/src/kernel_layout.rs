@@ -266,6 +266,18 @@ impl KernelLayout {
             // Bit numbers in the 64-bit `skc_flags`.
             sock_flag_dead: r.required_enum_value("sock_flags", "SOCK_DEAD", 64)?,
             sock_flag_keepopen: r.required_enum_value("sock_flags", "SOCK_KEEPOPEN", 64)?,
+            // Ownership: the socket's cgroup (set at creation, so right in softirq too) and the
+            // inode of its file, which /proc/PID/fd shows as `socket:[INO]`.
+            sk_cgroup: r.offset("sock.sk_cgrp_data.cgroup", Pointer)?,
+            cgroup_kn: r.offset("cgroup.kn", Pointer)?,
+            kernfs_node_id: r.offset("kernfs_node.id", Int(8))?,
+            sk_socket: r.offset("sock.sk_socket", Pointer)?,
+            socket_ino: {
+                // `SOCK_INODE(sock)`: the socket is the first member of `socket_alloc`.
+                r.check_at_start("socket_alloc.socket", "socket")?;
+                r.offset("socket_alloc.vfs_inode", Expect::Struct("inode"))?
+                    + r.offset("inode.i_ino", Int(8))?
+            },
         };
 
         let rst_limit = u64::from(u32::MAX) + 1;
@@ -933,9 +945,40 @@ mod btf_builder {
             ],
         );
 
+        // Ownership: cgroup → kernfs node id, socket → inode number.
+        let kernfs_node = b.structure(
+            "kernfs_node",
+            24,
+            &[
+                m("count", int, 0),
+                m("name", void_ptr, 8),
+                m("id", u64_, 16),
+            ],
+        );
+        let kernfs_node_ptr = b.ptr(kernfs_node);
+        let cgroup = b.structure(
+            "cgroup",
+            16,
+            &[m("flags", ulong, 0), m("kn", kernfs_node_ptr, 8)],
+        );
+        let cgroup_ptr = b.ptr(cgroup);
+        let sock_cgroup_data = b.structure(
+            "sock_cgroup_data",
+            16,
+            &[m("cgroup", cgroup_ptr, 0), m("classid", u32_, 8)],
+        );
+        let socket = b.structure("socket", 16, &[m("state", int, 0), m("sk", void_ptr, 8)]);
+        let socket_ptr = b.ptr(socket);
+        let inode = b.structure("inode", 16, &[m("i_mode", u16_, 0), m("i_ino", ulong, 8)]);
+        b.structure(
+            "socket_alloc",
+            32,
+            &[m("socket", socket, 0), m("vfs_inode", inode, 16)],
+        );
+
         let sock = b.structure(
             "sock",
-            128,
+            152,
             &[
                 m("__sk_common", sock_common, 0),
                 m("sk_err", int, 72),
@@ -943,15 +986,17 @@ mod btf_builder {
                 m("sk_timer", timer_list, 80),
                 m("sk_protocol", u16_, 120),
                 m("sk_type", u16_, 122),
+                m("sk_socket", socket_ptr, 128),
+                m("sk_cgrp_data", sock_cgroup_data, 136),
             ],
         );
         let inet_sock = b.structure(
             "inet_sock",
-            136,
+            160,
             &[
                 m("sk", sock, 0),
-                m("inet_saddr", be32, 128),
-                m("inet_sport", be16, 132),
+                m("inet_saddr", be32, 152),
+                m("inet_sport", be16, 156),
             ],
         );
 
@@ -971,39 +1016,39 @@ mod btf_builder {
             "icsk_retransmit_timer"
         };
         let probes_out = if s.probes_out_bitfield {
-            bf("icsk_probes_out", t_u8, 178 * 8, 8)
+            bf("icsk_probes_out", t_u8, 202 * 8, 8)
         } else {
-            m("icsk_probes_out", t_u8, 178)
+            m("icsk_probes_out", t_u8, 202)
         };
         let icsk = b.structure(
             "inet_connection_sock",
-            200,
+            224,
             &[
                 m("icsk_inet", inet_sock, 0),
-                m(timer_name, timer_list, 136),
-                bf("icsk_ca_state", t_u8, 176 * 8, 5),
-                m("icsk_pending", t_u8, 177),
+                m(timer_name, timer_list, 160),
+                bf("icsk_ca_state", t_u8, 200 * 8, 5),
+                m("icsk_pending", t_u8, 201),
                 probes_out,
-                m("icsk_ack", icsk_ack, 180),
+                m("icsk_ack", icsk_ack, 204),
                 M {
                     name: "icsk_user_timeout",
                     ty: u32_,
-                    bit_offset: 192 * 8 + if s.user_timeout_unaligned { 4 } else { 0 },
+                    bit_offset: 216 * 8 + if s.user_timeout_unaligned { 4 } else { 0 },
                     bits: 0,
                 },
             ],
         );
         b.structure(
             "tcp_sock",
-            224,
+            248,
             &[
                 m("inet_conn", icsk, 0),
-                m("snd_wnd", u32_, 200),
-                m("packets_out", u32_, 204),
-                m("rcv_tstamp", u32_, 208),
-                m("keepalive_probes", u8_, 212),
-                m("keepalive_time", u32_, 216),
-                m("keepalive_intvl", u32_, 220),
+                m("snd_wnd", u32_, 224),
+                m("packets_out", u32_, 228),
+                m("rcv_tstamp", u32_, 232),
+                m("keepalive_probes", u8_, 236),
+                m("keepalive_time", u32_, 240),
+                m("keepalive_intvl", u32_, 244),
             ],
         );
 
@@ -1052,26 +1097,31 @@ mod tests {
             skc_net: 24,
             skc_v6_daddr: 32,
             skc_v6_rcv_saddr: 48,
-            inet_sport: 132,
+            inet_sport: 156,
             sk_protocol: 120,
             sk_err: 72,
             sk_err_soft: 76,
-            icsk_probes_out: 178,
-            icsk_pending: 177,
-            icsk_user_timeout: 192,
-            icsk_ack_lrcvtime: 188,
-            tcp_keepalive_time: 216,
-            tcp_keepalive_intvl: 220,
-            tcp_keepalive_probes: 212,
-            tcp_rcv_tstamp: 208,
-            tcp_packets_out: 204,
-            tcp_snd_wnd: 200,
+            icsk_probes_out: 202,
+            icsk_pending: 201,
+            icsk_user_timeout: 216,
+            icsk_ack_lrcvtime: 212,
+            tcp_keepalive_time: 240,
+            tcp_keepalive_intvl: 244,
+            tcp_keepalive_probes: 236,
+            tcp_rcv_tstamp: 232,
+            tcp_packets_out: 228,
+            tcp_snd_wnd: 224,
             net_ns_inum: 16,
             net_keepalive_time: 28,
             net_keepalive_intvl: 32,
             net_keepalive_probes: 36,
             sock_flag_dead: 0,
             sock_flag_keepopen: 3,
+            sk_cgroup: 136,
+            cgroup_kn: 8,
+            kernfs_node_id: 16,
+            sk_socket: 128,
+            socket_ino: 24,
         }
     }
 
@@ -1129,7 +1179,7 @@ mod tests {
         });
         let layout = KernelLayout::from_btf_bytes(&bytes).expect("synthetic 6.18-like layout");
         assert_eq!(layout.timer_layout, TimerLayout::SockTimer);
-        assert_eq!(layout.offsets, synthetic_offsets(80, 136));
+        assert_eq!(layout.offsets, synthetic_offsets(80, 160));
         assert_eq!(layout.rst_reason_keepalive_timeout, Some(22));
         assert_eq!(layout.rst_reason_tcp_state, Some(21));
     }
@@ -1144,7 +1194,7 @@ mod tests {
         let layout = KernelLayout::from_btf_bytes(&bytes).expect("synthetic 6.19-like layout");
         assert_eq!(layout.timer_layout, TimerLayout::IcskKeepaliveTimer);
         // Swapped: keepalive in inet_connection_sock, write timer in sk_timer.
-        assert_eq!(layout.offsets, synthetic_offsets(136, 80));
+        assert_eq!(layout.offsets, synthetic_offsets(160, 80));
     }
 
     #[test]
@@ -1196,7 +1246,7 @@ mod tests {
                 bits,
             } => {
                 assert_eq!(path, "inet_connection_sock.icsk_probes_out");
-                assert_eq!((*bit_offset, *bits), (178 * 8, 8));
+                assert_eq!((*bit_offset, *bits), (202 * 8, 8));
             }
             other => panic!("unexpected error {other:?}"),
         }
@@ -1232,7 +1282,7 @@ mod tests {
         });
         let err = KernelLayout::from_btf_bytes(&bytes).expect_err("icsk_user_timeout unaligned");
         assert!(
-            matches!(&err, LayoutError::Unaligned { path, bit_offset: 1540 }
+            matches!(&err, LayoutError::Unaligned { path, bit_offset: 1732 }
                 if path == "inet_connection_sock.icsk_user_timeout"),
             "{err:?}"
         );

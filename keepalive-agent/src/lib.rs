@@ -6,10 +6,12 @@
 //! programs need to know about the running kernel.
 
 pub mod agent;
+pub mod audit;
 pub mod classifier;
 pub mod connection_table;
 pub mod decoder;
 pub mod http;
+pub mod hz;
 pub mod kallsyms;
 pub mod kernel_layout;
 pub mod metrics;

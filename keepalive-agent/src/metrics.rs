@@ -120,9 +120,13 @@ pub fn registry(
     registry.register(
         "keepalive_agent_build",
         "Build information",
+        // The record size makes a mismatch between agent and kernel-program builds visible.
         Info::new(vec![
-            ("version", env!("CARGO_PKG_VERSION")),
-            ("ebpf_record_bytes", RECORD_BYTES),
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            (
+                "ebpf_record_bytes",
+                keepalive_ebpf::SocketRecord::SIZE.to_string(),
+            ),
         ]),
     );
     registry.register_collector(Box::new(ConnectionSeries {
@@ -132,12 +136,6 @@ pub fn registry(
     registry.register_collector(Box::new(reserve_failures));
     registry
 }
-
-const RECORD_BYTES: &str = {
-    // Makes a mismatch between agent and kernel-program builds visible in the build info.
-    const _: () = assert!(keepalive_ebpf::SocketRecord::SIZE == 128);
-    "128"
-};
 
 /// Per-connection series and the connection table's own gauges, rendered at scrape time.
 #[derive(Debug)]

@@ -77,6 +77,10 @@ impl Pipeline {
             }
             // The error is already in the close record (sk_err is set before tcp_done since
             // 6.10); the report only confirms what the application was told.
+            // Audit records come from the iter/tcp file, never from the ring buffer.
+            Event::Audit(_) => {
+                self.metrics.decode_errors.inc();
+            }
             Event::ErrorReport(report) => debug!(
                 "error {} reported to the application on {} -> {} (netns {})",
                 report.error, report.endpoints.local, report.endpoints.remote, netns

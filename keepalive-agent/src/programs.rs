@@ -99,9 +99,11 @@ pub struct HookStatus {
 }
 
 pub struct KernelPrograms {
-    /// Keeps programs and links alive.
+    /// Keeps programs and links alive; also holds the audit iterator.
     pub ebpf: Ebpf,
     pub hooks: Vec<HookStatus>,
+    /// The `iter/tcp` audit program loaded (see [`crate::audit`]).
+    pub audit_loaded: bool,
     pub events: RingBuf<MapData>,
     pub reserve_failures: PerCpuArray<MapData, u64>,
 }
@@ -112,18 +114,29 @@ impl KernelPrograms {
     }
 }
 
-pub fn load(
+/// Creates the maps and prepares the programs with this kernel's offsets; loads nothing into
+/// the kernel's program table yet.
+pub fn open(
     layout: &KernelLayout,
     timers: &TimerFunctions,
     ring_buffer_bytes: u32,
-) -> Result<KernelPrograms, ProgramsError> {
-    let mut ebpf = EbpfLoader::new()
+) -> Result<Ebpf, ProgramsError> {
+    EbpfLoader::new()
         .override_global(names::OFFSETS_GLOBAL, &layout.offsets, true)
         .override_global(names::KEEPALIVE_TIMER_FN_GLOBAL, &timers.keepalive, true)
         .override_global(names::WRITE_TIMER_FN_GLOBAL, &timers.write, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
-        .map_err(ProgramsError::Load)?;
+        .map_err(ProgramsError::Load)
+}
+
+/// Everything the agent runs: every hook attached, the audit iterator loaded, the maps taken.
+pub fn load(
+    layout: &KernelLayout,
+    timers: &TimerFunctions,
+    ring_buffer_bytes: u32,
+) -> Result<KernelPrograms, ProgramsError> {
+    let mut ebpf = open(layout, timers, ring_buffer_bytes)?;
 
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => spawn_kernel_log(logger),
@@ -131,6 +144,16 @@ pub fn load(
     }
 
     let btf = Btf::from_sys_fs().map_err(ProgramsError::Btf)?;
+    let audit_loaded = match crate::audit::load(&mut ebpf, &btf) {
+        Ok(()) => {
+            info!("loaded the iter/tcp keepalive configuration audit");
+            true
+        }
+        Err(err) => {
+            warn!("{err}; the keepalive configuration audit is off");
+            false
+        }
+    };
     let mut hooks = Vec::with_capacity(HOOKS.len());
     for hook in HOOKS {
         match attach(&mut ebpf, &btf, hook) {
@@ -173,6 +196,7 @@ pub fn load(
     Ok(KernelPrograms {
         ebpf,
         hooks,
+        audit_loaded,
         events,
         reserve_failures,
     })

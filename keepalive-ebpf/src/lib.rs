@@ -5,6 +5,7 @@
 /// Names the agent uses to find maps, programs and globals in the object.
 pub mod names {
     pub const EVENTS_MAP: &str = "EVENTS";
+    pub const AUDIT_PROGRAM: &str = "audit_tcp";
     pub const RESERVE_FAILURES_MAP: &str = "RESERVE_FAILURES";
     pub const OFFSETS_GLOBAL: &str = "OFFSETS";
     pub const KEEPALIVE_TIMER_FN_GLOBAL: &str = "KEEPALIVE_TIMER_FN";
@@ -82,6 +83,15 @@ pub struct KernelOffsets {
     /// Bit numbers of `SOCK_DEAD` and `SOCK_KEEPOPEN` in `skc_flags` (`enum sock_flags`).
     pub sock_flag_dead: u32,
     pub sock_flag_keepopen: u32,
+    /// `sock.sk_cgrp_data.cgroup` → `cgroup.kn` → `kernfs_node.id`: the cgroup v2 id of the
+    /// socket's owner, set when the socket was created (so it is right in softirq too).
+    pub sk_cgroup: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    /// `sock.sk_socket`, and from the `struct socket` to its inode number
+    /// (`socket_alloc.vfs_inode.i_ino`): what `/proc/PID/fd/N -> socket:[INO]` shows.
+    pub sk_socket: u32,
+    pub socket_ino: u32,
 }
 
 /// What produced a [`SocketRecord`].
@@ -94,6 +104,8 @@ pub enum RecordKind {
     Close = 2,
     /// `inet_sk_error_report` on a closed socket: the error the application is told.
     ErrorReport = 3,
+    /// One socket from the `iter/tcp` audit walk.
+    Audit = 4,
 }
 
 impl RecordKind {
@@ -102,6 +114,7 @@ impl RecordKind {
             1 => Some(Self::KeepaliveTimer),
             2 => Some(Self::Close),
             3 => Some(Self::ErrorReport),
+            4 => Some(Self::Audit),
             _ => None,
         }
     }
@@ -210,6 +223,10 @@ pub struct SocketRecord {
     /// `enum sk_rst_reason` of the reset sent just before closing (with `RESET_SENT`).
     pub reset_reason_sent: u32,
     pub _reserved: u32,
+    /// cgroup v2 id of the socket (0 when unknown).
+    pub cgroup_id: u64,
+    /// Inode number of the socket's file (0 for orphans, which have no file any more).
+    pub socket_ino: u64,
 }
 
 impl SocketRecord {
@@ -224,5 +241,5 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
 }
 
-const _: () = assert!(SocketRecord::SIZE == 128);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 32 * 4);
+const _: () = assert!(SocketRecord::SIZE == 144);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 37 * 4);

@@ -137,6 +137,15 @@ fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64> {
     rec.snd_wnd = read::<u32>(sk, offset!(tcp_snd_wnd))?;
     rec.sk_err = read::<i32>(sk, offset!(sk_err))?;
     rec.sk_err_soft = read::<i32>(sk, offset!(sk_err_soft))?;
+    // Ownership: both optional (no cgroup data, or an orphan without a file).
+    rec.cgroup_id = read::<u64>(sk, offset!(sk_cgroup))
+        .and_then(|cgroup| read::<u64>(cgroup as *const u8, offset!(cgroup_kn)))
+        .and_then(|kn| read::<u64>(kn as *const u8, offset!(kernfs_node_id)))
+        .unwrap_or(0);
+    rec.socket_ino = match read::<u64>(sk, offset!(sk_socket)) {
+        Ok(0) | Err(_) => 0,
+        Ok(socket) => read::<u64>(socket as *const u8, offset!(socket_ino)).unwrap_or(0),
+    };
     Ok(())
 }
 
@@ -384,6 +393,42 @@ pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
 /// the costs it reports are ours alone.
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub fn timer_entry_baseline(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+/// `iter/tcp`: called once per TCP socket of every namespace, then once with a NULL socket.
+/// Writes one audit record per full socket to the iterator's seq file; the agent reads them
+/// from the iterator's file descriptor. Context: `struct bpf_iter__tcp { meta; sk_common; uid }`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn audit_tcp(ctx: *mut core::ffi::c_void) -> i32 {
+    let ctx = ctx as *const u64;
+    // SAFETY: the verifier checks both context loads against `struct bpf_iter__tcp`.
+    let (meta, sk) = unsafe { (*ctx as *const u64, *ctx.add(1) as *const u8) };
+    if sk.is_null() {
+        return 0;
+    }
+    let mut rec = SocketRecord {
+        kind: RecordKind::Audit as u8,
+        ..SocketRecord::default()
+    };
+    if snapshot(sk, &mut rec).is_err() {
+        return 0;
+    }
+    // Time-wait and request sockets are not full TCP sockets: nothing keepalive-related in them.
+    if matches!(rec.state, tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV) {
+        return 0;
+    }
+    // SAFETY: `meta->seq` is the first member of `struct bpf_iter_meta` (trusted pointer), and
+    // the record lives on this stack for the duration of the call.
+    unsafe {
+        let seq = *meta as *mut aya_ebpf::bindings::seq_file;
+        aya_ebpf::helpers::generated::bpf_seq_write(
+            seq,
+            (&raw const rec).cast(),
+            SocketRecord::SIZE as u32,
+        );
+    }
     0
 }
 

@@ -1,0 +1,58 @@
+//! The keepalive configuration audit: one walk of every TCP socket on the host through the
+//! `iter/tcp` program, which writes one [`SocketRecord`] per full socket into the iterator's file.
+
+use std::io::Read as _;
+
+use aya::{
+    Btf, Ebpf,
+    programs::{Iter, ProgramError, links::LinkError},
+};
+use keepalive_ebpf::{SocketRecord, names};
+
+use crate::decoder::{self, AuditedSocket, DecodeError, Event};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
+    Missing(&'static str),
+    #[error("cannot load the iter/tcp audit program (BPF iterators need Linux 5.9+ with BTF): {0}")]
+    Load(#[source] ProgramError),
+    #[error("starting an audit walk: {0}")]
+    Attach(#[source] ProgramError),
+    #[error("opening the audit iterator: {0}")]
+    Open(#[source] LinkError),
+    #[error("reading the audit iterator: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("audit record: {0}")]
+    Decode(#[source] DecodeError),
+}
+
+/// Loads the iterator program (once, at start-up).
+pub fn load(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), AuditError> {
+    program(ebpf)?.load("tcp", btf).map_err(AuditError::Load)
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut Iter, AuditError> {
+    ebpf.program_mut(names::AUDIT_PROGRAM)
+        .ok_or(AuditError::Missing(names::AUDIT_PROGRAM))?
+        .try_into()
+        .map_err(AuditError::Load)
+}
+
+/// Walks every TCP socket (all namespaces) once.
+pub fn walk(ebpf: &mut Ebpf) -> Result<Vec<AuditedSocket>, AuditError> {
+    let iter = program(ebpf)?;
+    let link_id = iter.attach().map_err(AuditError::Attach)?;
+    let link = iter.take_link(link_id).map_err(AuditError::Attach)?;
+    let mut file = link.into_file().map_err(AuditError::Open)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(AuditError::Read)?;
+    bytes
+        .chunks(SocketRecord::SIZE)
+        .map(|chunk| match decoder::decode(chunk) {
+            Ok(Event::Audit(socket)) => Ok(socket),
+            Ok(_) => Err(AuditError::Decode(DecodeError::Kind(0))),
+            Err(err) => Err(AuditError::Decode(err)),
+        })
+        .collect()
+}
