@@ -16,6 +16,7 @@ use crate::{
     classifier::ResetReasons,
     connection_table::ConnectionTable,
     http::{self, HttpState},
+    hz,
     kallsyms::TimerFunctions,
     kernel_layout::KernelLayout,
     metrics::{self, HookLabels, PipelineMetrics, ReserveFailures},
@@ -76,6 +77,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         layout.timer_layout, layout.offsets.keepalive_timer, layout.offsets.write_timer
     );
     let timers = TimerFunctions::from_proc().context("finding the TCP timer callbacks")?;
+    let hz = tokio::task::spawn_blocking(hz::kernel_hz)
+        .await
+        .context("measuring the kernel tick rate")?
+        .context("measuring the kernel tick rate (CONFIG_HZ)")?;
+    info!("kernel tick rate: {hz} Hz");
 
     // Bind first: a taken port should fail before anything is attached to the kernel.
     let listener = tokio::net::TcpListener::bind(config.listen_address)
@@ -138,6 +144,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         reset_reasons: ResetReasons {
             keepalive_timeout: layout.rst_reason_keepalive_timeout,
         },
+        hz,
     };
     let drain = tokio::spawn(ring_reader::drain(events, pipeline));
     state.ready.store(ready, Ordering::Relaxed);

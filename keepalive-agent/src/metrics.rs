@@ -13,7 +13,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{
         MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
-        gauge::Gauge, info::Info,
+        gauge::Gauge, histogram::Histogram, info::Info,
     },
     registry::Registry,
 };
@@ -31,6 +31,13 @@ pub struct DropLabels {
     pub reason: &'static str,
 }
 
+/// Buckets of `tcp_keepalive_dead_peer_detection_seconds`: from a tuned 1 s probe to beyond the
+/// Linux default worst case (7200 s idle + 9 × 75 s = 7875 s).
+pub const DETECTION_BUCKETS: [f64; 16] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0,
+    7875.0, 14400.0,
+];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
@@ -43,13 +50,29 @@ pub struct HookLabels {
 }
 
 /// Aggregates the pipeline updates.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct PipelineMetrics {
     pub probes: Family<NetnsLabels, Counter>,
     pub drops: Family<DropLabels, Counter>,
     pub events: Family<KindLabels, Counter>,
     pub decode_errors: Counter,
+    pub detection: Family<DropLabels, Histogram, fn() -> Histogram>,
     seen_netns: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        Self {
+            probes: Family::default(),
+            drops: Family::default(),
+            events: Family::default(),
+            decode_errors: Counter::default(),
+            detection: Family::new_with_constructor(|| {
+                Histogram::new(DETECTION_BUCKETS.iter().copied())
+            }),
+            seen_netns: Arc::default(),
+        }
+    }
 }
 
 impl PipelineMetrics {
@@ -78,6 +101,15 @@ impl PipelineMetrics {
             .inc();
     }
 
+    pub fn observe_detection(&self, netns: u32, reason: DropReason, seconds: f64) {
+        self.detection
+            .get_or_create(&DropLabels {
+                netns,
+                reason: reason.as_str(),
+            })
+            .observe(seconds);
+    }
+
     pub fn count_probe(&self, netns: u32) {
         self.probes.get_or_create(&NetnsLabels { netns }).inc();
     }
@@ -101,6 +133,11 @@ pub fn registry(
         "tcp_connection_drops",
         "TCP connections the kernel ended abnormally, by reason",
         pipeline.drops.clone(),
+    );
+    registry.register(
+        "tcp_keepalive_dead_peer_detection_seconds",
+        "Time from the last segment received to a keepalive_timeout or keepalive_reset drop: how long a dead peer went unnoticed",
+        pipeline.detection.clone(),
     );
     registry.register(
         "keepalive_agent_events",

@@ -10,7 +10,8 @@ use log::{debug, info, warn};
 use crate::{
     classifier::{self, CloseOutcome, DropReason, ResetReasons},
     connection_table::ConnectionTable,
-    decoder::{self, Event},
+    decoder::{self, CloseEvent, Event},
+    hz,
     metrics::{KindLabels, PipelineMetrics},
 };
 
@@ -18,6 +19,8 @@ pub struct Pipeline {
     pub table: Arc<Mutex<ConnectionTable>>,
     pub metrics: PipelineMetrics,
     pub reset_reasons: ResetReasons,
+    /// CONFIG_HZ: receive stamps and keepalive settings are in jiffies.
+    pub hz: u32,
 }
 
 impl Pipeline {
@@ -54,6 +57,9 @@ impl Pipeline {
                     return;
                 };
                 self.metrics.count_drop(netns, reason);
+                if let Some(seconds) = dead_peer_detection_seconds(&close, reason, self.hz) {
+                    self.metrics.observe_detection(netns, reason, seconds);
+                }
                 if let Some(state) = table.on_close(&close, outcome, now) {
                     let e = &state.endpoints;
                     let message = format_args!(
@@ -86,5 +92,69 @@ impl Pipeline {
                 report.error, report.endpoints.local, report.endpoints.remote, netns
             ),
         }
+    }
+}
+
+/// How long the peer was silent before the kernel gave up on it: from the last segment received
+/// (the clock `tcp_keepalive_timer` measures idleness with) to the abort. Only for keepalive
+/// drops, where silence is what the kernel measured.
+pub fn dead_peer_detection_seconds(close: &CloseEvent, reason: DropReason, hz: u32) -> Option<f64> {
+    if !matches!(
+        reason,
+        DropReason::KeepaliveTimeout | DropReason::KeepaliveReset
+    ) {
+        return None;
+    }
+    // The stamps are 32-bit jiffies (tcp_jiffies32); wrapping subtraction survives the wrap.
+    let silent = (close.jiffies as u32).wrapping_sub(close.last_received_jiffies);
+    Some(hz::jiffies_to_seconds(u64::from(silent), hz))
+}
+
+#[cfg(test)]
+mod tests {
+    use keepalive_ebpf::{CloseContext, tcp_state};
+
+    use super::*;
+    use crate::decoder::{Endpoints, KeepaliveSettings, SocketOwner};
+
+    #[test]
+    fn detection_time_counts_jiffies_since_the_last_segment_across_the_wrap() {
+        let close = CloseEvent {
+            sk: 1,
+            endpoints: Endpoints {
+                netns: 1,
+                local: "127.0.0.1:1".parse().unwrap(),
+                remote: "127.0.0.1:2".parse().unwrap(),
+            },
+            owner: SocketOwner::default(),
+            old_state: tcp_state::ESTABLISHED,
+            context: CloseContext::KeepaliveTimer,
+            reset_received: false,
+            reset_sent_reason: None,
+            orphan: false,
+            settings: KeepaliveSettings {
+                enabled: true,
+                idle_jiffies: 250,
+                interval_jiffies: 250,
+                probes: 3,
+                user_timeout_ms: 0,
+            },
+            probes_out: 3,
+            packets_out: 0,
+            write_timer_event: 0,
+            send_window: 1,
+            sk_err: libc::ETIMEDOUT,
+            sk_err_soft: 0,
+            ktime_ns: 0,
+            // 1000 jiffies after a stamp taken 500 jiffies before the 32-bit wrap.
+            jiffies: (1u64 << 32) + 500,
+            last_received_jiffies: u32::MAX - 499,
+        };
+        let seconds = dead_peer_detection_seconds(&close, DropReason::KeepaliveTimeout, 250);
+        assert_eq!(seconds, Some(4.0));
+        assert_eq!(
+            dead_peer_detection_seconds(&close, DropReason::ResetReceived, 250),
+            None
+        );
     }
 }
