@@ -178,6 +178,13 @@ pub fn load(
         }
     }
 
+    let attached = hooks.iter().filter(|s| s.attached).count();
+    info!(
+        "{attached}/{} hooks attached as {PROGRAM_TYPE}: BTF tracepoints are stable kernel ABI, need \
+         no tracefs, and load where fentry/kprobes are refused; no fentry/kprobe variant is used",
+        hooks.len()
+    );
+
     let events = ebpf
         .take_map(names::EVENTS_MAP)
         .ok_or(ProgramsError::Missing(names::EVENTS_MAP))?;
