@@ -8,13 +8,17 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use log::info;
+use log::{info, warn};
 use prometheus_client::metrics::{family::Family, gauge::Gauge};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    attribution::{self, AggregateBy, Attributor, Workload},
+    audit_task,
     classifier::ResetReasons,
     connection_table::ConnectionTable,
+    decoder::AuditedSocket,
+    events::{self, EventWriter, EventsTarget},
     http::{self, HttpState},
     hz,
     kallsyms::TimerFunctions,
@@ -51,6 +55,33 @@ pub struct RunConfig {
     /// Kernel→agent ring buffer size in bytes: a power of two, at least one page.
     #[arg(long = "ring-buffer.bytes", default_value_t = 4 << 20, value_parser = parse_ring_size)]
     pub ring_buffer_bytes: u32,
+    /// Labels of tcp_keepalive_probes_total and tcp_connection_drops_total, comma-separated,
+    /// from: netns, pod_uid, container_id, cgroup, remote_port, local_port. `netns` is always
+    /// included, so totals can be checked against each namespace's own kernel counters. Every
+    /// label added multiplies the series count: pod_uid or container_id give one series per
+    /// workload; remote_port and local_port can give one per connection on a busy node.
+    #[arg(long = "aggregate-by", value_name = "LIST", default_value = "netns")]
+    pub aggregate_by: AggregateBy,
+    /// Where cgroup v2 is mounted, to turn socket cgroup ids into paths, pod UIDs and container
+    /// ids. Default: the cgroup2 mount listed in /proc/self/mounts (/sys/fs/cgroup, or
+    /// /sys/fs/cgroup/unified on hybrid hosts). In a pod, mount the host's cgroup tree.
+    #[arg(long = "cgroup.root", value_name = "PATH")]
+    pub cgroup_root: Option<std::path::PathBuf>,
+    /// The proc filesystem to find socket owners in (/proc/PID/fd). Run with the host's PID
+    /// namespace, or mount the host's /proc and point this at it.
+    #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc")]
+    pub proc_root: std::path::PathBuf,
+    /// Also write one JSON object per line for every keepalive probe-streak outcome and every
+    /// dropped connection to FILE (appended; reopened on SIGHUP, so logrotate can move it), or
+    /// to standard output with `-`. The fields are described in README.md.
+    #[arg(long = "events", value_name = "FILE|-")]
+    pub events: Option<EventsTarget>,
+    /// File the kernel tick rate (CONFIG_HZ) is measured from. Container runtimes mask
+    /// /proc/timer_list; in a pod, mount the host's /proc and point this at its timer_list.
+    #[arg(long = "kernel.timer-list", value_name = "PATH", default_value = hz::DEFAULT_TIMER_LIST)]
+    pub timer_list: std::path::PathBuf,
+    #[command(flatten)]
+    pub audit: audit_task::AuditConfig,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -77,7 +108,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         layout.timer_layout, layout.offsets.keepalive_timer, layout.offsets.write_timer
     );
     let timers = TimerFunctions::from_proc().context("finding the TCP timer callbacks")?;
-    let hz = tokio::task::spawn_blocking(hz::kernel_hz)
+    let timer_list = config.timer_list.clone();
+    let hz = tokio::task::spawn_blocking(move || hz::kernel_hz_from(&timer_list))
         .await
         .context("measuring the kernel tick rate")?
         .context("measuring the kernel tick rate (CONFIG_HZ)")?;
@@ -111,9 +143,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     let ready = kernel.all_required_attached();
     let programs::KernelPrograms {
-        ebpf: _ebpf,
+        ebpf,
         events,
         reserve_failures,
+        audit_loaded,
         ..
     } = kernel;
 
@@ -123,13 +156,63 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.dropped_retention,
     )));
     let pipeline_metrics = PipelineMetrics::default();
-    let registry = metrics::registry(
+    let event_sender = match config.events.clone() {
+        Some(target) => {
+            // Installed before ready: SIGHUP's default action would kill the agent.
+            let hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+            let writer = EventWriter::open(target, pipeline_metrics.events_dropped.clone())
+                .await
+                .context("opening the --events output")?;
+            let (sender, receiver) = events::channel(
+                events::CHANNEL_CAPACITY,
+                pipeline_metrics.events_dropped.clone(),
+                false,
+            );
+            tokio::spawn(writer.run(receiver, hangup));
+            Some(sender)
+        }
+        None => None,
+    };
+    let mut registry = metrics::registry(
         &pipeline_metrics,
         Arc::clone(&table),
         config.max_series,
         ReserveFailures(Mutex::new(reserve_failures)),
         &hooks,
     );
+    let cgroup_root = config
+        .cgroup_root
+        .clone()
+        .or_else(attribution::system_cgroup2_mount);
+    match &cgroup_root {
+        Some(root) => info!(
+            "attributing sockets to cgroups under {} and processes under {}; aggregates by {}",
+            root.display(),
+            config.proc_root.display(),
+            config.aggregate_by
+        ),
+        None => warn!(
+            "no cgroup v2 mount found (set --cgroup.root): connections will carry cgroup ids but no cgroup path, pod_uid or container_id"
+        ),
+    }
+    // The audit counts sockets under the same label sets as the probe and drop counters, with
+    // its own attribution caches (it runs on the blocking pool, away from the ring buffer).
+    let audit_group = {
+        let aggregate_by = config.aggregate_by.clone();
+        let attributor = Attributor::new(cgroup_root.clone(), config.proc_root.clone());
+        Arc::new(move |socket: &AuditedSocket| {
+            let workload = if aggregate_by.needs_workload() {
+                attributor.attribute_cgroup(&socket.owner)
+            } else {
+                Workload::default()
+            };
+            aggregate_by.labels(&socket.endpoints, &workload)
+        })
+    };
+    // `_ebpf` keeps the programs (and so the hooks) loaded until `run` returns.
+    let (audit_collector, _ebpf) =
+        audit_task::start(ebpf, audit_loaded, hz, &config.audit, audit_group);
+    registry.register_collector(Box::new(audit_collector));
     let state = Arc::new(HttpState {
         registry,
         ready: false.into(),
@@ -138,6 +221,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         listener,
         http::router(Arc::clone(&state), &config.telemetry_path),
     );
+    let attributor = Attributor::new(cgroup_root.clone(), config.proc_root.clone());
     let pipeline = Pipeline {
         table,
         metrics: pipeline_metrics,
@@ -145,6 +229,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             keepalive_timeout: layout.rst_reason_keepalive_timeout,
         },
         hz,
+        events: event_sender,
+        attributor,
+        aggregate_by: config.aggregate_by.clone(),
     };
     let drain = tokio::spawn(ring_reader::drain(events, pipeline));
     state.ready.store(ready, Ordering::Relaxed);

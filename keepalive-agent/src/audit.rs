@@ -1,5 +1,7 @@
 //! The keepalive configuration audit: one walk of every TCP socket on the host through the
 //! `iter/tcp` program, which writes one [`SocketRecord`] per full socket into the iterator's file.
+//! An iterator only sees the namespace it was created in, so [`walk_namespaces`] creates one in
+//! each network namespace [`crate::netns::all`] finds.
 
 use std::io::Read as _;
 
@@ -9,7 +11,10 @@ use aya::{
 };
 use keepalive_ebpf::{SocketRecord, names};
 
-use crate::decoder::{self, AuditedSocket, DecodeError, Event};
+use crate::{
+    decoder::{self, AuditedSocket, DecodeError, Event},
+    netns,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -25,6 +30,12 @@ pub enum AuditError {
     Read(#[source] std::io::Error),
     #[error("audit record: {0}")]
     Decode(#[source] DecodeError),
+    #[error("entering network namespace {path} to audit it: {source}")]
+    EnterNetns {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Loads the iterator program (once, at start-up).
@@ -39,7 +50,7 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Iter, AuditError> {
         .map_err(AuditError::Load)
 }
 
-/// Walks every TCP socket (all namespaces) once.
+/// Walks every TCP socket of the calling thread's network namespace once.
 pub fn walk(ebpf: &mut Ebpf) -> Result<Vec<AuditedSocket>, AuditError> {
     let iter = program(ebpf)?;
     let link_id = iter.attach().map_err(AuditError::Attach)?;
@@ -55,4 +66,41 @@ pub fn walk(ebpf: &mut Ebpf) -> Result<Vec<AuditedSocket>, AuditError> {
             Err(err) => Err(AuditError::Decode(err)),
         })
         .collect()
+}
+
+/// One walk of the network namespaces the caller wanted.
+#[derive(Debug, Default)]
+pub struct HostWalk {
+    pub sockets: Vec<AuditedSocket>,
+    /// Namespaces walked (including failed ones).
+    pub namespaces: usize,
+    /// One per namespace whose walk failed; the others' sockets are still in `sockets`.
+    pub failures: Vec<AuditError>,
+}
+
+/// Walks every network namespace the host shows ([`netns::all`]) whose inode `wanted` accepts.
+/// Each walk runs on a short-lived thread that enters the namespace, so no thread of the
+/// caller changes namespace.
+pub fn walk_namespaces(ebpf: &mut Ebpf, wanted: impl Fn(u64) -> bool) -> HostWalk {
+    let mut host = HostWalk::default();
+    for ns in netns::all().into_iter().filter(|ns| wanted(ns.inode)) {
+        host.namespaces += 1;
+        let walked = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    ns.enter().map_err(|source| AuditError::EnterNetns {
+                        path: ns.path.clone(),
+                        source,
+                    })?;
+                    walk(ebpf)
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        match walked {
+            Ok(sockets) => host.sockets.extend(sockets),
+            Err(err) => host.failures.push(err),
+        }
+    }
+    host
 }

@@ -11,6 +11,7 @@ use std::{
 use lru::LruCache;
 
 use crate::{
+    attribution::Workload,
     classifier::{CloseOutcome, DropReason},
     decoder::{CloseEvent, Endpoints, KeepaliveExpiry},
 };
@@ -24,9 +25,15 @@ pub struct ConnectionState {
     /// the kernel zeroes it on every acceptable ACK, so a non-zero value at the next expiry
     /// means the peer stayed silent for a whole interval).
     pub unanswered_probes: u8,
+    /// Probes in the current streak: `icsk_probes_out` when the keepalive timer last finished.
+    /// Back at 0 at the next expiry means the peer answered them all.
+    pub streak_probes: u8,
     /// Set once the connection was dropped.
     pub dropped: Option<DropReason>,
     pub updated: Instant,
+    /// Who owns it: filled in by the pipeline when the connection enters the table, completed at
+    /// close if the process was not found then.
+    pub workload: Workload,
 }
 
 /// What one keepalive expiry meant for its connection.
@@ -35,6 +42,10 @@ pub struct ExpiryOutcome {
     pub probe_sent: bool,
     /// A streak of probes ended with the peer answering.
     pub streak_answered: bool,
+    /// The connection entered the table with this expiry (its workload is still unknown).
+    pub entered: bool,
+    /// How many probes that answered streak had.
+    pub answered_probes: u8,
 }
 
 #[derive(Debug)]
@@ -64,6 +75,7 @@ impl ConnectionTable {
             return ExpiryOutcome::default();
         }
         let probe_sent = e.probe_sent();
+        let mut entered = false;
         let state = match self.live.get_mut(&e.sk) {
             Some(state) if state.endpoints == e.endpoints => state,
             _ => {
@@ -75,18 +87,26 @@ impl ConnectionTable {
                     return ExpiryOutcome::default();
                 }
                 self.insert_live(e.sk, e.endpoints, now);
+                entered = true;
                 self.live.get_mut(&e.sk).expect("entry inserted just above")
             }
         };
-        let streak_answered = state.unanswered_probes > 0 && e.probes_out_before == 0;
+        let answered_probes = if e.probes_out_before == 0 {
+            state.streak_probes.max(state.unanswered_probes)
+        } else {
+            0
+        };
         state.unanswered_probes = e.probes_out_before;
+        state.streak_probes = e.probes_out_after.unwrap_or(e.probes_out_before);
         if probe_sent {
             state.probes_sent += 1;
         }
         state.updated = now;
         ExpiryOutcome {
             probe_sent,
-            streak_answered,
+            streak_answered: answered_probes > 0,
+            entered,
+            answered_probes,
         }
     }
 
@@ -96,7 +116,7 @@ impl ConnectionTable {
         c: &CloseEvent,
         outcome: CloseOutcome,
         now: Instant,
-    ) -> Option<&ConnectionState> {
+    ) -> Option<&mut ConnectionState> {
         let previous = self
             .live
             .pop(&c.sk)
@@ -108,8 +128,10 @@ impl ConnectionTable {
             endpoints: c.endpoints,
             probes_sent: 0,
             unanswered_probes: 0,
+            streak_probes: 0,
             dropped: None,
             updated: now,
+            workload: Workload::default(),
         });
         if reason == DropReason::KeepaliveTimeout {
             // The abort expiry found every probe unanswered.
@@ -122,7 +144,7 @@ impl ConnectionTable {
             self.evictions += 1;
         }
         self.dropped.push_back(state);
-        self.dropped.back()
+        self.dropped.back_mut()
     }
 
     fn insert_live(&mut self, sk: u64, endpoints: Endpoints, now: Instant) {
@@ -130,14 +152,21 @@ impl ConnectionTable {
             endpoints,
             probes_sent: 0,
             unanswered_probes: 0,
+            streak_probes: 0,
             dropped: None,
             updated: now,
+            workload: Workload::default(),
         };
         if let Some((evicted_sk, _)) = self.live.push(sk, fresh)
             && evicted_sk != sk
         {
             self.evictions += 1;
         }
+    }
+
+    /// A live connection's state, without refreshing its place in the LRU order.
+    pub fn live_mut(&mut self, sk: u64) -> Option<&mut ConnectionState> {
+        self.live.peek_mut(&sk)
     }
 
     /// Forgets dropped connections older than the retention.
@@ -306,6 +335,31 @@ mod tests {
         let out = t.on_expiry(&expiry(1, 1000, 0, 0), Instant::now());
         assert!(!out.probe_sent);
         assert_eq!(t.live_len(), 0);
+    }
+
+    #[test]
+    fn only_the_first_tracked_expiry_asks_for_the_workload() {
+        let mut t = table();
+        let now = Instant::now();
+        assert!(!t.on_expiry(&expiry(1, 1000, 0, 0), now).entered);
+        assert!(t.on_expiry(&expiry(1, 1000, 0, 1), now).entered);
+        assert!(!t.on_expiry(&expiry(1, 1000, 1, 2), now).entered);
+        t.live_mut(1).expect("tracked").workload.pid = Some(42);
+        let dropped = t
+            .on_close(
+                &close(1, 1000, 3),
+                CloseOutcome::Dropped(DropReason::KeepaliveTimeout),
+                now,
+            )
+            .expect("reported");
+        // What was learnt while the connection was live goes with it into the dropped list.
+        assert_eq!(dropped.workload.pid, Some(42));
+        // A slot reused by another connection starts over.
+        assert!(t.on_expiry(&expiry(1, 2000, 0, 1), now).entered);
+        assert_eq!(
+            t.live_mut(1).expect("tracked").workload,
+            Workload::default()
+        );
     }
 
     #[test]

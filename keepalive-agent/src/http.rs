@@ -28,9 +28,22 @@ pub fn router(state: Arc<HttpState>, telemetry_path: &str) -> Router {
         .with_state(state)
 }
 
-async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+async fn metrics(
+    State(state): State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
     let mut body = String::new();
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        // Only for clients that ask for the classic format (promtool check metrics).
+        Ok(()) if crate::exposition::wants_text_0_0_4(accept) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, crate::exposition::TEXT_0_0_4)],
+            crate::exposition::openmetrics_to_text(&body),
+        ),
         Ok(()) => (
             StatusCode::OK,
             [(

@@ -1,22 +1,41 @@
 //! The kernel's tick rate (CONFIG_HZ): keepalive settings and receive stamps are in jiffies.
 
-use std::{fs, io, time::Duration};
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 /// Tick rates Linux is configured with in practice.
 const KNOWN_HZ: [u32; 5] = [100, 250, 300, 1000, 1024];
 
 #[derive(Debug, thiserror::Error)]
 pub enum HzError {
-    #[error("cannot read /proc/timer_list (needs root): {0}")]
-    Read(#[source] io::Error),
-    #[error("/proc/timer_list has no `now at` / `jiffies:` lines")]
-    Format,
+    #[error("cannot read {path} (it is mode 0400: run as uid 0): {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    // Container runtimes mask /proc/timer_list (bind-mount /dev/null over it), so inside a
+    // container it reads empty; the host's procfs mounted elsewhere is not masked.
+    #[error(
+        "{0} has no `now at` / `jiffies:` lines (empty when a container runtime masks it): \
+         mount the host's /proc (e.g. at /host/proc) and pass --kernel.timer-list /host/proc/timer_list"
+    )]
+    Format(PathBuf),
 }
 
+/// Where the kernel prints its timers; a host procfs mounted elsewhere has it too.
+pub const DEFAULT_TIMER_LIST: &str = "/proc/timer_list";
+
 /// Jiffies and CLOCK_MONOTONIC nanoseconds, as /proc/timer_list prints them together.
-fn sample() -> Result<(u64, u64), HzError> {
-    let text = fs::read_to_string("/proc/timer_list").map_err(HzError::Read)?;
-    parse_sample(&text).ok_or(HzError::Format)
+fn sample(timer_list: &Path) -> Result<(u64, u64), HzError> {
+    let text = fs::read_to_string(timer_list).map_err(|source| HzError::Read {
+        path: timer_list.to_owned(),
+        source,
+    })?;
+    parse_sample(&text).ok_or_else(|| HzError::Format(timer_list.to_owned()))
 }
 
 fn parse_sample(text: &str) -> Option<(u64, u64)> {
@@ -32,11 +51,17 @@ fn parse_sample(text: &str) -> Option<(u64, u64)> {
     Some((jiffies, now_ns))
 }
 
-/// Measures HZ from two samples a second apart and snaps it to the nearest known rate.
+/// Measures HZ from [`DEFAULT_TIMER_LIST`]; see [`kernel_hz_from`].
 pub fn kernel_hz() -> Result<u32, HzError> {
-    let (j0, t0) = sample()?;
+    kernel_hz_from(Path::new(DEFAULT_TIMER_LIST))
+}
+
+/// Measures HZ from two samples of `timer_list` a second apart and snaps it to the nearest
+/// known rate.
+pub fn kernel_hz_from(timer_list: &Path) -> Result<u32, HzError> {
+    let (j0, t0) = sample(timer_list)?;
     std::thread::sleep(Duration::from_secs(1));
-    let (j1, t1) = sample()?;
+    let (j1, t1) = sample(timer_list)?;
     Ok(snap(
         j1.wrapping_sub(j0) as f64 * 1e9 / (t1 - t0).max(1) as f64,
     ))

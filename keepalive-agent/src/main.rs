@@ -1,6 +1,11 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use keepalive_agent::agent::{self, RunConfig};
+use keepalive_agent::sockets_cli::{self, SocketsConfig};
+use keepalive_agent::{
+    check::{self, CheckConfig},
+    watch::{self, WatchConfig},
+};
 
 /// Shows what the kernel's TCP keepalive machinery does, per connection, as Prometheus metrics:
 /// probes sent, probes unanswered, and which connections the kernel dropped and why.
@@ -16,6 +21,22 @@ enum Command {
     /// Load the eBPF programs (needs root, or CAP_BPF + CAP_PERFMON + CAP_SYSLOG) and serve
     /// metrics until interrupted. Follows every network namespace on the host.
     Run(RunConfig),
+    /// List every TCP connection on the host (all network namespaces) with its effective
+    /// keepalive settings — the socket's own TCP_KEEPIDLE/TCP_KEEPINTVL/TCP_KEEPCNT, else its
+    /// namespace's net.ipv4.tcp_keepalive_* sysctls — TCP_USER_TIMEOUT, unanswered probes, and
+    /// how long a dead peer could go unnoticed. Like `ss -o`, from one walk of the kernel's
+    /// sockets; attaches no hook. Needs root (or CAP_BPF + CAP_PERFMON + CAP_SYSLOG).
+    Sockets(SocketsConfig),
+    /// Preflight: can `run` work on this machine? Checks the kernel version, BTF, each hook's
+    /// BTF tracepoint and the variant that would be attached, permissions, /proc/kallsyms,
+    /// tracefs (not needed) and the tick rate; prints one line per check and, for each missing
+    /// prerequisite, what to do. Exits non-zero when something is missing.
+    Check(CheckConfig),
+    /// Print keepalive activity live, one line per event, like `tcpstates`: probes sent,
+    /// probe streaks answered, and connections the kernel dropped (with the reason and the
+    /// error the application saw). Loads its own programs; filter by port, address, network
+    /// namespace or pod. Needs root (or CAP_BPF + CAP_PERFMON + CAP_SYSLOG).
+    Watch(WatchConfig),
 }
 
 #[tokio::main]
@@ -23,5 +44,11 @@ async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Run(config) => agent::run(config).await.context("keepalive-agent run"),
+        Command::Check(config) => check::run(config).await.context("keepalive-agent check"),
+        Command::Watch(config) => watch::run(config).await.context("keepalive-agent watch"),
+        Command::Sockets(config) => tokio::task::spawn_blocking(move || sockets_cli::run(&config))
+            .await
+            .context("keepalive-agent sockets")?
+            .context("keepalive-agent sockets"),
     }
 }

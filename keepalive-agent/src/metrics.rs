@@ -18,12 +18,16 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{classifier::DropReason, connection_table::ConnectionTable};
+use crate::{attribution, classifier::DropReason, connection_table::ConnectionTable};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NetnsLabels {
     pub netns: u32,
 }
+
+/// Labels of the aggregate probe and drop counters: `netns` first, then what `--aggregate-by`
+/// chose (see [`crate::attribution::AggregateBy`]); the drop counter adds `reason` last.
+pub type AggregateLabels = Vec<(&'static str, String)>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
@@ -52,12 +56,16 @@ pub struct HookLabels {
 /// Aggregates the pipeline updates.
 #[derive(Debug, Clone)]
 pub struct PipelineMetrics {
-    pub probes: Family<NetnsLabels, Counter>,
-    pub drops: Family<DropLabels, Counter>,
+    pub probes: Family<AggregateLabels, Counter>,
+    pub drops: Family<AggregateLabels, Counter>,
     pub events: Family<KindLabels, Counter>,
     pub decode_errors: Counter,
+    /// Events the `--events` stream could not take (channel full, or write failed).
+    pub events_dropped: Counter,
     pub detection: Family<DropLabels, Histogram, fn() -> Histogram>,
-    seen_netns: Arc<Mutex<HashSet<u32>>>,
+    /// Aggregate label sets already created at 0 (one per namespace by default; one per
+    /// namespace and workload with `--aggregate-by`).
+    seen: Arc<Mutex<HashSet<AggregateLabels>>>,
 }
 
 impl Default for PipelineMetrics {
@@ -67,38 +75,32 @@ impl Default for PipelineMetrics {
             drops: Family::default(),
             events: Family::default(),
             decode_errors: Counter::default(),
+            events_dropped: Counter::default(),
             detection: Family::new_with_constructor(|| {
                 Histogram::new(DETECTION_BUCKETS.iter().copied())
             }),
-            seen_netns: Arc::default(),
+            seen: Arc::default(),
         }
     }
 }
 
 impl PipelineMetrics {
-    /// Creates every aggregate series of a namespace at 0 the first time it shows up, so
-    /// `increase()` and alerts work from the first scrape.
-    pub fn see_netns(&self, netns: u32) {
-        let mut seen = self.seen_netns.lock().expect("metrics lock poisoned");
-        if !seen.insert(netns) {
+    /// Creates every aggregate series of a label set (a namespace, or a namespace and workload)
+    /// at 0 the first time it shows up, so `increase()` and alerts work from the first scrape.
+    pub fn see(&self, labels: &AggregateLabels) {
+        let mut seen = self.seen.lock().expect("metrics lock poisoned");
+        if seen.contains(labels) {
             return;
         }
-        let _ = self.probes.get_or_create(&NetnsLabels { netns });
+        seen.insert(labels.clone());
+        let _ = self.probes.get_or_create(labels);
         for reason in DropReason::ALL {
-            let _ = self.drops.get_or_create(&DropLabels {
-                netns,
-                reason: reason.as_str(),
-            });
+            let _ = self.drops.get_or_create(&with_reason(labels, reason));
         }
     }
 
-    pub fn count_drop(&self, netns: u32, reason: DropReason) {
-        self.drops
-            .get_or_create(&DropLabels {
-                netns,
-                reason: reason.as_str(),
-            })
-            .inc();
+    pub fn count_drop(&self, labels: &AggregateLabels, reason: DropReason) {
+        self.drops.get_or_create(&with_reason(labels, reason)).inc();
     }
 
     pub fn observe_detection(&self, netns: u32, reason: DropReason, seconds: f64) {
@@ -110,9 +112,15 @@ impl PipelineMetrics {
             .observe(seconds);
     }
 
-    pub fn count_probe(&self, netns: u32) {
-        self.probes.get_or_create(&NetnsLabels { netns }).inc();
+    pub fn count_probe(&self, labels: &AggregateLabels) {
+        self.probes.get_or_create(labels).inc();
     }
+}
+
+fn with_reason(labels: &AggregateLabels, reason: DropReason) -> AggregateLabels {
+    let mut labels = labels.clone();
+    labels.push(("reason", reason.as_str().to_owned()));
+    labels
 }
 
 /// Builds the registry: the pipeline's aggregates, per-connection series, and self-metrics.
@@ -148,6 +156,11 @@ pub fn registry(
         "keepalive_agent_decode_errors",
         "Ring buffer records the agent could not decode",
         pipeline.decode_errors.clone(),
+    );
+    registry.register(
+        "keepalive_agent_events_dropped",
+        "Events not written to the --events stream: its channel was full or the write failed",
+        pipeline.events_dropped.clone(),
     );
     registry.register(
         "keepalive_agent_hook_attached",
@@ -198,6 +211,8 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
                     ("remote_addr", e.remote.ip().to_string()),
                     ("remote_port", e.remote.port().to_string()),
                 ];
+                // Always present, empty when unknown (Prometheus reads "" as absent).
+                labels.extend(attribution::connection_labels(&state.workload));
                 if let Some(reason) = state.dropped {
                     labels.push(("reason", reason.as_str().to_owned()));
                 }
@@ -207,7 +222,7 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
 
         let mut probes = encoder.encode_descriptor(
             "tcp_keepalive_connection_probes",
-            "Keepalive probes sent on this connection; `reason` is set once it was dropped",
+            "Keepalive probes sent on this connection; `reason` is set once it was dropped; cgroup, pod_uid, container_id, pid and comm name its owner (empty when unknown)",
             None,
             MetricType::Counter,
         )?;

@@ -50,6 +50,11 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on a free loopback port and waits (up to 30 s) for `/readyz` to answer 200.
     pub fn start() -> anyhow::Result<Agent> {
+        Self::start_with_args(&[])
+    }
+
+    /// [`Agent::start`] with extra `run` flags (e.g. `["--audit.interval", "1s"]`).
+    pub fn start_with_args(extra_args: &[&str]) -> anyhow::Result<Agent> {
         let bin = agent_bin();
         ensure!(
             bin.is_file(),
@@ -65,6 +70,7 @@ impl Agent {
         let log = File::create(&log_path).with_context(|| format!("{}", log_path.display()))?;
         let mut cmd = Command::new(&bin);
         cmd.args(["run", "--web.listen-address", &addr.to_string()])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -115,6 +121,11 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("not ready after {DEADLINE:?} (last: {last})")
+    }
+
+    /// The agent's process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `http://addr` of the agent's web server.
@@ -199,7 +210,7 @@ impl Drop for Agent {
 }
 
 /// A loopback address whose port was free a moment ago.
-fn free_loopback_port() -> anyhow::Result<SocketAddr> {
+pub fn free_loopback_port() -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
     Ok(l.local_addr()?)
 }
@@ -207,12 +218,21 @@ fn free_loopback_port() -> anyhow::Result<SocketAddr> {
 /// Minimal blocking HTTP/1.1 GET (Connection: close), handling Content-Length, chunked and
 /// read-to-EOF bodies. Returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_accept(addr, path, "text/plain")
+}
+
+/// [`http_get`] with an `Accept` header of the caller's choice.
+pub fn http_get_accept(
+    addr: SocketAddr,
+    path: &str,
+    accept: &str,
+) -> anyhow::Result<(u16, String)> {
     let timeout = Duration::from_secs(10);
     let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("{addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
     );
     s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();

@@ -13,6 +13,7 @@
 //! - `KEEPALIVE_KEEP_LOGS=1`: keep the agent's log file even when the test passes.
 
 pub mod agent;
+pub mod deploy;
 pub mod expect;
 pub mod metrics;
 pub mod netns;
@@ -156,6 +157,11 @@ impl TestEnv {
     ///
     /// Call on the test's own thread and keep the value there (see [`Agent`]).
     pub fn start(test: &str) -> Option<TestEnv> {
+        Self::start_with_agent_args(test, &[])
+    }
+
+    /// [`TestEnv::start`] with extra `keepalive-agent run` flags.
+    pub fn start_with_agent_args(test: &str, agent_args: &[&str]) -> Option<TestEnv> {
         if !kernel_tests_enabled(test) {
             return None;
         }
@@ -164,7 +170,7 @@ impl TestEnv {
             eprintln!("{test}: KEEPALIVE_TESTS_KERNEL_ONLY=1, checking the kernel side only");
             None
         } else {
-            match Agent::start() {
+            match Agent::start_with_args(agent_args) {
                 Ok(agent) => Some(agent),
                 Err(e) => {
                     skip_or_fail(test, &format!("the agent did not start: {e:#}"));

@@ -36,14 +36,13 @@ fn dead_peer_detection_time_equals_the_silence_the_test_measured() -> anyhow::Re
         return Ok(());
     };
     let netns = ns.inum().to_string();
-    let labels = [
-        ("netns", netns.as_str()),
-        ("reason", "keepalive_timeout"),
-    ];
+    let labels = [("netns", netns.as_str()), ("reason", "keepalive_timeout")];
     let count = format!("{HISTOGRAM}_count");
-    wait_until(Duration::from_secs(30), "the detection-time observation", || {
-        Ok(agent.scrape()?.value(&count, &labels) >= 1.0)
-    })?;
+    wait_until(
+        Duration::from_secs(30),
+        "the detection-time observation",
+        || Ok(agent.scrape()?.value(&count, &labels) >= 1.0),
+    )?;
     let metrics = agent.scrape()?;
     assert_eq!(metrics.value(&count, &labels), 1.0);
     let observed = metrics.value(&format!("{HISTOGRAM}_sum"), &labels);

@@ -4,7 +4,9 @@
 //! packages, a nightly toolchain on the LLVM major bpf-linker was built for, bpf-linker itself)
 //! and picks the nightly toolchain the agent's build.rs uses to compile the eBPF programs.
 
+mod deploy_tools;
 mod env;
+mod image;
 mod setup;
 mod tasks;
 
@@ -56,6 +58,9 @@ enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Setup, then build the container image (deploy/Containerfile, FROM scratch) with buildah:
+    /// a static musl agent tagged localhost/keepalive-agent:<version>.
+    Image,
     /// Build, then run the hook-cost benchmark (`keepalive-tests --bin hook-cost`).
     Bench {
         /// Arguments for the hook-cost benchmark (put them after `--`).
@@ -75,6 +80,9 @@ fn main() -> ExitCode {
         Command::Build => tasks::build().map(|_| ExitCode::SUCCESS),
         Command::Run { args } => tasks::run(&args),
         Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
+        Command::Image => setup::setup()
+            .and_then(|setup| image::build_image(&setup))
+            .map(|_| ExitCode::SUCCESS),
         Command::Bench { args } => tasks::bench(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {

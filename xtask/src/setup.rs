@@ -20,6 +20,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     // Benchmark: reads per-program run time and run counts.
     "bpftool",
+    // Deployment tests: promtool and a real Prometheus and Alertmanager (deploy/prometheus);
+    // buildah builds the container image without a daemon (`cargo xtask image`).
+    "prometheus",
+    "prometheus-alertmanager",
+    "buildah",
 ];
 
 /// The LLVM major that bpf-linker is built against; the nightly toolchain must match it.
@@ -58,6 +63,7 @@ pub fn setup() -> Result<Setup> {
     )?;
     components(&env, None, &["rustfmt", "clippy"], "fmt and clippy steps")?;
     bpf_linker(&env)?;
+    crate::deploy_tools::deploy_tools(&env)?;
     tracefs();
     println!("ok: setup done; eBPF toolchain is {toolchain}");
     Ok(Setup { env, toolchain })

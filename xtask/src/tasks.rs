@@ -127,6 +127,11 @@ pub fn test(args: &[OsString]) -> Result<()> {
         env::run(&mut cmd)
     })?;
 
+    // The image test (tests/tests/deploy_image.rs) runs the agent from this image.
+    step("image", "cargo xtask image", || {
+        crate::image::build_image(&setup).map(drop)
+    })?;
+
     step(
         "test",
         "cargo test --workspace --exclude keepalive-ebpf --release",

@@ -1,0 +1,216 @@
+//! The agent's periodic keepalive configuration audit: walk every TCP socket at start and then
+//! every `--audit.interval`, and hand the summary to [`AuditCollector`] for the next scrape.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aya::Ebpf;
+use log::{debug, info, warn};
+use tokio::time::MissedTickBehavior;
+
+use crate::{
+    audit,
+    audit_summary::{AuditCollector, AuditState, AuditSummary, GroupLabels, IdleThreshold},
+    decoder::AuditedSocket,
+};
+
+/// The label set each audited socket is counted under (see [`AuditSummary::new`]).
+pub type AuditGroup = Arc<dyn Fn(&AuditedSocket) -> GroupLabels + Send + Sync>;
+
+/// Middlebox idle timeouts counted when `--idle-timeout-threshold` is not given: the defaults
+/// of the middleboxes a Kubernetes connection most often crosses.
+/// - `aws-nlb=350`: AWS Network Load Balancer TCP idle timeout.
+/// - `gcp-lb=600`: Google Cloud VPC firewall / load balancer connection tracking (10 minutes).
+/// - `ipvs=900`: IPVS (kube-proxy in IPVS mode) established-connection timeout.
+/// - `conntrack=432000`: netfilter `nf_conntrack_tcp_timeout_established` (5 days).
+pub const DEFAULT_IDLE_THRESHOLDS: [&str; 4] =
+    ["aws-nlb=350", "gcp-lb=600", "ipvs=900", "conntrack=432000"];
+
+/// `keepalive-agent run` flags of the audit.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditConfig {
+    /// How often to walk every TCP socket for the keepalive configuration metrics
+    /// (tcp_keepalive_sockets, tcp_keepalive_idle_seconds, ...); the first walk runs at start.
+    /// Each walk's duration is exported as keepalive_agent_audit_duration_seconds.
+    #[arg(long = "audit.interval", default_value = "60s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// A middlebox idle timeout, as NAME=SECONDS (repeat the flag for several): count the
+    /// keepalive-on connections whose idle time is at or above it, in
+    /// tcp_keepalive_idle_at_or_above_threshold_sockets{threshold="NAME"}. Those connections
+    /// are forgotten by the middlebox before their first probe and then silently dropped.
+    /// Giving any replaces the whole default set.
+    #[arg(
+        long = "idle-timeout-threshold",
+        value_name = "NAME=SECONDS",
+        default_values = DEFAULT_IDLE_THRESHOLDS,
+    )]
+    pub idle_timeout_thresholds: Vec<IdleThreshold>,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let interval =
+        humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 60s, 5m)"))?;
+    if interval.is_zero() {
+        return Err("must be longer than 0 (e.g. 60s)".to_owned());
+    }
+    Ok(interval)
+}
+
+/// Starts the periodic audit when the iter/tcp program loaded; either way returns the collector
+/// to register (its `keepalive_agent_audit_enabled` says whether audits run) and the programs
+/// handle, which must stay alive for the hooks to stay attached.
+pub fn start(
+    ebpf: Ebpf,
+    audit_loaded: bool,
+    hz: u32,
+    config: &AuditConfig,
+    group: AuditGroup,
+) -> (AuditCollector, Arc<Mutex<Ebpf>>) {
+    let collector = AuditCollector::default();
+    let ebpf = Arc::new(Mutex::new(ebpf));
+    if audit_loaded {
+        if let Ok(mut state) = collector.state.lock() {
+            state.enabled = true;
+        }
+        info!(
+            "keepalive configuration audit every {}, idle-timeout thresholds: {}",
+            humantime::format_duration(config.interval),
+            config
+                .idle_timeout_thresholds
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        tokio::spawn(run(
+            Arc::clone(&ebpf),
+            hz,
+            config.interval,
+            config.idle_timeout_thresholds.clone(),
+            group,
+            collector.clone(),
+        ));
+    } else {
+        warn!(
+            "the keepalive configuration audit is off (iter/tcp did not load, see above): \
+             keepalive_agent_audit_enabled is 0 and the tcp_keepalive_sockets/_idle_seconds/\
+             _worst_case_detection_seconds metrics are absent"
+        );
+    }
+    (collector, ebpf)
+}
+
+/// Runs walks forever (the first one immediately). A walk is synchronous (it reads the
+/// iterator's file to the end), so it runs on the blocking pool, never on the event loop.
+pub async fn run(
+    ebpf: Arc<Mutex<Ebpf>>,
+    hz: u32,
+    interval: Duration,
+    thresholds: Vec<IdleThreshold>,
+    group: AuditGroup,
+    collector: AuditCollector,
+) {
+    let thresholds: Arc<[IdleThreshold]> = thresholds.into();
+    let mut ticker = tokio::time::interval(interval);
+    // A walk slower than the interval delays the next one rather than running them back to back.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let ebpf = Arc::clone(&ebpf);
+        let thresholds = Arc::clone(&thresholds);
+        let group = Arc::clone(&group);
+        let walk = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut ebpf = ebpf
+                .lock()
+                .map_err(|_| "the kernel programs lock is poisoned".to_owned())?;
+            let host = audit::walk_namespaces(&mut ebpf, |_| true);
+            Ok::<_, String>(WalkOutcome {
+                summary: AuditSummary::new(&host.sockets, hz, &thresholds, |s| group(s)),
+                sockets: host.sockets.len(),
+                namespaces: host.namespaces,
+                took: started.elapsed(),
+                failures: host.failures.iter().map(ToString::to_string).collect(),
+            })
+        })
+        .await
+        .unwrap_or_else(|err| Err(format!("the audit walk panicked: {err}")));
+        let Ok(mut state) = collector.state.lock() else {
+            warn!("audit metrics lock poisoned; stopping the keepalive configuration audit");
+            return;
+        };
+        record(&mut state, walk);
+    }
+}
+
+/// One walk of every namespace: the summary of the ones that could be walked.
+#[derive(Debug)]
+struct WalkOutcome {
+    summary: AuditSummary,
+    sockets: usize,
+    namespaces: usize,
+    took: Duration,
+    /// One message per namespace whose walk failed.
+    failures: Vec<String>,
+}
+
+fn record(state: &mut AuditState, walk: Result<WalkOutcome, String>) {
+    match walk {
+        Ok(outcome) => {
+            debug!(
+                "audit walk: {} TCP sockets in {} namespaces, {:?}",
+                outcome.sockets, outcome.namespaces, outcome.took
+            );
+            // A namespace that could not be walked is missing from this summary until a
+            // later walk succeeds; each failure is counted and logged.
+            for failure in &outcome.failures {
+                warn!("keepalive configuration audit: {failure}");
+            }
+            state.errors += outcome.failures.len() as u64;
+            state.latest = Some(outcome.summary);
+            state.last_sockets = outcome.sockets;
+            state.last_duration = Some(outcome.took);
+        }
+        // The previous summary stays: the sockets did not change because a read failed.
+        Err(err) => {
+            warn!("keepalive configuration audit walk failed: {err}");
+            state.errors += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_thresholds_parse() {
+        for threshold in DEFAULT_IDLE_THRESHOLDS {
+            threshold
+                .parse::<IdleThreshold>()
+                .unwrap_or_else(|err| panic!("{threshold}: {err}"));
+        }
+    }
+
+    #[test]
+    fn failed_walks_keep_the_previous_summary_and_count_each_failed_namespace() {
+        let mut state = AuditState::default();
+        record(
+            &mut state,
+            Ok(WalkOutcome {
+                summary: AuditSummary::default(),
+                sockets: 3,
+                namespaces: 2,
+                took: Duration::from_millis(2),
+                failures: vec!["entering network namespace /run/netns/x: EPERM".to_owned()],
+            }),
+        );
+        assert_eq!(state.errors, 1);
+        record(&mut state, Err("the audit walk panicked".to_owned()));
+        assert_eq!(state.errors, 2);
+        assert_eq!(state.last_sockets, 3);
+        assert_eq!(state.latest, Some(AuditSummary::default()));
+    }
+}

@@ -1,0 +1,415 @@
+//! `keepalive-agent check`: can the agent run on this machine? One line per prerequisite, and a
+//! plain sentence saying what to do for each one that is missing.
+
+use std::{ffi::CStr, fs};
+
+use anyhow::bail;
+
+use crate::{
+    hz,
+    kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
+    kernel_layout::KernelLayout,
+    programs::{self, HOOKS, PROGRAM_TYPE},
+};
+
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Ring buffers (5.8) are the newest feature every required hook depends on; iter/tcp needs 5.9.
+const MIN_KERNEL: (u32, u32) = (5, 8);
+
+/// Capability bits (include/uapi/linux/capability.h).
+const CAP_SYSLOG: u32 = 34;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckConfig {
+    /// Also load the kernel programs, attach every hook and detach again: proves the verifier
+    /// accepts them on this kernel (takes a few seconds; changes nothing on the host).
+    #[arg(long)]
+    pub load: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    /// Works, with something less than the full feature set.
+    Warn,
+    Fail,
+    /// Informational.
+    Note,
+}
+
+impl Status {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Warn => "WARN",
+            Self::Fail => "FAIL",
+            Self::Note => "note",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Check {
+    name: String,
+    status: Status,
+    detail: String,
+    /// What the operator should do (for WARN and FAIL).
+    remedy: Option<String>,
+}
+
+impl Check {
+    fn ok(name: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::new(name, Status::Ok, detail, None)
+    }
+
+    fn new(
+        name: impl Into<String>,
+        status: Status,
+        detail: impl Into<String>,
+        remedy: Option<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            status,
+            detail: detail.into(),
+            remedy,
+        }
+    }
+}
+
+pub async fn run(config: CheckConfig) -> anyhow::Result<()> {
+    let mut checks = vec![kernel_version()];
+    let layout = match KernelLayout::from_vmlinux() {
+        Ok(layout) => {
+            checks.push(Check::ok(
+                "btf",
+                format!(
+                    "{VMLINUX_BTF} resolves every field the programs read ({})",
+                    layout.timer_layout
+                ),
+            ));
+            Some(layout)
+        }
+        Err(err) => {
+            checks.push(Check::new(
+                "btf",
+                Status::Fail,
+                err.to_string(),
+                Some(format!(
+                    "Run on a kernel built with CONFIG_DEBUG_INFO_BTF=y ({VMLINUX_BTF} must exist and describe struct sock, inet_connection_sock and tcp_sock)."
+                )),
+            ));
+            None
+        }
+    };
+    checks.extend(hooks());
+    checks.push(Check::new(
+        "fentry/kprobe",
+        Status::Note,
+        format!("not used: every hook is {PROGRAM_TYPE}, so lockdown refusing fentry or a kernel without kprobes does not matter"),
+        None,
+    ));
+    checks.push(permissions());
+    let timers = match TimerFunctions::from_proc() {
+        Ok(timers) => {
+            checks.push(Check::ok(
+                "kallsyms",
+                format!(
+                    "{KEEPALIVE_TIMER} at {:#x}, {WRITE_TIMER} at {:#x}",
+                    timers.keepalive, timers.write
+                ),
+            ));
+            Some(timers)
+        }
+        Err(err) => {
+            checks.push(Check::new(
+                "kallsyms",
+                Status::Fail,
+                err.to_string(),
+                Some("Run as root or give the agent CAP_SYSLOG, and set kernel.kptr_restrict to 0 or 1, so /proc/kallsyms shows the TCP timer addresses.".to_owned()),
+            ));
+            None
+        }
+    };
+    checks.push(tracefs());
+    checks.push(
+        match tokio::task::spawn_blocking(hz::kernel_hz).await {
+            Ok(Ok(hz)) => Check::ok("hz", format!("CONFIG_HZ = {hz} (measured from /proc/timer_list)")),
+            Ok(Err(err)) => Check::new(
+                "hz",
+                Status::Fail,
+                err.to_string(),
+                Some("Run as root so the agent can read /proc/timer_list and convert jiffies to seconds.".to_owned()),
+            ),
+            Err(err) => Check::new("hz", Status::Fail, err.to_string(), None),
+        },
+    );
+    if config.load {
+        checks.push(match (&layout, &timers) {
+            (Some(layout), Some(timers)) => load(layout, timers),
+            _ => Check::new(
+                "load",
+                Status::Fail,
+                "skipped: BTF layout or kallsyms missing (see above)",
+                None,
+            ),
+        });
+    }
+
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    for c in &checks {
+        println!("{:<4}  {:<width$}  {}", c.status.label(), c.name, c.detail);
+    }
+    let warnings: Vec<&String> = checks
+        .iter()
+        .filter(|c| c.status == Status::Warn)
+        .filter_map(|c| c.remedy.as_ref())
+        .collect();
+    for remedy in &warnings {
+        println!("warning: {remedy}");
+    }
+    let failed: Vec<&Check> = checks.iter().filter(|c| c.status == Status::Fail).collect();
+    if failed.is_empty() {
+        println!("ready: `keepalive-agent run` can start on this machine");
+        return Ok(());
+    }
+    for c in &failed {
+        eprintln!(
+            "missing: {}: {}",
+            c.name,
+            c.remedy.as_deref().unwrap_or(&c.detail)
+        );
+    }
+    bail!(
+        "{} prerequisite(s) missing; `keepalive-agent run` would not start",
+        failed.len()
+    )
+}
+
+fn kernel_version() -> Check {
+    // SAFETY: utsname is plain bytes; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uts is a live utsname.
+    if unsafe { libc::uname(&raw mut uts) } != 0 {
+        return Check::new(
+            "kernel",
+            Status::Fail,
+            format!("uname: {}", std::io::Error::last_os_error()),
+            None,
+        );
+    }
+    let field = |chars: &[libc::c_char]| {
+        // SAFETY: uname NUL-terminates every field inside its array.
+        unsafe { CStr::from_ptr(chars.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let release = field(&uts.release);
+    let detail = format!("Linux {release} ({})", field(&uts.machine));
+    match parse_release(&release) {
+        Some(version) if version >= MIN_KERNEL => Check::ok("kernel", detail),
+        Some(_) => Check::new(
+            "kernel",
+            Status::Fail,
+            detail,
+            Some(format!(
+                "Upgrade the kernel to {}.{} or newer (BPF ring buffer and BTF tracepoints).",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            )),
+        ),
+        None => Check::new(
+            "kernel",
+            Status::Warn,
+            detail,
+            Some(format!(
+                "Cannot read the kernel version from {release:?}; the agent needs {}.{}+.",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            )),
+        ),
+    }
+}
+
+/// `6.18.0-1-amd64` → (6, 18).
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Each hook's BTF tracepoint exists when the kernel's BTF has its `btf_trace_<name>` typedef
+/// (what the loader resolves `tp_btf/<name>` against); the audit needs the `bpf_iter_tcp` target.
+fn hooks() -> Vec<Check> {
+    let btf = match btf_rs::Btf::from_file(VMLINUX_BTF) {
+        Ok(btf) => btf,
+        Err(err) => {
+            return vec![Check::new(
+                "hooks",
+                Status::Fail,
+                format!("cannot read {VMLINUX_BTF}: {err}"),
+                Some("BTF tracepoints need the kernel's BTF: use a kernel built with CONFIG_DEBUG_INFO_BTF=y.".to_owned()),
+            )];
+        }
+    };
+    let has = |name: &str| {
+        btf.resolve_ids_by_name(name)
+            .is_ok_and(|ids| !ids.is_empty())
+    };
+    let mut checks: Vec<Check> = HOOKS
+        .iter()
+        .map(|hook| {
+            let name = format!("hook {}", hook.tracepoint);
+            let typedef = format!("btf_trace_{}", hook.tracepoint);
+            let need = if hook.required { "required" } else { "optional" };
+            if has(&typedef) {
+                Check::ok(
+                    name,
+                    format!("{PROGRAM_TYPE} ({typedef} in BTF), {need}: {}", hook.role),
+                )
+            } else if hook.required {
+                Check::new(
+                    name,
+                    Status::Fail,
+                    format!("no {typedef} in BTF, {need}: {}", hook.role),
+                    Some(format!("This kernel has no {} tracepoint; the agent needs it for {} (Linux 5.8+ has every required tracepoint).", hook.tracepoint, hook.role)),
+                )
+            } else {
+                Check::new(
+                    name,
+                    Status::Warn,
+                    format!("no {typedef} in BTF, {need}: {}", hook.role),
+                    Some(format!("Without {} the agent loses {}.", hook.tracepoint, hook.role)),
+                )
+            }
+        })
+        .collect();
+    checks.push(if has("bpf_iter_tcp") {
+        Check::ok(
+            "audit iter/tcp",
+            "iter (bpf_iter_tcp in BTF): keepalive configuration audit of every TCP socket",
+        )
+    } else {
+        Check::new(
+            "audit iter/tcp",
+            Status::Warn,
+            "no bpf_iter_tcp in BTF",
+            Some("Without BPF TCP iterators (Linux 5.9+) the keepalive configuration audit is off; everything else works.".to_owned()),
+        )
+    });
+    checks
+}
+
+fn permissions() -> Check {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let Some(effective) = effective else {
+        return Check::new(
+            "permissions",
+            Status::Fail,
+            "cannot read CapEff from /proc/self/status",
+            Some("Run the agent as root, or with CAP_BPF, CAP_PERFMON and CAP_SYSLOG.".to_owned()),
+        );
+    };
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+        (CAP_SYSLOG, "CAP_SYSLOG"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| effective & (1 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        Check::ok(
+            "permissions",
+            format!("uid {uid}, effective capabilities include CAP_BPF, CAP_PERFMON, CAP_SYSLOG"),
+        )
+    } else {
+        Check::new(
+            "permissions",
+            Status::Fail,
+            format!("uid {uid}, missing {}", missing.join(", ")),
+            Some(format!(
+                "Run the agent as root, or grant {} (e.g. securityContext.capabilities.add in Kubernetes).",
+                missing.join(", ")
+            )),
+        )
+    }
+}
+
+fn tracefs() -> Check {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().find_map(|l| {
+        let mut fields = l.split_whitespace();
+        let _source = fields.next()?;
+        let target = fields.next()?;
+        (fields.next()? == "tracefs").then(|| target.to_owned())
+    });
+    let detail = match mounted {
+        Some(at) => {
+            format!("mounted at {at}; not required: {PROGRAM_TYPE} hooks attach without it")
+        }
+        None => format!("not mounted; not required: {PROGRAM_TYPE} hooks attach without it"),
+    };
+    Check::ok("tracefs", detail)
+}
+
+fn load(layout: &KernelLayout, timers: &TimerFunctions) -> Check {
+    // The smallest ring buffer the kernel accepts is one page; nothing is read from it.
+    let page = 4096;
+    match programs::load(layout, timers, page) {
+        Ok(kernel) => {
+            let attached = kernel.hooks.iter().filter(|s| s.attached).count();
+            let audit = if kernel.audit_loaded {
+                "iter/tcp audit loaded"
+            } else {
+                "iter/tcp audit NOT loaded"
+            };
+            let status = if attached == kernel.hooks.len() && kernel.audit_loaded {
+                Status::Ok
+            } else if kernel.all_required_attached() {
+                Status::Warn
+            } else {
+                Status::Fail
+            };
+            let detail = format!(
+                "{attached}/{} hooks attached as {PROGRAM_TYPE}, {audit}; detached again",
+                kernel.hooks.len()
+            );
+            // Dropping the programs detaches them.
+            drop(kernel);
+            Check::new(
+                "load",
+                status,
+                detail,
+                (status != Status::Ok)
+                    .then(|| "Run `keepalive-agent run` with RUST_LOG=debug to see which program the kernel refused and why.".to_owned()),
+            )
+        }
+        Err(err) => Check::new(
+            "load",
+            Status::Fail,
+            err.to_string(),
+            Some("The kernel refused the programs: run as root, check `dmesg` and the verifier log above.".to_owned()),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_release_strings_parse_to_major_minor() {
+        assert_eq!(parse_release("6.18.0-1-amd64"), Some((6, 18)));
+        assert_eq!(parse_release("5.4.0"), Some((5, 4)));
+        assert_eq!(parse_release("7.3-rc1"), Some((7, 3)));
+        assert_eq!(parse_release("weird"), None);
+    }
+}

@@ -1,0 +1,106 @@
+//! Finding the host's network namespaces, for the audit walk.
+//!
+//! A BPF `iter/tcp` iterator only returns the sockets of one network namespace: the one the
+//! process was in when it created the iterator (`bpf_iter_init_seq_net` takes
+//! `current->nsproxy->net_ns`). To audit every namespace the agent enters each in turn, so it
+//! must first find them: Linux 6.18 has no call that lists namespaces, so they are collected
+//! from what keeps them alive and is visible from the host:
+//! - every thread's `/proc/PID/task/TID/ns/net` (containers, pods' pause processes, and threads
+//!   that entered a namespace);
+//! - the bind mounts of `ip netns` (`/run/netns`) and Docker (`/run/docker/netns`).
+//!
+//! A namespace kept alive only by something else (an open namespace file descriptor, or sockets
+//! whose process left it) is not found; the agent must see the host's PID namespace (`hostPID`
+//! in Kubernetes) to find containers' namespaces.
+
+use std::{
+    collections::HashSet,
+    fs::{self, File},
+    io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+/// Directories where tools bind-mount named network namespaces.
+const NETNS_MOUNT_DIRS: [&str; 3] = ["/run/netns", "/var/run/netns", "/run/docker/netns"];
+
+/// An open network namespace: holding the file keeps it alive until it is entered.
+#[derive(Debug)]
+pub struct NetworkNamespace {
+    /// Namespace inode: the `netns` label value.
+    pub inode: u64,
+    /// Where it was found (for messages).
+    pub path: PathBuf,
+    pub file: File,
+}
+
+impl NetworkNamespace {
+    /// Moves the calling thread into this namespace. Only the calling thread changes: call it
+    /// on a thread that exits afterwards (or that nothing else uses).
+    pub fn enter(&self) -> io::Result<()> {
+        // SAFETY: plain syscall on a descriptor we own; it changes only this thread's netns.
+        if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Every network namespace that can be found (see the module comment), each once, the agent's
+/// own first. Paths that vanish while listing (exiting threads) are skipped.
+pub fn all() -> Vec<NetworkNamespace> {
+    let mut candidates = vec![PathBuf::from("/proc/thread-self/ns/net")];
+    for dir in NETNS_MOUNT_DIRS {
+        candidates.extend(entries(Path::new(dir)));
+    }
+    for process in entries(Path::new("/proc")).filter(|p| is_number(p)) {
+        candidates.extend(
+            entries(&process.join("task"))
+                .filter(|p| is_number(p))
+                .map(|task| task.join("ns/net")),
+        );
+    }
+    let mut seen = HashSet::new();
+    candidates
+        .into_iter()
+        .filter_map(|path| {
+            // stat follows the magic link to the namespace: (device, inode) identifies it.
+            let meta = fs::metadata(&path).ok()?;
+            if !seen.insert((meta.dev(), meta.ino())) {
+                return None;
+            }
+            let file = File::open(&path).ok()?;
+            Some(NetworkNamespace {
+                inode: meta.ino(),
+                path,
+                file,
+            })
+        })
+        .collect()
+}
+
+fn entries(dir: &Path) -> impl Iterator<Item = PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+}
+
+fn is_number(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_own_namespace_once_and_first() {
+        let own = fs::metadata("/proc/self/ns/net").expect("own netns").ino();
+        let found = all();
+        assert_eq!(found.first().map(|ns| ns.inode), Some(own));
+        assert_eq!(found.iter().filter(|ns| ns.inode == own).count(), 1);
+    }
+}

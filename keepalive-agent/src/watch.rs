@@ -1,0 +1,372 @@
+//! `keepalive-agent watch`: the event stream as a live, human-readable table, like `tcpstates`.
+//! It runs the same pipeline as `run` (same classifier, same connection table) with its own
+//! kernel programs, and prints every probe, every streak outcome and every drop as it happens.
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    net::IpAddr,
+    num::NonZeroUsize,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use log::info;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    classifier::{DropReason, ResetReasons},
+    connection_table::ConnectionTable,
+    events::{self, ConnectionEvent, EventKind},
+    hz,
+    kallsyms::TimerFunctions,
+    kernel_layout::KernelLayout,
+    metrics::PipelineMetrics,
+    pipeline::Pipeline,
+    programs, ring_reader,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// Colour when standard output is a terminal.
+    Auto,
+    /// Always colour (e.g. piping into `less -R`).
+    Always,
+    /// Never colour.
+    Never,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchConfig {
+    /// Only connections with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Only connections with this local or remote address (repeatable).
+    #[arg(long = "addr", value_name = "IP")]
+    pub addrs: Vec<IpAddr>,
+    /// Only this network namespace, by inode number (`ls -L -i /proc/PID/ns/net`; repeatable).
+    #[arg(long = "netns", value_name = "INODE")]
+    pub netns: Vec<u32>,
+    /// Only connections of this Kubernetes pod, by UID (`kubectl get pod NAME -o
+    /// jsonpath='{.metadata.uid}'`; repeatable).
+    #[arg(long = "pod", value_name = "UID")]
+    pub pods: Vec<String>,
+    /// Colour the event column: auto = only when standard output is a terminal.
+    #[arg(long = "color", value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// Kernel→agent ring buffer size in bytes: a power of two, at least one page.
+    #[arg(long = "ring-buffer.bytes", default_value_t = 1 << 20)]
+    pub ring_buffer_bytes: u32,
+}
+
+/// Which events to print; every given filter must match (within one filter, any value).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub ports: Vec<u16>,
+    pub addrs: Vec<IpAddr>,
+    pub netns: Vec<u32>,
+    pub pods: Vec<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, e: &ConnectionEvent) -> bool {
+        let any = |wanted: bool, empty: bool| empty || wanted;
+        any(
+            self.ports.contains(&e.local_port) || self.ports.contains(&e.remote_port),
+            self.ports.is_empty(),
+        ) && any(
+            self.addrs.contains(&e.local_addr) || self.addrs.contains(&e.remote_addr),
+            self.addrs.is_empty(),
+        ) && any(self.netns.contains(&e.netns), self.netns.is_empty())
+            && any(
+                e.workload
+                    .pod_uid
+                    .as_ref()
+                    .is_some_and(|uid| self.pods.iter().any(|p| p.eq_ignore_ascii_case(uid))),
+                self.pods.is_empty(),
+            )
+    }
+}
+
+/// Wide enough for `keepalive_timeout ETIMEDOUT, 3 unanswered, silent 4.1s`.
+const EVENT_WIDTH: usize = 56;
+
+/// Column header, aligned with [`format_line`]; printed once the hooks are attached, so a
+/// script reading the output knows events from then on are seen.
+pub fn header() -> String {
+    format!(
+        "{:<12}  {:<10}  {:<22}   {:<22}  {:<EVENT_WIDTH$} WORKLOAD",
+        "TIME(UTC)", "NETNS", "LOCAL", "REMOTE", "EVENT"
+    )
+}
+
+/// One line of `watch` output. `None` for streak ends that the drop line right after says
+/// already (`timed_out` → `keepalive_timeout`, `reset` → `keepalive_reset`).
+pub fn format_line(e: &ConnectionEvent, color: bool) -> Option<String> {
+    let (text, paint) = match e.event {
+        EventKind::ProbeSent => (
+            format!("probe sent {}/{}", e.probes_sent, e.keepalive.count),
+            "33",
+        ),
+        EventKind::Answered => (
+            format!(
+                "streak answered ({} probe{})",
+                e.probes_sent,
+                if e.probes_sent == 1 { "" } else { "s" }
+            ),
+            "32",
+        ),
+        EventKind::Reset | EventKind::TimedOut => return None,
+        EventKind::Drop => {
+            let reason = e.reason.map_or("drop", DropReason::as_str);
+            let mut text = reason.to_owned();
+            if let Some(error) = &e.error {
+                text.push(' ');
+                text.push_str(error);
+            }
+            if matches!(
+                e.reason,
+                Some(DropReason::KeepaliveTimeout | DropReason::KeepaliveReset)
+            ) {
+                text.push_str(&format!(
+                    ", {} unanswered, silent {:.1}s",
+                    e.unanswered_probes,
+                    e.idle_before_death_seconds.unwrap_or_default()
+                ));
+                (text, "1;31")
+            } else {
+                (text, "31")
+            }
+        }
+    };
+    // `2026-11-24T17:10:19.123456Z` → `17:10:19.123`.
+    let time = e.timestamp.get(11..23).unwrap_or(&e.timestamp);
+    let local = endpoint(e.local_addr, e.local_port);
+    let remote = endpoint(e.remote_addr, e.remote_port);
+    let event = if color {
+        format!("\x1b[{paint}m{text:<EVENT_WIDTH$}\x1b[0m")
+    } else {
+        format!("{text:<EVENT_WIDTH$}")
+    };
+    Some(
+        format!(
+            "{time:<12}  {:<10}  {local:<22} → {remote:<22}  {event} {}",
+            e.netns,
+            workload(e)
+        )
+        .trim_end()
+        .to_owned(),
+    )
+}
+
+fn endpoint(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(ip) => format!("{ip}:{port}"),
+        IpAddr::V6(ip) => format!("[{ip}]:{port}"),
+    }
+}
+
+fn workload(e: &ConnectionEvent) -> String {
+    let w = &e.workload;
+    let mut parts = Vec::new();
+    if let Some(uid) = &w.pod_uid {
+        parts.push(format!("pod={uid}"));
+    }
+    match (&w.comm, w.pid) {
+        (Some(comm), Some(pid)) => parts.push(format!("{comm}[{pid}]")),
+        (Some(comm), None) => parts.push(comm.clone()),
+        _ => {}
+    }
+    if parts.is_empty() {
+        match &w.cgroup_path {
+            Some(path) => parts.push(format!("cgroup={path}")),
+            None if w.cgroup_id != 0 => parts.push(format!("cgroup_id={}", w.cgroup_id)),
+            None => {}
+        }
+    }
+    parts.join(" ")
+}
+
+pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
+    if !config.ring_buffer_bytes.is_power_of_two() || config.ring_buffer_bytes < 4096 {
+        anyhow::bail!(
+            "--ring-buffer.bytes {} is not a power of two of at least 4096 (e.g. 1048576)",
+            config.ring_buffer_bytes
+        );
+    }
+    let color = match config.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => std::io::stdout().is_terminal(),
+    };
+    let filter = Filter {
+        ports: config.ports,
+        addrs: config.addrs,
+        netns: config.netns,
+        pods: config.pods,
+    };
+    let layout = KernelLayout::from_vmlinux()
+        .context("reading kernel struct layout from /sys/kernel/btf/vmlinux")?;
+    let timers = TimerFunctions::from_proc().context("finding the TCP timer callbacks")?;
+    let hz = tokio::task::spawn_blocking(hz::kernel_hz)
+        .await
+        .context("measuring the kernel tick rate")?
+        .context("measuring the kernel tick rate (CONFIG_HZ)")?;
+    let kernel = programs::load(&layout, &timers, config.ring_buffer_bytes)
+        .context("loading the kernel programs (try `keepalive-agent check`)")?;
+    anyhow::ensure!(
+        kernel.all_required_attached(),
+        "a required hook did not attach (run `keepalive-agent check --load`)"
+    );
+    let programs::KernelPrograms {
+        ebpf: _ebpf,
+        events: ring,
+        ..
+    } = kernel;
+
+    let metrics = PipelineMetrics::default();
+    let dropped = metrics.events_dropped.clone();
+    let (sender, mut receiver) = events::channel(events::CHANNEL_CAPACITY, dropped.clone(), true);
+    // Only this command's connections matter; the bounds just keep a busy host in check.
+    let table = ConnectionTable::new(
+        NonZeroUsize::new(65_536).expect("non-zero"),
+        1024,
+        Duration::from_secs(60),
+    );
+    let pipeline = Pipeline {
+        table: Arc::new(Mutex::new(table)),
+        metrics,
+        reset_reasons: ResetReasons {
+            keepalive_timeout: layout.rst_reason_keepalive_timeout,
+        },
+        hz,
+        events: Some(sender),
+        attributor: crate::attribution::Attributor::new(
+            crate::attribution::system_cgroup2_mount(),
+            std::path::PathBuf::from("/proc"),
+        ),
+        aggregate_by: crate::attribution::AggregateBy::default(),
+    };
+    let mut drain = tokio::spawn(ring_reader::drain(ring, pipeline));
+    info!("watching TCP keepalive in every network namespace; Ctrl-C to stop");
+
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", header())?;
+    stdout.flush()?;
+    let mut reported_lost = 0;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            event = receiver.recv() => {
+                let Some(event) = event else { break };
+                if filter.matches(&event)
+                    && let Some(line) = format_line(&event, color)
+                {
+                    writeln!(stdout, "{line}")?;
+                    stdout.flush()?;
+                }
+                let lost = dropped.get();
+                if lost > reported_lost {
+                    writeln!(stdout, "# {} events lost: this terminal reads slower than the kernel reports", lost - reported_lost)?;
+                    reported_lost = lost;
+                }
+            }
+            result = &mut drain => {
+                result.context("ring buffer reader panicked")?.context("reading the ring buffer")?;
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{KeepaliveSeconds, WorkloadFields};
+
+    fn event(kind: EventKind) -> ConnectionEvent {
+        ConnectionEvent {
+            timestamp: "2026-11-24T17:10:19.123456Z".to_owned(),
+            event: kind,
+            netns: 4026532890,
+            local_addr: "127.0.0.1".parse().unwrap(),
+            local_port: 40000,
+            remote_addr: "127.0.0.1".parse().unwrap(),
+            remote_port: 8080,
+            workload: WorkloadFields {
+                cgroup_id: 9,
+                comm: Some("curl".to_owned()),
+                pid: Some(42),
+                ..WorkloadFields::default()
+            },
+            probes_sent: 2,
+            unanswered_probes: 1,
+            keepalive: KeepaliveSeconds {
+                enabled: true,
+                idle_seconds: 1.0,
+                interval_seconds: 1.0,
+                count: 3,
+                user_timeout_ms: 0,
+            },
+            reason: None,
+            error: None,
+            idle_before_death_seconds: None,
+        }
+    }
+
+    #[test]
+    fn probe_line_shows_time_endpoints_probe_number_and_process() {
+        let line = format_line(&event(EventKind::ProbeSent), false).unwrap();
+        assert!(
+            line.starts_with("17:10:19.123  4026532890  127.0.0.1:40000"),
+            "{line}"
+        );
+        assert!(line.contains("→ 127.0.0.1:8080"), "{line}");
+        assert!(line.contains("probe sent 2/3"), "{line}");
+        assert!(line.ends_with("curl[42]"), "{line}");
+        assert!(!line.contains('\x1b'));
+    }
+
+    #[test]
+    fn drop_line_names_reason_error_and_silence_in_colour_on_request() {
+        let mut e = event(EventKind::Drop);
+        e.reason = Some(DropReason::KeepaliveTimeout);
+        e.error = Some("ETIMEDOUT".to_owned());
+        e.unanswered_probes = 3;
+        e.idle_before_death_seconds = Some(4.02);
+        let line = format_line(&e, true).unwrap();
+        assert!(
+            line.contains("\x1b[1;31mkeepalive_timeout ETIMEDOUT, 3 unanswered, silent 4.0s"),
+            "{line}"
+        );
+        assert_eq!(format_line(&event(EventKind::TimedOut), false), None);
+    }
+
+    #[test]
+    fn filters_combine_and_each_accepts_any_of_its_values() {
+        let e = event(EventKind::ProbeSent);
+        assert!(Filter::default().matches(&e));
+        let by_port = Filter {
+            ports: vec![1, 8080],
+            ..Filter::default()
+        };
+        assert!(by_port.matches(&e));
+        let wrong_netns = Filter {
+            ports: vec![8080],
+            netns: vec![1],
+            ..Filter::default()
+        };
+        assert!(!wrong_netns.matches(&e));
+        let by_pod = Filter {
+            pods: vec!["abc".to_owned()],
+            ..Filter::default()
+        };
+        assert!(
+            !by_pod.matches(&e),
+            "no pod known: a pod filter excludes it"
+        );
+    }
+}
