@@ -33,7 +33,7 @@ const MAX_CACHED_SOCKETS: usize = 1 << 20;
 
 /// The workload behind one socket. Every field but the cgroup id can be unknown: the cgroup may
 /// be gone, the path may not be a container's, the process may have closed the socket.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, serde::Serialize)]
 pub struct Workload {
     /// cgroup v2 id of the socket (0 when the kernel record had none).
     pub cgroup_id: u64,

@@ -70,17 +70,12 @@ impl EventKind {
     }
 }
 
-/// Who owns the connection ([`Workload`] from attribution, plus the socket inode); fields
-/// attribution could not resolve are `null`.
+/// Who owns the connection ([`Workload`] from attribution, plus the socket inode), flattened
+/// into one JSON object; fields attribution could not resolve are `null`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct WorkloadFields {
-    /// cgroup v2 id (inode of the cgroup directory); 0 when the kernel had none.
-    pub cgroup_id: u64,
-    pub cgroup_path: Option<String>,
-    pub pod_uid: Option<String>,
-    pub container_id: Option<String>,
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
+    #[serde(flatten)]
+    pub workload: Workload,
     /// Inode of the socket's file (`socket:[INO]` in /proc/PID/fd); 0 for orphans.
     pub socket_ino: u64,
 }
@@ -89,12 +84,7 @@ impl WorkloadFields {
     /// What attribution found, plus the socket inode it started from.
     pub fn new(workload: &Workload, socket_ino: u64) -> Self {
         Self {
-            cgroup_id: workload.cgroup_id,
-            cgroup_path: workload.cgroup_path.clone(),
-            pod_uid: workload.pod_uid.clone(),
-            container_id: workload.container_id.clone(),
-            pid: workload.pid,
-            comm: workload.comm.clone(),
+            workload: workload.clone(),
             socket_ino,
         }
     }
@@ -103,9 +93,11 @@ impl WorkloadFields {
 impl From<SocketOwner> for WorkloadFields {
     fn from(owner: SocketOwner) -> Self {
         Self {
-            cgroup_id: owner.cgroup_id,
+            workload: Workload {
+                cgroup_id: owner.cgroup_id,
+                ..Workload::default()
+            },
             socket_ino: owner.socket_ino,
-            ..Self::default()
         }
     }
 }

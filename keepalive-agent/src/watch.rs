@@ -80,6 +80,7 @@ impl Filter {
         ) && any(self.netns.contains(&e.netns), self.netns.is_empty())
             && any(
                 e.workload
+                    .workload
                     .pod_uid
                     .as_ref()
                     .is_some_and(|uid| self.pods.iter().any(|p| p.eq_ignore_ascii_case(uid))),
@@ -167,7 +168,7 @@ fn endpoint(ip: IpAddr, port: u16) -> String {
 }
 
 fn workload(e: &ConnectionEvent) -> String {
-    let w = &e.workload;
+    let w = &e.workload.workload;
     let mut parts = Vec::new();
     if let Some(uid) = &w.pod_uid {
         parts.push(format!("pod={uid}"));
@@ -285,6 +286,7 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribution::Workload;
     use crate::events::{KeepaliveSeconds, WorkloadFields};
 
     fn event(kind: EventKind) -> ConnectionEvent {
@@ -297,10 +299,13 @@ mod tests {
             remote_addr: "127.0.0.1".parse().unwrap(),
             remote_port: 8080,
             workload: WorkloadFields {
-                cgroup_id: 9,
-                comm: Some("curl".to_owned()),
-                pid: Some(42),
-                ..WorkloadFields::default()
+                workload: Workload {
+                    cgroup_id: 9,
+                    comm: Some("curl".to_owned()),
+                    pid: Some(42),
+                    ..Workload::default()
+                },
+                socket_ino: 0,
             },
             probes_sent: 2,
             unanswered_probes: 1,
