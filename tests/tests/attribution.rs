@@ -305,10 +305,8 @@ fn connection_series_name_the_kubernetes_pod_container_and_process_that_owned_it
 fn aggregate_by_pod_uid_splits_counters_per_pod_and_per_netns_sums_match_the_kernel() -> TestResult
 {
     let test = "aggregate_by_pod_uid_splits_counters_per_pod_and_per_netns_sums_match_the_kernel";
-    let Some(env) = TestEnv::start_with_agent_args(
-        test,
-        &["--aggregate-by", "netns,pod_uid", "--audit.interval", "1s"],
-    ) else {
+    let Some(env) = TestEnv::start_with_agent_args(test, &["--aggregate-by", "netns,pod_uid"])
+    else {
         return Ok(());
     };
     let Some(root) = cgroup2_root(test) else {
@@ -328,35 +326,6 @@ fn aggregate_by_pod_uid_splits_counters_per_pod_and_per_netns_sums_match_the_ker
         clients.push(Client::spawn(pod, &ns, server_addr)?);
         servers.push(listener.accept().context("accept")?.0);
     }
-    // While the connections are healthy, the configuration audit counts each pod's keepalive
-    // connection under its pod_uid, and the servers' keepalive-off sockets under no pod.
-    let netns = ns.inum().to_string();
-    wait_for_agent(&env, "per-pod audit", |m| {
-        let mut problems = Vec::new();
-        let mut expect = |labels: &[(&str, &str)], expected: f64| {
-            let got = m.value("tcp_keepalive_sockets", labels);
-            if got != expected || m.matching("tcp_keepalive_sockets", labels).is_empty() {
-                problems.push(format!(
-                    "tcp_keepalive_sockets{labels:?}: {expected}, got {got}"
-                ));
-            }
-        };
-        for pod in &pods {
-            let on = [
-                ("netns", netns.as_str()),
-                ("pod_uid", pod.pod_uid.as_str()),
-                ("keepalive", "on"),
-            ];
-            expect(&on, 1.0);
-        }
-        let servers_off = [
-            ("netns", netns.as_str()),
-            ("pod_uid", ""),
-            ("keepalive", "off"),
-        ];
-        expect(&servers_off, pods.len() as f64);
-        problems
-    })?;
     let _blackhole = ns.blackhole_replies_from_port(server_addr.port())?;
 
     wait_kernel_delta(&ns, &before, ABORT_ON_TIMEOUT, pods.len() as u64)?;
@@ -369,6 +338,7 @@ fn aggregate_by_pod_uid_splits_counters_per_pod_and_per_netns_sums_match_the_ker
         after.changes(&before)
     );
 
+    let netns = ns.inum().to_string();
     wait_for_agent(&env, "per-pod aggregates", |m| {
         let mut problems = Vec::new();
         let mut expect = |name: &str, labels: &[(&str, &str)], expected: f64| {
@@ -408,6 +378,64 @@ fn aggregate_by_pod_uid_splits_counters_per_pod_and_per_netns_sums_match_the_ker
             &[("netns", netns.as_str()), ("reason", "keepalive_timeout")],
             kernel_aborts as f64,
         );
+        problems
+    })?;
+    drop(clients);
+    Ok(())
+}
+
+#[test]
+fn aggregate_by_pod_uid_splits_the_keepalive_audit_per_pod() -> TestResult {
+    let test = "aggregate_by_pod_uid_splits_the_keepalive_audit_per_pod";
+    let Some(env) = TestEnv::start_with_agent_args(
+        test,
+        &["--aggregate-by", "netns,pod_uid", "--audit.interval", "1s"],
+    ) else {
+        return Ok(());
+    };
+    let Some(root) = cgroup2_root(test) else {
+        return Ok(());
+    };
+    let ns = Netns::new("attr-audit")?;
+    let listener = ns.listen(V4)?;
+    let server_addr = listener.local_addr()?;
+    let pods = [
+        KubeCgroup::create(&root, "burstable")?,
+        KubeCgroup::create(&root, "besteffort")?,
+    ];
+    let mut clients = Vec::new();
+    let mut servers = Vec::new();
+    for pod in &pods {
+        clients.push(Client::spawn(pod, &ns, server_addr)?);
+        servers.push(listener.accept().context("accept")?.0);
+    }
+    // The clients' connections have keepalive on and live in their pods' cgroups; the accepted
+    // server sockets have keepalive off and belong to the test, in no pod.
+    let netns = ns.inum().to_string();
+    wait_for_agent(&env, "per-pod audit", |m| {
+        let mut problems = Vec::new();
+        let mut expect = |labels: &[(&str, &str)], expected: f64| {
+            let got = m.value("tcp_keepalive_sockets", labels);
+            if got != expected || m.matching("tcp_keepalive_sockets", labels).is_empty() {
+                problems.push(format!(
+                    "tcp_keepalive_sockets{labels:?}: {expected}, got {got}"
+                ));
+            }
+        };
+        for pod in &pods {
+            let on = [
+                ("netns", netns.as_str()),
+                ("pod_uid", pod.pod_uid.as_str()),
+                ("keepalive", "on"),
+            ];
+            expect(&on, 1.0);
+        }
+        let servers_off = [
+            ("netns", netns.as_str()),
+            ("pod_uid", ""),
+            ("keepalive", "off"),
+        ];
+        expect(&servers_off, pods.len() as f64);
         problems
     })?;
     drop(clients);
