@@ -145,7 +145,7 @@ pub fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decoder::{Endpoints, KeepaliveSettings, SocketOwner};
+    use crate::decoder::fixtures;
 
     const KEEPALIVE_TIMEOUT_REASON: u32 = 15;
     const TCP_STATE_REASON: u32 = 14;
@@ -153,36 +153,14 @@ mod tests {
         keepalive_timeout: Some(KEEPALIVE_TIMEOUT_REASON),
     };
 
+    /// A close with no timer, reset or error: each test adds what its case has.
     fn close(old_state: u8) -> CloseEvent {
         CloseEvent {
-            sk: 1,
-            endpoints: Endpoints {
-                netns: 1,
-                local: "127.0.0.1:1".parse().unwrap(),
-                remote: "127.0.0.1:2".parse().unwrap(),
-            },
-            owner: SocketOwner::default(),
             old_state,
             context: CloseContext::None,
-            reset_received: false,
-            reset_sent_reason: None,
-            orphan: false,
-            settings: KeepaliveSettings {
-                enabled: true,
-                idle_jiffies: 250,
-                interval_jiffies: 250,
-                probes: 3,
-                user_timeout_ms: 0,
-            },
             probes_out: 0,
-            packets_out: 0,
-            write_timer_event: 0,
-            send_window: 65535,
             sk_err: 0,
-            sk_err_soft: 0,
-            ktime_ns: 0,
-            jiffies: 0,
-            last_received_jiffies: 0,
+            ..fixtures::keepalive_abort()
         }
     }
 

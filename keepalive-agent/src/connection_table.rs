@@ -211,10 +211,8 @@ impl ConnectionTable {
 
 #[cfg(test)]
 mod tests {
-    use keepalive_ebpf::CloseContext;
-
     use super::*;
-    use crate::decoder::{KeepaliveSettings, SocketOwner};
+    use crate::decoder::{KeepaliveSettings, SocketOwner, fixtures};
 
     const SETTINGS: KeepaliveSettings = KeepaliveSettings {
         enabled: true,
@@ -252,22 +250,8 @@ mod tests {
         CloseEvent {
             sk,
             endpoints: endpoints(port),
-            owner: SocketOwner::default(),
-            old_state: 1,
-            context: CloseContext::KeepaliveTimer,
-            reset_received: false,
-            reset_sent_reason: None,
-            orphan: false,
-            settings: SETTINGS,
             probes_out,
-            packets_out: 0,
-            write_timer_event: 0,
-            send_window: 1,
-            sk_err: libc::ETIMEDOUT,
-            sk_err_soft: 0,
-            ktime_ns: 0,
-            jiffies: 0,
-            last_received_jiffies: 0,
+            ..fixtures::keepalive_abort()
         }
     }
 

@@ -269,6 +269,49 @@ fn endpoints(rec: &SocketRecord) -> Result<Endpoints, DecodeError> {
     })
 }
 
+/// Records for other modules' unit tests, so each test states only what it changes.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use keepalive_ebpf::{CloseContext, tcp_state};
+
+    use super::*;
+
+    /// An established IPv4 loopback connection with keepalive 1 s / 1 s / 3 (at HZ 250) that the
+    /// keepalive timer just aborted after 3 unanswered probes (`ETIMEDOUT`).
+    pub fn keepalive_abort() -> CloseEvent {
+        CloseEvent {
+            sk: 1,
+            endpoints: Endpoints {
+                netns: 1,
+                local: "127.0.0.1:1".parse().expect("address"),
+                remote: "127.0.0.1:2".parse().expect("address"),
+            },
+            owner: SocketOwner::default(),
+            old_state: tcp_state::ESTABLISHED,
+            context: CloseContext::KeepaliveTimer,
+            reset_received: false,
+            reset_sent_reason: None,
+            orphan: false,
+            settings: KeepaliveSettings {
+                enabled: true,
+                idle_jiffies: 250,
+                interval_jiffies: 250,
+                probes: 3,
+                user_timeout_ms: 0,
+            },
+            probes_out: 3,
+            packets_out: 0,
+            write_timer_event: 0,
+            send_window: 65535,
+            sk_err: libc::ETIMEDOUT,
+            sk_err_soft: 0,
+            ktime_ns: 0,
+            jiffies: 0,
+            last_received_jiffies: 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -410,7 +410,7 @@ mod tests {
     use keepalive_ebpf::{CloseContext, RecordKind, SocketRecord, record_flags};
 
     use super::*;
-    use crate::decoder::Endpoints;
+    use crate::decoder::{Endpoints, fixtures};
 
     fn close() -> CloseEvent {
         CloseEvent {
@@ -424,27 +424,15 @@ mod tests {
                 cgroup_id: 42,
                 socket_ino: 7,
             },
-            old_state: 1,
-            context: CloseContext::KeepaliveTimer,
-            reset_received: false,
             reset_sent_reason: Some(15),
-            orphan: false,
             settings: KeepaliveSettings {
-                enabled: true,
                 idle_jiffies: 500,
-                interval_jiffies: 250,
-                probes: 3,
-                user_timeout_ms: 0,
+                ..fixtures::keepalive_abort().settings
             },
-            probes_out: 3,
-            packets_out: 0,
-            write_timer_event: 0,
             send_window: 1,
-            sk_err: libc::ETIMEDOUT,
-            sk_err_soft: 0,
-            ktime_ns: 0,
             jiffies: (1u64 << 32) + 100,
             last_received_jiffies: u32::MAX - 899,
+            ..fixtures::keepalive_abort()
         }
     }
 

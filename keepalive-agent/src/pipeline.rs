@@ -241,43 +241,16 @@ pub fn dead_peer_detection_seconds(close: &CloseEvent, reason: DropReason, hz: u
 
 #[cfg(test)]
 mod tests {
-    use keepalive_ebpf::{CloseContext, tcp_state};
-
     use super::*;
-    use crate::decoder::{Endpoints, KeepaliveSettings, SocketOwner};
+    use crate::decoder::fixtures;
 
     #[test]
     fn detection_time_counts_jiffies_since_the_last_segment_across_the_wrap() {
         let close = CloseEvent {
-            sk: 1,
-            endpoints: Endpoints {
-                netns: 1,
-                local: "127.0.0.1:1".parse().unwrap(),
-                remote: "127.0.0.1:2".parse().unwrap(),
-            },
-            owner: SocketOwner::default(),
-            old_state: tcp_state::ESTABLISHED,
-            context: CloseContext::KeepaliveTimer,
-            reset_received: false,
-            reset_sent_reason: None,
-            orphan: false,
-            settings: KeepaliveSettings {
-                enabled: true,
-                idle_jiffies: 250,
-                interval_jiffies: 250,
-                probes: 3,
-                user_timeout_ms: 0,
-            },
-            probes_out: 3,
-            packets_out: 0,
-            write_timer_event: 0,
-            send_window: 1,
-            sk_err: libc::ETIMEDOUT,
-            sk_err_soft: 0,
-            ktime_ns: 0,
             // 1000 jiffies after a stamp taken 500 jiffies before the 32-bit wrap.
             jiffies: (1u64 << 32) + 500,
             last_received_jiffies: u32::MAX - 499,
+            ..fixtures::keepalive_abort()
         };
         let seconds = dead_peer_detection_seconds(&close, DropReason::KeepaliveTimeout, 250);
         assert_eq!(seconds, Some(4.0));
