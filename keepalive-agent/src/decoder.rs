@@ -108,6 +108,16 @@ pub struct CloseEvent {
     pub last_received_jiffies: u32,
 }
 
+impl CloseEvent {
+    /// Seconds from the last segment received to this close: the silence the keepalive timer
+    /// measures. The stamps are 32-bit jiffies (`tcp_jiffies32`); wrapping subtraction survives
+    /// the wrap.
+    pub fn silent_seconds(&self, hz: u32) -> f64 {
+        let silent = (self.jiffies as u32).wrapping_sub(self.last_received_jiffies);
+        crate::hz::jiffies_to_seconds(u64::from(silent), hz)
+    }
+}
+
 /// `inet_sk_error_report` on a closed socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorReport {

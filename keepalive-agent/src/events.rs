@@ -197,8 +197,6 @@ impl ConnectionEvent {
         hz: u32,
     ) -> Self {
         let e = &close.endpoints;
-        // 32-bit jiffies stamps (tcp_jiffies32): wrapping subtraction survives the wrap.
-        let silent = (close.jiffies as u32).wrapping_sub(close.last_received_jiffies);
         Self {
             timestamp: rfc3339_from_ktime(close.ktime_ns),
             event,
@@ -213,7 +211,7 @@ impl ConnectionEvent {
             keepalive: KeepaliveSeconds::new(&close.settings, hz),
             reason: Some(reason),
             error: (close.sk_err != 0).then(|| errno_name(close.sk_err)),
-            idle_before_death_seconds: Some(hz::jiffies_to_seconds(u64::from(silent), hz)),
+            idle_before_death_seconds: Some(close.silent_seconds(hz)),
         }
     }
 }

@@ -13,7 +13,6 @@ use crate::{
     connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
     decoder::{self, CloseEvent, Event, KeepaliveExpiry},
     events::{ConnectionEvent, EventKind, EventSender, WorkloadFields},
-    hz,
     metrics::{AggregateLabels, KindLabels, PipelineMetrics},
 };
 
@@ -234,9 +233,7 @@ pub fn dead_peer_detection_seconds(close: &CloseEvent, reason: DropReason, hz: u
     ) {
         return None;
     }
-    // The stamps are 32-bit jiffies (tcp_jiffies32); wrapping subtraction survives the wrap.
-    let silent = (close.jiffies as u32).wrapping_sub(close.last_received_jiffies);
-    Some(hz::jiffies_to_seconds(u64::from(silent), hz))
+    Some(close.silent_seconds(hz))
 }
 
 #[cfg(test)]
