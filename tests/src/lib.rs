@@ -31,8 +31,9 @@ pub use expect::{DROP_REASONS, Expectations};
 pub use metrics::{Metrics, Sample};
 pub use netns::{Netns, NftRule, TcpExt};
 pub use sock::{
-    Conn, TCP_CLOSE, TCP_ESTABLISHED, TcpPair, disable_keepalive, errno_name, set_keepalive,
-    set_linger_zero, set_user_timeout, so_error, tcp_info, tcp_state, wait_closed,
+    Conn, TCP_CLOSE, TCP_ESTABLISHED, TcpPair, disable_keepalive, errno_name, getsockopt_int,
+    set_keepalive, set_linger_zero, set_user_timeout, setsockopt_int, so_error, tcp_info,
+    tcp_state, wait_closed,
 };
 
 /// How long any test waits for an expected state before failing.

@@ -3,7 +3,7 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -68,11 +68,18 @@ impl TcpPair {
     }
 }
 
-fn setsockopt_int(fd: RawFd, level: i32, opt: i32, value: i32, what: &str) -> anyhow::Result<()> {
+/// An `int` socket option; `what` names it in the error.
+pub fn setsockopt_int(
+    s: &impl AsRawFd,
+    level: i32,
+    opt: i32,
+    value: i32,
+    what: &str,
+) -> anyhow::Result<()> {
     // SAFETY: value is a live c_int and we pass its exact size.
     let rc = unsafe {
         libc::setsockopt(
-            fd,
+            s.as_raw_fd(),
             level,
             opt,
             (&raw const value).cast(),
@@ -85,43 +92,56 @@ fn setsockopt_int(fd: RawFd, level: i32, opt: i32, value: i32, what: &str) -> an
     Ok(())
 }
 
+/// An `int` socket option as the kernel reports it; `what` names it in the error.
+pub fn getsockopt_int(s: &impl AsRawFd, level: i32, opt: i32, what: &str) -> anyhow::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value/len are live and len holds value's size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("getsockopt {what}"));
+    }
+    Ok(value)
+}
+
 /// TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT (seconds, seconds, count), then SO_KEEPALIVE on
 /// (which arms the timer with the idle time just set).
 pub fn set_keepalive(s: &impl AsRawFd, idle_s: i32, intvl_s: i32, cnt: i32) -> anyhow::Result<()> {
-    let fd = s.as_raw_fd();
     setsockopt_int(
-        fd,
+        s,
         libc::IPPROTO_TCP,
         libc::TCP_KEEPIDLE,
         idle_s,
         "TCP_KEEPIDLE",
     )?;
     setsockopt_int(
-        fd,
+        s,
         libc::IPPROTO_TCP,
         libc::TCP_KEEPINTVL,
         intvl_s,
         "TCP_KEEPINTVL",
     )?;
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, cnt, "TCP_KEEPCNT")?;
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE")
+    setsockopt_int(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, cnt, "TCP_KEEPCNT")?;
+    setsockopt_int(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE")
 }
 
 /// SO_KEEPALIVE off: deletes the keepalive timer, so no further probes.
 pub fn disable_keepalive(s: &impl AsRawFd) -> anyhow::Result<()> {
-    setsockopt_int(
-        s.as_raw_fd(),
-        libc::SOL_SOCKET,
-        libc::SO_KEEPALIVE,
-        0,
-        "SO_KEEPALIVE",
-    )
+    setsockopt_int(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0, "SO_KEEPALIVE")
 }
 
 /// TCP_USER_TIMEOUT in milliseconds.
 pub fn set_user_timeout(s: &impl AsRawFd, ms: i32) -> anyhow::Result<()> {
     setsockopt_int(
-        s.as_raw_fd(),
+        s,
         libc::IPPROTO_TCP,
         libc::TCP_USER_TIMEOUT,
         ms,
@@ -153,22 +173,7 @@ pub fn set_linger_zero(s: &impl AsRawFd) -> anyhow::Result<()> {
 
 /// SO_ERROR (reading it clears the pending error). 0 when none.
 pub fn so_error(s: &impl AsRawFd) -> anyhow::Result<i32> {
-    let mut err: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: err/len are live and len holds err's size.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&raw mut err).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("getsockopt SO_ERROR");
-    }
-    Ok(err)
+    getsockopt_int(s, libc::SOL_SOCKET, libc::SO_ERROR, "SO_ERROR")
 }
 
 /// TCP_INFO of the socket.

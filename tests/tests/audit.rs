@@ -6,15 +6,14 @@
 //! the agent's audit metrics against those values.
 
 use std::collections::BTreeMap;
-use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
 use keepalive_tests::{
-    Conn, DEADLINE, Metrics, Netns, TCP_ESTABLISHED, TcpPair, TestEnv, agent_bin,
-    kernel_tests_enabled, set_keepalive, set_user_timeout, skip_or_fail, tcp_state, wait_until,
+    Conn, DEADLINE, Metrics, Netns, TCP_ESTABLISHED, TcpPair, TestEnv, agent_bin, getsockopt_int,
+    kernel_tests_enabled, set_keepalive, set_user_timeout, setsockopt_int, skip_or_fail, tcp_state,
+    wait_until,
 };
 
 /// The namespace's keepalive idle time: not the 7200 s a new namespace starts with, so a socket
@@ -31,42 +30,6 @@ fn state_name(state: u8) -> &'static str {
         TCP_CLOSE_WAIT => "CLOSE_WAIT",
         _ => "unexpected",
     }
-}
-
-fn getsockopt_int(s: &impl AsRawFd, level: i32, opt: i32, what: &str) -> anyhow::Result<i32> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: value/len are live and len holds value's size.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            level,
-            opt,
-            (&raw mut value).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("getsockopt {what}"));
-    }
-    Ok(value)
-}
-
-fn set_int(s: &impl AsRawFd, level: i32, opt: i32, value: i32, what: &str) -> anyhow::Result<()> {
-    // SAFETY: value is a live c_int and we pass its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            opt,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("setsockopt {what}"));
-    }
-    Ok(())
 }
 
 /// One socket's keepalive configuration as the kernel reports it to the application.
@@ -138,9 +101,12 @@ impl SocketMix {
         let v6 = ns.listen(IpAddr::V6(Ipv6Addr::LOCALHOST))?;
         let mut pairs = ns.connect_pairs(&v4, 6)?;
         pairs.extend(ns.connect_pairs(&v6, 1)?);
-        let on =
-            |s: &TcpStream| set_int(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE");
-        let tcp = |s: &TcpStream, opt, value, what| set_int(s, libc::IPPROTO_TCP, opt, value, what);
+        let on = |s: &TcpStream| {
+            setsockopt_int(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE")
+        };
+        let tcp = |s: &TcpStream, opt, value, what| {
+            setsockopt_int(s, libc::IPPROTO_TCP, opt, value, what)
+        };
 
         // 0: keepalive on, everything else from the namespace (5400/75/9).
         on(&pairs[0].client)?;
