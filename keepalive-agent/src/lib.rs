@@ -1,29 +1,23 @@
 //! keepalive-agent: per-connection TCP keepalive visibility from eBPF.
 //!
-//! The data path, one module per stage: [`programs`] (kernel hooks) → [`ring_reader`] →
-//! [`decoder`] → [`connection_table`] → [`classifier`] → [`metrics`], glued by [`pipeline`]
-//! and started by [`agent`]. [`kernel_layout`] and [`kallsyms`] resolve what the kernel
-//! programs need to know about the running kernel.
+//! Folders are the stages a kernel record moves through, and imports run one way, from the top
+//! room down (ARCHITECTURE.md draws the tree):
+//!
+//! - [`cmd`]: the commands (`run`, `watch`, `check`, `sockets`);
+//! - [`pipeline`]: wires the stages below for one record;
+//! - [`audit`]: the periodic keepalive configuration walk, and its metrics;
+//! - [`export`]: what leaves the agent (labels, metrics, HTTP, the event stream);
+//! - [`track`]: connection state and drop classification, without I/O;
+//! - [`attribution`]: who owns a socket (cgroup, Kubernetes ids, process);
+//! - [`record`]: the ring buffer and the record decoder;
+//! - [`kernel`]: everything about the running kernel (BTF layout, symbols, HZ, programs,
+//!   namespaces), opened once as a [`kernel::Session`].
 
-pub mod agent;
 pub mod attribution;
-pub mod audit;
-pub mod audit_summary;
-pub mod audit_task;
-pub mod check;
-pub mod classifier;
-pub mod connection_table;
-pub mod decoder;
-pub mod events;
-pub mod exposition;
-pub mod http;
-pub mod hz;
-pub mod kallsyms;
-pub mod kernel_layout;
-pub mod metrics;
-pub mod netns;
-pub mod pipeline;
-pub mod programs;
-pub mod ring_reader;
-pub mod sockets_cli;
-pub mod watch;
+pub(crate) mod audit;
+pub mod cmd;
+pub(crate) mod export;
+pub mod kernel;
+pub(crate) mod pipeline;
+pub(crate) mod record;
+pub(crate) mod track;

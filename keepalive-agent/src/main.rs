@@ -1,9 +1,9 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use keepalive_agent::agent::{self, RunConfig};
-use keepalive_agent::sockets_cli::{self, SocketsConfig};
-use keepalive_agent::{
+use keepalive_agent::cmd::{
     check::{self, CheckConfig},
+    run::{self, RunConfig},
+    sockets::{self, SocketsConfig},
     watch::{self, WatchConfig},
 };
 
@@ -43,10 +43,10 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
-        Command::Run(config) => agent::run(config).await.context("keepalive-agent run"),
+        Command::Run(config) => run::run(config).await.context("keepalive-agent run"),
         Command::Check(config) => check::run(config).await.context("keepalive-agent check"),
         Command::Watch(config) => watch::run(config).await.context("keepalive-agent watch"),
-        Command::Sockets(config) => tokio::task::spawn_blocking(move || sockets_cli::run(&config))
+        Command::Sockets(config) => tokio::task::spawn_blocking(move || sockets::run(&config))
             .await
             .context("keepalive-agent sockets")?
             .context("keepalive-agent sockets"),

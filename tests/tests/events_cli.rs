@@ -372,7 +372,7 @@ fn check_passes_on_this_machine_and_names_every_hook() -> TestResult {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "check exited with {}", out.status);
-    for hook in keepalive_agent::programs::HOOKS {
+    for hook in keepalive_agent::kernel::programs::HOOKS {
         let line = stdout
             .lines()
             .find(|l| l.contains(&format!("hook {} ", hook.tracepoint)))

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
-use keepalive_agent::programs::{BASELINE_PROGRAM, PROGRAMS_OBJECT};
+use keepalive_agent::kernel::programs::{BASELINE_PROGRAM, PROGRAMS_OBJECT};
 use keepalive_tests::{Agent, Netns, set_keepalive};
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";

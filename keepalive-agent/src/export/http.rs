@@ -39,10 +39,10 @@ async fn metrics(
         .unwrap_or_default();
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
         // Only for clients that ask for the classic format (promtool check metrics).
-        Ok(()) if crate::exposition::wants_text_0_0_4(accept) => (
+        Ok(()) if crate::export::exposition::wants_text_0_0_4(accept) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, crate::exposition::TEXT_0_0_4)],
-            crate::exposition::openmetrics_to_text(&body),
+            [(header::CONTENT_TYPE, crate::export::exposition::TEXT_0_0_4)],
+            crate::export::exposition::openmetrics_to_text(&body),
         ),
         Ok(()) => (
             StatusCode::OK,

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use btf_rs::{Btf, BtfType, Member, Struct, Type};
 use keepalive_ebpf::KernelOffsets;
 
+use crate::kernel::programs::HOOKS;
+
 /// Where the kernel exposes its own BTF (`CONFIG_DEBUG_INFO_BTF=y`).
 pub const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
@@ -68,6 +70,11 @@ pub struct KernelLayout {
     /// `SK_RST_REASON_TCP_STATE`: the reason for resets sent by `tcp_abort` (`ss -K`) and for the
     /// orphaned FIN_WAIT2 timeout. `None` where the kernel does not have it.
     pub rst_reason_tcp_state: Option<u32>,
+    /// The hooks ([`HOOKS`]) whose BTF tracepoint this kernel has: its `btf_trace_<name>`
+    /// typedef, which the loader resolves `tp_btf/<name>` against.
+    pub tracepoints: Vec<&'static str>,
+    /// BPF TCP iterators (`bpf_iter_tcp`, Linux 5.9+), which the audit walks with.
+    pub iter_tcp: bool,
 }
 
 /// Why the kernel's layout could not be determined. Every variant means the agent cannot run
@@ -168,20 +175,27 @@ pub enum LayoutError {
     OffsetOverflow { path: String, bit_offset: u64 },
 }
 
+/// The running kernel's raw BTF, read once per [`crate::kernel::Session`].
+pub fn read_vmlinux_btf() -> Result<Vec<u8>, LayoutError> {
+    read_btf(Path::new(VMLINUX_BTF_PATH))
+}
+
+fn read_btf(path: &Path) -> Result<Vec<u8>, LayoutError> {
+    std::fs::read(path).map_err(|source| LayoutError::BtfUnreadable {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl KernelLayout {
     /// Reads the running kernel's BTF from [`VMLINUX_BTF_PATH`].
     pub fn from_vmlinux() -> Result<Self, LayoutError> {
-        Self::from_path(VMLINUX_BTF_PATH)
+        Self::from_btf_bytes(&read_vmlinux_btf()?)
     }
 
     /// Reads raw BTF (the format of `/sys/kernel/btf/vmlinux`) from a file.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self, LayoutError> {
-        let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| LayoutError::BtfUnreadable {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_btf_bytes(&bytes)
+        Self::from_btf_bytes(&read_btf(path.as_ref())?)
     }
 
     /// Parses raw BTF bytes (a base BTF blob, not split module BTF).
@@ -280,8 +294,20 @@ impl KernelLayout {
             },
         };
 
+        let has = |name: &str| {
+            btf.resolve_ids_by_name(name)
+                .is_ok_and(|ids| !ids.is_empty())
+        };
+        let tracepoints = HOOKS
+            .iter()
+            .map(|hook| hook.tracepoint)
+            .filter(|tracepoint| has(&format!("btf_trace_{tracepoint}")))
+            .collect();
+
         let rst_limit = u64::from(u32::MAX) + 1;
         Ok(Self {
+            tracepoints,
+            iter_tcp: has("bpf_iter_tcp"),
             offsets,
             timer_layout,
             rst_reason_keepalive_timeout: r.optional_enum_value(

@@ -3,10 +3,11 @@
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
-use crate::pipeline::Pipeline;
-
-/// Runs until the ring buffer's descriptor fails; each record goes through the pipeline.
-pub async fn drain(events: RingBuf<MapData>, pipeline: Pipeline) -> std::io::Result<()> {
+/// Runs until the ring buffer's descriptor fails, handing each record's bytes to `handle`.
+pub(crate) async fn drain(
+    events: RingBuf<MapData>,
+    mut handle: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map descriptor and keeps it open, unchanged, for as long as
     // the AsyncFd owns the RingBuf.
     let mut events =
@@ -16,7 +17,7 @@ pub async fn drain(events: RingBuf<MapData>, pipeline: Pipeline) -> std::io::Res
         let mut guard = events.readable_mut().await?;
         let ring = guard.get_inner_mut();
         while let Some(record) = ring.next() {
-            pipeline.handle(&record);
+            handle(&record);
         }
         guard.clear_ready();
     }

@@ -7,12 +7,12 @@
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError},
+    programs::{BtfTracePoint, Iter, ProgramError},
 };
 use keepalive_ebpf::names;
 use log::{info, warn};
 
-use crate::{kallsyms::TimerFunctions, kernel_layout::KernelLayout};
+use crate::kernel::{kallsyms::TimerFunctions, layout::KernelLayout};
 
 /// The kernel programs, compiled for this agent by build.rs.
 pub static PROGRAMS_OBJECT: &[u8] =
@@ -62,6 +62,20 @@ pub const HOOKS: [Hook; 6] = [
 
 pub const PROGRAM_TYPE: &str = "tp_btf";
 
+/// The smallest ring buffer the kernel accepts (one page), for commands that never read it.
+pub(crate) const MIN_RING_BUFFER_BYTES: u32 = 4096;
+
+/// `--ring-buffer.bytes`: the kernel wants a power of two of at least one page.
+pub(crate) fn parse_ring_buffer_bytes(s: &str) -> Result<u32, String> {
+    let bytes: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if !bytes.is_power_of_two() || bytes < MIN_RING_BUFFER_BYTES {
+        return Err(format!(
+            "{bytes} is not a power of two of at least {MIN_RING_BUFFER_BYTES} (e.g. 4194304)"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// An empty program on `timer_expire_entry`, for benchmarks only.
 pub const BASELINE_PROGRAM: &str = "timer_entry_baseline";
 
@@ -71,10 +85,8 @@ pub enum ProgramsError {
         "loading the kernel programs failed (needs root or CAP_BPF+CAP_PERFMON, and a kernel with BTF): {0}"
     )]
     Load(#[source] aya::EbpfError),
-    #[error(
-        "cannot read the kernel BTF (/sys/kernel/btf/vmlinux; needs CONFIG_DEBUG_INFO_BTF): {0}"
-    )]
-    Btf(#[source] aya::BtfError),
+    #[error("cannot load the iter/tcp audit program (BPF iterators need Linux 5.9+ with BTF): {0}")]
+    LoadAudit(#[source] ProgramError),
     #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
     Missing(&'static str),
     #[error("map {name}: {source}")]
@@ -102,7 +114,7 @@ pub struct KernelPrograms {
     /// Keeps programs and links alive; also holds the audit iterator.
     pub ebpf: Ebpf,
     pub hooks: Vec<HookStatus>,
-    /// The `iter/tcp` audit program loaded (see [`crate::audit`]).
+    /// The `iter/tcp` audit program loaded (see [`crate::audit::iter`]).
     pub audit_loaded: bool,
     pub events: RingBuf<MapData>,
     pub reserve_failures: PerCpuArray<MapData, u64>,
@@ -116,12 +128,16 @@ impl KernelPrograms {
 
 /// Creates the maps and prepares the programs with this kernel's offsets; loads nothing into
 /// the kernel's program table yet.
-pub fn open(
+pub(crate) fn open(
     layout: &KernelLayout,
     timers: &TimerFunctions,
+    btf: &Btf,
     ring_buffer_bytes: u32,
 ) -> Result<Ebpf, ProgramsError> {
+    // aya 0.14's `EbpfLoader::new` parses the kernel BTF itself; handing it ours frees that
+    // copy at once, and every later program load reuses ours.
     EbpfLoader::new()
+        .btf(Some(btf))
         .override_global(names::OFFSETS_GLOBAL, &layout.offsets, true)
         .override_global(names::KEEPALIVE_TIMER_FN_GLOBAL, &timers.keepalive, true)
         .override_global(names::WRITE_TIMER_FN_GLOBAL, &timers.write, true)
@@ -130,21 +146,31 @@ pub fn open(
         .map_err(ProgramsError::Load)
 }
 
+/// Loads the `iter/tcp` audit program; walks attach it one namespace at a time.
+pub(crate) fn load_audit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), ProgramsError> {
+    let program: &mut Iter = ebpf
+        .program_mut(names::AUDIT_PROGRAM)
+        .ok_or(ProgramsError::Missing(names::AUDIT_PROGRAM))?
+        .try_into()
+        .map_err(ProgramsError::LoadAudit)?;
+    program.load("tcp", btf).map_err(ProgramsError::LoadAudit)
+}
+
 /// Everything the agent runs: every hook attached, the audit iterator loaded, the maps taken.
-pub fn load(
+pub(crate) fn load(
     layout: &KernelLayout,
     timers: &TimerFunctions,
+    btf: &Btf,
     ring_buffer_bytes: u32,
 ) -> Result<KernelPrograms, ProgramsError> {
-    let mut ebpf = open(layout, timers, ring_buffer_bytes)?;
+    let mut ebpf = open(layout, timers, btf, ring_buffer_bytes)?;
 
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => spawn_kernel_log(logger),
         Err(err) => warn!("kernel-side diagnostics unavailable: {err}"),
     }
 
-    let btf = Btf::from_sys_fs().map_err(ProgramsError::Btf)?;
-    let audit_loaded = match crate::audit::load(&mut ebpf, &btf) {
+    let audit_loaded = match load_audit(&mut ebpf, btf) {
         Ok(()) => {
             info!("loaded the iter/tcp keepalive configuration audit");
             true
@@ -156,7 +182,7 @@ pub fn load(
     };
     let mut hooks = Vec::with_capacity(HOOKS.len());
     for hook in HOOKS {
-        match attach(&mut ebpf, &btf, hook) {
+        match attach(&mut ebpf, btf, hook) {
             Ok(()) => {
                 info!(
                     "attached {} as {PROGRAM_TYPE}: {}",
@@ -177,7 +203,6 @@ pub fn load(
             Err(err) => return Err(err),
         }
     }
-
     let attached = hooks.iter().filter(|s| s.attached).count();
     info!(
         "{attached}/{} hooks attached as {PROGRAM_TYPE}: BTF tracepoints are stable kernel ABI, need \

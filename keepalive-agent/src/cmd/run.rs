@@ -13,20 +13,21 @@ use prometheus_client::metrics::{family::Family, gauge::Gauge};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attribution::{self, AggregateBy, Attributor, Workload},
-    audit_task,
-    classifier::ResetReasons,
-    connection_table::ConnectionTable,
-    decoder::AuditedSocket,
-    events::{self, EventWriter, EventsTarget},
-    http::{self, HttpState},
-    hz,
-    kallsyms::TimerFunctions,
-    kernel_layout::KernelLayout,
-    metrics::{self, HookLabels, PipelineMetrics, ReserveFailures},
+    attribution::{self, Attributor, Workload},
+    audit,
+    export::{
+        events::{self, EventWriter, EventsTarget},
+        http::{self, HttpState},
+        labels::AggregateBy,
+        metrics::{self, HookLabels, PipelineMetrics, ReserveFailures},
+    },
+    kernel::{
+        Session, hz,
+        programs::{self, PROGRAM_TYPE},
+    },
     pipeline::Pipeline,
-    programs::{self, PROGRAM_TYPE},
-    ring_reader,
+    record::decoder::AuditedSocket,
+    track::connection_table::ConnectionTable,
 };
 
 pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9879";
@@ -53,7 +54,7 @@ pub struct RunConfig {
     #[arg(long = "connections.max-series", default_value_t = 2_000)]
     pub max_series: usize,
     /// Kernel→agent ring buffer size in bytes: a power of two, at least one page.
-    #[arg(long = "ring-buffer.bytes", default_value_t = 4 << 20, value_parser = parse_ring_size)]
+    #[arg(long = "ring-buffer.bytes", default_value_t = 4 << 20, value_parser = programs::parse_ring_buffer_bytes)]
     pub ring_buffer_bytes: u32,
     /// Labels of tcp_keepalive_probes_total and tcp_connection_drops_total, comma-separated,
     /// from: netns, pod_uid, container_id, cgroup, remote_port, local_port. `netns` is always
@@ -81,17 +82,7 @@ pub struct RunConfig {
     #[arg(long = "kernel.timer-list", value_name = "PATH", default_value = hz::DEFAULT_TIMER_LIST)]
     pub timer_list: std::path::PathBuf,
     #[command(flatten)]
-    pub audit: audit_task::AuditConfig,
-}
-
-fn parse_ring_size(s: &str) -> Result<u32, String> {
-    let bytes: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if !bytes.is_power_of_two() || bytes < 4096 {
-        return Err(format!(
-            "{bytes} is not a power of two of at least 4096 (e.g. 4194304)"
-        ));
-    }
-    Ok(bytes)
+    pub audit: audit::task::AuditConfig,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -101,19 +92,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             config.telemetry_path
         );
     }
-    let layout = KernelLayout::from_vmlinux()
-        .context("reading kernel struct layout from /sys/kernel/btf/vmlinux")?;
+    let timer_list = config.timer_list.clone();
+    let session = tokio::task::spawn_blocking(move || Session::open(&timer_list))
+        .await
+        .context("reading the running kernel")?
+        .context("reading the running kernel")?;
     info!(
         "kernel layout: keepalive timer in {:?}, sock+{} (write timer at +{})",
-        layout.timer_layout, layout.offsets.keepalive_timer, layout.offsets.write_timer
+        session.layout.timer_layout,
+        session.layout.offsets.keepalive_timer,
+        session.layout.offsets.write_timer
     );
-    let timers = TimerFunctions::from_proc().context("finding the TCP timer callbacks")?;
-    let timer_list = config.timer_list.clone();
-    let hz = tokio::task::spawn_blocking(move || hz::kernel_hz_from(&timer_list))
-        .await
-        .context("measuring the kernel tick rate")?
-        .context("measuring the kernel tick rate (CONFIG_HZ)")?;
-    info!("kernel tick rate: {hz} Hz");
+    info!("kernel tick rate: {} Hz", session.hz);
 
     // Bind first: a taken port should fail before anything is attached to the kernel.
     let listener = tokio::net::TcpListener::bind(config.listen_address)
@@ -130,7 +120,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         listener.local_addr()?
     );
 
-    let kernel = programs::load(&layout, &timers, config.ring_buffer_bytes)
+    let kernel = session
+        .load(config.ring_buffer_bytes)
         .context("loading the kernel programs")?;
     let hooks: Family<HookLabels, Gauge> = Family::default();
     for status in &kernel.hooks {
@@ -211,7 +202,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     // `_ebpf` keeps the programs (and so the hooks) loaded until `run` returns.
     let (audit_collector, _ebpf) =
-        audit_task::start(ebpf, audit_loaded, hz, &config.audit, audit_group);
+        audit::task::start(ebpf, audit_loaded, session.hz, &config.audit, audit_group);
     registry.register_collector(Box::new(audit_collector));
     let state = Arc::new(HttpState {
         registry,
@@ -221,19 +212,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         listener,
         http::router(Arc::clone(&state), &config.telemetry_path),
     );
-    let attributor = Attributor::new(cgroup_root.clone(), config.proc_root.clone());
-    let pipeline = Pipeline {
+    let mut pipeline = Pipeline::new(
+        &session,
         table,
-        metrics: pipeline_metrics,
-        reset_reasons: ResetReasons {
-            keepalive_timeout: layout.rst_reason_keepalive_timeout,
-        },
-        hz,
-        events: event_sender,
-        attributor,
-        aggregate_by: config.aggregate_by.clone(),
-    };
-    let drain = tokio::spawn(ring_reader::drain(events, pipeline));
+        pipeline_metrics,
+        Attributor::new(cgroup_root, config.proc_root.clone()),
+    )
+    .aggregated_by(config.aggregate_by.clone());
+    if let Some(sender) = event_sender {
+        pipeline = pipeline.with_events(sender);
+    }
+    // The programs are loaded: the loader's BTF is not needed any more.
+    drop(session);
+    let drain = tokio::spawn(pipeline.run(events));
     state.ready.store(ready, Ordering::Relaxed);
     info!("ready: following TCP keepalive in every network namespace");
 

@@ -22,8 +22,8 @@ use prometheus_client::{
 use serde::Serialize;
 
 use crate::{
-    decoder::{AuditedSocket, KeepaliveSettings},
-    metrics::DETECTION_BUCKETS,
+    export::{labels::AggregateLabels, metrics::DETECTION_BUCKETS},
+    record::decoder::{AuditedSocket, KeepaliveSettings},
 };
 
 /// The connections the audit metrics count: ESTABLISHED and CLOSE_WAIT. Both hold an open
@@ -237,15 +237,6 @@ impl BucketCounts {
     }
 }
 
-/// The aggregate label set a socket is counted under: `netns` first, then the workload labels
-/// chosen with `--aggregate-by` (the same sets the probe and drop counters use).
-pub type GroupLabels = Vec<(&'static str, String)>;
-
-/// Labels when aggregating by namespace only.
-pub fn netns_group(socket: &AuditedSocket) -> GroupLabels {
-    vec![("netns", socket.endpoints.netns.to_string())]
-}
-
 /// One label set's figures from one walk; connections are ESTABLISHED/CLOSE_WAIT sockets.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GroupAudit {
@@ -265,7 +256,7 @@ pub struct GroupAudit {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuditSummary {
     pub thresholds: Vec<IdleThreshold>,
-    pub groups: BTreeMap<GroupLabels, GroupAudit>,
+    pub groups: BTreeMap<AggregateLabels, GroupAudit>,
 }
 
 impl AuditSummary {
@@ -273,9 +264,9 @@ impl AuditSummary {
         sockets: &[AuditedSocket],
         hz: u32,
         thresholds: &[IdleThreshold],
-        group_of: impl Fn(&AuditedSocket) -> GroupLabels,
+        group_of: impl Fn(&AuditedSocket) -> AggregateLabels,
     ) -> Self {
-        let mut groups: BTreeMap<GroupLabels, GroupAudit> = BTreeMap::new();
+        let mut groups: BTreeMap<AggregateLabels, GroupAudit> = BTreeMap::new();
         for socket in sockets {
             let netns = groups
                 .entry(group_of(socket))
@@ -338,7 +329,7 @@ pub struct AuditCollector {
 type PickCounts = fn(&GroupAudit) -> &BucketCounts;
 
 /// `group` plus one more label.
-fn with_label(group: &GroupLabels, key: &'static str, value: &str) -> GroupLabels {
+fn with_label(group: &AggregateLabels, key: &'static str, value: &str) -> AggregateLabels {
     let mut labels = group.clone();
     labels.push((key, value.to_owned()));
     labels
@@ -445,7 +436,11 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     use super::*;
-    use crate::decoder::{Endpoints, SocketOwner};
+    use crate::{
+        attribution::Workload,
+        export::labels::AggregateBy,
+        record::decoder::{Endpoints, SocketOwner},
+    };
 
     const HZ: u32 = 250;
 
@@ -547,6 +542,11 @@ mod tests {
             socket(8, tcp_state::LISTEN, off),
             socket(9, tcp_state::FIN_WAIT2, settings(1, 1, 1, 0)),
         ]
+    }
+
+    /// What the agent counts by when `--aggregate-by` is left at its default.
+    fn netns_group(socket: &AuditedSocket) -> AggregateLabels {
+        AggregateBy::default().labels(&socket.endpoints, &Workload::default())
     }
 
     #[test]

@@ -114,7 +114,7 @@ impl CloseEvent {
     /// the wrap.
     pub fn silent_seconds(&self, hz: u32) -> f64 {
         let silent = (self.jiffies as u32).wrapping_sub(self.last_received_jiffies);
-        crate::hz::jiffies_to_seconds(u64::from(silent), hz)
+        crate::kernel::hz::jiffies_to_seconds(u64::from(silent), hz)
     }
 }
 

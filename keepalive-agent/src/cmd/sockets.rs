@@ -5,19 +5,16 @@ use std::{
     fmt::Write as _,
     io::Write as _,
     net::{IpAddr, SocketAddr},
+    path::Path,
 };
 
 use anyhow::Context as _;
-use aya::Btf;
 use keepalive_ebpf::tcp_state;
 
 use crate::{
-    audit, audit_summary::SocketKeepalive, hz, kallsyms::TimerFunctions,
-    kernel_layout::KernelLayout, programs,
+    audit::{iter, summary::SocketKeepalive},
+    kernel::{Session, hz},
 };
-
-/// The ring buffer is not read by this command; the smallest size the kernel accepts.
-const UNUSED_RING_BUFFER_BYTES: u32 = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -57,16 +54,15 @@ impl SocketsConfig {
 }
 
 pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
-    let layout = KernelLayout::from_vmlinux()
-        .context("reading kernel struct layout from /sys/kernel/btf/vmlinux")?;
-    let timers = TimerFunctions::from_proc().context("finding the TCP timer callbacks")?;
-    let mut ebpf = programs::open(&layout, &timers, UNUSED_RING_BUFFER_BYTES)
-        .context("preparing the kernel programs (run as root)")?;
-    let btf = Btf::from_sys_fs().context("reading /sys/kernel/btf/vmlinux")?;
-    audit::load(&mut ebpf, &btf).context("loading the iter/tcp audit program")?;
-    let hz = hz::kernel_hz().context("measuring the kernel tick rate (CONFIG_HZ)")?;
+    let session = Session::open(Path::new(hz::DEFAULT_TIMER_LIST))
+        .context("reading the running kernel (try `keepalive-agent check`)")?;
+    let mut ebpf = session
+        .load_audit_only()
+        .context("loading the iter/tcp audit program (run as root)")?;
+    let hz = session.hz;
+    drop(session);
     // Only the namespaces asked for are entered: a filtered listing is cheaper on a busy host.
-    let host = audit::walk_namespaces(&mut ebpf, |inode| {
+    let host = iter::walk_namespaces(&mut ebpf, |inode| {
         config.netns.is_empty() || config.netns.iter().any(|&n| u64::from(n) == inode)
     });
     for failure in &host.failures {

@@ -23,9 +23,9 @@ use tokio::{
 
 use crate::{
     attribution::Workload,
-    classifier::DropReason,
-    decoder::{CloseEvent, KeepaliveExpiry, KeepaliveSettings, SocketOwner},
-    hz,
+    kernel::hz,
+    record::decoder::{CloseEvent, KeepaliveExpiry, KeepaliveSettings, SocketOwner},
+    track::classifier::DropReason,
 };
 
 /// Events buffered between the pipeline and the writer before new ones are counted as dropped.
@@ -405,10 +405,8 @@ async fn open_output(target: &EventsTarget) -> Result<Output, EventsError> {
 
 #[cfg(test)]
 mod tests {
-    use keepalive_ebpf::{CloseContext, RecordKind, SocketRecord, record_flags};
-
     use super::*;
-    use crate::decoder::{Endpoints, fixtures};
+    use crate::record::decoder::{Endpoints, fixtures};
 
     fn close() -> CloseEvent {
         CloseEvent {
@@ -502,96 +500,6 @@ mod tests {
         tx.send(event.clone());
         tx.send(event);
         assert_eq!(dropped.get(), 1);
-    }
-
-    /// One record as the kernel would write it for connection `sk` (127.0.0.1:40000 → :8080).
-    fn record_bytes(kind: RecordKind, before: u8, after: u8, flags: u8) -> Vec<u8> {
-        let mut rec = SocketRecord {
-            sk: 1,
-            kind: kind as u8,
-            family: keepalive_ebpf::AF_INET,
-            netns: 4026532000,
-            local_port: 40000,
-            remote_port: 8080,
-            state: 1,
-            probes_out_before: before,
-            probes_out_after: after,
-            keepalive_time: 250,
-            keepalive_intvl: 250,
-            keepalive_probes: 3,
-            flags: flags | record_flags::KEEPALIVE_ON,
-            cgroup_id: 42,
-            socket_ino: 7,
-            ..SocketRecord::default()
-        };
-        rec.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        rec.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        if kind == RecordKind::Close {
-            rec.context = CloseContext::KeepaliveTimer as u8;
-            rec.reset_reason_sent = 15;
-            rec.sk_err = libc::ETIMEDOUT;
-            rec.jiffies = 2000;
-            rec.rcv_tstamp = 1000;
-            rec.lrcvtime = 1000;
-        }
-        // SAFETY: SocketRecord is plain data without padding.
-        unsafe { std::slice::from_raw_parts((&raw const rec).cast::<u8>(), SocketRecord::SIZE) }
-            .to_vec()
-    }
-
-    #[test]
-    fn pipeline_reports_answered_streaks_then_the_timeout_and_its_drop() {
-        let dropped = Counter::default();
-        let (sender, mut receiver) = channel(64, dropped.clone(), true);
-        let pipeline = crate::pipeline::Pipeline {
-            table: std::sync::Arc::new(std::sync::Mutex::new(
-                crate::connection_table::ConnectionTable::new(
-                    std::num::NonZeroUsize::new(16).unwrap(),
-                    16,
-                    Duration::from_secs(60),
-                ),
-            )),
-            metrics: crate::metrics::PipelineMetrics::default(),
-            reset_reasons: crate::classifier::ResetReasons {
-                keepalive_timeout: Some(15),
-            },
-            hz: 250,
-            events: Some(sender),
-            attributor: crate::attribution::Attributor::new(None, "/nonexistent".into()),
-            aggregate_by: crate::attribution::AggregateBy::default(),
-        };
-        let expiry = RecordKind::KeepaliveTimer;
-        // Healthy: each probe's ACK zeroes icsk_probes_out before the next expiry.
-        pipeline.handle(&record_bytes(expiry, 0, 1, 0));
-        pipeline.handle(&record_bytes(expiry, 0, 1, 0));
-        // Then the peer goes silent: 2 more probes, and the abort.
-        pipeline.handle(&record_bytes(expiry, 1, 2, 0));
-        pipeline.handle(&record_bytes(expiry, 2, 3, 0));
-        pipeline.handle(&record_bytes(
-            RecordKind::Close,
-            3,
-            0,
-            record_flags::RESET_SENT,
-        ));
-        let mut got = Vec::new();
-        while let Ok(event) = receiver.try_recv() {
-            got.push((event.event, event.probes_sent, event.unanswered_probes));
-        }
-        use EventKind::*;
-        assert_eq!(
-            got,
-            [
-                (ProbeSent, 1, 0),
-                (Answered, 1, 0),
-                (ProbeSent, 1, 0),
-                (ProbeSent, 2, 1),
-                (ProbeSent, 3, 2),
-                (TimedOut, 3, 3),
-                // Four probes seen on the connection in all, three of them unanswered.
-                (Drop, 4, 3),
-            ]
-        );
-        assert_eq!(dropped.get(), 0);
     }
 
     #[test]

@@ -12,8 +12,8 @@ use lru::LruCache;
 
 use crate::{
     attribution::Workload,
-    classifier::{CloseOutcome, DropReason},
-    decoder::{CloseEvent, Endpoints, KeepaliveExpiry},
+    record::decoder::{CloseEvent, Endpoints, KeepaliveExpiry},
+    track::classifier::{CloseOutcome, DropReason},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +169,14 @@ impl ConnectionTable {
         self.live.peek_mut(&sk)
     }
 
+    /// The newest dropped connection on these endpoints.
+    pub(crate) fn dropped_mut(&mut self, endpoints: &Endpoints) -> Option<&mut ConnectionState> {
+        self.dropped
+            .iter_mut()
+            .rev()
+            .find(|state| state.endpoints == *endpoints)
+    }
+
     /// Forgets dropped connections older than the retention.
     pub fn expire(&mut self, now: Instant) {
         while self
@@ -212,7 +220,7 @@ impl ConnectionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decoder::{KeepaliveSettings, SocketOwner, fixtures};
+    use crate::record::decoder::{KeepaliveSettings, SocketOwner, fixtures};
 
     const SETTINGS: KeepaliveSettings = KeepaliveSettings {
         enabled: true,

@@ -3,7 +3,7 @@
 
 use keepalive_ebpf::{CloseContext, icsk_timer, tcp_state};
 
-use crate::decoder::CloseEvent;
+use crate::record::decoder::CloseEvent;
 
 const ETIMEDOUT: i32 = libc::ETIMEDOUT;
 const ECONNABORTED: i32 = libc::ECONNABORTED;
@@ -145,7 +145,7 @@ pub fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decoder::fixtures;
+    use crate::record::decoder::fixtures;
 
     const KEEPALIVE_TIMEOUT_REASON: u32 = 15;
     const TCP_STATE_REASON: u32 = 14;

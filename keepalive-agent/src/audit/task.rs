@@ -11,13 +11,14 @@ use log::{debug, info, warn};
 use tokio::time::MissedTickBehavior;
 
 use crate::{
-    audit,
-    audit_summary::{AuditCollector, AuditState, AuditSummary, GroupLabels, IdleThreshold},
-    decoder::AuditedSocket,
+    audit::iter,
+    audit::summary::{AuditCollector, AuditState, AuditSummary, IdleThreshold},
+    export::labels::AggregateLabels,
+    record::decoder::AuditedSocket,
 };
 
 /// The label set each audited socket is counted under (see [`AuditSummary::new`]).
-pub type AuditGroup = Arc<dyn Fn(&AuditedSocket) -> GroupLabels + Send + Sync>;
+pub type AuditGroup = Arc<dyn Fn(&AuditedSocket) -> AggregateLabels + Send + Sync>;
 
 /// Middlebox idle timeouts counted when `--idle-timeout-threshold` is not given: the defaults
 /// of the middleboxes a Kubernetes connection most often crosses.
@@ -126,7 +127,7 @@ pub async fn run(
             let mut ebpf = ebpf
                 .lock()
                 .map_err(|_| "the kernel programs lock is poisoned".to_owned())?;
-            let host = audit::walk_namespaces(&mut ebpf, |_| true);
+            let host = iter::walk_namespaces(&mut ebpf, |_| true);
             Ok::<_, String>(WalkOutcome {
                 summary: AuditSummary::new(&host.sockets, hz, &thresholds, |s| group(s)),
                 sockets: host.sockets.len(),

@@ -18,16 +18,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{attribution, classifier::DropReason, connection_table::ConnectionTable};
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NetnsLabels {
-    pub netns: u32,
-}
-
-/// Labels of the aggregate probe and drop counters: `netns` first, then what `--aggregate-by`
-/// chose (see [`crate::attribution::AggregateBy`]); the drop counter adds `reason` last.
-pub type AggregateLabels = Vec<(&'static str, String)>;
+use crate::{
+    export::labels::{AggregateLabels, connection_labels},
+    track::{classifier::DropReason, connection_table::ConnectionTable},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DropLabels {
@@ -212,7 +206,7 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
                     ("remote_port", e.remote.port().to_string()),
                 ];
                 // Always present, empty when unknown (Prometheus reads "" as absent).
-                labels.extend(attribution::connection_labels(&state.workload));
+                labels.extend(connection_labels(&state.workload));
                 if let Some(reason) = state.dropped {
                     labels.push(("reason", reason.as_str().to_owned()));
                 }

@@ -5,14 +5,12 @@ use std::{ffi::CStr, fs};
 
 use anyhow::bail;
 
-use crate::{
-    hz,
+use crate::kernel::{
+    Session, hz,
     kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
-    kernel_layout::KernelLayout,
-    programs::{self, HOOKS, PROGRAM_TYPE},
+    layout::{self, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
+    programs::{HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
 };
-
-const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Ring buffers (5.8) are the newest feature every required hook depends on; iter/tcp needs 5.9.
 const MIN_KERNEL: (u32, u32) = (5, 8);
@@ -82,7 +80,13 @@ impl Check {
 
 pub async fn run(config: CheckConfig) -> anyhow::Result<()> {
     let mut checks = vec![kernel_version()];
-    let layout = match KernelLayout::from_vmlinux() {
+    // Read once: the layout and the hooks come from one parse, and `--load` reuses the bytes.
+    let btf = layout::read_vmlinux_btf();
+    let layout = match btf
+        .as_deref()
+        .map_err(|err| err.to_string())
+        .and_then(|bytes| KernelLayout::from_btf_bytes(bytes).map_err(|err| err.to_string()))
+    {
         Ok(layout) => {
             checks.push(Check::ok(
                 "btf",
@@ -97,7 +101,7 @@ pub async fn run(config: CheckConfig) -> anyhow::Result<()> {
             checks.push(Check::new(
                 "btf",
                 Status::Fail,
-                err.to_string(),
+                err,
                 Some(format!(
                     "Run on a kernel built with CONFIG_DEBUG_INFO_BTF=y ({VMLINUX_BTF} must exist and describe struct sock, inet_connection_sock and tcp_sock)."
                 )),
@@ -105,7 +109,7 @@ pub async fn run(config: CheckConfig) -> anyhow::Result<()> {
             None
         }
     };
-    checks.extend(hooks());
+    checks.extend(hooks(layout.as_ref()));
     checks.push(Check::new(
         "fentry/kprobe",
         Status::Note,
@@ -135,25 +139,29 @@ pub async fn run(config: CheckConfig) -> anyhow::Result<()> {
         }
     };
     checks.push(tracefs());
-    checks.push(
-        match tokio::task::spawn_blocking(hz::kernel_hz).await {
-            Ok(Ok(hz)) => Check::ok("hz", format!("CONFIG_HZ = {hz} (measured from /proc/timer_list)")),
-            Ok(Err(err)) => Check::new(
-                "hz",
-                Status::Fail,
-                err.to_string(),
-                Some("Run as root so the agent can read /proc/timer_list and convert jiffies to seconds.".to_owned()),
-            ),
-            Err(err) => Check::new("hz", Status::Fail, err.to_string(), None),
-        },
-    );
+    let hz = tokio::task::spawn_blocking(hz::kernel_hz).await;
+    checks.push(match &hz {
+        Ok(Ok(hz)) => Check::ok("hz", format!("CONFIG_HZ = {hz} (measured from /proc/timer_list)")),
+        Ok(Err(err)) => Check::new(
+            "hz",
+            Status::Fail,
+            err.to_string(),
+            Some("Run as root so the agent can read /proc/timer_list and convert jiffies to seconds.".to_owned()),
+        ),
+        Err(err) => Check::new("hz", Status::Fail, err.to_string(), None),
+    });
     if config.load {
-        checks.push(match (&layout, &timers) {
-            (Some(layout), Some(timers)) => load(layout, timers),
+        checks.push(match (btf, layout, timers, hz) {
+            (Ok(btf), Some(layout), Some(timers), Ok(Ok(hz))) => {
+                match Session::new(&btf, layout, timers, hz) {
+                    Ok(session) => load(&session),
+                    Err(err) => Check::new("load", Status::Fail, err.to_string(), None),
+                }
+            }
             _ => Check::new(
                 "load",
                 Status::Fail,
-                "skipped: BTF layout or kallsyms missing (see above)",
+                "skipped: BTF layout, kallsyms or tick rate missing (see above)",
                 None,
             ),
         });
@@ -240,29 +248,23 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
 
 /// Each hook's BTF tracepoint exists when the kernel's BTF has its `btf_trace_<name>` typedef
 /// (what the loader resolves `tp_btf/<name>` against); the audit needs the `bpf_iter_tcp` target.
-fn hooks() -> Vec<Check> {
-    let btf = match btf_rs::Btf::from_file(VMLINUX_BTF) {
-        Ok(btf) => btf,
-        Err(err) => {
-            return vec![Check::new(
-                "hooks",
-                Status::Fail,
-                format!("cannot read {VMLINUX_BTF}: {err}"),
-                Some("BTF tracepoints need the kernel's BTF: use a kernel built with CONFIG_DEBUG_INFO_BTF=y.".to_owned()),
-            )];
-        }
+fn hooks(layout: Option<&KernelLayout>) -> Vec<Check> {
+    let Some(layout) = layout else {
+        return vec![Check::new(
+            "hooks",
+            Status::Fail,
+            format!("cannot tell without {VMLINUX_BTF} (see btf above)"),
+            Some("BTF tracepoints need the kernel's BTF: use a kernel built with CONFIG_DEBUG_INFO_BTF=y.".to_owned()),
+        )];
     };
-    let has = |name: &str| {
-        btf.resolve_ids_by_name(name)
-            .is_ok_and(|ids| !ids.is_empty())
-    };
+    let has = |tracepoint: &str| layout.tracepoints.contains(&tracepoint);
     let mut checks: Vec<Check> = HOOKS
         .iter()
         .map(|hook| {
             let name = format!("hook {}", hook.tracepoint);
             let typedef = format!("btf_trace_{}", hook.tracepoint);
             let need = if hook.required { "required" } else { "optional" };
-            if has(&typedef) {
+            if has(hook.tracepoint) {
                 Check::ok(
                     name,
                     format!("{PROGRAM_TYPE} ({typedef} in BTF), {need}: {}", hook.role),
@@ -284,7 +286,7 @@ fn hooks() -> Vec<Check> {
             }
         })
         .collect();
-    checks.push(if has("bpf_iter_tcp") {
+    checks.push(if layout.iter_tcp {
         Check::ok(
             "audit iter/tcp",
             "iter (bpf_iter_tcp in BTF): keepalive configuration audit of every TCP socket",
@@ -360,10 +362,9 @@ fn tracefs() -> Check {
     Check::ok("tracefs", detail)
 }
 
-fn load(layout: &KernelLayout, timers: &TimerFunctions) -> Check {
-    // The smallest ring buffer the kernel accepts is one page; nothing is read from it.
-    let page = 4096;
-    match programs::load(layout, timers, page) {
+fn load(session: &Session) -> Check {
+    // Nothing is read from the ring buffer: the smallest size the kernel accepts.
+    match session.load(MIN_RING_BUFFER_BYTES) {
         Ok(kernel) => {
             let attached = kernel.hooks.iter().filter(|s| s.attached).count();
             let audit = if kernel.audit_loaded {

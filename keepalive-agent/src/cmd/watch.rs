@@ -6,6 +6,7 @@ use std::{
     io::{IsTerminal as _, Write as _},
     net::IpAddr,
     num::NonZeroUsize,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -15,15 +16,14 @@ use log::info;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    classifier::{DropReason, ResetReasons},
-    connection_table::ConnectionTable,
-    events::{self, ConnectionEvent, EventKind},
-    hz,
-    kallsyms::TimerFunctions,
-    kernel_layout::KernelLayout,
-    metrics::PipelineMetrics,
+    attribution::{Attributor, system_cgroup2_mount},
+    export::{
+        events::{self, ConnectionEvent, EventKind},
+        metrics::PipelineMetrics,
+    },
+    kernel::{Session, hz, programs},
     pipeline::Pipeline,
-    programs, ring_reader,
+    track::{classifier::DropReason, connection_table::ConnectionTable},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -55,7 +55,7 @@ pub struct WatchConfig {
     #[arg(long = "color", value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
     /// Kernel→agent ring buffer size in bytes: a power of two, at least one page.
-    #[arg(long = "ring-buffer.bytes", default_value_t = 1 << 20)]
+    #[arg(long = "ring-buffer.bytes", default_value_t = 1 << 20, value_parser = programs::parse_ring_buffer_bytes)]
     pub ring_buffer_bytes: u32,
 }
 
@@ -189,12 +189,6 @@ fn workload(e: &ConnectionEvent) -> String {
 }
 
 pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
-    if !config.ring_buffer_bytes.is_power_of_two() || config.ring_buffer_bytes < 4096 {
-        anyhow::bail!(
-            "--ring-buffer.bytes {} is not a power of two of at least 4096 (e.g. 1048576)",
-            config.ring_buffer_bytes
-        );
-    }
     let color = match config.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
@@ -206,14 +200,12 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
         netns: config.netns,
         pods: config.pods,
     };
-    let layout = KernelLayout::from_vmlinux()
-        .context("reading kernel struct layout from /sys/kernel/btf/vmlinux")?;
-    let timers = TimerFunctions::from_proc().context("finding the TCP timer callbacks")?;
-    let hz = tokio::task::spawn_blocking(hz::kernel_hz)
+    let session = tokio::task::spawn_blocking(|| Session::open(Path::new(hz::DEFAULT_TIMER_LIST)))
         .await
-        .context("measuring the kernel tick rate")?
-        .context("measuring the kernel tick rate (CONFIG_HZ)")?;
-    let kernel = programs::load(&layout, &timers, config.ring_buffer_bytes)
+        .context("reading the running kernel")?
+        .context("reading the running kernel (try `keepalive-agent check`)")?;
+    let kernel = session
+        .load(config.ring_buffer_bytes)
         .context("loading the kernel programs (try `keepalive-agent check`)")?;
     anyhow::ensure!(
         kernel.all_required_attached(),
@@ -234,21 +226,15 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
         1024,
         Duration::from_secs(60),
     );
-    let pipeline = Pipeline {
-        table: Arc::new(Mutex::new(table)),
+    let pipeline = Pipeline::new(
+        &session,
+        Arc::new(Mutex::new(table)),
         metrics,
-        reset_reasons: ResetReasons {
-            keepalive_timeout: layout.rst_reason_keepalive_timeout,
-        },
-        hz,
-        events: Some(sender),
-        attributor: crate::attribution::Attributor::new(
-            crate::attribution::system_cgroup2_mount(),
-            std::path::PathBuf::from("/proc"),
-        ),
-        aggregate_by: crate::attribution::AggregateBy::default(),
-    };
-    let mut drain = tokio::spawn(ring_reader::drain(ring, pipeline));
+        Attributor::new(system_cgroup2_mount(), PathBuf::from("/proc")),
+    )
+    .with_events(sender);
+    drop(session);
+    let mut drain = tokio::spawn(pipeline.run(ring));
     info!("watching TCP keepalive in every network namespace; Ctrl-C to stop");
 
     let mut stdout = std::io::stdout().lock();
@@ -287,7 +273,7 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::attribution::Workload;
-    use crate::events::{KeepaliveSeconds, WorkloadFields};
+    use crate::export::events::{KeepaliveSeconds, WorkloadFields};
 
     fn event(kind: EventKind) -> ConnectionEvent {
         ConnectionEvent {

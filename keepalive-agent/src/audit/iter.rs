@@ -1,27 +1,27 @@
 //! The keepalive configuration audit: one walk of every TCP socket on the host through the
 //! `iter/tcp` program, which writes one [`SocketRecord`] per full socket into the iterator's file.
 //! An iterator only sees the namespace it was created in, so [`walk_namespaces`] creates one in
-//! each network namespace [`crate::netns::all`] finds.
+//! each network namespace [`crate::kernel::netns::all`] finds.
 
 use std::io::Read as _;
 
 use aya::{
-    Btf, Ebpf,
+    Ebpf,
     programs::{Iter, ProgramError, links::LinkError},
 };
 use keepalive_ebpf::{SocketRecord, names};
 
 use crate::{
-    decoder::{self, AuditedSocket, DecodeError, Event},
-    netns,
+    kernel::netns,
+    record::decoder::{self, AuditedSocket, DecodeError, Event},
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum AuditError {
+pub(crate) enum AuditError {
     #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
     Missing(&'static str),
-    #[error("cannot load the iter/tcp audit program (BPF iterators need Linux 5.9+ with BTF): {0}")]
-    Load(#[source] ProgramError),
+    #[error("the audit program is not an iterator: {0}")]
+    Program(#[source] ProgramError),
     #[error("starting an audit walk: {0}")]
     Attach(#[source] ProgramError),
     #[error("opening the audit iterator: {0}")]
@@ -38,16 +38,12 @@ pub enum AuditError {
     },
 }
 
-/// Loads the iterator program (once, at start-up).
-pub fn load(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), AuditError> {
-    program(ebpf)?.load("tcp", btf).map_err(AuditError::Load)
-}
-
+/// The iterator program, loaded at start-up by [`crate::kernel::programs::load_audit`].
 fn program(ebpf: &mut Ebpf) -> Result<&mut Iter, AuditError> {
     ebpf.program_mut(names::AUDIT_PROGRAM)
         .ok_or(AuditError::Missing(names::AUDIT_PROGRAM))?
         .try_into()
-        .map_err(AuditError::Load)
+        .map_err(AuditError::Program)
 }
 
 /// Walks every TCP socket of the calling thread's network namespace once.

@@ -1,0 +1,288 @@
+//! Who owns a connection. The kernel records give two facts captured from the socket itself
+//! (never from `current`, which is meaningless in the timer softirq): the socket's cgroup v2 id
+//! and the inode of its file. This module turns them into a [`Workload`]:
+//!
+//! - cgroup id → cgroup path, by walking the cgroup v2 mount (a directory's inode number *is*
+//!   the cgroup id on 64-bit kernels: `kernfs_node.id`);
+//! - cgroup path → Kubernetes `pod_uid` and `container_id` (pure parsing, no API access);
+//! - socket inode → owning process, by finding `socket:[INO]` among `/proc/*/fd`.
+//!
+//! Both lookups are cached and a miss rebuilds the cache at most once per second, so a busy
+//! node (thousands of cgroups, hundreds of thousands of descriptors) bounds the work.
+//!
+//! [`cgroup`] resolves ids to paths, [`kubernetes`] parses the kubelet's naming out of a path,
+//! [`process`] finds the process holding a socket; [`Attributor`] combines the three.
+
+mod cgroup;
+pub(crate) mod kubernetes;
+mod process;
+
+use std::{
+    fs,
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use cgroup::CgroupResolver;
+pub use cgroup::system_cgroup2_mount;
+use kubernetes::parse_kubernetes;
+use process::ProcessResolver;
+
+use crate::record::decoder::SocketOwner;
+
+/// Shortest time between two full rebuilds of a cache after a miss.
+pub(crate) const MIN_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The workload behind one socket. Every field but the cgroup id can be unknown: the cgroup may
+/// be gone, the path may not be a container's, the process may have closed the socket.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, serde::Serialize)]
+pub struct Workload {
+    /// cgroup v2 id of the socket (0 when the kernel record had none).
+    pub cgroup_id: u64,
+    /// Path relative to the cgroup v2 mount, starting with `/` (as in `/proc/PID/cgroup`).
+    pub cgroup_path: Option<String>,
+    /// Kubernetes pod UID, with dashes (`kube_pod_info{uid}`).
+    pub pod_uid: Option<String>,
+    /// Container runtime id (64 hex digits), without the runtime prefix.
+    pub container_id: Option<String>,
+    pub pid: Option<u32>,
+    /// `/proc/PID/comm` of that process.
+    pub comm: Option<String>,
+}
+
+impl Workload {
+    /// Takes from `newer` what this one does not know yet; known fields stay (the process may
+    /// be gone by the time a connection closes, its cgroup deleted).
+    pub fn fill_unknown_from(&mut self, newer: Workload) {
+        if self.cgroup_id == 0 {
+            self.cgroup_id = newer.cgroup_id;
+        }
+        fill(&mut self.cgroup_path, newer.cgroup_path);
+        fill(&mut self.pod_uid, newer.pod_uid);
+        fill(&mut self.container_id, newer.container_id);
+        if self.pid.is_none() {
+            self.pid = newer.pid;
+            self.comm = newer.comm;
+        }
+    }
+}
+
+fn fill(slot: &mut Option<String>, newer: Option<String>) {
+    if slot.is_none() {
+        *slot = newer;
+    }
+}
+
+#[derive(Debug)]
+pub struct Attributor {
+    cgroups: Mutex<CgroupResolver>,
+    processes: Mutex<ProcessResolver>,
+}
+
+impl Attributor {
+    /// `cgroup_root`: the cgroup v2 mount (`None`: paths stay unknown); `proc_root`: `/proc`.
+    pub fn new(cgroup_root: Option<PathBuf>, proc_root: PathBuf) -> Self {
+        Self {
+            cgroups: Mutex::new(CgroupResolver::new(cgroup_root)),
+            processes: Mutex::new(ProcessResolver::new(proc_root)),
+        }
+    }
+
+    /// The cgroup side only (path, pod, container): cheap, a map lookup when cached. What
+    /// aggregate labels need.
+    pub fn attribute_cgroup(&self, owner: &SocketOwner) -> Workload {
+        self.cgroup_workload(owner, Instant::now())
+    }
+
+    /// Everything known about the socket's owner, including its process. The process lookup
+    /// reads `/proc`: call it for connections the agent reports, not for every event.
+    pub fn attribute(&self, owner: &SocketOwner) -> Workload {
+        let now = Instant::now();
+        let mut workload = self.cgroup_workload(owner, now);
+        let candidates = workload
+            .cgroup_path
+            .as_deref()
+            // Every process is a candidate in the root cgroup: leave that to the rate-limited
+            // whole-host scan.
+            .filter(|path| *path != "/")
+            .map(|path| self.cgroup_processes(path))
+            .unwrap_or_default();
+        let process = self
+            .processes
+            .lock()
+            .expect("process resolver lock poisoned")
+            .owner(owner.socket_ino, &candidates, now);
+        if let Some(process) = process {
+            workload.pid = Some(process.pid);
+            workload.comm = process.comm;
+        }
+        workload
+    }
+
+    fn cgroup_workload(&self, owner: &SocketOwner, now: Instant) -> Workload {
+        let cgroup_path = self
+            .cgroups
+            .lock()
+            .expect("cgroup resolver lock poisoned")
+            .path(owner.cgroup_id, now);
+        let ids = cgroup_path
+            .as_deref()
+            .map(parse_kubernetes)
+            .unwrap_or_default();
+        Workload {
+            cgroup_id: owner.cgroup_id,
+            cgroup_path,
+            pod_uid: ids.pod_uid,
+            container_id: ids.container_id,
+            pid: None,
+            comm: None,
+        }
+    }
+
+    /// `cgroup.procs` of a cgroup (empty if it is gone).
+    fn cgroup_processes(&self, path: &str) -> Vec<u32> {
+        let Some(dir) = self
+            .cgroups
+            .lock()
+            .expect("cgroup resolver lock poisoned")
+            .directory(path)
+        else {
+            return Vec::new();
+        };
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .map(|procs| {
+                procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::{
+        fs,
+        os::unix::fs::{MetadataExt as _, symlink},
+        path::{Path, PathBuf},
+    };
+
+    pub(crate) fn ino(path: &Path) -> u64 {
+        fs::metadata(path).expect("stat").ino()
+    }
+
+    pub(crate) const UID: &str = "1f6c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+    pub(crate) const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// A scratch directory removed on drop.
+    pub(crate) struct Scratch(pub(crate) PathBuf);
+
+    impl Scratch {
+        pub(crate) fn new(tag: &str) -> Self {
+            static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!(
+                "keepalive-attribution-{tag}-{}-{n}",
+                std::process::id()
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).expect("create scratch dir");
+            Self(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `<proc>/<pid>/{comm,fd/*}` with the given socket inodes open.
+    pub(crate) fn fake_process(proc_root: &Path, pid: u32, comm: &str, sockets: &[u64]) {
+        let dir = proc_root.join(pid.to_string());
+        fs::create_dir_all(dir.join("fd")).expect("mkdir");
+        fs::write(dir.join("comm"), format!("{comm}\n")).expect("write comm");
+        symlink("/dev/null", dir.join("fd/0")).expect("symlink");
+        for (n, ino) in sockets.iter().enumerate() {
+            symlink(format!("socket:[{ino}]"), dir.join(format!("fd/{}", n + 3))).expect("symlink");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::test_support::{CID, Scratch, UID, fake_process, ino};
+    use super::*;
+
+    #[test]
+    fn attributor_combines_cgroup_path_pod_container_and_process() {
+        let cgroups = Scratch::new("attr-cgroup");
+        let procs = Scratch::new("attr-proc");
+        let container = format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-{CID}.scope",
+            UID.replace('-', "_")
+        );
+        let dir = cgroups.0.join(&container);
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("cgroup.procs"), "77\n").expect("write");
+        fake_process(&procs.0, 77, "app", &[4242]);
+
+        let attributor = Attributor::new(Some(cgroups.0.clone()), procs.0.clone());
+        let owner = SocketOwner {
+            cgroup_id: ino(&dir),
+            socket_ino: 4242,
+        };
+        let expected = Workload {
+            cgroup_id: owner.cgroup_id,
+            cgroup_path: Some(format!("/{container}")),
+            pod_uid: Some(UID.to_owned()),
+            container_id: Some(CID.to_owned()),
+            pid: Some(77),
+            comm: Some("app".to_owned()),
+        };
+        assert_eq!(attributor.attribute(&owner), expected);
+        assert_eq!(
+            attributor.attribute_cgroup(&owner),
+            Workload {
+                pid: None,
+                comm: None,
+                ..expected.clone()
+            }
+        );
+
+        // Orphan sockets (no file) and unknown cgroups keep what can be known.
+        let orphan = SocketOwner {
+            cgroup_id: 999_999_999,
+            socket_ino: 0,
+        };
+        assert_eq!(
+            attributor.attribute(&orphan),
+            Workload {
+                cgroup_id: 999_999_999,
+                ..Workload::default()
+            }
+        );
+    }
+
+    #[test]
+    fn filling_keeps_what_was_known() {
+        let mut known = Workload {
+            cgroup_id: 5,
+            cgroup_path: Some("/a".to_owned()),
+            ..Workload::default()
+        };
+        known.fill_unknown_from(Workload {
+            cgroup_id: 5,
+            cgroup_path: None,
+            pid: Some(9),
+            comm: Some("x".to_owned()),
+            ..Workload::default()
+        });
+        assert_eq!(known.cgroup_path.as_deref(), Some("/a"));
+        assert_eq!((known.pid, known.comm.as_deref()), (Some(9), Some("x")));
+    }
+}

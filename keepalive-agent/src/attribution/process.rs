@@ -1,0 +1,170 @@
+//! socket inode → the process holding it, from the `socket:[INO]` links in `/proc/PID/fd`.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use super::MIN_RESCAN_INTERVAL;
+
+/// More cached socket owners than this and the process cache starts over (a node with that
+/// many sockets re-reads `/proc` anyway on the next miss).
+const MAX_CACHED_SOCKETS: usize = 1 << 20;
+
+/// The process holding a socket open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: Option<String>,
+}
+
+/// socket inode → process, from the `socket:[INO]` links in `/proc/PID/fd`.
+#[derive(Debug)]
+pub struct ProcessResolver {
+    proc_root: PathBuf,
+    /// socket inode → pid (the lowest pid when several processes share the socket).
+    owners: HashMap<u64, u32>,
+    last_scan: Option<Instant>,
+}
+
+impl ProcessResolver {
+    pub fn new(proc_root: PathBuf) -> Self {
+        Self {
+            proc_root,
+            owners: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    /// The process that has the socket open. On a miss, looks first among `candidates` (the
+    /// processes of the socket's cgroup: cheap and not rate limited), then rebuilds the
+    /// whole-host cache unless it was rebuilt less than [`MIN_RESCAN_INTERVAL`] before `now`.
+    pub fn owner(&mut self, socket_ino: u64, candidates: &[u32], now: Instant) -> Option<Process> {
+        if socket_ino == 0 {
+            return None;
+        }
+        let pid = match self.owners.get(&socket_ino) {
+            Some(&pid) => Some(pid),
+            None => self
+                .search(socket_ino, candidates)
+                .or_else(|| self.rescan(socket_ino, now)),
+        }?;
+        let comm = fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
+            .ok()
+            .map(|comm| comm.trim_end_matches('\n').to_owned());
+        Some(Process { pid, comm })
+    }
+
+    fn search(&mut self, socket_ino: u64, candidates: &[u32]) -> Option<u32> {
+        let mut sorted = candidates.to_vec();
+        sorted.sort_unstable();
+        let pid = sorted
+            .into_iter()
+            .find(|&pid| self.sockets_of(pid).any(|ino| ino == socket_ino))?;
+        if self.owners.len() >= MAX_CACHED_SOCKETS {
+            self.owners.clear();
+        }
+        self.owners.insert(socket_ino, pid);
+        Some(pid)
+    }
+
+    fn rescan(&mut self, socket_ino: u64, now: Instant) -> Option<u32> {
+        if self
+            .last_scan
+            .is_some_and(|last| now.duration_since(last) < MIN_RESCAN_INTERVAL)
+        {
+            return None;
+        }
+        self.last_scan = Some(now);
+        let mut owners = HashMap::new();
+        let mut pids: Vec<u32> = fs::read_dir(&self.proc_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+            .collect();
+        // Lowest pid first, so a socket shared after fork() maps to the parent.
+        pids.sort_unstable();
+        for pid in pids {
+            for ino in self.sockets_of(pid) {
+                owners.entry(ino).or_insert(pid);
+            }
+        }
+        self.owners = owners;
+        self.owners.get(&socket_ino).copied()
+    }
+
+    /// Socket inodes among the process's descriptors (none if it is gone or not readable).
+    fn sockets_of(&self, pid: u32) -> impl Iterator<Item = u64> {
+        let fd_dir = self.proc_root.join(pid.to_string()).join("fd");
+        fs::read_dir(fd_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| parse_socket_link(&fs::read_link(entry.path()).ok()?))
+    }
+}
+
+/// `socket:[12345]` → 12345.
+fn parse_socket_link(target: &Path) -> Option<u64> {
+    target
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::attribution::test_support::{Scratch, fake_process};
+
+    #[test]
+    fn socket_inodes_resolve_to_the_lowest_pid_holding_them_and_its_comm() {
+        let scratch = Scratch::new("proc");
+        let proc_root = &scratch.0;
+        fake_process(proc_root, 300, "worker", &[1001, 1002]);
+        fake_process(proc_root, 20, "server", &[1002]);
+        fs::create_dir_all(proc_root.join("self")).expect("mkdir");
+
+        let mut resolver = ProcessResolver::new(proc_root.clone());
+        let t0 = Instant::now();
+        let owner = |pid, comm: &str| {
+            Some(Process {
+                pid,
+                comm: Some(comm.to_owned()),
+            })
+        };
+        assert_eq!(resolver.owner(1001, &[], t0), owner(300, "worker"));
+        // Shared after fork(): the parent (lowest pid) owns it.
+        assert_eq!(resolver.owner(1002, &[], t0), owner(20, "server"));
+        assert_eq!(resolver.owner(0, &[], t0), None);
+
+        // A socket opened after the scan: the whole-host rescan waits a second...
+        fake_process(proc_root, 400, "late", &[1003]);
+        let soon = t0 + Duration::from_millis(500);
+        assert_eq!(resolver.owner(1003, &[], soon), None);
+        // ...but a look among the socket's cgroup's processes does not.
+        assert_eq!(resolver.owner(1003, &[20, 400], soon), owner(400, "late"));
+        fake_process(proc_root, 500, "later", &[1004]);
+        assert_eq!(
+            resolver.owner(1004, &[], t0 + MIN_RESCAN_INTERVAL),
+            owner(500, "later")
+        );
+
+        // The process exited after the lookup was cached: the pid stays, its comm is unknown.
+        fs::remove_dir_all(proc_root.join("500")).expect("rm");
+        assert_eq!(
+            resolver.owner(1004, &[], t0 + MIN_RESCAN_INTERVAL),
+            Some(Process {
+                pid: 500,
+                comm: None
+            })
+        );
+    }
+}

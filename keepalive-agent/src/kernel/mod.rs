@@ -1,0 +1,89 @@
+//! Everything the agent knows about the running kernel, and the only room that talks to it:
+//! struct layout and hook prototypes from BTF ([`layout`]), timer callback addresses
+//! ([`kallsyms`]), the tick rate ([`hz`]), the embedded programs and how they are loaded
+//! ([`programs`]), and the network namespaces ([`netns`]).
+//!
+//! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
+//! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.
+
+pub mod hz;
+pub mod kallsyms;
+pub mod layout;
+pub(crate) mod netns;
+pub mod programs;
+
+use std::path::Path;
+
+use hz::HzError;
+use kallsyms::{KallsymsError, TimerFunctions};
+use layout::{KernelLayout, LayoutError};
+use programs::{KernelPrograms, ProgramsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("cannot parse the kernel BTF for the program loader ({path}): {0}", path = layout::VMLINUX_BTF_PATH)]
+    LoaderBtf(#[source] aya::BtfError),
+    #[error("finding the TCP timer callbacks: {0}")]
+    Kallsyms(#[from] KallsymsError),
+    #[error("measuring the kernel tick rate (CONFIG_HZ): {0}")]
+    Hz(#[from] HzError),
+}
+
+/// The running kernel as the commands need it, read once.
+pub struct Session {
+    pub(crate) layout: KernelLayout,
+    pub(crate) timers: TimerFunctions,
+    /// CONFIG_HZ: receive stamps and keepalive settings are in jiffies.
+    pub(crate) hz: u32,
+    /// Handed to aya's loader and to every program load, so aya does not parse it again.
+    btf: aya::Btf,
+}
+
+impl Session {
+    /// Reads the kernel's BTF, the timer callbacks and the tick rate (from `timer_list`).
+    /// Blocking: measuring HZ takes a second.
+    pub fn open(timer_list: &Path) -> Result<Self, SessionError> {
+        let bytes = layout::read_vmlinux_btf()?;
+        let layout = KernelLayout::from_btf_bytes(&bytes)?;
+        let timers = TimerFunctions::from_proc()?;
+        let hz = hz::kernel_hz_from(timer_list)?;
+        Self::new(&bytes, layout, timers, hz)
+    }
+
+    /// A session from parts already read (`check` reads them one by one to report each):
+    /// `btf` is the raw BTF `layout` was computed from.
+    pub(crate) fn new(
+        btf: &[u8],
+        layout: KernelLayout,
+        timers: TimerFunctions,
+        hz: u32,
+    ) -> Result<Self, SessionError> {
+        let btf =
+            aya::Btf::parse(btf, aya::Endianness::default()).map_err(SessionError::LoaderBtf)?;
+        Ok(Self {
+            layout,
+            timers,
+            hz,
+            btf,
+        })
+    }
+
+    /// Every hook attached, the audit iterator loaded, the maps taken.
+    pub(crate) fn load(&self, ring_buffer_bytes: u32) -> Result<KernelPrograms, ProgramsError> {
+        programs::load(&self.layout, &self.timers, &self.btf, ring_buffer_bytes)
+    }
+
+    /// Only the audit iterator, for a one-off walk: nothing is attached to a hook.
+    pub(crate) fn load_audit_only(&self) -> Result<aya::Ebpf, ProgramsError> {
+        let mut ebpf = programs::open(
+            &self.layout,
+            &self.timers,
+            &self.btf,
+            programs::MIN_RING_BUFFER_BYTES,
+        )?;
+        programs::load_audit(&mut ebpf, &self.btf)?;
+        Ok(ebpf)
+    }
+}

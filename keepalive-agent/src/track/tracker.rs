@@ -1,0 +1,93 @@
+//! One decoded record applied to the connection table and the classifier. Nothing here reads a
+//! file or waits: the pipeline looks owners up (attribution) with the table lock released and
+//! hands the result back with [`Tracker::set_workload`] / [`Tracker::complete_workload`].
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use crate::{
+    attribution::Workload,
+    record::decoder::{CloseEvent, Endpoints, KeepaliveExpiry},
+    track::{
+        classifier::{self, CloseOutcome, DropReason, ResetReasons},
+        connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
+    },
+};
+
+/// A connection the kernel dropped: why, and its final state as the table keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    pub(crate) reason: DropReason,
+    pub(crate) connection: ConnectionState,
+}
+
+/// The connection table (shared with the metrics collector, which renders it at scrape time)
+/// and what the classifier needs to know about this kernel.
+#[derive(Debug, Clone)]
+pub(crate) struct Tracker {
+    table: Arc<Mutex<ConnectionTable>>,
+    reset_reasons: ResetReasons,
+}
+
+impl Tracker {
+    pub(crate) fn new(table: Arc<Mutex<ConnectionTable>>, reset_reasons: ResetReasons) -> Self {
+        Self {
+            table,
+            reset_reasons,
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, ConnectionTable> {
+        self.table.lock().expect("connection table lock poisoned")
+    }
+
+    /// One keepalive timer expiry.
+    pub(crate) fn expiry(&self, expiry: &KeepaliveExpiry, now: Instant) -> ExpiryOutcome {
+        self.table().on_expiry(expiry, now)
+    }
+
+    /// One move to `TCP_CLOSE`; `None` when it was not a drop.
+    pub(crate) fn close(&self, close: &CloseEvent, now: Instant) -> Option<Dropped> {
+        let outcome = classifier::classify(close, self.reset_reasons);
+        let CloseOutcome::Dropped(reason) = outcome else {
+            self.table().on_close(close, outcome, now);
+            return None;
+        };
+        let connection = self.table().on_close(close, outcome, now)?.clone();
+        Some(Dropped { reason, connection })
+    }
+
+    /// The owner of a live connection, as known so far.
+    pub(crate) fn workload(&self, sk: u64) -> Option<Workload> {
+        self.table()
+            .live_mut(sk)
+            .map(|state| state.workload.clone())
+    }
+
+    /// Records the owner of a live connection that has just entered the table.
+    pub(crate) fn set_workload(&self, sk: u64, endpoints: &Endpoints, workload: Workload) {
+        if let Some(state) = self.table().live_mut(sk)
+            && state.endpoints == *endpoints
+        {
+            state.workload = workload;
+        }
+    }
+
+    /// Completes what is known of a dropped connection's owner with a later lookup (the
+    /// process may have exited since; what was learnt earlier stays). Returns the result.
+    pub(crate) fn complete_workload(
+        &self,
+        endpoints: &Endpoints,
+        known: &Workload,
+        newer: Workload,
+    ) -> Workload {
+        let mut workload = known.clone();
+        workload.fill_unknown_from(newer);
+        if let Some(state) = self.table().dropped_mut(endpoints) {
+            state.workload = workload.clone();
+        }
+        workload
+    }
+}
