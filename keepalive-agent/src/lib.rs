@@ -13,7 +13,7 @@
 //! - [`kernel`]: everything about the running kernel (BTF layout, symbols, HZ, programs,
 //!   namespaces), opened once as a [`kernel::Session`].
 
-pub mod attribution;
+pub(crate) mod attribution;
 pub(crate) mod audit;
 pub mod cmd;
 pub(crate) mod export;
@@ -21,3 +21,7 @@ pub mod kernel;
 pub(crate) mod pipeline;
 pub(crate) mod record;
 pub(crate) mod track;
+
+/// The cgroup v2 mount the agent attributes sockets under by default; the integration tests
+/// build their kubelet-shaped cgroups there.
+pub use attribution::system_cgroup2_mount;

@@ -297,7 +297,11 @@ impl Pipeline {
 /// How long the peer was silent before the kernel gave up on it: from the last segment received
 /// (the clock `tcp_keepalive_timer` measures idleness with) to the abort. Only for keepalive
 /// drops, where silence is what the kernel measured.
-pub fn dead_peer_detection_seconds(close: &CloseEvent, reason: DropReason, hz: u32) -> Option<f64> {
+pub(crate) fn dead_peer_detection_seconds(
+    close: &CloseEvent,
+    reason: DropReason,
+    hz: u32,
+) -> Option<f64> {
     if !matches!(
         reason,
         DropReason::KeepaliveTimeout | DropReason::KeepaliveReset

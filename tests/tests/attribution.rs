@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
-use keepalive_agent::attribution::system_cgroup2_mount;
+use keepalive_agent::system_cgroup2_mount;
 use keepalive_tests::{
     DEADLINE, DROP_REASONS, Metrics, Netns, TcpExt, TestEnv, skip_or_fail, wait_until,
 };

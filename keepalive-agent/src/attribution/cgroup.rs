@@ -8,7 +8,7 @@ use super::MIN_RESCAN_INTERVAL;
 
 /// Where cgroup v2 is mounted, from a `/proc/mounts`-style text: the first `cgroup2` mount
 /// (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones).
-pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+pub(super) fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|line| {
         let mut fields = line.split_whitespace();
         let (_device, mount_point, fs_type) = (fields.next()?, fields.next()?, fields.next()?);
@@ -26,7 +26,7 @@ pub fn system_cgroup2_mount() -> Option<PathBuf> {
 
 /// cgroup id → path, from the directory inodes of the cgroup v2 mount.
 #[derive(Debug)]
-pub struct CgroupResolver {
+pub(super) struct CgroupResolver {
     /// `None`: no cgroup v2 mount, paths cannot be known.
     root: Option<PathBuf>,
     paths: HashMap<u64, String>,
@@ -34,7 +34,7 @@ pub struct CgroupResolver {
 }
 
 impl CgroupResolver {
-    pub fn new(root: Option<PathBuf>) -> Self {
+    pub(super) fn new(root: Option<PathBuf>) -> Self {
         Self {
             root,
             paths: HashMap::new(),
@@ -44,7 +44,7 @@ impl CgroupResolver {
 
     /// The cgroup's path below the mount (`/` for the root), rescanning on a miss unless the
     /// last scan was less than [`MIN_RESCAN_INTERVAL`] before `now`.
-    pub fn path(&mut self, cgroup_id: u64, now: Instant) -> Option<String> {
+    pub(super) fn path(&mut self, cgroup_id: u64, now: Instant) -> Option<String> {
         if cgroup_id == 0 {
             return None;
         }
@@ -63,7 +63,7 @@ impl CgroupResolver {
     }
 
     /// Absolute directory of a cgroup path returned by [`Self::path`].
-    pub fn directory(&self, path: &str) -> Option<PathBuf> {
+    pub(super) fn directory(&self, path: &str) -> Option<PathBuf> {
         Some(self.root.as_ref()?.join(path.trim_start_matches('/')))
     }
 

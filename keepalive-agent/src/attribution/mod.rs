@@ -75,14 +75,14 @@ fn fill(slot: &mut Option<String>, newer: Option<String>) {
 }
 
 #[derive(Debug)]
-pub struct Attributor {
+pub(crate) struct Attributor {
     cgroups: Mutex<CgroupResolver>,
     processes: Mutex<ProcessResolver>,
 }
 
 impl Attributor {
     /// `cgroup_root`: the cgroup v2 mount (`None`: paths stay unknown); `proc_root`: `/proc`.
-    pub fn new(cgroup_root: Option<PathBuf>, proc_root: PathBuf) -> Self {
+    pub(crate) fn new(cgroup_root: Option<PathBuf>, proc_root: PathBuf) -> Self {
         Self {
             cgroups: Mutex::new(CgroupResolver::new(cgroup_root)),
             processes: Mutex::new(ProcessResolver::new(proc_root)),
@@ -91,13 +91,13 @@ impl Attributor {
 
     /// The cgroup side only (path, pod, container): cheap, a map lookup when cached. What
     /// aggregate labels need.
-    pub fn attribute_cgroup(&self, owner: &SocketOwner) -> Workload {
+    pub(crate) fn attribute_cgroup(&self, owner: &SocketOwner) -> Workload {
         self.cgroup_workload(owner, Instant::now())
     }
 
     /// Everything known about the socket's owner, including its process. The process lookup
     /// reads `/proc`: call it for connections the agent reports, not for every event.
-    pub fn attribute(&self, owner: &SocketOwner) -> Workload {
+    pub(crate) fn attribute(&self, owner: &SocketOwner) -> Workload {
         let now = Instant::now();
         let mut workload = self.cgroup_workload(owner, now);
         let candidates = workload

@@ -15,14 +15,14 @@ const MAX_CACHED_SOCKETS: usize = 1 << 20;
 
 /// The process holding a socket open.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Process {
+pub(super) struct Process {
     pub pid: u32,
     pub comm: Option<String>,
 }
 
 /// socket inode → process, from the `socket:[INO]` links in `/proc/PID/fd`.
 #[derive(Debug)]
-pub struct ProcessResolver {
+pub(super) struct ProcessResolver {
     proc_root: PathBuf,
     /// socket inode → pid (the lowest pid when several processes share the socket).
     owners: HashMap<u64, u32>,
@@ -30,7 +30,7 @@ pub struct ProcessResolver {
 }
 
 impl ProcessResolver {
-    pub fn new(proc_root: PathBuf) -> Self {
+    pub(super) fn new(proc_root: PathBuf) -> Self {
         Self {
             proc_root,
             owners: HashMap::new(),
@@ -41,7 +41,12 @@ impl ProcessResolver {
     /// The process that has the socket open. On a miss, looks first among `candidates` (the
     /// processes of the socket's cgroup: cheap and not rate limited), then rebuilds the
     /// whole-host cache unless it was rebuilt less than [`MIN_RESCAN_INTERVAL`] before `now`.
-    pub fn owner(&mut self, socket_ino: u64, candidates: &[u32], now: Instant) -> Option<Process> {
+    pub(super) fn owner(
+        &mut self,
+        socket_ino: u64,
+        candidates: &[u32],
+        now: Instant,
+    ) -> Option<Process> {
         if socket_ino == 0 {
             return None;
         }

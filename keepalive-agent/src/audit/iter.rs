@@ -47,7 +47,7 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Iter, AuditError> {
 }
 
 /// Walks every TCP socket of the calling thread's network namespace once.
-pub fn walk(ebpf: &mut Ebpf) -> Result<Vec<AuditedSocket>, AuditError> {
+pub(crate) fn walk(ebpf: &mut Ebpf) -> Result<Vec<AuditedSocket>, AuditError> {
     let iter = program(ebpf)?;
     let link_id = iter.attach().map_err(AuditError::Attach)?;
     let link = iter.take_link(link_id).map_err(AuditError::Attach)?;
@@ -66,7 +66,7 @@ pub fn walk(ebpf: &mut Ebpf) -> Result<Vec<AuditedSocket>, AuditError> {
 
 /// One walk of the network namespaces the caller wanted.
 #[derive(Debug, Default)]
-pub struct HostWalk {
+pub(crate) struct HostWalk {
     pub sockets: Vec<AuditedSocket>,
     /// Namespaces walked (including failed ones).
     pub namespaces: usize,
@@ -77,7 +77,7 @@ pub struct HostWalk {
 /// Walks every network namespace the host shows ([`netns::all`]) whose inode `wanted` accepts.
 /// Each walk runs on a short-lived thread that enters the namespace, so no thread of the
 /// caller changes namespace.
-pub fn walk_namespaces(ebpf: &mut Ebpf, wanted: impl Fn(u64) -> bool) -> HostWalk {
+pub(crate) fn walk_namespaces(ebpf: &mut Ebpf, wanted: impl Fn(u64) -> bool) -> HostWalk {
     let mut host = HostWalk::default();
     for ns in netns::all().into_iter().filter(|ns| wanted(ns.inode)) {
         host.namespaces += 1;

@@ -32,12 +32,12 @@ use crate::{
 /// there to receive). LISTEN has no peer; SYN_SENT/SYN_RECV, FIN_WAIT*, CLOSING and LAST_ACK are
 /// handshake or teardown states bounded by their own timers (a non-orphan FIN_WAIT2 is the one
 /// exception, rare enough to leave out); TIME_WAIT and request sockets are not walked at all.
-pub fn is_connection_state(state: u8) -> bool {
+pub(crate) fn is_connection_state(state: u8) -> bool {
     matches!(state, tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT)
 }
 
 /// `ss`-style name of a TCP state number.
-pub fn state_name(state: u8) -> &'static str {
+pub(crate) fn state_name(state: u8) -> &'static str {
     match state {
         tcp_state::ESTABLISHED => "ESTABLISHED",
         tcp_state::SYN_SENT => "SYN_SENT",
@@ -77,7 +77,7 @@ fn msecs_to_jiffies(ms: u32, hz: u32) -> u64 {
 ///   timeout 2.5 s → abort at 3 s).
 ///
 /// Timer-wheel slack (the kernel may fire a timer slightly late) is not included.
-pub fn worst_case_detection_jiffies(settings: &KeepaliveSettings, hz: u32) -> Option<u64> {
+pub(crate) fn worst_case_detection_jiffies(settings: &KeepaliveSettings, hz: u32) -> Option<u64> {
     if !settings.enabled {
         return None;
     }
@@ -95,7 +95,7 @@ pub fn worst_case_detection_jiffies(settings: &KeepaliveSettings, hz: u32) -> Op
 /// One socket of a walk, in the units an operator reads. Field names are the JSON schema of
 /// `keepalive-agent sockets --output json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SocketKeepalive {
+pub(crate) struct SocketKeepalive {
     /// Network namespace inode (`ls -L -i /proc/PID/ns/net`).
     pub netns: u32,
     /// TCP state, as `ss` names it (`ESTABLISHED`, `CLOSE_WAIT`, `LISTEN`, ...).
@@ -128,7 +128,7 @@ pub struct SocketKeepalive {
 }
 
 impl SocketKeepalive {
-    pub fn new(socket: &AuditedSocket, hz: u32) -> Self {
+    pub(crate) fn new(socket: &AuditedSocket, hz: u32) -> Self {
         let seconds = |jiffies: u64| jiffies as f64 / f64::from(hz);
         let e = &socket.endpoints;
         let s = &socket.settings;
@@ -196,7 +196,7 @@ impl fmt::Display for IdleThreshold {
 
 /// Observations of one walk in [`DETECTION_BUCKETS`] (plus +Inf), not cumulative.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BucketCounts {
+pub(crate) struct BucketCounts {
     /// `per_bucket[i]` counts values in `(DETECTION_BUCKETS[i-1], DETECTION_BUCKETS[i]]`; the
     /// last entry counts values above every bound.
     pub per_bucket: [u64; DETECTION_BUCKETS.len() + 1],
@@ -215,7 +215,7 @@ impl Default for BucketCounts {
 }
 
 impl BucketCounts {
-    pub fn observe(&mut self, value: f64) {
+    pub(crate) fn observe(&mut self, value: f64) {
         let index = DETECTION_BUCKETS
             .iter()
             .position(|bound| value <= *bound)
@@ -239,7 +239,7 @@ impl BucketCounts {
 
 /// One label set's figures from one walk; connections are ESTABLISHED/CLOSE_WAIT sockets.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct GroupAudit {
+pub(crate) struct GroupAudit {
     pub keepalive_on: u64,
     pub keepalive_off: u64,
     /// Effective idle time of keepalive-on connections.
@@ -254,13 +254,13 @@ pub struct GroupAudit {
 /// Per-label-set figures of one walk. Every label set with at least one walked socket (a
 /// listener is enough) appears, so its series exist at 0 before it has connections.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct AuditSummary {
+pub(crate) struct AuditSummary {
     pub thresholds: Vec<IdleThreshold>,
     pub groups: BTreeMap<AggregateLabels, GroupAudit>,
 }
 
 impl AuditSummary {
-    pub fn new(
+    pub(crate) fn new(
         sockets: &[AuditedSocket],
         hz: u32,
         thresholds: &[IdleThreshold],
@@ -303,7 +303,7 @@ impl AuditSummary {
 
 /// What the audit metrics render: the latest summary and the walks' own health.
 #[derive(Debug, Default)]
-pub struct AuditState {
+pub(crate) struct AuditState {
     /// False when the iter/tcp program could not be loaded: no walk ever runs.
     pub enabled: bool,
     pub latest: Option<AuditSummary>,
@@ -321,7 +321,7 @@ pub struct AuditState {
 /// `rate()`/`increase()`. (OpenMetrics calls this a gauge histogram; prometheus-client 0.26
 /// cannot encode that type, and Prometheus would only turn it into separate gauges.)
 #[derive(Debug, Clone, Default)]
-pub struct AuditCollector {
+pub(crate) struct AuditCollector {
     pub state: Arc<Mutex<AuditState>>,
 }
 

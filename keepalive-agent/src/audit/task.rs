@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// The label set each audited socket is counted under (see [`AuditSummary::new`]).
-pub type AuditGroup = Arc<dyn Fn(&AuditedSocket) -> AggregateLabels + Send + Sync>;
+pub(crate) type AuditGroup = Arc<dyn Fn(&AuditedSocket) -> AggregateLabels + Send + Sync>;
 
 /// Middlebox idle timeouts counted when `--idle-timeout-threshold` is not given: the defaults
 /// of the middleboxes a Kubernetes connection most often crosses.
@@ -26,7 +26,7 @@ pub type AuditGroup = Arc<dyn Fn(&AuditedSocket) -> AggregateLabels + Send + Syn
 /// - `gcp-lb=600`: Google Cloud VPC firewall / load balancer connection tracking (10 minutes).
 /// - `ipvs=900`: IPVS (kube-proxy in IPVS mode) established-connection timeout.
 /// - `conntrack=432000`: netfilter `nf_conntrack_tcp_timeout_established` (5 days).
-pub const DEFAULT_IDLE_THRESHOLDS: [&str; 4] =
+pub(crate) const DEFAULT_IDLE_THRESHOLDS: [&str; 4] =
     ["aws-nlb=350", "gcp-lb=600", "ipvs=900", "conntrack=432000"];
 
 /// `keepalive-agent run` flags of the audit.
@@ -62,7 +62,7 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 /// Starts the periodic audit when the iter/tcp program loaded; either way returns the collector
 /// to register (its `keepalive_agent_audit_enabled` says whether audits run) and the programs
 /// handle, which must stay alive for the hooks to stay attached.
-pub fn start(
+pub(crate) fn start(
     ebpf: Ebpf,
     audit_loaded: bool,
     hz: u32,
@@ -105,7 +105,7 @@ pub fn start(
 
 /// Runs walks forever (the first one immediately). A walk is synchronous (it reads the
 /// iterator's file to the end), so it runs on the blocking pool, never on the event loop.
-pub async fn run(
+pub(crate) async fn run(
     ebpf: Arc<Mutex<Ebpf>>,
     hz: u32,
     interval: Duration,

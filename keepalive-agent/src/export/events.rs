@@ -29,10 +29,10 @@ use crate::{
 };
 
 /// Events buffered between the pipeline and the writer before new ones are counted as dropped.
-pub const CHANNEL_CAPACITY: usize = 8192;
+pub(crate) const CHANNEL_CAPACITY: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
-pub enum EventsError {
+pub(crate) enum EventsError {
     #[error("cannot open the events file {path} for appending: {source}")]
     Open {
         path: PathBuf,
@@ -217,7 +217,7 @@ impl ConnectionEvent {
 }
 
 /// Names of the errors TCP reports in `sk_err`; anything else prints as `errno N`.
-pub fn errno_name(errno: i32) -> String {
+pub(crate) fn errno_name(errno: i32) -> String {
     let name = match errno {
         libc::ETIMEDOUT => "ETIMEDOUT",
         libc::ECONNRESET => "ECONNRESET",
@@ -240,7 +240,7 @@ pub fn errno_name(errno: i32) -> String {
 
 /// The wall-clock time of a kernel `bpf_ktime_get_ns` stamp (CLOCK_MONOTONIC), so the line
 /// says when the kernel acted, not when the agent got round to it.
-pub fn rfc3339_from_ktime(ktime_ns: u64) -> String {
+pub(crate) fn rfc3339_from_ktime(ktime_ns: u64) -> String {
     let now = SystemTime::now();
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -280,7 +280,7 @@ impl FromStr for EventsTarget {
 
 /// The pipeline's end of the channel: never waits.
 #[derive(Debug, Clone)]
-pub struct EventSender {
+pub(crate) struct EventSender {
     tx: mpsc::Sender<ConnectionEvent>,
     dropped: Counter,
     /// Also send `probe_sent` events (for `watch`; the JSON stream has outcomes only).
@@ -288,7 +288,7 @@ pub struct EventSender {
 }
 
 impl EventSender {
-    pub fn send(&self, event: ConnectionEvent) {
+    pub(crate) fn send(&self, event: ConnectionEvent) {
         if self.tx.try_send(event).is_err() {
             self.dropped.inc();
         }
@@ -296,7 +296,7 @@ impl EventSender {
 }
 
 /// A bounded channel; `dropped` counts events that found it full (or its reader gone).
-pub fn channel(
+pub(crate) fn channel(
     capacity: usize,
     dropped: Counter,
     with_probes: bool,
@@ -315,7 +315,7 @@ pub fn channel(
 type Output = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// Owns the `--events` output.
-pub struct EventWriter {
+pub(crate) struct EventWriter {
     target: EventsTarget,
     output: Output,
     /// Events lost to write errors count with the ones the channel refused.
@@ -324,7 +324,7 @@ pub struct EventWriter {
 
 impl EventWriter {
     /// Opens the output now, so a bad path stops start-up instead of losing events later.
-    pub async fn open(target: EventsTarget, dropped: Counter) -> Result<Self, EventsError> {
+    pub(crate) async fn open(target: EventsTarget, dropped: Counter) -> Result<Self, EventsError> {
         let output = open_output(&target).await?;
         Ok(Self {
             target,
@@ -335,7 +335,11 @@ impl EventWriter {
 
     /// Writes every event as one line until the channel closes; reopens the file on each
     /// `hangup` signal.
-    pub async fn run(mut self, mut events: mpsc::Receiver<ConnectionEvent>, mut hangup: Signal) {
+    pub(crate) async fn run(
+        mut self,
+        mut events: mpsc::Receiver<ConnectionEvent>,
+        mut hangup: Signal,
+    ) {
         let mut batch = Vec::new();
         loop {
             tokio::select! {

@@ -11,15 +11,15 @@
 use std::collections::HashMap;
 
 /// The 0.0.4 content type.
-pub const TEXT_0_0_4: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const TEXT_0_0_4: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Whether a request's `Accept` header asks for 0.0.4 rather than OpenMetrics.
-pub fn wants_text_0_0_4(accept: &str) -> bool {
+pub(crate) fn wants_text_0_0_4(accept: &str) -> bool {
     accept.contains("version=0.0.4") && !accept.contains("application/openmetrics-text")
 }
 
 /// Converts an OpenMetrics exposition to the 0.0.4 text format.
-pub fn openmetrics_to_text(openmetrics: &str) -> String {
+pub(crate) fn openmetrics_to_text(openmetrics: &str) -> String {
     // Family name → OpenMetrics type, from the `# TYPE` lines (HELP comes before TYPE).
     let types: HashMap<&str, &str> = openmetrics
         .lines()

@@ -14,13 +14,13 @@ use axum::{
 };
 use prometheus_client::registry::Registry;
 
-pub struct HttpState {
+pub(crate) struct HttpState {
     pub registry: Registry,
     /// Every required kernel program is attached and the ring buffer is being drained.
     pub ready: AtomicBool,
 }
 
-pub fn router(state: Arc<HttpState>, telemetry_path: &str) -> Router {
+pub(crate) fn router(state: Arc<HttpState>, telemetry_path: &str) -> Router {
     Router::new()
         .route(telemetry_path, get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

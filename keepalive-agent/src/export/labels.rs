@@ -10,7 +10,7 @@ use crate::{attribution::Workload, record::decoder::Endpoints};
 pub(crate) type AggregateLabels = Vec<(&'static str, String)>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum AggregateLabel {
+pub(crate) enum AggregateLabel {
     Netns,
     PodUid,
     ContainerId,
@@ -20,7 +20,7 @@ pub enum AggregateLabel {
 }
 
 impl AggregateLabel {
-    pub const ALL: [AggregateLabel; 6] = [
+    pub(crate) const ALL: [AggregateLabel; 6] = [
         Self::Netns,
         Self::PodUid,
         Self::ContainerId,
@@ -29,7 +29,7 @@ impl AggregateLabel {
         Self::LocalPort,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Netns => "netns",
             Self::PodUid => "pod_uid",
@@ -127,7 +127,7 @@ impl AggregateBy {
 /// The per-connection workload labels, in this order: `cgroup_id`, `cgroup`, `pod_uid`,
 /// `container_id`, `pid`, `comm`. Every label is always present; an unknown value is the empty
 /// string (which Prometheus treats like an absent label).
-pub fn connection_labels(workload: &Workload) -> [(&'static str, String); 6] {
+pub(crate) fn connection_labels(workload: &Workload) -> [(&'static str, String); 6] {
     let text = |value: &Option<String>| value.clone().unwrap_or_default();
     [
         (

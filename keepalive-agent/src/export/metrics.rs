@@ -24,32 +24,32 @@ use crate::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DropLabels {
+pub(crate) struct DropLabels {
     pub netns: u32,
     pub reason: &'static str,
 }
 
 /// Buckets of `tcp_keepalive_dead_peer_detection_seconds`: from a tuned 1 s probe to beyond the
 /// Linux default worst case (7200 s idle + 9 × 75 s = 7875 s).
-pub const DETECTION_BUCKETS: [f64; 16] = [
+pub(crate) const DETECTION_BUCKETS: [f64; 16] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0,
     7875.0, 14400.0,
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
+pub(crate) struct KindLabels {
     pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HookLabels {
+pub(crate) struct HookLabels {
     pub hook: &'static str,
     pub program_type: &'static str,
 }
 
 /// Aggregates the pipeline updates.
 #[derive(Debug, Clone)]
-pub struct PipelineMetrics {
+pub(crate) struct PipelineMetrics {
     pub probes: Family<AggregateLabels, Counter>,
     pub drops: Family<AggregateLabels, Counter>,
     pub events: Family<KindLabels, Counter>,
@@ -81,7 +81,7 @@ impl Default for PipelineMetrics {
 impl PipelineMetrics {
     /// Creates every aggregate series of a label set (a namespace, or a namespace and workload)
     /// at 0 the first time it shows up, so `increase()` and alerts work from the first scrape.
-    pub fn see(&self, labels: &AggregateLabels) {
+    pub(crate) fn see(&self, labels: &AggregateLabels) {
         let mut seen = self.seen.lock().expect("metrics lock poisoned");
         if seen.contains(labels) {
             return;
@@ -93,11 +93,11 @@ impl PipelineMetrics {
         }
     }
 
-    pub fn count_drop(&self, labels: &AggregateLabels, reason: DropReason) {
+    pub(crate) fn count_drop(&self, labels: &AggregateLabels, reason: DropReason) {
         self.drops.get_or_create(&with_reason(labels, reason)).inc();
     }
 
-    pub fn observe_detection(&self, netns: u32, reason: DropReason, seconds: f64) {
+    pub(crate) fn observe_detection(&self, netns: u32, reason: DropReason, seconds: f64) {
         self.detection
             .get_or_create(&DropLabels {
                 netns,
@@ -106,7 +106,7 @@ impl PipelineMetrics {
             .observe(seconds);
     }
 
-    pub fn count_probe(&self, labels: &AggregateLabels) {
+    pub(crate) fn count_probe(&self, labels: &AggregateLabels) {
         self.probes.get_or_create(labels).inc();
     }
 }
@@ -118,7 +118,7 @@ fn with_reason(labels: &AggregateLabels, reason: DropReason) -> AggregateLabels 
 }
 
 /// Builds the registry: the pipeline's aggregates, per-connection series, and self-metrics.
-pub fn registry(
+pub(crate) fn registry(
     pipeline: &PipelineMetrics,
     table: Arc<Mutex<ConnectionTable>>,
     max_connection_series: usize,
@@ -265,7 +265,7 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
 }
 
 /// Ring-buffer reserves that failed in the kernel (events lost), summed over CPUs at scrape.
-pub struct ReserveFailures(pub Mutex<PerCpuArray<MapData, u64>>);
+pub(crate) struct ReserveFailures(pub Mutex<PerCpuArray<MapData, u64>>);
 
 impl fmt::Debug for ReserveFailures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -10,7 +10,7 @@ use std::{
 const KNOWN_HZ: [u32; 5] = [100, 250, 300, 1000, 1024];
 
 #[derive(Debug, thiserror::Error)]
-pub enum HzError {
+pub(crate) enum HzError {
     #[error("cannot read {path} (it is mode 0400: run as uid 0): {source}")]
     Read {
         path: PathBuf,
@@ -27,7 +27,7 @@ pub enum HzError {
 }
 
 /// Where the kernel prints its timers; a host procfs mounted elsewhere has it too.
-pub const DEFAULT_TIMER_LIST: &str = "/proc/timer_list";
+pub(crate) const DEFAULT_TIMER_LIST: &str = "/proc/timer_list";
 
 /// Jiffies and CLOCK_MONOTONIC nanoseconds, as /proc/timer_list prints them together.
 fn sample(timer_list: &Path) -> Result<(u64, u64), HzError> {
@@ -52,13 +52,13 @@ fn parse_sample(text: &str) -> Option<(u64, u64)> {
 }
 
 /// Measures HZ from [`DEFAULT_TIMER_LIST`]; see [`kernel_hz_from`].
-pub fn kernel_hz() -> Result<u32, HzError> {
+pub(crate) fn kernel_hz() -> Result<u32, HzError> {
     kernel_hz_from(Path::new(DEFAULT_TIMER_LIST))
 }
 
 /// Measures HZ from two samples of `timer_list` a second apart and snaps it to the nearest
 /// known rate.
-pub fn kernel_hz_from(timer_list: &Path) -> Result<u32, HzError> {
+pub(crate) fn kernel_hz_from(timer_list: &Path) -> Result<u32, HzError> {
     let (j0, t0) = sample(timer_list)?;
     std::thread::sleep(Duration::from_secs(1));
     let (j1, t1) = sample(timer_list)?;
@@ -79,7 +79,7 @@ fn snap(measured: f64) -> u32 {
 }
 
 /// Converts a jiffies count to seconds.
-pub fn jiffies_to_seconds(jiffies: u64, hz: u32) -> f64 {
+pub(crate) fn jiffies_to_seconds(jiffies: u64, hz: u32) -> f64 {
     jiffies as f64 / f64::from(hz)
 }
 

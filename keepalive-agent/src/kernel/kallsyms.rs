@@ -3,7 +3,7 @@
 use std::{fs, io, path::Path};
 
 #[derive(Debug, thiserror::Error)]
-pub enum KallsymsError {
+pub(crate) enum KallsymsError {
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
@@ -22,20 +22,20 @@ pub enum KallsymsError {
 
 /// Callback addresses as `timer_list.function` holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TimerFunctions {
+pub(crate) struct TimerFunctions {
     pub keepalive: u64,
     pub write: u64,
 }
 
-pub const KEEPALIVE_TIMER: &str = "tcp_keepalive_timer";
-pub const WRITE_TIMER: &str = "tcp_write_timer";
+pub(crate) const KEEPALIVE_TIMER: &str = "tcp_keepalive_timer";
+pub(crate) const WRITE_TIMER: &str = "tcp_write_timer";
 
 impl TimerFunctions {
-    pub fn from_proc() -> Result<Self, KallsymsError> {
+    pub(crate) fn from_proc() -> Result<Self, KallsymsError> {
         Self::from_file(Path::new("/proc/kallsyms"))
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, KallsymsError> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self, KallsymsError> {
         let text = fs::read_to_string(path).map_err(|source| KallsymsError::Read {
             path: path.display().to_string(),
             source,
@@ -43,7 +43,7 @@ impl TimerFunctions {
         Self::parse(&text)
     }
 
-    pub fn parse(text: &str) -> Result<Self, KallsymsError> {
+    pub(crate) fn parse(text: &str) -> Result<Self, KallsymsError> {
         Ok(Self {
             keepalive: find(text, KEEPALIVE_TIMER)?,
             write: find(text, WRITE_TIMER)?,

@@ -20,7 +20,7 @@ use keepalive_ebpf::KernelOffsets;
 use crate::kernel::programs::HOOKS;
 
 /// Where the kernel exposes its own BTF (`CONFIG_DEBUG_INFO_BTF=y`).
-pub const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// How deep anonymous structs/unions and typedef chains may nest before the BTF is taken to be
 /// malformed (the kernel nests anonymous members two or three levels deep).
@@ -32,7 +32,7 @@ const MAX_NESTING: usize = 32;
 /// `function == tcp_keepalive_timer`), and a socket closing inside the write timer is a
 /// retransmission timeout rather than a keepalive abort, so the programs must know both timers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimerLayout {
+pub(crate) enum TimerLayout {
     /// Up to 6.18: the keepalive timer (which doubles as the SYN-ACK and FIN_WAIT2 timer) is the
     /// generic `sock.sk_timer`, and the write (retransmit/probe0) timer is
     /// `inet_connection_sock.icsk_retransmit_timer`.
@@ -58,7 +58,7 @@ impl std::fmt::Display for TimerLayout {
 
 /// Everything the agent needs to know about the running kernel's structure layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KernelLayout {
+pub(crate) struct KernelLayout {
     /// The offsets written into the programs' `OFFSETS` global.
     pub offsets: KernelOffsets,
     /// Which timer is the keepalive timer (already reflected in `offsets`).
@@ -80,7 +80,7 @@ pub struct KernelLayout {
 /// Why the kernel's layout could not be determined. Every variant means the agent cannot run
 /// correctly on this kernel; the messages say what to tell the operator.
 #[derive(thiserror::Error, Debug)]
-pub enum LayoutError {
+pub(crate) enum LayoutError {
     /// The BTF file could not be read at all.
     #[error(
         "cannot read kernel BTF from {}: {source} (the kernel must be built with \
@@ -176,7 +176,7 @@ pub enum LayoutError {
 }
 
 /// The running kernel's raw BTF, read once per [`crate::kernel::Session`].
-pub fn read_vmlinux_btf() -> Result<Vec<u8>, LayoutError> {
+pub(crate) fn read_vmlinux_btf() -> Result<Vec<u8>, LayoutError> {
     read_btf(Path::new(VMLINUX_BTF_PATH))
 }
 
@@ -189,17 +189,19 @@ fn read_btf(path: &Path) -> Result<Vec<u8>, LayoutError> {
 
 impl KernelLayout {
     /// Reads the running kernel's BTF from [`VMLINUX_BTF_PATH`].
-    pub fn from_vmlinux() -> Result<Self, LayoutError> {
+    #[cfg(test)]
+    pub(crate) fn from_vmlinux() -> Result<Self, LayoutError> {
         Self::from_btf_bytes(&read_vmlinux_btf()?)
     }
 
     /// Reads raw BTF (the format of `/sys/kernel/btf/vmlinux`) from a file.
-    pub fn from_path(path: impl AsRef<Path>) -> Result<Self, LayoutError> {
+    #[cfg(test)]
+    pub(crate) fn from_path(path: impl AsRef<Path>) -> Result<Self, LayoutError> {
         Self::from_btf_bytes(&read_btf(path.as_ref())?)
     }
 
     /// Parses raw BTF bytes (a base BTF blob, not split module BTF).
-    pub fn from_btf_bytes(bytes: &[u8]) -> Result<Self, LayoutError> {
+    pub(crate) fn from_btf_bytes(bytes: &[u8]) -> Result<Self, LayoutError> {
         let btf = Btf::from_bytes(bytes).map_err(|source| LayoutError::BtfInvalid {
             context: "parsing".to_string(),
             source,
@@ -208,7 +210,7 @@ impl KernelLayout {
     }
 
     /// Computes the layout from already parsed BTF.
-    pub fn from_btf(btf: &Btf) -> Result<Self, LayoutError> {
+    pub(crate) fn from_btf(btf: &Btf) -> Result<Self, LayoutError> {
         let r = Resolver { btf };
 
         // The programs get a `struct sock *` and read `inet_connection_sock` and `tcp_sock`
@@ -693,7 +695,7 @@ mod btf_builder {
     const KIND_VOLATILE: u32 = 9;
 
     /// A struct/union member: byte offset, or bit offset and width for bitfields.
-    pub struct M<'a> {
+    pub(super) struct M<'a> {
         name: &'a str,
         ty: u32,
         bit_offset: u32,
@@ -701,7 +703,7 @@ mod btf_builder {
     }
 
     /// A plain member at a byte offset.
-    pub fn m(name: &str, ty: u32, byte_offset: u32) -> M<'_> {
+    pub(super) fn m(name: &str, ty: u32, byte_offset: u32) -> M<'_> {
         M {
             name,
             ty,
@@ -711,7 +713,7 @@ mod btf_builder {
     }
 
     /// A bitfield member.
-    pub fn bf(name: &str, ty: u32, bit_offset: u32, bits: u32) -> M<'_> {
+    pub(super) fn bf(name: &str, ty: u32, bit_offset: u32, bits: u32) -> M<'_> {
         M {
             name,
             ty,
@@ -720,14 +722,14 @@ mod btf_builder {
         }
     }
 
-    pub struct BtfBuilder {
+    pub(super) struct BtfBuilder {
         types: Vec<u8>,
         strings: Vec<u8>,
         next_id: u32,
     }
 
     impl BtfBuilder {
-        pub fn new() -> Self {
+        pub(super) fn new() -> Self {
             Self {
                 types: Vec::new(),
                 // Offset 0 is the empty string (anonymous types and members).
@@ -761,18 +763,18 @@ mod btf_builder {
             id
         }
 
-        pub fn int(&mut self, name: &str, size: u32, signed: bool) -> u32 {
+        pub(super) fn int(&mut self, name: &str, size: u32, signed: bool) -> u32 {
             let id = self.header(name, KIND_INT, 0, false, size);
             // encoding (bits 24-27) | offset (16-23) | nr_bits (0-7)
             self.word((u32::from(signed) << 24) | (size * 8));
             id
         }
 
-        pub fn ptr(&mut self, target: u32) -> u32 {
+        pub(super) fn ptr(&mut self, target: u32) -> u32 {
             self.header("", KIND_PTR, 0, false, target)
         }
 
-        pub fn array(&mut self, elem: u32, index: u32, n: u32) -> u32 {
+        pub(super) fn array(&mut self, elem: u32, index: u32, n: u32) -> u32 {
             let id = self.header("", KIND_ARRAY, 0, false, 0);
             self.word(elem);
             self.word(index);
@@ -780,11 +782,11 @@ mod btf_builder {
             id
         }
 
-        pub fn typedef(&mut self, name: &str, target: u32) -> u32 {
+        pub(super) fn typedef(&mut self, name: &str, target: u32) -> u32 {
             self.header(name, KIND_TYPEDEF, 0, false, target)
         }
 
-        pub fn volatile(&mut self, target: u32) -> u32 {
+        pub(super) fn volatile(&mut self, target: u32) -> u32 {
             self.header("", KIND_VOLATILE, 0, false, target)
         }
 
@@ -806,15 +808,15 @@ mod btf_builder {
             id
         }
 
-        pub fn structure(&mut self, name: &str, size: u32, members: &[M<'_>]) -> u32 {
+        pub(super) fn structure(&mut self, name: &str, size: u32, members: &[M<'_>]) -> u32 {
             self.composite(KIND_STRUCT, name, size, members)
         }
 
-        pub fn union(&mut self, name: &str, size: u32, members: &[M<'_>]) -> u32 {
+        pub(super) fn union(&mut self, name: &str, size: u32, members: &[M<'_>]) -> u32 {
             self.composite(KIND_UNION, name, size, members)
         }
 
-        pub fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
+        pub(super) fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
             let id = self.header(name, KIND_ENUM, values.len() as u32, false, 4);
             for (value_name, value) in values {
                 let name_off = self.str(value_name);
@@ -825,7 +827,7 @@ mod btf_builder {
         }
 
         /// The raw BTF blob: header, type section, string section.
-        pub fn build(self) -> Vec<u8> {
+        pub(super) fn build(self) -> Vec<u8> {
             const HDR_LEN: u32 = 24;
             let type_len = self.types.len() as u32;
             let mut out = Vec::new();
@@ -843,7 +845,7 @@ mod btf_builder {
 
     /// Variations of the synthetic kernel.
     #[derive(Default)]
-    pub struct Synth {
+    pub(super) struct Synth {
         /// 6.19+: `inet_connection_sock.icsk_keepalive_timer` replaces `icsk_retransmit_timer`.
         pub icsk_keepalive_timer: bool,
         /// Has `enum sk_rst_reason` (6.12+).
@@ -861,7 +863,7 @@ mod btf_builder {
     /// A minimal kernel shaped like the real one: `sock_common`'s anonymous unions of anonymous
     /// structs, `possible_net_t` as a typedef of an anonymous struct, a `volatile` state,
     /// bitfields next to the fields we read, and socket structs nested at offset 0.
-    pub fn synthetic_kernel(s: &Synth) -> Vec<u8> {
+    pub(super) fn synthetic_kernel(s: &Synth) -> Vec<u8> {
         let mut b = BtfBuilder::new();
         let u8_ = b.int("unsigned char", 1, false);
         let u16_ = b.int("short unsigned int", 2, false);

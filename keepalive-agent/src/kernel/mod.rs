@@ -6,9 +6,9 @@
 //! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
 //! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.
 
-pub mod hz;
-pub mod kallsyms;
-pub mod layout;
+pub(crate) mod hz;
+pub(crate) mod kallsyms;
+pub(crate) mod layout;
 pub(crate) mod netns;
 pub mod programs;
 
@@ -20,7 +20,7 @@ use layout::{KernelLayout, LayoutError};
 use programs::{KernelPrograms, ProgramsError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error("cannot parse the kernel BTF for the program loader ({path}): {0}", path = layout::VMLINUX_BTF_PATH)]
@@ -32,7 +32,7 @@ pub enum SessionError {
 }
 
 /// The running kernel as the commands need it, read once.
-pub struct Session {
+pub(crate) struct Session {
     pub(crate) layout: KernelLayout,
     pub(crate) timers: TimerFunctions,
     /// CONFIG_HZ: receive stamps and keepalive settings are in jiffies.
@@ -44,7 +44,7 @@ pub struct Session {
 impl Session {
     /// Reads the kernel's BTF, the timer callbacks and the tick rate (from `timer_list`).
     /// Blocking: measuring HZ takes a second.
-    pub fn open(timer_list: &Path) -> Result<Self, SessionError> {
+    pub(crate) fn open(timer_list: &Path) -> Result<Self, SessionError> {
         let bytes = layout::read_vmlinux_btf()?;
         let layout = KernelLayout::from_btf_bytes(&bytes)?;
         let timers = TimerFunctions::from_proc()?;

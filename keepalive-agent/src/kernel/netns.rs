@@ -26,7 +26,7 @@ const NETNS_MOUNT_DIRS: [&str; 3] = ["/run/netns", "/var/run/netns", "/run/docke
 
 /// An open network namespace: holding the file keeps it alive until it is entered.
 #[derive(Debug)]
-pub struct NetworkNamespace {
+pub(crate) struct NetworkNamespace {
     /// Namespace inode: the `netns` label value.
     pub inode: u64,
     /// Where it was found (for messages).
@@ -37,7 +37,7 @@ pub struct NetworkNamespace {
 impl NetworkNamespace {
     /// Moves the calling thread into this namespace. Only the calling thread changes: call it
     /// on a thread that exits afterwards (or that nothing else uses).
-    pub fn enter(&self) -> io::Result<()> {
+    pub(crate) fn enter(&self) -> io::Result<()> {
         // SAFETY: plain syscall on a descriptor we own; it changes only this thread's netns.
         if unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(io::Error::last_os_error());
@@ -48,7 +48,7 @@ impl NetworkNamespace {
 
 /// Every network namespace that can be found (see the module comment), each once, the agent's
 /// own first. Paths that vanish while listing (exiting threads) are skipped.
-pub fn all() -> Vec<NetworkNamespace> {
+pub(crate) fn all() -> Vec<NetworkNamespace> {
     let mut candidates = vec![PathBuf::from("/proc/thread-self/ns/net")];
     for dir in NETNS_MOUNT_DIRS {
         candidates.extend(entries(Path::new(dir)));

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use keepalive_ebpf::{AF_INET, AF_INET6, CloseContext, RecordKind, SocketRecord, record_flags};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     #[error(
         "ring buffer record is {0} bytes, expected {expected}: agent and kernel programs were built from different sources",
         expected = SocketRecord::SIZE
@@ -120,7 +120,7 @@ impl CloseEvent {
 
 /// `inet_sk_error_report` on a closed socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ErrorReport {
+pub(crate) struct ErrorReport {
     pub sk: u64,
     pub endpoints: Endpoints,
     pub error: i32,
@@ -128,7 +128,7 @@ pub struct ErrorReport {
 
 /// One socket seen by the `iter/tcp` audit walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuditedSocket {
+pub(crate) struct AuditedSocket {
     pub sk: u64,
     pub endpoints: Endpoints,
     pub owner: SocketOwner,
@@ -141,7 +141,7 @@ pub struct AuditedSocket {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     KeepaliveExpiry(KeepaliveExpiry),
     Close(CloseEvent),
     ErrorReport(ErrorReport),
@@ -149,7 +149,7 @@ pub enum Event {
 }
 
 impl Event {
-    pub fn endpoints(&self) -> &Endpoints {
+    pub(crate) fn endpoints(&self) -> &Endpoints {
         match self {
             Self::KeepaliveExpiry(e) => &e.endpoints,
             Self::Close(e) => &e.endpoints,
@@ -159,7 +159,7 @@ impl Event {
     }
 
     /// Label value for per-kind event counters.
-    pub fn kind_name(&self) -> &'static str {
+    pub(crate) fn kind_name(&self) -> &'static str {
         match self {
             Self::KeepaliveExpiry(_) => "keepalive_timer",
             Self::Close(_) => "close",
@@ -169,7 +169,7 @@ impl Event {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if bytes.len() != SocketRecord::SIZE {
         return Err(DecodeError::Size(bytes.len()));
     }
@@ -179,7 +179,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     decode_record(&rec)
 }
 
-pub fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
+pub(crate) fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
     let kind = RecordKind::from_u8(rec.kind).ok_or(DecodeError::Kind(rec.kind))?;
     let endpoints = endpoints(rec)?;
     let flag = |bit: u8| rec.flags & bit != 0;
@@ -288,7 +288,7 @@ pub(crate) mod fixtures {
 
     /// An established IPv4 loopback connection with keepalive 1 s / 1 s / 3 (at HZ 250) that the
     /// keepalive timer just aborted after 3 unanswered probes (`ETIMEDOUT`).
-    pub fn keepalive_abort() -> CloseEvent {
+    pub(crate) fn keepalive_abort() -> CloseEvent {
         CloseEvent {
             sk: 1,
             endpoints: Endpoints {

@@ -56,7 +56,7 @@ impl std::fmt::Display for DropReason {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseOutcome {
+pub(crate) enum CloseOutcome {
     /// FIN handshake completed, or the application gave up a connection it no longer wanted.
     Orderly,
     Dropped(DropReason),
@@ -64,11 +64,11 @@ pub enum CloseOutcome {
 
 /// `enum sk_rst_reason` values that matter here, resolved by name from BTF (absent before 6.12).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ResetReasons {
+pub(crate) struct ResetReasons {
     pub keepalive_timeout: Option<u32>,
 }
 
-pub fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
+pub(crate) fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
     use CloseOutcome::{Dropped, Orderly};
     use DropReason::*;
 

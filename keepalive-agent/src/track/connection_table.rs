@@ -17,7 +17,7 @@ use crate::{
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectionState {
+pub(crate) struct ConnectionState {
     pub endpoints: Endpoints,
     /// Probes the kernel sent on this connection since the agent first saw it.
     pub probes_sent: u64,
@@ -38,7 +38,7 @@ pub struct ConnectionState {
 
 /// What one keepalive expiry meant for its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ExpiryOutcome {
+pub(crate) struct ExpiryOutcome {
     pub probe_sent: bool,
     /// A streak of probes ended with the peer answering.
     pub streak_answered: bool,
@@ -49,7 +49,7 @@ pub struct ExpiryOutcome {
 }
 
 #[derive(Debug)]
-pub struct ConnectionTable {
+pub(crate) struct ConnectionTable {
     live: LruCache<u64, ConnectionState>,
     /// Dropped connections, oldest first, kept `retention` so alerts can name them.
     dropped: VecDeque<ConnectionState>,
@@ -59,7 +59,7 @@ pub struct ConnectionTable {
 }
 
 impl ConnectionTable {
-    pub fn new(max_live: NonZeroUsize, max_dropped: usize, retention: Duration) -> Self {
+    pub(crate) fn new(max_live: NonZeroUsize, max_dropped: usize, retention: Duration) -> Self {
         Self {
             live: LruCache::new(max_live),
             dropped: VecDeque::new(),
@@ -69,7 +69,7 @@ impl ConnectionTable {
         }
     }
 
-    pub fn on_expiry(&mut self, e: &KeepaliveExpiry, now: Instant) -> ExpiryOutcome {
+    pub(crate) fn on_expiry(&mut self, e: &KeepaliveExpiry, now: Instant) -> ExpiryOutcome {
         if e.closed_in_timer {
             // Reported at timer exit, after the close record that already ended the connection.
             return ExpiryOutcome::default();
@@ -111,7 +111,7 @@ impl ConnectionTable {
     }
 
     /// Ends the connection. Returns its final state when it was dropped.
-    pub fn on_close(
+    pub(crate) fn on_close(
         &mut self,
         c: &CloseEvent,
         outcome: CloseOutcome,
@@ -165,7 +165,7 @@ impl ConnectionTable {
     }
 
     /// A live connection's state, without refreshing its place in the LRU order.
-    pub fn live_mut(&mut self, sk: u64) -> Option<&mut ConnectionState> {
+    pub(crate) fn live_mut(&mut self, sk: u64) -> Option<&mut ConnectionState> {
         self.live.peek_mut(&sk)
     }
 
@@ -178,7 +178,7 @@ impl ConnectionTable {
     }
 
     /// Forgets dropped connections older than the retention.
-    pub fn expire(&mut self, now: Instant) {
+    pub(crate) fn expire(&mut self, now: Instant) {
         while self
             .dropped
             .front()
@@ -188,22 +188,22 @@ impl ConnectionTable {
         }
     }
 
-    pub fn live_len(&self) -> usize {
+    pub(crate) fn live_len(&self) -> usize {
         self.live.len()
     }
 
-    pub fn dropped_len(&self) -> usize {
+    pub(crate) fn dropped_len(&self) -> usize {
         self.dropped.len()
     }
 
     /// Connections pushed out by the size bounds, since start.
-    pub fn evictions(&self) -> u64 {
+    pub(crate) fn evictions(&self) -> u64 {
         self.evictions
     }
 
     /// Connections that deserve a series: dropped ones (newest first), then live ones that have
     /// probed, most unanswered probes first.
-    pub fn reportable(&self) -> Vec<&ConnectionState> {
+    pub(crate) fn reportable(&self) -> Vec<&ConnectionState> {
         let mut live: Vec<&ConnectionState> = self
             .live
             .iter()
