@@ -25,3 +25,7 @@ pub(crate) mod track;
 /// The cgroup v2 mount the agent attributes sockets under by default; the integration tests
 /// build their kubelet-shaped cgroups there.
 pub use attribution::system_cgroup2_mount;
+
+/// The name of an error TCP reports in `sk_err` (`ETIMEDOUT`, ...), as the event stream and
+/// `watch` print it; the integration tests name errors the same way.
+pub use export::events::errno_name;

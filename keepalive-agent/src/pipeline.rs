@@ -38,7 +38,7 @@ pub(crate) struct Pipeline {
     events: Option<EventSender>,
     /// Who owns a connection: asked once when a connection enters the table (and at close if
     /// its process was unknown), and per event only for the cgroup when aggregates need it.
-    attributor: Attributor,
+    attributor: Arc<Attributor>,
     /// Labels of the aggregate probe and drop counters (`--aggregate-by`).
     aggregate_by: AggregateBy,
 }
@@ -50,7 +50,7 @@ impl Pipeline {
         session: &Session,
         table: Arc<Mutex<ConnectionTable>>,
         metrics: PipelineMetrics,
-        attributor: Attributor,
+        attributor: Arc<Attributor>,
     ) -> Self {
         let reset_reasons = ResetReasons {
             keepalive_timeout: session.layout.rst_reason_keepalive_timeout,
@@ -64,7 +64,7 @@ impl Pipeline {
         reset_reasons: ResetReasons,
         table: Arc<Mutex<ConnectionTable>>,
         metrics: PipelineMetrics,
-        attributor: Attributor,
+        attributor: Arc<Attributor>,
     ) -> Self {
         Self {
             tracker: Tracker::new(table, reset_reasons),
@@ -371,7 +371,7 @@ mod tests {
                 Duration::from_secs(60),
             ))),
             PipelineMetrics::default(),
-            Attributor::new(None, "/nonexistent".into()),
+            Arc::new(Attributor::new(None, "/nonexistent".into())),
         )
         .with_events(sender);
         let expiry = RecordKind::KeepaliveTimer;

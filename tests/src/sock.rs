@@ -11,8 +11,7 @@ use anyhow::Context;
 use crate::wait_until;
 
 /// `tcpi_state` values (include/net/tcp_states.h).
-pub const TCP_ESTABLISHED: u8 = 1;
-pub const TCP_CLOSE: u8 = 7;
+pub use keepalive_ebpf::tcp_state::{CLOSE as TCP_CLOSE, ESTABLISHED as TCP_ESTABLISHED};
 
 /// A connection's addresses as seen from one end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,7 +209,11 @@ pub fn wait_closed(s: &impl AsRawFd, deadline: Duration, what: &str) -> anyhow::
     so_error(s)
 }
 
-/// `strerror`-style name for an errno, for messages.
+/// An errno as the agent names it, with its `strerror` text, for messages.
 pub fn errno_name(e: i32) -> String {
-    format!("{e} ({})", io::Error::from_raw_os_error(e))
+    format!(
+        "{} ({})",
+        keepalive_agent::errno_name(e),
+        io::Error::from_raw_os_error(e)
+    )
 }

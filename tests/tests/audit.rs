@@ -19,18 +19,9 @@ use keepalive_tests::{
 /// The namespace's keepalive idle time: not the 7200 s a new namespace starts with, so a socket
 /// reporting it proves the namespace's sysctl (not the host's, not a constant) was used.
 const NETNS_KEEPALIVE_TIME: i32 = 5400;
-/// include/net/tcp_states.h
-const TCP_FIN_WAIT2: u8 = 5;
-const TCP_CLOSE_WAIT: u8 = 8;
-
-fn state_name(state: u8) -> &'static str {
-    match state {
-        TCP_ESTABLISHED => "ESTABLISHED",
-        TCP_FIN_WAIT2 => "FIN_WAIT2",
-        TCP_CLOSE_WAIT => "CLOSE_WAIT",
-        _ => "unexpected",
-    }
-}
+use keepalive_ebpf::tcp_state::{
+    CLOSE_WAIT as TCP_CLOSE_WAIT, FIN_WAIT2 as TCP_FIN_WAIT2, name as state_name,
+};
 
 /// One socket's keepalive configuration as the kernel reports it to the application.
 #[derive(Debug, Clone, PartialEq)]

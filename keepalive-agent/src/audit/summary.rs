@@ -36,25 +36,6 @@ pub(crate) fn is_connection_state(state: u8) -> bool {
     matches!(state, tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT)
 }
 
-/// `ss`-style name of a TCP state number.
-pub(crate) fn state_name(state: u8) -> &'static str {
-    match state {
-        tcp_state::ESTABLISHED => "ESTABLISHED",
-        tcp_state::SYN_SENT => "SYN_SENT",
-        tcp_state::SYN_RECV => "SYN_RECV",
-        tcp_state::FIN_WAIT1 => "FIN_WAIT1",
-        tcp_state::FIN_WAIT2 => "FIN_WAIT2",
-        tcp_state::TIME_WAIT => "TIME_WAIT",
-        tcp_state::CLOSE => "CLOSE",
-        tcp_state::CLOSE_WAIT => "CLOSE_WAIT",
-        tcp_state::LAST_ACK => "LAST_ACK",
-        tcp_state::LISTEN => "LISTEN",
-        tcp_state::CLOSING => "CLOSING",
-        tcp_state::NEW_SYN_RECV => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
-    }
-}
-
 /// `msecs_to_jiffies`: the kernel rounds up, so a user timeout never fires early.
 fn msecs_to_jiffies(ms: u32, hz: u32) -> u64 {
     (u64::from(ms) * u64::from(hz)).div_ceil(1000)
@@ -134,7 +115,7 @@ impl SocketKeepalive {
         let s = &socket.settings;
         Self {
             netns: e.netns,
-            state: state_name(socket.state),
+            state: tcp_state::name(socket.state),
             local_addr: e.local.ip().to_string(),
             local_port: e.local.port(),
             remote_addr: e.remote.ip().to_string(),

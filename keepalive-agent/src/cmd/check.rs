@@ -257,17 +257,19 @@ fn hooks(layout: Option<&KernelLayout>) -> Vec<Check> {
             Some("BTF tracepoints need the kernel's BTF: use a kernel built with CONFIG_DEBUG_INFO_BTF=y.".to_owned()),
         )];
     };
-    let has = |tracepoint: &str| layout.tracepoints.contains(&tracepoint);
     let mut checks: Vec<Check> = HOOKS
         .iter()
         .map(|hook| {
             let name = format!("hook {}", hook.tracepoint);
             let typedef = format!("btf_trace_{}", hook.tracepoint);
             let need = if hook.required { "required" } else { "optional" };
-            if has(hook.tracepoint) {
+            if let Some(variant) = hook.variant(layout) {
                 Check::ok(
                     name,
-                    format!("{PROGRAM_TYPE} ({typedef} in BTF), {need}: {}", hook.role),
+                    format!(
+                        "{PROGRAM_TYPE} ({typedef} in BTF), program {} ({}), {need}: {}",
+                        variant.program, variant.why, hook.role
+                    ),
                 )
             } else if hook.required {
                 Check::new(
@@ -379,9 +381,19 @@ fn load(session: &Session) -> Check {
             } else {
                 Status::Fail
             };
+            let failed: Vec<String> = kernel
+                .hooks
+                .iter()
+                .filter_map(|s| Some(format!("{}: {}", s.hook.tracepoint, s.error.as_deref()?)))
+                .collect();
             let detail = format!(
-                "{attached}/{} hooks attached as {PROGRAM_TYPE}, {audit}; detached again",
-                kernel.hooks.len()
+                "{attached}/{} hooks attached as {PROGRAM_TYPE}, {audit}; detached again{}",
+                kernel.hooks.len(),
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not attached: {}", failed.join("; "))
+                }
             );
             // Dropping the programs detaches them.
             drop(kernel);
@@ -389,8 +401,11 @@ fn load(session: &Session) -> Check {
                 "load",
                 status,
                 detail,
-                (status != Status::Ok)
-                    .then(|| "Run `keepalive-agent run` with RUST_LOG=debug to see which program the kernel refused and why.".to_owned()),
+                (status != Status::Ok).then(|| {
+                    "See the hooks above: an optional hook this kernel lacks costs only its role; \
+                     for one it refused, `dmesg` and the verifier log above say why."
+                        .to_owned()
+                }),
             )
         }
         Err(err) => Check::new(

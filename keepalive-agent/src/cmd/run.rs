@@ -186,11 +186,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             "no cgroup v2 mount found (set --cgroup.root): connections will carry cgroup ids but no cgroup path, pod_uid or container_id"
         ),
     }
-    // The audit counts sockets under the same label sets as the probe and drop counters, with
-    // its own attribution caches (it runs on the blocking pool, away from the ring buffer).
+    // One attributor (one set of caches) for the pipeline and the audit, which counts sockets
+    // under the same label sets as the probe and drop counters.
+    let attributor = Arc::new(Attributor::new(cgroup_root, config.proc_root.clone()));
     let audit_group = {
         let aggregate_by = config.aggregate_by.clone();
-        let attributor = Attributor::new(cgroup_root.clone(), config.proc_root.clone());
+        let attributor = Arc::clone(&attributor);
         Arc::new(move |socket: &AuditedSocket| {
             let workload = if aggregate_by.needs_workload() {
                 attributor.attribute_cgroup(&socket.owner)
@@ -216,7 +217,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         &session,
         table,
         pipeline_metrics,
-        Attributor::new(cgroup_root, config.proc_root.clone()),
+        attributor,
     )
     .aggregated_by(config.aggregate_by.clone());
     if let Some(sender) = event_sender {

@@ -217,7 +217,7 @@ impl ConnectionEvent {
 }
 
 /// Names of the errors TCP reports in `sk_err`; anything else prints as `errno N`.
-pub(crate) fn errno_name(errno: i32) -> String {
+pub fn errno_name(errno: i32) -> String {
     let name = match errno {
         libc::ETIMEDOUT => "ETIMEDOUT",
         libc::ECONNRESET => "ECONNRESET",

@@ -62,6 +62,40 @@ pub const HOOKS: [Hook; 6] = [
 
 pub const PROGRAM_TYPE: &str = "tp_btf";
 
+/// The program that attaches to a hook on a given kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Variant {
+    /// Its name in the programs object.
+    pub(crate) program: &'static str,
+    /// Why this one, for `check` and the start-up log.
+    pub(crate) why: &'static str,
+}
+
+impl Hook {
+    /// The variant that loads on this kernel, from the tracepoint's BTF prototype; `None`
+    /// when the kernel has no such tracepoint (`inet_sk_error_report` before 5.14).
+    pub(crate) fn variant(&self, layout: &KernelLayout) -> Option<Variant> {
+        if !layout.tracepoints.contains(&self.tracepoint) {
+            return None;
+        }
+        Some(match self.tracepoint {
+            "tcp_send_reset" if layout.send_reset_reason => Variant {
+                program: "tcp_send_reset",
+                why: "prototype (sk, skb, reason), 6.10+",
+            },
+            // Reading a third argument would be refused by the verifier.
+            "tcp_send_reset" => Variant {
+                program: "tcp_send_reset_without_reason",
+                why: "prototype (sk, skb) before 6.10: resets without their reason",
+            },
+            tracepoint => Variant {
+                program: tracepoint,
+                why: "one prototype on every supported kernel",
+            },
+        })
+    }
+}
+
 /// The smallest ring buffer the kernel accepts (one page), for commands that never read it.
 pub(crate) const MIN_RING_BUFFER_BYTES: u32 = 4096;
 
@@ -95,6 +129,10 @@ pub enum ProgramsError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "this kernel has no tracepoint {hook} (no btf_trace_{hook} in its BTF), needed for {role}"
+    )]
+    Absent { hook: &'static str, role: &'static str },
     #[error("cannot attach to tracepoint {hook} ({role}): {source}")]
     Attach {
         hook: &'static str,
@@ -107,7 +145,11 @@ pub enum ProgramsError {
 #[derive(Debug, Clone)]
 pub struct HookStatus {
     pub hook: Hook,
+    /// The program chosen for this kernel; `None` when the kernel lacks the tracepoint.
+    pub(crate) variant: Option<Variant>,
     pub attached: bool,
+    /// Why it did not attach.
+    pub(crate) error: Option<String>,
 }
 
 pub struct KernelPrograms {
@@ -182,27 +224,33 @@ pub(crate) fn load(
     };
     let mut hooks = Vec::with_capacity(HOOKS.len());
     for hook in HOOKS {
-        match attach(&mut ebpf, btf, hook) {
-            Ok(()) => {
+        let variant = hook.variant(layout);
+        match attach(&mut ebpf, btf, hook, variant) {
+            Ok(variant) => {
                 info!(
-                    "attached {} as {PROGRAM_TYPE}: {}",
-                    hook.tracepoint, hook.role
+                    "attached {} as {PROGRAM_TYPE} with {} ({}): {}",
+                    hook.tracepoint, variant.program, variant.why, hook.role
                 );
                 hooks.push(HookStatus {
                     hook,
+                    variant: Some(variant),
                     attached: true,
+                    error: None,
                 });
             }
             Err(err) if !hook.required => {
                 warn!("{err}; continuing without it");
                 hooks.push(HookStatus {
                     hook,
+                    variant,
                     attached: false,
+                    error: Some(err.to_string()),
                 });
             }
             Err(err) => return Err(err),
         }
     }
+
     let attached = hooks.iter().filter(|s| s.attached).count();
     info!(
         "{attached}/{} hooks attached as {PROGRAM_TYPE}: BTF tracepoints are stable kernel ABI, need \
@@ -234,20 +282,29 @@ pub(crate) fn load(
     })
 }
 
-fn attach(ebpf: &mut Ebpf, btf: &Btf, hook: Hook) -> Result<(), ProgramsError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    hook: Hook,
+    variant: Option<Variant>,
+) -> Result<Variant, ProgramsError> {
+    let variant = variant.ok_or(ProgramsError::Absent {
+        hook: hook.tracepoint,
+        role: hook.role,
+    })?;
     let attach_error = |source| ProgramsError::Attach {
         hook: hook.tracepoint,
         role: hook.role,
         source,
     };
     let program: &mut BtfTracePoint = ebpf
-        .program_mut(hook.tracepoint)
-        .ok_or(ProgramsError::Missing(hook.tracepoint))?
+        .program_mut(variant.program)
+        .ok_or(ProgramsError::Missing(variant.program))?
         .try_into()
         .map_err(attach_error)?;
     program.load(hook.tracepoint, btf).map_err(attach_error)?;
     program.attach().map_err(attach_error)?;
-    Ok(())
+    Ok(variant)
 }
 
 fn spawn_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

@@ -1,0 +1,141 @@
+//! `timer_expire_entry`/`timer_expire_exit`, kept only for `tcp_keepalive_timer` (probes) and
+//! `tcp_write_timer` (so a close inside it is a retransmission or zero-window timeout).
+
+use aya_ebpf::{
+    macros::{btf_tracepoint, map},
+    maps::PerCpuArray,
+    programs::BtfTracePointContext,
+};
+use aya_log_ebpf::warn;
+use keepalive_ebpf::{AF_INET, CloseContext, RecordKind, SocketRecord, record_flags};
+
+use crate::socket::{KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, emit, read, snapshot};
+
+/// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
+#[map]
+pub(crate) static TIMER_CONTEXT: PerCpuArray<TimerContext> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub(crate) struct TimerContext {
+    /// The `timer_list` being run; 0 when no TCP timer callback is running.
+    pub(crate) timer: u64,
+    pub(crate) sk: u64,
+    /// A `CloseContext` value.
+    pub(crate) kind: u8,
+    pub(crate) closed: u8,
+    /// Write timer: `icsk_pending` and `packets_out` at entry, before an abort purges them.
+    pub(crate) write_timer_event: u8,
+    pub(crate) packets_out: u32,
+    pub(crate) snapshot: SocketRecord,
+}
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
+    // This hook fires for every kernel timer: one direct load through the BTF-typed pointer and
+    // two compares decide, without a helper call.
+    let function_offset = offset!(timer_function);
+    // SAFETY: the verifier checks this load against `struct timer_list`.
+    let function = unsafe { core::ptr::read_volatile(timer.add(function_offset) as *const u64) };
+    // SAFETY: reads of our own statics (see `offset!`).
+    let (keepalive_fn, write_fn) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const KEEPALIVE_TIMER_FN),
+            core::ptr::read_volatile(&raw const WRITE_TIMER_FN),
+        )
+    };
+    let (kind, timer_offset) = if function == keepalive_fn {
+        (CloseContext::KeepaliveTimer, offset!(keepalive_timer))
+    } else if function == write_fn {
+        (CloseContext::WriteTimer, offset!(write_timer))
+    } else {
+        return 0;
+    };
+    let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot owned by the timer callback now running on this CPU.
+    let tctx = unsafe { &mut *tctx };
+    // The socket is the timer's container (`timer_container_of(sk, t, sk_timer)` in the kernel).
+    let sk = timer.wrapping_sub(timer_offset);
+    tctx.timer = timer as u64;
+    tctx.sk = sk as u64;
+    tctx.kind = kind as u8;
+    tctx.closed = 0;
+    if kind == CloseContext::WriteTimer {
+        tctx.write_timer_event = read::<u8>(sk, offset!(icsk_pending)).unwrap_or(0);
+        tctx.packets_out = read::<u32>(sk, offset!(tcp_packets_out)).unwrap_or(0);
+    } else {
+        tctx.snapshot.kind = RecordKind::KeepaliveTimer as u8;
+        tctx.snapshot.context = CloseContext::KeepaliveTimer as u8;
+        if snapshot(sk, &mut tctx.snapshot).is_err() {
+            // No address in the message: the verifier refuses arithmetic on the pointer.
+            warn!(
+                &ctx,
+                "keepalive timer: cannot read the socket; offsets wrong?"
+            );
+            tctx.timer = 0;
+        }
+    }
+    0
+}
+
+#[btf_tracepoint(function = "timer_expire_exit")]
+pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, see timer_expire_entry.
+    let tctx = unsafe { &mut *tctx };
+    if tctx.timer != timer || timer == 0 {
+        return 0;
+    }
+    tctx.timer = 0;
+    if tctx.kind != CloseContext::KeepaliveTimer as u8 {
+        return 0;
+    }
+    let rec = &mut tctx.snapshot;
+    if tctx.closed != 0 {
+        // The socket may be freed by now (the callback's sock_put, or tcp_done on an orphan):
+        // the close record already carries its final state.
+        rec.flags |= record_flags::CLOSED_IN_TIMER;
+    } else {
+        let sk = tctx.sk as *const u8;
+        // Re-read only if the slot still holds the same connection (SLAB_TYPESAFE_BY_RCU reuse).
+        let same = match (
+            read::<u16>(sk, offset!(inet_sport)),
+            read::<u16>(sk, offset!(skc_dport)),
+            read::<[u8; 4]>(sk, offset!(skc_daddr)),
+        ) {
+            (Ok(sport), Ok(dport), Ok(daddr)) => {
+                u16::from_be(sport) == rec.local_port
+                    && u16::from_be(dport) == rec.remote_port
+                    && (rec.family != AF_INET
+                        || daddr
+                            == [
+                                rec.remote_addr[0],
+                                rec.remote_addr[1],
+                                rec.remote_addr[2],
+                                rec.remote_addr[3],
+                            ])
+            }
+            _ => false,
+        };
+        match read::<u8>(sk, offset!(icsk_probes_out)) {
+            Ok(after) if same => rec.probes_out_after = after,
+            _ => rec.flags |= record_flags::EXIT_UNVERIFIED,
+        }
+    }
+    emit(rec);
+    0
+}
+
+/// Does nothing. Never attached by the agent: the benchmark (`cargo xtask bench`) attaches it
+/// to `timer_expire_entry` to measure the per-hit floor of a tp_btf program on that hook, so
+/// the costs it reports are ours alone.
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub(crate) fn timer_entry_baseline(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
