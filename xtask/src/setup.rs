@@ -25,6 +25,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "buildah",
+    // Kernel matrix (`cargo xtask vm`): Debian kernels booted under qemu's TCG with a busybox
+    // initramfs; `cpio -t` lists what went into it. objcopy (binutils), xz, zstd and gzip take
+    // each kernel's BTF out of its bzImage and store it compressed as a test fixture.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "binutils",
+    "xz-utils",
+    "zstd",
+    "gzip",
 ];
 
 /// The LLVM major that bpf-linker is built against; the nightly toolchain must match it.
