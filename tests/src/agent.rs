@@ -34,6 +34,99 @@ pub fn agent_bin() -> PathBuf {
     target.join("release").join("keepalive-agent")
 }
 
+/// The web server of an agent, whoever started it: an [`Agent`] of a host test, or the `/init`
+/// of a `cargo xtask vm` guest.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentEndpoint {
+    addr: SocketAddr,
+}
+
+/// [`AgentEndpoint::poll_until`] gave up: what still differed, and the last scrape.
+#[derive(Debug)]
+pub struct NeverMatched {
+    pub problem: String,
+    pub last: Option<Metrics>,
+}
+
+impl AgentEndpoint {
+    pub fn new(addr: SocketAddr) -> AgentEndpoint {
+        AgentEndpoint { addr }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// GET `path`: (status, body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(self.addr, path)
+    }
+
+    /// Scrapes and parses `/metrics`.
+    pub fn scrape(&self) -> anyhow::Result<Metrics> {
+        let (code, body) = self.get("/metrics")?;
+        ensure!(code == 200, "/metrics answered {code}: {body}");
+        Metrics::parse(&body)
+    }
+
+    /// Polls `/readyz` every 100 ms until it answers 200; `alive` is asked first each round and
+    /// ends the wait with its error (e.g. the agent process exited).
+    pub fn wait_ready(
+        &self,
+        deadline: Duration,
+        mut alive: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let mut last = String::from("no answer yet");
+        while start.elapsed() < deadline {
+            alive()?;
+            match self.get("/readyz") {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => last = format!("/readyz answered {code}: {}", body.trim()),
+                Err(e) => last = format!("/readyz: {e:#}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("not ready after {deadline:?} (last: {last})")
+    }
+
+    /// Polls `/metrics` every 200 ms until every expectation holds in one scrape. The agent
+    /// drains its ring buffer asynchronously, so a single scrape right after the kernel acted
+    /// may be behind; only the deadline decides that it is wrong.
+    pub fn poll_until(
+        &self,
+        expected: &Expectations,
+        deadline: Duration,
+    ) -> Result<Metrics, NeverMatched> {
+        let start = Instant::now();
+        let mut last = None;
+        let mut problem;
+        loop {
+            match self.scrape() {
+                Ok(m) => {
+                    let mismatches = expected.mismatches(&m);
+                    if mismatches.is_empty() {
+                        return Ok(m);
+                    }
+                    problem = format!(
+                        "mismatches (metric: expected, got):\n  {}\n\
+                         agent series for netns {}:\n{}",
+                        mismatches.join("\n  "),
+                        expected.netns(),
+                        m.lines_with_label("netns", &expected.netns().to_string())
+                    );
+                    last = Some(m);
+                }
+                Err(e) => problem = format!("scrape failed: {e:#}"),
+            }
+            if start.elapsed() >= deadline {
+                return Err(NeverMatched { problem, last });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 /// A running `keepalive-agent run`, killed on drop.
 ///
 /// The child gets PR_SET_PDEATHSIG=SIGKILL, which fires when the *thread* that spawned it exits:
@@ -41,7 +134,7 @@ pub fn agent_bin() -> PathBuf {
 #[derive(Debug)]
 pub struct Agent {
     child: Child,
-    addr: SocketAddr,
+    endpoint: AgentEndpoint,
     log_path: PathBuf,
     /// Keep the log file after drop (set when a check fails).
     keep_log: AtomicBool,
@@ -91,7 +184,7 @@ impl Agent {
             .with_context(|| format!("spawn {}", bin.display()))?;
         let mut agent = Agent {
             child,
-            addr,
+            endpoint: AgentEndpoint::new(addr),
             log_path,
             keep_log: AtomicBool::new(false),
         };
@@ -107,20 +200,13 @@ impl Agent {
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let start = Instant::now();
-        let mut last = String::from("no answer yet");
-        while start.elapsed() < DEADLINE {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("agent exited with {status} before it was ready");
-            }
-            match self.get("/readyz") {
-                Ok((200, _)) => return Ok(()),
-                Ok((code, body)) => last = format!("/readyz answered {code}: {}", body.trim()),
-                Err(e) => last = format!("/readyz: {e:#}"),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("not ready after {DEADLINE:?} (last: {last})")
+        let Agent {
+            child, endpoint, ..
+        } = self;
+        endpoint.wait_ready(DEADLINE, || match child.try_wait()? {
+            Some(status) => bail!("agent exited with {status} before it was ready"),
+            None => Ok(()),
+        })
     }
 
     /// The agent's process id (to signal it).
@@ -130,19 +216,22 @@ impl Agent {
 
     /// `http://addr` of the agent's web server.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.endpoint.addr()
+    }
+
+    /// The agent's web server.
+    pub fn endpoint(&self) -> AgentEndpoint {
+        self.endpoint
     }
 
     /// GET `path` from the agent: (status, body).
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        http_get(self.addr, path)
+        self.endpoint.get(path)
     }
 
     /// Scrapes and parses `/metrics`.
     pub fn scrape(&self) -> anyhow::Result<Metrics> {
-        let (code, body) = self.get("/metrics")?;
-        ensure!(code == 200, "/metrics answered {code}: {body}");
-        Metrics::parse(&body)
+        self.endpoint.scrape()
     }
 
     /// The agent's stdout+stderr so far.
@@ -160,37 +249,18 @@ impl Agent {
     /// Polls `/metrics` until every expectation holds in one scrape (deadline 30 s). On timeout
     /// the error lists what differed, the namespace's series and the end of the agent's log.
     pub fn wait_for(&self, what: &str, expected: &Expectations) -> anyhow::Result<Metrics> {
-        let start = Instant::now();
-        let mut last_problem;
-        loop {
-            match self.scrape() {
-                Ok(m) => {
-                    let mismatches = expected.mismatches(&m);
-                    if mismatches.is_empty() {
-                        return Ok(m);
-                    }
-                    last_problem = format!(
-                        "mismatches (metric: expected, got):\n  {}\n\
-                         agent series for netns {}:\n{}",
-                        mismatches.join("\n  "),
-                        expected.netns(),
-                        m.lines_with_label("netns", &expected.netns().to_string())
-                    );
-                }
-                Err(e) => last_problem = format!("scrape failed: {e:#}"),
-            }
-            if start.elapsed() >= DEADLINE {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        self.keep_log.store(true, Ordering::Relaxed);
-        bail!(
-            "agent metrics never matched for {what} within {DEADLINE:?}.\n{last_problem}\n\
-             agent log (last 40 lines, full log {}):\n{}",
-            self.log_path.display(),
-            self.log_tail(40)
-        )
+        self.endpoint
+            .poll_until(expected, DEADLINE)
+            .or_else(|never| {
+                self.keep_log.store(true, Ordering::Relaxed);
+                bail!(
+                    "agent metrics never matched for {what} within {DEADLINE:?}.\n{}\n\
+                     agent log (last 40 lines, full log {}):\n{}",
+                    never.problem,
+                    self.log_path.display(),
+                    self.log_tail(40)
+                )
+            })
     }
 }
 

@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-pub use agent::{Agent, agent_bin, http_get};
+pub use agent::{Agent, AgentEndpoint, NeverMatched, agent_bin, http_get};
 pub use expect::{DROP_REASONS, Expectations};
 pub use metrics::{Metrics, Sample};
 pub use netns::{Netns, NftRule, TcpExt};
 pub use sock::{
-    Conn, TCP_CLOSE, TCP_ESTABLISHED, TcpPair, disable_keepalive, errno_name, getsockopt_int,
-    set_keepalive, set_linger_zero, set_user_timeout, setsockopt_int, so_error, tcp_info,
-    tcp_state, wait_closed,
+    Conn, TCP_CLOSE, TCP_ESTABLISHED, TcpPair, accept_incoming_again, connect_deaf,
+    disable_keepalive, drop_all_incoming, errno_name, getsockopt_int, set_keepalive,
+    set_linger_zero, set_user_timeout, setsockopt_int, so_error, tcp_info, tcp_state, wait_closed,
 };
 
 /// How long any test waits for an expected state before failing.

@@ -1,11 +1,16 @@
-//! Throwaway network namespaces (`ip netns`), and doing things inside them: sockets, sysctls,
-//! nftables rules, `ss -K`, the namespace's TCP MIB counters.
+//! Throwaway network namespaces, and doing things inside them: sockets, sysctls, nftables rules,
+//! `ss -K`, the namespace's TCP MIB counters.
+//!
+//! Two kinds: `ip netns` namespaces ([`Netns::new`], on a host with iproute2 and nftables) and
+//! namespaces made by `unshare(CLONE_NEWNET)` ([`Netns::unshared`], where there is no `ip` or
+//! `nft`, e.g. the busybox guests of `cargo xtask vm`). Socket, sysctl and counter helpers work on
+//! both; the `ip netns exec` ones (nft, ss) only on the first.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -21,7 +26,11 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug)]
 pub struct Netns {
     name: String,
-    path: PathBuf,
+    /// `ip netns` namespaces are bind-mounted at /run/netns/NAME and deleted with `ip netns
+    /// delete`; unshared ones live as long as `ns_file` (and whatever is inside them).
+    ip_netns: bool,
+    /// An open handle on the namespace: threads join it with setns.
+    ns_file: File,
     inum: u64,
 }
 
@@ -65,7 +74,7 @@ impl TcpExt {
 }
 
 impl Netns {
-    /// Creates `kat-<tag>-<pid>-<n>` and brings its loopback up.
+    /// Creates `kat-<tag>-<pid>-<n>` with `ip netns` and brings its loopback up.
     pub fn new(tag: &str) -> anyhow::Result<Netns> {
         let name = format!(
             "kat-{tag}-{}-{}",
@@ -74,20 +83,61 @@ impl Netns {
         );
         run_cmd(Command::new("ip").args(["netns", "add", &name]), None)?;
         let path = PathBuf::from(format!("/run/netns/{name}"));
+        let opened = File::open(&path).with_context(|| format!("open {}", path.display()));
+        let ns_file = match opened {
+            Ok(file) => file,
+            Err(err) => {
+                delete_ip_netns(&name);
+                return Err(err);
+            }
+        };
         // From here on Drop deletes the namespace, whatever fails next.
         let mut ns = Netns {
             name,
-            path,
+            ip_netns: true,
+            ns_file,
             inum: 0,
         };
         run_cmd(
             Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]),
             None,
         )?;
-        ns.inum = std::fs::metadata(&ns.path)
-            .with_context(|| format!("stat {}", ns.path.display()))?
+        ns.inum = ns
+            .ns_file
+            .metadata()
+            .with_context(|| format!("stat {}", path.display()))?
             .ino();
         Ok(ns)
+    }
+
+    /// Creates a namespace with `unshare(CLONE_NEWNET)` on a short-lived thread and brings its
+    /// loopback up with an ioctl: needs root but no `ip` command. It is named `<tag>-<inode>`
+    /// and disappears when this value and every socket inside it are gone.
+    pub fn unshared(tag: &str) -> anyhow::Result<Netns> {
+        let ns_file = std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> anyhow::Result<File> {
+                    // SAFETY: plain syscall; CLONE_NEWNET moves only this thread.
+                    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error())
+                            .context("unshare(CLONE_NEWNET) (needs root)");
+                    }
+                    loopback_up()?;
+                    File::open("/proc/thread-self/ns/net").context("open /proc/thread-self/ns/net")
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
+        let inum = ns_file
+            .metadata()
+            .context("stat the new network namespace")?
+            .ino();
+        Ok(Netns {
+            name: format!("{tag}-{inum}"),
+            ip_netns: false,
+            ns_file,
+            inum,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -102,12 +152,12 @@ impl Netns {
     /// Runs `f` on a fresh thread that has entered this namespace; sockets `f` creates belong to
     /// the namespace (and stay usable from any thread afterwards). A panic in `f` is re-raised.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
-        let ns_file =
-            File::open(&self.path).with_context(|| format!("open {}", self.path.display()))?;
+        let ns_fd = self.ns_file.as_raw_fd();
         std::thread::scope(|scope| {
             let handle = scope.spawn(move || -> anyhow::Result<R> {
-                // SAFETY: plain syscall on an fd we own; it changes only this thread's netns.
-                let rc = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+                // SAFETY: plain syscall on an fd that outlives this scope; it changes only this
+                // thread's netns.
+                let rc = unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) };
                 if rc != 0 {
                     return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
                 }
@@ -143,11 +193,23 @@ impl Netns {
         Ok(())
     }
 
+    /// The `ip netns` name, for commands run with `ip netns exec`.
+    fn ip_netns_name(&self, what: &str) -> anyhow::Result<&str> {
+        ensure!(
+            self.ip_netns,
+            "{what} runs through `ip netns exec`, but namespace {} was created with unshare \
+             (Netns::unshared); use Netns::new",
+            self.name
+        );
+        Ok(&self.name)
+    }
+
     /// Runs `prog args...` inside the namespace (`ip netns exec`), returning its stdout.
     pub fn exec(&self, prog: &str, args: &[&str]) -> anyhow::Result<String> {
+        let name = self.ip_netns_name(prog)?;
         run_cmd(
             Command::new("ip")
-                .args(["netns", "exec", &self.name, prog])
+                .args(["netns", "exec", name, prog])
                 .args(args),
             None,
         )
@@ -155,8 +217,9 @@ impl Netns {
 
     /// Loads an nftables script into the namespace (`nft -f -`).
     pub fn nft(&self, script: &str) -> anyhow::Result<()> {
+        let name = self.ip_netns_name("nft")?;
         run_cmd(
-            Command::new("ip").args(["netns", "exec", &self.name, "nft", "-f", "-"]),
+            Command::new("ip").args(["netns", "exec", name, "nft", "-f", "-"]),
             Some(script),
         )
         .map(drop)
@@ -229,13 +292,49 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Err(e) = run_cmd(
-            Command::new("ip").args(["netns", "delete", &self.name]),
-            None,
-        ) {
-            eprintln!("warning: could not delete netns {}: {e:#}", self.name);
+        if self.ip_netns {
+            delete_ip_netns(&self.name);
         }
     }
+}
+
+fn delete_ip_netns(name: &str) {
+    if let Err(e) = run_cmd(Command::new("ip").args(["netns", "delete", name]), None) {
+        eprintln!("warning: could not delete netns {name}: {e:#}");
+    }
+}
+
+// The libc crate types these as the ioctl request type on glibc but as u64 on musl (whose ioctl
+// takes an int), and the guest program is built for musl.
+const SIOCGIFFLAGS: libc::Ioctl = libc::SIOCGIFFLAGS as libc::Ioctl;
+const SIOCSIFFLAGS: libc::Ioctl = libc::SIOCSIFFLAGS as libc::Ioctl;
+
+/// Sets IFF_UP on `lo` of the calling thread's network namespace (what `ip link set lo up` does,
+/// without iproute2).
+fn loopback_up() -> anyhow::Result<()> {
+    // SAFETY: plain syscall; the descriptor is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for SIOCSIFFLAGS");
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: req is a live ifreq naming an interface; the kernel fills ifru_flags.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFFLAGS, &raw mut req) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("SIOCGIFFLAGS lo");
+    }
+    // SAFETY: SIOCGIFFLAGS just wrote ifru_flags.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: as above; the kernel reads ifru_flags.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS, &raw const req) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("SIOCSIFFLAGS lo up");
+    }
+    Ok(())
 }
 
 /// An nftables table holding one drop rule.

@@ -2,8 +2,8 @@
 
 use std::io;
 use std::mem::size_of;
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd as _};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -216,4 +216,82 @@ pub fn errno_name(e: i32) -> String {
         keepalive_agent::errno_name(e),
         io::Error::from_raw_os_error(e)
     )
+}
+
+/// Attaches a classic BPF socket filter that accepts nothing (`ret #0`): from now on every
+/// segment for this socket is dropped in `tcp_filter` before TCP sees it — its peer looks dead
+/// (no ACKs, no RSTs), while what this socket sends still goes out. Where there is no nftables
+/// (the `cargo xtask vm` guests) this is how a peer is blackholed.
+pub fn drop_all_incoming(s: &impl AsRawFd) -> anyhow::Result<()> {
+    // BPF_RET | BPF_K: return the constant k (0 bytes kept = drop).
+    let mut program = [libc::sock_filter {
+        code: 0x06,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let fprog = libc::sock_fprog {
+        len: 1,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: fprog points at a live one-instruction program; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const fprog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("setsockopt SO_ATTACH_FILTER");
+    }
+    Ok(())
+}
+
+/// Removes the filter [`drop_all_incoming`] attached: the socket hears its peer again.
+pub fn accept_incoming_again(s: &impl AsRawFd) -> anyhow::Result<()> {
+    setsockopt_int(
+        s,
+        libc::SOL_SOCKET,
+        libc::SO_DETACH_FILTER,
+        0,
+        "SO_DETACH_FILTER",
+    )
+}
+
+/// Connects a new IPv4 socket to `addr` with [`drop_all_incoming`] attached *before* the SYN
+/// leaves, so no SYN-ACK is ever heard. The outer error is a setup failure; the inner one is what
+/// `connect` returned (ETIMEDOUT once `net.ipv4.tcp_syn_retries` retransmissions went unanswered).
+pub fn connect_deaf(addr: SocketAddrV4) -> anyhow::Result<io::Result<TcpStream>> {
+    // SAFETY: plain syscall; the descriptor is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket(AF_INET, SOCK_STREAM)");
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    drop_all_incoming(&stream)?;
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sin is a live sockaddr_in and we pass its exact size.
+    let rc = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    Ok(if rc == 0 {
+        Ok(stream)
+    } else {
+        Err(io::Error::last_os_error())
+    })
 }

@@ -52,7 +52,7 @@ pub fn build_image(setup: &Setup) -> Result<String> {
     Ok(tag)
 }
 
-fn build_static_agent(setup: &Setup) -> Result<PathBuf> {
+pub(crate) fn build_static_agent(setup: &Setup) -> Result<PathBuf> {
     env::run(setup.command("cargo").args([
         "build",
         "--release",
@@ -80,7 +80,7 @@ fn build_static_agent(setup: &Setup) -> Result<PathBuf> {
 }
 
 /// A FROM scratch image has no dynamic loader: refuse a binary that asks for one (PT_INTERP).
-fn ensure_static(bin: &Path) -> Result<()> {
+pub(crate) fn ensure_static(bin: &Path) -> Result<()> {
     let elf = fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
     match interpreter(&elf) {
         Ok(None) => Ok(()),

@@ -9,6 +9,7 @@ mod env;
 mod image;
 mod setup;
 mod tasks;
+mod vm;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -71,6 +72,12 @@ enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Setup, then the kernel matrix: Debian's 5.10, 6.1 and 6.12 kernels (newest, and newest
+    /// before the icsk_keepalive_timer backport) booted in qemu with the static agent and the
+    /// scenario program; prints kernel vs agent figures per scenario, writes
+    /// target/kernel-matrix.md, fails on any mismatch. Packages are cached in
+    /// /var/cache/keepalive-agent ($KEEPALIVE_VM_CACHE).
+    Vm(vm::VmArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +91,9 @@ fn main() -> ExitCode {
             .and_then(|setup| image::build_image(&setup))
             .map(|_| ExitCode::SUCCESS),
         Command::Bench { args } => tasks::bench(&args).map(|()| ExitCode::SUCCESS),
+        Command::Vm(args) => setup::setup()
+            .and_then(|setup| vm::vm(&setup, &args))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -120,6 +130,22 @@ mod tests {
             panic!("not run");
         };
         assert!(args.is_empty());
+    }
+
+    #[test]
+    fn vm_takes_kernels_and_fixture_mode() {
+        let Command::Vm(args) =
+            parse(&["vm", "--kernel", "6.1", "--kernel", "5.10", "--jobs", "1"])
+        else {
+            panic!("not vm");
+        };
+        assert_eq!(args.kernels, ["6.1", "5.10"]);
+        assert_eq!(args.jobs, 1);
+        assert!(!args.update_btf_fixtures);
+        let Command::Vm(args) = parse(&["vm", "--update-btf-fixtures"]) else {
+            panic!("not vm");
+        };
+        assert!(args.update_btf_fixtures);
     }
 
     #[test]

@@ -25,6 +25,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "buildah",
+    // Kernel matrix (`cargo xtask vm`): Debian kernels booted under qemu's TCG with a busybox
+    // initramfs (`cpio -t` checks the archive xtask writes); gzip, xz and zstd unpack each
+    // kernel's bzImage payload, compress the initramfs and the BTF test fixtures.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "zstd",
+    "gzip",
 ];
 
 /// The LLVM major that bpf-linker is built against; the nightly toolchain must match it.

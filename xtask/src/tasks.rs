@@ -152,6 +152,13 @@ pub fn test(args: &[OsString]) -> Result<()> {
         },
     )?;
 
+    // Last: the slowest step, and the only one that downloads (kernels, cached afterwards).
+    step(
+        "kernel matrix",
+        "cargo xtask vm (Debian kernels in qemu)",
+        || crate::vm::vm(&setup, &crate::vm::VmArgs::default()),
+    )?;
+
     println!("\n== all test steps passed");
     Ok(())
 }

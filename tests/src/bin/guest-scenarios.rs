@@ -1,0 +1,714 @@
+//! The scenario program of `cargo xtask vm`: runs inside a qemu guest booted on a Debian kernel,
+//! next to a `keepalive-agent run` started by the guest's `/init`, and checks the agent against
+//! the kernel's own counters on that kernel.
+//!
+//! Every scenario runs at the same time in a network namespace of its own (made with unshare:
+//! the guest has no iproute2 or nftables), so one agent serves them all and each is compared by
+//! the `netns` label. A peer is blackholed with a drop-everything socket filter on the socket
+//! that must stop hearing it. The oracle is the namespace's `TcpExt` (`TCPKeepAlive`,
+//! `TCPAbortOnTimeout`) in `/proc/net/netstat`.
+//!
+//! Output on stdout (the guest's serial console), one tagged line each, read by xtask's vm
+//! module (`xtask/src/vm/report.rs` is the other end of this format):
+//! - `KAT-READY <seconds>`: the agent answered `/readyz` 200
+//! - `KAT-HOOK <tracepoint> <0|1>`: `keepalive_agent_hook_attached` once the agent is ready
+//! - `KAT-PLAN <scenario>...`: the scenarios about to run
+//! - `KAT-RESULT <json>`: one per scenario, when it ends (fields in [`report`])
+//! - `KAT-AGENT-LOG <line>`: the agent's warnings and errors, or its whole log tail on failure
+//! - `KAT-FATAL <text>`: the run could not happen (agent never ready)
+//! - `KAT-DONE <scenarios> <failed>`: the last line; a console without it was cut short
+//!
+//! Also runs on a host as root next to a running agent, to debug scenarios without qemu:
+//! `guest-scenarios --agent 127.0.0.1:9879 [--only NAME]`.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use keepalive_tests::{
+    AgentEndpoint, DEADLINE, DROP_REASONS, Expectations, Metrics, Netns, TCP_ESTABLISHED, TcpExt,
+    TcpPair, accept_incoming_again, connect_deaf, disable_keepalive, drop_all_incoming, errno_name,
+    expect, set_keepalive, set_linger_zero, set_user_timeout, so_error, tcp_state, wait_closed,
+    wait_until,
+};
+use libc::{ECONNRESET, ETIMEDOUT};
+use serde_json::json;
+
+/// Keepalive settings of every scenario: probe after 1 s idle, every 1 s, give up after 3.
+const IDLE: i32 = 1;
+const INTVL: i32 = 1;
+const CNT: i32 = 3;
+
+const KEEPALIVE: &str = "TCPKeepAlive";
+const ABORT_ON_TIMEOUT: &str = "TCPAbortOnTimeout";
+
+/// Loading and attaching every program under qemu's TCG takes far longer than on hardware.
+const READY_DEADLINE: Duration = Duration::from_secs(240);
+/// How long the agent gets to show a scenario's figures after the kernel is done. Generous:
+/// all scenarios of a guest finish at about the same time on emulated CPUs.
+const AGENT_DEADLINE: Duration = Duration::from_secs(45);
+
+/// What one scenario leaves for the comparison.
+struct Outcome {
+    keepalive_probes: u64,
+    timeout_aborts: u64,
+    expected: Expectations,
+    /// Connections kept open until the agent has been compared: closing them earlier would add
+    /// closes (a FIN met by RST, unread data) that the scenario is not about.
+    hold: Vec<TcpPair>,
+}
+
+struct Scenario {
+    name: &'static str,
+    /// The kernel behaviour it provokes and the drop reason the agent must give, for the matrix.
+    expect: &'static str,
+    run: fn(&Netns) -> anyhow::Result<Outcome>,
+}
+
+const SCENARIOS: [Scenario; 9] = [
+    Scenario {
+        name: "healthy_peer",
+        expect: "probes answered, no drop",
+        run: healthy_peer,
+    },
+    Scenario {
+        name: "blackholed_keepalive_timeout",
+        expect: "3 probes, keepalive_timeout",
+        run: blackholed_keepalive_timeout,
+    },
+    Scenario {
+        name: "user_timeout",
+        expect: "2 probes (TCP_USER_TIMEOUT 4500 ms, interval 2 s), keepalive_timeout",
+        run: user_timeout,
+    },
+    Scenario {
+        name: "peer_lost_socket",
+        expect: "1 probe answered by RST, keepalive_reset",
+        run: peer_lost_socket,
+    },
+    Scenario {
+        name: "retransmission_timeout",
+        expect: "no probe, retransmit_timeout",
+        run: retransmission_timeout,
+    },
+    Scenario {
+        name: "retransmission_timeout_after_probe",
+        expect: "1 unanswered probe, then data: retransmit_timeout",
+        run: retransmission_timeout_after_probe,
+    },
+    Scenario {
+        name: "zero_window_timeout",
+        expect: "no probe, zero_window_timeout",
+        run: zero_window_timeout,
+    },
+    Scenario {
+        name: "connect_timeout",
+        expect: "no probe, connect_timeout",
+        run: connect_timeout,
+    },
+    Scenario {
+        name: "orderly_close",
+        expect: "probes answered, FIN close, no drop",
+        run: orderly_close,
+    },
+];
+
+struct Args {
+    agent: SocketAddr,
+    agent_log: Option<PathBuf>,
+    only: Vec<String>,
+    poweroff: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        agent: SocketAddr::from((Ipv4Addr::LOCALHOST, 9879)),
+        agent_log: None,
+        only: Vec::new(),
+        poweroff: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--agent" => args.agent = value()?.parse().context("--agent ADDR:PORT")?,
+            "--agent-log" => args.agent_log = Some(PathBuf::from(value()?)),
+            "--only" => args.only.push(value()?),
+            "--poweroff" => args.poweroff = true,
+            _ => bail!(
+                "usage: guest-scenarios [--agent ADDR:PORT] [--agent-log FILE] [--only NAME]... \
+                 [--poweroff]; scenarios: {}",
+                SCENARIOS.map(|s| s.name).join(", ")
+            ),
+        }
+    }
+    for name in &args.only {
+        ensure!(
+            SCENARIOS.iter().any(|s| s.name == name),
+            "unknown scenario {name}"
+        );
+    }
+    Ok(args)
+}
+
+fn main() {
+    let started = Instant::now();
+    let (scenarios, failed) = match parse_args() {
+        Ok(args) => {
+            let counts = run(&args, started);
+            if args.poweroff {
+                // `--poweroff` is given by the guest's /init, which exec'd us as pid 1.
+                finish(counts, started);
+                power_off();
+            }
+            counts
+        }
+        Err(err) => {
+            println!("KAT-FATAL {err:#}");
+            (0, 1)
+        }
+    };
+    finish((scenarios, failed), started);
+    std::process::exit(i32::from(failed > 0));
+}
+
+fn finish((scenarios, failed): (usize, usize), started: Instant) {
+    println!(
+        "KAT-DONE {scenarios} {failed} {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = std::io::stdout().flush();
+    // The console is a serial line: wait until the UART has sent everything before the
+    // machine goes away.
+    // SAFETY: plain call on our stdout descriptor.
+    unsafe { libc::tcdrain(libc::STDOUT_FILENO) };
+}
+
+/// Runs the scenarios against the agent; returns (scenarios run, scenarios failed).
+fn run(args: &Args, started: Instant) -> (usize, usize) {
+    let agent = AgentEndpoint::new(args.agent);
+    if let Err(err) = agent.wait_ready(READY_DEADLINE, || Ok(())) {
+        println!(
+            "KAT-FATAL the agent at {} is not ready: {err:#}",
+            args.agent
+        );
+        print_agent_log(args, None);
+        return (0, 1);
+    }
+    println!("KAT-READY {:.1}s", started.elapsed().as_secs_f64());
+    match agent.scrape() {
+        Ok(m) => {
+            for hook in m.samples("keepalive_agent_hook_attached") {
+                println!(
+                    "KAT-HOOK {} {}",
+                    hook.label("hook").unwrap_or("?"),
+                    hook.value
+                );
+            }
+        }
+        Err(err) => println!("KAT-FATAL first scrape failed: {err:#}"),
+    }
+
+    let selected: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| args.only.is_empty() || args.only.iter().any(|o| o == s.name))
+        .collect();
+    println!(
+        "KAT-PLAN {}",
+        selected
+            .iter()
+            .map(|s| s.name)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    // Every namespace exists until all comparisons are done: a freed namespace's inode number
+    // is handed to the next one created, which would merge two scenarios' counters.
+    let namespaces: Vec<anyhow::Result<Netns>> =
+        selected.iter().map(|s| Netns::unshared(s.name)).collect();
+    let failed = std::thread::scope(|scope| {
+        let handles: Vec<_> = selected
+            .iter()
+            .zip(&namespaces)
+            .map(|(scenario, ns)| scope.spawn(move || run_one(scenario, ns, agent)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(false))
+            .filter(|passed| !passed)
+            .count()
+    });
+    print_agent_log(args, (failed == 0).then_some("WARN"));
+    (selected.len(), failed)
+}
+
+/// Runs one scenario and prints its `KAT-RESULT` line; true when it passed.
+fn run_one(scenario: &Scenario, ns: &anyhow::Result<Netns>, agent: AgentEndpoint) -> bool {
+    let started = Instant::now();
+    let outcome = match ns {
+        Ok(ns) => (scenario.run)(ns).map(|outcome| (ns.inum(), outcome)),
+        Err(err) => Err(anyhow::anyhow!("creating its network namespace: {err:#}")),
+    };
+    let kernel_done = started.elapsed().as_secs_f64();
+    let (netns, outcome) = match outcome {
+        Ok(ok) => ok,
+        Err(err) => {
+            report(json!({
+                "scenario": scenario.name,
+                "expect": scenario.expect,
+                "error": format!("the scenario itself failed (kernel side): {err:#}"),
+                "seconds": kernel_done,
+            }));
+            return false;
+        }
+    };
+    let (mismatches, last) = match agent.poll_until(&outcome.expected, AGENT_DEADLINE) {
+        Ok(m) => (Vec::new(), Some(m)),
+        Err(never) => {
+            let mismatches = match &never.last {
+                Some(m) => outcome.expected.mismatches(m),
+                None => vec![never.problem.clone()],
+            };
+            (mismatches, never.last)
+        }
+    };
+    drop(outcome.hold);
+    let agent_figures = last.as_ref().map(|m| agent_figures(m, netns));
+    let passed = mismatches.is_empty();
+    report(json!({
+        "scenario": scenario.name,
+        "expect": scenario.expect,
+        "netns": netns,
+        "kernel": {
+            KEEPALIVE: outcome.keepalive_probes,
+            ABORT_ON_TIMEOUT: outcome.timeout_aborts,
+        },
+        "agent": agent_figures,
+        "mismatches": mismatches,
+        "seconds": started.elapsed().as_secs_f64(),
+        "kernel_seconds": kernel_done,
+    }));
+    passed
+}
+
+/// The agent's aggregate figures for one namespace: probes, and drops by reason (non-zero only).
+fn agent_figures(m: &Metrics, netns: u64) -> serde_json::Value {
+    let ns = netns.to_string();
+    let probes = m.value(expect::PROBES, &[("netns", ns.as_str())]);
+    let drops: serde_json::Map<String, serde_json::Value> = DROP_REASONS
+        .iter()
+        .filter_map(|reason| {
+            let n = m.value(expect::DROPS, &[("netns", ns.as_str()), ("reason", reason)]);
+            (n != 0.0).then(|| ((*reason).to_owned(), json!(n)))
+        })
+        .collect();
+    json!({ "probes": probes, "drops": drops })
+}
+
+/// One `KAT-RESULT` line; the whole line is written at once so concurrent scenarios do not
+/// interleave.
+fn report(value: serde_json::Value) {
+    println!("KAT-RESULT {value}");
+}
+
+/// The agent's log: `filter` keeps only lines containing it (the warnings of a passing run), or
+/// everything on failure (the last 80 lines).
+fn print_agent_log(args: &Args, filter: Option<&str>) {
+    let Some(path) = &args.agent_log else {
+        return;
+    };
+    let log = match std::fs::read_to_string(path) {
+        Ok(log) => log,
+        Err(err) => {
+            println!("KAT-AGENT-LOG <cannot read {}: {err}>", path.display());
+            return;
+        }
+    };
+    let lines: Vec<&str> = match filter {
+        Some(word) => log
+            .lines()
+            .filter(|l| l.contains(word) || l.contains("ERROR"))
+            .collect(),
+        None => log.lines().collect(),
+    };
+    for line in &lines[lines.len().saturating_sub(80)..] {
+        println!("KAT-AGENT-LOG {line}");
+    }
+}
+
+fn power_off() -> ! {
+    // SAFETY: plain syscalls; as pid 1 in a throwaway guest nothing else needs to run.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    // Only reached when not allowed to power off (not root): exit instead.
+    std::process::exit(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios. Each checks the kernel side with `ensure!` (the scenario did what it is meant to)
+// and returns the kernel's counter deltas and what the agent must show for its namespace.
+
+fn ensure_errno(got: i32, want: i32, what: &str) -> anyhow::Result<()> {
+    ensure!(
+        got == want,
+        "{what}: SO_ERROR is {}, expected {}",
+        errno_name(got),
+        errno_name(want)
+    );
+    Ok(())
+}
+
+/// The kernel's deltas since `before`, checked against what the scenario provokes.
+fn kernel_deltas(
+    ns: &Netns,
+    before: &TcpExt,
+    keepalive: Option<u64>,
+    aborts: u64,
+) -> anyhow::Result<(u64, u64)> {
+    let after = ns.tcp_ext()?;
+    let (probes, timeouts) = (
+        after.delta(before, KEEPALIVE),
+        after.delta(before, ABORT_ON_TIMEOUT),
+    );
+    ensure!(
+        keepalive.is_none_or(|want| probes == want) && timeouts == aborts,
+        "kernel {KEEPALIVE} +{probes} {ABORT_ON_TIMEOUT} +{timeouts}, the scenario expects \
+         {KEEPALIVE} +{} {ABORT_ON_TIMEOUT} +{aborts} (TcpExt changes: {})",
+        keepalive.map_or("any".to_owned(), |n| n.to_string()),
+        after.changes(before)
+    );
+    Ok((probes, timeouts))
+}
+
+fn wait_kernel_delta(ns: &Netns, before: &TcpExt, key: &str, n: u64) -> anyhow::Result<()> {
+    wait_until(DEADLINE, &format!("kernel {key} to grow by {n}"), || {
+        Ok(ns.tcp_ext()?.delta(before, key) >= n)
+    })
+}
+
+fn listen(ns: &Netns) -> anyhow::Result<TcpListener> {
+    ns.listen(Ipv4Addr::LOCALHOST.into())
+}
+
+fn read_to_eof(s: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+    s.set_read_timeout(Some(DEADLINE))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+fn healthy_peer(ns: &Netns) -> anyhow::Result<Outcome> {
+    let listener = listen(ns)?;
+    let pair = ns.connect_pair(&listener)?;
+    let before = ns.tcp_ext()?;
+    set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
+    // More probes than KEEPCNT with the connection still up proves every one was answered.
+    wait_kernel_delta(ns, &before, KEEPALIVE, CNT as u64 + 1)?;
+    // Stop the timer so the kernel's count stops moving, then compare.
+    disable_keepalive(&pair.client)?;
+    ensure!(
+        tcp_state(&pair.client)? == TCP_ESTABLISHED,
+        "client not ESTABLISHED"
+    );
+    ensure_errno(so_error(&pair.client)?, 0, "client")?;
+    let (probes, aborts) = kernel_deltas(ns, &before, None, 0)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        expected: Expectations::for_netns(ns.inum())
+            .probes(probes)
+            .other_drops_zero()
+            .conn_probes(&pair.client_conn, probes)
+            .conn_unanswered(&pair.client_conn, 0)
+            .conn_not_dropped(&pair.client_conn),
+        hold: vec![pair],
+    })
+}
+
+fn blackholed(
+    ns: &Netns,
+    intvl_s: i32,
+    user_timeout_ms: Option<i32>,
+    probes: u64,
+) -> anyhow::Result<Outcome> {
+    let listener = listen(ns)?;
+    let pair = ns.connect_pair(&listener)?;
+    let before = ns.tcp_ext()?;
+    // The client stops hearing the server: its probes arrive, the ACKs do not.
+    drop_all_incoming(&pair.client)?;
+    if let Some(ms) = user_timeout_ms {
+        set_user_timeout(&pair.client, ms)?;
+    }
+    set_keepalive(&pair.client, IDLE, intvl_s, CNT)?;
+    ensure_errno(
+        wait_closed(&pair.client, DEADLINE, "client")?,
+        ETIMEDOUT,
+        "client after unanswered probes",
+    )?;
+    // The RST the client sends when it gives up reaches the server.
+    ensure_errno(
+        wait_closed(&pair.server, DEADLINE, "server")?,
+        ECONNRESET,
+        "server after the client's keepalive RST",
+    )?;
+    let (probes, aborts) = kernel_deltas(ns, &before, Some(probes), 1)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        expected: Expectations::for_netns(ns.inum())
+            .probes(probes)
+            .drops("keepalive_timeout", 1)
+            .drops("reset_received", 1)
+            .other_drops_zero()
+            .conn_probes(&pair.client_conn, probes)
+            .conn_unanswered(&pair.client_conn, probes)
+            .conn_dropped(&pair.client_conn, "keepalive_timeout")
+            .conn_dropped(&pair.server_conn, "reset_received"),
+        hold: vec![pair],
+    })
+}
+
+fn blackholed_keepalive_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
+    blackholed(ns, INTVL, None, CNT as u64)
+}
+
+fn user_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
+    // Probes at 1 s and 3 s; at the 5 s expiry 4.5 s have passed since the last segment received
+    // with a probe out, so the kernel aborts instead of sending a third. The host test's 1 s
+    // interval and 2500 ms leave 0.5 s for the second expiry to be late; two guests sharing two
+    // emulated cores were seen to miss that (one probe, then the abort), hence 1.5 s here.
+    blackholed(ns, 2, Some(4500), 2)
+}
+
+fn peer_lost_socket(ns: &Netns) -> anyhow::Result<Outcome> {
+    let listener = listen(ns)?;
+    let TcpPair {
+        client,
+        server,
+        client_conn,
+        ..
+    } = ns.connect_pair(&listener)?;
+    let before = ns.tcp_ext()?;
+    // The server forgets the connection with an abortive close whose RST the client never hears.
+    drop_all_incoming(&client)?;
+    drop(listener);
+    set_linger_zero(&server)?;
+    drop(server);
+    accept_incoming_again(&client)?;
+    ensure!(
+        tcp_state(&client)? == TCP_ESTABLISHED,
+        "the client must not have seen the server's RST"
+    );
+    set_keepalive(&client, IDLE, INTVL, CNT)?;
+    ensure_errno(
+        wait_closed(&client, DEADLINE, "client")?,
+        ECONNRESET,
+        "client after its probe met a closed port",
+    )?;
+    let (probes, aborts) = kernel_deltas(ns, &before, Some(1), 0)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        // The server's own SO_LINGER 0 close is a local abort.
+        expected: Expectations::for_netns(ns.inum())
+            .probes(probes)
+            .drops("keepalive_reset", 1)
+            .drops("local_abort", 1)
+            .other_drops_zero()
+            .conn_probes(&client_conn, probes)
+            .conn_dropped(&client_conn, "keepalive_reset"),
+        hold: Vec::new(),
+    })
+}
+
+fn retransmission_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
+    // The kernel gives up at the first RTO expiry at least 3 s (15 x RTO_MIN) after the first
+    // retransmission instead of after ~15 min.
+    ns.sysctl("net.ipv4.tcp_retries2", "3")?;
+    let listener = listen(ns)?;
+    let mut pair = ns.connect_pair(&listener)?;
+    let before = ns.tcp_ext()?;
+    drop_all_incoming(&pair.client)?;
+    set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
+    pair.client.write_all(b"never acknowledged")?;
+    ensure_errno(
+        wait_closed(&pair.client, DEADLINE, "client")?,
+        ETIMEDOUT,
+        "client after retransmissions",
+    )?;
+    // No RST on a retransmission timeout: the server's connection lives on, with the data.
+    let mut buf = [0u8; 18];
+    pair.server.set_read_timeout(Some(DEADLINE))?;
+    pair.server.read_exact(&mut buf)?;
+    ensure!(&buf == b"never acknowledged", "server read {buf:?}");
+    ensure!(
+        tcp_state(&pair.server)? == TCP_ESTABLISHED,
+        "server not ESTABLISHED"
+    );
+    let (probes, aborts) = kernel_deltas(ns, &before, Some(0), 1)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        expected: Expectations::for_netns(ns.inum())
+            .probes(0)
+            .drops("retransmit_timeout", 1)
+            .other_drops_zero()
+            .conn_probes(&pair.client_conn, 0)
+            .conn_dropped(&pair.client_conn, "retransmit_timeout")
+            .conn_not_dropped(&pair.server_conn),
+        hold: vec![pair],
+    })
+}
+
+/// An application that writes to a peer which already stopped answering keepalive probes: the
+/// write timer, not the keepalive timer, ends the connection, while `icsk_probes_out` is still
+/// non-zero. Only the write-timer context tells this apart from a keepalive timeout (the socket
+/// alone looks like one: ETIMEDOUT, a probe out, the purged write queue), so this is the
+/// scenario that proves the agent finds the write timer on this kernel's layout.
+fn retransmission_timeout_after_probe(ns: &Netns) -> anyhow::Result<Outcome> {
+    ns.sysctl("net.ipv4.tcp_retries2", "3")?;
+    let listener = listen(ns)?;
+    let mut pair = ns.connect_pair(&listener)?;
+    let before = ns.tcp_ext()?;
+    drop_all_incoming(&pair.client)?;
+    // A long interval: the first probe goes out after 1 s and the next would only come 60 s
+    // later, long after the data below is in flight (keepalive never probes with data out).
+    set_keepalive(&pair.client, IDLE, 60, CNT)?;
+    wait_kernel_delta(ns, &before, KEEPALIVE, 1)?;
+    pair.client.write_all(b"never acknowledged")?;
+    ensure_errno(
+        wait_closed(&pair.client, DEADLINE, "client")?,
+        ETIMEDOUT,
+        "client after retransmissions",
+    )?;
+    let (probes, aborts) = kernel_deltas(ns, &before, Some(1), 1)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        expected: Expectations::for_netns(ns.inum())
+            .probes(probes)
+            .drops("retransmit_timeout", 1)
+            .other_drops_zero()
+            .conn_probes(&pair.client_conn, probes)
+            .conn_dropped(&pair.client_conn, "retransmit_timeout")
+            .conn_not_dropped(&pair.server_conn),
+        hold: vec![pair],
+    })
+}
+
+fn zero_window_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
+    // tcp_probe_timer gives up after tcp_retries2 unanswered zero-window probes.
+    ns.sysctl("net.ipv4.tcp_retries2", "3")?;
+    let listener = listen(ns)?;
+    let pair = ns.connect_pair(&listener)?;
+    set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
+    let before = ns.tcp_ext()?;
+    // The server never reads: once its receive buffer is full it advertises a zero window and
+    // the client, with data still queued, sends window probes (TcpExt TCPWinProbe).
+    pair.client.set_nonblocking(true)?;
+    let chunk = [0u8; 16 * 1024];
+    loop {
+        match (&pair.client).write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e).context("filling the peer's window"),
+        }
+    }
+    wait_kernel_delta(ns, &before, "TCPWinProbe", 1)?;
+    // Now nothing answers the probes.
+    drop_all_incoming(&pair.client)?;
+    ensure_errno(
+        wait_closed(&pair.client, DEADLINE, "client")?,
+        ETIMEDOUT,
+        "client after unanswered window probes",
+    )?;
+    // Keepalive never probes a connection with data queued.
+    let (probes, aborts) = kernel_deltas(ns, &before, Some(0), 1)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        expected: Expectations::for_netns(ns.inum())
+            .probes(0)
+            .drops("zero_window_timeout", 1)
+            .other_drops_zero()
+            .conn_dropped(&pair.client_conn, "zero_window_timeout")
+            .conn_not_dropped(&pair.server_conn),
+        hold: vec![pair],
+    })
+}
+
+fn connect_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
+    // One SYN retransmission: the kernel gives up after about 3 s.
+    ns.sysctl("net.ipv4.tcp_syn_retries", "1")?;
+    let listener = listen(ns)?;
+    let SocketAddr::V4(addr) = listener.local_addr()? else {
+        bail!("listener is not IPv4");
+    };
+    let before = ns.tcp_ext()?;
+    let result = ns.run(|| connect_deaf(SocketAddrV4::new(*addr.ip(), addr.port())))??;
+    match result {
+        Ok(_) => bail!("connect succeeded although no SYN-ACK can be heard"),
+        Err(err) => ensure!(
+            err.raw_os_error() == Some(ETIMEDOUT),
+            "connect failed with {err}, expected ETIMEDOUT"
+        ),
+    }
+    let (probes, aborts) = kernel_deltas(ns, &before, Some(0), 1)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        expected: Expectations::for_netns(ns.inum())
+            .probes(0)
+            .drops("connect_timeout", 1)
+            .other_drops_zero(),
+        hold: Vec::new(),
+    })
+}
+
+fn orderly_close(ns: &Netns) -> anyhow::Result<Outcome> {
+    let listener = listen(ns)?;
+    let pair = ns.connect_pair(&listener)?;
+    let before = ns.tcp_ext()?;
+    set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
+    set_keepalive(&pair.server, IDLE, INTVL, CNT)?;
+    // Let keepalive run a little so the connection is known to the agent.
+    wait_kernel_delta(ns, &before, KEEPALIVE, 2)?;
+    let TcpPair {
+        mut client,
+        mut server,
+        client_conn,
+        server_conn,
+    } = pair;
+    client.write_all(b"bye")?;
+    client.shutdown(Shutdown::Write)?;
+    ensure!(
+        read_to_eof(&mut server)? == b"bye",
+        "server did not read bye"
+    );
+    server.write_all(b"ok")?;
+    drop(server);
+    ensure!(read_to_eof(&mut client)? == b"ok", "client did not read ok");
+    drop(client);
+    // A marker connection probed after the close: once the agent has counted its probes too, it
+    // has seen everything the closed connection produced.
+    let marker_base = ns.tcp_ext()?;
+    let marker = ns.connect_pair(&listener)?;
+    set_keepalive(&marker.client, IDLE, INTVL, CNT)?;
+    wait_kernel_delta(ns, &marker_base, KEEPALIVE, 1)?;
+    disable_keepalive(&marker.client)?;
+    let (probes, aborts) = kernel_deltas(ns, &before, None, 0)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        expected: Expectations::for_netns(ns.inum())
+            .probes(probes)
+            .other_drops_zero()
+            .conn_not_dropped(&client_conn)
+            .conn_not_dropped(&server_conn)
+            .conn_not_dropped(&marker.client_conn),
+        hold: vec![marker],
+    })
+}

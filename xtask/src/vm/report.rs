@@ -1,0 +1,443 @@
+//! Reading the guests' consoles and rendering the matrix. The guest side of the `KAT-*` line
+//! format is tests/src/bin/guest-scenarios.rs (plus the `/init` lines in initramfs.rs).
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::Deserialize;
+
+use super::{btf::Facts, kernels::Kernel, qemu::Guest};
+
+/// One `KAT-RESULT` line.
+#[derive(Debug, Deserialize)]
+struct ScenarioResult {
+    scenario: String,
+    expect: String,
+    kernel: Option<KernelFigures>,
+    agent: Option<AgentFigures>,
+    #[serde(default)]
+    mismatches: Vec<String>,
+    error: Option<String>,
+    seconds: f64,
+}
+
+/// The namespace's TcpExt deltas over the scenario.
+#[derive(Debug, Deserialize)]
+struct KernelFigures {
+    #[serde(rename = "TCPKeepAlive")]
+    keepalive: u64,
+    #[serde(rename = "TCPAbortOnTimeout")]
+    aborts: u64,
+}
+
+/// The agent's aggregate counters for the namespace (drops: non-zero reasons only).
+#[derive(Debug, Deserialize)]
+struct AgentFigures {
+    probes: f64,
+    drops: BTreeMap<String, f64>,
+}
+
+/// What one guest's console says.
+#[derive(Debug, Default)]
+struct Console {
+    uname: Option<String>,
+    check: Vec<String>,
+    check_exit: Option<i32>,
+    ready: Option<String>,
+    hooks: Vec<(String, bool)>,
+    plan: Vec<String>,
+    results: Vec<ScenarioResult>,
+    unreadable: Vec<String>,
+    agent_log: Vec<String>,
+    fatal: Vec<String>,
+    done: bool,
+}
+
+impl Console {
+    fn parse(text: &str) -> Console {
+        let mut c = Console::default();
+        for line in text.lines() {
+            // The serial console ends lines with CR LF; kernel messages are not ours.
+            let line = line.trim_end_matches('\r');
+            let (tag, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match tag {
+                "KAT-UNAME" => c.uname = Some(rest.to_owned()),
+                "KAT-CHECK" => c.check.push(rest.to_owned()),
+                "KAT-CHECK-EXIT" => c.check_exit = rest.trim().parse().ok(),
+                "KAT-READY" => c.ready = Some(rest.to_owned()),
+                "KAT-HOOK" => {
+                    let mut words = rest.split_whitespace();
+                    if let (Some(hook), Some(value)) = (words.next(), words.next()) {
+                        c.hooks.push((hook.to_owned(), value.parse() == Ok(1.0)));
+                    }
+                }
+                "KAT-PLAN" => c.plan = rest.split_whitespace().map(str::to_owned).collect(),
+                "KAT-RESULT" => match serde_json::from_str(rest) {
+                    Ok(result) => c.results.push(result),
+                    Err(err) => c.unreadable.push(format!("{err}: {line}")),
+                },
+                "KAT-AGENT-LOG" => c.agent_log.push(rest.to_owned()),
+                "KAT-FATAL" => c.fatal.push(rest.to_owned()),
+                "KAT-DONE" => c.done = true,
+                _ => {}
+            }
+        }
+        c
+    }
+
+    /// The `load` line of `check --load`, e.g. `WARN  load  5/6 hooks attached as tp_btf, ...`.
+    fn load_line(&self) -> Option<&str> {
+        self.check.iter().find_map(|l| {
+            let mut words = l.split_whitespace();
+            let status = words.next()?;
+            (words.next()? == "load")
+                .then_some(l.as_str())
+                .filter(|_| !status.is_empty())
+        })
+    }
+
+    /// `4/6 (refused: tcp_send_reset; not in this kernel: inet_sk_error_report)`.
+    fn hooks_summary(&self, facts: &Facts) -> String {
+        if self.hooks.is_empty() {
+            return "unknown (agent never ready)".to_owned();
+        }
+        let attached = self.hooks.iter().filter(|(_, on)| *on).count();
+        let (absent, refused): (Vec<&str>, Vec<&str>) = self
+            .hooks
+            .iter()
+            .filter(|(_, on)| !on)
+            .map(|(h, _)| h.as_str())
+            .partition(|h| !facts.tracepoints.contains(*h));
+        let mut notes = Vec::new();
+        if !refused.is_empty() {
+            notes.push(format!("not attached: {}", refused.join(", ")));
+        }
+        if !absent.is_empty() {
+            notes.push(format!("not in this kernel: {}", absent.join(", ")));
+        }
+        if notes.is_empty() {
+            format!("{attached}/{}", self.hooks.len())
+        } else {
+            format!("{attached}/{} ({})", self.hooks.len(), notes.join("; "))
+        }
+    }
+}
+
+/// Every kernel's console, read and judged.
+pub struct Matrix<'a> {
+    rows: Vec<Row<'a>>,
+}
+
+struct Row<'a> {
+    kernel: &'a Kernel,
+    guest: &'a Guest,
+    console: Console,
+    /// Why this kernel fails; empty when every scenario matched.
+    problems: Vec<String>,
+}
+
+impl<'a> Matrix<'a> {
+    pub fn new(kernels: &'a [Kernel], guests: &'a [Guest]) -> Matrix<'a> {
+        let rows = kernels
+            .iter()
+            .zip(guests)
+            .map(|(kernel, guest)| {
+                let console = Console::parse(&guest.console);
+                let problems = problems(&console, guest, &kernel.facts);
+                Row {
+                    kernel,
+                    guest,
+                    console,
+                    problems,
+                }
+            })
+            .collect();
+        Matrix { rows }
+    }
+
+    /// Kernels with at least one problem.
+    pub fn failures(&self) -> usize {
+        self.rows.iter().filter(|r| !r.problems.is_empty()).count()
+    }
+
+    /// The scenario names, in the order the guests ran them.
+    fn scenarios(&self) -> Vec<(&str, &str)> {
+        let mut names: Vec<(&str, &str)> = Vec::new();
+        for row in &self.rows {
+            for name in &row.console.plan {
+                if !names.iter().any(|(n, _)| n == name) {
+                    let expect = row
+                        .console
+                        .results
+                        .iter()
+                        .find(|r| &r.scenario == name)
+                        .map_or("", |r| r.expect.as_str());
+                    names.push((name, expect));
+                }
+            }
+        }
+        names
+    }
+
+    pub fn text(&self) -> String {
+        let mut out = String::from("\n== kernel matrix\n");
+        for row in &self.rows {
+            let k = row.kernel;
+            let _ = writeln!(
+                out,
+                "\n{} — {} {} (uname -r: {}), guest ran {:.0} s",
+                k.id,
+                k.package,
+                k.version,
+                row.console.uname.as_deref().unwrap_or("? (no KAT-UNAME)"),
+                row.guest.seconds
+            );
+            let _ = writeln!(out, "  {}; {}", k.facts.timer_layout(), k.facts.hooks());
+            let _ = writeln!(
+                out,
+                "  check --load: {} (exit {})",
+                row.console.load_line().unwrap_or("no load line"),
+                row.console
+                    .check_exit
+                    .map_or("?".to_owned(), |c| c.to_string())
+            );
+            let _ = writeln!(
+                out,
+                "  hooks attached: {}",
+                row.console.hooks_summary(&row.kernel.facts)
+            );
+            for result in &row.console.results {
+                let _ = writeln!(
+                    out,
+                    "  {:<36} kernel {:<5} agent {:<52} {} ({:.0} s)",
+                    result.scenario,
+                    kernel_cell(result),
+                    agent_cell(result),
+                    if result.error.is_none() && result.mismatches.is_empty() {
+                        "ok"
+                    } else {
+                        "MISMATCH"
+                    },
+                    result.seconds
+                );
+            }
+            if row.problems.is_empty() {
+                let _ = writeln!(out, "  result: every scenario matches the kernel");
+            } else {
+                let _ = writeln!(out, "  result: FAILED");
+                for problem in &row.problems {
+                    let _ = writeln!(out, "    - {problem}");
+                }
+                if !row.console.agent_log.is_empty() {
+                    let _ = writeln!(out, "    agent log (from the guest):");
+                    for line in &row.console.agent_log {
+                        let _ = writeln!(out, "      {line}");
+                    }
+                }
+                if !row.console.done {
+                    let _ = writeln!(
+                        out,
+                        "    console tail ({}):",
+                        row.guest.console_path.display()
+                    );
+                    let lines: Vec<&str> = row.guest.console.lines().collect();
+                    for line in &lines[lines.len().saturating_sub(40)..] {
+                        let _ = writeln!(out, "      {}", line.trim_end_matches('\r'));
+                    }
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n{} of {} kernel(s) match the kernel's own counters in every scenario\n",
+            self.rows.len() - self.failures(),
+            self.rows.len()
+        );
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::from(
+            "Produced by `cargo xtask vm`: each Debian kernel booted in qemu with the static agent; \
+             every scenario runs in its own network namespace and the agent's per-namespace \
+             counters are compared with that namespace's TcpExt deltas.\n\n\
+             | kernel | package | timers (from BTF) | hooks attached | result |\n\
+             |---|---|---|---|---|\n",
+        );
+        for row in &self.rows {
+            let k = row.kernel;
+            let _ = writeln!(
+                out,
+                "| {} (`{}`) | `{}` {} | {} | {} | {} |",
+                k.upstream(),
+                row.console.uname.as_deref().unwrap_or(&k.release),
+                k.package,
+                k.version,
+                k.facts.timer_layout().trim_start_matches("BTF: "),
+                row.console.hooks_summary(&row.kernel.facts),
+                if row.problems.is_empty() {
+                    "all scenarios equal the kernel".to_owned()
+                } else {
+                    format!("**{} problem(s)**", row.problems.len())
+                }
+            );
+        }
+        out.push_str(
+            "\nCells: kernel `TCPKeepAlive`/`TCPAbortOnTimeout` deltas → agent probes and drops \
+             by reason.\n\n| scenario | expected |",
+        );
+        for row in &self.rows {
+            let _ = write!(out, " {} |", row.kernel.upstream());
+        }
+        out.push_str("\n|---|---|");
+        out.push_str(&"---|".repeat(self.rows.len()));
+        out.push('\n');
+        for (name, expect) in self.scenarios() {
+            let _ = write!(out, "| {name} | {expect} |");
+            for row in &self.rows {
+                let cell = match row.console.results.iter().find(|r| r.scenario == name) {
+                    None => "no result".to_owned(),
+                    Some(r) if r.error.is_some() => "scenario failed".to_owned(),
+                    Some(r) => format!(
+                        "{} {} → {}",
+                        if r.mismatches.is_empty() {
+                            "ok"
+                        } else {
+                            "**MISMATCH**"
+                        },
+                        kernel_cell(r),
+                        agent_cell(r)
+                    ),
+                };
+                let _ = write!(out, " {cell} |");
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn kernel_cell(r: &ScenarioResult) -> String {
+    match &r.kernel {
+        Some(k) => format!("{}/{}", k.keepalive, k.aborts),
+        None => "-".to_owned(),
+    }
+}
+
+fn agent_cell(r: &ScenarioResult) -> String {
+    match &r.agent {
+        None => "no scrape".to_owned(),
+        Some(a) => {
+            let drops: Vec<String> = a
+                .drops
+                .iter()
+                .map(|(reason, n)| format!("{reason}={n}"))
+                .collect();
+            format!(
+                "{} probes, {}",
+                a.probes,
+                if drops.is_empty() {
+                    "no drop".to_owned()
+                } else {
+                    drops.join(" ")
+                }
+            )
+        }
+    }
+}
+
+fn problems(console: &Console, guest: &Guest, facts: &Facts) -> Vec<String> {
+    let mut out = Vec::new();
+    for (hook, attached) in &console.hooks {
+        if !attached && facts.tracepoints.contains(hook) {
+            out.push(format!(
+                "hook {hook}: the kernel has this tracepoint (btf_trace_{hook} in its BTF) but \
+                 the agent did not attach it"
+            ));
+        }
+    }
+    if let Some(problem) = &guest.problem {
+        out.push(format!("guest: {problem}"));
+    }
+    out.extend(console.fatal.iter().map(|f| format!("guest: {f}")));
+    match console.check_exit {
+        Some(0) => {}
+        Some(code) => out.push(format!("`keepalive-agent check --load` exited {code}")),
+        None => out.push("`keepalive-agent check --load` did not report".to_owned()),
+    }
+    if console.plan.is_empty() {
+        out.push("the scenario program never said what it would run (no KAT-PLAN)".to_owned());
+    }
+    for name in &console.plan {
+        if !console.results.iter().any(|r| &r.scenario == name) {
+            out.push(format!("{name}: no result"));
+        }
+    }
+    out.extend(
+        console
+            .unreadable
+            .iter()
+            .map(|l| format!("unreadable result line: {l}")),
+    );
+    for r in &console.results {
+        if let Some(error) = &r.error {
+            out.push(format!("{}: {error}", r.scenario));
+        }
+        for m in &r.mismatches {
+            out.push(format!("{}: {m}", r.scenario));
+        }
+    }
+    if !console.done {
+        out.push("the console has no KAT-DONE: the guest was cut short".to_owned());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_read_and_a_mismatch_is_a_problem() {
+        let text = "[    1.0] kernel noise\r\nKAT-UNAME 6.1.0-57-cloud-amd64\r\n\
+            KAT-CHECK-EXIT 0\r\nKAT-CHECK WARN  load  5/6 hooks attached as tp_btf\r\n\
+            KAT-HOOK tcp_send_reset 0\r\nKAT-HOOK timer_expire_entry 1\r\n\
+            KAT-HOOK inet_sk_error_report 0\r\n\
+            KAT-PLAN a b\r\n\
+            KAT-RESULT {\"scenario\":\"a\",\"expect\":\"x\",\"netns\":1,\"kernel\":{\"TCPKeepAlive\":3,\"TCPAbortOnTimeout\":1},\"agent\":{\"probes\":3.0,\"drops\":{\"keepalive_timeout\":1.0}},\"mismatches\":[\"m\"],\"seconds\":1.0}\r\n\
+            KAT-DONE 2 1\r\n";
+        let c = Console::parse(text);
+        assert_eq!(c.uname.as_deref(), Some("6.1.0-57-cloud-amd64"));
+        assert_eq!(c.check_exit, Some(0));
+        assert!(c.load_line().is_some_and(|l| l.contains("5/6")));
+        // 5.10-like: tcp_send_reset exists but was refused, inet_sk_error_report does not exist.
+        let facts = Facts {
+            keepalive_timer_member: false,
+            retransmit_timer_member: true,
+            send_reset_args: Some(2),
+            error_report_tracepoint: false,
+            tracepoints: ["tcp_send_reset", "timer_expire_entry"]
+                .map(str::to_owned)
+                .into(),
+        };
+        assert_eq!(
+            c.hooks_summary(&facts),
+            "1/3 (not attached: tcp_send_reset; not in this kernel: inet_sk_error_report)"
+        );
+        assert!(c.done);
+        let r = &c.results[0];
+        assert_eq!(kernel_cell(r), "3/1");
+        assert_eq!(agent_cell(r), "3 probes, keepalive_timeout=1");
+        let guest = Guest {
+            console: String::new(),
+            console_path: "x".into(),
+            seconds: 0.0,
+            problem: None,
+        };
+        let p = problems(&c, &guest, &facts);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with("hook tcp_send_reset: the kernel has this tracepoint"));
+        assert_eq!(p[1..], ["b: no result", "a: m"]);
+        let cut = Console::parse("KAT-UNAME x\n");
+        assert!(problems(&cut, &guest, &facts).len() >= 3);
+    }
+}
