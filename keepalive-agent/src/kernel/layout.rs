@@ -741,6 +741,8 @@ impl Resolver<'_> {
 #[cfg(test)]
 mod btf_builder;
 #[cfg(test)]
+mod fixtures;
+#[cfg(test)]
 mod synthetic;
 #[cfg(test)]
 mod tests;
