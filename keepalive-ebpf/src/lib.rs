@@ -51,66 +51,130 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 
-/// Byte offsets into kernel structures, resolved by the agent from the running kernel's BTF and
-/// written into the programs' read-only data before load. Offsets are from the start of
-/// `struct sock` (which begins `struct inet_connection_sock` and `struct tcp_sock`) unless the
-/// field name says otherwise.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelOffsets {
-    /// `timer_list.function`, from the start of the timer.
-    pub timer_function: u32,
-    /// The `timer_list` whose callback is `tcp_keepalive_timer` (`sk_timer`, or
-    /// `icsk_keepalive_timer` on kernels that moved it).
-    pub keepalive_timer: u32,
-    /// The `timer_list` whose callback is `tcp_write_timer` (`icsk_retransmit_timer`, or
-    /// `sk_timer` on kernels that moved the keepalive timer out of it).
-    pub write_timer: u32,
-    pub skc_daddr: u32,
-    pub skc_rcv_saddr: u32,
-    pub skc_dport: u32,
-    pub skc_family: u32,
-    pub skc_state: u32,
-    pub skc_flags: u32,
-    /// `possible_net_t skc_net` (its `net` pointer is its first member).
-    pub skc_net: u32,
-    pub skc_v6_daddr: u32,
-    pub skc_v6_rcv_saddr: u32,
+/// What the programs read at a kernel field's offset, so the agent can refuse a kernel whose
+/// field changed type instead of feeding the programs a wrong offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldKind {
+    /// An integer or enum of exactly this many bytes.
+    Int(usize),
+    /// Any type of exactly this many bytes (e.g. `struct in6_addr`).
+    Bytes(usize),
+    /// A pointer (8 bytes: eBPF is 64-bit, and so are the kernels the agent supports).
+    Pointer,
+    /// A struct with this name.
+    Struct(&'static str),
+    /// Not one BTF member: the agent computes it (the field's `source` says from what).
+    Computed,
+}
+
+/// One entry of [`KernelOffsets::FIELDS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelField {
+    /// The [`KernelOffsets`] field it fills.
+    pub name: &'static str,
+    /// The BTF dotted path (root struct, then members), e.g. `sock.__sk_common.skc_daddr`; for a
+    /// [`FieldKind::Computed`] field, what it is computed from.
+    pub source: &'static str,
+    pub kind: FieldKind,
+}
+
+/// Declares the kernel fields the programs read, once: the `#[repr(C)]` offsets struct, its
+/// descriptor list [`KernelOffsets::FIELDS`] and [`KernelOffsets::fields_mut`] all come from it,
+/// so the agent's BTF resolution and its test kernel cannot miss a field.
+macro_rules! kernel_offsets {
+    ($(
+        $(#[$doc:meta])*
+        $name:ident: $source:literal, $kind:ident $(($arg:expr))?;
+    )*) => {
+        /// Byte offsets into kernel structures, resolved by the agent from the running kernel's
+        /// BTF and written into the programs' read-only data before load. Offsets are from the
+        /// start of `struct sock` (which begins `struct inet_connection_sock` and
+        /// `struct tcp_sock`) unless the field name says otherwise.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct KernelOffsets {
+            $( $(#[$doc])* pub $name: u32, )*
+        }
+
+        impl KernelOffsets {
+            pub const FIELD_COUNT: usize = [$(stringify!($name)),*].len();
+
+            /// Every field, in declaration order, with where the agent finds it in BTF.
+            pub const FIELDS: [KernelField; Self::FIELD_COUNT] = [$(
+                KernelField {
+                    name: stringify!($name),
+                    source: $source,
+                    kind: FieldKind::$kind $(($arg))?,
+                },
+            )*];
+
+            /// The fields in the order of [`Self::FIELDS`], to fill by iterating that list.
+            pub fn fields_mut(&mut self) -> [&mut u32; Self::FIELD_COUNT] {
+                [$(&mut self.$name),*]
+            }
+        }
+    };
+}
+
+kernel_offsets! {
+    /// `timer_list.function`, from the start of the timer. Read directly through the BTF-typed
+    /// `timer_expire_entry` argument to filter every timer in the system cheaply.
+    timer_function: "timer_list.function", Pointer;
+    /// The `timer_list` whose callback is `tcp_keepalive_timer`: `icsk_keepalive_timer` where
+    /// the kernel has it (6.19+ and the stable backports), else `sk_timer`.
+    keepalive_timer: "inet_connection_sock.icsk_keepalive_timer, else sock.sk_timer", Computed;
+    /// The `timer_list` whose callback is `tcp_write_timer`: `icsk_retransmit_timer` where the
+    /// kernel has it (up to 6.18 and the stable backports), else `sk_timer` (6.19+).
+    write_timer: "inet_connection_sock.icsk_retransmit_timer, else sock.sk_timer", Computed;
+    skc_daddr: "sock.__sk_common.skc_daddr", Int(4);
+    skc_rcv_saddr: "sock.__sk_common.skc_rcv_saddr", Int(4);
+    skc_dport: "sock.__sk_common.skc_dport", Int(2);
+    skc_family: "sock.__sk_common.skc_family", Int(2);
+    skc_state: "sock.__sk_common.skc_state", Int(1);
+    /// `unsigned long` holding `enum sock_flags` bits (SOCK_DEAD, SOCK_KEEPOPEN).
+    skc_flags: "sock.__sk_common.skc_flags", Int(8);
+    /// `possible_net_t skc_net`: resolving its `net` member checks that the pointer is really
+    /// there (it is an empty struct without CONFIG_NET_NS).
+    skc_net: "sock.__sk_common.skc_net.net", Pointer;
+    skc_v6_daddr: "sock.__sk_common.skc_v6_daddr", Bytes(16);
+    skc_v6_rcv_saddr: "sock.__sk_common.skc_v6_rcv_saddr", Bytes(16);
     /// `inet_sock.inet_sport` (network order). Not `skc_num`: `inet_put_port` zeroes that before
     /// the `TCP_CLOSE` tracepoint fires (`inet_sk_state_store` runs after the unhash).
-    pub inet_sport: u32,
-    pub sk_protocol: u32,
-    pub sk_err: u32,
-    pub sk_err_soft: u32,
-    pub icsk_probes_out: u32,
+    inet_sport: "inet_sock.inet_sport", Int(2);
+    sk_protocol: "sock.sk_protocol", Int(2);
+    sk_err: "sock.sk_err", Int(4);
+    sk_err_soft: "sock.sk_err_soft", Int(4);
+    icsk_probes_out: "inet_connection_sock.icsk_probes_out", Int(1);
     /// `icsk_pending`: which `ICSK_TIME_*` event the write timer is due for.
-    pub icsk_pending: u32,
-    pub icsk_user_timeout: u32,
-    pub icsk_ack_lrcvtime: u32,
-    pub tcp_keepalive_time: u32,
-    pub tcp_keepalive_intvl: u32,
-    pub tcp_keepalive_probes: u32,
-    pub tcp_rcv_tstamp: u32,
-    pub tcp_packets_out: u32,
-    pub tcp_snd_wnd: u32,
+    icsk_pending: "inet_connection_sock.icsk_pending", Int(1);
+    icsk_user_timeout: "inet_connection_sock.icsk_user_timeout", Int(4);
+    icsk_ack_lrcvtime: "inet_connection_sock.icsk_ack.lrcvtime", Int(4);
+    tcp_keepalive_time: "tcp_sock.keepalive_time", Int(4);
+    tcp_keepalive_intvl: "tcp_sock.keepalive_intvl", Int(4);
+    tcp_keepalive_probes: "tcp_sock.keepalive_probes", Int(1);
+    tcp_rcv_tstamp: "tcp_sock.rcv_tstamp", Int(4);
+    tcp_packets_out: "tcp_sock.packets_out", Int(4);
+    tcp_snd_wnd: "tcp_sock.snd_wnd", Int(4);
     /// `net.ns.inum`, from the start of `struct net`.
-    pub net_ns_inum: u32,
-    /// `net.ipv4.sysctl_tcp_keepalive_{time,intvl,probes}`, from the start of `struct net`.
-    pub net_keepalive_time: u32,
-    pub net_keepalive_intvl: u32,
-    pub net_keepalive_probes: u32,
-    /// Bit numbers of `SOCK_DEAD` and `SOCK_KEEPOPEN` in `skc_flags` (`enum sock_flags`).
-    pub sock_flag_dead: u32,
-    pub sock_flag_keepopen: u32,
+    net_ns_inum: "net.ns.inum", Int(4);
+    /// `net.ipv4.sysctl_tcp_keepalive_{time,intvl,probes}`, from the start of `struct net`: they
+    /// apply when the socket's own values are 0, and a new namespace starts from the defaults,
+    /// not from the host's values.
+    net_keepalive_time: "net.ipv4.sysctl_tcp_keepalive_time", Int(4);
+    net_keepalive_intvl: "net.ipv4.sysctl_tcp_keepalive_intvl", Int(4);
+    net_keepalive_probes: "net.ipv4.sysctl_tcp_keepalive_probes", Int(1);
+    /// Bit numbers of `SOCK_DEAD` and `SOCK_KEEPOPEN` in the 64-bit `skc_flags`.
+    sock_flag_dead: "enum sock_flags SOCK_DEAD", Computed;
+    sock_flag_keepopen: "enum sock_flags SOCK_KEEPOPEN", Computed;
     /// `sock.sk_cgrp_data.cgroup` → `cgroup.kn` → `kernfs_node.id`: the cgroup v2 id of the
     /// socket's owner, set when the socket was created (so it is right in softirq too).
-    pub sk_cgroup: u32,
-    pub cgroup_kn: u32,
-    pub kernfs_node_id: u32,
+    sk_cgroup: "sock.sk_cgrp_data.cgroup", Pointer;
+    cgroup_kn: "cgroup.kn", Pointer;
+    kernfs_node_id: "kernfs_node.id", Int(8);
     /// `sock.sk_socket`, and from the `struct socket` to its inode number
     /// (`socket_alloc.vfs_inode.i_ino`): what `/proc/PID/fd/N -> socket:[INO]` shows.
-    pub sk_socket: u32,
-    pub socket_ino: u32,
+    sk_socket: "sock.sk_socket", Pointer;
+    socket_ino: "socket_alloc.vfs_inode + inode.i_ino", Computed;
 }
 
 /// What produced a [`SocketRecord`].
@@ -261,4 +325,7 @@ mod pod {
 }
 
 const _: () = assert!(SocketRecord::SIZE == 144);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 37 * 4);
+const _: () = assert!(
+    core::mem::size_of::<KernelOffsets>()
+        == KernelOffsets::FIELD_COUNT * core::mem::size_of::<u32>()
+);

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use btf_rs::{Btf, BtfType, Member, Struct, Type};
-use keepalive_ebpf::KernelOffsets;
+use keepalive_ebpf::{FieldKind, KernelOffsets};
 
 use crate::kernel::programs::HOOKS;
 
@@ -31,15 +31,20 @@ const MAX_NESTING: usize = 32;
 /// The keepalive timer's callback is what the programs hook (`timer_expire_entry` filtered on
 /// `function == tcp_keepalive_timer`), and a socket closing inside the write timer is a
 /// retransmission timeout rather than a keepalive abort, so the programs must know both timers.
+/// Each is decided from the members the kernel has, never one from the other: the stable
+/// backports added `icsk_keepalive_timer` but kept `icsk_retransmit_timer`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum TimerLayout {
-    /// Up to 6.18: the keepalive timer (which doubles as the SYN-ACK and FIN_WAIT2 timer) is the
-    /// generic `sock.sk_timer`, and the write (retransmit/probe0) timer is
-    /// `inet_connection_sock.icsk_retransmit_timer`.
+    /// Up to 6.18 (and 6.1/6.12 before the backport): the keepalive timer (which doubles as the
+    /// SYN-ACK and FIN_WAIT2 timer) is the generic `sock.sk_timer`, and the write
+    /// (retransmit/probe0) timer is `inet_connection_sock.icsk_retransmit_timer`.
     SockTimer,
-    /// 6.19+/7.x and some stable backports: the keepalive timer has its own
-    /// `inet_connection_sock.icsk_keepalive_timer`, and the `sk_timer` slot now holds the
-    /// retransmit (write) timer.
+    /// The stable backport "tcp: introduce icsk->icsk_keepalive_timer" (Debian 6.1.192,
+    /// 6.12.113+): the keepalive timer is `icsk_keepalive_timer`, the write timer is still
+    /// `icsk_retransmit_timer`, and TCP leaves `sk_timer` unused.
+    KeepaliveTimerBackport,
+    /// 6.19+/7.x: the keepalive timer is `icsk_keepalive_timer`, `icsk_retransmit_timer` is gone
+    /// and the write timer lives in `sock.sk_timer`.
     IcskKeepaliveTimer,
 }
 
@@ -49,12 +54,41 @@ impl std::fmt::Display for TimerLayout {
             Self::SockTimer => {
                 "keepalive timer = sock.sk_timer, write timer = icsk_retransmit_timer"
             }
+            Self::KeepaliveTimerBackport => {
+                "keepalive timer = icsk_keepalive_timer, write timer = icsk_retransmit_timer \
+                 (stable backport layout)"
+            }
             Self::IcskKeepaliveTimer => {
                 "keepalive timer = icsk_keepalive_timer, write timer = sock.sk_timer"
             }
         })
     }
 }
+
+/// Where each timer lives; the paths the decision is taken from.
+const SK_TIMER: &str = "sock.sk_timer";
+const ICSK_KEEPALIVE_TIMER: &str = "inet_connection_sock.icsk_keepalive_timer";
+const ICSK_RETRANSMIT_TIMER: &str = "inet_connection_sock.icsk_retransmit_timer";
+const TIMER: FieldKind = FieldKind::Struct("timer_list");
+
+/// The programs get a `struct sock *` and read `inet_connection_sock` and `tcp_sock` fields
+/// through it: that only works because each of these structs begins with the next one
+/// (`inet_csk(sk)` and `tcp_sk(sk)` are casts in the kernel too). `socket_alloc` must begin
+/// with its `socket` for `SOCK_INODE(sock)` to be an offset from the `struct socket *`.
+const MUST_BEGIN_WITH: [(&str, &str); 5] = [
+    ("tcp_sock.inet_conn", "inet_connection_sock"),
+    ("inet_connection_sock.icsk_inet", "inet_sock"),
+    ("inet_sock.sk", "sock"),
+    ("sock.__sk_common", "sock_common"),
+    ("socket_alloc.socket", "socket"),
+];
+
+/// `SOCK_INODE(sock)`: the socket's inode follows it in `socket_alloc`.
+const SOCKET_INODE: &str = "socket_alloc.vfs_inode";
+const INODE_NUMBER: &str = "inode.i_ino";
+
+/// The tracepoint typedef whose prototype says whether `tcp_send_reset` passes a reason.
+const SEND_RESET_PROTOTYPE: &str = "btf_trace_tcp_send_reset";
 
 /// Everything the agent needs to know about the running kernel's structure layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +109,10 @@ pub(crate) struct KernelLayout {
     pub tracepoints: Vec<&'static str>,
     /// BPF TCP iterators (`bpf_iter_tcp`, Linux 5.9+), which the audit walks with.
     pub iter_tcp: bool,
+    /// `tcp:tcp_send_reset` passes `enum sk_rst_reason` as its fourth argument (6.10+). Before,
+    /// its prototype is `(void *, const struct sock *, const struct sk_buff *)` and the verifier
+    /// refuses a program that reads a fourth argument.
+    pub(crate) send_reset_reason: bool,
 }
 
 /// Why the kernel's layout could not be determined. Every variant means the agent cannot run
@@ -170,6 +208,13 @@ pub(crate) enum LayoutError {
         value: i128,
         limit: u64,
     },
+    /// A field declared computed in [`KernelOffsets`] that this module does not compute: the
+    /// agent and its kernel programs were built from different declarations.
+    #[error("`{field}` is declared computed from {source_desc}, but the agent does not compute it")]
+    NotComputed {
+        field: &'static str,
+        source_desc: &'static str,
+    },
     /// A byte offset does not fit the programs' `u32` offsets.
     #[error("`{path}` is at bit {bit_offset}, beyond the u32 byte offsets the eBPF programs use")]
     OffsetOverflow { path: String, bit_offset: u64 },
@@ -212,89 +257,36 @@ impl KernelLayout {
     /// Computes the layout from already parsed BTF.
     pub(crate) fn from_btf(btf: &Btf) -> Result<Self, LayoutError> {
         let r = Resolver { btf };
+        for (path, struct_name) in MUST_BEGIN_WITH {
+            r.check_at_start(path, struct_name)?;
+        }
+        let timers = Timers::resolve(&r)?;
 
-        // The programs get a `struct sock *` and read `inet_connection_sock` and `tcp_sock`
-        // fields through it: that only works because each of these structs begins with the
-        // previous one (`inet_csk(sk)` and `tcp_sk(sk)` are casts in the kernel too).
-        r.check_at_start("tcp_sock.inet_conn", "inet_connection_sock")?;
-        r.check_at_start("inet_connection_sock.icsk_inet", "inet_sock")?;
-        r.check_at_start("inet_sock.sk", "sock")?;
-        r.check_at_start("sock.__sk_common", "sock_common")?;
-
-        // The timer layout is decided by the presence of the dedicated keepalive timer; then
-        // both timers must exist and be `struct timer_list`.
-        const TIMER: Expect = Expect::Struct("timer_list");
-        let (timer_layout, keepalive_timer, write_timer) = match r
-            .offset("inet_connection_sock.icsk_keepalive_timer", TIMER)
-        {
-            Ok(keepalive) => (
-                TimerLayout::IcskKeepaliveTimer,
-                keepalive,
-                r.offset("sock.sk_timer", TIMER)?,
-            ),
-            Err(LayoutError::MissingField { member, .. }) if member == "icsk_keepalive_timer" => (
-                TimerLayout::SockTimer,
-                r.offset("sock.sk_timer", TIMER)?,
-                r.offset("inet_connection_sock.icsk_retransmit_timer", TIMER)?,
-            ),
-            Err(e) => return Err(e),
-        };
-
-        use Expect::{Bytes, Int, Pointer};
-        let offsets = KernelOffsets {
-            // Read directly through the BTF-typed `timer_expire_entry` argument to filter every
-            // timer in the system cheaply.
-            timer_function: r.offset("timer_list.function", Pointer)?,
-            keepalive_timer,
-            write_timer,
-            skc_daddr: r.offset("sock.__sk_common.skc_daddr", Int(4))?,
-            skc_rcv_saddr: r.offset("sock.__sk_common.skc_rcv_saddr", Int(4))?,
-            skc_dport: r.offset("sock.__sk_common.skc_dport", Int(2))?,
-            skc_family: r.offset("sock.__sk_common.skc_family", Int(2))?,
-            skc_state: r.offset("sock.__sk_common.skc_state", Int(1))?,
-            // `unsigned long` holding `enum sock_flags` bits (SOCK_DEAD, SOCK_KEEPOPEN).
-            skc_flags: r.offset("sock.__sk_common.skc_flags", Int(8))?,
-            // `possible_net_t` wraps the `struct net *`; resolving its `net` member checks that
-            // the pointer is really there (it is an empty struct without CONFIG_NET_NS).
-            skc_net: r.offset("sock.__sk_common.skc_net.net", Pointer)?,
-            skc_v6_daddr: r.offset("sock.__sk_common.skc_v6_daddr", Bytes(16))?,
-            skc_v6_rcv_saddr: r.offset("sock.__sk_common.skc_v6_rcv_saddr", Bytes(16))?,
-            inet_sport: r.offset("inet_sock.inet_sport", Int(2))?,
-            sk_protocol: r.offset("sock.sk_protocol", Int(2))?,
-            sk_err: r.offset("sock.sk_err", Int(4))?,
-            sk_err_soft: r.offset("sock.sk_err_soft", Int(4))?,
-            icsk_probes_out: r.offset("inet_connection_sock.icsk_probes_out", Int(1))?,
-            icsk_pending: r.offset("inet_connection_sock.icsk_pending", Int(1))?,
-            icsk_user_timeout: r.offset("inet_connection_sock.icsk_user_timeout", Int(4))?,
-            icsk_ack_lrcvtime: r.offset("inet_connection_sock.icsk_ack.lrcvtime", Int(4))?,
-            tcp_keepalive_time: r.offset("tcp_sock.keepalive_time", Int(4))?,
-            tcp_keepalive_intvl: r.offset("tcp_sock.keepalive_intvl", Int(4))?,
-            tcp_keepalive_probes: r.offset("tcp_sock.keepalive_probes", Int(1))?,
-            tcp_rcv_tstamp: r.offset("tcp_sock.rcv_tstamp", Int(4))?,
-            tcp_packets_out: r.offset("tcp_sock.packets_out", Int(4))?,
-            tcp_snd_wnd: r.offset("tcp_sock.snd_wnd", Int(4))?,
-            net_ns_inum: r.offset("net.ns.inum", Int(4))?,
-            // Per-namespace sysctls: they apply when the socket's own values are 0, and a new
-            // namespace starts from the defaults, not from the host's values.
-            net_keepalive_time: r.offset("net.ipv4.sysctl_tcp_keepalive_time", Int(4))?,
-            net_keepalive_intvl: r.offset("net.ipv4.sysctl_tcp_keepalive_intvl", Int(4))?,
-            net_keepalive_probes: r.offset("net.ipv4.sysctl_tcp_keepalive_probes", Int(1))?,
-            // Bit numbers in the 64-bit `skc_flags`.
-            sock_flag_dead: r.required_enum_value("sock_flags", "SOCK_DEAD", 64)?,
-            sock_flag_keepopen: r.required_enum_value("sock_flags", "SOCK_KEEPOPEN", 64)?,
-            // Ownership: the socket's cgroup (set at creation, so right in softirq too) and the
-            // inode of its file, which /proc/PID/fd shows as `socket:[INO]`.
-            sk_cgroup: r.offset("sock.sk_cgrp_data.cgroup", Pointer)?,
-            cgroup_kn: r.offset("cgroup.kn", Pointer)?,
-            kernfs_node_id: r.offset("kernfs_node.id", Int(8))?,
-            sk_socket: r.offset("sock.sk_socket", Pointer)?,
-            socket_ino: {
-                // `SOCK_INODE(sock)`: the socket is the first member of `socket_alloc`.
-                r.check_at_start("socket_alloc.socket", "socket")?;
-                r.offset("socket_alloc.vfs_inode", Expect::Struct("inode"))?
-                    + r.offset("inode.i_ino", Int(8))?
-            },
-        };
+        let mut offsets = KernelOffsets::default();
+        for (field, slot) in KernelOffsets::FIELDS.iter().zip(offsets.fields_mut()) {
+            *slot = match (field.kind, field.name) {
+                (FieldKind::Computed, "keepalive_timer") => timers.keepalive,
+                (FieldKind::Computed, "write_timer") => timers.write,
+                (FieldKind::Computed, "sock_flag_dead") => {
+                    r.required_enum_value("sock_flags", "SOCK_DEAD", 64)?
+                }
+                (FieldKind::Computed, "sock_flag_keepopen") => {
+                    r.required_enum_value("sock_flags", "SOCK_KEEPOPEN", 64)?
+                }
+                // `SOCK_INODE(sock)`: `socket_alloc` begins with the socket (checked above).
+                (FieldKind::Computed, "socket_ino") => {
+                    r.offset(SOCKET_INODE, FieldKind::Struct("inode"))?
+                        + r.offset(INODE_NUMBER, FieldKind::Int(8))?
+                }
+                (FieldKind::Computed, _) => {
+                    return Err(LayoutError::NotComputed {
+                        field: field.name,
+                        source_desc: field.source,
+                    });
+                }
+                (kind, _) => r.offset(field.source, kind)?,
+            };
+        }
 
         let has = |name: &str| {
             btf.resolve_ids_by_name(name)
@@ -310,8 +302,9 @@ impl KernelLayout {
         Ok(Self {
             tracepoints,
             iter_tcp: has("bpf_iter_tcp"),
+            send_reset_reason: r.send_reset_has_reason()?,
             offsets,
-            timer_layout,
+            timer_layout: timers.layout,
             rst_reason_keepalive_timeout: r.optional_enum_value(
                 "sk_rst_reason",
                 "SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT",
@@ -326,27 +319,54 @@ impl KernelLayout {
     }
 }
 
-/// What the programs read at an offset, so a kernel that changed a field's type is refused.
-#[derive(Clone, Copy, Debug)]
-enum Expect {
-    /// An integer or enum of exactly this many bytes.
-    Int(usize),
-    /// Any type of exactly this many bytes (e.g. `struct in6_addr`).
-    Bytes(usize),
-    /// A pointer (8 bytes: eBPF is 64-bit, and so are the kernels the agent supports).
-    Pointer,
-    /// A struct with this name.
-    Struct(&'static str),
+/// Both TCP timers of this kernel.
+struct Timers {
+    layout: TimerLayout,
+    keepalive: u32,
+    write: u32,
 }
 
-impl std::fmt::Display for Expect {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Int(n) => write!(f, "a {n}-byte integer"),
-            Self::Bytes(n) => write!(f, "{n} bytes"),
-            Self::Pointer => f.write_str("an 8-byte pointer"),
-            Self::Struct(name) => write!(f, "struct {name}"),
-        }
+impl Timers {
+    fn resolve(r: &Resolver<'_>) -> Result<Self, LayoutError> {
+        let keepalive = r.optional_offset(ICSK_KEEPALIVE_TIMER, TIMER)?;
+        Ok(match (keepalive, r.offset(ICSK_RETRANSMIT_TIMER, TIMER)) {
+            (None, Ok(write)) => Self {
+                layout: TimerLayout::SockTimer,
+                keepalive: r.offset(SK_TIMER, TIMER)?,
+                write,
+            },
+            (Some(keepalive), Ok(write)) => Self {
+                layout: TimerLayout::KeepaliveTimerBackport,
+                keepalive,
+                write,
+            },
+            (Some(keepalive), Err(e)) if e.is_missing_member(ICSK_RETRANSMIT_TIMER) => Self {
+                layout: TimerLayout::IcskKeepaliveTimer,
+                keepalive,
+                write: r.offset(SK_TIMER, TIMER)?,
+            },
+            // Neither icsk timer: the error names the one every kernel before 6.19 has.
+            (_, Err(e)) => return Err(e),
+        })
+    }
+}
+
+impl LayoutError {
+    /// Whether this is `path` missing its last member (and not a missing struct or
+    /// intermediate member on the way to it).
+    fn is_missing_member(&self, path: &str) -> bool {
+        matches!(self, Self::MissingField { path: p, member, .. }
+            if p == path && path.rsplit('.').next() == Some(member.as_str()))
+    }
+}
+
+fn describe_kind(kind: FieldKind) -> String {
+    match kind {
+        FieldKind::Int(n) => format!("a {n}-byte integer"),
+        FieldKind::Bytes(n) => format!("{n} bytes"),
+        FieldKind::Pointer => "an 8-byte pointer".to_string(),
+        FieldKind::Struct(name) => format!("struct {name}"),
+        FieldKind::Computed => "a computed value".to_string(),
     }
 }
 
@@ -511,35 +531,45 @@ impl Resolver<'_> {
     }
 
     /// The byte offset of `path`, after checking its type is what the programs read.
-    fn offset(&self, path: &str, expect: Expect) -> Result<u32, LayoutError> {
+    fn offset(&self, path: &str, expect: FieldKind) -> Result<u32, LayoutError> {
         let field = self.field(path)?;
         let ok = match expect {
-            Expect::Int(n) => match &field.ty {
+            FieldKind::Int(n) => match &field.ty {
                 Type::Int(i) => i.size() == n,
                 Type::Enum(e) => e.size() == n,
                 Type::Enum64(e) => e.size() == n,
                 _ => false,
             },
-            Expect::Bytes(n) => self.size_of(&field.ty, path, 0)? == Some(n),
-            Expect::Pointer => matches!(field.ty, Type::Ptr(_)),
-            Expect::Struct(name) => match &field.ty {
+            FieldKind::Bytes(n) => self.size_of(&field.ty, path, 0)? == Some(n),
+            FieldKind::Pointer => matches!(field.ty, Type::Ptr(_)),
+            FieldKind::Struct(name) => match &field.ty {
                 Type::Struct(s) => self.name_of(s, path)? == name,
                 _ => false,
             },
+            FieldKind::Computed => false,
         };
         if !ok {
             return Err(LayoutError::UnexpectedType {
                 path: path.to_string(),
-                expected: expect.to_string(),
+                expected: describe_kind(expect),
                 found: self.describe(&field.ty),
             });
         }
         Ok(field.byte_offset)
     }
 
+    /// The byte offset of `path`, or `None` when its last member does not exist.
+    fn optional_offset(&self, path: &str, expect: FieldKind) -> Result<Option<u32>, LayoutError> {
+        match self.offset(path, expect) {
+            Ok(offset) => Ok(Some(offset)),
+            Err(e) if e.is_missing_member(path) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Checks that `path` is at offset 0 and is a `struct_name`.
     fn check_at_start(&self, path: &str, struct_name: &'static str) -> Result<(), LayoutError> {
-        match self.offset(path, Expect::Struct(struct_name))? {
+        match self.offset(path, FieldKind::Struct(struct_name))? {
             0 => Ok(()),
             offset => Err(LayoutError::NotAtStart {
                 path: path.to_string(),
@@ -591,6 +621,35 @@ impl Resolver<'_> {
             Type::Array(a) => format!("an array of {} elements", a.len()),
             other => format!("a BTF {}", other.name()),
         }
+    }
+
+    /// Whether `tcp:tcp_send_reset` passes its reason: the tracepoint's typedef (a pointer to
+    /// the probe's prototype) has a fourth parameter of type `enum sk_rst_reason`. False without
+    /// the typedef, or with the `(void *, sock *, sk_buff *)` prototype of kernels before 6.10.
+    fn send_reset_has_reason(&self) -> Result<bool, LayoutError> {
+        let path = SEND_RESET_PROTOTYPE;
+        let types = self
+            .btf
+            .resolve_types_by_name(path)
+            .map_err(Self::invalid(format!("looking up {path}")))?;
+        for ty in types {
+            let Type::Typedef(typedef) = ty else { continue };
+            let Type::Ptr(ptr) = self.strip(self.chained(&typedef, path)?, path)? else {
+                continue;
+            };
+            let Type::FuncProto(proto) = self.strip(self.chained(&ptr, path)?, path)? else {
+                continue;
+            };
+            let Some(reason) = proto.parameters.get(3) else {
+                return Ok(false);
+            };
+            return Ok(match self.strip(self.chained(reason, path)?, path)? {
+                Type::Enum(e) => self.name_of(&e, path)? == "sk_rst_reason",
+                Type::Enum64(e) => self.name_of(&e, path)? == "sk_rst_reason",
+                _ => false,
+            });
+        }
+        Ok(false)
     }
 
     /// The value of enumerator `name` in `enum enum_name`; `Ok(None)` when the enum or the
@@ -680,688 +739,10 @@ impl Resolver<'_> {
 }
 
 #[cfg(test)]
-mod btf_builder {
-    //! Emits raw BTF (the format of `/sys/kernel/btf/vmlinux`, see the kernel's
-    //! Documentation/bpf/btf.rst), so the resolver can be tested on layouts this machine does
-    //! not run.
-
-    const KIND_INT: u32 = 1;
-    const KIND_PTR: u32 = 2;
-    const KIND_ARRAY: u32 = 3;
-    const KIND_STRUCT: u32 = 4;
-    const KIND_UNION: u32 = 5;
-    const KIND_ENUM: u32 = 6;
-    const KIND_TYPEDEF: u32 = 8;
-    const KIND_VOLATILE: u32 = 9;
-
-    /// A struct/union member: byte offset, or bit offset and width for bitfields.
-    pub(super) struct M<'a> {
-        name: &'a str,
-        ty: u32,
-        bit_offset: u32,
-        bits: u32,
-    }
-
-    /// A plain member at a byte offset.
-    pub(super) fn m(name: &str, ty: u32, byte_offset: u32) -> M<'_> {
-        M {
-            name,
-            ty,
-            bit_offset: byte_offset * 8,
-            bits: 0,
-        }
-    }
-
-    /// A bitfield member.
-    pub(super) fn bf(name: &str, ty: u32, bit_offset: u32, bits: u32) -> M<'_> {
-        M {
-            name,
-            ty,
-            bit_offset,
-            bits,
-        }
-    }
-
-    pub(super) struct BtfBuilder {
-        types: Vec<u8>,
-        strings: Vec<u8>,
-        next_id: u32,
-    }
-
-    impl BtfBuilder {
-        pub(super) fn new() -> Self {
-            Self {
-                types: Vec::new(),
-                // Offset 0 is the empty string (anonymous types and members).
-                strings: vec![0],
-                next_id: 1,
-            }
-        }
-
-        fn str(&mut self, s: &str) -> u32 {
-            if s.is_empty() {
-                return 0;
-            }
-            let offset = self.strings.len() as u32;
-            self.strings.extend_from_slice(s.as_bytes());
-            self.strings.push(0);
-            offset
-        }
-
-        fn word(&mut self, v: u32) {
-            self.types.extend_from_slice(&v.to_le_bytes());
-        }
-
-        /// Writes a `struct btf_type` header and returns the new type's id.
-        fn header(&mut self, name: &str, kind: u32, vlen: u32, kflag: bool, size_type: u32) -> u32 {
-            let name_off = self.str(name);
-            self.word(name_off);
-            self.word((u32::from(kflag) << 31) | (kind << 24) | vlen);
-            self.word(size_type);
-            let id = self.next_id;
-            self.next_id += 1;
-            id
-        }
-
-        pub(super) fn int(&mut self, name: &str, size: u32, signed: bool) -> u32 {
-            let id = self.header(name, KIND_INT, 0, false, size);
-            // encoding (bits 24-27) | offset (16-23) | nr_bits (0-7)
-            self.word((u32::from(signed) << 24) | (size * 8));
-            id
-        }
-
-        pub(super) fn ptr(&mut self, target: u32) -> u32 {
-            self.header("", KIND_PTR, 0, false, target)
-        }
-
-        pub(super) fn array(&mut self, elem: u32, index: u32, n: u32) -> u32 {
-            let id = self.header("", KIND_ARRAY, 0, false, 0);
-            self.word(elem);
-            self.word(index);
-            self.word(n);
-            id
-        }
-
-        pub(super) fn typedef(&mut self, name: &str, target: u32) -> u32 {
-            self.header(name, KIND_TYPEDEF, 0, false, target)
-        }
-
-        pub(super) fn volatile(&mut self, target: u32) -> u32 {
-            self.header("", KIND_VOLATILE, 0, false, target)
-        }
-
-        fn composite(&mut self, kind: u32, name: &str, size: u32, members: &[M<'_>]) -> u32 {
-            // As pahole does: a struct containing bitfields sets kind_flag, and then every
-            // member's offset carries its bitfield size in the top 8 bits (0 = not a bitfield).
-            let kflag = members.iter().any(|m| m.bits != 0);
-            let id = self.header(name, kind, members.len() as u32, kflag, size);
-            for member in members {
-                let name_off = self.str(member.name);
-                self.word(name_off);
-                self.word(member.ty);
-                self.word(if kflag {
-                    (member.bits << 24) | member.bit_offset
-                } else {
-                    member.bit_offset
-                });
-            }
-            id
-        }
-
-        pub(super) fn structure(&mut self, name: &str, size: u32, members: &[M<'_>]) -> u32 {
-            self.composite(KIND_STRUCT, name, size, members)
-        }
-
-        pub(super) fn union(&mut self, name: &str, size: u32, members: &[M<'_>]) -> u32 {
-            self.composite(KIND_UNION, name, size, members)
-        }
-
-        pub(super) fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
-            let id = self.header(name, KIND_ENUM, values.len() as u32, false, 4);
-            for (value_name, value) in values {
-                let name_off = self.str(value_name);
-                self.word(name_off);
-                self.word(*value);
-            }
-            id
-        }
-
-        /// The raw BTF blob: header, type section, string section.
-        pub(super) fn build(self) -> Vec<u8> {
-            const HDR_LEN: u32 = 24;
-            let type_len = self.types.len() as u32;
-            let mut out = Vec::new();
-            out.extend_from_slice(&0xeb9f_u16.to_le_bytes());
-            out.push(1); // version
-            out.push(0); // flags
-            for v in [HDR_LEN, 0, type_len, type_len, self.strings.len() as u32] {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            out.extend_from_slice(&self.types);
-            out.extend_from_slice(&self.strings);
-            out
-        }
-    }
-
-    /// Variations of the synthetic kernel.
-    #[derive(Default)]
-    pub(super) struct Synth {
-        /// 6.19+: `inet_connection_sock.icsk_keepalive_timer` replaces `icsk_retransmit_timer`.
-        pub icsk_keepalive_timer: bool,
-        /// Has `enum sk_rst_reason` (6.12+).
-        pub rst_reasons: bool,
-        /// Leaves `icsk_ack.lrcvtime` out.
-        pub omit_lrcvtime: bool,
-        /// Makes `icsk_probes_out` an 8-bit bitfield.
-        pub probes_out_bitfield: bool,
-        /// Makes `skc_family` 4 bytes wide.
-        pub family_u32: bool,
-        /// Moves `icsk_user_timeout` 4 bits past a byte boundary.
-        pub user_timeout_unaligned: bool,
-    }
-
-    /// A minimal kernel shaped like the real one: `sock_common`'s anonymous unions of anonymous
-    /// structs, `possible_net_t` as a typedef of an anonymous struct, a `volatile` state,
-    /// bitfields next to the fields we read, and socket structs nested at offset 0.
-    pub(super) fn synthetic_kernel(s: &Synth) -> Vec<u8> {
-        let mut b = BtfBuilder::new();
-        let u8_ = b.int("unsigned char", 1, false);
-        let u16_ = b.int("short unsigned int", 2, false);
-        let u32_ = b.int("unsigned int", 4, false);
-        let int = b.int("int", 4, true);
-        let ulong = b.int("long unsigned int", 8, false);
-        let u64_ = b.int("long long unsigned int", 8, false);
-        let t_u8 = b.typedef("__u8", u8_);
-        let t_u16 = b.typedef("__u16", u16_);
-        let t_u32 = b.typedef("__u32", u32_);
-        let be16 = b.typedef("__be16", u16_);
-        let be32 = b.typedef("__be32", u32_);
-        let addrpair = b.typedef("__addrpair", u64_);
-        let portpair = b.typedef("__portpair", u32_);
-        let vol_u8 = b.volatile(u8_);
-        let void_ptr = b.ptr(0);
-
-        // struct net
-        let ns_common = b.structure(
-            "ns_common",
-            16,
-            &[m("stashed", void_ptr, 0), m("inum", u32_, 8)],
-        );
-        let netns_ipv4 = b.structure(
-            "netns_ipv4",
-            16,
-            &[
-                m("sysctl_ip_default_ttl", u8_, 0),
-                m("sysctl_tcp_keepalive_time", int, 4),
-                m("sysctl_tcp_keepalive_intvl", int, 8),
-                m("sysctl_tcp_keepalive_probes", u8_, 12),
-            ],
-        );
-        let net = b.structure(
-            "net",
-            40,
-            &[
-                m("passive", u32_, 0),
-                m("ns", ns_common, 8),
-                m("ipv4", netns_ipv4, 24),
-            ],
-        );
-        let net_ptr = b.ptr(net);
-        let possible_net_anon = b.structure("", 8, &[m("net", net_ptr, 0)]);
-        let possible_net_t = b.typedef("possible_net_t", possible_net_anon);
-
-        let u32_index = u32_;
-        let s6_addr = b.array(u8_, u32_index, 16);
-        let in6_addr = b.structure("in6_addr", 16, &[m("s6_addr", s6_addr, 0)]);
-        let hlist_node = b.structure(
-            "hlist_node",
-            16,
-            &[m("next", void_ptr, 0), m("pprev", void_ptr, 8)],
-        );
-        let timer_list = b.structure(
-            "timer_list",
-            40,
-            &[
-                m("entry", hlist_node, 0),
-                m("expires", ulong, 16),
-                m("function", void_ptr, 24),
-                m("flags", u32_, 32),
-            ],
-        );
-
-        // struct sock_common
-        let addr_struct = b.structure(
-            "",
-            8,
-            &[m("skc_daddr", be32, 0), m("skc_rcv_saddr", be32, 4)],
-        );
-        let addr_union = b.union(
-            "",
-            8,
-            &[m("skc_addrpair", addrpair, 0), m("", addr_struct, 0)],
-        );
-        let hash_union = b.union("", 4, &[m("skc_hash", u32_, 0)]);
-        let port_struct = b.structure("", 4, &[m("skc_dport", be16, 0), m("skc_num", t_u16, 2)]);
-        let port_union = b.union(
-            "",
-            4,
-            &[m("skc_portpair", portpair, 0), m("", port_struct, 0)],
-        );
-        let flags_union = b.union(
-            "",
-            8,
-            &[m("skc_flags", ulong, 0), m("skc_listener", void_ptr, 0)],
-        );
-        let family_ty = if s.family_u32 { u32_ } else { u16_ };
-        let sock_common = b.structure(
-            "sock_common",
-            72,
-            &[
-                m("", addr_union, 0),
-                m("", hash_union, 8),
-                m("", port_union, 12),
-                m("skc_family", family_ty, 16),
-                m("skc_state", vol_u8, 18),
-                bf("skc_reuse", u8_, 19 * 8, 4),
-                bf("skc_reuseport", u8_, 19 * 8 + 4, 1),
-                bf("", u8_, 19 * 8 + 5, 3), // unnamed padding bitfield
-                m("skc_bound_dev_if", int, 20),
-                m("skc_net", possible_net_t, 24),
-                m("skc_v6_daddr", in6_addr, 32),
-                m("skc_v6_rcv_saddr", in6_addr, 48),
-                m("", flags_union, 64),
-            ],
-        );
-
-        // Ownership: cgroup → kernfs node id, socket → inode number.
-        let kernfs_node = b.structure(
-            "kernfs_node",
-            24,
-            &[
-                m("count", int, 0),
-                m("name", void_ptr, 8),
-                m("id", u64_, 16),
-            ],
-        );
-        let kernfs_node_ptr = b.ptr(kernfs_node);
-        let cgroup = b.structure(
-            "cgroup",
-            16,
-            &[m("flags", ulong, 0), m("kn", kernfs_node_ptr, 8)],
-        );
-        let cgroup_ptr = b.ptr(cgroup);
-        let sock_cgroup_data = b.structure(
-            "sock_cgroup_data",
-            16,
-            &[m("cgroup", cgroup_ptr, 0), m("classid", u32_, 8)],
-        );
-        let socket = b.structure("socket", 16, &[m("state", int, 0), m("sk", void_ptr, 8)]);
-        let socket_ptr = b.ptr(socket);
-        let inode = b.structure("inode", 16, &[m("i_mode", u16_, 0), m("i_ino", ulong, 8)]);
-        b.structure(
-            "socket_alloc",
-            32,
-            &[m("socket", socket, 0), m("vfs_inode", inode, 16)],
-        );
-
-        let sock = b.structure(
-            "sock",
-            152,
-            &[
-                m("__sk_common", sock_common, 0),
-                m("sk_err", int, 72),
-                m("sk_err_soft", int, 76),
-                m("sk_timer", timer_list, 80),
-                m("sk_protocol", u16_, 120),
-                m("sk_type", u16_, 122),
-                m("sk_socket", socket_ptr, 128),
-                m("sk_cgrp_data", sock_cgroup_data, 136),
-            ],
-        );
-        let inet_sock = b.structure(
-            "inet_sock",
-            160,
-            &[
-                m("sk", sock, 0),
-                m("inet_saddr", be32, 152),
-                m("inet_sport", be16, 156),
-            ],
-        );
-
-        let mut ack_members = vec![
-            m("pending", t_u8, 0),
-            m("quick", t_u8, 1),
-            bf("ato", t_u32, 32, 8),
-            bf("lrcv_flowlabel", t_u32, 40, 20),
-        ];
-        if !s.omit_lrcvtime {
-            ack_members.push(m("lrcvtime", t_u32, 8));
-        }
-        let icsk_ack = b.structure("", 12, &ack_members);
-        let timer_name = if s.icsk_keepalive_timer {
-            "icsk_keepalive_timer"
-        } else {
-            "icsk_retransmit_timer"
-        };
-        let probes_out = if s.probes_out_bitfield {
-            bf("icsk_probes_out", t_u8, 202 * 8, 8)
-        } else {
-            m("icsk_probes_out", t_u8, 202)
-        };
-        let icsk = b.structure(
-            "inet_connection_sock",
-            224,
-            &[
-                m("icsk_inet", inet_sock, 0),
-                m(timer_name, timer_list, 160),
-                bf("icsk_ca_state", t_u8, 200 * 8, 5),
-                m("icsk_pending", t_u8, 201),
-                probes_out,
-                m("icsk_ack", icsk_ack, 204),
-                M {
-                    name: "icsk_user_timeout",
-                    ty: u32_,
-                    bit_offset: 216 * 8 + if s.user_timeout_unaligned { 4 } else { 0 },
-                    bits: 0,
-                },
-            ],
-        );
-        b.structure(
-            "tcp_sock",
-            248,
-            &[
-                m("inet_conn", icsk, 0),
-                m("snd_wnd", u32_, 224),
-                m("packets_out", u32_, 228),
-                m("rcv_tstamp", u32_, 232),
-                m("keepalive_probes", u8_, 236),
-                m("keepalive_time", u32_, 240),
-                m("keepalive_intvl", u32_, 244),
-            ],
-        );
-
-        b.enumeration(
-            "sock_flags",
-            &[
-                ("SOCK_DEAD", 0),
-                ("SOCK_DONE", 1),
-                ("SOCK_URGINLINE", 2),
-                ("SOCK_KEEPOPEN", 3),
-                ("SOCK_LINGER", 4),
-            ],
-        );
-        if s.rst_reasons {
-            // Deliberately not the real numbers: they must be looked up by name.
-            b.enumeration(
-                "sk_rst_reason",
-                &[
-                    ("SK_RST_REASON_NOT_SPECIFIED", 0),
-                    ("SK_RST_REASON_TCP_STATE", 21),
-                    ("SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT", 22),
-                ],
-            );
-        }
-        b.build()
-    }
-}
-
+mod btf_builder;
 #[cfg(test)]
-mod tests {
-    use super::btf_builder::{BtfBuilder, Synth, synthetic_kernel};
-    use super::*;
-
-    /// Offsets of the synthetic kernel that do not depend on the timer layout.
-    fn synthetic_offsets(keepalive_timer: u32, write_timer: u32) -> KernelOffsets {
-        KernelOffsets {
-            timer_function: 24,
-            keepalive_timer,
-            write_timer,
-            skc_daddr: 0,
-            skc_rcv_saddr: 4,
-            skc_dport: 12,
-            skc_family: 16,
-            skc_state: 18,
-            skc_flags: 64,
-            skc_net: 24,
-            skc_v6_daddr: 32,
-            skc_v6_rcv_saddr: 48,
-            inet_sport: 156,
-            sk_protocol: 120,
-            sk_err: 72,
-            sk_err_soft: 76,
-            icsk_probes_out: 202,
-            icsk_pending: 201,
-            icsk_user_timeout: 216,
-            icsk_ack_lrcvtime: 212,
-            tcp_keepalive_time: 240,
-            tcp_keepalive_intvl: 244,
-            tcp_keepalive_probes: 236,
-            tcp_rcv_tstamp: 232,
-            tcp_packets_out: 228,
-            tcp_snd_wnd: 224,
-            net_ns_inum: 16,
-            net_keepalive_time: 28,
-            net_keepalive_intvl: 32,
-            net_keepalive_probes: 36,
-            sock_flag_dead: 0,
-            sock_flag_keepopen: 3,
-            sk_cgroup: 136,
-            cgroup_kn: 8,
-            kernfs_node_id: 16,
-            sk_socket: 128,
-            socket_ino: 24,
-        }
-    }
-
-    #[test]
-    fn running_kernel_btf() {
-        if !Path::new(VMLINUX_BTF_PATH).exists() {
-            // CI runs on a kernel with BTF and sets KEEPALIVE_REQUIRE_KERNEL=1: never skip there.
-            assert!(
-                std::env::var("KEEPALIVE_REQUIRE_KERNEL").as_deref() != Ok("1"),
-                "KEEPALIVE_REQUIRE_KERNEL=1 but {VMLINUX_BTF_PATH} does not exist"
-            );
-            eprintln!("SKIPPED running_kernel_btf: {VMLINUX_BTF_PATH} does not exist");
-            return;
-        }
-        let layout = KernelLayout::from_vmlinux().expect("layout of the running kernel");
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        if !release.starts_with("6.18.") {
-            eprintln!("resolved, but exact offsets only checked on 6.18 (running {release})");
-            return;
-        }
-        // The values KERNEL-NOTES.md lists for this machine's 6.18 kernel.
-        let o = layout.offsets;
-        assert_eq!(layout.timer_layout, TimerLayout::SockTimer);
-        assert_eq!(o.keepalive_timer, 448);
-        assert_eq!(o.timer_function, 24);
-        assert_eq!(o.sk_err, 284);
-        assert_eq!(o.sk_err_soft, 372);
-        assert_eq!(o.skc_flags, 96);
-        assert_eq!(o.icsk_probes_out, 1253);
-        assert_eq!(o.icsk_pending, 1250);
-        assert_eq!(o.icsk_user_timeout, 1292);
-        assert_eq!(o.icsk_ack_lrcvtime, 1264);
-        assert_eq!(o.tcp_keepalive_time, 2220);
-        assert_eq!(o.tcp_keepalive_intvl, 2224);
-        assert_eq!(o.tcp_keepalive_probes, 1917);
-        assert_eq!(o.tcp_rcv_tstamp, 1724);
-        assert_eq!(o.tcp_packets_out, 1684);
-        assert_eq!(o.sock_flag_dead, 0);
-        assert_eq!(o.sock_flag_keepopen, 3);
-        assert_eq!(layout.rst_reason_keepalive_timeout, Some(15));
-        assert_eq!(layout.rst_reason_tcp_state, Some(14));
-        // sock_common starts with the addresses, then the ports.
-        assert_eq!((o.skc_daddr, o.skc_rcv_saddr), (0, 4));
-        assert_eq!(o.skc_dport, 12);
-        assert_eq!(o.inet_sport, 814);
-        // The write timer is in inet_connection_sock, after sock.
-        assert!(o.write_timer > o.keepalive_timer);
-    }
-
-    #[test]
-    fn sock_timer_layout() {
-        let bytes = synthetic_kernel(&Synth {
-            rst_reasons: true,
-            ..Synth::default()
-        });
-        let layout = KernelLayout::from_btf_bytes(&bytes).expect("synthetic 6.18-like layout");
-        assert_eq!(layout.timer_layout, TimerLayout::SockTimer);
-        assert_eq!(layout.offsets, synthetic_offsets(80, 160));
-        assert_eq!(layout.rst_reason_keepalive_timeout, Some(22));
-        assert_eq!(layout.rst_reason_tcp_state, Some(21));
-    }
-
-    #[test]
-    fn icsk_keepalive_timer_layout() {
-        let bytes = synthetic_kernel(&Synth {
-            icsk_keepalive_timer: true,
-            rst_reasons: true,
-            ..Synth::default()
-        });
-        let layout = KernelLayout::from_btf_bytes(&bytes).expect("synthetic 6.19-like layout");
-        assert_eq!(layout.timer_layout, TimerLayout::IcskKeepaliveTimer);
-        // Swapped: keepalive in inet_connection_sock, write timer in sk_timer.
-        assert_eq!(layout.offsets, synthetic_offsets(160, 80));
-    }
-
-    #[test]
-    fn kernel_without_rst_reasons() {
-        let layout = KernelLayout::from_btf_bytes(&synthetic_kernel(&Synth::default()))
-            .expect("synthetic pre-6.10 layout");
-        assert_eq!(layout.rst_reason_keepalive_timeout, None);
-        assert_eq!(layout.rst_reason_tcp_state, None);
-    }
-
-    #[test]
-    fn missing_field_is_named() {
-        let bytes = synthetic_kernel(&Synth {
-            omit_lrcvtime: true,
-            ..Synth::default()
-        });
-        let err = KernelLayout::from_btf_bytes(&bytes).expect_err("lrcvtime is missing");
-        match &err {
-            LayoutError::MissingField {
-                path,
-                member,
-                container,
-            } => {
-                assert_eq!(path, "inet_connection_sock.icsk_ack.lrcvtime");
-                assert_eq!(member, "lrcvtime");
-                assert_eq!(container, "an anonymous struct (12 bytes)");
-            }
-            other => panic!("unexpected error {other:?}"),
-        }
-        let message = err.to_string();
-        assert!(
-            message.contains("inet_connection_sock.icsk_ack.lrcvtime"),
-            "{message}"
-        );
-        assert!(message.contains("not supported"), "{message}");
-    }
-
-    #[test]
-    fn bitfield_is_rejected() {
-        let bytes = synthetic_kernel(&Synth {
-            probes_out_bitfield: true,
-            ..Synth::default()
-        });
-        let err = KernelLayout::from_btf_bytes(&bytes).expect_err("probes_out is a bitfield");
-        match &err {
-            LayoutError::Bitfield {
-                path,
-                bit_offset,
-                bits,
-            } => {
-                assert_eq!(path, "inet_connection_sock.icsk_probes_out");
-                assert_eq!((*bit_offset, *bits), (202 * 8, 8));
-            }
-            other => panic!("unexpected error {other:?}"),
-        }
-        assert!(err.to_string().contains("icsk_probes_out"));
-    }
-
-    #[test]
-    fn wrong_size_is_rejected() {
-        let bytes = synthetic_kernel(&Synth {
-            family_u32: true,
-            ..Synth::default()
-        });
-        let err = KernelLayout::from_btf_bytes(&bytes).expect_err("skc_family is 4 bytes");
-        match &err {
-            LayoutError::UnexpectedType {
-                path,
-                expected,
-                found,
-            } => {
-                assert_eq!(path, "sock.__sk_common.skc_family");
-                assert_eq!(expected, "a 2-byte integer");
-                assert_eq!(found, "a 4-byte integer");
-            }
-            other => panic!("unexpected error {other:?}"),
-        }
-    }
-
-    #[test]
-    fn unaligned_field_is_rejected() {
-        let bytes = synthetic_kernel(&Synth {
-            user_timeout_unaligned: true,
-            ..Synth::default()
-        });
-        let err = KernelLayout::from_btf_bytes(&bytes).expect_err("icsk_user_timeout unaligned");
-        assert!(
-            matches!(&err, LayoutError::Unaligned { path, bit_offset: 1732 }
-                if path == "inet_connection_sock.icsk_user_timeout"),
-            "{err:?}"
-        );
-    }
-
-    #[test]
-    fn error_messages_name_the_field() {
-        let cases = [
-            Synth {
-                omit_lrcvtime: true,
-                ..Synth::default()
-            },
-            Synth {
-                probes_out_bitfield: true,
-                ..Synth::default()
-            },
-            Synth {
-                family_u32: true,
-                ..Synth::default()
-            },
-        ];
-        for (synth, field) in cases
-            .iter()
-            .zip(["lrcvtime", "icsk_probes_out", "skc_family"])
-        {
-            let message = KernelLayout::from_btf_bytes(&synthetic_kernel(synth))
-                .expect_err("broken layout")
-                .to_string();
-            eprintln!("{message}");
-            assert!(message.contains(field), "{message}");
-            assert!(message.contains("not supported"), "{message}");
-        }
-    }
-
-    #[test]
-    fn missing_struct_is_named() {
-        let mut b = BtfBuilder::new();
-        b.int("int", 4, true);
-        let err = KernelLayout::from_btf_bytes(&b.build()).expect_err("no structs at all");
-        assert!(
-            matches!(&err, LayoutError::MissingType { kind: "struct", name } if name == "tcp_sock"),
-            "{err:?}"
-        );
-    }
-
-    #[test]
-    fn garbage_and_missing_files() {
-        let err = KernelLayout::from_btf_bytes(b"not BTF").expect_err("garbage");
-        assert!(matches!(err, LayoutError::BtfInvalid { .. }), "{err:?}");
-        let err = KernelLayout::from_path("/nonexistent/vmlinux").expect_err("no such file");
-        assert!(matches!(err, LayoutError::BtfUnreadable { .. }), "{err:?}");
-        assert!(err.to_string().contains("/nonexistent/vmlinux"));
-    }
-}
+mod fixtures;
+#[cfg(test)]
+mod synthetic;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,83 @@
+//! The resolver on real kernels' BTF, kept compressed in `tests/btf/` (see its README for where
+//! each came from): the layouts users run, including both stable backports of
+//! `icsk_keepalive_timer`, checked without booting them.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use super::*;
+
+fn fixture(name: &str) -> KernelLayout {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/btf")
+        .join(name);
+    let compressed = std::fs::File::open(&path)
+        .unwrap_or_else(|e| panic!("BTF fixture {}: {e}", path.display()));
+    let mut decoder = ruzstd::decoding::StreamingDecoder::new(compressed)
+        .unwrap_or_else(|e| panic!("BTF fixture {}: {e}", path.display()));
+    let mut bytes = Vec::new();
+    decoder
+        .read_to_end(&mut bytes)
+        .unwrap_or_else(|e| panic!("decompressing {}: {e}", path.display()));
+    KernelLayout::from_btf_bytes(&bytes)
+        .unwrap_or_else(|e| panic!("layout of {}: {e}", path.display()))
+}
+
+#[test]
+fn debian_5_10_has_sock_timer_and_no_reset_reason() {
+    let layout = fixture("5.10.262_5.10.0-46-cloud-amd64.btf.zst");
+    assert_eq!(layout.timer_layout, TimerLayout::SockTimer);
+    assert!(layout.offsets.write_timer > layout.offsets.keepalive_timer);
+    assert!(layout.tracepoints.contains(&"tcp_send_reset"));
+    assert!(!layout.send_reset_reason);
+    assert!(!layout.tracepoints.contains(&"inet_sk_error_report"));
+    assert_eq!(layout.rst_reason_keepalive_timeout, None);
+}
+
+#[test]
+fn debian_6_1_before_the_backport_has_sock_timer() {
+    let layout = fixture("6.1.190_6.1.0-54-cloud-amd64.btf.zst");
+    assert_eq!(layout.timer_layout, TimerLayout::SockTimer);
+    assert!(layout.offsets.write_timer > layout.offsets.keepalive_timer);
+    assert!(!layout.send_reset_reason);
+}
+
+#[test]
+fn debian_6_1_192_backport_keeps_the_retransmit_timer() {
+    let layout = fixture("6.1.192_6.1.0-57-cloud-amd64.btf.zst");
+    assert_eq!(layout.timer_layout, TimerLayout::KeepaliveTimerBackport);
+    // From the disassembly of inet_csk_init_xmit_timers on this kernel.
+    assert_eq!(layout.offsets.write_timer, 1096);
+    assert_eq!(layout.offsets.keepalive_timer, 1176);
+    assert!(!layout.send_reset_reason);
+}
+
+#[test]
+fn debian_6_12_before_the_backport_has_sock_timer() {
+    let layout = fixture("6.12.111_6.12.111+deb12-cloud-amd64.btf.zst");
+    assert_eq!(layout.timer_layout, TimerLayout::SockTimer);
+    assert!(layout.offsets.write_timer > layout.offsets.keepalive_timer);
+    assert!(layout.send_reset_reason);
+    assert!(layout.rst_reason_keepalive_timeout.is_some());
+}
+
+#[test]
+fn debian_6_12_117_backport_keeps_the_retransmit_timer() {
+    let layout = fixture("6.12.117_6.12.117+deb12-cloud-amd64.btf.zst");
+    assert_eq!(layout.timer_layout, TimerLayout::KeepaliveTimerBackport);
+    assert_eq!(layout.offsets.write_timer, 1104);
+    assert_eq!(layout.offsets.keepalive_timer, 1184);
+    assert!(layout.send_reset_reason);
+}
+
+#[test]
+fn development_kernel_6_18() {
+    let layout = fixture("6.18.44_6.18.44-fc-v1045.btf.zst");
+    assert_eq!(layout.timer_layout, TimerLayout::SockTimer);
+    // The values KERNEL-NOTES.md lists for the development machine.
+    assert_eq!(layout.offsets.keepalive_timer, 448);
+    assert_eq!(layout.offsets.icsk_probes_out, 1253);
+    assert_eq!(layout.offsets.tcp_keepalive_time, 2220);
+    assert!(layout.send_reset_reason);
+    assert_eq!(layout.rst_reason_keepalive_timeout, Some(15));
+}
