@@ -39,4 +39,3 @@ pub(crate) fn audit_tcp(ctx: *mut core::ffi::c_void) -> i32 {
     }
     0
 }
-

@@ -3,7 +3,9 @@
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use aya_log_ebpf::warn;
-use keepalive_ebpf::{CloseContext, IPPROTO_TCP, RecordKind, SocketRecord, record_flags, tcp_state};
+use keepalive_ebpf::{
+    CloseContext, IPPROTO_TCP, RecordKind, SocketRecord, record_flags, tcp_state,
+};
 
 use crate::{
     reset::RESET_CONTEXT,
@@ -101,4 +103,3 @@ pub(crate) fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
     }
     0
 }
-

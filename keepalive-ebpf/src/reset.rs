@@ -24,6 +24,7 @@ pub(crate) struct ResetContext {
     pub(crate) packets_out: u32,
 }
 
+#[inline(always)]
 fn note_reset(sk: *const u8, flags: u8, reason: u32, packets_out: u32) {
     if sk.is_null() {
         return;
@@ -61,4 +62,3 @@ pub(crate) fn tcp_send_reset_without_reason(ctx: BtfTracePointContext) -> i32 {
     note_reset(ctx.arg(0), record_flags::RESET_SENT, 0, 0);
     0
 }
-

@@ -106,4 +106,3 @@ pub(crate) fn emit(rec: &SocketRecord) {
         }
     }
 }
-

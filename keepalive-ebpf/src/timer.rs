@@ -138,4 +138,3 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
 pub(crate) fn timer_entry_baseline(_ctx: BtfTracePointContext) -> i32 {
     0
 }
-

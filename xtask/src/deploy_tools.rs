@@ -9,14 +9,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::env::{self, Env};
 
 /// The Rust target the container image's static binary is built for.
-pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+pub(crate) const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// PyPI packages: the offline Kubernetes schema validator used by tests/tests/deploy_manifests.rs.
 const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-validate")];
 /// Debian's kubectl (with `kubectl kustomize`), installed only when no kubectl is in PATH: a
 /// kubectl from another source (e.g. a cloud SDK) would conflict with the package.
 const KUBECTL_PACKAGE: &str = "kubernetes-client";
 
-pub fn deploy_tools(env: &Env) -> Result<()> {
+pub(crate) fn deploy_tools(env: &Env) -> Result<()> {
     musl_target(env)?;
     pip_packages(env)?;
     kubectl(env)

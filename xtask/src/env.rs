@@ -11,18 +11,18 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 /// Names the nightly toolchain the agent's build.rs compiles the eBPF crate with.
-pub const TOOLCHAIN_ENV: &str = "KEEPALIVE_BPF_TOOLCHAIN";
+pub(crate) const TOOLCHAIN_ENV: &str = "KEEPALIVE_BPF_TOOLCHAIN";
 
 /// What every child process gets: a PATH that includes cargo's bin directory (where rustup and
 /// `cargo install`ed tools such as bpf-linker live), and the workspace root to run in.
-pub struct Env {
+pub(crate) struct Env {
     pub root: PathBuf,
     pub cargo_bin: Option<PathBuf>,
     path: OsString,
 }
 
 impl Env {
-    pub fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .context("xtask's manifest directory has no parent")?
@@ -44,12 +44,12 @@ impl Env {
     }
 
     /// The PATH children get.
-    pub fn path(&self) -> &OsStr {
+    pub(crate) fn path(&self) -> &OsStr {
         &self.path
     }
 
     /// A command for `program` (looked up in our PATH), run in the workspace root.
-    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+    pub(crate) fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let program = program.as_ref();
         let resolved = self
             .which(program)
@@ -60,7 +60,7 @@ impl Env {
     }
 
     /// Where `program` is in our PATH, if anywhere.
-    pub fn which(&self, program: &OsStr) -> Option<PathBuf> {
+    pub(crate) fn which(&self, program: &OsStr) -> Option<PathBuf> {
         if Path::new(program).components().count() > 1 {
             return Some(PathBuf::from(program));
         }
@@ -70,7 +70,7 @@ impl Env {
     }
 
     /// The release binary of the agent.
-    pub fn agent_bin(&self) -> PathBuf {
+    pub(crate) fn agent_bin(&self) -> PathBuf {
         self.root.join("target/release/keepalive-agent")
     }
 }
@@ -89,7 +89,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Whether this process runs with effective uid 0.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // The `Uid:` line of /proc/self/status is "real effective saved filesystem".
     fs::read_to_string("/proc/self/status")
         .ok()
@@ -103,7 +103,7 @@ pub fn is_root() -> bool {
 }
 
 /// A shell-like rendering of `cmd` for messages.
-pub fn display(cmd: &Command) -> String {
+pub(crate) fn display(cmd: &Command) -> String {
     let mut parts = Vec::new();
     for (key, value) in cmd.get_envs() {
         // PATH is always set; showing it would only add noise.
@@ -119,7 +119,7 @@ pub fn display(cmd: &Command) -> String {
 }
 
 /// Runs `cmd` with inherited stdio; fails unless it exits successfully.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = display(cmd);
     println!("+ {shown}");
     let status = cmd
@@ -133,7 +133,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs `cmd` quietly and returns its stdout if it exits successfully; `None` if it cannot be
 /// started or fails.
-pub fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd
         .stdin(Stdio::null())
         .stderr(Stdio::null())

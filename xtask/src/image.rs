@@ -11,12 +11,12 @@ use anyhow::{Context as _, Result, bail};
 use crate::{deploy_tools::MUSL_TARGET, env, setup::Setup};
 
 /// The tag the image gets; deploy/kubernetes/kustomization.yaml refers to it.
-pub fn image_name() -> String {
+pub(crate) fn image_name() -> String {
     format!("localhost/keepalive-agent:{}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Builds the static agent, checks it is static, and builds the image from it. Returns the tag.
-pub fn build_image(setup: &Setup) -> Result<String> {
+pub(crate) fn build_image(setup: &Setup) -> Result<String> {
     let bin = build_static_agent(setup)?;
     ensure_static(&bin)?;
     let Some(buildah) = setup.env.which(std::ffi::OsStr::new("buildah")) else {

@@ -45,7 +45,7 @@ const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// What setup found: the nightly toolchain for the eBPF build, and the environment for children.
-pub struct Setup {
+pub(crate) struct Setup {
     pub env: Env,
     pub toolchain: String,
 }
@@ -53,14 +53,14 @@ pub struct Setup {
 impl Setup {
     /// A command in the workspace root with PATH including cargo's bin directory and
     /// KEEPALIVE_BPF_TOOLCHAIN naming the nightly toolchain.
-    pub fn command(&self, program: impl AsRef<OsStr>) -> std::process::Command {
+    pub(crate) fn command(&self, program: impl AsRef<OsStr>) -> std::process::Command {
         let mut cmd = self.env.command(program);
         cmd.env(env::TOOLCHAIN_ENV, &self.toolchain);
         cmd
     }
 }
 
-pub fn setup() -> Result<Setup> {
+pub(crate) fn setup() -> Result<Setup> {
     let env = Env::new()?;
     debian_packages(&env)?;
     let toolchain = nightly_toolchain(&env)?;

@@ -19,7 +19,7 @@ const AGENT_BIN_ENV: &str = "KEEPALIVE_AGENT_BIN";
 const EBPF_PACKAGE: &str = "keepalive-ebpf";
 
 /// Setup, then build the agent (whose build.rs compiles and embeds the eBPF programs).
-pub fn build() -> Result<(Setup, PathBuf)> {
+pub(crate) fn build() -> Result<(Setup, PathBuf)> {
     let setup = setup::setup()?;
     let bin = build_agent(&setup)?;
     Ok((setup, bin))
@@ -43,7 +43,7 @@ fn build_agent(setup: &Setup) -> Result<PathBuf> {
 
 /// Build, then run `keepalive-agent run ARGS...` in the foreground as root. On success this
 /// process is replaced by the agent, so the agent's exit status is ours.
-pub fn run(args: &[OsString]) -> Result<ExitCode> {
+pub(crate) fn run(args: &[OsString]) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt as _;
 
     let (setup, bin) = build()?;
@@ -68,7 +68,7 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
 }
 
 /// Build, then fmt, clippy (host crates, then the eBPF crate for the BPF target), then tests.
-pub fn test(args: &[OsString]) -> Result<()> {
+pub(crate) fn test(args: &[OsString]) -> Result<()> {
     let (setup, bin) = build()?;
 
     step("fmt", "cargo fmt --all -- --check", || {
@@ -164,7 +164,7 @@ pub fn test(args: &[OsString]) -> Result<()> {
 }
 
 /// Build, then run the hook-cost benchmark against the built agent.
-pub fn bench(args: &[OsString]) -> Result<()> {
+pub(crate) fn bench(args: &[OsString]) -> Result<()> {
     let (setup, bin) = build()?;
     step(
         "bench",

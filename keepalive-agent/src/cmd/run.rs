@@ -213,13 +213,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         listener,
         http::router(Arc::clone(&state), &config.telemetry_path),
     );
-    let mut pipeline = Pipeline::new(
-        &session,
-        table,
-        pipeline_metrics,
-        attributor,
-    )
-    .aggregated_by(config.aggregate_by.clone());
+    let mut pipeline = Pipeline::new(&session, table, pipeline_metrics, attributor)
+        .aggregated_by(config.aggregate_by.clone());
     if let Some(sender) = event_sender {
         pipeline = pipeline.with_events(sender);
     }

@@ -230,7 +230,10 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
         &session,
         Arc::new(Mutex::new(table)),
         metrics,
-        Arc::new(Attributor::new(system_cgroup2_mount(), PathBuf::from("/proc"))),
+        Arc::new(Attributor::new(
+            system_cgroup2_mount(),
+            PathBuf::from("/proc"),
+        )),
     )
     .with_events(sender);
     drop(session);

@@ -741,7 +741,7 @@ impl Resolver<'_> {
 #[cfg(test)]
 mod btf_builder;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod synthetic;
 #[cfg(test)]

@@ -132,7 +132,10 @@ pub enum ProgramsError {
     #[error(
         "this kernel has no tracepoint {hook} (no btf_trace_{hook} in its BTF), needed for {role}"
     )]
-    Absent { hook: &'static str, role: &'static str },
+    Absent {
+        hook: &'static str,
+        role: &'static str,
+    },
     #[error("cannot attach to tracepoint {hook} ({role}): {source}")]
     Attach {
         hook: &'static str,
@@ -145,8 +148,6 @@ pub enum ProgramsError {
 #[derive(Debug, Clone)]
 pub struct HookStatus {
     pub hook: Hook,
-    /// The program chosen for this kernel; `None` when the kernel lacks the tracepoint.
-    pub(crate) variant: Option<Variant>,
     pub attached: bool,
     /// Why it did not attach.
     pub(crate) error: Option<String>,
@@ -233,7 +234,6 @@ pub(crate) fn load(
                 );
                 hooks.push(HookStatus {
                     hook,
-                    variant: Some(variant),
                     attached: true,
                     error: None,
                 });
@@ -242,7 +242,6 @@ pub(crate) fn load(
                 warn!("{err}; continuing without it");
                 hooks.push(HookStatus {
                     hook,
-                    variant,
                     attached: false,
                     error: Some(err.to_string()),
                 });
@@ -328,4 +327,60 @@ fn spawn_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::layout::fixtures::fixture;
+
+    /// The program each hook loads with on the kernels of the matrix, from their stored BTF.
+    fn programs(btf: &str) -> Vec<Option<&'static str>> {
+        let layout = fixture(btf);
+        HOOKS
+            .iter()
+            .map(|hook| hook.variant(&layout).map(|v| v.program))
+            .collect()
+    }
+
+    #[test]
+    fn reset_hook_without_a_reason_argument_loads_its_two_argument_variant() {
+        let common = |send_reset, error_report| {
+            vec![
+                Some("timer_expire_entry"),
+                Some("timer_expire_exit"),
+                Some("inet_sock_set_state"),
+                Some(send_reset),
+                Some("tcp_receive_reset"),
+                error_report,
+            ]
+        };
+        let without = "tcp_send_reset_without_reason";
+        assert_eq!(
+            programs("5.10.262_5.10.0-46-cloud-amd64.btf.zst"),
+            common(without, None),
+            "5.10 has no inet_sk_error_report"
+        );
+        for old in [
+            "6.1.190_6.1.0-54-cloud-amd64.btf.zst",
+            "6.1.192_6.1.0-57-cloud-amd64.btf.zst",
+        ] {
+            assert_eq!(
+                programs(old),
+                common(without, Some("inet_sk_error_report")),
+                "{old}"
+            );
+        }
+        for new in [
+            "6.12.111_6.12.111+deb12-cloud-amd64.btf.zst",
+            "6.12.117_6.12.117+deb12-cloud-amd64.btf.zst",
+            "6.18.44_6.18.44-fc-v1045.btf.zst",
+        ] {
+            assert_eq!(
+                programs(new),
+                common("tcp_send_reset", Some("inet_sk_error_report")),
+                "{new}"
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@ use btf_rs::{Btf, Type};
 use super::pipe_through;
 
 /// The raw `.BTF` section of the kernel in `bzimage`.
-pub fn from_bzimage(bzimage: &[u8]) -> Result<Vec<u8>> {
+pub(super) fn from_bzimage(bzimage: &[u8]) -> Result<Vec<u8>> {
     let payload = payload(bzimage)?;
     let vmlinux = decompress(payload)?;
     let btf = elf_section(&vmlinux, ".BTF")?;
@@ -134,7 +134,7 @@ fn elf_section<'a>(elf: &'a [u8], name: &str) -> Result<&'a [u8]> {
 
 /// What the matrix reports about a kernel's layout and hooks, read from its BTF.
 #[derive(Debug, Clone)]
-pub struct Facts {
+pub(super) struct Facts {
     /// `inet_connection_sock.icsk_keepalive_timer` exists (backport or 6.19+).
     pub keepalive_timer_member: bool,
     /// `inet_connection_sock.icsk_retransmit_timer` exists (everything before 6.19).
@@ -149,7 +149,7 @@ pub struct Facts {
 }
 
 impl Facts {
-    pub fn from_btf(raw: &[u8]) -> Result<Facts> {
+    pub(super) fn from_btf(raw: &[u8]) -> Result<Facts> {
         let btf = Btf::from_bytes(raw).map_err(|e| anyhow::anyhow!("parsing BTF: {e}"))?;
         let icsk = btf
             .resolve_types_by_name("inet_connection_sock")
@@ -182,7 +182,7 @@ impl Facts {
     }
 
     /// Which timer is which, as the kernel notes' table names the layouts.
-    pub fn timer_layout(&self) -> String {
+    pub(super) fn timer_layout(&self) -> String {
         let layout = match (self.keepalive_timer_member, self.retransmit_timer_member) {
             (false, true) => "keepalive timer = sock.sk_timer, write timer = icsk_retransmit_timer",
             (true, true) => {
@@ -196,7 +196,7 @@ impl Facts {
     }
 
     /// The hook-relevant differences, e.g. `tcp_send_reset(sk, skb)`, `no inet_sk_error_report`.
-    pub fn hooks(&self) -> String {
+    pub(super) fn hooks(&self) -> String {
         let reset = match self.send_reset_args {
             Some(2) => "tcp_send_reset(sk, skb)".to_owned(),
             Some(3) => "tcp_send_reset(sk, skb, reason)".to_owned(),

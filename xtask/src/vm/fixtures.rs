@@ -9,10 +9,10 @@ use anyhow::{Context as _, Result, ensure};
 use super::{btf, kernels::Kernel, pipe_through, write_atomically};
 use crate::setup::Setup;
 
-pub const FIXTURE_DIR: &str = "keepalive-agent/tests/btf";
+pub(super) const FIXTURE_DIR: &str = "keepalive-agent/tests/btf";
 const HOST_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-pub fn update(setup: &Setup, kernels: &[Kernel]) -> Result<()> {
+pub(super) fn update(setup: &Setup, kernels: &[Kernel]) -> Result<()> {
     let dir = setup.env.root.join(FIXTURE_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut readme = String::from(

@@ -17,7 +17,7 @@ const BUSYBOX: &str = "/bin/busybox";
 /// The scenario program's binary in the keepalive-tests crate.
 const GUEST_PROGRAM: &str = "guest-scenarios";
 /// Where the agent listens inside the guest (its own loopback).
-pub const AGENT_ADDR: &str = "127.0.0.1:9879";
+pub(super) const AGENT_ADDR: &str = "127.0.0.1:9879";
 
 /// The guest's pid 1 until it execs the scenario program. Every line that the host reads starts
 /// with `KAT-`; see tests/src/bin/guest-scenarios.rs for the rest of the format.
@@ -44,7 +44,7 @@ exec {GUEST_PROGRAM} --agent {AGENT_ADDR} --agent-log /tmp/agent.log --poweroff
 }
 
 /// Builds the static binaries and writes `<work>/initramfs.gz`.
-pub fn build(setup: &Setup, work: &Path) -> Result<PathBuf> {
+pub(super) fn build(setup: &Setup, work: &Path) -> Result<PathBuf> {
     let agent = image::build_static_agent(setup)?;
     image::ensure_static(&agent)?;
     let guest = build_guest_program(setup)?;

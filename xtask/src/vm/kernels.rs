@@ -17,7 +17,7 @@ use super::{btf, output_text, write_atomically};
 use crate::{env, setup::Setup};
 
 /// A kernel of the matrix, ready to boot.
-pub struct Kernel {
+pub(super) struct Kernel {
     /// Matrix id (`6.1`, `6.1-pre-backport`, ...).
     pub id: &'static str,
     pub package: String,
@@ -35,7 +35,7 @@ pub struct Kernel {
 
 impl Kernel {
     /// `6.1.192` from `6.1.192-3`.
-    pub fn upstream(&self) -> &str {
+    pub(super) fn upstream(&self) -> &str {
         upstream(&self.version)
     }
 }
@@ -112,7 +112,7 @@ const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Chooses, downloads and extracts the matrix kernels (`only`: ids to keep; empty = all),
 /// printing which package was picked and why.
-pub fn pick(setup: &Setup, cache: &Path, only: &[String]) -> Result<Vec<Kernel>> {
+pub(super) fn pick(setup: &Setup, cache: &Path, only: &[String]) -> Result<Vec<Kernel>> {
     for id in only {
         ensure!(
             MATRIX.iter().any(|(m, ..)| m == id),

@@ -30,7 +30,7 @@ const DEFAULT_CACHE: &str = "/var/cache/keepalive-agent";
 const CACHE_ENV: &str = "KEEPALIVE_VM_CACHE";
 
 #[derive(Debug, Clone, clap::Args)]
-pub struct VmArgs {
+pub(crate) struct VmArgs {
     /// Only these kernels of the matrix (repeatable): 5.10, 6.1-pre-backport, 6.1,
     /// 6.12-pre-backport, 6.12.
     #[arg(long = "kernel", value_name = "ID")]
@@ -67,7 +67,7 @@ impl Default for VmArgs {
     }
 }
 
-pub fn vm(setup: &Setup, args: &VmArgs) -> Result<()> {
+pub(crate) fn vm(setup: &Setup, args: &VmArgs) -> Result<()> {
     let started = Instant::now();
     let cache = cache_dir(args)?;
     let kernels = kernels::pick(setup, &cache, &args.kernels)?;

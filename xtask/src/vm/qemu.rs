@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use super::kernels::Kernel;
 
 /// How a guest ended, and what it printed.
-pub struct Guest {
+pub(super) struct Guest {
     pub console: String,
     pub console_path: PathBuf,
     pub seconds: f64,
@@ -21,7 +21,7 @@ pub struct Guest {
 }
 
 /// Boots every kernel with `initrd`, `jobs` guests at a time; results in the kernels' order.
-pub fn run_all(
+pub(super) fn run_all(
     kernels: &[Kernel],
     initrd: &Path,
     work: &Path,

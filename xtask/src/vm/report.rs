@@ -123,7 +123,7 @@ impl Console {
 }
 
 /// Every kernel's console, read and judged.
-pub struct Matrix<'a> {
+pub(super) struct Matrix<'a> {
     rows: Vec<Row<'a>>,
 }
 
@@ -136,7 +136,7 @@ struct Row<'a> {
 }
 
 impl<'a> Matrix<'a> {
-    pub fn new(kernels: &'a [Kernel], guests: &'a [Guest]) -> Matrix<'a> {
+    pub(super) fn new(kernels: &'a [Kernel], guests: &'a [Guest]) -> Matrix<'a> {
         let rows = kernels
             .iter()
             .zip(guests)
@@ -155,7 +155,7 @@ impl<'a> Matrix<'a> {
     }
 
     /// Kernels with at least one problem.
-    pub fn failures(&self) -> usize {
+    pub(super) fn failures(&self) -> usize {
         self.rows.iter().filter(|r| !r.problems.is_empty()).count()
     }
 
@@ -178,7 +178,7 @@ impl<'a> Matrix<'a> {
         names
     }
 
-    pub fn text(&self) -> String {
+    pub(super) fn text(&self) -> String {
         let mut out = String::from("\n== kernel matrix\n");
         for row in &self.rows {
             let k = row.kernel;
@@ -255,7 +255,7 @@ impl<'a> Matrix<'a> {
         out
     }
 
-    pub fn markdown(&self) -> String {
+    pub(super) fn markdown(&self) -> String {
         let mut out = String::from(
             "Produced by `cargo xtask vm`: each Debian kernel booted in qemu with the static agent; \
              every scenario runs in its own network namespace and the agent's per-namespace \

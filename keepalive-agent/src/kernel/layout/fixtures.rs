@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::*;
 
-fn fixture(name: &str) -> KernelLayout {
+pub(crate) fn fixture(name: &str) -> KernelLayout {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/btf")
         .join(name);
