@@ -32,8 +32,9 @@ pub use metrics::{Metrics, Sample};
 pub use netns::{Netns, NftRule, TcpExt};
 pub use sock::{
     Conn, TCP_CLOSE, TCP_ESTABLISHED, TcpPair, accept_incoming_again, connect_deaf,
-    disable_keepalive, drop_all_incoming, errno_name, getsockopt_int, set_keepalive,
-    set_linger_zero, set_user_timeout, setsockopt_int, so_error, tcp_info, tcp_state, wait_closed,
+    disable_keepalive, drop_all_incoming, errno_name, fill_send_buffer, getsockopt_int,
+    set_keepalive, set_linger_zero, set_user_timeout, setsockopt_int, so_error, tcp_info,
+    tcp_state, wait_closed,
 };
 
 /// How long any test waits for an expected state before failing.

@@ -1,6 +1,6 @@
 //! Socket options and kernel-side state of test sockets.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::mem::size_of;
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd as _};
@@ -207,6 +207,20 @@ pub fn wait_closed(s: &impl AsRawFd, deadline: Duration, what: &str) -> anyhow::
         Ok(tcp_state(s)? == TCP_CLOSE)
     })?;
     so_error(s)
+}
+
+/// Writes until the socket's send buffer is full, so the rest of the data waits for the peer's
+/// receive window (the zero-window scenario). Leaves the socket non-blocking.
+pub fn fill_send_buffer(s: &TcpStream) -> anyhow::Result<()> {
+    s.set_nonblocking(true)?;
+    let chunk = [0u8; 16 * 1024];
+    loop {
+        match (&mut &*s).write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e).context("filling the peer's window"),
+        }
+    }
 }
 
 /// An errno as the agent names it, with its `strerror` text, for messages.

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use keepalive_tests::{
     DEADLINE, Expectations, Netns, TCP_ESTABLISHED, TcpExt, TcpPair, TestEnv, disable_keepalive,
-    errno_name, set_keepalive, set_linger_zero, set_user_timeout, so_error, tcp_state, wait_closed,
-    wait_until,
+    errno_name, fill_send_buffer, set_keepalive, set_linger_zero, set_user_timeout, so_error,
+    tcp_state, wait_closed, wait_until,
 };
 use libc::{ECONNABORTED, ECONNRESET, ETIMEDOUT};
 
@@ -350,15 +350,7 @@ fn unanswered_zero_window_probes_are_a_zero_window_timeout() -> TestResult {
 
     // The server never reads: once its receive buffer is full it advertises a zero window and
     // the client, with data still queued, sends window probes (TcpExt TCPWinProbe).
-    pair.client.set_nonblocking(true)?;
-    let chunk = [0u8; 16 * 1024];
-    loop {
-        match (&pair.client).write(&chunk) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    fill_send_buffer(&pair.client)?;
     wait_kernel_delta(&ns, &before, "TCPWinProbe", 1)?;
     // Now nothing answers the probes.
     let _blackhole = ns.blackhole_replies_from_port(pair.server_port())?;

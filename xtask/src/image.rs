@@ -53,30 +53,39 @@ pub(crate) fn build_image(setup: &Setup) -> Result<String> {
 }
 
 pub(crate) fn build_static_agent(setup: &Setup) -> Result<PathBuf> {
+    build_static(setup, "keepalive-agent", "keepalive-agent")
+}
+
+/// Builds one binary of `package` for the musl target (no dynamic loader: it runs in a
+/// `FROM scratch` image or a bare initramfs) and returns its path.
+pub(crate) fn build_static(setup: &Setup, package: &str, bin: &str) -> Result<PathBuf> {
     env::run(setup.command("cargo").args([
         "build",
         "--release",
         "-p",
-        "keepalive-agent",
+        package,
+        "--bin",
+        bin,
         "--target",
         MUSL_TARGET,
     ]))
     .with_context(|| {
         format!(
-            "building the static agent failed; is the target installed? (rustup target add \
-             {MUSL_TARGET}, which `cargo xtask setup` does)"
+            "building {bin} for {MUSL_TARGET} failed; is the target installed? (rustup target \
+             add {MUSL_TARGET}, which `cargo xtask setup` does)"
         )
     })?;
-    let bin = setup
+    let path = setup
         .env
         .root
         .join("target")
         .join(MUSL_TARGET)
-        .join("release/keepalive-agent");
-    if !bin.is_file() {
-        bail!("the build succeeded but {} does not exist", bin.display());
+        .join("release")
+        .join(bin);
+    if !path.is_file() {
+        bail!("the build succeeded but {} does not exist", path.display());
     }
-    Ok(bin)
+    Ok(path)
 }
 
 /// A FROM scratch image has no dynamic loader: refuse a binary that asks for one (PT_INTERP).

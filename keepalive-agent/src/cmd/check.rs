@@ -374,7 +374,13 @@ fn load(session: &Session) -> Check {
             } else {
                 "iter/tcp audit NOT loaded"
             };
-            let status = if attached == kernel.hooks.len() && kernel.audit_loaded {
+            // A hook this kernel lacks is already a WARN of its own above; here only what the
+            // kernel has and refused counts.
+            let refused = kernel
+                .hooks
+                .iter()
+                .any(|s| !s.attached && s.hook.variant(&session.layout).is_some());
+            let status = if !refused && kernel.audit_loaded {
                 Status::Ok
             } else if kernel.all_required_attached() {
                 Status::Warn

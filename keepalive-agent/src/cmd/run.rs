@@ -22,7 +22,7 @@ use crate::{
         metrics::{self, HookLabels, PipelineMetrics, ReserveFailures},
     },
     kernel::{
-        Session, hz,
+        self, Session, hz,
         programs::{self, PROGRAM_TYPE},
     },
     pipeline::Pipeline,
@@ -220,6 +220,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     // The programs are loaded: the loader's BTF is not needed any more.
     drop(session);
+    kernel::release_freed_memory();
     let drain = tokio::spawn(pipeline.run(events));
     state.ready.store(ready, Ordering::Relaxed);
     info!("ready: following TCP keepalive in every network namespace");

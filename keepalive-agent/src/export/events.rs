@@ -24,7 +24,7 @@ use tokio::{
 use crate::{
     attribution::Workload,
     kernel::hz,
-    record::decoder::{CloseEvent, KeepaliveExpiry, KeepaliveSettings, SocketOwner},
+    record::decoder::{CloseEvent, Endpoints, KeepaliveExpiry, KeepaliveSettings, SocketOwner},
     track::classifier::DropReason,
 };
 
@@ -168,23 +168,15 @@ impl ConnectionEvent {
         unanswered_probes: u8,
         hz: u32,
     ) -> Self {
-        let e = &expiry.endpoints;
-        Self {
-            timestamp: rfc3339_from_ktime(expiry.ktime_ns),
+        Self::new(
             event,
-            netns: e.netns,
-            local_addr: e.local.ip(),
-            local_port: e.local.port(),
-            remote_addr: e.remote.ip(),
-            remote_port: e.remote.port(),
-            workload: expiry.owner.into(),
-            probes_sent: u64::from(probes),
+            expiry.ktime_ns,
+            &expiry.endpoints,
+            expiry.owner,
+            u64::from(probes),
             unanswered_probes,
-            keepalive: KeepaliveSeconds::new(&expiry.settings, hz),
-            reason: None,
-            error: None,
-            idle_before_death_seconds: None,
-        }
+            KeepaliveSeconds::new(&expiry.settings, hz),
+        )
     }
 
     /// A `drop`, `reset` or `timed_out` event from the close record.
@@ -196,22 +188,47 @@ impl ConnectionEvent {
         unanswered_probes: u8,
         hz: u32,
     ) -> Self {
-        let e = &close.endpoints;
         Self {
-            timestamp: rfc3339_from_ktime(close.ktime_ns),
+            reason: Some(reason),
+            error: (close.sk_err != 0).then(|| errno_name(close.sk_err)),
+            idle_before_death_seconds: Some(close.silent_seconds(hz)),
+            ..Self::new(
+                event,
+                close.ktime_ns,
+                &close.endpoints,
+                close.owner,
+                probes_sent,
+                unanswered_probes,
+                KeepaliveSeconds::new(&close.settings, hz),
+            )
+        }
+    }
+
+    /// The fields every event has; reason, error and silence are a close's.
+    fn new(
+        event: EventKind,
+        ktime_ns: u64,
+        e: &Endpoints,
+        owner: SocketOwner,
+        probes_sent: u64,
+        unanswered_probes: u8,
+        keepalive: KeepaliveSeconds,
+    ) -> Self {
+        Self {
+            timestamp: rfc3339_from_ktime(ktime_ns),
             event,
             netns: e.netns,
             local_addr: e.local.ip(),
             local_port: e.local.port(),
             remote_addr: e.remote.ip(),
             remote_port: e.remote.port(),
-            workload: close.owner.into(),
+            workload: owner.into(),
             probes_sent,
             unanswered_probes,
-            keepalive: KeepaliveSeconds::new(&close.settings, hz),
-            reason: Some(reason),
-            error: (close.sk_err != 0).then(|| errno_name(close.sk_err)),
-            idle_before_death_seconds: Some(close.silent_seconds(hz)),
+            keepalive,
+            reason: None,
+            error: None,
+            idle_before_death_seconds: None,
         }
     }
 }

@@ -31,6 +31,17 @@ pub(crate) enum SessionError {
     Hz(#[from] HzError),
 }
 
+/// Gives freed heap pages back to the kernel. A BTF parse allocates tens of MiB in small pieces
+/// and frees them below longer-lived allocations, where glibc keeps them resident until asked;
+/// called after each parse is dropped, so start-up does not hold two parses' worth at once.
+pub(crate) fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only returns free pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The running kernel as the commands need it, read once.
 pub(crate) struct Session {
     pub(crate) layout: KernelLayout,
@@ -47,6 +58,7 @@ impl Session {
     pub(crate) fn open(timer_list: &Path) -> Result<Self, SessionError> {
         let bytes = layout::read_vmlinux_btf()?;
         let layout = KernelLayout::from_btf_bytes(&bytes)?;
+        release_freed_memory();
         let timers = TimerFunctions::from_proc()?;
         let hz = hz::kernel_hz_from(timer_list)?;
         Self::new(&bytes, layout, timers, hz)

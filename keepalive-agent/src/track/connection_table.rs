@@ -36,6 +36,21 @@ pub(crate) struct ConnectionState {
     pub workload: Workload,
 }
 
+impl ConnectionState {
+    /// A connection first seen `now`: nothing counted, owner unknown.
+    fn new(endpoints: Endpoints, now: Instant) -> Self {
+        Self {
+            endpoints,
+            probes_sent: 0,
+            unanswered_probes: 0,
+            streak_probes: 0,
+            dropped: None,
+            updated: now,
+            workload: Workload::default(),
+        }
+    }
+}
+
 /// What one keepalive expiry meant for its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct ExpiryOutcome {
@@ -124,15 +139,7 @@ impl ConnectionTable {
         let CloseOutcome::Dropped(reason) = outcome else {
             return None;
         };
-        let mut state = previous.unwrap_or(ConnectionState {
-            endpoints: c.endpoints,
-            probes_sent: 0,
-            unanswered_probes: 0,
-            streak_probes: 0,
-            dropped: None,
-            updated: now,
-            workload: Workload::default(),
-        });
+        let mut state = previous.unwrap_or_else(|| ConnectionState::new(c.endpoints, now));
         if reason == DropReason::KeepaliveTimeout {
             // The abort expiry found every probe unanswered.
             state.unanswered_probes = state.unanswered_probes.max(c.probes_out);
@@ -148,16 +155,7 @@ impl ConnectionTable {
     }
 
     fn insert_live(&mut self, sk: u64, endpoints: Endpoints, now: Instant) {
-        let fresh = ConnectionState {
-            endpoints,
-            probes_sent: 0,
-            unanswered_probes: 0,
-            streak_probes: 0,
-            dropped: None,
-            updated: now,
-            workload: Workload::default(),
-        };
-        if let Some((evicted_sk, _)) = self.live.push(sk, fresh)
+        if let Some((evicted_sk, _)) = self.live.push(sk, ConnectionState::new(endpoints, now))
             && evicted_sk != sk
         {
             self.evictions += 1;

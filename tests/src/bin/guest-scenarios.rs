@@ -30,8 +30,8 @@ use anyhow::{Context as _, bail, ensure};
 use keepalive_tests::{
     AgentEndpoint, DEADLINE, DROP_REASONS, Expectations, Metrics, Netns, TCP_ESTABLISHED, TcpExt,
     TcpPair, accept_incoming_again, connect_deaf, disable_keepalive, drop_all_incoming, errno_name,
-    expect, set_keepalive, set_linger_zero, set_user_timeout, so_error, tcp_state, wait_closed,
-    wait_until,
+    expect, fill_send_buffer, set_keepalive, set_linger_zero, set_user_timeout, so_error,
+    tcp_state, wait_closed, wait_until,
 };
 use libc::{ECONNRESET, ETIMEDOUT};
 use serde_json::json;
@@ -549,18 +549,7 @@ fn retransmission_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
         "server not ESTABLISHED"
     );
     let (probes, aborts) = kernel_deltas(ns, &before, Some(0), 1)?;
-    Ok(Outcome {
-        keepalive_probes: probes,
-        timeout_aborts: aborts,
-        expected: Expectations::for_netns(ns.inum())
-            .probes(0)
-            .drops("retransmit_timeout", 1)
-            .other_drops_zero()
-            .conn_probes(&pair.client_conn, 0)
-            .conn_dropped(&pair.client_conn, "retransmit_timeout")
-            .conn_not_dropped(&pair.server_conn),
-        hold: vec![pair],
-    })
+    Ok(retransmit_timeout_outcome(ns, pair, probes, aborts))
 }
 
 /// An application that writes to a peer which already stopped answering keepalive probes: the
@@ -585,7 +574,12 @@ fn retransmission_timeout_after_probe(ns: &Netns) -> anyhow::Result<Outcome> {
         "client after retransmissions",
     )?;
     let (probes, aborts) = kernel_deltas(ns, &before, Some(1), 1)?;
-    Ok(Outcome {
+    Ok(retransmit_timeout_outcome(ns, pair, probes, aborts))
+}
+
+/// The client died of retransmission timeout after `probes` keepalive probes; the server lives.
+fn retransmit_timeout_outcome(ns: &Netns, pair: TcpPair, probes: u64, aborts: u64) -> Outcome {
+    Outcome {
         keepalive_probes: probes,
         timeout_aborts: aborts,
         expected: Expectations::for_netns(ns.inum())
@@ -596,7 +590,7 @@ fn retransmission_timeout_after_probe(ns: &Netns) -> anyhow::Result<Outcome> {
             .conn_dropped(&pair.client_conn, "retransmit_timeout")
             .conn_not_dropped(&pair.server_conn),
         hold: vec![pair],
-    })
+    }
 }
 
 fn zero_window_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
@@ -608,15 +602,7 @@ fn zero_window_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
     let before = ns.tcp_ext()?;
     // The server never reads: once its receive buffer is full it advertises a zero window and
     // the client, with data still queued, sends window probes (TcpExt TCPWinProbe).
-    pair.client.set_nonblocking(true)?;
-    let chunk = [0u8; 16 * 1024];
-    loop {
-        match (&pair.client).write(&chunk) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e).context("filling the peer's window"),
-        }
-    }
+    fill_send_buffer(&pair.client)?;
     wait_kernel_delta(ns, &before, "TCPWinProbe", 1)?;
     // Now nothing answers the probes.
     drop_all_incoming(&pair.client)?;

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 use super::pipe_through;
-use crate::{deploy_tools::MUSL_TARGET, env, image, setup::Setup};
+use crate::{image, setup::Setup};
 
 /// Debian's busybox-static.
 const BUSYBOX: &str = "/bin/busybox";
@@ -47,7 +47,7 @@ exec {GUEST_PROGRAM} --agent {AGENT_ADDR} --agent-log /tmp/agent.log --poweroff
 pub(super) fn build(setup: &Setup, work: &Path) -> Result<PathBuf> {
     let agent = image::build_static_agent(setup)?;
     image::ensure_static(&agent)?;
-    let guest = build_guest_program(setup)?;
+    let guest = image::build_static(setup, "keepalive-tests", GUEST_PROGRAM)?;
     image::ensure_static(&guest)?;
     let busybox = Path::new(BUSYBOX);
     if !busybox.is_file() {
@@ -81,38 +81,6 @@ pub(super) fn build(setup: &Setup, work: &Path) -> Result<PathBuf> {
         gz.len() / 1024
     );
     Ok(out)
-}
-
-fn build_guest_program(setup: &Setup) -> Result<PathBuf> {
-    env::run(setup.command("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "keepalive-tests",
-        "--bin",
-        GUEST_PROGRAM,
-        "--target",
-        MUSL_TARGET,
-    ]))
-    .with_context(|| {
-        format!(
-            "building the guest scenario program failed; is the target installed? (rustup \
-             target add {MUSL_TARGET}, which `cargo xtask setup` does)"
-        )
-    })?;
-    let bin = setup
-        .env
-        .root
-        .join("target")
-        .join(MUSL_TARGET)
-        .join("release")
-        .join(GUEST_PROGRAM);
-    ensure!(
-        bin.is_file(),
-        "the build succeeded but {} does not exist",
-        bin.display()
-    );
-    Ok(bin)
 }
 
 fn gzip(data: &[u8]) -> Result<Vec<u8>> {
