@@ -1,7 +1,7 @@
 //! What the agent's metrics for one network namespace should say.
 
 use crate::metrics::Metrics;
-use crate::sock::Conn;
+use crate::sock::{Conn, TcpPair};
 
 pub const PROBES: &str = "tcp_keepalive_probes_total";
 pub const DROPS: &str = "tcp_connection_drops_total";
@@ -121,6 +121,32 @@ impl Expectations {
         labels.push(("reason".to_owned(), reason.to_owned()));
         self.present(CONN_PROBES, labels.clone())
             .present(CONN_UNANSWERED, labels)
+    }
+
+    /// The pair's client was aborted by its keepalive timer after `probes` unanswered probes,
+    /// and the server got the RST (`reset_received`); nothing else dropped.
+    pub fn keepalive_timeout(netns: u64, pair: &TcpPair, probes: u64) -> Self {
+        Self::for_netns(netns)
+            .probes(probes)
+            .drops("keepalive_timeout", 1)
+            .drops("reset_received", 1)
+            .other_drops_zero()
+            .conn_probes(&pair.client_conn, probes)
+            .conn_unanswered(&pair.client_conn, probes)
+            .conn_dropped(&pair.client_conn, "keepalive_timeout")
+            .conn_dropped(&pair.server_conn, "reset_received")
+    }
+
+    /// The pair's client was ended by its write timer (`retransmit_timeout` or
+    /// `zero_window_timeout`) after `probes` keepalive probes; no RST, so the server lives on.
+    pub fn write_timer_drop(netns: u64, pair: &TcpPair, probes: u64, reason: &'static str) -> Self {
+        Self::for_netns(netns)
+            .probes(probes)
+            .drops(reason, 1)
+            .other_drops_zero()
+            .conn_probes(&pair.client_conn, probes)
+            .conn_dropped(&pair.client_conn, reason)
+            .conn_not_dropped(&pair.server_conn)
     }
 
     /// The connection's series (if any) have no `reason` label.

@@ -181,15 +181,7 @@ fn blackholed_peer(
 
     env.expect_agent(
         "keepalive timeout",
-        &Expectations::for_netns(ns.inum())
-            .probes(expected_probes)
-            .drops("keepalive_timeout", 1)
-            .drops("reset_received", 1)
-            .other_drops_zero()
-            .conn_probes(&pair.client_conn, expected_probes)
-            .conn_unanswered(&pair.client_conn, expected_probes)
-            .conn_dropped(&pair.client_conn, "keepalive_timeout")
-            .conn_dropped(&pair.server_conn, "reset_received"),
+        &Expectations::keepalive_timeout(ns.inum(), &pair, expected_probes),
     )
 }
 
@@ -321,13 +313,7 @@ fn unacknowledged_data_to_dead_peer_is_a_retransmit_timeout_not_a_keepalive_time
 
     env.expect_agent(
         "retransmission timeout",
-        &Expectations::for_netns(ns.inum())
-            .probes(0)
-            .drops("retransmit_timeout", 1)
-            .other_drops_zero()
-            .conn_probes(&pair.client_conn, 0)
-            .conn_dropped(&pair.client_conn, "retransmit_timeout")
-            .conn_not_dropped(&pair.server_conn),
+        &Expectations::write_timer_drop(ns.inum(), &pair, 0, "retransmit_timeout"),
     )
 }
 
@@ -363,12 +349,7 @@ fn unanswered_zero_window_probes_are_a_zero_window_timeout() -> TestResult {
 
     env.expect_agent(
         "zero-window probe timeout",
-        &Expectations::for_netns(ns.inum())
-            .probes(0)
-            .drops("zero_window_timeout", 1)
-            .other_drops_zero()
-            .conn_dropped(&pair.client_conn, "zero_window_timeout")
-            .conn_not_dropped(&pair.server_conn),
+        &Expectations::write_timer_drop(ns.inum(), &pair, 0, "zero_window_timeout"),
     )
 }
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use btf_rs::{Btf, BtfType, Member, Struct, Type};
 use keepalive_ebpf::{FieldKind, KernelOffsets};
 
-use crate::kernel::programs::HOOKS;
+use crate::kernel::hooks::HOOKS;
 
 /// Where the kernel exposes its own BTF (`CONFIG_DEBUG_INFO_BTF=y`).
 pub(crate) const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";

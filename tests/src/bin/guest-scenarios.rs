@@ -458,15 +458,7 @@ fn blackholed(
     Ok(Outcome {
         keepalive_probes: probes,
         timeout_aborts: aborts,
-        expected: Expectations::for_netns(ns.inum())
-            .probes(probes)
-            .drops("keepalive_timeout", 1)
-            .drops("reset_received", 1)
-            .other_drops_zero()
-            .conn_probes(&pair.client_conn, probes)
-            .conn_unanswered(&pair.client_conn, probes)
-            .conn_dropped(&pair.client_conn, "keepalive_timeout")
-            .conn_dropped(&pair.server_conn, "reset_received"),
+        expected: Expectations::keepalive_timeout(ns.inum(), &pair, probes),
         hold: vec![pair],
     })
 }
@@ -525,13 +517,7 @@ fn peer_lost_socket(ns: &Netns) -> anyhow::Result<Outcome> {
 }
 
 fn retransmission_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
-    // The kernel gives up at the first RTO expiry at least 3 s (15 x RTO_MIN) after the first
-    // retransmission instead of after ~15 min.
-    ns.sysctl("net.ipv4.tcp_retries2", "3")?;
-    let listener = listen(ns)?;
-    let mut pair = ns.connect_pair(&listener)?;
-    let before = ns.tcp_ext()?;
-    drop_all_incoming(&pair.client)?;
+    let (mut pair, before) = deaf_client(ns)?;
     set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
     pair.client.write_all(b"never acknowledged")?;
     ensure_errno(
@@ -558,11 +544,7 @@ fn retransmission_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
 /// alone looks like one: ETIMEDOUT, a probe out, the purged write queue), so this is the
 /// scenario that proves the agent finds the write timer on this kernel's layout.
 fn retransmission_timeout_after_probe(ns: &Netns) -> anyhow::Result<Outcome> {
-    ns.sysctl("net.ipv4.tcp_retries2", "3")?;
-    let listener = listen(ns)?;
-    let mut pair = ns.connect_pair(&listener)?;
-    let before = ns.tcp_ext()?;
-    drop_all_incoming(&pair.client)?;
+    let (mut pair, before) = deaf_client(ns)?;
     // A long interval: the first probe goes out after 1 s and the next would only come 60 s
     // later, long after the data below is in flight (keepalive never probes with data out).
     set_keepalive(&pair.client, IDLE, 60, CNT)?;
@@ -577,18 +559,24 @@ fn retransmission_timeout_after_probe(ns: &Netns) -> anyhow::Result<Outcome> {
     Ok(retransmit_timeout_outcome(ns, pair, probes, aborts))
 }
 
+/// A connected pair whose client hears nothing more from the server, and the TcpExt counters
+/// before it went deaf. The kernel gives up on unacknowledged data at the first RTO expiry at
+/// least 3 s (15 x RTO_MIN) after the first retransmission instead of after ~15 min.
+fn deaf_client(ns: &Netns) -> anyhow::Result<(TcpPair, TcpExt)> {
+    ns.sysctl("net.ipv4.tcp_retries2", "3")?;
+    let listener = listen(ns)?;
+    let pair = ns.connect_pair(&listener)?;
+    let before = ns.tcp_ext()?;
+    drop_all_incoming(&pair.client)?;
+    Ok((pair, before))
+}
+
 /// The client died of retransmission timeout after `probes` keepalive probes; the server lives.
 fn retransmit_timeout_outcome(ns: &Netns, pair: TcpPair, probes: u64, aborts: u64) -> Outcome {
     Outcome {
         keepalive_probes: probes,
         timeout_aborts: aborts,
-        expected: Expectations::for_netns(ns.inum())
-            .probes(probes)
-            .drops("retransmit_timeout", 1)
-            .other_drops_zero()
-            .conn_probes(&pair.client_conn, probes)
-            .conn_dropped(&pair.client_conn, "retransmit_timeout")
-            .conn_not_dropped(&pair.server_conn),
+        expected: Expectations::write_timer_drop(ns.inum(), &pair, probes, "retransmit_timeout"),
         hold: vec![pair],
     }
 }
@@ -616,12 +604,7 @@ fn zero_window_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
     Ok(Outcome {
         keepalive_probes: probes,
         timeout_aborts: aborts,
-        expected: Expectations::for_netns(ns.inum())
-            .probes(0)
-            .drops("zero_window_timeout", 1)
-            .other_drops_zero()
-            .conn_dropped(&pair.client_conn, "zero_window_timeout")
-            .conn_not_dropped(&pair.server_conn),
+        expected: Expectations::write_timer_drop(ns.inum(), &pair, 0, "zero_window_timeout"),
         hold: vec![pair],
     })
 }
