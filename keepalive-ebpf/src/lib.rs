@@ -157,6 +157,9 @@ kernel_offsets! {
     tcp_snd_wnd: "tcp_sock.snd_wnd", Int(4);
     /// `net.ns.inum`, from the start of `struct net`.
     net_ns_inum: "net.ns.inum", Int(4);
+    /// `net.net_cookie`: unlike the inode, never reused by a later namespace. A `u64` from 5.12,
+    /// an `atomic64_t` generated on first use before (so 0 on 5.10 until something asked).
+    net_cookie: "net.net_cookie", Bytes(8);
     /// `net.ipv4.sysctl_tcp_keepalive_{time,intvl,probes}`, from the start of `struct net`: they
     /// apply when the socket's own values are 0, and a new namespace starts from the defaults,
     /// not from the host's values.
@@ -310,6 +313,13 @@ pub struct SocketRecord {
     pub cgroup_id: u64,
     /// Inode number of the socket's file (0 for orphans, which have no file any more).
     pub socket_ino: u64,
+    /// `net.net_cookie` of the socket's namespace (0 when the kernel has not generated it).
+    pub netns_cookie: u64,
+    /// Records from a walk of every task's files: the process holding the socket (tgid; 0
+    /// elsewhere) and its `comm`, NUL-padded.
+    pub pid: u32,
+    pub _pad2: u32,
+    pub comm: [u8; 16],
 }
 
 impl SocketRecord {
@@ -324,7 +334,7 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
 }
 
-const _: () = assert!(SocketRecord::SIZE == 144);
+const _: () = assert!(SocketRecord::SIZE == 176);
 const _: () = assert!(
     core::mem::size_of::<KernelOffsets>()
         == KernelOffsets::FIELD_COUNT * core::mem::size_of::<u32>()

@@ -55,6 +55,7 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
     }
     let net = read::<u64>(sk, offset!(skc_net))? as *const u8;
     rec.netns = read::<u32>(net, offset!(net_ns_inum))?;
+    rec.netns_cookie = read::<u64>(net, offset!(net_cookie)).unwrap_or(0);
     rec.sysctl_keepalive_time = read::<u32>(net, offset!(net_keepalive_time))?;
     rec.sysctl_keepalive_intvl = read::<u32>(net, offset!(net_keepalive_intvl))?;
     rec.sysctl_keepalive_probes = read::<u8>(net, offset!(net_keepalive_probes))?;

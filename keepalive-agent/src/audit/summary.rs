@@ -497,6 +497,7 @@ mod tests {
             sk: 1,
             endpoints: Endpoints {
                 netns,
+                netns_cookie: 0,
                 local: SocketAddr::from((Ipv4Addr::LOCALHOST, 1000)),
                 remote: SocketAddr::from((Ipv4Addr::LOCALHOST, 2000)),
             },
@@ -506,6 +507,7 @@ mod tests {
             probes_out: 0,
             jiffies: 0,
             last_received_jiffies: 0,
+            process: None,
         }
     }
 

@@ -434,6 +434,7 @@ mod tests {
             sk: 1,
             endpoints: Endpoints {
                 netns: 4026532000,
+                netns_cookie: 0,
                 local: "127.0.0.1:40000".parse().unwrap(),
                 remote: "[::1]:8080".parse().unwrap(),
             },

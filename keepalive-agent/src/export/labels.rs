@@ -180,6 +180,7 @@ mod tests {
     fn aggregate_labels_use_empty_values_for_unknown_workload_fields() {
         let endpoints = Endpoints {
             netns: 7,
+            netns_cookie: 0,
             local: "127.0.0.1:40000".parse().unwrap(),
             remote: "127.0.0.1:80".parse().unwrap(),
         };

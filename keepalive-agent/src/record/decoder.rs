@@ -24,6 +24,9 @@ pub(crate) enum DecodeError {
 pub struct Endpoints {
     /// Network namespace inode number.
     pub netns: u32,
+    /// `net_cookie` of the namespace: tells a new namespace from a deleted one whose inode it
+    /// reuses (0 where the kernel has not generated one).
+    pub netns_cookie: u64,
     pub local: SocketAddr,
     pub remote: SocketAddr,
 }
@@ -138,6 +141,16 @@ pub(crate) struct AuditedSocket {
     pub probes_out: u8,
     pub jiffies: u64,
     pub last_received_jiffies: u32,
+    /// The process that holds the socket, when the walk went through the processes' files.
+    pub process: Option<Process>,
+}
+
+/// A process as a task walk saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Process {
+    pub(crate) pid: u32,
+    /// `task->comm`, NUL-padded.
+    pub(crate) comm: [u8; 16],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,6 +267,10 @@ pub(crate) fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             probes_out: rec.probes_out_before,
             jiffies: rec.jiffies,
             last_received_jiffies,
+            process: (rec.pid != 0).then_some(Process {
+                pid: rec.pid,
+                comm: rec.comm,
+            }),
         }),
     })
 }
@@ -274,6 +291,7 @@ fn endpoints(rec: &SocketRecord) -> Result<Endpoints, DecodeError> {
     };
     Ok(Endpoints {
         netns: rec.netns,
+        netns_cookie: rec.netns_cookie,
         local: SocketAddr::new(addr(rec.local_addr)?, rec.local_port),
         remote: SocketAddr::new(addr(rec.remote_addr)?, rec.remote_port),
     })
@@ -293,6 +311,7 @@ pub(crate) mod fixtures {
             sk: 1,
             endpoints: Endpoints {
                 netns: 1,
+                netns_cookie: 0,
                 local: "127.0.0.1:1".parse().expect("address"),
                 remote: "127.0.0.1:2".parse().expect("address"),
             },

@@ -231,6 +231,7 @@ mod tests {
     fn endpoints(port: u16) -> Endpoints {
         Endpoints {
             netns: 7,
+            netns_cookie: 0,
             local: format!("127.0.0.1:{port}").parse().unwrap(),
             remote: "127.0.0.1:80".parse().unwrap(),
         }
