@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,8 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 use crate::DEADLINE;
+use crate::deploy::{ScratchDir, agent_as_in_daemonset, daemonset_container};
 use crate::expect::Expectations;
 use crate::metrics::Metrics;
+use crate::netns::{Netns, run_in_netns};
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -39,6 +42,9 @@ pub fn agent_bin() -> PathBuf {
 #[derive(Debug, Clone, Copy)]
 pub struct AgentEndpoint {
     addr: SocketAddr,
+    /// The agent's own network namespace (its pod), whose loopback `addr` is on; an fd kept open
+    /// by the [`Agent`] that owns the namespace.
+    netns: Option<RawFd>,
 }
 
 /// [`AgentEndpoint::poll_until`] gave up: what still differed, and the last scrape.
@@ -50,7 +56,12 @@ pub struct NeverMatched {
 
 impl AgentEndpoint {
     pub fn new(addr: SocketAddr) -> AgentEndpoint {
-        AgentEndpoint { addr }
+        AgentEndpoint { addr, netns: None }
+    }
+
+    /// The network namespace the agent listens in, when it is not this process's (a pod).
+    pub fn netns(&self) -> Option<RawFd> {
+        self.netns
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -59,7 +70,11 @@ impl AgentEndpoint {
 
     /// GET `path`: (status, body).
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        http_get(self.addr, path)
+        let addr = self.addr;
+        match self.netns {
+            Some(fd) => run_in_netns(fd, || http_get(addr, path))?,
+            None => http_get(addr, path),
+        }
     }
 
     /// Scrapes and parses `/metrics`.
@@ -135,6 +150,8 @@ impl AgentEndpoint {
 pub struct Agent {
     child: Child,
     endpoint: AgentEndpoint,
+    /// As a DaemonSet pod: its network namespace and the directory its /host mounts live under.
+    pod: Option<(Netns, ScratchDir)>,
     log_path: PathBuf,
     /// Keep the log file after drop (set when a check fails).
     keep_log: AtomicBool,
@@ -148,23 +165,65 @@ impl Agent {
 
     /// [`Agent::start`] with extra `run` flags (e.g. `["--audit.interval", "1s"]`).
     pub fn start_with_args(extra_args: &[&str]) -> anyhow::Result<Agent> {
+        let addr = free_loopback_port()?;
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--web.listen-address", &addr.to_string()])
+            .args(extra_args);
+        Self::spawn(cmd, AgentEndpoint::new(addr), None)
+    }
+
+    /// The agent as the shipped DaemonSet runs it (deploy/kubernetes/daemonset.yaml): in a
+    /// network namespace of its own (its pod's), its own PID and mount namespaces, the host's
+    /// /proc and cgroup tree mounted where the manifest mounts them, exactly the container's
+    /// capabilities and args (plus `extra_args`). Requests to it go through its namespace.
+    pub fn start_as_daemonset(extra_args: &[&str]) -> anyhow::Result<Agent> {
+        let (capabilities, args) = daemonset_container()?;
+        let pod = Netns::new("pod")?;
+        let scratch = ScratchDir::new("pod")?;
+        // The pod's namespace is new and private: the manifest's port is free there.
+        let addr: SocketAddr = "127.0.0.1:9879".parse()?;
+        let mut cmd = Command::new("unshare");
+        cmd.args(
+            agent_as_in_daemonset(&scratch.0, &capabilities, &args)
+                .into_iter()
+                .map(|a| a.replace("{addr}", &addr.to_string())),
+        )
+        .args(extra_args);
+        let fd = pod.fd();
+        // SAFETY: setns is async-signal-safe; the namespace fd is open in the child until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let endpoint = AgentEndpoint {
+            addr,
+            netns: Some(fd),
+        };
+        Self::spawn(cmd, endpoint, Some((pod, scratch)))
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        endpoint: AgentEndpoint,
+        pod: Option<(Netns, ScratchDir)>,
+    ) -> anyhow::Result<Agent> {
         let bin = agent_bin();
         ensure!(
             bin.is_file(),
             "agent binary {} not found (build it, or set KEEPALIVE_AGENT_BIN)",
             bin.display()
         );
-        let addr = free_loopback_port()?;
         let log_path = std::env::temp_dir().join(format!(
             "keepalive-agent-test-{}-{}.log",
             std::process::id(),
             LOG_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let log = File::create(&log_path).with_context(|| format!("{}", log_path.display()))?;
-        let mut cmd = Command::new(&bin);
-        cmd.args(["run", "--web.listen-address", &addr.to_string()])
-            .args(extra_args)
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         if std::env::var_os("RUST_LOG").is_none() {
@@ -181,10 +240,11 @@ impl Agent {
         }
         let child = cmd
             .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
+            .with_context(|| format!("spawn {:?}", cmd.get_program()))?;
         let mut agent = Agent {
             child,
-            endpoint: AgentEndpoint::new(addr),
+            endpoint,
+            pod,
             log_path,
             keep_log: AtomicBool::new(false),
         };
@@ -207,6 +267,11 @@ impl Agent {
             Some(status) => bail!("agent exited with {status} before it was ready"),
             None => Ok(()),
         })
+    }
+
+    /// The network namespace of the agent's pod (`None` when it runs on the host's).
+    pub fn pod_netns(&self) -> Option<&Netns> {
+        self.pod.as_ref().map(|(ns, _)| ns)
     }
 
     /// The agent's process id (to signal it).

@@ -4,6 +4,7 @@
 
 use std::fs::{self, File};
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +15,8 @@ use anyhow::{Context, bail, ensure};
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 
-use crate::agent::{free_loopback_port, http_get, http_get_accept};
+use crate::agent::{agent_bin, free_loopback_port, http_get_accept};
+use crate::netns::run_in_netns;
 use crate::{DEADLINE, skip_or_fail, wait_until};
 
 static SCRATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -123,6 +125,99 @@ impl Drop for ScratchDir {
     }
 }
 
+/// The shipped DaemonSet's container: its `add` capabilities as setpriv names them (`bpf`,
+/// ...) and its args.
+pub fn daemonset_container() -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let ds = read_yaml(&deploy_path("kubernetes/daemonset.yaml"))?;
+    let container = &ds["spec"]["template"]["spec"]["containers"][0];
+    let strings = |value: &serde_yaml_ng::Value, lower: bool| -> Vec<String> {
+        value
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .map(|v| {
+                if lower {
+                    v.to_lowercase()
+                } else {
+                    v.to_owned()
+                }
+            })
+            .collect()
+    };
+    Ok((
+        strings(&container["securityContext"]["capabilities"]["add"], true),
+        strings(&container["args"], false),
+    ))
+}
+
+/// `unshare` arguments that run the agent as the DaemonSet does: in its own PID and mount
+/// namespaces (the caller puts it in its own network namespace), with the container's args, the
+/// host paths the manifest mounts under /host (/host/proc, /host/sys/fs/cgroup) bind-mounted
+/// below `root`, a /proc of its own like a container's, as uid 0 with exactly `capabilities`
+/// (effective, inheritable, ambient and bounding sets), listening on `{addr}`.
+pub fn agent_as_in_daemonset(root: &Path, capabilities: &[String], args: &[String]) -> Vec<String> {
+    let set = format!(
+        "-all{}",
+        capabilities
+            .iter()
+            .map(|c| format!(",+{c}"))
+            .collect::<String>()
+    );
+    let host = root.join("host");
+    let cgroup2 = system_cgroup2_mount();
+    let mut command = vec![
+        "--mount".to_owned(),
+        "--propagation".into(),
+        "private".into(),
+        "--pid".into(),
+        "--fork".into(),
+        "--kill-child".into(),
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        // Mount first (needs root): the host's /proc (still the one mounted here) below /host,
+        // then a /proc of the new PID namespace over /proc, as a container runtime does; then
+        // drop to the capability set and exec the agent.
+        "mkdir -p \"$1/proc\" \"$1/sys/fs/cgroup\" && mount --rbind /proc \"$1/proc\" && \
+         mount --bind \"$2\" \"$1/sys/fs/cgroup\" && mount -t proc proc /proc && shift 2 && \
+         exec \"$@\""
+            .into(),
+        "sh".into(),
+        host.to_string_lossy().into_owned(),
+        cgroup2,
+        "setpriv".into(),
+        format!("--inh-caps={set}"),
+        format!("--ambient-caps={set}"),
+        format!("--bounding-set={set}"),
+        "--reuid=0".into(),
+        "--regid=0".into(),
+        "--clear-groups".into(),
+        agent_bin().to_string_lossy().into_owned(),
+    ];
+    for arg in args {
+        if arg.starts_with("--web.listen-address") {
+            continue;
+        }
+        command.push(arg.replace("/host/", &format!("{}/", host.display())));
+    }
+    command.push("--web.listen-address={addr}".into());
+    command
+}
+
+/// Where this host mounts cgroup v2 (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
+/// hosts): what the DaemonSet's /host/sys/fs/cgroup is on a cgroup v2 node.
+pub fn system_cgroup2_mount() -> String {
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
+        })
+        .unwrap_or_else(|| "/sys/fs/cgroup".to_owned())
+}
+
 /// A server process (Prometheus, Alertmanager) on a loopback port, killed on drop. Like
 /// [`crate::Agent`] it dies with the thread that started it (PR_SET_PDEATHSIG).
 #[derive(Debug)]
@@ -131,6 +226,8 @@ pub struct Server {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
+    /// The network namespace it listens in (the agent's pod), when not this process's.
+    netns: Option<RawFd>,
 }
 
 impl Server {
@@ -144,7 +241,20 @@ impl Server {
         dir: &Path,
         ready_path: &str,
     ) -> anyhow::Result<Server> {
-        let addr = free_loopback_port()?;
+        Self::start_in(None, name, program, args, dir, ready_path)
+    }
+
+    /// [`Server::start`] inside the network namespace `netns` (an fd the caller keeps open for
+    /// the server's life): what runs beside the agent in its pod.
+    pub fn start_in(
+        netns: Option<RawFd>,
+        name: &'static str,
+        program: &str,
+        args: &[String],
+        dir: &Path,
+        ready_path: &str,
+    ) -> anyhow::Result<Server> {
+        let addr = in_netns(netns, free_loopback_port)?;
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("{}", log.display()))?;
         let mut cmd = Command::new(program);
@@ -153,10 +263,16 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // SAFETY: prctl and setns are async-signal-safe; nothing else runs between fork and
+        // exec. The namespace fd is open in the child until exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns
+                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -168,17 +284,24 @@ impl Server {
             child,
             addr,
             log,
+            netns,
         };
         let ready = wait_until(DEADLINE, &format!("{name} to be ready"), || {
             if let Some(status) = server.child.try_wait()? {
                 bail!("{name} exited with {status}:\n{}", server.log_text());
             }
-            Ok(matches!(http_get(server.addr, ready_path), Ok((200, _))))
+            Ok(matches!(server.get(ready_path, "text/plain"), Ok((200, _))))
         });
         if let Err(e) = ready {
             return Err(e.context(format!("{name} log:\n{}", server.log_text())));
         }
         Ok(server)
+    }
+
+    /// GET `path` from inside the server's namespace.
+    fn get(&self, path: &str, accept: &str) -> anyhow::Result<(u16, String)> {
+        let addr = self.addr;
+        in_netns(self.netns, || http_get_accept(addr, path, accept))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -191,7 +314,7 @@ impl Server {
 
     /// GET `path` and parse the JSON body; fails unless it answers 200.
     pub fn get_json(&self, path: &str) -> anyhow::Result<Json> {
-        let (code, body) = http_get_accept(self.addr, path, "application/json")?;
+        let (code, body) = self.get(path, "application/json")?;
         ensure!(
             code == 200,
             "{} GET {path} answered {code}: {body}",
@@ -224,6 +347,17 @@ impl Drop for Server {
                 self.log_text()
             );
         }
+    }
+}
+
+/// Runs `f` here, or inside the network namespace `netns`.
+fn in_netns<R: Send>(
+    netns: Option<RawFd>,
+    f: impl FnOnce() -> anyhow::Result<R> + Send,
+) -> anyhow::Result<R> {
+    match netns {
+        Some(fd) => run_in_netns(fd, f)?,
+        None => f(),
     }
 }
 

@@ -164,6 +164,16 @@ impl TestEnv {
 
     /// [`TestEnv::start`] with extra `keepalive-agent run` flags.
     pub fn start_with_agent_args(test: &str, agent_args: &[&str]) -> Option<TestEnv> {
+        Self::start_with(test, || Agent::start_with_args(agent_args))
+    }
+
+    /// [`TestEnv::start`] with the agent run as the shipped DaemonSet runs it
+    /// ([`Agent::start_as_daemonset`]).
+    pub fn start_as_daemonset(test: &str) -> Option<TestEnv> {
+        Self::start_with(test, || Agent::start_as_daemonset(&[]))
+    }
+
+    fn start_with(test: &str, start: impl FnOnce() -> anyhow::Result<Agent>) -> Option<TestEnv> {
         if !kernel_tests_enabled(test) {
             return None;
         }
@@ -172,7 +182,7 @@ impl TestEnv {
             eprintln!("{test}: KEEPALIVE_TESTS_KERNEL_ONLY=1, checking the kernel side only");
             None
         } else {
-            match Agent::start_with_args(agent_args) {
+            match start() {
                 Ok(agent) => Some(agent),
                 Err(e) => {
                     skip_or_fail(test, &format!("the agent did not start: {e:#}"));

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd as _, FromRawFd as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, RawFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -152,22 +152,12 @@ impl Netns {
     /// Runs `f` on a fresh thread that has entered this namespace; sockets `f` creates belong to
     /// the namespace (and stay usable from any thread afterwards). A panic in `f` is re-raised.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
-        let ns_fd = self.ns_file.as_raw_fd();
-        std::thread::scope(|scope| {
-            let handle = scope.spawn(move || -> anyhow::Result<R> {
-                // SAFETY: plain syscall on an fd that outlives this scope; it changes only this
-                // thread's netns.
-                let rc = unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
-                }
-                Ok(f())
-            });
-            match handle.join() {
-                Ok(result) => result,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        run_in_netns(self.fd(), f)
+    }
+
+    /// The namespace's file descriptor, to `setns` into (valid while this value lives).
+    pub fn fd(&self) -> RawFd {
+        self.ns_file.as_raw_fd()
     }
 
     /// The namespace's `TcpExt` counters, read from `/proc/thread-self/net/netstat` on a thread
@@ -357,6 +347,26 @@ impl NftRule {
         }
         Ok(())
     }
+}
+
+/// Runs `f` on a fresh thread that has entered the network namespace `ns_fd` refers to. A
+/// panic in `f` is re-raised.
+pub fn run_in_netns<R: Send>(ns_fd: RawFd, f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(move || -> anyhow::Result<R> {
+            // SAFETY: plain syscall on an fd the caller keeps open for this call; it changes
+            // only this thread's netns.
+            let rc = unsafe { libc::setns(ns_fd, libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
+            }
+            Ok(f())
+        });
+        match handle.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 /// Parses the `<prefix>:` header/value line pair of a `/proc/net/netstat`-style file.

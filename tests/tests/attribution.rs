@@ -233,6 +233,22 @@ fn connection_series_name_the_kubernetes_pod_container_and_process_that_owned_it
     let Some(env) = TestEnv::start(test) else {
         return Ok(());
     };
+    connection_series_name_their_owner(test, &env)
+}
+
+/// The same, with the agent as the shipped DaemonSet runs it: its own network, PID and mount
+/// namespaces, the host's /proc and cgroup tree mounted at /host, only the manifest's
+/// capabilities and args. What the owner labels need must all be reachable from there.
+#[test]
+fn connection_series_name_their_owner_when_the_agent_runs_as_the_daemonset() -> TestResult {
+    let test = "connection_series_name_their_owner_when_the_agent_runs_as_the_daemonset";
+    let Some(env) = TestEnv::start_as_daemonset(test) else {
+        return Ok(());
+    };
+    connection_series_name_their_owner(test, &env)
+}
+
+fn connection_series_name_their_owner(test: &str, env: &TestEnv) -> TestResult {
     let Some(root) = cgroup2_root(test) else {
         return Ok(());
     };
@@ -278,7 +294,7 @@ fn connection_series_name_the_kubernetes_pod_container_and_process_that_owned_it
         ("pod_uid", ""),
         ("container_id", ""),
     ];
-    wait_for_agent(&env, "the client's connection series with its owner", |m| {
+    wait_for_agent(env, "the client's connection series with its owner", |m| {
         let mut problems = Vec::new();
         let probes = m.value(CONN_PROBES, &client_labels);
         if probes != PROBES_PER_CONNECTION as f64 {

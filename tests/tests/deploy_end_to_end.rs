@@ -10,17 +10,17 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keepalive_tests::agent::http_get_accept;
 use keepalive_tests::deploy::{
-    ScratchDir, Server, deploy_path, json_label, poll, read_yaml, tool_available,
+    ScratchDir, Server, agent_as_in_daemonset, daemonset_container, deploy_path, json_label, poll,
+    read_yaml, tool_available,
 };
 use keepalive_tests::{
-    Agent, DEADLINE, Netns, TcpPair, TestEnv, agent_bin, kernel_tests_enabled, set_keepalive,
-    skip_or_fail, wait_closed,
+    Agent, DEADLINE, Netns, TcpPair, TestEnv, kernel_tests_enabled, set_keepalive, skip_or_fail,
+    wait_closed,
 };
 use serde_json::Value as Json;
 
@@ -89,17 +89,21 @@ fn keepalive_drop_reaches_prometheus_tsdb_and_its_alert_reaches_alertmanager_wit
     {
         return Ok(());
     }
-    let Some(env) = TestEnv::start(test) else {
+    // The agent as the DaemonSet runs it, in a pod network namespace of its own; Prometheus and
+    // Alertmanager run in that namespace too, as if they scraped the pod's address.
+    let Some(env) = TestEnv::start_as_daemonset(test) else {
         return Ok(());
     };
     let Some(agent) = env.agent() else {
         return Ok(());
     };
+    let pod = agent.endpoint().netns();
     let started = Instant::now();
     let scratch = ScratchDir::new("e2e")?;
     let dir = &scratch.0;
     fs::write(dir.join("alertmanager.yml"), ALERTMANAGER_CONFIG)?;
-    let alertmanager = Server::start(
+    let alertmanager = Server::start_in(
+        pod,
         "alertmanager",
         "prometheus-alertmanager",
         &[
@@ -116,7 +120,8 @@ fn keepalive_drop_reaches_prometheus_tsdb_and_its_alert_reaches_alertmanager_wit
         dir.join("prometheus.yml"),
         prometheus_config(agent, &alertmanager),
     )?;
-    let prometheus = Server::start(
+    let prometheus = Server::start_in(
+        pod,
         "prometheus",
         "prometheus",
         &[
@@ -462,92 +467,6 @@ fn agent_scrape_after_a_keepalive_drop_passes_promtool_check_metrics() -> TestRe
     Ok(())
 }
 
-/// The shipped DaemonSet's container: its `add` capabilities as setpriv names them (`bpf`,
-/// ...) and its args.
-fn daemonset_container() -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    let ds = read_yaml(&deploy_path("kubernetes/daemonset.yaml"))?;
-    let container = &ds["spec"]["template"]["spec"]["containers"][0];
-    let strings = |value: &serde_yaml_ng::Value, lower: bool| -> Vec<String> {
-        value
-            .as_sequence()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-            .map(|v| {
-                if lower {
-                    v.to_lowercase()
-                } else {
-                    v.to_owned()
-                }
-            })
-            .collect()
-    };
-    Ok((
-        strings(&container["securityContext"]["capabilities"]["add"], true),
-        strings(&container["args"], false),
-    ))
-}
-
-/// The agent as the DaemonSet runs it: the container's args, with the host paths it mounts
-/// under /host (/host/proc, /host/sys/fs/cgroup) bind-mounted below `root` in a private mount
-/// namespace, as uid 0 with exactly `capabilities` (effective, inheritable, ambient and
-/// bounding sets), listening on `{addr}`.
-fn agent_as_in_daemonset(root: &Path, capabilities: &[String], args: &[String]) -> Vec<String> {
-    let set = format!(
-        "-all{}",
-        capabilities
-            .iter()
-            .map(|c| format!(",+{c}"))
-            .collect::<String>()
-    );
-    let host = root.join("host");
-    let cgroup2 = system_cgroup2_mount();
-    let mut command = vec![
-        "--mount".to_owned(),
-        "--propagation".into(),
-        "private".into(),
-        "--".into(),
-        "sh".into(),
-        "-c".into(),
-        // Mount first (needs root), then drop to the capability set and exec the agent.
-        "mkdir -p \"$1/proc\" \"$1/sys/fs/cgroup\" && mount --rbind /proc \"$1/proc\" && \
-         mount --bind \"$2\" \"$1/sys/fs/cgroup\" && shift 2 && exec \"$@\""
-            .into(),
-        "sh".into(),
-        host.to_string_lossy().into_owned(),
-        cgroup2,
-        "setpriv".into(),
-        format!("--inh-caps={set}"),
-        format!("--ambient-caps={set}"),
-        format!("--bounding-set={set}"),
-        "--reuid=0".into(),
-        "--regid=0".into(),
-        "--clear-groups".into(),
-        agent_bin().to_string_lossy().into_owned(),
-    ];
-    for arg in args {
-        if arg.starts_with("--web.listen-address") {
-            continue;
-        }
-        command.push(arg.replace("/host/", &format!("{}/", host.display())));
-    }
-    command.push("--web.listen-address={addr}".into());
-    command
-}
-
-/// Where this host mounts cgroup v2 (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
-/// hosts): what the DaemonSet's /host/sys/fs/cgroup is on a cgroup v2 node.
-fn system_cgroup2_mount() -> String {
-    fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
-        })
-        .unwrap_or_else(|| "/sys/fs/cgroup".to_owned())
-}
-
 fn proc_sys(key: &str) -> anyhow::Result<i64> {
     Ok(fs::read_to_string(format!("/proc/sys/kernel/{key}"))?
         .trim()
@@ -572,17 +491,10 @@ fn agent_is_ready_with_only_the_daemonset_capabilities_and_fails_without_cap_sys
         );
         return Ok(());
     }
-    let (capabilities, args) = daemonset_container()?;
-    let scratch = ScratchDir::new("caps")?;
     {
-        let agent = Server::start(
-            "agent",
-            "unshare",
-            &agent_as_in_daemonset(&scratch.0, &capabilities, &args),
-            &scratch.0,
-            "/readyz",
-        )?;
-        let (code, body) = http_get_accept(agent.addr(), "/metrics", "text/plain")?;
+        // Its own network, PID and mount namespaces, the manifest's mounts, capabilities, args.
+        let agent = Agent::start_as_daemonset(&[])?;
+        let (code, body) = agent.get("/metrics")?;
         assert_eq!(code, 200);
         let detached: Vec<&str> = body
             .lines()
@@ -591,7 +503,7 @@ fn agent_is_ready_with_only_the_daemonset_capabilities_and_fails_without_cap_sys
         assert!(
             detached.is_empty(),
             "hooks not attached with the DaemonSet's capabilities: {detached:?}\n{}",
-            agent.log_text()
+            agent.log()
         );
     }
 
@@ -603,6 +515,8 @@ fn agent_is_ready_with_only_the_daemonset_capabilities_and_fails_without_cap_sys
         );
         return Ok(());
     }
+    let (capabilities, args) = daemonset_container()?;
+    let scratch = ScratchDir::new("caps")?;
     let without: Vec<String> = capabilities.into_iter().filter(|c| c != "syslog").collect();
     let args: Vec<String> = agent_as_in_daemonset(&scratch.0, &without, &args)
         .into_iter()
