@@ -84,7 +84,7 @@ pub struct RunConfig {
     /// How long the series of a network namespace stay after it was last seen (a record from
     /// it, or an audit walk that found one of its sockets); then they are removed with its
     /// per-connection series. A namespace whose inode is reused by a new one is reset at once.
-    #[arg(long = "netns.retention", default_value = "15m", value_parser = parse_retention)]
+    #[arg(long = "netns.retention", value_name = "DURATION", default_value = "15m", value_parser = parse_retention)]
     pub netns_retention: Duration,
     #[command(flatten)]
     pub audit: audit::task::AuditConfig,
@@ -258,4 +258,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         _ = sigterm.recv() => info!("terminated, detaching"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_retention_is_a_positive_duration() {
+        assert_eq!(parse_retention("15m"), Ok(Duration::from_secs(900)));
+        assert!(parse_retention("0s").unwrap_err().contains("longer than 0"));
+        assert!(parse_retention("soon").unwrap_err().contains("\"soon\""));
+    }
 }
