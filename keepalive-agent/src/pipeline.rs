@@ -1,8 +1,9 @@
 //! One record from the ring buffer, end to end: decode → connection table → classify → metrics.
 
 use std::{
+    collections::HashSet,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -17,15 +18,20 @@ use crate::{
     },
     kernel::Session,
     record::{
-        decoder::{self, CloseEvent, Event, KeepaliveExpiry},
+        decoder::{self, CloseEvent, Endpoints, Event, KeepaliveExpiry},
         ring_reader,
     },
     track::{
         classifier::{DropReason, ResetReasons},
         connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
+        namespaces::{NamespaceIdentity, Sighting},
         tracker::{Dropped, Tracker},
     },
 };
+
+/// Which namespace each `netns` inode means, shared by the pipeline (records), the audit (walks
+/// that found sockets) and the retention sweep.
+pub(crate) type SharedNamespaces = Arc<Mutex<NamespaceIdentity>>;
 
 /// The stages for one record: decode, count, track (table and classifier), attribute, then the
 /// event stream and logs.
@@ -41,6 +47,8 @@ pub(crate) struct Pipeline {
     attributor: Arc<Attributor>,
     /// Labels of the aggregate probe and drop counters (`--aggregate-by`).
     aggregate_by: AggregateBy,
+    /// Namespace identity by (inode, cookie): a reused inode resets its series.
+    namespaces: SharedNamespaces,
 }
 
 impl Pipeline {
@@ -73,6 +81,7 @@ impl Pipeline {
             events: None,
             attributor,
             aggregate_by: AggregateBy::default(),
+            namespaces: SharedNamespaces::default(),
         }
     }
 
@@ -86,6 +95,22 @@ impl Pipeline {
     pub(crate) fn aggregated_by(mut self, aggregate_by: AggregateBy) -> Self {
         self.aggregate_by = aggregate_by;
         self
+    }
+
+    /// Namespace identity, for the audit to mark the namespaces it found alive.
+    pub(crate) fn namespaces(&self) -> SharedNamespaces {
+        Arc::clone(&self.namespaces)
+    }
+
+    /// The sweep that removes the series and connections of namespaces not seen for
+    /// `retention`; run it with [`NamespaceRetention::run`].
+    pub(crate) fn namespace_retention(&self, retention: Duration) -> NamespaceRetention {
+        NamespaceRetention {
+            namespaces: Arc::clone(&self.namespaces),
+            metrics: self.metrics.clone(),
+            tracker: self.tracker.clone(),
+            retention,
+        }
     }
 
     /// Drains the ring buffer until its descriptor fails.
@@ -108,11 +133,14 @@ impl Pipeline {
                 kind: event.kind_name(),
             })
             .inc();
+        let now = Instant::now();
+        if !matches!(event, Event::Audit(_)) {
+            self.identify_namespace(event.endpoints(), now);
+        }
         let aggregate = self.aggregate_labels(&event);
         if let Some(labels) = &aggregate {
             self.metrics.see(labels);
         }
-        let now = Instant::now();
         match event {
             Event::KeepaliveExpiry(expiry) => self.on_expiry(&expiry, aggregate.as_ref(), now),
             Event::Close(close) => self.on_close(&close, aggregate.as_ref(), now),
@@ -203,6 +231,29 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Before a record counts: if its inode now names another namespace than the one the agent
+    /// knew (different `net_cookie`), the old namespace is gone, so its series and connections
+    /// are removed and this namespace starts from 0.
+    fn identify_namespace(&self, endpoints: &Endpoints, now: Instant) {
+        let mut namespaces = self.namespaces.lock().expect("namespaces lock poisoned");
+        match namespaces.saw(endpoints.netns, endpoints.netns_cookie, now) {
+            Sighting::Known => {}
+            Sighting::New => {
+                self.metrics.namespaces.set(namespaces.len() as i64);
+            }
+            Sighting::Replaced => {
+                // Still under the namespaces lock, so the retention sweep cannot interleave.
+                let gone = HashSet::from([endpoints.netns]);
+                self.metrics.forget_namespaces(&gone, "inode_reused");
+                let connections = self.tracker.forget_namespaces(&gone);
+                info!(
+                    "netns {} now belongs to a new namespace (cookie {}): the old one's series and {connections} connections removed",
+                    endpoints.netns, endpoints.netns_cookie
+                );
+            }
+        }
+    }
+
     /// The aggregate label set of a connection event; `None` for records without an owner
     /// (error reports) when the labels include workload fields, so no series with an empty
     /// workload is created for them.
@@ -294,6 +345,55 @@ impl Pipeline {
     }
 }
 
+/// Removes what the agent keeps of namespaces not seen (no record, no socket in an audit walk)
+/// for the retention: their aggregate series, and their connections with their per-connection
+/// series.
+#[derive(Debug)]
+pub(crate) struct NamespaceRetention {
+    namespaces: SharedNamespaces,
+    metrics: PipelineMetrics,
+    tracker: Tracker,
+    retention: Duration,
+}
+
+impl NamespaceRetention {
+    /// How often to sweep: a quarter of the retention (so a series outlives it by at most that),
+    /// between 1 s and 1 min.
+    pub(crate) fn period(&self) -> Duration {
+        (self.retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
+    /// One sweep: one pass over the known namespaces, and one over the connection table when
+    /// any expired. Returns the inodes forgotten.
+    pub(crate) fn sweep(&self, now: Instant) -> HashSet<u32> {
+        // Held throughout, so a record of an expiring namespace is either counted before (and
+        // keeps it) or after its series are gone (and creates them again at 0).
+        let mut namespaces = self.namespaces.lock().expect("namespaces lock poisoned");
+        let expired = namespaces.expire(now, self.retention);
+        if !expired.is_empty() {
+            self.metrics.forget_namespaces(&expired, "retention");
+            let connections = self.tracker.forget_namespaces(&expired);
+            debug!(
+                "{} namespaces not seen for {}: series and {connections} connections removed",
+                expired.len(),
+                humantime::format_duration(self.retention)
+            );
+        }
+        self.metrics.namespaces.set(namespaces.len() as i64);
+        expired
+    }
+
+    /// Sweeps every [`Self::period`], forever.
+    pub(crate) async fn run(self) {
+        let mut ticker = tokio::time::interval(self.period());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.sweep(Instant::now());
+        }
+    }
+}
+
 /// How long the peer was silent before the kernel gave up on it: from the last segment received
 /// (the clock `tcp_keepalive_timer` measures idleness with) to the abort. Only for keepalive
 /// drops, where silence is what the kernel measured.
@@ -322,7 +422,7 @@ mod tests {
     use crate::record::decoder::fixtures;
 
     /// One record as the kernel would write it for connection `sk` (127.0.0.1:40000 → :8080).
-    fn record_bytes(kind: RecordKind, before: u8, after: u8, flags: u8) -> Vec<u8> {
+    fn record(kind: RecordKind, before: u8, after: u8, flags: u8) -> SocketRecord {
         let mut rec = SocketRecord {
             sk: 1,
             kind: kind as u8,
@@ -351,9 +451,179 @@ mod tests {
             rec.rcv_tstamp = 1000;
             rec.lrcvtime = 1000;
         }
+        rec
+    }
+
+    fn bytes(rec: &SocketRecord) -> Vec<u8> {
         // SAFETY: SocketRecord is plain data without padding.
-        unsafe { std::slice::from_raw_parts((&raw const rec).cast::<u8>(), SocketRecord::SIZE) }
+        unsafe { std::slice::from_raw_parts((&raw const *rec).cast::<u8>(), SocketRecord::SIZE) }
             .to_vec()
+    }
+
+    fn record_bytes(kind: RecordKind, before: u8, after: u8, flags: u8) -> Vec<u8> {
+        bytes(&record(kind, before, after, flags))
+    }
+
+    fn pipeline_with_table() -> (Pipeline, Arc<Mutex<ConnectionTable>>, PipelineMetrics) {
+        let table = Arc::new(Mutex::new(ConnectionTable::new(
+            std::num::NonZeroUsize::new(16).unwrap(),
+            16,
+            Duration::from_secs(60),
+        )));
+        let metrics = PipelineMetrics::default();
+        let pipeline = Pipeline::with_kernel(
+            250,
+            ResetReasons {
+                keepalive_timeout: Some(15),
+            },
+            Arc::clone(&table),
+            metrics.clone(),
+            Arc::new(Attributor::new(None, "/nonexistent".into())),
+        );
+        (pipeline, table, metrics)
+    }
+
+    const NETNS: u32 = 4026532000;
+
+    /// `tcp_keepalive_probes_total` of `netns`; `None` when the series does not exist.
+    fn probes_of(metrics: &PipelineMetrics, netns: u32) -> Option<u64> {
+        metrics
+            .probes
+            .get(&vec![("netns", netns.to_string())])
+            .map(|c| c.get())
+    }
+
+    fn drops_of(metrics: &PipelineMetrics, netns: u32, reason: DropReason) -> Option<u64> {
+        metrics
+            .drops
+            .get(&vec![
+                ("netns", netns.to_string()),
+                ("reason", reason.as_str().to_owned()),
+            ])
+            .map(|c| c.get())
+    }
+
+    fn has_detection(metrics: &PipelineMetrics, netns: u32) -> bool {
+        metrics
+            .detection
+            .get(&crate::export::metrics::DropLabels {
+                netns,
+                reason: DropReason::KeepaliveTimeout.as_str(),
+            })
+            .is_some()
+    }
+
+    /// Namespace `cookie` (inode NETNS) sends `probes` probes on connection `sk`, then the
+    /// connection times out.
+    fn probes_then_timeout(pipeline: &Pipeline, cookie: u64, sk: u64, probes: u8) {
+        for n in 0..probes {
+            let mut rec = record(RecordKind::KeepaliveTimer, n, n + 1, 0);
+            (rec.netns_cookie, rec.sk) = (cookie, sk);
+            pipeline.handle(&bytes(&rec));
+        }
+        let mut close = record(RecordKind::Close, probes, 0, record_flags::RESET_SENT);
+        (close.netns_cookie, close.sk) = (cookie, sk);
+        pipeline.handle(&bytes(&close));
+    }
+
+    #[test]
+    fn a_new_namespace_on_a_reused_inode_starts_from_zero_without_the_old_connections() {
+        let (pipeline, table, metrics) = pipeline_with_table();
+        probes_then_timeout(&pipeline, 100, 1, 3);
+        assert_eq!(probes_of(&metrics, NETNS), Some(3));
+        assert_eq!(
+            drops_of(&metrics, NETNS, DropReason::KeepaliveTimeout),
+            Some(1)
+        );
+        assert_eq!(table.lock().unwrap().dropped_len(), 1);
+        assert!(has_detection(&metrics, NETNS));
+
+        // Namespace 100 is deleted; namespace 200 gets its inode and idles once (no probe).
+        let mut idle = record(RecordKind::KeepaliveTimer, 0, 0, 0);
+        (idle.netns_cookie, idle.sk) = (200, 2);
+        pipeline.handle(&bytes(&idle));
+        assert_eq!(probes_of(&metrics, NETNS), Some(0));
+        for reason in DropReason::ALL {
+            assert_eq!(drops_of(&metrics, NETNS, reason), Some(0), "{reason}");
+        }
+        assert!(!has_detection(&metrics, NETNS));
+        assert!(table.lock().unwrap().reportable().is_empty());
+        assert_eq!(
+            metrics
+                .namespaces_forgotten
+                .get(&crate::export::metrics::ForgetLabels {
+                    cause: "inode_reused"
+                })
+                .map(|c| c.get()),
+            Some(1)
+        );
+
+        // It counts only its own probes from then on.
+        probes_then_timeout(&pipeline, 200, 2, 2);
+        assert_eq!(probes_of(&metrics, NETNS), Some(2));
+        let reportable = table.lock().unwrap().reportable().len();
+        assert_eq!(reportable, 1);
+    }
+
+    #[test]
+    fn a_namespace_without_a_cookie_keeps_counting_under_its_inode() {
+        let (pipeline, _table, metrics) = pipeline_with_table();
+        probes_then_timeout(&pipeline, 0, 1, 3);
+        probes_then_timeout(&pipeline, 0, 2, 2);
+        assert_eq!(probes_of(&metrics, NETNS), Some(5));
+    }
+
+    #[test]
+    fn retention_removes_the_series_and_connections_of_namespaces_not_seen() {
+        let (pipeline, table, metrics) = pipeline_with_table();
+        let retention = pipeline.namespace_retention(Duration::from_secs(300));
+        assert_eq!(retention.period(), Duration::from_secs(60));
+        assert_eq!(
+            pipeline
+                .namespace_retention(Duration::from_secs(2))
+                .period(),
+            Duration::from_secs(1)
+        );
+        probes_then_timeout(&pipeline, 100, 1, 3);
+        let mut other = record(RecordKind::KeepaliveTimer, 0, 1, 0);
+        (other.netns, other.netns_cookie, other.sk) = (NETNS + 1, 101, 2);
+        pipeline.handle(&bytes(&other));
+        assert_eq!(metrics.namespaces.get(), 2);
+
+        let later = Instant::now() + Duration::from_secs(300);
+        // The audit found a socket of NETNS + 1 a moment ago: it stays.
+        pipeline
+            .namespaces()
+            .lock()
+            .unwrap()
+            .present([(NETNS + 1, 101)], later);
+        assert_eq!(retention.sweep(later), HashSet::from([NETNS]));
+        assert_eq!(probes_of(&metrics, NETNS), None);
+        assert_eq!(
+            drops_of(&metrics, NETNS, DropReason::KeepaliveTimeout),
+            None
+        );
+        assert!(!has_detection(&metrics, NETNS));
+        assert_eq!(probes_of(&metrics, NETNS + 1), Some(1));
+        let left: Vec<u32> = table
+            .lock()
+            .unwrap()
+            .reportable()
+            .iter()
+            .map(|s| s.endpoints.netns)
+            .collect();
+        assert_eq!(left, [NETNS + 1]);
+        assert_eq!(metrics.namespaces.get(), 1);
+
+        // Seen again later: its series come back at 0 and count from there.
+        let mut again = record(RecordKind::KeepaliveTimer, 0, 1, 0);
+        again.netns_cookie = 100;
+        pipeline.handle(&bytes(&again));
+        assert_eq!(probes_of(&metrics, NETNS), Some(1));
+        assert_eq!(
+            drops_of(&metrics, NETNS, DropReason::KeepaliveTimeout),
+            Some(0)
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::{
     audit::summary::{AuditCollector, AuditState, AuditSummary, IdleThreshold},
     export::labels::AggregateLabels,
     record::decoder::AuditedSocket,
+    track::namespaces::NamespaceIdentity,
 };
 
 /// The label set each audited socket is counted under (see [`AuditSummary::new`]).
@@ -68,6 +69,7 @@ pub(crate) fn start(
     hz: u32,
     config: &AuditConfig,
     group: AuditGroup,
+    namespaces: Arc<Mutex<NamespaceIdentity>>,
 ) -> (AuditCollector, Arc<Mutex<Ebpf>>) {
     let collector = AuditCollector::default();
     let ebpf = Arc::new(Mutex::new(ebpf));
@@ -91,6 +93,7 @@ pub(crate) fn start(
             config.interval,
             config.idle_timeout_thresholds.clone(),
             group,
+            namespaces,
             collector.clone(),
         ));
     } else {
@@ -111,6 +114,7 @@ pub(crate) async fn run(
     interval: Duration,
     thresholds: Vec<IdleThreshold>,
     group: AuditGroup,
+    namespaces: Arc<Mutex<NamespaceIdentity>>,
     collector: AuditCollector,
 ) {
     let thresholds: Arc<[IdleThreshold]> = thresholds.into();
@@ -122,12 +126,23 @@ pub(crate) async fn run(
         let ebpf = Arc::clone(&ebpf);
         let thresholds = Arc::clone(&thresholds);
         let group = Arc::clone(&group);
+        let namespaces = Arc::clone(&namespaces);
         let walk = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut ebpf = ebpf
                 .lock()
                 .map_err(|_| "the kernel programs lock is poisoned".to_owned())?;
             let host = iter::walk_namespaces(&mut ebpf, |_| true);
+            // A namespace with sockets is alive even when none of them probed: its series stay
+            // past --netns.retention.
+            if let Ok(mut namespaces) = namespaces.lock() {
+                namespaces.present(
+                    host.sockets
+                        .iter()
+                        .map(|s| (s.endpoints.netns, s.endpoints.netns_cookie)),
+                    started,
+                );
+            }
             Ok::<_, String>(WalkOutcome {
                 summary: AuditSummary::new(&host.sockets, hz, &thresholds, |s| group(s)),
                 sockets: host.sockets.len(),

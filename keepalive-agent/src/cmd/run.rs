@@ -81,8 +81,22 @@ pub struct RunConfig {
     /// /proc/timer_list; in a pod, mount the host's /proc and point this at its timer_list.
     #[arg(long = "kernel.timer-list", value_name = "PATH", default_value = hz::DEFAULT_TIMER_LIST)]
     pub timer_list: std::path::PathBuf,
+    /// How long the series of a network namespace stay after it was last seen (a record from
+    /// it, or an audit walk that found one of its sockets); then they are removed with its
+    /// per-connection series. A namespace whose inode is reused by a new one is reset at once.
+    #[arg(long = "netns.retention", value_name = "DURATION", default_value = "15m", value_parser = parse_retention)]
+    pub netns_retention: Duration,
     #[command(flatten)]
     pub audit: audit::task::AuditConfig,
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let retention =
+        humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 15m, 1h)"))?;
+    if retention.is_zero() {
+        return Err("must be longer than 0 (e.g. 15m)".to_owned());
+    }
+    Ok(retention)
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -201,9 +215,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             aggregate_by.labels(&socket.endpoints, &workload)
         })
     };
+    let mut pipeline = Pipeline::new(&session, table, pipeline_metrics, attributor)
+        .aggregated_by(config.aggregate_by.clone());
     // `_ebpf` keeps the programs (and so the hooks) loaded until `run` returns.
-    let (audit_collector, _ebpf) =
-        audit::task::start(ebpf, audit_loaded, session.hz, &config.audit, audit_group);
+    let (audit_collector, _ebpf) = audit::task::start(
+        ebpf,
+        audit_loaded,
+        session.hz,
+        &config.audit,
+        audit_group,
+        pipeline.namespaces(),
+    );
     registry.register_collector(Box::new(audit_collector));
     let state = Arc::new(HttpState {
         registry,
@@ -213,14 +235,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         listener,
         http::router(Arc::clone(&state), &config.telemetry_path),
     );
-    let mut pipeline = Pipeline::new(&session, table, pipeline_metrics, attributor)
-        .aggregated_by(config.aggregate_by.clone());
     if let Some(sender) = event_sender {
         pipeline = pipeline.with_events(sender);
     }
     // The programs are loaded: the loader's BTF is not needed any more.
     drop(session);
     kernel::release_freed_memory();
+    info!(
+        "series of a network namespace not seen for {} are removed",
+        humantime::format_duration(config.netns_retention)
+    );
+    tokio::spawn(pipeline.namespace_retention(config.netns_retention).run());
     let drain = tokio::spawn(pipeline.run(events));
     state.ready.store(ready, Ordering::Relaxed);
     info!("ready: following TCP keepalive in every network namespace");
@@ -233,4 +258,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         _ = sigterm.recv() => info!("terminated, detaching"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_retention_is_a_positive_duration() {
+        assert_eq!(parse_retention("15m"), Ok(Duration::from_secs(900)));
+        assert!(parse_retention("0s").unwrap_err().contains("longer than 0"));
+        assert!(parse_retention("soon").unwrap_err().contains("\"soon\""));
+    }
 }

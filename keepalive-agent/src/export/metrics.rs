@@ -41,6 +41,14 @@ pub(crate) struct KindLabels {
     pub kind: &'static str,
 }
 
+/// Why a namespace's series were removed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ForgetLabels {
+    /// `inode_reused`: a record came from a new namespace holding the inode;
+    /// `retention`: not seen for `--netns.retention`.
+    pub cause: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct HookLabels {
     pub hook: &'static str,
@@ -57,6 +65,10 @@ pub(crate) struct PipelineMetrics {
     /// Events the `--events` stream could not take (channel full, or write failed).
     pub events_dropped: Counter,
     pub detection: Family<DropLabels, Histogram, fn() -> Histogram>,
+    /// Namespaces whose series were removed, by cause.
+    pub namespaces_forgotten: Family<ForgetLabels, Counter>,
+    /// Namespaces that have series.
+    pub namespaces: Gauge,
     /// Aggregate label sets already created at 0 (one per namespace by default; one per
     /// namespace and workload with `--aggregate-by`).
     seen: Arc<Mutex<HashSet<AggregateLabels>>>,
@@ -73,6 +85,8 @@ impl Default for PipelineMetrics {
             detection: Family::new_with_constructor(|| {
                 Histogram::new(DETECTION_BUCKETS.iter().copied())
             }),
+            namespaces_forgotten: Family::default(),
+            namespaces: Gauge::default(),
             seen: Arc::default(),
         }
     }
@@ -108,6 +122,41 @@ impl PipelineMetrics {
 
     pub(crate) fn count_probe(&self, labels: &AggregateLabels) {
         self.probes.get_or_create(labels).inc();
+    }
+
+    /// Removes every aggregate series of these namespaces (every label set created under their
+    /// `netns`, every reason, the detection histogram) and forgets they were seen, so the next
+    /// record of a namespace with one of these inodes creates them again at 0: a counter reset,
+    /// which `rate()`/`increase()` handle. `cause` is counted once per namespace.
+    pub(crate) fn forget_namespaces(&self, inodes: &HashSet<u32>, cause: &'static str) {
+        if inodes.is_empty() {
+            return;
+        }
+        let values: HashSet<String> = inodes.iter().map(u32::to_string).collect();
+        let mut seen = self.seen.lock().expect("metrics lock poisoned");
+        seen.retain(|labels| {
+            let gone = labels
+                .iter()
+                .any(|(name, value)| *name == "netns" && values.contains(value));
+            if gone {
+                self.probes.remove(labels);
+                for reason in DropReason::ALL {
+                    self.drops.remove(&with_reason(labels, reason));
+                }
+            }
+            !gone
+        });
+        for &netns in inodes {
+            for reason in DropReason::ALL {
+                self.detection.remove(&DropLabels {
+                    netns,
+                    reason: reason.as_str(),
+                });
+            }
+        }
+        self.namespaces_forgotten
+            .get_or_create(&ForgetLabels { cause })
+            .inc_by(inodes.len() as u64);
     }
 }
 
@@ -155,6 +204,16 @@ pub(crate) fn registry(
         "keepalive_agent_events_dropped",
         "Events not written to the --events stream: its channel was full or the write failed",
         pipeline.events_dropped.clone(),
+    );
+    registry.register(
+        "keepalive_agent_namespaces",
+        "Network namespaces that have series (seen within --netns.retention)",
+        pipeline.namespaces.clone(),
+    );
+    registry.register(
+        "keepalive_agent_namespaces_forgotten",
+        "Network namespaces whose series were removed: inode_reused (a new namespace got the inode) or retention (not seen for --netns.retention)",
+        pipeline.namespaces_forgotten.clone(),
     );
     registry.register(
         "keepalive_agent_hook_attached",

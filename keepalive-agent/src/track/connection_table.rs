@@ -3,7 +3,7 @@
 //! a SLAB_TYPESAFE_BY_RCU cache) starts a new generation, recognised by its endpoints.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     num::NonZeroUsize,
     time::{Duration, Instant},
 };
@@ -184,6 +184,25 @@ impl ConnectionTable {
         {
             self.dropped.pop_front();
         }
+    }
+
+    /// Forgets every connection, live or dropped, of these namespaces (gone, or their inode now
+    /// names another namespace), so their per-connection series vanish with the aggregates.
+    /// One pass over the table. Returns how many were forgotten.
+    pub(crate) fn forget_namespaces(&mut self, inodes: &HashSet<u32>) -> usize {
+        let before = self.live.len() + self.dropped.len();
+        let live: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|(_, state)| inodes.contains(&state.endpoints.netns))
+            .map(|(&sk, _)| sk)
+            .collect();
+        for sk in live {
+            self.live.pop(&sk);
+        }
+        self.dropped
+            .retain(|state| !inodes.contains(&state.endpoints.netns));
+        before - self.live.len() - self.dropped.len()
     }
 
     pub(crate) fn live_len(&self) -> usize {
@@ -398,6 +417,31 @@ mod tests {
         assert_eq!(t.dropped_len(), 1);
         t.expire(now + Duration::from_secs(60));
         assert_eq!(t.dropped_len(), 0);
+    }
+
+    #[test]
+    fn forgetting_a_namespace_removes_its_live_and_dropped_connections_only() {
+        let mut t = ConnectionTable::new(NonZeroUsize::new(8).unwrap(), 8, Duration::from_secs(60));
+        let now = Instant::now();
+        let in_netns = |mut e: KeepaliveExpiry, netns: u32| {
+            e.endpoints.netns = netns;
+            e
+        };
+        t.on_expiry(&in_netns(expiry(1, 1000, 0, 1), 7), now);
+        t.on_expiry(&in_netns(expiry(2, 1001, 0, 1), 8), now);
+        t.on_expiry(&in_netns(expiry(3, 1002, 0, 1), 7), now);
+        let mut dropped = close(4, 1003, 0);
+        dropped.endpoints.netns = 7;
+        t.on_close(
+            &dropped,
+            CloseOutcome::Dropped(DropReason::ResetReceived),
+            now,
+        );
+        assert_eq!(t.forget_namespaces(&HashSet::from([7])), 3);
+        let left = t.reportable();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].endpoints.netns, 8);
+        assert_eq!(t.forget_namespaces(&HashSet::from([7])), 0);
     }
 
     #[test]

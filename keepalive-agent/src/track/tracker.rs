@@ -90,4 +90,10 @@ impl Tracker {
         }
         workload
     }
+
+    /// Forgets the connections of these namespaces (see
+    /// [`ConnectionTable::forget_namespaces`]).
+    pub(crate) fn forget_namespaces(&self, inodes: &std::collections::HashSet<u32>) -> usize {
+        self.table().forget_namespaces(inodes)
+    }
 }
