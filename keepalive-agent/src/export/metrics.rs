@@ -56,6 +56,8 @@ pub(crate) struct PipelineMetrics {
     pub decode_errors: Counter,
     /// Events the `--events` stream could not take (channel full, or write failed).
     pub events_dropped: Counter,
+    /// Owner lookups the attribution worker's full queue could not take.
+    pub attribution_requests_dropped: Counter,
     pub detection: Family<DropLabels, Histogram, fn() -> Histogram>,
     /// Aggregate label sets already created at 0 (one per namespace by default; one per
     /// namespace and workload with `--aggregate-by`).
@@ -70,6 +72,7 @@ impl Default for PipelineMetrics {
             events: Family::default(),
             decode_errors: Counter::default(),
             events_dropped: Counter::default(),
+            attribution_requests_dropped: Counter::default(),
             detection: Family::new_with_constructor(|| {
                 Histogram::new(DETECTION_BUCKETS.iter().copied())
             }),
@@ -155,6 +158,11 @@ pub(crate) fn registry(
         "keepalive_agent_events_dropped",
         "Events not written to the --events stream: its channel was full or the write failed",
         pipeline.events_dropped.clone(),
+    );
+    registry.register(
+        "keepalive_agent_attribution_requests_dropped",
+        "Owner lookups not made because the attribution queue was full (slow /proc or cgroup tree): those records were handled without their owner",
+        pipeline.attribution_requests_dropped.clone(),
     );
     registry.register(
         "keepalive_agent_hook_attached",
