@@ -336,7 +336,10 @@ impl Pipeline {
         } else {
             self.requests.send_if_waiting(job)
         };
-        let Err(Job::Emit { events, .. }) = sent else {
+        let Err(job) = sent else {
+            return;
+        };
+        let Job::Emit { events, .. } = *job else {
             return;
         };
         let Some(sender) = &self.events else {

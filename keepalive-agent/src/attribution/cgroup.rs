@@ -254,10 +254,7 @@ impl HandleLookup {
         let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: the descriptor is open and `stat` is a live statfs.
         let rc = unsafe { libc::fstatfs(dir.as_raw_fd(), &raw mut stat) };
-        #[expect(
-            clippy::unnecessary_cast,
-            reason = "f_type is i64 on x86_64, i32 elsewhere"
-        )]
+        // `as`: f_type is a signed word on glibc, unsigned on musl.
         if rc != 0 || stat.f_type as i64 != CGROUP2_SUPER_MAGIC {
             return None;
         }

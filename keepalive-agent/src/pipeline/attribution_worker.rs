@@ -165,27 +165,27 @@ pub(crate) struct InFlightHandle(InFlight);
 
 impl Requests {
     /// Queues a job; gives it back when the queue is full (counted and logged).
-    pub(crate) fn send(&self, job: Job) -> Result<(), Job> {
+    pub(crate) fn send(&self, job: Job) -> Result<(), Box<Job>> {
         let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
         self.try_send(&mut in_flight, job)
     }
 
     /// Queues `job` only if its connection already has jobs queued (its events must follow
     /// them); gives it back otherwise, or when the queue is full.
-    pub(crate) fn send_if_waiting(&self, job: Job) -> Result<(), Job> {
+    pub(crate) fn send_if_waiting(&self, job: Job) -> Result<(), Box<Job>> {
         let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
         let waiting = job
             .socket()
             .is_some_and(|sk| in_flight.get(&sk).is_some_and(|&n| n > 0));
         if !waiting {
-            return Err(job);
+            return Err(Box::new(job));
         }
         self.try_send(&mut in_flight, job)
     }
 
     /// Under the in-flight lock, so the worker cannot finish a socket's last job between the
     /// check and the count.
-    fn try_send(&self, in_flight: &mut HashMap<u64, usize>, job: Job) -> Result<(), Job> {
+    fn try_send(&self, in_flight: &mut HashMap<u64, usize>, job: Job) -> Result<(), Box<Job>> {
         let sk = job.socket();
         match self.tx.try_send(job) {
             Ok(()) => {
@@ -197,7 +197,7 @@ impl Requests {
             Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
                 self.dropped.inc();
                 self.warn_full();
-                Err(job)
+                Err(Box::new(job))
             }
         }
     }
