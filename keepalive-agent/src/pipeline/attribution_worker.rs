@@ -317,3 +317,90 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn endpoints() -> Endpoints {
+        Endpoints {
+            netns: 1,
+            netns_cookie: 0,
+            local: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            remote: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+
+    fn enter(sk: u64) -> Job {
+        Job::Enter {
+            sk,
+            endpoints: endpoints(),
+            owner: SocketOwner::default(),
+        }
+    }
+
+    fn emit(sk: u64) -> Job {
+        Job::Emit {
+            sk,
+            endpoints: endpoints(),
+            owner: SocketOwner::default(),
+            dropped: false,
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn events_follow_the_queue_only_while_their_connection_has_jobs_in_it() {
+        let dropped = Counter::default();
+        let (requests, mut jobs, in_flight) = queue(4, dropped.clone());
+        let worker = Worker::new(
+            Arc::new(Attributor::new(None, "/nonexistent".into())),
+            Tracker::new(
+                Arc::new(Mutex::new(
+                    crate::track::connection_table::ConnectionTable::new(
+                        std::num::NonZeroUsize::new(4).unwrap(),
+                        4,
+                        Duration::from_secs(60),
+                    ),
+                )),
+                crate::track::classifier::ResetReasons::default(),
+            ),
+            PipelineMetrics::default(),
+            AggregateBy::default(),
+            None,
+            in_flight,
+        );
+        // Nothing queued for socket 1: its events go straight out (given back), uncounted.
+        assert!(requests.send_if_waiting(emit(1)).is_err());
+        assert!(requests.send(enter(1)).is_ok());
+        // Now they wait behind the lookup; another socket's do not.
+        assert!(requests.send_if_waiting(emit(1)).is_ok());
+        assert!(requests.send_if_waiting(emit(2)).is_err());
+        assert_eq!(dropped.get(), 0);
+        // Once the worker has done both, socket 1's events go straight out again.
+        worker.handle(jobs.try_recv().unwrap());
+        assert!(
+            requests.send_if_waiting(emit(1)).is_ok(),
+            "one job still queued"
+        );
+        worker.handle(jobs.try_recv().unwrap());
+        worker.handle(jobs.try_recv().unwrap());
+        assert!(requests.send_if_waiting(emit(1)).is_err());
+        assert!(jobs.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_queue_gives_the_job_back_and_counts_it() {
+        let dropped = Counter::default();
+        let (requests, mut jobs, _in_flight) = queue(1, dropped.clone());
+        assert!(requests.send(enter(1)).is_ok());
+        let refused = requests.send(enter(2)).expect_err("queue of one is full");
+        assert!(matches!(*refused, Job::Enter { sk: 2, .. }));
+        // Refused jobs leave nothing waiting: socket 2's events are not held back for it.
+        assert!(requests.send_if_waiting(emit(2)).is_err());
+        assert_eq!(dropped.get(), 1);
+        assert!(matches!(jobs.try_recv(), Ok(Job::Enter { sk: 1, .. })));
+    }
+}
