@@ -14,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use log::warn;
+use log::{debug, warn};
 use lru::LruCache;
 
 use super::MIN_RESCAN_INTERVAL;
@@ -140,13 +140,15 @@ impl CgroupResolver {
                     self.cache().put(cgroup_id, path.clone());
                     return path.map_or(Lookup::Absent, Lookup::Found);
                 }
-                Err(err) => {
+                Err(err) if err.is_permanent() => {
                     warn!(
                         "cannot look cgroups up by file handle under {} ({err}): walking the tree instead, at most once per second",
                         root.display()
                     );
                     *handles = None;
                 }
+                // Out of descriptors or memory: this lookup walks, the next tries again.
+                Err(err) => debug!("cgroup {cgroup_id} by file handle: {err}"),
             }
         }
         if lookups
@@ -215,6 +217,21 @@ pub(super) enum HandleError {
     Open(std::io::Error),
     #[error("reading the opened cgroup's path: {0}")]
     Readlink(std::io::Error),
+}
+
+impl HandleError {
+    /// Whether handles cannot work here at all (no `CAP_DAC_READ_SEARCH`, a seccomp filter, a
+    /// kernel without kernfs handles), rather than this one call failing.
+    fn is_permanent(&self) -> bool {
+        match self {
+            Self::Open(err) => matches!(
+                err.raw_os_error(),
+                Some(libc::EPERM | libc::EACCES | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+            ),
+            // No /proc/self/fd to name the opened cgroup by.
+            Self::Readlink(_) => true,
+        }
+    }
 }
 
 /// cgroup id → path through the kernel: `open_by_handle_at(2)` on the mount with the id as a
