@@ -1,4 +1,8 @@
 //! One record from the ring buffer, end to end: decode → connection table → classify → metrics.
+//! Who owns a connection is asked of the attribution worker ([`attribution_worker`]): the drain
+//! never reads a file.
+
+mod attribution_worker;
 
 use std::{
     collections::HashSet,
@@ -8,6 +12,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use log::{debug, info, warn};
+use tokio::sync::mpsc;
 
 use crate::{
     attribution::{Attributor, Workload},
@@ -18,7 +23,7 @@ use crate::{
     },
     kernel::Session,
     record::{
-        decoder::{self, CloseEvent, Endpoints, Event, KeepaliveExpiry},
+        decoder::{self, CloseEvent, Endpoints, Event, KeepaliveExpiry, SocketOwner},
         ring_reader,
     },
     track::{
@@ -28,13 +33,14 @@ use crate::{
         tracker::{Dropped, Tracker},
     },
 };
+use attribution_worker::{Count, InFlightHandle, Job, Requests, Resolve, Worker};
 
 /// Which namespace each `netns` inode means, shared by the pipeline (records), the audit (walks
 /// that found sockets) and the retention sweep.
 pub(crate) type SharedNamespaces = Arc<Mutex<NamespaceIdentity>>;
 
-/// The stages for one record: decode, count, track (table and classifier), attribute, then the
-/// event stream and logs.
+/// The stages for one record: decode, count, track (table and classifier), then the event
+/// stream and logs; attribution is requested from the worker.
 pub(crate) struct Pipeline {
     tracker: Tracker,
     metrics: PipelineMetrics,
@@ -42,13 +48,29 @@ pub(crate) struct Pipeline {
     hz: u32,
     /// The event stream (`--events`, `watch`), when someone reads it.
     events: Option<EventSender>,
-    /// Who owns a connection: asked once when a connection enters the table (and at close if
-    /// its process was unknown), and per event only for the cgroup when aggregates need it.
-    attributor: Arc<Attributor>,
+    /// Who owns a connection: the drain reads only its cgroup cache; the worker looks up.
+    resolver: Arc<dyn Resolve>,
     /// Labels of the aggregate probe and drop counters (`--aggregate-by`).
     aggregate_by: AggregateBy,
     /// Namespace identity by (inode, cookie): a reused inode resets its series.
     namespaces: SharedNamespaces,
+    /// Jobs for the attribution worker.
+    requests: Requests,
+    /// The worker's end of the queue until [`Self::run`] starts it (a mutex only so that the
+    /// pipeline is `Sync`: the drain borrows it across awaits).
+    inbox: Mutex<Option<(mpsc::Receiver<Job>, InFlightHandle)>>,
+}
+
+/// The aggregate label set of one record, or what the worker needs to find it.
+enum Aggregate {
+    /// No aggregate for this record (an error report with workload labels).
+    None,
+    Labels(AggregateLabels),
+    /// Workload labels whose cgroup was not cached: the worker counts it.
+    Later {
+        endpoints: Endpoints,
+        owner: SocketOwner,
+    },
 }
 
 impl Pipeline {
@@ -72,16 +94,22 @@ impl Pipeline {
         reset_reasons: ResetReasons,
         table: Arc<Mutex<ConnectionTable>>,
         metrics: PipelineMetrics,
-        attributor: Arc<Attributor>,
+        resolver: Arc<dyn Resolve>,
     ) -> Self {
+        let (requests, jobs, in_flight) = attribution_worker::queue(
+            attribution_worker::QUEUE_CAPACITY,
+            metrics.attribution_requests_dropped.clone(),
+        );
         Self {
             tracker: Tracker::new(table, reset_reasons),
             metrics,
             hz,
             events: None,
-            attributor,
+            resolver,
             aggregate_by: AggregateBy::default(),
             namespaces: SharedNamespaces::default(),
+            requests,
+            inbox: Mutex::new(Some((jobs, in_flight))),
         }
     }
 
@@ -113,9 +141,31 @@ impl Pipeline {
         }
     }
 
-    /// Drains the ring buffer until its descriptor fails.
+    /// Starts the attribution worker, then drains the ring buffer until its descriptor fails.
+    /// The worker stops once the pipeline is dropped.
     pub(crate) async fn run(self, ring: RingBuf<MapData>) -> std::io::Result<()> {
+        let (worker, jobs) = self.take_worker();
+        worker.spawn(jobs)?;
         ring_reader::drain(ring, |record| self.handle(record)).await
+    }
+
+    /// The worker for this pipeline's queue, with the same table, metrics, labels and events.
+    fn take_worker(&self) -> (Worker, mpsc::Receiver<Job>) {
+        let (jobs, in_flight) = self
+            .inbox
+            .lock()
+            .expect("inbox lock poisoned")
+            .take()
+            .expect("the attribution worker is started once");
+        let worker = Worker::new(
+            Arc::clone(&self.resolver),
+            self.tracker.clone(),
+            self.metrics.clone(),
+            self.aggregate_by.clone(),
+            self.events.clone(),
+            in_flight,
+        );
+        (worker, jobs)
     }
 
     pub(crate) fn handle(&self, bytes: &[u8]) {
@@ -137,13 +187,13 @@ impl Pipeline {
         if !matches!(event, Event::Audit(_)) {
             self.identify_namespace(event.endpoints(), now);
         }
-        let aggregate = self.aggregate_labels(&event);
-        if let Some(labels) = &aggregate {
+        let aggregate = self.aggregate(&event);
+        if let Aggregate::Labels(labels) = &aggregate {
             self.metrics.see(labels);
         }
         match event {
-            Event::KeepaliveExpiry(expiry) => self.on_expiry(&expiry, aggregate.as_ref(), now),
-            Event::Close(close) => self.on_close(&close, aggregate.as_ref(), now),
+            Event::KeepaliveExpiry(expiry) => self.on_expiry(&expiry, aggregate, now),
+            Event::Close(close) => self.on_close(&close, aggregate, now),
             // Audit records come from the iter/tcp file, never from the ring buffer.
             Event::Audit(_) => {
                 self.metrics.decode_errors.inc();
@@ -160,55 +210,51 @@ impl Pipeline {
         }
     }
 
-    fn on_expiry(
-        &self,
-        expiry: &KeepaliveExpiry,
-        aggregate: Option<&AggregateLabels>,
-        now: Instant,
-    ) {
+    fn on_expiry(&self, expiry: &KeepaliveExpiry, aggregate: Aggregate, now: Instant) {
         let outcome = self.tracker.expiry(expiry, now);
         if outcome.entered {
-            let workload = self.attributor.attribute(&expiry.owner);
-            self.tracker
-                .set_workload(expiry.sk, &expiry.endpoints, workload);
+            // A full queue leaves the owner unknown until the close looks again.
+            let _ = self.requests.send(Job::Enter {
+                sk: expiry.sk,
+                endpoints: expiry.endpoints,
+                owner: expiry.owner,
+            });
         }
-        if outcome.probe_sent
-            && let Some(labels) = aggregate
-        {
-            self.metrics.count_probe(labels);
-        }
-        if let Some(events) = &self.events
-            && (outcome.answered_probes > 0 || (outcome.probe_sent && events.with_probes))
-        {
-            let workload = self.tracker.workload(expiry.sk);
-            self.send_expiry_events(events, expiry, outcome, workload.as_ref());
+        let count = if outcome.probe_sent {
+            Count::Probe
+        } else {
+            Count::Seen
+        };
+        self.count(aggregate, count);
+        if let Some(events) = &self.events {
+            let list = self.expiry_events(events, expiry, outcome);
+            if !list.is_empty() {
+                self.emit(expiry.sk, &expiry.endpoints, expiry.owner, None, list);
+            }
         }
     }
 
-    fn on_close(&self, close: &CloseEvent, aggregate: Option<&AggregateLabels>, now: Instant) {
-        let Some(Dropped {
-            reason,
-            mut connection,
-        }) = self.tracker.close(close, now)
-        else {
+    fn on_close(&self, close: &CloseEvent, aggregate: Aggregate, now: Instant) {
+        let Some(Dropped { reason, connection }) = self.tracker.close(close, now) else {
+            self.count(aggregate, Count::Seen);
             return;
         };
-        if let Some(labels) = aggregate {
-            self.metrics.count_drop(labels, reason);
-        }
+        self.count(aggregate, Count::Drop(reason));
         if let Some(seconds) = dead_peer_detection_seconds(close, reason, self.hz) {
             self.metrics
                 .observe_detection(close.endpoints.netns, reason, seconds);
         }
-        if connection.workload.pid.is_none() {
-            let newer = self.attributor.attribute(&close.owner);
-            connection.workload =
-                self.tracker
-                    .complete_workload(&close.endpoints, &connection.workload, newer);
-        }
-        if let Some(events) = &self.events {
-            self.send_drop_events(events, close, reason, &connection);
-        }
+        let list = match &self.events {
+            Some(_) => self.drop_events(close, reason, &connection),
+            None => Vec::new(),
+        };
+        self.emit(
+            close.sk,
+            &close.endpoints,
+            close.owner,
+            Some(&connection.workload),
+            list,
+        );
         let e = &connection.endpoints;
         let message = format_args!(
             "connection dropped: {reason} netns={} {} -> {} probes={} unanswered={} errno={}",
@@ -254,94 +300,178 @@ impl Pipeline {
         }
     }
 
-    /// The aggregate label set of a connection event; `None` for records without an owner
-    /// (error reports) when the labels include workload fields, so no series with an empty
-    /// workload is created for them.
-    fn aggregate_labels(&self, event: &Event) -> Option<AggregateLabels> {
+    /// The aggregate label set of a connection event. Workload labels come from the cgroup
+    /// cache only; on a miss the worker counts the record once it has looked the cgroup up.
+    fn aggregate(&self, event: &Event) -> Aggregate {
         let owner = match event {
             Event::KeepaliveExpiry(expiry) => Some(&expiry.owner),
             Event::Close(close) => Some(&close.owner),
             Event::ErrorReport(_) | Event::Audit(_) => None,
         };
+        let endpoints = event.endpoints();
         let workload = match (self.aggregate_by.needs_workload(), owner) {
             (false, _) => Workload::default(),
-            (true, Some(owner)) => self.attributor.attribute_cgroup(owner),
-            (true, None) => return None,
+            // No series with an empty workload for records without an owner.
+            (true, None) => return Aggregate::None,
+            (true, Some(owner)) => match self.resolver.cached_cgroup(owner) {
+                Some(workload) => workload,
+                None => {
+                    return Aggregate::Later {
+                        endpoints: *endpoints,
+                        owner: *owner,
+                    };
+                }
+            },
         };
-        Some(self.aggregate_by.labels(event.endpoints(), &workload))
+        Aggregate::Labels(self.aggregate_by.labels(endpoints, &workload))
     }
 
-    fn send_expiry_events(
+    fn count(&self, aggregate: Aggregate, count: Count) {
+        let labels = match aggregate {
+            Aggregate::None => return,
+            Aggregate::Labels(labels) => labels,
+            Aggregate::Later { endpoints, owner } => {
+                let job = Job::Count {
+                    endpoints,
+                    owner,
+                    count,
+                };
+                if self.requests.send(job).is_ok() {
+                    return;
+                }
+                // Queue full: counted without the workload, so the namespace's total stays
+                // exact.
+                let labels = self.aggregate_by.labels(
+                    &endpoints,
+                    &Workload {
+                        cgroup_id: owner.cgroup_id,
+                        ..Workload::default()
+                    },
+                );
+                self.metrics.see(&labels);
+                labels
+            }
+        };
+        match count {
+            Count::Seen => {}
+            Count::Probe => self.metrics.count_probe(&labels),
+            Count::Drop(reason) => self.metrics.count_drop(&labels, reason),
+        }
+    }
+
+    /// Sends a connection's events with its owner. `dropped`: the connection's final owner as
+    /// the table kept it; when its process is unknown the worker looks once more first. Events
+    /// of a connection with jobs queued follow them through the worker, so they stay in order
+    /// and carry what the jobs found.
+    fn emit(
+        &self,
+        sk: u64,
+        endpoints: &Endpoints,
+        owner: SocketOwner,
+        dropped: Option<&Workload>,
+        events: Vec<ConnectionEvent>,
+    ) {
+        let look_again = dropped.is_some_and(|workload| workload.pid.is_none());
+        if events.is_empty() && !look_again {
+            return;
+        }
+        let job = Job::Emit {
+            sk,
+            endpoints: *endpoints,
+            owner,
+            dropped: dropped.is_some(),
+            events,
+        };
+        let sent = if look_again {
+            self.requests.send(job)
+        } else {
+            self.requests.send_if_waiting(job)
+        };
+        let Err(job) = sent else {
+            return;
+        };
+        let Job::Emit { events, .. } = *job else {
+            return;
+        };
+        let Some(sender) = &self.events else {
+            return;
+        };
+        let known = match dropped {
+            Some(workload) => Some(workload.clone()),
+            None => self.tracker.known_workload(sk, endpoints),
+        };
+        for mut event in events {
+            if let Some(workload) = &known {
+                event.workload = WorkloadFields::new(workload, owner.socket_ino);
+            }
+            sender.send(event);
+        }
+    }
+
+    /// The events of one expiry, without their owner yet.
+    fn expiry_events(
         &self,
         events: &EventSender,
         expiry: &KeepaliveExpiry,
         outcome: ExpiryOutcome,
-        workload: Option<&Workload>,
-    ) {
-        let with_workload = |mut event: ConnectionEvent| {
-            if let Some(workload) = workload {
-                event.workload = WorkloadFields::new(workload, expiry.owner.socket_ino);
-            }
-            event
-        };
+    ) -> Vec<ConnectionEvent> {
+        let mut list = Vec::new();
         // The ACK that answered the streak arrived before this expiry started.
         if outcome.answered_probes > 0 {
-            events.send(with_workload(ConnectionEvent::from_expiry(
+            list.push(ConnectionEvent::from_expiry(
                 EventKind::Answered,
                 expiry,
                 outcome.answered_probes,
                 0,
                 self.hz,
-            )));
+            ));
         }
         if outcome.probe_sent && events.with_probes {
             let number = expiry.probes_out_after.unwrap_or(expiry.probes_out_before);
-            events.send(with_workload(ConnectionEvent::from_expiry(
+            list.push(ConnectionEvent::from_expiry(
                 EventKind::ProbeSent,
                 expiry,
                 number,
                 expiry.probes_out_before,
                 self.hz,
-            )));
+            ));
         }
+        list
     }
 
-    /// A keepalive drop ends a probe streak too: its outcome first, then the drop.
-    fn send_drop_events(
+    /// A keepalive drop ends a probe streak too: its outcome first, then the drop (without
+    /// their owner yet).
+    fn drop_events(
         &self,
-        events: &EventSender,
         close: &CloseEvent,
         reason: DropReason,
         state: &ConnectionState,
-    ) {
-        let workload = WorkloadFields::new(&state.workload, close.owner.socket_ino);
+    ) -> Vec<ConnectionEvent> {
         let streak_end = match reason {
             DropReason::KeepaliveTimeout => Some(EventKind::TimedOut),
             DropReason::KeepaliveReset => Some(EventKind::Reset),
             _ => None,
         };
+        let mut list = Vec::new();
         if let Some(kind) = streak_end {
-            let mut event = ConnectionEvent::from_close(
+            list.push(ConnectionEvent::from_close(
                 kind,
                 close,
                 reason,
                 u64::from(close.probes_out),
                 close.probes_out,
                 self.hz,
-            );
-            event.workload = workload.clone();
-            events.send(event);
+            ));
         }
-        let mut event = ConnectionEvent::from_close(
+        list.push(ConnectionEvent::from_close(
             EventKind::Drop,
             close,
             reason,
             state.probes_sent,
             state.unanswered_probes.max(close.probes_out),
             self.hz,
-        );
-        event.workload = workload;
-        events.send(event);
+        ));
+        list
     }
 }
 
@@ -626,24 +756,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn pipeline_reports_answered_streaks_then_the_timeout_and_its_drop() {
-        let dropped = Counter::default();
-        let (sender, mut receiver) = crate::export::events::channel(64, dropped.clone(), true);
-        let pipeline = Pipeline::with_kernel(
+    fn table() -> Arc<Mutex<ConnectionTable>> {
+        Arc::new(Mutex::new(ConnectionTable::new(
+            std::num::NonZeroUsize::new(16).unwrap(),
+            16,
+            Duration::from_secs(60),
+        )))
+    }
+
+    fn pipeline(
+        table: Arc<Mutex<ConnectionTable>>,
+        metrics: PipelineMetrics,
+        resolver: Arc<dyn Resolve>,
+    ) -> Pipeline {
+        Pipeline::with_kernel(
             250,
             ResetReasons {
                 keepalive_timeout: Some(15),
             },
-            Arc::new(Mutex::new(ConnectionTable::new(
-                std::num::NonZeroUsize::new(16).unwrap(),
-                16,
-                Duration::from_secs(60),
-            ))),
-            PipelineMetrics::default(),
-            Arc::new(Attributor::new(None, "/nonexistent".into())),
+            table,
+            metrics,
+            resolver,
         )
-        .with_events(sender);
+    }
+
+    /// Two answered probes, then a silent peer: two unanswered probes and the abort.
+    fn answered_then_blackholed(pipeline: &Pipeline) {
         let expiry = RecordKind::KeepaliveTimer;
         // Healthy: each probe's ACK zeroes icsk_probes_out before the next expiry.
         pipeline.handle(&record_bytes(expiry, 0, 1, 0));
@@ -657,6 +795,23 @@ mod tests {
             0,
             record_flags::RESET_SENT,
         ));
+    }
+
+    #[test]
+    fn pipeline_reports_answered_streaks_then_the_timeout_and_its_drop() {
+        let dropped = Counter::default();
+        let (sender, mut receiver) = crate::export::events::channel(64, dropped.clone(), true);
+        let pipeline = pipeline(
+            table(),
+            PipelineMetrics::default(),
+            Arc::new(Attributor::new(None, "/nonexistent".into())),
+        )
+        .with_events(sender);
+        let (worker, mut jobs) = pipeline.take_worker();
+        answered_then_blackholed(&pipeline);
+        while let Ok(job) = jobs.try_recv() {
+            worker.handle(job);
+        }
         let mut got = Vec::new();
         while let Ok(event) = receiver.try_recv() {
             got.push((event.event, event.probes_sent, event.unanswered_probes));
@@ -676,6 +831,149 @@ mod tests {
             ]
         );
         assert_eq!(dropped.get(), 0);
+    }
+
+    /// An owner lookup that waits until the test lets it go (a stalled `/proc`).
+    #[derive(Debug)]
+    struct StalledProc {
+        /// Told when the worker is inside the lookup.
+        entered: Mutex<std::sync::mpsc::Sender<()>>,
+        /// The lookup returns once the test drops the other end.
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl StalledProc {
+        fn workload(owner: &SocketOwner) -> Workload {
+            Workload {
+                cgroup_id: owner.cgroup_id,
+                pod_uid: Some("pod-a".to_owned()),
+                ..Workload::default()
+            }
+        }
+    }
+
+    impl Resolve for StalledProc {
+        fn cached_cgroup(&self, _: &SocketOwner) -> Option<Workload> {
+            None
+        }
+
+        fn cgroup(&self, owner: &SocketOwner) -> Workload {
+            Self::workload(owner)
+        }
+
+        fn everything(&self, owner: &SocketOwner) -> Workload {
+            let _ = self.entered.lock().unwrap().send(());
+            let _ = self.release.lock().unwrap().recv();
+            Workload {
+                pid: Some(77),
+                comm: Some("app".to_owned()),
+                ..Self::workload(owner)
+            }
+        }
+    }
+
+    #[test]
+    fn the_drain_goes_on_while_an_owner_lookup_is_stalled_and_gets_its_results_after() {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let resolver = Arc::new(StalledProc {
+            entered: Mutex::new(entered_tx),
+            release: Mutex::new(release_rx),
+        });
+        let table = table();
+        let metrics = PipelineMetrics::default();
+        let (sender, mut receiver) = crate::export::events::channel(64, Counter::default(), false);
+        let aggregate_by: AggregateBy = "netns,pod_uid".parse().unwrap();
+        let pipeline = pipeline(Arc::clone(&table), metrics.clone(), resolver)
+            .with_events(sender)
+            .aggregated_by(aggregate_by.clone());
+        let (worker, jobs) = pipeline.take_worker();
+        let worker = worker.spawn(jobs).unwrap();
+
+        let expiry = RecordKind::KeepaliveTimer;
+        pipeline.handle(&record_bytes(expiry, 0, 1, 0));
+        // The worker is now inside the lookup for the connection that entered, and stays there.
+        entered.recv().unwrap();
+        // Everything else of the connection is handled all the same (a drain waiting for the
+        // worker would never get past this).
+        pipeline.handle(&record_bytes(expiry, 0, 1, 0));
+        pipeline.handle(&record_bytes(expiry, 1, 2, 0));
+        pipeline.handle(&record_bytes(expiry, 2, 3, 0));
+        pipeline.handle(&record_bytes(
+            RecordKind::Close,
+            3,
+            0,
+            record_flags::RESET_SENT,
+        ));
+        let connection = {
+            let mut table = table.lock().unwrap();
+            let e = decoder::decode(&record_bytes(RecordKind::Close, 3, 0, 0)).unwrap();
+            table.dropped_mut(e.endpoints()).cloned().expect("dropped")
+        };
+        assert_eq!(
+            (
+                connection.probes_sent,
+                connection.dropped,
+                connection.workload.pid
+            ),
+            (4, Some(DropReason::KeepaliveTimeout), None)
+        );
+        // The events wait behind the lookup, so they can carry its result.
+        assert!(receiver.try_recv().is_err());
+
+        drop(release);
+        // The queue closes with the pipeline; the worker finishes what is in it.
+        drop(pipeline);
+        worker.join().unwrap();
+
+        let mut got = Vec::new();
+        while let Ok(event) = receiver.try_recv() {
+            let w = &event.workload.workload;
+            got.push((event.event, w.pid, w.comm.clone(), w.pod_uid.clone()));
+        }
+        let owner = (Some(77), Some("app".to_owned()), Some("pod-a".to_owned()));
+        use EventKind::*;
+        assert_eq!(
+            got,
+            [Answered, TimedOut, Drop].map(|kind| (
+                kind,
+                owner.0,
+                owner.1.clone(),
+                owner.2.clone()
+            ))
+        );
+        // The aggregates the worker counted carry the pod; none went under an empty pod_uid.
+        let endpoints = *decoder::decode(&record_bytes(expiry, 0, 1, 0))
+            .unwrap()
+            .endpoints();
+        let labels = |pod: Option<&str>| {
+            aggregate_by.labels(
+                &endpoints,
+                &Workload {
+                    pod_uid: pod.map(str::to_owned),
+                    ..Workload::default()
+                },
+            )
+        };
+        assert_eq!(
+            metrics.probes.get_or_create(&labels(Some("pod-a"))).get(),
+            4
+        );
+        assert_eq!(metrics.probes.get_or_create(&labels(None)).get(), 0);
+        let mut drop_labels = labels(Some("pod-a"));
+        drop_labels.push(("reason", "keepalive_timeout".to_owned()));
+        assert_eq!(metrics.drops.get_or_create(&drop_labels).get(), 1);
+        assert_eq!(
+            table
+                .lock()
+                .unwrap()
+                .dropped_mut(&endpoints)
+                .unwrap()
+                .workload
+                .pid,
+            Some(77)
+        );
+        assert_eq!(metrics.attribution_requests_dropped.get(), 0);
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! (never from `current`, which is meaningless in the timer softirq): the socket's cgroup v2 id
 //! and the inode of its file. This module turns them into a [`Workload`]:
 //!
-//! - cgroup id → cgroup path, by walking the cgroup v2 mount (a directory's inode number *is*
-//!   the cgroup id on 64-bit kernels: `kernfs_node.id`);
+//! - cgroup id → cgroup path, by opening the cgroup with the id as a kernfs file handle, else by
+//!   walking the cgroup v2 mount (a directory's inode number *is* the cgroup id on 64-bit
+//!   kernels: `kernfs_node.id`);
 //! - cgroup path → Kubernetes `pod_uid` and `container_id` (pure parsing, no API access);
 //! - socket inode → owning process, by finding `socket:[INO]` among `/proc/*/fd`.
 //!
-//! Both lookups are cached and a miss rebuilds the cache at most once per second, so a busy
-//! node (thousands of cgroups, hundreds of thousands of descriptors) bounds the work.
+//! Both lookups are cached in bounded maps; a miss walks the cgroup tree or rescans `/proc` at
+//! most once per second, so a busy node (thousands of cgroups, hundreds of thousands of
+//! descriptors) bounds the work. Lookups read files: the pipeline runs them on its attribution
+//! worker, and reads only [`Attributor::cached_cgroup`] on the event path.
 //!
 //! [`cgroup`] resolves ids to paths, [`kubernetes`] parses the kubelet's naming out of a path,
 //! [`process`] finds the process holding a socket; [`Attributor`] combines the three.
@@ -76,7 +79,7 @@ fn fill(slot: &mut Option<String>, newer: Option<String>) {
 
 #[derive(Debug)]
 pub(crate) struct Attributor {
-    cgroups: Mutex<CgroupResolver>,
+    cgroups: CgroupResolver,
     processes: Mutex<ProcessResolver>,
 }
 
@@ -84,15 +87,22 @@ impl Attributor {
     /// `cgroup_root`: the cgroup v2 mount (`None`: paths stay unknown); `proc_root`: `/proc`.
     pub(crate) fn new(cgroup_root: Option<PathBuf>, proc_root: PathBuf) -> Self {
         Self {
-            cgroups: Mutex::new(CgroupResolver::new(cgroup_root)),
+            cgroups: CgroupResolver::new(cgroup_root),
             processes: Mutex::new(ProcessResolver::new(proc_root)),
         }
     }
 
-    /// The cgroup side only (path, pod, container): cheap, a map lookup when cached. What
-    /// aggregate labels need.
+    /// The cgroup side only (path, pod, container): a map lookup when cached, else one
+    /// lookup (by file handle, or the rate-limited walk). What aggregate labels need.
     pub(crate) fn attribute_cgroup(&self, owner: &SocketOwner) -> Workload {
         self.cgroup_workload(owner, Instant::now())
+    }
+
+    /// The cgroup side from the cache alone, never touching the filesystem (the event path's
+    /// view): `None` when the socket's cgroup was not looked up yet.
+    pub(crate) fn cached_cgroup(&self, owner: &SocketOwner) -> Option<Workload> {
+        let cgroup_path = self.cgroups.cached(owner.cgroup_id)?;
+        Some(cgroup_workload(owner, cgroup_path))
     }
 
     /// Everything known about the socket's owner, including its process. The process lookup
@@ -121,33 +131,12 @@ impl Attributor {
     }
 
     fn cgroup_workload(&self, owner: &SocketOwner, now: Instant) -> Workload {
-        let cgroup_path = self
-            .cgroups
-            .lock()
-            .expect("cgroup resolver lock poisoned")
-            .path(owner.cgroup_id, now);
-        let ids = cgroup_path
-            .as_deref()
-            .map(parse_kubernetes)
-            .unwrap_or_default();
-        Workload {
-            cgroup_id: owner.cgroup_id,
-            cgroup_path,
-            pod_uid: ids.pod_uid,
-            container_id: ids.container_id,
-            pid: None,
-            comm: None,
-        }
+        cgroup_workload(owner, self.cgroups.path(owner.cgroup_id, now))
     }
 
     /// `cgroup.procs` of a cgroup (empty if it is gone).
     fn cgroup_processes(&self, path: &str) -> Vec<u32> {
-        let Some(dir) = self
-            .cgroups
-            .lock()
-            .expect("cgroup resolver lock poisoned")
-            .directory(path)
-        else {
+        let Some(dir) = self.cgroups.directory(path) else {
             return Vec::new();
         };
         fs::read_to_string(dir.join("cgroup.procs"))
@@ -158,6 +147,22 @@ impl Attributor {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// What a cgroup path says about its workload.
+fn cgroup_workload(owner: &SocketOwner, cgroup_path: Option<String>) -> Workload {
+    let ids = cgroup_path
+        .as_deref()
+        .map(parse_kubernetes)
+        .unwrap_or_default();
+    Workload {
+        cgroup_id: owner.cgroup_id,
+        cgroup_path,
+        pod_uid: ids.pod_uid,
+        container_id: ids.container_id,
+        pid: None,
+        comm: None,
     }
 }
 
@@ -244,6 +249,8 @@ mod tests {
             pid: Some(77),
             comm: Some("app".to_owned()),
         };
+        // Not looked up yet: the cache alone does not know.
+        assert_eq!(attributor.cached_cgroup(&owner), None);
         assert_eq!(attributor.attribute(&owner), expected);
         assert_eq!(
             attributor.attribute_cgroup(&owner),
@@ -252,6 +259,11 @@ mod tests {
                 comm: None,
                 ..expected.clone()
             }
+        );
+
+        assert_eq!(
+            attributor.cached_cgroup(&owner),
+            Some(attributor.attribute_cgroup(&owner))
         );
 
         // Orphan sockets (no file) and unknown cgroups keep what can be known.

@@ -9,8 +9,8 @@ use std::{
 
 use super::MIN_RESCAN_INTERVAL;
 
-/// More cached socket owners than this and the process cache starts over (a node with that
-/// many sockets re-reads `/proc` anyway on the next miss).
+/// More cached socket owners than this and the process cache starts over, and a rescan keeps
+/// no more (a node with that many sockets re-reads `/proc` anyway on the next miss).
 const MAX_CACHED_SOCKETS: usize = 1 << 20;
 
 /// The process holding a socket open.
@@ -92,13 +92,24 @@ impl ProcessResolver {
             .collect();
         // Lowest pid first, so a socket shared after fork() maps to the parent.
         pids.sort_unstable();
+        let mut wanted = None;
         for pid in pids {
             for ino in self.sockets_of(pid) {
-                owners.entry(ino).or_insert(pid);
+                if ino == socket_ino {
+                    wanted.get_or_insert(pid);
+                }
+                // The cache stays bounded on a node with more sockets than that; the one asked
+                // for is found all the same.
+                if owners.len() < MAX_CACHED_SOCKETS {
+                    owners.entry(ino).or_insert(pid);
+                }
             }
         }
+        if let Some(pid) = wanted {
+            owners.entry(socket_ino).or_insert(pid);
+        }
         self.owners = owners;
-        self.owners.get(&socket_ino).copied()
+        wanted
     }
 
     /// Socket inodes among the process's descriptors (none if it is gone or not readable).

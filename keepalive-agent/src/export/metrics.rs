@@ -64,6 +64,8 @@ pub(crate) struct PipelineMetrics {
     pub decode_errors: Counter,
     /// Events the `--events` stream could not take (channel full, or write failed).
     pub events_dropped: Counter,
+    /// Owner lookups the attribution worker's full queue could not take.
+    pub attribution_requests_dropped: Counter,
     pub detection: Family<DropLabels, Histogram, fn() -> Histogram>,
     /// Namespaces whose series were removed, by cause.
     pub namespaces_forgotten: Family<ForgetLabels, Counter>,
@@ -82,6 +84,7 @@ impl Default for PipelineMetrics {
             events: Family::default(),
             decode_errors: Counter::default(),
             events_dropped: Counter::default(),
+            attribution_requests_dropped: Counter::default(),
             detection: Family::new_with_constructor(|| {
                 Histogram::new(DETECTION_BUCKETS.iter().copied())
             }),
@@ -214,6 +217,11 @@ pub(crate) fn registry(
         "keepalive_agent_namespaces_forgotten",
         "Network namespaces whose series were removed: inode_reused (a new namespace got the inode) or retention (not seen for --netns.retention)",
         pipeline.namespaces_forgotten.clone(),
+    );
+    registry.register(
+        "keepalive_agent_attribution_requests_dropped",
+        "Owner lookups not made because the attribution queue was full (slow /proc or cgroup tree): those records were handled without their owner",
+        pipeline.attribution_requests_dropped.clone(),
     );
     registry.register(
         "keepalive_agent_hook_attached",

@@ -1,6 +1,6 @@
 //! One decoded record applied to the connection table and the classifier. Nothing here reads a
-//! file or waits: the pipeline looks owners up (attribution) with the table lock released and
-//! hands the result back with [`Tracker::set_workload`] / [`Tracker::complete_workload`].
+//! file or waits: the pipeline's attribution worker looks owners up with the table lock released
+//! and hands the results back with [`Tracker::set_workload`] / [`Tracker::complete_workload`].
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},
@@ -59,19 +59,31 @@ impl Tracker {
         Some(Dropped { reason, connection })
     }
 
-    /// The owner of a live connection, as known so far.
-    pub(crate) fn workload(&self, sk: u64) -> Option<Workload> {
-        self.table()
-            .live_mut(sk)
+    /// The owner of a connection as known so far: the live one on `sk` if it is still this
+    /// connection, else its dropped entry; `None` when the table forgot it.
+    pub(crate) fn known_workload(&self, sk: u64, endpoints: &Endpoints) -> Option<Workload> {
+        let mut table = self.table();
+        if let Some(state) = table.live_mut(sk)
+            && state.endpoints == *endpoints
+        {
+            return Some(state.workload.clone());
+        }
+        table
+            .dropped_mut(endpoints)
             .map(|state| state.workload.clone())
     }
 
-    /// Records the owner of a live connection that has just entered the table.
+    /// Records the owner of a connection that entered the table. The lookup ran while the
+    /// table went on: if the connection has been dropped since, its dropped entry learns what
+    /// it did not know yet.
     pub(crate) fn set_workload(&self, sk: u64, endpoints: &Endpoints, workload: Workload) {
-        if let Some(state) = self.table().live_mut(sk)
+        let mut table = self.table();
+        if let Some(state) = table.live_mut(sk)
             && state.endpoints == *endpoints
         {
             state.workload = workload;
+        } else if let Some(state) = table.dropped_mut(endpoints) {
+            state.workload.fill_unknown_from(workload);
         }
     }
 

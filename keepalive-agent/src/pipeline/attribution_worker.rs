@@ -1,0 +1,406 @@
+//! Attribution off the event path. Finding a socket's owner reads files (`/proc/*/fd`, the
+//! cgroup tree); a slow `/proc` must not stall the ring-buffer drain, nor the scrapes waiting for
+//! the connection table. So the drain only `try_send`s [`Job`]s into a bounded queue, and one
+//! worker thread does the lookups and applies what they find when it arrives:
+//!
+//! - a connection that entered the table gets its owner ([`Tracker::set_workload`]);
+//! - aggregate counts (`--aggregate-by` with workload labels) of a record whose cgroup was not
+//!   cached yet are counted by the worker under the looked-up labels, so every record is counted
+//!   once, under its own workload, only later;
+//! - events of a connection with a job in the queue are sent by the worker after it, in order,
+//!   with the owner filled in; a drop first completes what is known of its owner.
+//!
+//! A full queue is counted (`keepalive_agent_attribution_requests_dropped_total`) and logged at
+//! most every [`FULL_WARNING_INTERVAL`]; the record is then handled with what is known: counts
+//! under empty workload labels (the namespace's totals stay exact), events with the owner known
+//! so far.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use log::warn;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+
+use crate::{
+    attribution::{Attributor, Workload},
+    export::{
+        events::{ConnectionEvent, EventSender, WorkloadFields},
+        labels::AggregateBy,
+        metrics::PipelineMetrics,
+    },
+    record::decoder::{Endpoints, SocketOwner},
+    track::{classifier::DropReason, tracker::Tracker},
+};
+
+/// Jobs waiting for the worker before new ones are dropped. A job is a few hundred bytes; the
+/// worker resolves a cached owner in microseconds, so only a stalled `/proc` fills this.
+pub(crate) const QUEUE_CAPACITY: usize = 4096;
+
+/// Shortest time between two "queue full" warnings.
+const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Who owns a socket. [`Attributor`] reads `/proc` and the cgroup tree; tests substitute a slow
+/// or counting one.
+pub(crate) trait Resolve: Send + Sync + fmt::Debug {
+    /// The cgroup side from the cache only, without touching the filesystem; `None` when the
+    /// socket's cgroup was not looked up yet.
+    fn cached_cgroup(&self, owner: &SocketOwner) -> Option<Workload>;
+    /// The cgroup side (path, pod, container), looked up on a miss.
+    fn cgroup(&self, owner: &SocketOwner) -> Workload;
+    /// Everything, including the process holding the socket.
+    fn everything(&self, owner: &SocketOwner) -> Workload;
+}
+
+impl Resolve for Attributor {
+    fn cached_cgroup(&self, owner: &SocketOwner) -> Option<Workload> {
+        Attributor::cached_cgroup(self, owner)
+    }
+
+    fn cgroup(&self, owner: &SocketOwner) -> Workload {
+        self.attribute_cgroup(owner)
+    }
+
+    fn everything(&self, owner: &SocketOwner) -> Workload {
+        self.attribute(owner)
+    }
+}
+
+/// What one aggregate record adds once its labels are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Count {
+    /// Nothing but the label set's series, created at 0.
+    Seen,
+    Probe,
+    Drop(DropReason),
+}
+
+/// One request from the drain to the worker.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// A connection entered the table: find its owner, process included.
+    Enter {
+        sk: u64,
+        endpoints: Endpoints,
+        owner: SocketOwner,
+    },
+    /// An aggregate count whose workload labels were not in the cache.
+    Count {
+        endpoints: Endpoints,
+        owner: SocketOwner,
+        count: Count,
+    },
+    /// Events to send once the connection's owner is known. `dropped`: the connection is gone;
+    /// if its process is still unknown, look once more (its last chance).
+    Emit {
+        sk: u64,
+        endpoints: Endpoints,
+        owner: SocketOwner,
+        dropped: bool,
+        events: Vec<ConnectionEvent>,
+    },
+}
+
+impl Job {
+    /// The connection whose events must wait behind this job.
+    fn socket(&self) -> Option<u64> {
+        match self {
+            Self::Enter { sk, .. } | Self::Emit { sk, .. } => Some(*sk),
+            Self::Count { .. } => None,
+        }
+    }
+}
+
+/// Jobs queued per socket: while a connection has one, its events go through the queue too, so
+/// the stream keeps each connection's order and carries the owner once known.
+type InFlight = Arc<Mutex<HashMap<u64, usize>>>;
+
+/// The drain's end of the queue: never waits.
+#[derive(Debug)]
+pub(crate) struct Requests {
+    tx: mpsc::Sender<Job>,
+    in_flight: InFlight,
+    dropped: Counter,
+    /// When the last "queue full" warning was logged, and how many were not logged since.
+    warned: Mutex<(Option<Instant>, u64)>,
+}
+
+/// The worker's end: receives the jobs, needs everything a job touches.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub(crate) resolver: Arc<dyn Resolve>,
+    pub(crate) tracker: Tracker,
+    pub(crate) metrics: PipelineMetrics,
+    pub(crate) aggregate_by: AggregateBy,
+    pub(crate) events: Option<EventSender>,
+    in_flight: InFlight,
+}
+
+/// A bounded queue: the pipeline's [`Requests`], and what [`Worker::new`] needs to drain it.
+pub(crate) fn queue(
+    capacity: usize,
+    dropped: Counter,
+) -> (Requests, mpsc::Receiver<Job>, InFlightHandle) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let in_flight = InFlight::default();
+    (
+        Requests {
+            tx,
+            in_flight: Arc::clone(&in_flight),
+            dropped,
+            warned: Mutex::new((None, 0)),
+        },
+        rx,
+        InFlightHandle(in_flight),
+    )
+}
+
+/// The per-socket job counts the worker decrements (opaque outside this module).
+#[derive(Debug)]
+pub(crate) struct InFlightHandle(InFlight);
+
+impl Requests {
+    /// Queues a job; gives it back when the queue is full (counted and logged).
+    pub(crate) fn send(&self, job: Job) -> Result<(), Box<Job>> {
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
+        self.try_send(&mut in_flight, job)
+    }
+
+    /// Queues `job` only if its connection already has jobs queued (its events must follow
+    /// them); gives it back otherwise, or when the queue is full.
+    pub(crate) fn send_if_waiting(&self, job: Job) -> Result<(), Box<Job>> {
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
+        let waiting = job
+            .socket()
+            .is_some_and(|sk| in_flight.get(&sk).is_some_and(|&n| n > 0));
+        if !waiting {
+            return Err(Box::new(job));
+        }
+        self.try_send(&mut in_flight, job)
+    }
+
+    /// Under the in-flight lock, so the worker cannot finish a socket's last job between the
+    /// check and the count.
+    fn try_send(&self, in_flight: &mut HashMap<u64, usize>, job: Job) -> Result<(), Box<Job>> {
+        let sk = job.socket();
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                if let Some(sk) = sk {
+                    *in_flight.entry(sk).or_default() += 1;
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
+                self.dropped.inc();
+                self.warn_full();
+                Err(Box::new(job))
+            }
+        }
+    }
+
+    fn warn_full(&self) {
+        let now = Instant::now();
+        let mut warned = self.warned.lock().expect("warning lock poisoned");
+        let (last, suppressed) = &mut *warned;
+        if last.is_some_and(|last| now.duration_since(last) < FULL_WARNING_INTERVAL) {
+            *suppressed += 1;
+            return;
+        }
+        warn!(
+            "attribution queue full ({QUEUE_CAPACITY} jobs; is /proc or the cgroup tree slow?): \
+             recording without the owner ({} more since the last warning)",
+            *suppressed
+        );
+        *last = Some(now);
+        *suppressed = 0;
+    }
+}
+
+impl Worker {
+    pub(crate) fn new(
+        resolver: Arc<dyn Resolve>,
+        tracker: Tracker,
+        metrics: PipelineMetrics,
+        aggregate_by: AggregateBy,
+        events: Option<EventSender>,
+        in_flight: InFlightHandle,
+    ) -> Self {
+        Self {
+            resolver,
+            tracker,
+            metrics,
+            aggregate_by,
+            events,
+            in_flight: in_flight.0,
+        }
+    }
+
+    /// Runs the worker on its own thread until every [`Requests`] is dropped.
+    pub(crate) fn spawn(
+        self,
+        mut jobs: mpsc::Receiver<Job>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("attribution".to_owned())
+            .spawn(move || {
+                while let Some(job) = jobs.blocking_recv() {
+                    self.handle(job);
+                }
+            })
+    }
+
+    /// Does one job and applies its result.
+    pub(crate) fn handle(&self, job: Job) {
+        let sk = job.socket();
+        match job {
+            Job::Enter {
+                sk,
+                endpoints,
+                owner,
+            } => {
+                let workload = self.resolver.everything(&owner);
+                self.tracker.set_workload(sk, &endpoints, workload);
+            }
+            Job::Count {
+                endpoints,
+                owner,
+                count,
+            } => {
+                let labels = self
+                    .aggregate_by
+                    .labels(&endpoints, &self.resolver.cgroup(&owner));
+                self.metrics.see(&labels);
+                match count {
+                    Count::Seen => {}
+                    Count::Probe => self.metrics.count_probe(&labels),
+                    Count::Drop(reason) => self.metrics.count_drop(&labels, reason),
+                }
+            }
+            Job::Emit {
+                sk,
+                endpoints,
+                owner,
+                dropped,
+                events,
+            } => {
+                let mut workload =
+                    self.tracker
+                        .known_workload(sk, &endpoints)
+                        .unwrap_or_else(|| Workload {
+                            cgroup_id: owner.cgroup_id,
+                            ..Workload::default()
+                        });
+                if dropped && workload.pid.is_none() {
+                    let newer = self.resolver.everything(&owner);
+                    workload = self.tracker.complete_workload(&endpoints, &workload, newer);
+                }
+                if let Some(sender) = &self.events {
+                    for mut event in events {
+                        event.workload = WorkloadFields::new(&workload, owner.socket_ino);
+                        sender.send(event);
+                    }
+                }
+            }
+        }
+        if let Some(sk) = sk {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
+            if let Some(n) = in_flight.get_mut(&sk) {
+                *n -= 1;
+                if *n == 0 {
+                    in_flight.remove(&sk);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn endpoints() -> Endpoints {
+        Endpoints {
+            netns: 1,
+            netns_cookie: 0,
+            local: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            remote: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+
+    fn enter(sk: u64) -> Job {
+        Job::Enter {
+            sk,
+            endpoints: endpoints(),
+            owner: SocketOwner::default(),
+        }
+    }
+
+    fn emit(sk: u64) -> Job {
+        Job::Emit {
+            sk,
+            endpoints: endpoints(),
+            owner: SocketOwner::default(),
+            dropped: false,
+            events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn events_follow_the_queue_only_while_their_connection_has_jobs_in_it() {
+        let dropped = Counter::default();
+        let (requests, mut jobs, in_flight) = queue(4, dropped.clone());
+        let worker = Worker::new(
+            Arc::new(Attributor::new(None, "/nonexistent".into())),
+            Tracker::new(
+                Arc::new(Mutex::new(
+                    crate::track::connection_table::ConnectionTable::new(
+                        std::num::NonZeroUsize::new(4).unwrap(),
+                        4,
+                        Duration::from_secs(60),
+                    ),
+                )),
+                crate::track::classifier::ResetReasons::default(),
+            ),
+            PipelineMetrics::default(),
+            AggregateBy::default(),
+            None,
+            in_flight,
+        );
+        // Nothing queued for socket 1: its events go straight out (given back), uncounted.
+        assert!(requests.send_if_waiting(emit(1)).is_err());
+        assert!(requests.send(enter(1)).is_ok());
+        // Now they wait behind the lookup; another socket's do not.
+        assert!(requests.send_if_waiting(emit(1)).is_ok());
+        assert!(requests.send_if_waiting(emit(2)).is_err());
+        assert_eq!(dropped.get(), 0);
+        // Once the worker has done both, socket 1's events go straight out again.
+        worker.handle(jobs.try_recv().unwrap());
+        assert!(
+            requests.send_if_waiting(emit(1)).is_ok(),
+            "one job still queued"
+        );
+        worker.handle(jobs.try_recv().unwrap());
+        worker.handle(jobs.try_recv().unwrap());
+        assert!(requests.send_if_waiting(emit(1)).is_err());
+        assert!(jobs.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_queue_gives_the_job_back_and_counts_it() {
+        let dropped = Counter::default();
+        let (requests, mut jobs, _in_flight) = queue(1, dropped.clone());
+        assert!(requests.send(enter(1)).is_ok());
+        let refused = requests.send(enter(2)).expect_err("queue of one is full");
+        assert!(matches!(*refused, Job::Enter { sk: 2, .. }));
+        // Refused jobs leave nothing waiting: socket 2's events are not held back for it.
+        assert!(requests.send_if_waiting(emit(2)).is_err());
+        assert_eq!(dropped.get(), 1);
+        assert!(matches!(jobs.try_recv(), Ok(Job::Enter { sk: 1, .. })));
+    }
+}
