@@ -137,7 +137,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ebpf,
         events,
         reserve_failures,
-        audit_loaded,
+        audit,
         ..
     } = kernel;
 
@@ -202,8 +202,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         })
     };
     // `_ebpf` keeps the programs (and so the hooks) loaded until `run` returns.
-    let (audit_collector, _ebpf) =
-        audit::task::start(ebpf, audit_loaded, session.hz, &config.audit, audit_group);
+    let (audit_collector, _ebpf) = audit::task::start(
+        ebpf,
+        audit,
+        config.proc_root.clone(),
+        session.hz,
+        &config.audit,
+        audit_group,
+    );
     registry.register_collector(Box::new(audit_collector));
     let state = Arc::new(HttpState {
         registry,
