@@ -1,7 +1,7 @@
 //! `keepalive-agent check`: can the agent run on this machine? One line per prerequisite, and a
 //! plain sentence saying what to do for each one that is missing.
 
-use std::{ffi::CStr, fs, os::unix::fs::MetadataExt as _};
+use std::{ffi::CStr, fs};
 
 use anyhow::bail;
 
@@ -9,6 +9,7 @@ use crate::kernel::{
     Session, hz,
     kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
     layout::{self, AuditWalk, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
+    netns,
     programs::{HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
 };
 
@@ -303,20 +304,12 @@ fn effective_capabilities() -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
-/// `PROC_PID_INIT_INO` (include/linux/proc_ns.h): the inode of the initial PID namespace.
-const INITIAL_PID_NAMESPACE_INODE: u64 = 0xEFFF_FFFC;
-
 /// Which audit walk this kernel gets and whether it can see every socket from here.
 fn audit_walk(layout: &KernelLayout) -> Check {
     let name = "audit walk";
     match layout.audit_walk {
         Some(AuditWalk::TaskFile) => {
-            // The kernel's task iterators walk the tasks of the creator's PID namespace only
-            // (`task_active_pid_ns(current)` in kernel/bpf/task_iter.c).
-            let pid_ns = fs::metadata("/proc/self/ns/pid").map(|m| m.ino()).ok();
-            if pid_ns.is_none_or(|ino| ino == INITIAL_PID_NAMESPACE_INODE) {
-                Check::ok(name, AuditWalk::TaskFile.describe())
-            } else {
+            if let Some(pid_ns) = netns::private_pid_namespace() {
                 Check::new(
                     name,
                     Status::Warn,
@@ -324,7 +317,7 @@ fn audit_walk(layout: &KernelLayout) -> Check {
                         "{}; but this process is in PID namespace {} (not the host's), so it \
                          sees only that namespace's processes",
                         AuditWalk::TaskFile.describe(),
-                        pid_ns.unwrap_or_default()
+                        pid_ns
                     ),
                     Some(
                         "Run the agent in the host's PID namespace (hostPID: true in Kubernetes) \
@@ -332,6 +325,8 @@ fn audit_walk(layout: &KernelLayout) -> Check {
                             .to_owned(),
                     ),
                 )
+            } else {
+                Check::ok(name, AuditWalk::TaskFile.describe())
             }
         }
         Some(AuditWalk::IterTcp) => {

@@ -13,7 +13,7 @@ use keepalive_ebpf::tcp_state;
 
 use crate::{
     audit::{iter, summary::SocketKeepalive},
-    kernel::{Session, hz, layout::AuditWalk},
+    kernel::{Session, hz, layout::AuditWalk, programs},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -65,8 +65,9 @@ pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
     )?;
     let hz = session.hz;
     drop(session);
-    if walk == AuditWalk::IterTcp {
-        log::warn!("{}", walk.describe());
+    match walk {
+        AuditWalk::IterTcp => log::warn!("{}", walk.describe()),
+        AuditWalk::TaskFile => programs::warn_private_pid_namespace(),
     }
     // The fallback enters only the namespaces asked for: cheaper on a busy host.
     let host = iter::walk_host(&mut ebpf, walk, &config.proc_root, |inode| {

@@ -23,6 +23,18 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// `PROC_PID_INIT_INO` (include/linux/proc_ns.h): the inode of the initial PID namespace.
+const INITIAL_PID_NAMESPACE_INODE: u64 = 0xEFFF_FFFC;
+
+/// The agent's PID namespace inode when it is not the host's (initial) one, `None` when it is
+/// or cannot be told. BPF task iterators (`iter/task_file`, the audit walk on 5.11+) walk only
+/// the tasks of their creator's PID namespace (`task_active_pid_ns(current)` in
+/// kernel/bpf/task_iter.c): outside the host's, the audit sees only this namespace's processes.
+pub(crate) fn private_pid_namespace() -> Option<u64> {
+    let inode = fs::metadata("/proc/self/ns/pid").ok()?.ino();
+    (inode != INITIAL_PID_NAMESPACE_INODE).then_some(inode)
+}
+
 /// Directories where tools bind-mount named network namespaces.
 const NETNS_MOUNT_DIRS: [&str; 3] = ["/run/netns", "/var/run/netns", "/run/docker/netns"];
 

@@ -208,7 +208,10 @@ pub(crate) fn load(
     let audit = match load_audit(&mut ebpf, layout, btf) {
         Ok(walk) => {
             match walk {
-                AuditWalk::TaskFile => info!("keepalive configuration audit: {}", walk.describe()),
+                AuditWalk::TaskFile => {
+                    info!("keepalive configuration audit: {}", walk.describe());
+                    warn_private_pid_namespace();
+                }
                 AuditWalk::IterTcp => warn!("keepalive configuration audit: {}", walk.describe()),
             }
             Some(walk)
@@ -274,6 +277,18 @@ pub(crate) fn load(
         events,
         reserve_failures,
     })
+}
+
+/// Says so when the task-file walk cannot see the host's processes (see
+/// [`crate::kernel::netns::private_pid_namespace`]).
+pub(crate) fn warn_private_pid_namespace() {
+    if let Some(pid_ns) = crate::kernel::netns::private_pid_namespace() {
+        warn!(
+            "the agent runs in PID namespace {pid_ns}, not the host's: the keepalive \
+             configuration audit sees only the sockets of that namespace's processes (run with \
+             hostPID: true to audit every process)"
+        );
+    }
 }
 
 fn attach(
