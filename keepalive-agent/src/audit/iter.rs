@@ -85,37 +85,29 @@ pub(crate) struct HostWalk {
 
 /// One audit of the host with the walk this kernel loaded, keeping the network namespaces whose
 /// inode `wanted` accepts. `proc_root` (`--proc.root`) is where the fallback finds namespaces.
+/// An error means nothing was walked (the task-file iterator failed); the fallback reports
+/// each namespace it could not walk in [`HostWalk::failures`] instead.
 pub(crate) fn walk_host(
     ebpf: &mut Ebpf,
     audit: AuditWalk,
     proc_root: &Path,
     wanted: impl Fn(u64) -> bool,
-) -> HostWalk {
+) -> Result<HostWalk, AuditError> {
     match audit {
-        AuditWalk::TaskFile => walk_task_files(ebpf, wanted),
-        AuditWalk::IterTcp => walk_namespaces(ebpf, proc_root, wanted),
-    }
-}
-
-/// [`AuditWalk::TaskFile`]: one iterator read on the calling thread.
-fn walk_task_files(ebpf: &mut Ebpf, wanted: impl Fn(u64) -> bool) -> HostWalk {
-    match walk(ebpf, AuditWalk::TaskFile) {
-        Ok(sockets) => {
-            let sockets = once_per_socket(sockets, |s| wanted(u64::from(s.endpoints.netns)));
+        AuditWalk::TaskFile => {
+            let sockets = once_per_socket(walk(ebpf, AuditWalk::TaskFile)?, |s| {
+                wanted(u64::from(s.endpoints.netns))
+            });
             let mut namespaces: Vec<u32> = sockets.iter().map(|s| s.endpoints.netns).collect();
             namespaces.sort_unstable();
             namespaces.dedup();
-            HostWalk {
+            Ok(HostWalk {
                 sockets,
                 namespaces: namespaces.len(),
                 failures: Vec::new(),
-            }
+            })
         }
-        Err(err) => HostWalk {
-            sockets: Vec::new(),
-            namespaces: 0,
-            failures: vec![err],
-        },
+        AuditWalk::IterTcp => Ok(walk_namespaces(ebpf, proc_root, wanted)),
     }
 }
 

@@ -141,7 +141,9 @@ pub(crate) async fn run(
             let mut ebpf = ebpf
                 .lock()
                 .map_err(|_| "the kernel programs lock is poisoned".to_owned())?;
-            let host = iter::walk_host(&mut ebpf, walker.walk, &walker.proc_root, |_| true);
+            // A failed task-file walk keeps the previous summary (the `Err` arm of `record`).
+            let host = iter::walk_host(&mut ebpf, walker.walk, &walker.proc_root, |_| true)
+                .map_err(|err| err.to_string())?;
             Ok::<_, String>(WalkOutcome {
                 summary: AuditSummary::new(&host.sockets, hz, &thresholds, |s| group(s)),
                 sockets: host.sockets.len(),

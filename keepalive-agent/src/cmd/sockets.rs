@@ -72,7 +72,8 @@ pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
     // The fallback enters only the namespaces asked for: cheaper on a busy host.
     let host = iter::walk_host(&mut ebpf, walk, &config.proc_root, |inode| {
         config.netns.is_empty() || config.netns.iter().any(|&n| u64::from(n) == inode)
-    });
+    })
+    .context("walking the host's TCP sockets")?;
     for failure in &host.failures {
         log::warn!("{failure}; its sockets are not listed");
     }
