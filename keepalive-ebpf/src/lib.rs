@@ -5,7 +5,10 @@
 /// Names the agent uses to find maps, programs and globals in the object.
 pub mod names {
     pub const EVENTS_MAP: &str = "EVENTS";
+    /// `iter/tcp`: one namespace per iterator (the fallback walk, entered with setns).
     pub const AUDIT_PROGRAM: &str = "audit_tcp";
+    /// `iter/task_file`: every socket with a file, in every namespace, from one iterator.
+    pub const AUDIT_TASK_FILE_PROGRAM: &str = "audit_task_file";
     pub const RESERVE_FAILURES_MAP: &str = "RESERVE_FAILURES";
     pub const OFFSETS_GLOBAL: &str = "OFFSETS";
     pub const KEEPALIVE_TIMER_FN_GLOBAL: &str = "KEEPALIVE_TIMER_FN";
@@ -178,6 +181,12 @@ kernel_offsets! {
     /// (`socket_alloc.vfs_inode.i_ino`): what `/proc/PID/fd/N -> socket:[INO]` shows.
     sk_socket: "sock.sk_socket", Pointer;
     socket_ino: "socket_alloc.vfs_inode + inode.i_ino", Computed;
+    /// `socket.sk`, from the `struct socket` `bpf_sock_from_file` returns (the task-file walk).
+    socket_sk: "socket.sk", Pointer;
+    /// `task_struct.tgid` and `comm`, from the start of the task (the task-file walk): the
+    /// process holding the socket, as `/proc/PID` numbers it in the initial PID namespace.
+    task_tgid: "task_struct.tgid", Int(4);
+    task_comm: "task_struct.comm", Bytes(16);
 }
 
 /// What produced a [`SocketRecord`].
@@ -190,7 +199,7 @@ pub enum RecordKind {
     Close = 2,
     /// `inet_sk_error_report` on a closed socket: the error the application is told.
     ErrorReport = 3,
-    /// One socket from the `iter/tcp` audit walk.
+    /// One socket from the audit walk (`iter/task_file`, or `iter/tcp` as the fallback).
     Audit = 4,
 }
 

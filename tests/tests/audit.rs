@@ -443,3 +443,229 @@ fn audit_metrics_count_the_namespace_sockets_by_keepalive_idle_and_detection_tim
     })?;
     Ok(())
 }
+
+/// The capabilities of the shipped DaemonSet (setpriv's names), and nothing else: no
+/// CAP_SYS_ADMIN, so no setns into another network namespace.
+const DAEMONSET_CAPABILITIES: &str = "-all,+bpf,+perfmon,+syslog,+sys_ptrace,+dac_read_search";
+
+/// An application in its own process: `keepalive-client` connected from inside `ns` with the
+/// given keepalive settings, holding its socket until dropped.
+struct Application {
+    child: std::process::Child,
+    _stdin: std::process::ChildStdin,
+    pid: u32,
+    local_port: u16,
+}
+
+impl Application {
+    fn spawn(ns: &Netns, server: std::net::SocketAddr, settings: [i32; 3]) -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keepalive-client"))
+            .arg("-")
+            .arg(format!("/run/netns/{}", ns.name()))
+            .arg(server.to_string())
+            .args(settings.map(|n| n.to_string()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawn keepalive-client")?;
+        let stdin = child.stdin.take().context("client stdin")?;
+        let stdout = child.stdout.take().context("client stdout")?;
+        let pid = child.id();
+        let mut app = Application {
+            child,
+            _stdin: stdin,
+            pid,
+            local_port: 0,
+        };
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let Ok(port) = line.trim().parse() else {
+            let status = app.child.wait()?;
+            bail!("keepalive-client printed {line:?} and exited with {status}");
+        };
+        app.local_port = port;
+        Ok(app)
+    }
+
+    fn comm(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(format!("/proc/{}/comm", self.pid))?
+            .trim_end()
+            .to_owned())
+    }
+
+    /// A duplicate of the application's socket (`pidfd_getfd`), to ask the kernel what the
+    /// application's own getsockopt would return.
+    fn socket(&self) -> anyhow::Result<TcpStream> {
+        use std::os::fd::FromRawFd as _;
+        let fd = std::fs::read_dir(format!("/proc/{}/fd", self.pid))?
+            .filter_map(Result::ok)
+            .find(|entry| {
+                std::fs::read_link(entry.path())
+                    .is_ok_and(|target| target.to_string_lossy().starts_with("socket:["))
+            })
+            .and_then(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+            .context("the application holds no socket")?;
+        // SAFETY: plain syscalls; each descriptor returned is new and owned below.
+        unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, self.pid, 0) as i32;
+            if pidfd < 0 {
+                return Err(std::io::Error::last_os_error()).context("pidfd_open");
+            }
+            let pidfd = std::os::fd::OwnedFd::from_raw_fd(pidfd);
+            let dup = libc::syscall(
+                libc::SYS_pidfd_getfd,
+                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                fd,
+                0,
+            ) as i32;
+            if dup < 0 {
+                return Err(std::io::Error::last_os_error()).context("pidfd_getfd");
+            }
+            Ok(TcpStream::from_raw_fd(dup))
+        }
+    }
+}
+
+impl Drop for Application {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fields of a `sockets --output json` row that must equal getsockopt.
+fn assert_row_equals(row: &serde_json::Value, socket: &Effective, netns: u64) {
+    let expected = serde_json::json!({
+        "netns": netns,
+        "state": state_name(socket.state),
+        "keepalive": socket.keepalive,
+        "idle_seconds": f64::from(socket.idle_s),
+        "interval_seconds": f64::from(socket.interval_s),
+        "probes": socket.probes,
+        "user_timeout_ms": socket.user_timeout_ms,
+        "worst_case_detection_seconds": socket.worst_case_detection_s(),
+    });
+    for (field, want) in expected.as_object().expect("object") {
+        let got = &row[field];
+        let same = match (got.as_f64(), want.as_f64()) {
+            (Some(g), Some(w)) => g == w,
+            _ => got == want,
+        };
+        assert!(
+            same,
+            "{field} of {socket:?}: sockets says {got}, getsockopt {want}"
+        );
+    }
+}
+
+#[test]
+fn audit_with_only_the_daemonset_capabilities_from_its_own_namespace_sees_other_namespaces_and_their_processes()
+-> anyhow::Result<()> {
+    let test = "audit_with_only_the_daemonset_capabilities_from_its_own_namespace_sees_other_namespaces_and_their_processes";
+    if !kernel_tests_enabled(test) {
+        return Ok(());
+    }
+    if !agent_bin().is_file() {
+        skip_or_fail(test, "the agent binary is not built");
+        return Ok(());
+    }
+    if !Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        skip_or_fail(test, "`setpriv` (util-linux) is not available");
+        return Ok(());
+    }
+    // Only kernels with bpf_sock_from_file (5.11+) audit without setns; `check` says which.
+    let check = Command::new(agent_bin()).arg("check").output()?;
+    let check = String::from_utf8_lossy(&check.stdout);
+    if !check
+        .lines()
+        .any(|l| l.contains(" audit walk ") && l.contains("iter/task_file"))
+    {
+        skip_or_fail(
+            test,
+            &format!("this kernel has no iter/task_file audit walk (5.11+):\n{check}"),
+        );
+        return Ok(());
+    }
+
+    // Two application namespaces with different namespace defaults; in each, an application
+    // process with its own keepalive settings and a server end held by this test.
+    let mut apps = Vec::new();
+    for (tag, netns_idle, settings) in [
+        ("nopriv-a", 4000, [300, 30, 4]),
+        ("nopriv-b", 5000, [45, 5, 7]),
+    ] {
+        let ns = Netns::new(tag)?;
+        ns.sysctl("net.ipv4.tcp_keepalive_time", &netns_idle.to_string())?;
+        let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        let app = Application::spawn(&ns, listener.local_addr()?, settings)?;
+        let (server, _) = listener.accept().context("accept")?;
+        let client = Effective::read(
+            &app.socket()?,
+            Conn {
+                local: server.peer_addr()?,
+                remote: server.local_addr()?,
+            },
+        )?;
+        ensure!(
+            client.conn.local.port() == app.local_port,
+            "{client:?} is not the application's"
+        );
+        ensure!(
+            (client.idle_s, client.interval_s, client.probes)
+                == (settings[0], settings[1], settings[2]),
+            "{client:?}"
+        );
+        let served = Effective::read(
+            &server,
+            Conn {
+                local: server.local_addr()?,
+                remote: server.peer_addr()?,
+            },
+        )?;
+        ensure!(served.idle_s == netns_idle, "{served:?}");
+        apps.push((ns, listener, app, server, client, served));
+    }
+
+    // The agent in a network namespace of its own, with exactly the DaemonSet's capabilities.
+    let out = Command::new("unshare")
+        .args(["--net", "--", "setpriv"])
+        .arg(format!("--inh-caps={DAEMONSET_CAPABILITIES}"))
+        .arg(format!("--ambient-caps={DAEMONSET_CAPABILITIES}"))
+        .arg(format!("--bounding-set={DAEMONSET_CAPABILITIES}"))
+        .args(["--reuid=0", "--regid=0", "--clear-groups"])
+        .arg(agent_bin())
+        .args(["sockets", "--output", "json"])
+        .output()
+        .context("running keepalive-agent sockets unprivileged")?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "sockets with the DaemonSet's capabilities failed ({}): {log}",
+        out.status
+    );
+    assert!(!log.contains("Operation not permitted"), "{log}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing {}", String::from_utf8_lossy(&out.stdout)))?;
+
+    let own = std::process::id();
+    for (ns, _listener, app, _server, client, served) in &apps {
+        let in_ns: Vec<&serde_json::Value> =
+            rows.iter().filter(|r| r["netns"] == ns.inum()).collect();
+        assert_eq!(in_ns.len(), 2, "netns {}: {in_ns:#?}", ns.inum());
+        let row = find(&rows, &client.conn)
+            .with_context(|| format!("{client:?} is missing from {rows:#?}"))?;
+        assert_row_equals(row, client, ns.inum());
+        assert_eq!(row["pid"], app.pid, "{row}");
+        assert_eq!(row["comm"], app.comm()?, "{row}");
+        let row = find(&rows, &served.conn)
+            .with_context(|| format!("{served:?} is missing from {rows:#?}"))?;
+        assert_row_equals(row, served, ns.inum());
+        assert_eq!(row["pid"], own, "{row}");
+    }
+    Ok(())
+}

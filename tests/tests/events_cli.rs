@@ -386,7 +386,7 @@ fn check_passes_on_this_machine_and_names_every_hook() -> TestResult {
     for check in [
         "kernel",
         "btf",
-        "audit iter/tcp",
+        "audit walk",
         "permissions",
         "kallsyms",
         "tracefs",

@@ -2,6 +2,7 @@
 //! every `--audit.interval`, and hand the summary to [`AuditCollector`] for the next scrape.
 
 use std::{
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -14,6 +15,7 @@ use crate::{
     audit::iter,
     audit::summary::{AuditCollector, AuditState, AuditSummary, IdleThreshold},
     export::labels::AggregateLabels,
+    kernel::layout::AuditWalk,
     record::decoder::AuditedSocket,
     track::namespaces::NamespaceIdentity,
 };
@@ -60,12 +62,14 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(interval)
 }
 
-/// Starts the periodic audit when the iter/tcp program loaded; either way returns the collector
-/// to register (its `keepalive_agent_audit_enabled` says whether audits run) and the programs
-/// handle, which must stay alive for the hooks to stay attached.
+/// Starts the periodic audit when an audit program loaded (`audit`); either way returns the
+/// collector to register (its `keepalive_agent_audit_enabled` says whether audits run) and the
+/// programs handle, which must stay alive for the hooks to stay attached. `proc_root` is where
+/// the fallback walk finds network namespaces.
 pub(crate) fn start(
     ebpf: Ebpf,
-    audit_loaded: bool,
+    audit: Option<AuditWalk>,
+    proc_root: PathBuf,
     hz: u32,
     config: &AuditConfig,
     group: AuditGroup,
@@ -73,7 +77,7 @@ pub(crate) fn start(
 ) -> (AuditCollector, Arc<Mutex<Ebpf>>) {
     let collector = AuditCollector::default();
     let ebpf = Arc::new(Mutex::new(ebpf));
-    if audit_loaded {
+    if let Some(walk) = audit {
         if let Ok(mut state) = collector.state.lock() {
             state.enabled = true;
         }
@@ -89,16 +93,20 @@ pub(crate) fn start(
         );
         tokio::spawn(run(
             Arc::clone(&ebpf),
+            Walker {
+                walk,
+                proc_root,
+                namespaces,
+            },
             hz,
             config.interval,
             config.idle_timeout_thresholds.clone(),
             group,
-            namespaces,
             collector.clone(),
         ));
     } else {
         warn!(
-            "the keepalive configuration audit is off (iter/tcp did not load, see above): \
+            "the keepalive configuration audit is off (its iterator did not load, see above): \
              keepalive_agent_audit_enabled is 0 and the tcp_keepalive_sockets/_idle_seconds/\
              _worst_case_detection_seconds metrics are absent"
         );
@@ -106,15 +114,24 @@ pub(crate) fn start(
     (collector, ebpf)
 }
 
+/// Which walk the periodic audit runs, where the fallback finds namespaces, and the namespace
+/// identity each walk marks alive.
+#[derive(Debug, Clone)]
+pub(crate) struct Walker {
+    pub(crate) walk: AuditWalk,
+    pub(crate) proc_root: PathBuf,
+    pub(crate) namespaces: Arc<Mutex<NamespaceIdentity>>,
+}
+
 /// Runs walks forever (the first one immediately). A walk is synchronous (it reads the
 /// iterator's file to the end), so it runs on the blocking pool, never on the event loop.
 pub(crate) async fn run(
     ebpf: Arc<Mutex<Ebpf>>,
+    walker: Walker,
     hz: u32,
     interval: Duration,
     thresholds: Vec<IdleThreshold>,
     group: AuditGroup,
-    namespaces: Arc<Mutex<NamespaceIdentity>>,
     collector: AuditCollector,
 ) {
     let thresholds: Arc<[IdleThreshold]> = thresholds.into();
@@ -126,16 +143,18 @@ pub(crate) async fn run(
         let ebpf = Arc::clone(&ebpf);
         let thresholds = Arc::clone(&thresholds);
         let group = Arc::clone(&group);
-        let namespaces = Arc::clone(&namespaces);
+        let walker = walker.clone();
         let walk = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut ebpf = ebpf
                 .lock()
                 .map_err(|_| "the kernel programs lock is poisoned".to_owned())?;
-            let host = iter::walk_namespaces(&mut ebpf, |_| true);
+            // A failed task-file walk keeps the previous summary (the `Err` arm of `record`).
+            let host = iter::walk_host(&mut ebpf, walker.walk, &walker.proc_root, |_| true)
+                .map_err(|err| err.to_string())?;
             // A namespace with sockets is alive even when none of them probed: its series stay
             // past --netns.retention.
-            if let Ok(mut namespaces) = namespaces.lock() {
+            if let Ok(mut namespaces) = walker.namespaces.lock() {
                 namespaces.present(
                     host.sockets
                         .iter()

@@ -8,7 +8,8 @@ use anyhow::bail;
 use crate::kernel::{
     Session, hz,
     kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
-    layout::{self, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
+    layout::{self, AuditWalk, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
+    netns,
     programs::{HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
 };
 
@@ -16,6 +17,7 @@ use crate::kernel::{
 const MIN_KERNEL: (u32, u32) = (5, 8);
 
 /// Capability bits (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYSLOG: u32 = 34;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -117,6 +119,9 @@ pub async fn run(config: CheckConfig) -> anyhow::Result<()> {
         None,
     ));
     checks.push(permissions());
+    if let Some(layout) = &layout {
+        checks.push(audit_walk(layout));
+    }
     let timers = match TimerFunctions::from_proc() {
         Ok(timers) => {
             checks.push(Check::ok(
@@ -247,7 +252,7 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
 }
 
 /// Each hook's BTF tracepoint exists when the kernel's BTF has its `btf_trace_<name>` typedef
-/// (what the loader resolves `tp_btf/<name>` against); the audit needs the `bpf_iter_tcp` target.
+/// (what the loader resolves `tp_btf/<name>` against); the audit walk is reported by [`audit_walk`].
 fn hooks(layout: Option<&KernelLayout>) -> Vec<Check> {
     let Some(layout) = layout else {
         return vec![Check::new(
@@ -257,7 +262,7 @@ fn hooks(layout: Option<&KernelLayout>) -> Vec<Check> {
             Some("BTF tracepoints need the kernel's BTF: use a kernel built with CONFIG_DEBUG_INFO_BTF=y.".to_owned()),
         )];
     };
-    let mut checks: Vec<Check> = HOOKS
+    HOOKS
         .iter()
         .map(|hook| {
             let name = format!("hook {}", hook.tracepoint);
@@ -287,29 +292,72 @@ fn hooks(layout: Option<&KernelLayout>) -> Vec<Check> {
                 )
             }
         })
-        .collect();
-    checks.push(if layout.iter_tcp {
-        Check::ok(
-            "audit iter/tcp",
-            "iter (bpf_iter_tcp in BTF): keepalive configuration audit of every TCP socket",
-        )
-    } else {
-        Check::new(
-            "audit iter/tcp",
+        .collect()
+}
+
+/// The agent's effective capabilities (`CapEff` of /proc/self/status).
+fn effective_capabilities() -> Option<u64> {
+    fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+}
+
+/// Which audit walk this kernel gets and whether it can see every socket from here.
+fn audit_walk(layout: &KernelLayout) -> Check {
+    let name = "audit walk";
+    match layout.audit_walk {
+        Some(AuditWalk::TaskFile) => {
+            if let Some(pid_ns) = netns::private_pid_namespace() {
+                Check::new(
+                    name,
+                    Status::Warn,
+                    format!(
+                        "{}; but this process is in PID namespace {} (not the host's), so it \
+                         sees only that namespace's processes",
+                        AuditWalk::TaskFile.describe(),
+                        pid_ns
+                    ),
+                    Some(
+                        "Run the agent in the host's PID namespace (hostPID: true in Kubernetes) \
+                         so the audit sees every process's sockets."
+                            .to_owned(),
+                    ),
+                )
+            } else {
+                Check::ok(name, AuditWalk::TaskFile.describe())
+            }
+        }
+        Some(AuditWalk::IterTcp) => {
+            let admin = effective_capabilities().is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0);
+            if admin {
+                Check::new(
+                    name,
+                    Status::Warn,
+                    format!("{}; CAP_SYS_ADMIN is effective", AuditWalk::IterTcp.describe()),
+                    Some("Linux 5.11+ audits without setns or CAP_SYS_ADMIN (iter/task_file with bpf_sock_from_file).".to_owned()),
+                )
+            } else {
+                Check::new(
+                    name,
+                    Status::Warn,
+                    format!("{}; CAP_SYS_ADMIN is not effective", AuditWalk::IterTcp.describe()),
+                    Some("On this kernel the audit (tcp_keepalive_sockets, `sockets`) sees only the agent's own network namespace without CAP_SYS_ADMIN; grant it, or use Linux 5.11+.".to_owned()),
+                )
+            }
+        }
+        None => Check::new(
+            name,
             Status::Warn,
-            "no bpf_iter_tcp in BTF",
-            Some("Without BPF TCP iterators (Linux 5.9+) the keepalive configuration audit is off; everything else works.".to_owned()),
-        )
-    });
-    checks
+            "neither iter/task_file with bpf_sock_from_file nor bpf_iter_tcp in BTF",
+            Some("Without BPF iterators (Linux 5.9+) the keepalive configuration audit is off; everything else works.".to_owned()),
+        ),
+    }
 }
 
 fn permissions() -> Check {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    let effective = effective_capabilities();
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let Some(effective) = effective else {
@@ -369,10 +417,9 @@ fn load(session: &Session) -> Check {
     match session.load(MIN_RING_BUFFER_BYTES) {
         Ok(kernel) => {
             let attached = kernel.hooks.iter().filter(|s| s.attached).count();
-            let audit = if kernel.audit_loaded {
-                "iter/tcp audit loaded"
-            } else {
-                "iter/tcp audit NOT loaded"
+            let audit = match kernel.audit {
+                Some(walk) => format!("iter/{} audit loaded", walk.target()),
+                None => "audit iterator NOT loaded".to_owned(),
             };
             // A hook this kernel lacks is already a WARN of its own above; here only what the
             // kernel has and refused counts.
@@ -380,7 +427,7 @@ fn load(session: &Session) -> Check {
                 .hooks
                 .iter()
                 .any(|s| !s.attached && s.hook.variant(&session.layout).is_some());
-            let status = if !refused && kernel.audit_loaded {
+            let status = if !refused && kernel.audit.is_some() {
                 Status::Ok
             } else if kernel.all_required_attached() {
                 Status::Warn

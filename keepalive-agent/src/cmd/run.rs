@@ -151,7 +151,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ebpf,
         events,
         reserve_failures,
-        audit_loaded,
+        audit,
         ..
     } = kernel;
 
@@ -220,7 +220,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // `_ebpf` keeps the programs (and so the hooks) loaded until `run` returns.
     let (audit_collector, _ebpf) = audit::task::start(
         ebpf,
-        audit_loaded,
+        audit,
+        config.proc_root.clone(),
         session.hz,
         &config.audit,
         audit_group,

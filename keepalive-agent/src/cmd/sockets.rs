@@ -13,7 +13,7 @@ use keepalive_ebpf::tcp_state;
 
 use crate::{
     audit::{iter, summary::SocketKeepalive},
-    kernel::{Session, hz},
+    kernel::{Session, hz, layout::AuditWalk, programs},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -22,7 +22,7 @@ pub enum OutputFormat {
     Table,
     /// One JSON array of objects (fields: netns, state, local_addr, local_port, remote_addr,
     /// remote_port, keepalive, idle_seconds, interval_seconds, probes, user_timeout_ms,
-    /// unanswered_probes, worst_case_detection_seconds, cgroup_id, socket_ino).
+    /// unanswered_probes, worst_case_detection_seconds, cgroup_id, socket_ino, pid, comm).
     Json,
 }
 
@@ -41,6 +41,10 @@ pub struct SocketsConfig {
     /// `table` for people, `json` for scripts (one array; field names are listed in the README).
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// The proc filesystem the fallback walk (kernels without bpf_sock_from_file) finds network
+    /// namespaces in (PROC/PID/task/TID/ns/net): the host's /proc, as for `run`.
+    #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc")]
+    pub proc_root: std::path::PathBuf,
 }
 
 impl SocketsConfig {
@@ -56,19 +60,25 @@ impl SocketsConfig {
 pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
     let session = Session::open(Path::new(hz::DEFAULT_TIMER_LIST))
         .context("reading the running kernel (try `keepalive-agent check`)")?;
-    let mut ebpf = session
-        .load_audit_only()
-        .context("loading the iter/tcp audit program (run as root)")?;
+    let (mut ebpf, walk) = session.load_audit_only().context(
+        "loading the audit iterator program (run as root, or see `keepalive-agent check`)",
+    )?;
     let hz = session.hz;
     drop(session);
-    // Only the namespaces asked for are entered: a filtered listing is cheaper on a busy host.
-    let host = iter::walk_namespaces(&mut ebpf, |inode| {
+    match walk {
+        AuditWalk::IterTcp => log::warn!("{}", walk.describe()),
+        AuditWalk::TaskFile => programs::warn_private_pid_namespace(),
+    }
+    // The fallback enters only the namespaces asked for: cheaper on a busy host.
+    let host = iter::walk_host(&mut ebpf, walk, &config.proc_root, |inode| {
         config.netns.is_empty() || config.netns.iter().any(|&n| u64::from(n) == inode)
-    });
+    })
+    .context("walking the host's TCP sockets")?;
     for failure in &host.failures {
         log::warn!("{failure}; its sockets are not listed");
     }
-    if !config.netns.is_empty() && host.namespaces == 0 {
+    // The task-file walk finds namespaces through their sockets: an empty one lists nothing.
+    if walk == AuditWalk::IterTcp && !config.netns.is_empty() && host.namespaces == 0 {
         anyhow::bail!(
             "no network namespace with inode {:?} was found (find yours with `ls -L -i /proc/PID/ns/net` \
              or `ls -L -i /run/netns/NAME`; the namespace must have a process or an `ip netns` mount)",
@@ -144,7 +154,7 @@ fn human(value: f64) -> String {
     }
 }
 
-fn row(socket: &SocketKeepalive) -> [String; 9] {
+fn row(socket: &SocketKeepalive) -> [String; 10] {
     let user_timeout = if socket.user_timeout_ms == 0 {
         "-".to_owned()
     } else {
@@ -169,10 +179,14 @@ fn row(socket: &SocketKeepalive) -> [String; 9] {
         user_timeout,
         socket.unanswered_probes.to_string(),
         worst_case,
+        match (&socket.comm, socket.pid) {
+            (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
+            _ => "-".to_owned(),
+        },
     ]
 }
 
-const HEADER: [&str; 9] = [
+const HEADER: [&str; 10] = [
     "NETNS",
     "STATE",
     "LOCAL",
@@ -182,10 +196,11 @@ const HEADER: [&str; 9] = [
     "USER_TIMEOUT(s)",
     "UNANSWERED",
     "WORST_CASE_DETECTION(s)",
+    "PROCESS",
 ];
 
 fn table(sockets: &[SocketKeepalive]) -> String {
-    let rows: Vec<[String; 9]> = sockets.iter().map(row).collect();
+    let rows: Vec<[String; 10]> = sockets.iter().map(row).collect();
     let mut widths = HEADER.map(str::len);
     for cells in &rows {
         for (width, cell) in widths.iter_mut().zip(cells) {
@@ -229,6 +244,8 @@ mod tests {
             worst_case_detection_seconds: Some(7875.0),
             cgroup_id: 0,
             socket_ino: 0,
+            pid: Some(4242),
+            comm: Some("curl".to_owned()),
         }
     }
 
@@ -245,7 +262,8 @@ mod tests {
                 "7200/75/9",
                 "-",
                 "0",
-                "7875 (2h11m15s)"
+                "7875 (2h11m15s)",
+                "curl[4242]"
             ]
         );
         let off = SocketKeepalive {
@@ -253,12 +271,14 @@ mod tests {
             user_timeout_ms: 2500,
             idle_seconds: 0.5,
             worst_case_detection_seconds: None,
+            pid: None,
+            comm: None,
             ..socket()
         };
         let cells = row(&off);
         assert_eq!(
-            (&*cells[5], &*cells[6], &*cells[8]),
-            ("0.5/75/9", "2.5", "never")
+            (&*cells[5], &*cells[6], &*cells[8], &*cells[9]),
+            ("0.5/75/9", "2.5", "never", "-")
         );
     }
 
@@ -269,6 +289,7 @@ mod tests {
             port: vec![8080],
             all: false,
             output: OutputFormat::Table,
+            proc_root: "/proc".into(),
         };
         assert!(config.wants(&socket(), tcp_state::ESTABLISHED));
         assert!(!config.wants(&socket(), tcp_state::LISTEN));

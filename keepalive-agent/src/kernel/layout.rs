@@ -90,6 +90,44 @@ const INODE_NUMBER: &str = "inode.i_ino";
 /// The tracepoint typedef whose prototype says whether `tcp_send_reset` passes a reason.
 const SEND_RESET_PROTOTYPE: &str = "btf_trace_tcp_send_reset";
 
+/// How the keepalive configuration audit walks every TCP socket on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AuditWalk {
+    /// One `iter/task_file` iterator calling `bpf_sock_from_file` (5.11+): every socket a
+    /// process holds a file for, in every network namespace, with its pid and comm; no setns.
+    TaskFile,
+    /// The fallback (5.9 and 5.10): one `iter/tcp` iterator per network namespace, created on a
+    /// thread that entered it with setns, which needs CAP_SYS_ADMIN.
+    IterTcp,
+}
+
+impl AuditWalk {
+    /// The iterator target the program attaches to (`iter/<target>`).
+    pub(crate) fn target(self) -> &'static str {
+        match self {
+            Self::TaskFile => "task_file",
+            Self::IterTcp => "tcp",
+        }
+    }
+
+    /// What this walk sees and what it needs, for `check` and the start-up log.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Self::TaskFile => {
+                "iter/task_file with bpf_sock_from_file: every TCP socket a process holds, in \
+                 every network namespace, with its pid and comm; no setns and no privilege \
+                 beyond CAP_BPF+CAP_PERFMON (it sees the processes of the agent's PID namespace: \
+                 run in the host's)"
+            }
+            Self::IterTcp => {
+                "iter/tcp entered into each network namespace with setns (this kernel has no \
+                 bpf_sock_from_file, added in 5.11): needs CAP_SYS_ADMIN, without it every \
+                 namespace but the agent's own fails with EPERM"
+            }
+        }
+    }
+}
+
 /// Everything the agent needs to know about the running kernel's structure layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct KernelLayout {
@@ -107,8 +145,11 @@ pub(crate) struct KernelLayout {
     /// The hooks ([`HOOKS`]) whose BTF tracepoint this kernel has: its `btf_trace_<name>`
     /// typedef, which the loader resolves `tp_btf/<name>` against.
     pub tracepoints: Vec<&'static str>,
-    /// BPF TCP iterators (`bpf_iter_tcp`, Linux 5.9+), which the audit walks with.
-    pub iter_tcp: bool,
+    /// The audit walk this kernel supports: `iter/task_file` where it has both that iterator
+    /// (`struct bpf_iter__task_file`, 5.8+) and the helper `bpf_sock_from_file`
+    /// (`BPF_FUNC_sock_from_file` in `enum bpf_func_id`, 5.11+), else `iter/tcp` where it has
+    /// `bpf_iter_tcp` (5.9+), else none.
+    pub audit_walk: Option<AuditWalk>,
     /// `tcp:tcp_send_reset` passes `enum sk_rst_reason` as its fourth argument (6.10+). Before,
     /// its prototype is `(void *, const struct sock *, const struct sk_buff *)` and the verifier
     /// refuses a program that reads a fourth argument.
@@ -301,7 +342,16 @@ impl KernelLayout {
         let rst_limit = u64::from(u32::MAX) + 1;
         Ok(Self {
             tracepoints,
-            iter_tcp: has("bpf_iter_tcp"),
+            audit_walk: if has("bpf_iter__task_file")
+                && r.optional_enum_value("bpf_func_id", "BPF_FUNC_sock_from_file", u64::MAX)?
+                    .is_some()
+            {
+                Some(AuditWalk::TaskFile)
+            } else if has("bpf_iter_tcp") {
+                Some(AuditWalk::IterTcp)
+            } else {
+                None
+            },
             send_reset_reason: r.send_reset_has_reason()?,
             offsets,
             timer_layout: timers.layout,

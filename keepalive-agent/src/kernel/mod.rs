@@ -89,14 +89,14 @@ impl Session {
     }
 
     /// Only the audit iterator, for a one-off walk: nothing is attached to a hook.
-    pub(crate) fn load_audit_only(&self) -> Result<aya::Ebpf, ProgramsError> {
+    pub(crate) fn load_audit_only(&self) -> Result<(aya::Ebpf, layout::AuditWalk), ProgramsError> {
         let mut ebpf = programs::open(
             &self.layout,
             &self.timers,
             &self.btf,
             programs::MIN_RING_BUFFER_BYTES,
         )?;
-        programs::load_audit(&mut ebpf, &self.btf)?;
-        Ok(ebpf)
+        let walk = programs::load_audit(&mut ebpf, &self.layout, &self.btf)?;
+        Ok((ebpf, walk))
     }
 }

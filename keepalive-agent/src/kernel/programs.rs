@@ -13,7 +13,10 @@ use keepalive_ebpf::names;
 use log::{info, warn};
 
 pub use crate::kernel::hooks::{HOOKS, Hook};
-use crate::kernel::{kallsyms::TimerFunctions, layout::KernelLayout};
+use crate::kernel::{
+    kallsyms::TimerFunctions,
+    layout::{AuditWalk, KernelLayout},
+};
 
 /// The kernel programs, compiled for this agent by build.rs.
 pub static PROGRAMS_OBJECT: &[u8] =
@@ -78,8 +81,17 @@ pub enum ProgramsError {
         "loading the kernel programs failed (needs root or CAP_BPF+CAP_PERFMON, and a kernel with BTF): {0}"
     )]
     Load(#[source] aya::EbpfError),
-    #[error("cannot load the iter/tcp audit program (BPF iterators need Linux 5.9+ with BTF): {0}")]
-    LoadAudit(#[source] ProgramError),
+    #[error("cannot load the iter/{target} audit program: {source}")]
+    LoadAudit {
+        target: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "this kernel has neither iter/task_file with bpf_sock_from_file (5.11+) nor iter/tcp \
+         (5.9+): no keepalive configuration audit"
+    )]
+    NoAuditWalk,
     #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
     Missing(&'static str),
     #[error("map {name}: {source}")]
@@ -116,8 +128,8 @@ pub struct KernelPrograms {
     /// Keeps programs and links alive; also holds the audit iterator.
     pub ebpf: Ebpf,
     pub hooks: Vec<HookStatus>,
-    /// The `iter/tcp` audit program loaded (see [`crate::audit::iter`]).
-    pub audit_loaded: bool,
+    /// The audit walk whose program loaded (see [`crate::audit::iter`]); `None`: audit off.
+    pub(crate) audit: Option<AuditWalk>,
     pub events: RingBuf<MapData>,
     pub reserve_failures: PerCpuArray<MapData, u64>,
 }
@@ -148,14 +160,35 @@ pub(crate) fn open(
         .map_err(ProgramsError::Load)
 }
 
-/// Loads the `iter/tcp` audit program; walks attach it one namespace at a time.
-pub(crate) fn load_audit(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), ProgramsError> {
+/// The program of an audit walk in the programs object.
+pub(crate) fn audit_program(walk: AuditWalk) -> &'static str {
+    match walk {
+        AuditWalk::TaskFile => names::AUDIT_TASK_FILE_PROGRAM,
+        AuditWalk::IterTcp => names::AUDIT_PROGRAM,
+    }
+}
+
+/// Loads the audit program this kernel supports ([`KernelLayout::audit_walk`]): only that one
+/// goes through the verifier (5.10 would refuse `bpf_sock_from_file`, an unknown helper).
+/// Each walk attaches it anew.
+pub(crate) fn load_audit(
+    ebpf: &mut Ebpf,
+    layout: &KernelLayout,
+    btf: &Btf,
+) -> Result<AuditWalk, ProgramsError> {
+    let walk = layout.audit_walk.ok_or(ProgramsError::NoAuditWalk)?;
+    let name = audit_program(walk);
+    let load_error = |source| ProgramsError::LoadAudit {
+        target: walk.target(),
+        source,
+    };
     let program: &mut Iter = ebpf
-        .program_mut(names::AUDIT_PROGRAM)
-        .ok_or(ProgramsError::Missing(names::AUDIT_PROGRAM))?
+        .program_mut(name)
+        .ok_or(ProgramsError::Missing(name))?
         .try_into()
-        .map_err(ProgramsError::LoadAudit)?;
-    program.load("tcp", btf).map_err(ProgramsError::LoadAudit)
+        .map_err(load_error)?;
+    program.load(walk.target(), btf).map_err(load_error)?;
+    Ok(walk)
 }
 
 /// Everything the agent runs: every hook attached, the audit iterator loaded, the maps taken.
@@ -172,14 +205,20 @@ pub(crate) fn load(
         Err(err) => warn!("kernel-side diagnostics unavailable: {err}"),
     }
 
-    let audit_loaded = match load_audit(&mut ebpf, btf) {
-        Ok(()) => {
-            info!("loaded the iter/tcp keepalive configuration audit");
-            true
+    let audit = match load_audit(&mut ebpf, layout, btf) {
+        Ok(walk) => {
+            match walk {
+                AuditWalk::TaskFile => {
+                    info!("keepalive configuration audit: {}", walk.describe());
+                    warn_private_pid_namespace();
+                }
+                AuditWalk::IterTcp => warn!("keepalive configuration audit: {}", walk.describe()),
+            }
+            Some(walk)
         }
         Err(err) => {
             warn!("{err}; the keepalive configuration audit is off");
-            false
+            None
         }
     };
     let mut hooks = Vec::with_capacity(HOOKS.len());
@@ -234,10 +273,22 @@ pub(crate) fn load(
     Ok(KernelPrograms {
         ebpf,
         hooks,
-        audit_loaded,
+        audit,
         events,
         reserve_failures,
     })
+}
+
+/// Says so when the task-file walk cannot see the host's processes (see
+/// [`crate::kernel::netns::private_pid_namespace`]).
+pub(crate) fn warn_private_pid_namespace() {
+    if let Some(pid_ns) = crate::kernel::netns::private_pid_namespace() {
+        warn!(
+            "the agent runs in PID namespace {pid_ns}, not the host's: the keepalive \
+             configuration audit sees only the sockets of that namespace's processes (run with \
+             hostPID: true to audit every process)"
+        );
+    }
 }
 
 fn attach(

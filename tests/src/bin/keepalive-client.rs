@@ -4,7 +4,7 @@
 //! then holds the connection until its standard input closes.
 //!
 //! Usage: keepalive-client CGROUP_DIR NETNS_PATH ADDR IDLE_S INTVL_S CNT
-//!   CGROUP_DIR  a cgroup v2 directory (its cgroup.procs is written)
+//!   CGROUP_DIR  a cgroup v2 directory (its cgroup.procs is written), or `-` to stay in its own
 //!   NETNS_PATH  a network namespace file, e.g. /run/netns/NAME
 //!   ADDR        the server to connect to, e.g. 127.0.0.1:5000
 
@@ -26,9 +26,11 @@ fn main() -> anyhow::Result<()> {
     let (idle, intvl, cnt) = (idle?, intvl?, cnt?);
 
     // The process is single-threaded here, so setns moves the whole process.
-    let procs = format!("{cgroup_dir}/cgroup.procs");
-    std::fs::write(&procs, std::process::id().to_string())
-        .with_context(|| format!("joining the cgroup: write {procs}"))?;
+    if cgroup_dir != "-" {
+        let procs = format!("{cgroup_dir}/cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .with_context(|| format!("joining the cgroup: write {procs}"))?;
+    }
     let netns = File::open(netns_path).with_context(|| format!("open {netns_path}"))?;
     // SAFETY: plain syscall on a descriptor we own.
     if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

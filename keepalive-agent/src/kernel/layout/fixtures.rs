@@ -32,6 +32,26 @@ fn debian_5_10_has_sock_timer_and_no_reset_reason() {
     assert!(!layout.send_reset_reason);
     assert!(!layout.tracepoints.contains(&"inet_sk_error_report"));
     assert_eq!(layout.rst_reason_keepalive_timeout, None);
+    // bpf_sock_from_file came in 5.11: 5.10 audits with iter/tcp and setns.
+    assert_eq!(layout.audit_walk, Some(AuditWalk::IterTcp));
+}
+
+#[test]
+fn every_matrix_kernel_after_5_10_audits_with_task_file_and_its_offsets() {
+    for name in [
+        "6.1.190_6.1.0-54-cloud-amd64.btf.zst",
+        "6.1.192_6.1.0-57-cloud-amd64.btf.zst",
+        "6.12.111_6.12.111+deb12-cloud-amd64.btf.zst",
+        "6.12.117_6.12.117+deb12-cloud-amd64.btf.zst",
+        "6.18.44_6.18.44-fc-v1045.btf.zst",
+    ] {
+        let layout = fixture(name);
+        assert_eq!(layout.audit_walk, Some(AuditWalk::TaskFile), "{name}");
+        assert!(
+            layout.offsets.task_tgid > 0 && layout.offsets.task_comm > 0,
+            "{name}"
+        );
+    }
 }
 
 #[test]
