@@ -785,8 +785,13 @@ mod tests {
         let expiry = RecordKind::KeepaliveTimer;
         // Healthy: each probe's ACK zeroes icsk_probes_out before the next expiry.
         pipeline.handle(&record_bytes(expiry, 0, 1, 0));
+        unanswered_then_aborted(pipeline);
+    }
+
+    /// After an answered probe: the peer goes silent, two more probes, and the abort.
+    fn unanswered_then_aborted(pipeline: &Pipeline) {
+        let expiry = RecordKind::KeepaliveTimer;
         pipeline.handle(&record_bytes(expiry, 0, 1, 0));
-        // Then the peer goes silent: 2 more probes, and the abort.
         pipeline.handle(&record_bytes(expiry, 1, 2, 0));
         pipeline.handle(&record_bytes(expiry, 2, 3, 0));
         pipeline.handle(&record_bytes(
@@ -896,15 +901,7 @@ mod tests {
         entered.recv().unwrap();
         // Everything else of the connection is handled all the same (a drain waiting for the
         // worker would never get past this).
-        pipeline.handle(&record_bytes(expiry, 0, 1, 0));
-        pipeline.handle(&record_bytes(expiry, 1, 2, 0));
-        pipeline.handle(&record_bytes(expiry, 2, 3, 0));
-        pipeline.handle(&record_bytes(
-            RecordKind::Close,
-            3,
-            0,
-            record_flags::RESET_SENT,
-        ));
+        unanswered_then_aborted(&pipeline);
         let connection = {
             let mut table = table.lock().unwrap();
             let e = decoder::decode(&record_bytes(RecordKind::Close, 3, 0, 0)).unwrap();

@@ -233,19 +233,8 @@ pub struct Server {
 impl Server {
     /// Starts `program args...` (the args may contain `{addr}`, replaced by the chosen
     /// `127.0.0.1:PORT`) with its output in `dir/<name>.log`, and waits until `ready_path`
-    /// answers 200.
-    pub fn start(
-        name: &'static str,
-        program: &str,
-        args: &[String],
-        dir: &Path,
-        ready_path: &str,
-    ) -> anyhow::Result<Server> {
-        Self::start_in(None, name, program, args, dir, ready_path)
-    }
-
-    /// [`Server::start`] inside the network namespace `netns` (an fd the caller keeps open for
-    /// the server's life): what runs beside the agent in its pod.
+    /// answers 200. With `netns` (an fd the caller keeps open for the server's life) it runs
+    /// and listens inside that network namespace: beside the agent in its pod.
     pub fn start_in(
         netns: Option<RawFd>,
         name: &'static str,

@@ -223,18 +223,7 @@ fn sockets_json_lists_every_socket_with_the_settings_getsockopt_returns() -> any
             "unanswered_probes": 0,
             "worst_case_detection_seconds": socket.worst_case_detection_s(),
         });
-        for (field, want) in expected.as_object().context("object")? {
-            let got = &row[field];
-            // JSON numbers compare by value: 5400 and 5400.0 are the same setting.
-            let same = match (got.as_f64(), want.as_f64()) {
-                (Some(g), Some(w)) => g == w,
-                _ => got == want,
-            };
-            assert!(
-                same,
-                "{field} of {socket:?}: sockets says {got}, getsockopt {want}"
-            );
-        }
+        assert_fields_equal(row, &expected, &socket);
         assert!(row["cgroup_id"].as_u64().is_some_and(|id| id != 0), "{row}");
     }
 
@@ -546,8 +535,18 @@ fn assert_row_equals(row: &serde_json::Value, socket: &Effective, netns: u64) {
         "user_timeout_ms": socket.user_timeout_ms,
         "worst_case_detection_seconds": socket.worst_case_detection_s(),
     });
+    assert_fields_equal(row, &expected, socket);
+}
+
+/// Every field of `expected` (from getsockopt) equals the same field of the `sockets` row.
+fn assert_fields_equal(
+    row: &serde_json::Value,
+    expected: &serde_json::Value,
+    socket: &impl std::fmt::Debug,
+) {
     for (field, want) in expected.as_object().expect("object") {
         let got = &row[field];
+        // JSON numbers compare by value: 5400 and 5400.0 are the same setting.
         let same = match (got.as_f64(), want.as_f64()) {
             (Some(g), Some(w)) => g == w,
             _ => got == want,
