@@ -165,7 +165,12 @@ pub fn agent_as_in_daemonset(root: &Path, capabilities: &[String], args: &[Strin
             .collect::<String>()
     );
     let host = root.join("host");
-    let cgroup2 = system_cgroup2_mount();
+    // Where this host mounts cgroup v2 (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
+    // hosts): what the DaemonSet's /host/sys/fs/cgroup is on a cgroup v2 node.
+    let cgroup2 = keepalive_agent::system_cgroup2_mount()
+        .unwrap_or_else(|| "/sys/fs/cgroup".into())
+        .to_string_lossy()
+        .into_owned();
     let mut command = vec![
         "--mount".to_owned(),
         "--propagation".into(),
@@ -203,19 +208,6 @@ pub fn agent_as_in_daemonset(root: &Path, capabilities: &[String], args: &[Strin
     }
     command.push("--web.listen-address={addr}".into());
     command
-}
-
-/// Where this host mounts cgroup v2 (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
-/// hosts): what the DaemonSet's /host/sys/fs/cgroup is on a cgroup v2 node.
-pub fn system_cgroup2_mount() -> String {
-    fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
-        })
-        .unwrap_or_else(|| "/sys/fs/cgroup".to_owned())
 }
 
 /// A server process (Prometheus, Alertmanager) on a loopback port, killed on drop. Like
