@@ -532,10 +532,7 @@ pub(crate) fn dead_peer_detection_seconds(
     reason: DropReason,
     hz: u32,
 ) -> Option<f64> {
-    if !matches!(
-        reason,
-        DropReason::KeepaliveTimeout | DropReason::KeepaliveReset
-    ) {
+    if !DropReason::KEEPALIVE.contains(&reason) {
         return None;
     }
     Some(close.silent_seconds(hz))
@@ -633,14 +630,17 @@ mod tests {
             .map(|c| c.get())
     }
 
+    /// Whether the namespace's keepalive-timeout detection histogram has an observation (the
+    /// series itself exists at 0 from the namespace's first record).
     fn has_detection(metrics: &PipelineMetrics, netns: u32) -> bool {
-        metrics
-            .detection
-            .get(&crate::export::metrics::DropLabels {
-                netns,
-                reason: DropReason::KeepaliveTimeout.as_str(),
-            })
-            .is_some()
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("d", "", metrics.detection.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let count = format!("d_count{{netns=\"{netns}\",reason=\"keepalive_timeout\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&count))
+            .is_some_and(|n| n != "0")
     }
 
     /// Namespace `cookie` (inode NETNS) sends `probes` probes on connection `sk`, then the

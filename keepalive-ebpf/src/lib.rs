@@ -5,10 +5,12 @@
 /// Names the agent uses to find maps, programs and globals in the object.
 pub mod names {
     pub const EVENTS_MAP: &str = "EVENTS";
-    /// `iter/tcp`: one namespace per iterator (the fallback walk, entered with setns).
-    pub const AUDIT_PROGRAM: &str = "audit_tcp";
-    /// `iter/task_file`: every socket with a file, in every namespace, from one iterator.
-    pub const AUDIT_TASK_FILE_PROGRAM: &str = "audit_task_file";
+    /// The audit's walk of the kernel's TCP hash tables (every namespace), run on demand.
+    pub const AUDIT_PROGRAM: &str = "audit_hash_walk";
+    /// Where a walk starts and where the program stopped ([`super::AuditCursor`]).
+    pub const AUDIT_CURSOR_MAP: &str = "AUDIT_CURSOR";
+    /// The audit's records, drained by the agent after every run of the walk.
+    pub const AUDIT_RECORDS_MAP: &str = "AUDIT_RECORDS";
     pub const RESERVE_FAILURES_MAP: &str = "RESERVE_FAILURES";
     pub const OFFSETS_GLOBAL: &str = "OFFSETS";
     pub const KEEPALIVE_TIMER_FN_GLOBAL: &str = "KEEPALIVE_TIMER_FN";
@@ -163,6 +165,10 @@ kernel_offsets! {
     /// `net.net_cookie`: unlike the inode, never reused by a later namespace. A `u64` from 5.12,
     /// an `atomic64_t` generated on first use before (so 0 on 5.10 until something asked).
     net_cookie: "net.net_cookie", Bytes(8);
+    /// 1 where `net_cookie` is that lazy `atomic64_t` (before 5.12): the programs then identify
+    /// the namespace by `net.hash_mix` instead, a random `u32` drawn when it was created.
+    net_cookie_lazy: "net.net_cookie is an atomic64_t", Computed;
+    net_hash_mix: "net.hash_mix", Int(4);
     /// `net.ipv4.sysctl_tcp_keepalive_{time,intvl,probes}`, from the start of `struct net`: they
     /// apply when the socket's own values are 0, and a new namespace starts from the defaults,
     /// not from the host's values.
@@ -181,12 +187,28 @@ kernel_offsets! {
     /// (`socket_alloc.vfs_inode.i_ino`): what `/proc/PID/fd/N -> socket:[INO]` shows.
     sk_socket: "sock.sk_socket", Pointer;
     socket_ino: "socket_alloc.vfs_inode + inode.i_ino", Computed;
-    /// `socket.sk`, from the `struct socket` `bpf_sock_from_file` returns (the task-file walk).
-    socket_sk: "socket.sk", Pointer;
-    /// `task_struct.tgid` and `comm`, from the start of the task (the task-file walk): the
-    /// process holding the socket, as `/proc/PID` numbers it in the initial PID namespace.
-    task_tgid: "task_struct.tgid", Int(4);
-    task_comm: "task_struct.comm", Bytes(16);
+    /// `task_struct.nsproxy` → `nsproxy.net_ns` → `net.ipv4.tcp_death_row.hashinfo`: the TCP
+    /// hash tables (`tcp_hashinfo`), found from the task running the audit (the agent), so
+    /// neither kallsyms data symbols nor a socket are needed.
+    task_nsproxy: "task_struct.nsproxy", Pointer;
+    nsproxy_net_ns: "nsproxy.net_ns", Pointer;
+    net_tcp_hashinfo: "net.ipv4.tcp_death_row.hashinfo", Pointer;
+    /// `sock_common.skc_nulls_node`: the link of both hash tables the audit walks
+    /// (`hlist_nulls_node.next` is its first member; an odd value ends a chain).
+    skc_nulls_node: "sock.__sk_common.skc_nulls_node", Struct("hlist_nulls_node");
+    /// From the start of `struct inet_hashinfo`: the established table, `ehash_mask + 1` buckets of
+    /// `inet_ehash_bucket` (one `hlist_nulls_head` each).
+    hashinfo_ehash: "inet_hashinfo.ehash", Pointer;
+    hashinfo_ehash_mask: "inet_hashinfo.ehash_mask", Int(4);
+    ehash_bucket_size: "size of struct inet_ehash_bucket", Computed;
+    /// From the start of `struct inet_hashinfo`, where the listeners are: up to 5.18 the array
+    /// `listening_hash` inside it (its length in `listen_inline_buckets`), after that the
+    /// pointer `lhash2` to `lhash2_mask + 1` buckets (`listen_inline_buckets` is 0).
+    hashinfo_listen: "inet_hashinfo.listening_hash, else inet_hashinfo.lhash2", Computed;
+    listen_inline_buckets: "length of inet_hashinfo.listening_hash, else 0", Computed;
+    hashinfo_lhash2_mask: "inet_hashinfo.lhash2_mask", Int(4);
+    listen_bucket_size: "size of struct inet_listen_hashbucket", Computed;
+    listen_bucket_head: "inet_listen_hashbucket.nulls_head", Struct("hlist_nulls_head");
 }
 
 /// What produced a [`SocketRecord`].
@@ -199,7 +221,7 @@ pub enum RecordKind {
     Close = 2,
     /// `inet_sk_error_report` on a closed socket: the error the application is told.
     ErrorReport = 3,
-    /// One socket from the audit walk (`iter/task_file`, or `iter/tcp` as the fallback).
+    /// One socket from the audit's walk of the TCP hash tables.
     Audit = 4,
 }
 
@@ -322,13 +344,10 @@ pub struct SocketRecord {
     pub cgroup_id: u64,
     /// Inode number of the socket's file (0 for orphans, which have no file any more).
     pub socket_ino: u64,
-    /// `net.net_cookie` of the socket's namespace (0 when the kernel has not generated it).
+    /// What tells the socket's namespace from an earlier one that had its inode: `net_cookie`
+    /// (5.12+), else `net.hash_mix` (drawn at random when the namespace was created) with bit 32
+    /// set, so it is never 0 and never equals a 32-bit cookie. 0 when unreadable.
     pub netns_cookie: u64,
-    /// Records from a walk of every task's files: the process holding the socket (tgid; 0
-    /// elsewhere) and its `comm`, NUL-padded.
-    pub pid: u32,
-    pub _pad2: u32,
-    pub comm: [u8; 16],
 }
 
 impl SocketRecord {
@@ -341,9 +360,56 @@ mod pod {
     // (checked by the size assertion below).
     unsafe impl aya::Pod for super::SocketRecord {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::AuditCursor {}
 }
 
-const _: () = assert!(SocketRecord::SIZE == 176);
+/// Which table an audit run walks.
+pub mod audit_table {
+    /// `ehash`: every connected socket (and time-wait and request sockets, which are skipped).
+    pub const ESTABLISHED: u32 = 0;
+    /// The listeners' table.
+    pub const LISTENING: u32 = 1;
+}
+
+/// The audit walk's one map entry: the agent sets where to start, runs the program
+/// (`BPF_PROG_TEST_RUN`), drains the records and runs it again from where it stopped, until
+/// `done`. Each run visits a bounded number of buckets and sockets, so every kernel's verifier
+/// accepts it and no run holds the CPU for long.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditCursor {
+    /// Out: address of the tables walked (`net->ipv4.tcp_death_row.hashinfo` of the agent's
+    /// namespace: `tcp_hashinfo`, shared by every namespace without tables of its own).
+    pub hashinfo: u64,
+    /// The program's own loop state: the chain node it is at.
+    pub node: u64,
+    /// In: an [`audit_table`] value.
+    pub table: u32,
+    /// In/out: the bucket to continue from.
+    pub bucket: u32,
+    /// In/out: sockets of `bucket` already visited (a chain is re-walked from its head, never
+    /// from a node kept across runs: that socket may have been freed in between).
+    pub skip: u32,
+    /// The program's own loop state (kept here rather than in registers for the verifier):
+    /// sockets of `bucket` visited in this run's walk of its chain.
+    pub seen: u32,
+    /// Out: the table's bucket count as the kernel reported it.
+    pub buckets: u32,
+    /// Out: 1 once the last bucket was walked.
+    pub done: u32,
+    /// Out: records written by this run.
+    pub emitted: u32,
+    /// Out: sockets this run could not read (a socket freed while being read, say).
+    pub unreadable: u32,
+    /// Out: non-zero when the table itself could not be read (a `bpf_probe_read_kernel` error).
+    pub error: i32,
+    /// Out: 1 when this run stopped because the record buffer was full (the agent drains it and
+    /// runs again from the same place).
+    pub full: u32,
+}
+
+const _: () = assert!(SocketRecord::SIZE == 152);
+const _: () = assert!(core::mem::size_of::<AuditCursor>() == 56);
 const _: () = assert!(
     core::mem::size_of::<KernelOffsets>()
         == KernelOffsets::FIELD_COUNT * core::mem::size_of::<u32>()

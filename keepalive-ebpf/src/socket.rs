@@ -55,7 +55,11 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
     }
     let net = read::<u64>(sk, offset!(skc_net))? as *const u8;
     rec.netns = read::<u32>(net, offset!(net_ns_inum))?;
-    rec.netns_cookie = read::<u64>(net, offset!(net_cookie)).unwrap_or(0);
+    rec.netns_cookie = if offset!(net_cookie_lazy) != 0 {
+        read::<u32>(net, offset!(net_hash_mix)).map_or(0, |mix| (1 << 32) | u64::from(mix))
+    } else {
+        read::<u64>(net, offset!(net_cookie)).unwrap_or(0)
+    };
     rec.sysctl_keepalive_time = read::<u32>(net, offset!(net_keepalive_time))?;
     rec.sysctl_keepalive_intvl = read::<u32>(net, offset!(net_keepalive_intvl))?;
     rec.sysctl_keepalive_probes = read::<u8>(net, offset!(net_keepalive_probes))?;

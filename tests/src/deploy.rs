@@ -157,6 +157,21 @@ pub fn daemonset_container() -> anyhow::Result<(Vec<String>, Vec<String>)> {
 /// below `root`, a /proc of its own like a container's, as uid 0 with exactly `capabilities`
 /// (effective, inheritable, ambient and bounding sets), listening on `{addr}`.
 pub fn agent_as_in_daemonset(root: &Path, capabilities: &[String], args: &[String]) -> Vec<String> {
+    let host = root.join("host");
+    let mut command = agent_in_pod(root, capabilities);
+    for arg in args {
+        if arg.starts_with("--web.listen-address") {
+            continue;
+        }
+        command.push(arg.replace("/host/", &format!("{}/", host.display())));
+    }
+    command.push("--web.listen-address={addr}".into());
+    command
+}
+
+/// `unshare` arguments up to the agent binary, for any command run as in the DaemonSet's pod
+/// (see [`agent_as_in_daemonset`]); the host's /proc is at `root/host/proc` inside.
+pub fn agent_in_pod(root: &Path, capabilities: &[String]) -> Vec<String> {
     let set = format!(
         "-all{}",
         capabilities
@@ -171,7 +186,7 @@ pub fn agent_as_in_daemonset(root: &Path, capabilities: &[String], args: &[Strin
         .unwrap_or_else(|| "/sys/fs/cgroup".into())
         .to_string_lossy()
         .into_owned();
-    let mut command = vec![
+    vec![
         "--mount".to_owned(),
         "--propagation".into(),
         "private".into(),
@@ -199,15 +214,7 @@ pub fn agent_as_in_daemonset(root: &Path, capabilities: &[String], args: &[Strin
         "--regid=0".into(),
         "--clear-groups".into(),
         agent_bin().to_string_lossy().into_owned(),
-    ];
-    for arg in args {
-        if arg.starts_with("--web.listen-address") {
-            continue;
-        }
-        command.push(arg.replace("/host/", &format!("{}/", host.display())));
-    }
-    command.push("--web.listen-address={addr}".into());
-    command
+    ]
 }
 
 /// A server process (Prometheus, Alertmanager) on a loopback port, killed on drop. Like

@@ -7,6 +7,7 @@ pub const PROBES: &str = "tcp_keepalive_probes_total";
 pub const DROPS: &str = "tcp_connection_drops_total";
 pub const CONN_PROBES: &str = "tcp_keepalive_connection_probes_total";
 pub const CONN_UNANSWERED: &str = "tcp_keepalive_connection_unanswered_probes";
+pub const AUDIT_SOCKETS: &str = "tcp_keepalive_sockets";
 
 /// Every `reason` of `tcp_connection_drops_total`.
 pub const DROP_REASONS: [&str; 8] = [
@@ -98,6 +99,14 @@ impl Expectations {
     pub fn other_drops_zero(mut self) -> Self {
         self.other_drops_zero = true;
         self
+    }
+
+    /// `tcp_keepalive_sockets{netns,keepalive}` == n: connections the latest audit walk found
+    /// with keepalive `"on"` or `"off"`.
+    pub fn audit_sockets(self, keepalive: &'static str, n: u64) -> Self {
+        let mut labels = self.ns_labels();
+        labels.push(("keepalive".to_owned(), keepalive.to_owned()));
+        self.value(AUDIT_SOCKETS, labels, n)
     }
 
     /// `tcp_keepalive_connection_probes_total{conn}` == n (whatever the reason label).

@@ -173,6 +173,11 @@ impl TestEnv {
         Self::start_with(test, || Agent::start_as_daemonset(&[]))
     }
 
+    /// [`TestEnv::start_as_daemonset`] with extra `keepalive-agent run` flags.
+    pub fn start_as_daemonset_with_args(test: &str, agent_args: &[&str]) -> Option<TestEnv> {
+        Self::start_with(test, || Agent::start_as_daemonset(agent_args))
+    }
+
     fn start_with(test: &str, start: impl FnOnce() -> anyhow::Result<Agent>) -> Option<TestEnv> {
         if !kernel_tests_enabled(test) {
             return None;

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, TcpListener, TcpStream};
 use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
+use keepalive_tests::deploy::{ScratchDir, agent_in_pod, daemonset_container};
 use keepalive_tests::{
     Conn, DEADLINE, Metrics, Netns, TCP_ESTABLISHED, TcpPair, TestEnv, agent_bin, getsockopt_int,
     kernel_tests_enabled, set_keepalive, set_user_timeout, setsockopt_int, skip_or_fail, tcp_state,
@@ -324,28 +325,45 @@ fn bucket_mismatches(m: &Metrics, name: &str, netns: &str, values: &[f64]) -> Ve
         .collect()
 }
 
+/// `run` flags of the audit metrics tests. Thresholds below, at and above the tuned idle times:
+/// 600 s counts the 600 s socket (at or above), 900 s only the namespace-default ones.
+const AUDIT_METRICS_ARGS: [&str; 8] = [
+    "--audit.interval",
+    "1s",
+    "--idle-timeout-threshold",
+    "aws-nlb=350",
+    "--idle-timeout-threshold",
+    "edge=600",
+    "--idle-timeout-threshold",
+    "ipvs=900",
+];
+
 #[test]
 fn audit_metrics_count_the_namespace_sockets_by_keepalive_idle_and_detection_time()
 -> anyhow::Result<()> {
     let test = "audit_metrics_count_the_namespace_sockets_by_keepalive_idle_and_detection_time";
-    // Thresholds below, at and above the tuned idle times: 600 s counts the 600 s socket
-    // (at or above), 900 s only the namespace-default ones.
-    let thresholds = [("aws-nlb", 350.0), ("edge", 600.0), ("ipvs", 900.0)];
-    let Some(env) = TestEnv::start_with_agent_args(
-        test,
-        &[
-            "--audit.interval",
-            "1s",
-            "--idle-timeout-threshold",
-            "aws-nlb=350",
-            "--idle-timeout-threshold",
-            "edge=600",
-            "--idle-timeout-threshold",
-            "ipvs=900",
-        ],
-    ) else {
+    let Some(env) = TestEnv::start_with_agent_args(test, &AUDIT_METRICS_ARGS) else {
         return Ok(());
     };
+    audit_metrics_match_the_sockets(&env)
+}
+
+/// The same with the agent as the shipped DaemonSet runs it (its own network, PID and mount
+/// namespaces, the manifest's capabilities): the periodic audit sees another namespace's
+/// sockets from there.
+#[test]
+fn audit_metrics_count_another_namespace_s_sockets_when_the_agent_runs_as_the_daemonset()
+-> anyhow::Result<()> {
+    let test =
+        "audit_metrics_count_another_namespace_s_sockets_when_the_agent_runs_as_the_daemonset";
+    let Some(env) = TestEnv::start_as_daemonset_with_args(test, &AUDIT_METRICS_ARGS) else {
+        return Ok(());
+    };
+    audit_metrics_match_the_sockets(&env)
+}
+
+fn audit_metrics_match_the_sockets(env: &TestEnv) -> anyhow::Result<()> {
+    let thresholds = [("aws-nlb", 350.0), ("edge", 600.0), ("ipvs", 900.0)];
     let ns = Netns::new("audit-metrics")?;
     let mix = SocketMix::create(&ns)?;
     let Some(agent) = env.agent() else {
@@ -432,10 +450,6 @@ fn audit_metrics_count_the_namespace_sockets_by_keepalive_idle_and_detection_tim
     })?;
     Ok(())
 }
-
-/// The capabilities of the shipped DaemonSet (setpriv's names), and nothing else: no
-/// CAP_SYS_ADMIN, so no setns into another network namespace.
-const DAEMONSET_CAPABILITIES: &str = "-all,+bpf,+perfmon,+syslog,+sys_ptrace,+dac_read_search";
 
 /// An application in its own process: `keepalive-client` connected from inside `ns` with the
 /// given keepalive settings, holding its socket until dropped.
@@ -558,10 +572,16 @@ fn assert_fields_equal(
     }
 }
 
+/// The audit as the shipped DaemonSet runs it: `sockets` in a network, PID and mount namespace
+/// of its own, the host's /proc mounted at /host/proc, exactly the manifest's capabilities (no
+/// CAP_SYS_ADMIN, so no setns; no host PID, so no task walk sees the applications). It must
+/// still list every application namespace's sockets as getsockopt reports them, and name the
+/// processes holding them through the host's /proc.
 #[test]
-fn audit_with_only_the_daemonset_capabilities_from_its_own_namespace_sees_other_namespaces_and_their_processes()
+fn audit_in_the_daemonset_pod_sees_every_namespace_and_the_processes_holding_the_sockets()
 -> anyhow::Result<()> {
-    let test = "audit_with_only_the_daemonset_capabilities_from_its_own_namespace_sees_other_namespaces_and_their_processes";
+    let test =
+        "audit_in_the_daemonset_pod_sees_every_namespace_and_the_processes_holding_the_sockets";
     if !kernel_tests_enabled(test) {
         return Ok(());
     }
@@ -575,19 +595,6 @@ fn audit_with_only_the_daemonset_capabilities_from_its_own_namespace_sees_other_
         .is_ok_and(|o| o.status.success())
     {
         skip_or_fail(test, "`setpriv` (util-linux) is not available");
-        return Ok(());
-    }
-    // Only kernels with bpf_sock_from_file (5.11+) audit without setns; `check` says which.
-    let check = Command::new(agent_bin()).arg("check").output()?;
-    let check = String::from_utf8_lossy(&check.stdout);
-    if !check
-        .lines()
-        .any(|l| l.contains(" audit walk ") && l.contains("iter/task_file"))
-    {
-        skip_or_fail(
-            test,
-            &format!("this kernel has no iter/task_file audit walk (5.11+):\n{check}"),
-        );
         return Ok(());
     }
 
@@ -630,21 +637,22 @@ fn audit_with_only_the_daemonset_capabilities_from_its_own_namespace_sees_other_
         apps.push((ns, listener, app, server, client, served));
     }
 
-    // The agent in a network namespace of its own, with exactly the DaemonSet's capabilities.
+    // The agent in its pod: network, PID and mount namespaces of its own, the manifest's
+    // capabilities, the host's /proc where the manifest mounts it.
+    let (capabilities, _) = daemonset_container()?;
+    let pod = ScratchDir::new("audit-pod")?;
+    let host_proc = pod.0.join("host/proc");
     let out = Command::new("unshare")
-        .args(["--net", "--", "setpriv"])
-        .arg(format!("--inh-caps={DAEMONSET_CAPABILITIES}"))
-        .arg(format!("--ambient-caps={DAEMONSET_CAPABILITIES}"))
-        .arg(format!("--bounding-set={DAEMONSET_CAPABILITIES}"))
-        .args(["--reuid=0", "--regid=0", "--clear-groups"])
-        .arg(agent_bin())
-        .args(["sockets", "--output", "json"])
+        .arg("--net")
+        .args(agent_in_pod(&pod.0, &capabilities))
+        .args(["sockets", "--output", "json", "--proc.root"])
+        .arg(&host_proc)
         .output()
-        .context("running keepalive-agent sockets unprivileged")?;
+        .context("running keepalive-agent sockets in the DaemonSet's pod shape")?;
     let log = String::from_utf8_lossy(&out.stderr);
     ensure!(
         out.status.success(),
-        "sockets with the DaemonSet's capabilities failed ({}): {log}",
+        "sockets in the DaemonSet's pod shape failed ({}): {log}",
         out.status
     );
     assert!(!log.contains("Operation not permitted"), "{log}");

@@ -1,7 +1,7 @@
-//! The keepalive configuration audit: [`iter`] walks every TCP socket through the `iter/tcp`
-//! program, [`summary`] turns a walk into per-namespace figures and their metrics, [`task`]
+//! The keepalive configuration audit: [`walk`] reads every TCP socket from the kernel's TCP
+//! hash tables, [`summary`] turns a walk into per-namespace figures and their metrics, [`task`]
 //! repeats the walk every `--audit.interval`.
 
-pub(crate) mod iter;
 pub(crate) mod summary;
 pub(crate) mod task;
+pub(crate) mod walk;

@@ -106,8 +106,9 @@ pub(crate) struct SocketKeepalive {
     pub cgroup_id: u64,
     /// Inode of the socket (`socket:[INO]` in /proc/PID/fd); 0 when no process holds it.
     pub socket_ino: u64,
-    /// The process holding the socket (the lowest pid when several do), from the task-file
-    /// walk; `null` from the fallback `iter/tcp` walk, which does not see processes.
+    /// The process holding the socket (the lowest pid when several do), from the `socket:[INO]`
+    /// links under `--proc.root`; `null` when none is found there (an orphan, or a process in
+    /// a PID namespace that proc filesystem does not show).
     pub pid: Option<u32>,
     /// That process's `comm` (at most 15 bytes, as `ps -o comm` shows it).
     pub comm: Option<String>,
@@ -134,11 +135,8 @@ impl SocketKeepalive {
             worst_case_detection_seconds: worst_case_detection_jiffies(s, hz).map(seconds),
             cgroup_id: socket.owner.cgroup_id,
             socket_ino: socket.owner.socket_ino,
-            pid: socket.process.map(|p| p.pid),
-            comm: socket.process.map(|p| {
-                let len = p.comm.iter().position(|&b| b == 0).unwrap_or(p.comm.len());
-                String::from_utf8_lossy(&p.comm[..len]).into_owned()
-            }),
+            pid: None,
+            comm: None,
         }
     }
 }
@@ -517,7 +515,6 @@ mod tests {
             probes_out: 0,
             jiffies: 0,
             last_received_jiffies: 0,
-            process: None,
         }
     }
 

@@ -2,20 +2,18 @@
 //! every `--audit.interval`, and hand the summary to [`AuditCollector`] for the next scrape.
 
 use std::{
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use aya::Ebpf;
 use log::{debug, info, warn};
 use tokio::time::MissedTickBehavior;
 
 use crate::{
-    audit::iter,
     audit::summary::{AuditCollector, AuditState, AuditSummary, IdleThreshold},
+    audit::walk,
     export::labels::AggregateLabels,
-    kernel::layout::AuditWalk,
+    kernel::hash_walk::HashWalk,
     record::decoder::AuditedSocket,
     track::namespaces::NamespaceIdentity,
 };
@@ -62,22 +60,17 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
     Ok(interval)
 }
 
-/// Starts the periodic audit when an audit program loaded (`audit`); either way returns the
-/// collector to register (its `keepalive_agent_audit_enabled` says whether audits run) and the
-/// programs handle, which must stay alive for the hooks to stay attached. `proc_root` is where
-/// the fallback walk finds network namespaces.
+/// Starts the periodic audit when its program loaded (`audit`); either way returns the
+/// collector to register (its `keepalive_agent_audit_enabled` says whether audits run).
 pub(crate) fn start(
-    ebpf: Ebpf,
-    audit: Option<AuditWalk>,
-    proc_root: PathBuf,
+    audit: Option<HashWalk>,
     hz: u32,
     config: &AuditConfig,
     group: AuditGroup,
     namespaces: Arc<Mutex<NamespaceIdentity>>,
-) -> (AuditCollector, Arc<Mutex<Ebpf>>) {
+) -> AuditCollector {
     let collector = AuditCollector::default();
-    let ebpf = Arc::new(Mutex::new(ebpf));
-    if let Some(walk) = audit {
+    if let Some(program) = audit {
         if let Ok(mut state) = collector.state.lock() {
             state.enabled = true;
         }
@@ -92,10 +85,8 @@ pub(crate) fn start(
                 .join(", ")
         );
         tokio::spawn(run(
-            Arc::clone(&ebpf),
             Walker {
-                walk,
-                proc_root,
+                program: Arc::new(Mutex::new(program)),
                 namespaces,
             },
             hz,
@@ -106,27 +97,24 @@ pub(crate) fn start(
         ));
     } else {
         warn!(
-            "the keepalive configuration audit is off (its iterator did not load, see above): \
+            "the keepalive configuration audit is off (its program did not load, see above): \
              keepalive_agent_audit_enabled is 0 and the tcp_keepalive_sockets/_idle_seconds/\
              _worst_case_detection_seconds metrics are absent"
         );
     }
-    (collector, ebpf)
+    collector
 }
 
-/// Which walk the periodic audit runs, where the fallback finds namespaces, and the namespace
-/// identity each walk marks alive.
+/// The walk program the periodic audit runs and the namespace identity each walk marks alive.
 #[derive(Debug, Clone)]
 pub(crate) struct Walker {
-    pub(crate) walk: AuditWalk,
-    pub(crate) proc_root: PathBuf,
+    pub(crate) program: Arc<Mutex<HashWalk>>,
     pub(crate) namespaces: Arc<Mutex<NamespaceIdentity>>,
 }
 
-/// Runs walks forever (the first one immediately). A walk is synchronous (it reads the
-/// iterator's file to the end), so it runs on the blocking pool, never on the event loop.
+/// Runs walks forever (the first one immediately). A walk is synchronous (a series of program
+/// runs, one system call each), so it runs on the blocking pool, never on the event loop.
 pub(crate) async fn run(
-    ebpf: Arc<Mutex<Ebpf>>,
     walker: Walker,
     hz: u32,
     interval: Duration,
@@ -140,18 +128,18 @@ pub(crate) async fn run(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let ebpf = Arc::clone(&ebpf);
         let thresholds = Arc::clone(&thresholds);
         let group = Arc::clone(&group);
         let walker = walker.clone();
         let walk = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let mut ebpf = ebpf
+            let mut program = walker
+                .program
                 .lock()
-                .map_err(|_| "the kernel programs lock is poisoned".to_owned())?;
-            // A failed task-file walk keeps the previous summary (the `Err` arm of `record`).
-            let host = iter::walk_host(&mut ebpf, walker.walk, &walker.proc_root, |_| true)
-                .map_err(|err| err.to_string())?;
+                .map_err(|_| "the audit program lock is poisoned".to_owned())?;
+            // A failed walk keeps the previous summary (the `Err` arm of `record`).
+            let host = walk::walk_host(&mut program).map_err(|err| err.to_string())?;
+            drop(program);
             // A namespace with sockets is alive even when none of them probed: its series stay
             // past --netns.retention.
             if let Ok(mut namespaces) = walker.namespaces.lock() {
@@ -166,8 +154,8 @@ pub(crate) async fn run(
                 summary: AuditSummary::new(&host.sockets, hz, &thresholds, |s| group(s)),
                 sockets: host.sockets.len(),
                 namespaces: host.namespaces,
+                unreadable: host.unreadable,
                 took: started.elapsed(),
-                failures: host.failures.iter().map(ToString::to_string).collect(),
             })
         })
         .await
@@ -180,30 +168,24 @@ pub(crate) async fn run(
     }
 }
 
-/// One walk of every namespace: the summary of the ones that could be walked.
+/// One walk of every namespace.
 #[derive(Debug)]
 struct WalkOutcome {
     summary: AuditSummary,
     sockets: usize,
     namespaces: usize,
+    /// Sockets freed while the walk read them.
+    unreadable: u64,
     took: Duration,
-    /// One message per namespace whose walk failed.
-    failures: Vec<String>,
 }
 
 fn record(state: &mut AuditState, walk: Result<WalkOutcome, String>) {
     match walk {
         Ok(outcome) => {
             debug!(
-                "audit walk: {} TCP sockets in {} namespaces, {:?}",
-                outcome.sockets, outcome.namespaces, outcome.took
+                "audit walk: {} TCP sockets in {} namespaces ({} freed while read), {:?}",
+                outcome.sockets, outcome.namespaces, outcome.unreadable, outcome.took
             );
-            // A namespace that could not be walked is missing from this summary until a
-            // later walk succeeds; each failure is counted and logged.
-            for failure in &outcome.failures {
-                warn!("keepalive configuration audit: {failure}");
-            }
-            state.errors += outcome.failures.len() as u64;
             state.latest = Some(outcome.summary);
             state.last_sockets = outcome.sockets;
             state.last_duration = Some(outcome.took);
@@ -230,7 +212,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_walks_keep_the_previous_summary_and_count_each_failed_namespace() {
+    fn a_failed_walk_keeps_the_previous_summary_and_is_counted() {
         let mut state = AuditState::default();
         record(
             &mut state,
@@ -238,13 +220,13 @@ mod tests {
                 summary: AuditSummary::default(),
                 sockets: 3,
                 namespaces: 2,
+                unreadable: 0,
                 took: Duration::from_millis(2),
-                failures: vec!["entering network namespace /run/netns/x: EPERM".to_owned()],
             }),
         );
-        assert_eq!(state.errors, 1);
+        assert_eq!(state.errors, 0);
         record(&mut state, Err("the audit walk panicked".to_owned()));
-        assert_eq!(state.errors, 2);
+        assert_eq!(state.errors, 1);
         assert_eq!(state.last_sockets, 3);
         assert_eq!(state.latest, Some(AuditSummary::default()));
     }

@@ -5,19 +5,19 @@ use std::{ffi::CStr, fs};
 
 use anyhow::bail;
 
+use crate::audit::walk;
 use crate::kernel::{
-    Session, hz,
+    Session, hash_walk, hz,
     kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
-    layout::{self, AuditWalk, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
-    netns,
+    layout::{self, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
     programs::{HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
 };
 
-/// Ring buffers (5.8) are the newest feature every required hook depends on; iter/tcp needs 5.9.
+/// Ring buffers (5.8) are the newest feature every required hook depends on; the audit runs its
+/// walk with BPF_PROG_TEST_RUN on a raw tracepoint program, which needs 5.10.
 const MIN_KERNEL: (u32, u32) = (5, 8);
 
 /// Capability bits (include/uapi/linux/capability.h).
-const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYSLOG: u32 = 34;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -304,56 +304,16 @@ fn effective_capabilities() -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
-/// Which audit walk this kernel gets and whether it can see every socket from here.
+/// How the audit walks every socket on this kernel (whether it runs is `--load`'s to prove).
 fn audit_walk(layout: &KernelLayout) -> Check {
-    let name = "audit walk";
-    match layout.audit_walk {
-        Some(AuditWalk::TaskFile) => {
-            if let Some(pid_ns) = netns::private_pid_namespace() {
-                Check::new(
-                    name,
-                    Status::Warn,
-                    format!(
-                        "{}; but this process is in PID namespace {} (not the host's), so it \
-                         sees only that namespace's processes",
-                        AuditWalk::TaskFile.describe(),
-                        pid_ns
-                    ),
-                    Some(
-                        "Run the agent in the host's PID namespace (hostPID: true in Kubernetes) \
-                         so the audit sees every process's sockets."
-                            .to_owned(),
-                    ),
-                )
-            } else {
-                Check::ok(name, AuditWalk::TaskFile.describe())
-            }
-        }
-        Some(AuditWalk::IterTcp) => {
-            let admin = effective_capabilities().is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0);
-            if admin {
-                Check::new(
-                    name,
-                    Status::Warn,
-                    format!("{}; CAP_SYS_ADMIN is effective", AuditWalk::IterTcp.describe()),
-                    Some("Linux 5.11+ audits without setns or CAP_SYS_ADMIN (iter/task_file with bpf_sock_from_file).".to_owned()),
-                )
-            } else {
-                Check::new(
-                    name,
-                    Status::Warn,
-                    format!("{}; CAP_SYS_ADMIN is not effective", AuditWalk::IterTcp.describe()),
-                    Some("On this kernel the audit (tcp_keepalive_sockets, `sockets`) sees only the agent's own network namespace without CAP_SYS_ADMIN; grant it, or use Linux 5.11+.".to_owned()),
-                )
-            }
-        }
-        None => Check::new(
-            name,
-            Status::Warn,
-            "neither iter/task_file with bpf_sock_from_file nor bpf_iter_tcp in BTF",
-            Some("Without BPF iterators (Linux 5.9+) the keepalive configuration audit is off; everything else works.".to_owned()),
+    Check::ok(
+        "audit walk",
+        format!(
+            "{}; {}",
+            hash_walk::DESCRIPTION,
+            layout.listen_table.describe()
         ),
-    }
+    )
 }
 
 fn permissions() -> Check {
@@ -415,11 +375,23 @@ fn tracefs() -> Check {
 fn load(session: &Session) -> Check {
     // Nothing is read from the ring buffer: the smallest size the kernel accepts.
     match session.load(MIN_RING_BUFFER_BYTES) {
-        Ok(kernel) => {
+        Ok(mut kernel) => {
             let attached = kernel.hooks.iter().filter(|s| s.attached).count();
-            let audit = match kernel.audit {
-                Some(walk) => format!("iter/{} audit loaded", walk.target()),
-                None => "audit iterator NOT loaded".to_owned(),
+            let mut audited = false;
+            let audit = match kernel.audit.take() {
+                Some(mut program) => match walk::walk_host(&mut program) {
+                    Ok(host) => {
+                        audited = true;
+                        format!(
+                            "audit walk ran: {} TCP sockets in {} network namespaces ({} runs)",
+                            host.sockets.len(),
+                            host.namespaces,
+                            host.runs
+                        )
+                    }
+                    Err(err) => format!("audit walk loaded but FAILED: {err}"),
+                },
+                None => "audit walk NOT loaded".to_owned(),
             };
             // A hook this kernel lacks is already a WARN of its own above; here only what the
             // kernel has and refused counts.
@@ -427,7 +399,7 @@ fn load(session: &Session) -> Check {
                 .hooks
                 .iter()
                 .any(|s| !s.attached && s.hook.variant(&session.layout).is_some());
-            let status = if !refused && kernel.audit.is_some() {
+            let status = if !refused && audited {
                 Status::Ok
             } else if kernel.all_required_attached() {
                 Status::Warn

@@ -147,8 +147,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .set(i64::from(status.attached));
     }
     let ready = kernel.all_required_attached();
+    // `_ebpf` keeps the programs (and so the hooks) loaded until `run` returns.
     let programs::KernelPrograms {
-        ebpf,
+        ebpf: _ebpf,
         events,
         reserve_failures,
         audit,
@@ -217,11 +218,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let mut pipeline = Pipeline::new(&session, table, pipeline_metrics, attributor)
         .aggregated_by(config.aggregate_by.clone());
-    // `_ebpf` keeps the programs (and so the hooks) loaded until `run` returns.
-    let (audit_collector, _ebpf) = audit::task::start(
-        ebpf,
+    let audit_collector = audit::task::start(
         audit,
-        config.proc_root.clone(),
         session.hz,
         &config.audit,
         audit_group,

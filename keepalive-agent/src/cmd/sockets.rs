@@ -12,8 +12,9 @@ use anyhow::Context as _;
 use keepalive_ebpf::tcp_state;
 
 use crate::{
-    audit::{iter, summary::SocketKeepalive},
-    kernel::{Session, hz, layout::AuditWalk, programs},
+    attribution::Attributor,
+    audit::{summary::SocketKeepalive, walk},
+    kernel::{Session, hz},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -41,8 +42,8 @@ pub struct SocketsConfig {
     /// `table` for people, `json` for scripts (one array; field names are listed in the README).
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
-    /// The proc filesystem the fallback walk (kernels without bpf_sock_from_file) finds network
-    /// namespaces in (PROC/PID/task/TID/ns/net): the host's /proc, as for `run`.
+    /// The proc filesystem whose `PID/fd` links name the process holding each socket: the
+    /// host's /proc (in a pod, where it is mounted, e.g. /host/proc), as for `run`.
     #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc")]
     pub proc_root: std::path::PathBuf,
 }
@@ -60,38 +61,36 @@ impl SocketsConfig {
 pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
     let session = Session::open(Path::new(hz::DEFAULT_TIMER_LIST))
         .context("reading the running kernel (try `keepalive-agent check`)")?;
-    let (mut ebpf, walk) = session.load_audit_only().context(
-        "loading the audit iterator program (run as root, or see `keepalive-agent check`)",
-    )?;
+    let mut program = session
+        .load_audit_only()
+        .context("loading the audit program (run as root, or see `keepalive-agent check`)")?;
     let hz = session.hz;
     drop(session);
-    match walk {
-        AuditWalk::IterTcp => log::warn!("{}", walk.describe()),
-        AuditWalk::TaskFile => programs::warn_private_pid_namespace(),
+    let host = walk::walk_host(&mut program).context("walking the host's TCP sockets")?;
+    drop(program);
+    for &netns in &config.netns {
+        if !host.sockets.iter().any(|s| s.endpoints.netns == netns) {
+            log::warn!(
+                "no TCP socket in network namespace {netns} (find a namespace's inode with `ls -L \
+                 -i /proc/PID/ns/net` or `ls -L -i /run/netns/NAME`)"
+            );
+        }
     }
-    // The fallback enters only the namespaces asked for: cheaper on a busy host.
-    let host = iter::walk_host(&mut ebpf, walk, &config.proc_root, |inode| {
-        config.netns.is_empty() || config.netns.iter().any(|&n| u64::from(n) == inode)
-    })
-    .context("walking the host's TCP sockets")?;
-    for failure in &host.failures {
-        log::warn!("{failure}; its sockets are not listed");
-    }
-    // The task-file walk finds namespaces through their sockets: an empty one lists nothing.
-    if walk == AuditWalk::IterTcp && !config.netns.is_empty() && host.namespaces == 0 {
-        anyhow::bail!(
-            "no network namespace with inode {:?} was found (find yours with `ls -L -i /proc/PID/ns/net` \
-             or `ls -L -i /run/netns/NAME`; the namespace must have a process or an `ip netns` mount)",
-            config.netns
-        );
-    }
-    let walked = host.sockets;
 
-    let mut sockets: Vec<SocketKeepalive> = walked
+    // Owners from the `socket:[INO]` links under --proc.root: one scan of it, cached.
+    let attributor = Attributor::new(None, config.proc_root.clone());
+    let mut sockets: Vec<SocketKeepalive> = host
+        .sockets
         .iter()
         .filter_map(|socket| {
-            let shown = SocketKeepalive::new(socket, hz);
-            config.wants(&shown, socket.state).then_some(shown)
+            let mut shown = SocketKeepalive::new(socket, hz);
+            if !config.wants(&shown, socket.state) {
+                return None;
+            }
+            let owner = attributor.attribute(&socket.owner);
+            shown.pid = owner.pid;
+            shown.comm = owner.comm;
+            Some(shown)
         })
         .collect();
     sockets.sort_by(|a, b| {

@@ -123,8 +123,25 @@ impl PipelineMetrics {
             .observe(seconds);
     }
 
+    /// One keepalive probe sent under `labels` (which always hold `netns`).
     pub(crate) fn count_probe(&self, labels: &AggregateLabels) {
         self.probes.get_or_create(labels).inc();
+        // A keepalive drop follows probes: its namespace's detection histograms exist at 0 from
+        // the first probe, or `increase()` over them would miss the first drop. Only namespaces
+        // that probe get them (their buckets are most of a namespace's series).
+        let Some(netns) = labels
+            .iter()
+            .find(|(name, _)| *name == "netns")
+            .and_then(|(_, value)| value.parse::<u32>().ok())
+        else {
+            return;
+        };
+        for reason in DropReason::KEEPALIVE {
+            let _ = self.detection.get_or_create(&DropLabels {
+                netns,
+                reason: reason.as_str(),
+            });
+        }
     }
 
     /// Removes every aggregate series of these namespaces (every label set created under their

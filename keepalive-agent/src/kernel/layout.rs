@@ -90,44 +90,6 @@ const INODE_NUMBER: &str = "inode.i_ino";
 /// The tracepoint typedef whose prototype says whether `tcp_send_reset` passes a reason.
 const SEND_RESET_PROTOTYPE: &str = "btf_trace_tcp_send_reset";
 
-/// How the keepalive configuration audit walks every TCP socket on this kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum AuditWalk {
-    /// One `iter/task_file` iterator calling `bpf_sock_from_file` (5.11+): every socket a
-    /// process holds a file for, in every network namespace, with its pid and comm; no setns.
-    TaskFile,
-    /// The fallback (5.9 and 5.10): one `iter/tcp` iterator per network namespace, created on a
-    /// thread that entered it with setns, which needs CAP_SYS_ADMIN.
-    IterTcp,
-}
-
-impl AuditWalk {
-    /// The iterator target the program attaches to (`iter/<target>`).
-    pub(crate) fn target(self) -> &'static str {
-        match self {
-            Self::TaskFile => "task_file",
-            Self::IterTcp => "tcp",
-        }
-    }
-
-    /// What this walk sees and what it needs, for `check` and the start-up log.
-    pub(crate) fn describe(self) -> &'static str {
-        match self {
-            Self::TaskFile => {
-                "iter/task_file with bpf_sock_from_file: every TCP socket a process holds, in \
-                 every network namespace, with its pid and comm; no setns and no privilege \
-                 beyond CAP_BPF+CAP_PERFMON (it sees the processes of the agent's PID namespace: \
-                 run in the host's)"
-            }
-            Self::IterTcp => {
-                "iter/tcp entered into each network namespace with setns (this kernel has no \
-                 bpf_sock_from_file, added in 5.11): needs CAP_SYS_ADMIN, without it every \
-                 namespace but the agent's own fails with EPERM"
-            }
-        }
-    }
-}
-
 /// Everything the agent needs to know about the running kernel's structure layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct KernelLayout {
@@ -145,11 +107,8 @@ pub(crate) struct KernelLayout {
     /// The hooks ([`HOOKS`]) whose BTF tracepoint this kernel has: its `btf_trace_<name>`
     /// typedef, which the loader resolves `tp_btf/<name>` against.
     pub tracepoints: Vec<&'static str>,
-    /// The audit walk this kernel supports: `iter/task_file` where it has both that iterator
-    /// (`struct bpf_iter__task_file`, 5.8+) and the helper `bpf_sock_from_file`
-    /// (`BPF_FUNC_sock_from_file` in `enum bpf_func_id`, 5.11+), else `iter/tcp` where it has
-    /// `bpf_iter_tcp` (5.9+), else none.
-    pub audit_walk: Option<AuditWalk>,
+    /// Where the listening sockets are, for the audit's walk (already in `offsets`).
+    pub listen_table: ListenTable,
     /// `tcp:tcp_send_reset` passes `enum sk_rst_reason` as its fourth argument (6.10+). Before,
     /// its prototype is `(void *, const struct sock *, const struct sk_buff *)` and the verifier
     /// refuses a program that reads a fourth argument.
@@ -303,6 +262,7 @@ impl KernelLayout {
         }
         let timers = Timers::resolve(&r)?;
 
+        let listen_table = ListenTable::resolve(&r)?;
         let mut offsets = KernelOffsets::default();
         for (field, slot) in KernelOffsets::FIELDS.iter().zip(offsets.fields_mut()) {
             *slot = match (field.kind, field.name) {
@@ -319,6 +279,15 @@ impl KernelLayout {
                     r.offset(SOCKET_INODE, FieldKind::Struct("inode"))?
                         + r.offset(INODE_NUMBER, FieldKind::Int(8))?
                 }
+                (FieldKind::Computed, "net_cookie_lazy") => {
+                    u32::from(!matches!(r.field(NET_COOKIE)?.ty, Type::Int(_)))
+                }
+                (FieldKind::Computed, "ehash_bucket_size") => r.struct_size("inet_ehash_bucket")?,
+                (FieldKind::Computed, "listen_bucket_size") => {
+                    r.struct_size("inet_listen_hashbucket")?
+                }
+                (FieldKind::Computed, "hashinfo_listen") => listen_table.offset(),
+                (FieldKind::Computed, "listen_inline_buckets") => listen_table.inline_buckets(),
                 (FieldKind::Computed, _) => {
                     return Err(LayoutError::NotComputed {
                         field: field.name,
@@ -342,16 +311,7 @@ impl KernelLayout {
         let rst_limit = u64::from(u32::MAX) + 1;
         Ok(Self {
             tracepoints,
-            audit_walk: if has("bpf_iter__task_file")
-                && r.optional_enum_value("bpf_func_id", "BPF_FUNC_sock_from_file", u64::MAX)?
-                    .is_some()
-            {
-                Some(AuditWalk::TaskFile)
-            } else if has("bpf_iter_tcp") {
-                Some(AuditWalk::IterTcp)
-            } else {
-                None
-            },
+            listen_table,
             send_reset_reason: r.send_reset_has_reason()?,
             offsets,
             timer_layout: timers.layout,
@@ -366,6 +326,65 @@ impl KernelLayout {
                 rst_limit,
             )?,
         })
+    }
+}
+
+/// Where `struct inet_hashinfo` keeps its listening sockets. Both tables chain them through
+/// `skc_nulls_node` from an `inet_listen_hashbucket.nulls_head`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ListenTable {
+    /// Up to 5.18: the array `listening_hash[buckets]` inside the struct, at `offset` (its
+    /// `lhash2` chains through `icsk_listen_portaddr_node` instead, so it is not walked).
+    Inline { offset: u32, buckets: u32 },
+    /// 5.19+: `lhash2`, a pointer at `offset` to `lhash2_mask + 1` buckets.
+    Lhash2 { offset: u32 },
+}
+
+const LISTENING_HASH: &str = "inet_hashinfo.listening_hash";
+const NET_COOKIE: &str = "net.net_cookie";
+const LHASH2: &str = "inet_hashinfo.lhash2";
+
+impl ListenTable {
+    fn resolve(r: &Resolver<'_>) -> Result<Self, LayoutError> {
+        match r.field(LISTENING_HASH) {
+            Ok(Field {
+                byte_offset,
+                ty: Type::Array(array),
+            }) => Ok(Self::Inline {
+                offset: byte_offset,
+                buckets: u32::try_from(array.len()).unwrap_or(u32::MAX),
+            }),
+            Ok(other) => Err(LayoutError::UnexpectedType {
+                path: LISTENING_HASH.to_owned(),
+                expected: "an array of struct inet_listen_hashbucket".to_owned(),
+                found: r.describe(&other.ty),
+            }),
+            Err(e) if e.is_missing_member(LISTENING_HASH) => Ok(Self::Lhash2 {
+                offset: r.offset(LHASH2, FieldKind::Pointer)?,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn offset(self) -> u32 {
+        match self {
+            Self::Inline { offset, .. } | Self::Lhash2 { offset } => offset,
+        }
+    }
+
+    fn inline_buckets(self) -> u32 {
+        match self {
+            Self::Inline { buckets, .. } => buckets,
+            Self::Lhash2 { .. } => 0,
+        }
+    }
+
+    /// For `check` and the start-up log.
+    pub(crate) fn describe(self) -> String {
+        match self {
+            Self::Inline { buckets, .. } => format!("listeners in listening_hash[{buckets}]"),
+            Self::Lhash2 { .. } => "listeners in lhash2".to_owned(),
+        }
     }
 }
 
@@ -648,6 +667,19 @@ impl Resolver<'_> {
             }
             _ => None,
         })
+    }
+
+    /// `sizeof(struct name)`, to step through an array of them.
+    fn struct_size(&self, name: &str) -> Result<u32, LayoutError> {
+        let size = self.root_struct(name)?.size();
+        u32::try_from(size)
+            .ok()
+            .filter(|&size| size > 0)
+            .ok_or_else(|| LayoutError::UnexpectedType {
+                path: name.to_owned(),
+                expected: "a struct of 1 to 2^32 bytes".to_owned(),
+                found: format!("{size} bytes"),
+            })
     }
 
     /// A human description of a type for error messages.

@@ -1,16 +1,16 @@
 //! Everything the agent knows about the running kernel, and the only room that talks to it:
 //! struct layout and hook prototypes from BTF ([`layout`]), timer callback addresses
-//! ([`kallsyms`]), the tick rate ([`hz`]), the embedded programs and how they are loaded
-//! ([`programs`]), and the network namespaces ([`netns`]).
+//! ([`kallsyms`]), the tick rate ([`hz`]), the embedded programs and how they
+//! are loaded ([`programs`]), and the audit's walk program ([`hash_walk`]).
 //!
 //! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
 //! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.
 
+pub(crate) mod hash_walk;
 pub(crate) mod hooks;
 pub(crate) mod hz;
 pub(crate) mod kallsyms;
 pub(crate) mod layout;
-pub(crate) mod netns;
 pub mod programs;
 
 use std::path::Path;
@@ -83,20 +83,20 @@ impl Session {
         })
     }
 
-    /// Every hook attached, the audit iterator loaded, the maps taken.
+    /// Every hook attached, the audit's walk loaded, the maps taken.
     pub(crate) fn load(&self, ring_buffer_bytes: u32) -> Result<KernelPrograms, ProgramsError> {
         programs::load(&self.layout, &self.timers, &self.btf, ring_buffer_bytes)
     }
 
-    /// Only the audit iterator, for a one-off walk: nothing is attached to a hook.
-    pub(crate) fn load_audit_only(&self) -> Result<(aya::Ebpf, layout::AuditWalk), ProgramsError> {
+    /// Only the audit's walk, for a one-off audit: nothing is attached to a hook.
+    pub(crate) fn load_audit_only(&self) -> Result<hash_walk::HashWalk, ProgramsError> {
         let mut ebpf = programs::open(
             &self.layout,
             &self.timers,
             &self.btf,
             programs::MIN_RING_BUFFER_BYTES,
         )?;
-        let walk = programs::load_audit(&mut ebpf, &self.layout, &self.btf)?;
-        Ok((ebpf, walk))
+        // The walk holds its own program descriptor and maps: the object can go.
+        programs::load_audit(&mut ebpf)
     }
 }

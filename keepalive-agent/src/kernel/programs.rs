@@ -7,15 +7,16 @@
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, Iter, ProgramError},
+    programs::{BtfTracePoint, ProgramError},
 };
 use keepalive_ebpf::names;
 use log::{info, warn};
 
 pub use crate::kernel::hooks::{HOOKS, Hook};
 use crate::kernel::{
+    hash_walk::{self, HashWalk},
     kallsyms::TimerFunctions,
-    layout::{AuditWalk, KernelLayout},
+    layout::KernelLayout,
 };
 
 /// The kernel programs, compiled for this agent by build.rs.
@@ -81,17 +82,8 @@ pub enum ProgramsError {
         "loading the kernel programs failed (needs root or CAP_BPF+CAP_PERFMON, and a kernel with BTF): {0}"
     )]
     Load(#[source] aya::EbpfError),
-    #[error("cannot load the iter/{target} audit program: {source}")]
-    LoadAudit {
-        target: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error(
-        "this kernel has neither iter/task_file with bpf_sock_from_file (5.11+) nor iter/tcp \
-         (5.9+): no keepalive configuration audit"
-    )]
-    NoAuditWalk,
+    #[error("cannot load the audit's hash-table walk program: {0}")]
+    LoadAudit(#[source] ProgramError),
     #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
     Missing(&'static str),
     #[error("map {name}: {source}")]
@@ -125,11 +117,11 @@ pub struct HookStatus {
 }
 
 pub struct KernelPrograms {
-    /// Keeps programs and links alive; also holds the audit iterator.
+    /// Keeps programs and links alive.
     pub ebpf: Ebpf,
     pub hooks: Vec<HookStatus>,
-    /// The audit walk whose program loaded (see [`crate::audit::iter`]); `None`: audit off.
-    pub(crate) audit: Option<AuditWalk>,
+    /// The audit's walk (see `crate::audit::walk`); `None`: audit off.
+    pub(crate) audit: Option<HashWalk>,
     pub events: RingBuf<MapData>,
     pub reserve_failures: PerCpuArray<MapData, u64>,
 }
@@ -160,35 +152,9 @@ pub(crate) fn open(
         .map_err(ProgramsError::Load)
 }
 
-/// The program of an audit walk in the programs object.
-pub(crate) fn audit_program(walk: AuditWalk) -> &'static str {
-    match walk {
-        AuditWalk::TaskFile => names::AUDIT_TASK_FILE_PROGRAM,
-        AuditWalk::IterTcp => names::AUDIT_PROGRAM,
-    }
-}
-
-/// Loads the audit program this kernel supports ([`KernelLayout::audit_walk`]): only that one
-/// goes through the verifier (5.10 would refuse `bpf_sock_from_file`, an unknown helper).
-/// Each walk attaches it anew.
-pub(crate) fn load_audit(
-    ebpf: &mut Ebpf,
-    layout: &KernelLayout,
-    btf: &Btf,
-) -> Result<AuditWalk, ProgramsError> {
-    let walk = layout.audit_walk.ok_or(ProgramsError::NoAuditWalk)?;
-    let name = audit_program(walk);
-    let load_error = |source| ProgramsError::LoadAudit {
-        target: walk.target(),
-        source,
-    };
-    let program: &mut Iter = ebpf
-        .program_mut(name)
-        .ok_or(ProgramsError::Missing(name))?
-        .try_into()
-        .map_err(load_error)?;
-    program.load(walk.target(), btf).map_err(load_error)?;
-    Ok(walk)
+/// Loads the audit's walk ([`hash_walk`]).
+pub(crate) fn load_audit(ebpf: &mut Ebpf) -> Result<HashWalk, ProgramsError> {
+    hash_walk::load(ebpf)
 }
 
 /// Everything the agent runs: every hook attached, the audit iterator loaded, the maps taken.
@@ -205,15 +171,9 @@ pub(crate) fn load(
         Err(err) => warn!("kernel-side diagnostics unavailable: {err}"),
     }
 
-    let audit = match load_audit(&mut ebpf, layout, btf) {
+    let audit = match load_audit(&mut ebpf) {
         Ok(walk) => {
-            match walk {
-                AuditWalk::TaskFile => {
-                    info!("keepalive configuration audit: {}", walk.describe());
-                    warn_private_pid_namespace();
-                }
-                AuditWalk::IterTcp => warn!("keepalive configuration audit: {}", walk.describe()),
-            }
+            info!("keepalive configuration audit: {}", hash_walk::DESCRIPTION);
             Some(walk)
         }
         Err(err) => {
@@ -255,21 +215,8 @@ pub(crate) fn load(
         hooks.len()
     );
 
-    let events = ebpf
-        .take_map(names::EVENTS_MAP)
-        .ok_or(ProgramsError::Missing(names::EVENTS_MAP))?;
-    let events = RingBuf::try_from(events).map_err(|source| ProgramsError::Map {
-        name: names::EVENTS_MAP,
-        source,
-    })?;
-    let failures = ebpf
-        .take_map(names::RESERVE_FAILURES_MAP)
-        .ok_or(ProgramsError::Missing(names::RESERVE_FAILURES_MAP))?;
-    let reserve_failures =
-        PerCpuArray::try_from(failures).map_err(|source| ProgramsError::Map {
-            name: names::RESERVE_FAILURES_MAP,
-            source,
-        })?;
+    let events: RingBuf<MapData> = take_map(&mut ebpf, names::EVENTS_MAP)?;
+    let reserve_failures = take_map(&mut ebpf, names::RESERVE_FAILURES_MAP)?;
     Ok(KernelPrograms {
         ebpf,
         hooks,
@@ -279,16 +226,13 @@ pub(crate) fn load(
     })
 }
 
-/// Says so when the task-file walk cannot see the host's processes (see
-/// [`crate::kernel::netns::private_pid_namespace`]).
-pub(crate) fn warn_private_pid_namespace() {
-    if let Some(pid_ns) = crate::kernel::netns::private_pid_namespace() {
-        warn!(
-            "the agent runs in PID namespace {pid_ns}, not the host's: the keepalive \
-             configuration audit sees only the sockets of that namespace's processes (run with \
-             hostPID: true to audit every process)"
-        );
-    }
+/// Takes map `name` out of the object as the typed map `T`.
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProgramsError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(ProgramsError::Missing(name))?;
+    T::try_from(map).map_err(|source| ProgramsError::Map { name, source })
 }
 
 fn attach(

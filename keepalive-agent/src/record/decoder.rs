@@ -129,7 +129,7 @@ pub(crate) struct ErrorReport {
     pub error: i32,
 }
 
-/// One socket seen by the `iter/tcp` audit walk.
+/// One socket seen by the audit's walk of the TCP hash tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AuditedSocket {
     pub sk: u64,
@@ -141,16 +141,6 @@ pub(crate) struct AuditedSocket {
     pub probes_out: u8,
     pub jiffies: u64,
     pub last_received_jiffies: u32,
-    /// The process that holds the socket, when the walk went through the processes' files.
-    pub process: Option<Process>,
-}
-
-/// A process as a task walk saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Process {
-    pub(crate) pid: u32,
-    /// `task->comm`, NUL-padded.
-    pub(crate) comm: [u8; 16],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,10 +257,6 @@ pub(crate) fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             probes_out: rec.probes_out_before,
             jiffies: rec.jiffies,
             last_received_jiffies,
-            process: (rec.pid != 0).then_some(Process {
-                pid: rec.pid,
-                comm: rec.comm,
-            }),
         }),
     })
 }

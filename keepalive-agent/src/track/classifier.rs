@@ -35,6 +35,10 @@ impl DropReason {
         Self::Other,
     ];
 
+    /// The keepalive drops: silence is what the kernel measured, so they have a dead-peer
+    /// detection time.
+    pub const KEEPALIVE: [Self; 2] = [Self::KeepaliveTimeout, Self::KeepaliveReset];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::KeepaliveTimeout => "keepalive_timeout",

@@ -5,8 +5,11 @@
 //! new namespace inherit a dead one's counters. `net->net_cookie` is never reused: a record whose
 //! cookie differs from the one known for its inode comes from a new namespace, and the old one's
 //! series must go. On 5.10 the cookie is an `atomic64_t` generated lazily (only when something
-//! asks for it, e.g. `bpf_get_netns_cookie`), so it is usually 0: a 0 on either side cannot tell
-//! two namespaces apart, and identity falls back to the inode (plus the retention below).
+//! asks for it, e.g. `bpf_get_netns_cookie`), so the programs send `net->hash_mix` there instead
+//! (a random `u32` drawn when the namespace was created, with bit 32 set): two namespaces on the
+//! same inode then differ unless their draws collide (1 in 2^32). A 0 (a read that failed) on
+//! either side cannot tell two namespaces apart, and identity falls back to the inode (plus the
+//! retention below).
 //!
 //! Nothing here touches metrics or the connection table; the pipeline applies what these
 //! methods return.
@@ -19,7 +22,7 @@ use std::{
 /// What the agent knows of the namespace currently holding an inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Known {
-    /// `net_cookie`; 0 while unknown (5.10 before anything generated it).
+    /// `net_cookie` (or 5.10's `hash_mix` stand-in); 0 while unknown.
     cookie: u64,
     /// Last record from it, or last audit walk that found one of its sockets.
     last_seen: Instant,

@@ -24,14 +24,15 @@
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use keepalive_tests::{
     AgentEndpoint, DEADLINE, DROP_REASONS, Expectations, Metrics, Netns, TCP_ESTABLISHED, TcpExt,
-    TcpPair, accept_incoming_again, connect_deaf, disable_keepalive, drop_all_incoming, errno_name,
-    expect, fill_send_buffer, set_keepalive, set_linger_zero, set_user_timeout, so_error,
-    tcp_state, wait_closed, wait_until,
+    TcpPair, accept_incoming_again, agent_bin, connect_deaf, disable_keepalive, drop_all_incoming,
+    errno_name, expect, fill_send_buffer, set_keepalive, set_linger_zero, set_user_timeout,
+    so_error, tcp_state, wait_closed, wait_until,
 };
 use libc::{ECONNRESET, ETIMEDOUT};
 use serde_json::json;
@@ -67,7 +68,7 @@ struct Scenario {
     run: fn(&Netns) -> anyhow::Result<Outcome>,
 }
 
-const SCENARIOS: [Scenario; 9] = [
+const SCENARIOS: [Scenario; 11] = [
     Scenario {
         name: "healthy_peer",
         expect: "probes answered, no drop",
@@ -107,6 +108,16 @@ const SCENARIOS: [Scenario; 9] = [
         name: "connect_timeout",
         expect: "no probe, connect_timeout",
         run: connect_timeout,
+    },
+    Scenario {
+        name: "audit_every_namespace",
+        expect: "audit: 1 connection with keepalive, 1 without; `sockets --all` lists the listener",
+        run: audit_every_namespace,
+    },
+    Scenario {
+        name: "recycled_namespace",
+        expect: "a new namespace on a deleted one's inode counts only its own probes",
+        run: recycled_namespace,
     },
     Scenario {
         name: "orderly_close",
@@ -187,8 +198,12 @@ fn finish((scenarios, failed): (usize, usize), started: Instant) {
 }
 
 /// Runs the scenarios against the agent; returns (scenarios run, scenarios failed).
+/// The agent, for scenarios that must see it count something before they go on.
+static AGENT: OnceLock<AgentEndpoint> = OnceLock::new();
+
 fn run(args: &Args, started: Instant) -> (usize, usize) {
     let agent = AgentEndpoint::new(args.agent);
+    let _ = AGENT.set(agent);
     if let Err(err) = agent.wait_ready(READY_DEADLINE, || Ok(())) {
         println!(
             "KAT-FATAL the agent at {} is not ready: {err:#}",
@@ -251,6 +266,8 @@ fn run_one(scenario: &Scenario, ns: &anyhow::Result<Netns>, agent: AgentEndpoint
         Err(err) => Err(anyhow::anyhow!("creating its network namespace: {err:#}")),
     };
     let kernel_done = started.elapsed().as_secs_f64();
+    // The namespace the expectations are about (a scenario may make its own).
+    let outcome = outcome.map(|(_, outcome)| (outcome.expected.netns(), outcome));
     let (netns, outcome) = match outcome {
         Ok(ok) => ok,
         Err(err) => {
@@ -424,6 +441,116 @@ fn healthy_peer(ns: &Netns) -> anyhow::Result<Outcome> {
             .conn_probes(&pair.client_conn, probes)
             .conn_unanswered(&pair.client_conn, 0)
             .conn_not_dropped(&pair.client_conn),
+        hold: vec![pair],
+    })
+}
+
+/// The audit's walk of the kernel's TCP hash tables finds this namespace's sockets (the agent
+/// runs in the guest's initial namespace, audits every 2 s): one connection end with keepalive
+/// on (an idle time no probe reaches), one with it off, and a listener that is no connection.
+fn audit_every_namespace(ns: &Netns) -> anyhow::Result<Outcome> {
+    let listener = listen(ns)?;
+    let pair = ns.connect_pair(&listener)?;
+    let before = ns.tcp_ext()?;
+    set_keepalive(&pair.client, 3000, 60, 5)?;
+    // The listener is in the listeners' table (an array inside tcp_hashinfo up to 5.18, lhash2
+    // after): `sockets --all` walks it too.
+    let out = std::process::Command::new(agent_bin())
+        .args(["sockets", "--all", "--output", "json", "--netns"])
+        .arg(ns.inum().to_string())
+        .output()
+        .context("running keepalive-agent sockets")?;
+    ensure!(
+        out.status.success(),
+        "keepalive-agent sockets failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("parsing `sockets --output json`")?;
+    let port = listener.local_addr()?.port();
+    let listening = rows
+        .iter()
+        .filter(|r| r["state"] == "LISTEN" && r["local_port"] == port)
+        .count();
+    let established = rows.iter().filter(|r| r["state"] == "ESTABLISHED").count();
+    ensure!(
+        (listening, established) == (1, 2),
+        "`sockets --all` shows {listening} listener(s) on port {port} and {established} \
+         ESTABLISHED socket(s), expected 1 and 2: {rows:?}"
+    );
+    let (probes, aborts) = kernel_deltas(ns, &before, Some(0), 0)?;
+    Ok(Outcome {
+        keepalive_probes: probes,
+        timeout_aborts: aborts,
+        // No probe or drop ever names this namespace, so it has no drop series to compare.
+        expected: Expectations::for_netns(ns.inum())
+            .probes(0)
+            .audit_sockets("on", 1)
+            .audit_sockets("off", 1),
+        hold: vec![pair],
+    })
+}
+
+/// Namespace identity across inode reuse: a namespace probes until the agent has counted it and
+/// is deleted; the next namespace created on its inode must show only its own probes. On 5.10,
+/// where `net_cookie` is generated lazily, this is what `net->hash_mix` is for.
+fn recycled_namespace(_ns: &Netns) -> anyhow::Result<Outcome> {
+    let agent = *AGENT.get().context("the agent endpoint is not set")?;
+    let first = Netns::unshared("recycled-first")?;
+    let inode = first.inum();
+    {
+        let listener = listen(&first)?;
+        let pair = first.connect_pair(&listener)?;
+        set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
+        wait_kernel_delta(&first, &TcpExt::default(), KEEPALIVE, 2)?;
+        disable_keepalive(&pair.client)?;
+        let probes = first.tcp_ext()?.get(KEEPALIVE);
+        agent
+            .poll_until(
+                &Expectations::for_netns(inode).probes(probes),
+                AGENT_DEADLINE,
+            )
+            .map_err(|never| {
+                anyhow::anyhow!(
+                    "the agent never counted the first namespace's {probes} probes: {}",
+                    never.problem
+                )
+            })?;
+        // No TIME_WAIT socket may keep the namespace alive.
+        set_linger_zero(&pair.client)?;
+        set_linger_zero(&pair.server)?;
+    }
+    drop(first);
+    // The kernel frees the inode once the namespace's cleanup work ran: create namespaces until
+    // one gets it (the others are kept, so each try takes a new number).
+    let mut others = Vec::new();
+    let deadline = Instant::now() + DEADLINE;
+    let second = loop {
+        let ns = Netns::unshared("recycled-second")?;
+        if ns.inum() == inode {
+            break ns;
+        }
+        others.push(ns);
+        ensure!(
+            Instant::now() < deadline,
+            "no new namespace got inode {inode} back ({} tried)",
+            others.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(others);
+    let listener = listen(&second)?;
+    let pair = second.connect_pair(&listener)?;
+    set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
+    wait_kernel_delta(&second, &TcpExt::default(), KEEPALIVE, 1)?;
+    disable_keepalive(&pair.client)?;
+    let own = second.tcp_ext()?.get(KEEPALIVE);
+    ensure!(own > 0, "the second namespace sent no probe");
+    Ok(Outcome {
+        keepalive_probes: own,
+        timeout_aborts: second.tcp_ext()?.get(ABORT_ON_TIMEOUT),
+        expected: Expectations::for_netns(inode).probes(own),
         hold: vec![pair],
     })
 }

@@ -25,7 +25,7 @@ fn init_script() -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin
+export PATH=/bin KEEPALIVE_AGENT_BIN=/bin/keepalive-agent
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t tracefs tracefs /sys/kernel/tracing
@@ -37,7 +37,7 @@ echo "KAT-UNAME $(uname -r)"
 keepalive-agent check --load >/tmp/check.txt 2>&1
 echo "KAT-CHECK-EXIT $?"
 sed 's/^/KAT-CHECK /' /tmp/check.txt
-RUST_LOG=info keepalive-agent run --web.listen-address {AGENT_ADDR} >/tmp/agent.log 2>&1 &
+RUST_LOG=info keepalive-agent run --web.listen-address {AGENT_ADDR} --audit.interval 2s >/tmp/agent.log 2>&1 &
 exec {GUEST_PROGRAM} --agent {AGENT_ADDR} --agent-log /tmp/agent.log --poweroff
 "#
     )

@@ -32,12 +32,22 @@ fn debian_5_10_has_sock_timer_and_no_reset_reason() {
     assert!(!layout.send_reset_reason);
     assert!(!layout.tracepoints.contains(&"inet_sk_error_report"));
     assert_eq!(layout.rst_reason_keepalive_timeout, None);
-    // bpf_sock_from_file came in 5.11: 5.10 audits with iter/tcp and setns.
-    assert_eq!(layout.audit_walk, Some(AuditWalk::IterTcp));
+    // Listeners chain through skc_nulls_node in the 32 buckets of listening_hash up to 5.18.
+    assert_eq!(
+        layout.listen_table,
+        ListenTable::Inline {
+            offset: layout.offsets.hashinfo_listen,
+            buckets: 32
+        }
+    );
+    assert_eq!(layout.offsets.listen_inline_buckets, 32);
+    // net_cookie is a lazily generated atomic64_t here: namespaces are told apart by hash_mix.
+    assert_eq!(layout.offsets.net_cookie_lazy, 1);
+    assert!(layout.offsets.net_hash_mix > 0);
 }
 
 #[test]
-fn every_matrix_kernel_after_5_10_audits_with_task_file_and_its_offsets() {
+fn every_matrix_kernel_after_5_10_keeps_its_listeners_in_lhash2() {
     for name in [
         "6.1.190_6.1.0-54-cloud-amd64.btf.zst",
         "6.1.192_6.1.0-57-cloud-amd64.btf.zst",
@@ -46,11 +56,33 @@ fn every_matrix_kernel_after_5_10_audits_with_task_file_and_its_offsets() {
         "6.18.44_6.18.44-fc-v1045.btf.zst",
     ] {
         let layout = fixture(name);
-        assert_eq!(layout.audit_walk, Some(AuditWalk::TaskFile), "{name}");
         assert!(
-            layout.offsets.task_tgid > 0 && layout.offsets.task_comm > 0,
+            matches!(layout.listen_table, ListenTable::Lhash2 { .. }),
             "{name}"
         );
+        assert_eq!(layout.offsets.listen_inline_buckets, 0, "{name}");
+        assert_eq!(
+            layout.offsets.net_cookie_lazy, 0,
+            "{name}: net_cookie is a u64"
+        );
+    }
+}
+
+#[test]
+fn every_matrix_kernel_has_the_hash_tables_the_audit_walks() {
+    for name in [
+        "5.10.262_5.10.0-46-cloud-amd64.btf.zst",
+        "6.1.190_6.1.0-54-cloud-amd64.btf.zst",
+        "6.12.117_6.12.117+deb12-cloud-amd64.btf.zst",
+        "6.18.44_6.18.44-fc-v1045.btf.zst",
+    ] {
+        let o = fixture(name).offsets;
+        // `struct inet_ehash_bucket` is one hlist_nulls_head; `inet_hashinfo.ehash` comes first.
+        assert_eq!(o.ehash_bucket_size, 8, "{name}");
+        assert_eq!(o.hashinfo_ehash, 0, "{name}");
+        assert!(o.listen_bucket_size >= 16, "{name}");
+        assert!(o.listen_bucket_head > 0, "{name}");
+        assert!(o.net_tcp_hashinfo > 0 && o.task_nsproxy > 0, "{name}");
     }
 }
 

@@ -11,9 +11,12 @@ use keepalive_ebpf::{FieldKind, KernelOffsets};
 
 use super::btf_builder::{BtfBuilder, M, bf, m};
 use super::{
-    ICSK_KEEPALIVE_TIMER, ICSK_RETRANSMIT_TIMER, INODE_NUMBER, MUST_BEGIN_WITH,
+    ICSK_KEEPALIVE_TIMER, ICSK_RETRANSMIT_TIMER, INODE_NUMBER, LHASH2, MUST_BEGIN_WITH,
     SEND_RESET_PROTOTYPE, SK_TIMER, SOCKET_INODE, TIMER, TimerLayout,
 };
+
+/// The member that gives `struct inet_ehash_bucket` its size.
+const EHASH_BUCKET_CHAIN: &str = "inet_ehash_bucket.chain";
 
 /// `enum sock_flags` of the synthetic kernel (the real numbers: they are looked up by name).
 const SOCK_FLAGS: [(&str, u32); 5] = [
@@ -77,6 +80,8 @@ pub(super) struct SyntheticKernel {
     pub(super) btf: Vec<u8>,
     /// Byte offset of every member placed, by dotted path from its root struct.
     placed: HashMap<String, u32>,
+    /// Size of every named struct emitted.
+    sizes: HashMap<String, u32>,
     synth: Synth,
 }
 
@@ -115,6 +120,13 @@ impl SyntheticKernel {
                 (FieldKind::Computed, "socket_ino") => {
                     self.offset_of(SOCKET_INODE) + self.offset_of(INODE_NUMBER)
                 }
+                (FieldKind::Computed, "ehash_bucket_size") => self.sizes["inet_ehash_bucket"],
+                (FieldKind::Computed, "listen_bucket_size") => self.sizes["inet_listen_hashbucket"],
+                // 5.19+: listeners behind the `lhash2` pointer, no inline buckets.
+                (FieldKind::Computed, "hashinfo_listen") => self.offset_of(LHASH2),
+                (FieldKind::Computed, "listen_inline_buckets") => 0,
+                // `net.net_cookie` is emitted as the table's 8 bytes: not an integer here.
+                (FieldKind::Computed, "net_cookie_lazy") => 1,
                 (FieldKind::Computed, name) => {
                     panic!("the synthetic kernel does not know how `{name}` is computed")
                 }
@@ -185,6 +197,12 @@ pub(super) fn synthetic_kernel(synth: &Synth) -> SyntheticKernel {
     }
     insert(&mut roots, SOCKET_INODE, FieldKind::Struct("inode"));
     insert(&mut roots, INODE_NUMBER, FieldKind::Int(8));
+    insert(
+        &mut roots,
+        EHASH_BUCKET_CHAIN,
+        FieldKind::Struct("hlist_nulls_head"),
+    );
+    insert(&mut roots, LHASH2, FieldKind::Pointer);
     for field in KernelOffsets::FIELDS {
         if field.kind != FieldKind::Computed {
             insert(&mut roots, field.source, field.kind);
@@ -206,6 +224,11 @@ pub(super) fn synthetic_kernel(synth: &Synth) -> SyntheticKernel {
     SyntheticKernel {
         btf: e.b.build(),
         placed: e.placed,
+        sizes: e
+            .structs
+            .iter()
+            .map(|(name, emitted)| (name.clone(), emitted.size))
+            .collect(),
         synth: *synth,
     }
 }

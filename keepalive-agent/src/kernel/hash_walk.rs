@@ -1,0 +1,122 @@
+//! The audit's program: a walk of the kernel's TCP hash tables (`tcp_hashinfo`), which hold
+//! every TCP socket of every network namespace. It is loaded like the hooks but never attached:
+//! the agent runs it on demand with `BPF_PROG_TEST_RUN`, one bounded run at a time, each
+//! continuing where the last one stopped ([`AuditCursor`]). What a walk does with the records
+//! is `crate::audit::walk`.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, RingBuf},
+    programs::{ProgramError, ProgramFd, RawTracePoint},
+};
+use keepalive_ebpf::{AuditCursor, names};
+
+use crate::kernel::programs::{ProgramsError, take_map};
+
+/// What a kernel needs for the walk, for `check` and the start-up log.
+pub(crate) const DESCRIPTION: &str = "a walk of the kernel's TCP hash tables (tcp_hashinfo: \
+     established and listening), run with BPF_PROG_TEST_RUN: every TCP socket of every network \
+     namespace, whatever the agent's own network and PID namespace; needs CAP_BPF+CAP_PERFMON";
+
+/// The loaded walk program, its cursor and its record buffer. Holds its own program descriptor,
+/// so it stays usable however long the rest of the programs object lives.
+pub(crate) struct HashWalk {
+    program: ProgramFd,
+    cursor: Array<MapData, AuditCursor>,
+    /// Records of the latest run, drained by the caller before the next one.
+    pub(crate) records: RingBuf<MapData>,
+}
+
+impl std::fmt::Debug for HashWalk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HashWalk").finish_non_exhaustive()
+    }
+}
+
+/// Loads the walk program into the kernel (the verifier checks it now, not at the first audit)
+/// and takes its maps out of `ebpf`.
+pub(crate) fn load(ebpf: &mut Ebpf) -> Result<HashWalk, ProgramsError> {
+    let load_error = ProgramsError::LoadAudit;
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(names::AUDIT_PROGRAM)
+        .ok_or(ProgramsError::Missing(names::AUDIT_PROGRAM))?
+        .try_into()
+        .map_err(load_error)?;
+    program.load().map_err(load_error)?;
+    let program = program
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+        .map_err(load_error)?;
+    Ok(HashWalk {
+        program,
+        cursor: take_map(ebpf, names::AUDIT_CURSOR_MAP)?,
+        records: take_map(ebpf, names::AUDIT_RECORDS_MAP)?,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RunError {
+    #[error("setting the audit cursor: {0}")]
+    SetCursor(#[source] aya::maps::MapError),
+    #[error("reading the audit cursor: {0}")]
+    GetCursor(#[source] aya::maps::MapError),
+    #[error(
+        "running the audit program (BPF_PROG_TEST_RUN on a raw tracepoint program, Linux 5.10+): \
+         {0}"
+    )]
+    TestRun(#[source] io::Error),
+}
+
+/// `union bpf_attr` as `BPF_PROG_TEST_RUN` reads it, up to `cpu` (5.10's layout; the kernel
+/// zero-fills what a shorter attribute leaves out).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+impl HashWalk {
+    /// One run from `cursor`: returns the cursor as the program left it. The records it wrote
+    /// are in [`Self::records`].
+    pub(crate) fn run(&mut self, cursor: AuditCursor) -> Result<AuditCursor, RunError> {
+        self.cursor.set(0, cursor, 0).map_err(RunError::SetCursor)?;
+        let mut attr = TestRunAttr {
+            prog_fd: self.program.as_fd().as_raw_fd() as u32,
+            ..TestRunAttr::default()
+        };
+        // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix of the size passed, alive for
+        // the call; a raw tracepoint test run reads no other memory (no context, no data).
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                &raw mut attr,
+                std::mem::size_of::<TestRunAttr>(),
+            )
+        };
+        if ret < 0 {
+            return Err(RunError::TestRun(io::Error::last_os_error()));
+        }
+        self.cursor.get(&0, 0).map_err(RunError::GetCursor)
+    }
+}
