@@ -32,7 +32,7 @@ pub(super) fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
 
 /// The cgroup v2 mount of this system, if any (`None` on a pure cgroup v1 host).
 pub fn system_cgroup2_mount() -> Option<PathBuf> {
-    fs::read_to_string("/proc/self/mounts")
+    crate::files::read_string_bounded(Path::new("/proc/self/mounts"), crate::files::cap::MOUNTS)
         .ok()
         .and_then(|mounts| cgroup2_mount(&mounts))
 }

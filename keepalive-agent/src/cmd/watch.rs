@@ -17,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::{Attributor, system_cgroup2_mount},
+    cmd::flags,
     export::{
         events::{self, ConnectionEvent, EventKind},
         metrics::PipelineMetrics,
@@ -54,8 +55,9 @@ pub struct WatchConfig {
     /// Colour the event column: auto = only when standard output is a terminal.
     #[arg(long = "color", value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
-    /// Kernel→agent ring buffer size in bytes: a power of two, at least one page.
-    #[arg(long = "ring-buffer.bytes", default_value_t = 1 << 20, value_parser = programs::parse_ring_buffer_bytes)]
+    /// Kernel→agent ring buffer size in bytes (or KiB/MiB): a power of two from 4KiB to
+    /// 256MiB, a multiple of the page size.
+    #[arg(long = "ring-buffer.bytes", value_name = "BYTES", default_value = "1048576", value_parser = flags::parse_ring_buffer_bytes)]
     pub ring_buffer_bytes: u32,
 }
 
@@ -219,7 +221,12 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
 
     let metrics = PipelineMetrics::default();
     let dropped = metrics.events_dropped.clone();
-    let (sender, mut receiver) = events::channel(events::CHANNEL_CAPACITY, dropped.clone(), true);
+    let (sender, mut receiver) = events::channel(
+        events::CHANNEL_CAPACITY,
+        metrics.events_produced.clone(),
+        dropped.clone(),
+        true,
+    );
     // Only this command's connections matter; the bounds just keep a busy host in check.
     let table = ConnectionTable::new(
         NonZeroUsize::new(65_536).expect("non-zero"),
