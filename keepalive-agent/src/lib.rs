@@ -19,6 +19,8 @@ pub(crate) mod audit;
 pub mod cmd;
 pub(crate) mod export;
 pub(crate) mod files;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod kernel;
 pub(crate) mod pipeline;
 pub(crate) mod record;

@@ -16,9 +16,9 @@
 //! [`cgroup`] resolves ids to paths, [`kubernetes`] parses the kubelet's naming out of a path,
 //! [`process`] finds the process holding a socket; [`Attributor`] combines the three.
 
-mod cgroup;
+pub(crate) mod cgroup;
 pub(crate) mod kubernetes;
-mod process;
+pub(crate) mod process;
 
 use std::{
     path::PathBuf,

@@ -127,7 +127,7 @@ impl ProcessResolver {
 }
 
 /// `socket:[12345]` → 12345.
-fn parse_socket_link(target: &Path) -> Option<u64> {
+pub(crate) fn parse_socket_link(target: &Path) -> Option<u64> {
     target
         .to_str()?
         .strip_prefix("socket:[")?

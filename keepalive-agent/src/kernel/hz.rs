@@ -85,8 +85,8 @@ impl Sampler {
     }
 }
 
-#[cfg(test)]
-fn parse_sample(text: &str) -> Option<(u64, u64)> {
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn parse_sample(text: &str) -> Option<(u64, u64)> {
     let mut sampler = Sampler::default();
     text.lines().find_map(|l| sampler.line(l))
 }
