@@ -48,6 +48,13 @@ fn main() -> std::process::ExitCode {
             let _ = err.print();
             return std::process::ExitCode::SUCCESS;
         }
+        Err(err)
+            if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            // No command at all: the help is the answer.
+            let _ = err.print();
+            return std::process::ExitCode::from(2);
+        }
         Err(err) => {
             // clap's first line names the flag, the value and why; the usage lines after it
             // would bury that in a service log.

@@ -390,6 +390,8 @@ enum Sink {
 struct Written {
     /// Whole lines that reached the output (a prefix of the batch).
     lines: usize,
+    /// Bytes that reached the output.
+    bytes: usize,
     error: Option<std::io::Error>,
     /// A partial line stayed in the output (it could not be taken back): the next write starts
     /// with a newline so no event is glued to it.
@@ -444,6 +446,7 @@ impl Sink {
         }
         Written {
             lines,
+            bytes: done,
             error,
             partial_left,
         }
@@ -609,15 +612,9 @@ impl EventWriter {
             }
         };
         self.sink = Some(sink);
-        // A leading newline is not an event; lines count events.
-        let lines = written
-            .lines
-            .saturating_sub(usize::from(self.newline_first));
-        let lines = lines.min(batch.len());
-        if written.lines > 0 || written.error.is_none() {
-            self.newline_first = false;
-        }
-        self.newline_first |= written.partial_left;
+        // `ends` holds event lines only, so a leading newline is not counted as one.
+        let lines = written.lines.min(batch.len());
+        self.newline_first = written.partial_left || (self.newline_first && written.bytes == 0);
         self.written.inc_by(lines as u64);
         let lost = (batch.len() - lines) as u64;
         self.dropped.inc_by(lost);
@@ -768,6 +765,42 @@ mod tests {
         tx.send(event.clone());
         tx.send(event);
         assert_eq!(dropped.get(), 1);
+    }
+
+    #[test]
+    fn a_write_cut_short_counts_only_its_whole_lines() {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors pipe2 returns.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: both descriptors were just returned by pipe2 and are owned here only.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A pipe nobody reads takes its capacity, then EAGAIN: a write cut short mid-line.
+        let line = [b'x'; 999]
+            .iter()
+            .copied()
+            .chain([b'\n'])
+            .collect::<Vec<u8>>();
+        let buf = line.repeat(200);
+        let ends: Vec<usize> = (1..=200).map(|i| i * line.len()).collect();
+        let mut sink = Sink::Stdout(std::fs::File::from(writer));
+        let written = sink.write_lines(&buf, &ends);
+        assert!(written.error.is_some());
+        assert!(
+            written.bytes > 0 && written.bytes < buf.len(),
+            "{}",
+            written.bytes
+        );
+        assert_eq!(written.lines, written.bytes / line.len());
+        assert_eq!(
+            written.partial_left,
+            !written.bytes.is_multiple_of(line.len())
+        );
+        drop(reader);
     }
 
     #[test]
