@@ -31,7 +31,7 @@ fn connect_many(netns: i32, addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Tc
         let start = Instant::now();
         (0..n)
             .map_while(|_| (start.elapsed() < DEADLINE).then_some(()))
-            .filter_map(|()| TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok())
+            .filter_map(|()| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok())
             .collect::<Vec<_>>()
     })
 }
@@ -69,8 +69,9 @@ fn endpoints_answer_within_a_second_while_hostile_clients_hold_sockets() -> anyh
     // Slowloris: a request line and one header, then a header byte every second, never the
     // blank line that ends the headers.
     let slow = connect_many(netns, addr, SLOWLORIS_CLIENTS)?;
+    // A connect can time out on a loaded machine; most must get through.
     ensure!(
-        slow.len() == SLOWLORIS_CLIENTS,
+        slow.len() >= SLOWLORIS_CLIENTS / 2,
         "only {} slowloris connections",
         slow.len()
     );
@@ -83,6 +84,10 @@ fn endpoints_answer_within_a_second_while_hostile_clients_hold_sockets() -> anyh
         "{} idle and {} slowloris connections open",
         idle.len(),
         slow.len()
+    );
+    ensure!(
+        idle.len() + slow.len() > AGENT_MAX_FDS as usize,
+        "the flood did not exceed the agent's {AGENT_MAX_FDS} descriptors"
     );
 
     let trickling = Arc::new(AtomicBool::new(true));
