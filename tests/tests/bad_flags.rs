@@ -273,3 +273,18 @@ fn unknown_flags_and_commands_are_one_line_too() -> anyhow::Result<()> {
     refuses(&["frobnicate"], "frobnicate")?;
     refuses(&["run", "--web.listen-address"], "--web.listen-address")
 }
+
+#[test]
+fn sockets_flags_refuse_nonsense() -> anyhow::Result<()> {
+    for (flag, value) in [
+        ("--proc.root", ""),
+        ("--proc.root", "/nonexistent"),
+        ("--proc.root", "/tmp"),
+        ("--port", "70000"),
+        ("--netns", "-1"),
+        ("--output", "xml"),
+    ] {
+        refuses(&["sockets", &flag_value(flag, value)], flag)?;
+    }
+    Ok(())
+}

@@ -187,6 +187,13 @@ pub(crate) fn check_directory(
     }
 }
 
+/// `--proc.root`: an existing directory on a procfs.
+pub(crate) fn parse_proc_root(s: &str) -> Result<std::path::PathBuf, String> {
+    let path = std::path::PathBuf::from(s);
+    check_directory("--proc.root", &path, PROC_SUPER_MAGIC, "procfs")?;
+    Ok(path)
+}
+
 /// A file the agent reads (`--kernel.timer-list`): it must exist and not be a directory.
 pub(crate) fn check_readable_file(flag: &str, path: &Path) -> Result<(), String> {
     let meta = std::fs::metadata(path)

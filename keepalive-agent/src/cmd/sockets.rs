@@ -43,7 +43,7 @@ pub struct SocketsConfig {
     pub output: OutputFormat,
     /// The proc filesystem the fallback walk (kernels without bpf_sock_from_file) finds network
     /// namespaces in (PROC/PID/task/TID/ns/net): the host's /proc, as for `run`.
-    #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc")]
+    #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc", value_parser = crate::cmd::flags::parse_proc_root)]
     pub proc_root: std::path::PathBuf,
 }
 
