@@ -80,11 +80,27 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            // One line: every context, outermost first, so a service log keeps the whole reason.
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&err));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Every context, outermost first, on one line so a service log keeps the whole reason. Errors
+/// whose message already quotes their source would repeat it; a cause already said is skipped.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
