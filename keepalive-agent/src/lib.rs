@@ -10,6 +10,7 @@
 //! - [`track`]: connection state and drop classification, without I/O;
 //! - [`attribution`]: who owns a socket (cgroup, Kubernetes ids, process);
 //! - [`record`]: the ring buffer and the record decoder;
+//! - [`files`]: bounded reads of the files the agent parses, with errno-specific hints;
 //! - [`kernel`]: everything about the running kernel (BTF layout, symbols, HZ, programs,
 //!   namespaces), opened once as a [`kernel::Session`].
 
@@ -17,6 +18,9 @@ pub(crate) mod attribution;
 pub(crate) mod audit;
 pub mod cmd;
 pub(crate) mod export;
+pub(crate) mod files;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod kernel;
 pub(crate) mod pipeline;
 pub(crate) mod record;

@@ -39,10 +39,72 @@ enum Command {
     Watch(WatchConfig),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
+    let command = match Cli::try_parse() {
+        Ok(cli) => cli.command,
+        Err(err) if !err.use_stderr() => {
+            // --help and --version.
+            let _ = err.print();
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(err)
+            if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            // No command at all: the help is the answer.
+            let _ = err.print();
+            return std::process::ExitCode::from(2);
+        }
+        Err(err) => {
+            // clap's first line names the flag, the value and why; the usage lines after it
+            // would bury that in a service log.
+            let rendered = err.render().to_string();
+            let reason = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            eprintln!("{reason} (see --help)");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every context, outermost first, on one line so a service log keeps the whole reason. Errors
+/// whose message already quotes their source would repeat it; a cause already said is skipped.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run(config) => run::run(config).await.context("keepalive-agent run"),
         Command::Check(config) => check::run(config).await.context("keepalive-agent check"),
         Command::Watch(config) => watch::run(config).await.context("keepalive-agent watch"),

@@ -805,7 +805,8 @@ mod tests {
     #[test]
     fn pipeline_reports_answered_streaks_then_the_timeout_and_its_drop() {
         let dropped = Counter::default();
-        let (sender, mut receiver) = crate::export::events::channel(64, dropped.clone(), true);
+        let (sender, mut receiver) =
+            crate::export::events::channel(64, Counter::default(), dropped.clone(), true);
         let pipeline = pipeline(
             table(),
             PipelineMetrics::default(),
@@ -887,7 +888,8 @@ mod tests {
         });
         let table = table();
         let metrics = PipelineMetrics::default();
-        let (sender, mut receiver) = crate::export::events::channel(64, Counter::default(), false);
+        let (sender, mut receiver) =
+            crate::export::events::channel(64, Counter::default(), Counter::default(), false);
         let aggregate_by: AggregateBy = "netns,pod_uid".parse().unwrap();
         let pipeline = pipeline(Arc::clone(&table), metrics.clone(), resolver)
             .with_events(sender)

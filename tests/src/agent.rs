@@ -206,6 +206,41 @@ impl Agent {
         Self::spawn(cmd, endpoint, Some((pod, scratch)))
     }
 
+    /// The agent (with `extra_args`) alone in a network namespace of its own, listening on that
+    /// namespace's loopback, with RLIMIT_NOFILE (soft and hard) set to `max_fds`: hostile
+    /// clients can flood its port from inside the namespace without touching the host's.
+    pub fn start_in_own_netns(extra_args: &[&str], max_fds: u64) -> anyhow::Result<Agent> {
+        let pod = Netns::new("web")?;
+        let scratch = ScratchDir::new("web")?;
+        let addr: SocketAddr = "127.0.0.1:9879".parse()?;
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--web.listen-address", &addr.to_string()])
+            .args(extra_args);
+        let fd = pod.fd();
+        // SAFETY: setns and setrlimit are async-signal-safe; the namespace fd is open in the
+        // child until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let limit = libc::rlimit {
+                    rlim_cur: max_fds,
+                    rlim_max: max_fds,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let endpoint = AgentEndpoint {
+            addr,
+            netns: Some(fd),
+        };
+        Self::spawn(cmd, endpoint, Some((pod, scratch)))
+    }
+
     fn spawn(
         mut cmd: Command,
         endpoint: AgentEndpoint,
@@ -297,6 +332,27 @@ impl Agent {
     /// Scrapes and parses `/metrics`.
     pub fn scrape(&self) -> anyhow::Result<Metrics> {
         self.endpoint.scrape()
+    }
+
+    /// Sends `signal` and waits (up to [`DEADLINE`]) for the agent to exit: its exit status.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: libc::c_int,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(
+                start.elapsed() < DEADLINE,
+                "the agent did not exit within {DEADLINE:?} of signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The agent's stdout+stderr so far.

@@ -48,7 +48,8 @@ enum Command {
         )]
         args: Vec<OsString>,
     },
-    /// Build, then run fmt check, clippy (host crates and the eBPF crate) and `cargo test`.
+    /// Build, then run fmt check, clippy (host crates and the eBPF crate), `cargo test`, each
+    /// fuzz target for a bounded time (fuzz/) and the kernel matrix.
     /// KEEPALIVE_REQUIRE_KERNEL is passed through to the tests unchanged.
     Test {
         /// Extra arguments appended to `cargo test` (put them after `--`).

@@ -72,6 +72,7 @@ pub(crate) fn setup() -> Result<Setup> {
     )?;
     components(&env, None, &["rustfmt", "clippy"], "fmt and clippy steps")?;
     bpf_linker(&env)?;
+    cargo_fuzz(&env)?;
     crate::deploy_tools::deploy_tools(&env)?;
     tracefs();
     println!("ok: setup done; eBPF toolchain is {toolchain}");
@@ -290,6 +291,20 @@ fn bpf_linker(env: &Env) -> Result<()> {
         cmd.arg("--force");
     }
     env::run(&mut cmd).context("installing bpf-linker failed")
+}
+
+/// cargo-fuzz, for the fuzz step of `cargo xtask test` (it drives libFuzzer on nightly).
+fn cargo_fuzz(env: &Env) -> Result<()> {
+    if let Some(path) = env.which(OsStr::new("cargo-fuzz")) {
+        println!("ok: cargo-fuzz present ({})", path.display());
+        return Ok(());
+    }
+    println!("installing: cargo-fuzz (not found; cargo install)");
+    env::run(
+        env.command("cargo")
+            .args(["install", "cargo-fuzz", "--locked"]),
+    )
+    .context("installing cargo-fuzz failed")
 }
 
 /// The major of the shared libLLVM `binary` links against, if it links one (a static build

@@ -152,6 +152,15 @@ pub(crate) fn test(args: &[OsString]) -> Result<()> {
         },
     )?;
 
+    step(
+        "fuzz",
+        &format!(
+            "cargo +{} fuzz run TARGET -- -max_total_time={FUZZ_SECONDS} (each target in fuzz/)",
+            setup.toolchain
+        ),
+        || fuzz(&setup),
+    )?;
+
     // Last: the slowest step, and the only one that downloads (kernels, cached afterwards).
     step(
         "kernel matrix",
@@ -160,6 +169,53 @@ pub(crate) fn test(args: &[OsString]) -> Result<()> {
     )?;
 
     println!("\n== all test steps passed");
+    Ok(())
+}
+
+/// How long each fuzz target runs in `cargo xtask test`: long enough to get past the seed
+/// corpus into new paths, short enough for every test run.
+const FUZZ_SECONDS: u32 = 25;
+
+/// Runs every target `cargo fuzz list` names for [`FUZZ_SECONDS`], starting from the corpus kept
+/// in the repository (fuzz/corpus/TARGET, read only); what the run finds goes to
+/// target/fuzz-corpus/TARGET. A crash fails the step and libFuzzer prints the input to replay.
+fn fuzz(setup: &Setup) -> Result<()> {
+    let fuzz_dir = setup.env.root.join("fuzz");
+    let nightly = format!("+{}", setup.toolchain);
+    let list = env::output(setup.command("cargo").current_dir(&fuzz_dir).args([
+        nightly.as_str(),
+        "fuzz",
+        "list",
+    ]))
+    .context("`cargo fuzz list` failed (is cargo-fuzz installed? `cargo xtask setup`)")?;
+    let targets: Vec<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if targets.is_empty() {
+        bail!(
+            "`cargo fuzz list` names no target in {}",
+            fuzz_dir.display()
+        );
+    }
+    for target in targets {
+        let found = setup.env.root.join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&found).with_context(|| format!("creating {}", found.display()))?;
+        println!("fuzz: {target} for {FUZZ_SECONDS}s");
+        env::run(
+            setup
+                .command("cargo")
+                .current_dir(&fuzz_dir)
+                .args([nightly.as_str(), "fuzz", "run", target])
+                .arg(&found)
+                .arg(fuzz_dir.join("corpus").join(target))
+                .arg("--")
+                .arg(format!("-max_total_time={FUZZ_SECONDS}"))
+                .arg("-timeout=10"),
+        )
+        .with_context(|| format!("fuzz target {target} failed"))?;
+    }
     Ok(())
 }
 

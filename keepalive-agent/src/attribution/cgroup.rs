@@ -21,7 +21,7 @@ use super::MIN_RESCAN_INTERVAL;
 
 /// Where cgroup v2 is mounted, from a `/proc/mounts`-style text: the first `cgroup2` mount
 /// (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones).
-pub(super) fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
+pub(crate) fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|line| {
         let mut fields = line.split_whitespace();
         let (_device, mount_point, fs_type) = (fields.next()?, fields.next()?, fields.next()?);
@@ -32,7 +32,7 @@ pub(super) fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
 
 /// The cgroup v2 mount of this system, if any (`None` on a pure cgroup v1 host).
 pub fn system_cgroup2_mount() -> Option<PathBuf> {
-    fs::read_to_string("/proc/self/mounts")
+    crate::files::read_string_bounded(Path::new("/proc/self/mounts"), crate::files::cap::MOUNTS)
         .ok()
         .and_then(|mounts| cgroup2_mount(&mounts))
 }

@@ -16,12 +16,11 @@
 //! [`cgroup`] resolves ids to paths, [`kubernetes`] parses the kubelet's naming out of a path,
 //! [`process`] finds the process holding a socket; [`Attributor`] combines the three.
 
-mod cgroup;
+pub(crate) mod cgroup;
 pub(crate) mod kubernetes;
-mod process;
+pub(crate) mod process;
 
 use std::{
-    fs,
     path::PathBuf,
     sync::Mutex,
     time::{Duration, Instant},
@@ -139,14 +138,17 @@ impl Attributor {
         let Some(dir) = self.cgroups.directory(path) else {
             return Vec::new();
         };
-        fs::read_to_string(dir.join("cgroup.procs"))
-            .map(|procs| {
-                procs
-                    .lines()
-                    .filter_map(|l| l.trim().parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        crate::files::read_string_bounded(
+            &dir.join("cgroup.procs"),
+            crate::files::cap::CGROUP_PROCS,
+        )
+        .map(|procs| {
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
     }
 }
 

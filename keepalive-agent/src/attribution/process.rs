@@ -56,9 +56,12 @@ impl ProcessResolver {
                 .search(socket_ino, candidates)
                 .or_else(|| self.rescan(socket_ino, now)),
         }?;
-        let comm = fs::read_to_string(self.proc_root.join(pid.to_string()).join("comm"))
-            .ok()
-            .map(|comm| comm.trim_end_matches('\n').to_owned());
+        let comm = crate::files::read_string_bounded(
+            &self.proc_root.join(pid.to_string()).join("comm"),
+            crate::files::cap::SMALL,
+        )
+        .ok()
+        .map(|comm| comm.trim_end_matches('\n').to_owned());
         Some(Process { pid, comm })
     }
 
@@ -124,7 +127,7 @@ impl ProcessResolver {
 }
 
 /// `socket:[12345]` → 12345.
-fn parse_socket_link(target: &Path) -> Option<u64> {
+pub(crate) fn parse_socket_link(target: &Path) -> Option<u64> {
     target
         .to_str()?
         .strip_prefix("socket:[")?

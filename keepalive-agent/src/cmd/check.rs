@@ -1,7 +1,7 @@
 //! `keepalive-agent check`: can the agent run on this machine? One line per prerequisite, and a
 //! plain sentence saying what to do for each one that is missing.
 
-use std::{ffi::CStr, fs};
+use std::{ffi::CStr, path::Path};
 
 use anyhow::bail;
 
@@ -297,7 +297,7 @@ fn hooks(layout: Option<&KernelLayout>) -> Vec<Check> {
 
 /// The agent's effective capabilities (`CapEff` of /proc/self/status).
 fn effective_capabilities() -> Option<u64> {
-    fs::read_to_string("/proc/self/status")
+    crate::files::read_string_bounded(Path::new("/proc/self/status"), crate::files::cap::SMALL)
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -356,7 +356,11 @@ fn permissions() -> Check {
 }
 
 fn tracefs() -> Check {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounts = crate::files::read_string_bounded(
+        Path::new("/proc/self/mounts"),
+        crate::files::cap::MOUNTS,
+    )
+    .unwrap_or_default();
     let mounted = mounts.lines().find_map(|l| {
         let mut fields = l.split_whitespace();
         let _source = fields.next()?;

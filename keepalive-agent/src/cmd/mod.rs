@@ -2,6 +2,7 @@
 //! rooms below; none of them is imported by anything else.
 
 pub mod check;
+pub(crate) mod flags;
 pub mod run;
 pub mod sockets;
 pub mod watch;

@@ -7,14 +7,18 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use log::{info, warn};
 use prometheus_client::metrics::{family::Family, gauge::Gauge};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{
     attribution::{self, Attributor, Workload},
     audit,
+    cmd::flags,
     export::{
         events::{self, EventWriter, EventsTarget},
         http::{self, HttpState},
@@ -34,27 +38,31 @@ pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9879";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunConfig {
-    /// Address to serve /metrics, /healthz and /readyz on.
-    #[arg(long = "web.listen-address", default_value = DEFAULT_LISTEN_ADDRESS)]
+    /// Address to serve /metrics, /healthz and /readyz on (IP:PORT, port not 0). The default
+    /// listens on every interface: see README.md for what the port reveals.
+    #[arg(long = "web.listen-address", default_value = DEFAULT_LISTEN_ADDRESS, value_parser = flags::parse_listen_address)]
     pub listen_address: SocketAddr,
-    /// Path of the metrics endpoint.
-    #[arg(long = "web.telemetry-path", default_value = "/metrics")]
+    /// Path of the metrics endpoint: letters, digits and - _ . ~ /, not /healthz or /readyz.
+    #[arg(long = "web.telemetry-path", default_value = "/metrics", value_parser = flags::parse_telemetry_path)]
     pub telemetry_path: String,
-    /// Most live connections kept in memory (least recently probed ones are evicted first).
-    #[arg(long = "connections.max-tracked", default_value_t = NonZeroUsize::new(65_536).expect("non-zero"))]
+    /// Most live connections kept in memory (least recently probed ones are evicted first);
+    /// 1 to 1048576, reserved at start.
+    #[arg(long = "connections.max-tracked", default_value = "65536", value_parser = flags::parse_max_tracked)]
     pub max_tracked: NonZeroUsize,
-    /// Most dropped connections kept for --connections.dropped-retention.
-    #[arg(long = "connections.max-dropped", default_value_t = 10_000)]
+    /// Most dropped connections kept for --connections.dropped-retention; 0 to 1000000.
+    #[arg(long = "connections.max-dropped", default_value = "10000", value_parser = flags::parse_max_dropped)]
     pub max_dropped: usize,
-    /// How long a dropped connection's series stays visible, so an alert can name it.
-    #[arg(long = "connections.dropped-retention", default_value = "15m", value_parser = humantime::parse_duration)]
+    /// How long a dropped connection's series stays visible, so an alert can name it; 1s to
+    /// 30 days.
+    #[arg(long = "connections.dropped-retention", value_name = "DURATION", default_value = "15m", value_parser = flags::parse_retention)]
     pub dropped_retention: Duration,
     /// Most per-connection series exported per metric; what the cap hides is counted in
-    /// keepalive_agent_connection_series_hidden.
-    #[arg(long = "connections.max-series", default_value_t = 2_000)]
+    /// keepalive_agent_connection_series_hidden; 0 to 100000.
+    #[arg(long = "connections.max-series", default_value = "2000", value_parser = flags::parse_max_series)]
     pub max_series: usize,
-    /// Kernel→agent ring buffer size in bytes: a power of two, at least one page.
-    #[arg(long = "ring-buffer.bytes", default_value_t = 4 << 20, value_parser = programs::parse_ring_buffer_bytes)]
+    /// Kernel→agent ring buffer size in bytes (or KiB/MiB): a power of two from 4KiB to
+    /// 256MiB, a multiple of the page size.
+    #[arg(long = "ring-buffer.bytes", value_name = "BYTES", default_value = "4194304", value_parser = flags::parse_ring_buffer_bytes)]
     pub ring_buffer_bytes: u32,
     /// Labels of tcp_keepalive_probes_total and tcp_connection_drops_total, comma-separated,
     /// from: netns, pod_uid, container_id, cgroup, remote_port, local_port. `netns` is always
@@ -84,28 +92,72 @@ pub struct RunConfig {
     /// How long the series of a network namespace stay after it was last seen (a record from
     /// it, or an audit walk that found one of its sockets); then they are removed with its
     /// per-connection series. A namespace whose inode is reused by a new one is reset at once.
-    #[arg(long = "netns.retention", value_name = "DURATION", default_value = "15m", value_parser = parse_retention)]
+    /// 1s to 30 days.
+    #[arg(long = "netns.retention", value_name = "DURATION", default_value = "15m", value_parser = flags::parse_retention)]
     pub netns_retention: Duration,
     #[command(flatten)]
     pub audit: audit::task::AuditConfig,
 }
 
-fn parse_retention(s: &str) -> Result<Duration, String> {
-    let retention =
-        humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 15m, 1h)"))?;
-    if retention.is_zero() {
-        return Err("must be longer than 0 (e.g. 15m)".to_owned());
+impl RunConfig {
+    /// What clap cannot check value by value: paths on the filesystem, and the flags of other
+    /// modules whose bounds are the agent's (not the parser's) business.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let fail = |reason: String| anyhow::anyhow!("invalid flag: {reason}");
+        flags::check_duration(
+            self.audit.interval,
+            flags::MIN_AUDIT_INTERVAL,
+            flags::MAX_AUDIT_INTERVAL,
+        )
+        .map_err(|e| fail(format!("--audit.interval: {e}")))?;
+        let thresholds = &self.audit.idle_timeout_thresholds;
+        if thresholds.len() > flags::MAX_IDLE_THRESHOLDS {
+            return Err(fail(format!(
+                "--idle-timeout-threshold: {} given, at most {}",
+                thresholds.len(),
+                flags::MAX_IDLE_THRESHOLDS
+            )));
+        }
+        if let Some(t) = thresholds.iter().find(|t| {
+            t.name.len() > flags::MAX_THRESHOLD_NAME || t.seconds > flags::MAX_THRESHOLD_SECONDS
+        }) {
+            return Err(fail(format!(
+                "--idle-timeout-threshold {t}: names up to {} characters, seconds up to {} (10 years)",
+                flags::MAX_THRESHOLD_NAME,
+                flags::MAX_THRESHOLD_SECONDS
+            )));
+        }
+        flags::check_unique_names(
+            "--idle-timeout-threshold",
+            thresholds.iter().map(|t| t.name.as_str()),
+        )
+        .map_err(fail)?;
+        flags::check_directory(
+            "--proc.root",
+            &self.proc_root,
+            flags::PROC_SUPER_MAGIC,
+            "procfs",
+        )
+        .map_err(fail)?;
+        if let Some(root) = &self.cgroup_root {
+            flags::check_directory("--cgroup.root", root, flags::CGROUP2_SUPER_MAGIC, "cgroup2")
+                .map_err(fail)?;
+        }
+        flags::check_readable_file("--kernel.timer-list", &self.timer_list).map_err(fail)?;
+        if let Some(EventsTarget::File(path)) = &self.events {
+            events::check_target(path).map_err(fail)?;
+        }
+        Ok(())
     }
-    Ok(retention)
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    if !config.telemetry_path.starts_with('/') {
-        bail!(
-            "--web.telemetry-path must start with '/', got {:?}",
-            config.telemetry_path
-        );
-    }
+    config.validate()?;
+    // Installed first: SIGHUP's default action would kill the agent, and a logrotate
+    // `postrotate` shared with other services may send it at any time.
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let timer_list = config.timer_list.clone();
     let session = tokio::task::spawn_blocking(move || Session::open(&timer_list))
         .await
@@ -122,10 +174,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Bind first: a taken port should fail before anything is attached to the kernel.
     let listener = tokio::net::TcpListener::bind(config.listen_address)
         .await
-        .with_context(|| {
-            format!(
-                "binding {} (is another agent running? choose another --web.listen-address)",
-                config.listen_address
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "binding {}: {e} ({})",
+                config.listen_address,
+                http::bind_hint(&e)
             )
         })?;
     info!(
@@ -162,22 +215,32 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.dropped_retention,
     )));
     let pipeline_metrics = PipelineMetrics::default();
-    let event_sender = match config.events.clone() {
+    let (stop, stopping) = watch::channel(false);
+    let (event_sender, event_writer) = match config.events.clone() {
         Some(target) => {
-            // Installed before ready: SIGHUP's default action would kill the agent.
-            let hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-            let writer = EventWriter::open(target, pipeline_metrics.events_dropped.clone())
-                .await
-                .context("opening the --events output")?;
+            let writer = EventWriter::open(
+                target,
+                pipeline_metrics.events_dropped.clone(),
+                pipeline_metrics.events_written.clone(),
+            )
+            .context("opening the --events output")?;
             let (sender, receiver) = events::channel(
                 events::CHANNEL_CAPACITY,
+                pipeline_metrics.events_produced.clone(),
                 pipeline_metrics.events_dropped.clone(),
                 false,
             );
-            tokio::spawn(writer.run(receiver, hangup));
-            Some(sender)
+            let writer = tokio::spawn(writer.run(receiver, hangup, stopping.clone()));
+            (Some(sender), Some(writer))
         }
-        None => None,
+        None => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    info!("SIGHUP: no --events file to reopen; ignored");
+                }
+            });
+            (None, None)
+        }
     };
     let mut registry = metrics::registry(
         &pipeline_metrics,
@@ -226,14 +289,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         pipeline.namespaces(),
     );
     registry.register_collector(Box::new(audit_collector));
+    let server_metrics = http::ServerMetrics::default();
+    server_metrics.register(&mut registry);
     let state = Arc::new(HttpState {
         registry,
         ready: false.into(),
     });
-    let server = axum::serve(
+    let mut server = tokio::spawn(http::serve(
         listener,
         http::router(Arc::clone(&state), &config.telemetry_path),
-    );
+        server_metrics,
+        stopping,
+    ));
     if let Some(sender) = event_sender {
         pipeline = pipeline.with_events(sender);
     }
@@ -245,28 +312,94 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         humantime::format_duration(config.netns_retention)
     );
     tokio::spawn(pipeline.namespace_retention(config.netns_retention).run());
-    let drain = tokio::spawn(pipeline.run(events));
+    let mut drain = tokio::spawn(pipeline.run(events));
     state.ready.store(ready, Ordering::Relaxed);
     info!("ready: following TCP keepalive in every network namespace");
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    tokio::select! {
-        result = server => result.context("HTTP server failed")?,
-        result = drain => result.context("ring buffer reader panicked")?.context("reading the ring buffer")?,
-        _ = tokio::signal::ctrl_c() => info!("interrupted, detaching"),
-        _ = sigterm.recv() => info!("terminated, detaching"),
+    let outcome = tokio::select! {
+        result = &mut server => Err(match result {
+            Ok(()) => anyhow::anyhow!("the HTTP server stopped"),
+            Err(err) => anyhow::Error::new(err).context("the HTTP server failed"),
+        }),
+        result = &mut drain => match result {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the ring buffer reader stopped")),
+            Ok(Err(err)) => Err(anyhow::Error::new(err).context("reading the ring buffer")),
+            Err(err) => Err(anyhow::Error::new(err).context("the ring buffer reader failed")),
+        },
+        _ = interrupt.recv() => { info!("SIGINT: shutting down"); Ok(()) }
+        _ = sigterm.recv() => { info!("SIGTERM: shutting down"); Ok(()) }
+    };
+    // Graceful: stop accepting, let scrapes in flight finish, write what the event stream
+    // holds; the programs detach when `_ebpf` drops on return.
+    state.ready.store(false, Ordering::Relaxed);
+    drain.abort();
+    let _ = stop.send(true);
+    if tokio::time::timeout(http::SHUTDOWN_GRACE * 2, &mut server)
+        .await
+        .is_err()
+    {
+        warn!("the HTTP server did not stop in time");
     }
-    Ok(())
+    if let Some(writer) = event_writer
+        && tokio::time::timeout(http::SHUTDOWN_GRACE, writer)
+            .await
+            .is_err()
+    {
+        warn!("the event stream writer did not finish in time; its last events are lost");
+    }
+    info!("stopped");
+    outcome
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn config(args: &[&str]) -> Result<RunConfig, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunConfig,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map(|cli| cli.run)
+    }
+
     #[test]
-    fn netns_retention_is_a_positive_duration() {
-        assert_eq!(parse_retention("15m"), Ok(Duration::from_secs(900)));
-        assert!(parse_retention("0s").unwrap_err().contains("longer than 0"));
-        assert!(parse_retention("soon").unwrap_err().contains("\"soon\""));
+    fn defaults_pass_validation() {
+        config(&[]).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn audit_interval_and_thresholds_are_bounded_and_unique() {
+        let err = config(&["--audit.interval", "1ns"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--audit.interval"), "{err}");
+        let err = config(&[
+            "--idle-timeout-threshold",
+            "a=1",
+            "--idle-timeout-threshold",
+            "a=2",
+        ])
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("given twice"), "{err}");
+    }
+
+    #[test]
+    fn paths_are_checked_before_start() {
+        let err = config(&["--cgroup.root", "/proc"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("not a cgroup2 mount"), "{err}");
+        let err = config(&["--kernel.timer-list", "/nonexistent/timer_list"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
     }
 }

@@ -44,7 +44,7 @@ pub struct SocketsConfig {
     pub output: OutputFormat,
     /// The proc filesystem whose `PID/fd` links name the process holding each socket: the
     /// host's /proc (in a pod, where it is mounted, e.g. /host/proc), as for `run`.
-    #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc")]
+    #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc", value_parser = crate::cmd::flags::parse_proc_root)]
     pub proc_root: std::path::PathBuf,
 }
 

@@ -12,11 +12,13 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, PerCpuArray};
 use log::info;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::{Attributor, system_cgroup2_mount},
+    cmd::flags,
     export::{
         events::{self, ConnectionEvent, EventKind},
         metrics::PipelineMetrics,
@@ -54,8 +56,9 @@ pub struct WatchConfig {
     /// Colour the event column: auto = only when standard output is a terminal.
     #[arg(long = "color", value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
-    /// Kernel→agent ring buffer size in bytes: a power of two, at least one page.
-    #[arg(long = "ring-buffer.bytes", default_value_t = 1 << 20, value_parser = programs::parse_ring_buffer_bytes)]
+    /// Kernel→agent ring buffer size in bytes (or KiB/MiB): a power of two from 4KiB to
+    /// 256MiB, a multiple of the page size.
+    #[arg(long = "ring-buffer.bytes", value_name = "BYTES", default_value = "1048576", value_parser = flags::parse_ring_buffer_bytes)]
     pub ring_buffer_bytes: u32,
 }
 
@@ -214,12 +217,18 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
     let programs::KernelPrograms {
         ebpf: _ebpf,
         events: ring,
+        reserve_failures,
         ..
     } = kernel;
 
     let metrics = PipelineMetrics::default();
     let dropped = metrics.events_dropped.clone();
-    let (sender, mut receiver) = events::channel(events::CHANNEL_CAPACITY, dropped.clone(), true);
+    let (sender, mut receiver) = events::channel(
+        events::CHANNEL_CAPACITY,
+        metrics.events_produced.clone(),
+        dropped.clone(),
+        true,
+    );
     // Only this command's connections matter; the bounds just keep a busy host in check.
     let table = ConnectionTable::new(
         NonZeroUsize::new(65_536).expect("non-zero"),
@@ -244,9 +253,17 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
     writeln!(stdout, "{}", header())?;
     stdout.flush()?;
     let mut reported_lost = 0;
+    let mut kernel_lost = KernelLost::new(reserve_failures);
+    let mut lost_check = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     loop {
         tokio::select! {
+            _ = lost_check.tick() => {
+                if let Some(line) = kernel_lost.report() {
+                    writeln!(stdout, "{line}")?;
+                    stdout.flush()?;
+                }
+            }
             event = receiver.recv() => {
                 let Some(event) = event else { break };
                 if filter.matches(&event)
@@ -269,7 +286,51 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    // What was lost after the last check still gets its line.
+    if let Some(line) = kernel_lost.report() {
+        writeln!(stdout, "{line}")?;
+    }
     Ok(())
+}
+
+/// Events the kernel programs could not reserve room for in the ring buffer (it was full),
+/// read from their per-CPU counter: `watch` says so as it goes, or a missing line would look
+/// like nothing happened.
+struct KernelLost {
+    failures: PerCpuArray<MapData, u64>,
+    reported: u64,
+    read_error_reported: bool,
+}
+
+impl KernelLost {
+    fn new(failures: PerCpuArray<MapData, u64>) -> Self {
+        Self {
+            failures,
+            reported: 0,
+            read_error_reported: false,
+        }
+    }
+
+    /// A line when more events were lost since the last one.
+    fn report(&mut self) -> Option<String> {
+        let total: u64 = match self.failures.get(&0, 0) {
+            Ok(per_cpu) => per_cpu.iter().sum(),
+            Err(err) => {
+                return (!std::mem::replace(&mut self.read_error_reported, true))
+                    .then(|| format!("# cannot read the kernel's lost-event counter: {err}"));
+            }
+        };
+        let new = total.checked_sub(self.reported).filter(|&n| n > 0)?;
+        self.reported = total;
+        Some(lost_line(new, total))
+    }
+}
+
+fn lost_line(new: u64, total: u64) -> String {
+    format!(
+        "# {new} events lost in the kernel ({total} so far): the ring buffer was full; \
+         raise --ring-buffer.bytes"
+    )
 }
 
 #[cfg(test)]
@@ -309,6 +370,16 @@ mod tests {
             error: None,
             idle_before_death_seconds: None,
         }
+    }
+
+    #[test]
+    fn lost_line_says_how_many_and_what_to_do() {
+        let line = lost_line(3, 10);
+        assert!(
+            line.starts_with("# 3 events lost in the kernel (10 so far)"),
+            "{line}"
+        );
+        assert!(line.contains("--ring-buffer.bytes"), "{line}");
     }
 
     #[test]

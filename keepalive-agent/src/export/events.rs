@@ -4,10 +4,15 @@
 //! The pipeline never waits for the writer: it `try_send`s into a bounded channel and counts
 //! what does not fit (`keepalive_agent_events_dropped_total`). The writer task owns the output
 //! and reopens it on SIGHUP, so logrotate can move the file away and signal the agent.
+//!
+//! The file holds whole lines or nothing: a write that fails part-way (a full disk) is cut back
+//! to its last whole line, and every event not written is counted as dropped, so
+//! `keepalive_agent_event_stream_produced_total` = lines written + dropped (once the channel is
+//! empty).
 
 use std::{
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     str::FromStr,
     time::{Duration, SystemTime},
 };
@@ -15,11 +20,7 @@ use std::{
 use log::{info, warn};
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use tokio::{
-    io::{AsyncWrite, AsyncWriteExt as _},
-    signal::unix::Signal,
-    sync::mpsc,
-};
+use tokio::{signal::unix::Signal, sync::mpsc};
 
 use crate::{
     attribution::Workload,
@@ -33,7 +34,10 @@ pub(crate) const CHANNEL_CAPACITY: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EventsError {
-    #[error("cannot open the events file {path} for appending: {source}")]
+    #[error(
+        "cannot open the events file {path} for appending: {}",
+        crate::files::io_reason(source)
+    )]
     Open {
         path: PathBuf,
         #[source]
@@ -295,10 +299,46 @@ impl FromStr for EventsTarget {
     }
 }
 
+/// Checks at start that `path` can be an events file: not a directory, in a directory that
+/// exists (the file itself is created on open).
+pub(crate) fn check_target(path: &Path) -> Result<(), String> {
+    let flag = "--events";
+    if path.as_os_str().is_empty() {
+        return Err(format!(
+            "{flag}: give a file path, or - for standard output"
+        ));
+    }
+    if path.is_dir() {
+        return Err(format!(
+            "{flag} {}: is a directory, not a file",
+            path.display()
+        ));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(parent) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(format!(
+            "{flag} {}: {} is not a directory",
+            path.display(),
+            parent.display()
+        )),
+        Err(e) => Err(format!(
+            "{flag} {}: its directory {}: {}",
+            path.display(),
+            parent.display(),
+            crate::files::io_reason(&e)
+        )),
+    }
+}
+
 /// The pipeline's end of the channel: never waits.
 #[derive(Debug, Clone)]
 pub(crate) struct EventSender {
     tx: mpsc::Sender<ConnectionEvent>,
+    produced: Counter,
     dropped: Counter,
     /// Also send `probe_sent` events (for `watch`; the JSON stream has outcomes only).
     pub with_probes: bool,
@@ -306,15 +346,18 @@ pub(crate) struct EventSender {
 
 impl EventSender {
     pub(crate) fn send(&self, event: ConnectionEvent) {
+        self.produced.inc();
         if self.tx.try_send(event).is_err() {
             self.dropped.inc();
         }
     }
 }
 
-/// A bounded channel; `dropped` counts events that found it full (or its reader gone).
+/// A bounded channel; `produced` counts every event sent, `dropped` those that found it full
+/// (or its reader gone).
 pub(crate) fn channel(
     capacity: usize,
+    produced: Counter,
     dropped: Counter,
     with_probes: bool,
 ) -> (EventSender, mpsc::Receiver<ConnectionEvent>) {
@@ -322,6 +365,7 @@ pub(crate) fn channel(
     (
         EventSender {
             tx,
+            produced,
             dropped,
             with_probes,
         },
@@ -329,76 +373,266 @@ pub(crate) fn channel(
     )
 }
 
-type Output = Box<dyn AsyncWrite + Unpin + Send>;
+/// Events the writer takes from the channel per write.
+const BATCH: usize = 256;
+/// Repeated write errors are summarized at most this often.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where the lines go. Writes are plain `write(2)` calls on the blocking pool, so the writer
+/// knows exactly how many bytes reached the output when one fails.
+enum Sink {
+    Stdout(std::fs::File),
+    /// Opened with O_APPEND.
+    File(std::fs::File),
+}
+
+/// One batch's fate.
+struct Written {
+    /// Whole lines that reached the output (a prefix of the batch).
+    lines: usize,
+    /// Bytes that reached the output.
+    bytes: usize,
+    error: Option<std::io::Error>,
+    /// A partial line stayed in the output (it could not be taken back): the next write starts
+    /// with a newline so no event is glued to it.
+    partial_left: bool,
+}
+
+impl Sink {
+    fn file(&mut self) -> &mut std::fs::File {
+        match self {
+            Self::Stdout(file) | Self::File(file) => file,
+        }
+    }
+
+    /// Writes `buf` (whole lines; `ends[i]` is the end of line i). On an error, whole lines
+    /// written stay and a partial line is cut off again: the file holds whole lines or nothing.
+    fn write_lines(&mut self, buf: &[u8], ends: &[usize]) -> Written {
+        use std::io::Write as _;
+        // Where this batch starts: O_APPEND writes at the end. Without it (standard output
+        // redirected or piped) there is nothing to cut back to.
+        let start = match self {
+            Self::File(file) => file.metadata().ok().map(|m| m.len()),
+            Self::Stdout(_) => None,
+        };
+        let file = self.file();
+        let mut done = 0;
+        let mut error = None;
+        while done < buf.len() {
+            match file.write(&buf[done..]) {
+                Ok(0) => {
+                    error = Some(std::io::Error::from(std::io::ErrorKind::WriteZero));
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let lines = ends.iter().take_while(|&&end| end <= done).count();
+        let whole = lines.checked_sub(1).map_or(0, |last| ends[last]);
+        let mut partial_left = done > whole;
+        if partial_left
+            && let Some(start) = start
+            && let Ok(meta) = file.metadata()
+            // Someone else truncated the file meanwhile (copytruncate): leave it alone.
+            && meta.len() == start + done as u64
+            && file.set_len(start + whole as u64).is_ok()
+        {
+            partial_left = false;
+        }
+        Written {
+            lines,
+            bytes: done,
+            error,
+            partial_left,
+        }
+    }
+}
+
+/// Logs the first write error at once, then one summary per [`ERROR_LOG_INTERVAL`], and says
+/// when writing works again: a full disk gives a few lines, not one per batch.
+#[derive(Default)]
+struct WriteErrors {
+    /// Events lost since the last line logged, and since the first error of this episode.
+    lost_since_log: u64,
+    lost_in_episode: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl WriteErrors {
+    fn failed(&mut self, target: &EventsTarget, lost: u64, err: &std::io::Error) {
+        self.lost_since_log += lost;
+        self.lost_in_episode += lost;
+        let first = self.last_log.is_none();
+        if first
+            || self
+                .last_log
+                .is_some_and(|at| at.elapsed() >= ERROR_LOG_INTERVAL)
+        {
+            warn!(
+                "writing events to {target} failed: {err}; {} events lost{} (counted in \
+                 keepalive_agent_events_dropped_total){}",
+                self.lost_since_log,
+                if first {
+                    String::new()
+                } else {
+                    format!(" in the last {}s", ERROR_LOG_INTERVAL.as_secs())
+                },
+                if first {
+                    "; further failures are summarized every 10s"
+                } else {
+                    ""
+                }
+            );
+            self.lost_since_log = 0;
+            self.last_log = Some(std::time::Instant::now());
+        }
+    }
+
+    fn succeeded(&mut self, target: &EventsTarget) {
+        if self.last_log.is_some() {
+            info!(
+                "writing events to {target} works again; {} events were lost",
+                self.lost_in_episode
+            );
+            *self = Self::default();
+        }
+    }
+}
+
+impl std::fmt::Display for EventsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stdout => f.write_str("standard output"),
+            Self::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
 
 /// Owns the `--events` output.
 pub(crate) struct EventWriter {
     target: EventsTarget,
-    output: Output,
+    /// `None` only while a write runs on the blocking pool.
+    sink: Option<Sink>,
     /// Events lost to write errors count with the ones the channel refused.
     dropped: Counter,
+    written: Counter,
+    errors: WriteErrors,
+    newline_first: bool,
 }
 
 impl EventWriter {
     /// Opens the output now, so a bad path stops start-up instead of losing events later.
-    pub(crate) async fn open(target: EventsTarget, dropped: Counter) -> Result<Self, EventsError> {
-        let output = open_output(&target).await?;
+    /// `written` counts the events that reached it.
+    pub(crate) fn open(
+        target: EventsTarget,
+        dropped: Counter,
+        written: Counter,
+    ) -> Result<Self, EventsError> {
+        let sink = open_output(&target)?;
         Ok(Self {
             target,
-            output,
+            sink: Some(sink),
             dropped,
+            written,
+            errors: WriteErrors::default(),
+            newline_first: false,
         })
     }
 
-    /// Writes every event as one line until the channel closes; reopens the file on each
-    /// `hangup` signal.
+    /// Writes every event as one line until the channel closes or `stop` turns true (then what
+    /// is already in the channel is written first); reopens the file on each `hangup` signal.
     pub(crate) async fn run(
         mut self,
         mut events: mpsc::Receiver<ConnectionEvent>,
         mut hangup: Signal,
+        mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut batch = Vec::new();
         loop {
             tokio::select! {
-                received = events.recv_many(&mut batch, 256) => {
+                received = events.recv_many(&mut batch, BATCH) => {
                     if received == 0 {
-                        let _ = self.output.flush().await;
                         return;
                     }
                     self.write(&batch).await;
                     batch.clear();
                 }
-                Some(()) = hangup.recv() => self.reopen().await,
+                Some(()) = hangup.recv() => self.reopen(),
+                () = crate::export::http::stopped(&mut stop) => {
+                    while let Ok(event) = events.try_recv() {
+                        batch.push(event);
+                        if batch.len() == BATCH {
+                            self.write(&batch).await;
+                            batch.clear();
+                        }
+                    }
+                    self.write(&batch).await;
+                    return;
+                }
             }
         }
     }
 
     async fn write(&mut self, batch: &[ConnectionEvent]) {
-        let mut lines = Vec::with_capacity(batch.len() * 512);
+        if batch.is_empty() {
+            return;
+        }
+        let mut buf = Vec::with_capacity(batch.len() * 512 + 1);
+        if self.newline_first {
+            buf.push(b'\n');
+        }
+        let mut ends = Vec::with_capacity(batch.len());
         for event in batch {
             // Serializing plain strings, numbers and options cannot fail.
-            if serde_json::to_writer(&mut lines, event).is_ok() {
-                lines.push(b'\n');
+            if serde_json::to_writer(&mut buf, event).is_ok() {
+                buf.push(b'\n');
+                ends.push(buf.len());
             }
         }
-        let written = match self.output.write_all(&lines).await {
-            Ok(()) => self.output.flush().await,
-            Err(err) => Err(err),
-        };
-        if let Err(err) = written {
+        let Some(mut sink) = self.sink.take() else {
             self.dropped.inc_by(batch.len() as u64);
-            warn!("writing {} events failed: {err}", batch.len());
+            return;
+        };
+        let (sink, written) = match tokio::task::spawn_blocking(move || {
+            let written = sink.write_lines(&buf, &ends);
+            (sink, written)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(_) => {
+                // The blocking pool is shutting down: the output went with it.
+                self.dropped.inc_by(batch.len() as u64);
+                return;
+            }
+        };
+        self.sink = Some(sink);
+        // `ends` holds event lines only, so a leading newline is not counted as one.
+        let lines = written.lines.min(batch.len());
+        self.newline_first = written.partial_left || (self.newline_first && written.bytes == 0);
+        self.written.inc_by(lines as u64);
+        let lost = (batch.len() - lines) as u64;
+        self.dropped.inc_by(lost);
+        match written.error {
+            Some(err) => self.errors.failed(&self.target, lost, &err),
+            None => self.errors.succeeded(&self.target),
         }
     }
 
-    async fn reopen(&mut self) {
+    fn reopen(&mut self) {
         let EventsTarget::File(path) = &self.target else {
+            info!("SIGHUP: events go to standard output, nothing to reopen");
             return;
         };
-        let _ = self.output.flush().await;
-        match open_output(&self.target).await {
-            Ok(output) => {
-                self.output = output;
+        match open_output(&self.target) {
+            Ok(sink) => {
+                self.sink = Some(sink);
+                self.newline_first = false;
                 info!("SIGHUP: reopened the events file {}", path.display());
             }
             Err(err) => warn!("SIGHUP: {err}; still writing to the previous file"),
@@ -406,20 +640,29 @@ impl EventWriter {
     }
 }
 
-async fn open_output(target: &EventsTarget) -> Result<Output, EventsError> {
+fn open_output(target: &EventsTarget) -> Result<Sink, EventsError> {
     match target {
-        EventsTarget::Stdout => Ok(Box::new(tokio::io::stdout())),
+        EventsTarget::Stdout => {
+            use std::os::fd::AsFd as _;
+            let fd = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| EventsError::Open {
+                    path: PathBuf::from("-"),
+                    source,
+                })?;
+            Ok(Sink::Stdout(std::fs::File::from(fd)))
+        }
         EventsTarget::File(path) => {
-            let file = tokio::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .await
                 .map_err(|source| EventsError::Open {
                     path: path.clone(),
                     source,
                 })?;
-            Ok(Box::new(file))
+            Ok(Sink::File(file))
         }
     }
 }
@@ -510,7 +753,7 @@ mod tests {
     #[test]
     fn full_channel_counts_instead_of_waiting() {
         let dropped = Counter::default();
-        let (tx, _rx) = channel(1, dropped.clone(), false);
+        let (tx, _rx) = channel(1, Counter::default(), dropped.clone(), false);
         let event = ConnectionEvent::from_close(
             EventKind::Drop,
             &close(),
@@ -522,6 +765,42 @@ mod tests {
         tx.send(event.clone());
         tx.send(event);
         assert_eq!(dropped.get(), 1);
+    }
+
+    #[test]
+    fn a_write_cut_short_counts_only_its_whole_lines() {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors pipe2 returns.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: both descriptors were just returned by pipe2 and are owned here only.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A pipe nobody reads takes its capacity, then EAGAIN: a write cut short mid-line.
+        let line = [b'x'; 999]
+            .iter()
+            .copied()
+            .chain([b'\n'])
+            .collect::<Vec<u8>>();
+        let buf = line.repeat(200);
+        let ends: Vec<usize> = (1..=200).map(|i| i * line.len()).collect();
+        let mut sink = Sink::Stdout(std::fs::File::from(writer));
+        let written = sink.write_lines(&buf, &ends);
+        assert!(written.error.is_some());
+        assert!(
+            written.bytes > 0 && written.bytes < buf.len(),
+            "{}",
+            written.bytes
+        );
+        assert_eq!(written.lines, written.bytes / line.len());
+        assert_eq!(
+            written.partial_left,
+            !written.bytes.is_multiple_of(line.len())
+        );
+        drop(reader);
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub(crate) struct PipelineMetrics {
     pub drops: Family<AggregateLabels, Counter>,
     pub events: Family<KindLabels, Counter>,
     pub decode_errors: Counter,
+    /// Events handed to the `--events` stream: each is written or dropped.
+    pub events_produced: Counter,
+    /// Events written to the `--events` output as whole lines.
+    pub events_written: Counter,
     /// Events the `--events` stream could not take (channel full, or write failed).
     pub events_dropped: Counter,
     /// Owner lookups the attribution worker's full queue could not take.
@@ -83,6 +87,8 @@ impl Default for PipelineMetrics {
             drops: Family::default(),
             events: Family::default(),
             decode_errors: Counter::default(),
+            events_produced: Counter::default(),
+            events_written: Counter::default(),
             events_dropped: Counter::default(),
             attribution_requests_dropped: Counter::default(),
             detection: Family::new_with_constructor(|| {
@@ -219,6 +225,16 @@ pub(crate) fn registry(
         "keepalive_agent_decode_errors",
         "Ring buffer records the agent could not decode",
         pipeline.decode_errors.clone(),
+    );
+    registry.register(
+        "keepalive_agent_event_stream_produced",
+        "Events handed to the --events stream; each is written or counted in keepalive_agent_events_dropped_total",
+        pipeline.events_produced.clone(),
+    );
+    registry.register(
+        "keepalive_agent_event_stream_written",
+        "Events written to the --events output, as whole lines",
+        pipeline.events_written.clone(),
     );
     registry.register(
         "keepalive_agent_events_dropped",

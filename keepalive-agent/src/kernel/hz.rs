@@ -1,7 +1,7 @@
 //! The kernel's tick rate (CONFIG_HZ): keepalive settings and receive stamps are in jiffies.
 
 use std::{
-    fs, io,
+    io,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -11,7 +11,11 @@ const KNOWN_HZ: [u32; 5] = [100, 250, 300, 1000, 1024];
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HzError {
-    #[error("cannot read {path} (it is mode 0400: run as uid 0): {source}")]
+    #[error(
+        "cannot read {path}: {}{}",
+        crate::files::io_reason(source),
+        read_hint(source)
+    )]
     Read {
         path: PathBuf,
         #[source]
@@ -29,26 +33,62 @@ pub(crate) enum HzError {
 /// Where the kernel prints its timers; a host procfs mounted elsewhere has it too.
 pub(crate) const DEFAULT_TIMER_LIST: &str = "/proc/timer_list";
 
-/// Jiffies and CLOCK_MONOTONIC nanoseconds, as /proc/timer_list prints them together.
-fn sample(timer_list: &Path) -> Result<(u64, u64), HzError> {
-    let text = fs::read_to_string(timer_list).map_err(|source| HzError::Read {
-        path: timer_list.to_owned(),
-        source,
-    })?;
-    parse_sample(&text).ok_or_else(|| HzError::Format(timer_list.to_owned()))
+/// What to do about a read error, by errno.
+fn read_hint(source: &io::Error) -> &'static str {
+    match source.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM) => " (/proc/timer_list is mode 0400: run as uid 0)",
+        Some(libc::ENOENT) => {
+            " (in a container, mount the host's /proc and pass --kernel.timer-list \
+             /host/proc/timer_list)"
+        }
+        _ => "",
+    }
 }
 
-fn parse_sample(text: &str) -> Option<(u64, u64)> {
-    let now_ns = text.lines().find_map(|l| {
-        l.strip_prefix("now at ")?
-            .strip_suffix(" nsecs")?
-            .parse()
-            .ok()
-    })?;
-    let jiffies = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("jiffies: ")?.parse().ok())?;
-    Some((jiffies, now_ns))
+/// Jiffies and CLOCK_MONOTONIC nanoseconds, as /proc/timer_list prints them together. Reads
+/// only until both are found, and at most [`crate::files::cap::TIMER_LIST`] bytes.
+fn sample(timer_list: &Path) -> Result<(u64, u64), HzError> {
+    let mut sampler = Sampler::default();
+    crate::files::find_line(timer_list, crate::files::cap::TIMER_LIST, |line| {
+        sampler.line(line)
+    })
+    .map_err(|source| HzError::Read {
+        path: timer_list.to_owned(),
+        source,
+    })?
+    .ok_or_else(|| HzError::Format(timer_list.to_owned()))
+}
+
+/// The two lines of a timer_list sample, in the order the kernel prints them.
+#[derive(Default)]
+struct Sampler {
+    now_ns: Option<u64>,
+}
+
+impl Sampler {
+    /// `Some((jiffies, now_ns))` once the `jiffies:` line after the `now at` line is seen.
+    fn line(&mut self, line: &str) -> Option<(u64, u64)> {
+        match self.now_ns {
+            None => {
+                self.now_ns = line
+                    .strip_prefix("now at ")?
+                    .strip_suffix(" nsecs")?
+                    .parse()
+                    .ok();
+                None
+            }
+            Some(now_ns) => {
+                let jiffies = line.trim().strip_prefix("jiffies: ")?.parse().ok()?;
+                Some((jiffies, now_ns))
+            }
+        }
+    }
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn parse_sample(text: &str) -> Option<(u64, u64)> {
+    let mut sampler = Sampler::default();
+    text.lines().find_map(|l| sampler.line(l))
 }
 
 /// Measures HZ from [`DEFAULT_TIMER_LIST`]; see [`kernel_hz_from`].

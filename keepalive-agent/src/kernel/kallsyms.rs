@@ -1,6 +1,6 @@
 //! Addresses of the timer callbacks the kernel programs filter on.
 
-use std::{fs, io, path::Path};
+use std::{io, path::Path};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum KallsymsError {
@@ -36,10 +36,12 @@ impl TimerFunctions {
     }
 
     pub(crate) fn from_file(path: &Path) -> Result<Self, KallsymsError> {
-        let text = fs::read_to_string(path).map_err(|source| KallsymsError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = crate::files::read_string_bounded(path, crate::files::cap::KALLSYMS).map_err(
+            |source| KallsymsError::Read {
+                path: path.display().to_string(),
+                source,
+            },
+        )?;
         Self::parse(&text)
     }
 

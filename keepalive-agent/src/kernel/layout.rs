@@ -226,9 +226,11 @@ pub(crate) fn read_vmlinux_btf() -> Result<Vec<u8>, LayoutError> {
 }
 
 fn read_btf(path: &Path) -> Result<Vec<u8>, LayoutError> {
-    std::fs::read(path).map_err(|source| LayoutError::BtfUnreadable {
-        path: path.to_path_buf(),
-        source,
+    crate::files::read_bounded(path, crate::files::cap::BTF).map_err(|source| {
+        LayoutError::BtfUnreadable {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 

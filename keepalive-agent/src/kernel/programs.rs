@@ -62,17 +62,6 @@ impl Hook {
 /// The smallest ring buffer the kernel accepts (one page), for commands that never read it.
 pub(crate) const MIN_RING_BUFFER_BYTES: u32 = 4096;
 
-/// `--ring-buffer.bytes`: the kernel wants a power of two of at least one page.
-pub(crate) fn parse_ring_buffer_bytes(s: &str) -> Result<u32, String> {
-    let bytes: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if !bytes.is_power_of_two() || bytes < MIN_RING_BUFFER_BYTES {
-        return Err(format!(
-            "{bytes} is not a power of two of at least {MIN_RING_BUFFER_BYTES} (e.g. 4194304)"
-        ));
-    }
-    Ok(bytes)
-}
-
 /// An empty program on `timer_expire_entry`, for benchmarks only.
 pub const BASELINE_PROGRAM: &str = "timer_entry_baseline";
 
