@@ -2,7 +2,7 @@
 //! socket snapshot, and the ring buffer with its loss counter.
 
 use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns, generated::bpf_probe_read_kernel},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -24,11 +24,29 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 pub(crate) static RESERVE_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Reads a `T` at `base + offset`. The destination is zeroed first: LLVM may load it before
+/// checking the helper's result, and verifiers before 6.x refuse a read of stack the program
+/// never wrote ("invalid read from stack"), even on the path that discards it.
 #[inline(always)]
 pub(crate) fn read<T>(base: *const u8, offset: usize) -> Result<T, i64> {
-    // SAFETY: bpf_probe_read_kernel copes with any address; TCP sockets come from a
-    // SLAB_TYPESAFE_BY_RCU cache, so a stale pointer reads another socket, never faults.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset) as *const T).map_err(i64::from) }
+    let mut value = core::mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: bpf_probe_read_kernel copes with any address (TCP sockets come from a
+    // SLAB_TYPESAFE_BY_RCU cache, so a stale pointer reads another socket, never faults) and
+    // writes at most `size_of::<T>()` bytes into `value`.
+    let ret = unsafe {
+        bpf_probe_read_kernel(
+            value.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(offset).cast(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: the helper filled every byte; the programs read only plain integers and
+        // byte arrays, valid for any bit pattern (and zero is valid too).
+        Ok(unsafe { value.assume_init() })
+    } else {
+        Err(ret)
+    }
 }
 
 /// Copies what the classifier and the metrics need from a `struct tcp_sock`.
@@ -55,11 +73,20 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
     }
     let net = read::<u64>(sk, offset!(skc_net))? as *const u8;
     rec.netns = read::<u32>(net, offset!(net_ns_inum))?;
-    rec.netns_cookie = if offset!(net_cookie_lazy) != 0 {
-        read::<u32>(net, offset!(net_hash_mix)).map_or(0, |mix| (1 << 32) | u64::from(mix))
-    } else {
-        read::<u64>(net, offset!(net_cookie)).unwrap_or(0)
-    };
+    // Stored in each branch (volatile): merged into one value, LLVM kept it in a stack slot
+    // that only one branch writes, and 5.10's verifier refuses that read on the other.
+    let cookie = &raw mut rec.netns_cookie;
+    // SAFETY: `cookie` points into `rec`, alive for this call.
+    unsafe { core::ptr::write_volatile(cookie, 0) };
+    if offset!(net_cookie_lazy) != 0 {
+        if let Ok(mix) = read::<u32>(net, offset!(net_hash_mix)) {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(cookie, (1 << 32) | u64::from(mix)) };
+        }
+    } else if let Ok(value) = read::<u64>(net, offset!(net_cookie)) {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(cookie, value) };
+    }
     rec.sysctl_keepalive_time = read::<u32>(net, offset!(net_keepalive_time))?;
     rec.sysctl_keepalive_intvl = read::<u32>(net, offset!(net_keepalive_intvl))?;
     rec.sysctl_keepalive_probes = read::<u8>(net, offset!(net_keepalive_probes))?;

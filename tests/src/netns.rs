@@ -169,6 +169,15 @@ impl Netns {
             .with_context(|| format!("TcpExt of netns {}", self.name))
     }
 
+    /// The namespace's `Tcp` MIB (`/proc/net/snmp`: `InSegs`, `OutRsts`, ...), in the same shape
+    /// as [`Netns::tcp_ext`].
+    pub fn tcp_mib(&self) -> anyhow::Result<TcpExt> {
+        let text = self.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+        parse_netstat(&text, "Tcp")
+            .map(TcpExt)
+            .with_context(|| format!("Tcp MIB of netns {}", self.name))
+    }
+
     /// Sets a namespaced sysctl, e.g. `sysctl("net.ipv4.tcp_retries2", "3")`, and reads it back.
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
@@ -386,6 +395,8 @@ pub fn parse_netstat(text: &str, prefix: &str) -> anyhow::Result<HashMap<String,
     );
     keys.into_iter()
         .zip(vals)
+        // `Tcp: MaxConn` is -1 (no limit): a setting, not a counter.
+        .filter(|(_, v)| !v.starts_with('-'))
         .map(|(k, v)| {
             let n = v.parse::<u64>().with_context(|| format!("{k} = {v:?}"))?;
             Ok((k.to_owned(), n))

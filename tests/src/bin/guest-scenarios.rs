@@ -502,8 +502,9 @@ fn recycled_namespace(_ns: &Netns) -> anyhow::Result<Outcome> {
     {
         let listener = listen(&first)?;
         let pair = first.connect_pair(&listener)?;
+        let before = first.tcp_ext()?;
         set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
-        wait_kernel_delta(&first, &TcpExt::default(), KEEPALIVE, 2)?;
+        wait_kernel_delta(&first, &before, KEEPALIVE, 2)?;
         disable_keepalive(&pair.client)?;
         let probes = first.tcp_ext()?.get(KEEPALIVE);
         agent
@@ -542,8 +543,9 @@ fn recycled_namespace(_ns: &Netns) -> anyhow::Result<Outcome> {
     drop(others);
     let listener = listen(&second)?;
     let pair = second.connect_pair(&listener)?;
+    let before = second.tcp_ext()?;
     set_keepalive(&pair.client, IDLE, INTVL, CNT)?;
-    wait_kernel_delta(&second, &TcpExt::default(), KEEPALIVE, 1)?;
+    wait_kernel_delta(&second, &before, KEEPALIVE, 1)?;
     disable_keepalive(&pair.client)?;
     let own = second.tcp_ext()?.get(KEEPALIVE);
     ensure!(own > 0, "the second namespace sent no probe");
@@ -615,7 +617,13 @@ fn peer_lost_socket(ns: &Netns) -> anyhow::Result<Outcome> {
     drop_all_incoming(&client)?;
     drop(listener);
     set_linger_zero(&server)?;
+    let segments = ns.tcp_mib()?;
     drop(server);
+    // The RST is delivered from a softirq that may run late on an emulated CPU: the filter stays
+    // until the client's side has taken it in (and dropped it), or the client would hear it.
+    wait_until(DEADLINE, "the server's RST to reach the client", || {
+        Ok(ns.tcp_mib()?.delta(&segments, "InSegs") >= 1)
+    })?;
     accept_incoming_again(&client)?;
     ensure!(
         tcp_state(&client)? == TCP_ESTABLISHED,
