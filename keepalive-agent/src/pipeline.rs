@@ -291,6 +291,9 @@ impl Pipeline {
                 // Still under the namespaces lock, so the retention sweep cannot interleave.
                 let gone = HashSet::from([endpoints.netns]);
                 self.metrics.forget_namespaces(&gone, "inode_reused");
+                if let Some(maps) = self.metrics.kernel_counters() {
+                    maps.forget(endpoints.netns, Some(endpoints.netns_cookie));
+                }
                 let connections = self.tracker.forget_namespaces(&gone);
                 info!(
                     "netns {} now belongs to a new namespace (cookie {}): the old one's series and {connections} connections removed",
@@ -427,7 +430,7 @@ impl Pipeline {
             ));
         }
         if outcome.probe_sent && events.with_probes {
-            let number = expiry.probes_out_after.unwrap_or(expiry.probes_out_before);
+            let number = expiry.probes_out_before.saturating_add(expiry.probes_sent);
             list.push(ConnectionEvent::from_expiry(
                 EventKind::ProbeSent,
                 expiry,
@@ -499,6 +502,19 @@ impl NamespaceRetention {
         // Held throughout, so a record of an expiring namespace is either counted before (and
         // keeps it) or after its series are gone (and creates them again at 0).
         let mut namespaces = self.namespaces.lock().expect("namespaces lock poisoned");
+        if let Some(maps) = self.metrics.kernel_counters() {
+            // The kernel's counters show a namespace alive even when all its records were
+            // lost; entries quiet for the retention (or of dead namespaces) go.
+            match maps.expire(now, self.retention) {
+                Ok((active, deleted)) => {
+                    namespaces.present(active, now);
+                    if deleted > 0 {
+                        debug!("{deleted} kernel counter entries of gone namespaces deleted");
+                    }
+                }
+                Err(err) => warn!("cannot sweep the kernel's per-namespace counters: {err}"),
+            }
+        }
         let expired = namespaces.expire(now, self.retention);
         if !expired.is_empty() {
             self.metrics.forget_namespaces(&expired, "retention");
@@ -563,6 +579,7 @@ mod tests {
             state: 1,
             probes_out_before: before,
             probes_out_after: after,
+            probes_sent: after.saturating_sub(before),
             keepalive_time: 250,
             keepalive_intvl: 250,
             keepalive_probes: 3,

@@ -2,11 +2,15 @@
 //! socket snapshot, and the ring buffer with its loss counter.
 
 use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
 };
-use keepalive_ebpf::{AF_INET6, KernelOffsets, SocketRecord, record_flags};
+use keepalive_ebpf::{
+    AF_INET6, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey, SocketRecord,
+    record_flags,
+};
 
 /// Written by the agent before load (`.rodata` is frozen, so the verifier sees constants).
 #[unsafe(no_mangle)]
@@ -23,6 +27,66 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map]
 pub(crate) static RESERVE_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT`, or `u32::MAX` before 6.12 (no active-reset reasons).
+#[unsafe(no_mangle)]
+pub(crate) static KEEPALIVE_RST_REASON: u32 = u32::MAX;
+/// Unread bytes past which a submit wakes the agent; below it records wait for the agent's
+/// poll timer. Written by the agent before load (a quarter of the ring).
+#[unsafe(no_mangle)]
+pub(crate) static WAKEUP_BYTES: u64 = 0;
+
+/// Exact counters per namespace, bumped with atomic adds (shared by every CPU; contention is
+/// per namespace and rare next to the rest of a hook).
+#[map]
+pub(crate) static NETNS_COUNTERS: HashMap<NetnsKey, NetnsCounters> =
+    HashMap::with_max_entries(NETNS_COUNTERS_MAX, 0);
+
+#[map]
+pub(crate) static NETNS_COUNTERS_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The counters of a record's namespace, created at 0 on its first event; `None` when the map
+/// is full (counted).
+#[inline(always)]
+pub(crate) fn netns_counters(rec: &SocketRecord) -> Option<*mut NetnsCounters> {
+    let key = NetnsKey {
+        cookie: rec.netns_cookie,
+        inum: rec.netns,
+        _pad: 0,
+    };
+    // Map values stay valid while the program runs (RCU); a deletion by the agent meanwhile
+    // only loses this add, for a namespace it forgot.
+    if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(key) {
+        return Some(counters);
+    }
+    // Another CPU may insert the same key first: NOEXIST keeps its counts.
+    if NETNS_COUNTERS
+        .insert(key, NetnsCounters::default(), BPF_NOEXIST as u64)
+        .is_err()
+        && NETNS_COUNTERS.get_ptr(key).is_none()
+    {
+        if let Some(count) = NETNS_COUNTERS_FULL.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
+            unsafe { *count += 1 };
+        }
+        return None;
+    }
+    NETNS_COUNTERS.get_ptr_mut(key)
+}
+
+/// Adds `n` to a counter shared by every CPU. The BPF target has no compare-and-swap, so
+/// `AtomicU64::fetch_add` does not exist there; the intrinsic with its result unused compiles to
+/// the plain atomic add (`lock *(u64 *)(r + off) += r`) every kernel accepts, not the fetch
+/// variant that needs 5.12.
+#[inline(always)]
+pub(crate) fn add(counter: *mut u64, n: u64) {
+    // SAFETY: an aligned u64 inside a map value, only ever updated atomically.
+    let _ = unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, n,
+        )
+    };
+}
 
 #[inline(always)]
 pub(crate) fn read<T>(base: *const u8, offset: usize) -> Result<T, i64> {
@@ -92,12 +156,22 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
     Ok(())
 }
 
+/// Sends a record to the agent. Without a flag, each submit that finds the agent caught up
+/// queues an irq_work to wake it (an interrupt a hypervisor handles, per record under churn);
+/// instead records wait for the agent's poll timer until a quarter of the ring is unread.
 #[inline(always)]
 pub(crate) fn emit(rec: &SocketRecord) {
     match EVENTS.reserve::<SocketRecord>(0) {
         Some(mut entry) => {
             entry.write(*rec);
-            entry.submit(0);
+            // SAFETY: read of our own static (see `offset!`).
+            let wakeup_bytes = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
+            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(flags as u64);
         }
         None => {
             if let Some(count) = RESERVE_FAILURES.get_ptr_mut(0) {

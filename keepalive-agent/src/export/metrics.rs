@@ -20,8 +20,22 @@ use prometheus_client::{
 
 use crate::{
     export::labels::{AggregateLabels, connection_labels},
-    track::{classifier::DropReason, connection_table::ConnectionTable},
+    record::netns_counters::{self, NetnsCounterMaps},
+    track::{
+        classifier::DropReason,
+        connection_table::{ConnectionTable, DropClass},
+    },
 };
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NetnsLabels {
+    netns: u32,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DropLabels {
@@ -74,6 +88,9 @@ pub(crate) struct PipelineMetrics {
     /// Aggregate label sets already created at 0 (one per namespace by default; one per
     /// namespace and workload with `--aggregate-by`).
     seen: Arc<Mutex<HashSet<AggregateLabels>>>,
+    /// Set when the probe and drop counters come from the kernel's per-namespace maps: records
+    /// then count nothing into `probes`/`drops`, which are not exported.
+    kernel_counters: Option<Arc<NetnsCounterMaps>>,
 }
 
 impl Default for PipelineMetrics {
@@ -91,14 +108,32 @@ impl Default for PipelineMetrics {
             namespaces_forgotten: Family::default(),
             namespaces: Gauge::default(),
             seen: Arc::default(),
+            kernel_counters: None,
         }
     }
 }
 
 impl PipelineMetrics {
+    /// Takes `tcp_keepalive_probes_total` and `tcp_connection_drops_total` from the kernel's
+    /// per-namespace counters instead of counting records: exact whatever the ring buffer
+    /// loses. Only for the default `--aggregate-by` (netns): the kernel cannot split by workload
+    /// or port without a lookup per event.
+    pub(crate) fn counted_in_kernel(mut self, maps: Arc<NetnsCounterMaps>) -> Self {
+        self.kernel_counters = Some(maps);
+        self
+    }
+
+    /// The kernel's per-namespace counters, when the aggregates come from them.
+    pub(crate) fn kernel_counters(&self) -> Option<&Arc<NetnsCounterMaps>> {
+        self.kernel_counters.as_ref()
+    }
+
     /// Creates every aggregate series of a label set (a namespace, or a namespace and workload)
     /// at 0 the first time it shows up, so `increase()` and alerts work from the first scrape.
     pub(crate) fn see(&self, labels: &AggregateLabels) {
+        if self.kernel_counters.is_some() {
+            return;
+        }
         let mut seen = self.seen.lock().expect("metrics lock poisoned");
         if seen.contains(labels) {
             return;
@@ -111,6 +146,9 @@ impl PipelineMetrics {
     }
 
     pub(crate) fn count_drop(&self, labels: &AggregateLabels, reason: DropReason) {
+        if self.kernel_counters.is_some() {
+            return;
+        }
         self.drops.get_or_create(&with_reason(labels, reason)).inc();
     }
 
@@ -124,6 +162,9 @@ impl PipelineMetrics {
     }
 
     pub(crate) fn count_probe(&self, labels: &AggregateLabels) {
+        if self.kernel_counters.is_some() {
+            return;
+        }
         self.probes.get_or_create(labels).inc();
     }
 
@@ -169,6 +210,69 @@ fn with_reason(labels: &AggregateLabels, reason: DropReason) -> AggregateLabels 
     labels
 }
 
+const PROBES_NAME: &str = "tcp_keepalive_probes";
+const PROBES_HELP: &str = "TCP keepalive probes the kernel sent (tcp_write_wakeup from tcp_keepalive_timer), per network namespace";
+const DROPS_NAME: &str = "tcp_connection_drops";
+const DROPS_HELP: &str = "TCP connections the kernel ended abnormally, by reason";
+
+/// `tcp_keepalive_probes_total` and `tcp_connection_drops_total` read from the kernel's
+/// per-namespace counters at scrape time, every reason of a namespace present from its first
+/// event.
+struct KernelNamespaceCounters(Arc<NetnsCounterMaps>);
+
+impl fmt::Debug for KernelNamespaceCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KernelNamespaceCounters")
+    }
+}
+
+impl prometheus_client::collector::Collector for KernelNamespaceCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let entries = match self.0.entries() {
+            Ok(entries) => entries,
+            Err(err) => {
+                log::warn!("cannot read the kernel's per-namespace counters: {err}");
+                return Ok(());
+            }
+        };
+        let totals = netns_counters::current(&entries);
+        let mut probes =
+            encoder.encode_descriptor(PROBES_NAME, PROBES_HELP, None, MetricType::Counter)?;
+        for (netns, counters) in &totals {
+            ConstCounter::new(counters.probes)
+                .encode(probes.encode_family(&NetnsLabels { netns: *netns })?)?;
+        }
+        let mut drops =
+            encoder.encode_descriptor(DROPS_NAME, DROPS_HELP, None, MetricType::Counter)?;
+        for (netns, counters) in &totals {
+            for reason in DropReason::ALL {
+                ConstCounter::new(counters.drops[reason as usize]).encode(drops.encode_family(
+                    &DropLabels {
+                        netns: *netns,
+                        reason: reason.as_str(),
+                    },
+                )?)?;
+            }
+        }
+        ConstGauge::new(entries.len() as i64).encode(encoder.encode_descriptor(
+            "keepalive_agent_kernel_counter_entries",
+            "Entries in the kernel's per-namespace counter map (one per live namespace, briefly two when an inode is reused)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        match self.0.full() {
+            Ok(full) => ConstCounter::new(full).encode(encoder.encode_descriptor(
+                "keepalive_agent_kernel_counter_map_full",
+                "Kernel events of a namespace not counted because the per-namespace counter map was full (more namespaces than it holds)",
+                None,
+                MetricType::Counter,
+            )?)?,
+            Err(err) => log::warn!("cannot read the counter-map overflow count: {err}"),
+        }
+        Ok(())
+    }
+}
+
 /// Builds the registry: the pipeline's aggregates, per-connection series, and self-metrics.
 pub(crate) fn registry(
     pipeline: &PipelineMetrics,
@@ -178,16 +282,15 @@ pub(crate) fn registry(
     hooks: &Family<HookLabels, Gauge>,
 ) -> Registry {
     let mut registry = Registry::default();
-    registry.register(
-        "tcp_keepalive_probes",
-        "TCP keepalive probes the kernel sent (tcp_write_wakeup from tcp_keepalive_timer), per network namespace",
-        pipeline.probes.clone(),
-    );
-    registry.register(
-        "tcp_connection_drops",
-        "TCP connections the kernel ended abnormally, by reason",
-        pipeline.drops.clone(),
-    );
+    match &pipeline.kernel_counters {
+        Some(maps) => {
+            registry.register_collector(Box::new(KernelNamespaceCounters(Arc::clone(maps))))
+        }
+        None => {
+            registry.register(PROBES_NAME, PROBES_HELP, pipeline.probes.clone());
+            registry.register(DROPS_NAME, DROPS_HELP, pipeline.drops.clone());
+        }
+    }
     registry.register(
         "tcp_keepalive_dead_peer_detection_seconds",
         "Time from the last segment received to a keepalive_timeout or keepalive_reset drop: how long a dead peer went unnoticed",
@@ -327,6 +430,19 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
             None,
             MetricType::Counter,
         )?)?;
+        let mut evicted = encoder.encode_descriptor(
+            "keepalive_agent_dropped_connections_evicted",
+            "Dropped connections whose series went before --connections.dropped-retention because --connections.max-dropped was reached; keepalive drops only ever push out older keepalive drops",
+            None,
+            MetricType::Counter,
+        )?;
+        for class in DropClass::ALL {
+            ConstCounter::new(table.dropped_evictions(class)).encode(evicted.encode_family(
+                &ClassLabels {
+                    class: class.as_str(),
+                },
+            )?)?;
+        }
         Ok(())
     }
 }

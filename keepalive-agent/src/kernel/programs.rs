@@ -6,10 +6,10 @@
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, Iter, ProgramError},
 };
-use keepalive_ebpf::names;
+use keepalive_ebpf::{NetnsCounters, NetnsKey, names};
 use log::{info, warn};
 
 pub use crate::kernel::hooks::{HOOKS, Hook};
@@ -132,6 +132,14 @@ pub struct KernelPrograms {
     pub(crate) audit: Option<AuditWalk>,
     pub events: RingBuf<MapData>,
     pub reserve_failures: PerCpuArray<MapData, u64>,
+    /// The exact per-namespace counters and the count of namespaces that found them full.
+    pub netns_counters: NetnsCounterMaps,
+}
+
+/// [`names::NETNS_COUNTERS_MAP`] and [`names::NETNS_COUNTERS_FULL_MAP`].
+pub struct NetnsCounterMaps {
+    pub counters: HashMap<MapData, NetnsKey, NetnsCounters>,
+    pub full: PerCpuArray<MapData, u64>,
 }
 
 impl KernelPrograms {
@@ -148,6 +156,10 @@ pub(crate) fn open(
     btf: &Btf,
     ring_buffer_bytes: u32,
 ) -> Result<Ebpf, ProgramsError> {
+    // No kernel reports u32::MAX as a reset reason: the close program's comparison never
+    // matches where the kernel has no keepalive reason.
+    let keepalive_rst_reason = layout.rst_reason_keepalive_timeout.unwrap_or(u32::MAX);
+    let wakeup_bytes = wakeup_bytes(ring_buffer_bytes);
     // aya 0.14's `EbpfLoader::new` parses the kernel BTF itself; handing it ours frees that
     // copy at once, and every later program load reuses ours.
     EbpfLoader::new()
@@ -155,9 +167,22 @@ pub(crate) fn open(
         .override_global(names::OFFSETS_GLOBAL, &layout.offsets, true)
         .override_global(names::KEEPALIVE_TIMER_FN_GLOBAL, &timers.keepalive, true)
         .override_global(names::WRITE_TIMER_FN_GLOBAL, &timers.write, true)
+        .override_global(
+            names::KEEPALIVE_RST_REASON_GLOBAL,
+            &keepalive_rst_reason,
+            true,
+        )
+        .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
         .map_err(ProgramsError::Load)
+}
+
+/// Unread bytes at which a record wakes the agent at once: a quarter of the ring, so a burst
+/// has three quarters left while the agent wakes; below it the agent's poll timer
+/// ([`crate::record::ring_reader::POLL_INTERVAL`]) reads the records.
+pub(crate) fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
+    u64::from(ring_buffer_bytes / 4)
 }
 
 /// The program of an audit walk in the programs object.
@@ -270,12 +295,27 @@ pub(crate) fn load(
             name: names::RESERVE_FAILURES_MAP,
             source,
         })?;
+    let counters = ebpf
+        .take_map(names::NETNS_COUNTERS_MAP)
+        .ok_or(ProgramsError::Missing(names::NETNS_COUNTERS_MAP))?;
+    let counters = HashMap::try_from(counters).map_err(|source| ProgramsError::Map {
+        name: names::NETNS_COUNTERS_MAP,
+        source,
+    })?;
+    let full = ebpf
+        .take_map(names::NETNS_COUNTERS_FULL_MAP)
+        .ok_or(ProgramsError::Missing(names::NETNS_COUNTERS_FULL_MAP))?;
+    let full = PerCpuArray::try_from(full).map_err(|source| ProgramsError::Map {
+        name: names::NETNS_COUNTERS_FULL_MAP,
+        source,
+    })?;
     Ok(KernelPrograms {
         ebpf,
         hooks,
         audit,
         events,
         reserve_failures,
+        netns_counters: NetnsCounterMaps { counters, full },
     })
 }
 

@@ -55,7 +55,7 @@ impl Tracker {
             self.table().on_close(close, outcome, now);
             return None;
         };
-        let connection = self.table().on_close(close, outcome, now)?.clone();
+        let connection = self.table().on_close(close, outcome, now)?;
         Some(Dropped { reason, connection })
     }
 
