@@ -3,6 +3,7 @@
 //! never reads a file.
 
 mod attribution_worker;
+pub(crate) mod benchmark;
 
 use std::{
     collections::HashSet,
@@ -19,7 +20,7 @@ use crate::{
     export::{
         events::{ConnectionEvent, EventKind, EventSender, WorkloadFields},
         labels::{AggregateBy, AggregateLabels},
-        metrics::{KindLabels, PipelineMetrics},
+        metrics::PipelineMetrics,
     },
     kernel::Session,
     record::{
@@ -177,12 +178,7 @@ impl Pipeline {
                 return;
             }
         };
-        self.metrics
-            .events
-            .get_or_create(&KindLabels {
-                kind: event.kind_name(),
-            })
-            .inc();
+        self.metrics.count_event(event.kind_name());
         let now = Instant::now();
         if !matches!(event, Event::Audit(_)) {
             self.identify_namespace(event.endpoints(), now);
@@ -306,6 +302,11 @@ impl Pipeline {
     /// The aggregate label set of a connection event. Workload labels come from the cgroup
     /// cache only; on a miss the worker counts the record once it has looked the cgroup up.
     fn aggregate(&self, event: &Event) -> Aggregate {
+        // The kernel counts the aggregates: building a label set per record would be an
+        // allocation per event for nothing.
+        if !self.metrics.counts_records() {
+            return Aggregate::None;
+        }
         let owner = match event {
             Event::KeepaliveExpiry(expiry) => Some(&expiry.owner),
             Event::Close(close) => Some(&close.owner),

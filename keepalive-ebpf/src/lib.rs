@@ -15,6 +15,8 @@ pub mod names {
     pub const WRITE_TIMER_FN_GLOBAL: &str = "WRITE_TIMER_FN";
     /// `SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT` (or `u32::MAX` where the kernel has none).
     pub const KEEPALIVE_RST_REASON_GLOBAL: &str = "KEEPALIVE_RST_REASON";
+    /// [`super::KernelOffsets::snapshot_bytes`]: how much of a socket the snapshot copies.
+    pub const SNAPSHOT_BYTES_GLOBAL: &str = "SNAPSHOT_BYTES";
     /// Bytes of unread records past which a submit wakes the agent (see `socket::emit`).
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
     /// Exact per-namespace counters ([`super::NetnsKey`] → [`super::NetnsCounters`]).
@@ -200,6 +202,60 @@ kernel_offsets! {
     task_tgid: "task_struct.tgid", Int(4);
     task_comm: "task_struct.comm", Bytes(16);
 }
+
+impl KernelOffsets {
+    /// The `struct sock`-relative fields the socket snapshot takes from its one copy of the
+    /// socket, with their sizes.
+    pub fn snapshot_fields(&self) -> [(u32, u32); 22] {
+        [
+            (self.skc_daddr, 4),
+            (self.skc_rcv_saddr, 4),
+            (self.skc_dport, 2),
+            (self.skc_family, 2),
+            (self.skc_state, 1),
+            (self.skc_flags, 8),
+            (self.skc_net, 8),
+            (self.skc_v6_daddr, 16),
+            (self.skc_v6_rcv_saddr, 16),
+            (self.inet_sport, 2),
+            (self.sk_err, 4),
+            (self.sk_err_soft, 4),
+            (self.icsk_probes_out, 1),
+            (self.icsk_user_timeout, 4),
+            (self.icsk_ack_lrcvtime, 4),
+            (self.tcp_keepalive_time, 4),
+            (self.tcp_keepalive_intvl, 4),
+            (self.tcp_keepalive_probes, 1),
+            (self.tcp_rcv_tstamp, 4),
+            (self.tcp_packets_out, 4),
+            (self.tcp_snd_wnd, 4),
+            (self.tcp_segs_out, 4),
+        ]
+    }
+
+    /// Bytes from the start of the socket that hold every [`Self::snapshot_fields`] field
+    /// (and the two pointers the snapshot follows, `sk_cgroup` and `sk_socket`): what the
+    /// snapshot copies in one `bpf_probe_read_kernel`.
+    pub fn snapshot_bytes(&self) -> u32 {
+        let mut end = 0;
+        for (offset, size) in self.snapshot_fields() {
+            if offset + size > end {
+                end = offset + size;
+            }
+        }
+        for pointer in [self.sk_cgroup, self.sk_socket] {
+            if pointer + 8 > end {
+                end = pointer + 8;
+            }
+        }
+        end
+    }
+}
+
+/// Size of the kernel programs' per-CPU copy of a socket: larger than `struct tcp_sock` on
+/// every kernel the agent supports (2.2–2.4 KiB); a kernel whose fields lie beyond it is
+/// refused at start-up with that said.
+pub const SNAPSHOT_SCRATCH_BYTES: u32 = 4096;
 
 /// What produced a [`SocketRecord`].
 #[repr(u8)]

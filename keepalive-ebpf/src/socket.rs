@@ -3,13 +3,16 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
+    },
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use keepalive_ebpf::{
-    AF_INET6, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey, SocketRecord,
-    record_flags,
+    AF_INET6, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey, SNAPSHOT_SCRATCH_BYTES,
+    SocketRecord, record_flags,
 };
 
 /// Written by the agent before load (`.rodata` is frozen, so the verifier sees constants).
@@ -95,36 +98,131 @@ pub(crate) fn read<T>(base: *const u8, offset: usize) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset) as *const T).map_err(i64::from) }
 }
 
-/// Copies what the classifier and the metrics need from a `struct tcp_sock`.
+/// `KernelOffsets::snapshot_bytes`, written by the agent before load.
+#[unsafe(no_mangle)]
+pub(crate) static SNAPSHOT_BYTES: u32 = 0;
+
+/// A per-CPU copy of the start of a socket, so the snapshot costs one helper call instead of one
+/// per field. Two per CPU: a program in process context (a `close()`) can be interrupted by a
+/// softirq whose program (a timer expiry, a close on receive) needs one too.
+#[repr(C)]
+pub(crate) struct SockCopy {
+    busy: u64,
+    bytes: [u64; SNAPSHOT_SCRATCH_BYTES as usize / 8],
+}
+
+#[map]
+static SOCK_COPY: PerCpuArray<SockCopy> = PerCpuArray::with_max_entries(2, 0);
+
+/// Both copies of this CPU are in use (never seen: it takes a third nesting level).
+pub(crate) const EBUSY: i64 = -16;
+
+#[inline(always)]
+fn take_copy() -> Option<*mut SockCopy> {
+    for slot in 0..2 {
+        if let Some(copy) = SOCK_COPY.get_ptr_mut(slot) {
+            // SAFETY: per-CPU slot; the busy flag keeps a nested program off it.
+            unsafe {
+                if (*copy).busy == 0 {
+                    (*copy).busy = 1;
+                    return Some(copy);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A field of the copy. Offsets come from frozen `.rodata`, so the verifier checks each load
+/// against the copy's size; kernel fields are naturally aligned, and so is the copy.
+#[inline(always)]
+fn field<T: Copy>(copy: *const u8, offset: usize) -> T {
+    // SAFETY: inside the copy (the verifier refuses the program otherwise).
+    unsafe { core::ptr::read(copy.wrapping_add(offset) as *const T) }
+}
+
+/// A field and whether it could be read (0 when not). Unlike a `Result` matched later, the
+/// value is always defined: LLVM otherwise computes with the value's register before the
+/// success check, leaving it unset on the failure path, which the 5.10 and 6.1 verifiers refuse
+/// ("R9 !read_ok").
+#[inline(always)]
+pub(crate) fn read_or_zero<T: Copy>(base: *const u8, offset: usize) -> (T, bool) {
+    // SAFETY: all-zero is a valid value of the plain integers and byte arrays read here.
+    let mut value: T = unsafe { core::mem::zeroed() };
+    // SAFETY: bpf_probe_read_kernel copes with any source address (see `read`).
+    let ret = unsafe {
+        bpf_probe_read_kernel_raw(
+            (&raw mut value).cast(),
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(offset).cast(),
+        )
+    };
+    (value, ret == 0)
+}
+
+/// Copies what the classifier and the metrics need from a `struct tcp_sock`: one read of the
+/// socket's first `SNAPSHOT_BYTES`, then the namespace's fields and the owner's ids.
 #[inline(always)]
 pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64> {
+    let copy = take_copy().ok_or(EBUSY)?;
+    let result = snapshot_from_copy(sk, copy, rec);
+    // SAFETY: our slot, taken above.
+    unsafe { (*copy).busy = 0 };
+    result
+}
+
+// A call of its own: inlined into the close program its temporaries would push that program's
+// stack past BPF's 512 bytes (LLVM does not share stack slots across inlined scopes well).
+#[inline(never)]
+fn snapshot_from_copy(
+    sk: *const u8,
+    copy: *mut SockCopy,
+    rec: &mut SocketRecord,
+) -> Result<(), i64> {
+    // SAFETY: read of our own static (see `offset!`).
+    let len = unsafe { core::ptr::read_volatile(&raw const SNAPSHOT_BYTES) };
+    let len = if len > SNAPSHOT_SCRATCH_BYTES {
+        SNAPSHOT_SCRATCH_BYTES
+    } else {
+        len
+    };
+    // SAFETY: `copy` is our per-CPU slot.
+    let c = unsafe { (&raw mut (*copy).bytes).cast::<u8>() };
+    // SAFETY: bpf_probe_read_kernel copes with any source address; the destination holds
+    // SNAPSHOT_SCRATCH_BYTES. TCP sockets come from a SLAB_TYPESAFE_BY_RCU cache, so a stale
+    // pointer reads another socket, never faults.
+    let ret = unsafe { bpf_probe_read_kernel_raw(c.cast(), len, sk.cast()) };
+    if ret != 0 {
+        return Err(ret);
+    }
+    let c = c.cast_const();
     rec.sk = sk as u64;
     // SAFETY: helpers without preconditions.
     rec.ktime_ns = unsafe { bpf_ktime_get_ns() };
     rec.jiffies = unsafe { bpf_jiffies64() };
-    rec.family = read::<u16>(sk, offset!(skc_family))?;
-    rec.state = read::<u8>(sk, offset!(skc_state))?;
-    rec.local_port = u16::from_be(read::<u16>(sk, offset!(inet_sport))?);
-    rec.remote_port = u16::from_be(read::<u16>(sk, offset!(skc_dport))?);
+    rec.family = field::<u16>(c, offset!(skc_family));
+    rec.state = field::<u8>(c, offset!(skc_state));
+    rec.local_port = u16::from_be(field::<u16>(c, offset!(inet_sport)));
+    rec.remote_port = u16::from_be(field::<u16>(c, offset!(skc_dport)));
     if rec.family == AF_INET6 {
-        rec.local_addr = read::<[u8; 16]>(sk, offset!(skc_v6_rcv_saddr))?;
-        rec.remote_addr = read::<[u8; 16]>(sk, offset!(skc_v6_daddr))?;
+        rec.local_addr = field::<[u8; 16]>(c, offset!(skc_v6_rcv_saddr));
+        rec.remote_addr = field::<[u8; 16]>(c, offset!(skc_v6_daddr));
     } else {
         rec.local_addr = [0; 16];
         rec.remote_addr = [0; 16];
-        let local = read::<[u8; 4]>(sk, offset!(skc_rcv_saddr))?;
-        let remote = read::<[u8; 4]>(sk, offset!(skc_daddr))?;
+        let local = field::<[u8; 4]>(c, offset!(skc_rcv_saddr));
+        let remote = field::<[u8; 4]>(c, offset!(skc_daddr));
         rec.local_addr[..4].copy_from_slice(&local);
         rec.remote_addr[..4].copy_from_slice(&remote);
     }
-    let net = read::<u64>(sk, offset!(skc_net))? as *const u8;
+    let net = field::<u64>(c, offset!(skc_net)) as *const u8;
     rec.netns = read::<u32>(net, offset!(net_ns_inum))?;
     rec.netns_cookie = read::<u64>(net, offset!(net_cookie)).unwrap_or(0);
     rec.sysctl_keepalive_time = read::<u32>(net, offset!(net_keepalive_time))?;
     rec.sysctl_keepalive_intvl = read::<u32>(net, offset!(net_keepalive_intvl))?;
     rec.sysctl_keepalive_probes = read::<u8>(net, offset!(net_keepalive_probes))?;
 
-    let sk_flags = read::<u64>(sk, offset!(skc_flags))?;
+    let sk_flags = field::<u64>(c, offset!(skc_flags));
     rec.flags = 0;
     if sk_flags & (1 << offset!(sock_flag_keepopen)) != 0 {
         rec.flags |= record_flags::KEEPALIVE_ON;
@@ -132,26 +230,26 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
     if sk_flags & (1 << offset!(sock_flag_dead)) != 0 {
         rec.flags |= record_flags::ORPHAN;
     }
-    rec.probes_out_before = read::<u8>(sk, offset!(icsk_probes_out))?;
+    rec.probes_out_before = field::<u8>(c, offset!(icsk_probes_out));
     rec.probes_out_after = rec.probes_out_before;
-    rec.user_timeout_ms = read::<u32>(sk, offset!(icsk_user_timeout))?;
-    rec.lrcvtime = read::<u32>(sk, offset!(icsk_ack_lrcvtime))?;
-    rec.keepalive_time = read::<u32>(sk, offset!(tcp_keepalive_time))?;
-    rec.keepalive_intvl = read::<u32>(sk, offset!(tcp_keepalive_intvl))?;
-    rec.keepalive_probes = read::<u8>(sk, offset!(tcp_keepalive_probes))?;
-    rec.rcv_tstamp = read::<u32>(sk, offset!(tcp_rcv_tstamp))?;
-    rec.packets_out = read::<u32>(sk, offset!(tcp_packets_out))?;
-    rec.snd_wnd = read::<u32>(sk, offset!(tcp_snd_wnd))?;
-    rec.sk_err = read::<i32>(sk, offset!(sk_err))?;
-    rec.sk_err_soft = read::<i32>(sk, offset!(sk_err_soft))?;
+    rec.user_timeout_ms = field::<u32>(c, offset!(icsk_user_timeout));
+    rec.lrcvtime = field::<u32>(c, offset!(icsk_ack_lrcvtime));
+    rec.keepalive_time = field::<u32>(c, offset!(tcp_keepalive_time));
+    rec.keepalive_intvl = field::<u32>(c, offset!(tcp_keepalive_intvl));
+    rec.keepalive_probes = field::<u8>(c, offset!(tcp_keepalive_probes));
+    rec.rcv_tstamp = field::<u32>(c, offset!(tcp_rcv_tstamp));
+    rec.packets_out = field::<u32>(c, offset!(tcp_packets_out));
+    rec.snd_wnd = field::<u32>(c, offset!(tcp_snd_wnd));
+    rec.sk_err = field::<i32>(c, offset!(sk_err));
+    rec.sk_err_soft = field::<i32>(c, offset!(sk_err_soft));
     // Ownership: both optional (no cgroup data, or an orphan without a file).
-    rec.cgroup_id = read::<u64>(sk, offset!(sk_cgroup))
-        .and_then(|cgroup| read::<u64>(cgroup as *const u8, offset!(cgroup_kn)))
+    let cgroup = field::<u64>(c, offset!(sk_cgroup));
+    rec.cgroup_id = read::<u64>(cgroup as *const u8, offset!(cgroup_kn))
         .and_then(|kn| read::<u64>(kn as *const u8, offset!(kernfs_node_id)))
         .unwrap_or(0);
-    rec.socket_ino = match read::<u64>(sk, offset!(sk_socket)) {
-        Ok(0) | Err(_) => 0,
-        Ok(socket) => read::<u64>(socket as *const u8, offset!(socket_ino)).unwrap_or(0),
+    rec.socket_ino = match field::<u64>(c, offset!(sk_socket)) {
+        0 => 0,
+        socket => read::<u64>(socket as *const u8, offset!(socket_ino)).unwrap_or(0),
     };
     Ok(())
 }
@@ -161,23 +259,19 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
 /// instead records wait for the agent's poll timer until a quarter of the ring is unread.
 #[inline(always)]
 pub(crate) fn emit(rec: &SocketRecord) {
-    match EVENTS.reserve::<SocketRecord>(0) {
-        Some(mut entry) => {
-            entry.write(*rec);
-            // SAFETY: read of our own static (see `offset!`).
-            let wakeup_bytes = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
-            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            entry.submit(flags as u64);
-        }
-        None => {
-            if let Some(count) = RESERVE_FAILURES.get_ptr_mut(0) {
-                // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
-                unsafe { *count += 1 };
-            }
-        }
+    // SAFETY: read of our own static (see `offset!`).
+    let wakeup_bytes = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    // bpf_ringbuf_output copies in the kernel: a copy in the program, from a record on the
+    // stack, compiles to a byte loop the verifier refuses (and costs more).
+    if EVENTS.output::<SocketRecord>(rec, flags as u64).is_err()
+        && let Some(count) = RESERVE_FAILURES.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
+        unsafe { *count += 1 };
     }
 }

@@ -13,14 +13,13 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use keepalive_tests::{
-    DEADLINE, Expectations, Netns, TestEnv, disable_keepalive, set_keepalive, so_error, tcp_state,
-    wait_until,
+    DEADLINE, Expectations, Netns, TCP_CLOSE, TestEnv, disable_keepalive, set_keepalive, so_error,
+    tcp_state, wait_until,
 };
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const KEEPALIVE: &str = "TCPKeepAlive";
 const ABORT_ON_TIMEOUT: &str = "TCPAbortOnTimeout";
-const TCP_CLOSE: u8 = 7;
 
 /// Connections per namespace: far more records per interval than one page holds.
 const BLACKHOLED: usize = 600;

@@ -75,6 +75,9 @@ pub(crate) struct PipelineMetrics {
     pub probes: Family<AggregateLabels, Counter>,
     pub drops: Family<AggregateLabels, Counter>,
     pub events: Family<KindLabels, Counter>,
+    /// Handles into `events` for every record kind, so counting a record neither hashes nor
+    /// locks the family.
+    event_kinds: [(&'static str, Counter); 4],
     pub decode_errors: Counter,
     /// Events the `--events` stream could not take (channel full, or write failed).
     pub events_dropped: Counter,
@@ -91,14 +94,22 @@ pub(crate) struct PipelineMetrics {
     /// Set when the probe and drop counters come from the kernel's per-namespace maps: records
     /// then count nothing into `probes`/`drops`, which are not exported.
     kernel_counters: Option<Arc<NetnsCounterMaps>>,
+    /// Whether records count into `probes`/`drops` (not when the kernel counts them).
+    count_records: bool,
 }
 
 impl Default for PipelineMetrics {
     fn default() -> Self {
+        let events: Family<KindLabels, Counter> = Family::default();
+        let event_kinds = EVENT_KINDS.map(|kind| {
+            let counter = events.get_or_create(&KindLabels { kind }).clone();
+            (kind, counter)
+        });
         Self {
             probes: Family::default(),
             drops: Family::default(),
-            events: Family::default(),
+            events,
+            event_kinds,
             decode_errors: Counter::default(),
             events_dropped: Counter::default(),
             attribution_requests_dropped: Counter::default(),
@@ -109,17 +120,46 @@ impl Default for PipelineMetrics {
             namespaces: Gauge::default(),
             seen: Arc::default(),
             kernel_counters: None,
+            count_records: true,
         }
     }
 }
 
+/// `kind` values of `keepalive_agent_events_total` (`Event::kind_name`).
+const EVENT_KINDS: [&str; 4] = ["keepalive_timer", "close", "error_report", "audit"];
+
 impl PipelineMetrics {
+    /// Counts one record of this kind (a `kind_name`).
+    pub(crate) fn count_event(&self, kind: &'static str) {
+        match self.event_kinds.iter().find(|(k, _)| *k == kind) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                self.events.get_or_create(&KindLabels { kind }).inc();
+            }
+        }
+    }
+
     /// Takes `tcp_keepalive_probes_total` and `tcp_connection_drops_total` from the kernel's
     /// per-namespace counters instead of counting records: exact whatever the ring buffer
     /// loses. Only for the default `--aggregate-by` (netns): the kernel cannot split by workload
     /// or port without a lookup per event.
     pub(crate) fn counted_in_kernel(mut self, maps: Arc<NetnsCounterMaps>) -> Self {
         self.kernel_counters = Some(maps);
+        self.count_records = false;
+        self
+    }
+
+    /// Whether the pipeline builds aggregate label sets and counts records into them.
+    pub(crate) fn counts_records(&self) -> bool {
+        self.count_records
+    }
+
+    /// As with [`Self::counted_in_kernel`], without the maps: for the pipeline benchmark, which
+    /// runs without a kernel.
+    pub(crate) fn not_counting_records(mut self) -> Self {
+        self.count_records = false;
         self
     }
 
@@ -131,7 +171,7 @@ impl PipelineMetrics {
     /// Creates every aggregate series of a label set (a namespace, or a namespace and workload)
     /// at 0 the first time it shows up, so `increase()` and alerts work from the first scrape.
     pub(crate) fn see(&self, labels: &AggregateLabels) {
-        if self.kernel_counters.is_some() {
+        if !self.count_records {
             return;
         }
         let mut seen = self.seen.lock().expect("metrics lock poisoned");
@@ -146,7 +186,7 @@ impl PipelineMetrics {
     }
 
     pub(crate) fn count_drop(&self, labels: &AggregateLabels, reason: DropReason) {
-        if self.kernel_counters.is_some() {
+        if !self.count_records {
             return;
         }
         self.drops.get_or_create(&with_reason(labels, reason)).inc();
@@ -162,7 +202,7 @@ impl PipelineMetrics {
     }
 
     pub(crate) fn count_probe(&self, labels: &AggregateLabels) {
-        if self.kernel_counters.is_some() {
+        if !self.count_records {
             return;
         }
         self.probes.get_or_create(labels).inc();

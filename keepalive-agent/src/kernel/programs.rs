@@ -9,7 +9,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, Iter, ProgramError},
 };
-use keepalive_ebpf::{NetnsCounters, NetnsKey, names};
+use keepalive_ebpf::{NetnsCounters, NetnsKey, SNAPSHOT_SCRATCH_BYTES, names};
 use log::{info, warn};
 
 pub use crate::kernel::hooks::{HOOKS, Hook};
@@ -74,6 +74,8 @@ pub(crate) fn parse_ring_buffer_bytes(s: &str) -> Result<u32, String> {
 
 /// An empty program on `timer_expire_entry`, for benchmarks only.
 pub const BASELINE_PROGRAM: &str = "timer_entry_baseline";
+/// An empty program on `inet_sock_set_state`, for benchmarks only.
+pub const CLOSE_BASELINE_PROGRAM: &str = "close_baseline";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramsError {
@@ -92,6 +94,12 @@ pub enum ProgramsError {
          (5.9+): no keepalive configuration audit"
     )]
     NoAuditWalk,
+    #[error(
+        "the socket fields the programs read end {0} bytes into struct tcp_sock on this kernel, \
+         beyond the programs' {SNAPSHOT_SCRATCH_BYTES}-byte copy: report this kernel version \
+         so the copy can grow"
+    )]
+    SocketTooLarge(u32),
     #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
     Missing(&'static str),
     #[error("map {name}: {source}")]
@@ -160,6 +168,10 @@ pub(crate) fn open(
     // matches where the kernel has no keepalive reason.
     let keepalive_rst_reason = layout.rst_reason_keepalive_timeout.unwrap_or(u32::MAX);
     let wakeup_bytes = wakeup_bytes(ring_buffer_bytes);
+    let snapshot_bytes = layout.offsets.snapshot_bytes();
+    if snapshot_bytes > SNAPSHOT_SCRATCH_BYTES {
+        return Err(ProgramsError::SocketTooLarge(snapshot_bytes));
+    }
     // aya 0.14's `EbpfLoader::new` parses the kernel BTF itself; handing it ours frees that
     // copy at once, and every later program load reuses ours.
     EbpfLoader::new()
@@ -173,6 +185,7 @@ pub(crate) fn open(
             true,
         )
         .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(names::SNAPSHOT_BYTES_GLOBAL, &snapshot_bytes, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
         .map_err(ProgramsError::Load)
