@@ -225,7 +225,14 @@ impl Pipeline {
         if let Some(events) = &self.events {
             let list = self.expiry_events(events, expiry, outcome);
             if !list.is_empty() {
-                self.emit(expiry.sk, &expiry.endpoints, expiry.owner, None, list);
+                self.emit(
+                    expiry.sk,
+                    &expiry.endpoints,
+                    expiry.owner,
+                    None,
+                    false,
+                    list,
+                );
             }
         }
     }
@@ -249,6 +256,7 @@ impl Pipeline {
             &close.endpoints,
             close.owner,
             Some(&connection.workload),
+            reason.is_keepalive(),
             list,
         );
         let e = &connection.endpoints;
@@ -282,13 +290,16 @@ impl Pipeline {
             Sighting::Known => {}
             Sighting::New => {
                 self.metrics.namespaces.set(namespaces.len() as i64);
+                if let Some(maps) = self.metrics.kernel_counters() {
+                    maps.saw(endpoints.netns, endpoints.netns_cookie);
+                }
             }
             Sighting::Replaced => {
                 // Still under the namespaces lock, so the retention sweep cannot interleave.
                 let gone = HashSet::from([endpoints.netns]);
                 self.metrics.forget_namespaces(&gone, "inode_reused");
                 if let Some(maps) = self.metrics.kernel_counters() {
-                    maps.forget(endpoints.netns, Some(endpoints.netns_cookie));
+                    maps.forget(endpoints.netns, endpoints.netns_cookie);
                 }
                 let connections = self.tracker.forget_namespaces(&gone);
                 info!(
@@ -364,7 +375,9 @@ impl Pipeline {
     }
 
     /// Sends a connection's events with its owner. `dropped`: the connection's final owner as
-    /// the table kept it; when its process is unknown the worker looks once more first. Events
+    /// the table kept it; for a keepalive drop (`look_again`) whose process is unknown the
+    /// worker looks once more first. Other drops are not looked up again: under RST churn that
+    /// was a `/proc` walk per closed connection, for connections no alert names. Events
     /// of a connection with jobs queued follow them through the worker, so they stay in order
     /// and carry what the jobs found.
     fn emit(
@@ -373,9 +386,10 @@ impl Pipeline {
         endpoints: &Endpoints,
         owner: SocketOwner,
         dropped: Option<&Workload>,
+        look_again: bool,
         events: Vec<ConnectionEvent>,
     ) {
-        let look_again = dropped.is_some_and(|workload| workload.pid.is_none());
+        let look_again = look_again && dropped.is_some_and(|workload| workload.pid.is_none());
         if events.is_empty() && !look_again {
             return;
         }
@@ -517,6 +531,9 @@ impl NamespaceRetention {
             }
         }
         let expired = namespaces.expire(now, self.retention);
+        if let Some(maps) = self.metrics.kernel_counters() {
+            maps.forget_cookies(&expired);
+        }
         if !expired.is_empty() {
             self.metrics.forget_namespaces(&expired, "retention");
             let connections = self.tracker.forget_namespaces(&expired);

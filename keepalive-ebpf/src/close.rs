@@ -10,11 +10,18 @@ use keepalive_ebpf::{
 
 use crate::{
     reset::RESET_CONTEXT,
-    socket::{
-        EBUSY, KEEPALIVE_RST_REASON, add, emit, netns_counters, read, read_or_zero, snapshot,
-    },
+    socket::{EBUSY, KEEPALIVE_RST_REASON, add, emit, netns_counters, read, snapshot},
     timer::TIMER_CONTEXT,
 };
+
+/// A member of `struct sock` loaded through the tracepoint's BTF-typed pointer (a faulting load
+/// reads 0, the verifier's probe-load semantics).
+#[inline(always)]
+fn sock_field<T: Copy>(sk: *const u8, offset: usize) -> T {
+    // SAFETY: the verifier checks the load against `struct sock` (offsets come from frozen
+    // `.rodata`, so it sees constants).
+    unsafe { core::ptr::read_volatile(sk.wrapping_add(offset) as *const T) }
+}
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
@@ -32,18 +39,16 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     ) {
         return 0;
     }
-    match read::<u16>(sk, offset!(sk_protocol)) {
-        Ok(IPPROTO_TCP) => {}
-        _ => return 0,
+    // `sk` is BTF-typed (`struct sock *`) here, and these three fields are members of
+    // `struct sock`: plain loads the verifier checks against the type, no helper call.
+    if sock_field::<u16>(sk, offset!(sk_protocol)) != IPPROTO_TCP {
+        return 0;
     }
     // Decide whether to report from the per-CPU contexts and two fields, before the snapshot:
     // orderly closes of sockets without keepalive are the bulk of closes on a busy host and
     // tell the agent nothing.
-    let (sk_flags, flags_ok) = read_or_zero::<u64>(sk, offset!(skc_flags));
-    let (sk_err, err_ok) = read_or_zero::<i32>(sk, offset!(sk_err));
-    if !(flags_ok && err_ok) {
-        return 0;
-    }
+    let sk_flags = sock_field::<u64>(sk, offset!(skc_flags));
+    let sk_err = sock_field::<i32>(sk, offset!(sk_err));
     let mut context = CloseContext::None as u8;
     let (mut write_timer_event, mut packets_out) = (0, None);
     if let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) {

@@ -15,8 +15,8 @@ pub mod names {
     pub const WRITE_TIMER_FN_GLOBAL: &str = "WRITE_TIMER_FN";
     /// `SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT` (or `u32::MAX` where the kernel has none).
     pub const KEEPALIVE_RST_REASON_GLOBAL: &str = "KEEPALIVE_RST_REASON";
-    /// [`super::KernelOffsets::snapshot_bytes`]: how much of a socket the snapshot copies.
-    pub const SNAPSHOT_BYTES_GLOBAL: &str = "SNAPSHOT_BYTES";
+    /// [`super::KernelOffsets::snapshot_regions`]: the parts of a socket the snapshot copies.
+    pub const SNAPSHOT_REGIONS_GLOBAL: &str = "SNAPSHOT_REGIONS";
     /// Bytes of unread records past which a submit wakes the agent (see `socket::emit`).
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
     /// Exact per-namespace counters ([`super::NetnsKey`] → [`super::NetnsCounters`]).
@@ -233,6 +233,64 @@ impl KernelOffsets {
         ]
     }
 
+    /// The parts of the socket the snapshot copies, one `bpf_probe_read_kernel` each: the
+    /// fields (and the two pointers) sorted and merged where less than [`REGION_GAP_BYTES`]
+    /// apart, then the closest neighbours merged until at most [`SNAPSHOT_REGIONS`] remain.
+    /// Unused entries are 0.
+    /// Each copy lands at its offset in the per-CPU buffer, so fields load from their own
+    /// offsets.
+    pub fn snapshot_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
+        let mut spans = [(0u32, 0u32); 24];
+        for (i, (offset, size)) in self.snapshot_fields().into_iter().enumerate() {
+            spans[i] = (offset, offset + size);
+        }
+        spans[22] = (self.sk_cgroup, self.sk_cgroup + 8);
+        spans[23] = (self.sk_socket, self.sk_socket + 8);
+        // Insertion sort: no_std, 24 entries.
+        for i in 1..spans.len() {
+            let mut j = i;
+            while j > 0 && spans[j - 1].0 > spans[j].0 {
+                spans.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        // Merge what overlaps or lies closer than REGION_GAP_BYTES...
+        let mut merged = [(0u32, 0u32); 24];
+        let mut count = 0;
+        for &(start, end) in &spans {
+            if count > 0 && start <= merged[count - 1].1 + REGION_GAP_BYTES {
+                if end > merged[count - 1].1 {
+                    merged[count - 1].1 = end;
+                }
+            } else {
+                merged[count] = (start, end);
+                count += 1;
+            }
+        }
+        // ...then the closest neighbours until SNAPSHOT_REGIONS remain.
+        while count > SNAPSHOT_REGIONS {
+            let mut closest = 0;
+            for i in 1..count - 1 {
+                if merged[i + 1].0 - merged[i].1 < merged[closest + 1].0 - merged[closest].1 {
+                    closest = i;
+                }
+            }
+            merged[closest].1 = merged[closest + 1].1;
+            for i in closest + 1..count - 1 {
+                merged[i] = merged[i + 1];
+            }
+            count -= 1;
+        }
+        let mut regions = [SnapshotRegion::default(); SNAPSHOT_REGIONS];
+        for (region, &(start, end)) in regions.iter_mut().zip(&merged[..count]) {
+            *region = SnapshotRegion {
+                start,
+                len: end - start,
+            };
+        }
+        regions
+    }
+
     /// Bytes from the start of the socket that hold every [`Self::snapshot_fields`] field
     /// (and the two pointers the snapshot follows, `sk_cgroup` and `sk_socket`): what the
     /// snapshot copies in one `bpf_probe_read_kernel`.
@@ -251,6 +309,20 @@ impl KernelOffsets {
         end
     }
 }
+
+/// One part of the socket the snapshot copies ([`KernelOffsets::snapshot_regions`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotRegion {
+    pub start: u32,
+    pub len: u32,
+}
+
+/// At most this many `bpf_probe_read_kernel` calls per snapshot.
+pub const SNAPSHOT_REGIONS: usize = 8;
+/// Fields closer than this are copied in one read: a helper call costs more than copying that
+/// many bytes.
+pub const REGION_GAP_BYTES: u32 = 64;
 
 /// Size of the kernel programs' per-CPU copy of a socket: larger than `struct tcp_sock` on
 /// every kernel the agent supports (2.2–2.4 KiB); a kernel whose fields lie beyond it is
@@ -619,6 +691,7 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::NetnsKey {}
     unsafe impl aya::Pod for super::NetnsCounters {}
+    unsafe impl aya::Pod for super::SnapshotRegion {}
 }
 
 const _: () = assert!(SocketRecord::SIZE == 176);

@@ -20,7 +20,7 @@ use prometheus_client::{
 
 use crate::{
     export::labels::{AggregateLabels, connection_labels},
-    record::netns_counters::{self, NetnsCounterMaps},
+    record::netns_counters::NetnsCounterMaps,
     track::{
         classifier::DropReason,
         connection_table::{ConnectionTable, DropClass},
@@ -268,14 +268,13 @@ impl fmt::Debug for KernelNamespaceCounters {
 
 impl prometheus_client::collector::Collector for KernelNamespaceCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let entries = match self.0.entries() {
-            Ok(entries) => entries,
+        let (entries, totals) = match self.0.totals() {
+            Ok(totals) => totals,
             Err(err) => {
                 log::warn!("cannot read the kernel's per-namespace counters: {err}");
                 return Ok(());
             }
         };
-        let totals = netns_counters::current(&entries);
         let mut probes =
             encoder.encode_descriptor(PROBES_NAME, PROBES_HELP, None, MetricType::Counter)?;
         for (netns, counters) in &totals {
@@ -294,7 +293,7 @@ impl prometheus_client::collector::Collector for KernelNamespaceCounters {
                 )?)?;
             }
         }
-        ConstGauge::new(entries.len() as i64).encode(encoder.encode_descriptor(
+        ConstGauge::new(entries as i64).encode(encoder.encode_descriptor(
             "keepalive_agent_kernel_counter_entries",
             "Entries in the kernel's per-namespace counter map (one per live namespace, briefly two when an inode is reused)",
             None,

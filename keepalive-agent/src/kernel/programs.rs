@@ -172,6 +172,7 @@ pub(crate) fn open(
     if snapshot_bytes > SNAPSHOT_SCRATCH_BYTES {
         return Err(ProgramsError::SocketTooLarge(snapshot_bytes));
     }
+    let snapshot_regions = layout.offsets.snapshot_regions();
     // aya 0.14's `EbpfLoader::new` parses the kernel BTF itself; handing it ours frees that
     // copy at once, and every later program load reuses ours.
     EbpfLoader::new()
@@ -185,7 +186,7 @@ pub(crate) fn open(
             true,
         )
         .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
-        .override_global(names::SNAPSHOT_BYTES_GLOBAL, &snapshot_bytes, true)
+        .override_global(names::SNAPSHOT_REGIONS_GLOBAL, &snapshot_regions, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
         .map_err(ProgramsError::Load)
@@ -404,6 +405,37 @@ mod tests {
             .iter()
             .map(|hook| hook.variant(&layout).map(|v| v.program))
             .collect()
+    }
+
+    #[test]
+    fn the_snapshot_regions_cover_every_field_within_the_copy_on_every_matrix_kernel() {
+        for btf in [
+            "5.10.262_5.10.0-46-cloud-amd64.btf.zst",
+            "6.1.190_6.1.0-54-cloud-amd64.btf.zst",
+            "6.1.192_6.1.0-57-cloud-amd64.btf.zst",
+            "6.12.111_6.12.111+deb12-cloud-amd64.btf.zst",
+            "6.12.117_6.12.117+deb12-cloud-amd64.btf.zst",
+            "6.18.44_6.18.44-fc-v1045.btf.zst",
+        ] {
+            let offsets = fixture(btf).offsets;
+            assert!(offsets.snapshot_bytes() <= SNAPSHOT_SCRATCH_BYTES, "{btf}");
+            let regions = offsets.snapshot_regions();
+            let covered = |offset: u32, size: u32| {
+                regions
+                    .iter()
+                    .any(|r| r.start <= offset && offset + size <= r.start + r.len)
+            };
+            for (offset, size) in offsets.snapshot_fields() {
+                assert!(covered(offset, size), "{btf}: field at {offset} not copied");
+            }
+            assert!(covered(offsets.sk_cgroup, 8) && covered(offsets.sk_socket, 8));
+            let bytes: u32 = regions.iter().map(|r| r.len).sum();
+            // Far less than the whole socket: the point of copying by region.
+            assert!(
+                bytes < offsets.snapshot_bytes() / 4,
+                "{btf}: {bytes} bytes in {regions:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,8 +16,12 @@ use keepalive_ebpf::{NetnsCounters, NetnsKey};
 pub(crate) struct NetnsCounterMaps {
     counters: Mutex<maps::HashMap<MapData, NetnsKey, NetnsCounters>>,
     full: Mutex<PerCpuArray<MapData, u64>>,
-    /// When each entry's activity last changed, for [`Self::expire`].
+    /// When each entry's activity last changed, for [`Self::expire`] and to tell a live
+    /// namespace's entry from a dead one's on the same inode.
     activity: Mutex<HashMap<NetnsKey, (u64, Instant)>>,
+    /// The cookie records last showed for each inode (what the pipeline's namespace identity
+    /// knows).
+    current_cookie: Mutex<HashMap<u32, u64>>,
 }
 
 impl std::fmt::Debug for NetnsCounterMaps {
@@ -35,7 +39,39 @@ impl NetnsCounterMaps {
             counters: Mutex::new(counters),
             full: Mutex::new(full),
             activity: Mutex::default(),
+            current_cookie: Mutex::default(),
         }
+    }
+
+    /// A record showed that namespace `cookie` holds `inode` now.
+    pub(crate) fn saw(&self, inode: u32, cookie: u64) {
+        if cookie != 0 {
+            self.current_cookie
+                .lock()
+                .expect("cookie lock poisoned")
+                .insert(inode, cookie);
+        }
+    }
+
+    /// The records' namespace identity forgot these inodes (retention): so does this.
+    pub(crate) fn forget_cookies(&self, inodes: &std::collections::HashSet<u32>) {
+        self.current_cookie
+            .lock()
+            .expect("cookie lock poisoned")
+            .retain(|inode, _| !inodes.contains(inode));
+    }
+
+    /// Every entry now, and per inode the totals of the namespace holding it (see
+    /// [`current`]).
+    pub(crate) fn totals(&self) -> Result<(usize, BTreeMap<u32, NetnsCounters>), MapError> {
+        let entries = self.entries()?;
+        let known = self
+            .current_cookie
+            .lock()
+            .expect("cookie lock poisoned")
+            .clone();
+        let activity = self.activity.lock().expect("activity lock poisoned");
+        Ok((entries.len(), current(&entries, &known, &activity)))
     }
 
     /// Every entry now. An entry deleted while the walk runs is skipped.
@@ -58,9 +94,11 @@ impl NetnsCounterMaps {
         Ok(full.get(&0, 0)?.iter().sum())
     }
 
-    /// Deletes the entries of namespaces that held `inode` before the one with cookie `newer`
-    /// (every entry of the inode with `None`). Returns how many went.
-    pub(crate) fn forget(&self, inode: u32, newer: Option<u64>) -> usize {
+    /// Deletes the entries of the namespaces that held `inode` before the one with cookie
+    /// `newer` (a record from it just arrived: every record of a dead namespace came before,
+    /// since its sockets were gone before its inode was freed). Returns how many went.
+    pub(crate) fn forget(&self, inode: u32, newer: u64) -> usize {
+        self.saw(inode, newer);
         let Ok(entries) = self.entries() else {
             return 0;
         };
@@ -86,8 +124,8 @@ impl NetnsCounterMaps {
         deleted
     }
 
-    /// One retention pass over the map: deletes entries of dead namespaces (superseded by a
-    /// newer cookie on their inode) and entries nothing touched for `retention`. Returns the
+    /// One retention pass over the map: deletes entries nothing touched for `retention` (a dead
+    /// namespace's entry stops changing). Returns the
     /// inodes whose namespaces were active since the last pass (alive, even if every one of
     /// their records was lost) and the number of entries deleted.
     pub(crate) fn expire(
@@ -105,28 +143,53 @@ impl NetnsCounterMaps {
     }
 }
 
-/// Whether an entry with `cookie` belongs to a namespace older than the one with `newer`.
-/// Cookies only grow, so a late record of a dead namespace (an older cookie) never deletes its
-/// successor's counts; a 0 (5.10, not generated) is never told apart.
-fn older(cookie: u64, newer: Option<u64>) -> bool {
-    match newer {
-        None => true,
-        Some(newer) => cookie != 0 && cookie < newer,
-    }
+/// Whether an entry with `cookie` belongs to another namespace than the one with `newer`: a
+/// 0 (5.10, not generated) is never told apart.
+fn older(cookie: u64, newer: u64) -> bool {
+    cookie != 0 && cookie != newer
 }
 
-/// Which entries count for an inode: the newest namespace holding it (cookies only grow, so the
-/// highest), plus an entry with cookie 0 (5.10 before the cookie was generated: the same
-/// namespace as far as anyone can tell, as in [`crate::track::namespaces`]).
-pub(crate) fn current(entries: &[(NetnsKey, NetnsCounters)]) -> BTreeMap<u32, NetnsCounters> {
-    let mut newest: HashMap<u32, u64> = HashMap::new();
+/// Which entries count for an inode: the namespace records last showed holding it (`known`);
+/// without records (all lost), the entry whose activity changed last (a dead namespace's entry
+/// stops changing; one not swept yet is the newest). Cookies are not ordered by creation
+/// (`gen_cookie_next` hands them out in per-CPU batches), so they cannot decide. An entry with
+/// cookie 0 (5.10 before the cookie was generated) adds to it: the same namespace as far as
+/// anyone can tell, as in [`crate::track::namespaces`].
+pub(crate) fn current(
+    entries: &[(NetnsKey, NetnsCounters)],
+    known: &HashMap<u32, u64>,
+    activity: &HashMap<NetnsKey, (u64, Instant)>,
+) -> BTreeMap<u32, NetnsCounters> {
+    let mut chosen: HashMap<u32, (NetnsKey, Option<Instant>)> = HashMap::new();
     for (key, _) in entries {
-        let cookie = newest.entry(key.inum).or_default();
-        *cookie = (*cookie).max(key.cookie);
+        if key.cookie == 0 {
+            continue;
+        }
+        let changed = activity.get(key).map(|&(_, at)| at);
+        let better = |(best, best_changed): &(NetnsKey, Option<Instant>)| {
+            if known.get(&key.inum) == Some(&key.cookie) {
+                return true;
+            }
+            if known.get(&key.inum) == Some(&best.cookie) {
+                return false;
+            }
+            // Not swept yet (None) is newer than anything swept.
+            match (changed, best_changed) {
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (a, b) => a > *b || (a == *b && key.cookie > best.cookie),
+            }
+        };
+        match chosen.get(&key.inum) {
+            Some(best) if !better(best) => {}
+            _ => {
+                chosen.insert(key.inum, (*key, changed));
+            }
+        }
     }
     let mut totals: BTreeMap<u32, NetnsCounters> = BTreeMap::new();
     for (key, counters) in entries {
-        if key.cookie != 0 && Some(&key.cookie) != newest.get(&key.inum) {
+        if key.cookie != 0 && chosen.get(&key.inum).map(|(k, _)| k.cookie) != Some(key.cookie) {
             continue;
         }
         let total = totals.entry(key.inum).or_default();
@@ -153,11 +216,6 @@ fn sweep(
     now: Instant,
     retention: Duration,
 ) -> (Vec<(u32, u64)>, Vec<NetnsKey>) {
-    let mut newest: HashMap<u32, u64> = HashMap::new();
-    for (key, _) in entries {
-        let cookie = newest.entry(key.inum).or_default();
-        *cookie = (*cookie).max(key.cookie);
-    }
     let mut active = Vec::new();
     let mut stale = Vec::new();
     let mut present = HashMap::with_capacity(entries.len());
@@ -170,8 +228,7 @@ fn sweep(
                 now
             }
         };
-        let superseded = key.cookie != 0 && Some(&key.cookie) != newest.get(&key.inum);
-        if superseded || now.saturating_duration_since(changed_at) >= retention {
+        if now.saturating_duration_since(changed_at) >= retention {
             stale.push(*key);
         } else {
             present.insert(*key, (now_activity, changed_at));
@@ -204,26 +261,53 @@ mod tests {
     }
 
     #[test]
-    fn an_inode_means_its_newest_namespace_and_an_old_ones_counts_never_add_up() {
+    fn an_inode_means_the_namespace_records_last_showed_and_an_old_ones_counts_never_add_up() {
         let entries = [
-            (key(INODE, 5), counters(10, 7)),
-            // A later namespace on the same inode (cookies only grow).
-            (key(INODE, 9), counters(2, 1)),
+            (key(INODE, 9), counters(10, 7)),
+            // A later namespace on the same inode, with a lower cookie (per-CPU batches).
+            (key(INODE, 5), counters(2, 1)),
             (key(INODE + 1, 6), counters(4, 3)),
         ];
-        let totals = current(&entries);
+        let known = HashMap::from([(INODE, 5)]);
+        let totals = current(&entries, &known, &HashMap::new());
         assert_eq!(totals[&INODE].probes, 1);
         assert_eq!(totals[&(INODE + 1)].probes, 3);
     }
 
     #[test]
-    fn only_older_namespaces_of_an_inode_are_forgotten() {
-        assert!(older(5, Some(9)));
-        // A late record of the dead namespace must not delete its successor's counts.
-        assert!(!older(9, Some(5)));
-        assert!(!older(9, Some(9)));
-        assert!(!older(0, Some(9)));
-        assert!(older(9, None));
+    fn without_records_the_entry_that_changed_last_is_the_live_namespace() {
+        let start = Instant::now();
+        let entries = [
+            (key(INODE, 9), counters(10, 7)),
+            (key(INODE, 5), counters(2, 1)),
+        ];
+        // The dead namespace's entry stopped changing before the new one's did.
+        let activity = HashMap::from([
+            (key(INODE, 9), (10, start)),
+            (key(INODE, 5), (2, start + Duration::from_secs(5))),
+        ]);
+        assert_eq!(
+            current(&entries, &HashMap::new(), &activity)[&INODE].probes,
+            1
+        );
+        // An entry no sweep has seen yet is newer still.
+        let entries = [
+            (key(INODE, 9), counters(10, 7)),
+            (key(INODE, 5), counters(2, 1)),
+            (key(INODE, 3), counters(1, 1)),
+        ];
+        assert_eq!(
+            current(&entries, &HashMap::new(), &activity)[&INODE].expiries,
+            1
+        );
+    }
+
+    #[test]
+    fn only_other_namespaces_of_an_inode_are_forgotten() {
+        assert!(older(5, 9));
+        assert!(older(9, 5));
+        assert!(!older(9, 9));
+        assert!(!older(0, 9));
     }
 
     #[test]
@@ -233,11 +317,14 @@ mod tests {
             (key(INODE, 0), counters(10, 7)),
             (key(INODE, 3), counters(2, 1)),
         ];
-        assert_eq!(current(&entries)[&INODE].probes, 8);
+        assert_eq!(
+            current(&entries, &HashMap::new(), &HashMap::new())[&INODE].probes,
+            8
+        );
     }
 
     #[test]
-    fn a_sweep_keeps_active_entries_and_deletes_quiet_and_superseded_ones() {
+    fn a_sweep_keeps_active_entries_and_deletes_quiet_ones() {
         let retention = Duration::from_secs(60);
         let start = Instant::now();
         let mut seen = HashMap::new();
@@ -260,15 +347,9 @@ mod tests {
         assert!(stale.is_empty());
 
         let end = start + Duration::from_secs(60);
-        let third = [
-            (key(INODE, 5), counters(1, 0)),
-            (key(INODE + 1, 6), counters(2, 0)),
-            // A new namespace took INODE + 1: the old entry is dead at once.
-            (key(INODE + 1, 8), counters(1, 0)),
-        ];
-        let (active, stale) = sweep(&mut seen, &third, end, retention);
-        assert_eq!(active, [(INODE + 1, 8)]);
-        assert_eq!(stale, [key(INODE, 5), key(INODE + 1, 6)]);
+        let (active, stale) = sweep(&mut seen, &second, end, retention);
+        assert!(active.is_empty());
+        assert_eq!(stale, [key(INODE, 5)]);
         assert_eq!(seen.len(), 1);
     }
 }
