@@ -375,9 +375,10 @@ impl Pipeline {
     }
 
     /// Sends a connection's events with its owner. `dropped`: the connection's final owner as
-    /// the table kept it; for a keepalive drop (`look_again`) whose process is unknown the
-    /// worker looks once more first. Other drops are not looked up again: under RST churn that
-    /// was a `/proc` walk per closed connection, for connections no alert names. Events
+    /// the table kept it; for a keepalive drop (`process`) whose process is unknown the worker
+    /// looks once more first. Other drops only get their cgroup looked up (cached): a `/proc`
+    /// walk per closed connection under RST churn took most of the churn throughput, for
+    /// connections no alert names. Events
     /// of a connection with jobs queued follow them through the worker, so they stay in order
     /// and carry what the jobs found.
     fn emit(
@@ -386,10 +387,16 @@ impl Pipeline {
         endpoints: &Endpoints,
         owner: SocketOwner,
         dropped: Option<&Workload>,
-        look_again: bool,
+        process: bool,
         events: Vec<ConnectionEvent>,
     ) {
-        let look_again = look_again && dropped.is_some_and(|workload| workload.pid.is_none());
+        let look_again = dropped.is_some_and(|workload| {
+            if process {
+                workload.pid.is_none()
+            } else {
+                workload.cgroup_path.is_none()
+            }
+        });
         if events.is_empty() && !look_again {
             return;
         }
@@ -398,6 +405,7 @@ impl Pipeline {
             endpoints: *endpoints,
             owner,
             dropped: dropped.is_some(),
+            process,
             events,
         };
         let sent = if look_again {
