@@ -390,13 +390,23 @@ impl Pipeline {
         process: bool,
         events: Vec<ConnectionEvent>,
     ) {
-        let look_again = dropped.is_some_and(|workload| {
-            if process {
-                workload.pid.is_none()
-            } else {
-                workload.cgroup_path.is_none()
-            }
-        });
+        // A cgroup already in the cache is filled in here, without a job for the worker.
+        let cached = match dropped {
+            Some(workload) if !process && workload.cgroup_path.is_none() => self
+                .resolver
+                .cached_cgroup(&owner)
+                .map(|newer| self.tracker.complete_workload(endpoints, workload, newer)),
+            _ => None,
+        };
+        let dropped = cached.as_ref().or(dropped);
+        let look_again = cached.is_none()
+            && dropped.is_some_and(|workload| {
+                if process {
+                    workload.pid.is_none()
+                } else {
+                    workload.cgroup_path.is_none()
+                }
+            });
         if events.is_empty() && !look_again {
             return;
         }
