@@ -238,7 +238,10 @@ impl Pipeline {
     }
 
     fn on_close(&self, close: &CloseEvent, aggregate: Aggregate, now: Instant) {
-        let Some(Dropped { reason, connection }) = self.tracker.close(close, now) else {
+        // A cgroup already in the cache goes into the dropped entry as it is stored: no worker
+        // job (and no search of the dropped list) per RST close.
+        let cached = self.resolver.cached_cgroup(&close.owner);
+        let Some(Dropped { reason, connection }) = self.tracker.close(close, now, cached) else {
             self.count(aggregate, Count::Seen);
             return;
         };
@@ -390,23 +393,13 @@ impl Pipeline {
         process: bool,
         events: Vec<ConnectionEvent>,
     ) {
-        // A cgroup already in the cache is filled in here, without a job for the worker.
-        let cached = match dropped {
-            Some(workload) if !process && workload.cgroup_path.is_none() => self
-                .resolver
-                .cached_cgroup(&owner)
-                .map(|newer| self.tracker.complete_workload(endpoints, workload, newer)),
-            _ => None,
-        };
-        let dropped = cached.as_ref().or(dropped);
-        let look_again = cached.is_none()
-            && dropped.is_some_and(|workload| {
-                if process {
-                    workload.pid.is_none()
-                } else {
-                    workload.cgroup_path.is_none()
-                }
-            });
+        let look_again = dropped.is_some_and(|workload| {
+            if process {
+                workload.pid.is_none()
+            } else {
+                workload.cgroup_path.is_none()
+            }
+        });
         if events.is_empty() && !look_again {
             return;
         }

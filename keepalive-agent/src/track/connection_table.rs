@@ -169,6 +169,17 @@ impl ConnectionTable {
         outcome: CloseOutcome,
         now: Instant,
     ) -> Option<ConnectionState> {
+        self.on_close_with(c, outcome, now, None)
+    }
+
+    /// [`Self::on_close`], completing the connection's owner with `known` first.
+    pub(crate) fn on_close_with(
+        &mut self,
+        c: &CloseEvent,
+        outcome: CloseOutcome,
+        now: Instant,
+        known: Option<Workload>,
+    ) -> Option<ConnectionState> {
         let previous = self
             .live
             .pop(&c.sk)
@@ -183,6 +194,9 @@ impl ConnectionTable {
         }
         state.dropped = Some(reason);
         state.updated = now;
+        if let Some(known) = known {
+            state.workload.fill_unknown_from(known);
+        }
         let class = DropClass::of(reason);
         if self.dropped_len() >= self.max_dropped {
             // Another drop goes first; a keepalive drop only pushes out the oldest keepalive
