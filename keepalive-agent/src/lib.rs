@@ -30,6 +30,10 @@ pub(crate) mod track;
 /// build their kubelet-shaped cgroups there.
 pub use attribution::system_cgroup2_mount;
 
+/// The pipeline's cost per record, for `cargo xtask bench`.
+#[doc(hidden)]
+pub use pipeline::benchmark::{Throughput, pipeline_throughput};
+
 /// The name of an error TCP reports in `sk_err` (`ETIMEDOUT`, ...), as the event stream and
 /// `watch` print it; the integration tests name errors the same way.
 pub use export::events::errno_name;

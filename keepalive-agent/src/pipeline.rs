@@ -3,6 +3,7 @@
 //! never reads a file.
 
 mod attribution_worker;
+pub(crate) mod benchmark;
 
 use std::{
     collections::HashSet,
@@ -19,7 +20,7 @@ use crate::{
     export::{
         events::{ConnectionEvent, EventKind, EventSender, WorkloadFields},
         labels::{AggregateBy, AggregateLabels},
-        metrics::{KindLabels, PipelineMetrics},
+        metrics::PipelineMetrics,
     },
     kernel::Session,
     record::{
@@ -177,12 +178,7 @@ impl Pipeline {
                 return;
             }
         };
-        self.metrics
-            .events
-            .get_or_create(&KindLabels {
-                kind: event.kind_name(),
-            })
-            .inc();
+        self.metrics.count_event(event.kind_name());
         let now = Instant::now();
         if !matches!(event, Event::Audit(_)) {
             self.identify_namespace(event.endpoints(), now);
@@ -221,6 +217,7 @@ impl Pipeline {
             });
         }
         let count = if outcome.probe_sent {
+            self.metrics.probe_sent(expiry.endpoints.netns);
             Count::Probe
         } else {
             Count::Seen
@@ -229,13 +226,23 @@ impl Pipeline {
         if let Some(events) = &self.events {
             let list = self.expiry_events(events, expiry, outcome);
             if !list.is_empty() {
-                self.emit(expiry.sk, &expiry.endpoints, expiry.owner, None, list);
+                self.emit(
+                    expiry.sk,
+                    &expiry.endpoints,
+                    expiry.owner,
+                    None,
+                    false,
+                    list,
+                );
             }
         }
     }
 
     fn on_close(&self, close: &CloseEvent, aggregate: Aggregate, now: Instant) {
-        let Some(Dropped { reason, connection }) = self.tracker.close(close, now) else {
+        // A cgroup already in the cache goes into the dropped entry as it is stored: no worker
+        // job (and no search of the dropped list) per RST close.
+        let cached = self.resolver.cached_cgroup(&close.owner);
+        let Some(Dropped { reason, connection }) = self.tracker.close(close, now, cached) else {
             self.count(aggregate, Count::Seen);
             return;
         };
@@ -253,6 +260,7 @@ impl Pipeline {
             &close.endpoints,
             close.owner,
             Some(&connection.workload),
+            reason.is_keepalive(),
             list,
         );
         let e = &connection.endpoints;
@@ -286,11 +294,17 @@ impl Pipeline {
             Sighting::Known => {}
             Sighting::New => {
                 self.metrics.namespaces.set(namespaces.len() as i64);
+                if let Some(maps) = self.metrics.kernel_counters() {
+                    maps.saw(endpoints.netns, endpoints.netns_cookie);
+                }
             }
             Sighting::Replaced => {
                 // Still under the namespaces lock, so the retention sweep cannot interleave.
                 let gone = HashSet::from([endpoints.netns]);
                 self.metrics.forget_namespaces(&gone, "inode_reused");
+                if let Some(maps) = self.metrics.kernel_counters() {
+                    maps.forget(endpoints.netns, endpoints.netns_cookie);
+                }
                 let connections = self.tracker.forget_namespaces(&gone);
                 info!(
                     "netns {} now belongs to a new namespace (cookie {}): the old one's series and {connections} connections removed",
@@ -303,6 +317,11 @@ impl Pipeline {
     /// The aggregate label set of a connection event. Workload labels come from the cgroup
     /// cache only; on a miss the worker counts the record once it has looked the cgroup up.
     fn aggregate(&self, event: &Event) -> Aggregate {
+        // The kernel counts the aggregates: building a label set per record would be an
+        // allocation per event for nothing.
+        if !self.metrics.counts_records() {
+            return Aggregate::None;
+        }
         let owner = match event {
             Event::KeepaliveExpiry(expiry) => Some(&expiry.owner),
             Event::Close(close) => Some(&close.owner),
@@ -360,7 +379,10 @@ impl Pipeline {
     }
 
     /// Sends a connection's events with its owner. `dropped`: the connection's final owner as
-    /// the table kept it; when its process is unknown the worker looks once more first. Events
+    /// the table kept it; for a keepalive drop (`process`) whose process is unknown the worker
+    /// looks once more first. Other drops only get their cgroup looked up (cached): a `/proc`
+    /// walk per closed connection under RST churn took most of the churn throughput, for
+    /// connections no alert names. Events
     /// of a connection with jobs queued follow them through the worker, so they stay in order
     /// and carry what the jobs found.
     fn emit(
@@ -369,9 +391,16 @@ impl Pipeline {
         endpoints: &Endpoints,
         owner: SocketOwner,
         dropped: Option<&Workload>,
+        process: bool,
         events: Vec<ConnectionEvent>,
     ) {
-        let look_again = dropped.is_some_and(|workload| workload.pid.is_none());
+        let look_again = dropped.is_some_and(|workload| {
+            if process {
+                workload.pid.is_none()
+            } else {
+                workload.cgroup_path.is_none()
+            }
+        });
         if events.is_empty() && !look_again {
             return;
         }
@@ -380,6 +409,7 @@ impl Pipeline {
             endpoints: *endpoints,
             owner,
             dropped: dropped.is_some(),
+            process,
             events,
         };
         let sent = if look_again {
@@ -427,7 +457,7 @@ impl Pipeline {
             ));
         }
         if outcome.probe_sent && events.with_probes {
-            let number = expiry.probes_out_after.unwrap_or(expiry.probes_out_before);
+            let number = expiry.probes_out_before.saturating_add(expiry.probes_sent);
             list.push(ConnectionEvent::from_expiry(
                 EventKind::ProbeSent,
                 expiry,
@@ -499,7 +529,23 @@ impl NamespaceRetention {
         // Held throughout, so a record of an expiring namespace is either counted before (and
         // keeps it) or after its series are gone (and creates them again at 0).
         let mut namespaces = self.namespaces.lock().expect("namespaces lock poisoned");
+        if let Some(maps) = self.metrics.kernel_counters() {
+            // The kernel's counters show a namespace alive even when all its records were
+            // lost; entries quiet for the retention (or of dead namespaces) go.
+            match maps.expire(now, self.retention) {
+                Ok((active, deleted)) => {
+                    namespaces.present(active, now);
+                    if deleted > 0 {
+                        debug!("{deleted} kernel counter entries of gone namespaces deleted");
+                    }
+                }
+                Err(err) => warn!("cannot sweep the kernel's per-namespace counters: {err}"),
+            }
+        }
         let expired = namespaces.expire(now, self.retention);
+        if let Some(maps) = self.metrics.kernel_counters() {
+            maps.forget_cookies(&expired);
+        }
         if !expired.is_empty() {
             self.metrics.forget_namespaces(&expired, "retention");
             let connections = self.tracker.forget_namespaces(&expired);
@@ -560,6 +606,7 @@ mod tests {
             state: 1,
             probes_out_before: before,
             probes_out_after: after,
+            probes_sent: after.saturating_sub(before),
             keepalive_time: 250,
             keepalive_intvl: 250,
             keepalive_probes: 3,

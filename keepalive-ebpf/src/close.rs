@@ -4,14 +4,24 @@
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
-    CloseContext, IPPROTO_TCP, RecordKind, SocketRecord, record_flags, tcp_state,
+    CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, RecordKind, SocketRecord,
+    classify_close, record_flags, tcp_state,
 };
 
 use crate::{
     reset::RESET_CONTEXT,
-    socket::{emit, read, snapshot},
+    socket::{EBUSY, KEEPALIVE_RST_REASON, add, emit, netns_counters, read, snapshot},
     timer::TIMER_CONTEXT,
 };
+
+/// A member of `struct sock` loaded through the tracepoint's BTF-typed pointer (a faulting load
+/// reads 0, the verifier's probe-load semantics).
+#[inline(always)]
+fn sock_field<T: Copy>(sk: *const u8, offset: usize) -> T {
+    // SAFETY: the verifier checks the load against `struct sock` (offsets come from frozen
+    // `.rodata`, so it sees constants).
+    unsafe { core::ptr::read_volatile(sk.wrapping_add(offset) as *const T) }
+}
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
@@ -29,55 +39,101 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     ) {
         return 0;
     }
-    match read::<u16>(sk, offset!(sk_protocol)) {
-        Ok(IPPROTO_TCP) => {}
-        _ => return 0,
-    }
-    let mut rec = SocketRecord {
-        kind: RecordKind::Close as u8,
-        ..SocketRecord::default()
-    };
-    if snapshot(sk, &mut rec).is_err() {
-        warn!(&ctx, "close: cannot read the socket; offsets wrong?");
+    // `sk` is BTF-typed (`struct sock *`) here, and these three fields are members of
+    // `struct sock`: plain loads the verifier checks against the type, no helper call.
+    if sock_field::<u16>(sk, offset!(sk_protocol)) != IPPROTO_TCP {
         return 0;
     }
-    rec.state = old_state;
-    rec.context = CloseContext::None as u8;
+    // Decide whether to report from the per-CPU contexts and two fields, before the snapshot:
+    // orderly closes of sockets without keepalive are the bulk of closes on a busy host and
+    // tell the agent nothing.
+    let sk_flags = sock_field::<u64>(sk, offset!(skc_flags));
+    let sk_err = sock_field::<i32>(sk, offset!(sk_err));
+    let mut context = CloseContext::None as u8;
+    let (mut write_timer_event, mut packets_out) = (0, None);
     if let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         let tctx = unsafe { &mut *tctx };
         if tctx.timer != 0 && tctx.sk == sk as u64 {
-            rec.context = tctx.kind;
+            context = tctx.kind;
             tctx.closed = 1;
             if tctx.kind == CloseContext::WriteTimer as u8 {
-                rec.write_timer_event = tctx.write_timer_event;
-                rec.packets_out = tctx.packets_out;
+                write_timer_event = tctx.write_timer_event;
+                packets_out = Some(tctx.packets_out);
             }
         }
     }
+    let (mut reset_flags, mut reset_reason) = (0, 0);
     if let Some(reset) = RESET_CONTEXT.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         let reset = unsafe { &mut *reset };
         if reset.sk == sk as u64 {
-            rec.flags |= reset.flags;
-            rec.reset_reason_sent = reset.reason;
+            reset_flags = reset.flags;
+            reset_reason = reset.reason;
             if reset.flags & record_flags::RESET_RECEIVED != 0 {
-                rec.packets_out = reset.packets_out;
+                packets_out = Some(reset.packets_out);
             }
             reset.sk = 0;
         }
     }
-    // Orderly closes of sockets without keepalive are the bulk of closes on a busy host and
-    // tell the agent nothing: drop them here.
-    let orderly = rec.context == CloseContext::None as u8
-        && rec.flags & (record_flags::RESET_RECEIVED | record_flags::RESET_SENT) == 0
-        && rec.sk_err == 0
+    let orderly = context == CloseContext::None as u8
+        && reset_flags & (record_flags::RESET_RECEIVED | record_flags::RESET_SENT) == 0
+        && sk_err == 0
         && matches!(
             old_state,
             tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK | tcp_state::TIME_WAIT
         );
-    if orderly && rec.flags & record_flags::KEEPALIVE_ON == 0 {
+    if orderly && sk_flags & (1 << offset!(sock_flag_keepopen)) == 0 {
         return 0;
+    }
+
+    let mut rec = SocketRecord {
+        kind: RecordKind::Close as u8,
+        ..SocketRecord::default()
+    };
+    match snapshot(sk, &mut rec) {
+        Ok(()) => {}
+        Err(EBUSY) => return 0,
+        Err(_) => {
+            warn!(&ctx, "close: cannot read the socket; offsets wrong?");
+            return 0;
+        }
+    }
+    rec.state = old_state;
+    rec.context = context;
+    rec.write_timer_event = write_timer_event;
+    if let Some(packets_out) = packets_out {
+        rec.packets_out = packets_out;
+    }
+    rec.flags |= reset_flags;
+    rec.reset_reason_sent = reset_reason;
+    // SAFETY: read of our own static (see `offset!`).
+    let keepalive_rst_reason = unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_RST_REASON) };
+    let verdict = classify_close(&CloseFacts {
+        old_state,
+        context,
+        write_timer_event,
+        orphan: rec.flags & record_flags::ORPHAN != 0,
+        keepalive_on: rec.flags & record_flags::KEEPALIVE_ON != 0,
+        probes_out: rec.probes_out_before,
+        packets_out: rec.packets_out,
+        send_window: rec.snd_wnd,
+        reset_received: reset_flags & record_flags::RESET_RECEIVED != 0,
+        keepalive_reset_sent: reset_flags & record_flags::RESET_SENT != 0
+            && reset_reason == keepalive_rst_reason,
+        sk_err: rec.sk_err,
+    });
+    rec.drop_reason = verdict.map_or(NOT_A_DROP, |reason| reason as u32);
+    if let Some(counters) = netns_counters(&rec) {
+        // SAFETY: a map value (see `netns_counters`).
+        unsafe {
+            add(&raw mut (*counters).closes, 1);
+            if let Some(reason) = verdict {
+                // The index is a u8 enum below COUNT; the mask tells the verifier so.
+                let index = (reason as usize) & (DropReason::COUNT - 1);
+                add(&raw mut (*counters).drops[index], 1);
+            }
+        }
     }
     emit(&rec);
     0
@@ -101,5 +157,12 @@ pub(crate) fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
     if snapshot(sk, &mut rec).is_ok() {
         emit(&rec);
     }
+    0
+}
+
+/// Does nothing. Never attached by the agent: the benchmark attaches it to
+/// `inet_sock_set_state` to measure the per-hit floor of a tp_btf program on that hook.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub(crate) fn close_baseline(_ctx: BtfTracePointContext) -> i32 {
     0
 }

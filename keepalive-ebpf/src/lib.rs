@@ -15,6 +15,16 @@ pub mod names {
     pub const OFFSETS_GLOBAL: &str = "OFFSETS";
     pub const KEEPALIVE_TIMER_FN_GLOBAL: &str = "KEEPALIVE_TIMER_FN";
     pub const WRITE_TIMER_FN_GLOBAL: &str = "WRITE_TIMER_FN";
+    /// `SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT` (or `u32::MAX` where the kernel has none).
+    pub const KEEPALIVE_RST_REASON_GLOBAL: &str = "KEEPALIVE_RST_REASON";
+    /// [`super::KernelOffsets::snapshot_regions`]: the parts of a socket the snapshot copies.
+    pub const SNAPSHOT_REGIONS_GLOBAL: &str = "SNAPSHOT_REGIONS";
+    /// Bytes of unread records past which a submit wakes the agent (see `socket::emit`).
+    pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+    /// Exact per-namespace counters ([`super::NetnsKey`] → [`super::NetnsCounters`]).
+    pub const NETNS_COUNTERS_MAP: &str = "NETNS_COUNTERS";
+    /// Per-CPU count of namespaces that found [`NETNS_COUNTERS_MAP`] full.
+    pub const NETNS_COUNTERS_FULL_MAP: &str = "NETNS_COUNTERS_FULL";
 }
 
 /// TCP states as `include/net/tcp_states.h` numbers them (kernel ABI, stable since 2.6).
@@ -160,6 +170,10 @@ kernel_offsets! {
     tcp_rcv_tstamp: "tcp_sock.rcv_tstamp", Int(4);
     tcp_packets_out: "tcp_sock.packets_out", Int(4);
     tcp_snd_wnd: "tcp_sock.snd_wnd", Int(4);
+    /// `tcp_sock.segs_out`: every segment the socket sent, never reset. Its growth across a
+    /// keepalive expiry is the probes sent (`tcp_xmit_probe_skb` counts `TCPKeepAlive`, then
+    /// `__tcp_transmit_skb` counts the segment), which an ACK cannot hide.
+    tcp_segs_out: "tcp_sock.segs_out", Int(4);
     /// `net.ns.inum`, from the start of `struct net`.
     net_ns_inum: "net.ns.inum", Int(4);
     /// `net.net_cookie`: unlike the inode, never reused by a later namespace. A `u64` from 5.12,
@@ -210,6 +224,132 @@ kernel_offsets! {
     listen_bucket_size: "size of struct inet_listen_hashbucket", Computed;
     listen_bucket_head: "inet_listen_hashbucket.nulls_head", Struct("hlist_nulls_head");
 }
+
+impl KernelOffsets {
+    /// The `struct sock`-relative fields the socket snapshot takes from its one copy of the
+    /// socket, with their sizes.
+    pub fn snapshot_fields(&self) -> [(u32, u32); 22] {
+        [
+            (self.skc_daddr, 4),
+            (self.skc_rcv_saddr, 4),
+            (self.skc_dport, 2),
+            (self.skc_family, 2),
+            (self.skc_state, 1),
+            (self.skc_flags, 8),
+            (self.skc_net, 8),
+            (self.skc_v6_daddr, 16),
+            (self.skc_v6_rcv_saddr, 16),
+            (self.inet_sport, 2),
+            (self.sk_err, 4),
+            (self.sk_err_soft, 4),
+            (self.icsk_probes_out, 1),
+            (self.icsk_user_timeout, 4),
+            (self.icsk_ack_lrcvtime, 4),
+            (self.tcp_keepalive_time, 4),
+            (self.tcp_keepalive_intvl, 4),
+            (self.tcp_keepalive_probes, 1),
+            (self.tcp_rcv_tstamp, 4),
+            (self.tcp_packets_out, 4),
+            (self.tcp_snd_wnd, 4),
+            (self.tcp_segs_out, 4),
+        ]
+    }
+
+    /// The parts of the socket the snapshot copies, one `bpf_probe_read_kernel` each: the
+    /// fields (and the two pointers) sorted and merged where less than [`REGION_GAP_BYTES`]
+    /// apart, then the closest neighbours merged until at most [`SNAPSHOT_REGIONS`] remain.
+    /// Unused entries are 0.
+    /// Each copy lands at its offset in the per-CPU buffer, so fields load from their own
+    /// offsets.
+    pub fn snapshot_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
+        let mut spans = [(0u32, 0u32); 24];
+        for (i, (offset, size)) in self.snapshot_fields().into_iter().enumerate() {
+            spans[i] = (offset, offset + size);
+        }
+        spans[22] = (self.sk_cgroup, self.sk_cgroup + 8);
+        spans[23] = (self.sk_socket, self.sk_socket + 8);
+        // Insertion sort: no_std, 24 entries.
+        for i in 1..spans.len() {
+            let mut j = i;
+            while j > 0 && spans[j - 1].0 > spans[j].0 {
+                spans.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+        // Merge what overlaps or lies closer than REGION_GAP_BYTES...
+        let mut merged = [(0u32, 0u32); 24];
+        let mut count = 0;
+        for &(start, end) in &spans {
+            if count > 0 && start <= merged[count - 1].1 + REGION_GAP_BYTES {
+                if end > merged[count - 1].1 {
+                    merged[count - 1].1 = end;
+                }
+            } else {
+                merged[count] = (start, end);
+                count += 1;
+            }
+        }
+        // ...then the closest neighbours until SNAPSHOT_REGIONS remain.
+        while count > SNAPSHOT_REGIONS {
+            let mut closest = 0;
+            for i in 1..count - 1 {
+                if merged[i + 1].0 - merged[i].1 < merged[closest + 1].0 - merged[closest].1 {
+                    closest = i;
+                }
+            }
+            merged[closest].1 = merged[closest + 1].1;
+            for i in closest + 1..count - 1 {
+                merged[i] = merged[i + 1];
+            }
+            count -= 1;
+        }
+        let mut regions = [SnapshotRegion::default(); SNAPSHOT_REGIONS];
+        for (region, &(start, end)) in regions.iter_mut().zip(&merged[..count]) {
+            *region = SnapshotRegion {
+                start,
+                len: end - start,
+            };
+        }
+        regions
+    }
+
+    /// Bytes from the start of the socket that hold every [`Self::snapshot_fields`] field
+    /// (and the two pointers the snapshot follows, `sk_cgroup` and `sk_socket`): what the
+    /// snapshot copies in one `bpf_probe_read_kernel`.
+    pub fn snapshot_bytes(&self) -> u32 {
+        let mut end = 0;
+        for (offset, size) in self.snapshot_fields() {
+            if offset + size > end {
+                end = offset + size;
+            }
+        }
+        for pointer in [self.sk_cgroup, self.sk_socket] {
+            if pointer + 8 > end {
+                end = pointer + 8;
+            }
+        }
+        end
+    }
+}
+
+/// One part of the socket the snapshot copies ([`KernelOffsets::snapshot_regions`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotRegion {
+    pub start: u32,
+    pub len: u32,
+}
+
+/// At most this many `bpf_probe_read_kernel` calls per snapshot.
+pub const SNAPSHOT_REGIONS: usize = 8;
+/// Fields closer than this are copied in one read: a helper call costs more than copying that
+/// many bytes.
+pub const REGION_GAP_BYTES: u32 = 64;
+
+/// Size of the kernel programs' per-CPU copy of a socket: larger than `struct tcp_sock` on
+/// every kernel the agent supports (2.2–2.4 KiB); a kernel whose fields lie beyond it is
+/// refused at start-up with that said.
+pub const SNAPSHOT_SCRATCH_BYTES: u32 = 4096;
 
 /// What produced a [`SocketRecord`].
 #[repr(u8)]
@@ -319,7 +459,9 @@ pub struct SocketRecord {
     pub flags: u8,
     /// Close inside the write timer: `icsk_pending` when that timer started ([`icsk_timer`]).
     pub write_timer_event: u8,
-    pub _pad: u8,
+    /// Timer record: probes `tcp_write_wakeup` sent in this expiry (growth of
+    /// `tcp_sock.segs_out`, which no ACK resets, unlike `icsk_probes_out`).
+    pub probes_sent: u8,
     /// `tcp_sock.keepalive_time`/`keepalive_intvl` in jiffies; 0 means the sysctl applies.
     pub keepalive_time: u32,
     pub keepalive_intvl: u32,
@@ -339,7 +481,9 @@ pub struct SocketRecord {
     pub sk_err_soft: i32,
     /// `enum sk_rst_reason` of the reset sent just before closing (with `RESET_SENT`).
     pub reset_reason_sent: u32,
-    pub _reserved: u32,
+    /// Close record: what the kernel counted it as ([`DropReason`] as `u32`, or
+    /// [`NOT_A_DROP`]), by [`classify_close`], the same function the agent uses.
+    pub drop_reason: u32,
     /// cgroup v2 id of the socket (0 when unknown).
     pub cgroup_id: u64,
     /// Inode number of the socket's file (0 for orphans, which have no file any more).
@@ -354,6 +498,213 @@ impl SocketRecord {
     pub const SIZE: usize = core::mem::size_of::<Self>();
 }
 
+/// Why a connection ended abnormally. The kernel counts every close by this (exact counters that
+/// no ring-buffer loss changes) and the agent classifies the same records with the same
+/// function, [`classify_close`]; the kernel path behind each reason is in ARCHITECTURE.md.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    KeepaliveTimeout = 0,
+    KeepaliveReset = 1,
+    RetransmitTimeout = 2,
+    ZeroWindowTimeout = 3,
+    ConnectTimeout = 4,
+    ResetReceived = 5,
+    LocalAbort = 6,
+    Other = 7,
+}
+
+/// [`SocketRecord::drop_reason`] of a close that was not a drop.
+pub const NOT_A_DROP: u32 = u32::MAX;
+
+impl DropReason {
+    pub const COUNT: usize = 8;
+    /// The keepalive drops: silence is what the kernel measured, so they have a dead-peer
+    /// detection time.
+    pub const KEEPALIVE: [Self; 2] = [Self::KeepaliveTimeout, Self::KeepaliveReset];
+    /// In value order: `ALL[r as usize] == r`.
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::KeepaliveTimeout,
+        Self::KeepaliveReset,
+        Self::RetransmitTimeout,
+        Self::ZeroWindowTimeout,
+        Self::ConnectTimeout,
+        Self::ResetReceived,
+        Self::LocalAbort,
+        Self::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::KeepaliveTimeout => "keepalive_timeout",
+            Self::KeepaliveReset => "keepalive_reset",
+            Self::RetransmitTimeout => "retransmit_timeout",
+            Self::ZeroWindowTimeout => "zero_window_timeout",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::ResetReceived => "reset_received",
+            Self::LocalAbort => "local_abort",
+            Self::Other => "other",
+        }
+    }
+
+    /// Drops whose per-connection series an alert names: kept ahead of every other drop when
+    /// the agent's tables are full.
+    pub fn is_keepalive(self) -> bool {
+        matches!(self, Self::KeepaliveTimeout | Self::KeepaliveReset)
+    }
+}
+
+impl core::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Linux errno values (`include/uapi/asm-generic/errno*.h`, the same on every architecture the
+/// agent runs on) as `sk_err` holds them.
+pub mod errno {
+    pub const EPIPE: i32 = 32;
+    pub const ECONNABORTED: i32 = 103;
+    pub const ECONNRESET: i32 = 104;
+    pub const ETIMEDOUT: i32 = 110;
+    pub const ECONNREFUSED: i32 = 111;
+}
+
+/// What [`classify_close`] needs of a socket moving to `TCP_CLOSE`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseFacts {
+    /// The state it left.
+    pub old_state: u8,
+    /// A [`CloseContext`] value.
+    pub context: u8,
+    /// Closed inside the write timer: its `icsk_pending` ([`icsk_timer`]).
+    pub write_timer_event: u8,
+    pub orphan: bool,
+    /// `SOCK_KEEPOPEN`.
+    pub keepalive_on: bool,
+    pub probes_out: u8,
+    /// In flight before an abort purged the write queue.
+    pub packets_out: u32,
+    pub send_window: u32,
+    pub reset_received: bool,
+    /// A reset was sent with reason `SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT` (6.12+).
+    pub keepalive_reset_sent: bool,
+    pub sk_err: i32,
+}
+
+/// Why a connection ended, or `None` for an orderly end (the FIN exchange, an orphan's FIN_WAIT2
+/// timeout, `close()` during `connect()`). Kept branch-light: the kernel runs it on every close
+/// it reports.
+#[inline(always)]
+pub fn classify_close(c: &CloseFacts) -> Option<DropReason> {
+    use DropReason::*;
+    use errno::*;
+
+    let old = c.old_state;
+    // `icsk_probes_out` counts keepalive and zero-window probes only (retransmissions count in
+    // `icsk_retransmits`); zero-window probing needs a closed send window, and keepalive never
+    // probes with data in flight (`packets_out` as it was before the abort purged it).
+    let keepalive_probing =
+        c.keepalive_on && c.probes_out > 0 && c.packets_out == 0 && c.send_window > 0;
+    let zero_window_probing = c.probes_out > 0 && c.send_window == 0;
+
+    if c.context == CloseContext::KeepaliveTimer as u8 {
+        // tcp_keepalive_timer → tcp_write_err → tcp_done. The same timer also ends orphaned
+        // FIN_WAIT2 sockets (tcp_fin_timeout), which the application had already closed.
+        if old == tcp_state::FIN_WAIT2 && c.orphan {
+            return None;
+        }
+        return Some(KeepaliveTimeout);
+    }
+    if c.context == CloseContext::WriteTimer as u8 {
+        // tcp_write_timer_handler runs the event in icsk_pending: ICSK_TIME_PROBE0 →
+        // tcp_probe_timer (zero-window probes exhausted), ICSK_TIME_RETRANS →
+        // tcp_retransmit_timer → tcp_write_timeout (retransmits or SYN retries exhausted).
+        if old == tcp_state::SYN_SENT {
+            return Some(ConnectTimeout);
+        }
+        if c.write_timer_event == icsk_timer::PROBE0 {
+            return Some(ZeroWindowTimeout);
+        }
+        return Some(RetransmitTimeout);
+    }
+    if c.keepalive_reset_sent {
+        return Some(KeepaliveTimeout);
+    }
+    // tcp_reset: the peer's RST. Matched on this CPU, or recognised by the error it leaves when
+    // the close was seen elsewhere (a preempted backlog run).
+    let err = c.sk_err;
+    if c.reset_received || err == ECONNRESET || err == EPIPE || err == ECONNREFUSED {
+        return Some(if keepalive_probing {
+            KeepaliveReset
+        } else {
+            ResetReceived
+        });
+    }
+    // tcp_abort (SOCK_DESTROY, `ss -K`).
+    if err == ECONNABORTED {
+        return Some(LocalAbort);
+    }
+    if err == ETIMEDOUT {
+        // A timeout whose timer was not seen on this CPU: decide from the socket (the write
+        // queue is already purged, so only the probe counters and the window are left).
+        return Some(if old == tcp_state::SYN_SENT {
+            ConnectTimeout
+        } else if keepalive_probing {
+            KeepaliveTimeout
+        } else if zero_window_probing {
+            ZeroWindowTimeout
+        } else {
+            RetransmitTimeout
+        });
+    }
+    if err != 0 {
+        return Some(Other);
+    }
+    match old {
+        // The FIN exchange finished (tcp_time_wait, or the last ACK in LAST_ACK).
+        tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK | tcp_state::TIME_WAIT => {
+            None
+        }
+        // Only an abort goes straight from these states to CLOSE without an error: close() with
+        // unread data, SO_LINGER 0, or connect(AF_UNSPEC) — the RST goes out after the move.
+        tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::FIN_WAIT1 => Some(LocalAbort),
+        // close() during connect(): the application gave up before there was a connection.
+        tcp_state::SYN_SENT => None,
+        _ => Some(Other),
+    }
+}
+
+/// Key of the exact per-namespace counters: the cookie first, because a namespace's inode is
+/// reused by the next namespace created and its cookie never is (0 on 5.10, where the kernel
+/// generates it lazily: identity falls back to the inode there, as in the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetnsKey {
+    pub cookie: u64,
+    pub inum: u32,
+    pub _pad: u32,
+}
+
+/// What the kernel programs count per namespace, with atomic adds, whatever happens to the ring
+/// buffer. Only the agent deletes entries (namespaces it forgot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsCounters {
+    /// Keepalive timer expiries (a namespace with keepalive sockets is alive even when idle).
+    pub expiries: u64,
+    /// Probes sent (`TCPKeepAlive` of the namespace).
+    pub probes: u64,
+    /// Closes reported (drops and orderly ends of keepalive sockets).
+    pub closes: u64,
+    /// Drops by [`DropReason`] value.
+    pub drops: [u64; DropReason::COUNT],
+}
+
+/// Entries of [`names::NETNS_COUNTERS_MAP`]: namespaces on one node, with room for churn
+/// between the agent's sweeps. A namespace that finds it full is counted, not tracked.
+pub const NETNS_COUNTERS_MAX: u32 = 4096;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` data made only of integers, without implicit padding
@@ -361,6 +712,9 @@ mod pod {
     unsafe impl aya::Pod for super::SocketRecord {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::AuditCursor {}
+    unsafe impl aya::Pod for super::NetnsKey {}
+    unsafe impl aya::Pod for super::NetnsCounters {}
+    unsafe impl aya::Pod for super::SnapshotRegion {}
 }
 
 /// Which table an audit run walks.
@@ -410,6 +764,8 @@ pub struct AuditCursor {
 
 const _: () = assert!(SocketRecord::SIZE == 152);
 const _: () = assert!(core::mem::size_of::<AuditCursor>() == 56);
+const _: () = assert!(core::mem::size_of::<NetnsKey>() == 16);
+const _: () = assert!(core::mem::size_of::<NetnsCounters>() == 8 * (3 + DropReason::COUNT));
 const _: () = assert!(
     core::mem::size_of::<KernelOffsets>()
         == KernelOffsets::FIELD_COUNT * core::mem::size_of::<u32>()

@@ -16,6 +16,10 @@
 //! what they share (the offsets, the socket snapshot, the ring buffer).
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the only atomic add the BPF target offers (see `socket::add`). This crate is
+// only ever built for BPF, with the nightly toolchain `-Z build-std` needs anyway.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "core_intrinsics, for atomic_xadd")]
 
 /// A field's offset from the `.rodata` the agent fills in before load (see `socket::OFFSETS`).
 macro_rules! offset {

@@ -2,11 +2,19 @@
 //! socket snapshot, and the ring buffer with its loss counter.
 
 use aya_ebpf::{
-    helpers::{bpf_jiffies64, bpf_ktime_get_ns, generated::bpf_probe_read_kernel},
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_jiffies64, bpf_ktime_get_ns,
+        generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
+    },
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
 };
-use keepalive_ebpf::{AF_INET6, KernelOffsets, SocketRecord, record_flags};
+use keepalive_ebpf::{
+    AF_INET6, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
+    SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
+    SocketRecord, record_flags,
+};
 
 /// Written by the agent before load (`.rodata` is frozen, so the verifier sees constants).
 #[unsafe(no_mangle)]
@@ -24,6 +32,66 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 pub(crate) static RESERVE_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// `SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT`, or `u32::MAX` before 6.12 (no active-reset reasons).
+#[unsafe(no_mangle)]
+pub(crate) static KEEPALIVE_RST_REASON: u32 = u32::MAX;
+/// Unread bytes past which a submit wakes the agent; below it records wait for the agent's
+/// poll timer. Written by the agent before load (a quarter of the ring).
+#[unsafe(no_mangle)]
+pub(crate) static WAKEUP_BYTES: u64 = 0;
+
+/// Exact counters per namespace, bumped with atomic adds (shared by every CPU; contention is
+/// per namespace and rare next to the rest of a hook).
+#[map]
+pub(crate) static NETNS_COUNTERS: HashMap<NetnsKey, NetnsCounters> =
+    HashMap::with_max_entries(NETNS_COUNTERS_MAX, 0);
+
+#[map]
+pub(crate) static NETNS_COUNTERS_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The counters of a record's namespace, created at 0 on its first event; `None` when the map
+/// is full (counted).
+#[inline(always)]
+pub(crate) fn netns_counters(rec: &SocketRecord) -> Option<*mut NetnsCounters> {
+    let key = NetnsKey {
+        cookie: rec.netns_cookie,
+        inum: rec.netns,
+        _pad: 0,
+    };
+    // Map values stay valid while the program runs (RCU); a deletion by the agent meanwhile
+    // only loses this add, for a namespace it forgot.
+    if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(key) {
+        return Some(counters);
+    }
+    // Another CPU may insert the same key first: NOEXIST keeps its counts.
+    if NETNS_COUNTERS
+        .insert(key, NetnsCounters::default(), BPF_NOEXIST as u64)
+        .is_err()
+        && NETNS_COUNTERS.get_ptr(key).is_none()
+    {
+        if let Some(count) = NETNS_COUNTERS_FULL.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
+            unsafe { *count += 1 };
+        }
+        return None;
+    }
+    NETNS_COUNTERS.get_ptr_mut(key)
+}
+
+/// Adds `n` to a counter shared by every CPU. The BPF target has no compare-and-swap, so
+/// `AtomicU64::fetch_add` does not exist there; the intrinsic with its result unused compiles to
+/// the plain atomic add (`lock *(u64 *)(r + off) += r`) every kernel accepts, not the fetch
+/// variant that needs 5.12.
+#[inline(always)]
+pub(crate) fn add(counter: *mut u64, n: u64) {
+    // SAFETY: an aligned u64 inside a map value, only ever updated atomically.
+    let _ = unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, n,
+        )
+    };
+}
+
 /// Reads a `T` at `base + offset`. The destination is zeroed first: LLVM may load it before
 /// checking the helper's result, and verifiers before 6.x refuse a read of stack the program
 /// never wrote ("invalid read from stack"), even on the path that discards it.
@@ -34,7 +102,7 @@ pub(crate) fn read<T>(base: *const u8, offset: usize) -> Result<T, i64> {
     // SLAB_TYPESAFE_BY_RCU cache, so a stale pointer reads another socket, never faults) and
     // writes at most `size_of::<T>()` bytes into `value`.
     let ret = unsafe {
-        bpf_probe_read_kernel(
+        bpf_probe_read_kernel_raw(
             value.as_mut_ptr().cast(),
             core::mem::size_of::<T>() as u32,
             base.wrapping_add(offset).cast(),
@@ -49,29 +117,144 @@ pub(crate) fn read<T>(base: *const u8, offset: usize) -> Result<T, i64> {
     }
 }
 
-/// Copies what the classifier and the metrics need from a `struct tcp_sock`.
+/// `KernelOffsets::snapshot_regions`, written by the agent before load.
+#[unsafe(no_mangle)]
+pub(crate) static SNAPSHOT_REGIONS: [SnapshotRegion; SNAPSHOT_REGION_COUNT] =
+    [SnapshotRegion { start: 0, len: 0 }; SNAPSHOT_REGION_COUNT];
+
+/// A per-CPU copy of the start of a socket, so the snapshot costs one helper call instead of one
+/// per field. Two per CPU: a program in process context (a `close()`) can be interrupted by a
+/// softirq whose program (a timer expiry, a close on receive) needs one too.
+#[repr(C)]
+pub(crate) struct SockCopy {
+    busy: u64,
+    bytes: [u64; SNAPSHOT_SCRATCH_BYTES as usize / 8],
+}
+
+#[map]
+static SOCK_COPY: PerCpuArray<SockCopy> = PerCpuArray::with_max_entries(2, 0);
+
+/// Both copies of this CPU are in use (never seen: it takes a third nesting level).
+pub(crate) const EBUSY: i64 = -16;
+
+#[inline(always)]
+fn take_copy() -> Option<*mut SockCopy> {
+    for slot in 0..2 {
+        if let Some(copy) = SOCK_COPY.get_ptr_mut(slot) {
+            // SAFETY: per-CPU slot; the busy flag keeps a nested program off it.
+            unsafe {
+                if (*copy).busy == 0 {
+                    (*copy).busy = 1;
+                    return Some(copy);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A field of the copy. Offsets come from frozen `.rodata`, so the verifier checks each load
+/// against the copy's size; kernel fields are naturally aligned, and so is the copy.
+#[inline(always)]
+fn field<T: Copy>(copy: *const u8, offset: usize) -> T {
+    // SAFETY: inside the copy (the verifier refuses the program otherwise).
+    unsafe { core::ptr::read(copy.wrapping_add(offset) as *const T) }
+}
+
+/// A field and whether it could be read (0 when not). Unlike a `Result` matched later, the
+/// value is always defined: LLVM otherwise computes with the value's register before the
+/// success check, leaving it unset on the failure path, which the 5.10 and 6.1 verifiers refuse
+/// ("R9 !read_ok").
+#[inline(always)]
+pub(crate) fn read_or_zero<T: Copy>(base: *const u8, offset: usize) -> (T, bool) {
+    // SAFETY: all-zero is a valid value of the plain integers and byte arrays read here.
+    let mut value: T = unsafe { core::mem::zeroed() };
+    // SAFETY: bpf_probe_read_kernel copes with any source address (see `read`).
+    let ret = unsafe {
+        bpf_probe_read_kernel_raw(
+            (&raw mut value).cast(),
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(offset).cast(),
+        )
+    };
+    (value, ret == 0)
+}
+
+/// Copies what the classifier and the metrics need from a `struct tcp_sock`: one read per
+/// region of the socket (`SNAPSHOT_REGIONS`, ~7 reads of ~450 bytes in all instead of one read
+/// per field or of the whole 2.3 KiB), then the namespace's fields and the owner's ids.
 #[inline(always)]
 pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64> {
+    let copy = take_copy().ok_or(EBUSY)?;
+    let result = snapshot_from_copy(sk, copy, rec);
+    // SAFETY: our slot, taken above.
+    unsafe { (*copy).busy = 0 };
+    result
+}
+
+// A call of its own: inlined into the close program its temporaries would push that program's
+// stack past BPF's 512 bytes (LLVM does not share stack slots across inlined scopes well).
+#[inline(never)]
+fn snapshot_from_copy(
+    sk: *const u8,
+    copy: *mut SockCopy,
+    rec: &mut SocketRecord,
+) -> Result<(), i64> {
+    // SAFETY: `copy` is our per-CPU slot.
+    let c = unsafe { (&raw mut (*copy).bytes).cast::<u8>() };
+    // One read per region, each to its own offset in the copy. Written out (not a loop) so
+    // each region's bounds are constants the verifier checks against the copy's size.
+    macro_rules! copy_region {
+        ($i:literal) => {{
+            // SAFETY: read of our own static (see `offset!`).
+            let region = unsafe { core::ptr::read_volatile(&raw const SNAPSHOT_REGIONS[$i]) };
+            if region.len != 0 {
+                let at = region.start as usize;
+                // SAFETY: bpf_probe_read_kernel copes with any source address; TCP sockets
+                // come from a SLAB_TYPESAFE_BY_RCU cache, so a stale pointer reads another
+                // socket, never faults. The destination is inside the copy (verifier-checked).
+                let ret = unsafe {
+                    bpf_probe_read_kernel_raw(
+                        c.wrapping_add(at).cast(),
+                        region.len,
+                        sk.wrapping_add(at).cast(),
+                    )
+                };
+                if ret != 0 {
+                    return Err(ret);
+                }
+            }
+        }};
+    }
+    copy_region!(0);
+    copy_region!(1);
+    copy_region!(2);
+    copy_region!(3);
+    copy_region!(4);
+    copy_region!(5);
+    copy_region!(6);
+    copy_region!(7);
+    let c = c.cast_const();
     rec.sk = sk as u64;
     // SAFETY: helpers without preconditions.
     rec.ktime_ns = unsafe { bpf_ktime_get_ns() };
     rec.jiffies = unsafe { bpf_jiffies64() };
-    rec.family = read::<u16>(sk, offset!(skc_family))?;
-    rec.state = read::<u8>(sk, offset!(skc_state))?;
-    rec.local_port = u16::from_be(read::<u16>(sk, offset!(inet_sport))?);
-    rec.remote_port = u16::from_be(read::<u16>(sk, offset!(skc_dport))?);
+    rec.family = field::<u16>(c, offset!(skc_family));
+    rec.state = field::<u8>(c, offset!(skc_state));
+    rec.local_port = u16::from_be(field::<u16>(c, offset!(inet_sport)));
+    rec.remote_port = u16::from_be(field::<u16>(c, offset!(skc_dport)));
     if rec.family == AF_INET6 {
-        rec.local_addr = read::<[u8; 16]>(sk, offset!(skc_v6_rcv_saddr))?;
-        rec.remote_addr = read::<[u8; 16]>(sk, offset!(skc_v6_daddr))?;
+        rec.local_addr = field::<[u8; 16]>(c, offset!(skc_v6_rcv_saddr));
+        rec.remote_addr = field::<[u8; 16]>(c, offset!(skc_v6_daddr));
     } else {
         rec.local_addr = [0; 16];
         rec.remote_addr = [0; 16];
-        let local = read::<[u8; 4]>(sk, offset!(skc_rcv_saddr))?;
-        let remote = read::<[u8; 4]>(sk, offset!(skc_daddr))?;
+        let local = field::<[u8; 4]>(c, offset!(skc_rcv_saddr));
+        let remote = field::<[u8; 4]>(c, offset!(skc_daddr));
         rec.local_addr[..4].copy_from_slice(&local);
         rec.remote_addr[..4].copy_from_slice(&remote);
     }
-    let net = read::<u64>(sk, offset!(skc_net))? as *const u8;
+    let net = field::<u64>(c, offset!(skc_net)) as *const u8;
     rec.netns = read::<u32>(net, offset!(net_ns_inum))?;
     // Stored in each branch (volatile): merged into one value, LLVM kept it in a stack slot
     // that only one branch writes, and 5.10's verifier refuses that read on the other.
@@ -91,7 +274,7 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
     rec.sysctl_keepalive_intvl = read::<u32>(net, offset!(net_keepalive_intvl))?;
     rec.sysctl_keepalive_probes = read::<u8>(net, offset!(net_keepalive_probes))?;
 
-    let sk_flags = read::<u64>(sk, offset!(skc_flags))?;
+    let sk_flags = field::<u64>(c, offset!(skc_flags));
     rec.flags = 0;
     if sk_flags & (1 << offset!(sock_flag_keepopen)) != 0 {
         rec.flags |= record_flags::KEEPALIVE_ON;
@@ -99,42 +282,48 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
     if sk_flags & (1 << offset!(sock_flag_dead)) != 0 {
         rec.flags |= record_flags::ORPHAN;
     }
-    rec.probes_out_before = read::<u8>(sk, offset!(icsk_probes_out))?;
+    rec.probes_out_before = field::<u8>(c, offset!(icsk_probes_out));
     rec.probes_out_after = rec.probes_out_before;
-    rec.user_timeout_ms = read::<u32>(sk, offset!(icsk_user_timeout))?;
-    rec.lrcvtime = read::<u32>(sk, offset!(icsk_ack_lrcvtime))?;
-    rec.keepalive_time = read::<u32>(sk, offset!(tcp_keepalive_time))?;
-    rec.keepalive_intvl = read::<u32>(sk, offset!(tcp_keepalive_intvl))?;
-    rec.keepalive_probes = read::<u8>(sk, offset!(tcp_keepalive_probes))?;
-    rec.rcv_tstamp = read::<u32>(sk, offset!(tcp_rcv_tstamp))?;
-    rec.packets_out = read::<u32>(sk, offset!(tcp_packets_out))?;
-    rec.snd_wnd = read::<u32>(sk, offset!(tcp_snd_wnd))?;
-    rec.sk_err = read::<i32>(sk, offset!(sk_err))?;
-    rec.sk_err_soft = read::<i32>(sk, offset!(sk_err_soft))?;
+    rec.user_timeout_ms = field::<u32>(c, offset!(icsk_user_timeout));
+    rec.lrcvtime = field::<u32>(c, offset!(icsk_ack_lrcvtime));
+    rec.keepalive_time = field::<u32>(c, offset!(tcp_keepalive_time));
+    rec.keepalive_intvl = field::<u32>(c, offset!(tcp_keepalive_intvl));
+    rec.keepalive_probes = field::<u8>(c, offset!(tcp_keepalive_probes));
+    rec.rcv_tstamp = field::<u32>(c, offset!(tcp_rcv_tstamp));
+    rec.packets_out = field::<u32>(c, offset!(tcp_packets_out));
+    rec.snd_wnd = field::<u32>(c, offset!(tcp_snd_wnd));
+    rec.sk_err = field::<i32>(c, offset!(sk_err));
+    rec.sk_err_soft = field::<i32>(c, offset!(sk_err_soft));
     // Ownership: both optional (no cgroup data, or an orphan without a file).
-    rec.cgroup_id = read::<u64>(sk, offset!(sk_cgroup))
-        .and_then(|cgroup| read::<u64>(cgroup as *const u8, offset!(cgroup_kn)))
+    let cgroup = field::<u64>(c, offset!(sk_cgroup));
+    rec.cgroup_id = read::<u64>(cgroup as *const u8, offset!(cgroup_kn))
         .and_then(|kn| read::<u64>(kn as *const u8, offset!(kernfs_node_id)))
         .unwrap_or(0);
-    rec.socket_ino = match read::<u64>(sk, offset!(sk_socket)) {
-        Ok(0) | Err(_) => 0,
-        Ok(socket) => read::<u64>(socket as *const u8, offset!(socket_ino)).unwrap_or(0),
+    rec.socket_ino = match field::<u64>(c, offset!(sk_socket)) {
+        0 => 0,
+        socket => read::<u64>(socket as *const u8, offset!(socket_ino)).unwrap_or(0),
     };
     Ok(())
 }
 
+/// Sends a record to the agent. Without a flag, each submit that finds the agent caught up
+/// queues an irq_work to wake it (an interrupt a hypervisor handles, per record under churn);
+/// instead records wait for the agent's poll timer until a quarter of the ring is unread.
 #[inline(always)]
 pub(crate) fn emit(rec: &SocketRecord) {
-    match EVENTS.reserve::<SocketRecord>(0) {
-        Some(mut entry) => {
-            entry.write(*rec);
-            entry.submit(0);
-        }
-        None => {
-            if let Some(count) = RESERVE_FAILURES.get_ptr_mut(0) {
-                // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
-                unsafe { *count += 1 };
-            }
-        }
+    // SAFETY: read of our own static (see `offset!`).
+    let wakeup_bytes = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    // bpf_ringbuf_output copies in the kernel: a copy in the program, from a record on the
+    // stack, compiles to a byte loop the verifier refuses (and costs more).
+    if EVENTS.output::<SocketRecord>(rec, flags as u64).is_err()
+        && let Some(count) = RESERVE_FAILURES.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
+        unsafe { *count += 1 };
     }
 }

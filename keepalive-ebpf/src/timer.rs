@@ -9,7 +9,10 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{AF_INET, CloseContext, RecordKind, SocketRecord, record_flags};
 
-use crate::socket::{KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, emit, read, snapshot};
+use crate::socket::{
+    EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit, netns_counters, read, read_or_zero,
+    snapshot,
+};
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
 #[map]
@@ -26,6 +29,8 @@ pub(crate) struct TimerContext {
     /// Write timer: `icsk_pending` and `packets_out` at entry, before an abort purges them.
     pub(crate) write_timer_event: u8,
     pub(crate) packets_out: u32,
+    /// Keepalive timer: `tcp_sock.segs_out` at entry.
+    pub(crate) segs_out: u32,
     pub(crate) snapshot: SocketRecord,
 }
 
@@ -68,13 +73,17 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
     } else {
         tctx.snapshot.kind = RecordKind::KeepaliveTimer as u8;
         tctx.snapshot.context = CloseContext::KeepaliveTimer as u8;
-        if snapshot(sk, &mut tctx.snapshot).is_err() {
+        tctx.segs_out = read::<u32>(sk, offset!(tcp_segs_out)).unwrap_or(0);
+        if let Err(err) = snapshot(sk, &mut tctx.snapshot) {
+            tctx.timer = 0;
+            if err == EBUSY {
+                return 0;
+            }
             // No address in the message: the verifier refuses arithmetic on the pointer.
             warn!(
                 &ctx,
                 "keepalive timer: cannot read the socket; offsets wrong?"
             );
-            tctx.timer = 0;
         }
     }
     0
@@ -96,35 +105,51 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let rec = &mut tctx.snapshot;
+    rec.probes_sent = 0;
     if tctx.closed != 0 {
         // The socket may be freed by now (the callback's sock_put, or tcp_done on an orphan):
-        // the close record already carries its final state.
+        // the close record already carries its final state. An abort sends no probe.
         rec.flags |= record_flags::CLOSED_IN_TIMER;
     } else {
         let sk = tctx.sk as *const u8;
         // Re-read only if the slot still holds the same connection (SLAB_TYPESAFE_BY_RCU reuse).
-        let same = match (
-            read::<u16>(sk, offset!(inet_sport)),
-            read::<u16>(sk, offset!(skc_dport)),
-            read::<[u8; 4]>(sk, offset!(skc_daddr)),
-        ) {
-            (Ok(sport), Ok(dport), Ok(daddr)) => {
-                u16::from_be(sport) == rec.local_port
-                    && u16::from_be(dport) == rec.remote_port
-                    && (rec.family != AF_INET
-                        || daddr
-                            == [
-                                rec.remote_addr[0],
-                                rec.remote_addr[1],
-                                rec.remote_addr[2],
-                                rec.remote_addr[3],
-                            ])
+        let (sport, sport_ok) = read_or_zero::<u16>(sk, offset!(inet_sport));
+        let (dport, dport_ok) = read_or_zero::<u16>(sk, offset!(skc_dport));
+        let (daddr, daddr_ok) = read_or_zero::<[u8; 4]>(sk, offset!(skc_daddr));
+        let same = sport_ok
+            && dport_ok
+            && daddr_ok
+            && u16::from_be(sport) == rec.local_port
+            && u16::from_be(dport) == rec.remote_port
+            && (rec.family != AF_INET
+                || daddr
+                    == [
+                        rec.remote_addr[0],
+                        rec.remote_addr[1],
+                        rec.remote_addr[2],
+                        rec.remote_addr[3],
+                    ]);
+        let (after, after_ok) = read_or_zero::<u8>(sk, offset!(icsk_probes_out));
+        let (segs_out, segs_ok) = read_or_zero::<u32>(sk, offset!(tcp_segs_out));
+        if same && after_ok && segs_ok {
+            rec.probes_out_after = after;
+            // An ACK processed on another CPU between bh_unlock_sock and this hook zeroes
+            // icsk_probes_out, but never segs_out. tcp_write_wakeup sends at most two
+            // segments (an urgent-pointer probe, then the probe); more means the application
+            // wrote in that window, and those are not probes.
+            let sent = segs_out.wrapping_sub(tctx.segs_out);
+            rec.probes_sent = if sent > 2 { 2 } else { sent as u8 };
+        } else {
+            rec.flags |= record_flags::EXIT_UNVERIFIED;
+        }
+    }
+    if let Some(counters) = netns_counters(rec) {
+        // SAFETY: a map value (see `netns_counters`).
+        unsafe {
+            add(&raw mut (*counters).expiries, 1);
+            if rec.probes_sent != 0 {
+                add(&raw mut (*counters).probes, u64::from(rec.probes_sent));
             }
-            _ => false,
-        };
-        match read::<u8>(sk, offset!(icsk_probes_out)) {
-            Ok(after) if same => rec.probes_out_after = after,
-            _ => rec.flags |= record_flags::EXIT_UNVERIFIED,
         }
     }
     emit(rec);

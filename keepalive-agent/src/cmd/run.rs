@@ -30,7 +30,7 @@ use crate::{
         programs::{self, PROGRAM_TYPE},
     },
     pipeline::Pipeline,
-    record::decoder::AuditedSocket,
+    record::{decoder::AuditedSocket, netns_counters::NetnsCounterMaps},
     track::connection_table::ConnectionTable,
 };
 
@@ -206,6 +206,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         events,
         reserve_failures,
         audit,
+        netns_counters,
         ..
     } = kernel;
 
@@ -214,7 +215,20 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.max_dropped,
         config.dropped_retention,
     )));
-    let pipeline_metrics = PipelineMetrics::default();
+    let mut pipeline_metrics = PipelineMetrics::default();
+    if config.aggregate_by == AggregateBy::default() {
+        pipeline_metrics = pipeline_metrics.counted_in_kernel(Arc::new(NetnsCounterMaps::new(
+            netns_counters.counters,
+            netns_counters.full,
+        )));
+    } else {
+        info!(
+            "--aggregate-by {}: probe and drop totals are counted from ring-buffer records \
+             (the kernel's exact counters are per namespace only); lost records are missing \
+             from them (keepalive_agent_ringbuf_reserve_failures_total)",
+            config.aggregate_by
+        );
+    }
     let (stop, stopping) = watch::channel(false);
     let (event_sender, event_writer) = match config.events.clone() {
         Some(target) => {

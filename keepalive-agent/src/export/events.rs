@@ -149,6 +149,7 @@ pub struct ConnectionEvent {
     pub unanswered_probes: u8,
     pub keepalive: KeepaliveSeconds,
     /// Drop reason (`drop`, `reset`, `timed_out`).
+    #[serde(serialize_with = "serialize_reason")]
     pub reason: Option<DropReason>,
     /// The socket error the application sees (`ETIMEDOUT`, `ECONNRESET`, ...), from `sk_err`.
     pub error: Option<String>,
@@ -157,10 +158,12 @@ pub struct ConnectionEvent {
     pub idle_before_death_seconds: Option<f64>,
 }
 
-impl Serialize for DropReason {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
+/// `DropReason` is defined with the kernel programs (no serde there): its name.
+fn serialize_reason<S: serde::Serializer>(
+    reason: &Option<DropReason>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    reason.map(DropReason::as_str).serialize(serializer)
 }
 
 impl ConnectionEvent {

@@ -20,8 +20,22 @@ use prometheus_client::{
 
 use crate::{
     export::labels::{AggregateLabels, connection_labels},
-    track::{classifier::DropReason, connection_table::ConnectionTable},
+    record::netns_counters::NetnsCounterMaps,
+    track::{
+        classifier::DropReason,
+        connection_table::{ConnectionTable, DropClass},
+    },
 };
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NetnsLabels {
+    netns: u32,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DropLabels {
@@ -61,6 +75,9 @@ pub(crate) struct PipelineMetrics {
     pub probes: Family<AggregateLabels, Counter>,
     pub drops: Family<AggregateLabels, Counter>,
     pub events: Family<KindLabels, Counter>,
+    /// Handles into `events` for every record kind, so counting a record neither hashes nor
+    /// locks the family.
+    event_kinds: [(&'static str, Counter); 4],
     pub decode_errors: Counter,
     /// Events handed to the `--events` stream: each is written or dropped.
     pub events_produced: Counter,
@@ -78,14 +95,25 @@ pub(crate) struct PipelineMetrics {
     /// Aggregate label sets already created at 0 (one per namespace by default; one per
     /// namespace and workload with `--aggregate-by`).
     seen: Arc<Mutex<HashSet<AggregateLabels>>>,
+    /// Set when the probe and drop counters come from the kernel's per-namespace maps: records
+    /// then count nothing into `probes`/`drops`, which are not exported.
+    kernel_counters: Option<Arc<NetnsCounterMaps>>,
+    /// Whether records count into `probes`/`drops` (not when the kernel counts them).
+    count_records: bool,
 }
 
 impl Default for PipelineMetrics {
     fn default() -> Self {
+        let events: Family<KindLabels, Counter> = Family::default();
+        let event_kinds = EVENT_KINDS.map(|kind| {
+            let counter = events.get_or_create(&KindLabels { kind }).clone();
+            (kind, counter)
+        });
         Self {
             probes: Family::default(),
             drops: Family::default(),
-            events: Family::default(),
+            events,
+            event_kinds,
             decode_errors: Counter::default(),
             events_produced: Counter::default(),
             events_written: Counter::default(),
@@ -97,14 +125,61 @@ impl Default for PipelineMetrics {
             namespaces_forgotten: Family::default(),
             namespaces: Gauge::default(),
             seen: Arc::default(),
+            kernel_counters: None,
+            count_records: true,
         }
     }
 }
 
+/// `kind` values of `keepalive_agent_events_total` (`Event::kind_name`).
+const EVENT_KINDS: [&str; 4] = ["keepalive_timer", "close", "error_report", "audit"];
+
 impl PipelineMetrics {
+    /// Counts one record of this kind (a `kind_name`).
+    pub(crate) fn count_event(&self, kind: &'static str) {
+        match self.event_kinds.iter().find(|(k, _)| *k == kind) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                self.events.get_or_create(&KindLabels { kind }).inc();
+            }
+        }
+    }
+
+    /// Takes `tcp_keepalive_probes_total` and `tcp_connection_drops_total` from the kernel's
+    /// per-namespace counters instead of counting records: exact whatever the ring buffer
+    /// loses. Only for the default `--aggregate-by` (netns): the kernel cannot split by workload
+    /// or port without a lookup per event.
+    pub(crate) fn counted_in_kernel(mut self, maps: Arc<NetnsCounterMaps>) -> Self {
+        self.kernel_counters = Some(maps);
+        self.count_records = false;
+        self
+    }
+
+    /// Whether the pipeline builds aggregate label sets and counts records into them.
+    pub(crate) fn counts_records(&self) -> bool {
+        self.count_records
+    }
+
+    /// As with [`Self::counted_in_kernel`], without the maps: for the pipeline benchmark, which
+    /// runs without a kernel.
+    pub(crate) fn not_counting_records(mut self) -> Self {
+        self.count_records = false;
+        self
+    }
+
+    /// The kernel's per-namespace counters, when the aggregates come from them.
+    pub(crate) fn kernel_counters(&self) -> Option<&Arc<NetnsCounterMaps>> {
+        self.kernel_counters.as_ref()
+    }
+
     /// Creates every aggregate series of a label set (a namespace, or a namespace and workload)
     /// at 0 the first time it shows up, so `increase()` and alerts work from the first scrape.
     pub(crate) fn see(&self, labels: &AggregateLabels) {
+        if !self.count_records {
+            return;
+        }
         let mut seen = self.seen.lock().expect("metrics lock poisoned");
         if seen.contains(labels) {
             return;
@@ -117,6 +192,9 @@ impl PipelineMetrics {
     }
 
     pub(crate) fn count_drop(&self, labels: &AggregateLabels, reason: DropReason) {
+        if !self.count_records {
+            return;
+        }
         self.drops.get_or_create(&with_reason(labels, reason)).inc();
     }
 
@@ -129,19 +207,18 @@ impl PipelineMetrics {
             .observe(seconds);
     }
 
-    /// One keepalive probe sent under `labels` (which always hold `netns`).
     pub(crate) fn count_probe(&self, labels: &AggregateLabels) {
-        self.probes.get_or_create(labels).inc();
-        // A keepalive drop follows probes: its namespace's detection histograms exist at 0 from
-        // the first probe, or `increase()` over them would miss the first drop. Only namespaces
-        // that probe get them (their buckets are most of a namespace's series).
-        let Some(netns) = labels
-            .iter()
-            .find(|(name, _)| *name == "netns")
-            .and_then(|(_, value)| value.parse::<u32>().ok())
-        else {
+        if !self.count_records {
             return;
-        };
+        }
+        self.probes.get_or_create(labels).inc();
+    }
+
+    /// A keepalive probe was sent in `netns`. A keepalive drop follows probes: the namespace's
+    /// detection histograms exist at 0 from its first probe, or `increase()` over them would
+    /// miss the first drop. Only namespaces that probe get them (their buckets are most of a
+    /// namespace's series).
+    pub(crate) fn probe_sent(&self, netns: u32) {
         for reason in DropReason::KEEPALIVE {
             let _ = self.detection.get_or_create(&DropLabels {
                 netns,
@@ -192,6 +269,68 @@ fn with_reason(labels: &AggregateLabels, reason: DropReason) -> AggregateLabels 
     labels
 }
 
+const PROBES_NAME: &str = "tcp_keepalive_probes";
+const PROBES_HELP: &str = "TCP keepalive probes the kernel sent (tcp_write_wakeup from tcp_keepalive_timer), per network namespace";
+const DROPS_NAME: &str = "tcp_connection_drops";
+const DROPS_HELP: &str = "TCP connections the kernel ended abnormally, by reason";
+
+/// `tcp_keepalive_probes_total` and `tcp_connection_drops_total` read from the kernel's
+/// per-namespace counters at scrape time, every reason of a namespace present from its first
+/// event.
+struct KernelNamespaceCounters(Arc<NetnsCounterMaps>);
+
+impl fmt::Debug for KernelNamespaceCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KernelNamespaceCounters")
+    }
+}
+
+impl prometheus_client::collector::Collector for KernelNamespaceCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let (entries, totals) = match self.0.totals() {
+            Ok(totals) => totals,
+            Err(err) => {
+                log::warn!("cannot read the kernel's per-namespace counters: {err}");
+                return Ok(());
+            }
+        };
+        let mut probes =
+            encoder.encode_descriptor(PROBES_NAME, PROBES_HELP, None, MetricType::Counter)?;
+        for (netns, counters) in &totals {
+            ConstCounter::new(counters.probes)
+                .encode(probes.encode_family(&NetnsLabels { netns: *netns })?)?;
+        }
+        let mut drops =
+            encoder.encode_descriptor(DROPS_NAME, DROPS_HELP, None, MetricType::Counter)?;
+        for (netns, counters) in &totals {
+            for reason in DropReason::ALL {
+                ConstCounter::new(counters.drops[reason as usize]).encode(drops.encode_family(
+                    &DropLabels {
+                        netns: *netns,
+                        reason: reason.as_str(),
+                    },
+                )?)?;
+            }
+        }
+        ConstGauge::new(entries as i64).encode(encoder.encode_descriptor(
+            "keepalive_agent_kernel_counter_entries",
+            "Entries in the kernel's per-namespace counter map (one per live namespace, briefly two when an inode is reused)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        match self.0.full() {
+            Ok(full) => ConstCounter::new(full).encode(encoder.encode_descriptor(
+                "keepalive_agent_kernel_counter_map_full",
+                "Kernel events of a namespace not counted because the per-namespace counter map was full (more namespaces than it holds)",
+                None,
+                MetricType::Counter,
+            )?)?,
+            Err(err) => log::warn!("cannot read the counter-map overflow count: {err}"),
+        }
+        Ok(())
+    }
+}
+
 /// Builds the registry: the pipeline's aggregates, per-connection series, and self-metrics.
 pub(crate) fn registry(
     pipeline: &PipelineMetrics,
@@ -201,16 +340,15 @@ pub(crate) fn registry(
     hooks: &Family<HookLabels, Gauge>,
 ) -> Registry {
     let mut registry = Registry::default();
-    registry.register(
-        "tcp_keepalive_probes",
-        "TCP keepalive probes the kernel sent (tcp_write_wakeup from tcp_keepalive_timer), per network namespace",
-        pipeline.probes.clone(),
-    );
-    registry.register(
-        "tcp_connection_drops",
-        "TCP connections the kernel ended abnormally, by reason",
-        pipeline.drops.clone(),
-    );
+    match &pipeline.kernel_counters {
+        Some(maps) => {
+            registry.register_collector(Box::new(KernelNamespaceCounters(Arc::clone(maps))))
+        }
+        None => {
+            registry.register(PROBES_NAME, PROBES_HELP, pipeline.probes.clone());
+            registry.register(DROPS_NAME, DROPS_HELP, pipeline.drops.clone());
+        }
+    }
     registry.register(
         "tcp_keepalive_dead_peer_detection_seconds",
         "Time from the last segment received to a keepalive_timeout or keepalive_reset drop: how long a dead peer went unnoticed",
@@ -360,6 +498,19 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
             None,
             MetricType::Counter,
         )?)?;
+        let mut evicted = encoder.encode_descriptor(
+            "keepalive_agent_dropped_connections_evicted",
+            "Dropped connections whose series went before --connections.dropped-retention because --connections.max-dropped was reached; keepalive drops only ever push out older keepalive drops",
+            None,
+            MetricType::Counter,
+        )?;
+        for class in DropClass::ALL {
+            ConstCounter::new(table.dropped_evictions(class)).encode(evicted.encode_family(
+                &ClassLabels {
+                    class: class.as_str(),
+                },
+            )?)?;
+        }
         Ok(())
     }
 }

@@ -6,10 +6,10 @@
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramError},
 };
-use keepalive_ebpf::names;
+use keepalive_ebpf::{NetnsCounters, NetnsKey, SNAPSHOT_SCRATCH_BYTES, names};
 use log::{info, warn};
 
 pub use crate::kernel::hooks::{HOOKS, Hook};
@@ -64,6 +64,8 @@ pub(crate) const MIN_RING_BUFFER_BYTES: u32 = 4096;
 
 /// An empty program on `timer_expire_entry`, for benchmarks only.
 pub const BASELINE_PROGRAM: &str = "timer_entry_baseline";
+/// An empty program on `inet_sock_set_state`, for benchmarks only.
+pub const CLOSE_BASELINE_PROGRAM: &str = "close_baseline";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramsError {
@@ -73,6 +75,12 @@ pub enum ProgramsError {
     Load(#[source] aya::EbpfError),
     #[error("cannot load the audit's hash-table walk program: {0}")]
     LoadAudit(#[source] ProgramError),
+    #[error(
+        "the socket fields the programs read end {0} bytes into struct tcp_sock on this kernel, \
+         beyond the programs' {SNAPSHOT_SCRATCH_BYTES}-byte copy: report this kernel version \
+         so the copy can grow"
+    )]
+    SocketTooLarge(u32),
     #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
     Missing(&'static str),
     #[error("map {name}: {source}")]
@@ -113,6 +121,14 @@ pub struct KernelPrograms {
     pub(crate) audit: Option<HashWalk>,
     pub events: RingBuf<MapData>,
     pub reserve_failures: PerCpuArray<MapData, u64>,
+    /// The exact per-namespace counters and the count of namespaces that found them full.
+    pub netns_counters: NetnsCounterMaps,
+}
+
+/// [`names::NETNS_COUNTERS_MAP`] and [`names::NETNS_COUNTERS_FULL_MAP`].
+pub struct NetnsCounterMaps {
+    pub counters: HashMap<MapData, NetnsKey, NetnsCounters>,
+    pub full: PerCpuArray<MapData, u64>,
 }
 
 impl KernelPrograms {
@@ -129,6 +145,15 @@ pub(crate) fn open(
     btf: &Btf,
     ring_buffer_bytes: u32,
 ) -> Result<Ebpf, ProgramsError> {
+    // No kernel reports u32::MAX as a reset reason: the close program's comparison never
+    // matches where the kernel has no keepalive reason.
+    let keepalive_rst_reason = layout.rst_reason_keepalive_timeout.unwrap_or(u32::MAX);
+    let wakeup_bytes = wakeup_bytes(ring_buffer_bytes);
+    let snapshot_bytes = layout.offsets.snapshot_bytes();
+    if snapshot_bytes > SNAPSHOT_SCRATCH_BYTES {
+        return Err(ProgramsError::SocketTooLarge(snapshot_bytes));
+    }
+    let snapshot_regions = layout.offsets.snapshot_regions();
     // aya 0.14's `EbpfLoader::new` parses the kernel BTF itself; handing it ours frees that
     // copy at once, and every later program load reuses ours.
     EbpfLoader::new()
@@ -136,9 +161,23 @@ pub(crate) fn open(
         .override_global(names::OFFSETS_GLOBAL, &layout.offsets, true)
         .override_global(names::KEEPALIVE_TIMER_FN_GLOBAL, &timers.keepalive, true)
         .override_global(names::WRITE_TIMER_FN_GLOBAL, &timers.write, true)
+        .override_global(
+            names::KEEPALIVE_RST_REASON_GLOBAL,
+            &keepalive_rst_reason,
+            true,
+        )
+        .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(names::SNAPSHOT_REGIONS_GLOBAL, &snapshot_regions, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
         .map_err(ProgramsError::Load)
+}
+
+/// Unread bytes at which a record wakes the agent at once: a quarter of the ring, so a burst
+/// has three quarters left while the agent wakes; below it the agent's poll timer
+/// ([`crate::record::ring_reader::POLL_INTERVAL`]) reads the records.
+pub(crate) fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
+    u64::from(ring_buffer_bytes / 4)
 }
 
 /// Loads the audit's walk ([`hash_walk`]).
@@ -206,12 +245,15 @@ pub(crate) fn load(
 
     let events: RingBuf<MapData> = take_map(&mut ebpf, names::EVENTS_MAP)?;
     let reserve_failures = take_map(&mut ebpf, names::RESERVE_FAILURES_MAP)?;
+    let counters = take_map(&mut ebpf, names::NETNS_COUNTERS_MAP)?;
+    let full = take_map(&mut ebpf, names::NETNS_COUNTERS_FULL_MAP)?;
     Ok(KernelPrograms {
         ebpf,
         hooks,
         audit,
         events,
         reserve_failures,
+        netns_counters: NetnsCounterMaps { counters, full },
     })
 }
 
@@ -284,6 +326,37 @@ mod tests {
             .iter()
             .map(|hook| hook.variant(&layout).map(|v| v.program))
             .collect()
+    }
+
+    #[test]
+    fn the_snapshot_regions_cover_every_field_within_the_copy_on_every_matrix_kernel() {
+        for btf in [
+            "5.10.262_5.10.0-46-cloud-amd64.btf.zst",
+            "6.1.190_6.1.0-54-cloud-amd64.btf.zst",
+            "6.1.192_6.1.0-57-cloud-amd64.btf.zst",
+            "6.12.111_6.12.111+deb12-cloud-amd64.btf.zst",
+            "6.12.117_6.12.117+deb12-cloud-amd64.btf.zst",
+            "6.18.44_6.18.44-fc-v1045.btf.zst",
+        ] {
+            let offsets = fixture(btf).offsets;
+            assert!(offsets.snapshot_bytes() <= SNAPSHOT_SCRATCH_BYTES, "{btf}");
+            let regions = offsets.snapshot_regions();
+            let covered = |offset: u32, size: u32| {
+                regions
+                    .iter()
+                    .any(|r| r.start <= offset && offset + size <= r.start + r.len)
+            };
+            for (offset, size) in offsets.snapshot_fields() {
+                assert!(covered(offset, size), "{btf}: field at {offset} not copied");
+            }
+            assert!(covered(offsets.sk_cgroup, 8) && covered(offsets.sk_socket, 8));
+            let bytes: u32 = regions.iter().map(|r| r.len).sum();
+            // Far less than the whole socket: the point of copying by region.
+            assert!(
+                bytes < offsets.snapshot_bytes() / 4,
+                "{btf}: {bytes} bytes in {regions:?}"
+            );
+        }
     }
 
     #[test]

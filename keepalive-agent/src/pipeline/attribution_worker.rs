@@ -101,6 +101,9 @@ pub(crate) enum Job {
         endpoints: Endpoints,
         owner: SocketOwner,
         dropped: bool,
+        /// A dropped connection whose process is worth a `/proc` walk (a keepalive drop);
+        /// other drops only get their cgroup (cached), so RST churn costs no walk per close.
+        process: bool,
         events: Vec<ConnectionEvent>,
     },
 }
@@ -285,6 +288,7 @@ impl Worker {
                 endpoints,
                 owner,
                 dropped,
+                process,
                 events,
             } => {
                 let mut workload =
@@ -294,8 +298,11 @@ impl Worker {
                             cgroup_id: owner.cgroup_id,
                             ..Workload::default()
                         });
-                if dropped && workload.pid.is_none() {
+                if dropped && process && workload.pid.is_none() {
                     let newer = self.resolver.everything(&owner);
+                    workload = self.tracker.complete_workload(&endpoints, &workload, newer);
+                } else if dropped && !process && workload.cgroup_path.is_none() {
+                    let newer = self.resolver.cgroup(&owner);
                     workload = self.tracker.complete_workload(&endpoints, &workload, newer);
                 }
                 if let Some(sender) = &self.events {
@@ -347,6 +354,7 @@ mod tests {
             endpoints: endpoints(),
             owner: SocketOwner::default(),
             dropped: false,
+            process: false,
             events: Vec::new(),
         }
     }

@@ -65,6 +65,8 @@ pub struct KeepaliveExpiry {
     pub probes_out_before: u8,
     /// `icsk_probes_out` when the timer finished, if it could be read safely.
     pub probes_out_after: Option<u8>,
+    /// Probes sent in this expiry (see [`SocketRecord::probes_sent`]).
+    pub probes_sent: u8,
     /// The connection was aborted inside this expiry.
     pub closed_in_timer: bool,
     pub settings: KeepaliveSettings,
@@ -75,12 +77,10 @@ pub struct KeepaliveExpiry {
 }
 
 impl KeepaliveExpiry {
-    /// `tcp_write_wakeup` sent a probe: only it raises `icsk_probes_out` in this timer.
+    /// `tcp_write_wakeup` sent a probe. Not `icsk_probes_out` rising: an ACK processed on
+    /// another CPU before the timer's exit hook zeroes it again.
     pub fn probe_sent(&self) -> bool {
-        !self.closed_in_timer
-            && self
-                .probes_out_after
-                .is_some_and(|after| after > self.probes_out_before)
+        !self.closed_in_timer && self.probes_sent > 0
     }
 }
 
@@ -217,6 +217,13 @@ pub(crate) fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             probes_out_after: (!flag(record_flags::EXIT_UNVERIFIED)
                 && !flag(record_flags::CLOSED_IN_TIMER))
             .then_some(rec.probes_out_after),
+            probes_sent: if flag(record_flags::EXIT_UNVERIFIED)
+                || flag(record_flags::CLOSED_IN_TIMER)
+            {
+                0
+            } else {
+                rec.probes_sent
+            },
             closed_in_timer: flag(record_flags::CLOSED_IN_TIMER),
             settings,
             ktime_ns: rec.ktime_ns,
@@ -342,6 +349,7 @@ mod tests {
             state: 1,
             probes_out_before: 1,
             probes_out_after: 2,
+            probes_sent: 1,
             keepalive_time: 250,
             sysctl_keepalive_time: 7200 * 250,
             sysctl_keepalive_intvl: 75 * 250,
@@ -378,6 +386,17 @@ mod tests {
         assert_eq!(e.settings.interval_jiffies, 75 * 250);
         assert_eq!(e.settings.probes, 9);
         assert!(e.settings.enabled);
+        assert!(e.probe_sent());
+    }
+
+    #[test]
+    fn a_probe_answered_before_the_exit_hook_still_counts() {
+        let mut rec = record();
+        // The peer's ACK zeroed icsk_probes_out on another CPU before timer_expire_exit.
+        (rec.probes_out_before, rec.probes_out_after) = (0, 0);
+        let Event::KeepaliveExpiry(e) = decode(&bytes(&rec)).unwrap() else {
+            panic!("wrong kind")
+        };
         assert!(e.probe_sent());
     }
 

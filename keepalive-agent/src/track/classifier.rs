@@ -1,63 +1,12 @@
 //! Why did a connection end? One pure function over a [`CloseEvent`]; the reasons are defined,
 //! with the kernel path behind each, in ARCHITECTURE.md.
 
-use keepalive_ebpf::{CloseContext, icsk_timer, tcp_state};
+use keepalive_ebpf::{CloseFacts, classify_close};
 
 use crate::record::decoder::CloseEvent;
 
-const ETIMEDOUT: i32 = libc::ETIMEDOUT;
-const ECONNABORTED: i32 = libc::ECONNABORTED;
-const ECONNRESET: i32 = libc::ECONNRESET;
-const ECONNREFUSED: i32 = libc::ECONNREFUSED;
-const EPIPE: i32 = libc::EPIPE;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DropReason {
-    KeepaliveTimeout,
-    KeepaliveReset,
-    RetransmitTimeout,
-    ZeroWindowTimeout,
-    ConnectTimeout,
-    ResetReceived,
-    LocalAbort,
-    Other,
-}
-
-impl DropReason {
-    pub const ALL: [Self; 8] = [
-        Self::KeepaliveTimeout,
-        Self::KeepaliveReset,
-        Self::RetransmitTimeout,
-        Self::ZeroWindowTimeout,
-        Self::ConnectTimeout,
-        Self::ResetReceived,
-        Self::LocalAbort,
-        Self::Other,
-    ];
-
-    /// The keepalive drops: silence is what the kernel measured, so they have a dead-peer
-    /// detection time.
-    pub const KEEPALIVE: [Self; 2] = [Self::KeepaliveTimeout, Self::KeepaliveReset];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::KeepaliveTimeout => "keepalive_timeout",
-            Self::KeepaliveReset => "keepalive_reset",
-            Self::RetransmitTimeout => "retransmit_timeout",
-            Self::ZeroWindowTimeout => "zero_window_timeout",
-            Self::ConnectTimeout => "connect_timeout",
-            Self::ResetReceived => "reset_received",
-            Self::LocalAbort => "local_abort",
-            Self::Other => "other",
-        }
-    }
-}
-
-impl std::fmt::Display for DropReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Defined with the kernel programs, which count drops by it.
+pub(crate) use keepalive_ebpf::DropReason;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseOutcome {
@@ -72,83 +21,40 @@ pub(crate) struct ResetReasons {
     pub keepalive_timeout: Option<u32>,
 }
 
+/// The kernel programs classify every close they report with the same function
+/// ([`keepalive_ebpf::classify_close`]) to count it; the agent runs it again on the decoded
+/// record for the connection's own series.
 pub(crate) fn classify(close: &CloseEvent, reasons: ResetReasons) -> CloseOutcome {
-    use CloseOutcome::{Dropped, Orderly};
-    use DropReason::*;
-
-    let old = close.old_state;
-    // `icsk_probes_out` counts keepalive and zero-window probes only (retransmissions count in
-    // `icsk_retransmits`); zero-window probing needs a closed send window, and keepalive never
-    // probes with data in flight (`packets_out` as it was before the abort purged it).
-    let keepalive_probing = close.settings.enabled
-        && close.probes_out > 0
-        && close.packets_out == 0
-        && close.send_window > 0;
-    let zero_window_probing = close.probes_out > 0 && close.send_window == 0;
-    let keepalive_reset_sent =
-        close.reset_sent_reason.is_some() && close.reset_sent_reason == reasons.keepalive_timeout;
-
-    match close.context {
-        // tcp_keepalive_timer → tcp_write_err → tcp_done. The same timer also ends orphaned
-        // FIN_WAIT2 sockets (tcp_fin_timeout), which the application had already closed.
-        CloseContext::KeepaliveTimer if old == tcp_state::FIN_WAIT2 && close.orphan => {
-            return Orderly;
-        }
-        CloseContext::KeepaliveTimer => return Dropped(KeepaliveTimeout),
-        // tcp_write_timer_handler runs the event in icsk_pending: ICSK_TIME_PROBE0 →
-        // tcp_probe_timer (zero-window probes exhausted), ICSK_TIME_RETRANS →
-        // tcp_retransmit_timer → tcp_write_timeout (retransmits or SYN retries exhausted).
-        CloseContext::WriteTimer if old == tcp_state::SYN_SENT => return Dropped(ConnectTimeout),
-        CloseContext::WriteTimer if close.write_timer_event == icsk_timer::PROBE0 => {
-            return Dropped(ZeroWindowTimeout);
-        }
-        CloseContext::WriteTimer => return Dropped(RetransmitTimeout),
-        CloseContext::None => {}
-    }
-    if keepalive_reset_sent {
-        return Dropped(KeepaliveTimeout);
-    }
-    // tcp_reset: the peer's RST. Matched on this CPU, or recognised by the error it leaves when
-    // the close was seen elsewhere (a preempted backlog run).
-    let reset_errno = matches!(close.sk_err, ECONNRESET | EPIPE | ECONNREFUSED);
-    if close.reset_received || reset_errno {
-        return if keepalive_probing {
-            Dropped(KeepaliveReset)
-        } else {
-            Dropped(ResetReceived)
-        };
-    }
-    match close.sk_err {
-        // tcp_abort (SOCK_DESTROY, `ss -K`).
-        ECONNABORTED => return Dropped(LocalAbort),
-        // A timeout whose timer was not seen on this CPU: decide from the socket (the write
-        // queue is already purged, so only the probe counters and the window are left).
-        ETIMEDOUT if old == tcp_state::SYN_SENT => return Dropped(ConnectTimeout),
-        ETIMEDOUT if keepalive_probing => return Dropped(KeepaliveTimeout),
-        ETIMEDOUT if zero_window_probing => return Dropped(ZeroWindowTimeout),
-        ETIMEDOUT => return Dropped(RetransmitTimeout),
-        _ => {}
-    }
-    match old {
-        _ if close.sk_err != 0 => Dropped(Other),
-        // The FIN exchange finished (tcp_time_wait, or the last ACK in LAST_ACK).
-        tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK | tcp_state::TIME_WAIT => {
-            Orderly
-        }
-        // Only an abort goes straight from these states to CLOSE without an error: close() with
-        // unread data, SO_LINGER 0, or connect(AF_UNSPEC) — the RST goes out after the move.
-        tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::FIN_WAIT1 => {
-            Dropped(LocalAbort)
-        }
-        // close() during connect(): the application gave up before there was a connection.
-        tcp_state::SYN_SENT => Orderly,
-        _ => Dropped(Other),
+    let facts = CloseFacts {
+        old_state: close.old_state,
+        context: close.context as u8,
+        write_timer_event: close.write_timer_event,
+        orphan: close.orphan,
+        keepalive_on: close.settings.enabled,
+        probes_out: close.probes_out,
+        packets_out: close.packets_out,
+        send_window: close.send_window,
+        reset_received: close.reset_received,
+        keepalive_reset_sent: close.reset_sent_reason.is_some()
+            && close.reset_sent_reason == reasons.keepalive_timeout,
+        sk_err: close.sk_err,
+    };
+    match classify_close(&facts) {
+        Some(reason) => CloseOutcome::Dropped(reason),
+        None => CloseOutcome::Orderly,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keepalive_ebpf::{CloseContext, icsk_timer, tcp_state};
+
+    const ETIMEDOUT: i32 = libc::ETIMEDOUT;
+    const ECONNABORTED: i32 = libc::ECONNABORTED;
+    const ECONNRESET: i32 = libc::ECONNRESET;
+    const ECONNREFUSED: i32 = libc::ECONNREFUSED;
+    const EPIPE: i32 = libc::EPIPE;
     use crate::record::decoder::fixtures;
 
     const KEEPALIVE_TIMEOUT_REASON: u32 = 15;

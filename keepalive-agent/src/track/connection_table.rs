@@ -63,24 +63,57 @@ pub(crate) struct ExpiryOutcome {
     pub answered_probes: u8,
 }
 
+/// Which dropped list a drop goes to. Keepalive drops are what an alert names; any process on
+/// the node (or anyone who can open connections to a pod on it) can cause other drops by the
+/// thousand (RST churn), so those must never push a keepalive drop out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DropClass {
+    Keepalive = 0,
+    Other = 1,
+}
+
+impl DropClass {
+    pub(crate) const ALL: [Self; 2] = [Self::Keepalive, Self::Other];
+
+    fn of(reason: DropReason) -> Self {
+        if reason.is_keepalive() {
+            Self::Keepalive
+        } else {
+            Self::Other
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Keepalive => "keepalive",
+            Self::Other => "other",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct ConnectionTable {
     live: LruCache<u64, ConnectionState>,
-    /// Dropped connections, oldest first, kept `retention` so alerts can name them.
-    dropped: VecDeque<ConnectionState>,
+    /// Dropped connections by [`DropClass`], oldest first, kept `retention` so alerts can name
+    /// them.
+    dropped: [VecDeque<ConnectionState>; 2],
+    /// Bound of both lists together; other drops are evicted first.
     max_dropped: usize,
     retention: Duration,
     evictions: u64,
+    /// Dropped connections evicted before their retention, by [`DropClass`].
+    dropped_evictions: [u64; 2],
 }
 
 impl ConnectionTable {
     pub(crate) fn new(max_live: NonZeroUsize, max_dropped: usize, retention: Duration) -> Self {
         Self {
             live: LruCache::new(max_live),
-            dropped: VecDeque::new(),
+            dropped: [VecDeque::new(), VecDeque::new()],
             max_dropped,
             retention,
             evictions: 0,
+            dropped_evictions: [0; 2],
         }
     }
 
@@ -112,9 +145,12 @@ impl ConnectionTable {
             0
         };
         state.unanswered_probes = e.probes_out_before;
-        state.streak_probes = e.probes_out_after.unwrap_or(e.probes_out_before);
+        // A probe answered before the exit hook read icsk_probes_out still belongs to the
+        // streak the next expiry reports as answered.
+        let after = e.probes_out_after.unwrap_or(e.probes_out_before);
+        state.streak_probes = after.max(e.probes_out_before.saturating_add(e.probes_sent));
         if probe_sent {
-            state.probes_sent += 1;
+            state.probes_sent += u64::from(e.probes_sent);
         }
         state.updated = now;
         ExpiryOutcome {
@@ -125,13 +161,25 @@ impl ConnectionTable {
         }
     }
 
-    /// Ends the connection. Returns its final state when it was dropped.
+    /// Ends the connection. Returns its final state when it was dropped, kept in the dropped
+    /// list or not (a non-keepalive drop finding the list full of keepalive drops).
     pub(crate) fn on_close(
         &mut self,
         c: &CloseEvent,
         outcome: CloseOutcome,
         now: Instant,
-    ) -> Option<&mut ConnectionState> {
+    ) -> Option<ConnectionState> {
+        self.on_close_with(c, outcome, now, None)
+    }
+
+    /// [`Self::on_close`], completing the connection's owner with `known` first.
+    pub(crate) fn on_close_with(
+        &mut self,
+        c: &CloseEvent,
+        outcome: CloseOutcome,
+        now: Instant,
+        known: Option<Workload>,
+    ) -> Option<ConnectionState> {
         let previous = self
             .live
             .pop(&c.sk)
@@ -146,12 +194,30 @@ impl ConnectionTable {
         }
         state.dropped = Some(reason);
         state.updated = now;
-        if self.dropped.len() >= self.max_dropped {
-            self.dropped.pop_front();
-            self.evictions += 1;
+        if let Some(known) = known {
+            state.workload.fill_unknown_from(known);
         }
-        self.dropped.push_back(state);
-        self.dropped.back_mut()
+        let class = DropClass::of(reason);
+        if self.dropped_len() >= self.max_dropped {
+            // Another drop goes first; a keepalive drop only pushes out the oldest keepalive
+            // drop, and only when the whole list is keepalive drops.
+            let victim = if self.dropped[DropClass::Other as usize].is_empty() {
+                DropClass::Keepalive
+            } else {
+                DropClass::Other
+            };
+            if victim == DropClass::Keepalive && class == DropClass::Other {
+                self.dropped_evictions[DropClass::Other as usize] += 1;
+                self.evictions += 1;
+                return Some(state);
+            }
+            if self.dropped[victim as usize].pop_front().is_some() {
+                self.dropped_evictions[victim as usize] += 1;
+                self.evictions += 1;
+            }
+        }
+        self.dropped[class as usize].push_back(state.clone());
+        Some(state)
     }
 
     fn insert_live(&mut self, sk: u64, endpoints: Endpoints, now: Instant) {
@@ -169,20 +235,24 @@ impl ConnectionTable {
 
     /// The newest dropped connection on these endpoints.
     pub(crate) fn dropped_mut(&mut self, endpoints: &Endpoints) -> Option<&mut ConnectionState> {
-        self.dropped
+        let [keepalive, other] = &mut self.dropped;
+        keepalive
             .iter_mut()
             .rev()
-            .find(|state| state.endpoints == *endpoints)
+            .chain(other.iter_mut().rev())
+            .filter(|state| state.endpoints == *endpoints)
+            .max_by_key(|state| state.updated)
     }
 
     /// Forgets dropped connections older than the retention.
     pub(crate) fn expire(&mut self, now: Instant) {
-        while self
-            .dropped
-            .front()
-            .is_some_and(|state| now.duration_since(state.updated) >= self.retention)
-        {
-            self.dropped.pop_front();
+        for list in &mut self.dropped {
+            while list
+                .front()
+                .is_some_and(|state| now.duration_since(state.updated) >= self.retention)
+            {
+                list.pop_front();
+            }
         }
     }
 
@@ -190,7 +260,7 @@ impl ConnectionTable {
     /// names another namespace), so their per-connection series vanish with the aggregates.
     /// One pass over the table. Returns how many were forgotten.
     pub(crate) fn forget_namespaces(&mut self, inodes: &HashSet<u32>) -> usize {
-        let before = self.live.len() + self.dropped.len();
+        let before = self.live.len() + self.dropped_len();
         let live: Vec<u64> = self
             .live
             .iter()
@@ -200,9 +270,10 @@ impl ConnectionTable {
         for sk in live {
             self.live.pop(&sk);
         }
-        self.dropped
-            .retain(|state| !inodes.contains(&state.endpoints.netns));
-        before - self.live.len() - self.dropped.len()
+        for list in &mut self.dropped {
+            list.retain(|state| !inodes.contains(&state.endpoints.netns));
+        }
+        before - self.live.len() - self.dropped_len()
     }
 
     pub(crate) fn live_len(&self) -> usize {
@@ -210,7 +281,12 @@ impl ConnectionTable {
     }
 
     pub(crate) fn dropped_len(&self) -> usize {
-        self.dropped.len()
+        self.dropped.iter().map(VecDeque::len).sum()
+    }
+
+    /// Dropped connections evicted (or not kept) before their retention, since start.
+    pub(crate) fn dropped_evictions(&self, class: DropClass) -> u64 {
+        self.dropped_evictions[class as usize]
     }
 
     /// Connections pushed out by the size bounds, since start.
@@ -218,8 +294,10 @@ impl ConnectionTable {
         self.evictions
     }
 
-    /// Connections that deserve a series: dropped ones (newest first), then live ones that have
-    /// probed, most unanswered probes first.
+    /// Connections that deserve a series, in the order `--connections.max-series` keeps them:
+    /// keepalive drops (newest first), live connections that have probed (most unanswered
+    /// probes first), then other drops (newest first). A flood of resets can hide other drops,
+    /// never a keepalive drop or a connection whose peer stopped answering.
     pub(crate) fn reportable(&self) -> Vec<&ConnectionState> {
         let mut live: Vec<&ConnectionState> = self
             .live
@@ -230,7 +308,13 @@ impl ConnectionTable {
         live.sort_by(|a, b| {
             (b.unanswered_probes, b.probes_sent).cmp(&(a.unanswered_probes, a.probes_sent))
         });
-        self.dropped.iter().rev().chain(live).collect()
+        let [keepalive, other] = &self.dropped;
+        keepalive
+            .iter()
+            .rev()
+            .chain(live)
+            .chain(other.iter().rev())
+            .collect()
     }
 }
 
@@ -264,6 +348,7 @@ mod tests {
             state: 1,
             probes_out_before: before,
             probes_out_after: Some(after),
+            probes_sent: after.saturating_sub(before),
             closed_in_timer: false,
             settings: SETTINGS,
             ktime_ns: 0,
@@ -402,6 +487,62 @@ mod tests {
         }
         assert_eq!(t.dropped_len(), 2);
         assert_eq!(t.evictions(), 2);
+    }
+
+    #[test]
+    fn a_keepalive_drop_keeps_its_series_through_a_flood_of_resets() {
+        let mut t = ConnectionTable::new(NonZeroUsize::new(8).unwrap(), 4, Duration::from_secs(60));
+        let now = Instant::now();
+        t.on_expiry(&expiry(1, 1000, 2, 3), now);
+        t.on_close(
+            &close(1, 1000, 3),
+            CloseOutcome::Dropped(DropReason::KeepaliveTimeout),
+            now,
+        );
+        // A connection whose peer stopped answering, still live.
+        t.on_expiry(&expiry(2, 1001, 1, 2), now);
+        // RST churn: far more resets than the dropped list holds.
+        for sk in 10..1010u64 {
+            let dropped = t.on_close(
+                &close(sk, sk as u16, 0),
+                CloseOutcome::Dropped(DropReason::ResetReceived),
+                now,
+            );
+            assert!(dropped.is_some(), "every drop is still reported");
+        }
+        assert_eq!(t.dropped_len(), 4);
+        assert_eq!(t.dropped_evictions(DropClass::Other), 1000 - 3);
+        assert_eq!(t.dropped_evictions(DropClass::Keepalive), 0);
+        // Under a cap of two series, the keepalive drop and the silent peer are what is shown.
+        let shown: Vec<u16> = t.reportable()[..2]
+            .iter()
+            .map(|s| s.endpoints.local.port())
+            .collect();
+        assert_eq!(shown, [1000, 1001]);
+
+        // Keepalive drops filling the list push out the resets, then only the oldest of their own.
+        for sk in 2000..2005u64 {
+            t.on_close(
+                &close(sk, sk as u16, 3),
+                CloseOutcome::Dropped(DropReason::KeepaliveTimeout),
+                now,
+            );
+        }
+        assert_eq!(t.dropped_evictions(DropClass::Other), 1000);
+        assert_eq!(t.dropped_evictions(DropClass::Keepalive), 2);
+        let oldest = t.reportable()[3].endpoints.local.port();
+        assert_eq!(oldest, 2001);
+        // A reset now finds no room and is not kept.
+        assert!(
+            t.on_close(
+                &close(3000, 3000, 0),
+                CloseOutcome::Dropped(DropReason::ResetReceived),
+                now
+            )
+            .is_some()
+        );
+        assert_eq!(t.dropped_evictions(DropClass::Other), 1001);
+        assert_eq!(t.dropped_len(), 4);
     }
 
     #[test]

@@ -48,14 +48,20 @@ impl Tracker {
         self.table().on_expiry(expiry, now)
     }
 
-    /// One move to `TCP_CLOSE`; `None` when it was not a drop.
-    pub(crate) fn close(&self, close: &CloseEvent, now: Instant) -> Option<Dropped> {
+    /// One move to `TCP_CLOSE`; `None` when it was not a drop. `known`: what the caller
+    /// already knows of the owner (a cached cgroup), filled into a dropped entry that lacks it.
+    pub(crate) fn close(
+        &self,
+        close: &CloseEvent,
+        now: Instant,
+        known: Option<Workload>,
+    ) -> Option<Dropped> {
         let outcome = classifier::classify(close, self.reset_reasons);
         let CloseOutcome::Dropped(reason) = outcome else {
             self.table().on_close(close, outcome, now);
             return None;
         };
-        let connection = self.table().on_close(close, outcome, now)?.clone();
+        let connection = self.table().on_close_with(close, outcome, now, known)?;
         Some(Dropped { reason, connection })
     }
 

@@ -1,5 +1,12 @@
-//! Kernel-side cost per hit of the agent's timer hooks, from `kernel.bpf_stats_enabled`
-//! run-time counters (`cargo xtask bench`, as root). Not a test: it prints figures.
+//! The agent's cost, measured side by side in one run (`cargo xtask bench`, as root). Not a
+//! test: it prints figures.
+//!
+//! 1. Loopback connection churn with and without the agent, in alternating rounds, for three
+//!    workloads: orderly closes without keepalive (filtered in the kernel), the same with
+//!    keepalive on (reported), and RST closes (reported, both ends).
+//! 2. Kernel-side cost per hit of the timer and close hooks, from `kernel.bpf_stats_enabled`
+//!    run-time counters, as the difference from empty programs on the same hooks.
+//! 3. Userspace: records through decode → track → classify → metrics, per second of CPU.
 //!
 //! `timer_expire_entry`/`_exit` fire for every kernel timer. Two phases on the same running
 //! agent, each with `--connections` loopback connections in a private namespace: first without
@@ -12,37 +19,52 @@
 
 use std::{
     io::Write as _,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
-use keepalive_agent::kernel::programs::{BASELINE_PROGRAM, PROGRAMS_OBJECT};
-use keepalive_tests::{Agent, Netns, set_keepalive};
+use keepalive_agent::kernel::programs::{
+    BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, PROGRAMS_OBJECT,
+};
+use keepalive_tests::{Agent, Netns, set_keepalive, set_linger_zero, setsockopt_int};
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Program names as the kernel keeps them (BPF_OBJ_NAME_LEN - 1 = 15 bytes).
 const ENTRY_NAME: &str = "timer_expire_en";
 const EXIT_NAME: &str = "timer_expire_ex";
+const CLOSE_NAME: &str = "inet_sock_set_s";
 
 fn main() -> anyhow::Result<()> {
     let mut connections = 200usize;
     let mut seconds = 6u64;
+    let mut rounds = 3usize;
+    let mut churn_seconds = 2u64;
+    let mut pipeline_connections = 50_000u32;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("flag needs a value");
         match arg.as_str() {
             "--connections" => connections = value()?.parse()?,
             "--seconds" => seconds = value()?.parse()?,
-            other => bail!("unknown argument {other}; flags: --connections N --seconds S"),
+            "--rounds" => rounds = value()?.parse()?,
+            "--churn-seconds" => churn_seconds = value()?.parse()?,
+            "--pipeline-connections" => pipeline_connections = value()?.parse()?,
+            other => bail!(
+                "unknown argument {other}; flags: --connections N --seconds S --rounds N \
+                 --churn-seconds S --pipeline-connections N"
+            ),
         }
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root: the benchmark loads eBPF programs and enables bpf_stats");
     }
+    println!("{} CPUs", std::thread::available_parallelism()?);
+    churn_throughput(rounds, Duration::from_secs(churn_seconds))?;
+
     let _stats = BpfStats::enable()?;
     let agent = Agent::start().context("starting the agent")?;
 
@@ -55,17 +77,22 @@ fn main() -> anyhow::Result<()> {
         .try_into()?;
     baseline.load("timer_expire_entry", &btf)?;
     baseline.attach()?;
+    let baseline_id = baseline.info()?.id();
+    let close_baseline: &mut BtfTracePoint = baseline_obj
+        .program_mut(CLOSE_BASELINE_PROGRAM)
+        .context("close baseline program missing from the object")?
+        .try_into()?;
+    close_baseline.load("inet_sock_set_state", &btf)?;
+    close_baseline.attach()?;
+    let close_ids = (close_baseline.info()?.id(), newest(CLOSE_NAME)?);
     let ids = ProgramIds {
-        baseline: baseline.info()?.id(),
+        baseline: baseline_id,
         entry: newest(ENTRY_NAME)?,
         exit: newest(EXIT_NAME)?,
     };
 
     let phase = Duration::from_secs(seconds);
-    println!(
-        "timer hook cost, {seconds} s per phase, {} CPUs",
-        std::thread::available_parallelism()?
-    );
+    println!("timer hook cost, {seconds} s per phase");
 
     let ns = Netns::new("bench")?;
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
@@ -115,7 +142,170 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|---|");
     println!("| timer_expire_entry | {filtered_entry:.0} | {keepalive_entry:.0} |");
     println!("| timer_expire_exit | {filtered_exit:.0} | {keepalive_exit:.0} |");
+    println!(
+        "keepalive expiry (entry + exit): {:.0} ns above the floor",
+        keepalive_entry + keepalive_exit
+    );
+
+    close_costs(close_ids, Duration::from_secs(seconds))?;
+
+    let rss = vm_rss_kib(agent.pid())?;
+    println!("agent RSS after the run: {} MiB", rss / 1024);
+    drop(agent);
+
+    let run = keepalive_agent::pipeline_throughput(pipeline_connections, 5);
+    println!(
+        "userspace pipeline (decode → track → classify → metrics, attribution worker included): \
+         {} records ({pipeline_connections} keepalive timeouts of 3 probes each, 5 RST closes \
+         per timeout) in {:.2} s CPU ({:.2} s wall): {:.0} events/s per core",
+        run.records,
+        run.cpu.as_secs_f64(),
+        run.wall.as_secs_f64(),
+        run.per_core_second()
+    );
     Ok(())
+}
+
+/// What a churn round does with each connection before closing it.
+#[derive(Clone, Copy, Debug)]
+enum Churn {
+    /// The server closes first, then the client: FIN exchange, no keepalive (not reported).
+    Orderly,
+    /// The same with `SO_KEEPALIVE` on the client (its close is reported).
+    Keepalive,
+    /// The client closes with `SO_LINGER` 0: RST, both ends reported.
+    Reset,
+}
+
+impl Churn {
+    const ALL: [Churn; 3] = [Churn::Orderly, Churn::Keepalive, Churn::Reset];
+
+    fn name(self) -> &'static str {
+        match self {
+            Churn::Orderly => "orderly, no keepalive",
+            Churn::Keepalive => "orderly, keepalive on",
+            Churn::Reset => "RST close",
+        }
+    }
+}
+
+/// Connections opened and closed on the namespace's loopback in `length`.
+fn churn(ns: &Netns, listener: &TcpListener, kind: Churn, length: Duration) -> anyhow::Result<u64> {
+    let addr = listener.local_addr()?;
+    ns.run(|| -> anyhow::Result<u64> {
+        let end = Instant::now() + length;
+        let mut n = 0;
+        while Instant::now() < end {
+            for _ in 0..32 {
+                let client = TcpStream::connect(addr).context("connect")?;
+                let (server, _) = listener.accept().context("accept")?;
+                match kind {
+                    // The server's side ends in TIME_WAIT, which does not hold the client's
+                    // ephemeral port.
+                    Churn::Orderly => drop(server),
+                    Churn::Keepalive => {
+                        setsockopt_int(
+                            &client,
+                            libc::SOL_SOCKET,
+                            libc::SO_KEEPALIVE,
+                            1,
+                            "SO_KEEPALIVE",
+                        )?;
+                        drop(server);
+                    }
+                    Churn::Reset => set_linger_zero(&client)?,
+                }
+                drop(client);
+                n += 1;
+            }
+        }
+        Ok(n)
+    })?
+}
+
+/// Churn throughput with and without the agent, in alternating rounds (on-off, then off-on), so
+/// drift on a shared machine falls on both sides alike.
+fn churn_throughput(rounds: usize, length: Duration) -> anyhow::Result<()> {
+    let ns = Netns::new("bench-churn")?;
+    let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let mut with = [0u64; 3];
+    let mut without = [0u64; 3];
+    for round in 0..rounds {
+        for agent_on in [round % 2 == 0, round % 2 != 0] {
+            let agent = if agent_on {
+                Some(Agent::start().context("starting the agent")?)
+            } else {
+                None
+            };
+            for (i, kind) in Churn::ALL.into_iter().enumerate() {
+                let n = churn(&ns, &listener, kind, length)?;
+                if agent_on {
+                    with[i] += n;
+                } else {
+                    without[i] += n;
+                }
+            }
+            drop(agent);
+        }
+    }
+    let seconds = (rounds as u64 * length.as_secs()) as f64;
+    println!(
+        "loopback connection churn, {rounds} rounds of {} s per workload and side, alternating",
+        length.as_secs()
+    );
+    println!("| workload | connections/s without agent | with agent | throughput lost |");
+    println!("|---|---|---|---|");
+    for (i, kind) in Churn::ALL.into_iter().enumerate() {
+        let (off, on) = (without[i] as f64 / seconds, with[i] as f64 / seconds);
+        println!(
+            "| {} | {off:.0} | {on:.0} | {:.1} % |",
+            kind.name(),
+            (1.0 - on / off) * 100.0
+        );
+    }
+    Ok(())
+}
+
+/// Cost of `inet_sock_set_state` per close above an empty program on the same hook, for closes
+/// the kernel filters out (orderly, no keepalive) and closes it reports (RST).
+fn close_costs((baseline_id, close_id): (u32, u32), length: Duration) -> anyhow::Result<()> {
+    let ns = Netns::new("bench-close")?;
+    let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    println!("| close path | closes | hook runs | ns/run above floor | ns per close above floor |");
+    println!("|---|---|---|---|---|");
+    for kind in [Churn::Orderly, Churn::Reset] {
+        let (b0, c0) = (stats(baseline_id)?, stats(close_id)?);
+        let connections = churn(&ns, &listener, kind, length)?;
+        // Let the last closes (softirq) land before the snapshot.
+        std::thread::sleep(Duration::from_millis(200));
+        let (b1, c1) = (stats(baseline_id)?, stats(close_id)?);
+        let (base, hook) = (b1.since(&b0), c1.since(&c0));
+        let above = hook.nanos as f64 - hook.count as f64 * base.per_hit();
+        // Both ends of every connection close.
+        let closes = 2 * connections;
+        println!(
+            "| {} ({}) | {closes} | {} | {:.0} | {:.0} |",
+            kind.name(),
+            match kind {
+                Churn::Reset => "reported",
+                _ => "filtered",
+            },
+            hook.count,
+            above / hook.count as f64,
+            above / closes as f64
+        );
+    }
+    Ok(())
+}
+
+fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")
 }
 
 struct ProgramIds {

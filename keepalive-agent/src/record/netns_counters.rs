@@ -1,0 +1,355 @@
+//! The kernel programs' exact per-namespace counters (`NETNS_COUNTERS`): probes and drops by
+//! reason, added in the kernel as they happen, so no ring-buffer loss changes them. This module
+//! reads them, decides which entry an inode currently means, and deletes the entries of
+//! namespaces that are gone.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{self, MapData, MapError, PerCpuArray};
+use keepalive_ebpf::{NetnsCounters, NetnsKey};
+
+/// The two maps, behind locks so scrapes and the retention sweep can share them.
+pub(crate) struct NetnsCounterMaps {
+    counters: Mutex<maps::HashMap<MapData, NetnsKey, NetnsCounters>>,
+    full: Mutex<PerCpuArray<MapData, u64>>,
+    /// When each entry's activity last changed, for [`Self::expire`] and to tell a live
+    /// namespace's entry from a dead one's on the same inode.
+    activity: Mutex<HashMap<NetnsKey, (u64, Instant)>>,
+    /// The cookie records last showed for each inode (what the pipeline's namespace identity
+    /// knows).
+    current_cookie: Mutex<HashMap<u32, u64>>,
+}
+
+impl std::fmt::Debug for NetnsCounterMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NetnsCounterMaps")
+    }
+}
+
+impl NetnsCounterMaps {
+    pub(crate) fn new(
+        counters: maps::HashMap<MapData, NetnsKey, NetnsCounters>,
+        full: PerCpuArray<MapData, u64>,
+    ) -> Self {
+        Self {
+            counters: Mutex::new(counters),
+            full: Mutex::new(full),
+            activity: Mutex::default(),
+            current_cookie: Mutex::default(),
+        }
+    }
+
+    /// A record showed that namespace `cookie` holds `inode` now.
+    pub(crate) fn saw(&self, inode: u32, cookie: u64) {
+        if cookie != 0 {
+            self.current_cookie
+                .lock()
+                .expect("cookie lock poisoned")
+                .insert(inode, cookie);
+        }
+    }
+
+    /// The records' namespace identity forgot these inodes (retention): so does this.
+    pub(crate) fn forget_cookies(&self, inodes: &std::collections::HashSet<u32>) {
+        self.current_cookie
+            .lock()
+            .expect("cookie lock poisoned")
+            .retain(|inode, _| !inodes.contains(inode));
+    }
+
+    /// Every entry now, and per inode the totals of the namespace holding it (see
+    /// [`current`]).
+    pub(crate) fn totals(&self) -> Result<(usize, BTreeMap<u32, NetnsCounters>), MapError> {
+        let entries = self.entries()?;
+        let known = self
+            .current_cookie
+            .lock()
+            .expect("cookie lock poisoned")
+            .clone();
+        let activity = self.activity.lock().expect("activity lock poisoned");
+        Ok((entries.len(), current(&entries, &known, &activity)))
+    }
+
+    /// Every entry now. An entry deleted while the walk runs is skipped.
+    pub(crate) fn entries(&self) -> Result<Vec<(NetnsKey, NetnsCounters)>, MapError> {
+        let map = self.counters.lock().expect("counters lock poisoned");
+        let mut entries = Vec::new();
+        for entry in map.iter() {
+            match entry {
+                Ok(entry) => entries.push(entry),
+                Err(MapError::KeyNotFound) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Namespaces the kernel could not count because the map was full, summed over CPUs.
+    pub(crate) fn full(&self) -> Result<u64, MapError> {
+        let full = self.full.lock().expect("counters lock poisoned");
+        Ok(full.get(&0, 0)?.iter().sum())
+    }
+
+    /// Deletes the entries of the namespaces that held `inode` before the one with cookie
+    /// `newer` (a record from it just arrived: every record of a dead namespace came before,
+    /// since its sockets were gone before its inode was freed). Returns how many went.
+    pub(crate) fn forget(&self, inode: u32, newer: u64) -> usize {
+        self.saw(inode, newer);
+        let Ok(entries) = self.entries() else {
+            return 0;
+        };
+        let gone: Vec<NetnsKey> = entries
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|key| key.inum == inode && older(key.cookie, newer))
+            .collect();
+        self.delete(&gone)
+    }
+
+    fn delete(&self, keys: &[NetnsKey]) -> usize {
+        let mut map = self.counters.lock().expect("counters lock poisoned");
+        let mut activity = self.activity.lock().expect("activity lock poisoned");
+        let mut deleted = 0;
+        for key in keys {
+            activity.remove(key);
+            // Already gone (another sweep) is as good as deleted.
+            if map.remove(key).is_ok() {
+                deleted += 1;
+            }
+        }
+        deleted
+    }
+
+    /// One retention pass over the map: deletes entries nothing touched for `retention` (a dead
+    /// namespace's entry stops changing). Returns the
+    /// inodes whose namespaces were active since the last pass (alive, even if every one of
+    /// their records was lost) and the number of entries deleted.
+    pub(crate) fn expire(
+        &self,
+        now: Instant,
+        retention: Duration,
+    ) -> Result<(Vec<(u32, u64)>, usize), MapError> {
+        let entries = self.entries()?;
+        let (active, stale) = {
+            let mut activity = self.activity.lock().expect("activity lock poisoned");
+            sweep(&mut activity, &entries, now, retention)
+        };
+        let deleted = self.delete(&stale);
+        Ok((active, deleted))
+    }
+}
+
+/// Whether an entry with `cookie` belongs to another namespace than the one with `newer`: a
+/// 0 (5.10, not generated) is never told apart.
+fn older(cookie: u64, newer: u64) -> bool {
+    cookie != 0 && cookie != newer
+}
+
+/// Which entries count for an inode: the namespace records last showed holding it (`known`);
+/// without records (all lost), the entry whose activity changed last (a dead namespace's entry
+/// stops changing; one not swept yet is the newest). Cookies are not ordered by creation
+/// (`gen_cookie_next` hands them out in per-CPU batches), so they cannot decide. An entry with
+/// cookie 0 (5.10 before the cookie was generated) adds to it: the same namespace as far as
+/// anyone can tell, as in [`crate::track::namespaces`].
+pub(crate) fn current(
+    entries: &[(NetnsKey, NetnsCounters)],
+    known: &HashMap<u32, u64>,
+    activity: &HashMap<NetnsKey, (u64, Instant)>,
+) -> BTreeMap<u32, NetnsCounters> {
+    let mut chosen: HashMap<u32, (NetnsKey, Option<Instant>)> = HashMap::new();
+    for (key, _) in entries {
+        if key.cookie == 0 {
+            continue;
+        }
+        let changed = activity.get(key).map(|&(_, at)| at);
+        let better = |(best, best_changed): &(NetnsKey, Option<Instant>)| {
+            if known.get(&key.inum) == Some(&key.cookie) {
+                return true;
+            }
+            if known.get(&key.inum) == Some(&best.cookie) {
+                return false;
+            }
+            // Not swept yet (None) is newer than anything swept.
+            match (changed, best_changed) {
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (a, b) => a > *b || (a == *b && key.cookie > best.cookie),
+            }
+        };
+        match chosen.get(&key.inum) {
+            Some(best) if !better(best) => {}
+            _ => {
+                chosen.insert(key.inum, (*key, changed));
+            }
+        }
+    }
+    let mut totals: BTreeMap<u32, NetnsCounters> = BTreeMap::new();
+    for (key, counters) in entries {
+        if key.cookie != 0 && chosen.get(&key.inum).map(|(k, _)| k.cookie) != Some(key.cookie) {
+            continue;
+        }
+        let total = totals.entry(key.inum).or_default();
+        total.expiries += counters.expiries;
+        total.probes += counters.probes;
+        total.closes += counters.closes;
+        for (sum, n) in total.drops.iter_mut().zip(counters.drops) {
+            *sum += n;
+        }
+    }
+    totals
+}
+
+/// Everything that moves when a namespace does anything the programs see.
+fn activity(counters: &NetnsCounters) -> u64 {
+    counters.expiries + counters.closes
+}
+
+/// The pure part of [`NetnsCounterMaps::expire`]: updates `seen` (activity and when it last
+/// changed, per entry) and returns the active entries' namespaces and the keys to delete.
+fn sweep(
+    seen: &mut HashMap<NetnsKey, (u64, Instant)>,
+    entries: &[(NetnsKey, NetnsCounters)],
+    now: Instant,
+    retention: Duration,
+) -> (Vec<(u32, u64)>, Vec<NetnsKey>) {
+    let mut active = Vec::new();
+    let mut stale = Vec::new();
+    let mut present = HashMap::with_capacity(entries.len());
+    for (key, counters) in entries {
+        let now_activity = activity(counters);
+        let changed_at = match seen.get(key) {
+            Some(&(before, at)) if before == now_activity => at,
+            _ => {
+                active.push((key.inum, key.cookie));
+                now
+            }
+        };
+        if now.saturating_duration_since(changed_at) >= retention {
+            stale.push(*key);
+        } else {
+            present.insert(*key, (now_activity, changed_at));
+        }
+    }
+    *seen = present;
+    (active, stale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INODE: u32 = 4026532300;
+
+    fn key(inum: u32, cookie: u64) -> NetnsKey {
+        NetnsKey {
+            cookie,
+            inum,
+            _pad: 0,
+        }
+    }
+
+    fn counters(expiries: u64, probes: u64) -> NetnsCounters {
+        NetnsCounters {
+            expiries,
+            probes,
+            ..NetnsCounters::default()
+        }
+    }
+
+    #[test]
+    fn an_inode_means_the_namespace_records_last_showed_and_an_old_ones_counts_never_add_up() {
+        let entries = [
+            (key(INODE, 9), counters(10, 7)),
+            // A later namespace on the same inode, with a lower cookie (per-CPU batches).
+            (key(INODE, 5), counters(2, 1)),
+            (key(INODE + 1, 6), counters(4, 3)),
+        ];
+        let known = HashMap::from([(INODE, 5)]);
+        let totals = current(&entries, &known, &HashMap::new());
+        assert_eq!(totals[&INODE].probes, 1);
+        assert_eq!(totals[&(INODE + 1)].probes, 3);
+    }
+
+    #[test]
+    fn without_records_the_entry_that_changed_last_is_the_live_namespace() {
+        let start = Instant::now();
+        let entries = [
+            (key(INODE, 9), counters(10, 7)),
+            (key(INODE, 5), counters(2, 1)),
+        ];
+        // The dead namespace's entry stopped changing before the new one's did.
+        let activity = HashMap::from([
+            (key(INODE, 9), (10, start)),
+            (key(INODE, 5), (2, start + Duration::from_secs(5))),
+        ]);
+        assert_eq!(
+            current(&entries, &HashMap::new(), &activity)[&INODE].probes,
+            1
+        );
+        // An entry no sweep has seen yet is newer still.
+        let entries = [
+            (key(INODE, 9), counters(10, 7)),
+            (key(INODE, 5), counters(2, 1)),
+            (key(INODE, 3), counters(1, 1)),
+        ];
+        assert_eq!(
+            current(&entries, &HashMap::new(), &activity)[&INODE].expiries,
+            1
+        );
+    }
+
+    #[test]
+    fn only_other_namespaces_of_an_inode_are_forgotten() {
+        assert!(older(5, 9));
+        assert!(older(9, 5));
+        assert!(!older(9, 9));
+        assert!(!older(0, 9));
+    }
+
+    #[test]
+    fn without_a_cookie_the_counts_of_one_inode_add_up() {
+        // 5.10: the cookie was generated while the namespace was counting.
+        let entries = [
+            (key(INODE, 0), counters(10, 7)),
+            (key(INODE, 3), counters(2, 1)),
+        ];
+        assert_eq!(
+            current(&entries, &HashMap::new(), &HashMap::new())[&INODE].probes,
+            8
+        );
+    }
+
+    #[test]
+    fn a_sweep_keeps_active_entries_and_deletes_quiet_ones() {
+        let retention = Duration::from_secs(60);
+        let start = Instant::now();
+        let mut seen = HashMap::new();
+        let first = [
+            (key(INODE, 5), counters(1, 0)),
+            (key(INODE + 1, 6), counters(1, 0)),
+        ];
+        let (active, stale) = sweep(&mut seen, &first, start, retention);
+        assert_eq!(active, [(INODE, 5), (INODE + 1, 6)]);
+        assert!(stale.is_empty());
+
+        // INODE + 1 keeps expiring; INODE is quiet.
+        let later = start + Duration::from_secs(59);
+        let second = [
+            (key(INODE, 5), counters(1, 0)),
+            (key(INODE + 1, 6), counters(2, 0)),
+        ];
+        let (active, stale) = sweep(&mut seen, &second, later, retention);
+        assert_eq!(active, [(INODE + 1, 6)]);
+        assert!(stale.is_empty());
+
+        let end = start + Duration::from_secs(60);
+        let (active, stale) = sweep(&mut seen, &second, end, retention);
+        assert!(active.is_empty());
+        assert_eq!(stale, [key(INODE, 5)]);
+        assert_eq!(seen.len(), 1);
+    }
+}
