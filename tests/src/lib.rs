@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-pub use agent::{Agent, AgentEndpoint, NeverMatched, agent_bin, http_get};
+pub use agent::{Agent, AgentEndpoint, NeverMatched, agent_bin, free_loopback_port, http_get};
 pub use expect::{DROP_REASONS, Expectations};
 pub use metrics::{Metrics, Sample};
 pub use netns::{Netns, NftRule, TcpExt};

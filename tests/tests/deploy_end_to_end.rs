@@ -512,9 +512,11 @@ fn agent_is_ready_with_only_the_daemonset_capabilities_and_fails_without_cap_sys
     let (capabilities, args) = daemonset_container()?;
     let scratch = ScratchDir::new("caps")?;
     let without: Vec<String> = capabilities.into_iter().filter(|c| c != "syslog").collect();
+    // A real port: the agent refuses port 0, which Prometheus could not know.
+    let addr = keepalive_tests::free_loopback_port()?.to_string();
     let args: Vec<String> = agent_as_in_daemonset(&scratch.0, &without, &args)
         .into_iter()
-        .map(|a| a.replace("{addr}", "127.0.0.1:0"))
+        .map(|a| a.replace("{addr}", &addr))
         .collect();
     let mut child = Command::new("unshare")
         .args(&args)

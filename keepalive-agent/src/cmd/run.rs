@@ -256,11 +256,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             (None, None)
         }
     };
+    let reserve_failures = ReserveFailures(Arc::new(Mutex::new(reserve_failures)));
+    tokio::spawn(
+        reserve_failures
+            .clone()
+            .log_losses(std::time::Duration::from_secs(10)),
+    );
     let mut registry = metrics::registry(
         &pipeline_metrics,
         Arc::clone(&table),
         config.max_series,
-        ReserveFailures(Mutex::new(reserve_failures)),
+        reserve_failures,
         &hooks,
     );
     let cgroup_root = config

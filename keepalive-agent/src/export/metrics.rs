@@ -313,14 +313,14 @@ impl prometheus_client::collector::Collector for KernelNamespaceCounters {
             }
         }
         ConstGauge::new(entries as i64).encode(encoder.encode_descriptor(
-            "keepalive_agent_kernel_counter_entries",
+            "keepalive_agent_netns_map_entries",
             "Entries in the kernel's per-namespace counter map (one per live namespace, briefly two when an inode is reused)",
             None,
             MetricType::Gauge,
         )?)?;
         match self.0.full() {
             Ok(full) => ConstCounter::new(full).encode(encoder.encode_descriptor(
-                "keepalive_agent_kernel_counter_map_full",
+                "keepalive_agent_netns_map_full",
                 "Kernel events of a namespace not counted because the per-namespace counter map was full (more namespaces than it holds)",
                 None,
                 MetricType::Counter,
@@ -516,7 +516,46 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
 }
 
 /// Ring-buffer reserves that failed in the kernel (events lost), summed over CPUs at scrape.
-pub(crate) struct ReserveFailures(pub Mutex<PerCpuArray<MapData, u64>>);
+#[derive(Clone)]
+pub(crate) struct ReserveFailures(pub Arc<Mutex<PerCpuArray<MapData, u64>>>);
+
+impl ReserveFailures {
+    /// Records the kernel could not reserve in the ring buffer, summed over CPUs.
+    fn total(&self) -> Result<u64, String> {
+        let map = self
+            .0
+            .lock()
+            .map_err(|_| "the ring buffer failure counters' lock is poisoned".to_owned())?;
+        map.get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .map_err(|err| format!("cannot read the ring buffer failure counters: {err}"))
+    }
+
+    /// Logs, at most once per `every`, how many records the kernel lost since the last line:
+    /// the counter alone would leave an operator reading the logs unaware.
+    pub(crate) async fn log_losses(self, every: std::time::Duration) {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported = 0;
+        loop {
+            ticker.tick().await;
+            match self.total() {
+                Ok(total) if total > reported => {
+                    log::warn!(
+                        "{} kernel records lost in the last {} ({total} since start): the ring \
+                         buffer was full, so per-connection series and events miss them (the \
+                         namespace totals are counted in the kernel); raise --ring-buffer.bytes",
+                        total - reported,
+                        humantime::format_duration(every)
+                    );
+                    reported = total;
+                }
+                Ok(_) => {}
+                Err(err) => log::warn!("{err}"),
+            }
+        }
+    }
+}
 
 impl fmt::Debug for ReserveFailures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -526,10 +565,10 @@ impl fmt::Debug for ReserveFailures {
 
 impl prometheus_client::collector::Collector for ReserveFailures {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let total: u64 = match self.0.lock().map_err(|_| fmt::Error)?.get(&0, 0) {
-            Ok(per_cpu) => per_cpu.iter().sum(),
+        let total = match self.total() {
+            Ok(total) => total,
             Err(err) => {
-                log::warn!("cannot read the ring buffer failure counters: {err}");
+                log::warn!("{err}");
                 return Ok(());
             }
         };
