@@ -418,13 +418,35 @@ pub fn http_get_accept(
     path: &str,
     accept: &str,
 ) -> anyhow::Result<(u16, String)> {
+    let response = http_request(addr, path, &[("Accept", accept)])?;
+    Ok((response.status, response.body))
+}
+
+/// What [`http_request`] read back.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The `Content-Type` header, if the server sent one.
+    pub content_type: Option<String>,
+    pub body: String,
+}
+
+/// A GET with exactly the `headers` given besides `Host` and `Connection: close` (none means
+/// no `Accept` at all, as `curl` and `promtool` scrape).
+pub fn http_request(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<HttpResponse> {
     let timeout = Duration::from_secs(10);
     let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("{addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-    );
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
     s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
@@ -437,13 +459,14 @@ pub fn http_get_accept(
     let body = &raw[split + 4..];
     let mut lines = head.lines();
     let status_line = lines.next().context("empty response")?;
-    let code = status_line
+    let status = status_line
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse::<u16>().ok())
         .with_context(|| format!("bad status line {status_line:?}"))?;
     let mut chunked = false;
     let mut length = None;
+    let mut content_type = None;
     for line in lines {
         if let Some((k, v)) = line.split_once(':') {
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
@@ -451,6 +474,8 @@ pub fn http_get_accept(
                 chunked = true;
             } else if k == "content-length" {
                 length = v.parse::<usize>().ok();
+            } else if k == "content-type" {
+                content_type = Some(v.to_owned());
             }
         }
     }
@@ -462,7 +487,11 @@ pub fn http_get_accept(
     } else {
         body.to_vec()
     };
-    Ok((code, String::from_utf8(body).context("body is not UTF-8")?))
+    Ok(HttpResponse {
+        status,
+        content_type,
+        body: String::from_utf8(body).context("body is not UTF-8")?,
+    })
 }
 
 fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {

@@ -50,24 +50,15 @@ async fn metrics(
     State(state): State<Arc<HttpState>>,
     headers: axum::http::HeaderMap,
 ) -> impl IntoResponse {
-    let mut body = String::new();
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        // Only for clients that ask for the classic format (promtool check metrics).
-        Ok(()) if crate::export::exposition::wants_text_0_0_4(accept) => (
+    let format = crate::export::exposition::negotiate(accept);
+    match format.encode(&state.registry) {
+        Ok(body) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, crate::export::exposition::TEXT_0_0_4)],
-            crate::export::exposition::openmetrics_to_text(&body),
-        ),
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
+            [(header::CONTENT_TYPE, format.content_type())],
             body,
         ),
         Err(_) => (
