@@ -10,7 +10,10 @@ use keepalive_agent::cmd::{
 /// Shows what the kernel's TCP keepalive machinery does, per connection, as Prometheus metrics:
 /// probes sent, probes unanswered, and which connections the kernel dropped and why.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version = concat!(env!("CARGO_PKG_VERSION"), " (revision ", env!("KEEPALIVE_GIT_REVISION"), ")"),
+    about
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -39,11 +39,39 @@ pub(crate) struct HttpState {
 }
 
 pub(crate) fn router(state: Arc<HttpState>, telemetry_path: &str) -> Router {
+    let landing = landing_page(telemetry_path);
     Router::new()
+        .route(
+            "/",
+            get(|| async move {
+                (
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    landing,
+                )
+            }),
+        )
         .route(telemetry_path, get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(state)
+}
+
+/// What someone who opens the agent's port in a browser sees: where the metrics and probes are
+/// and which build answers. `telemetry_path` is safe in HTML as it is (`--web.telemetry-path`
+/// allows only letters, digits and `-_.~/`).
+fn landing_page(telemetry_path: &str) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let revision = env!("KEEPALIVE_GIT_REVISION");
+    format!(
+        "<!DOCTYPE html>\n<html>\n<head><meta charset=\"utf-8\"><title>keepalive-agent</title></head>\n\
+         <body>\n<h1>keepalive-agent</h1>\n\
+         <p>Per-connection TCP keepalive visibility from eBPF.</p>\n\
+         <p>Version {version}, revision {revision}</p>\n<ul>\n\
+         <li><a href=\"{telemetry_path}\">{telemetry_path}</a>: Prometheus metrics</li>\n\
+         <li><a href=\"/healthz\">/healthz</a>: liveness</li>\n\
+         <li><a href=\"/readyz\">/readyz</a>: readiness (every required kernel program attached)</li>\n\
+         </ul>\n</body>\n</html>\n"
+    )
 }
 
 async fn metrics(
@@ -315,6 +343,20 @@ impl Drop for InRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn landing_page_links_every_endpoint_and_names_the_build() {
+        let page = landing_page("/v1/keepalive");
+        for needle in [
+            "href=\"/v1/keepalive\"",
+            "href=\"/healthz\"",
+            "href=\"/readyz\"",
+            env!("CARGO_PKG_VERSION"),
+            &format!("revision {}", env!("KEEPALIVE_GIT_REVISION")),
+        ] {
+            assert!(page.contains(needle), "{needle:?} missing from\n{page}");
+        }
+    }
 
     #[test]
     fn bind_hints_follow_the_errno() {

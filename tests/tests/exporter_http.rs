@@ -1,7 +1,8 @@
-//! `/metrics` negotiates its format as Go's client library does: the classic text format 0.0.4
-//! to a client that does not ask for OpenMetrics (curl, promtool, Telegraf), OpenMetrics to one
-//! that does (Prometheus). Each answer's Content-Type must name the format of its body, and the
-//! plain client's answer must pass `promtool check metrics`.
+//! The HTTP face operators and scrapers meet. `/metrics` negotiates its format as Go's client
+//! library does: the classic text format 0.0.4 to a client that does not ask for OpenMetrics
+//! (curl, promtool, Telegraf), OpenMetrics to one that does (Prometheus); each answer's
+//! Content-Type names its body's format and the plain answer passes `promtool check metrics`.
+//! `/` is a landing page linking the endpoints and naming the build.
 
 use std::process::{Command, Stdio};
 
@@ -122,5 +123,64 @@ fn metrics_are_classic_text_unless_the_client_asks_for_openmetrics() -> anyhow::
         output.status.success() && report.trim().is_empty(),
         "promtool check metrics on the plain scrape:\n{report}"
     );
+    Ok(())
+}
+
+/// `revision="..."` of `keepalive_agent_build_info`.
+fn build_info_revision(exposition: &str) -> Option<String> {
+    let line = exposition
+        .lines()
+        .find(|line| line.starts_with("keepalive_agent_build_info{"))?;
+    let start = line.find("revision=\"")? + "revision=\"".len();
+    let end = start + line[start..].find('"')?;
+    Some(line[start..end].to_owned())
+}
+
+#[test]
+fn landing_page_links_the_endpoints_and_names_the_revision_build_info_carries() -> anyhow::Result<()>
+{
+    let test = "landing_page_links_the_endpoints_and_names_the_revision_build_info_carries";
+    if !kernel_tests_enabled(test) {
+        return Ok(());
+    }
+    let agent = match Agent::start_with_args(&["--web.telemetry-path", "/v1/keepalive"]) {
+        Ok(agent) => agent,
+        Err(e) => {
+            skip_or_fail(test, &format!("the agent did not start: {e:#}"));
+            return Ok(());
+        }
+    };
+    let landing = http_request(agent.addr(), "/", &[])?;
+    assert_eq!(landing.status, 200);
+    assert_eq!(
+        landing.content_type.as_deref(),
+        Some("text/html; charset=utf-8")
+    );
+    let metrics = http_request(agent.addr(), "/v1/keepalive", &[])?;
+    assert_eq!(metrics.status, 200);
+    let revision =
+        build_info_revision(&metrics.body).context("keepalive_agent_build_info has no revision")?;
+    // A commit (abbreviated by git, so at least 7 hex digits) or `unknown` outside git.
+    assert!(
+        revision == "unknown"
+            || (revision.len() >= 7 && revision.chars().all(|c| c.is_ascii_hexdigit())),
+        "revision {revision:?}"
+    );
+    for needle in [
+        "href=\"/v1/keepalive\"",
+        "href=\"/healthz\"",
+        "href=\"/readyz\"",
+        &format!("revision {revision}"),
+    ] {
+        assert!(
+            landing.body.contains(needle),
+            "{needle:?} missing from the landing page:\n{}",
+            landing.body
+        );
+    }
+    // Every link on the page answers.
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(http_request(agent.addr(), path, &[])?.status, 200, "{path}");
+    }
     Ok(())
 }
