@@ -261,7 +261,13 @@ impl Agent {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if std::env::var_os("RUST_LOG").is_none() {
+        // RUST_LOG overrides --log.level: a test that sets the flag gets exactly that level.
+        let sets_log_level = cmd
+            .get_args()
+            .any(|arg| arg.to_string_lossy().starts_with("--log.level"));
+        if sets_log_level {
+            cmd.env_remove("RUST_LOG");
+        } else if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.

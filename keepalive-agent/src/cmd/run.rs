@@ -291,6 +291,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     registry.register_collector(Box::new(audit_collector));
     let server_metrics = http::ServerMetrics::default();
     server_metrics.register(&mut registry);
+    crate::logging::register_metrics(&mut registry);
     let state = Arc::new(HttpState {
         registry,
         ready: false.into(),
