@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::DEADLINE;
 use crate::deploy::{ScratchDir, agent_as_in_daemonset, daemonset_container};
 use crate::expect::Expectations;
 use crate::metrics::Metrics;
 use crate::netns::{Netns, run_in_netns};
+use crate::{DEADLINE, wait_until};
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -241,10 +241,32 @@ impl Agent {
         Self::spawn(cmd, endpoint, Some((pod, scratch)))
     }
 
+    /// [`Agent::start_with_args`] for an agent whose port plain HTTP cannot probe (TLS, basic
+    /// auth): ready once `ready(addr)` returns true.
+    pub fn start_with_args_ready_when(
+        extra_args: &[&str],
+        ready: &mut dyn FnMut(SocketAddr) -> bool,
+    ) -> anyhow::Result<Agent> {
+        let addr = free_loopback_port()?;
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--web.listen-address", &addr.to_string()])
+            .args(extra_args);
+        Self::spawn_ready_when(cmd, AgentEndpoint::new(addr), None, Some(ready))
+    }
+
     fn spawn(
+        cmd: Command,
+        endpoint: AgentEndpoint,
+        pod: Option<(Netns, ScratchDir)>,
+    ) -> anyhow::Result<Agent> {
+        Self::spawn_ready_when(cmd, endpoint, pod, None)
+    }
+
+    fn spawn_ready_when(
         mut cmd: Command,
         endpoint: AgentEndpoint,
         pod: Option<(Netns, ScratchDir)>,
+        ready: Option<&mut dyn FnMut(SocketAddr) -> bool>,
     ) -> anyhow::Result<Agent> {
         let bin = agent_bin();
         ensure!(
@@ -289,7 +311,20 @@ impl Agent {
             log_path,
             keep_log: AtomicBool::new(false),
         };
-        if let Err(e) = agent.wait_ready() {
+        let became_ready = match ready {
+            None => agent.wait_ready(),
+            Some(ready) => {
+                let addr = agent.addr();
+                let child = &mut agent.child;
+                wait_until(DEADLINE, "the agent to be ready", || {
+                    if let Some(status) = child.try_wait()? {
+                        bail!("agent exited with {status} before it was ready");
+                    }
+                    Ok(ready(addr))
+                })
+            }
+        };
+        if let Err(e) = became_ready {
             agent.keep_log.store(true, Ordering::Relaxed);
             return Err(e.context(format!(
                 "agent did not become ready; its log ({}):\n{}",

@@ -32,6 +32,8 @@ use log::{info, warn};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
+use crate::export::web_config::WebConfig;
+
 pub(crate) struct HttpState {
     pub registry: Registry,
     /// Every required kernel program is attached and the ring buffer is being drained.
@@ -198,6 +200,7 @@ impl RateLimitedWarning {
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
+    web: WebConfig,
     metrics: ServerMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -253,6 +256,7 @@ pub(crate) async fn serve(
         let connection = serve_connection(
             stream,
             router.clone(),
+            web.clone(),
             Arc::clone(&slot.in_request),
             Arc::clone(&slot.close),
             shutdown.clone(),
@@ -286,18 +290,65 @@ pub(crate) async fn serve(
 }
 
 /// Serves one connection until the client closes it, a timeout fires, the accept loop needs its
-/// slot (`close`), or shutdown (then the request in flight finishes first).
+/// slot (`close`), or shutdown (then the request in flight finishes first). With TLS the
+/// handshake comes first, under the same deadline as a request's headers: a client that
+/// connects and sends nothing (or plain HTTP) holds its slot no longer than a slowloris.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     router: Router,
+    web: WebConfig,
     in_request: Arc<AtomicUsize>,
     close: Arc<tokio::sync::Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let service = hyper::service::service_fn(move |request| {
+    let Some(tls) = web.tls.clone() else {
+        serve_http(stream, router, web, in_request, close, shutdown).await;
+        return;
+    };
+    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream));
+    let stream = tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(stream)) => stream,
+            // Not TLS, a certificate the client CA does not sign, or too slow: the client
+            // sees the connection closed (its TLS library says why), nothing to log per client.
+            Ok(Err(_)) | Err(_) => return,
+        },
+        () = close.notified() => return,
+        () = stopped(&mut shutdown) => return,
+    };
+    serve_http(stream, router, web, in_request, close, shutdown).await;
+}
+
+async fn serve_http<S>(
+    stream: S,
+    router: Router,
+    web: WebConfig,
+    in_request: Arc<AtomicUsize>,
+    close: Arc<tokio::sync::Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: axum::http::Request<_>| {
         let mut router = router.clone();
+        let basic_auth = web.basic_auth.clone();
         let guard = InRequest::enter(Arc::clone(&in_request));
         async move {
+            if let Some(auth) = basic_auth {
+                let authorization = request
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .map(|value| value.as_bytes().to_vec());
+                // bcrypt takes tens of milliseconds by design: off the async workers.
+                let allowed =
+                    tokio::task::spawn_blocking(move || auth.allows(authorization.as_deref()))
+                        .await
+                        .unwrap_or(false);
+                if !allowed {
+                    drop(guard);
+                    return Ok(unauthorized());
+                }
+            }
             let response = tower_service::Service::call(&mut router, request).await;
             drop(guard);
             response
@@ -317,6 +368,19 @@ async fn serve_connection(
             let _ = connection.await;
         }
     }
+}
+
+/// 401 with the challenge browsers and curl answer with credentials.
+fn unauthorized() -> axum::response::Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (header::WWW_AUTHENTICATE, "Basic realm=\"keepalive-agent\""),
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+        ],
+        "Unauthorized\n",
+    )
+        .into_response()
 }
 
 /// Resolves once `stop` is true (or its sender is gone, which also means stop).
