@@ -167,6 +167,177 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_gets_401() -
     Ok(())
 }
 
+/// Runs `openssl args...` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl")?;
+    ensure!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn required_client_certificates_admit_only_clients_signed_by_the_client_ca() -> anyhow::Result<()> {
+    let test = "required_client_certificates_admit_only_clients_signed_by_the_client_ca";
+    if !kernel_tests_enabled(test)
+        || !tool_available(test, "openssl", "version", "Debian package openssl")
+        || !tool_available(test, "curl", "--version", "Debian package curl")
+    {
+        return Ok(());
+    }
+    let scratch = ScratchDir::new("web-config-mtls")?;
+    let dir = &scratch.0;
+    self_signed_certificate(dir)?;
+    // A client CA, a client certificate it signs, and one signed by nobody the agent trusts.
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &key,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test client CA",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        dir,
+        &[
+            &["req"][..],
+            &key,
+            &[
+                "-keyout",
+                "client.key",
+                "-out",
+                "client.csr",
+                "-subj",
+                "/CN=prometheus",
+            ],
+        ]
+        .concat(),
+    )?;
+    // WebPKI takes only X.509 v3 certificates: extensions make `x509 -req` write one.
+    fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-extfile",
+            "client.ext",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &key,
+            &[
+                "-keyout",
+                "stranger.key",
+                "-out",
+                "stranger.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=stranger",
+            ],
+        ]
+        .concat(),
+    )?;
+    fs::write(
+        dir.join("web.yml"),
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n\
+         \x20 client_ca_file: ca.pem\n  client_auth_type: RequireAndVerifyClientCert\n",
+    )?;
+    let web_config = dir.join("web.yml").to_string_lossy().into_owned();
+    let status_with = |addr: std::net::SocketAddr, client: Option<&str>| -> anyhow::Result<u16> {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["--cacert", "cert.pem"])
+        .current_dir(dir);
+        if let Some(client) = client {
+            cmd.args([
+                "--cert",
+                &format!("{client}.pem"),
+                "--key",
+                &format!("{client}.key"),
+            ]);
+        }
+        let output = cmd
+            .arg(format!("https://{addr}/metrics"))
+            .output()
+            .context("running curl")?;
+        let code = String::from_utf8_lossy(&output.stdout);
+        code.trim()
+            .parse()
+            .with_context(|| format!("curl -w %{{http_code}} printed {code:?}"))
+    };
+    let agent =
+        match Agent::start_with_args_ready_when(&["--web.config.file", &web_config], &mut |addr| {
+            status_with(addr, Some("client")).is_ok_and(|code| code == 200)
+        }) {
+            Ok(agent) => agent,
+            Err(e) => {
+                skip_or_fail(test, &format!("the agent did not start: {e:#}"));
+                return Ok(());
+            }
+        };
+    let addr = agent.addr();
+    assert_eq!(status_with(addr, Some("client"))?, 200);
+    // The handshake fails: no HTTP status at all.
+    assert_eq!(status_with(addr, None)?, 0, "no client certificate");
+    assert_eq!(
+        status_with(addr, Some("stranger"))?,
+        0,
+        "a certificate the CA did not sign"
+    );
+    Ok(())
+}
+
 /// Runs `run` with `--web.config.file path`; (exit code, stderr) once it exits by itself.
 fn run_with_web_config(path: &Path) -> anyhow::Result<(i32, String)> {
     let addr = free_loopback_port()?;
