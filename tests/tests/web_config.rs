@@ -167,6 +167,87 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_gets_401() -
     Ok(())
 }
 
+/// Whether the peer closed `s` (EOF or reset), without blocking.
+fn closed_by_peer(s: &std::net::TcpStream) -> bool {
+    s.set_nonblocking(true).ok();
+    let mut buf = [0u8; 64];
+    match std::io::Read::read(&mut &*s, &mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+#[test]
+fn clients_that_never_start_a_tls_handshake_are_shed_and_timed_out_like_slowloris()
+-> anyhow::Result<()> {
+    let test = "clients_that_never_start_a_tls_handshake_are_shed_and_timed_out_like_slowloris";
+    if !kernel_tests_enabled(test)
+        || !tool_available(test, "openssl", "version", "Debian package openssl")
+        || !tool_available(test, "curl", "--version", "Debian package curl")
+    {
+        return Ok(());
+    }
+    let scratch = ScratchDir::new("web-config-idle")?;
+    let dir = &scratch.0;
+    self_signed_certificate(dir)?;
+    fs::write(
+        dir.join("web.yml"),
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n",
+    )?;
+    let web_config = dir.join("web.yml").to_string_lossy().into_owned();
+    let agent =
+        match Agent::start_with_args_ready_when(&["--web.config.file", &web_config], &mut |addr| {
+            curl_status(dir, &format!("https://{addr}/readyz"), None).is_ok_and(|code| code == 200)
+        }) {
+            Ok(agent) => agent,
+            Err(e) => {
+                skip_or_fail(test, &format!("the agent did not start: {e:#}"));
+                return Ok(());
+            }
+        };
+    let addr = agent.addr();
+    // More silent connections than the agent's cap (64): none of them sends a ClientHello.
+    let idle: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
+        .collect::<Result<_, _>>()?;
+    // A scraper still gets in: the cap sheds the oldest silent one for it.
+    assert_eq!(
+        curl_status(dir, &format!("https://{addr}/metrics"), None)?,
+        200
+    );
+    // And every silent one is closed, by shedding or by the handshake deadline.
+    wait_until(
+        Duration::from_secs(60),
+        "every silent connection closed",
+        || Ok(idle.iter().all(closed_by_peer)),
+    )?;
+    let shed = curl_metric(dir, addr, "keepalive_agent_http_connections_shed_total")?;
+    ensure!(
+        shed >= 1.0,
+        "keepalive_agent_http_connections_shed_total = {shed}"
+    );
+    Ok(())
+}
+
+/// The value of an unlabelled metric, scraped over TLS.
+fn curl_metric(dir: &Path, addr: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let output = Command::new("curl")
+        .args(["-sf", "--max-time", "10", "--cacert", "cert.pem"])
+        .arg(format!("https://{addr}/metrics"))
+        .current_dir(dir)
+        .output()
+        .context("running curl")?;
+    ensure!(output.status.success(), "curl /metrics failed");
+    let body = String::from_utf8_lossy(&output.stdout);
+    body.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .with_context(|| format!("no {name} in the scrape"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{name} is not a number"))
+}
+
 /// Runs `openssl args...` in `dir`.
 fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let output = Command::new("openssl")
