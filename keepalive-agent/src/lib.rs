@@ -10,6 +10,7 @@
 //! - [`track`]: connection state and drop classification, without I/O;
 //! - [`attribution`]: who owns a socket (cgroup, Kubernetes ids, process);
 //! - [`record`]: the ring buffer and the record decoder;
+//! - [`logging`]: the log line formats, levels and the bound on repeated warnings;
 //! - [`files`]: bounded reads of the files the agent parses, with errno-specific hints;
 //! - [`kernel`]: everything about the running kernel (BTF layout, symbols, HZ, programs,
 //!   namespaces), opened once as a [`kernel::Session`].
@@ -22,6 +23,7 @@ pub(crate) mod files;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod kernel;
+pub mod logging;
 pub(crate) mod pipeline;
 pub(crate) mod record;
 pub(crate) mod track;

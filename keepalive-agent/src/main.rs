@@ -6,14 +6,20 @@ use keepalive_agent::cmd::{
     sockets::{self, SocketsConfig},
     watch::{self, WatchConfig},
 };
+use keepalive_agent::logging::{self, LogConfig};
 
 /// Shows what the kernel's TCP keepalive machinery does, per connection, as Prometheus metrics:
 /// probes sent, probes unanswered, and which connections the kernel dropped and why.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version = concat!(env!("CARGO_PKG_VERSION"), " (revision ", env!("KEEPALIVE_GIT_REVISION"), ")"),
+    about
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogConfig,
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,9 +46,14 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let command = match Cli::try_parse() {
-        Ok(cli) => cli.command,
+        Ok(cli) => {
+            if let Err(err) = logging::init(&cli.log) {
+                eprintln!("error: cannot install the logger: {err}");
+                return std::process::ExitCode::FAILURE;
+            }
+            cli.command
+        }
         Err(err) if !err.use_stderr() => {
             // --help and --version.
             let _ = err.print();

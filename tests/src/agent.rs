@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::DEADLINE;
 use crate::deploy::{ScratchDir, agent_as_in_daemonset, daemonset_container};
 use crate::expect::Expectations;
 use crate::metrics::Metrics;
 use crate::netns::{Netns, run_in_netns};
+use crate::{DEADLINE, wait_until};
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -241,10 +241,32 @@ impl Agent {
         Self::spawn(cmd, endpoint, Some((pod, scratch)))
     }
 
+    /// [`Agent::start_with_args`] for an agent whose port plain HTTP cannot probe (TLS, basic
+    /// auth): ready once `ready(addr)` returns true.
+    pub fn start_with_args_ready_when(
+        extra_args: &[&str],
+        ready: &mut dyn FnMut(SocketAddr) -> bool,
+    ) -> anyhow::Result<Agent> {
+        let addr = free_loopback_port()?;
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["run", "--web.listen-address", &addr.to_string()])
+            .args(extra_args);
+        Self::spawn_ready_when(cmd, AgentEndpoint::new(addr), None, Some(ready))
+    }
+
     fn spawn(
+        cmd: Command,
+        endpoint: AgentEndpoint,
+        pod: Option<(Netns, ScratchDir)>,
+    ) -> anyhow::Result<Agent> {
+        Self::spawn_ready_when(cmd, endpoint, pod, None)
+    }
+
+    fn spawn_ready_when(
         mut cmd: Command,
         endpoint: AgentEndpoint,
         pod: Option<(Netns, ScratchDir)>,
+        ready: Option<&mut dyn FnMut(SocketAddr) -> bool>,
     ) -> anyhow::Result<Agent> {
         let bin = agent_bin();
         ensure!(
@@ -261,7 +283,13 @@ impl Agent {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        if std::env::var_os("RUST_LOG").is_none() {
+        // RUST_LOG overrides --log.level: a test that sets the flag gets exactly that level.
+        let sets_log_level = cmd
+            .get_args()
+            .any(|arg| arg.to_string_lossy().starts_with("--log.level"));
+        if sets_log_level {
+            cmd.env_remove("RUST_LOG");
+        } else if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -283,7 +311,20 @@ impl Agent {
             log_path,
             keep_log: AtomicBool::new(false),
         };
-        if let Err(e) = agent.wait_ready() {
+        let became_ready = match ready {
+            None => agent.wait_ready(),
+            Some(ready) => {
+                let addr = agent.addr();
+                let child = &mut agent.child;
+                wait_until(DEADLINE, "the agent to be ready", || {
+                    if let Some(status) = child.try_wait()? {
+                        bail!("agent exited with {status} before it was ready");
+                    }
+                    Ok(ready(addr))
+                })
+            }
+        };
+        if let Err(e) = became_ready {
             agent.keep_log.store(true, Ordering::Relaxed);
             return Err(e.context(format!(
                 "agent did not become ready; its log ({}):\n{}",
@@ -418,13 +459,35 @@ pub fn http_get_accept(
     path: &str,
     accept: &str,
 ) -> anyhow::Result<(u16, String)> {
+    let response = http_request(addr, path, &[("Accept", accept)])?;
+    Ok((response.status, response.body))
+}
+
+/// What [`http_request`] read back.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The `Content-Type` header, if the server sent one.
+    pub content_type: Option<String>,
+    pub body: String,
+}
+
+/// A GET with exactly the `headers` given besides `Host` and `Connection: close` (none means
+/// no `Accept` at all, as `curl` and `promtool` scrape).
+pub fn http_request(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<HttpResponse> {
     let timeout = Duration::from_secs(10);
     let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("{addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-    );
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
     s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
@@ -437,13 +500,14 @@ pub fn http_get_accept(
     let body = &raw[split + 4..];
     let mut lines = head.lines();
     let status_line = lines.next().context("empty response")?;
-    let code = status_line
+    let status = status_line
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse::<u16>().ok())
         .with_context(|| format!("bad status line {status_line:?}"))?;
     let mut chunked = false;
     let mut length = None;
+    let mut content_type = None;
     for line in lines {
         if let Some((k, v)) = line.split_once(':') {
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
@@ -451,6 +515,8 @@ pub fn http_get_accept(
                 chunked = true;
             } else if k == "content-length" {
                 length = v.parse::<usize>().ok();
+            } else if k == "content-type" {
+                content_type = Some(v.to_owned());
             }
         }
     }
@@ -462,7 +528,11 @@ pub fn http_get_accept(
     } else {
         body.to_vec()
     };
-    Ok((code, String::from_utf8(body).context("body is not UTF-8")?))
+    Ok(HttpResponse {
+        status,
+        content_type,
+        body: String::from_utf8(body).context("body is not UTF-8")?,
+    })
 }
 
 fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {

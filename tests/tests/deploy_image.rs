@@ -75,9 +75,13 @@ fn image_runs_the_static_agent_and_reports_its_version() -> TestResult {
     let (ok, host_version) = run_tool(&agent_bin().to_string_lossy(), &["--version"], None)?;
     assert!(ok, "{host_version}");
     assert_eq!(version.trim(), host_version.trim());
-    assert_eq!(
-        version.trim(),
-        format!("keepalive-agent {}", env!("CARGO_PKG_VERSION"))
+    // `keepalive-agent 0.1.0 (revision <commit>)`.
+    assert!(
+        version.trim().starts_with(&format!(
+            "keepalive-agent {} (revision ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{version}"
     );
     Ok(())
 }

@@ -25,6 +25,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "buildah",
+    // The static agent's C code (ring, the TLS of --web.config.file) compiled for musl:
+    // x86_64-linux-musl-gcc, which cc-rs looks for.
+    "musl-tools",
     // Kernel matrix (`cargo xtask vm`): Debian kernels booted under qemu's TCG with a busybox
     // initramfs (`cpio -t` checks the archive xtask writes); gzip, xz and zstd unpack each
     // kernel's bzImage payload, compress the initramfs and the BTF test fixtures.

@@ -24,6 +24,7 @@ use crate::{
         http::{self, HttpState},
         labels::AggregateBy,
         metrics::{self, HookLabels, PipelineMetrics, ReserveFailures},
+        web_config::WebConfig,
     },
     kernel::{
         self, Session, hz,
@@ -42,6 +43,11 @@ pub struct RunConfig {
     /// listens on every interface: see README.md for what the port reveals.
     #[arg(long = "web.listen-address", default_value = DEFAULT_LISTEN_ADDRESS, value_parser = flags::parse_listen_address)]
     pub listen_address: SocketAddr,
+    /// exporter-toolkit's web configuration file (YAML): `tls_server_config` (cert_file,
+    /// key_file, optional client_ca_file with client_auth_type) and `basic_auth_users` (bcrypt
+    /// hashes). Read at start; without it the port is plain HTTP with no authentication.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<std::path::PathBuf>,
     /// Path of the metrics endpoint: letters, digits and - _ . ~ /, not /healthz or /readyz.
     #[arg(long = "web.telemetry-path", default_value = "/metrics", value_parser = flags::parse_telemetry_path)]
     pub telemetry_path: String,
@@ -153,6 +159,11 @@ impl RunConfig {
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     config.validate()?;
+    // Before the kernel is touched: a file that does not load stops the agent at once.
+    let web = match &config.web_config_file {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig::default(),
+    };
     // Installed first: SIGHUP's default action would kill the agent, and a logrotate
     // `postrotate` shared with other services may send it at any time.
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -182,9 +193,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             )
         })?;
     info!(
-        "serving {} on http://{}",
+        "serving {} on {}://{}{}",
         config.telemetry_path,
-        listener.local_addr()?
+        if web.tls.is_some() { "https" } else { "http" },
+        listener.local_addr()?,
+        if web.basic_auth.is_some() {
+            " (basic auth)"
+        } else {
+            ""
+        }
     );
 
     let kernel = session
@@ -311,6 +328,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     registry.register_collector(Box::new(audit_collector));
     let server_metrics = http::ServerMetrics::default();
     server_metrics.register(&mut registry);
+    crate::logging::register_metrics(&mut registry);
     let state = Arc::new(HttpState {
         registry,
         ready: false.into(),
@@ -318,6 +336,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut server = tokio::spawn(http::serve(
         listener,
         http::router(Arc::clone(&state), &config.telemetry_path),
+        web,
         server_metrics,
         stopping,
     ));

@@ -1,99 +1,210 @@
-//! The classic Prometheus text format (version 0.0.4), derived from the OpenMetrics text the
-//! registry encodes. Prometheus itself negotiates OpenMetrics; tools that only read 0.0.4 —
-//! `promtool check metrics`, older scrapers — ask for it with
-//! `Accept: text/plain; version=0.0.4`.
+//! Which exposition format a scrape gets, negotiated from its `Accept` header the way Go's
+//! client library does it (`expfmt.NegotiateIncludingOpenMetrics`): the classic text format
+//! 0.0.4 unless the client asks for OpenMetrics. Scrapers that know only 0.0.4 (`promtool
+//! check metrics`, `curl`, agents built on the Go text parser) send no `Accept` or `*/*`;
+//! Prometheus lists OpenMetrics first and gets it.
 //!
-//! The two formats differ, for what the agent exports, in: counter and info family names (the
-//! OpenMetrics `# TYPE` line names the family without `_total` / `_info`, 0.0.4 names the
-//! sample), the `info` and `unknown` types (0.0.4: `gauge`, `untyped`), exemplars, `# UNIT`
-//! and the closing `# EOF`. Sample lines are otherwise the same.
+//! Both encoders are prometheus-client's (`encoding::text` for OpenMetrics,
+//! `encoding::prometheus_text` for 0.0.4), so a metric type the crate learns is encoded right in
+//! both formats without code here.
 
-use std::collections::HashMap;
+use prometheus_client::registry::Registry;
 
-/// The 0.0.4 content type.
-pub(crate) const TEXT_0_0_4: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Whether a request's `Accept` header asks for 0.0.4 rather than OpenMetrics.
-pub(crate) fn wants_text_0_0_4(accept: &str) -> bool {
-    accept.contains("version=0.0.4") && !accept.contains("application/openmetrics-text")
+/// The formats the agent can answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// The classic text format, version 0.0.4.
+    Text,
+    /// OpenMetrics text, labelled with the version the client asked for (the body is the same:
+    /// what differs between 0.0.1 and 1.0.0 is nothing the agent exports).
+    OpenMetrics { version_1_0_0: bool },
 }
 
-/// Converts an OpenMetrics exposition to the 0.0.4 text format.
-pub(crate) fn openmetrics_to_text(openmetrics: &str) -> String {
-    // Family name → OpenMetrics type, from the `# TYPE` lines (HELP comes before TYPE).
-    let types: HashMap<&str, &str> = openmetrics
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.strip_prefix("# TYPE ")?.split(' ');
-            Some((words.next()?, words.next()?))
+impl Format {
+    pub(crate) fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Format::OpenMetrics {
+                version_1_0_0: true,
+            } => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::OpenMetrics {
+                version_1_0_0: false,
+            } => "application/openmetrics-text; version=0.0.1; charset=utf-8",
+        }
+    }
+
+    pub(crate) fn encode(self, registry: &Registry) -> Result<String, std::fmt::Error> {
+        let mut body = String::new();
+        match self {
+            Format::Text => {
+                prometheus_client::encoding::prometheus_text::encode(&mut body, registry)?
+            }
+            Format::OpenMetrics { .. } => {
+                prometheus_client::encoding::text::encode(&mut body, registry)?;
+            }
+        }
+        Ok(body)
+    }
+}
+
+/// One media range of an `Accept` header.
+struct MediaRange<'a> {
+    kind: &'a str,
+    subtype: &'a str,
+    version: Option<&'a str>,
+    quality: f32,
+}
+
+impl MediaRange<'_> {
+    /// `*/*` sorts after `text/*`, which sorts after `text/plain` (RFC 9110 §12.5.1).
+    fn specificity(&self) -> u8 {
+        u8::from(self.kind != "*") + u8::from(self.subtype != "*")
+    }
+}
+
+/// Parses `accept` into its media ranges, most preferred first: by quality, then specificity,
+/// then the order the client wrote them in (Go's goautoneg does the same).
+fn media_ranges(accept: &str) -> Vec<MediaRange<'_>> {
+    let mut ranges: Vec<MediaRange<'_>> = accept
+        .split(',')
+        .filter_map(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let (kind, subtype) = parts.next()?.split_once('/')?;
+            let mut media = MediaRange {
+                kind: kind.trim(),
+                subtype: subtype.trim(),
+                version: None,
+                quality: 1.0,
+            };
+            for param in parts {
+                let Some((key, value)) = param.split_once('=') else {
+                    continue;
+                };
+                let value = value.trim().trim_matches('"');
+                match key.trim() {
+                    "q" => media.quality = value.parse().unwrap_or(0.0),
+                    "version" => media.version = Some(value),
+                    _ => {}
+                }
+            }
+            Some(media)
         })
         .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
+    // Stable: equal ranges keep the client's order.
+    ranges.sort_by(|a, b| {
+        b.quality
+            .total_cmp(&a.quality)
+            .then(b.specificity().cmp(&a.specificity()))
+    });
+    ranges
+}
+
+/// The format to answer a scrape whose `Accept` header is `accept` (empty when absent).
+pub(crate) fn negotiate(accept: &str) -> Format {
+    for range in media_ranges(accept) {
+        if range.quality <= 0.0 {
             continue;
         }
-        if let Some((keyword, rest)) = line
-            .strip_prefix("# HELP ")
-            .map(|rest| ("HELP", rest))
-            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("TYPE", rest)))
-        {
-            let (family, text) = rest.split_once(' ').unwrap_or((rest, ""));
-            let kind = types.get(family).copied().unwrap_or("unknown");
-            let name = match kind {
-                "counter" => format!("{family}_total"),
-                "info" => format!("{family}_info"),
-                _ => family.to_owned(),
-            };
-            let text = if keyword == "TYPE" {
-                match kind {
-                    "info" => "gauge",
-                    "counter" | "gauge" | "histogram" | "summary" => kind,
-                    _ => "untyped",
-                }
-            } else {
-                text
-            };
-            out.push_str(&format!("# {keyword} {name} {text}\n"));
-            continue;
+        let kind = (
+            range.kind.to_ascii_lowercase(),
+            range.subtype.to_ascii_lowercase(),
+        );
+        match (kind.0.as_str(), kind.1.as_str(), range.version) {
+            ("text", "plain", None | Some("0.0.4")) => return Format::Text,
+            ("application", "openmetrics-text", None | Some("0.0.1")) => {
+                return Format::OpenMetrics {
+                    version_1_0_0: false,
+                };
+            }
+            ("application", "openmetrics-text", Some("1.0.0")) => {
+                return Format::OpenMetrics {
+                    version_1_0_0: true,
+                };
+            }
+            // Protobuf (asked for by Prometheus with native histograms on) is not served; the
+            // next range the client accepts is.
+            _ => {}
         }
-        // An exemplar follows the value as ` # {labels} value`; 0.0.4 has none.
-        let sample = line.split_once(" # ").map_or(line, |(sample, _)| sample);
-        out.push_str(sample);
-        out.push('\n');
     }
-    out
+    Format::Text
 }
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::metrics::{counter::Counter, info::Info};
+
     use super::*;
 
+    /// What Prometheus 2.42 sends (scrape/scrape.go, `scrapeAcceptHeader`).
+    const PROMETHEUS_2_42: &str = "application/openmetrics-text;version=1.0.0,\
+        application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    /// What Prometheus 2.49 and later send with native histograms on: protobuf first.
+    const PROMETHEUS_PROTOBUF_FIRST: &str = "application/vnd.google.protobuf;\
+        proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,\
+        application/openmetrics-text;version=1.0.0;q=0.5,\
+        application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+
     #[test]
-    fn counters_and_info_families_are_named_by_their_samples() {
-        let openmetrics = "# HELP drops Drops.\n# TYPE drops counter\n\
-            drops_total{reason=\"x\"} 1 # {trace_id=\"a\"} 1\n\
-            # HELP build Build.\n# TYPE build info\nbuild_info{version=\"1\"} 1\n\
-            # HELP up Up.\n# TYPE up gauge\n# UNIT up \nup 1\n\
-            # HELP d Detection.\n# TYPE d histogram\nd_bucket{le=\"+Inf\"} 0\nd_sum 0\nd_count 0\n\
-            # TYPE odd unknown\nodd 2\n# EOF\n";
+    fn clients_that_do_not_ask_for_openmetrics_get_the_classic_text_format() {
+        for accept in [
+            "",
+            "*/*",
+            "text/plain",
+            "text/plain; version=0.0.4",
+            "text/*",
+        ] {
+            assert_eq!(negotiate(accept), Format::Text, "{accept:?}");
+        }
+        // Unknown versions and refused types fall through to the default, as in Go.
         assert_eq!(
-            openmetrics_to_text(openmetrics),
-            "# HELP drops_total Drops.\n# TYPE drops_total counter\ndrops_total{reason=\"x\"} 1\n\
-             # HELP build_info Build.\n# TYPE build_info gauge\nbuild_info{version=\"1\"} 1\n\
-             # HELP up Up.\n# TYPE up gauge\nup 1\n\
-             # HELP d Detection.\n# TYPE d histogram\nd_bucket{le=\"+Inf\"} 0\nd_sum 0\nd_count 0\n\
-             # TYPE odd untyped\nodd 2\n"
+            negotiate("application/openmetrics-text; version=2.0.0"),
+            Format::Text
+        );
+        assert_eq!(
+            negotiate("application/openmetrics-text;q=0, text/plain;q=0.1"),
+            Format::Text
         );
     }
 
     #[test]
-    fn prometheus_gets_openmetrics_and_only_an_explicit_0_0_4_request_gets_text() {
-        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
-            version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
-        assert!(!wants_text_0_0_4(prometheus));
-        assert!(!wants_text_0_0_4("*/*"));
-        assert!(!wants_text_0_0_4("text/plain"));
-        assert!(wants_text_0_0_4("text/plain; version=0.0.4"));
+    fn prometheus_and_openmetrics_clients_get_openmetrics() {
+        let v1 = Format::OpenMetrics {
+            version_1_0_0: true,
+        };
+        assert_eq!(negotiate(PROMETHEUS_2_42), v1);
+        assert_eq!(negotiate(PROMETHEUS_PROTOBUF_FIRST), v1);
+        assert_eq!(
+            negotiate("application/openmetrics-text"),
+            Format::OpenMetrics {
+                version_1_0_0: false
+            }
+        );
+        // Quality beats order.
+        assert_eq!(
+            negotiate("text/plain;version=0.0.4;q=0.3, application/openmetrics-text;version=1.0.0"),
+            v1
+        );
+    }
+
+    #[test]
+    fn classic_text_names_counter_and_info_families_by_their_samples() {
+        let mut registry = Registry::default();
+        let drops = Counter::<u64>::default();
+        drops.inc();
+        registry.register("drops", "Drops", drops);
+        registry.register("build", "Build", Info::new(vec![("version", "1")]));
+        let text = Format::Text.encode(&registry).unwrap();
+        assert_eq!(
+            text,
+            "# HELP drops_total Drops.\n# TYPE drops_total counter\ndrops_total 1\n\
+             # HELP build_info Build.\n# TYPE build_info gauge\nbuild_info{version=\"1\"} 1\n"
+        );
+        let openmetrics = Format::OpenMetrics {
+            version_1_0_0: true,
+        }
+        .encode(&registry)
+        .unwrap();
+        assert!(openmetrics.contains("# TYPE build info\n"));
+        assert!(openmetrics.ends_with("# EOF\n"));
     }
 }

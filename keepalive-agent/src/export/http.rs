@@ -32,6 +32,8 @@ use log::{info, warn};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
+use crate::export::web_config::WebConfig;
+
 pub(crate) struct HttpState {
     pub registry: Registry,
     /// Every required kernel program is attached and the ring buffer is being drained.
@@ -39,35 +41,54 @@ pub(crate) struct HttpState {
 }
 
 pub(crate) fn router(state: Arc<HttpState>, telemetry_path: &str) -> Router {
+    let landing = landing_page(telemetry_path);
     Router::new()
+        .route(
+            "/",
+            get(|| async move {
+                (
+                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                    landing,
+                )
+            }),
+        )
         .route(telemetry_path, get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(state)
 }
 
+/// What someone who opens the agent's port in a browser sees: where the metrics and probes are
+/// and which build answers. `telemetry_path` is safe in HTML as it is (`--web.telemetry-path`
+/// allows only letters, digits and `-_.~/`).
+fn landing_page(telemetry_path: &str) -> String {
+    let version = env!("CARGO_PKG_VERSION");
+    let revision = env!("KEEPALIVE_GIT_REVISION");
+    format!(
+        "<!DOCTYPE html>\n<html>\n<head><meta charset=\"utf-8\"><title>keepalive-agent</title></head>\n\
+         <body>\n<h1>keepalive-agent</h1>\n\
+         <p>Per-connection TCP keepalive visibility from eBPF.</p>\n\
+         <p>Version {version}, revision {revision}</p>\n<ul>\n\
+         <li><a href=\"{telemetry_path}\">{telemetry_path}</a>: Prometheus metrics</li>\n\
+         <li><a href=\"/healthz\">/healthz</a>: liveness</li>\n\
+         <li><a href=\"/readyz\">/readyz</a>: readiness (every required kernel program attached)</li>\n\
+         </ul>\n</body>\n</html>\n"
+    )
+}
+
 async fn metrics(
     State(state): State<Arc<HttpState>>,
     headers: axum::http::HeaderMap,
 ) -> impl IntoResponse {
-    let mut body = String::new();
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
-    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        // Only for clients that ask for the classic format (promtool check metrics).
-        Ok(()) if crate::export::exposition::wants_text_0_0_4(accept) => (
+    let format = crate::export::exposition::negotiate(accept);
+    match format.encode(&state.registry) {
+        Ok(body) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, crate::export::exposition::TEXT_0_0_4)],
-            crate::export::exposition::openmetrics_to_text(&body),
-        ),
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
+            [(header::CONTENT_TYPE, format.content_type())],
             body,
         ),
         Err(_) => (
@@ -179,6 +200,7 @@ impl RateLimitedWarning {
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
+    web: WebConfig,
     metrics: ServerMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -234,6 +256,7 @@ pub(crate) async fn serve(
         let connection = serve_connection(
             stream,
             router.clone(),
+            web.clone(),
             Arc::clone(&slot.in_request),
             Arc::clone(&slot.close),
             shutdown.clone(),
@@ -267,18 +290,65 @@ pub(crate) async fn serve(
 }
 
 /// Serves one connection until the client closes it, a timeout fires, the accept loop needs its
-/// slot (`close`), or shutdown (then the request in flight finishes first).
+/// slot (`close`), or shutdown (then the request in flight finishes first). With TLS the
+/// handshake comes first, under the same deadline as a request's headers: a client that
+/// connects and sends nothing (or plain HTTP) holds its slot no longer than a slowloris.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     router: Router,
+    web: WebConfig,
     in_request: Arc<AtomicUsize>,
     close: Arc<tokio::sync::Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let service = hyper::service::service_fn(move |request| {
+    let Some(tls) = web.tls.clone() else {
+        serve_http(stream, router, web, in_request, close, shutdown).await;
+        return;
+    };
+    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream));
+    let stream = tokio::select! {
+        result = handshake => match result {
+            Ok(Ok(stream)) => stream,
+            // Not TLS, a certificate the client CA does not sign, or too slow: the client
+            // sees the connection closed (its TLS library says why), nothing to log per client.
+            Ok(Err(_)) | Err(_) => return,
+        },
+        () = close.notified() => return,
+        () = stopped(&mut shutdown) => return,
+    };
+    serve_http(stream, router, web, in_request, close, shutdown).await;
+}
+
+async fn serve_http<S>(
+    stream: S,
+    router: Router,
+    web: WebConfig,
+    in_request: Arc<AtomicUsize>,
+    close: Arc<tokio::sync::Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: axum::http::Request<_>| {
         let mut router = router.clone();
+        let basic_auth = web.basic_auth.clone();
         let guard = InRequest::enter(Arc::clone(&in_request));
         async move {
+            if let Some(auth) = basic_auth {
+                let authorization = request
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .map(|value| value.as_bytes().to_vec());
+                // bcrypt takes tens of milliseconds by design: off the async workers.
+                let allowed =
+                    tokio::task::spawn_blocking(move || auth.allows(authorization.as_deref()))
+                        .await
+                        .unwrap_or(false);
+                if !allowed {
+                    drop(guard);
+                    return Ok(unauthorized());
+                }
+            }
             let response = tower_service::Service::call(&mut router, request).await;
             drop(guard);
             response
@@ -298,6 +368,19 @@ async fn serve_connection(
             let _ = connection.await;
         }
     }
+}
+
+/// 401 with the challenge browsers and curl answer with credentials.
+fn unauthorized() -> axum::response::Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (header::WWW_AUTHENTICATE, "Basic realm=\"keepalive-agent\""),
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+        ],
+        "Unauthorized\n",
+    )
+        .into_response()
 }
 
 /// Resolves once `stop` is true (or its sender is gone, which also means stop).
@@ -324,6 +407,20 @@ impl Drop for InRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn landing_page_links_every_endpoint_and_names_the_build() {
+        let page = landing_page("/v1/keepalive");
+        for needle in [
+            "href=\"/v1/keepalive\"",
+            "href=\"/healthz\"",
+            "href=\"/readyz\"",
+            env!("CARGO_PKG_VERSION"),
+            &format!("revision {}", env!("KEEPALIVE_GIT_REVISION")),
+        ] {
+            assert!(page.contains(needle), "{needle:?} missing from\n{page}");
+        }
+    }
 
     #[test]
     fn bind_hints_follow_the_errno() {

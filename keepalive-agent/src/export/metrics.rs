@@ -405,6 +405,7 @@ pub(crate) fn registry(
         // The record size makes a mismatch between agent and kernel-program builds visible.
         Info::new(vec![
             ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("revision", env!("KEEPALIVE_GIT_REVISION").to_owned()),
             (
                 "ebpf_record_bytes",
                 keepalive_ebpf::SocketRecord::SIZE.to_string(),

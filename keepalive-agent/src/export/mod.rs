@@ -6,3 +6,4 @@ pub(crate) mod exposition;
 pub(crate) mod http;
 pub(crate) mod labels;
 pub(crate) mod metrics;
+pub(crate) mod web_config;
