@@ -16,7 +16,7 @@ use aya::{
 };
 use keepalive_ebpf::{AuditCursor, names};
 
-use crate::kernel::programs::{ProgramsError, take_map};
+use crate::kernel::maps::{TakeMapError, take_map};
 
 /// What a kernel needs for the walk, for `check` and the start-up log.
 pub(crate) const DESCRIPTION: &str = "a walk of the kernel's TCP hash tables (tcp_hashinfo: \
@@ -38,13 +38,23 @@ impl std::fmt::Debug for HashWalk {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Program(ProgramError),
+    #[error(transparent)]
+    Map(#[from] TakeMapError),
+}
+
 /// Loads the walk program into the kernel (the verifier checks it now, not at the first audit)
 /// and takes its maps out of `ebpf`.
-pub(crate) fn load(ebpf: &mut Ebpf) -> Result<HashWalk, ProgramsError> {
-    let load_error = ProgramsError::LoadAudit;
+pub(crate) fn load(ebpf: &mut Ebpf) -> Result<HashWalk, LoadError> {
+    let load_error = LoadError::Program;
     let program: &mut RawTracePoint = ebpf
         .program_mut(names::AUDIT_PROGRAM)
-        .ok_or(ProgramsError::Missing(names::AUDIT_PROGRAM))?
+        .ok_or(LoadError::Missing(names::AUDIT_PROGRAM))?
         .try_into()
         .map_err(load_error)?;
     program.load().map_err(load_error)?;

@@ -6,11 +6,12 @@
 //! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
 //! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.
 
-pub(crate) mod hash_walk;
+pub mod hash_walk;
 pub(crate) mod hooks;
 pub(crate) mod hz;
 pub(crate) mod kallsyms;
 pub(crate) mod layout;
+pub mod maps;
 pub mod programs;
 
 use std::path::Path;

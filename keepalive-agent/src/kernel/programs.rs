@@ -17,6 +17,7 @@ use crate::kernel::{
     hash_walk::{self, HashWalk},
     kallsyms::TimerFunctions,
     layout::KernelLayout,
+    maps::{TakeMapError, take_map},
 };
 
 /// The kernel programs, compiled for this agent by build.rs.
@@ -74,7 +75,9 @@ pub enum ProgramsError {
     )]
     Load(#[source] aya::EbpfError),
     #[error("cannot load the audit's hash-table walk program: {0}")]
-    LoadAudit(#[source] ProgramError),
+    LoadAudit(#[source] hash_walk::LoadError),
+    #[error(transparent)]
+    TakeMap(#[from] TakeMapError),
     #[error(
         "the socket fields the programs read end {0} bytes into struct tcp_sock on this kernel, \
          beyond the programs' {SNAPSHOT_SCRATCH_BYTES}-byte copy: report this kernel version \
@@ -182,7 +185,7 @@ pub(crate) fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
 
 /// Loads the audit's walk ([`hash_walk`]).
 pub(crate) fn load_audit(ebpf: &mut Ebpf) -> Result<HashWalk, ProgramsError> {
-    hash_walk::load(ebpf)
+    hash_walk::load(ebpf).map_err(ProgramsError::LoadAudit)
 }
 
 /// Everything the agent runs: every hook attached, the audit iterator loaded, the maps taken.
@@ -255,15 +258,6 @@ pub(crate) fn load(
         reserve_failures,
         netns_counters: NetnsCounterMaps { counters, full },
     })
-}
-
-/// Takes map `name` out of the object as the typed map `T`.
-pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProgramsError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(ProgramsError::Missing(name))?;
-    T::try_from(map).map_err(|source| ProgramsError::Map { name, source })
 }
 
 fn attach(
