@@ -54,17 +54,20 @@ fn dead_peer_detection_time_equals_the_silence_the_test_measured() -> anyhow::Re
         "agent says {observed:.3} s, the test measured {measured:.3} s"
     );
     // With 2 s idle and 2 probes 1 s apart, the observation lands in the (2, 5] bucket.
-    let bucket = |le: &str| {
-        metrics.value(
-            &format!("{HISTOGRAM}_bucket"),
-            &[
-                ("netns", netns.as_str()),
-                ("reason", "keepalive_timeout"),
-                ("le", le),
-            ],
-        )
+    // `le` compared as a number: the classic text format writes `5`, OpenMetrics `5.0`.
+    let bucket = |le: f64| -> f64 {
+        metrics
+            .samples(&format!("{HISTOGRAM}_bucket"))
+            .into_iter()
+            .filter(|s| {
+                s.label("netns") == Some(netns.as_str())
+                    && s.label("reason") == Some("keepalive_timeout")
+                    && s.label("le").and_then(|v| v.parse::<f64>().ok()) == Some(le)
+            })
+            .map(|s| s.value)
+            .sum()
     };
-    assert_eq!(bucket("2.0"), 0.0);
-    assert_eq!(bucket("5.0"), 1.0);
+    assert_eq!(bucket(2.0), 0.0);
+    assert_eq!(bucket(5.0), 1.0);
     Ok(())
 }
