@@ -174,6 +174,10 @@ kernel_offsets! {
     /// keepalive expiry is the probes sent (`tcp_xmit_probe_skb` counts `TCPKeepAlive`, then
     /// `__tcp_transmit_skb` counts the segment), which an ACK cannot hide.
     tcp_segs_out: "tcp_sock.segs_out", Int(4);
+    /// `tcp_sock.write_seq` and `snd_nxt`: unequal while data waits unsent
+    /// (`tcp_write_queue_empty`), when `tcp_keepalive_timer` sends no probe.
+    tcp_write_seq: "tcp_sock.write_seq", Int(4);
+    tcp_snd_nxt: "tcp_sock.snd_nxt", Int(4);
     /// `net.ns.inum`, from the start of `struct net`.
     net_ns_inum: "net.ns.inum", Int(4);
     /// `net.net_cookie`: unlike the inode, never reused by a later namespace. A `u64` from 5.12,

@@ -31,6 +31,10 @@ pub(crate) struct TimerContext {
     pub(crate) packets_out: u32,
     /// Keepalive timer: `tcp_sock.segs_out` at entry.
     pub(crate) segs_out: u32,
+    /// Keepalive timer: 0 when this expiry cannot send a probe (`tcp_keepalive_timer` skips it
+    /// while segments are in flight or data waits unsent), so segments sent meanwhile (a
+    /// zero-window probe of the write timer on another CPU) are not probes.
+    pub(crate) may_probe: u8,
     pub(crate) snapshot: SocketRecord,
 }
 
@@ -74,6 +78,9 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
         tctx.snapshot.kind = RecordKind::KeepaliveTimer as u8;
         tctx.snapshot.context = CloseContext::KeepaliveTimer as u8;
         tctx.segs_out = read::<u32>(sk, offset!(tcp_segs_out)).unwrap_or(0);
+        let (write_seq, write_ok) = read_or_zero::<u32>(sk, offset!(tcp_write_seq));
+        let (snd_nxt, nxt_ok) = read_or_zero::<u32>(sk, offset!(tcp_snd_nxt));
+        let unsent = write_ok && nxt_ok && write_seq != snd_nxt;
         if let Err(err) = snapshot(sk, &mut tctx.snapshot) {
             tctx.timer = 0;
             if err == EBUSY {
@@ -85,6 +92,7 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
                 "keepalive timer: cannot read the socket; offsets wrong?"
             );
         }
+        tctx.may_probe = u8::from(!unsent && tctx.snapshot.packets_out == 0);
     }
     0
 }
@@ -137,7 +145,11 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
             // icsk_probes_out, but never segs_out. tcp_write_wakeup sends at most two
             // segments (an urgent-pointer probe, then the probe); more means the application
             // wrote in that window, and those are not probes.
-            let sent = segs_out.wrapping_sub(tctx.segs_out);
+            let sent = if tctx.may_probe != 0 {
+                segs_out.wrapping_sub(tctx.segs_out)
+            } else {
+                0
+            };
             rec.probes_sent = if sent > 2 { 2 } else { sent as u8 };
         } else {
             rec.flags |= record_flags::EXIT_UNVERIFIED;
