@@ -189,21 +189,7 @@ impl Agent {
                 .map(|a| a.replace("{addr}", &addr.to_string())),
         )
         .args(extra_args);
-        let fd = pod.fd();
-        // SAFETY: setns is async-signal-safe; the namespace fd is open in the child until exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let endpoint = AgentEndpoint {
-            addr,
-            netns: Some(fd),
-        };
-        Self::spawn(cmd, endpoint, Some((pod, scratch)))
+        Self::spawn_in(cmd, pod, scratch, addr, None)
     }
 
     /// The agent (with `extra_args`) alone in a network namespace of its own, listening on that
@@ -216,6 +202,18 @@ impl Agent {
         let mut cmd = Command::new(agent_bin());
         cmd.args(["run", "--web.listen-address", &addr.to_string()])
             .args(extra_args);
+        Self::spawn_in(cmd, pod, scratch, addr, Some(max_fds))
+    }
+
+    /// Spawns `cmd` inside `pod`'s network namespace (with RLIMIT_NOFILE set to `max_fds` when
+    /// given); requests to `addr` go through that namespace.
+    fn spawn_in(
+        mut cmd: Command,
+        pod: Netns,
+        scratch: ScratchDir,
+        addr: SocketAddr,
+        max_fds: Option<u64>,
+    ) -> anyhow::Result<Agent> {
         let fd = pod.fd();
         // SAFETY: setns and setrlimit are async-signal-safe; the namespace fd is open in the
         // child until exec.
@@ -224,12 +222,14 @@ impl Agent {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                let limit = libc::rlimit {
-                    rlim_cur: max_fds,
-                    rlim_max: max_fds,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                if let Some(max_fds) = max_fds {
+                    let limit = libc::rlimit {
+                        rlim_cur: max_fds,
+                        rlim_max: max_fds,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -439,6 +439,17 @@ impl Drop for Agent {
             let _ = std::fs::remove_file(&self.log_path);
         }
     }
+}
+
+/// A process's resident memory (`VmRSS` in `/proc/PID/status`), in KiB.
+pub fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")
 }
 
 /// A loopback address whose port was free a moment ago.

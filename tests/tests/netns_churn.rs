@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use keepalive_tests::{
-    DEADLINE, Expectations, Metrics, Netns, TcpPair, TestEnv, disable_keepalive, set_keepalive,
-    wait_until,
+    DEADLINE, Expectations, Metrics, Netns, TcpPair, TestEnv, agent::vm_rss_kib, disable_keepalive,
+    set_keepalive, wait_until,
 };
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -63,16 +63,6 @@ impl Member {
         disable_keepalive(&self.pair.client)?;
         Ok(self.ns.tcp_ext()?.get(KEEPALIVE))
     }
-}
-
-fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc/PID/status")
 }
 
 /// Inodes of the network namespaces alive on the host now (other tests' too): `ip netns` mounts

@@ -144,7 +144,7 @@ mod tests {
     fn without_a_cookie_identity_falls_back_to_the_inode() {
         let mut ns = NamespaceIdentity::default();
         let now = Instant::now();
-        // 5.10: nothing generated the cookie.
+        // A cookie that could not be read is 0.
         assert_eq!(ns.saw(INODE, 0, now), Sighting::New);
         assert_eq!(ns.saw(INODE, 0, now), Sighting::Known);
         // Generated later for the same namespace: adopted, not a new namespace.

@@ -29,7 +29,9 @@ use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
 use keepalive_agent::kernel::programs::{
     BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, PROGRAMS_OBJECT,
 };
-use keepalive_tests::{Agent, Netns, set_keepalive, set_linger_zero, setsockopt_int};
+use keepalive_tests::{
+    Agent, Netns, agent::vm_rss_kib, set_keepalive, set_linger_zero, setsockopt_int,
+};
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Program names as the kernel keeps them (BPF_OBJ_NAME_LEN - 1 = 15 bytes).
@@ -296,16 +298,6 @@ fn close_costs((baseline_id, close_id): (u32, u32), length: Duration) -> anyhow:
         );
     }
     Ok(())
-}
-
-fn vm_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc/PID/status")
 }
 
 struct ProgramIds {
