@@ -3,7 +3,7 @@
 //! a SLAB_TYPESAFE_BY_RCU cache) starts a new generation, recognised by its endpoints.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     num::NonZeroUsize,
     time::{Duration, Instant},
 };
@@ -91,12 +91,26 @@ impl DropClass {
     }
 }
 
+/// Where the newest dropped entry on some endpoints is, see `ConnectionTable::newest_dropped`.
+#[derive(Debug, Clone, Copy)]
+struct DroppedIndex {
+    class: DropClass,
+    order: u64,
+    entries: u32,
+}
+
 #[derive(Debug)]
 pub(crate) struct ConnectionTable {
     live: LruCache<u64, ConnectionState>,
     /// Dropped connections by [`DropClass`], oldest first, kept `retention` so alerts can name
-    /// them.
-    dropped: [VecDeque<ConnectionState>; 2],
+    /// them. Each entry carries its place in drop order, which [`Self::newest_dropped`] indexes.
+    dropped: [VecDeque<(u64, ConnectionState)>; 2],
+    /// Where the newest dropped entry on each endpoints is, and how many entries there are on
+    /// them (endpoints come back when a port is reused). The attribution worker looks a drop up
+    /// once or twice after the fact, by which time a flood of resets may have buried or evicted
+    /// it: a scan per lookup made the pipeline 60 times slower with full lists.
+    newest_dropped: HashMap<Endpoints, DroppedIndex, foldhash::quality::RandomState>,
+    next_drop: u64,
     /// Bound of both lists together; other drops are evicted first.
     max_dropped: usize,
     retention: Duration,
@@ -110,6 +124,8 @@ impl ConnectionTable {
         Self {
             live: LruCache::new(max_live),
             dropped: [VecDeque::new(), VecDeque::new()],
+            newest_dropped: HashMap::default(),
+            next_drop: 0,
             max_dropped,
             retention,
             evictions: 0,
@@ -211,13 +227,83 @@ impl ConnectionTable {
                 self.evictions += 1;
                 return Some(state);
             }
-            if self.dropped[victim as usize].pop_front().is_some() {
+            if let Some((order, evicted)) = self.dropped[victim as usize].pop_front() {
+                self.unindex(victim, order, &evicted.endpoints);
                 self.dropped_evictions[victim as usize] += 1;
                 self.evictions += 1;
             }
         }
-        self.dropped[class as usize].push_back(state.clone());
+        let order = self.next_drop;
+        self.next_drop += 1;
+        self.newest_dropped
+            .entry(state.endpoints)
+            .and_modify(|index| {
+                index.entries += 1;
+                index.class = class;
+                index.order = order;
+            })
+            .or_insert(DroppedIndex {
+                class,
+                order,
+                entries: 1,
+            });
+        self.dropped[class as usize].push_back((order, state.clone()));
         Some(state)
+    }
+
+    /// Takes a dropped entry that left its list out of the index.
+    fn unindex(&mut self, class: DropClass, order: u64, endpoints: &Endpoints) {
+        let Some(index) = self.newest_dropped.get_mut(endpoints) else {
+            return;
+        };
+        index.entries -= 1;
+        if index.entries == 0 {
+            self.newest_dropped.remove(endpoints);
+        } else if (index.class, index.order) == (class, order) {
+            // The newest left while an older one on the same endpoints stays (it can be
+            // younger only in the other list): rare enough for a scan.
+            let newest = DropClass::ALL
+                .into_iter()
+                .filter_map(|class| {
+                    self.dropped[class as usize]
+                        .iter()
+                        .rev()
+                        .find(|(_, state)| state.endpoints == *endpoints)
+                        .map(|&(order, _)| (order, class))
+                })
+                .max_by_key(|&(order, _)| order);
+            if let Some((order, class)) = newest {
+                index.class = class;
+                index.order = order;
+            }
+        }
+    }
+
+    /// Rebuilds the index after entries left from the middle of the lists.
+    fn reindex(&mut self) {
+        self.newest_dropped.clear();
+        let mut all: Vec<(u64, DropClass, Endpoints)> = DropClass::ALL
+            .into_iter()
+            .flat_map(|class| {
+                self.dropped[class as usize]
+                    .iter()
+                    .map(move |(order, state)| (*order, class, state.endpoints))
+            })
+            .collect();
+        all.sort_unstable_by_key(|&(order, ..)| order);
+        for (order, class, endpoints) in all {
+            let index = self
+                .newest_dropped
+                .entry(endpoints)
+                .or_insert(DroppedIndex {
+                    class,
+                    order,
+                    entries: 0,
+                });
+            index.entries += 1;
+            index.class = class;
+            index.order = order;
+        }
     }
 
     fn insert_live(&mut self, sk: u64, endpoints: Endpoints, now: Instant) {
@@ -235,40 +321,22 @@ impl ConnectionTable {
 
     /// The newest dropped connection on these endpoints.
     pub(crate) fn dropped_mut(&mut self, endpoints: &Endpoints) -> Option<&mut ConnectionState> {
-        // Each list is in drop order (`updated` is set when an entry is pushed and never
-        // after), so walking both from their newest end, newest first, the first match is the
-        // newest. The connection the attribution worker asks about was usually just dropped:
-        // found at once, where a scan of both whole lists per keepalive drop made the pipeline
-        // 60 times slower with full lists.
-        let [keepalive, other] = &mut self.dropped;
-        let mut keepalive = keepalive.iter_mut().rev().peekable();
-        let mut other = other.iter_mut().rev().peekable();
-        loop {
-            let from_keepalive = match (keepalive.peek(), other.peek()) {
-                (None, None) => return None,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some(k), Some(o)) => k.updated > o.updated,
-            };
-            let state = if from_keepalive {
-                keepalive.next()
-            } else {
-                other.next()
-            }?;
-            if state.endpoints == *endpoints {
-                return Some(state);
-            }
-        }
+        let index = self.newest_dropped.get(endpoints)?;
+        let list = &mut self.dropped[index.class as usize];
+        // Each list is in drop order.
+        let at = list
+            .binary_search_by_key(&index.order, |&(order, _)| order)
+            .ok()?;
+        list.get_mut(at).map(|(_, state)| state)
     }
 
     /// Forgets dropped connections older than the retention.
     pub(crate) fn expire(&mut self, now: Instant) {
-        for list in &mut self.dropped {
-            while list
-                .front()
-                .is_some_and(|state| now.duration_since(state.updated) >= self.retention)
+        for class in DropClass::ALL {
+            while let Some((order, state)) = self.dropped[class as usize]
+                .pop_front_if(|(_, state)| now.duration_since(state.updated) >= self.retention)
             {
-                list.pop_front();
+                self.unindex(class, order, &state.endpoints);
             }
         }
     }
@@ -288,8 +356,9 @@ impl ConnectionTable {
             self.live.pop(&sk);
         }
         for list in &mut self.dropped {
-            list.retain(|state| !inodes.contains(&state.endpoints.netns));
+            list.retain(|(_, state)| !inodes.contains(&state.endpoints.netns));
         }
+        self.reindex();
         before - self.live.len() - self.dropped_len()
     }
 
@@ -329,8 +398,9 @@ impl ConnectionTable {
         keepalive
             .iter()
             .rev()
+            .map(|(_, state)| state)
             .chain(live)
-            .chain(other.iter().rev())
+            .chain(other.iter().rev().map(|(_, state)| state))
             .collect()
     }
 }
@@ -560,6 +630,52 @@ mod tests {
         );
         assert_eq!(t.dropped_evictions(DropClass::Other), 1001);
         assert_eq!(t.dropped_len(), 4);
+    }
+
+    #[test]
+    fn dropped_lookup_finds_the_newest_entry_on_reused_endpoints_as_entries_leave() {
+        let mut t = ConnectionTable::new(NonZeroUsize::new(8).unwrap(), 3, Duration::from_secs(60));
+        let now = Instant::now();
+        let drop = |t: &mut ConnectionTable, sk: u64, port: u16, reason: DropReason| {
+            t.on_close(&close(sk, port, 3), CloseOutcome::Dropped(reason), now);
+        };
+        // The same endpoints dropped twice, first by a reset, then by keepalive, in two lists.
+        drop(&mut t, 1, 1000, DropReason::ResetReceived);
+        drop(&mut t, 2, 1000, DropReason::KeepaliveTimeout);
+        assert_eq!(
+            t.dropped_mut(&endpoints(1000)).unwrap().dropped,
+            Some(DropReason::KeepaliveTimeout)
+        );
+        assert!(t.dropped_mut(&endpoints(1001)).is_none());
+        // Another reset evicts nothing yet; the next keepalive drop evicts the older reset.
+        drop(&mut t, 3, 1001, DropReason::ResetReceived);
+        assert_eq!(
+            t.dropped_mut(&endpoints(1001)).unwrap().dropped,
+            Some(DropReason::ResetReceived)
+        );
+        drop(&mut t, 4, 1002, DropReason::KeepaliveTimeout);
+        assert_eq!(t.dropped_evictions(DropClass::Other), 1);
+        assert_eq!(
+            t.dropped_mut(&endpoints(1000)).unwrap().dropped,
+            Some(DropReason::KeepaliveTimeout)
+        );
+        // A newer reset on 1000 is found first; once evicted, the keepalive drop is again.
+        drop(&mut t, 5, 1000, DropReason::ResetReceived);
+        assert_eq!(
+            t.dropped_mut(&endpoints(1000)).unwrap().dropped,
+            Some(DropReason::ResetReceived)
+        );
+        drop(&mut t, 6, 1003, DropReason::KeepaliveTimeout);
+        assert_eq!(
+            t.dropped_mut(&endpoints(1000)).unwrap().dropped,
+            Some(DropReason::KeepaliveTimeout)
+        );
+        // Forgetting a namespace rebuilds the index: nothing of it is found afterwards.
+        let mut gone = HashSet::new();
+        gone.insert(endpoints(1000).netns);
+        t.forget_namespaces(&gone);
+        assert!(t.dropped_mut(&endpoints(1000)).is_none());
+        assert_eq!(t.newest_dropped.len(), 0);
     }
 
     #[test]
