@@ -7,6 +7,11 @@
 //! 2. Kernel-side cost per hit of the timer and close hooks, from `kernel.bpf_stats_enabled`
 //!    run-time counters, as the difference from empty programs on the same hooks.
 //! 3. Userspace: records through decode → track → classify → metrics, per second of CPU.
+//! 4. Synchronized keepalive: `--sync-connections` connections (several sizes, comma
+//!    separated) that start probing in the same second, every second, against answering peers,
+//!    for `--sync-seconds`: the namespace's `TCPKeepAlive` against the agent's probe total,
+//!    records lost, the agent's CPU and RSS. The connections are held by child processes (this
+//!    binary run with `--hold`), 6 000 pairs each, under the per-process descriptor limit.
 //!
 //! `timer_expire_entry`/`_exit` fire for every kernel timer. Two phases on the same running
 //! agent, each with `--connections` loopback connections in a private namespace: first without
@@ -45,7 +50,16 @@ fn main() -> anyhow::Result<()> {
     let mut rounds = 3usize;
     let mut churn_seconds = 2u64;
     let mut pipeline_connections = 50_000u32;
+    let mut sync_connections = vec![50_000usize, 100_000];
+    let mut sync_seconds = 10u64;
     let mut args = std::env::args().skip(1);
+    if let Some(hold_args) = std::env::args()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .strip_prefix(&["--hold".to_owned()])
+    {
+        return hold(hold_args);
+    }
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("flag needs a value");
         match arg.as_str() {
@@ -54,9 +68,18 @@ fn main() -> anyhow::Result<()> {
             "--rounds" => rounds = value()?.parse()?,
             "--churn-seconds" => churn_seconds = value()?.parse()?,
             "--pipeline-connections" => pipeline_connections = value()?.parse()?,
+            "--sync-connections" => {
+                sync_connections = value()?
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?;
+            }
+            "--sync-seconds" => sync_seconds = value()?.parse()?,
             other => bail!(
                 "unknown argument {other}; flags: --connections N --seconds S --rounds N \
-                 --churn-seconds S --pipeline-connections N"
+                 --churn-seconds S --pipeline-connections N --sync-connections N[,N...] \
+                 --sync-seconds S"
             ),
         }
     }
@@ -165,6 +188,170 @@ fn main() -> anyhow::Result<()> {
         run.wall.as_secs_f64(),
         run.per_core_second()
     );
+
+    if !sync_connections.is_empty() {
+        println!(
+            "synchronized keepalive, answering peers, 1 s idle and interval, {sync_seconds} s of \
+             probing (agent with default flags, --connections.max-tracked raised to the count)"
+        );
+        println!(
+            "| connections | TCPKeepAlive | agent probes | records lost | agent CPU (% of a core) | agent RSS |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for &n in &sync_connections {
+            synchronized(n, Duration::from_secs(sync_seconds))?;
+        }
+    }
+    Ok(())
+}
+
+/// Connection pairs one `--hold` child keeps: two descriptors each, under the 20 000 a process
+/// may hold here.
+const PAIRS_PER_CHILD: usize = 6_000;
+
+/// One row of the synchronized run: `total` connections whose keepalive starts in the same
+/// second (the children get "go" together), probing every second for `length`.
+fn synchronized(total: usize, length: Duration) -> anyhow::Result<()> {
+    let max_tracked = total.max(65_536).to_string();
+    let agent = Agent::start_with_args(&["--connections.max-tracked", &max_tracked])
+        .context("starting the agent")?;
+    let ns = Netns::new("sync")?;
+    let netns_path = format!("/run/netns/{}", ns.name());
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(PAIRS_PER_CHILD);
+        left -= n;
+        let child = std::process::Command::new(&exe)
+            .args(["--hold", &netns_path, &n.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("spawning a connection holder")?;
+        children.push(child);
+    }
+    for child in &mut children {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().context("child stdout")?),
+            &mut line,
+        )?;
+        if line.trim() != "ready" {
+            bail!("a connection holder failed before connecting all its pairs: {line:?}");
+        }
+    }
+    let netns = ns.inum().to_string();
+    let labels = [("netns", netns.as_str())];
+    let kernel_before = ns.tcp_ext()?.get("TCPKeepAlive");
+    let scrape = agent.scrape()?;
+    let agent_before = scrape.value("tcp_keepalive_probes_total", &labels);
+    let lost_before = scrape.value(
+        "keepalive_agent_ringbuf_reserve_failures_total",
+        &[] as &[(&str, &str)],
+    );
+    let cpu_before = cpu_ticks(agent.pid())?;
+    for child in &mut children {
+        child
+            .stdin
+            .as_mut()
+            .context("child stdin")?
+            .write_all(b"go\n")?;
+    }
+    std::thread::sleep(length);
+    let cpu = cpu_ticks(agent.pid())? - cpu_before;
+    let rss = vm_rss_kib(agent.pid())?;
+    // Closing stdin ends the children; their sockets close and probing stops.
+    for child in &mut children {
+        drop(child.stdin.take());
+    }
+    for mut child in children {
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("a connection holder failed: {status}");
+        }
+    }
+    let kernel = ns.tcp_ext()?.get("TCPKeepAlive") - kernel_before;
+    // The counters live in a kernel map, read at scrape: settled once the sockets are gone.
+    std::thread::sleep(Duration::from_secs(1));
+    let scrape = agent.scrape()?;
+    let probes = scrape.value("tcp_keepalive_probes_total", &labels) - agent_before;
+    let lost = scrape.value(
+        "keepalive_agent_ringbuf_reserve_failures_total",
+        &[] as &[(&str, &str)],
+    ) - lost_before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    println!(
+        "| {total} | {kernel} | {probes} | {lost} | {:.1} % | {} MiB |",
+        cpu as f64 / hz / length.as_secs_f64() * 100.0,
+        rss / 1024
+    );
+    Ok(())
+}
+
+/// User plus system clock ticks of a process.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("malformed /proc/PID/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?)
+    };
+    // utime and stime are fields 14 and 15; the slice starts at field 3.
+    Ok(field(11)? + field(12)?)
+}
+
+/// `--hold NETNS_PATH N`: joins the namespace, connects N pairs on its loopback, says
+/// "ready", and on "go" turns keepalive on for every client (1 s idle, 1 s interval, and
+/// enough probes that answering peers never time out); holds them until stdin closes.
+fn hold(args: &[String]) -> anyhow::Result<()> {
+    let [netns_path, n] = args else {
+        bail!("usage: hook-cost --hold NETNS_PATH PAIRS");
+    };
+    let n: usize = n.parse()?;
+    let limit = libc::rlimit {
+        rlim_cur: 20_000,
+        rlim_max: 20_000,
+    };
+    // SAFETY: setrlimit and setns read the arguments they are given; this process has one
+    // thread, so setns moves all of it.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+        let ns = std::fs::File::open(netns_path)?;
+        if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
+        }
+    }
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let addr = listener.local_addr()?;
+    let mut pairs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let client = TcpStream::connect(addr)?;
+        let (server, _) = listener.accept()?;
+        pairs.push((client, server));
+    }
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "ready")?;
+    stdout.flush()?;
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdin, &mut line)?;
+    if line.trim() != "go" {
+        return Ok(());
+    }
+    for (client, _) in &pairs {
+        set_keepalive(client, 1, 1, 120)?;
+    }
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stdin, &mut rest)?;
     Ok(())
 }
 
