@@ -67,8 +67,8 @@ impl ProcessResolver {
 
     /// Every socket of each candidate read on the way is cached: connections of one busy
     /// process enter the table together, and reading its whole descriptor table once per
-    /// connection made the lookups quadratic (84 % of the agent's CPU with 50 000 connections
-    /// in one cgroup, `cargo xtask bench`).
+    /// connection made the lookups quadratic (reading `/proc/PID/fd` is not cheap per
+    /// descriptor: the kernel builds a dentry and an inode for each).
     fn search(&mut self, socket_ino: u64, candidates: &[u32]) -> Option<u32> {
         let mut sorted = candidates.to_vec();
         sorted.sort_unstable();
