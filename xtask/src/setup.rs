@@ -37,6 +37,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "xz-utils",
     "zstd",
     "gzip",
+    // The package test (`cargo xtask package`, tests/tests/deploy_package.rs): systemd-analyze
+    // verify checks the unit; dpkg-deb and dpkg, which build and install the package, come
+    // with every Debian system.
+    "systemd",
 ];
 
 /// The LLVM major that bpf-linker is built against; the nightly toolchain must match it.
