@@ -241,6 +241,12 @@ impl Agent {
         Self::spawn(cmd, endpoint, Some((pod, scratch)))
     }
 
+    /// Starts `cmd`, a `run` command the caller built (an installed agent under `setpriv`, say)
+    /// listening on `addr`, and waits for `/readyz` as [`Agent::start`] does.
+    pub fn start_command(cmd: Command, addr: SocketAddr) -> anyhow::Result<Agent> {
+        Self::spawn(cmd, AgentEndpoint::new(addr), None)
+    }
+
     /// [`Agent::start_with_args`] for an agent whose port plain HTTP cannot probe (TLS, basic
     /// auth): ready once `ready(addr)` returns true.
     pub fn start_with_args_ready_when(
