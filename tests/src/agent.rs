@@ -402,6 +402,22 @@ impl Agent {
         }
     }
 
+    /// Waits (up to [`DEADLINE`]) for the process to exit by itself (a wrapper such as strace
+    /// whose agent the caller signalled): its exit status.
+    pub fn wait_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(
+                start.elapsed() < DEADLINE,
+                "the process did not exit within {DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The agent's stdout+stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path)

@@ -8,7 +8,8 @@
 //! so the unit cannot be started here: it is checked by `systemd-analyze verify` and
 //! `systemd-analyze security --offline`, and the installed binary is run with what the unit
 //! gives it that can be reproduced without systemd (its capability bounding set, no new
-//! privileges, its flags file, SIGHUP for reload, SIGTERM within TimeoutStopSec).
+//! privileges, its flags file, SIGHUP for reload, SIGTERM within TimeoutStopSec); what only
+//! systemd enforces (seccomp, the read-only file system) is checked on an strace of the run.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -443,4 +444,202 @@ fn installed_agent_runs_with_its_flags_file_reopens_events_on_hup_and_stops_in_t
         "stopped in {took:?}, TimeoutStopSec is {stop_timeout:?}"
     );
     Ok(())
+}
+
+/// The pid of `parent`'s child running `exe` (setpriv execs the agent in strace's child).
+fn child_running(parent: u32, exe: &Path) -> anyhow::Result<u32> {
+    for entry in fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the parenthesised command name: state, then ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if ppid == Some(parent)
+            && fs::read_link(format!("/proc/{pid}/exe")).ok().as_deref() == Some(exe)
+        {
+            return Ok(pid);
+        }
+    }
+    anyhow::bail!("no child of {parent} runs {}", exe.display())
+}
+
+/// What the unit's sandbox would refuse, from an `strace -f` of the agent: a socket of a family
+/// outside RestrictAddressFamilies, a writable-and-executable mapping or a mapping made
+/// executable (MemoryDenyWriteExecute), a namespace call (RestrictNamespaces), and a file
+/// opened for writing outside `writable` (ProtectSystem=strict with LogsDirectory).
+fn sandbox_violations(
+    trace: &str,
+    exe: &Path,
+    families: &BTreeSet<&str>,
+    writable: &Path,
+) -> Vec<String> {
+    let exec = format!("execve(\"{}\"", exe.display());
+    let mut agent_started = false;
+    let mut violations = Vec::new();
+    for line in trace.lines() {
+        // Before the exec the traced process is setpriv (and its dynamic loader).
+        if !agent_started {
+            agent_started = line.contains(&exec) && line.trim_end().ends_with("= 0");
+            continue;
+        }
+        let call = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|call| call.split('(').next())
+            .unwrap_or_default();
+        let args = line.split_once('(').map_or("", |(_, args)| args);
+        let refused = match call {
+            "socket" | "socketpair" => {
+                let family = args.split(',').next().unwrap_or_default().trim();
+                !families.contains(family)
+            }
+            "mmap" => args.contains("PROT_EXEC") && args.contains("PROT_WRITE"),
+            "mprotect" | "pkey_mprotect" => args.contains("PROT_EXEC"),
+            "unshare" | "setns" => true,
+            "open" | "openat" | "openat2" | "creat" => {
+                let writes = call == "creat"
+                    || ["O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC"]
+                        .iter()
+                        .any(|flag| args.contains(flag));
+                let path = args.split('"').nth(1).unwrap_or_default();
+                writes && !Path::new(path).starts_with(writable)
+            }
+            _ => false,
+        };
+        if refused {
+            violations.push(line.to_owned());
+        }
+    }
+    if !agent_started {
+        violations.push(format!("the trace never shows {exec}"));
+    }
+    violations
+}
+
+#[test]
+fn installed_agent_stays_inside_the_sandbox_only_systemd_would_enforce() -> TestResult {
+    let test = "installed_agent_stays_inside_the_sandbox_only_systemd_would_enforce";
+    if !package_available(test)
+        || !kernel_tests_enabled(test)
+        || !tool_available(test, "setpriv", "--version", "Debian package util-linux")
+        || !tool_available(test, "strace", "-V", "Debian package strace")
+    {
+        return Ok(());
+    }
+    let scratch = ScratchDir::new("deb-sandbox")?;
+    let root = scratch.0.join("root");
+    install(&root)?;
+    let settings = unit_settings(&fs::read_to_string(root.join(UNIT))?);
+    let capabilities = unit_capabilities(&settings)?;
+    let families: BTreeSet<&str> = setting(&settings, "RestrictAddressFamilies")
+        .context("no RestrictAddressFamilies")?
+        .split_whitespace()
+        .collect();
+    // LogsDirectory: the one writable directory.
+    let logs = scratch.0.join("var/log/keepalive-agent");
+    fs::create_dir_all(&logs)?;
+    let exe = root.join("usr/bin/keepalive-agent");
+    let trace = scratch.0.join("strace.txt");
+    let addr = free_loopback_port()?;
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-s", "512", "-e", "signal=none", "-e"])
+        .arg("trace=execve,socket,socketpair,mmap,mprotect,pkey_mprotect,unshare,setns,open,openat,openat2,creat")
+        .arg("-o")
+        .arg(&trace)
+        .arg("setpriv")
+        .args(as_the_unit(&capabilities))
+        .arg(&exe)
+        .args(["run", &format!("--web.listen-address={addr}")])
+        .arg(format!("--events={}", logs.join("events.jsonl").display()));
+    let mut agent = Agent::start_command(cmd, addr)?;
+    // Scrape once and reload once, so serving and reopening are in the trace too.
+    let (code, _) = agent.get("/metrics")?;
+    assert_eq!(code, 200);
+    let pid = child_running(agent.pid(), &exe)?;
+    // SAFETY: kill has no memory preconditions; pid is the traced agent, still running.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) }, 0);
+    keepalive_tests::wait_until(
+        keepalive_tests::DEADLINE,
+        "SIGHUP to reopen the file",
+        || Ok(agent.log().contains("SIGHUP: reopened the events file")),
+    )?;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+    let status = agent.wait_exit()?;
+    assert!(status.success(), "{status}:\n{}", agent.log());
+
+    let trace = fs::read_to_string(&trace)?;
+    // The trace covers the agent: its listener, tokio's socketpair, and the events file opened
+    // at start and again on SIGHUP.
+    let events_opened = format!("\"{}\", O_WRONLY", logs.join("events.jsonl").display());
+    for (seen, times) in [
+        ("socket(AF_INET", 1),
+        ("socketpair(AF_UNIX", 1),
+        (events_opened.as_str(), 2),
+    ] {
+        assert!(
+            trace.matches(seen).count() >= times,
+            "{seen} not {times} times in the trace:\n{trace}"
+        );
+    }
+    let violations = sandbox_violations(&trace, &exe, &families, &logs);
+    assert!(
+        violations.is_empty(),
+        "the unit's sandbox would refuse:\n{}",
+        violations.join("\n")
+    );
+    Ok(())
+}
+
+#[test]
+fn sandbox_violations_are_found_in_a_trace() {
+    let exe = Path::new("/r/usr/bin/keepalive-agent");
+    let families = BTreeSet::from(["AF_INET", "AF_UNIX"]);
+    let writable = Path::new("/var/log/keepalive-agent");
+    let trace = "\
+10 openat(AT_FDCWD, \"/etc/ld.so.cache\", O_WRONLY) = 3
+10 execve(\"/r/usr/bin/keepalive-agent\", [\"keepalive-agent\"], 0x7ffd /* 3 vars */) = 0
+10 socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC, 0, [6, 7]) = 0
+11 socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE) = 8
+11 mmap(NULL, 4096, PROT_READ|PROT_WRITE|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0x7f
+11 mmap(NULL, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0x7f
+11 mprotect(0x7f, 4096, PROT_READ|PROT_EXEC) = 0
+11 openat(AT_FDCWD, \"/var/log/keepalive-agent/events.jsonl\", O_WRONLY|O_CREAT|O_APPEND, 0666) = 9
+11 openat(AT_FDCWD, \"/etc/passwd\", O_RDWR) = 10
+11 openat(AT_FDCWD, \"/proc/kallsyms\", O_RDONLY|O_CLOEXEC) = 11
+11 unshare(CLONE_NEWNET) = 0
+";
+    let found = sandbox_violations(trace, exe, &families, writable);
+    let calls: Vec<&str> = found
+        .iter()
+        .map(|line| line.split_whitespace().nth(1).unwrap_or_default())
+        .collect();
+    // setpriv's write before the exec is not the agent's.
+    assert_eq!(
+        calls,
+        [
+            "socket(AF_NETLINK,",
+            "mmap(NULL,",
+            "mprotect(0x7f,",
+            "openat(AT_FDCWD,",
+            "unshare(CLONE_NEWNET)"
+        ],
+        "{found:#?}"
+    );
+    assert!(found[3].contains("/etc/passwd"));
+    assert_eq!(
+        sandbox_violations(
+            "1 openat(AT_FDCWD, \"/x\", O_WRONLY) = 3\n",
+            exe,
+            &families,
+            writable
+        ),
+        ["the trace never shows execve(\"/r/usr/bin/keepalive-agent\""]
+    );
 }

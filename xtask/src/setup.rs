@@ -38,9 +38,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "zstd",
     "gzip",
     // The package test (`cargo xtask package`, tests/tests/deploy_package.rs): systemd-analyze
-    // verify checks the unit; dpkg-deb and dpkg, which build and install the package, come
-    // with every Debian system.
+    // verify checks the unit, strace shows the agent stays inside what the unit's seccomp
+    // settings allow; dpkg-deb and dpkg, which build and install the package, come with every
+    // Debian system.
     "systemd",
+    "strace",
 ];
 
 /// The LLVM major that bpf-linker is built against; the nightly toolchain must match it.
