@@ -65,7 +65,12 @@ pub(crate) fn build_package(setup: &Setup) -> Result<PathBuf> {
     env::run(setup.command(&bin).arg("generate-docs").arg(&docs))
         .context("the agent could not write its man pages and completions")?;
 
-    install(&bin, &tree.join("usr/bin/keepalive-agent"), 0o755)?;
+    let installed = tree.join("usr/bin/keepalive-agent");
+    install(&bin, &installed, 0o755)?;
+    // Debian ships binaries without debug information (policy 10.1): half the size here. The
+    // image keeps the unstripped build.
+    env::run(setup.command("strip").arg(&installed))
+        .context("strip failed (Debian package binutils, which `cargo xtask setup` installs)")?;
     let deploy = root.join("deploy");
     install(
         &deploy.join("systemd/keepalive-agent.service"),

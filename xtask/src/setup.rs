@@ -43,6 +43,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Debian system.
     "systemd",
     "strace",
+    // `cargo xtask package` strips the agent it packages.
+    "binutils",
 ];
 
 /// The LLVM major that bpf-linker is built against; the nightly toolchain must match it.
