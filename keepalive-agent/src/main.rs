@@ -45,7 +45,28 @@ enum Command {
     Watch(WatchConfig),
 }
 
+/// The hidden entry point `cargo xtask package` runs: `keepalive-agent generate-docs DIR`. Not
+/// a clap subcommand, because clap_complete offers hidden subcommands in the completions it
+/// writes, and this one is for packaging, not for operators.
+const GENERATE_DOCS: &str = "generate-docs";
+
 fn main() -> std::process::ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|first| first == GENERATE_DOCS) {
+        return match (args.next(), args.next()) {
+            (Some(dir), None) => match generate_docs(std::path::Path::new(&dir)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {}", one_line(&err));
+                    std::process::ExitCode::FAILURE
+                }
+            },
+            _ => {
+                eprintln!("usage: keepalive-agent {GENERATE_DOCS} DIR");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     let command = match Cli::try_parse() {
         Ok(cli) => {
             if let Err(err) = logging::init(&cli.log) {
@@ -95,6 +116,37 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Writes what a package ships besides the binary, generated from the same clap definitions
+/// the binary parses with, so they cannot drift: `DIR/man/keepalive-agent.1` and one page per
+/// command (`keepalive-agent-run.1`, ...), and `DIR/completions/` for bash, zsh and fish, named
+/// as each shell's vendor completion directory expects.
+fn generate_docs(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    use clap_complete::Shell;
+
+    let name = "keepalive-agent";
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    for sub in [&man, &completions] {
+        std::fs::create_dir_all(sub)
+            .with_context(|| format!("creating {} (is DIR writable?)", sub.display()))?;
+    }
+    clap_mangen::generate_to(Cli::command().name(name), &man)
+        .with_context(|| format!("writing the man pages to {}", man.display()))?;
+    for (shell, file) in [
+        (Shell::Bash, name.to_owned()),
+        (Shell::Zsh, format!("_{name}")),
+        (Shell::Fish, format!("{name}.fish")),
+    ] {
+        // Into memory first: clap_complete panics when its writer fails.
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), name, &mut script);
+        let path = completions.join(file);
+        std::fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Every context, outermost first, on one line so a service log keeps the whole reason. Errors

@@ -241,6 +241,12 @@ impl Agent {
         Self::spawn(cmd, endpoint, Some((pod, scratch)))
     }
 
+    /// Starts `cmd`, a `run` command the caller built (an installed agent under `setpriv`, say)
+    /// listening on `addr`, and waits for `/readyz` as [`Agent::start`] does.
+    pub fn start_command(cmd: Command, addr: SocketAddr) -> anyhow::Result<Agent> {
+        Self::spawn(cmd, AgentEndpoint::new(addr), None)
+    }
+
     /// [`Agent::start_with_args`] for an agent whose port plain HTTP cannot probe (TLS, basic
     /// auth): ready once `ready(addr)` returns true.
     pub fn start_with_args_ready_when(
@@ -391,6 +397,22 @@ impl Agent {
             ensure!(
                 start.elapsed() < DEADLINE,
                 "the agent did not exit within {DEADLINE:?} of signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (up to [`DEADLINE`]) for the process to exit by itself (a wrapper such as strace
+    /// whose agent the caller signalled): its exit status.
+    pub fn wait_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(
+                start.elapsed() < DEADLINE,
+                "the process did not exit within {DEADLINE:?}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -7,6 +7,7 @@
 mod deploy_tools;
 mod env;
 mod image;
+mod package;
 mod setup;
 mod tasks;
 mod vm;
@@ -19,7 +20,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "Build, run, test and benchmark keepalive-agent",
+    about = "Build, run, test, package and benchmark keepalive-agent",
     long_about = "Build, run, test and benchmark keepalive-agent.\n\n\
         Every command runs `setup` first, so a fresh Debian machine only needs rustup and \
         `cargo xtask <command>` (as root, or with the Debian packages already installed)."
@@ -63,6 +64,11 @@ enum Command {
     /// Setup, then build the container image (deploy/Containerfile, FROM scratch) with buildah:
     /// a static musl agent tagged localhost/keepalive-agent:<version>.
     Image,
+    /// Setup, then build the Debian package for plain VMs: the static musl agent, the hardened
+    /// systemd unit (deploy/systemd/), /etc/default/keepalive-agent (a conffile), man pages and
+    /// bash/zsh/fish completions generated from the CLI, as
+    /// target/package/keepalive-agent_<version>_amd64.deb.
+    Package,
     /// Build, then run the hook-cost benchmark (`keepalive-tests --bin hook-cost`).
     Bench {
         /// Arguments for the hook-cost benchmark (put them after `--`).
@@ -90,6 +96,9 @@ fn main() -> ExitCode {
         Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
         Command::Image => setup::setup()
             .and_then(|setup| image::build_image(&setup))
+            .map(|_| ExitCode::SUCCESS),
+        Command::Package => setup::setup()
+            .and_then(|setup| package::build_package(&setup))
             .map(|_| ExitCode::SUCCESS),
         Command::Bench { args } => tasks::bench(&args).map(|()| ExitCode::SUCCESS),
         Command::Vm(args) => setup::setup()

@@ -37,6 +37,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "xz-utils",
     "zstd",
     "gzip",
+    // The package test (`cargo xtask package`, tests/tests/deploy_package.rs): systemd-analyze
+    // verify checks the unit, strace shows the agent stays inside what the unit's seccomp
+    // settings allow; dpkg-deb and dpkg, which build and install the package, come with every
+    // Debian system.
+    "systemd",
+    "strace",
+    // `cargo xtask package` strips the agent it packages.
+    "binutils",
 ];
 
 /// The LLVM major that bpf-linker is built against; the nightly toolchain must match it.

@@ -132,6 +132,11 @@ pub(crate) fn test(args: &[OsString]) -> Result<()> {
         crate::image::build_image(&setup).map(drop)
     })?;
 
+    // The package test (tests/tests/deploy_package.rs) installs this package into a scratch root.
+    step("package", "cargo xtask package", || {
+        crate::package::build_package(&setup).map(drop)
+    })?;
+
     step(
         "test",
         "cargo test --workspace --exclude keepalive-ebpf --release",
