@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    env,
+    env::{self, ARM64},
     setup::{self, Setup},
 };
 
@@ -23,6 +23,25 @@ pub(crate) fn build() -> Result<(Setup, PathBuf)> {
     let setup = setup::setup()?;
     let bin = build_agent(&setup)?;
     Ok((setup, bin))
+}
+
+/// `cargo xtask build`: the agent, and with `arm64` the static aarch64 agent as well.
+pub(crate) fn build_command(arm64: bool) -> Result<()> {
+    let (setup, _) = build()?;
+    if arm64 {
+        header(&format!(
+            "build: the static agent for {} (cross gcc, see env::ARM64)",
+            ARM64.rust_target
+        ));
+        let bin = crate::image::build_static_agent(&setup, &ARM64)?;
+        crate::image::ensure_static(&bin, &ARM64)?;
+        println!(
+            "built: {} (static, aarch64; runs here as `qemu-aarch64-static {} --version`)",
+            bin.display(),
+            bin.display()
+        );
+    }
+    Ok(())
 }
 
 fn build_agent(setup: &Setup) -> Result<PathBuf> {
@@ -131,6 +150,31 @@ pub(crate) fn test(args: &[OsString]) -> Result<()> {
     step("image", "cargo xtask image", || {
         crate::image::build_image(&setup).map(drop)
     })?;
+
+    // The image step built the arm64 agent's dependencies in this profile, so this compiles
+    // little more than the test harness.
+    step(
+        "unit tests (arm64)",
+        &format!(
+            "cargo test --release -p keepalive-agent --lib --target {} (under qemu-user)",
+            ARM64.rust_target
+        ),
+        || {
+            env::run(
+                ARM64
+                    .cross_env(&mut setup.command("cargo"))
+                    .args(["test", "--release", "-p", "keepalive-agent", "--lib"])
+                    .args(["--target", ARM64.rust_target]),
+            )
+            .with_context(|| {
+                format!(
+                    "the agent's unit tests failed on aarch64 (run by {}): a test that passes on \
+                     the host and fails here depends on the architecture",
+                    ARM64.runner().unwrap_or("the host")
+                )
+            })
+        },
+    )?;
 
     step(
         "test",
