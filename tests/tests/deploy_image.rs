@@ -1,6 +1,7 @@
-//! The container image `cargo xtask image` builds (deploy/Containerfile, FROM scratch): it runs
-//! the agent. `cargo xtask test` builds the image before the tests; run by hand, build it first
-//! with `cargo xtask image`.
+//! The container images `cargo xtask image` builds (deploy/Containerfile, FROM scratch): the amd64
+//! one runs the agent, the arm64 one holds a static aarch64 agent that runs under qemu-user, and
+//! the manifest list names both. `cargo xtask test` builds them before the tests; run by hand,
+//! build them first with `cargo xtask image`.
 //!
 //! The image is run with `buildah run --isolation chroot`: on this class of host `podman run`
 //! (crun) refuses to start any container ("cgroups in hybrid mode not supported", and setting
