@@ -291,8 +291,15 @@ fn header(text: &str) {
     println!("\n== {text}");
 }
 
-/// Runs one named step with a header; on failure says which step failed.
+/// Runs one named step with a header; on failure says which step failed. Prints how long it
+/// took, so a step's share of the CI time can be read from any run's log.
 fn step(name: &str, what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     header(&format!("{name}: {what}"));
-    f().with_context(|| format!("step `{name}` failed"))
+    let started = std::time::Instant::now();
+    f().with_context(|| format!("step `{name}` failed"))?;
+    println!(
+        "step `{name}` took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
