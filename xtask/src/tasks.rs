@@ -168,8 +168,10 @@ pub(crate) fn test(args: &[OsString]) -> Result<()> {
             )
             .with_context(|| {
                 format!(
-                    "the agent's unit tests failed on aarch64 (run by {}): a test that passes on \
-                     the host and fails here depends on the architecture",
+                    "the agent's unit tests failed on aarch64 under {} (Debian's \
+                     qemu-user-static, installed by `cargo xtask setup`): a test that passes on \
+                     the host and fails only here depends on the architecture or on something \
+                     qemu-user emulates differently",
                     ARM64.runner().unwrap_or("the host")
                 )
             })
