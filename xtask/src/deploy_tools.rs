@@ -1,15 +1,13 @@
 //! What the deployment checks and `cargo xtask image` need beyond Debian packages: the musl
-//! Rust target, `kubernetes-validate` from PyPI, and a `kubectl` for `kubectl kustomize`.
+//! Rust targets, `kubernetes-validate` from PyPI, and a `kubectl` for `kubectl kustomize`.
 //! Called by `setup`; each prints `ok:` or `installing:` like the other checks.
 
 use std::ffi::OsStr;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::env::{self, Env};
+use crate::env::{self, Env, PLATFORMS};
 
-/// The Rust target the container image's static binary is built for.
-pub(crate) const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// PyPI packages: the offline Kubernetes schema validator used by tests/tests/deploy_manifests.rs.
 const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-validate")];
 /// Debian's kubectl (with `kubectl kustomize`), installed only when no kubectl is in PATH: a
@@ -17,25 +15,28 @@ const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes-validate", "kubernetes-vali
 const KUBECTL_PACKAGE: &str = "kubernetes-client";
 
 pub(crate) fn deploy_tools(env: &Env) -> Result<()> {
-    musl_target(env)?;
+    musl_targets(env)?;
     pip_packages(env)?;
     kubectl(env)
 }
 
-/// Adds the musl target to the active (stable) toolchain with rustup.
-fn musl_target(env: &Env) -> Result<()> {
+/// Adds the musl target of every image platform to the active (stable) toolchain with rustup.
+fn musl_targets(env: &Env) -> Result<()> {
     let installed = env::output(
         env.command("rustup")
             .args(["target", "list", "--installed"]),
     )
     .context("`rustup target list --installed` failed")?;
-    if installed.lines().any(|line| line.trim() == MUSL_TARGET) {
-        println!("ok: rust target {MUSL_TARGET} present");
-        return Ok(());
+    for target in PLATFORMS.map(|platform| platform.rust_target) {
+        if installed.lines().any(|line| line.trim() == target) {
+            println!("ok: rust target {target} present");
+            continue;
+        }
+        println!("installing: rust target {target} (for the static agent in the container image)");
+        env::run(env.command("rustup").args(["target", "add", target]))
+            .with_context(|| format!("`rustup target add {target}` failed"))?;
     }
-    println!("installing: rust target {MUSL_TARGET} (for the static agent in the container image)");
-    env::run(env.command("rustup").args(["target", "add", MUSL_TARGET]))
-        .with_context(|| format!("`rustup target add {MUSL_TARGET}` failed"))
+    Ok(())
 }
 
 fn pip_packages(env: &Env) -> Result<()> {

@@ -13,6 +13,80 @@ use anyhow::{Context as _, Result, bail};
 /// Names the nightly toolchain the agent's build.rs compiles the eBPF crate with.
 pub(crate) const TOOLCHAIN_ENV: &str = "KEEPALIVE_BPF_TOOLCHAIN";
 
+/// A platform the static agent and its image are built for.
+pub(crate) struct Platform {
+    /// The Rust target: musl, so the binary needs no loader (`FROM scratch`, a bare initramfs).
+    pub rust_target: &'static str,
+    /// The OCI architecture (`buildah build --platform linux/<arch>`, the manifest list).
+    pub oci_arch: &'static str,
+    /// The ELF `e_machine` its binaries must carry (EM_X86_64, EM_AARCH64).
+    pub elf_machine: u16,
+    /// Debian's cross tools, for a platform that is not the build host.
+    cross: Option<CrossTools>,
+}
+
+/// Debian's GNU cross toolchain and qemu-user. Debian packages no aarch64 musl gcc, and none is
+/// needed: rustc's musl targets link their own crt objects and libc (self-contained), so gcc only
+/// drives the link and compiles ring's C code, which takes nothing from libc headers but
+/// `<stdint.h>`, `<stddef.h>` and `<string.h>` (the same ABI in glibc and musl).
+struct CrossTools {
+    gcc: &'static str,
+    ar: &'static str,
+    /// Runs the target's binaries on this host: `cargo test` goes through it.
+    runner: &'static str,
+}
+
+/// The host platform of the images, the kernel matrix's guests and this development machine.
+pub(crate) const AMD64: Platform = Platform {
+    rust_target: "x86_64-unknown-linux-musl",
+    oci_arch: "amd64",
+    elf_machine: 62,
+    // cc-rs finds Debian's musl-tools wrapper (x86_64-linux-musl-gcc) by the target's name.
+    cross: None,
+};
+
+/// arm64 nodes: built on this x86_64 host with Debian's cross gcc, tested under qemu-user.
+pub(crate) const ARM64: Platform = Platform {
+    rust_target: "aarch64-unknown-linux-musl",
+    oci_arch: "arm64",
+    elf_machine: 183,
+    cross: Some(CrossTools {
+        gcc: "aarch64-linux-gnu-gcc",
+        ar: "aarch64-linux-gnu-ar",
+        runner: "qemu-aarch64-static",
+    }),
+};
+
+/// Every platform the image's manifest list holds, the build host's first.
+pub(crate) const PLATFORMS: [&Platform; 2] = [&AMD64, &ARM64];
+
+impl Platform {
+    /// Points cargo (and the cc crate in build scripts) at this platform's cross tools, for
+    /// this command only: a global cargo config would change every other build on the machine.
+    pub(crate) fn cross_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        if let Some(cross) = &self.cross {
+            cmd.envs(self.cross_vars(cross));
+        }
+        cmd
+    }
+
+    fn cross_vars(&self, cross: &CrossTools) -> [(String, &'static str); 4] {
+        let cargo_key = self.rust_target.to_uppercase().replace('-', "_");
+        let cc_key = self.rust_target.replace('-', "_");
+        [
+            (format!("CARGO_TARGET_{cargo_key}_LINKER"), cross.gcc),
+            (format!("CARGO_TARGET_{cargo_key}_RUNNER"), cross.runner),
+            (format!("CC_{cc_key}"), cross.gcc),
+            (format!("AR_{cc_key}"), cross.ar),
+        ]
+    }
+
+    /// The qemu-user program that runs this platform's binaries here, if it is not the host's.
+    pub(crate) fn runner(&self) -> Option<&'static str> {
+        self.cross.as_ref().map(|cross| cross.runner)
+    }
+}
+
 /// What every child process gets: a PATH that includes cargo's bin directory (where rustup and
 /// `cargo install`ed tools such as bpf-linker live), and the workspace root to run in.
 pub(crate) struct Env {
@@ -72,6 +146,14 @@ impl Env {
     /// The release binary of the agent.
     pub(crate) fn agent_bin(&self) -> PathBuf {
         self.root.join("target/release/keepalive-agent")
+    }
+
+    /// Where cargo puts release binaries built for `platform`.
+    pub(crate) fn release_dir(&self, platform: &Platform) -> PathBuf {
+        self.root
+            .join("target")
+            .join(platform.rust_target)
+            .join("release")
     }
 }
 
@@ -142,4 +224,45 @@ pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_variables_are_the_names_cargo_and_cc_read() {
+        let mut cmd = Command::new("cargo");
+        ARM64.cross_env(&mut cmd);
+        let vars: Vec<(String, String)> = cmd
+            .get_envs()
+            .map(|(key, value)| {
+                (
+                    key.display().to_string(),
+                    value.unwrap_or_default().display().to_string(),
+                )
+            })
+            .collect();
+        for expected in [
+            (
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
+                "aarch64-linux-gnu-gcc",
+            ),
+            (
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER",
+                "qemu-aarch64-static",
+            ),
+            ("CC_aarch64_unknown_linux_musl", "aarch64-linux-gnu-gcc"),
+            ("AR_aarch64_unknown_linux_musl", "aarch64-linux-gnu-ar"),
+        ] {
+            assert!(
+                vars.iter()
+                    .any(|(key, value)| (key.as_str(), value.as_str()) == expected),
+                "{expected:?} not in {vars:?}"
+            );
+        }
+        let mut cmd = Command::new("cargo");
+        AMD64.cross_env(&mut cmd);
+        assert_eq!(cmd.get_envs().count(), 0);
+    }
 }

@@ -37,7 +37,12 @@ enum Command {
     /// tracefs. Idempotent: prints one line per check.
     Setup,
     /// Setup, then build target/release/keepalive-agent (with the eBPF programs embedded).
-    Build,
+    Build {
+        /// Also build the static arm64 agent,
+        /// target/aarch64-unknown-linux-musl/release/keepalive-agent (Debian's cross gcc).
+        #[arg(long)]
+        arm64: bool,
+    },
     /// Build, then run `keepalive-agent run ARGS...` in the foreground, as root (via `sudo -E`
     /// when not root). Exits with the agent's status.
     Run {
@@ -49,8 +54,9 @@ enum Command {
         )]
         args: Vec<OsString>,
     },
-    /// Build, then run fmt check, clippy (host crates and the eBPF crate), `cargo test`, each
-    /// fuzz target for a bounded time (fuzz/) and the kernel matrix.
+    /// Build, then run fmt check, clippy (host crates and the eBPF crate), the image, the agent's
+    /// unit tests on arm64 (qemu-user), `cargo test`, each fuzz target for a bounded time (fuzz/)
+    /// and the kernel matrix.
     /// KEEPALIVE_REQUIRE_KERNEL is passed through to the tests unchanged.
     Test {
         /// Extra arguments appended to `cargo test` (put them after `--`).
@@ -62,7 +68,8 @@ enum Command {
         args: Vec<OsString>,
     },
     /// Setup, then build the container image (deploy/Containerfile, FROM scratch) with buildah:
-    /// a static musl agent tagged localhost/keepalive-agent:<version>.
+    /// a static musl agent tagged localhost/keepalive-agent:<version> (amd64) and
+    /// :<version>-arm64, and the manifest list of both, :<version>-multiarch.
     Image,
     /// Setup, then build the Debian package for plain VMs: the static musl agent, the hardened
     /// systemd unit (deploy/systemd/), /etc/default/keepalive-agent (a conffile), man pages and
@@ -91,7 +98,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => setup::setup().map(|_| ExitCode::SUCCESS),
-        Command::Build => tasks::build().map(|_| ExitCode::SUCCESS),
+        Command::Build { arm64 } => tasks::build_command(arm64).map(|()| ExitCode::SUCCESS),
         Command::Run { args } => tasks::run(&args),
         Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
         Command::Image => setup::setup()
@@ -140,6 +147,15 @@ mod tests {
             panic!("not run");
         };
         assert!(args.is_empty());
+    }
+
+    #[test]
+    fn build_takes_arm64() {
+        assert!(matches!(parse(&["build"]), Command::Build { arm64: false }));
+        assert!(matches!(
+            parse(&["build", "--arm64"]),
+            Command::Build { arm64: true }
+        ));
     }
 
     #[test]

@@ -28,6 +28,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The static agent's C code (ring, the TLS of --web.config.file) compiled for musl:
     // x86_64-linux-musl-gcc, which cc-rs looks for.
     "musl-tools",
+    // The arm64 agent: Debian's aarch64 gcc links it and compiles ring's C code; qemu-user runs
+    // its unit tests and `--version` on this x86_64 host (env::ARM64).
+    "gcc-aarch64-linux-gnu",
+    "qemu-user-static",
     // Kernel matrix (`cargo xtask vm`): Debian kernels booted under qemu's TCG with a busybox
     // initramfs (`cpio -t` checks the archive xtask writes); gzip, xz and zstd unpack each
     // kernel's bzImage payload, compress the initramfs and the BTF test fixtures.

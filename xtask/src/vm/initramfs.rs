@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 use super::pipe_through;
-use crate::{image, setup::Setup};
+use crate::{env::AMD64, image, setup::Setup};
 
 /// Debian's busybox-static.
 const BUSYBOX: &str = "/bin/busybox";
@@ -45,15 +45,16 @@ exec {GUEST_PROGRAM} --agent {AGENT_ADDR} --agent-log /tmp/agent.log --poweroff
 
 /// Builds the static binaries and writes `<work>/initramfs.gz`.
 pub(super) fn build(setup: &Setup, work: &Path) -> Result<PathBuf> {
-    let agent = image::build_static_agent(setup)?;
-    image::ensure_static(&agent)?;
-    let guest = image::build_static(setup, "keepalive-tests", GUEST_PROGRAM)?;
-    image::ensure_static(&guest)?;
+    // The guests are x86_64 kernels under qemu-system-x86.
+    let agent = image::build_static_agent(setup, &AMD64)?;
+    image::ensure_static(&agent, &AMD64)?;
+    let guest = image::build_static(setup, "keepalive-tests", GUEST_PROGRAM, &AMD64)?;
+    image::ensure_static(&guest, &AMD64)?;
     let busybox = Path::new(BUSYBOX);
     if !busybox.is_file() {
         bail!("{BUSYBOX} not found: install busybox-static (`cargo xtask setup` does)");
     }
-    image::ensure_static(busybox)
+    image::ensure_static(busybox, &AMD64)
         .context("Debian's busybox package is dynamic: install busybox-static")?;
 
     let mut archive = Newc::default();
