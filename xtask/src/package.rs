@@ -49,8 +49,8 @@ pub(crate) fn build_package(setup: &Setup) -> Result<PathBuf> {
              build it on an x86_64 machine"
         );
     }
-    let bin = build_static_agent(setup)?;
-    ensure_static(&bin)?;
+    let bin = build_static_agent(setup, &env::AMD64)?;
+    ensure_static(&bin, &env::AMD64)?;
     let root = &setup.env.root;
     let work = root.join("target/package");
     let tree = work.join("tree");
