@@ -114,3 +114,39 @@ pub fn flag_values(text: &str) {
         let _ = export::http::router(state, &path);
     }
 }
+
+/// A `--web.config.file` text (exporter-toolkit's YAML): parsed and checked without reading the
+/// files it names or running bcrypt. What is accepted is what the server is built from, so it
+/// must hold what the loader relies on: a TLS version to offer, paths to open, hashes bcrypt
+/// can verify with.
+pub fn web_config(text: &str) {
+    let Ok(spec) = export::web_config::parse(text) else {
+        return;
+    };
+    if let Some(tls) = &spec.tls {
+        assert!(!tls.versions.is_empty(), "no TLS version from {text:?}");
+        assert!(!tls.cert_file.as_os_str().is_empty() && !tls.key_file.as_os_str().is_empty());
+        if let Some(ca) = &tls.client_ca {
+            assert!(!ca.file.as_os_str().is_empty());
+        }
+    }
+    if let Some(auth) = &spec.basic_auth {
+        assert!(
+            !auth.users.is_empty(),
+            "basic auth without users from {text:?}"
+        );
+        assert!(
+            (4..=31).contains(&auth.cost),
+            "cost {} from {text:?}",
+            auth.cost
+        );
+        for (user, hash) in &auth.users {
+            assert!(!user.contains(':'), "user {user:?} can never log in");
+            let parts = hash.parse::<bcrypt::HashParts>();
+            assert!(
+                parts.is_ok_and(|p| (4..=31).contains(&p.get_cost())),
+                "{user}: {hash:?} accepted"
+            );
+        }
+    }
+}

@@ -109,7 +109,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(command)) {
+    let outcome = runtime.block_on(run(command));
+    // Dropping the runtime would wait for every blocking task, however long: an audit walk, an
+    // event write stuck on a dead disk. `run` already shut down what matters; the rest has
+    // this long, so the agent exits within the DaemonSet's grace period.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", one_line(&err));
@@ -148,6 +153,9 @@ fn generate_docs(dir: &std::path::Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// What the runtime's leftover blocking tasks get at exit (see `run::SHUTDOWN_DEADLINE`).
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Every context, outermost first, on one line so a service log keeps the whole reason. Errors
 /// whose message already quotes their source would repeat it; a cause already said is skipped.

@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use log::{debug, info, warn};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::{
     attribution::{Attributor, Workload},
@@ -61,6 +61,18 @@ pub(crate) struct Pipeline {
     /// pipeline is `Sync`: the drain borrows it across awaits).
     inbox: Mutex<Option<(mpsc::Receiver<Job>, InFlightHandle)>>,
 }
+
+/// What the shutdown got through ([`Pipeline::run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Drained {
+    /// Records left in the ring buffer when the programs were detached.
+    pub remaining: ring_reader::Remaining,
+    /// The attribution worker did every queued job (events waiting for an owner were sent).
+    pub worker_finished: bool,
+}
+
+/// How often the shutdown looks whether the attribution worker is done.
+const WORKER_POLL: Duration = Duration::from_millis(10);
 
 /// The aggregate label set of one record, or what the worker needs to find it.
 enum Aggregate {
@@ -142,12 +154,35 @@ impl Pipeline {
         }
     }
 
-    /// Starts the attribution worker, then drains the ring buffer until its descriptor fails.
-    /// The worker stops once the pipeline is dropped.
-    pub(crate) async fn run(self, ring: RingBuf<MapData>) -> std::io::Result<()> {
+    /// Starts the attribution worker, then drains the ring buffer until `stop` turns true.
+    /// Then the shutdown: `detach` (the caller detaches the programs, so no record arrives
+    /// after it), the records still in the ring, then the worker's queue, all within `budget`
+    /// from the stop. Once this returns, the pipeline and its worker are gone, and with them
+    /// every sender of the event stream: its writer sees the channel close after the last event.
+    pub(crate) async fn run(
+        self,
+        ring: RingBuf<MapData>,
+        mut stop: watch::Receiver<bool>,
+        detach: impl FnOnce(),
+        budget: Duration,
+    ) -> std::io::Result<Drained> {
         let (worker, jobs) = self.take_worker();
-        worker.spawn(jobs)?;
-        ring_reader::drain(ring, |record| self.handle(record)).await
+        let worker = worker.spawn(jobs)?;
+        let mut handle = |record: &[u8]| self.handle(record);
+        let mut ring = ring_reader::drain(ring, &mut handle, &mut stop).await?;
+        let deadline = tokio::time::Instant::now() + budget;
+        detach();
+        let remaining = ring_reader::drain_remaining(&mut ring, deadline, &mut handle).await;
+        drop(ring);
+        // The queue's only sender: the worker ends once it has done what is queued.
+        drop(self);
+        while !worker.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(WORKER_POLL).await;
+        }
+        Ok(Drained {
+            remaining,
+            worker_finished: worker.is_finished(),
+        })
     }
 
     /// The worker for this pipeline's queue, with the same table, metrics, labels and events.

@@ -4,6 +4,7 @@
 use std::{ffi::CStr, path::Path};
 
 use anyhow::bail;
+use aya::util::KernelVersion;
 
 use crate::audit::walk;
 use crate::kernel::{
@@ -15,7 +16,7 @@ use crate::kernel::{
 
 /// Ring buffers (5.8) are the newest feature every required hook depends on; the audit runs its
 /// walk with BPF_PROG_TEST_RUN on a raw tracepoint program, which needs 5.10.
-const MIN_KERNEL: (u32, u32) = (5, 8);
+const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 8, 0);
 
 /// Capability bits (include/uapi/linux/capability.h).
 const CAP_SYSLOG: u32 = 34;
@@ -221,34 +222,34 @@ fn kernel_version() -> Check {
             .into_owned()
     };
     let release = field(&uts.release);
-    let detail = format!("Linux {release} ({})", field(&uts.machine));
-    match parse_release(&release) {
-        Some(version) if version >= MIN_KERNEL => Check::ok("kernel", detail),
-        Some(_) => Check::new(
+    let machine = field(&uts.machine);
+    // aya's reading: Debian's release says 6.1.0 where `uname -v` says 6.1.192 (whose stable
+    // backport moved the keepalive timer), Ubuntu's is in /proc/version_signature.
+    let version = KernelVersion::current();
+    let detail = match &version {
+        Ok(version) => format!("Linux {release} ({machine}), upstream {version}"),
+        Err(_) => format!("Linux {release} ({machine})"),
+    };
+    match version {
+        Ok(version) if version >= MIN_KERNEL => Check::ok("kernel", detail),
+        Ok(_) => Check::new(
             "kernel",
             Status::Fail,
             detail,
             Some(format!(
-                "Upgrade the kernel to {}.{} or newer (BPF ring buffer and BTF tracepoints).",
-                MIN_KERNEL.0, MIN_KERNEL.1
+                "Upgrade the kernel to {MIN_KERNEL} or newer (BPF ring buffer and BTF tracepoints)."
             )),
         ),
-        None => Check::new(
+        Err(err) => Check::new(
             "kernel",
             Status::Warn,
             detail,
             Some(format!(
-                "Cannot read the kernel version from {release:?}; the agent needs {}.{}+.",
-                MIN_KERNEL.0, MIN_KERNEL.1
+                "Cannot read the kernel version from {release:?} ({err}); the agent needs \
+                 {MIN_KERNEL}+."
             )),
         ),
     }
-}
-
-/// `6.18.0-1-amd64` → (6, 18).
-fn parse_release(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// Each hook's BTF tracepoint exists when the kernel's BTF has its `btf_trace_<name>` typedef
@@ -443,18 +444,5 @@ fn load(session: &Session) -> Check {
             err.to_string(),
             Some("The kernel refused the programs: run as root, check `dmesg` and the verifier log above.".to_owned()),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_release_strings_parse_to_major_minor() {
-        assert_eq!(parse_release("6.18.0-1-amd64"), Some((6, 18)));
-        assert_eq!(parse_release("5.4.0"), Some((5, 4)));
-        assert_eq!(parse_release("7.3-rc1"), Some((7, 3)));
-        assert_eq!(parse_release("weird"), None);
     }
 }

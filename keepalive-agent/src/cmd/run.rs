@@ -30,7 +30,7 @@ use crate::{
         self, Session, hz,
         programs::{self, PROGRAM_TYPE},
     },
-    pipeline::Pipeline,
+    pipeline::{Drained, Pipeline},
     record::{decoder::AuditedSocket, netns_counters::NetnsCounterMaps},
     track::connection_table::ConnectionTable,
 };
@@ -217,9 +217,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .set(i64::from(status.attached));
     }
     let ready = kernel.all_required_attached();
-    // `_ebpf` keeps the programs (and so the hooks) loaded until `run` returns.
+    // `ebpf` keeps the programs (and so the hooks) attached until the shutdown detaches them.
     let programs::KernelPrograms {
-        ebpf: _ebpf,
+        ebpf,
         events,
         reserve_failures,
         audit,
@@ -247,6 +247,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         );
     }
     let (stop, stopping) = watch::channel(false);
+    let (writer_stop, writer_stopping) = watch::channel(false);
+    let events_written = pipeline_metrics.events_written.clone();
+    let events_dropped = pipeline_metrics.events_dropped.clone();
     let (event_sender, event_writer) = match config.events.clone() {
         Some(target) => {
             let writer = EventWriter::open(
@@ -261,7 +264,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 pipeline_metrics.events_dropped.clone(),
                 false,
             );
-            let writer = tokio::spawn(writer.run(receiver, hangup, stopping.clone()));
+            // Not the server's stop: the writer ends when the pipeline, draining the ring
+            // buffer after the stop, drops the last sender; `writer_stop` only cuts it short
+            // at the shutdown deadline.
+            let writer = tokio::spawn(writer.run(receiver, hangup, writer_stopping));
             (Some(sender), Some(writer))
         }
         None => {
@@ -338,7 +344,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         http::router(Arc::clone(&state), &config.telemetry_path),
         web,
         server_metrics,
-        stopping,
+        stopping.clone(),
     ));
     if let Some(sender) = event_sender {
         pipeline = pipeline.with_events(sender);
@@ -351,43 +357,115 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         humantime::format_duration(config.netns_retention)
     );
     tokio::spawn(pipeline.namespace_retention(config.netns_retention).run());
-    let mut drain = tokio::spawn(pipeline.run(events));
+    let mut drain =
+        tokio::spawn(pipeline.run(events, stopping, move || drop(ebpf), SHUTDOWN_DRAIN_BUDGET));
     state.ready.store(ready, Ordering::Relaxed);
     info!("ready: following TCP keepalive in every network namespace");
 
+    let mut drain_done = false;
     let outcome = tokio::select! {
         result = &mut server => Err(match result {
             Ok(()) => anyhow::anyhow!("the HTTP server stopped"),
             Err(err) => anyhow::Error::new(err).context("the HTTP server failed"),
         }),
-        result = &mut drain => match result {
-            Ok(Ok(())) => Err(anyhow::anyhow!("the ring buffer reader stopped")),
-            Ok(Err(err)) => Err(anyhow::Error::new(err).context("reading the ring buffer")),
-            Err(err) => Err(anyhow::Error::new(err).context("the ring buffer reader failed")),
+        result = &mut drain => {
+            drain_done = true;
+            match result {
+                Ok(Ok(_)) => Err(anyhow::anyhow!("the ring buffer reader stopped")),
+                Ok(Err(err)) => Err(anyhow::Error::new(err).context("reading the ring buffer")),
+                Err(err) => Err(anyhow::Error::new(err).context("the ring buffer reader failed")),
+            }
         },
         _ = interrupt.recv() => { info!("SIGINT: shutting down"); Ok(()) }
         _ = sigterm.recv() => { info!("SIGTERM: shutting down"); Ok(()) }
     };
-    // Graceful: stop accepting, let scrapes in flight finish, write what the event stream
-    // holds; the programs detach when `_ebpf` drops on return.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+    // Graceful: not ready, stop accepting (scrapes in flight finish), stop reading the ring
+    // buffer, detach the programs, put what the ring still holds through the pipeline, and close
+    // the event stream after its last event; all before the DaemonSet's grace period ends.
     state.ready.store(false, Ordering::Relaxed);
-    drain.abort();
     let _ = stop.send(true);
-    if tokio::time::timeout(http::SHUTDOWN_GRACE * 2, &mut server)
+    if !drain_done {
+        match tokio::time::timeout_at(deadline, &mut drain).await {
+            Ok(Ok(Ok(drained))) => log_drained(drained),
+            Ok(Ok(Err(err))) => warn!("shutdown: reading the ring buffer failed: {err}"),
+            Ok(Err(err)) => warn!("shutdown: the ring buffer reader failed: {err}"),
+            Err(_) => {
+                drain.abort();
+                warn!("shutdown: the ring buffer reader did not stop in time");
+            }
+        }
+    }
+    if let Some(mut writer) = event_writer {
+        let cut_at = deadline - WRITER_FINAL_WRITE;
+        if tokio::time::timeout_at(cut_at, &mut writer).await.is_err() {
+            // Someone still holds a sender (an owner lookup stuck on /proc): write what the
+            // channel holds and stop.
+            let _ = writer_stop.send(true);
+            if tokio::time::timeout_at(deadline, &mut writer)
+                .await
+                .is_err()
+            {
+                writer.abort();
+                warn!(
+                    "shutdown: the event stream writer did not finish in time; its last events are lost"
+                );
+            }
+        }
+        info!(
+            "shutdown: event stream closed ({} lines written, {} dropped since start)",
+            events_written.get(),
+            events_dropped.get()
+        );
+    }
+    if tokio::time::timeout_at(deadline, &mut server)
         .await
         .is_err()
     {
-        warn!("the HTTP server did not stop in time");
-    }
-    if let Some(writer) = event_writer
-        && tokio::time::timeout(http::SHUTDOWN_GRACE, writer)
-            .await
-            .is_err()
-    {
-        warn!("the event stream writer did not finish in time; its last events are lost");
+        warn!("shutdown: the HTTP server did not stop in time");
     }
     info!("stopped");
     outcome
+}
+
+/// From SIGTERM to `run` returning. The DaemonSet's `terminationGracePeriodSeconds` is 10
+/// (deploy/kubernetes/daemonset.yaml): this leaves a second for the runtime to stop
+/// (`main.rs`) and one for the kubelet, so the agent is never SIGKILLed mid-write.
+pub(crate) const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(8);
+
+/// The part of [`SHUTDOWN_DEADLINE`] the ring buffer's last records and the owner lookups
+/// they queued get; the rest is the event stream's, to write what they produced.
+const SHUTDOWN_DRAIN_BUDGET: Duration = Duration::from_secs(6);
+
+/// The event writer's last stretch: if the channel has not closed by then, it writes what it
+/// holds and stops.
+const WRITER_FINAL_WRITE: Duration = Duration::from_secs(1);
+
+fn log_drained(drained: Drained) {
+    let Drained {
+        remaining,
+        worker_finished,
+    } = drained;
+    if remaining.cut_short {
+        warn!(
+            "shutdown: programs detached; the {SHUTDOWN_DRAIN_BUDGET:?} deadline cut the ring \
+             buffer drain short after {} records: the rest are in neither the event stream nor \
+             the per-connection series (the namespace totals, counted in the kernel, are exact)",
+            remaining.records
+        );
+    } else {
+        info!(
+            "shutdown: programs detached; {} records left in the ring buffer went through the \
+             pipeline",
+            remaining.records
+        );
+    }
+    if !worker_finished {
+        warn!(
+            "shutdown: owner lookups were still running at the deadline (a slow /proc or cgroup \
+             tree); events waiting for their owner are lost"
+        );
+    }
 }
 
 #[cfg(test)]

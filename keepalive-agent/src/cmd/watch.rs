@@ -246,7 +246,10 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
     )
     .with_events(sender);
     drop(session);
-    let mut drain = tokio::spawn(pipeline.run(ring));
+    // `watch` prints until it is interrupted; what the ring holds then is not wanted, so the
+    // reader is never told to stop and the programs detach when `_ebpf` drops.
+    let (_never_stop, keep_reading) = tokio::sync::watch::channel(false);
+    let mut drain = tokio::spawn(pipeline.run(ring, keep_reading, || (), Duration::ZERO));
     info!("watching TCP keepalive in every network namespace; Ctrl-C to stop");
 
     let mut stdout = std::io::stdout().lock();

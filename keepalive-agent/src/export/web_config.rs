@@ -63,7 +63,7 @@ enum ClientAuthType {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
-enum TlsVersion {
+pub(crate) enum TlsVersion {
     TLS10,
     TLS11,
     TLS12,
@@ -87,7 +87,8 @@ impl std::fmt::Debug for WebConfig {
 }
 
 impl WebConfig {
-    /// Reads and checks `path`: YAML, certificate and key files, client CAs, password hashes.
+    /// Reads `path`, checks its text ([`parse`]), then reads what it names: certificate and key
+    /// files, client CAs.
     pub(crate) fn load(path: &Path) -> Result<WebConfig, WebConfigError> {
         let fail = |reason: String| WebConfigError::File {
             path: path.to_owned(),
@@ -95,22 +96,20 @@ impl WebConfig {
         };
         let text = crate::files::read_string_bounded(path, MAX_CONFIG_BYTES)
             .map_err(|e| fail(crate::files::io_reason(&e)))?;
-        let file: WebConfigFile = serde_yaml_ng::from_str(&text)
-            .map_err(|e| fail(format!("{e} (see exporter-toolkit's web-configuration.md)")))?;
+        let spec = parse(&text).map_err(fail)?;
         // Relative paths are relative to the file, as exporter-toolkit resolves them.
         let base = path.parent().unwrap_or(Path::new("."));
-        let tls = file
-            .tls_server_config
+        let tls = spec
+            .tls
             .map(|tls| tls_acceptor(&tls, base))
             .transpose()
             .map_err(fail)?;
-        let basic_auth = if file.basic_auth_users.is_empty() {
-            None
-        } else {
-            Some(Arc::new(
-                BasicAuth::new(file.basic_auth_users).map_err(fail)?,
-            ))
-        };
+        let basic_auth = spec
+            .basic_auth
+            .map(BasicAuth::new)
+            .transpose()
+            .map_err(fail)?
+            .map(Arc::new);
         Ok(WebConfig { tls, basic_auth })
     }
 }
@@ -118,9 +117,64 @@ impl WebConfig {
 /// A web config file is a few lines; a bigger one is the wrong file.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
-fn tls_acceptor(tls: &TlsServerConfig, base: &Path) -> Result<TlsAcceptor, String> {
+/// A PEM file holds a certificate chain or a key: kilobytes. A CA bundle is the largest
+/// (Debian's whole ca-certificates.crt is ~200 KiB).
+const MAX_PEM_BYTES: u64 = 16 << 20;
+
+/// A web config file's text, checked: everything that can be known without reading the files
+/// it names or running bcrypt.
+#[derive(Debug)]
+pub(crate) struct WebConfigSpec {
+    pub tls: Option<TlsSpec>,
+    pub basic_auth: Option<BasicAuthUsers>,
+}
+
+/// `tls_server_config`, with its policy checked. Paths as written (relative to the file).
+#[derive(Debug)]
+pub(crate) struct TlsSpec {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca: Option<ClientCa>,
+    /// Never empty, oldest first.
+    pub versions: Vec<TlsVersion>,
+}
+
+/// Client certificates are verified against the CAs in `file`; without one they are refused
+/// (`RequireAndVerifyClientCert`) or allowed (`VerifyClientCertIfGiven`).
+#[derive(Debug)]
+pub(crate) struct ClientCa {
+    pub file: PathBuf,
+    pub required: bool,
+}
+
+/// `basic_auth_users` with every hash parsed.
+#[derive(Debug)]
+pub(crate) struct BasicAuthUsers {
+    pub users: HashMap<String, String>,
+    /// The cost of one of the configured hashes, for the hash an unknown user is checked
+    /// against ([`BasicAuth`]).
+    pub cost: u32,
+}
+
+/// Parses and checks a web config file's text. Reads no file (the paths it names stay as
+/// written) and hashes nothing: a bcrypt hash is parsed, never run, so a cost of 31 in the
+/// text costs nothing here. The errors name the field and say what to write instead.
+pub(crate) fn parse(text: &str) -> Result<WebConfigSpec, String> {
+    let file: WebConfigFile = serde_yaml_ng::from_str(text)
+        .map_err(|e| format!("{e} (see exporter-toolkit's web-configuration.md)"))?;
+    let tls = file.tls_server_config.map(tls_spec).transpose()?;
+    let basic_auth = if file.basic_auth_users.is_empty() {
+        None
+    } else {
+        Some(basic_auth_users(file.basic_auth_users)?)
+    };
+    Ok(WebConfigSpec { tls, basic_auth })
+}
+
+fn tls_spec(tls: TlsServerConfig) -> Result<TlsSpec, String> {
     // The policy first: a contradiction in the file is reported before any file it names.
-    match (tls.client_auth_type, &tls.client_ca_file) {
+    let client_ca = match (tls.client_auth_type, tls.client_ca_file) {
+        (ClientAuthType::NoClientCert, None) => None,
         (ClientAuthType::NoClientCert, Some(_)) => {
             return Err(
                 "tls_server_config.client_ca_file is set but client_auth_type is not: \
@@ -128,61 +182,44 @@ fn tls_acceptor(tls: &TlsServerConfig, base: &Path) -> Result<TlsAcceptor, Strin
                     .to_owned(),
             );
         }
-        (ClientAuthType::RequestClientCert | ClientAuthType::RequireAnyClientCert, _) => {
+        (auth @ (ClientAuthType::RequestClientCert | ClientAuthType::RequireAnyClientCert), _) => {
             return Err(format!(
-                "tls_server_config.client_auth_type {:?} (a client certificate that is not \
+                "tls_server_config.client_auth_type {auth:?} (a client certificate that is not \
                  verified) is not supported: use RequireAndVerifyClientCert with a \
-                 client_ca_file",
-                tls.client_auth_type
+                 client_ca_file"
             ));
         }
         (
-            ClientAuthType::VerifyClientCertIfGiven | ClientAuthType::RequireAndVerifyClientCert,
+            auth @ (ClientAuthType::VerifyClientCertIfGiven
+            | ClientAuthType::RequireAndVerifyClientCert),
             None,
         ) => {
             return Err(format!(
-                "tls_server_config.client_auth_type {:?} needs client_ca_file, the CAs client \
-                 certificates are verified against",
-                tls.client_auth_type
+                "tls_server_config.client_auth_type {auth:?} needs client_ca_file, the CAs client \
+                 certificates are verified against"
             ));
         }
-        _ => {}
+        (auth, Some(file)) => Some(ClientCa {
+            file,
+            required: auth == ClientAuthType::RequireAndVerifyClientCert,
+        }),
+    };
+    for (field, path) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)]
+        .into_iter()
+        .chain(client_ca.as_ref().map(|ca| ("client_ca_file", &ca.file)))
+    {
+        // An empty path would resolve to the file's own directory.
+        if path.as_os_str().is_empty() {
+            return Err(format!(
+                "tls_server_config.{field} is empty: give the path of a PEM file"
+            ));
+        }
     }
-    let resolve = |p: &Path| base.join(p);
-    let cert_file = resolve(&tls.cert_file);
-    let certs = CertificateDer::pem_file_iter(&cert_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            format!(
-                "tls_server_config.cert_file {}: {}",
-                cert_file.display(),
-                pem_reason(&e)
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(format!(
-            "tls_server_config.cert_file {}: no PEM certificate in it",
-            cert_file.display()
-        ));
-    }
-    let key_file = resolve(&tls.key_file);
-    let key = PrivateKeyDer::from_pem_file(&key_file).map_err(|e| {
-        format!(
-            "tls_server_config.key_file {}: {} (a PEM private key: PKCS#8, PKCS#1 or SEC1)",
-            key_file.display(),
-            pem_reason(&e)
-        )
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: Vec<&'static rustls::SupportedProtocolVersion> = [
-        (TlsVersion::TLS12, &rustls::version::TLS12),
-        (TlsVersion::TLS13, &rustls::version::TLS13),
-    ]
-    .into_iter()
-    .filter(|(v, _)| tls.min_version.is_none_or(|min| *v >= min))
-    .filter(|(v, _)| tls.max_version.is_none_or(|max| *v <= max))
-    .map(|(_, version)| version)
-    .collect();
+    let versions: Vec<TlsVersion> = [TlsVersion::TLS12, TlsVersion::TLS13]
+        .into_iter()
+        .filter(|v| tls.min_version.is_none_or(|min| *v >= min))
+        .filter(|v| tls.max_version.is_none_or(|max| *v <= max))
+        .collect();
     if versions.is_empty() {
         return Err(
             "tls_server_config: min_version/max_version leave no TLS version this agent speaks \
@@ -190,21 +227,107 @@ fn tls_acceptor(tls: &TlsServerConfig, base: &Path) -> Result<TlsAcceptor, Strin
                 .to_owned(),
         );
     }
+    Ok(TlsSpec {
+        cert_file: tls.cert_file,
+        key_file: tls.key_file,
+        client_ca,
+        versions,
+    })
+}
+
+/// bcrypt's own parser on every hash (a hash it cannot read would refuse every password), and
+/// the cost range bcrypt runs; nothing is hashed.
+fn basic_auth_users(users: HashMap<String, String>) -> Result<BasicAuthUsers, String> {
+    let mut cost = None;
+    // Sorted, so the error for a file with several bad entries is always the same one.
+    let mut names: Vec<&String> = users.keys().collect();
+    names.sort();
+    for user in names {
+        let hash = &users[user];
+        let make_one = "make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`";
+        if user.contains(':') {
+            // RFC 7617: the user name ends at the first ':' of the credentials.
+            return Err(format!(
+                "basic_auth_users.{user}: a user name with ':' can never log in (basic auth \
+                 splits user and password at the first ':'); rename the user"
+            ));
+        }
+        let parts = hash
+            .parse::<bcrypt::HashParts>()
+            .map_err(|e| format!("basic_auth_users.{user}: not a bcrypt hash ({e}); {make_one}"))?;
+        let user_cost = parts.get_cost();
+        if !BCRYPT_COSTS.contains(&user_cost) {
+            return Err(format!(
+                "basic_auth_users.{user}: bcrypt cost {user_cost} is outside {}..={}; {make_one}",
+                BCRYPT_COSTS.start(),
+                BCRYPT_COSTS.end()
+            ));
+        }
+        cost.get_or_insert(user_cost);
+    }
+    Ok(BasicAuthUsers {
+        cost: cost.unwrap_or(bcrypt::DEFAULT_COST),
+        users,
+    })
+}
+
+/// The costs the bcrypt crate hashes with (Go's bcrypt: the same); a hash outside them
+/// parses but can never verify.
+const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=31;
+
+/// Reads `path` (at most [`MAX_PEM_BYTES`]), naming `field` in the error.
+fn read_pem(field: &str, path: &Path) -> Result<Vec<u8>, String> {
+    crate::files::read_bounded(path, MAX_PEM_BYTES).map_err(|e| {
+        format!(
+            "tls_server_config.{field} {}: {}",
+            path.display(),
+            crate::files::io_reason(&e)
+        )
+    })
+}
+
+fn tls_acceptor(tls: &TlsSpec, base: &Path) -> Result<TlsAcceptor, String> {
+    let cert_file = base.join(&tls.cert_file);
+    let certs = CertificateDer::pem_slice_iter(&read_pem("cert_file", &cert_file)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls_server_config.cert_file {}: {e}", cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "tls_server_config.cert_file {}: no PEM certificate in it",
+            cert_file.display()
+        ));
+    }
+    let key_file = base.join(&tls.key_file);
+    let key = PrivateKeyDer::from_pem_slice(&read_pem("key_file", &key_file)?).map_err(|e| {
+        format!(
+            "tls_server_config.key_file {}: {e} (a PEM private key: PKCS#8, PKCS#1 or SEC1)",
+            key_file.display(),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = tls
+        .versions
+        .iter()
+        .filter_map(|v| match v {
+            TlsVersion::TLS12 => Some(&rustls::version::TLS12),
+            TlsVersion::TLS13 => Some(&rustls::version::TLS13),
+            TlsVersion::TLS10 | TlsVersion::TLS11 => None,
+        })
+        .collect();
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&versions)
         .map_err(|e| format!("tls_server_config: {e}"))?;
-    let builder = match (tls.client_auth_type, &tls.client_ca_file) {
-        (_, None) => builder.with_no_client_auth(),
-        (auth, Some(ca_file)) => {
-            let ca_file = resolve(ca_file);
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let ca_file = base.join(&ca.file);
             let mut roots = RootCertStore::empty();
-            let cas = CertificateDer::pem_file_iter(&ca_file)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            let cas = CertificateDer::pem_slice_iter(&read_pem("client_ca_file", &ca_file)?)
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| {
                     format!(
-                        "tls_server_config.client_ca_file {}: {}",
-                        ca_file.display(),
-                        pem_reason(&e)
+                        "tls_server_config.client_ca_file {}: {e}",
+                        ca_file.display()
                     )
                 })?;
             let (added, _) = roots.add_parsable_certificates(cas);
@@ -216,10 +339,10 @@ fn tls_acceptor(tls: &TlsServerConfig, base: &Path) -> Result<TlsAcceptor, Strin
             }
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider));
-            let verifier = if auth == ClientAuthType::VerifyClientCertIfGiven {
-                verifier.allow_unauthenticated()
-            } else {
+            let verifier = if ca.required {
                 verifier
+            } else {
+                verifier.allow_unauthenticated()
             };
             builder.with_client_cert_verifier(
                 verifier
@@ -239,14 +362,6 @@ fn tls_acceptor(tls: &TlsServerConfig, base: &Path) -> Result<TlsAcceptor, Strin
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A PEM file's error as the operator needs it: the errno's meaning for I/O.
-fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
-    match e {
-        rustls::pki_types::pem::Error::Io(io) => crate::files::io_reason(io),
-        other => other.to_string(),
-    }
-}
-
 /// `basic_auth_users`: user → bcrypt hash.
 pub(crate) struct BasicAuth {
     users: HashMap<String, String>,
@@ -262,17 +377,9 @@ pub(crate) struct BasicAuth {
 const MAX_VERIFIED: usize = 64;
 
 impl BasicAuth {
-    fn new(users: HashMap<String, String>) -> Result<BasicAuth, String> {
-        for (user, hash) in &users {
-            // bcrypt's own parser: a hash it cannot read would refuse every password.
-            bcrypt::verify("", hash).map_err(|e| {
-                format!("basic_auth_users.{user}: not a bcrypt hash ({e}); make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`")
-            })?;
-        }
-        let cost = users
-            .values()
-            .find_map(|hash| hash.parse::<bcrypt::HashParts>().ok())
-            .map_or(bcrypt::DEFAULT_COST, |parts| parts.get_cost());
+    /// Runs bcrypt once at `users.cost` (tens of milliseconds at the usual 10).
+    fn new(users: BasicAuthUsers) -> Result<BasicAuth, String> {
+        let BasicAuthUsers { users, cost } = users;
         let unknown_user_hash = bcrypt::hash("no such user", cost)
             .map_err(|e| format!("basic_auth_users: hashing with cost {cost}: {e}"))?;
         Ok(BasicAuth {
@@ -341,7 +448,12 @@ mod tests {
     #[test]
     fn only_the_configured_password_of_a_configured_user_is_allowed() {
         let hash = bcrypt::hash("right", 4).unwrap();
-        let auth = BasicAuth::new(HashMap::from([("scraper".to_owned(), hash)])).unwrap();
+        let users = parse(&format!("basic_auth_users:\n  scraper: '{hash}'\n"))
+            .unwrap()
+            .basic_auth
+            .unwrap();
+        assert_eq!(users.cost, 4);
+        let auth = BasicAuth::new(users).unwrap();
         let header = |user: &str, password: &str| {
             format!(
                 "Basic {}",
@@ -354,7 +466,58 @@ mod tests {
         assert!(!auth.allows(Some(header("scraper", "wrong").as_bytes())));
         assert!(!auth.allows(Some(header("other", "right").as_bytes())));
         assert!(!auth.allows(None));
-        assert!(BasicAuth::new(HashMap::from([("u".to_owned(), "plain".to_owned())])).is_err());
+    }
+
+    #[test]
+    fn hashes_are_parsed_not_run_and_unusable_ones_are_refused_by_user() {
+        let refused = |yaml: &str| parse(yaml).unwrap_err();
+        assert!(
+            refused("basic_auth_users:\n  u: plain\n")
+                .contains("basic_auth_users.u: not a bcrypt hash")
+        );
+        // Cost 31 parses in no time: nothing is hashed.
+        let slow = "$2y$31$abcdefghijklmnopqrstuu5Rbx6p0xJ2vSR6HMJHFCQi0hy6tpmWm";
+        assert_eq!(
+            parse(&format!("basic_auth_users:\n  u: '{slow}'\n"))
+                .unwrap()
+                .basic_auth
+                .unwrap()
+                .cost,
+            31
+        );
+        let too_cheap = "$2y$03$abcdefghijklmnopqrstuu5Rbx6p0xJ2vSR6HMJHFCQi0hy6tpmWm";
+        assert!(refused(&format!("basic_auth_users:\n  u: '{too_cheap}'\n")).contains("cost 3"));
+        assert!(
+            refused("basic_auth_users:\n  'a:b': '$2y$10$abcdefghijklmnopqrstuu5Rbx6p0xJ2vSR6HMJHFCQi0hy6tpmWm'\n")
+                .contains("basic_auth_users.a:b")
+        );
+    }
+
+    #[test]
+    fn the_tls_policy_is_checked_before_any_file_is_read() {
+        let refused = |yaml: &str| parse(yaml).unwrap_err();
+        assert!(
+            refused("tls_server_config:\n  cert_file: c\n  key_file: k\n  client_ca_file: ca\n")
+                .contains("client_auth_type")
+        );
+        assert!(refused("tls_server_config:\n  cert_file: c\n  key_file: k\n  client_auth_type: RequireAndVerifyClientCert\n").contains("needs client_ca_file"));
+        assert!(refused("tls_server_config:\n  cert_file: c\n  key_file: k\n  client_auth_type: RequestClientCert\n").contains("not supported"));
+        assert!(
+            refused("tls_server_config:\n  cert_file: ''\n  key_file: k\n")
+                .contains("cert_file is empty")
+        );
+        assert!(
+            refused("tls_server_config:\n  cert_file: c\n  key_file: k\n  max_version: TLS11\n")
+                .contains("no TLS version")
+        );
+        let tls =
+            parse("tls_server_config:\n  cert_file: c\n  key_file: k\n  min_version: TLS13\n")
+                .unwrap()
+                .tls
+                .unwrap();
+        assert_eq!(tls.versions, [TlsVersion::TLS13]);
+        assert!(tls.client_ca.is_none());
+        assert!(parse("{}").unwrap().tls.is_none());
     }
 
     #[test]
