@@ -389,17 +389,8 @@ impl Agent {
         // SAFETY: kill has no memory preconditions; the pid is our own child, not yet reaped.
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
         ensure!(rc == 0, "kill: {}", std::io::Error::last_os_error());
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            ensure!(
-                start.elapsed() < DEADLINE,
-                "the agent did not exit within {DEADLINE:?} of signal {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_exit()
+            .with_context(|| format!("after signal {signal}"))
     }
 
     /// Waits (up to [`DEADLINE`]) for the process to exit by itself (a wrapper such as strace

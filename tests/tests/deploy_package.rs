@@ -267,14 +267,19 @@ fn installed_unit_passes_systemd_analyze_verify_and_security() -> TestResult {
     Ok(())
 }
 
+/// The package is built, kernel tests are on, and `setpriv` can give the installed agent the
+/// unit's capabilities.
+fn installed_agent_can_run(test: &str) -> bool {
+    package_available(test)
+        && kernel_tests_enabled(test)
+        && tool_available(test, "setpriv", "--version", "Debian package util-linux")
+}
+
 #[test]
 fn package_installs_with_dpkg_and_its_agent_passes_check_with_the_unit_capabilities() -> TestResult
 {
     let test = "package_installs_with_dpkg_and_its_agent_passes_check_with_the_unit_capabilities";
-    if !package_available(test)
-        || !kernel_tests_enabled(test)
-        || !tool_available(test, "setpriv", "--version", "Debian package util-linux")
-    {
+    if !installed_agent_can_run(test) {
         return Ok(());
     }
     let scratch = ScratchDir::new("deb-install")?;
@@ -378,10 +383,7 @@ fn package_installs_with_dpkg_and_its_agent_passes_check_with_the_unit_capabilit
 fn installed_agent_runs_with_its_flags_file_reopens_events_on_hup_and_stops_in_time() -> TestResult
 {
     let test = "installed_agent_runs_with_its_flags_file_reopens_events_on_hup_and_stops_in_time";
-    if !package_available(test)
-        || !kernel_tests_enabled(test)
-        || !tool_available(test, "setpriv", "--version", "Debian package util-linux")
-    {
+    if !installed_agent_can_run(test) {
         return Ok(());
     }
     let scratch = ScratchDir::new("deb-run")?;
