@@ -263,6 +263,15 @@ fn basic_auth_users(users: HashMap<String, String>) -> Result<BasicAuthUsers, St
                 BCRYPT_COSTS.end()
             ));
         }
+        if user_cost > MAX_BCRYPT_COST {
+            // The agent runs bcrypt at this cost at start-up (the unknown-user hash) and for
+            // each new set of credentials a scraper sends; every step doubles it.
+            return Err(format!(
+                "basic_auth_users.{user}: bcrypt cost {user_cost} is above {MAX_BCRYPT_COST}: \
+                 every step doubles the time of each check, which start-up and every new \
+                 scraper's credentials wait for (cost 10 takes tens of milliseconds); {make_one}"
+            ));
+        }
         cost.get_or_insert(user_cost);
     }
     Ok(BasicAuthUsers {
@@ -274,6 +283,10 @@ fn basic_auth_users(users: HashMap<String, String>) -> Result<BasicAuthUsers, St
 /// The costs the bcrypt crate hashes with (Go's bcrypt: the same); a hash outside them
 /// parses but can never verify.
 const BCRYPT_COSTS: std::ops::RangeInclusive<u32> = 4..=31;
+
+/// The highest cost accepted: 64 times cost 10, seconds per check, already near a scrape's
+/// timeout.
+const MAX_BCRYPT_COST: u32 = 16;
 
 /// Reads `path` (at most [`MAX_PEM_BYTES`]), naming `field` in the error.
 fn read_pem(field: &str, path: &Path) -> Result<Vec<u8>, String> {
@@ -475,15 +488,19 @@ mod tests {
             refused("basic_auth_users:\n  u: plain\n")
                 .contains("basic_auth_users.u: not a bcrypt hash")
         );
-        // Cost 31 parses in no time: nothing is hashed.
+        // Cost 31 is refused in no time (nothing is hashed); 16 is the most accepted.
         let slow = "$2y$31$abcdefghijklmnopqrstuu5Rbx6p0xJ2vSR6HMJHFCQi0hy6tpmWm";
+        assert!(
+            refused(&format!("basic_auth_users:\n  u: '{slow}'\n")).contains("cost 31 is above 16")
+        );
+        let slowest = "$2y$16$abcdefghijklmnopqrstuu5Rbx6p0xJ2vSR6HMJHFCQi0hy6tpmWm";
         assert_eq!(
-            parse(&format!("basic_auth_users:\n  u: '{slow}'\n"))
+            parse(&format!("basic_auth_users:\n  u: '{slowest}'\n"))
                 .unwrap()
                 .basic_auth
                 .unwrap()
                 .cost,
-            31
+            16
         );
         let too_cheap = "$2y$03$abcdefghijklmnopqrstuu5Rbx6p0xJ2vSR6HMJHFCQi0hy6tpmWm";
         assert!(refused(&format!("basic_auth_users:\n  u: '{too_cheap}'\n")).contains("cost 3"));
