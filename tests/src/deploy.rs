@@ -169,16 +169,21 @@ pub fn agent_as_in_daemonset(root: &Path, capabilities: &[String], args: &[Strin
     command
 }
 
-/// `unshare` arguments up to the agent binary, for any command run as in the DaemonSet's pod
-/// (see [`agent_as_in_daemonset`]); the host's /proc is at `root/host/proc` inside.
-pub fn agent_in_pod(root: &Path, capabilities: &[String]) -> Vec<String> {
-    let set = format!(
+/// A `setpriv` capability list of exactly `capabilities` (`-all,+bpf,...`).
+pub fn setpriv_capabilities(capabilities: &[String]) -> String {
+    format!(
         "-all{}",
         capabilities
             .iter()
             .map(|c| format!(",+{c}"))
             .collect::<String>()
-    );
+    )
+}
+
+/// `unshare` arguments up to the agent binary, for any command run as in the DaemonSet's pod
+/// (see [`agent_as_in_daemonset`]); the host's /proc is at `root/host/proc` inside.
+pub fn agent_in_pod(root: &Path, capabilities: &[String]) -> Vec<String> {
+    let set = setpriv_capabilities(capabilities);
     let host = root.join("host");
     // Where this host mounts cgroup v2 (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid
     // hosts): what the DaemonSet's /host/sys/fs/cgroup is on a cgroup v2 node.

@@ -84,14 +84,7 @@ fn image_runs_the_static_agent_and_reports_its_version() -> TestResult {
         .map_or(0, Vec::len);
     assert_eq!(layers, 1, "a FROM scratch image with the binary only");
 
-    let (ok, container) = run_tool("buildah", &["from", "--pull=never", &image], None)?;
-    assert!(ok, "buildah from {image}: {container}");
-    let container = container
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_owned();
+    let container = buildah_from(&["--pull=never", &image])?;
     let run = run_tool(
         "buildah",
         &[
@@ -176,18 +169,7 @@ fn multiarch_list_holds_amd64_and_arm64_and_the_arm64_agent_runs_under_qemu() ->
     );
 
     // The binary inside the image, not the one in target/: that is what a node runs.
-    let (ok, container) = run_tool(
-        "buildah",
-        &["from", "--pull=never", "--arch", "arm64", &image],
-        None,
-    )?;
-    assert!(ok, "buildah from {image}: {container}");
-    let container = container
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_owned();
+    let container = buildah_from(&["--pull=never", "--arch", "arm64", &image])?;
     let scratch = ScratchDir::new("arm64-agent")?;
     let copied = scratch.0.join("keepalive-agent");
     let copy = run_tool("buildah", &["mount", &container], None).and_then(|(ok, root)| {
@@ -221,4 +203,15 @@ fn multiarch_list_holds_amd64_and_arm64_and_the_arm64_agent_runs_under_qemu() ->
     assert!(ok, "{host_version}");
     assert_eq!(version.trim(), host_version.trim());
     Ok(())
+}
+
+/// A working container from an image (`buildah from ARGS`): its name, the last line buildah
+/// prints.
+fn buildah_from(args: &[&str]) -> anyhow::Result<String> {
+    let args: Vec<&str> = std::iter::once("from")
+        .chain(args.iter().copied())
+        .collect();
+    let (ok, out) = run_tool("buildah", &args, None)?;
+    anyhow::ensure!(ok, "buildah {}: {out}", args.join(" "));
+    Ok(out.trim().lines().last().unwrap_or_default().to_owned())
 }

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use keepalive_tests::deploy::{
-    ScratchDir, daemonset_container, deploy_path, repo_root, run_tool, tool_available,
+    ScratchDir, daemonset_container, deploy_path, repo_root, run_tool, setpriv_capabilities,
+    tool_available,
 };
 use keepalive_tests::{Agent, free_loopback_port, kernel_tests_enabled, skip_or_fail};
 
@@ -52,6 +53,23 @@ fn package_available(test: &str) -> bool {
             test,
             &format!("{} not built (run `cargo xtask package`)", deb().display()),
         )
+}
+
+/// What a finished command wrote, stdout then stderr.
+fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The package installed into a new scratch root (kept while the returned guard lives).
+fn installed(tag: &str) -> anyhow::Result<(ScratchDir, PathBuf)> {
+    let scratch = ScratchDir::new(tag)?;
+    let root = scratch.0.join("root");
+    install(&root)?;
+    Ok((scratch, root))
 }
 
 /// An empty dpkg database below `root`, then `dpkg --root=ROOT -i` the package.
@@ -110,13 +128,7 @@ fn unit_capabilities(settings: &[(String, String)]) -> anyhow::Result<Vec<String
 /// systemd sets it for a root service, and the inheritable and ambient sets so they survive
 /// the exec of the agent) and no_new_privs (NoNewPrivileges=yes).
 fn as_the_unit(capabilities: &[String]) -> Vec<String> {
-    let set = format!(
-        "-all{}",
-        capabilities
-            .iter()
-            .map(|c| format!(",+{c}"))
-            .collect::<String>()
-    );
+    let set = setpriv_capabilities(capabilities);
     vec![
         "--no-new-privs".into(),
         format!("--inh-caps={set}"),
@@ -217,9 +229,7 @@ fn installed_unit_passes_systemd_analyze_verify_and_security() -> TestResult {
     {
         return Ok(());
     }
-    let scratch = ScratchDir::new("deb-verify")?;
-    let root = scratch.0.join("root");
-    install(&root)?;
+    let (scratch, root) = installed("deb-verify")?;
     // verify needs ExecStart to exist on this system, and finds the Documentation= pages
     // through man(1): point both at the installed copies.
     let installed = fs::read_to_string(root.join(UNIT))?;
@@ -234,11 +244,7 @@ fn installed_unit_passes_systemd_analyze_verify_and_security() -> TestResult {
         .arg(&unit)
         .env("MANPATH", root.join("usr/share/man"))
         .output()?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     // Unknown or misspelled settings are only warnings: any output is a failure here.
     assert!(
         out.status.success() && said.trim().is_empty(),
@@ -282,9 +288,7 @@ fn package_installs_with_dpkg_and_its_agent_passes_check_with_the_unit_capabilit
     if !installed_agent_can_run(test) {
         return Ok(());
     }
-    let scratch = ScratchDir::new("deb-install")?;
-    let root = scratch.0.join("root");
-    install(&root)?;
+    let (_scratch, root) = installed("deb-install")?;
     let root_arg = format!("--root={}", root.display());
 
     let (ok, status) = run_tool("dpkg", &[&root_arg, "-s", "keepalive-agent"], None)?;
@@ -345,11 +349,7 @@ fn package_installs_with_dpkg_and_its_agent_passes_check_with_the_unit_capabilit
         .arg(root.join("usr/bin/keepalive-agent"))
         .args(["check", "--load"])
         .output()?;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     assert!(
         out.status.success(),
         "installed agent's `check --load` with {capabilities:?}:\n{said}"
@@ -386,9 +386,7 @@ fn installed_agent_runs_with_its_flags_file_reopens_events_on_hup_and_stops_in_t
     if !installed_agent_can_run(test) {
         return Ok(());
     }
-    let scratch = ScratchDir::new("deb-run")?;
-    let root = scratch.0.join("root");
-    install(&root)?;
+    let (scratch, root) = installed("deb-run")?;
     let settings = unit_settings(&fs::read_to_string(root.join(UNIT))?);
     let capabilities = unit_capabilities(&settings)?;
     let stop_timeout = Duration::from_secs(
@@ -534,9 +532,7 @@ fn installed_agent_stays_inside_the_sandbox_only_systemd_would_enforce() -> Test
     {
         return Ok(());
     }
-    let scratch = ScratchDir::new("deb-sandbox")?;
-    let root = scratch.0.join("root");
-    install(&root)?;
+    let (scratch, root) = installed("deb-sandbox")?;
     let settings = unit_settings(&fs::read_to_string(root.join(UNIT))?);
     let capabilities = unit_capabilities(&settings)?;
     let families: BTreeSet<&str> = setting(&settings, "RestrictAddressFamilies")
