@@ -82,8 +82,8 @@ impl ProcessResolver {
                 // parent.
                 self.owners.entry(ino).or_insert(pid);
             }
+            // A miss brought us here, so the loop above cached it with this pid.
             if sockets.contains(&socket_ino) {
-                self.owners.insert(socket_ino, pid);
                 return Some(pid);
             }
         }
