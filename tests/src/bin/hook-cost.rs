@@ -52,14 +52,11 @@ fn main() -> anyhow::Result<()> {
     let mut pipeline_connections = 50_000u32;
     let mut sync_connections = vec![50_000usize, 100_000];
     let mut sync_seconds = 10u64;
-    let mut args = std::env::args().skip(1);
-    if let Some(hold_args) = std::env::args()
-        .skip(1)
-        .collect::<Vec<_>>()
-        .strip_prefix(&["--hold".to_owned()])
-    {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(hold_args) = argv.strip_prefix(&["--hold".to_owned()]) {
         return hold(hold_args);
     }
+    let mut args = argv.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("flag needs a value");
         match arg.as_str() {
