@@ -243,12 +243,18 @@ impl Pipeline {
 
     fn on_expiry(&self, expiry: &KeepaliveExpiry, aggregate: Aggregate, now: Instant) {
         let outcome = self.tracker.expiry(expiry, now);
-        if outcome.entered {
+        // The process of a connection whose peer answers every probe names nothing an alert
+        // needs, and finding it is the dearest lookup there is: it waits until a probe goes
+        // unanswered (or the drop). The event stream shows each probe with its process, so
+        // with it on every connection gets one at once.
+        let process = outcome.first_at_risk || (outcome.entered && self.events.is_some());
+        if outcome.entered || process {
             // A full queue leaves the owner unknown until the close looks again.
             let _ = self.requests.send(Job::Enter {
                 sk: expiry.sk,
                 endpoints: expiry.endpoints,
                 owner: expiry.owner,
+                process,
             });
         }
         let count = if outcome.probe_sent {
@@ -261,14 +267,7 @@ impl Pipeline {
         if let Some(events) = &self.events {
             let list = self.expiry_events(events, expiry, outcome);
             if !list.is_empty() {
-                self.emit(
-                    expiry.sk,
-                    &expiry.endpoints,
-                    expiry.owner,
-                    None,
-                    false,
-                    list,
-                );
+                self.emit(expiry.sk, &expiry.endpoints, expiry.owner, None, list);
             }
         }
     }
@@ -277,6 +276,8 @@ impl Pipeline {
         // A cgroup already in the cache goes into the dropped entry as it is stored: no worker
         // job (and no search of the dropped list) per RST close.
         let cached = self.resolver.cached_cgroup(&close.owner);
+        // The cache's answer (a path, or known to have none) is all a lookup would find.
+        let cgroup_settled = cached.is_some();
         let Some(Dropped { reason, connection }) = self.tracker.close(close, now, cached) else {
             self.count(aggregate, Count::Seen);
             return;
@@ -294,8 +295,11 @@ impl Pipeline {
             close.sk,
             &close.endpoints,
             close.owner,
-            Some(&connection.workload),
-            reason.is_keepalive(),
+            Some(DroppedOwner {
+                workload: &connection.workload,
+                process: reason.is_keepalive(),
+                cgroup_settled,
+            }),
             list,
         );
         let e = &connection.endpoints;
@@ -413,29 +417,19 @@ impl Pipeline {
         }
     }
 
-    /// Sends a connection's events with its owner. `dropped`: the connection's final owner as
-    /// the table kept it; for a keepalive drop (`process`) whose process is unknown the worker
-    /// looks once more first. Other drops only get their cgroup looked up (cached): a `/proc`
-    /// walk per closed connection under RST churn took most of the churn throughput, for
-    /// connections no alert names. Events
-    /// of a connection with jobs queued follow them through the worker, so they stay in order
-    /// and carry what the jobs found.
+    /// Sends a connection's events with its owner; `dropped` when the connection is gone (see
+    /// [`DroppedOwner`]). Events of a connection with jobs queued follow them through the
+    /// worker, so they stay in order and carry what the jobs found.
     fn emit(
         &self,
         sk: u64,
         endpoints: &Endpoints,
         owner: SocketOwner,
-        dropped: Option<&Workload>,
-        process: bool,
+        dropped: Option<DroppedOwner<'_>>,
         events: Vec<ConnectionEvent>,
     ) {
-        let look_again = dropped.is_some_and(|workload| {
-            if process {
-                workload.pid.is_none()
-            } else {
-                workload.cgroup_path.is_none()
-            }
-        });
+        let process = dropped.as_ref().is_some_and(|d| d.process);
+        let look_again = dropped.as_ref().is_some_and(DroppedOwner::look_again);
         if events.is_empty() && !look_again {
             return;
         }
@@ -462,7 +456,7 @@ impl Pipeline {
             return;
         };
         let known = match dropped {
-            Some(workload) => Some(workload.clone()),
+            Some(dropped) => Some(dropped.workload.clone()),
             None => self.tracker.known_workload(sk, endpoints),
         };
         for mut event in events {
@@ -537,6 +531,30 @@ impl Pipeline {
             self.hz,
         ));
         list
+    }
+}
+
+/// A dropped connection's owner as the table kept it, and whether the worker should look again.
+struct DroppedOwner<'a> {
+    workload: &'a Workload,
+    /// A keepalive drop: whose process is unknown gets a `/proc` lookup once more (its last
+    /// chance).
+    process: bool,
+    /// The cgroup cache already answered for its cgroup (a path, or known to have none).
+    cgroup_settled: bool,
+}
+
+impl DroppedOwner<'_> {
+    /// Other drops only get their cgroup looked up, and only when the cache has no answer yet:
+    /// a `/proc` walk per closed connection under RST churn took most of the churn throughput,
+    /// for connections no alert names, and a job per RST close for a cgroup known to have no
+    /// path woke the worker for nothing.
+    fn look_again(&self) -> bool {
+        if self.process {
+            self.workload.pid.is_none()
+        } else {
+            self.workload.cgroup_path.is_none() && !self.cgroup_settled
+        }
     }
 }
 
@@ -1055,6 +1073,138 @@ mod tests {
             Some(77)
         );
         assert_eq!(metrics.attribution_requests_dropped.get(), 0);
+    }
+
+    /// Counts cgroup lookups; its cache either has no answer yet or knows the cgroup has no
+    /// path (no cgroup root, cgroup id 0, or a cgroup that was not found).
+    #[derive(Debug)]
+    struct CountingCgroups {
+        settled: bool,
+        lookups: std::sync::atomic::AtomicUsize,
+        process_lookups: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CountingCgroups {
+        fn new(settled: bool) -> Arc<Self> {
+            Arc::new(Self {
+                settled,
+                lookups: std::sync::atomic::AtomicUsize::new(0),
+                process_lookups: std::sync::atomic::AtomicUsize::new(0),
+            })
+        }
+
+        fn counts(&self) -> (usize, usize) {
+            use std::sync::atomic::Ordering::Relaxed;
+            (
+                self.lookups.load(Relaxed),
+                self.process_lookups.load(Relaxed),
+            )
+        }
+    }
+
+    impl Resolve for CountingCgroups {
+        fn cached_cgroup(&self, owner: &SocketOwner) -> Option<Workload> {
+            self.settled.then(|| Workload {
+                cgroup_id: owner.cgroup_id,
+                ..Workload::default()
+            })
+        }
+
+        fn cgroup(&self, owner: &SocketOwner) -> Workload {
+            self.lookups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Workload {
+                cgroup_id: owner.cgroup_id,
+                ..Workload::default()
+            }
+        }
+
+        fn everything(&self, owner: &SocketOwner) -> Workload {
+            self.process_lookups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Workload {
+                pid: Some(77),
+                ..self.cgroup(owner)
+            }
+        }
+    }
+
+    /// RST closes of connections the table never saw: one cgroup lookup each while the cache
+    /// has no answer, none once it has one, even when that answer is "no path".
+    fn cgroup_lookups_for_reset_closes(settled: bool) -> usize {
+        let resolver = CountingCgroups::new(settled);
+        let pipeline = pipeline(table(), PipelineMetrics::default(), resolver.clone());
+        let (worker, jobs) = pipeline.take_worker();
+        let worker = worker.spawn(jobs).unwrap();
+        for port in 0..5u16 {
+            let mut rec = record(RecordKind::Close, 0, 0, record_flags::RESET_RECEIVED);
+            rec.sk = 100 + u64::from(port);
+            rec.local_port = 50000 + port;
+            rec.context = CloseContext::None as u8;
+            rec.flags &= !record_flags::KEEPALIVE_ON;
+            rec.sk_err = libc::ECONNRESET;
+            rec.drop_reason = DropReason::ResetReceived as u32;
+            pipeline.handle(&bytes(&rec));
+        }
+        drop(pipeline);
+        worker.join().unwrap();
+        resolver.counts().0
+    }
+
+    #[test]
+    fn a_reset_close_wakes_the_worker_only_when_its_cgroup_is_not_cached_yet() {
+        assert_eq!(cgroup_lookups_for_reset_closes(false), 5);
+        assert_eq!(cgroup_lookups_for_reset_closes(true), 0);
+    }
+
+    #[test]
+    fn a_live_connection_gets_its_process_looked_up_at_its_first_unanswered_probe_only() {
+        let resolver = CountingCgroups::new(false);
+        let table = table();
+        let pipeline = pipeline(
+            Arc::clone(&table),
+            PipelineMetrics::default(),
+            resolver.clone(),
+        );
+        let (worker, jobs) = pipeline.take_worker();
+        let worker = worker.spawn(jobs).unwrap();
+        let expiry = RecordKind::KeepaliveTimer;
+        let settle = |want: (usize, usize)| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while resolver.counts() != want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            resolver.counts()
+        };
+        // Answered probes: the connection enters the table, its cgroup is looked up, no /proc.
+        for _ in 0..3 {
+            pipeline.handle(&record_bytes(expiry, 0, 1, 0));
+        }
+        assert_eq!(settle((1, 0)), (1, 0));
+        // The peer goes silent: one process lookup at the first unanswered probe, no more.
+        pipeline.handle(&record_bytes(expiry, 1, 2, 0));
+        pipeline.handle(&record_bytes(expiry, 2, 3, 0));
+        assert_eq!(settle((2, 1)), (2, 1));
+        let pid = table.lock().unwrap().live_mut(1).unwrap().workload.pid;
+        assert_eq!(pid, Some(77));
+        drop(pipeline);
+        worker.join().unwrap();
+        assert_eq!(resolver.counts(), (2, 1));
+    }
+
+    #[test]
+    fn with_the_event_stream_on_every_connection_gets_its_process_when_it_enters() {
+        let resolver = CountingCgroups::new(false);
+        let (sender, _receiver) =
+            crate::export::events::channel(64, Counter::default(), Counter::default(), true);
+        let pipeline =
+            pipeline(table(), PipelineMetrics::default(), resolver.clone()).with_events(sender);
+        let (worker, jobs) = pipeline.take_worker();
+        let worker = worker.spawn(jobs).unwrap();
+        pipeline.handle(&record_bytes(RecordKind::KeepaliveTimer, 0, 1, 0));
+        drop(pipeline);
+        worker.join().unwrap();
+        assert_eq!(resolver.counts(), (1, 1));
     }
 
     #[test]

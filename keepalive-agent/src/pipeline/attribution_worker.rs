@@ -41,6 +41,11 @@ use crate::{
 /// worker resolves a cached owner in microseconds, so only a stalled `/proc` fills this.
 pub(crate) const QUEUE_CAPACITY: usize = 4096;
 
+/// How long the worker waits for more jobs before it parks on the queue: what a job may wait
+/// beyond its lookup, while the queue (4096 jobs) holds far more than a tick's worth even at a
+/// million records a second.
+const BATCH_TICK: Duration = Duration::from_millis(1);
+
 /// Shortest time between two "queue full" warnings.
 const FULL_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -82,11 +87,13 @@ pub(crate) enum Count {
 /// One request from the drain to the worker.
 #[derive(Debug)]
 pub(crate) enum Job {
-    /// A connection entered the table: find its owner, process included.
+    /// A connection entered the table, or first has an unanswered probe: find its owner, with
+    /// its process when `process` (a `/proc` read; the cgroup side is cached per cgroup).
     Enter {
         sk: u64,
         endpoints: Endpoints,
         owner: SocketOwner,
+        process: bool,
     },
     /// An aggregate count whose workload labels were not in the cache.
     Count {
@@ -252,6 +259,21 @@ impl Worker {
             .spawn(move || {
                 while let Some(job) = jobs.blocking_recv() {
                     self.handle(job);
+                    // A receiver parked on the queue costs each send a futex wake and a context
+                    // switch: while jobs keep coming, take them a tick at a time instead of
+                    // parking.
+                    loop {
+                        match jobs.try_recv() {
+                            Ok(job) => self.handle(job),
+                            Err(mpsc::error::TryRecvError::Empty) => {
+                                std::thread::sleep(BATCH_TICK);
+                                if jobs.is_empty() {
+                                    break;
+                                }
+                            }
+                            Err(mpsc::error::TryRecvError::Disconnected) => return,
+                        }
+                    }
                 }
             })
     }
@@ -264,8 +286,13 @@ impl Worker {
                 sk,
                 endpoints,
                 owner,
+                process,
             } => {
-                let workload = self.resolver.everything(&owner);
+                let workload = if process {
+                    self.resolver.everything(&owner)
+                } else {
+                    self.resolver.cgroup(&owner)
+                };
                 self.tracker.set_workload(sk, &endpoints, workload);
             }
             Job::Count {
@@ -345,6 +372,7 @@ mod tests {
             sk,
             endpoints: endpoints(),
             owner: SocketOwner::default(),
+            process: true,
         }
     }
 
