@@ -174,6 +174,8 @@ fn main() -> anyhow::Result<()> {
     let rss = vm_rss_kib(agent.pid())?;
     println!("agent RSS after the run: {} MiB", rss / 1024);
     drop(agent);
+    // The empty programs measured the floor; the synchronized rows measure the agent alone.
+    drop(baseline_obj);
 
     let run = keepalive_agent::pipeline_throughput(pipeline_connections, 5);
     println!(
