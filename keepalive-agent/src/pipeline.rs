@@ -1102,21 +1102,23 @@ mod tests {
         }
     }
 
+    /// A cgroup without a path: what the resolver finds for every owner.
+    fn pathless(owner: &SocketOwner) -> Workload {
+        Workload {
+            cgroup_id: owner.cgroup_id,
+            ..Workload::default()
+        }
+    }
+
     impl Resolve for CountingCgroups {
         fn cached_cgroup(&self, owner: &SocketOwner) -> Option<Workload> {
-            self.settled.then(|| Workload {
-                cgroup_id: owner.cgroup_id,
-                ..Workload::default()
-            })
+            self.settled.then(|| pathless(owner))
         }
 
         fn cgroup(&self, owner: &SocketOwner) -> Workload {
             self.lookups
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Workload {
-                cgroup_id: owner.cgroup_id,
-                ..Workload::default()
-            }
+            pathless(owner)
         }
 
         fn everything(&self, owner: &SocketOwner) -> Workload {
