@@ -501,8 +501,9 @@ fn audit_every_namespace(ns: &Netns) -> anyhow::Result<Outcome> {
 /// where `net_cookie` is generated lazily, this is what `net->hash_mix` is for.
 fn recycled_namespace(_ns: &Netns) -> anyhow::Result<Outcome> {
     let agent = *AGENT.get().context("the agent endpoint is not set")?;
-    // On 6.1.192 under TCG a deleted namespace's inode twice did not come back within 120 s
-    // (no `unregister_netdevice` wait on the console): another namespace gets another chance.
+    // On 6.1.192 under TCG on a loaded host a deleted namespace's inode twice did not come back
+    // (within 30 s, then within 120 s; no `unregister_netdevice` wait on the console): another
+    // namespace gets another chance.
     let mut attempts = Vec::new();
     for _ in 0..INODE_REUSE_ATTEMPTS {
         let inode = probe_then_delete(agent)?;
@@ -549,10 +550,13 @@ fn probe_then_delete(agent: AgentEndpoint) -> anyhow::Result<u64> {
     // A socket still listed would hold the namespace; wait for the list to empty (the reuse
     // wait below says what was left if it did not).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !tcp_sockets(&first)?.is_empty() && Instant::now() < deadline {
+    let left = loop {
+        let left = tcp_sockets(&first)?;
+        if left.is_empty() || Instant::now() >= deadline {
+            break left;
+        }
         std::thread::sleep(Duration::from_millis(100));
-    }
-    let left = tcp_sockets(&first)?;
+    };
     if !left.is_empty() {
         eprintln!(
             "recycled_namespace: namespace {inode} still lists TCP sockets 10 s after closing \
