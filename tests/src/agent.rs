@@ -125,10 +125,12 @@ impl AgentEndpoint {
                     }
                     problem = format!(
                         "mismatches (metric: expected, got):\n  {}\n\
-                         agent series for netns {}:\n{}",
+                         agent series for netns {}:\n{}\n\
+                         agent's own counters:\n{}",
                         mismatches.join("\n  "),
                         expected.netns(),
-                        m.lines_with_label("netns", &expected.netns().to_string())
+                        m.aggregate_lines_with_label("netns", &expected.netns().to_string()),
+                        m.self_lines()
                     );
                     last = Some(m);
                 }
@@ -421,8 +423,31 @@ impl Agent {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The log lines that explain most failures: warnings, errors, namespaces replaced on a
+    /// reused inode, loss. The per-connection info lines of a big test would bury them.
+    fn log_notable(&self, lines: usize) -> String {
+        let log = self.log();
+        let notable: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("level=warn")
+                    || l.contains("level=error")
+                    || l.contains("new namespace")
+                    || l.contains("lost")
+            })
+            .collect();
+        let skipped = notable.len().saturating_sub(lines);
+        let mut text = notable[skipped..].join("\n");
+        if skipped > 0 {
+            text = format!("({skipped} earlier ones left out)\n{text}");
+        }
+        text
+    }
+
     /// Polls `/metrics` until every expectation holds in one scrape (deadline 30 s). On timeout
-    /// the error lists what differed, the namespace's series and the end of the agent's log.
+    /// the error lists what differed, the namespace's aggregate series, the agent's own
+    /// counters, the notable lines of its log and its end. Kept short: CI shows the head and
+    /// the tail of a failure.
     pub fn wait_for(&self, what: &str, expected: &Expectations) -> anyhow::Result<Metrics> {
         self.endpoint
             .poll_until(expected, DEADLINE)
@@ -430,10 +455,12 @@ impl Agent {
                 self.keep_log.store(true, Ordering::Relaxed);
                 bail!(
                     "agent metrics never matched for {what} within {DEADLINE:?}.\n{}\n\
-                     agent log (last 40 lines, full log {}):\n{}",
+                     agent log, warnings and namespace changes:\n{}\n\
+                     agent log (last 10 lines, full log {}):\n{}",
                     never.problem,
+                    self.log_notable(15),
                     self.log_path.display(),
-                    self.log_tail(40)
+                    self.log_tail(10)
                 )
             })
     }

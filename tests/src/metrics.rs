@@ -95,6 +95,35 @@ impl Metrics {
             .collect::<Vec<_>>()
             .join("\n")
     }
+
+    /// [`Self::lines_with_label`] without the per-connection series (hundreds in a big test),
+    /// with a line saying how many were left out.
+    pub fn aggregate_lines_with_label(&self, key: &str, value: &str) -> String {
+        let all = self.lines_with_label(key, value);
+        let (connection, aggregate): (Vec<&str>, Vec<&str>) = all
+            .lines()
+            .filter(|l| !l.contains("_bucket{"))
+            .partition(|l| l.starts_with("tcp_keepalive_connection_"));
+        format!(
+            "{}\n({} per-connection series and the histogram buckets left out)",
+            aggregate.join("\n"),
+            connection.len()
+        )
+    }
+
+    /// The agent's own counters that are not zero (`keepalive_agent_*`, not info series).
+    pub fn self_lines(&self) -> String {
+        self.raw
+            .lines()
+            .filter(|l| {
+                l.starts_with("keepalive_agent_")
+                    && !l.contains("_info{")
+                    && !l.ends_with(" 0")
+                    && !l.contains("_bucket{")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 fn escape_label_value(v: &str) -> String {
