@@ -232,7 +232,7 @@ kernel_offsets! {
 impl KernelOffsets {
     /// The `struct sock`-relative fields the socket snapshot takes from its one copy of the
     /// socket, with their sizes.
-    pub fn snapshot_fields(&self) -> [(u32, u32); 22] {
+    pub fn snapshot_fields(&self) -> [(u32, u32); 24] {
         [
             (self.skc_daddr, 4),
             (self.skc_rcv_saddr, 4),
@@ -256,6 +256,8 @@ impl KernelOffsets {
             (self.tcp_packets_out, 4),
             (self.tcp_snd_wnd, 4),
             (self.tcp_segs_out, 4),
+            (self.tcp_write_seq, 4),
+            (self.tcp_snd_nxt, 4),
         ]
     }
 
@@ -266,13 +268,13 @@ impl KernelOffsets {
     /// Each copy lands at its offset in the per-CPU buffer, so fields load from their own
     /// offsets.
     pub fn snapshot_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
-        let mut spans = [(0u32, 0u32); 24];
+        let mut spans = [(0u32, 0u32); 26];
         for (i, (offset, size)) in self.snapshot_fields().into_iter().enumerate() {
             spans[i] = (offset, offset + size);
         }
-        spans[22] = (self.sk_cgroup, self.sk_cgroup + 8);
-        spans[23] = (self.sk_socket, self.sk_socket + 8);
-        // Insertion sort: no_std, 24 entries.
+        spans[24] = (self.sk_cgroup, self.sk_cgroup + 8);
+        spans[25] = (self.sk_socket, self.sk_socket + 8);
+        // Insertion sort: no_std, 26 entries.
         for i in 1..spans.len() {
             let mut j = i;
             while j > 0 && spans[j - 1].0 > spans[j].0 {
@@ -281,7 +283,7 @@ impl KernelOffsets {
             }
         }
         // Merge what overlaps or lies closer than REGION_GAP_BYTES...
-        let mut merged = [(0u32, 0u32); 24];
+        let mut merged = [(0u32, 0u32); 26];
         let mut count = 0;
         for &(start, end) in &spans {
             if count > 0 && start <= merged[count - 1].1 + REGION_GAP_BYTES {

@@ -11,7 +11,7 @@ use keepalive_ebpf::{AF_INET, CloseContext, RecordKind, SocketRecord, record_fla
 
 use crate::socket::{
     EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit, netns_counters, read, read_or_zero,
-    snapshot,
+    snapshot_with_send_state,
 };
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -77,22 +77,23 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
     } else {
         tctx.snapshot.kind = RecordKind::KeepaliveTimer as u8;
         tctx.snapshot.context = CloseContext::KeepaliveTimer as u8;
-        tctx.segs_out = read::<u32>(sk, offset!(tcp_segs_out)).unwrap_or(0);
-        let (write_seq, write_ok) = read_or_zero::<u32>(sk, offset!(tcp_write_seq));
-        let (snd_nxt, nxt_ok) = read_or_zero::<u32>(sk, offset!(tcp_snd_nxt));
-        let unsent = write_ok && nxt_ok && write_seq != snd_nxt;
-        if let Err(err) = snapshot(sk, &mut tctx.snapshot) {
-            tctx.timer = 0;
-            if err == EBUSY {
-                return 0;
+        match snapshot_with_send_state(sk, &mut tctx.snapshot) {
+            Ok(send) => {
+                tctx.segs_out = send.segs_out;
+                tctx.may_probe = u8::from(!send.unsent && tctx.snapshot.packets_out == 0);
             }
-            // No address in the message: the verifier refuses arithmetic on the pointer.
-            warn!(
-                &ctx,
-                "keepalive timer: cannot read the socket; offsets wrong?"
-            );
+            Err(err) => {
+                tctx.timer = 0;
+                if err == EBUSY {
+                    return 0;
+                }
+                // No address in the message: the verifier refuses arithmetic on the pointer.
+                warn!(
+                    &ctx,
+                    "keepalive timer: cannot read the socket; offsets wrong?"
+                );
+            }
         }
-        tctx.may_probe = u8::from(!unsent && tctx.snapshot.packets_out == 0);
     }
     0
 }
