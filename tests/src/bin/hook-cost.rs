@@ -10,8 +10,10 @@
 //! 4. Synchronized keepalive: `--sync-connections` connections (several sizes, comma
 //!    separated) that start probing in the same second, every second, against answering peers,
 //!    for `--sync-seconds`: the namespace's `TCPKeepAlive` against the agent's probe total,
-//!    records lost, the agent's CPU and RSS. The connections are held by child processes (this
-//!    binary run with `--hold`), 6 000 pairs each, under the per-process descriptor limit.
+//!    records lost, the agent's CPU and RSS; then each size again with the agent's process
+//!    stopped (SIGSTOP) while the connections probe, which its kernel programs do not notice.
+//!    The connections are held by child processes (this binary run with `--hold`), 6 000 pairs
+//!    each, under the per-process descriptor limit.
 //!
 //! `timer_expire_entry`/`_exit` fire for every kernel timer. Two phases on the same running
 //! agent, each with `--connections` loopback connections in a private namespace: first without
@@ -194,11 +196,24 @@ fn main() -> anyhow::Result<()> {
              probing (agent with default flags, --connections.max-tracked raised to the count)"
         );
         println!(
-            "| connections | TCPKeepAlive | agent probes | records lost | agent CPU (% of a core) | agent RSS |"
+            "| connections | TCPKeepAlive | agent probes | short | records lost | agent CPU (% of a core) | agent RSS |"
         );
-        println!("|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|");
         for &n in &sync_connections {
-            synchronized(n, Duration::from_secs(sync_seconds))?;
+            synchronized(
+                n,
+                Duration::from_secs(sync_seconds),
+                AgentDuringSync::Running,
+            )?;
+        }
+        // The same with the agent's process stopped: its kernel programs still count, so a
+        // shortfall here is not the agent's userspace (reads, scrapes, audit walks) at work.
+        for &n in &sync_connections {
+            synchronized(
+                n,
+                Duration::from_secs(sync_seconds),
+                AgentDuringSync::Stopped,
+            )?;
         }
     }
     Ok(())
@@ -208,9 +223,17 @@ fn main() -> anyhow::Result<()> {
 /// may hold here.
 const PAIRS_PER_CHILD: usize = 6_000;
 
+/// What the agent's process does while the synchronized connections probe.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AgentDuringSync {
+    Running,
+    /// SIGSTOP from "go" until the children are gone, then SIGCONT before the counters are read.
+    Stopped,
+}
+
 /// One row of the synchronized run: `total` connections whose keepalive starts in the same
 /// second (the children get "go" together), probing every second for `length`.
-fn synchronized(total: usize, length: Duration) -> anyhow::Result<()> {
+fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyhow::Result<()> {
     let max_tracked = total.max(65_536).to_string();
     let agent = Agent::start_with_args(&["--connections.max-tracked", &max_tracked])
         .context("starting the agent")?;
@@ -250,6 +273,16 @@ fn synchronized(total: usize, length: Duration) -> anyhow::Result<()> {
         &[] as &[(&str, &str)],
     );
     let cpu_before = cpu_ticks(agent.pid())?;
+    let signal_agent = |signal: libc::c_int| -> anyhow::Result<()> {
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
+        if unsafe { libc::kill(agent.pid() as libc::pid_t, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("signalling the agent");
+        }
+        Ok(())
+    };
+    if during == AgentDuringSync::Stopped {
+        signal_agent(libc::SIGSTOP)?;
+    }
     for child in &mut children {
         child
             .stdin
@@ -271,6 +304,9 @@ fn synchronized(total: usize, length: Duration) -> anyhow::Result<()> {
         }
     }
     let kernel = ns.tcp_ext()?.get("TCPKeepAlive") - kernel_before;
+    if during == AgentDuringSync::Stopped {
+        signal_agent(libc::SIGCONT)?;
+    }
     // The counters live in a kernel map, read at scrape: settled once the sockets are gone.
     std::thread::sleep(Duration::from_secs(1));
     let scrape = agent.scrape()?;
@@ -281,9 +317,15 @@ fn synchronized(total: usize, length: Duration) -> anyhow::Result<()> {
     ) - lost_before;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = match during {
+        AgentDuringSync::Running => {
+            format!("{:.1} %", cpu as f64 / hz / length.as_secs_f64() * 100.0)
+        }
+        AgentDuringSync::Stopped => "stopped".to_owned(),
+    };
     println!(
-        "| {total} | {kernel} | {probes} | {lost} | {:.1} % | {} MiB |",
-        cpu as f64 / hz / length.as_secs_f64() * 100.0,
+        "| {total} | {kernel} | {probes} | {:.2} % | {lost} | {cpu} | {} MiB |",
+        (kernel as f64 - probes) / kernel.max(1) as f64 * 100.0,
         rss / 1024
     );
     Ok(())
