@@ -181,15 +181,11 @@ pub(crate) fn read_or_zero<T: Copy>(base: *const u8, offset: usize) -> (T, bool)
 }
 
 /// Copies what the classifier and the metrics need from a `struct tcp_sock`: one read per
-/// region of the socket (`SNAPSHOT_REGIONS`, ~7 reads of ~450 bytes in all instead of one read
-/// per field or of the whole 2.3 KiB), then the namespace's fields and the owner's ids.
+/// region of the socket (`SNAPSHOT_REGIONS`, up to 8 reads instead of one read per field or
+/// of the whole 2.3 KiB), then the namespace's fields and the owner's ids.
 #[inline(always)]
 pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64> {
-    let copy = take_copy().ok_or(EBUSY)?;
-    let result = snapshot_from_copy(sk, copy, rec);
-    // SAFETY: our slot, taken above.
-    unsafe { (*copy).busy = 0 };
-    result
+    snapshot_then(sk, rec, |_| ())
 }
 
 /// What the keepalive timer's entry needs besides the record, taken from the snapshot's copy
@@ -201,23 +197,32 @@ pub(crate) struct SendState {
     pub(crate) unsent: bool,
 }
 
-/// [`snapshot`], and the [`SendState`] from the same copy. A function of its own rather than a
-/// result every caller gets: the audit walk's program, given even unused extra loads, was laid
-/// out with a loop head after its latch, which the 5.10 and 6.1 verifiers refuse ("back-edge").
+/// [`snapshot`], and the [`SendState`] from the same copy. Only the timer asks for it: the
+/// audit walk's program, given even unused extra loads, was laid out with a loop head after its
+/// latch, which the 5.10 and 6.1 verifiers refuse ("back-edge").
 #[inline(always)]
 pub(crate) fn snapshot_with_send_state(
     sk: *const u8,
     rec: &mut SocketRecord,
 ) -> Result<SendState, i64> {
+    snapshot_then(sk, rec, |c| SendState {
+        segs_out: field::<u32>(c, offset!(tcp_segs_out)),
+        unsent: field::<u32>(c, offset!(tcp_write_seq)) != field::<u32>(c, offset!(tcp_snd_nxt)),
+    })
+}
+
+/// Takes a per-CPU copy, snapshots the socket through it, lets `then` load more fields from the
+/// filled copy, and releases the copy.
+#[inline(always)]
+fn snapshot_then<T>(
+    sk: *const u8,
+    rec: &mut SocketRecord,
+    then: impl FnOnce(*const u8) -> T,
+) -> Result<T, i64> {
     let copy = take_copy().ok_or(EBUSY)?;
     let result = snapshot_from_copy(sk, copy, rec).map(|()| {
         // SAFETY: `copy` is our per-CPU slot, filled above and not yet released.
-        let c = unsafe { (&raw const (*copy).bytes).cast::<u8>() };
-        SendState {
-            segs_out: field::<u32>(c, offset!(tcp_segs_out)),
-            unsent: field::<u32>(c, offset!(tcp_write_seq))
-                != field::<u32>(c, offset!(tcp_snd_nxt)),
-        }
+        then(unsafe { (&raw const (*copy).bytes).cast::<u8>() })
     });
     // SAFETY: our slot, taken above.
     unsafe { (*copy).busy = 0 };
