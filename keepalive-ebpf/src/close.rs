@@ -1,7 +1,9 @@
 //! `inet_sock_set_state` to `TCP_CLOSE` (the tracepoint inside `tcp_done`), and
 //! `inet_sk_error_report` on a closed socket.
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::generated::bpf_skc_to_tcp_sock, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
     CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, RecordKind, SocketRecord,
@@ -10,7 +12,10 @@ use keepalive_ebpf::{
 
 use crate::{
     reset::RESET_CONTEXT,
-    socket::{EBUSY, KEEPALIVE_RST_REASON, add, emit, netns_counters, read, snapshot},
+    socket::{
+        EBUSY, KEEPALIVE_RST_REASON, Typed, add, emit, netns_counters, read, snapshot,
+        snapshot_typed,
+    },
     timer::TIMER_CONTEXT,
 };
 
@@ -91,7 +96,15 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         kind: RecordKind::Close as u8,
         ..SocketRecord::default()
     };
-    match snapshot(sk, &mut rec) {
+    // SAFETY: the helper checks its argument (a BTF-typed socket) and returns NULL for anything
+    // but a full TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
+    let snapped = if tp.is_null() {
+        snapshot(sk, &mut rec)
+    } else {
+        snapshot_typed(Typed(tp), &mut rec)
+    };
+    match snapped {
         Ok(()) => {}
         Err(EBUSY) => return 0,
         Err(_) => {

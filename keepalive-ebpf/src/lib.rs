@@ -205,6 +205,11 @@ kernel_offsets! {
     /// (`socket_alloc.vfs_inode.i_ino`): what `/proc/PID/fd/N -> socket:[INO]` shows.
     sk_socket: "sock.sk_socket", Pointer;
     socket_ino: "socket_alloc.vfs_inode + inode.i_ino", Computed;
+    /// `sock.sk_ino` where the kernel keeps the inode number in the socket itself (6.18+,
+    /// "net: lockless sock_i_ino()"; 0 for an orphan or a socket not yet accepted, as through
+    /// `sk_socket`), else 0: the programs then follow `sk_socket`, a cache miss on another
+    /// object at every expiry.
+    sk_ino: "sock.sk_ino where present, else 0", Computed;
     /// `task_struct.nsproxy` → `nsproxy.net_ns` → `net.ipv4.tcp_death_row.hashinfo`: the TCP
     /// hash tables (`tcp_hashinfo`), found from the task running the audit (the agent), so
     /// neither kallsyms data symbols nor a socket are needed.
@@ -268,13 +273,18 @@ impl KernelOffsets {
     /// Each copy lands at its offset in the per-CPU buffer, so fields load from their own
     /// offsets.
     pub fn snapshot_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
-        let mut spans = [(0u32, 0u32); 26];
+        let mut spans = [(0u32, 0u32); 27];
         for (i, (offset, size)) in self.snapshot_fields().into_iter().enumerate() {
             spans[i] = (offset, offset + size);
         }
         spans[24] = (self.sk_cgroup, self.sk_cgroup + 8);
         spans[25] = (self.sk_socket, self.sk_socket + 8);
-        // Insertion sort: no_std, 26 entries.
+        // Without `sk_ino`, a repeat of `sk_socket`, merged away below.
+        spans[26] = match self.sk_ino {
+            0 => spans[25],
+            ino => (ino, ino + 8),
+        };
+        // Insertion sort: no_std, 27 entries.
         for i in 1..spans.len() {
             let mut j = i;
             while j > 0 && spans[j - 1].0 > spans[j].0 {
@@ -283,7 +293,7 @@ impl KernelOffsets {
             }
         }
         // Merge what overlaps or lies closer than REGION_GAP_BYTES...
-        let mut merged = [(0u32, 0u32); 26];
+        let mut merged = [(0u32, 0u32); 27];
         let mut count = 0;
         for &(start, end) in &spans {
             if count > 0 && start <= merged[count - 1].1 + REGION_GAP_BYTES {
@@ -320,8 +330,8 @@ impl KernelOffsets {
     }
 
     /// Bytes from the start of the socket that hold every [`Self::snapshot_fields`] field
-    /// (and the two pointers the snapshot follows, `sk_cgroup` and `sk_socket`): what the
-    /// snapshot copies in one `bpf_probe_read_kernel`.
+    /// (and the two pointers the snapshot follows, `sk_cgroup` and `sk_socket`, and `sk_ino`):
+    /// the size of the copy the snapshot's regions land in.
     pub fn snapshot_bytes(&self) -> u32 {
         let mut end = 0;
         for (offset, size) in self.snapshot_fields() {
@@ -329,7 +339,7 @@ impl KernelOffsets {
                 end = offset + size;
             }
         }
-        for pointer in [self.sk_cgroup, self.sk_socket] {
+        for pointer in [self.sk_cgroup, self.sk_socket, self.sk_ino] {
             if pointer + 8 > end {
                 end = pointer + 8;
             }
@@ -721,6 +731,20 @@ mod pod {
     unsafe impl aya::Pod for super::NetnsKey {}
     unsafe impl aya::Pod for super::NetnsCounters {}
     unsafe impl aya::Pod for super::SnapshotRegion {}
+    unsafe impl aya::Pod for super::ExpirySpan {}
+}
+
+/// Benchmarks only: the time keepalive expiries spend between `timer_expire_entry` and
+/// `timer_expire_exit` on one CPU (the callback and every program on those hooks that runs
+/// between the bench's two), summed by the programs `expiry_span_in`/`expiry_span_out`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpirySpan {
+    /// The keepalive timer being run; 0 when none.
+    pub timer: u64,
+    pub start_ns: u64,
+    pub total_ns: u64,
+    pub expiries: u64,
 }
 
 /// Which table an audit run walks.

@@ -229,6 +229,74 @@ fn snapshot_then<T>(
     result
 }
 
+/// Where a snapshot loads the socket's fields from: the per-CPU copy ([`Copied`]) or, where
+/// the hook gives one, the socket itself through a BTF-typed pointer ([`Typed`]).
+pub(crate) trait SockFields: Copy {
+    /// The field at `offset` from the start of the socket.
+    fn load<T: Copy>(self, offset: usize) -> T;
+    /// A field of an object the socket points to (its namespace, its cgroup), at `offset`
+    /// from `object`, a pointer loaded with [`Self::load`].
+    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64>;
+    /// The socket's address, for the record.
+    fn sk(self) -> u64;
+}
+
+/// The per-CPU copy of the socket's regions, which sit at their own offsets in it.
+#[derive(Clone, Copy)]
+struct Copied {
+    sk: *const u8,
+    copy: *const u8,
+}
+
+impl SockFields for Copied {
+    #[inline(always)]
+    fn load<T: Copy>(self, offset: usize) -> T {
+        field(self.copy, offset)
+    }
+    /// A pointer from the copy is a plain number to the verifier: a helper reads through it.
+    #[inline(always)]
+    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64> {
+        read(object, offset)
+    }
+    #[inline(always)]
+    fn sk(self) -> u64 {
+        self.sk as u64
+    }
+}
+
+/// A `struct tcp_sock *` the verifier knows the type of (from `bpf_skc_to_tcp_sock`): each field
+/// is one load it checks against the type, with no helper call and no copy. A load that faults
+/// reads 0, as `bpf_probe_read_kernel` would fail.
+#[derive(Clone, Copy)]
+pub(crate) struct Typed(pub(crate) *const u8);
+
+impl SockFields for Typed {
+    #[inline(always)]
+    fn load<T: Copy>(self, offset: usize) -> T {
+        // SAFETY: the verifier checks the load against `struct tcp_sock` (offsets come from
+        // frozen `.rodata`, so it sees constants); volatile, so LLVM does not merge two
+        // neighbouring fields into one load that spans members, which the verifier refuses.
+        unsafe { core::ptr::read_volatile(self.0.wrapping_add(offset) as *const T) }
+    }
+    /// A pointer member loaded through a typed pointer is typed too (`struct net *`,
+    /// `struct cgroup *`): one more checked load.
+    #[inline(always)]
+    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64> {
+        // SAFETY: as in `load`, against the type of `object`'s member.
+        Ok(unsafe { core::ptr::read_volatile(object.wrapping_add(offset) as *const T) })
+    }
+    #[inline(always)]
+    fn sk(self) -> u64 {
+        self.0 as u64
+    }
+}
+
+/// [`snapshot`] without a copy, from a BTF-typed `struct tcp_sock *`.
+#[inline(always)]
+pub(crate) fn snapshot_typed(tp: Typed, rec: &mut SocketRecord) -> Result<(), i64> {
+    fill_record(tp, rec)
+}
+
 // A call of its own: inlined into the close program its temporaries would push that program's
 // stack past BPF's 512 bytes (LLVM does not share stack slots across inlined scopes well).
 #[inline(never)]
@@ -271,47 +339,59 @@ fn snapshot_from_copy(
     copy_region!(5);
     copy_region!(6);
     copy_region!(7);
-    let c = c.cast_const();
-    rec.sk = sk as u64;
+    fill_record(
+        Copied {
+            sk,
+            copy: c.cast_const(),
+        },
+        rec,
+    )
+}
+
+/// The record's socket fields, then the namespace's and the owner's through their pointers.
+// Not inlined, for the close program's stack (see `snapshot_from_copy`).
+#[inline(never)]
+fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
+    rec.sk = c.sk();
     // SAFETY: helpers without preconditions.
     rec.ktime_ns = unsafe { bpf_ktime_get_ns() };
     rec.jiffies = unsafe { bpf_jiffies64() };
-    rec.family = field::<u16>(c, offset!(skc_family));
-    rec.state = field::<u8>(c, offset!(skc_state));
-    rec.local_port = u16::from_be(field::<u16>(c, offset!(inet_sport)));
-    rec.remote_port = u16::from_be(field::<u16>(c, offset!(skc_dport)));
+    rec.family = c.load::<u16>(offset!(skc_family));
+    rec.state = c.load::<u8>(offset!(skc_state));
+    rec.local_port = u16::from_be(c.load::<u16>(offset!(inet_sport)));
+    rec.remote_port = u16::from_be(c.load::<u16>(offset!(skc_dport)));
     if rec.family == AF_INET6 {
-        rec.local_addr = field::<[u8; 16]>(c, offset!(skc_v6_rcv_saddr));
-        rec.remote_addr = field::<[u8; 16]>(c, offset!(skc_v6_daddr));
+        rec.local_addr = c.load::<[u8; 16]>(offset!(skc_v6_rcv_saddr));
+        rec.remote_addr = c.load::<[u8; 16]>(offset!(skc_v6_daddr));
     } else {
         rec.local_addr = [0; 16];
         rec.remote_addr = [0; 16];
-        let local = field::<[u8; 4]>(c, offset!(skc_rcv_saddr));
-        let remote = field::<[u8; 4]>(c, offset!(skc_daddr));
+        let local = c.load::<[u8; 4]>(offset!(skc_rcv_saddr));
+        let remote = c.load::<[u8; 4]>(offset!(skc_daddr));
         rec.local_addr[..4].copy_from_slice(&local);
         rec.remote_addr[..4].copy_from_slice(&remote);
     }
-    let net = field::<u64>(c, offset!(skc_net)) as *const u8;
-    rec.netns = read::<u32>(net, offset!(net_ns_inum))?;
+    let net = c.load::<u64>(offset!(skc_net)) as *const u8;
+    rec.netns = c.follow::<u32>(net, offset!(net_ns_inum))?;
     // Stored in each branch (volatile): merged into one value, LLVM kept it in a stack slot
     // that only one branch writes, and 5.10's verifier refuses that read on the other.
     let cookie = &raw mut rec.netns_cookie;
     // SAFETY: `cookie` points into `rec`, alive for this call.
     unsafe { core::ptr::write_volatile(cookie, 0) };
     if offset!(net_cookie_lazy) != 0 {
-        if let Ok(mix) = read::<u32>(net, offset!(net_hash_mix)) {
+        if let Ok(mix) = c.follow::<u32>(net, offset!(net_hash_mix)) {
             // SAFETY: as above.
             unsafe { core::ptr::write_volatile(cookie, (1 << 32) | u64::from(mix)) };
         }
-    } else if let Ok(value) = read::<u64>(net, offset!(net_cookie)) {
+    } else if let Ok(value) = c.follow::<u64>(net, offset!(net_cookie)) {
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(cookie, value) };
     }
-    rec.sysctl_keepalive_time = read::<u32>(net, offset!(net_keepalive_time))?;
-    rec.sysctl_keepalive_intvl = read::<u32>(net, offset!(net_keepalive_intvl))?;
-    rec.sysctl_keepalive_probes = read::<u8>(net, offset!(net_keepalive_probes))?;
+    rec.sysctl_keepalive_time = c.follow::<u32>(net, offset!(net_keepalive_time))?;
+    rec.sysctl_keepalive_intvl = c.follow::<u32>(net, offset!(net_keepalive_intvl))?;
+    rec.sysctl_keepalive_probes = c.follow::<u8>(net, offset!(net_keepalive_probes))?;
 
-    let sk_flags = field::<u64>(c, offset!(skc_flags));
+    let sk_flags = c.load::<u64>(offset!(skc_flags));
     rec.flags = 0;
     if sk_flags & (1 << offset!(sock_flag_keepopen)) != 0 {
         rec.flags |= record_flags::KEEPALIVE_ON;
@@ -319,26 +399,33 @@ fn snapshot_from_copy(
     if sk_flags & (1 << offset!(sock_flag_dead)) != 0 {
         rec.flags |= record_flags::ORPHAN;
     }
-    rec.probes_out_before = field::<u8>(c, offset!(icsk_probes_out));
+    rec.probes_out_before = c.load::<u8>(offset!(icsk_probes_out));
     rec.probes_out_after = rec.probes_out_before;
-    rec.user_timeout_ms = field::<u32>(c, offset!(icsk_user_timeout));
-    rec.lrcvtime = field::<u32>(c, offset!(icsk_ack_lrcvtime));
-    rec.keepalive_time = field::<u32>(c, offset!(tcp_keepalive_time));
-    rec.keepalive_intvl = field::<u32>(c, offset!(tcp_keepalive_intvl));
-    rec.keepalive_probes = field::<u8>(c, offset!(tcp_keepalive_probes));
-    rec.rcv_tstamp = field::<u32>(c, offset!(tcp_rcv_tstamp));
-    rec.packets_out = field::<u32>(c, offset!(tcp_packets_out));
-    rec.snd_wnd = field::<u32>(c, offset!(tcp_snd_wnd));
-    rec.sk_err = field::<i32>(c, offset!(sk_err));
-    rec.sk_err_soft = field::<i32>(c, offset!(sk_err_soft));
+    rec.user_timeout_ms = c.load::<u32>(offset!(icsk_user_timeout));
+    rec.lrcvtime = c.load::<u32>(offset!(icsk_ack_lrcvtime));
+    rec.keepalive_time = c.load::<u32>(offset!(tcp_keepalive_time));
+    rec.keepalive_intvl = c.load::<u32>(offset!(tcp_keepalive_intvl));
+    rec.keepalive_probes = c.load::<u8>(offset!(tcp_keepalive_probes));
+    rec.rcv_tstamp = c.load::<u32>(offset!(tcp_rcv_tstamp));
+    rec.packets_out = c.load::<u32>(offset!(tcp_packets_out));
+    rec.snd_wnd = c.load::<u32>(offset!(tcp_snd_wnd));
+    rec.sk_err = c.load::<i32>(offset!(sk_err));
+    rec.sk_err_soft = c.load::<i32>(offset!(sk_err_soft));
     // Ownership: both optional (no cgroup data, or an orphan without a file).
-    let cgroup = field::<u64>(c, offset!(sk_cgroup));
-    rec.cgroup_id = read::<u64>(cgroup as *const u8, offset!(cgroup_kn))
-        .and_then(|kn| read::<u64>(kn as *const u8, offset!(kernfs_node_id)))
+    let cgroup = c.load::<u64>(offset!(sk_cgroup));
+    rec.cgroup_id = c
+        .follow::<u64>(cgroup as *const u8, offset!(cgroup_kn))
+        .and_then(|kn| c.follow::<u64>(kn as *const u8, offset!(kernfs_node_id)))
         .unwrap_or(0);
-    rec.socket_ino = match field::<u64>(c, offset!(sk_socket)) {
-        0 => 0,
-        socket => read::<u64>(socket as *const u8, offset!(socket_ino)).unwrap_or(0),
+    rec.socket_ino = if offset!(sk_ino) != 0 {
+        c.load::<u64>(offset!(sk_ino))
+    } else {
+        match c.load::<u64>(offset!(sk_socket)) {
+            0 => 0,
+            // A helper even from a typed socket: the inode lies past `struct socket`, in the
+            // `socket_alloc` around it, where the verifier would refuse a typed load.
+            socket => read::<u64>(socket as *const u8, offset!(socket_ino)).unwrap_or(0),
+        }
     };
     Ok(())
 }

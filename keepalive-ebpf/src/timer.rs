@@ -1,13 +1,14 @@
 //! `timer_expire_entry`/`timer_expire_exit`, kept only for `tcp_keepalive_timer` (probes) and
 //! `tcp_write_timer` (so a close inside it is a retransmission or zero-window timeout).
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::{
     macros::{btf_tracepoint, map},
     maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
-use keepalive_ebpf::{AF_INET, CloseContext, RecordKind, SocketRecord, record_flags};
+use keepalive_ebpf::{AF_INET, CloseContext, ExpirySpan, RecordKind, SocketRecord, record_flags};
 
 use crate::socket::{
     EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit, netns_counters, read, read_or_zero,
@@ -174,5 +175,48 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
 /// the costs it reports are ours alone.
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub(crate) fn timer_entry_baseline(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+/// Benchmarks only, never attached by the agent: see [`ExpirySpan`].
+#[map]
+static EXPIRY_SPAN: PerCpuArray<ExpirySpan> = PerCpuArray::with_max_entries(1, 0);
+
+/// Benchmarks only. Attached before the agent starts, so on this hook it runs before the
+/// agent's program: the span includes what the agent's entry costs, cache misses included.
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub(crate) fn expiry_span_in(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
+    let function_offset = offset!(timer_function);
+    // SAFETY: the verifier checks this load against `struct timer_list` (see timer_expire_entry).
+    let function = unsafe { core::ptr::read_volatile(timer.add(function_offset) as *const u64) };
+    // SAFETY: read of our own static (see `offset!`).
+    if function != unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_TIMER_FN) } {
+        return 0;
+    }
+    if let Some(span) = EXPIRY_SPAN.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
+        unsafe {
+            (*span).timer = timer as u64;
+            (*span).start_ns = bpf_ktime_get_ns();
+        }
+    }
+    0
+}
+
+/// Benchmarks only. Attached after the agent's programs, so it runs after the agent's exit.
+#[btf_tracepoint(function = "timer_expire_exit")]
+pub(crate) fn expiry_span_out(ctx: BtfTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    if let Some(span) = EXPIRY_SPAN.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, see expiry_span_in.
+        unsafe {
+            if timer != 0 && (*span).timer == timer {
+                (*span).timer = 0;
+                (*span).total_ns += bpf_ktime_get_ns() - (*span).start_ns;
+                (*span).expiries += 1;
+            }
+        }
+    }
     0
 }

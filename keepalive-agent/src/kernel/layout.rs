@@ -86,6 +86,8 @@ const MUST_BEGIN_WITH: [(&str, &str); 5] = [
 /// `SOCK_INODE(sock)`: the socket's inode follows it in `socket_alloc`.
 const SOCKET_INODE: &str = "socket_alloc.vfs_inode";
 const INODE_NUMBER: &str = "inode.i_ino";
+/// The socket's own copy of its inode number (6.18+).
+const SOCK_INODE_NUMBER: &str = "sock.sk_ino";
 
 /// The tracepoint typedef whose prototype says whether `tcp_send_reset` passes a reason.
 const SEND_RESET_PROTOTYPE: &str = "btf_trace_tcp_send_reset";
@@ -281,6 +283,9 @@ impl KernelLayout {
                     r.offset(SOCKET_INODE, FieldKind::Struct("inode"))?
                         + r.offset(INODE_NUMBER, FieldKind::Int(8))?
                 }
+                (FieldKind::Computed, "sk_ino") => r
+                    .optional_offset(SOCK_INODE_NUMBER, FieldKind::Int(8))?
+                    .unwrap_or(0),
                 (FieldKind::Computed, "net_cookie_lazy") => {
                     u32::from(!matches!(r.field(NET_COOKIE)?.ty, Type::Int(_)))
                 }

@@ -44,6 +44,32 @@ pub(crate) fn release_freed_memory() {
     }
 }
 
+/// Why [`open_programs`] failed.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct OpenProgramsError(#[from] OpenFailure);
+
+#[derive(Debug, thiserror::Error)]
+enum OpenFailure {
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Programs(#[from] ProgramsError),
+}
+
+/// The programs object prepared with this kernel's offsets and timer callbacks, with nothing
+/// loaded: for benchmarks, which load from it the programs they measure with.
+pub fn open_programs() -> Result<aya::Ebpf, OpenProgramsError> {
+    let session = |e: SessionError| OpenProgramsError(OpenFailure::Session(e));
+    let bytes = layout::read_vmlinux_btf().map_err(|e| session(e.into()))?;
+    let layout = KernelLayout::from_btf_bytes(&bytes).map_err(|e| session(e.into()))?;
+    let timers = TimerFunctions::from_proc().map_err(|e| session(e.into()))?;
+    let btf = aya::Btf::parse(&bytes, aya::Endianness::default())
+        .map_err(|e| session(SessionError::LoaderBtf(e)))?;
+    programs::open(&layout, &timers, &btf, programs::MIN_RING_BUFFER_BYTES)
+        .map_err(|e| OpenProgramsError(OpenFailure::Programs(e)))
+}
+
 /// The running kernel as the commands need it, read once.
 pub(crate) struct Session {
     pub(crate) layout: KernelLayout,

@@ -6,8 +6,14 @@
 //!    keepalive on (reported), and RST closes (reported, both ends).
 //! 2. Kernel-side cost per hit of the timer and close hooks, from `kernel.bpf_stats_enabled`
 //!    run-time counters, as the difference from empty programs on the same hooks.
-//! 3. Userspace: records through decode → track → classify → metrics, per second of CPU.
-//! 4. Synchronized keepalive: `--sync-connections` connections (several sizes, comma
+//! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
+//!    expiry from `timer_expire_entry` to `timer_expire_exit` around the agent's, over
+//!    `--span-connections` connections probing every second, with and without the agent in
+//!    alternating phases (`--rounds`; `--span-only` runs nothing else). Unlike the run-time
+//!    counters of 2, this does not charge the agent for the cache misses on the socket its
+//!    entry program takes first and the kernel's callback then does not.
+//! 4. Userspace: records through decode → track → classify → metrics, per second of CPU.
+//! 5. Synchronized keepalive: `--sync-connections` connections (several sizes, comma
 //!    separated) that start probing in the same second, every second, against answering peers,
 //!    for `--sync-seconds`: the namespace's `TCPKeepAlive` against the agent's probe total,
 //!    records lost, the agent's CPU and RSS; then each size again with the agent's process
@@ -32,10 +38,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use aya::maps::PerCpuArray;
 use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
 use keepalive_agent::kernel::programs::{
-    BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, PROGRAMS_OBJECT,
+    BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP,
+    EXPIRY_SPAN_OUT_PROGRAM, PROGRAMS_OBJECT,
 };
+use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
     Agent, Netns, agent::vm_rss_kib, set_keepalive, set_linger_zero, setsockopt_int,
 };
@@ -54,6 +63,8 @@ fn main() -> anyhow::Result<()> {
     let mut pipeline_connections = 50_000u32;
     let mut sync_connections = vec![50_000usize, 100_000];
     let mut sync_seconds = 10u64;
+    let mut span_connections = 5_000usize;
+    let mut span_only = false;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if let Some(hold_args) = argv.strip_prefix(&["--hold".to_owned()]) {
         return hold(hold_args);
@@ -75,10 +86,12 @@ fn main() -> anyhow::Result<()> {
                     .collect::<Result<_, _>>()?;
             }
             "--sync-seconds" => sync_seconds = value()?.parse()?,
+            "--span-connections" => span_connections = value()?.parse()?,
+            "--span-only" => span_only = true,
             other => bail!(
                 "unknown argument {other}; flags: --connections N --seconds S --rounds N \
                  --churn-seconds S --pipeline-connections N --sync-connections N[,N...] \
-                 --sync-seconds S"
+                 --sync-seconds S --span-connections N --span-only"
             ),
         }
     }
@@ -87,7 +100,12 @@ fn main() -> anyhow::Result<()> {
         bail!("run as root: the benchmark loads eBPF programs and enables bpf_stats");
     }
     println!("{} CPUs", std::thread::available_parallelism()?);
-    churn_throughput(rounds, Duration::from_secs(churn_seconds))?;
+    if span_only {
+        return expiry_span(rounds, span_connections, Duration::from_secs(seconds));
+    }
+    if rounds > 0 {
+        churn_throughput(rounds, Duration::from_secs(churn_seconds))?;
+    }
 
     let _stats = BpfStats::enable()?;
     let agent = Agent::start().context("starting the agent")?;
@@ -95,17 +113,11 @@ fn main() -> anyhow::Result<()> {
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     let mut baseline_obj =
         aya::Ebpf::load(PROGRAMS_OBJECT).context("loading the programs object")?;
-    let baseline: &mut BtfTracePoint = baseline_obj
-        .program_mut(BASELINE_PROGRAM)
-        .context("baseline program missing from the object")?
-        .try_into()?;
+    let baseline = tp_program(&mut baseline_obj, BASELINE_PROGRAM)?;
     baseline.load("timer_expire_entry", &btf)?;
     baseline.attach()?;
     let baseline_id = baseline.info()?.id();
-    let close_baseline: &mut BtfTracePoint = baseline_obj
-        .program_mut(CLOSE_BASELINE_PROGRAM)
-        .context("close baseline program missing from the object")?
-        .try_into()?;
+    let close_baseline = tp_program(&mut baseline_obj, CLOSE_BASELINE_PROGRAM)?;
     close_baseline.load("inet_sock_set_state", &btf)?;
     close_baseline.attach()?;
     let close_ids = (close_baseline.info()?.id(), newest(CLOSE_NAME)?);
@@ -176,8 +188,12 @@ fn main() -> anyhow::Result<()> {
     let rss = vm_rss_kib(agent.pid())?;
     println!("agent RSS after the run: {} MiB", rss / 1024);
     drop(agent);
-    // The empty programs measured the floor; the synchronized rows measure the agent alone.
+    // The empty programs measured the floor; the rows below measure the agent alone.
     drop(baseline_obj);
+
+    if rounds > 0 && span_connections > 0 {
+        expiry_span(rounds, span_connections, phase)?;
+    }
 
     let run = keepalive_agent::pipeline_throughput(pipeline_connections, 5);
     println!(
@@ -217,6 +233,97 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the agent adds to a keepalive expiry on the CPU. `bpf_stats` charges the agent's entry
+/// program with the cache misses on the socket, which it takes first; the kernel's callback
+/// would take most of them itself (it reads the same socket), so the programs' run time
+/// overstates the cost. Here the bench's own programs time each keepalive expiry from
+/// `timer_expire_entry` (attached before the agent starts, so before its entry program) to
+/// `timer_expire_exit` (attached after the agent's, so after its exit program), with and
+/// without the agent, in alternating phases over the same probing connections: the difference
+/// is the agent's entry and exit plus whatever they change in the callback.
+fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::Result<()> {
+    let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+    let mut ebpf =
+        keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
+    let spans: PerCpuArray<_, ExpirySpan> = PerCpuArray::try_from(
+        ebpf.take_map(EXPIRY_SPAN_MAP)
+            .context("span map missing from the object")?,
+    )?;
+    let span_in = tp_program(&mut ebpf, EXPIRY_SPAN_IN_PROGRAM)?;
+    span_in.load("timer_expire_entry", &btf)?;
+    span_in.attach()?;
+    let span_out = tp_program(&mut ebpf, EXPIRY_SPAN_OUT_PROGRAM)?;
+    span_out.load("timer_expire_exit", &btf)?;
+    let totals = || -> anyhow::Result<(u64, u64)> {
+        let per_cpu = spans.get(&0, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold((0, 0), |(ns, n), s| (ns + s.total_ns, n + s.expiries)))
+    };
+
+    let ns = Netns::new("bench-span")?;
+    let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let pairs = ns.connect_pairs(&listener, connections)?;
+    // Spread over a second: probes sent in one batch overflow the loopback backlog
+    // (net.core.netdev_max_backlog), go unanswered, and the connections would die.
+    let gap = Duration::from_secs(1) / connections as u32;
+    for pair in &pairs {
+        set_keepalive(&pair.client, 1, 1, 9)?;
+        std::thread::sleep(gap);
+    }
+    println!(
+        "keepalive expiry on the CPU, timer_expire_entry to timer_expire_exit (callback and \
+         programs), {connections} connections probing every second, {rounds} rounds of {} s \
+         per side, alternating",
+        length.as_secs()
+    );
+    println!(
+        "| round | expiries without agent | ns/expiry without | expiries with agent | ns/expiry with | added by the agent |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut added = Vec::new();
+    for round in 1..=rounds {
+        let mut side = |with_agent: bool| -> anyhow::Result<(u64, f64)> {
+            let agent = with_agent
+                .then(|| Agent::start().context("starting the agent"))
+                .transpose()?;
+            let span_out = tp_program(&mut ebpf, EXPIRY_SPAN_OUT_PROGRAM)?;
+            let link = span_out.attach()?;
+            // Expiries that began before the exit program was attached end unmeasured.
+            std::thread::sleep(Duration::from_secs(1));
+            let (ns0, n0) = totals()?;
+            std::thread::sleep(length);
+            let (ns1, n1) = totals()?;
+            span_out.detach(link)?;
+            drop(agent);
+            let n = n1 - n0;
+            Ok((n, (ns1 - ns0) as f64 / n.max(1) as f64))
+        };
+        let (n_without, without) = side(false)?;
+        let (n_with, with) = side(true)?;
+        println!(
+            "| {round} | {n_without} | {without:.0} | {n_with} | {with:.0} | {:.0} ns |",
+            with - without
+        );
+        added.push(with - without);
+    }
+    drop(pairs);
+    added.sort_by(f64::total_cmp);
+    println!(
+        "added by the agent per keepalive expiry (median of {rounds} rounds): {:.0} ns",
+        added[added.len() / 2]
+    );
+    Ok(())
+}
+
+/// A tp_btf program of the object, by name.
+fn tp_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<&'a mut BtfTracePoint> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()?)
 }
 
 /// Connection pairs one `--hold` child keeps: two descriptors each, under the 20 000 a process

@@ -133,3 +133,22 @@ fn development_kernel_6_18() {
     assert!(layout.send_reset_reason);
     assert_eq!(layout.rst_reason_keepalive_timeout, Some(15));
 }
+
+#[test]
+fn only_6_18_keeps_the_inode_number_in_the_socket() {
+    // 6.18's `struct sock` has `sk_ino` (an `unsigned long`, after `sk_uid`); the programs read
+    // it from the snapshot's copy instead of following `sk_socket` to the inode.
+    assert_eq!(
+        fixture("6.18.44_6.18.44-fc-v1045.btf.zst").offsets.sk_ino,
+        608
+    );
+    for older in [
+        "5.10.262_5.10.0-46-cloud-amd64.btf.zst",
+        "6.1.190_6.1.0-54-cloud-amd64.btf.zst",
+        "6.1.192_6.1.0-57-cloud-amd64.btf.zst",
+        "6.12.111_6.12.111+deb12-cloud-amd64.btf.zst",
+        "6.12.117_6.12.117+deb12-cloud-amd64.btf.zst",
+    ] {
+        assert_eq!(fixture(older).offsets.sk_ino, 0, "{older}");
+    }
+}

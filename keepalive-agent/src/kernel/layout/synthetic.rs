@@ -120,6 +120,8 @@ impl SyntheticKernel {
                 (FieldKind::Computed, "socket_ino") => {
                     self.offset_of(SOCKET_INODE) + self.offset_of(INODE_NUMBER)
                 }
+                // The synthetic kernel predates `sock.sk_ino`.
+                (FieldKind::Computed, "sk_ino") => 0,
                 (FieldKind::Computed, "ehash_bucket_size") => self.sizes["inet_ehash_bucket"],
                 (FieldKind::Computed, "listen_bucket_size") => self.sizes["inet_listen_hashbucket"],
                 // 5.19+: listeners behind the `lhash2` pointer, no inline buckets.
