@@ -14,7 +14,7 @@ use crate::{
     reset::RESET_CONTEXT,
     socket::{
         EBUSY, KEEPALIVE_RST_REASON, Typed, add, emit, netns_counters, read, snapshot,
-        snapshot_typed,
+        snapshot_typed, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -92,17 +92,18 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
 
-    let mut rec = SocketRecord {
-        kind: RecordKind::Close as u8,
-        ..SocketRecord::default()
-    };
+    let mut rec = core::mem::MaybeUninit::<SocketRecord>::uninit();
+    zero_record(rec.as_mut_ptr());
+    // SAFETY: every byte was written just above, and all-zero is a valid record (integers only).
+    let rec = unsafe { rec.assume_init_mut() };
+    rec.kind = RecordKind::Close as u8;
     // SAFETY: the helper checks its argument (a BTF-typed socket) and returns NULL for anything
     // but a full TCP socket.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
     let snapped = if tp.is_null() {
-        snapshot(sk, &mut rec)
+        snapshot(sk, rec)
     } else {
-        snapshot_typed(Typed(tp), &mut rec)
+        snapshot_typed(Typed(tp), rec)
     };
     match snapped {
         Ok(()) => {}
@@ -137,7 +138,7 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         sk_err: rec.sk_err,
     });
     rec.drop_reason = verdict.map_or(NOT_A_DROP, |reason| reason as u32);
-    if let Some(counters) = netns_counters(&rec) {
+    if let Some(counters) = netns_counters(rec) {
         // SAFETY: a map value (see `netns_counters`).
         unsafe {
             add(&raw mut (*counters).closes, 1);
@@ -148,7 +149,7 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
-    emit(&rec);
+    emit(rec);
     0
 }
 
@@ -163,12 +164,13 @@ pub(crate) fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
         (Ok(IPPROTO_TCP), Ok(tcp_state::CLOSE)) => {}
         _ => return 0,
     }
-    let mut rec = SocketRecord {
-        kind: RecordKind::ErrorReport as u8,
-        ..SocketRecord::default()
-    };
-    if snapshot(sk, &mut rec).is_ok() {
-        emit(&rec);
+    let mut rec = core::mem::MaybeUninit::<SocketRecord>::uninit();
+    zero_record(rec.as_mut_ptr());
+    // SAFETY: as in `inet_sock_set_state`.
+    let rec = unsafe { rec.assume_init_mut() };
+    rec.kind = RecordKind::ErrorReport as u8;
+    if snapshot(sk, rec).is_ok() {
+        emit(rec);
     }
     0
 }

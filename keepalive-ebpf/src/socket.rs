@@ -364,12 +364,26 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
         rec.local_addr = c.load::<[u8; 16]>(offset!(skc_v6_rcv_saddr));
         rec.remote_addr = c.load::<[u8; 16]>(offset!(skc_v6_daddr));
     } else {
-        rec.local_addr = [0; 16];
-        rec.remote_addr = [0; 16];
-        let local = c.load::<[u8; 4]>(offset!(skc_rcv_saddr));
-        let remote = c.load::<[u8; 4]>(offset!(skc_daddr));
-        rec.local_addr[..4].copy_from_slice(&local);
-        rec.remote_addr[..4].copy_from_slice(&remote);
+        let local = (&raw mut rec.local_addr).cast::<u64>();
+        let remote = (&raw mut rec.remote_addr).cast::<u64>();
+        // SAFETY: two 8-byte words in each 16-byte address, 8-byte aligned in the record (it
+        // starts with three u64s); stores, not `[0; 16]`, for the reason in `zero_record`.
+        unsafe {
+            core::ptr::write_volatile(local, 0);
+            core::ptr::write_volatile(local.add(1), 0);
+            core::ptr::write_volatile(remote, 0);
+            core::ptr::write_volatile(remote.add(1), 0);
+        }
+        // The IPv4 addresses in network order, as the kernel keeps them, in the first 4 bytes.
+        let (local_v4, remote_v4) = (
+            c.load::<u32>(offset!(skc_rcv_saddr)),
+            c.load::<u32>(offset!(skc_daddr)),
+        );
+        // SAFETY: the first 4 bytes of each address, as above.
+        unsafe {
+            core::ptr::write_volatile(local.cast::<u32>(), local_v4);
+            core::ptr::write_volatile(remote.cast::<u32>(), remote_v4);
+        }
     }
     let net = c.load::<u64>(offset!(skc_net)) as *const u8;
     rec.netns = c.follow::<u32>(net, offset!(net_ns_inum))?;
@@ -428,6 +442,23 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
         }
     };
     Ok(())
+}
+
+/// Sets every byte of `rec` to 0 with 8-byte stores. `SocketRecord::default()` (or `[0; N]`)
+/// compiles to a call of the BPF target's `memset`, a loop that stores one byte per five
+/// instructions: about 750 instructions for one record, on every reported close. Volatile, so
+/// LLVM does not turn the stores back into that call.
+#[inline(always)]
+pub(crate) fn zero_record(rec: *mut SocketRecord) {
+    const _: () = assert!(SocketRecord::SIZE == 19 * 8);
+    let words = rec.cast::<u64>();
+    macro_rules! zero {
+        ($($i:literal)*) => {$(
+            // SAFETY: word $i of the record, which is 8-byte aligned (it starts with a u64).
+            unsafe { core::ptr::write_volatile(words.add($i), 0) };
+        )*};
+    }
+    zero!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18);
 }
 
 /// Sends a record to the agent. Without a flag, each submit that finds the agent caught up
