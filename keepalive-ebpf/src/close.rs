@@ -7,14 +7,14 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
     CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, RecordKind, SocketRecord,
-    classify_close, record_flags, tcp_state,
+    Uncounted, classify_close, record_flags, tcp_state,
 };
 
 use crate::{
     reset::RESET_CONTEXT,
     socket::{
         EBUSY, KEEPALIVE_RST_REASON, Typed, add, emit, netns_counters, read, snapshot,
-        snapshot_typed, zero_record,
+        snapshot_typed, uncounted, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -107,8 +107,12 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     };
     match snapped {
         Ok(()) => {}
-        Err(EBUSY) => return 0,
+        Err(EBUSY) => {
+            uncounted(Uncounted::CloseCopyBusy);
+            return 0;
+        }
         Err(_) => {
+            uncounted(Uncounted::CloseUnreadable);
             warn!(&ctx, "close: cannot read the socket; offsets wrong?");
             return 0;
         }

@@ -25,6 +25,8 @@ pub mod names {
     pub const NETNS_COUNTERS_MAP: &str = "NETNS_COUNTERS";
     /// Per-CPU count of namespaces that found [`NETNS_COUNTERS_MAP`] full.
     pub const NETNS_COUNTERS_FULL_MAP: &str = "NETNS_COUNTERS_FULL";
+    /// Per-CPU counts of events the programs saw but could not count, by [`super::Uncounted`].
+    pub const UNCOUNTED_MAP: &str = "UNCOUNTED";
 }
 
 /// TCP states as `include/net/tcp_states.h` numbers them (kernel ABI, stable since 2.6).
@@ -715,6 +717,61 @@ pub struct NetnsCounters {
     pub closes: u64,
     /// Drops by [`DropReason`] value.
     pub drops: [u64; DropReason::COUNT],
+}
+
+/// Why a program that saw a keepalive expiry or a close could not add it to
+/// [`NetnsCounters`]: the index of its count in [`names::UNCOUNTED_MAP`]. Each one makes the
+/// namespace totals fall short of the kernel's own `TcpExt` counters, so none may pass silently.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Uncounted {
+    /// A keepalive expiry found both per-CPU socket copies taken (programs nested twice).
+    ExpiryCopyBusy = 0,
+    /// A keepalive expiry whose socket could not be read at entry.
+    ExpiryUnreadable = 1,
+    /// At exit the socket no longer held the connection seen at entry (freed and reused while
+    /// the timer ran), so the probes it sent could not be counted.
+    ExpiryUnverified = 2,
+    /// A close found both per-CPU socket copies taken.
+    CloseCopyBusy = 3,
+    /// A close whose socket could not be read.
+    CloseUnreadable = 4,
+    /// The exit program ran for a keepalive expiry the entry program was not run for (the
+    /// kernel skipped it): whatever that expiry sent went uncounted.
+    ExpiryEntryMissed = 5,
+}
+
+impl Uncounted {
+    pub const ALL: [Uncounted; 6] = [
+        Uncounted::ExpiryCopyBusy,
+        Uncounted::ExpiryUnreadable,
+        Uncounted::ExpiryUnverified,
+        Uncounted::ExpiryEntryMissed,
+        Uncounted::CloseCopyBusy,
+        Uncounted::CloseUnreadable,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The event that went uncounted, as the agent labels it.
+    pub fn event(self) -> &'static str {
+        match self {
+            Uncounted::ExpiryCopyBusy
+            | Uncounted::ExpiryUnreadable
+            | Uncounted::ExpiryUnverified
+            | Uncounted::ExpiryEntryMissed => "keepalive_expiry",
+            Uncounted::CloseCopyBusy | Uncounted::CloseUnreadable => "close",
+        }
+    }
+
+    /// Why, as the agent labels it.
+    pub fn cause(self) -> &'static str {
+        match self {
+            Uncounted::ExpiryCopyBusy | Uncounted::CloseCopyBusy => "copy_busy",
+            Uncounted::ExpiryUnreadable | Uncounted::CloseUnreadable => "unreadable",
+            Uncounted::ExpiryUnverified => "socket_reused",
+            Uncounted::ExpiryEntryMissed => "entry_not_run",
+        }
+    }
 }
 
 /// Entries of [`names::NETNS_COUNTERS_MAP`]: namespaces on one node, with room for churn

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use keepalive_ebpf::{
     AF_INET6, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
     SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
-    SocketRecord, record_flags,
+    SocketRecord, Uncounted, record_flags,
 };
 
 /// Written by the agent before load (`.rodata` is frozen, so the verifier sees constants).
@@ -48,6 +48,18 @@ pub(crate) static NETNS_COUNTERS: HashMap<NetnsKey, NetnsCounters> =
 
 #[map]
 pub(crate) static NETNS_COUNTERS_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub(crate) static UNCOUNTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(Uncounted::COUNT, 0);
+
+/// Counts an event the programs saw but could not add to the namespace totals.
+#[inline(always)]
+pub(crate) fn uncounted(why: Uncounted) {
+    if let Some(count) = UNCOUNTED.get_ptr_mut(why as u32) {
+        // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
+        unsafe { *count += 1 };
+    }
+}
 
 /// The counters of a record's namespace, created at 0 on its first event; `None` when the map
 /// is full (counted).

@@ -8,11 +8,13 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
-use keepalive_ebpf::{AF_INET, CloseContext, ExpirySpan, RecordKind, SocketRecord, record_flags};
+use keepalive_ebpf::{
+    AF_INET, CloseContext, ExpirySpan, RecordKind, SocketRecord, Uncounted, record_flags,
+};
 
 use crate::socket::{
     EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit, netns_counters, read, read_or_zero,
-    snapshot_with_send_state,
+    snapshot_with_send_state, uncounted,
 };
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -84,10 +86,15 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
                 tctx.may_probe = u8::from(!send.unsent && tctx.snapshot.packets_out == 0);
             }
             Err(err) => {
-                tctx.timer = 0;
+                // Still this expiry's context, so the exit neither counts it nor takes it for
+                // one the entry missed; no socket, so a close inside it gets no timer context.
+                tctx.kind = CloseContext::None as u8;
+                tctx.sk = 0;
                 if err == EBUSY {
+                    uncounted(Uncounted::ExpiryCopyBusy);
                     return 0;
                 }
+                uncounted(Uncounted::ExpiryUnreadable);
                 // No address in the message: the verifier refuses arithmetic on the pointer.
                 warn!(
                     &ctx,
@@ -107,7 +114,22 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
     };
     // SAFETY: per-CPU slot, see timer_expire_entry.
     let tctx = unsafe { &mut *tctx };
-    if tctx.timer != timer || timer == 0 {
+    if timer == 0 {
+        return 0;
+    }
+    if tctx.timer != timer {
+        // The entry program did not run for this expiry. Only keepalive expiries matter: one
+        // load through the BTF-typed pointer, as at entry (a timer freed by its callback reads
+        // whatever reused the memory, never a fault).
+        let timer = timer as *const u8;
+        let function_offset = offset!(timer_function);
+        // SAFETY: the verifier checks this load against `struct timer_list`.
+        let function =
+            unsafe { core::ptr::read_volatile(timer.add(function_offset) as *const u64) };
+        // SAFETY: read of our own static (see `offset!`).
+        if function == unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_TIMER_FN) } {
+            uncounted(Uncounted::ExpiryEntryMissed);
+        }
         return 0;
     }
     tctx.timer = 0;
@@ -155,6 +177,7 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
             rec.probes_sent = if sent > 2 { 2 } else { sent as u8 };
         } else {
             rec.flags |= record_flags::EXIT_UNVERIFIED;
+            uncounted(Uncounted::ExpiryUnverified);
         }
     }
     if let Some(counters) = netns_counters(rec) {

@@ -60,6 +60,7 @@ fn every_alert_has_promtool_unit_tests_that_pass() -> TestResult {
         "KeepaliveAgentDown",
         "KeepaliveAgentHookNotAttached",
         "KeepaliveAgentEventsLost",
+        "KeepaliveAgentEventsUncounted",
     ];
     for name in required {
         assert!(alerts.contains(name), "the rules lost alert {name}");

@@ -23,7 +23,7 @@ use crate::{
         events::{self, EventWriter, EventsTarget},
         http::{self, HttpState},
         labels::AggregateBy,
-        metrics::{self, HookLabels, PipelineMetrics, ReserveFailures},
+        metrics::{self, HookLabels, PipelineMetrics, RecursionMisses, ReserveFailures},
         web_config::WebConfig,
     },
     kernel::{
@@ -204,7 +204,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     );
 
-    let kernel = session
+    let mut kernel = session
         .load(config.ring_buffer_bytes)
         .context("loading the kernel programs")?;
     let hooks: Family<HookLabels, Gauge> = Family::default();
@@ -217,6 +217,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .set(i64::from(status.attached));
     }
     let ready = kernel.all_required_attached();
+    let recursion_misses = RecursionMisses(
+        kernel
+            .hooks
+            .iter_mut()
+            .filter_map(|status| Some((status.hook.tracepoint, status.program.take()?)))
+            .collect(),
+    );
     // `ebpf` keeps the programs (and so the hooks) attached until the shutdown detaches them.
     let programs::KernelPrograms {
         ebpf,
@@ -237,6 +244,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         pipeline_metrics = pipeline_metrics.counted_in_kernel(Arc::new(NetnsCounterMaps::new(
             netns_counters.counters,
             netns_counters.full,
+            netns_counters.uncounted,
         )));
     } else {
         info!(
@@ -332,6 +340,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         pipeline.namespaces(),
     );
     registry.register_collector(Box::new(audit_collector));
+    registry.register_collector(Box::new(recursion_misses));
     let server_metrics = http::ServerMetrics::default();
     server_metrics.register(&mut registry);
     crate::logging::register_metrics(&mut registry);

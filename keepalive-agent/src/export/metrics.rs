@@ -327,6 +327,22 @@ impl prometheus_client::collector::Collector for KernelNamespaceCounters {
             )?)?,
             Err(err) => log::warn!("cannot read the counter-map overflow count: {err}"),
         }
+        match self.0.uncounted() {
+            Ok(uncounted) => {
+                let mut family = encoder.encode_descriptor(
+                    "keepalive_agent_kernel_uncounted",
+                    "Keepalive expiries and closes the kernel programs saw but could not add to tcp_keepalive_probes_total or tcp_connection_drops_total, by cause: those totals are short of the kernel's TcpExt by these",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (why, count) in uncounted {
+                    ConstCounter::new(count).encode(
+                        family.encode_family(&[("event", why.event()), ("cause", why.cause())])?,
+                    )?;
+                }
+            }
+            Err(err) => log::warn!("cannot read the kernel's uncounted events: {err}"),
+        }
         Ok(())
     }
 }
@@ -579,5 +595,41 @@ impl prometheus_client::collector::Collector for ReserveFailures {
             None,
             MetricType::Counter,
         )?)
+    }
+}
+
+/// `keepalive_agent_program_recursion_misses_total`: per hook, the hits the kernel did not run
+/// the agent's program for because it was already running on that CPU (read at scrape).
+pub(crate) struct RecursionMisses(pub Vec<(&'static str, aya::programs::ProgramFd)>);
+
+impl fmt::Debug for RecursionMisses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RecursionMisses")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookOnly {
+    hook: &'static str,
+}
+
+impl prometheus_client::collector::Collector for RecursionMisses {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "keepalive_agent_program_recursion_misses",
+            "Hook hits the kernel did not run the agent's program for, because it was already running on that CPU (bpf_prog_info.recursion_misses; absent before 5.12): events no counter saw",
+            None,
+            MetricType::Counter,
+        )?;
+        for (hook, fd) in &self.0 {
+            match crate::kernel::programs::recursion_misses(fd) {
+                Ok(Some(misses)) => {
+                    ConstCounter::new(misses).encode(family.encode_family(&HookOnly { hook })?)?
+                }
+                Ok(None) => {}
+                Err(err) => log::warn!("cannot read the kernel's run counts of {hook}: {err}"),
+            }
+        }
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError},
+    programs::{BtfTracePoint, ProgramError, ProgramFd},
 };
 use keepalive_ebpf::{NetnsCounters, NetnsKey, SNAPSHOT_SCRATCH_BYTES, names};
 use log::{info, warn};
@@ -115,12 +115,52 @@ pub enum ProgramsError {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct HookStatus {
     pub hook: Hook,
     pub attached: bool,
     /// Why it did not attach.
     pub(crate) error: Option<String>,
+    /// The attached program, for what the kernel counts of its runs ([`recursion_misses`]).
+    pub(crate) program: Option<ProgramFd>,
+}
+
+/// How many times the kernel skipped the program behind `fd` because it was already running on
+/// that CPU (`bpf_prog_info.recursion_misses`, 5.12+): hook hits it never saw. `None` on
+/// kernels that do not report it.
+pub fn recursion_misses(fd: &ProgramFd) -> std::io::Result<Option<u64>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    // `struct bpf_prog_info` up to `recursion_misses` (byte 208, added in 5.12): the kernel
+    // fills what it has of the length given and reports how much that was.
+    const RECURSION_MISSES: usize = 208 / 8;
+    // `enum bpf_cmd` in include/uapi/linux/bpf.h (the libc crate does not have it).
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let mut info = [0u64; RECURSION_MISSES + 1];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_fd().as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: BPF_OBJ_GET_INFO_BY_FD writes at most `info_len` bytes to `info`, which is that
+    // long, and its attribute is `attr`, passed with its size.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(((attr.info_len as usize) > RECURSION_MISSES * 8).then_some(info[RECURSION_MISSES]))
 }
 
 pub struct KernelPrograms {
@@ -135,10 +175,12 @@ pub struct KernelPrograms {
     pub netns_counters: NetnsCounterMaps,
 }
 
-/// [`names::NETNS_COUNTERS_MAP`] and [`names::NETNS_COUNTERS_FULL_MAP`].
+/// [`names::NETNS_COUNTERS_MAP`], [`names::NETNS_COUNTERS_FULL_MAP`] and
+/// [`names::UNCOUNTED_MAP`].
 pub struct NetnsCounterMaps {
     pub counters: HashMap<MapData, NetnsKey, NetnsCounters>,
     pub full: PerCpuArray<MapData, u64>,
+    pub uncounted: PerCpuArray<MapData, u64>,
 }
 
 impl KernelPrograms {
@@ -228,10 +270,15 @@ pub(crate) fn load(
                     "attached {} as {PROGRAM_TYPE} with {} ({}): {}",
                     hook.tracepoint, variant.program, variant.why, hook.role
                 );
+                let program = ebpf
+                    .program(variant.program)
+                    .and_then(|program| program.fd().ok())
+                    .and_then(|fd| fd.try_clone().ok());
                 hooks.push(HookStatus {
                     hook,
                     attached: true,
                     error: None,
+                    program,
                 });
             }
             Err(err) if !hook.required => {
@@ -240,6 +287,7 @@ pub(crate) fn load(
                     hook,
                     attached: false,
                     error: Some(err.to_string()),
+                    program: None,
                 });
             }
             Err(err) => return Err(err),
@@ -257,13 +305,18 @@ pub(crate) fn load(
     let reserve_failures = take_map(&mut ebpf, names::RESERVE_FAILURES_MAP)?;
     let counters = take_map(&mut ebpf, names::NETNS_COUNTERS_MAP)?;
     let full = take_map(&mut ebpf, names::NETNS_COUNTERS_FULL_MAP)?;
+    let uncounted = take_map(&mut ebpf, names::UNCOUNTED_MAP)?;
     Ok(KernelPrograms {
         ebpf,
         hooks,
         audit,
         events,
         reserve_failures,
-        netns_counters: NetnsCounterMaps { counters, full },
+        netns_counters: NetnsCounterMaps {
+            counters,
+            full,
+            uncounted,
+        },
     })
 }
 

@@ -10,12 +10,14 @@ use std::{
 };
 
 use aya::maps::{self, MapData, MapError, PerCpuArray};
-use keepalive_ebpf::{NetnsCounters, NetnsKey};
+use keepalive_ebpf::{NetnsCounters, NetnsKey, Uncounted};
 
 /// The two maps, behind locks so scrapes and the retention sweep can share them.
 pub(crate) struct NetnsCounterMaps {
     counters: Mutex<maps::HashMap<MapData, NetnsKey, NetnsCounters>>,
     full: Mutex<PerCpuArray<MapData, u64>>,
+    /// Events the programs saw but could not count, by [`Uncounted`].
+    uncounted: Mutex<PerCpuArray<MapData, u64>>,
     /// When each entry's activity last changed, for [`Self::expire`] and to tell a live
     /// namespace's entry from a dead one's on the same inode.
     activity: Mutex<HashMap<NetnsKey, (u64, Instant)>>,
@@ -34,10 +36,12 @@ impl NetnsCounterMaps {
     pub(crate) fn new(
         counters: maps::HashMap<MapData, NetnsKey, NetnsCounters>,
         full: PerCpuArray<MapData, u64>,
+        uncounted: PerCpuArray<MapData, u64>,
     ) -> Self {
         Self {
             counters: Mutex::new(counters),
             full: Mutex::new(full),
+            uncounted: Mutex::new(uncounted),
             activity: Mutex::default(),
             current_cookie: Mutex::default(),
         }
@@ -92,6 +96,15 @@ impl NetnsCounterMaps {
     pub(crate) fn full(&self) -> Result<u64, MapError> {
         let full = self.full.lock().expect("counters lock poisoned");
         Ok(full.get(&0, 0)?.iter().sum())
+    }
+
+    /// Events the programs could not add to the totals, by cause, summed over CPUs.
+    pub(crate) fn uncounted(&self) -> Result<Vec<(Uncounted, u64)>, MapError> {
+        let uncounted = self.uncounted.lock().expect("uncounted lock poisoned");
+        Uncounted::ALL
+            .iter()
+            .map(|&why| Ok((why, uncounted.get(&(why as u32), 0)?.iter().sum())))
+            .collect()
     }
 
     /// Deletes the entries of the namespaces that held `inode` before the one with cookie

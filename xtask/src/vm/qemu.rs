@@ -18,6 +18,9 @@ pub(super) struct Guest {
     pub seconds: f64,
     /// Set when qemu did not power off by itself: killed at the deadline, or failed to start.
     pub problem: Option<String>,
+    /// Set when the first boot died of a kernel text-patching trap and the kernel was booted
+    /// again: what the first boot's console showed, and where it was kept.
+    pub first_boot: Option<String>,
 }
 
 /// Boots every kernel with `initrd`, `jobs` guests at a time; results in the kernels' order.
@@ -71,6 +74,42 @@ pub(super) fn run_all(
 }
 
 fn boot(kernel: &Kernel, initrd: &Path, work: &Path, timeout: Duration) -> Guest {
+    let guest = boot_once(kernel, initrd, work, timeout);
+    let Some(trap) = text_patching_trap(&guest.console) else {
+        return guest;
+    };
+    // Enabling a tracepoint rewrites a jump in kernel text while other CPUs run it, through a
+    // temporary int3 that the kernel's handler must recognise. Under TCG a vCPU has been seen
+    // to hit that int3 after the kernel stopped expecting it (6.12.111, call_timer_fn, once in
+    // several runs), which panics the guest before any scenario runs. That is the emulator and
+    // the kernel's patching, not the agent's programs: boot once more, and say so in the report.
+    let kept = guest.console_path.with_extension("first-boot.log");
+    let _ = std::fs::rename(&guest.console_path, &kept);
+    println!(
+        "guest {} ({}): {trap}; booting it again",
+        kernel.id, kernel.release
+    );
+    let mut again = boot_once(kernel, initrd, work, timeout);
+    again.first_boot = Some(format!("{trap} (console kept in {})", kept.display()));
+    again
+}
+
+/// A kernel oops on an int3 trap outside any BPF program (JIT padding is int3 too, so a trap
+/// inside a program is the agent's and is never retried): the RIP line that names where.
+fn text_patching_trap(console: &str) -> Option<String> {
+    let mut lines = console.lines().skip_while(|l| !l.contains("Oops: int3"));
+    lines.next()?;
+    let rip = lines.find(|l| l.contains("RIP:"))?;
+    let at = rip.split_once("RIP:")?.1.trim();
+    if at.contains("bpf_prog") {
+        return None;
+    }
+    Some(format!(
+        "first boot panicked: int3 trap in kernel text at {at}"
+    ))
+}
+
+fn boot_once(kernel: &Kernel, initrd: &Path, work: &Path, timeout: Duration) -> Guest {
     let console_path = work.join(format!("{}.console.log", kernel.id));
     let started = Instant::now();
     let problem = match run_qemu(kernel, initrd, &console_path, timeout) {
@@ -85,6 +124,7 @@ fn boot(kernel: &Kernel, initrd: &Path, work: &Path, timeout: Duration) -> Guest
         console_path,
         seconds: started.elapsed().as_secs_f64(),
         problem,
+        first_boot: None,
     }
 }
 
@@ -141,5 +181,28 @@ fn run_qemu(
             )));
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::text_patching_trap;
+
+    #[test]
+    fn only_an_int3_trap_outside_bpf_programs_is_a_text_patching_trap() {
+        let patching = "[ 8.0] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n[ 8.0] CPU: 1\n\
+                        [ 8.0] RIP: 0010:call_timer_fn+0x1d/0x120\n";
+        assert_eq!(
+            text_patching_trap(patching).as_deref(),
+            Some("first boot panicked: int3 trap in kernel text at 0010:call_timer_fn+0x1d/0x120")
+        );
+        let in_program =
+            "Oops: int3: 0000 [#1]\nRIP: 0010:bpf_prog_1234_timer_expire_en+0x40/0x90\n";
+        assert_eq!(text_patching_trap(in_program), None);
+        assert_eq!(
+            text_patching_trap("BUG: kernel NULL pointer dereference\nRIP: 0010:x\n"),
+            None
+        );
+        assert_eq!(text_patching_trap("KAT-DONE 11 11\n"), None);
     }
 }

@@ -192,6 +192,9 @@ impl<'a> Matrix<'a> {
                 row.guest.seconds
             );
             let _ = writeln!(out, "  {}; {}", k.facts.timer_layout(), k.facts.hooks());
+            if let Some(first_boot) = &row.guest.first_boot {
+                let _ = writeln!(out, "  booted twice: {first_boot}");
+            }
             let _ = writeln!(
                 out,
                 "  check --load: {} (exit {})",
@@ -275,7 +278,12 @@ impl<'a> Matrix<'a> {
                 k.facts.timer_layout().trim_start_matches("BTF: "),
                 row.console.hooks_summary(&row.kernel.facts),
                 if row.problems.is_empty() {
-                    "all scenarios equal the kernel".to_owned()
+                    match row.guest.first_boot {
+                        Some(_) => "all scenarios equal the kernel (booted twice: the first \
+                                    boot panicked in kernel text patching)"
+                            .to_owned(),
+                        None => "all scenarios equal the kernel".to_owned(),
+                    }
                 } else {
                     format!("**{} problem(s)**", row.problems.len())
                 }
@@ -432,6 +440,7 @@ mod tests {
             console_path: "x".into(),
             seconds: 0.0,
             problem: None,
+            first_boot: None,
         };
         let p = problems(&c, &guest, &facts);
         assert_eq!(p.len(), 3, "{p:?}");
