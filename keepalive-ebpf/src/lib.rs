@@ -732,16 +732,17 @@ pub enum Uncounted {
     /// At exit the socket no longer held the connection seen at entry (freed and reused while
     /// the timer ran), so the probes it sent could not be counted.
     ExpiryUnverified = 2,
-    /// A close found both per-CPU socket copies taken.
-    CloseCopyBusy = 3,
-    /// A close whose socket could not be read.
-    CloseUnreadable = 4,
     /// The exit program ran for a keepalive expiry the entry program was not run for (the
     /// kernel skipped it): whatever that expiry sent went uncounted.
-    ExpiryEntryMissed = 5,
+    ExpiryEntryMissed = 3,
+    /// A close found both per-CPU socket copies taken.
+    CloseCopyBusy = 4,
+    /// A close whose socket could not be read.
+    CloseUnreadable = 5,
 }
 
 impl Uncounted {
+    /// In value order: `ALL[u as usize] == u`.
     pub const ALL: [Uncounted; 6] = [
         Uncounted::ExpiryCopyBusy,
         Uncounted::ExpiryUnreadable,

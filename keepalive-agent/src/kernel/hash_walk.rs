@@ -16,7 +16,10 @@ use aya::{
 };
 use keepalive_ebpf::{AuditCursor, names};
 
-use crate::kernel::maps::{TakeMapError, take_map};
+use crate::kernel::{
+    bpf_syscall::{BPF_PROG_TEST_RUN, bpf},
+    maps::{TakeMapError, take_map},
+};
 
 /// What a kernel needs for the walk, for `check` and the start-up log.
 pub(crate) const DESCRIPTION: &str = "a walk of the kernel's TCP hash tables (tcp_hashinfo: \
@@ -103,8 +106,6 @@ struct TestRunAttr {
     cpu: u32,
 }
 
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
 impl HashWalk {
     /// One run from `cursor`: returns the cursor as the program left it. The records it wrote
     /// are in [`Self::records`].
@@ -116,17 +117,7 @@ impl HashWalk {
         };
         // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix of the size passed, alive for
         // the call; a raw tracepoint test run reads no other memory (no context, no data).
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                &raw mut attr,
-                std::mem::size_of::<TestRunAttr>(),
-            )
-        };
-        if ret < 0 {
-            return Err(RunError::TestRun(io::Error::last_os_error()));
-        }
+        unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.map_err(RunError::TestRun)?;
         self.cursor.get(&0, 0).map_err(RunError::GetCursor)
     }
 }

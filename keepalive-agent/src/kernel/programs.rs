@@ -14,6 +14,7 @@ use log::{info, warn};
 
 pub use crate::kernel::hooks::{HOOKS, Hook};
 use crate::kernel::{
+    bpf_syscall::{BPF_OBJ_GET_INFO_BY_FD, bpf},
     hash_walk::{self, HashWalk},
     kallsyms::TimerFunctions,
     layout::KernelLayout,
@@ -133,8 +134,6 @@ pub fn recursion_misses(fd: &ProgramFd) -> std::io::Result<Option<u64>> {
     // `struct bpf_prog_info` up to `recursion_misses` (byte 208, added in 5.12): the kernel
     // fills what it has of the length given and reports how much that was.
     const RECURSION_MISSES: usize = 208 / 8;
-    // `enum bpf_cmd` in include/uapi/linux/bpf.h (the libc crate does not have it).
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     let mut info = [0u64; RECURSION_MISSES + 1];
     #[repr(C)]
     struct InfoAttr {
@@ -147,19 +146,9 @@ pub fn recursion_misses(fd: &ProgramFd) -> std::io::Result<Option<u64>> {
         info_len: std::mem::size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: BPF_OBJ_GET_INFO_BY_FD writes at most `info_len` bytes to `info`, which is that
-    // long, and its attribute is `attr`, passed with its size.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw mut attr,
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: `attr` is `union bpf_attr`'s `info` member; the kernel writes at most `info_len`
+    // bytes to `info`, which is that long.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(((attr.info_len as usize) > RECURSION_MISSES * 8).then_some(info[RECURSION_MISSES]))
 }
 

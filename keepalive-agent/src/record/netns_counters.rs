@@ -255,6 +255,16 @@ fn sweep(
 mod tests {
     use super::*;
 
+    #[test]
+    fn uncounted_causes_index_the_map_in_value_order_with_distinct_labels() {
+        let mut labels = std::collections::HashSet::new();
+        for (index, why) in Uncounted::ALL.into_iter().enumerate() {
+            assert_eq!(why as usize, index, "{why:?}");
+            assert!(labels.insert((why.event(), why.cause())), "{why:?}");
+        }
+        assert_eq!(Uncounted::COUNT as usize, labels.len());
+    }
+
     const INODE: u32 = 4026532300;
 
     fn key(inum: u32, cookie: u64) -> NetnsKey {
