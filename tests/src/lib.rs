@@ -28,7 +28,7 @@ use anyhow::bail;
 
 pub use agent::{Agent, AgentEndpoint, NeverMatched, agent_bin, free_loopback_port, http_get};
 pub use expect::{DROP_REASONS, Expectations};
-pub use metrics::{Metrics, Sample};
+pub use metrics::{Metrics, Sample, UNCOUNTED_METRICS};
 pub use netns::{Netns, NftRule, TcpExt};
 pub use sock::{
     Conn, TCP_CLOSE, TCP_ESTABLISHED, TcpPair, accept_incoming_again, connect_deaf,

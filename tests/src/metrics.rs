@@ -28,6 +28,13 @@ impl Sample {
     }
 }
 
+/// The agent's counts of events its kernel programs saw but could not add to the totals, and
+/// of program runs the kernel skipped.
+pub const UNCOUNTED_METRICS: [&str; 2] = [
+    "keepalive_agent_kernel_uncounted_total",
+    "keepalive_agent_program_recursion_misses_total",
+];
+
 /// A parsed scrape.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
@@ -52,6 +59,30 @@ impl Metrics {
             samples,
             raw: text.to_owned(),
         })
+    }
+
+    /// Every series of `names` that is higher here than in `before` (0 where `before` lacks
+    /// it), as its label values and the increase, or "none".
+    pub fn growth_since(&self, before: &Metrics, names: &[&str]) -> String {
+        let mut grew = Vec::new();
+        for &name in names {
+            for sample in self.samples(name) {
+                let was = before
+                    .samples(name)
+                    .into_iter()
+                    .find(|b| b.labels == sample.labels)
+                    .map_or(0.0, |b| b.value);
+                if sample.value > was {
+                    let labels: Vec<&str> = sample.labels.iter().map(|(_, v)| v.as_str()).collect();
+                    grew.push(format!("{} {}", labels.join(" "), sample.value - was));
+                }
+            }
+        }
+        if grew.is_empty() {
+            "none".to_owned()
+        } else {
+            grew.join(", ")
+        }
     }
 
     /// Every sample of metric `name` (the full sample name, e.g. `tcp_keepalive_probes_total`).

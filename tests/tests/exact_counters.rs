@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use keepalive_tests::{
-    DEADLINE, Expectations, Metrics, Netns, TCP_CLOSE, TestEnv, disable_keepalive, set_keepalive,
-    so_error, tcp_state, wait_until,
+    DEADLINE, Expectations, Metrics, Netns, TCP_CLOSE, TestEnv, UNCOUNTED_METRICS,
+    disable_keepalive, set_keepalive, so_error, tcp_state, wait_until,
 };
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -114,7 +114,10 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
 
     // On a mismatch, say which of the programs' own loss counts moved: the failure names its cause.
     let uncounted_now = || match env.agent().map(|agent| agent.scrape()) {
-        Some(Ok(metrics)) => uncounted_and_misses(&metrics),
+        Some(Ok(metrics)) => format!(
+            "uncounted by the kernel programs: {}",
+            metrics.growth_since(&Metrics::default(), &UNCOUNTED_METRICS)
+        ),
         Some(Err(err)) => format!("(no scrape: {err:#})"),
         None => String::new(),
     };
@@ -139,7 +142,10 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
         let lost =
             metrics.value::<&str, &str>("keepalive_agent_ringbuf_reserve_failures_total", &[]);
         eprintln!("{test}: agent: {lost} records lost in the one-page ring buffer");
-        eprintln!("{test}: agent: {}", uncounted_and_misses(&metrics));
+        eprintln!(
+            "{test}: agent: uncounted by the kernel programs: {}",
+            metrics.growth_since(&Metrics::default(), &UNCOUNTED_METRICS)
+        );
         // The totals matched, so nothing may have gone uncounted (a cause counted here would be
         // offset by a count in the wrong place).
         let uncounted = metrics.samples("keepalive_agent_kernel_uncounted_total");
@@ -159,27 +165,4 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
         );
     }
     Ok(())
-}
-
-/// The agent's counts of events its programs saw but could not count, and of program runs the
-/// kernel skipped, every non-zero series by its labels.
-fn uncounted_and_misses(metrics: &Metrics) -> String {
-    let mut out = String::from("uncounted by the kernel programs:");
-    for name in [
-        "keepalive_agent_kernel_uncounted_total",
-        "keepalive_agent_program_recursion_misses_total",
-    ] {
-        let samples = metrics.samples(name);
-        let nonzero: Vec<String> = samples
-            .iter()
-            .filter(|sample| sample.value != 0.0)
-            .map(|sample| format!("{}{:?}={}", name, sample.labels, sample.value))
-            .collect();
-        if nonzero.is_empty() {
-            out.push_str(&format!(" {name} all 0 ({} series);", samples.len()));
-        } else {
-            out.push_str(&format!(" {};", nonzero.join(", ")));
-        }
-    }
-    out
 }

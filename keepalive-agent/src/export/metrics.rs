@@ -608,11 +608,6 @@ impl fmt::Debug for RecursionMisses {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HookOnly {
-    hook: &'static str,
-}
-
 impl prometheus_client::collector::Collector for RecursionMisses {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let mut family = encoder.encode_descriptor(
@@ -624,7 +619,7 @@ impl prometheus_client::collector::Collector for RecursionMisses {
         for (hook, fd) in &self.0 {
             match crate::kernel::programs::recursion_misses(fd) {
                 Ok(Some(misses)) => {
-                    ConstCounter::new(misses).encode(family.encode_family(&HookOnly { hook })?)?
+                    ConstCounter::new(misses).encode(family.encode_family(&[("hook", *hook)])?)?
                 }
                 Ok(None) => {}
                 Err(err) => log::warn!("cannot read the kernel's run counts of {hook}: {err}"),

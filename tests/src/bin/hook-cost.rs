@@ -46,7 +46,8 @@ use keepalive_agent::kernel::programs::{
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
-    Agent, Metrics, Netns, agent::vm_rss_kib, set_keepalive, set_linger_zero, setsockopt_int,
+    Agent, Netns, UNCOUNTED_METRICS, agent::vm_rss_kib, set_keepalive, set_linger_zero,
+    setsockopt_int,
 };
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -373,10 +374,9 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     let netns = ns.inum().to_string();
     let labels = [("netns", netns.as_str())];
     let kernel_before = ns.tcp_ext()?.get("TCPKeepAlive");
-    let scrape = agent.scrape()?;
-    let agent_before = scrape.value("tcp_keepalive_probes_total", &labels);
-    let misses_before = scrape.clone();
-    let lost_before = scrape.value(
+    let before = agent.scrape()?;
+    let agent_before = before.value("tcp_keepalive_probes_total", &labels);
+    let lost_before = before.value(
         "keepalive_agent_ringbuf_reserve_failures_total",
         &[] as &[(&str, &str)],
     );
@@ -435,36 +435,9 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         "| {total} | {kernel} | {probes} | {:.2} % | {lost} | {cpu} | {} MiB | {} |",
         (kernel as f64 - probes) / kernel.max(1) as f64 * 100.0,
         rss / 1024,
-        uncounted_between(&misses_before, &scrape)
+        scrape.growth_since(&before, &UNCOUNTED_METRICS)
     );
     Ok(())
-}
-
-/// What the agent's programs saw but could not count, and the runs of them the kernel skipped,
-/// between two scrapes: every series that grew, by its label values, or "none".
-fn uncounted_between(before: &Metrics, after: &Metrics) -> String {
-    let mut grew = Vec::new();
-    for name in [
-        "keepalive_agent_kernel_uncounted_total",
-        "keepalive_agent_program_recursion_misses_total",
-    ] {
-        for sample in after.samples(name) {
-            let was = before
-                .samples(name)
-                .into_iter()
-                .find(|b| b.labels == sample.labels)
-                .map_or(0.0, |b| b.value);
-            if sample.value > was {
-                let labels: Vec<&str> = sample.labels.iter().map(|(_, v)| v.as_str()).collect();
-                grew.push(format!("{} {}", labels.join(" "), sample.value - was));
-            }
-        }
-    }
-    if grew.is_empty() {
-        "none".to_owned()
-    } else {
-        grew.join(", ")
-    }
 }
 
 /// User plus system clock ticks of a process.
