@@ -29,6 +29,14 @@ enum Check {
         labels: Vec<(String, String)>,
         expected: f64,
     },
+    /// Sum of the matching samples is within `min..=max`; `why` explains the range.
+    Range {
+        name: &'static str,
+        labels: Vec<(String, String)>,
+        min: f64,
+        max: f64,
+        why: String,
+    },
     /// At least one matching sample exists.
     Present {
         name: &'static str,
@@ -79,6 +87,23 @@ impl Expectations {
     pub fn probes(self, n: u64) -> Self {
         let labels = self.ns_labels();
         self.value(PROBES, labels, n)
+    }
+
+    /// `tcp_keepalive_probes_total{netns}` == n, or up to `not_run` below it: probes sent in
+    /// keepalive expiries the kernel ran none of the agent's programs for (see
+    /// [`crate::tracepoint`]). Each such expiry sends at most one probe here (no urgent data).
+    pub fn probes_unless_not_run(mut self, n: u64, not_run: u64) -> Self {
+        if not_run == 0 {
+            return self.probes(n);
+        }
+        self.checks.push(Check::Range {
+            name: PROBES,
+            labels: self.ns_labels(),
+            min: n.saturating_sub(not_run) as f64,
+            max: n as f64,
+            why: format!("TCPKeepAlive {n}; {not_run} keepalive expiries ran no program"),
+        });
+        self
     }
 
     /// `tcp_connection_drops_total{netns,reason}` == n. The series must exist (every reason is
@@ -206,6 +231,21 @@ impl Expectations {
                         out.push(format!("{name}{}: {expected}, got {got}", fmt(&labels)));
                     }
                 }
+                Check::Range {
+                    name,
+                    labels,
+                    min,
+                    max,
+                    why,
+                } => {
+                    let got = m.value(name, &labels);
+                    if got < min || got > max {
+                        out.push(format!(
+                            "{name}{}: {min}..={max} ({why}), got {got}",
+                            fmt(&labels)
+                        ));
+                    }
+                }
                 Check::Present { name, labels } => {
                     if m.matching(name, &labels).is_empty() {
                         out.push(format!("{name}{}: present, got no series", fmt(&labels)));
@@ -282,5 +322,25 @@ mod tests {
                 .iter()
                 .any(|p| p.contains("reason=\"local_abort\""))
         );
+    }
+    #[test]
+    fn probes_may_fall_short_only_by_the_expiries_no_program_ran_for() {
+        let probes = |n: u32| {
+            Metrics::parse(&format!("tcp_keepalive_probes_total{{netns=\"42\"}} {n}\n"))
+                .expect("parse")
+        };
+        let e = Expectations::for_netns(42).probes_unless_not_run(100, 10);
+        for ok in [90, 95, 100] {
+            assert_eq!(e.mismatches(&probes(ok)), Vec::<String>::new(), "{ok}");
+        }
+        for bad in [89, 101] {
+            let problems = e.mismatches(&probes(bad));
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert!(problems[0].contains("90..=100"), "{problems:?}");
+            assert!(problems[0].contains("10 keepalive expiries ran no program"));
+        }
+        // Nothing the kernel left unrun: exact.
+        let exact = Expectations::for_netns(42).probes_unless_not_run(100, 0);
+        assert_eq!(exact.mismatches(&probes(99)).len(), 1);
     }
 }

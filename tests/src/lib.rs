@@ -18,6 +18,7 @@ pub mod expect;
 pub mod metrics;
 pub mod netns;
 pub mod sock;
+pub mod tracepoint;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -36,6 +37,7 @@ pub use sock::{
     set_keepalive, set_linger_zero, set_user_timeout, setsockopt_int, so_error, tcp_info,
     tcp_state, wait_closed,
 };
+pub use tracepoint::{ExpiriesNotRun, KeepaliveExpiryCount};
 
 /// How long any test waits for an expected state before failing.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -208,6 +210,40 @@ impl TestEnv {
     /// The agent, `None` in kernel-only mode.
     pub fn agent(&self) -> Option<&Agent> {
         self.agent.as_ref()
+    }
+
+    /// Starts counting the keepalive expiries the kernel runs none of the agent's programs for
+    /// (see [`tracepoint`]). `None` without an agent, or when perf or tracefs is not available
+    /// (said on stderr; the totals are then expected exact).
+    pub fn count_expiries_not_run(&self) -> Option<ExpiriesNotRun> {
+        let agent = self.agent.as_ref()?;
+        match ExpiriesNotRun::open(agent) {
+            Ok(window) => Some(window),
+            Err(err) => {
+                eprintln!(
+                    "{}: cannot count the expiries the kernel runs no program for ({err:#}); \
+                     the totals must be exact",
+                    self.test
+                );
+                None
+            }
+        }
+    }
+
+    /// What [`Self::count_expiries_not_run`] counted so far (0 without a count), said on
+    /// stderr when it is not 0.
+    pub fn expiries_not_run(&self, window: &Option<ExpiriesNotRun>) -> anyhow::Result<u64> {
+        let (Some(window), Some(agent)) = (window, &self.agent) else {
+            return Ok(0);
+        };
+        let not_run = window.close(agent)?;
+        if not_run > 0 {
+            eprintln!(
+                "{}: the kernel ran no program for {not_run} keepalive expiries that perf counted",
+                self.test
+            );
+        }
+        Ok(not_run)
     }
 
     /// Waits until the agent's metrics meet `expected` (no-op in kernel-only mode).

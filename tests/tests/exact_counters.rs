@@ -7,6 +7,11 @@
 //! - a namespace whose peers answer counts exactly its `TCPKeepAlive` probes (an answered
 //!   probe's ACK can zero `icsk_probes_out` before the timer's exit hook reads it; the probes
 //!   are counted from `tcp_sock.segs_out`, which no ACK resets).
+//!
+//! Exactly, unless the kernel ran none of the agent's programs for some keepalive expiries (it
+//! does, now and then, when hundreds of them fall in the same jiffy; `tests/src/tracepoint.rs`).
+//! A perf event on the same tracepoint counts those, and the probes may then fall short of
+//! `TCPKeepAlive` by at most that count: a shortfall the kernel does not explain still fails.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -34,6 +39,7 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
         return Ok(());
     };
 
+    let not_run = env.count_expiries_not_run();
     let dead = Netns::new("exact-dead")?;
     let dead_listener = dead.listen(V4)?;
     let dead_pairs = dead.connect_pairs(&dead_listener, BLACKHOLED)?;
@@ -112,6 +118,7 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
         live_ext.get(KEEPALIVE)
     );
 
+    let not_run = env.expiries_not_run(&not_run)?;
     // On a mismatch, say which of the programs' own loss counts moved: the failure names its cause.
     let uncounted_now = || match env.agent().map(|agent| agent.scrape()) {
         Some(Ok(metrics)) => format!(
@@ -124,7 +131,7 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
     env.expect_agent(
         "blackholed namespace",
         &Expectations::for_netns(dead.inum())
-            .probes(dead_ext.get(KEEPALIVE))
+            .probes_unless_not_run(dead_ext.get(KEEPALIVE), not_run)
             .drops("keepalive_timeout", dead_ext.get(ABORT_ON_TIMEOUT))
             .drops("reset_received", resets)
             .other_drops_zero(),
@@ -133,7 +140,7 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
     env.expect_agent(
         "answering namespace",
         &Expectations::for_netns(live.inum())
-            .probes(live_ext.get(KEEPALIVE))
+            .probes_unless_not_run(live_ext.get(KEEPALIVE), not_run)
             .other_drops_zero(),
     )
     .with_context(uncounted_now)?;

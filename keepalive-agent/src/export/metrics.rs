@@ -271,6 +271,8 @@ fn with_reason(labels: &AggregateLabels, reason: DropReason) -> AggregateLabels 
 
 const PROBES_NAME: &str = "tcp_keepalive_probes";
 const PROBES_HELP: &str = "TCP keepalive probes the kernel sent (tcp_write_wakeup from tcp_keepalive_timer), per network namespace";
+const EXPIRIES_NAME: &str = "tcp_keepalive_timer_expiries";
+const EXPIRIES_HELP: &str = "Runs of tcp_keepalive_timer the kernel programs saw, probing or not (the same timer ends FIN_WAIT2 of orphans), per network namespace";
 const DROPS_NAME: &str = "tcp_connection_drops";
 const DROPS_HELP: &str = "TCP connections the kernel ended abnormally, by reason";
 
@@ -299,6 +301,12 @@ impl prometheus_client::collector::Collector for KernelNamespaceCounters {
         for (netns, counters) in &totals {
             ConstCounter::new(counters.probes)
                 .encode(probes.encode_family(&NetnsLabels { netns: *netns })?)?;
+        }
+        let mut expiries =
+            encoder.encode_descriptor(EXPIRIES_NAME, EXPIRIES_HELP, None, MetricType::Counter)?;
+        for (netns, counters) in &totals {
+            ConstCounter::new(counters.expiries)
+                .encode(expiries.encode_family(&NetnsLabels { netns: *netns })?)?;
         }
         let mut drops =
             encoder.encode_descriptor(DROPS_NAME, DROPS_HELP, None, MetricType::Counter)?;

@@ -16,7 +16,8 @@
 //! 5. Synchronized keepalive: `--sync-connections` connections (several sizes, comma
 //!    separated) that start probing in the same second, every second, against answering peers,
 //!    for `--sync-seconds`: the namespace's `TCPKeepAlive` against the agent's probe total,
-//!    records lost, the agent's CPU and RSS; then each size again with the agent's process
+//!    the keepalive expiries a perf event on `timer_expire_entry` counted that no program of
+//!    the agent ran for, records lost, the agent's CPU and RSS; then each size again with the agent's process
 //!    stopped (SIGSTOP) while the connections probe, which its kernel programs do not notice.
 //!    The connections are held by child processes (this binary run with `--hold`), 6 000 pairs
 //!    each, under the per-process descriptor limit.
@@ -46,8 +47,8 @@ use keepalive_agent::kernel::programs::{
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
-    Agent, Netns, UNCOUNTED_METRICS, agent::vm_rss_kib, set_keepalive, set_linger_zero,
-    setsockopt_int,
+    Agent, ExpiriesNotRun, Netns, UNCOUNTED_METRICS, agent::vm_rss_kib, set_keepalive,
+    set_linger_zero, setsockopt_int,
 };
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -213,9 +214,9 @@ fn main() -> anyhow::Result<()> {
              probing (agent with default flags, --connections.max-tracked raised to the count)"
         );
         println!(
-            "| connections | TCPKeepAlive | agent probes | short | records lost | agent CPU (% of a core) | agent RSS | uncounted by the programs, skipped runs |"
+            "| connections | TCPKeepAlive | agent probes | short | expiries the kernel ran no program for | records lost | agent CPU (% of a core) | agent RSS | uncounted by the programs, skipped runs |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for &n in &sync_connections {
             synchronized(
                 n,
@@ -373,6 +374,8 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     }
     let netns = ns.inum().to_string();
     let labels = [("netns", netns.as_str())];
+    let not_run = ExpiriesNotRun::open(&agent)
+        .context("counting keepalive expiries with a perf event on timer_expire_entry")?;
     let kernel_before = ns.tcp_ext()?.get("TCPKeepAlive");
     let before = agent.scrape()?;
     let agent_before = before.value("tcp_keepalive_probes_total", &labels);
@@ -423,6 +426,7 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         "keepalive_agent_ringbuf_reserve_failures_total",
         &[] as &[(&str, &str)],
     ) - lost_before;
+    let not_run = not_run.close(&agent)?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = match during {
@@ -432,7 +436,7 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         AgentDuringSync::Stopped => "stopped".to_owned(),
     };
     println!(
-        "| {total} | {kernel} | {probes} | {:.2} % | {lost} | {cpu} | {} MiB | {} |",
+        "| {total} | {kernel} | {probes} | {:.2} % | {not_run} | {lost} | {cpu} | {} MiB | {} |",
         (kernel as f64 - probes) / kernel.max(1) as f64 * 100.0,
         rss / 1024,
         scrape.growth_since(&before, &UNCOUNTED_METRICS)
