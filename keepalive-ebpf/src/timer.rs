@@ -243,3 +243,30 @@ pub(crate) fn expiry_span_out(ctx: BtfTracePointContext) -> i32 {
     }
     0
 }
+
+/// Benchmarks only, never attached by the agent: see [`expiry_count_classic`].
+#[map]
+static EXPIRY_CLASSIC: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Benchmarks only, never attached by the agent: counts keepalive expiries as a classic
+/// (perf-event) tracepoint program. The kernel runs it from the tracepoint's perf probe, not as
+/// a raw-tracepoint probe like the agent's programs, and the bench compares the two counts with
+/// a perf counting event's (`cargo xtask bench`, synchronized rows). Written without aya's
+/// `#[tracepoint]`, whose wrapper returns 0: a classic tracepoint program returning 0 stops perf
+/// from counting the event, and the bench's perf count with it.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tracepoint/timer/timer_expire_entry")]
+pub(crate) fn expiry_count_classic(ctx: *mut core::ffi::c_void) -> u32 {
+    // `function` in the event's record: after the 8 bytes of common fields, `timer` and `now`
+    // (tracefs `events/timer/timer_expire_entry/format`, unchanged since 4.x).
+    // SAFETY: the verifier checks this context load against the record's size.
+    let function = unsafe { core::ptr::read_volatile(ctx.cast::<u8>().add(24).cast::<u64>()) };
+    // SAFETY: read of our own static (see `offset!`).
+    if function == unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_TIMER_FN) }
+        && let Some(count) = EXPIRY_CLASSIC.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
+        unsafe { *count += 1 };
+    }
+    1
+}

@@ -17,8 +17,8 @@ const EVENT: &str = "events/timer/timer_expire_entry/id";
 const PERF_TYPE_TRACEPOINT: u32 = 2;
 /// `PERF_ATTR_SIZE_VER0`: type, size, config, sample period, sample type, read format, flags.
 const ATTR_SIZE: u32 = 64;
-const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
-const PERF_EVENT_IOC_SET_FILTER: libc::c_ulong = 0x4008_2406;
+const PERF_EVENT_IOC_ENABLE: libc::Ioctl = 0x2400;
+const PERF_EVENT_IOC_SET_FILTER: libc::Ioctl = 0x4008_2406;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 
 /// Counts `timer_expire_entry` hits for `tcp_keepalive_timer` on every CPU from its creation.
@@ -142,9 +142,32 @@ impl ExpiriesNotRun {
 
     /// Expiries counted by perf since [`Self::open`] that the agent's programs did not see.
     pub fn close(&self, agent: &crate::Agent) -> anyhow::Result<u64> {
+        Ok(self.counts(agent)?.not_run())
+    }
+
+    /// Both counts since [`Self::open`].
+    pub fn counts(&self, agent: &crate::Agent) -> anyhow::Result<ExpiryCounts> {
         let seen = agent.scrape()?.value(EXPIRIES, &[] as &[(&str, &str)]) - self.seen_before;
-        let hits = self.count.read()? as f64;
-        Ok((hits - seen).max(0.0) as u64)
+        let hits = self.count.read()?;
+        Ok(ExpiryCounts {
+            hits,
+            seen: seen.max(0.0) as u64,
+        })
+    }
+}
+
+/// Keepalive expiries over one window.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpiryCounts {
+    /// Counted by the perf event: every one the kernel ran.
+    pub hits: u64,
+    /// Seen by the agent's programs.
+    pub seen: u64,
+}
+
+impl ExpiryCounts {
+    pub fn not_run(&self) -> u64 {
+        self.hits.saturating_sub(self.seen)
     }
 }
 

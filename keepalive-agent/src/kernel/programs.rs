@@ -75,6 +75,10 @@ pub const EXPIRY_SPAN_IN_PROGRAM: &str = "expiry_span_in";
 pub const EXPIRY_SPAN_OUT_PROGRAM: &str = "expiry_span_out";
 /// Benchmarks only: the per-CPU [`keepalive_ebpf::ExpirySpan`] sums.
 pub const EXPIRY_SPAN_MAP: &str = "EXPIRY_SPAN";
+/// Benchmarks only: keepalive expiries counted by a classic (perf-event) tracepoint program on
+/// `timer:timer_expire_entry`, into the per-CPU `u64` of [`EXPIRY_CLASSIC_MAP`].
+pub const EXPIRY_CLASSIC_PROGRAM: &str = "expiry_count_classic";
+pub const EXPIRY_CLASSIC_MAP: &str = "EXPIRY_CLASSIC";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramsError {

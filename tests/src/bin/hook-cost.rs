@@ -17,7 +17,8 @@
 //!    separated) that start probing in the same second, every second, against answering peers,
 //!    for `--sync-seconds`: the namespace's `TCPKeepAlive` against the agent's probe total,
 //!    the keepalive expiries a perf event on `timer_expire_entry` counted that no program of
-//!    the agent ran for, records lost, the agent's CPU and RSS; then each size again with the agent's process
+//!    the agent ran for, and those a classic (perf-event) tracepoint program on the same hook
+//!    missed, records lost, the agent's CPU and RSS; then each size again with the agent's process
 //!    stopped (SIGSTOP) while the connections probe, which its kernel programs do not notice.
 //!    The connections are held by child processes (this binary run with `--hold`), 6 000 pairs
 //!    each, under the per-process descriptor limit.
@@ -40,10 +41,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::PerCpuArray;
-use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
+use aya::programs::{BtfTracePoint, ProgramInfo, TracePoint, loaded_programs};
 use keepalive_agent::kernel::programs::{
-    BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP,
-    EXPIRY_SPAN_OUT_PROGRAM, PROGRAMS_OBJECT,
+    BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_CLASSIC_MAP, EXPIRY_CLASSIC_PROGRAM,
+    EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP, EXPIRY_SPAN_OUT_PROGRAM, PROGRAMS_OBJECT,
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
@@ -214,9 +215,9 @@ fn main() -> anyhow::Result<()> {
              probing (agent with default flags, --connections.max-tracked raised to the count)"
         );
         println!(
-            "| connections | TCPKeepAlive | agent probes | short | expiries the kernel ran no program for | records lost | agent CPU (% of a core) | agent RSS | uncounted by the programs, skipped runs |"
+            "| connections | TCPKeepAlive | agent probes | short | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core) | agent RSS | uncounted by the programs, skipped runs |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for &n in &sync_connections {
             synchronized(
                 n,
@@ -374,8 +375,25 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     }
     let netns = ns.inum().to_string();
     let labels = [("netns", netns.as_str())];
+    // The same expiries counted by a classic tracepoint program, which the kernel runs from the
+    // tracepoint's perf probe rather than as a raw-tracepoint probe like the agent's.
+    let mut classic =
+        keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
+    let classic_counts: PerCpuArray<_, u64> = PerCpuArray::try_from(
+        classic
+            .take_map(EXPIRY_CLASSIC_MAP)
+            .context("classic count map missing from the object")?,
+    )?;
+    let classic_program: &mut TracePoint = classic
+        .program_mut(EXPIRY_CLASSIC_PROGRAM)
+        .context("classic tracepoint program missing from the object")?
+        .try_into()?;
+    classic_program.load()?;
+    classic_program.attach("timer", "timer_expire_entry")?;
+    let classic_total = || -> anyhow::Result<u64> { Ok(classic_counts.get(&0, 0)?.iter().sum()) };
     let not_run = ExpiriesNotRun::open(&agent)
         .context("counting keepalive expiries with a perf event on timer_expire_entry")?;
+    let classic_before = classic_total()?;
     let kernel_before = ns.tcp_ext()?.get("TCPKeepAlive");
     let before = agent.scrape()?;
     let agent_before = before.value("tcp_keepalive_probes_total", &labels);
@@ -426,7 +444,11 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         "keepalive_agent_ringbuf_reserve_failures_total",
         &[] as &[(&str, &str)],
     ) - lost_before;
-    let not_run = not_run.close(&agent)?;
+    let counts = not_run.counts(&agent)?;
+    let classic_missed = counts
+        .hits
+        .saturating_sub(classic_total()? - classic_before);
+    let not_run = counts.not_run();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = match during {
@@ -436,7 +458,7 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         AgentDuringSync::Stopped => "stopped".to_owned(),
     };
     println!(
-        "| {total} | {kernel} | {probes} | {:.2} % | {not_run} | {lost} | {cpu} | {} MiB | {} |",
+        "| {total} | {kernel} | {probes} | {:.2} % | {not_run} | {classic_missed} | {lost} | {cpu} | {} MiB | {} |",
         (kernel as f64 - probes) / kernel.max(1) as f64 * 100.0,
         rss / 1024,
         scrape.growth_since(&before, &UNCOUNTED_METRICS)
