@@ -11,6 +11,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, bail};
+use keepalive_agent::kernel::kallsyms::TimerFunctions;
 
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 const EVENT: &str = "events/timer/timer_expire_entry/id";
@@ -32,7 +33,8 @@ impl KeepaliveExpiryCount {
     /// the tracepoint's id.
     pub fn start() -> anyhow::Result<Self> {
         let id = tracepoint_id()?;
-        let function = keepalive_timer_address()?;
+        // The address the agent's programs filter on, read the way the agent reads it.
+        let function = TimerFunctions::from_proc()?.keepalive;
         let filter = std::ffi::CString::new(format!("function == 0x{function:x}"))?;
         // SAFETY: sysconf has no preconditions.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as i32;
@@ -103,23 +105,6 @@ fn tracepoint_id() -> anyhow::Result<u64> {
         }
     }
     bail!("tracefs is not mounted (no {EVENT} under {TRACEFS:?})")
-}
-
-fn keepalive_timer_address() -> anyhow::Result<u64> {
-    let kallsyms = std::fs::read_to_string("/proc/kallsyms")?;
-    for line in kallsyms.lines() {
-        let mut fields = line.split_whitespace();
-        if let (Some(addr), Some(_), Some("tcp_keepalive_timer")) =
-            (fields.next(), fields.next(), fields.next())
-        {
-            let addr = u64::from_str_radix(addr, 16)?;
-            if addr == 0 {
-                bail!("/proc/kallsyms hides addresses (kernel.kptr_restrict): run as root");
-            }
-            return Ok(addr);
-        }
-    }
-    bail!("tcp_keepalive_timer is not in /proc/kallsyms")
 }
 
 /// Keepalive expiries the kernel ran none of the agent's programs for, over a window: the perf

@@ -3,7 +3,7 @@
 use std::{io, path::Path};
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum KallsymsError {
+pub enum KallsymsError {
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
@@ -22,7 +22,7 @@ pub(crate) enum KallsymsError {
 
 /// Callback addresses as `timer_list.function` holds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TimerFunctions {
+pub struct TimerFunctions {
     pub keepalive: u64,
     pub write: u64,
 }
@@ -31,7 +31,7 @@ pub(crate) const KEEPALIVE_TIMER: &str = "tcp_keepalive_timer";
 pub(crate) const WRITE_TIMER: &str = "tcp_write_timer";
 
 impl TimerFunctions {
-    pub(crate) fn from_proc() -> Result<Self, KallsymsError> {
+    pub fn from_proc() -> Result<Self, KallsymsError> {
         Self::from_file(Path::new("/proc/kallsyms"))
     }
 

@@ -10,7 +10,7 @@ pub(crate) mod bpf_syscall;
 pub mod hash_walk;
 pub(crate) mod hooks;
 pub(crate) mod hz;
-pub(crate) mod kallsyms;
+pub mod kallsyms;
 pub(crate) mod layout;
 pub mod maps;
 pub mod programs;
