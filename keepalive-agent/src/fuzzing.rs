@@ -14,17 +14,25 @@ use crate::{
 /// whatever else runs in the kernel's name), then what the pipeline makes of a decoded one: the
 /// drop classification, the event stream line and the `watch` line.
 pub fn ring_record(bytes: &[u8]) {
-    // Exactly one record's size, so the fuzzer spends its time on the fields.
+    // Exactly one of the three sizes a record has (picked by the first byte), so the fuzzer
+    // spends its time on the fields.
+    let sizes = [
+        keepalive_ebpf::SocketRecord::SIZE,
+        keepalive_ebpf::ExpiryRecord::IPV4_BYTES,
+        keepalive_ebpf::ExpiryRecord::IPV6_BYTES,
+    ];
+    let size = sizes[usize::from(bytes.first().copied().unwrap_or(0)) % sizes.len()];
     let mut record = [0u8; keepalive_ebpf::SocketRecord::SIZE];
-    let n = bytes.len().min(record.len());
+    let record = &mut record[..size];
+    let n = bytes.len().min(size);
     record[..n].copy_from_slice(&bytes[..n]);
-    if bytes.len() != record.len() {
+    if !sizes.contains(&bytes.len()) {
         assert!(
             decoder::decode(bytes).is_err(),
             "a record of the wrong size decoded"
         );
     }
-    let Ok(event) = decoder::decode(&record) else {
+    let Ok(event) = decoder::decode(record) else {
         return;
     };
     let hz = [100, 250, 300, 1000, 1024][usize::from(record[0]) % 5];

@@ -681,14 +681,8 @@ mod tests {
         rec
     }
 
-    fn bytes(rec: &SocketRecord) -> Vec<u8> {
-        // SAFETY: SocketRecord is plain data without padding.
-        unsafe { std::slice::from_raw_parts((&raw const *rec).cast::<u8>(), SocketRecord::SIZE) }
-            .to_vec()
-    }
-
     fn record_bytes(kind: RecordKind, before: u8, after: u8, flags: u8) -> Vec<u8> {
-        bytes(&record(kind, before, after, flags))
+        decoder::encode(&record(kind, before, after, flags))
     }
 
     fn pipeline_with_table() -> (Pipeline, Arc<Mutex<ConnectionTable>>, PipelineMetrics) {
@@ -749,11 +743,11 @@ mod tests {
         for n in 0..probes {
             let mut rec = record(RecordKind::KeepaliveTimer, n, n + 1, 0);
             (rec.netns_cookie, rec.sk) = (cookie, sk);
-            pipeline.handle(&bytes(&rec));
+            pipeline.handle(&decoder::encode(&rec));
         }
         let mut close = record(RecordKind::Close, probes, 0, record_flags::RESET_SENT);
         (close.netns_cookie, close.sk) = (cookie, sk);
-        pipeline.handle(&bytes(&close));
+        pipeline.handle(&decoder::encode(&close));
     }
 
     #[test]
@@ -771,7 +765,7 @@ mod tests {
         // Namespace 100 is deleted; namespace 200 gets its inode and idles once (no probe).
         let mut idle = record(RecordKind::KeepaliveTimer, 0, 0, 0);
         (idle.netns_cookie, idle.sk) = (200, 2);
-        pipeline.handle(&bytes(&idle));
+        pipeline.handle(&decoder::encode(&idle));
         assert_eq!(probes_of(&metrics, NETNS), Some(0));
         for reason in DropReason::ALL {
             assert_eq!(drops_of(&metrics, NETNS, reason), Some(0), "{reason}");
@@ -817,7 +811,7 @@ mod tests {
         probes_then_timeout(&pipeline, 100, 1, 3);
         let mut other = record(RecordKind::KeepaliveTimer, 0, 1, 0);
         (other.netns, other.netns_cookie, other.sk) = (NETNS + 1, 101, 2);
-        pipeline.handle(&bytes(&other));
+        pipeline.handle(&decoder::encode(&other));
         assert_eq!(metrics.namespaces.get(), 2);
 
         let later = Instant::now() + Duration::from_secs(300);
@@ -848,7 +842,7 @@ mod tests {
         // Seen again later: its series come back at 0 and count from there.
         let mut again = record(RecordKind::KeepaliveTimer, 0, 1, 0);
         again.netns_cookie = 100;
-        pipeline.handle(&bytes(&again));
+        pipeline.handle(&decoder::encode(&again));
         assert_eq!(probes_of(&metrics, NETNS), Some(1));
         assert_eq!(
             drops_of(&metrics, NETNS, DropReason::KeepaliveTimeout),
@@ -1146,7 +1140,7 @@ mod tests {
             rec.flags &= !record_flags::KEEPALIVE_ON;
             rec.sk_err = libc::ECONNRESET;
             rec.drop_reason = DropReason::ResetReceived as u32;
-            pipeline.handle(&bytes(&rec));
+            pipeline.handle(&decoder::encode(&rec));
         }
         drop(pipeline);
         worker.join().unwrap();

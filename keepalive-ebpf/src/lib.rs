@@ -514,6 +514,148 @@ pub struct SocketRecord {
 
 impl SocketRecord {
     pub const SIZE: usize = core::mem::size_of::<Self>();
+
+    /// The keepalive settings the kernel applies: the socket's own, else the namespace's.
+    #[inline(always)]
+    pub fn idle_jiffies(&self) -> u32 {
+        if self.keepalive_time != 0 {
+            self.keepalive_time
+        } else {
+            self.sysctl_keepalive_time
+        }
+    }
+
+    #[inline(always)]
+    pub fn interval_jiffies(&self) -> u32 {
+        if self.keepalive_intvl != 0 {
+            self.keepalive_intvl
+        } else {
+            self.sysctl_keepalive_intvl
+        }
+    }
+
+    #[inline(always)]
+    pub fn probes(&self) -> u8 {
+        if self.keepalive_probes != 0 {
+            self.keepalive_probes
+        } else {
+            self.sysctl_keepalive_probes
+        }
+    }
+}
+
+/// One keepalive expiry as the timer's exit writes it to the ring buffer: only what the agent
+/// reads of an expiry, with the effective settings resolved in the kernel. The addresses come
+/// last and an IPv4 record stops after its 8 bytes of them, so an IPv4 expiry takes 88 bytes of
+/// the ring (80 and the ring's 8-byte header) where a [`SocketRecord`] takes 160: in a burst of
+/// tens of thousands of expiries in one jiffy, which the agent cannot drain while the timer
+/// softirq runs, the ring holds 1.8 times as many before it loses any.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpiryRecord {
+    /// As in [`SocketRecord`].
+    pub sk: u64,
+    pub ktime_ns: u64,
+    pub netns_cookie: u64,
+    pub cgroup_id: u64,
+    pub socket_ino: u64,
+    pub netns: u32,
+    /// Effective `TCP_KEEPIDLE`/`TCP_KEEPINTVL` in jiffies: the socket's own, else the
+    /// namespace's sysctl.
+    pub idle_jiffies: u32,
+    pub interval_jiffies: u32,
+    /// `icsk_user_timeout` (TCP_USER_TIMEOUT) in milliseconds; 0 = unset.
+    pub user_timeout_ms: u32,
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    /// Always [`RecordKind::KeepaliveTimer`].
+    pub kind: u8,
+    /// TCP state at timer entry.
+    pub state: u8,
+    /// As in [`SocketRecord`].
+    pub probes_out_before: u8,
+    pub probes_out_after: u8,
+    pub probes_sent: u8,
+    /// [`record_flags`].
+    pub flags: u8,
+    /// Effective `TCP_KEEPCNT`.
+    pub probes: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order. IPv4: local in bytes 0..4, remote in 4..8 (and the record ends
+    /// there); IPv6: local in 0..16, remote in 16..32.
+    pub addrs: [u8; 32],
+}
+
+impl ExpiryRecord {
+    pub const SIZE: usize = core::mem::size_of::<Self>();
+    /// Bytes of an IPv4 record in the ring buffer: up to the end of its two addresses.
+    pub const IPV4_BYTES: usize = Self::SIZE - 24;
+    pub const IPV6_BYTES: usize = Self::SIZE;
+
+    /// The record of the expiry whose entry snapshot is `rec`, with the values the exit read
+    /// (`probes_out_after`, `probes_sent`, `flags`) already in it. Addresses are copied as
+    /// 8-byte words: a copy of the byte arrays compiles to a byte loop on the BPF target.
+    #[inline(always)]
+    pub fn fill_from(&mut self, rec: &SocketRecord) {
+        self.sk = rec.sk;
+        self.ktime_ns = rec.ktime_ns;
+        self.netns_cookie = rec.netns_cookie;
+        self.cgroup_id = rec.cgroup_id;
+        self.socket_ino = rec.socket_ino;
+        self.netns = rec.netns;
+        self.idle_jiffies = rec.idle_jiffies();
+        self.interval_jiffies = rec.interval_jiffies();
+        self.user_timeout_ms = rec.user_timeout_ms;
+        self.local_port = rec.local_port;
+        self.remote_port = rec.remote_port;
+        self.family = rec.family;
+        self.kind = RecordKind::KeepaliveTimer as u8;
+        self.state = rec.state;
+        self.probes_out_before = rec.probes_out_before;
+        self.probes_out_after = rec.probes_out_after;
+        self.probes_sent = rec.probes_sent;
+        self.flags = rec.flags;
+        self.probes = rec.probes();
+        let from_local = (&raw const rec.local_addr).cast::<u64>();
+        let from_remote = (&raw const rec.remote_addr).cast::<u64>();
+        let to = (&raw mut self.addrs).cast::<u64>();
+        // SAFETY: both records are 8-byte aligned (they start with a u64) and every address
+        // field lies at a multiple of 8 (asserted below), so these are aligned word accesses
+        // inside the two records.
+        unsafe {
+            if rec.family == AF_INET6 {
+                to.write(from_local.read());
+                to.add(1).write(from_local.add(1).read());
+                to.add(2).write(from_remote.read());
+                to.add(3).write(from_remote.add(1).read());
+            } else {
+                let v4 = |from: *const u64| u64::from(from.cast::<u32>().read());
+                // Local in bytes 0..4 and remote in 4..8, as the kernel keeps them.
+                let (local, remote) = (v4(from_local), v4(from_remote));
+                let word = if cfg!(target_endian = "little") {
+                    local | remote << 32
+                } else {
+                    local << 32 | remote
+                };
+                to.write(word);
+                to.add(1).write(0);
+                to.add(2).write(0);
+                to.add(3).write(0);
+            }
+        }
+    }
+
+    /// How many of its bytes go into the ring buffer.
+    #[inline(always)]
+    pub fn ring_len(&self) -> usize {
+        if self.family == AF_INET6 {
+            Self::IPV6_BYTES
+        } else {
+            Self::IPV4_BYTES
+        }
+    }
 }
 
 /// Why a connection ended abnormally. The kernel counts every close by this (exact counters that
@@ -784,6 +926,7 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` data made only of integers, without implicit padding
     // (checked by the size assertion below).
     unsafe impl aya::Pod for super::SocketRecord {}
+    unsafe impl aya::Pod for super::ExpiryRecord {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::AuditCursor {}
     unsafe impl aya::Pod for super::NetnsKey {}
@@ -851,6 +994,10 @@ pub struct AuditCursor {
 }
 
 const _: () = assert!(SocketRecord::SIZE == 152);
+const _: () = assert!(ExpiryRecord::SIZE == 104);
+const _: () = assert!(core::mem::offset_of!(ExpiryRecord, addrs) == 72);
+const _: () = assert!(core::mem::offset_of!(SocketRecord, local_addr) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(SocketRecord, remote_addr) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<AuditCursor>() == 56);
 const _: () = assert!(core::mem::size_of::<NetnsKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NetnsCounters>() == 8 * (3 + DropReason::COUNT));

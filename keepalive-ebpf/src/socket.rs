@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use keepalive_ebpf::{
-    AF_INET6, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
+    AF_INET6, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
     SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
     SocketRecord, Uncounted, record_flags,
 };
@@ -473,11 +473,33 @@ pub(crate) fn zero_record(rec: *mut SocketRecord) {
     zero!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18);
 }
 
-/// Sends a record to the agent. Without a flag, each submit that finds the agent caught up
-/// queues an irq_work to wake it (an interrupt a hypervisor handles, per record under churn);
-/// instead records wait for the agent's poll timer until a quarter of the ring is unread.
+/// Sends a record to the agent.
 #[inline(always)]
 pub(crate) fn emit(rec: &SocketRecord) {
+    output::<SocketRecord>(rec);
+}
+
+/// Sends a keepalive expiry to the agent: only its [`ExpiryRecord::ring_len`] bytes (an IPv4
+/// record stops after its addresses). Each branch passes a constant length, for the verifier.
+#[inline(always)]
+pub(crate) fn emit_expiry(rec: &ExpiryRecord) {
+    let bytes = (&raw const *rec).cast::<u8>();
+    // SAFETY: both lengths are within the record (`IPV6_BYTES` is its size).
+    let data = unsafe {
+        if rec.family == AF_INET6 {
+            core::slice::from_raw_parts(bytes, ExpiryRecord::IPV6_BYTES)
+        } else {
+            core::slice::from_raw_parts(bytes, ExpiryRecord::IPV4_BYTES)
+        }
+    };
+    output::<[u8]>(data);
+}
+
+/// Without a flag, each submit that finds the agent caught up queues an irq_work to wake it (an
+/// interrupt a hypervisor handles, per record under churn); instead records wait for the
+/// agent's poll timer until a quarter of the ring is unread.
+#[inline(always)]
+fn output<T: ?Sized>(data: &T) {
     // SAFETY: read of our own static (see `offset!`).
     let wakeup_bytes = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes {
@@ -487,7 +509,7 @@ pub(crate) fn emit(rec: &SocketRecord) {
     };
     // bpf_ringbuf_output copies in the kernel: a copy in the program, from a record on the
     // stack, compiles to a byte loop the verifier refuses (and costs more).
-    if EVENTS.output::<SocketRecord>(rec, flags as u64).is_err()
+    if EVENTS.output::<T>(data, flags as u64).is_err()
         && let Some(count) = RESERVE_FAILURES.get_ptr_mut(0)
     {
         // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.

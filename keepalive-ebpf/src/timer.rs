@@ -9,12 +9,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
-    AF_INET, CloseContext, ExpirySpan, RecordKind, SocketRecord, Uncounted, record_flags,
+    AF_INET, CloseContext, ExpiryRecord, ExpirySpan, RecordKind, SocketRecord, Uncounted,
+    record_flags,
 };
 
 use crate::socket::{
-    EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit, netns_counters, read, read_or_zero,
-    snapshot_with_send_state, uncounted,
+    EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit_expiry, netns_counters, read,
+    read_or_zero, snapshot_with_send_state, uncounted,
 };
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -39,6 +40,8 @@ pub(crate) struct TimerContext {
     /// zero-window probe of the write timer on another CPU) are not probes.
     pub(crate) may_probe: u8,
     pub(crate) snapshot: SocketRecord,
+    /// What the exit sends: the part of the snapshot the agent reads, and the exit's values.
+    pub(crate) expiry: ExpiryRecord,
 }
 
 #[btf_tracepoint(function = "timer_expire_entry")]
@@ -189,7 +192,8 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
-    emit(rec);
+    tctx.expiry.fill_from(&tctx.snapshot);
+    emit_expiry(&tctx.expiry);
     0
 }
 

@@ -16,6 +16,7 @@ use crate::{
     attribution::Attributor,
     export::metrics::PipelineMetrics,
     pipeline::Pipeline,
+    record::decoder::encode,
     track::{classifier::ResetReasons, connection_table::ConnectionTable},
 };
 
@@ -83,7 +84,7 @@ fn records(connections: u32, resets_per_connection: u32) -> Vec<Vec<u8>> {
             rec.probes_out_before = before;
             rec.probes_out_after = before + 1;
             rec.probes_sent = 1;
-            out.push(bytes(&rec));
+            out.push(encode(&rec));
         }
         let mut close = record(sk, n, RecordKind::Close);
         close.context = CloseContext::KeepaliveTimer as u8;
@@ -92,14 +93,14 @@ fn records(connections: u32, resets_per_connection: u32) -> Vec<Vec<u8>> {
         close.reset_reason_sent = 15;
         close.sk_err = libc::ETIMEDOUT;
         close.drop_reason = 0;
-        out.push(bytes(&close));
+        out.push(encode(&close));
         for _ in 0..resets_per_connection {
             port += 1;
             let mut reset = record(sk + 0x800, port, RecordKind::Close);
             reset.flags = record_flags::RESET_RECEIVED;
             reset.sk_err = libc::ECONNRESET;
             reset.drop_reason = DropReason::ResetReceived as u32;
-            out.push(bytes(&reset));
+            out.push(encode(&reset));
         }
     }
     out
@@ -127,12 +128,6 @@ fn record(sk: u64, n: u32, kind: RecordKind) -> SocketRecord {
     rec.local_addr[..4].copy_from_slice(&[10, 0, (n >> 8) as u8, n as u8]);
     rec.remote_addr[..4].copy_from_slice(&[10, 1, 0, 1]);
     rec
-}
-
-fn bytes(rec: &SocketRecord) -> Vec<u8> {
-    // SAFETY: SocketRecord is plain data without padding.
-    unsafe { std::slice::from_raw_parts((&raw const *rec).cast::<u8>(), SocketRecord::SIZE) }
-        .to_vec()
 }
 
 /// User plus system CPU time of this process.

@@ -2,15 +2,23 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use keepalive_ebpf::{AF_INET, AF_INET6, CloseContext, RecordKind, SocketRecord, record_flags};
+use keepalive_ebpf::{
+    AF_INET, AF_INET6, CloseContext, ExpiryRecord, RecordKind, SocketRecord, record_flags,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub(crate) enum DecodeError {
     #[error(
-        "ring buffer record is {0} bytes, expected {expected}: agent and kernel programs were built from different sources",
-        expected = SocketRecord::SIZE
+        "ring buffer record is {0} bytes, expected {full} (or {v4}/{v6} for a keepalive expiry): agent and kernel programs were built from different sources",
+        full = SocketRecord::SIZE,
+        v4 = ExpiryRecord::IPV4_BYTES,
+        v6 = ExpiryRecord::IPV6_BYTES
     )]
     Size(usize),
+    #[error(
+        "ring buffer record of kind {kind} is {bytes} bytes, which that kind never is: agent and kernel programs were built from different sources"
+    )]
+    Layout { kind: u8, bytes: usize },
     #[error("unknown record kind {0}")]
     Kind(u8),
     #[error("unknown close context {0}")]
@@ -71,9 +79,6 @@ pub struct KeepaliveExpiry {
     pub closed_in_timer: bool,
     pub settings: KeepaliveSettings,
     pub ktime_ns: u64,
-    pub jiffies: u64,
-    /// Last segment received (jiffies, low 32 bits).
-    pub last_received_jiffies: u32,
 }
 
 impl KeepaliveExpiry {
@@ -172,19 +177,111 @@ impl Event {
     }
 }
 
+/// One record as the ring buffer holds it: a [`SocketRecord`], or a keepalive expiry's
+/// [`ExpiryRecord`] (shorter for IPv4), told apart by their length.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
-    if bytes.len() != SocketRecord::SIZE {
-        return Err(DecodeError::Size(bytes.len()));
+    match bytes.len() {
+        SocketRecord::SIZE => {
+            // SAFETY: length checked; SocketRecord is plain integers, any bit pattern is valid,
+            // and read_unaligned does not require the ring buffer's alignment.
+            let rec: SocketRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            decode_record(&rec)
+        }
+        ExpiryRecord::IPV4_BYTES | ExpiryRecord::IPV6_BYTES => {
+            let mut rec = ExpiryRecord::default();
+            // SAFETY: at most `ExpiryRecord::SIZE` bytes into a record of plain integers (any
+            // bit pattern is valid); the rest stays 0.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    (&raw mut rec).cast::<u8>(),
+                    bytes.len(),
+                );
+            }
+            decode_expiry(&rec, bytes.len())
+        }
+        other => Err(DecodeError::Size(other)),
     }
-    // SAFETY: length checked; SocketRecord is plain integers, any bit pattern is valid, and
-    // read_unaligned does not require the ring buffer's alignment.
-    let rec: SocketRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    decode_record(&rec)
 }
 
-pub(crate) fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
+fn decode_expiry(rec: &ExpiryRecord, bytes: usize) -> Result<Event, DecodeError> {
+    if rec.kind != RecordKind::KeepaliveTimer as u8 {
+        return Err(match RecordKind::from_u8(rec.kind) {
+            Some(_) => DecodeError::Layout {
+                kind: rec.kind,
+                bytes,
+            },
+            None => DecodeError::Kind(rec.kind),
+        });
+    }
+    let (local, remote) = match rec.family {
+        AF_INET => {
+            let mut local = [0; 16];
+            let mut remote = [0; 16];
+            local[..4].copy_from_slice(&rec.addrs[..4]);
+            remote[..4].copy_from_slice(&rec.addrs[4..8]);
+            (local, remote)
+        }
+        AF_INET6 => {
+            let (local, remote) = rec.addrs.split_at(16);
+            (
+                local.try_into().expect("16 bytes"),
+                remote.try_into().expect("16 bytes"),
+            )
+        }
+        other => return Err(DecodeError::Family(other)),
+    };
+    if rec.ring_len() != bytes {
+        return Err(DecodeError::Layout {
+            kind: rec.kind,
+            bytes,
+        });
+    }
+    let endpoints = endpoints(
+        Netns {
+            inum: rec.netns,
+            cookie: rec.netns_cookie,
+        },
+        rec.family,
+        (local, rec.local_port),
+        (remote, rec.remote_port),
+    )?;
+    let flag = |bit: u8| rec.flags & bit != 0;
+    let verified = !flag(record_flags::EXIT_UNVERIFIED) && !flag(record_flags::CLOSED_IN_TIMER);
+    Ok(Event::KeepaliveExpiry(KeepaliveExpiry {
+        sk: rec.sk,
+        endpoints,
+        owner: SocketOwner {
+            cgroup_id: rec.cgroup_id,
+            socket_ino: rec.socket_ino,
+        },
+        state: rec.state,
+        probes_out_before: rec.probes_out_before,
+        probes_out_after: verified.then_some(rec.probes_out_after),
+        probes_sent: if verified { rec.probes_sent } else { 0 },
+        closed_in_timer: flag(record_flags::CLOSED_IN_TIMER),
+        settings: KeepaliveSettings {
+            enabled: flag(record_flags::KEEPALIVE_ON),
+            idle_jiffies: rec.idle_jiffies,
+            interval_jiffies: rec.interval_jiffies,
+            probes: rec.probes,
+            user_timeout_ms: rec.user_timeout_ms,
+        },
+        ktime_ns: rec.ktime_ns,
+    }))
+}
+
+fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
     let kind = RecordKind::from_u8(rec.kind).ok_or(DecodeError::Kind(rec.kind))?;
-    let endpoints = endpoints(rec)?;
+    let endpoints = endpoints(
+        Netns {
+            inum: rec.netns,
+            cookie: rec.netns_cookie,
+        },
+        rec.family,
+        (rec.local_addr, rec.local_port),
+        (rec.remote_addr, rec.remote_port),
+    )?;
     let flag = |bit: u8| rec.flags & bit != 0;
     let owner = SocketOwner {
         cgroup_id: rec.cgroup_id,
@@ -192,13 +289,9 @@ pub(crate) fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
     };
     let settings = KeepaliveSettings {
         enabled: flag(record_flags::KEEPALIVE_ON),
-        idle_jiffies: nonzero_or(rec.keepalive_time, rec.sysctl_keepalive_time),
-        interval_jiffies: nonzero_or(rec.keepalive_intvl, rec.sysctl_keepalive_intvl),
-        probes: if rec.keepalive_probes != 0 {
-            rec.keepalive_probes
-        } else {
-            rec.sysctl_keepalive_probes
-        },
+        idle_jiffies: rec.idle_jiffies(),
+        interval_jiffies: rec.interval_jiffies(),
+        probes: rec.probes(),
         user_timeout_ms: rec.user_timeout_ms,
     };
     // `keepalive_time_elapsed` measures from the newer of the two receive stamps.
@@ -208,28 +301,13 @@ pub(crate) fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
         rec.rcv_tstamp
     };
     Ok(match kind {
-        RecordKind::KeepaliveTimer => Event::KeepaliveExpiry(KeepaliveExpiry {
-            sk: rec.sk,
-            endpoints,
-            owner,
-            state: rec.state,
-            probes_out_before: rec.probes_out_before,
-            probes_out_after: (!flag(record_flags::EXIT_UNVERIFIED)
-                && !flag(record_flags::CLOSED_IN_TIMER))
-            .then_some(rec.probes_out_after),
-            probes_sent: if flag(record_flags::EXIT_UNVERIFIED)
-                || flag(record_flags::CLOSED_IN_TIMER)
-            {
-                0
-            } else {
-                rec.probes_sent
-            },
-            closed_in_timer: flag(record_flags::CLOSED_IN_TIMER),
-            settings,
-            ktime_ns: rec.ktime_ns,
-            jiffies: rec.jiffies,
-            last_received_jiffies,
-        }),
+        // The timer's exit sends an `ExpiryRecord`, never this layout.
+        RecordKind::KeepaliveTimer => {
+            return Err(DecodeError::Layout {
+                kind: rec.kind,
+                bytes: SocketRecord::SIZE,
+            });
+        }
         RecordKind::Close => Event::Close(CloseEvent {
             sk: rec.sk,
             endpoints,
@@ -268,13 +346,37 @@ pub(crate) fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
     })
 }
 
-fn nonzero_or(own: u32, fallback: u32) -> u32 {
-    if own != 0 { own } else { fallback }
+/// The ring-buffer bytes the kernel programs write for a record whose snapshot is `rec`: a
+/// keepalive expiry's [`ExpiryRecord`] (its [`ExpiryRecord::ring_len`] bytes), any other kind
+/// whole. What the tests and the userspace benchmark feed [`decode`].
+pub(crate) fn encode(rec: &SocketRecord) -> Vec<u8> {
+    fn bytes_of<T>(value: &T, len: usize) -> Vec<u8> {
+        assert!(len <= std::mem::size_of::<T>());
+        // SAFETY: `len` bytes of a plain `#[repr(C)]` record without implicit padding.
+        unsafe { std::slice::from_raw_parts((&raw const *value).cast::<u8>(), len) }.to_vec()
+    }
+    if rec.kind == RecordKind::KeepaliveTimer as u8 {
+        let mut expiry = ExpiryRecord::default();
+        expiry.fill_from(rec);
+        bytes_of(&expiry, expiry.ring_len())
+    } else {
+        bytes_of(rec, SocketRecord::SIZE)
+    }
 }
 
-fn endpoints(rec: &SocketRecord) -> Result<Endpoints, DecodeError> {
+struct Netns {
+    inum: u32,
+    cookie: u64,
+}
+
+fn endpoints(
+    netns: Netns,
+    family: u16,
+    (local, local_port): ([u8; 16], u16),
+    (remote, remote_port): ([u8; 16], u16),
+) -> Result<Endpoints, DecodeError> {
     let addr = |bytes: [u8; 16]| -> Result<IpAddr, DecodeError> {
-        match rec.family {
+        match family {
             AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
                 bytes[0], bytes[1], bytes[2], bytes[3],
             ))),
@@ -283,10 +385,10 @@ fn endpoints(rec: &SocketRecord) -> Result<Endpoints, DecodeError> {
         }
     };
     Ok(Endpoints {
-        netns: rec.netns,
-        netns_cookie: rec.netns_cookie,
-        local: SocketAddr::new(addr(rec.local_addr)?, rec.local_port),
-        remote: SocketAddr::new(addr(rec.remote_addr)?, rec.remote_port),
+        netns: netns.inum,
+        netns_cookie: netns.cookie,
+        local: SocketAddr::new(addr(local)?, local_port),
+        remote: SocketAddr::new(addr(remote)?, remote_port),
     })
 }
 
@@ -362,20 +464,9 @@ mod tests {
         rec
     }
 
-    fn bytes(rec: &SocketRecord) -> Vec<u8> {
-        // SAFETY: SocketRecord is plain data without padding.
-        unsafe {
-            std::slice::from_raw_parts(
-                (rec as *const SocketRecord).cast::<u8>(),
-                SocketRecord::SIZE,
-            )
-        }
-        .to_vec()
-    }
-
     #[test]
     fn keepalive_record_decodes_endpoints_and_effective_settings() {
-        let Event::KeepaliveExpiry(e) = decode(&bytes(&record())).unwrap() else {
+        let Event::KeepaliveExpiry(e) = decode(&encode(&record())).unwrap() else {
             panic!("wrong kind")
         };
         assert_eq!(e.endpoints.local, "127.0.0.1:40000".parse().unwrap());
@@ -394,7 +485,7 @@ mod tests {
         let mut rec = record();
         // The peer's ACK zeroed icsk_probes_out on another CPU before timer_expire_exit.
         (rec.probes_out_before, rec.probes_out_after) = (0, 0);
-        let Event::KeepaliveExpiry(e) = decode(&bytes(&rec)).unwrap() else {
+        let Event::KeepaliveExpiry(e) = decode(&encode(&rec)).unwrap() else {
             panic!("wrong kind")
         };
         assert!(e.probe_sent());
@@ -404,7 +495,7 @@ mod tests {
     fn unverified_exit_never_counts_a_probe() {
         let mut rec = record();
         rec.flags |= record_flags::EXIT_UNVERIFIED;
-        let Event::KeepaliveExpiry(e) = decode(&bytes(&rec)).unwrap() else {
+        let Event::KeepaliveExpiry(e) = decode(&encode(&rec)).unwrap() else {
             panic!("wrong kind")
         };
         assert_eq!(e.probes_out_after, None);
@@ -419,7 +510,7 @@ mod tests {
         rec.flags |= record_flags::RESET_SENT;
         rec.reset_reason_sent = 15;
         rec.sk_err = 110;
-        let Event::Close(c) = decode(&bytes(&rec)).unwrap() else {
+        let Event::Close(c) = decode(&encode(&rec)).unwrap() else {
             panic!("wrong kind")
         };
         assert_eq!(c.context, CloseContext::KeepaliveTimer);
@@ -434,7 +525,7 @@ mod tests {
         rec.family = AF_INET6;
         rec.local_addr = Ipv6Addr::LOCALHOST.octets();
         rec.remote_addr = Ipv6Addr::LOCALHOST.octets();
-        let event = decode(&bytes(&rec)).unwrap();
+        let event = decode(&encode(&rec)).unwrap();
         assert_eq!(event.endpoints().local, "[::1]:40000".parse().unwrap());
     }
 
@@ -443,20 +534,94 @@ mod tests {
         assert_eq!(decode(&[0; 12]), Err(DecodeError::Size(12)));
         let mut rec = record();
         rec.kind = 99;
-        assert_eq!(decode(&bytes(&rec)), Err(DecodeError::Kind(99)));
+        assert_eq!(decode(&encode(&rec)), Err(DecodeError::Kind(99)));
         let mut rec = record();
         rec.family = 1;
-        assert_eq!(decode(&bytes(&rec)), Err(DecodeError::Family(1)));
+        assert_eq!(decode(&encode(&rec)), Err(DecodeError::Family(1)));
     }
 
     #[test]
     fn last_received_is_the_newer_stamp_across_wraparound() {
         let mut rec = record();
+        rec.kind = RecordKind::Close as u8;
         rec.rcv_tstamp = u32::MAX - 5;
         rec.lrcvtime = 10; // 16 jiffies later, after the wrap
-        let Event::KeepaliveExpiry(e) = decode(&bytes(&rec)).unwrap() else {
+        let Event::Close(c) = decode(&encode(&rec)).unwrap() else {
             panic!("wrong kind")
         };
-        assert_eq!(e.last_received_jiffies, 10);
+        assert_eq!(c.last_received_jiffies, 10);
+    }
+
+    #[test]
+    fn keepalive_expiries_travel_in_the_short_layout() {
+        let v4 = encode(&record());
+        assert_eq!(v4.len(), ExpiryRecord::IPV4_BYTES);
+        assert_eq!(ExpiryRecord::IPV4_BYTES, 80);
+        let mut rec = record();
+        rec.family = AF_INET6;
+        rec.local_addr = Ipv6Addr::LOCALHOST.octets();
+        rec.remote_addr = "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets();
+        let v6 = encode(&rec);
+        assert_eq!(v6.len(), ExpiryRecord::IPV6_BYTES);
+        let Event::KeepaliveExpiry(e) = decode(&v6).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!(e.endpoints.local, "[::1]:40000".parse().unwrap());
+        assert_eq!(e.endpoints.remote, "[2001:db8::2]:8080".parse().unwrap());
+        // Everything the agent reads of an expiry survives the short layout.
+        rec.probes_out_before = 2;
+        rec.probes_out_after = 0;
+        rec.probes_sent = 1;
+        rec.user_timeout_ms = 4000;
+        rec.keepalive_probes = 5;
+        rec.cgroup_id = 77;
+        rec.socket_ino = 88;
+        rec.netns_cookie = 99;
+        rec.ktime_ns = 123;
+        rec.state = 4;
+        let Event::KeepaliveExpiry(e) = decode(&encode(&rec)).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!(
+            (e.probes_out_before, e.probes_out_after, e.probes_sent),
+            (2, Some(0), 1)
+        );
+        assert_eq!((e.settings.user_timeout_ms, e.settings.probes), (4000, 5));
+        assert_eq!((e.owner.cgroup_id, e.owner.socket_ino), (77, 88));
+        assert_eq!(
+            (e.endpoints.netns_cookie, e.ktime_ns, e.state),
+            (99, 123, 4)
+        );
+    }
+
+    #[test]
+    fn a_layout_that_does_not_fit_the_kind_is_refused() {
+        // A keepalive expiry in the full layout: the programs never write one.
+        let rec = record();
+        // SAFETY: the whole of a plain record without implicit padding.
+        let full = unsafe {
+            std::slice::from_raw_parts((&raw const rec).cast::<u8>(), SocketRecord::SIZE)
+        }
+        .to_vec();
+        assert_eq!(
+            decode(&full),
+            Err(DecodeError::Layout {
+                kind: RecordKind::KeepaliveTimer as u8,
+                bytes: SocketRecord::SIZE
+            })
+        );
+        // An IPv4 expiry cut to the IPv6 length, and the other way round.
+        let mut v4 = encode(&record());
+        v4.resize(ExpiryRecord::IPV6_BYTES, 0);
+        assert!(matches!(decode(&v4), Err(DecodeError::Layout { .. })));
+        let mut rec = record();
+        rec.family = AF_INET6;
+        let mut v6 = encode(&rec);
+        v6.truncate(ExpiryRecord::IPV4_BYTES);
+        assert!(matches!(decode(&v6), Err(DecodeError::Layout { .. })));
+        // A close record cut to an expiry's length.
+        rec.kind = RecordKind::Close as u8;
+        let close = encode(&rec);
+        assert!(decode(&close[..ExpiryRecord::IPV4_BYTES]).is_err());
     }
 }

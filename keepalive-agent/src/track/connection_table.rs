@@ -446,8 +446,6 @@ mod tests {
             closed_in_timer: false,
             settings: SETTINGS,
             ktime_ns: 0,
-            jiffies: 0,
-            last_received_jiffies: 0,
         }
     }
 
