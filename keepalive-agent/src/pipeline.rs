@@ -946,7 +946,7 @@ mod tests {
         fn workload(owner: &SocketOwner) -> Workload {
             Workload {
                 cgroup_id: owner.cgroup_id,
-                pod_uid: Some("pod-a".to_owned()),
+                pod_uid: Some("pod-a".into()),
                 ..Workload::default()
             }
         }
@@ -1024,7 +1024,7 @@ mod tests {
             let w = &event.workload.workload;
             got.push((event.event, w.pid, w.comm.clone(), w.pod_uid.clone()));
         }
-        let owner = (Some(77), Some("app".to_owned()), Some("pod-a".to_owned()));
+        let owner = (Some(77), Some("app".to_owned()), Some(Arc::from("pod-a")));
         use EventKind::*;
         assert_eq!(
             got,
@@ -1043,7 +1043,7 @@ mod tests {
             aggregate_by.labels(
                 &endpoints,
                 &Workload {
-                    pod_uid: pod.map(str::to_owned),
+                    pod_uid: pod.map(Arc::from),
                     ..Workload::default()
                 },
             )

@@ -10,7 +10,7 @@ use std::{
         unix::fs::DirEntryExt as _,
     },
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
 
@@ -49,11 +49,32 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// directory, whose 8 handle bytes are the kernfs node id, which is the cgroup id.
 const FILEID_KERNFS: i32 = 0xfe;
 
+/// What a cgroup's path says: the path and the Kubernetes ids in it, parsed once when the
+/// cgroup enters the cache and shared by every workload of that cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct CgroupNames {
+    /// Below the mount (`/` for the root).
+    pub(crate) path: Option<Arc<str>>,
+    pub(crate) pod_uid: Option<Arc<str>>,
+    pub(crate) container_id: Option<Arc<str>>,
+}
+
+impl CgroupNames {
+    fn of(path: String) -> Self {
+        let ids = super::kubernetes::parse_kubernetes(&path);
+        Self {
+            path: Some(path.into()),
+            pod_uid: ids.pod_uid.map(Arc::from),
+            container_id: ids.container_id.map(Arc::from),
+        }
+    }
+}
+
 /// What a lookup found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Lookup {
-    /// The cgroup's path below the mount (`/` for the root).
-    Found(String),
+    /// The cgroup's names.
+    Found(CgroupNames),
     /// The cgroup is gone, or not below this mount: ids are never reused, so this is final.
     Absent,
     /// Not known yet: the fallback walk ran less than [`MIN_RESCAN_INTERVAL`] ago.
@@ -69,7 +90,7 @@ pub(super) struct CgroupResolver {
     /// `None`: no cgroup v2 mount, paths cannot be known.
     root: Option<PathBuf>,
     /// Positive and negative results (`None`: the cgroup is gone).
-    cache: Mutex<LruCache<u64, Option<String>>>,
+    cache: Mutex<LruCache<u64, Option<CgroupNames>>>,
     lookups: Mutex<Lookups>,
 }
 
@@ -94,28 +115,36 @@ impl CgroupResolver {
         }
     }
 
-    fn cache(&self) -> MutexGuard<'_, LruCache<u64, Option<String>>> {
+    fn cache(&self) -> MutexGuard<'_, LruCache<u64, Option<CgroupNames>>> {
         self.cache.lock().expect("cgroup cache lock poisoned")
     }
 
     /// From the cache only, never touching the filesystem: `None` when the id was not looked
     /// up yet, `Some(None)` when it cannot be resolved.
-    pub(super) fn cached(&self, cgroup_id: u64) -> Option<Option<String>> {
+    pub(super) fn cached(&self, cgroup_id: u64) -> Option<Option<CgroupNames>> {
         if cgroup_id == 0 || self.root.is_none() {
             return Some(None);
         }
         self.cache().get(&cgroup_id).cloned()
     }
 
-    /// The cgroup's path below the mount (`/` for the root), looked up on a miss.
-    pub(super) fn path(&self, cgroup_id: u64, now: Instant) -> Option<String> {
+    /// The cgroup's names (its path below the mount, `/` for the root), looked up on a miss.
+    pub(super) fn names(&self, cgroup_id: u64, now: Instant) -> Option<CgroupNames> {
         match self.lookup(cgroup_id, now) {
-            Lookup::Found(path) => Some(path),
+            Lookup::Found(names) => Some(names),
             Lookup::Absent | Lookup::NotYet => None,
         }
     }
 
-    /// [`Self::path`], saying why a path is unknown.
+    /// The cgroup's path below the mount, looked up on a miss.
+    #[cfg(test)]
+    pub(super) fn path(&self, cgroup_id: u64, now: Instant) -> Option<String> {
+        self.names(cgroup_id, now)?
+            .path
+            .map(|path| path.to_string())
+    }
+
+    /// [`Self::names`], saying why they are unknown.
     pub(super) fn lookup(&self, cgroup_id: u64, now: Instant) -> Lookup {
         let Some(root) = &self.root else {
             return Lookup::Absent;
@@ -137,8 +166,9 @@ impl CgroupResolver {
         if let Some(handle) = handles {
             match handle.path(cgroup_id) {
                 Ok(path) => {
-                    self.cache().put(cgroup_id, path.clone());
-                    return path.map_or(Lookup::Absent, Lookup::Found);
+                    let names = path.map(CgroupNames::of);
+                    self.cache().put(cgroup_id, names.clone());
+                    return names.map_or(Lookup::Absent, Lookup::Found);
                 }
                 Err(err) if err.is_permanent() => {
                     warn!(
@@ -158,11 +188,14 @@ impl CgroupResolver {
             return Lookup::NotYet;
         }
         lookups.last_scan = Some(now);
-        let paths = scan(root);
-        let found = paths.get(&cgroup_id).cloned();
+        let mut found = None;
         let mut cache = self.cache();
-        for (id, path) in paths {
-            cache.put(id, Some(path));
+        for (id, path) in scan(root) {
+            let names = CgroupNames::of(path);
+            if id == cgroup_id {
+                found = Some(names.clone());
+            }
+            cache.put(id, Some(names));
         }
         // The socket's cgroup existed before the walk started: not found means deleted.
         cache.put(cgroup_id, found.clone());
@@ -406,8 +439,14 @@ mod tests {
         assert_eq!(CgroupResolver::new(None).cached(a), Some(None));
 
         let t0 = Instant::now();
-        assert_eq!(resolver.lookup(a, t0), Lookup::Found("/a.slice".to_owned()));
-        assert_eq!(resolver.cached(a), Some(Some("/a.slice".to_owned())));
+        assert_eq!(
+            resolver.lookup(a, t0),
+            Lookup::Found(CgroupNames::of("/a.slice".to_owned()))
+        );
+        assert_eq!(
+            resolver.cached(a),
+            Some(Some(CgroupNames::of("/a.slice".to_owned())))
+        );
         // An id the walk did not find is gone for good (cgroup ids are never reused): cached
         // as such, so its later records need no lookup either.
         let gone = u64::MAX - 1;
@@ -501,15 +540,24 @@ mod tests {
         match by_handle {
             Ok(path) => {
                 assert_eq!(path, Some(format!("/{name}")));
-                assert_eq!(through_resolver, Lookup::Found(format!("/{name}")));
-                assert_eq!(resolver.lookup(root_id, t0), Lookup::Found("/".to_owned()));
+                assert_eq!(
+                    through_resolver,
+                    Lookup::Found(CgroupNames::of(format!("/{name}")))
+                );
+                assert_eq!(
+                    resolver.lookup(root_id, t0),
+                    Lookup::Found(CgroupNames::of("/".to_owned()))
+                );
                 // Removed: the handle no longer opens (ESTALE), final.
                 assert_eq!(handles.path(id).ok(), Some(None));
             }
             // Without CAP_DAC_READ_SEARCH the resolver walks instead.
             Err(HandleError::Open(err)) if err.raw_os_error() == Some(libc::EPERM) && !require => {
                 eprintln!("skipped the handle half: {err}");
-                assert_eq!(through_resolver, Lookup::Found(format!("/{name}")));
+                assert_eq!(
+                    through_resolver,
+                    Lookup::Found(CgroupNames::of(format!("/{name}")))
+                );
             }
             Err(err) => panic!("lookup by handle failed: {err}"),
         }

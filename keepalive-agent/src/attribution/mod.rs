@@ -22,13 +22,12 @@ pub(crate) mod process;
 
 use std::{
     path::PathBuf,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use cgroup::CgroupResolver;
 pub use cgroup::system_cgroup2_mount;
-use kubernetes::parse_kubernetes;
+use cgroup::{CgroupNames, CgroupResolver};
 use process::ProcessResolver;
 
 use crate::record::decoder::SocketOwner;
@@ -43,11 +42,13 @@ pub struct Workload {
     /// cgroup v2 id of the socket (0 when the kernel record had none).
     pub cgroup_id: u64,
     /// Path relative to the cgroup v2 mount, starting with `/` (as in `/proc/PID/cgroup`).
-    pub cgroup_path: Option<String>,
+    /// The cgroup's three names are shared with the cgroup cache and with every connection of
+    /// that cgroup: 100 000 connections of one pod hold one copy, not 100 000.
+    pub cgroup_path: Option<Arc<str>>,
     /// Kubernetes pod UID, with dashes (`kube_pod_info{uid}`).
-    pub pod_uid: Option<String>,
+    pub pod_uid: Option<Arc<str>>,
     /// Container runtime id (64 hex digits), without the runtime prefix.
-    pub container_id: Option<String>,
+    pub container_id: Option<Arc<str>>,
     pub pid: Option<u32>,
     /// `/proc/PID/comm` of that process.
     pub comm: Option<String>,
@@ -70,7 +71,7 @@ impl Workload {
     }
 }
 
-fn fill(slot: &mut Option<String>, newer: Option<String>) {
+fn fill(slot: &mut Option<Arc<str>>, newer: Option<Arc<str>>) {
     if slot.is_none() {
         *slot = newer;
     }
@@ -100,8 +101,8 @@ impl Attributor {
     /// The cgroup side from the cache alone, never touching the filesystem (the event path's
     /// view): `None` when the socket's cgroup was not looked up yet.
     pub(crate) fn cached_cgroup(&self, owner: &SocketOwner) -> Option<Workload> {
-        let cgroup_path = self.cgroups.cached(owner.cgroup_id)?;
-        Some(cgroup_workload(owner, cgroup_path))
+        let names = self.cgroups.cached(owner.cgroup_id)?;
+        Some(cgroup_workload(owner, names))
     }
 
     /// Everything known about the socket's owner, including its process. The process lookup
@@ -130,7 +131,7 @@ impl Attributor {
     }
 
     fn cgroup_workload(&self, owner: &SocketOwner, now: Instant) -> Workload {
-        cgroup_workload(owner, self.cgroups.path(owner.cgroup_id, now))
+        cgroup_workload(owner, self.cgroups.names(owner.cgroup_id, now))
     }
 
     /// `cgroup.procs` of a cgroup (empty if it is gone).
@@ -152,17 +153,14 @@ impl Attributor {
     }
 }
 
-/// What a cgroup path says about its workload.
-fn cgroup_workload(owner: &SocketOwner, cgroup_path: Option<String>) -> Workload {
-    let ids = cgroup_path
-        .as_deref()
-        .map(parse_kubernetes)
-        .unwrap_or_default();
+/// The cgroup side of a workload: the cached names, shared.
+fn cgroup_workload(owner: &SocketOwner, names: Option<CgroupNames>) -> Workload {
+    let names = names.unwrap_or_default();
     Workload {
         cgroup_id: owner.cgroup_id,
-        cgroup_path,
-        pod_uid: ids.pod_uid,
-        container_id: ids.container_id,
+        cgroup_path: names.path,
+        pod_uid: names.pod_uid,
+        container_id: names.container_id,
         pid: None,
         comm: None,
     }
@@ -245,9 +243,9 @@ mod tests {
         };
         let expected = Workload {
             cgroup_id: owner.cgroup_id,
-            cgroup_path: Some(format!("/{container}")),
-            pod_uid: Some(UID.to_owned()),
-            container_id: Some(CID.to_owned()),
+            cgroup_path: Some(format!("/{container}").into()),
+            pod_uid: Some(UID.into()),
+            container_id: Some(CID.into()),
             pid: Some(77),
             comm: Some("app".to_owned()),
         };
@@ -286,7 +284,7 @@ mod tests {
     fn filling_keeps_what_was_known() {
         let mut known = Workload {
             cgroup_id: 5,
-            cgroup_path: Some("/a".to_owned()),
+            cgroup_path: Some("/a".into()),
             ..Workload::default()
         };
         known.fill_unknown_from(Workload {

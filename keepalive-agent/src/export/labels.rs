@@ -1,7 +1,7 @@
 //! Label sets: the aggregate counters' (`--aggregate-by`, shared with the audit metrics) and the
 //! per-connection workload labels.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 use crate::{attribution::Workload, record::decoder::Endpoints};
 
@@ -106,7 +106,7 @@ impl AggregateBy {
 
     /// The label set for one event on `endpoints`, owned by `workload`.
     pub fn labels(&self, endpoints: &Endpoints, workload: &Workload) -> AggregateLabels {
-        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        let text = |value: &Option<Arc<str>>| value.as_deref().unwrap_or_default().to_owned();
         self.labels
             .iter()
             .map(|&label| {
@@ -128,7 +128,7 @@ impl AggregateBy {
 /// `container_id`, `pid`, `comm`. Every label is always present; an unknown value is the empty
 /// string (which Prometheus treats like an absent label).
 pub(crate) fn connection_labels(workload: &Workload) -> [(&'static str, String); 6] {
-    let text = |value: &Option<String>| value.clone().unwrap_or_default();
+    let text = |value: Option<&str>| value.unwrap_or_default().to_owned();
     [
         (
             "cgroup_id",
@@ -138,14 +138,14 @@ pub(crate) fn connection_labels(workload: &Workload) -> [(&'static str, String);
                 workload.cgroup_id.to_string()
             },
         ),
-        ("cgroup", text(&workload.cgroup_path)),
-        ("pod_uid", text(&workload.pod_uid)),
-        ("container_id", text(&workload.container_id)),
+        ("cgroup", text(workload.cgroup_path.as_deref())),
+        ("pod_uid", text(workload.pod_uid.as_deref())),
+        ("container_id", text(workload.container_id.as_deref())),
         (
             "pid",
             workload.pid.map(|pid| pid.to_string()).unwrap_or_default(),
         ),
-        ("comm", text(&workload.comm)),
+        ("comm", text(workload.comm.as_deref())),
     ]
 }
 
@@ -185,7 +185,7 @@ mod tests {
             remote: "127.0.0.1:80".parse().unwrap(),
         };
         let workload = Workload {
-            pod_uid: Some(UID.to_owned()),
+            pod_uid: Some(UID.into()),
             ..Workload::default()
         };
         let by: AggregateBy = "local_port,cgroup,container_id,pod_uid,remote_port"
