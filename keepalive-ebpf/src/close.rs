@@ -13,8 +13,8 @@ use keepalive_ebpf::{
 use crate::{
     reset::RESET_CONTEXT,
     socket::{
-        EBUSY, KEEPALIVE_RST_REASON, Typed, add, emit, netns_counters, read, snapshot,
-        snapshot_typed, uncounted, zero_record,
+        EBUSY, KEEPALIVE_RST_REASON, Typed, add, emit, netns_counters, read, report_keepalive_off,
+        snapshot, snapshot_typed, uncounted, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -153,6 +153,10 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
+    // Counted above; the ring buffer carries only what some per-connection state needs.
+    if rec.flags & record_flags::KEEPALIVE_ON == 0 && !report_keepalive_off() {
+        return 0;
+    }
     emit(rec);
     0
 }
@@ -167,6 +171,13 @@ pub(crate) fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
     ) {
         (Ok(IPPROTO_TCP), Ok(tcp_state::CLOSE)) => {}
         _ => return 0,
+    }
+    // Like its close, not sent for a connection without keepalive unless asked.
+    if !report_keepalive_off() {
+        match read::<u64>(sk, offset!(skc_flags)) {
+            Ok(flags) if flags & (1 << offset!(sock_flag_keepopen)) != 0 => {}
+            _ => return 0,
+        }
     }
     let mut rec = core::mem::MaybeUninit::<SocketRecord>::uninit();
     zero_record(rec.as_mut_ptr());

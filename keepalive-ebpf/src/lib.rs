@@ -21,6 +21,8 @@ pub mod names {
     pub const SNAPSHOT_REGIONS_GLOBAL: &str = "SNAPSHOT_REGIONS";
     /// Bytes of unread records past which a submit wakes the agent (see `socket::emit`).
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+    /// 1: closes of connections without `SO_KEEPALIVE` are sent to the agent too.
+    pub const REPORT_KEEPALIVE_OFF_GLOBAL: &str = "REPORT_KEEPALIVE_OFF";
     /// Exact per-namespace counters ([`super::NetnsKey`] → [`super::NetnsCounters`]).
     pub const NETNS_COUNTERS_MAP: &str = "NETNS_COUNTERS";
     /// Per-CPU count of namespaces that found [`NETNS_COUNTERS_MAP`] full.

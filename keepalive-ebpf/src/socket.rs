@@ -40,6 +40,20 @@ pub(crate) static KEEPALIVE_RST_REASON: u32 = u32::MAX;
 #[unsafe(no_mangle)]
 pub(crate) static WAKEUP_BYTES: u64 = 0;
 
+/// 0: a close of a connection without `SO_KEEPALIVE` is counted in `NETNS_COUNTERS` and not
+/// sent to the agent (it never probed, so no per-connection state of the agent waits for it);
+/// 1: sent too, for per-connection series of every drop, the event stream, or aggregates by
+/// workload. Written by the agent before load.
+#[unsafe(no_mangle)]
+pub(crate) static REPORT_KEEPALIVE_OFF: u8 = 0;
+
+/// Whether closes of connections without `SO_KEEPALIVE` go to the agent.
+#[inline(always)]
+pub(crate) fn report_keepalive_off() -> bool {
+    // SAFETY: read of our own static (see `offset!`).
+    unsafe { core::ptr::read_volatile(&raw const REPORT_KEEPALIVE_OFF) != 0 }
+}
+
 /// Exact counters per namespace, bumped with atomic adds (shared by every CPU; contention is
 /// per namespace and rare next to the rest of a hook).
 #[map]

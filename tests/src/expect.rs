@@ -44,6 +44,8 @@ enum Check {
     },
     /// A connection's series carry no `reason` label (it was not dropped).
     NotDropped { conn: Conn },
+    /// A connection has no per-connection series at all.
+    NoSeries { conn: Conn },
 }
 
 /// A set of checks on one namespace's series, all of which must hold in the same scrape.
@@ -158,7 +160,9 @@ impl Expectations {
     }
 
     /// The pair's client was aborted by its keepalive timer after `probes` unanswered probes,
-    /// and the server got the RST (`reset_received`); nothing else dropped.
+    /// and the server got the RST (`reset_received`); nothing else dropped. The server has no
+    /// `SO_KEEPALIVE`, so (by the agent's default) its drop is in the namespace's total only,
+    /// with no series of its own.
     pub fn keepalive_timeout(netns: u64, pair: &TcpPair, probes: u64) -> Self {
         Self::for_netns(netns)
             .probes(probes)
@@ -168,7 +172,7 @@ impl Expectations {
             .conn_probes(&pair.client_conn, probes)
             .conn_unanswered(&pair.client_conn, probes)
             .conn_dropped(&pair.client_conn, "keepalive_timeout")
-            .conn_dropped(&pair.server_conn, "reset_received")
+            .conn_without_series(&pair.server_conn)
     }
 
     /// The pair's client was ended by its write timer (`retransmit_timeout` or
@@ -186,6 +190,13 @@ impl Expectations {
     /// The connection's series (if any) have no `reason` label.
     pub fn conn_not_dropped(mut self, conn: &Conn) -> Self {
         self.checks.push(Check::NotDropped { conn: *conn });
+        self
+    }
+
+    /// The connection has no per-connection series: what the agent does by default with a
+    /// connection without `SO_KEEPALIVE`, even once dropped.
+    pub fn conn_without_series(mut self, conn: &Conn) -> Self {
+        self.checks.push(Check::NoSeries { conn: *conn });
         self
     }
 
@@ -251,6 +262,18 @@ impl Expectations {
                         out.push(format!("{name}{}: present, got no series", fmt(&labels)));
                     }
                 }
+                Check::NoSeries { conn } => {
+                    let labels = conn.labels(self.netns);
+                    for name in [CONN_PROBES, CONN_UNANSWERED] {
+                        for s in m.matching(name, &labels) {
+                            out.push(format!(
+                                "{name}{}: no series expected, got one with reason={:?}",
+                                fmt(&labels),
+                                s.label("reason")
+                            ));
+                        }
+                    }
+                }
                 Check::NotDropped { conn } => {
                     let labels = conn.labels(self.netns);
                     for name in [CONN_PROBES, CONN_UNANSWERED] {
@@ -309,6 +332,14 @@ mod tests {
 
         let healthy = Expectations::for_netns(42).conn_not_dropped(&conn);
         assert_eq!(healthy.mismatches(&m).len(), 2);
+        let untracked = Expectations::for_netns(42).conn_without_series(&conn);
+        assert_eq!(untracked.mismatches(&m).len(), 2);
+        let other = Conn {
+            local: "127.0.0.1:40001".parse().expect("addr"),
+            ..conn
+        };
+        let untracked = Expectations::for_netns(42).conn_without_series(&other);
+        assert_eq!(untracked.mismatches(&m), Vec::<String>::new());
 
         let m = Metrics::parse("tcp_keepalive_probes_total{netns=\"42\"} 2\n").expect("parse");
         let problems = e.mismatches(&m);

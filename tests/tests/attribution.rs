@@ -230,7 +230,7 @@ fn wait_for_agent(
 #[test]
 fn connection_series_name_the_kubernetes_pod_container_and_process_that_owned_it() -> TestResult {
     let test = "connection_series_name_the_kubernetes_pod_container_and_process_that_owned_it";
-    let Some(env) = TestEnv::start(test) else {
+    let Some(env) = TestEnv::start_with_agent_args(test, KEEPALIVE_OFF_DROPS) else {
         return Ok(());
     };
     connection_series_name_their_owner(test, &env)
@@ -242,11 +242,15 @@ fn connection_series_name_the_kubernetes_pod_container_and_process_that_owned_it
 #[test]
 fn connection_series_name_their_owner_when_the_agent_runs_as_the_daemonset() -> TestResult {
     let test = "connection_series_name_their_owner_when_the_agent_runs_as_the_daemonset";
-    let Some(env) = TestEnv::start_as_daemonset(test) else {
+    let Some(env) = TestEnv::start_as_daemonset_with_args(test, KEEPALIVE_OFF_DROPS) else {
         return Ok(());
     };
     connection_series_name_their_owner(test, &env)
 }
+
+/// The server end has no SO_KEEPALIVE: its drop gets a series (whose owner labels these tests
+/// check) only with this flag.
+const KEEPALIVE_OFF_DROPS: &[&str] = &["--connections.keepalive-off-drops"];
 
 fn connection_series_name_their_owner(test: &str, env: &TestEnv) -> TestResult {
     let Some(root) = cgroup2_root(test) else {

@@ -11,7 +11,7 @@ use crate::kernel::{
     Session, hash_walk, hz,
     kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
     layout::{self, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
-    programs::{HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
+    programs::{CloseReports, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
 };
 
 /// Ring buffers (5.8) are the newest feature every required hook depends on; the audit runs its
@@ -379,7 +379,7 @@ fn tracefs() -> Check {
 
 fn load(session: &Session) -> Check {
     // Nothing is read from the ring buffer: the smallest size the kernel accepts.
-    match session.load(MIN_RING_BUFFER_BYTES) {
+    match session.load(MIN_RING_BUFFER_BYTES, CloseReports::KeepaliveOn) {
         Ok(mut kernel) => {
             let attached = kernel.hooks.iter().filter(|s| s.attached).count();
             let mut audited = false;

@@ -28,7 +28,7 @@ use crate::{
     },
     kernel::{
         self, Session, hz,
-        programs::{self, PROGRAM_TYPE},
+        programs::{self, CloseReports, PROGRAM_TYPE},
     },
     pipeline::{Drained, Pipeline},
     record::{decoder::AuditedSocket, netns_counters::NetnsCounterMaps},
@@ -66,6 +66,13 @@ pub struct RunConfig {
     /// keepalive_agent_connection_series_hidden; 0 to 100000.
     #[arg(long = "connections.max-series", default_value = "2000", value_parser = flags::parse_max_series)]
     pub max_series: usize,
+    /// Also export per-connection series for connections without SO_KEEPALIVE that ended in a
+    /// drop (a RST received, a retransmission or connect timeout, an abort). Off, their drops
+    /// count in tcp_connection_drops_total only, and their closes never leave the kernel,
+    /// which keeps the agent idle under connection churn. Always on with --events or an
+    /// --aggregate-by label beyond netns, which need every close.
+    #[arg(long = "connections.keepalive-off-drops")]
+    pub keepalive_off_drops: bool,
     /// Kernel→agent ring buffer size in bytes (or KiB/MiB): a power of two from 4KiB to
     /// 256MiB, a multiple of the page size.
     #[arg(long = "ring-buffer.bytes", value_name = "BYTES", default_value = "4194304", value_parser = flags::parse_ring_buffer_bytes)]
@@ -106,6 +113,18 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Which closes the kernel sends: see `--connections.keepalive-off-drops`.
+    pub(crate) fn close_reports(&self) -> CloseReports {
+        if self.keepalive_off_drops
+            || self.events.is_some()
+            || self.aggregate_by != AggregateBy::default()
+        {
+            CloseReports::All
+        } else {
+            CloseReports::KeepaliveOn
+        }
+    }
+
     /// What clap cannot check value by value: paths on the filesystem, and the flags of other
     /// modules whose bounds are the agent's (not the parser's) business.
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -204,8 +223,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     );
 
+    let closes = config.close_reports();
+    if closes == CloseReports::KeepaliveOn {
+        info!(
+            "closes of connections without SO_KEEPALIVE are counted in the kernel only \
+             (tcp_connection_drops_total); --connections.keepalive-off-drops exports their \
+             per-connection drop series too"
+        );
+    }
     let mut kernel = session
-        .load(config.ring_buffer_bytes)
+        .load(config.ring_buffer_bytes, closes)
         .context("loading the kernel programs")?;
     let hooks: Family<HookLabels, Gauge> = Family::default();
     for status in &kernel.hooks {

@@ -208,7 +208,8 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
         .context("reading the running kernel")?
         .context("reading the running kernel (try `keepalive-agent check`)")?;
     let kernel = session
-        .load(config.ring_buffer_bytes)
+        // Every drop is a line.
+        .load(config.ring_buffer_bytes, programs::CloseReports::All)
         .context("loading the kernel programs (try `keepalive-agent check`)")?;
     anyhow::ensure!(
         kernel.all_required_attached(),

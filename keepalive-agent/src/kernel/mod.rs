@@ -67,8 +67,14 @@ pub fn open_programs() -> Result<aya::Ebpf, OpenProgramsError> {
     let timers = TimerFunctions::from_proc().map_err(|e| session(e.into()))?;
     let btf = aya::Btf::parse(&bytes, aya::Endianness::default())
         .map_err(|e| session(SessionError::LoaderBtf(e)))?;
-    programs::open(&layout, &timers, &btf, programs::MIN_RING_BUFFER_BYTES)
-        .map_err(|e| OpenProgramsError(OpenFailure::Programs(e)))
+    programs::open(
+        &layout,
+        &timers,
+        &btf,
+        programs::MIN_RING_BUFFER_BYTES,
+        programs::CloseReports::KeepaliveOn,
+    )
+    .map_err(|e| OpenProgramsError(OpenFailure::Programs(e)))
 }
 
 /// The running kernel as the commands need it, read once.
@@ -112,8 +118,18 @@ impl Session {
     }
 
     /// Every hook attached, the audit's walk loaded, the maps taken.
-    pub(crate) fn load(&self, ring_buffer_bytes: u32) -> Result<KernelPrograms, ProgramsError> {
-        programs::load(&self.layout, &self.timers, &self.btf, ring_buffer_bytes)
+    pub(crate) fn load(
+        &self,
+        ring_buffer_bytes: u32,
+        closes: programs::CloseReports,
+    ) -> Result<KernelPrograms, ProgramsError> {
+        programs::load(
+            &self.layout,
+            &self.timers,
+            &self.btf,
+            ring_buffer_bytes,
+            closes,
+        )
     }
 
     /// Only the audit's walk, for a one-off audit: nothing is attached to a hook.
@@ -123,6 +139,7 @@ impl Session {
             &self.timers,
             &self.btf,
             programs::MIN_RING_BUFFER_BYTES,
+            programs::CloseReports::KeepaliveOn,
         )?;
         // The walk holds its own program descriptor and maps: the object can go.
         programs::load_audit(&mut ebpf)

@@ -182,6 +182,19 @@ impl KernelPrograms {
     }
 }
 
+/// Which closes the kernel programs send to the agent. Every close is counted in the kernel
+/// either way (`tcp_connection_drops_total` stays exact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReports {
+    /// Only closes of connections with `SO_KEEPALIVE`: a connection without it never probed,
+    /// so nothing in the agent waits for its close but a per-connection drop series. Under
+    /// connection churn (RST closes of plain connections) this keeps the agent idle.
+    KeepaliveOn,
+    /// Every close the programs report (per-connection series of every drop, the event
+    /// stream, aggregates by workload).
+    All,
+}
+
 /// Creates the maps and prepares the programs with this kernel's offsets; loads nothing into
 /// the kernel's program table yet.
 pub(crate) fn open(
@@ -189,6 +202,7 @@ pub(crate) fn open(
     timers: &TimerFunctions,
     btf: &Btf,
     ring_buffer_bytes: u32,
+    closes: CloseReports,
 ) -> Result<Ebpf, ProgramsError> {
     // No kernel reports u32::MAX as a reset reason: the close program's comparison never
     // matches where the kernel has no keepalive reason.
@@ -199,6 +213,7 @@ pub(crate) fn open(
         return Err(ProgramsError::SocketTooLarge(snapshot_bytes));
     }
     let snapshot_regions = layout.offsets.snapshot_regions();
+    let report_keepalive_off = u8::from(closes == CloseReports::All);
     // aya 0.14's `EbpfLoader::new` parses the kernel BTF itself; handing it ours frees that
     // copy at once, and every later program load reuses ours.
     EbpfLoader::new()
@@ -212,6 +227,11 @@ pub(crate) fn open(
             true,
         )
         .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(
+            names::REPORT_KEEPALIVE_OFF_GLOBAL,
+            &report_keepalive_off,
+            true,
+        )
         .override_global(names::SNAPSHOT_REGIONS_GLOBAL, &snapshot_regions, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
@@ -236,8 +256,9 @@ pub(crate) fn load(
     timers: &TimerFunctions,
     btf: &Btf,
     ring_buffer_bytes: u32,
+    closes: CloseReports,
 ) -> Result<KernelPrograms, ProgramsError> {
-    let mut ebpf = open(layout, timers, btf, ring_buffer_bytes)?;
+    let mut ebpf = open(layout, timers, btf, ring_buffer_bytes, closes)?;
 
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => spawn_kernel_log(logger),

@@ -3,7 +3,8 @@
 //!
 //! 1. Loopback connection churn with and without the agent, in alternating rounds, for three
 //!    workloads: orderly closes without keepalive (filtered in the kernel), the same with
-//!    keepalive on (reported), and RST closes (reported, both ends).
+//!    keepalive on (reported), RST closes without keepalive (counted in the kernel, not sent to
+//!    the agent by default) and RST closes with keepalive on both ends (both reported).
 //! 2. Kernel-side cost per hit of the timer and close hooks, from `kernel.bpf_stats_enabled`
 //!    run-time counters, as the difference from empty programs on the same hooks.
 //! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
@@ -538,18 +539,36 @@ enum Churn {
     Orderly,
     /// The same with `SO_KEEPALIVE` on the client (its close is reported).
     Keepalive,
-    /// The client closes with `SO_LINGER` 0: RST, both ends reported.
+    /// The client closes with `SO_LINGER` 0: RST, both ends dropped. No keepalive: counted in
+    /// the kernel, not sent to the agent (its default).
     Reset,
+    /// The same with `SO_KEEPALIVE` on both ends: both closes reported.
+    ResetKeepalive,
 }
 
 impl Churn {
-    const ALL: [Churn; 3] = [Churn::Orderly, Churn::Keepalive, Churn::Reset];
+    const ALL: [Churn; 4] = [
+        Churn::Orderly,
+        Churn::Keepalive,
+        Churn::Reset,
+        Churn::ResetKeepalive,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Churn::Orderly => "orderly, no keepalive",
             Churn::Keepalive => "orderly, keepalive on",
-            Churn::Reset => "RST close",
+            Churn::Reset => "RST close, no keepalive",
+            Churn::ResetKeepalive => "RST close, keepalive on",
+        }
+    }
+
+    /// What the close program does with these closes.
+    fn close_path(self) -> &'static str {
+        match self {
+            Churn::Orderly => "filtered",
+            Churn::Reset => "counted, not sent",
+            Churn::Keepalive | Churn::ResetKeepalive => "reported",
         }
     }
 }
@@ -564,21 +583,29 @@ fn churn(ns: &Netns, listener: &TcpListener, kind: Churn, length: Duration) -> a
             for _ in 0..32 {
                 let client = TcpStream::connect(addr).context("connect")?;
                 let (server, _) = listener.accept().context("accept")?;
+                let keepalive = |socket: &TcpStream| {
+                    setsockopt_int(
+                        socket,
+                        libc::SOL_SOCKET,
+                        libc::SO_KEEPALIVE,
+                        1,
+                        "SO_KEEPALIVE",
+                    )
+                };
                 match kind {
                     // The server's side ends in TIME_WAIT, which does not hold the client's
                     // ephemeral port.
                     Churn::Orderly => drop(server),
                     Churn::Keepalive => {
-                        setsockopt_int(
-                            &client,
-                            libc::SOL_SOCKET,
-                            libc::SO_KEEPALIVE,
-                            1,
-                            "SO_KEEPALIVE",
-                        )?;
+                        keepalive(&client)?;
                         drop(server);
                     }
                     Churn::Reset => set_linger_zero(&client)?,
+                    Churn::ResetKeepalive => {
+                        keepalive(&client)?;
+                        keepalive(&server)?;
+                        set_linger_zero(&client)?;
+                    }
                 }
                 drop(client);
                 n += 1;
@@ -593,8 +620,8 @@ fn churn(ns: &Netns, listener: &TcpListener, kind: Churn, length: Duration) -> a
 fn churn_throughput(rounds: usize, length: Duration) -> anyhow::Result<()> {
     let ns = Netns::new("bench-churn")?;
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
-    let mut with = [0u64; 3];
-    let mut without = [0u64; 3];
+    let mut with = [0u64; Churn::ALL.len()];
+    let mut without = [0u64; Churn::ALL.len()];
     for round in 0..rounds {
         for agent_on in [round % 2 == 0, round % 2 != 0] {
             let agent = if agent_on {
@@ -632,13 +659,14 @@ fn churn_throughput(rounds: usize, length: Duration) -> anyhow::Result<()> {
 }
 
 /// Cost of `inet_sock_set_state` per close above an empty program on the same hook, for closes
-/// the kernel filters out (orderly, no keepalive) and closes it reports (RST).
+/// the kernel filters out (orderly, no keepalive), RST closes it counts without sending (no
+/// keepalive) and RST closes it reports (keepalive on).
 fn close_costs((baseline_id, close_id): (u32, u32), length: Duration) -> anyhow::Result<()> {
     let ns = Netns::new("bench-close")?;
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
     println!("| close path | closes | hook runs | ns/run above floor | ns per close above floor |");
     println!("|---|---|---|---|---|");
-    for kind in [Churn::Orderly, Churn::Reset] {
+    for kind in [Churn::Orderly, Churn::Reset, Churn::ResetKeepalive] {
         let (b0, c0) = (stats(baseline_id)?, stats(close_id)?);
         let connections = churn(&ns, &listener, kind, length)?;
         // Let the last closes (softirq) land before the snapshot.
@@ -651,10 +679,7 @@ fn close_costs((baseline_id, close_id): (u32, u32), length: Duration) -> anyhow:
         println!(
             "| {} ({}) | {closes} | {} | {:.0} | {:.0} |",
             kind.name(),
-            match kind {
-                Churn::Reset => "reported",
-                _ => "filtered",
-            },
+            kind.close_path(),
             hook.count,
             above / hook.count as f64,
             above / closes as f64
