@@ -6,15 +6,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
-    CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, RecordKind, SocketRecord,
-    Uncounted, classify_close, record_flags, tcp_state,
+    CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, NetnsCounters, RecordKind,
+    SocketRecord, Uncounted, classify_close, record_flags, tcp_state,
 };
 
 use crate::{
     reset::RESET_CONTEXT,
     socket::{
-        EBUSY, KEEPALIVE_RST_REASON, Typed, add, emit, netns_counters, read, report_keepalive_off,
-        snapshot, snapshot_typed, uncounted, zero_record,
+        EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, emit, netns_counters,
+        netns_counters_of, netns_key, read, report_keepalive_off, snapshot, snapshot_typed,
+        uncounted, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -92,14 +93,46 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
 
+    // SAFETY: read of our own static (see `offset!`).
+    let keepalive_rst_reason = unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_RST_REASON) };
+    let reset_received = reset_flags & record_flags::RESET_RECEIVED != 0;
+    let keepalive_reset_sent =
+        reset_flags & record_flags::RESET_SENT != 0 && reset_reason == keepalive_rst_reason;
+    // SAFETY: the helper checks its argument (a BTF-typed socket) and returns NULL for anything
+    // but a full TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
+    if sk_flags & (1 << offset!(sock_flag_keepopen)) == 0
+        && !report_keepalive_off()
+        && !tp.is_null()
+    {
+        // Counted, not sent (see `report_keepalive_off`): the few fields the classifier and
+        // the namespace's key need, one typed load each, instead of the whole record.
+        let c = Typed(tp);
+        let verdict = classify_close(&CloseFacts {
+            old_state,
+            context,
+            write_timer_event,
+            orphan: sk_flags & (1 << offset!(sock_flag_dead)) != 0,
+            keepalive_on: false,
+            probes_out: c.load::<u8>(offset!(icsk_probes_out)),
+            packets_out: packets_out.unwrap_or_else(|| c.load::<u32>(offset!(tcp_packets_out))),
+            send_window: c.load::<u32>(offset!(tcp_snd_wnd)),
+            reset_received,
+            keepalive_reset_sent,
+            sk_err,
+        });
+        match netns_key(c) {
+            Ok(key) => count_close(netns_counters_of(key), verdict),
+            Err(_) => uncounted(Uncounted::CloseUnreadable),
+        }
+        return 0;
+    }
+
     let mut rec = core::mem::MaybeUninit::<SocketRecord>::uninit();
     zero_record(rec.as_mut_ptr());
     // SAFETY: every byte was written just above, and all-zero is a valid record (integers only).
     let rec = unsafe { rec.assume_init_mut() };
     rec.kind = RecordKind::Close as u8;
-    // SAFETY: the helper checks its argument (a BTF-typed socket) and returns NULL for anything
-    // but a full TCP socket.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
     let snapped = if tp.is_null() {
         snapshot(sk, rec)
     } else {
@@ -125,8 +158,6 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     rec.flags |= reset_flags;
     rec.reset_reason_sent = reset_reason;
-    // SAFETY: read of our own static (see `offset!`).
-    let keepalive_rst_reason = unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_RST_REASON) };
     let verdict = classify_close(&CloseFacts {
         old_state,
         context,
@@ -136,13 +167,25 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         probes_out: rec.probes_out_before,
         packets_out: rec.packets_out,
         send_window: rec.snd_wnd,
-        reset_received: reset_flags & record_flags::RESET_RECEIVED != 0,
-        keepalive_reset_sent: reset_flags & record_flags::RESET_SENT != 0
-            && reset_reason == keepalive_rst_reason,
+        reset_received,
+        keepalive_reset_sent,
         sk_err: rec.sk_err,
     });
     rec.drop_reason = verdict.map_or(NOT_A_DROP, |reason| reason as u32);
-    if let Some(counters) = netns_counters(rec) {
+    count_close(netns_counters(rec), verdict);
+    // Counted above; the ring buffer carries only what some per-connection state needs (a
+    // socket the typed helper refused, without keepalive, gets here too).
+    if rec.flags & record_flags::KEEPALIVE_ON == 0 && !report_keepalive_off() {
+        return 0;
+    }
+    emit(rec);
+    0
+}
+
+/// Adds a close, and its drop reason if any, to its namespace's counters.
+#[inline(always)]
+fn count_close(counters: Option<*mut NetnsCounters>, verdict: Option<DropReason>) {
+    if let Some(counters) = counters {
         // SAFETY: a map value (see `netns_counters`).
         unsafe {
             add(&raw mut (*counters).closes, 1);
@@ -153,12 +196,6 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             }
         }
     }
-    // Counted above; the ring buffer carries only what some per-connection state needs.
-    if rec.flags & record_flags::KEEPALIVE_ON == 0 && !report_keepalive_off() {
-        return 0;
-    }
-    emit(rec);
-    0
 }
 
 #[btf_tracepoint(function = "inet_sk_error_report")]

@@ -79,11 +79,16 @@ pub(crate) fn uncounted(why: Uncounted) {
 /// is full (counted).
 #[inline(always)]
 pub(crate) fn netns_counters(rec: &SocketRecord) -> Option<*mut NetnsCounters> {
-    let key = NetnsKey {
+    netns_counters_of(NetnsKey {
         cookie: rec.netns_cookie,
         inum: rec.netns,
         _pad: 0,
-    };
+    })
+}
+
+/// [`netns_counters`] by key.
+#[inline(always)]
+pub(crate) fn netns_counters_of(key: NetnsKey) -> Option<*mut NetnsCounters> {
     // Map values stay valid while the program runs (RCU); a deletion by the agent meanwhile
     // only loses this add, for a namespace it forgot.
     if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(key) {
@@ -413,20 +418,7 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
     }
     let net = c.load::<u64>(offset!(skc_net)) as *const u8;
     rec.netns = c.follow::<u32>(net, offset!(net_ns_inum))?;
-    // Stored in each branch (volatile): merged into one value, LLVM kept it in a stack slot
-    // that only one branch writes, and 5.10's verifier refuses that read on the other.
-    let cookie = &raw mut rec.netns_cookie;
-    // SAFETY: `cookie` points into `rec`, alive for this call.
-    unsafe { core::ptr::write_volatile(cookie, 0) };
-    if offset!(net_cookie_lazy) != 0 {
-        if let Ok(mix) = c.follow::<u32>(net, offset!(net_hash_mix)) {
-            // SAFETY: as above.
-            unsafe { core::ptr::write_volatile(cookie, (1 << 32) | u64::from(mix)) };
-        }
-    } else if let Ok(value) = c.follow::<u64>(net, offset!(net_cookie)) {
-        // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(cookie, value) };
-    }
+    store_netns_cookie(c, net, &raw mut rec.netns_cookie);
     rec.sysctl_keepalive_time = c.follow::<u32>(net, offset!(net_keepalive_time))?;
     rec.sysctl_keepalive_intvl = c.follow::<u32>(net, offset!(net_keepalive_intvl))?;
     rec.sysctl_keepalive_probes = c.follow::<u8>(net, offset!(net_keepalive_probes))?;
@@ -468,6 +460,37 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
         }
     };
     Ok(())
+}
+
+/// Writes the namespace's cookie (see [`SocketRecord::netns_cookie`]) to `cookie`, 0 when it
+/// cannot be read. Stored in each branch (volatile): merged into one value, LLVM kept it in a
+/// stack slot that only one branch writes, and 5.10's verifier refuses that read on the other.
+#[inline(always)]
+fn store_netns_cookie(c: impl SockFields, net: *const u8, cookie: *mut u64) {
+    // SAFETY: `cookie` points into a record or key the caller owns, alive for this call.
+    unsafe { core::ptr::write_volatile(cookie, 0) };
+    if offset!(net_cookie_lazy) != 0 {
+        if let Ok(mix) = c.follow::<u32>(net, offset!(net_hash_mix)) {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_volatile(cookie, (1 << 32) | u64::from(mix)) };
+        }
+    } else if let Ok(value) = c.follow::<u64>(net, offset!(net_cookie)) {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(cookie, value) };
+    }
+}
+
+/// The key of the socket's namespace in `NETNS_COUNTERS`, without a snapshot.
+#[inline(always)]
+pub(crate) fn netns_key(c: impl SockFields) -> Result<NetnsKey, i64> {
+    let net = c.load::<u64>(offset!(skc_net)) as *const u8;
+    let mut key = NetnsKey {
+        cookie: 0,
+        inum: c.follow::<u32>(net, offset!(net_ns_inum))?,
+        _pad: 0,
+    };
+    store_netns_cookie(c, net, &raw mut key.cookie);
+    Ok(key)
 }
 
 /// Sets every byte of `rec` to 0 with 8-byte stores. `SocketRecord::default()` (or `[0; N]`)
