@@ -520,30 +520,24 @@ impl SocketRecord {
     /// The keepalive settings the kernel applies: the socket's own, else the namespace's.
     #[inline(always)]
     pub fn idle_jiffies(&self) -> u32 {
-        if self.keepalive_time != 0 {
-            self.keepalive_time
-        } else {
-            self.sysctl_keepalive_time
-        }
+        own_or(self.keepalive_time, self.sysctl_keepalive_time)
     }
 
     #[inline(always)]
     pub fn interval_jiffies(&self) -> u32 {
-        if self.keepalive_intvl != 0 {
-            self.keepalive_intvl
-        } else {
-            self.sysctl_keepalive_intvl
-        }
+        own_or(self.keepalive_intvl, self.sysctl_keepalive_intvl)
     }
 
     #[inline(always)]
     pub fn probes(&self) -> u8 {
-        if self.keepalive_probes != 0 {
-            self.keepalive_probes
-        } else {
-            self.sysctl_keepalive_probes
-        }
+        own_or(self.keepalive_probes, self.sysctl_keepalive_probes)
     }
+}
+
+/// A socket's own keepalive setting, or the namespace's where the socket has none (0).
+#[inline(always)]
+fn own_or<T: Copy + Default + PartialEq>(own: T, namespace: T) -> T {
+    if own != T::default() { own } else { namespace }
 }
 
 /// One keepalive expiry as the timer's exit writes it to the ring buffer: only what the agent
