@@ -101,12 +101,12 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: the helper checks its argument (a BTF-typed socket) and returns NULL for anything
     // but a full TCP socket.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
-    if sk_flags & (1 << offset!(sock_flag_keepopen)) == 0
-        && !report_keepalive_off()
-        && !tp.is_null()
-    {
-        // Counted, not sent (see `report_keepalive_off`): the few fields the classifier and
-        // the namespace's key need, one typed load each, instead of the whole record.
+    // Counted either way; sent only for a keepalive connection unless asked (see
+    // `report_keepalive_off`).
+    let send = sk_flags & (1 << offset!(sock_flag_keepopen)) != 0 || report_keepalive_off();
+    if !send && !tp.is_null() {
+        // Counted, not sent: the few fields the classifier and the namespace's key need, one
+        // typed load each, instead of the whole record.
         let c = Typed(tp);
         let verdict = classify_close(&CloseFacts {
             old_state,
@@ -173,9 +173,8 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     });
     rec.drop_reason = verdict.map_or(NOT_A_DROP, |reason| reason as u32);
     count_close(netns_counters(rec), verdict);
-    // Counted above; the ring buffer carries only what some per-connection state needs (a
-    // socket the typed helper refused, without keepalive, gets here too).
-    if rec.flags & record_flags::KEEPALIVE_ON == 0 && !report_keepalive_off() {
+    // A socket the typed helper refused, without keepalive, is counted here and not sent.
+    if !send {
         return 0;
     }
     emit(rec);

@@ -1,7 +1,7 @@
 //! Label sets: the aggregate counters' (`--aggregate-by`, shared with the audit metrics) and the
 //! per-connection workload labels.
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{fmt, str::FromStr};
 
 use crate::{attribution::Workload, record::decoder::Endpoints};
 
@@ -106,15 +106,14 @@ impl AggregateBy {
 
     /// The label set for one event on `endpoints`, owned by `workload`.
     pub fn labels(&self, endpoints: &Endpoints, workload: &Workload) -> AggregateLabels {
-        let text = |value: &Option<Arc<str>>| value.as_deref().unwrap_or_default().to_owned();
         self.labels
             .iter()
             .map(|&label| {
                 let value = match label {
                     AggregateLabel::Netns => endpoints.netns.to_string(),
-                    AggregateLabel::PodUid => text(&workload.pod_uid),
-                    AggregateLabel::ContainerId => text(&workload.container_id),
-                    AggregateLabel::Cgroup => text(&workload.cgroup_path),
+                    AggregateLabel::PodUid => text(workload.pod_uid.as_deref()),
+                    AggregateLabel::ContainerId => text(workload.container_id.as_deref()),
+                    AggregateLabel::Cgroup => text(workload.cgroup_path.as_deref()),
                     AggregateLabel::RemotePort => endpoints.remote.port().to_string(),
                     AggregateLabel::LocalPort => endpoints.local.port().to_string(),
                 };
@@ -128,7 +127,6 @@ impl AggregateBy {
 /// `container_id`, `pid`, `comm`. Every label is always present; an unknown value is the empty
 /// string (which Prometheus treats like an absent label).
 pub(crate) fn connection_labels(workload: &Workload) -> [(&'static str, String); 6] {
-    let text = |value: Option<&str>| value.unwrap_or_default().to_owned();
     [
         (
             "cgroup_id",
@@ -147,6 +145,11 @@ pub(crate) fn connection_labels(workload: &Workload) -> [(&'static str, String);
         ),
         ("comm", text(workload.comm.as_deref())),
     ]
+}
+
+/// A label value: the empty string when unknown.
+fn text(value: Option<&str>) -> String {
+    value.unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]

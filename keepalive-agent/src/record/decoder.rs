@@ -216,18 +216,18 @@ fn decode_expiry(rec: &ExpiryRecord, bytes: usize) -> Result<Event, DecodeError>
     }
     let (local, remote) = match rec.family {
         AF_INET => {
-            let mut local = [0; 16];
-            let mut remote = [0; 16];
-            local[..4].copy_from_slice(&rec.addrs[..4]);
-            remote[..4].copy_from_slice(&rec.addrs[4..8]);
-            (local, remote)
+            let v4 = |at: usize| {
+                let a = &rec.addrs[at..at + 4];
+                IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+            };
+            (v4(0), v4(4))
         }
         AF_INET6 => {
-            let (local, remote) = rec.addrs.split_at(16);
-            (
-                local.try_into().expect("16 bytes"),
-                remote.try_into().expect("16 bytes"),
-            )
+            let v6 = |at: usize| {
+                let octets: [u8; 16] = rec.addrs[at..at + 16].try_into().expect("16 bytes");
+                IpAddr::V6(Ipv6Addr::from(octets))
+            };
+            (v6(0), v6(16))
         }
         other => return Err(DecodeError::Family(other)),
     };
@@ -237,15 +237,12 @@ fn decode_expiry(rec: &ExpiryRecord, bytes: usize) -> Result<Event, DecodeError>
             bytes,
         });
     }
-    let endpoints = endpoints(
-        Netns {
-            inum: rec.netns,
-            cookie: rec.netns_cookie,
-        },
-        rec.family,
-        (local, rec.local_port),
-        (remote, rec.remote_port),
-    )?;
+    let endpoints = Endpoints {
+        netns: rec.netns,
+        netns_cookie: rec.netns_cookie,
+        local: SocketAddr::new(local, rec.local_port),
+        remote: SocketAddr::new(remote, rec.remote_port),
+    };
     let flag = |bit: u8| rec.flags & bit != 0;
     let verified = !flag(record_flags::EXIT_UNVERIFIED) && !flag(record_flags::CLOSED_IN_TIMER);
     Ok(Event::KeepaliveExpiry(KeepaliveExpiry {
@@ -273,15 +270,7 @@ fn decode_expiry(rec: &ExpiryRecord, bytes: usize) -> Result<Event, DecodeError>
 
 fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
     let kind = RecordKind::from_u8(rec.kind).ok_or(DecodeError::Kind(rec.kind))?;
-    let endpoints = endpoints(
-        Netns {
-            inum: rec.netns,
-            cookie: rec.netns_cookie,
-        },
-        rec.family,
-        (rec.local_addr, rec.local_port),
-        (rec.remote_addr, rec.remote_port),
-    )?;
+    let endpoints = endpoints(rec)?;
     let flag = |bit: u8| rec.flags & bit != 0;
     let owner = SocketOwner {
         cgroup_id: rec.cgroup_id,
@@ -364,19 +353,9 @@ pub(crate) fn encode(rec: &SocketRecord) -> Vec<u8> {
     }
 }
 
-struct Netns {
-    inum: u32,
-    cookie: u64,
-}
-
-fn endpoints(
-    netns: Netns,
-    family: u16,
-    (local, local_port): ([u8; 16], u16),
-    (remote, remote_port): ([u8; 16], u16),
-) -> Result<Endpoints, DecodeError> {
+fn endpoints(rec: &SocketRecord) -> Result<Endpoints, DecodeError> {
     let addr = |bytes: [u8; 16]| -> Result<IpAddr, DecodeError> {
-        match family {
+        match rec.family {
             AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(
                 bytes[0], bytes[1], bytes[2], bytes[3],
             ))),
@@ -385,10 +364,10 @@ fn endpoints(
         }
     };
     Ok(Endpoints {
-        netns: netns.inum,
-        netns_cookie: netns.cookie,
-        local: SocketAddr::new(addr(local)?, local_port),
-        remote: SocketAddr::new(addr(remote)?, remote_port),
+        netns: rec.netns,
+        netns_cookie: rec.netns_cookie,
+        local: SocketAddr::new(addr(rec.local_addr)?, rec.local_port),
+        remote: SocketAddr::new(addr(rec.remote_addr)?, rec.remote_port),
     })
 }
 
