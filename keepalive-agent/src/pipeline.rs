@@ -76,7 +76,7 @@ const WORKER_POLL: Duration = Duration::from_millis(10);
 
 /// The aggregate label set of one record, or what the worker needs to find it.
 enum Aggregate {
-    /// No aggregate for this record (an error report with workload labels).
+    /// No aggregate for this record (one without an owner, with workload labels).
     None,
     Labels(AggregateLabels),
     /// Workload labels whose cgroup was not cached: the worker counts it.
@@ -229,15 +229,6 @@ impl Pipeline {
             Event::Audit(_) => {
                 self.metrics.decode_errors.inc();
             }
-            // The error is already in the close record (sk_err is set before tcp_done since
-            // 6.10); the report only confirms what the application was told.
-            Event::ErrorReport(report) => debug!(
-                "error {} reported to the application on {} -> {} (netns {})",
-                report.error,
-                report.endpoints.local,
-                report.endpoints.remote,
-                report.endpoints.netns
-            ),
         }
     }
 
@@ -364,7 +355,7 @@ impl Pipeline {
         let owner = match event {
             Event::KeepaliveExpiry(expiry) => Some(&expiry.owner),
             Event::Close(close) => Some(&close.owner),
-            Event::ErrorReport(_) | Event::Audit(_) => None,
+            Event::Audit(_) => None,
         };
         let endpoints = event.endpoints();
         let workload = match (self.aggregate_by.needs_workload(), owner) {

@@ -1,5 +1,4 @@
-//! `inet_sock_set_state` to `TCP_CLOSE` (the tracepoint inside `tcp_done`), and
-//! `inet_sk_error_report` on a closed socket.
+//! `inet_sock_set_state` to `TCP_CLOSE` (the tracepoint inside `tcp_done`).
 
 use aya_ebpf::{
     helpers::generated::bpf_skc_to_tcp_sock, macros::btf_tracepoint, programs::BtfTracePointContext,
@@ -14,8 +13,8 @@ use crate::{
     reset::RESET_CONTEXT,
     socket::{
         EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, emit, netns_counters,
-        netns_counters_of, netns_key, read, report_keepalive_off, snapshot, snapshot_typed,
-        uncounted, zero_record,
+        netns_counters_of, netns_key, report_keepalive_off, snapshot, snapshot_typed, uncounted,
+        zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -195,35 +194,6 @@ fn count_close(counters: Option<*mut NetnsCounters>, verdict: Option<DropReason>
             }
         }
     }
-}
-
-#[btf_tracepoint(function = "inet_sk_error_report")]
-pub(crate) fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
-    let sk: *const u8 = ctx.arg(0);
-    // Also fires for non-fatal ICMP errors (IP_RECVERR): only a closed socket's error is fatal.
-    match (
-        read::<u16>(sk, offset!(sk_protocol)),
-        read::<u8>(sk, offset!(skc_state)),
-    ) {
-        (Ok(IPPROTO_TCP), Ok(tcp_state::CLOSE)) => {}
-        _ => return 0,
-    }
-    // Like its close, not sent for a connection without keepalive unless asked.
-    if !report_keepalive_off() {
-        match read::<u64>(sk, offset!(skc_flags)) {
-            Ok(flags) if flags & (1 << offset!(sock_flag_keepopen)) != 0 => {}
-            _ => return 0,
-        }
-    }
-    let mut rec = core::mem::MaybeUninit::<SocketRecord>::uninit();
-    zero_record(rec.as_mut_ptr());
-    // SAFETY: as in `inet_sock_set_state`.
-    let rec = unsafe { rec.assume_init_mut() };
-    rec.kind = RecordKind::ErrorReport as u8;
-    if snapshot(sk, rec).is_ok() {
-        emit(rec);
-    }
-    0
 }
 
 /// Does nothing. Never attached by the agent: the benchmark attaches it to

@@ -379,8 +379,8 @@ pub enum RecordKind {
     KeepaliveTimer = 1,
     /// The socket moved to `TCP_CLOSE` (`inet_sock_set_state`, inside `tcp_done` and friends).
     Close = 2,
-    /// `inet_sk_error_report` on a closed socket: the error the application is told.
-    ErrorReport = 3,
+    // 3 was `inet_sk_error_report`'s record, which only fed a debug log (the close record
+    // carries `sk_err`): not sent any more.
     /// One socket from the audit's walk of the TCP hash tables.
     Audit = 4,
 }
@@ -390,7 +390,6 @@ impl RecordKind {
         match v {
             1 => Some(Self::KeepaliveTimer),
             2 => Some(Self::Close),
-            3 => Some(Self::ErrorReport),
             4 => Some(Self::Audit),
             _ => None,
         }

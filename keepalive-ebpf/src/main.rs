@@ -8,7 +8,6 @@
 //! - `inet_sock_set_state` to `TCP_CLOSE` is the tracepoint inside `tcp_done`; the timer or reset
 //!   that was running on this CPU for the same socket says why it closed.
 //! - `tcp_send_reset`/`tcp_receive_reset` mark the socket that is about to close on this CPU.
-//! - `inet_sk_error_report` on a closed socket carries the error the application sees.
 //!
 //! Records go to userspace through one ring buffer; a failed reserve is counted per CPU.
 //!

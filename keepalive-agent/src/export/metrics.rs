@@ -77,7 +77,7 @@ pub(crate) struct PipelineMetrics {
     pub events: Family<KindLabels, Counter>,
     /// Handles into `events` for every record kind, so counting a record neither hashes nor
     /// locks the family.
-    event_kinds: [(&'static str, Counter); 4],
+    event_kinds: [(&'static str, Counter); EVENT_KINDS.len()],
     pub decode_errors: Counter,
     /// Events handed to the `--events` stream: each is written or dropped.
     pub events_produced: Counter,
@@ -132,7 +132,7 @@ impl Default for PipelineMetrics {
 }
 
 /// `kind` values of `keepalive_agent_events_total` (`Event::kind_name`).
-const EVENT_KINDS: [&str; 4] = ["keepalive_timer", "close", "error_report", "audit"];
+const EVENT_KINDS: [&str; 3] = ["keepalive_timer", "close", "audit"];
 
 impl PipelineMetrics {
     /// Counts one record of this kind (a `kind_name`).

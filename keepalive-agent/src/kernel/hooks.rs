@@ -10,7 +10,7 @@ pub struct Hook {
     pub role: &'static str,
 }
 
-pub const HOOKS: [Hook; 6] = [
+pub const HOOKS: [Hook; 5] = [
     Hook {
         tracepoint: "timer_expire_entry",
         required: true,
@@ -35,10 +35,5 @@ pub const HOOKS: [Hook; 6] = [
         tracepoint: "tcp_receive_reset",
         required: false,
         role: "resets received (falls back to the socket error)",
-    },
-    Hook {
-        tracepoint: "inet_sk_error_report",
-        required: false,
-        role: "the error reported to the application (debug log only)",
     },
 ];

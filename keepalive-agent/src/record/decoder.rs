@@ -126,14 +126,6 @@ impl CloseEvent {
     }
 }
 
-/// `inet_sk_error_report` on a closed socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ErrorReport {
-    pub sk: u64,
-    pub endpoints: Endpoints,
-    pub error: i32,
-}
-
 /// One socket seen by the audit's walk of the TCP hash tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AuditedSocket {
@@ -152,7 +144,6 @@ pub(crate) struct AuditedSocket {
 pub(crate) enum Event {
     KeepaliveExpiry(KeepaliveExpiry),
     Close(CloseEvent),
-    ErrorReport(ErrorReport),
     Audit(AuditedSocket),
 }
 
@@ -161,7 +152,6 @@ impl Event {
         match self {
             Self::KeepaliveExpiry(e) => &e.endpoints,
             Self::Close(e) => &e.endpoints,
-            Self::ErrorReport(e) => &e.endpoints,
             Self::Audit(e) => &e.endpoints,
         }
     }
@@ -171,7 +161,6 @@ impl Event {
         match self {
             Self::KeepaliveExpiry(_) => "keepalive_timer",
             Self::Close(_) => "close",
-            Self::ErrorReport(_) => "error_report",
             Self::Audit(_) => "audit",
         }
     }
@@ -316,11 +305,6 @@ fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             ktime_ns: rec.ktime_ns,
             jiffies: rec.jiffies,
             last_received_jiffies,
-        }),
-        RecordKind::ErrorReport => Event::ErrorReport(ErrorReport {
-            sk: rec.sk,
-            endpoints,
-            error: rec.sk_err,
         }),
         RecordKind::Audit => Event::Audit(AuditedSocket {
             sk: rec.sk,

@@ -141,8 +141,6 @@ pub(super) struct Facts {
     pub retransmit_timer_member: bool,
     /// Arguments of the `tcp_send_reset` tracepoint (2 before 6.10: sk, skb; 3 with reason).
     pub send_reset_args: Option<usize>,
-    /// `btf_trace_inet_sk_error_report` exists (5.14+).
-    pub error_report_tracepoint: bool,
     /// Every BTF tracepoint the kernel has (`btf_trace_<name>` typedefs): a hook the agent did
     /// not attach although its tracepoint is here is the agent's failure, not the kernel's.
     pub tracepoints: BTreeSet<String>,
@@ -177,7 +175,6 @@ impl Facts {
             keepalive_timer_member: members.iter().any(|m| m == "icsk_keepalive_timer"),
             retransmit_timer_member: members.iter().any(|m| m == "icsk_retransmit_timer"),
             send_reset_args: tracepoint_args(&btf, "tcp_send_reset"),
-            error_report_tracepoint: tracepoint_args(&btf, "inet_sk_error_report").is_some(),
         })
     }
 
@@ -195,20 +192,14 @@ impl Facts {
         format!("BTF: {layout}")
     }
 
-    /// The hook-relevant differences, e.g. `tcp_send_reset(sk, skb)`, `no inet_sk_error_report`.
+    /// The hook-relevant difference: `tcp_send_reset(sk, skb)` or `(sk, skb, reason)`.
     pub(super) fn hooks(&self) -> String {
-        let reset = match self.send_reset_args {
+        match self.send_reset_args {
             Some(2) => "tcp_send_reset(sk, skb)".to_owned(),
             Some(3) => "tcp_send_reset(sk, skb, reason)".to_owned(),
             Some(n) => format!("tcp_send_reset with {n} args"),
             None => "no tcp_send_reset".to_owned(),
-        };
-        let report = if self.error_report_tracepoint {
-            "inet_sk_error_report"
-        } else {
-            "no inet_sk_error_report"
-        };
-        format!("{reset}, {report}")
+        }
     }
 }
 
@@ -322,8 +313,8 @@ mod tests {
     }
 
     /// The stored fixtures (`cargo xtask vm --update-btf-fixtures`) parse, and between them
-    /// cover what the agent must handle: both timer layouts before 6.19, both `tcp_send_reset`
-    /// prototypes, and a kernel without `inet_sk_error_report`.
+    /// cover what the agent must handle: both timer layouts before 6.19 and both
+    /// `tcp_send_reset` prototypes.
     #[test]
     fn btf_fixtures_cover_both_timer_layouts_and_both_reset_prototypes() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -353,17 +344,10 @@ mod tests {
         );
         assert!(facts.iter().any(|f| f.send_reset_args == Some(2)));
         assert!(facts.iter().any(|f| f.send_reset_args == Some(3)));
-        assert!(facts.iter().any(|f| !f.error_report_tracepoint));
         assert!(
             facts
                 .iter()
                 .all(|f| f.tracepoints.contains("timer_expire_entry"))
-        );
-        assert!(
-            facts
-                .iter()
-                .filter(|f| !f.error_report_tracepoint)
-                .all(|f| !f.tracepoints.contains("inet_sk_error_report"))
         );
     }
 }
