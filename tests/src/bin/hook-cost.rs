@@ -45,7 +45,7 @@ use aya::maps::PerCpuArray;
 use aya::programs::{BtfTracePoint, ProgramInfo, TracePoint, loaded_programs};
 use keepalive_agent::kernel::programs::{
     BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_CLASSIC_MAP, EXPIRY_CLASSIC_PROGRAM,
-    EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP, EXPIRY_SPAN_OUT_PROGRAM, PROGRAMS_OBJECT,
+    EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP, EXPIRY_SPAN_OUT_PROGRAM, HOOKS, PROGRAMS_OBJECT,
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
@@ -69,6 +69,8 @@ fn main() -> anyhow::Result<()> {
     let mut sync_seconds = 10u64;
     let mut span_connections = 5_000usize;
     let mut span_only = false;
+    let mut churn_only = false;
+    let mut empty_hooks: Vec<String> = HOOKS.iter().map(|h| h.tracepoint.to_owned()).collect();
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if let Some(hold_args) = argv.strip_prefix(&["--hold".to_owned()]) {
         return hold(hold_args);
@@ -92,10 +94,19 @@ fn main() -> anyhow::Result<()> {
             "--sync-seconds" => sync_seconds = value()?.parse()?,
             "--span-connections" => span_connections = value()?.parse()?,
             "--span-only" => span_only = true,
+            "--churn-only" => churn_only = true,
+            "--empty-hooks" => {
+                empty_hooks = value()?
+                    .split(',')
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
             other => bail!(
                 "unknown argument {other}; flags: --connections N --seconds S --rounds N \
                  --churn-seconds S --pipeline-connections N --sync-connections N[,N...] \
-                 --sync-seconds S --span-connections N --span-only"
+                 --sync-seconds S --span-connections N --span-only --churn-only \
+                 --empty-hooks TRACEPOINT[,TRACEPOINT...]"
             ),
         }
     }
@@ -108,7 +119,10 @@ fn main() -> anyhow::Result<()> {
         return expiry_span(rounds, span_connections, Duration::from_secs(seconds));
     }
     if rounds > 0 {
-        churn_throughput(rounds, Duration::from_secs(churn_seconds))?;
+        churn_throughput(rounds, Duration::from_secs(churn_seconds), &empty_hooks)?;
+    }
+    if churn_only {
+        return Ok(());
     }
 
     let _stats = BpfStats::enable()?;
@@ -615,44 +629,93 @@ fn churn(ns: &Netns, listener: &TcpListener, kind: Churn, length: Duration) -> a
     })?
 }
 
-/// Churn throughput with and without the agent, in alternating rounds (on-off, then off-on), so
-/// drift on a shared machine falls on both sides alike.
-fn churn_throughput(rounds: usize, length: Duration) -> anyhow::Result<()> {
+/// One side of a churn round.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// No program on the hooks.
+    Bare,
+    /// An empty tp_btf program on each of the agent's hooks: what any program there costs
+    /// before it does anything (the tracepoint's dispatch to BPF and the program's run).
+    Empty,
+    /// The agent.
+    Agent,
+}
+
+/// Empty tp_btf programs attached to tracepoints (by default every hook the agent attaches to),
+/// detached on drop.
+struct EmptyPrograms {
+    _objects: Vec<aya::Ebpf>,
+}
+
+impl EmptyPrograms {
+    fn attach(btf: &aya::Btf, hooks: &[String]) -> anyhow::Result<EmptyPrograms> {
+        let mut objects = Vec::new();
+        for hook in hooks {
+            // One object per hook: a loaded program has one attach target.
+            let mut object =
+                aya::Ebpf::load(PROGRAMS_OBJECT).context("loading the programs object")?;
+            let program = tp_program(&mut object, BASELINE_PROGRAM)?;
+            program
+                .load(hook, btf)
+                .with_context(|| format!("loading an empty program for {hook}"))?;
+            program
+                .attach()
+                .with_context(|| format!("attaching an empty program to {hook}"))?;
+            objects.push(object);
+        }
+        Ok(EmptyPrograms { _objects: objects })
+    }
+}
+
+/// Churn throughput without programs, with empty programs on the agent's hooks and with the
+/// agent, in alternating rounds (forward, then backward), so drift on a shared machine falls on
+/// every side alike. The empty side splits the agent's cost into the hooks' floor, which any
+/// program on those tracepoints pays, and the agent's own work above it.
+fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> anyhow::Result<()> {
+    let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     let ns = Netns::new("bench-churn")?;
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
-    let mut with = [0u64; Churn::ALL.len()];
-    let mut without = [0u64; Churn::ALL.len()];
+    let sides = [Side::Bare, Side::Empty, Side::Agent];
+    let mut totals = [[0u64; Churn::ALL.len()]; 3];
     for round in 0..rounds {
-        for agent_on in [round % 2 == 0, round % 2 != 0] {
-            let agent = if agent_on {
-                Some(Agent::start().context("starting the agent")?)
-            } else {
-                None
+        let mut order = sides;
+        if round % 2 != 0 {
+            order.reverse();
+        }
+        for side in order {
+            let (agent, empty) = match side {
+                Side::Bare => (None, None),
+                Side::Empty => (None, Some(EmptyPrograms::attach(&btf, empty_hooks)?)),
+                Side::Agent => (Some(Agent::start().context("starting the agent")?), None),
             };
+            let index = sides.iter().position(|s| *s == side).unwrap_or_default();
             for (i, kind) in Churn::ALL.into_iter().enumerate() {
-                let n = churn(&ns, &listener, kind, length)?;
-                if agent_on {
-                    with[i] += n;
-                } else {
-                    without[i] += n;
-                }
+                totals[index][i] += churn(&ns, &listener, kind, length)?;
             }
-            drop(agent);
+            drop((agent, empty));
         }
     }
     let seconds = (rounds as u64 * length.as_secs()) as f64;
     println!(
-        "loopback connection churn, {rounds} rounds of {} s per workload and side, alternating",
-        length.as_secs()
+        "loopback connection churn, {rounds} rounds of {} s per workload and side, alternating; \
+         empty: an empty tp_btf program on each of {}",
+        length.as_secs(),
+        empty_hooks.join(", ")
     );
-    println!("| workload | connections/s without agent | with agent | throughput lost |");
-    println!("|---|---|---|---|");
+    println!(
+        "| workload | connections/s, no programs | empty programs | agent | lost to empty programs | \
+         lost to the agent | agent against empty programs |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let lost = |from: f64, to: f64| (1.0 - to / from) * 100.0;
     for (i, kind) in Churn::ALL.into_iter().enumerate() {
-        let (off, on) = (without[i] as f64 / seconds, with[i] as f64 / seconds);
+        let [bare, empty, agent] = totals.map(|side| side[i] as f64 / seconds);
         println!(
-            "| {} | {off:.0} | {on:.0} | {:.1} % |",
+            "| {} | {bare:.0} | {empty:.0} | {agent:.0} | {:.1} % | {:.1} % | {:.1} % |",
             kind.name(),
-            (1.0 - on / off) * 100.0
+            lost(bare, empty),
+            lost(bare, agent),
+            lost(empty, agent),
         );
     }
     Ok(())
