@@ -6,8 +6,9 @@
 use std::{path::Path, str::FromStr as _};
 
 use crate::{
-    attribution, audit::summary::IdleThreshold, cmd, export, kernel, record::decoder,
-    track::classifier,
+    attribution, cmd, export, kernel,
+    record::decoder,
+    track::{classifier, idle_kill::IdleThreshold},
 };
 
 /// A ring-buffer record as the kernel programs write it (any bytes: the buffer is shared with

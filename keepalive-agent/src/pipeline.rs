@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     attribution::{Attributor, Workload},
     export::{
-        events::{ConnectionEvent, EventKind, EventSender, WorkloadFields},
+        events::{ConnectionEvent, EventKind, EventSender, IdleKillFields, WorkloadFields},
         labels::{AggregateBy, AggregateLabels},
         metrics::PipelineMetrics,
     },
@@ -30,6 +30,7 @@ use crate::{
     track::{
         classifier::{DropReason, ResetReasons},
         connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
+        idle_kill::IdleThreshold,
         namespaces::{NamespaceIdentity, Sighting},
         tracker::{Dropped, Tracker},
     },
@@ -114,7 +115,7 @@ impl Pipeline {
             metrics.attribution_requests_dropped.clone(),
         );
         Self {
-            tracker: Tracker::new(table, reset_reasons),
+            tracker: Tracker::new(table, reset_reasons, hz),
             metrics,
             hz,
             events: None,
@@ -124,6 +125,14 @@ impl Pipeline {
             requests,
             inbox: Mutex::new(Some((jobs, in_flight))),
         }
+    }
+
+    /// Checks every drop against these middlebox idle timeouts (`--idle-timeout-threshold`).
+    /// (Its metrics count them under the names given to
+    /// [`PipelineMetrics::with_idle_thresholds`].)
+    pub(crate) fn with_idle_thresholds(mut self, thresholds: &[IdleThreshold]) -> Self {
+        self.tracker = self.tracker.with_idle_thresholds(thresholds);
+        self
     }
 
     /// Also sends connection events to `events`.
@@ -273,7 +282,22 @@ impl Pipeline {
             self.count(aggregate, Count::Seen);
             return;
         };
-        self.count(aggregate, Count::Drop(reason));
+        let count = match connection.idle_kill.as_deref() {
+            Some(kill) => Count::IdleKill {
+                reason,
+                threshold: kill.threshold.name.clone(),
+                how: kill.how,
+            },
+            None => Count::Drop(reason),
+        };
+        if let (Aggregate::None, Some(kill)) = (&aggregate, connection.idle_kill.as_deref()) {
+            // The kernel counts the drops (no label set per record), not idle kills: this one
+            // is counted under its namespace's label set, built for it alone.
+            let labels = self.namespace_labels(&close.endpoints);
+            self.metrics
+                .count_idle_kill(&labels, &kill.threshold.name, kill.how);
+        }
+        self.count(aggregate, count);
         if let Some(seconds) = dead_peer_detection_seconds(close, reason, self.hz) {
             self.metrics
                 .observe_detection(close.endpoints.netns, reason, seconds);
@@ -303,7 +327,19 @@ impl Pipeline {
             connection.unanswered_probes,
             close.sk_err
         );
-        if matches!(
+        if let Some(kill) = connection.idle_kill.as_deref() {
+            let keepalive = kill
+                .keepalive_idle_seconds
+                .map_or("off".to_owned(), |idle| format!("idle {idle} s"));
+            info!(
+                "{message}: idle kill ({}={} s): silent {:.1} s, then its send died by {}; keepalive {keepalive}: turn SO_KEEPALIVE on with TCP_KEEPIDLE {} s or less",
+                kill.threshold.name,
+                kill.threshold.seconds,
+                kill.silence_seconds,
+                kill.how.as_str(),
+                kill.suggested_keepalive_idle_seconds
+            );
+        } else if matches!(
             reason,
             DropReason::KeepaliveTimeout | DropReason::KeepaliveReset
         ) {
@@ -346,6 +382,12 @@ impl Pipeline {
 
     /// The aggregate label set of a connection event. Workload labels come from the cgroup
     /// cache only; on a miss the worker counts the record once it has looked the cgroup up.
+    /// The label set of a namespace alone (the default `--aggregate-by`, the only one with
+    /// which the kernel counts the aggregates).
+    fn namespace_labels(&self, endpoints: &Endpoints) -> AggregateLabels {
+        self.aggregate_by.labels(endpoints, &Workload::default())
+    }
+
     fn aggregate(&self, event: &Event) -> Aggregate {
         // The kernel counts the aggregates: building a label set per record would be an
         // allocation per event for nothing.
@@ -383,7 +425,7 @@ impl Pipeline {
                 let job = Job::Count {
                     endpoints,
                     owner,
-                    count,
+                    count: count.clone(),
                 };
                 if self.requests.send(job).is_ok() {
                     return;
@@ -401,11 +443,7 @@ impl Pipeline {
                 labels
             }
         };
-        match count {
-            Count::Seen => {}
-            Count::Probe => self.metrics.count_probe(&labels),
-            Count::Drop(reason) => self.metrics.count_drop(&labels, reason),
-        }
+        count.apply(&self.metrics, &labels);
     }
 
     /// Sends a connection's events with its owner; `dropped` when the connection is gone (see
@@ -513,14 +551,17 @@ impl Pipeline {
                 self.hz,
             ));
         }
-        list.push(ConnectionEvent::from_close(
-            EventKind::Drop,
-            close,
-            reason,
-            state.probes_sent,
-            state.unanswered_probes.max(close.probes_out),
-            self.hz,
-        ));
+        list.push(ConnectionEvent {
+            idle_kill: state.idle_kill.as_deref().map(IdleKillFields::from),
+            ..ConnectionEvent::from_close(
+                EventKind::Drop,
+                close,
+                reason,
+                state.probes_sent,
+                state.unanswered_probes.max(close.probes_out),
+                self.hz,
+            )
+        });
         list
     }
 }
@@ -739,6 +780,90 @@ mod tests {
         let mut close = record(RecordKind::Close, probes, 0, record_flags::RESET_SENT);
         (close.netns_cookie, close.sk) = (cookie, sk);
         pipeline.handle(&decoder::encode(&close));
+    }
+
+    /// A connection without keepalive, silent 400 s after its last segment, whose next send
+    /// was answered by a reset.
+    fn reset_after_silence() -> SocketRecord {
+        let mut close = record(RecordKind::Close, 0, 0, record_flags::RESET_RECEIVED);
+        close.flags &= !record_flags::KEEPALIVE_ON;
+        (close.keepalive_time, close.keepalive_intvl) = (0, 0);
+        (close.sysctl_keepalive_time, close.sysctl_keepalive_intvl) = (7200 * 250, 75 * 250);
+        close.context = CloseContext::None as u8;
+        close.sk_err = libc::ECONNRESET;
+        close.lsndtime = 1000 + 400 * 250;
+        close.jiffies = u64::from(close.lsndtime) + 1;
+        close
+    }
+
+    /// Idle kills count from records whether the kernel counts the drops or the records do.
+    #[test]
+    fn an_idle_kill_is_counted_under_its_threshold_and_kept_with_its_connection() {
+        idle_kill_counted(true);
+        idle_kill_counted(false);
+    }
+
+    fn idle_kill_counted(records_count: bool) {
+        let table = Arc::new(Mutex::new(ConnectionTable::new(
+            std::num::NonZeroUsize::new(16).unwrap(),
+            16,
+            Duration::from_secs(60),
+        )));
+        let thresholds: Vec<IdleThreshold> = ["aws-nlb=350", "gcp-lb=600"]
+            .iter()
+            .map(|t| t.parse().expect("threshold"))
+            .collect();
+        let metrics = PipelineMetrics::default()
+            .with_idle_thresholds(thresholds.iter().map(|t| t.name.clone()).collect());
+        let metrics = if records_count {
+            metrics
+        } else {
+            metrics.not_counting_records()
+        };
+        let pipeline = Pipeline::with_kernel(
+            250,
+            ResetReasons::default(),
+            Arc::clone(&table),
+            metrics.clone(),
+            Arc::new(Attributor::new(None, "/nonexistent".into())),
+        )
+        .with_idle_thresholds(&thresholds);
+        pipeline.handle(&decoder::encode(&reset_after_silence()));
+        let idle_kills = |threshold: &str, died_by: &str| {
+            metrics
+                .idle_kills
+                .get(&vec![
+                    ("netns", NETNS.to_string()),
+                    ("threshold", threshold.to_owned()),
+                    ("died_by", died_by.to_owned()),
+                ])
+                .map(|c| c.get())
+        };
+        assert_eq!(idle_kills("aws-nlb", "reset"), Some(1));
+        assert_eq!(idle_kills("gcp-lb", "reset"), None);
+        assert_eq!(idle_kills("aws-nlb", "timeout"), None);
+        // Forgetting the namespace removes them.
+        metrics.forget_namespaces(&HashSet::from([NETNS]), "retention");
+        assert_eq!(idle_kills("aws-nlb", "reset"), None);
+        let table = table.lock().unwrap();
+        let reportable = table.reportable();
+        let kill = reportable[0]
+            .idle_kill
+            .as_deref()
+            .expect("kept with the drop");
+        assert_eq!(kill.threshold.name, "aws-nlb");
+        assert_eq!(kill.silence_seconds, 400.0);
+    }
+
+    #[test]
+    fn without_thresholds_a_reset_after_silence_is_a_plain_drop() {
+        let (pipeline, table, metrics) = pipeline_with_table();
+        pipeline.handle(&decoder::encode(&reset_after_silence()));
+        assert_eq!(
+            drops_of(&metrics, NETNS, DropReason::ResetReceived),
+            Some(1)
+        );
+        assert!(table.lock().unwrap().reportable()[0].idle_kill.is_none());
     }
 
     #[test]

@@ -6,15 +6,16 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
     CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, NetnsCounters, RecordKind,
-    SocketRecord, Uncounted, classify_close, record_flags, tcp_state,
+    SocketRecord, Uncounted, classify_close, idle_kill_candidate, last_received, record_flags,
+    silence_before_send, tcp_state,
 };
 
 use crate::{
     reset::RESET_CONTEXT,
     socket::{
-        EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, emit, netns_counters,
-        netns_counters_of, netns_key, report_keepalive_off, snapshot, snapshot_typed, uncounted,
-        zero_record,
+        EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, emit, idle_kill_jiffies,
+        netns_counters, netns_counters_of, netns_key, report_keepalive_off, snapshot,
+        snapshot_typed, uncounted, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -100,12 +101,13 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: the helper checks its argument (a BTF-typed socket) and returns NULL for anything
     // but a full TCP socket.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
-    // Counted either way; sent only for a keepalive connection unless asked (see
-    // `report_keepalive_off`).
-    let send = sk_flags & (1 << offset!(sock_flag_keepopen)) != 0 || report_keepalive_off();
+    // Counted either way; sent for a keepalive connection, for any when asked (see
+    // `report_keepalive_off`), and for a drop that may be an idle kill (see
+    // `idle_kill_candidate`).
+    let mut send = sk_flags & (1 << offset!(sock_flag_keepopen)) != 0 || report_keepalive_off();
     if !send && !tp.is_null() {
-        // Counted, not sent: the few fields the classifier and the namespace's key need, one
-        // typed load each, instead of the whole record.
+        // The few fields the classifier and the namespace's key need, one typed load each,
+        // instead of the whole record.
         let c = Typed(tp);
         let verdict = classify_close(&CloseFacts {
             old_state,
@@ -120,11 +122,23 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             keepalive_reset_sent,
             sk_err,
         });
-        match netns_key(c) {
-            Ok(key) => count_close(netns_counters_of(key), verdict),
-            Err(_) => uncounted(Uncounted::CloseUnreadable),
+        let idle_kill = verdict.is_some() && {
+            let received = last_received(
+                c.load::<u32>(offset!(icsk_ack_lrcvtime)),
+                c.load::<u32>(offset!(tcp_rcv_tstamp)),
+            );
+            let silence = silence_before_send(received, c.load::<u32>(offset!(tcp_lsndtime)));
+            idle_kill_candidate(verdict, silence, idle_kill_jiffies())
+        };
+        if !idle_kill {
+            // Counted, not sent.
+            match netns_key(c) {
+                Ok(key) => count_close(netns_counters_of(key), verdict),
+                Err(_) => uncounted(Uncounted::CloseUnreadable),
+            }
+            return 0;
         }
-        return 0;
+        send = true;
     }
 
     let mut rec = core::mem::MaybeUninit::<SocketRecord>::uninit();
@@ -172,8 +186,15 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     });
     rec.drop_reason = verdict.map_or(NOT_A_DROP, |reason| reason as u32);
     count_close(netns_counters(rec), verdict);
-    // A socket the typed helper refused, without keepalive, is counted here and not sent.
-    if !send {
+    // A socket the typed helper refused, without keepalive, is counted here and sent only if
+    // it may be an idle kill.
+    if !send
+        && !idle_kill_candidate(
+            verdict,
+            silence_before_send(rec.last_received_jiffies(), rec.lsndtime),
+            idle_kill_jiffies(),
+        )
+    {
         return 0;
     }
     emit(rec);

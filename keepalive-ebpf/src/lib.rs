@@ -23,6 +23,9 @@ pub mod names {
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
     /// 1: closes of connections without `SO_KEEPALIVE` are sent to the agent too.
     pub const REPORT_KEEPALIVE_OFF_GLOBAL: &str = "REPORT_KEEPALIVE_OFF";
+    /// The smallest middlebox idle timeout in jiffies (0 = none): a reset or retransmission
+    /// drop on a send after this much silence is sent to the agent even without keepalive.
+    pub const IDLE_KILL_JIFFIES_GLOBAL: &str = "IDLE_KILL_JIFFIES";
     /// Exact per-namespace counters ([`super::NetnsKey`] → [`super::NetnsCounters`]).
     pub const NETNS_COUNTERS_MAP: &str = "NETNS_COUNTERS";
     /// Per-CPU count of namespaces that found [`NETNS_COUNTERS_MAP`] full.
@@ -172,6 +175,13 @@ kernel_offsets! {
     tcp_keepalive_intvl: "tcp_sock.keepalive_intvl", Int(4);
     tcp_keepalive_probes: "tcp_sock.keepalive_probes", Int(1);
     tcp_rcv_tstamp: "tcp_sock.rcv_tstamp", Int(4);
+    /// `tcp_sock.lsndtime` (jiffies, `tcp_jiffies32`): when the socket last sent new data. After
+    /// a silence, the send a middlebox that forgot the flow kills (issue 13).
+    tcp_lsndtime: "tcp_sock.lsndtime", Int(4);
+    /// `tcp_sock.retrans_stamp`: when the oldest unacknowledged segment was first sent,
+    /// `CLOCK_MONOTONIC` milliseconds (low 32 bits; microseconds with the 6.7+ `tcp_usec_ts`
+    /// option), 0 when nothing is being retransmitted.
+    tcp_retrans_stamp: "tcp_sock.retrans_stamp", Int(4);
     tcp_packets_out: "tcp_sock.packets_out", Int(4);
     tcp_snd_wnd: "tcp_sock.snd_wnd", Int(4);
     /// `tcp_sock.segs_out`: every segment the socket sent, never reset. Its growth across a
@@ -241,7 +251,7 @@ kernel_offsets! {
 impl KernelOffsets {
     /// The `struct sock`-relative fields the socket snapshot takes from its one copy of the
     /// socket, with their sizes.
-    pub fn snapshot_fields(&self) -> [(u32, u32); 24] {
+    pub fn snapshot_fields(&self) -> [(u32, u32); 26] {
         [
             (self.skc_daddr, 4),
             (self.skc_rcv_saddr, 4),
@@ -262,6 +272,8 @@ impl KernelOffsets {
             (self.tcp_keepalive_intvl, 4),
             (self.tcp_keepalive_probes, 1),
             (self.tcp_rcv_tstamp, 4),
+            (self.tcp_lsndtime, 4),
+            (self.tcp_retrans_stamp, 4),
             (self.tcp_packets_out, 4),
             (self.tcp_snd_wnd, 4),
             (self.tcp_segs_out, 4),
@@ -277,18 +289,18 @@ impl KernelOffsets {
     /// Each copy lands at its offset in the per-CPU buffer, so fields load from their own
     /// offsets.
     pub fn snapshot_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
-        let mut spans = [(0u32, 0u32); 27];
+        let mut spans = [(0u32, 0u32); 29];
         for (i, (offset, size)) in self.snapshot_fields().into_iter().enumerate() {
             spans[i] = (offset, offset + size);
         }
-        spans[24] = (self.sk_cgroup, self.sk_cgroup + 8);
-        spans[25] = (self.sk_socket, self.sk_socket + 8);
+        spans[26] = (self.sk_cgroup, self.sk_cgroup + 8);
+        spans[27] = (self.sk_socket, self.sk_socket + 8);
         // Without `sk_ino`, a repeat of `sk_socket`, merged away below.
-        spans[26] = match self.sk_ino {
-            0 => spans[25],
+        spans[28] = match self.sk_ino {
+            0 => spans[27],
             ino => (ino, ino + 8),
         };
-        // Insertion sort: no_std, 27 entries.
+        // Insertion sort: no_std, 29 entries.
         for i in 1..spans.len() {
             let mut j = i;
             while j > 0 && spans[j - 1].0 > spans[j].0 {
@@ -297,7 +309,7 @@ impl KernelOffsets {
             }
         }
         // Merge what overlaps or lies closer than REGION_GAP_BYTES...
-        let mut merged = [(0u32, 0u32); 27];
+        let mut merged = [(0u32, 0u32); 29];
         let mut count = 0;
         for &(start, end) in &spans {
             if count > 0 && start <= merged[count - 1].1 + REGION_GAP_BYTES {
@@ -492,6 +504,11 @@ pub struct SocketRecord {
     /// `tcp_sock.rcv_tstamp` and `icsk_ack.lrcvtime` (jiffies, low 32 bits): last segment received.
     pub rcv_tstamp: u32,
     pub lrcvtime: u32,
+    /// `tcp_sock.lsndtime` (jiffies, low 32 bits): new data last sent.
+    pub lsndtime: u32,
+    /// `tcp_sock.retrans_stamp` (see [`KernelOffsets::tcp_retrans_stamp`]): with `ktime_ns`,
+    /// when a send that is being retransmitted first went out.
+    pub retrans_stamp: u32,
     /// Segments in flight. Close records take it from before the abort purged the write queue
     /// (`tcp_done_with_error` zeroes it): at write-timer entry or at `tcp_receive_reset`.
     pub packets_out: u32,
@@ -531,6 +548,54 @@ impl SocketRecord {
     pub fn probes(&self) -> u8 {
         own_or(self.keepalive_probes, self.sysctl_keepalive_probes)
     }
+
+    #[inline(always)]
+    pub fn last_received_jiffies(&self) -> u32 {
+        last_received(self.lrcvtime, self.rcv_tstamp)
+    }
+}
+
+/// The newer of `icsk_ack.lrcvtime` (data) and `tcp_sock.rcv_tstamp` (ACKs): the last segment
+/// received, the stamp `keepalive_time_elapsed` measures from. 32-bit jiffies: the comparison
+/// survives the wrap.
+#[inline(always)]
+pub fn last_received(lrcvtime: u32, rcv_tstamp: u32) -> u32 {
+    if lrcvtime.wrapping_sub(rcv_tstamp) as i32 > 0 {
+        lrcvtime
+    } else {
+        rcv_tstamp
+    }
+}
+
+/// Jiffies a connection was silent before its last send of new data: from the last segment
+/// received to `lsndtime`; 0 when something was received after that send.
+#[inline(always)]
+pub fn silence_before_send(last_received: u32, lsndtime: u32) -> u32 {
+    let silence = lsndtime.wrapping_sub(last_received);
+    if (silence as i32) > 0 { silence } else { 0 }
+}
+
+/// Whether a drop may be an idle kill by a middlebox (issue 13): the connection died by a reset
+/// or by a send that was never answered (retransmissions, or the probe timer the kernel runs
+/// when a firewall on this host refused the send), after at least `threshold_jiffies` of
+/// silence (the smallest middlebox idle timeout configured; 0 = never). The kernel sends such a
+/// close to the agent even for a connection without keepalive; the agent decides which
+/// threshold.
+#[inline(always)]
+pub fn idle_kill_candidate(
+    verdict: Option<DropReason>,
+    silence: u32,
+    threshold_jiffies: u32,
+) -> bool {
+    matches!(
+        verdict,
+        Some(
+            DropReason::ResetReceived
+                | DropReason::RetransmitTimeout
+                | DropReason::ZeroWindowTimeout
+        )
+    ) && threshold_jiffies != 0
+        && silence >= threshold_jiffies
 }
 
 /// A socket's own keepalive setting, or the namespace's where the socket has none (0).
@@ -988,7 +1053,7 @@ pub struct AuditCursor {
     pub full: u32,
 }
 
-const _: () = assert!(SocketRecord::SIZE == 152);
+const _: () = assert!(SocketRecord::SIZE == 160);
 const _: () = assert!(ExpiryRecord::SIZE == 104);
 const _: () = assert!(core::mem::offset_of!(ExpiryRecord, addrs) == 72);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, local_addr) % 8 == 0);

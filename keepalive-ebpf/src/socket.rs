@@ -54,6 +54,20 @@ pub(crate) fn report_keepalive_off() -> bool {
     unsafe { core::ptr::read_volatile(&raw const REPORT_KEEPALIVE_OFF) != 0 }
 }
 
+/// The smallest middlebox idle timeout in jiffies (`--idle-timeout-threshold`), 0 for none: a
+/// reset or retransmission drop on a send after at least this much silence is sent to the agent
+/// whatever `REPORT_KEEPALIVE_OFF` says, since it may be an idle kill. Written by the agent
+/// before load.
+#[unsafe(no_mangle)]
+pub(crate) static IDLE_KILL_JIFFIES: u32 = 0;
+
+/// [`IDLE_KILL_JIFFIES`].
+#[inline(always)]
+pub(crate) fn idle_kill_jiffies() -> u32 {
+    // SAFETY: read of our own static (see `offset!`).
+    unsafe { core::ptr::read_volatile(&raw const IDLE_KILL_JIFFIES) }
+}
+
 /// Exact counters per namespace, bumped with atomic adds (shared by every CPU; contention is
 /// per namespace and rare next to the rest of a hook).
 #[map]
@@ -439,6 +453,8 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
     rec.keepalive_intvl = c.load::<u32>(offset!(tcp_keepalive_intvl));
     rec.keepalive_probes = c.load::<u8>(offset!(tcp_keepalive_probes));
     rec.rcv_tstamp = c.load::<u32>(offset!(tcp_rcv_tstamp));
+    rec.lsndtime = c.load::<u32>(offset!(tcp_lsndtime));
+    rec.retrans_stamp = c.load::<u32>(offset!(tcp_retrans_stamp));
     rec.packets_out = c.load::<u32>(offset!(tcp_packets_out));
     rec.snd_wnd = c.load::<u32>(offset!(tcp_snd_wnd));
     rec.sk_err = c.load::<i32>(offset!(sk_err));
@@ -499,7 +515,7 @@ pub(crate) fn netns_key(c: impl SockFields) -> Result<NetnsKey, i64> {
 /// LLVM does not turn the stores back into that call.
 #[inline(always)]
 pub(crate) fn zero_record(rec: *mut SocketRecord) {
-    const _: () = assert!(SocketRecord::SIZE == 19 * 8);
+    const _: () = assert!(SocketRecord::SIZE == 20 * 8);
     let words = rec.cast::<u64>();
     macro_rules! zero {
         ($($i:literal)*) => {$(
@@ -507,7 +523,7 @@ pub(crate) fn zero_record(rec: *mut SocketRecord) {
             unsafe { core::ptr::write_volatile(words.add($i), 0) };
         )*};
     }
-    zero!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18);
+    zero!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19);
 }
 
 /// Sends a record to the agent.

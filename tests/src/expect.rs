@@ -8,6 +8,8 @@ pub const DROPS: &str = "tcp_connection_drops_total";
 pub const CONN_PROBES: &str = "tcp_keepalive_connection_probes_total";
 pub const CONN_UNANSWERED: &str = "tcp_keepalive_connection_unanswered_probes";
 pub const AUDIT_SOCKETS: &str = "tcp_keepalive_sockets";
+pub const IDLE_KILLS: &str = "tcp_idle_kills_total";
+pub const CONN_IDLE_KILL_SILENCE: &str = "tcp_connection_idle_kill_silence_seconds";
 
 /// Every `reason` of `tcp_connection_drops_total`.
 pub const DROP_REASONS: [&str; 8] = [
@@ -148,6 +150,35 @@ impl Expectations {
         let labels = conn.labels(self.netns);
         self.value(CONN_UNANSWERED, labels.clone(), n)
             .present(CONN_UNANSWERED, labels)
+    }
+
+    /// `tcp_idle_kills_total{netns,threshold,died_by}` == n (absent counts as 0: a series
+    /// appears with its first idle kill).
+    pub fn idle_kills(self, threshold: &str, died_by: &str, n: u64) -> Self {
+        let mut labels = self.ns_labels();
+        labels.push(("threshold".to_owned(), threshold.to_owned()));
+        labels.push(("died_by".to_owned(), died_by.to_owned()));
+        self.value(IDLE_KILLS, labels, n)
+    }
+
+    /// The connection has an idle-kill series for `threshold`, `died_by` and `keepalive`
+    /// (`"on"`/`"off"`).
+    pub fn conn_idle_kill(
+        self,
+        conn: &Conn,
+        threshold: &str,
+        died_by: &str,
+        keepalive: &str,
+    ) -> Self {
+        let mut labels = conn.labels(self.netns);
+        for (key, value) in [
+            ("threshold", threshold),
+            ("died_by", died_by),
+            ("keepalive", keepalive),
+        ] {
+            labels.push((key.to_owned(), value.to_owned()));
+        }
+        self.present(CONN_IDLE_KILL_SILENCE, labels)
     }
 
     /// The connection's series exist with `reason="<reason>"`.

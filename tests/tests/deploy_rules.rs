@@ -54,6 +54,7 @@ fn every_alert_has_promtool_unit_tests_that_pass() -> TestResult {
     let alerts = alert_names(&read_yaml(&deploy_path(RULES))?);
     let required = [
         "KeepaliveConnectionDropped",
+        "KeepaliveIdleKill",
         "KeepaliveDisconnects",
         "KeepaliveProbesUnanswered",
         "KeepaliveIdleAboveMiddleboxTimeout",

@@ -8,7 +8,6 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    str::FromStr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -24,6 +23,7 @@ use serde::Serialize;
 use crate::{
     export::{labels::AggregateLabels, metrics::DETECTION_BUCKETS},
     record::decoder::{AuditedSocket, KeepaliveSettings},
+    track::idle_kill::IdleThreshold,
 };
 
 /// The connections the audit metrics count: ESTABLISHED and CLOSE_WAIT. Both hold an open
@@ -138,48 +138,6 @@ impl SocketKeepalive {
             pid: None,
             comm: None,
         }
-    }
-}
-
-/// A middlebox idle timeout (`--idle-timeout-threshold NAME=SECONDS`): a connection idle longer
-/// than this is forgotten by the middlebox, and later packets are dropped or reset.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IdleThreshold {
-    pub name: String,
-    pub seconds: f64,
-}
-
-impl FromStr for IdleThreshold {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let usage = "expected NAME=SECONDS, e.g. aws-nlb=350";
-        let (name, seconds) = s.split_once('=').ok_or_else(|| format!("{s:?}: {usage}"))?;
-        let valid_name = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !valid_name {
-            return Err(format!(
-                "{name:?}: the name becomes a label value; use letters, digits, '-', '_' or '.' ({usage})"
-            ));
-        }
-        let seconds: f64 = seconds
-            .parse()
-            .map_err(|_| format!("{seconds:?} is not a number of seconds ({usage})"))?;
-        if !(seconds.is_finite() && seconds > 0.0) {
-            return Err(format!("{seconds} must be a positive number of seconds"));
-        }
-        Ok(Self {
-            name: name.to_owned(),
-            seconds,
-        })
-    }
-}
-
-impl fmt::Display for IdleThreshold {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={}", self.name, self.seconds)
     }
 }
 
@@ -483,21 +441,6 @@ mod tests {
         // Rounded up to a whole jiffy like msecs_to_jiffies (4 ms at 250 Hz): 1 ms past
         // idle + interval needs a second interval.
         assert_eq!(worst_case_seconds(settings(1, 1, 3, 2_001)), Some(3.0));
-    }
-
-    #[test]
-    fn thresholds_parse_name_equals_seconds() {
-        assert_eq!(
-            "aws-nlb=350".parse::<IdleThreshold>(),
-            Ok(IdleThreshold {
-                name: "aws-nlb".to_owned(),
-                seconds: 350.0
-            })
-        );
-        assert!("350".parse::<IdleThreshold>().is_err());
-        assert!("aws nlb=350".parse::<IdleThreshold>().is_err());
-        assert!("x=-1".parse::<IdleThreshold>().is_err());
-        assert!("x=abc".parse::<IdleThreshold>().is_err());
     }
 
     fn socket(netns: u32, state: u8, settings: KeepaliveSettings) -> AuditedSocket {

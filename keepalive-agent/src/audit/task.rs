@@ -10,12 +10,12 @@ use log::{debug, info, warn};
 use tokio::time::MissedTickBehavior;
 
 use crate::{
-    audit::summary::{AuditCollector, AuditState, AuditSummary, IdleThreshold},
+    audit::summary::{AuditCollector, AuditState, AuditSummary},
     audit::walk,
     export::labels::AggregateLabels,
     kernel::hash_walk::HashWalk,
     record::decoder::AuditedSocket,
-    track::namespaces::NamespaceIdentity,
+    track::{idle_kill::IdleThreshold, namespaces::NamespaceIdentity},
 };
 
 /// The label set each audited socket is counted under (see [`AuditSummary::new`]).
@@ -42,6 +42,7 @@ pub struct AuditConfig {
     /// keepalive-on connections whose idle time is at or above it, in
     /// tcp_keepalive_idle_at_or_above_threshold_sockets{threshold="NAME"}. Those connections
     /// are forgotten by the middlebox before their first probe and then silently dropped.
+    /// A drop after at least this much silence is an idle kill (tcp_idle_kills_total).
     /// Giving any replaces the whole default set.
     #[arg(
         long = "idle-timeout-threshold",
@@ -49,6 +50,16 @@ pub struct AuditConfig {
         default_values = DEFAULT_IDLE_THRESHOLDS,
     )]
     pub idle_timeout_thresholds: Vec<IdleThreshold>,
+}
+
+impl AuditConfig {
+    /// The smallest middlebox idle timeout: a drop after a shorter silence is no idle kill.
+    pub(crate) fn smallest_idle_timeout(&self) -> Option<f64> {
+        self.idle_timeout_thresholds
+            .iter()
+            .map(|t| t.seconds)
+            .min_by(f64::total_cmp)
+    }
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {

@@ -379,7 +379,7 @@ fn tracefs() -> Check {
 
 fn load(session: &Session) -> Check {
     // Nothing is read from the ring buffer: the smallest size the kernel accepts.
-    match session.load(MIN_RING_BUFFER_BYTES, CloseReports::KeepaliveOn) {
+    match session.load(MIN_RING_BUFFER_BYTES, CloseReports::KeepaliveOn, None) {
         Ok(mut kernel) => {
             let attached = kernel.hooks.iter().filter(|s| s.attached).count();
             let mut audited = false;

@@ -232,7 +232,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         );
     }
     let mut kernel = session
-        .load(config.ring_buffer_bytes, closes)
+        .load(
+            config.ring_buffer_bytes,
+            closes,
+            config.audit.smallest_idle_timeout(),
+        )
         .context("loading the kernel programs")?;
     let hooks: Family<HookLabels, Gauge> = Family::default();
     for status in &kernel.hooks {
@@ -266,7 +270,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.max_dropped,
         config.dropped_retention,
     )));
-    let mut pipeline_metrics = PipelineMetrics::default();
+    let mut pipeline_metrics = PipelineMetrics::default().with_idle_thresholds(
+        config
+            .audit
+            .idle_timeout_thresholds
+            .iter()
+            .map(|t| t.name.clone())
+            .collect(),
+    );
     if config.aggregate_by == AggregateBy::default() {
         pipeline_metrics = pipeline_metrics.counted_in_kernel(Arc::new(NetnsCounterMaps::new(
             netns_counters.counters,
@@ -358,7 +369,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         })
     };
     let mut pipeline = Pipeline::new(&session, table, pipeline_metrics, attributor)
-        .aggregated_by(config.aggregate_by.clone());
+        .aggregated_by(config.aggregate_by.clone())
+        .with_idle_thresholds(&config.audit.idle_timeout_thresholds);
     let audit_collector = audit::task::start(
         audit,
         session.hz,

@@ -26,7 +26,7 @@ use crate::{
     attribution::Workload,
     kernel::hz,
     record::decoder::{CloseEvent, Endpoints, KeepaliveExpiry, KeepaliveSettings, SocketOwner},
-    track::classifier::DropReason,
+    track::{classifier::DropReason, idle_kill::IdleKill},
 };
 
 /// Events buffered between the pipeline and the writer before new ones are counted as dropped.
@@ -156,6 +156,37 @@ pub struct ConnectionEvent {
     /// Seconds from the last segment received to the kernel's close (`drop`, `reset`,
     /// `timed_out`).
     pub idle_before_death_seconds: Option<f64>,
+    /// A `drop` a middlebox idle timeout explains (`--idle-timeout-threshold`); `null` otherwise.
+    pub idle_kill: Option<IdleKillFields>,
+}
+
+/// What an idle kill's event says: which middlebox timeout, how long the connection was silent,
+/// how its next send died, and the keepalive setting that would have kept it alive.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdleKillFields {
+    pub threshold: String,
+    pub threshold_seconds: f64,
+    /// From the last segment received to the send that died.
+    pub silence_seconds: f64,
+    /// `reset` or `timeout` (see `IdleKillHow`).
+    pub died_by: &'static str,
+    /// The effective keepalive idle; `null` when keepalive was off.
+    pub keepalive_idle_seconds: Option<f64>,
+    /// A `TCP_KEEPIDLE` (with `SO_KEEPALIVE` on) below the threshold.
+    pub suggested_keepalive_idle_seconds: f64,
+}
+
+impl From<&IdleKill> for IdleKillFields {
+    fn from(kill: &IdleKill) -> Self {
+        Self {
+            threshold: kill.threshold.name.clone(),
+            threshold_seconds: kill.threshold.seconds,
+            silence_seconds: kill.silence_seconds,
+            died_by: kill.how.as_str(),
+            keepalive_idle_seconds: kill.keepalive_idle_seconds,
+            suggested_keepalive_idle_seconds: kill.suggested_keepalive_idle_seconds,
+        }
+    }
 }
 
 /// `DropReason` is defined with the kernel programs (no serde there): its name.
@@ -236,6 +267,7 @@ impl ConnectionEvent {
             reason: None,
             error: None,
             idle_before_death_seconds: None,
+            idle_kill: None,
         }
     }
 }
@@ -715,6 +747,39 @@ mod tests {
         assert_eq!(json["idle_before_death_seconds"], 4.0);
         let ts = json["timestamp"].as_str().unwrap();
         assert!(humantime::parse_rfc3339(ts).is_ok(), "{ts}");
+    }
+
+    #[test]
+    fn an_idle_kill_is_an_object_of_the_drop_and_null_otherwise() {
+        let plain = ConnectionEvent::from_close(
+            EventKind::Drop,
+            &close(),
+            DropReason::ResetReceived,
+            0,
+            0,
+            250,
+        );
+        let json: serde_json::Value = serde_json::to_value(&plain).unwrap();
+        assert_eq!(json["idle_kill"], serde_json::Value::Null);
+        let kill = IdleKill {
+            threshold: "aws-nlb=350".parse().unwrap(),
+            silence_seconds: 400.0,
+            how: crate::track::idle_kill::IdleKillHow::Reset,
+            keepalive_idle_seconds: None,
+            suggested_keepalive_idle_seconds: 275.0,
+        };
+        let event = ConnectionEvent {
+            idle_kill: Some(IdleKillFields::from(&kill)),
+            ..plain
+        };
+        let json: serde_json::Value = serde_json::to_value(&event).unwrap();
+        let fields = &json["idle_kill"];
+        assert_eq!(fields["threshold"], "aws-nlb");
+        assert_eq!(fields["threshold_seconds"], 350.0);
+        assert_eq!(fields["silence_seconds"], 400.0);
+        assert_eq!(fields["died_by"], "reset");
+        assert_eq!(fields["keepalive_idle_seconds"], serde_json::Value::Null);
+        assert_eq!(fields["suggested_keepalive_idle_seconds"], 275.0);
     }
 
     #[test]

@@ -23,7 +23,8 @@ use crate::{
     record::netns_counters::NetnsCounterMaps,
     track::{
         classifier::DropReason,
-        connection_table::{ConnectionTable, DropClass},
+        connection_table::{ConnectionState, ConnectionTable, DropClass},
+        idle_kill::{IdleKill, IdleKillHow},
     },
 };
 
@@ -74,6 +75,13 @@ pub(crate) struct HookLabels {
 pub(crate) struct PipelineMetrics {
     pub probes: Family<AggregateLabels, Counter>,
     pub drops: Family<AggregateLabels, Counter>,
+    /// `tcp_idle_kills_total`: counted from records (the kernel sends every candidate). A
+    /// series appears with a namespace's first idle kill of its threshold: created at 0 for
+    /// every threshold it would be 8 more series per namespace with the default thresholds,
+    /// and the `KeepaliveIdleKill` alert works on the per-connection series instead.
+    pub idle_kills: Family<AggregateLabels, Counter>,
+    /// The `--idle-timeout-threshold` names, to remove a namespace's idle-kill series.
+    idle_threshold_names: Arc<[String]>,
     pub events: Family<KindLabels, Counter>,
     /// Handles into `events` for every record kind, so counting a record neither hashes nor
     /// locks the family.
@@ -112,6 +120,8 @@ impl Default for PipelineMetrics {
         Self {
             probes: Family::default(),
             drops: Family::default(),
+            idle_kills: Family::default(),
+            idle_threshold_names: Arc::new([]),
             events,
             event_kinds,
             decode_errors: Counter::default(),
@@ -174,6 +184,13 @@ impl PipelineMetrics {
         self.kernel_counters.as_ref()
     }
 
+    /// Idle kills are counted under these threshold names (`--idle-timeout-threshold`). Before
+    /// any clone: every copy must know them to remove a namespace's series.
+    pub(crate) fn with_idle_thresholds(mut self, names: Vec<String>) -> Self {
+        self.idle_threshold_names = names.into();
+        self
+    }
+
     /// Creates every aggregate series of a label set (a namespace, or a namespace and workload)
     /// at 0 the first time it shows up, so `increase()` and alerts work from the first scrape.
     pub(crate) fn see(&self, labels: &AggregateLabels) {
@@ -189,6 +206,27 @@ impl PipelineMetrics {
         for reason in DropReason::ALL {
             let _ = self.drops.get_or_create(&with_reason(labels, reason));
         }
+    }
+
+    fn forget_idle_kills(&self, labels: &AggregateLabels) {
+        for threshold in self.idle_threshold_names.iter() {
+            for how in IdleKillHow::ALL {
+                self.idle_kills
+                    .remove(&with_idle_kill(labels, threshold, how));
+            }
+        }
+    }
+
+    /// One idle kill (see [`crate::track::idle_kill`]) under its threshold's name.
+    pub(crate) fn count_idle_kill(
+        &self,
+        labels: &AggregateLabels,
+        threshold: &str,
+        how: IdleKillHow,
+    ) {
+        self.idle_kills
+            .get_or_create(&with_idle_kill(labels, threshold, how))
+            .inc();
     }
 
     pub(crate) fn count_drop(&self, labels: &AggregateLabels, reason: DropReason) {
@@ -246,10 +284,14 @@ impl PipelineMetrics {
                 for reason in DropReason::ALL {
                     self.drops.remove(&with_reason(labels, reason));
                 }
+                self.forget_idle_kills(labels);
             }
             !gone
         });
         for &netns in inodes {
+            // Where the kernel counts the aggregates, idle kills are counted under the
+            // namespace alone, which `seen` does not list.
+            self.forget_idle_kills(&vec![("netns", netns.to_string())]);
             for reason in DropReason::ALL {
                 self.detection.remove(&DropLabels {
                     netns,
@@ -266,6 +308,13 @@ impl PipelineMetrics {
 fn with_reason(labels: &AggregateLabels, reason: DropReason) -> AggregateLabels {
     let mut labels = labels.clone();
     labels.push(("reason", reason.as_str().to_owned()));
+    labels
+}
+
+fn with_idle_kill(labels: &AggregateLabels, threshold: &str, how: IdleKillHow) -> AggregateLabels {
+    let mut labels = labels.clone();
+    labels.push(("threshold", threshold.to_owned()));
+    labels.push(("died_by", how.as_str().to_owned()));
     labels
 }
 
@@ -373,6 +422,11 @@ pub(crate) fn registry(
             registry.register(DROPS_NAME, DROPS_HELP, pipeline.drops.clone());
         }
     }
+    registry.register(
+        "tcp_idle_kills",
+        "Connections that died on their first send after a silence at least as long as a middlebox idle timeout (threshold, from --idle-timeout-threshold), with keepalive off or its idle not below that timeout; died_by: reset, or timeout (never answered)",
+        pipeline.idle_kills.clone(),
+    );
     registry.register(
         "tcp_keepalive_dead_peer_detection_seconds",
         "Time from the last segment received to a keepalive_timeout or keepalive_reset drop: how long a dead peer went unnoticed",
@@ -496,6 +550,7 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
             ConstGauge::new(i64::from(state.unanswered_probes))
                 .encode(unanswered.encode_family(labels)?)?;
         }
+        encode_idle_kills(&mut encoder, shown, &labels)?;
 
         let gauges = [
             (
@@ -538,6 +593,65 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
         }
         Ok(())
     }
+}
+
+/// One per-connection idle-kill gauge: name, help, and the figure it shows.
+type IdleKillFigure = (&'static str, &'static str, fn(&IdleKill) -> f64);
+
+/// The idle-killed connections among `shown`: what each died of and the setting that would have
+/// saved it, one gauge per figure, labelled like the connection's other series plus the
+/// threshold, how it died and whether keepalive was on.
+fn encode_idle_kills(
+    encoder: &mut DescriptorEncoder,
+    shown: &[&ConnectionState],
+    labels: &[Vec<(&'static str, String)>],
+) -> Result<(), fmt::Error> {
+    let kills: Vec<(&IdleKill, Vec<(&'static str, String)>)> = shown
+        .iter()
+        .zip(labels)
+        .filter_map(|(state, labels)| {
+            let kill = state.idle_kill.as_deref()?;
+            let mut labels = labels.clone();
+            labels.push(("threshold", kill.threshold.name.clone()));
+            labels.push(("died_by", kill.how.as_str().to_owned()));
+            let keepalive = if kill.keepalive_idle_seconds.is_some() {
+                "on"
+            } else {
+                "off"
+            };
+            labels.push(("keepalive", keepalive.to_owned()));
+            Some((kill, labels))
+        })
+        .collect();
+    let figures: [IdleKillFigure; 4] = [
+        (
+            "tcp_connection_idle_kill_silence_seconds",
+            "Idle-killed connection: seconds from the last segment received to the send that died",
+            |k| k.silence_seconds,
+        ),
+        (
+            "tcp_connection_idle_kill_threshold_seconds",
+            "Idle-killed connection: the middlebox idle timeout that explains it (the largest --idle-timeout-threshold at or below the silence)",
+            |k| k.threshold.seconds,
+        ),
+        (
+            "tcp_connection_idle_kill_keepalive_idle_seconds",
+            "Idle-killed connection: its effective keepalive idle (0 with keepalive off)",
+            |k| k.keepalive_idle_seconds.unwrap_or(0.0),
+        ),
+        (
+            "tcp_connection_idle_kill_suggested_keepalive_idle_seconds",
+            "Idle-killed connection: a TCP_KEEPIDLE (with SO_KEEPALIVE on) below the threshold, so probes keep the middlebox's entry alive",
+            |k| k.suggested_keepalive_idle_seconds,
+        ),
+    ];
+    for (name, help, figure) in figures {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (kill, labels) in &kills {
+            ConstGauge::new(figure(kill)).encode(family.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Ring-buffer reserves that failed in the kernel (events lost), summed over CPUs at scrape.

@@ -73,6 +73,7 @@ pub fn open_programs() -> Result<aya::Ebpf, OpenProgramsError> {
         &btf,
         programs::MIN_RING_BUFFER_BYTES,
         programs::CloseReports::KeepaliveOn,
+        0,
     )
     .map_err(|e| OpenProgramsError(OpenFailure::Programs(e)))
 }
@@ -117,11 +118,14 @@ impl Session {
         })
     }
 
-    /// Every hook attached, the audit's walk loaded, the maps taken.
+    /// Every hook attached, the audit's walk loaded, the maps taken. `idle_kill_seconds`: the
+    /// smallest middlebox idle timeout, whose possible idle kills the close program sends even
+    /// without keepalive (`None`: no idle-kill detection).
     pub(crate) fn load(
         &self,
         ring_buffer_bytes: u32,
         closes: programs::CloseReports,
+        idle_kill_seconds: Option<f64>,
     ) -> Result<KernelPrograms, ProgramsError> {
         programs::load(
             &self.layout,
@@ -129,6 +133,7 @@ impl Session {
             &self.btf,
             ring_buffer_bytes,
             closes,
+            idle_kill_seconds.map_or(0, |seconds| seconds_to_jiffies(seconds, self.hz)),
         )
     }
 
@@ -140,8 +145,15 @@ impl Session {
             &self.btf,
             programs::MIN_RING_BUFFER_BYTES,
             programs::CloseReports::KeepaliveOn,
+            0,
         )?;
         // The walk holds its own program descriptor and maps: the object can go.
         programs::load_audit(&mut ebpf)
     }
+}
+
+/// `seconds` in jiffies of a `hz` kernel, at least 1 (0 means "off" to the programs) and at
+/// most `u32::MAX` (the 32-bit stamps the programs compare).
+fn seconds_to_jiffies(seconds: f64, hz: u32) -> u32 {
+    (seconds * f64::from(hz)).clamp(1.0, f64::from(u32::MAX)) as u32
 }

@@ -203,6 +203,7 @@ pub(crate) fn open(
     btf: &Btf,
     ring_buffer_bytes: u32,
     closes: CloseReports,
+    idle_kill_jiffies: u32,
 ) -> Result<Ebpf, ProgramsError> {
     // No kernel reports u32::MAX as a reset reason: the close program's comparison never
     // matches where the kernel has no keepalive reason.
@@ -232,6 +233,7 @@ pub(crate) fn open(
             &report_keepalive_off,
             true,
         )
+        .override_global(names::IDLE_KILL_JIFFIES_GLOBAL, &idle_kill_jiffies, true)
         .override_global(names::SNAPSHOT_REGIONS_GLOBAL, &snapshot_regions, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
@@ -257,8 +259,16 @@ pub(crate) fn load(
     btf: &Btf,
     ring_buffer_bytes: u32,
     closes: CloseReports,
+    idle_kill_jiffies: u32,
 ) -> Result<KernelPrograms, ProgramsError> {
-    let mut ebpf = open(layout, timers, btf, ring_buffer_bytes, closes)?;
+    let mut ebpf = open(
+        layout,
+        timers,
+        btf,
+        ring_buffer_bytes,
+        closes,
+        idle_kill_jiffies,
+    )?;
 
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => spawn_kernel_log(logger),

@@ -30,11 +30,11 @@ use crate::{
     attribution::{Attributor, Workload},
     export::{
         events::{ConnectionEvent, EventSender, WorkloadFields},
-        labels::AggregateBy,
+        labels::{AggregateBy, AggregateLabels},
         metrics::PipelineMetrics,
     },
     record::decoder::{Endpoints, SocketOwner},
-    track::{classifier::DropReason, tracker::Tracker},
+    track::{classifier::DropReason, idle_kill::IdleKillHow, tracker::Tracker},
 };
 
 /// Jobs waiting for the worker before new ones are dropped. A job is a few hundred bytes; the
@@ -76,12 +76,37 @@ impl Resolve for Attributor {
 }
 
 /// What one aggregate record adds once its labels are known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Count {
     /// Nothing but the label set's series, created at 0.
     Seen,
     Probe,
     Drop(DropReason),
+    /// A drop that was an idle kill: the drop, and the kill under its threshold's name.
+    IdleKill {
+        reason: DropReason,
+        threshold: String,
+        how: IdleKillHow,
+    },
+}
+
+impl Count {
+    /// Adds this count to `labels`' series (which [`PipelineMetrics::see`] created).
+    pub(crate) fn apply(&self, metrics: &PipelineMetrics, labels: &AggregateLabels) {
+        match self {
+            Count::Seen => {}
+            Count::Probe => metrics.count_probe(labels),
+            Count::Drop(reason) => metrics.count_drop(labels, *reason),
+            Count::IdleKill {
+                reason,
+                threshold,
+                how,
+            } => {
+                metrics.count_drop(labels, *reason);
+                metrics.count_idle_kill(labels, threshold, *how);
+            }
+        }
+    }
 }
 
 /// One request from the drain to the worker.
@@ -304,11 +329,7 @@ impl Worker {
                     .aggregate_by
                     .labels(&endpoints, &self.resolver.cgroup(&owner));
                 self.metrics.see(&labels);
-                match count {
-                    Count::Seen => {}
-                    Count::Probe => self.metrics.count_probe(&labels),
-                    Count::Drop(reason) => self.metrics.count_drop(&labels, reason),
-                }
+                count.apply(&self.metrics, &labels);
             }
             Job::Emit {
                 sk,
@@ -402,6 +423,7 @@ mod tests {
                     ),
                 )),
                 crate::track::classifier::ResetReasons::default(),
+                250,
             ),
             PipelineMetrics::default(),
             AggregateBy::default(),

@@ -114,9 +114,42 @@ pub struct CloseEvent {
     pub ktime_ns: u64,
     pub jiffies: u64,
     pub last_received_jiffies: u32,
+    /// `tcp_sock.lsndtime`: new data last sent, retransmissions included (32-bit jiffies).
+    pub last_sent_jiffies: u32,
+    /// `tcp_sock.retrans_stamp`: when the segment being retransmitted first went out
+    /// (`CLOCK_MONOTONIC` milliseconds, low 32 bits), 0 when none is.
+    pub retrans_stamp: u32,
 }
 
 impl CloseEvent {
+    /// Seconds the connection was silent before the send that died (see
+    /// [`keepalive_ebpf::silence_before_send`]): 0 when it received something after that send.
+    pub fn silence_before_send_seconds(&self, hz: u32) -> f64 {
+        let silent = keepalive_ebpf::silence_before_send(
+            self.last_received_jiffies,
+            self.first_send_jiffies(hz),
+        );
+        crate::kernel::hz::jiffies_to_seconds(u64::from(silent), hz)
+    }
+
+    /// When the send that died first went out (32-bit jiffies). `lsndtime` moves with every
+    /// retransmission, so a send being retransmitted is dated by `retrans_stamp` instead: its
+    /// age in milliseconds on the clock of `ktime_ns`, back from this close. A stamp older than
+    /// the last segment received belongs to an earlier episode (or is in microseconds, 6.7+
+    /// `tcp_usec_ts`), and `lsndtime` stands.
+    pub fn first_send_jiffies(&self, hz: u32) -> u32 {
+        let now = self.jiffies as u32;
+        if self.retrans_stamp != 0 {
+            let now_ms = (self.ktime_ns / 1_000_000) as u32;
+            let age_ms = u64::from(now_ms.wrapping_sub(self.retrans_stamp));
+            let age = age_ms * u64::from(hz) / 1000;
+            if age <= u64::from(now.wrapping_sub(self.last_received_jiffies)) {
+                return now.wrapping_sub(age as u32);
+            }
+        }
+        self.last_sent_jiffies
+    }
+
     /// Seconds from the last segment received to this close: the silence the keepalive timer
     /// measures. The stamps are 32-bit jiffies (`tcp_jiffies32`); wrapping subtraction survives
     /// the wrap.
@@ -273,11 +306,7 @@ fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
         user_timeout_ms: rec.user_timeout_ms,
     };
     // `keepalive_time_elapsed` measures from the newer of the two receive stamps.
-    let last_received_jiffies = if rec.lrcvtime.wrapping_sub(rec.rcv_tstamp) as i32 > 0 {
-        rec.lrcvtime
-    } else {
-        rec.rcv_tstamp
-    };
+    let last_received_jiffies = rec.last_received_jiffies();
     Ok(match kind {
         // The timer's exit sends an `ExpiryRecord`, never this layout.
         RecordKind::KeepaliveTimer => {
@@ -305,6 +334,8 @@ fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             ktime_ns: rec.ktime_ns,
             jiffies: rec.jiffies,
             last_received_jiffies,
+            last_sent_jiffies: rec.lsndtime,
+            retrans_stamp: rec.retrans_stamp,
         }),
         RecordKind::Audit => Event::Audit(AuditedSocket {
             sk: rec.sk,
@@ -395,6 +426,8 @@ pub(crate) mod fixtures {
             ktime_ns: 0,
             jiffies: 0,
             last_received_jiffies: 0,
+            last_sent_jiffies: 0,
+            retrans_stamp: 0,
         }
     }
 }

@@ -13,10 +13,13 @@ use lru::LruCache;
 use crate::{
     attribution::Workload,
     record::decoder::{CloseEvent, Endpoints, KeepaliveExpiry},
-    track::classifier::{CloseOutcome, DropReason},
+    track::{
+        classifier::{CloseOutcome, DropReason},
+        idle_kill::IdleKill,
+    },
 };
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ConnectionState {
     pub endpoints: Endpoints,
     /// Probes the kernel sent on this connection since the agent first saw it.
@@ -30,6 +33,8 @@ pub(crate) struct ConnectionState {
     pub streak_probes: u8,
     /// Set once the connection was dropped.
     pub dropped: Option<DropReason>,
+    /// Set when that drop was an idle kill (boxed: rare, and one pointer in every other entry).
+    pub idle_kill: Option<Box<IdleKill>>,
     pub updated: Instant,
     /// Who owns it: filled in by the pipeline when the connection enters the table, completed at
     /// close if the process was not found then.
@@ -49,6 +54,7 @@ impl ConnectionState {
             unanswered_probes: 0,
             streak_probes: 0,
             dropped: None,
+            idle_kill: None,
             updated: now,
             workload: Workload::default(),
             at_risk_seen: false,
@@ -71,9 +77,9 @@ pub(crate) struct ExpiryOutcome {
     pub answered_probes: u8,
 }
 
-/// Which dropped list a drop goes to. Keepalive drops are what an alert names; any process on
-/// the node (or anyone who can open connections to a pod on it) can cause other drops by the
-/// thousand (RST churn), so those must never push a keepalive drop out.
+/// Which dropped list a drop goes to. Keepalive drops (and idle kills) are what an alert names;
+/// any process on the node (or anyone who can open connections to a pod on it) can cause other
+/// drops by the thousand (RST churn), so those must never push a keepalive drop out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DropClass {
     Keepalive = 0,
@@ -213,7 +219,7 @@ impl ConnectionTable {
         outcome: CloseOutcome,
         now: Instant,
     ) -> Option<ConnectionState> {
-        self.on_close_with(c, outcome, now, None)
+        self.on_close_with(c, outcome, now, None, None)
     }
 
     /// [`Self::on_close`], completing the connection's owner with `known` first.
@@ -223,6 +229,7 @@ impl ConnectionTable {
         outcome: CloseOutcome,
         now: Instant,
         known: Option<Workload>,
+        idle_kill: Option<Box<IdleKill>>,
     ) -> Option<ConnectionState> {
         let previous = self
             .live
@@ -237,11 +244,17 @@ impl ConnectionTable {
             state.unanswered_probes = state.unanswered_probes.max(c.probes_out);
         }
         state.dropped = Some(reason);
+        // Kept like a keepalive drop: it is what the agent is for, and a flood of other drops
+        // must not push it out.
+        let class = match idle_kill {
+            Some(_) => DropClass::Keepalive,
+            None => DropClass::of(reason),
+        };
+        state.idle_kill = idle_kill;
         state.updated = now;
         if let Some(known) = known {
             state.workload.fill_unknown_from(known);
         }
-        let class = DropClass::of(reason);
         if self.dropped_len() >= self.max_dropped {
             // Another drop goes first; a keepalive drop only pushes out the oldest keepalive
             // drop, and only when the whole list is keepalive drops.

@@ -13,11 +13,12 @@ use crate::{
     track::{
         classifier::{self, CloseOutcome, DropReason, ResetReasons},
         connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
+        idle_kill::{self, IdleThreshold},
     },
 };
 
 /// A connection the kernel dropped: why, and its final state as the table keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Dropped {
     pub(crate) reason: DropReason,
     pub(crate) connection: ConnectionState,
@@ -29,14 +30,30 @@ pub(crate) struct Dropped {
 pub(crate) struct Tracker {
     table: Arc<Mutex<ConnectionTable>>,
     reset_reasons: ResetReasons,
+    /// CONFIG_HZ, for the idle-kill silence.
+    hz: u32,
+    /// Middlebox idle timeouts a drop is checked against (none: no idle kills).
+    idle_thresholds: Arc<[IdleThreshold]>,
 }
 
 impl Tracker {
-    pub(crate) fn new(table: Arc<Mutex<ConnectionTable>>, reset_reasons: ResetReasons) -> Self {
+    pub(crate) fn new(
+        table: Arc<Mutex<ConnectionTable>>,
+        reset_reasons: ResetReasons,
+        hz: u32,
+    ) -> Self {
         Self {
             table,
             reset_reasons,
+            hz,
+            idle_thresholds: Arc::new([]),
         }
+    }
+
+    /// Checks every drop against these middlebox idle timeouts ([`idle_kill::classify`]).
+    pub(crate) fn with_idle_thresholds(mut self, thresholds: &[IdleThreshold]) -> Self {
+        self.idle_thresholds = thresholds.into();
+        self
     }
 
     fn table(&self) -> MutexGuard<'_, ConnectionTable> {
@@ -61,7 +78,10 @@ impl Tracker {
             self.table().on_close(close, outcome, now);
             return None;
         };
-        let connection = self.table().on_close_with(close, outcome, now, known)?;
+        let idle_kill = idle_kill::classify(close, reason, self.hz, &self.idle_thresholds);
+        let connection =
+            self.table()
+                .on_close_with(close, outcome, now, known, idle_kill.map(Box::new))?;
         Some(Dropped { reason, connection })
     }
 

@@ -1,0 +1,307 @@
+//! Idle kills (issue 13): a connection that sat silent longer than a middlebox between the peers
+//! remembers an idle flow (a NAT, a load balancer, a conntrack table), then died on its next send,
+//! by the reset the middlebox (or the host behind it) answered with, or by retransmissions that
+//! went unanswered. Keepalive with an idle time below that middlebox's timeout would have kept
+//! the flow alive. One pure function over a dropped [`CloseEvent`], like the classifier.
+
+use std::{fmt, str::FromStr};
+
+use crate::{
+    kernel::hz::jiffies_to_seconds, record::decoder::CloseEvent, track::classifier::DropReason,
+};
+
+/// A middlebox idle timeout (`--idle-timeout-threshold NAME=SECONDS`): a connection idle longer
+/// than this is forgotten by the middlebox, and later packets are dropped or reset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdleThreshold {
+    pub name: String,
+    pub seconds: f64,
+}
+
+impl FromStr for IdleThreshold {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let usage = "expected NAME=SECONDS, e.g. aws-nlb=350";
+        let (name, seconds) = s.split_once('=').ok_or_else(|| format!("{s:?}: {usage}"))?;
+        let valid_name = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid_name {
+            return Err(format!(
+                "{name:?}: the name becomes a label value; use letters, digits, '-', '_' or '.' ({usage})"
+            ));
+        }
+        let seconds: f64 = seconds
+            .parse()
+            .map_err(|_| format!("{seconds:?} is not a number of seconds ({usage})"))?;
+        if !(seconds.is_finite() && seconds > 0.0) {
+            return Err(format!("{seconds} must be a positive number of seconds"));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            seconds,
+        })
+    }
+}
+
+impl fmt::Display for IdleThreshold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.name, self.seconds)
+    }
+}
+
+/// How the send after the silence died.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IdleKillHow {
+    /// Answered by a reset: the middlebox forgot the flow and the packet reached a host (or the
+    /// middlebox itself) that knows no such connection.
+    Reset,
+    /// Never answered: the middlebox drops what it does not know, and the send's retransmissions
+    /// ran out (`TCP_USER_TIMEOUT` or `tcp_retries2`). When the dropping firewall is on this
+    /// host's output path, the send itself fails and the kernel's probe timer runs out instead
+    /// (`zero_window_timeout` with the peer's window open).
+    Timeout,
+}
+
+impl IdleKillHow {
+    pub(crate) const ALL: [Self; 2] = [Self::Reset, Self::Timeout];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Reset => "reset",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// A drop a middlebox idle timeout explains.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct IdleKill {
+    /// The largest configured threshold at or below the silence: the middlebox whose timeout
+    /// matches best (a shorter one would have killed the flow too).
+    pub threshold: IdleThreshold,
+    /// From the last segment received to the send that died.
+    pub silence_seconds: f64,
+    pub how: IdleKillHow,
+    /// The connection's effective keepalive idle (`TCP_KEEPIDLE`, else the namespace's
+    /// `tcp_keepalive_time`); `None` when keepalive was off.
+    pub keepalive_idle_seconds: Option<f64>,
+    /// A `TCP_KEEPIDLE` that keeps the flow alive through this middlebox (see [`suggested_idle`]).
+    pub suggested_keepalive_idle_seconds: f64,
+}
+
+/// Whether `close`, dropped for `reason`, was an idle kill: it died by a reset or by
+/// retransmission timeout on a send after a silence at least as long as a threshold, and its
+/// keepalive (if on) would not have probed before that threshold.
+pub(crate) fn classify(
+    close: &CloseEvent,
+    reason: DropReason,
+    hz: u32,
+    thresholds: &[IdleThreshold],
+) -> Option<IdleKill> {
+    let how = match reason {
+        DropReason::ResetReceived => IdleKillHow::Reset,
+        DropReason::RetransmitTimeout => IdleKillHow::Timeout,
+        // The probe timer with the window open: the send never left this host.
+        DropReason::ZeroWindowTimeout if close.send_window > 0 => IdleKillHow::Timeout,
+        _ => return None,
+    };
+    let silence_seconds = close.silence_before_send_seconds(hz);
+    let threshold = thresholds
+        .iter()
+        .filter(|t| t.seconds <= silence_seconds)
+        .max_by(|a, b| a.seconds.total_cmp(&b.seconds))?;
+    let settings = &close.settings;
+    let keepalive_idle_seconds = settings
+        .enabled
+        .then(|| jiffies_to_seconds(u64::from(settings.idle_jiffies), hz));
+    if keepalive_idle_seconds.is_some_and(|idle| idle < threshold.seconds) {
+        // Its probes would have kept the middlebox's entry alive: something else killed it.
+        return None;
+    }
+    let interval = jiffies_to_seconds(u64::from(settings.interval_jiffies), hz);
+    Some(IdleKill {
+        threshold: threshold.clone(),
+        silence_seconds,
+        how,
+        keepalive_idle_seconds,
+        suggested_keepalive_idle_seconds: suggested_idle(threshold.seconds, interval),
+    })
+}
+
+/// A keepalive idle below `threshold`, in whole seconds: `threshold - interval` when that leaves
+/// at least half the threshold (a lost first probe's retry still comes before the middlebox
+/// forgets the flow), else half the threshold; at least 1.
+fn suggested_idle(threshold: f64, interval: f64) -> f64 {
+    let idle = if threshold - interval >= threshold / 2.0 {
+        threshold - interval
+    } else {
+        threshold / 2.0
+    };
+    // Whole seconds: TCP_KEEPIDLE takes an integer, and 1 is its minimum.
+    idle.floor().max(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::decoder::fixtures;
+
+    const HZ: u32 = 250;
+
+    fn thresholds() -> Vec<IdleThreshold> {
+        ["aws-nlb=350", "gcp-lb=600", "conntrack=3"]
+            .iter()
+            .map(|t| t.parse().expect("threshold"))
+            .collect()
+    }
+
+    /// A connection without keepalive that received its last segment at jiffy 1000 and sent
+    /// at `1000 + silent_seconds`, then died for `reason`.
+    fn drop_after(silent_seconds: u32) -> CloseEvent {
+        let mut close = fixtures::keepalive_abort();
+        close.settings.enabled = false;
+        close.settings.idle_jiffies = 7200 * HZ;
+        close.settings.interval_jiffies = 75 * HZ;
+        close.last_received_jiffies = 1000;
+        close.last_sent_jiffies = 1000 + silent_seconds * HZ;
+        close.jiffies = u64::from(close.last_sent_jiffies) + 1;
+        close
+    }
+
+    #[test]
+    fn thresholds_parse_name_equals_seconds() {
+        assert_eq!(
+            "aws-nlb=350".parse::<IdleThreshold>(),
+            Ok(IdleThreshold {
+                name: "aws-nlb".to_owned(),
+                seconds: 350.0
+            })
+        );
+        assert!("350".parse::<IdleThreshold>().is_err());
+        assert!("aws nlb=350".parse::<IdleThreshold>().is_err());
+        assert!("x=-1".parse::<IdleThreshold>().is_err());
+        assert!("x=abc".parse::<IdleThreshold>().is_err());
+    }
+
+    #[test]
+    fn reset_after_a_long_silence_names_the_closest_threshold_below_it() {
+        let kill = classify(
+            &drop_after(400),
+            DropReason::ResetReceived,
+            HZ,
+            &thresholds(),
+        )
+        .expect("idle kill");
+        assert_eq!(kill.threshold.name, "aws-nlb");
+        assert_eq!(kill.silence_seconds, 400.0);
+        assert_eq!(kill.how, IdleKillHow::Reset);
+        assert_eq!(kill.keepalive_idle_seconds, None);
+        // 350 - 75 leaves more than half.
+        assert_eq!(kill.suggested_keepalive_idle_seconds, 275.0);
+    }
+
+    #[test]
+    fn retransmission_timeout_is_an_idle_kill_too() {
+        let kill = classify(
+            &drop_after(700),
+            DropReason::RetransmitTimeout,
+            HZ,
+            &thresholds(),
+        )
+        .expect("idle kill");
+        assert_eq!(kill.threshold.name, "gcp-lb");
+        assert_eq!(kill.how, IdleKillHow::Timeout);
+    }
+
+    #[test]
+    fn a_send_refused_on_this_host_is_a_timeout_but_a_closed_window_is_not() {
+        let mut close = drop_after(400);
+        close.send_window = 65535;
+        let kill =
+            classify(&close, DropReason::ZeroWindowTimeout, HZ, &thresholds()).expect("idle kill");
+        assert_eq!(kill.how, IdleKillHow::Timeout);
+        close.send_window = 0;
+        assert_eq!(
+            classify(&close, DropReason::ZeroWindowTimeout, HZ, &thresholds()),
+            None
+        );
+    }
+
+    /// Retransmissions move `lsndtime`; the send is dated by `retrans_stamp`.
+    #[test]
+    fn a_retransmitted_send_is_dated_by_its_first_transmission() {
+        let mut close = drop_after(400);
+        // Retransmitted for 15 s: lsndtime is the last retransmission.
+        close.last_sent_jiffies += 15 * HZ;
+        close.jiffies = u64::from(close.last_sent_jiffies) + 1;
+        // First sent 15 s (and a jiffy) before the close, on the ms clock of ktime_ns.
+        close.ktime_ns = 1_000_000_000_000;
+        close.retrans_stamp = 1_000_000 - 15_004;
+        let kill =
+            classify(&close, DropReason::RetransmitTimeout, HZ, &thresholds()).expect("idle kill");
+        assert_eq!(kill.silence_seconds, 400.0);
+        // A stamp from before the silence (an earlier episode) is not this send's.
+        close.retrans_stamp = 1_000_000 - 500_000;
+        let kill =
+            classify(&close, DropReason::RetransmitTimeout, HZ, &thresholds()).expect("idle kill");
+        assert_eq!(kill.silence_seconds, 415.0);
+    }
+
+    #[test]
+    fn silence_below_every_threshold_is_no_idle_kill() {
+        assert_eq!(
+            classify(&drop_after(2), DropReason::ResetReceived, HZ, &thresholds()),
+            None
+        );
+    }
+
+    #[test]
+    fn other_reasons_are_no_idle_kill() {
+        for reason in [
+            DropReason::KeepaliveTimeout,
+            DropReason::LocalAbort,
+            DropReason::ConnectTimeout,
+        ] {
+            assert_eq!(classify(&drop_after(400), reason, HZ, &thresholds()), None);
+        }
+    }
+
+    #[test]
+    fn keepalive_below_the_threshold_would_have_kept_it_alive() {
+        let mut close = drop_after(400);
+        close.settings.enabled = true;
+        close.settings.idle_jiffies = 300 * HZ;
+        assert_eq!(
+            classify(&close, DropReason::ResetReceived, HZ, &thresholds()),
+            None
+        );
+        close.settings.idle_jiffies = 7200 * HZ;
+        let kill = classify(&close, DropReason::ResetReceived, HZ, &thresholds())
+            .expect("keepalive idle above the threshold");
+        assert_eq!(kill.keepalive_idle_seconds, Some(7200.0));
+    }
+
+    #[test]
+    fn a_reply_after_the_send_is_no_silence() {
+        let mut close = drop_after(400);
+        close.last_received_jiffies = close.last_sent_jiffies + 10;
+        assert_eq!(
+            classify(&close, DropReason::ResetReceived, HZ, &thresholds()),
+            None
+        );
+    }
+
+    #[test]
+    fn suggested_idle_stays_below_the_threshold() {
+        assert_eq!(suggested_idle(350.0, 75.0), 275.0);
+        // The interval would leave less than half: half the threshold.
+        assert_eq!(suggested_idle(600.0, 400.0), 300.0);
+        assert_eq!(suggested_idle(3.0, 1.0), 2.0);
+        assert_eq!(suggested_idle(3.0, 2.0), 1.0);
+        assert_eq!(suggested_idle(1.0, 75.0), 1.0);
+        assert_eq!(suggested_idle(2.5, 75.0), 1.0);
+    }
+}

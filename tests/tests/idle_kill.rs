@@ -1,0 +1,288 @@
+//! Idle kills (issue 13) by a real middlebox: Linux conntrack and NAT, on loopback inside network
+//! namespaces the test creates. An nftables `nat` output rule sends `127.0.0.2:80` to the server
+//! on `127.0.0.1:8080`, and the namespace's conntrack forgets an established flow after
+//! `TIMEOUT` seconds of silence (`nf_conntrack_tcp_loose=0`, so it does not pick the flow up
+//! again mid-stream). The client's next send is then no longer translated: it reaches
+//! `127.0.0.2:80`, where nothing listens, and the reset comes back (`ECONNRESET` at once); with
+//! `ct state invalid drop` it is dropped instead, until `TCP_USER_TIMEOUT` (`ETIMEDOUT`). Dropped
+//! in the output chain, the send fails on the client's own host and the kernel runs its probe
+//! timer (`zero_window_timeout` with the window open); dropped in the input chain, the segment
+//! left and was lost on the way, as behind a real middlebox (`retransmit_timeout`).
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use keepalive_tests::{
+    Conn, DEADLINE, Expectations, Netns, TestEnv, set_keepalive, set_user_timeout, wait_closed,
+};
+
+/// The middlebox's idle timeout, and the threshold the agent is given for it.
+const TIMEOUT: u64 = 3;
+const THRESHOLD: &str = "test-conntrack";
+/// Silence before the client's send: twice the timeout, so the flow is surely forgotten.
+const SILENCE: Duration = Duration::from_secs(2 * TIMEOUT);
+/// Keepalive idle above the timeout (no probe before the send), and below it (probes keep the
+/// flow alive).
+const IDLE_ABOVE: i32 = 10;
+const IDLE_BELOW: i32 = 1;
+/// How long a blackholed send is retried before the kernel gives up (`TCP_USER_TIMEOUT`).
+const USER_TIMEOUT_MS: i32 = 2000;
+
+type TestResult = anyhow::Result<()>;
+
+/// Where the middlebox drops what it forgot (nowhere: the reset comes back).
+#[derive(Clone, Copy)]
+enum Blackhole {
+    None,
+    Output,
+    Input,
+}
+
+/// A namespace whose conntrack is the middlebox.
+fn middlebox(tag: &str, blackhole: Blackhole) -> anyhow::Result<Netns> {
+    let ns = Netns::new(tag)?;
+    let drop_invalid = match blackhole {
+        Blackhole::None => "",
+        Blackhole::Output => {
+            "chain filter_out { type filter hook output priority 0; ct state invalid drop; }"
+        }
+        Blackhole::Input => {
+            "chain filter_in { type filter hook input priority 0; ct state invalid drop; }"
+        }
+    };
+    ns.nft(&format!(
+        "table ip mbox {{
+            chain nat_out {{ type nat hook output priority -100; ip daddr 127.0.0.2 tcp dport 80 dnat to 127.0.0.1:8080; }}
+            {drop_invalid}
+        }}"
+    ))?;
+    // The nat rule loaded conntrack into the namespace, so its sysctls exist now.
+    ns.sysctl(
+        "net.netfilter.nf_conntrack_tcp_timeout_established",
+        &TIMEOUT.to_string(),
+    )?;
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")?;
+    Ok(ns)
+}
+
+/// A connection through the middlebox that went silent: the client read the server's last
+/// words at `last_received`, by the test's clock.
+struct Silent {
+    client: TcpStream,
+    /// Kept open until the end: its close would reach a client that is gone.
+    _server: TcpStream,
+    conn: Conn,
+    last_received: Instant,
+}
+
+fn connect(
+    ns: &Netns,
+    listener: &TcpListener,
+    keepalive_idle: Option<i32>,
+) -> anyhow::Result<Silent> {
+    let remote: SocketAddr = "127.0.0.2:80".parse()?;
+    let client = ns
+        .run(|| TcpStream::connect(remote))?
+        .context("connect through the NAT")?;
+    let (mut server, _) = listener.accept()?;
+    if let Some(idle) = keepalive_idle {
+        set_keepalive(&client, idle, 1, 3)?;
+    }
+    let conn = Conn {
+        local: client.local_addr()?,
+        remote,
+    };
+    server.write_all(b"hello")?;
+    let mut buf = [0u8; 5];
+    let mut reader = &client;
+    reader.set_read_timeout(Some(DEADLINE))?;
+    reader.read_exact(&mut buf)?;
+    Ok(Silent {
+        client,
+        _server: server,
+        conn,
+        last_received: Instant::now(),
+    })
+}
+
+/// Sends after the silence; returns the silence by the test's clock.
+fn send(silent: &Silent) -> anyhow::Result<f64> {
+    let sent_at = Instant::now();
+    (&silent.client).write_all(b"ping")?;
+    Ok(sent_at.duration_since(silent.last_received).as_secs_f64())
+}
+
+/// The agent's figure of a connection's idle-kill series.
+fn conn_figure(env: &TestEnv, name: &str, netns: u64, conn: &Conn) -> anyhow::Result<f64> {
+    let metrics = env.agent().context("agent")?.scrape()?;
+    let labels = conn.labels(netns);
+    let samples = metrics.matching(name, &labels);
+    ensure!(samples.len() == 1, "{name} for {conn:?}: {samples:?}");
+    Ok(samples[0].value)
+}
+
+#[test]
+fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResult {
+    let test = "middlebox_idle_kills_are_named_with_their_threshold_and_silence";
+    let threshold = format!("{THRESHOLD}={TIMEOUT}");
+    let Some(env) = TestEnv::start_with_agent_args(test, &["--idle-timeout-threshold", &threshold])
+    else {
+        return Ok(());
+    };
+    if env.agent().is_none() {
+        return Ok(()); // kernel-only mode: nothing of the agent's to check
+    }
+    let reset_ns = middlebox("idle-reset", Blackhole::None)?;
+    let output_ns = middlebox("idle-drop-out", Blackhole::Output)?;
+    let input_ns = middlebox("idle-drop-in", Blackhole::Input)?;
+    let listen = |ns: &Netns| -> anyhow::Result<TcpListener> {
+        Ok(ns.run(|| TcpListener::bind("127.0.0.1:8080"))??)
+    };
+    let reset_listener = listen(&reset_ns)?;
+    let (output_listener, input_listener) = (listen(&output_ns)?, listen(&input_ns)?);
+    let namespaces = [&reset_ns, &output_ns, &input_ns];
+    let before = namespaces
+        .iter()
+        .map(|ns| ns.tcp_ext())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let off = connect(&reset_ns, &reset_listener, None)?;
+    let above = connect(&reset_ns, &reset_listener, Some(IDLE_ABOVE))?;
+    let below = connect(&reset_ns, &reset_listener, Some(IDLE_BELOW))?;
+    let refused = connect(&output_ns, &output_listener, None)?;
+    let lost = connect(&input_ns, &input_listener, None)?;
+    for silent in [&refused, &lost] {
+        set_user_timeout(&silent.client, USER_TIMEOUT_MS)?;
+    }
+    std::thread::sleep(SILENCE);
+
+    let silence_off = send(&off)?;
+    let silence_above = send(&above)?;
+    let silence_refused = send(&refused)?;
+    let silence_lost = send(&lost)?;
+    send(&below)?;
+    for (what, silent, errno) in [
+        ("keepalive off", &off, libc::ECONNRESET),
+        ("keepalive idle above the timeout", &above, libc::ECONNRESET),
+        ("dropped on output", &refused, libc::ETIMEDOUT),
+        ("dropped on input", &lost, libc::ETIMEDOUT),
+    ] {
+        let err = wait_closed(&silent.client, DEADLINE, what)?;
+        assert_eq!(err, errno, "{what}: errno {err}");
+    }
+    // Keepalive below the timeout kept the flow: the server gets the send.
+    let mut buf = [0u8; 4];
+    let mut server = &below._server;
+    server.set_read_timeout(Some(DEADLINE))?;
+    server.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"ping");
+    // Its orderly end, so the namespace's probes are final before the counters are compared.
+    drop(below);
+
+    let after = namespaces
+        .iter()
+        .map(|ns| ns.tcp_ext())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let keepalive_probes = after[0].delta(&before[0], "TCPKeepAlive");
+    assert!(
+        keepalive_probes >= 3,
+        "the keepalive-below connection probed {keepalive_probes} times"
+    );
+    for i in [1, 2] {
+        assert_eq!(after[i].delta(&before[i], "TCPAbortOnTimeout"), 1);
+    }
+    let [reset_netns, output_netns, input_netns] = namespaces.map(Netns::inum);
+    env.expect_agent(
+        "idle kills by reset",
+        &Expectations::for_netns(reset_netns)
+            .probes(keepalive_probes)
+            .drops("reset_received", 2)
+            .other_drops_zero()
+            .idle_kills(THRESHOLD, "reset", 2)
+            .idle_kills(THRESHOLD, "timeout", 0)
+            .conn_idle_kill(&off.conn, THRESHOLD, "reset", "off")
+            .conn_idle_kill(&above.conn, THRESHOLD, "reset", "on"),
+    )?;
+    for (what, netns, silent, reason) in [
+        (
+            "idle kill by a send refused on output",
+            output_netns,
+            &refused,
+            "zero_window_timeout",
+        ),
+        (
+            "idle kill by a send lost on input",
+            input_netns,
+            &lost,
+            "retransmit_timeout",
+        ),
+    ] {
+        env.expect_agent(
+            what,
+            &Expectations::for_netns(netns)
+                .probes(0)
+                .drops(reason, 1)
+                .other_drops_zero()
+                .idle_kills(THRESHOLD, "timeout", 1)
+                .idle_kills(THRESHOLD, "reset", 0)
+                .conn_idle_kill(&silent.conn, THRESHOLD, "timeout", "off"),
+        )?;
+    }
+
+    // A send refused on the client's own host is never retransmitted, so nothing dates it but
+    // `lsndtime`, which each of the probe timer's attempts moves: the silence reported runs to
+    // the last attempt, at most the user timeout after the send. A send lost on the way is
+    // dated by its first retransmission (`retrans_stamp`), one retransmission timeout after it
+    // (200 ms at least; loopback's round trip adds nothing).
+    let attempts = f64::from(USER_TIMEOUT_MS) / 1000.0;
+    let first_retransmission = 0.5;
+    for (netns, silent, silence, later, keepalive_idle, suggested) in [
+        (reset_netns, &off, silence_off, 0.0, 0.0, 1.0),
+        (
+            reset_netns,
+            &above,
+            silence_above,
+            0.0,
+            f64::from(IDLE_ABOVE),
+            2.0,
+        ),
+        (output_netns, &refused, silence_refused, attempts, 0.0, 1.0),
+        (
+            input_netns,
+            &lost,
+            silence_lost,
+            first_retransmission,
+            0.0,
+            1.0,
+        ),
+    ] {
+        let figure = |name| conn_figure(&env, name, netns, &silent.conn);
+        let agent = figure("tcp_connection_idle_kill_silence_seconds")?;
+        eprintln!(
+            "{test}: {:?}: agent says silent {agent:.3} s, the test measured {silence:.3} s",
+            silent.conn
+        );
+        // Jiffies are 4 ms here; the test's clock starts just after the read the last segment
+        // completed and stops just before the send.
+        assert!(
+            agent >= silence - 0.5 && agent <= silence + later + 0.5,
+            "{:?}: agent {agent:.3} s, test {silence:.3} s (+{later} s)",
+            silent.conn
+        );
+        assert_eq!(
+            figure("tcp_connection_idle_kill_threshold_seconds")?,
+            TIMEOUT as f64
+        );
+        assert_eq!(
+            figure("tcp_connection_idle_kill_keepalive_idle_seconds")?,
+            keepalive_idle
+        );
+        assert_eq!(
+            figure("tcp_connection_idle_kill_suggested_keepalive_idle_seconds")?,
+            suggested
+        );
+    }
+    Ok(())
+}
