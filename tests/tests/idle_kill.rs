@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use keepalive_tests::{
-    Conn, DEADLINE, Expectations, Netns, TestEnv, set_keepalive, set_user_timeout, wait_closed,
+    Conn, DEADLINE, Expectations, Netns, TestEnv, agent_bin, set_keepalive, set_user_timeout,
+    wait_closed,
 };
 
 /// The middlebox's idle timeout, and the threshold the agent is given for it.
@@ -157,6 +158,36 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
         set_user_timeout(&silent.client, USER_TIMEOUT_MS)?;
     }
     std::thread::sleep(SILENCE);
+
+    // Before the sends: `sockets` marks the connections the middlebox has forgotten.
+    let reset_netns_arg = reset_ns.inum().to_string();
+    let output = std::process::Command::new(agent_bin())
+        .args(["sockets", "--output", "json", "--netns", &reset_netns_arg])
+        .args(["--idle-timeout-threshold", &threshold])
+        .output()
+        .context("running keepalive-agent sockets")?;
+    ensure!(
+        output.status.success(),
+        "sockets failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let sockets: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let risk_of = |conn: &Conn| -> anyhow::Result<serde_json::Value> {
+        let row = sockets
+            .as_array()
+            .context("an array")?
+            .iter()
+            .find(|s| s["local_port"] == conn.local.port() && s["remote_port"] == 80)
+            .with_context(|| format!("no row for {conn:?} in {sockets}"))?;
+        Ok(row["idle_kill_risk"].clone())
+    };
+    assert_eq!(risk_of(&off.conn)?, THRESHOLD, "keepalive off");
+    assert_eq!(risk_of(&above.conn)?, THRESHOLD, "keepalive idle above");
+    assert_eq!(
+        risk_of(&below.conn)?,
+        serde_json::Value::Null,
+        "keepalive idle below"
+    );
 
     let silence_off = send(&off)?;
     let silence_above = send(&above)?;

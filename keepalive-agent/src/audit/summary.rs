@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::{
     export::{labels::AggregateLabels, metrics::DETECTION_BUCKETS},
     record::decoder::{AuditedSocket, KeepaliveSettings},
-    track::idle_kill::IdleThreshold,
+    track::idle_kill::{self, IdleThreshold},
 };
 
 /// The connections the audit metrics count: ESTABLISHED and CLOSE_WAIT. Both hold an open
@@ -101,6 +101,14 @@ pub(crate) struct SocketKeepalive {
     pub unanswered_probes: u8,
     /// See [`worst_case_detection_jiffies`]; `null` when keepalive is off.
     pub worst_case_detection_seconds: Option<f64>,
+    /// Seconds since the connection last carried data either way
+    /// ([`AuditedSocket::idle_jiffies`]); `null` for listeners and teardown states.
+    pub silent_seconds: Option<f64>,
+    /// The middlebox idle timeout (`--idle-timeout-threshold` name) this connection has already
+    /// been silent past, with keepalive off or its idle not below it: the middlebox has
+    /// forgotten the flow and the next send dies ([`idle_kill::exposed_to`]). `null` otherwise,
+    /// and for listeners.
+    pub idle_kill_risk: Option<String>,
     /// cgroup v2 id of the owning cgroup (inode of its directory under /sys/fs/cgroup); 0 if
     /// unknown.
     pub cgroup_id: u64,
@@ -133,11 +141,25 @@ impl SocketKeepalive {
             user_timeout_ms: s.user_timeout_ms,
             unanswered_probes: socket.probes_out,
             worst_case_detection_seconds: worst_case_detection_jiffies(s, hz).map(seconds),
+            silent_seconds: is_connection_state(socket.state)
+                .then(|| seconds(u64::from(socket.idle_jiffies()))),
+            idle_kill_risk: None,
             cgroup_id: socket.owner.cgroup_id,
             socket_ino: socket.owner.socket_ino,
             pid: None,
             comm: None,
         }
+    }
+
+    /// Marks a connection already silent past a threshold its keepalive does not beat (see
+    /// [`Self::idle_kill_risk`]).
+    pub(crate) fn with_idle_kill_risk(mut self, thresholds: &[IdleThreshold]) -> Self {
+        if let Some(silent) = self.silent_seconds {
+            let keepalive_idle = self.keepalive.then_some(self.idle_seconds);
+            self.idle_kill_risk =
+                idle_kill::exposed_to(silent, keepalive_idle, thresholds).map(|t| t.name.clone());
+        }
+        self
     }
 }
 
@@ -406,6 +428,49 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_connection_silent_past_a_threshold_its_keepalive_does_not_beat_is_at_risk() {
+        let thresholds: Vec<IdleThreshold> = ["aws-nlb=350", "gcp-lb=600"]
+            .iter()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        // Silent 400 s: nothing received or sent since jiffy 1000.
+        let silent = |keepalive: KeepaliveSettings, state: u8| {
+            let mut audited = socket(1, state, keepalive);
+            (audited.last_received_jiffies, audited.last_sent_jiffies) = (1000, 900);
+            audited.jiffies = 1000 + 400 * u64::from(HZ);
+            SocketKeepalive::new(&audited, HZ).with_idle_kill_risk(&thresholds)
+        };
+        let established = tcp_state::ESTABLISHED;
+        let default_idle = silent(settings(7200, 75, 9, 0), established);
+        assert_eq!(default_idle.silent_seconds, Some(400.0));
+        assert_eq!(default_idle.idle_kill_risk.as_deref(), Some("aws-nlb"));
+        let off = silent(
+            KeepaliveSettings {
+                enabled: false,
+                ..settings(60, 10, 3, 0)
+            },
+            established,
+        );
+        assert_eq!(off.idle_kill_risk.as_deref(), Some("aws-nlb"));
+        // Its probes come before any threshold: they keep the flow.
+        assert_eq!(
+            silent(settings(60, 10, 3, 0), established).idle_kill_risk,
+            None
+        );
+        assert_eq!(
+            silent(settings(7200, 75, 9, 0), tcp_state::LISTEN).idle_kill_risk,
+            None
+        );
+        // Data sent 10 s ago: the middlebox saw it, the silence is 10 s.
+        let mut recent = socket(1, established, settings(7200, 75, 9, 0));
+        recent.jiffies = 1000 + 400 * u64::from(HZ);
+        recent.last_sent_jiffies = recent.jiffies as u32 - 10 * HZ;
+        let recent = SocketKeepalive::new(&recent, HZ).with_idle_kill_risk(&thresholds);
+        assert_eq!(recent.silent_seconds, Some(10.0));
+        assert_eq!(recent.idle_kill_risk, None);
+    }
+
     fn worst_case_seconds(s: KeepaliveSettings) -> Option<f64> {
         worst_case_detection_jiffies(&s, HZ).map(|j| j as f64 / f64::from(HZ))
     }
@@ -458,6 +523,7 @@ mod tests {
             probes_out: 0,
             jiffies: 0,
             last_received_jiffies: 0,
+            last_sent_jiffies: 0,
         }
     }
 

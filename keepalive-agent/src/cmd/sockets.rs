@@ -13,8 +13,9 @@ use keepalive_ebpf::tcp_state;
 
 use crate::{
     attribution::Attributor,
-    audit::{summary::SocketKeepalive, walk},
+    audit::{summary::SocketKeepalive, task::DEFAULT_IDLE_THRESHOLDS, walk},
     kernel::{Session, hz},
+    track::idle_kill::IdleThreshold,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -23,7 +24,8 @@ pub enum OutputFormat {
     Table,
     /// One JSON array of objects (fields: netns, state, local_addr, local_port, remote_addr,
     /// remote_port, keepalive, idle_seconds, interval_seconds, probes, user_timeout_ms,
-    /// unanswered_probes, worst_case_detection_seconds, cgroup_id, socket_ino, pid, comm).
+    /// unanswered_probes, worst_case_detection_seconds, silent_seconds, idle_kill_risk,
+    /// cgroup_id, socket_ino, pid, comm).
     Json,
 }
 
@@ -46,6 +48,15 @@ pub struct SocketsConfig {
     /// host's /proc (in a pod, where it is mounted, e.g. /host/proc), as for `run`.
     #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc", value_parser = crate::cmd::flags::parse_proc_root)]
     pub proc_root: std::path::PathBuf,
+    /// A middlebox idle timeout, as NAME=SECONDS (repeat for several; as for `run`): a
+    /// connection already silent past one that its keepalive does not beat is marked with it
+    /// (IDLE_KILL_RISK): the middlebox has forgotten it, and its next send will die.
+    #[arg(
+        long = "idle-timeout-threshold",
+        value_name = "NAME=SECONDS",
+        default_values = DEFAULT_IDLE_THRESHOLDS,
+    )]
+    pub idle_timeout_thresholds: Vec<IdleThreshold>,
 }
 
 impl SocketsConfig {
@@ -83,7 +94,8 @@ pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
         .sockets
         .iter()
         .filter_map(|socket| {
-            let mut shown = SocketKeepalive::new(socket, hz);
+            let mut shown = SocketKeepalive::new(socket, hz)
+                .with_idle_kill_risk(&config.idle_timeout_thresholds);
             if !config.wants(&shown, socket.state) {
                 return None;
             }
@@ -153,7 +165,7 @@ fn human(value: f64) -> String {
     }
 }
 
-fn row(socket: &SocketKeepalive) -> [String; 10] {
+fn row(socket: &SocketKeepalive) -> [String; 12] {
     let user_timeout = if socket.user_timeout_ms == 0 {
         "-".to_owned()
     } else {
@@ -178,6 +190,13 @@ fn row(socket: &SocketKeepalive) -> [String; 10] {
         user_timeout,
         socket.unanswered_probes.to_string(),
         worst_case,
+        socket
+            .silent_seconds
+            .map_or_else(|| "-".to_owned(), seconds),
+        socket
+            .idle_kill_risk
+            .clone()
+            .unwrap_or_else(|| "-".to_owned()),
         match (&socket.comm, socket.pid) {
             (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
             _ => "-".to_owned(),
@@ -185,7 +204,7 @@ fn row(socket: &SocketKeepalive) -> [String; 10] {
     ]
 }
 
-const HEADER: [&str; 10] = [
+const HEADER: [&str; 12] = [
     "NETNS",
     "STATE",
     "LOCAL",
@@ -195,11 +214,13 @@ const HEADER: [&str; 10] = [
     "USER_TIMEOUT(s)",
     "UNANSWERED",
     "WORST_CASE_DETECTION(s)",
+    "SILENT(s)",
+    "IDLE_KILL_RISK",
     "PROCESS",
 ];
 
 fn table(sockets: &[SocketKeepalive]) -> String {
-    let rows: Vec<[String; 10]> = sockets.iter().map(row).collect();
+    let rows: Vec<[String; 12]> = sockets.iter().map(row).collect();
     let mut widths = HEADER.map(str::len);
     for cells in &rows {
         for (width, cell) in widths.iter_mut().zip(cells) {
@@ -241,6 +262,8 @@ mod tests {
             user_timeout_ms: 0,
             unanswered_probes: 0,
             worst_case_detection_seconds: Some(7875.0),
+            silent_seconds: Some(12.5),
+            idle_kill_risk: None,
             cgroup_id: 0,
             socket_ino: 0,
             pid: Some(4242),
@@ -262,6 +285,8 @@ mod tests {
                 "-",
                 "0",
                 "7875 (2h11m15s)",
+                "12.5",
+                "-",
                 "curl[4242]"
             ]
         );
@@ -270,14 +295,15 @@ mod tests {
             user_timeout_ms: 2500,
             idle_seconds: 0.5,
             worst_case_detection_seconds: None,
+            idle_kill_risk: Some("aws-nlb".to_owned()),
             pid: None,
             comm: None,
             ..socket()
         };
         let cells = row(&off);
         assert_eq!(
-            (&*cells[5], &*cells[6], &*cells[8], &*cells[9]),
-            ("0.5/75/9", "2.5", "never", "-")
+            (&*cells[5], &*cells[6], &*cells[8], &*cells[10], &*cells[11]),
+            ("0.5/75/9", "2.5", "never", "aws-nlb", "-")
         );
     }
 
@@ -289,6 +315,7 @@ mod tests {
             all: false,
             output: OutputFormat::Table,
             proc_root: "/proc".into(),
+            idle_timeout_thresholds: Vec::new(),
         };
         assert!(config.wants(&socket(), tcp_state::ESTABLISHED));
         assert!(!config.wants(&socket(), tcp_state::LISTEN));

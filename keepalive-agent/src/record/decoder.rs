@@ -171,6 +171,19 @@ pub(crate) struct AuditedSocket {
     pub probes_out: u8,
     pub jiffies: u64,
     pub last_received_jiffies: u32,
+    /// `tcp_sock.lsndtime`: data last sent (32-bit jiffies).
+    pub last_sent_jiffies: u32,
+}
+
+impl AuditedSocket {
+    /// Jiffies since the connection last carried data either way (the last segment received,
+    /// or data sent): how long a middlebox between the peers has seen it idle, up to the
+    /// keepalive probes and bare ACKs it also saw.
+    pub(crate) fn idle_jiffies(&self) -> u32 {
+        let now = self.jiffies as u32;
+        now.wrapping_sub(self.last_received_jiffies)
+            .min(now.wrapping_sub(self.last_sent_jiffies))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,6 +359,7 @@ fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             probes_out: rec.probes_out_before,
             jiffies: rec.jiffies,
             last_received_jiffies,
+            last_sent_jiffies: rec.lsndtime,
         }),
     })
 }

@@ -109,18 +109,13 @@ pub(crate) fn classify(
         _ => return None,
     };
     let silence_seconds = close.silence_before_send_seconds(hz);
-    let threshold = thresholds
-        .iter()
-        .filter(|t| t.seconds <= silence_seconds)
-        .max_by(|a, b| a.seconds.total_cmp(&b.seconds))?;
     let settings = &close.settings;
     let keepalive_idle_seconds = settings
         .enabled
         .then(|| jiffies_to_seconds(u64::from(settings.idle_jiffies), hz));
-    if keepalive_idle_seconds.is_some_and(|idle| idle < threshold.seconds) {
-        // Its probes would have kept the middlebox's entry alive: something else killed it.
-        return None;
-    }
+    // With keepalive idle below every threshold the silence reaches, its probes would have kept
+    // the middlebox's entry alive: something else killed it.
+    let threshold = exposed_to(silence_seconds, keepalive_idle_seconds, thresholds)?;
     let interval = jiffies_to_seconds(u64::from(settings.interval_jiffies), hz);
     Some(IdleKill {
         threshold: threshold.clone(),
@@ -129,6 +124,22 @@ pub(crate) fn classify(
         keepalive_idle_seconds,
         suggested_keepalive_idle_seconds: suggested_idle(threshold.seconds, interval),
     })
+}
+
+/// The middlebox a connection silent for `silent_seconds` is (or was) exposed to: the largest
+/// threshold at or below the silence that its keepalive (`keepalive_idle_seconds`, `None` when
+/// off) would not have beaten with a probe. `None`: no threshold reached, or keepalive probes
+/// come first.
+pub(crate) fn exposed_to(
+    silent_seconds: f64,
+    keepalive_idle_seconds: Option<f64>,
+    thresholds: &[IdleThreshold],
+) -> Option<&IdleThreshold> {
+    thresholds
+        .iter()
+        .filter(|t| t.seconds <= silent_seconds)
+        .filter(|t| keepalive_idle_seconds.is_none_or(|idle| idle >= t.seconds))
+        .max_by(|a, b| a.seconds.total_cmp(&b.seconds))
 }
 
 /// A keepalive idle below `threshold`, in whole seconds: `threshold - interval` when that leaves
@@ -271,17 +282,30 @@ mod tests {
 
     #[test]
     fn keepalive_below_the_threshold_would_have_kept_it_alive() {
+        let clouds = &thresholds()[..2];
         let mut close = drop_after(400);
         close.settings.enabled = true;
         close.settings.idle_jiffies = 300 * HZ;
         assert_eq!(
-            classify(&close, DropReason::ResetReceived, HZ, &thresholds()),
+            classify(&close, DropReason::ResetReceived, HZ, clouds),
             None
         );
-        close.settings.idle_jiffies = 7200 * HZ;
+        // Not below a 3 s conntrack timeout, though: that one explains it.
         let kill = classify(&close, DropReason::ResetReceived, HZ, &thresholds())
+            .expect("keepalive idle above the conntrack threshold");
+        assert_eq!(kill.threshold.name, "conntrack");
+        close.settings.idle_jiffies = 7200 * HZ;
+        let kill = classify(&close, DropReason::ResetReceived, HZ, clouds)
             .expect("keepalive idle above the threshold");
+        assert_eq!(kill.threshold.name, "aws-nlb");
         assert_eq!(kill.keepalive_idle_seconds, Some(7200.0));
+        // Silent 700 s with keepalive idle 500: too slow for aws-nlb (350), though not for
+        // gcp-lb (600), which the silence also reached.
+        let mut close = drop_after(700);
+        close.settings.enabled = true;
+        close.settings.idle_jiffies = 500 * HZ;
+        let kill = classify(&close, DropReason::ResetReceived, HZ, clouds).expect("idle kill");
+        assert_eq!(kill.threshold.name, "aws-nlb");
     }
 
     #[test]

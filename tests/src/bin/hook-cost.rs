@@ -1,10 +1,12 @@
 //! The agent's cost, measured side by side in one run (`cargo xtask bench`, as root). Not a
 //! test: it prints figures.
 //!
-//! 1. Loopback connection churn with and without the agent, in alternating rounds, for three
+//! 1. Loopback connection churn without programs, with an empty program on each of the agent's
+//!    hooks (`--empty-hooks` for others) and with the agent, in alternating rounds, for four
 //!    workloads: orderly closes without keepalive (filtered in the kernel), the same with
 //!    keepalive on (reported), RST closes without keepalive (counted in the kernel, not sent to
 //!    the agent by default) and RST closes with keepalive on both ends (both reported).
+//!    `--churn-only` stops there.
 //! 2. Kernel-side cost per hit of the timer and close hooks, from `kernel.bpf_stats_enabled`
 //!    run-time counters, as the difference from empty programs on the same hooks.
 //! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
