@@ -16,6 +16,7 @@ pub mod agent;
 pub mod deploy;
 pub mod expect;
 pub mod metrics;
+pub mod middlebox;
 pub mod netns;
 pub mod sock;
 pub mod tracepoint;

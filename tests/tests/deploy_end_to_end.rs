@@ -19,8 +19,9 @@ use keepalive_tests::deploy::{
     read_yaml, tool_available,
 };
 use keepalive_tests::{
-    Agent, DEADLINE, Netns, TcpPair, TestEnv, kernel_tests_enabled, set_keepalive, skip_or_fail,
-    wait_closed,
+    Agent, DEADLINE, Netns, TcpPair, TestEnv, kernel_tests_enabled,
+    middlebox::{Blackhole, connect, middlebox, send},
+    set_keepalive, skip_or_fail, wait_closed,
 };
 use serde_json::Value as Json;
 
@@ -36,6 +37,10 @@ const DROP_ALERT: &str = "KeepaliveConnectionDropped";
 
 /// Creates a connection in `ns` whose peer stops answering, and waits until the kernel's
 /// keepalive kills it. Returns the pair (its addresses name the connection).
+/// The middlebox idle timeout of the idle-kill part, in seconds, and its threshold's name.
+const IDLE_TIMEOUT: u64 = 2;
+const IDLE_THRESHOLD: &str = "e2e-conntrack";
+
 fn keepalive_killed_connection(ns: &Netns) -> anyhow::Result<TcpPair> {
     let listener = ns.listen(LOOPBACK)?;
     let pair = ns.connect_pair(&listener)?;
@@ -91,7 +96,11 @@ fn keepalive_drop_reaches_prometheus_tsdb_and_its_alert_reaches_alertmanager_wit
     }
     // The agent as the DaemonSet runs it, in a pod network namespace of its own; Prometheus and
     // Alertmanager run in that namespace too, as if they scraped the pod's address.
-    let Some(env) = TestEnv::start_as_daemonset(test) else {
+    // A middlebox timeout of the test's own, so an idle kill takes seconds.
+    let threshold = format!("{IDLE_THRESHOLD}={IDLE_TIMEOUT}");
+    let Some(env) =
+        TestEnv::start_as_daemonset_with_args(test, &["--idle-timeout-threshold", &threshold])
+    else {
         return Ok(());
     };
     let Some(agent) = env.agent() else {
@@ -143,6 +152,11 @@ fn keepalive_drop_reaches_prometheus_tsdb_and_its_alert_reaches_alertmanager_wit
             other => Err(format!("{other:?}")),
         })
     })?;
+
+    // A connection through a conntrack middlebox goes silent while the keepalive kill runs.
+    let mbox = middlebox("e2e-idle", IDLE_TIMEOUT, Blackhole::None)?;
+    let mbox_listener = mbox.run(|| std::net::TcpListener::bind("127.0.0.1:8080"))??;
+    let silent = connect(&mbox, &mbox_listener, None)?;
 
     let ns = Netns::new("e2e")?;
     let netns = ns.inum().to_string();
@@ -255,6 +269,34 @@ fn keepalive_drop_reaches_prometheus_tsdb_and_its_alert_reaches_alertmanager_wit
             })
         },
     )?;
+
+    // The silent connection's next send dies: an idle kill, alerted per connection.
+    let forgotten = Duration::from_secs(2 * IDLE_TIMEOUT);
+    std::thread::sleep(forgotten.saturating_sub(silent.last_received.elapsed()));
+    send(&silent)?;
+    assert_eq!(
+        wait_closed(&silent.client, DEADLINE, "idle-killed client")?,
+        libc::ECONNRESET
+    );
+    let idle_kill = [
+        ("alertname", "KeepaliveIdleKill".to_owned()),
+        ("netns", mbox.inum().to_string()),
+        ("local_port", silent.conn.local.port().to_string()),
+        ("threshold", IDLE_THRESHOLD.to_owned()),
+        ("died_by", "reset".to_owned()),
+        ("keepalive", "off".to_owned()),
+    ];
+    poll(DEADLINE, "KeepaliveIdleKill firing in Prometheus", || {
+        let alerts = prometheus.get_json("/api/v1/alerts")?;
+        let list = alerts["data"]["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok(match list.iter().find(|a| has_labels(a, &idle_kill)) {
+            Some(_) => Ok(()),
+            None => Err(format!("{list:?}")),
+        })
+    })?;
 
     // Every metric the alerts and the dashboard use is one the agent really exports (they are
     // all in the TSDB now): a renamed metric cannot leave an alert that never fires.

@@ -9,14 +9,15 @@
 //! timer (`zero_window_timeout` with the window open); dropped in the input chain, the segment
 //! left and was lost on the way, as behind a real middlebox (`retransmit_timeout`).
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::io::Read as _;
+use std::net::TcpListener;
+use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use keepalive_tests::{
-    Conn, DEADLINE, Expectations, Netns, TestEnv, agent_bin, set_keepalive, set_user_timeout,
-    wait_closed,
+    Conn, DEADLINE, Expectations, Netns, TestEnv, agent_bin,
+    middlebox::{Blackhole, connect, middlebox, send},
+    set_user_timeout, wait_closed,
 };
 
 /// The middlebox's idle timeout, and the threshold the agent is given for it.
@@ -32,88 +33,6 @@ const IDLE_BELOW: i32 = 1;
 const USER_TIMEOUT_MS: i32 = 2000;
 
 type TestResult = anyhow::Result<()>;
-
-/// Where the middlebox drops what it forgot (nowhere: the reset comes back).
-#[derive(Clone, Copy)]
-enum Blackhole {
-    None,
-    Output,
-    Input,
-}
-
-/// A namespace whose conntrack is the middlebox.
-fn middlebox(tag: &str, blackhole: Blackhole) -> anyhow::Result<Netns> {
-    let ns = Netns::new(tag)?;
-    let drop_invalid = match blackhole {
-        Blackhole::None => "",
-        Blackhole::Output => {
-            "chain filter_out { type filter hook output priority 0; ct state invalid drop; }"
-        }
-        Blackhole::Input => {
-            "chain filter_in { type filter hook input priority 0; ct state invalid drop; }"
-        }
-    };
-    ns.nft(&format!(
-        "table ip mbox {{
-            chain nat_out {{ type nat hook output priority -100; ip daddr 127.0.0.2 tcp dport 80 dnat to 127.0.0.1:8080; }}
-            {drop_invalid}
-        }}"
-    ))?;
-    // The nat rule loaded conntrack into the namespace, so its sysctls exist now.
-    ns.sysctl(
-        "net.netfilter.nf_conntrack_tcp_timeout_established",
-        &TIMEOUT.to_string(),
-    )?;
-    ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")?;
-    Ok(ns)
-}
-
-/// A connection through the middlebox that went silent: the client read the server's last
-/// words at `last_received`, by the test's clock.
-struct Silent {
-    client: TcpStream,
-    /// Kept open until the end: its close would reach a client that is gone.
-    _server: TcpStream,
-    conn: Conn,
-    last_received: Instant,
-}
-
-fn connect(
-    ns: &Netns,
-    listener: &TcpListener,
-    keepalive_idle: Option<i32>,
-) -> anyhow::Result<Silent> {
-    let remote: SocketAddr = "127.0.0.2:80".parse()?;
-    let client = ns
-        .run(|| TcpStream::connect(remote))?
-        .context("connect through the NAT")?;
-    let (mut server, _) = listener.accept()?;
-    if let Some(idle) = keepalive_idle {
-        set_keepalive(&client, idle, 1, 3)?;
-    }
-    let conn = Conn {
-        local: client.local_addr()?,
-        remote,
-    };
-    server.write_all(b"hello")?;
-    let mut buf = [0u8; 5];
-    let mut reader = &client;
-    reader.set_read_timeout(Some(DEADLINE))?;
-    reader.read_exact(&mut buf)?;
-    Ok(Silent {
-        client,
-        _server: server,
-        conn,
-        last_received: Instant::now(),
-    })
-}
-
-/// Sends after the silence; returns the silence by the test's clock.
-fn send(silent: &Silent) -> anyhow::Result<f64> {
-    let sent_at = Instant::now();
-    (&silent.client).write_all(b"ping")?;
-    Ok(sent_at.duration_since(silent.last_received).as_secs_f64())
-}
 
 /// The agent's figure of a connection's idle-kill series.
 fn conn_figure(env: &TestEnv, name: &str, netns: u64, conn: &Conn) -> anyhow::Result<f64> {
@@ -135,9 +54,9 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
     if env.agent().is_none() {
         return Ok(()); // kernel-only mode: nothing of the agent's to check
     }
-    let reset_ns = middlebox("idle-reset", Blackhole::None)?;
-    let output_ns = middlebox("idle-drop-out", Blackhole::Output)?;
-    let input_ns = middlebox("idle-drop-in", Blackhole::Input)?;
+    let reset_ns = middlebox("idle-reset", TIMEOUT, Blackhole::None)?;
+    let output_ns = middlebox("idle-drop-out", TIMEOUT, Blackhole::Output)?;
+    let input_ns = middlebox("idle-drop-in", TIMEOUT, Blackhole::Input)?;
     let listen = |ns: &Netns| -> anyhow::Result<TcpListener> {
         Ok(ns.run(|| TcpListener::bind("127.0.0.1:8080"))??)
     };
@@ -205,7 +124,7 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
     }
     // Keepalive below the timeout kept the flow: the server gets the send.
     let mut buf = [0u8; 4];
-    let mut server = &below._server;
+    let mut server = &below.server;
     server.set_read_timeout(Some(DEADLINE))?;
     server.read_exact(&mut buf)?;
     assert_eq!(&buf, b"ping");
