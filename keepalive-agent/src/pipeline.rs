@@ -380,14 +380,14 @@ impl Pipeline {
         }
     }
 
-    /// The aggregate label set of a connection event. Workload labels come from the cgroup
-    /// cache only; on a miss the worker counts the record once it has looked the cgroup up.
     /// The label set of a namespace alone (the default `--aggregate-by`, the only one with
     /// which the kernel counts the aggregates).
     fn namespace_labels(&self, endpoints: &Endpoints) -> AggregateLabels {
         self.aggregate_by.labels(endpoints, &Workload::default())
     }
 
+    /// The aggregate label set of a connection event. Workload labels come from the cgroup
+    /// cache only; on a miss the worker counts the record once it has looked the cgroup up.
     fn aggregate(&self, event: &Event) -> Aggregate {
         // The kernel counts the aggregates: building a label set per record would be an
         // allocation per event for nothing.

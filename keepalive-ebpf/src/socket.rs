@@ -55,9 +55,9 @@ pub(crate) fn report_keepalive_off() -> bool {
 }
 
 /// The smallest middlebox idle timeout in jiffies (`--idle-timeout-threshold`), 0 for none: a
-/// reset or retransmission drop on a send after at least this much silence is sent to the agent
-/// whatever `REPORT_KEEPALIVE_OFF` says, since it may be an idle kill. Written by the agent
-/// before load.
+/// drop on a send after at least this much silence (`keepalive_ebpf::idle_kill_candidate`) is
+/// sent to the agent whatever `REPORT_KEEPALIVE_OFF` says, since it may be an idle kill.
+/// Written by the agent before load.
 #[unsafe(no_mangle)]
 pub(crate) static IDLE_KILL_JIFFIES: u32 = 0;
 

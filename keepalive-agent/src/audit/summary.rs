@@ -102,7 +102,7 @@ pub(crate) struct SocketKeepalive {
     /// See [`worst_case_detection_jiffies`]; `null` when keepalive is off.
     pub worst_case_detection_seconds: Option<f64>,
     /// Seconds since the connection last carried data either way
-    /// ([`AuditedSocket::idle_jiffies`]); `null` for listeners and teardown states.
+    /// ([`AuditedSocket::silent_jiffies`]); `null` for listeners and teardown states.
     pub silent_seconds: Option<f64>,
     /// The middlebox idle timeout (`--idle-timeout-threshold` name) this connection has already
     /// been silent past, with keepalive off or its idle not below it: the middlebox has
@@ -142,7 +142,7 @@ impl SocketKeepalive {
             unanswered_probes: socket.probes_out,
             worst_case_detection_seconds: worst_case_detection_jiffies(s, hz).map(seconds),
             silent_seconds: is_connection_state(socket.state)
-                .then(|| seconds(u64::from(socket.idle_jiffies()))),
+                .then(|| seconds(u64::from(socket.silent_jiffies()))),
             idle_kill_risk: None,
             cgroup_id: socket.owner.cgroup_id,
             socket_ino: socket.owner.socket_ino,

@@ -179,7 +179,7 @@ impl AuditedSocket {
     /// Jiffies since the connection last carried data either way (the last segment received,
     /// or data sent): how long a middlebox between the peers has seen it idle, up to the
     /// keepalive probes and bare ACKs it also saw.
-    pub(crate) fn idle_jiffies(&self) -> u32 {
+    pub(crate) fn silent_jiffies(&self) -> u32 {
         let now = self.jiffies as u32;
         now.wrapping_sub(self.last_received_jiffies)
             .min(now.wrapping_sub(self.last_sent_jiffies))

@@ -631,16 +631,20 @@ fn churn(ns: &Netns, listener: &TcpListener, kind: Churn, length: Duration) -> a
     })?
 }
 
-/// One side of a churn round.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// One side of a churn round; its value indexes the totals.
+#[derive(Clone, Copy)]
 enum Side {
     /// No program on the hooks.
-    Bare,
+    Bare = 0,
     /// An empty tp_btf program on each of the agent's hooks: what any program there costs
     /// before it does anything (the tracepoint's dispatch to BPF and the program's run).
-    Empty,
+    Empty = 1,
     /// The agent.
-    Agent,
+    Agent = 2,
+}
+
+impl Side {
+    const COUNT: usize = 3;
 }
 
 /// Empty tp_btf programs attached to tracepoints (by default every hook the agent attaches to),
@@ -678,7 +682,7 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
     let ns = Netns::new("bench-churn")?;
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
     let sides = [Side::Bare, Side::Empty, Side::Agent];
-    let mut totals = [[0u64; Churn::ALL.len()]; 3];
+    let mut totals = [[0u64; Churn::ALL.len()]; Side::COUNT];
     for round in 0..rounds {
         let mut order = sides;
         if round % 2 != 0 {
@@ -690,9 +694,8 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
                 Side::Empty => (None, Some(EmptyPrograms::attach(&btf, empty_hooks)?)),
                 Side::Agent => (Some(Agent::start().context("starting the agent")?), None),
             };
-            let index = sides.iter().position(|s| *s == side).unwrap_or_default();
             for (i, kind) in Churn::ALL.into_iter().enumerate() {
-                totals[index][i] += churn(&ns, &listener, kind, length)?;
+                totals[side as usize][i] += churn(&ns, &listener, kind, length)?;
             }
             drop((agent, empty));
         }
