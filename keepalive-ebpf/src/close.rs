@@ -13,9 +13,9 @@ use keepalive_ebpf::{
 use crate::{
     reset::RESET_CONTEXT,
     socket::{
-        EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, emit, idle_kill_jiffies,
-        netns_counters, netns_counters_of, netns_key, report_keepalive_off, snapshot,
-        snapshot_typed, uncounted, zero_record,
+        EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, conntrack_timeout_typed, emit,
+        idle_kill_jiffies, netns_counters, netns_counters_of, netns_key, report_keepalive_off,
+        smallest_threshold, snapshot, snapshot_typed, uncounted, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -128,7 +128,14 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
                 c.load::<u32>(offset!(tcp_rcv_tstamp)),
             );
             let silence = silence_before_send(received, c.load::<u32>(offset!(tcp_lsndtime)));
-            idle_kill_candidate(verdict, silence, idle_kill_jiffies())
+            // No silence (a reset answering a connection that just talked, the bulk of RST
+            // churn) can be no idle kill: the conntrack read is skipped.
+            let threshold = if silence == 0 {
+                0
+            } else {
+                smallest_threshold(idle_kill_jiffies(), conntrack_timeout_typed(tp))
+            };
+            idle_kill_candidate(verdict, silence, threshold)
         };
         if !idle_kill {
             // Counted, not sent.
@@ -192,7 +199,7 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         && !idle_kill_candidate(
             verdict,
             silence_before_send(rec.last_received_jiffies(), rec.lsndtime),
-            idle_kill_jiffies(),
+            smallest_threshold(idle_kill_jiffies(), rec.conntrack_timeout),
         )
     {
         return 0;

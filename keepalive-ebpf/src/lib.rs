@@ -207,6 +207,18 @@ kernel_offsets! {
     net_keepalive_time: "net.ipv4.sysctl_tcp_keepalive_time", Int(4);
     net_keepalive_intvl: "net.ipv4.sysctl_tcp_keepalive_intvl", Int(4);
     net_keepalive_probes: "net.ipv4.sysctl_tcp_keepalive_probes", Int(1);
+    /// `net.ct.nf_ct_proto.tcp.timeouts[TCP_CONNTRACK_ESTABLISHED]`, from the start of
+    /// `struct net`: the namespace's `nf_conntrack_tcp_timeout_established` in jiffies (0 until
+    /// the conntrack module set it up), or 0 on a kernel without conntrack. The conntrack
+    /// middlebox's idle timeout (issue 13), read where the namespace keeps it.
+    net_ct_tcp_established: "net.ct.nf_ct_proto.tcp.timeouts[TCP_CONNTRACK_ESTABLISHED], else 0", Computed;
+    /// `net.nf.defrag_ipv4_users`/`defrag_ipv6_users` (a `bool` `defrag_ipv4`/`defrag_ipv6`
+    /// before 5.13, see `net_defrag_is_bool`), else 0: non-zero once conntrack is attached to
+    /// the namespace for that family (`nf_ct_netns_get` enables defragmentation), which is
+    /// when its timeout applies to the namespace's connections.
+    net_defrag_ipv4: "net.nf.defrag_ipv4_users, else net.nf.defrag_ipv4, else 0", Computed;
+    net_defrag_ipv6: "net.nf.defrag_ipv6_users, else net.nf.defrag_ipv6, else 0", Computed;
+    net_defrag_is_bool: "net.nf.defrag_ipv4 is a bool", Computed;
     /// Bit numbers of `SOCK_DEAD` and `SOCK_KEEPOPEN` in the 64-bit `skc_flags`.
     sock_flag_dead: "enum sock_flags SOCK_DEAD", Computed;
     sock_flag_keepopen: "enum sock_flags SOCK_KEEPOPEN", Computed;
@@ -520,6 +532,11 @@ pub struct SocketRecord {
     /// Close record: what the kernel counted it as ([`DropReason`] as `u32`, or
     /// [`NOT_A_DROP`]), by [`classify_close`], the same function the agent uses.
     pub drop_reason: u32,
+    /// Close and audit records: the namespace's conntrack established timeout in jiffies when
+    /// conntrack tracks the namespace's connections of this family, else 0 (see
+    /// [`KernelOffsets::net_ct_tcp_established`]).
+    pub conntrack_timeout: u32,
+    pub _reserved: u32,
     /// cgroup v2 id of the socket (0 when unknown).
     pub cgroup_id: u64,
     /// Inode number of the socket's file (0 for orphans, which have no file any more).
@@ -607,9 +624,9 @@ fn own_or<T: Copy + Default + PartialEq>(own: T, namespace: T) -> T {
 /// One keepalive expiry as the timer's exit writes it to the ring buffer: only what the agent
 /// reads of an expiry, with the effective settings resolved in the kernel. The addresses come
 /// last and an IPv4 record stops after its 8 bytes of them, so an IPv4 expiry takes 88 bytes of
-/// the ring (80 and the ring's 8-byte header) where a [`SocketRecord`] takes 160: in a burst of
+/// the ring (80 and the ring's 8-byte header) where a [`SocketRecord`] takes 176: in a burst of
 /// tens of thousands of expiries in one jiffy, which the agent cannot drain while the timer
-/// softirq runs, the ring holds 1.8 times as many before it loses any.
+/// softirq runs, the ring holds twice as many before it loses any.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExpiryRecord {
@@ -1053,7 +1070,7 @@ pub struct AuditCursor {
     pub full: u32,
 }
 
-const _: () = assert!(SocketRecord::SIZE == 160);
+const _: () = assert!(SocketRecord::SIZE == 168);
 const _: () = assert!(ExpiryRecord::SIZE == 104);
 const _: () = assert!(core::mem::offset_of!(ExpiryRecord, addrs) == 72);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, local_addr) % 8 == 0);

@@ -11,8 +11,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use keepalive_ebpf::{
-    AF_INET6, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
-    SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
+    AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
+    RecordKind, SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
     SocketRecord, Uncounted, record_flags,
 };
 
@@ -100,8 +100,23 @@ pub(crate) fn netns_counters(rec: &SocketRecord) -> Option<*mut NetnsCounters> {
     })
 }
 
+/// The value a new namespace's counters start from. Passed by address (a map value the verifier
+/// knows): built on the stack, `NetnsCounters::default()` compiled to the BPF target's
+/// byte-by-byte `memset` loop, 88 iterations of 5 instructions that the 5.10 and 6.1 verifiers
+/// walk again on every path that inserts a namespace, which put the close program past their
+/// million-instruction limit.
+static ZERO_COUNTERS: NetnsCounters = NetnsCounters {
+    expiries: 0,
+    probes: 0,
+    closes: 0,
+    drops: [0; DropReason::COUNT],
+};
+
 /// [`netns_counters`] by key.
 #[inline(always)]
+// The zero value by address, not by value: a copy would be built on the stack (see
+// `ZERO_COUNTERS`).
+#[allow(clippy::needless_borrows_for_generic_args)]
 pub(crate) fn netns_counters_of(key: NetnsKey) -> Option<*mut NetnsCounters> {
     // Map values stay valid while the program runs (RCU); a deletion by the agent meanwhile
     // only loses this add, for a namespace it forgot.
@@ -110,7 +125,7 @@ pub(crate) fn netns_counters_of(key: NetnsKey) -> Option<*mut NetnsCounters> {
     }
     // Another CPU may insert the same key first: NOEXIST keeps its counts.
     if NETNS_COUNTERS
-        .insert(key, NetnsCounters::default(), BPF_NOEXIST as u64)
+        .insert(key, &ZERO_COUNTERS, BPF_NOEXIST as u64)
         .is_err()
         && NETNS_COUNTERS.get_ptr(key).is_none()
     {
@@ -336,6 +351,57 @@ impl SockFields for Typed {
     }
 }
 
+/// [`conntrack_timeout`] through a BTF-typed `struct tcp_sock *`. A call of its own (a static
+/// function, so the verifier checks it with the caller's typed pointer), for the close
+/// program's verification: inlined, it multiplied the paths the 5.10 and 6.1 verifiers walk.
+#[inline(never)]
+pub(crate) fn conntrack_timeout_typed(tp: *const u8) -> u32 {
+    conntrack_timeout(Typed(tp))
+}
+
+/// The smaller of two thresholds in jiffies, 0 meaning none.
+#[inline(always)]
+pub(crate) fn smallest_threshold(a: u32, b: u32) -> u32 {
+    match (a, b) {
+        (0, x) | (x, 0) => x,
+        (a, b) => a.min(b),
+    }
+}
+
+/// The namespace's conntrack established timeout in jiffies when conntrack is attached to the
+/// namespace for the socket's family (its defragmentation users are not 0), else 0: the idle
+/// timeout of the middlebox the namespace itself is (see [`SocketRecord::conntrack_timeout`]).
+#[inline(always)]
+fn conntrack_timeout(c: impl SockFields) -> u32 {
+    if offset!(net_ct_tcp_established) == 0 {
+        return 0;
+    }
+    let net = c.load::<u64>(offset!(skc_net)) as *const u8;
+    let users = if c.load::<u16>(offset!(skc_family)) == AF_INET6 {
+        defrag_users(c, net, offset!(net_defrag_ipv6))
+    } else {
+        defrag_users(c, net, offset!(net_defrag_ipv4))
+    };
+    if users == 0 {
+        return 0;
+    }
+    c.follow::<u32>(net, offset!(net_ct_tcp_established))
+        .unwrap_or(0)
+}
+
+/// `net.nf.defrag_ipv{4,6}_users` at `at` (0 when the kernel has neither member), read as the
+/// `bool` it was before 5.13: a 4-byte load of a 1-byte member is refused by the verifier.
+#[inline(always)]
+fn defrag_users(c: impl SockFields, net: *const u8, at: usize) -> u32 {
+    if at == 0 {
+        0
+    } else if offset!(net_defrag_is_bool) != 0 {
+        c.follow::<u8>(net, at).map_or(0, u32::from)
+    } else {
+        c.follow::<u32>(net, at).unwrap_or(0)
+    }
+}
+
 /// [`snapshot`] without a copy, from a BTF-typed `struct tcp_sock *`.
 #[inline(always)]
 pub(crate) fn snapshot_typed(tp: Typed, rec: &mut SocketRecord) -> Result<(), i64> {
@@ -465,6 +531,12 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
         .follow::<u64>(cgroup as *const u8, offset!(cgroup_kn))
         .and_then(|kn| c.follow::<u64>(kn as *const u8, offset!(kernfs_node_id)))
         .unwrap_or(0);
+    // Not for a keepalive expiry, which never asks for it: two more reads per expiry.
+    rec.conntrack_timeout = if rec.kind == RecordKind::KeepaliveTimer as u8 {
+        0
+    } else {
+        conntrack_timeout(c)
+    };
     rec.socket_ino = if offset!(sk_ino) != 0 {
         c.load::<u64>(offset!(sk_ino))
     } else {
@@ -515,7 +587,7 @@ pub(crate) fn netns_key(c: impl SockFields) -> Result<NetnsKey, i64> {
 /// LLVM does not turn the stores back into that call.
 #[inline(always)]
 pub(crate) fn zero_record(rec: *mut SocketRecord) {
-    const _: () = assert!(SocketRecord::SIZE == 20 * 8);
+    const _: () = assert!(SocketRecord::SIZE == 21 * 8);
     let words = rec.cast::<u64>();
     macro_rules! zero {
         ($($i:literal)*) => {$(
@@ -523,7 +595,7 @@ pub(crate) fn zero_record(rec: *mut SocketRecord) {
             unsafe { core::ptr::write_volatile(words.add($i), 0) };
         )*};
     }
-    zero!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19);
+    zero!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20);
 }
 
 /// Sends a record to the agent.

@@ -35,12 +35,13 @@ const INTVL: i32 = 1;
 const CNT: i32 = 3;
 const DROP_ALERT: &str = "KeepaliveConnectionDropped";
 
+/// The middlebox idle timeout of the idle-kill part, in seconds, and its threshold's name: the
+/// middlebox namespace's own conntrack timeout, which the agent reads there unasked.
+const IDLE_TIMEOUT: u64 = 2;
+const IDLE_THRESHOLD: &str = "conntrack";
+
 /// Creates a connection in `ns` whose peer stops answering, and waits until the kernel's
 /// keepalive kills it. Returns the pair (its addresses name the connection).
-/// The middlebox idle timeout of the idle-kill part, in seconds, and its threshold's name.
-const IDLE_TIMEOUT: u64 = 2;
-const IDLE_THRESHOLD: &str = "e2e-conntrack";
-
 fn keepalive_killed_connection(ns: &Netns) -> anyhow::Result<TcpPair> {
     let listener = ns.listen(LOOPBACK)?;
     let pair = ns.connect_pair(&listener)?;
@@ -96,11 +97,9 @@ fn keepalive_drop_reaches_prometheus_tsdb_and_its_alert_reaches_alertmanager_wit
     }
     // The agent as the DaemonSet runs it, in a pod network namespace of its own; Prometheus and
     // Alertmanager run in that namespace too, as if they scraped the pod's address.
-    // A middlebox timeout of the test's own, so an idle kill takes seconds.
-    let threshold = format!("{IDLE_THRESHOLD}={IDLE_TIMEOUT}");
-    let Some(env) =
-        TestEnv::start_as_daemonset_with_args(test, &["--idle-timeout-threshold", &threshold])
-    else {
+    // No threshold given: the idle kill below is named by the middlebox namespace's conntrack
+    // timeout, a few seconds, which the agent reads from that namespace.
+    let Some(env) = TestEnv::start_as_daemonset(test) else {
         return Ok(());
     };
     let Some(agent) = env.agent() else {

@@ -20,9 +20,10 @@ use keepalive_tests::{
     set_user_timeout, wait_closed,
 };
 
-/// The middlebox's idle timeout, and the threshold the agent is given for it.
+/// The middlebox's idle timeout. The agent is given no threshold: it reads the timeout from
+/// each namespace where conntrack is attached, as the threshold named `conntrack`.
 const TIMEOUT: u64 = 3;
-const THRESHOLD: &str = "test-conntrack";
+const THRESHOLD: &str = "conntrack";
 /// Silence before the client's send: twice the timeout, so the flow is surely forgotten.
 const SILENCE: Duration = Duration::from_secs(2 * TIMEOUT);
 /// Keepalive idle above the timeout (no probe before the send), and below it (probes keep the
@@ -46,9 +47,8 @@ fn conn_figure(env: &TestEnv, name: &str, netns: u64, conn: &Conn) -> anyhow::Re
 #[test]
 fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResult {
     let test = "middlebox_idle_kills_are_named_with_their_threshold_and_silence";
-    let threshold = format!("{THRESHOLD}={TIMEOUT}");
-    let Some(env) = TestEnv::start_with_agent_args(test, &["--idle-timeout-threshold", &threshold])
-    else {
+    // Audits every second, for the threshold's audit series below.
+    let Some(env) = TestEnv::start_with_agent_args(test, &["--audit.interval", "1s"]) else {
         return Ok(());
     };
     if env.agent().is_none() {
@@ -71,6 +71,11 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
     let off = connect(&reset_ns, &reset_listener, None)?;
     let above = connect(&reset_ns, &reset_listener, Some(IDLE_ABOVE))?;
     let below = connect(&reset_ns, &reset_listener, Some(IDLE_BELOW))?;
+    // The same silence in a namespace without conntrack: no threshold applies there.
+    let plain_ns = Netns::new("idle-plain")?;
+    let plain_listener = listen(&plain_ns)?;
+    let plain_client = plain_ns.run(|| std::net::TcpStream::connect("127.0.0.1:8080"))??;
+    let (_plain_server, _) = plain_listener.accept()?;
     let refused = connect(&output_ns, &output_listener, None)?;
     let lost = connect(&input_ns, &input_listener, None)?;
     for silent in [&refused, &lost] {
@@ -79,10 +84,10 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
     std::thread::sleep(SILENCE);
 
     // Before the sends: `sockets` marks the connections the middlebox has forgotten.
-    let reset_netns_arg = reset_ns.inum().to_string();
     let output = std::process::Command::new(agent_bin())
-        .args(["sockets", "--output", "json", "--netns", &reset_netns_arg])
-        .args(["--idle-timeout-threshold", &threshold])
+        .args(["sockets", "--output", "json"])
+        .args(["--netns", &reset_ns.inum().to_string()])
+        .args(["--netns", &plain_ns.inum().to_string()])
         .output()
         .context("running keepalive-agent sockets")?;
     ensure!(
@@ -91,13 +96,18 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
         String::from_utf8_lossy(&output.stderr)
     );
     let sockets: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    let risk_of = |conn: &Conn| -> anyhow::Result<serde_json::Value> {
-        let row = sockets
+    let row_of = |local_port: u16, remote_port: u16| -> anyhow::Result<&serde_json::Value> {
+        sockets
             .as_array()
             .context("an array")?
             .iter()
-            .find(|s| s["local_port"] == conn.local.port() && s["remote_port"] == 80)
-            .with_context(|| format!("no row for {conn:?} in {sockets}"))?;
+            .find(|s| s["local_port"] == local_port && s["remote_port"] == remote_port)
+            .with_context(|| format!("no row for :{local_port} -> :{remote_port} in {sockets}"))
+    };
+    let risk_of = |conn: &Conn| -> anyhow::Result<serde_json::Value> {
+        let row = row_of(conn.local.port(), 80)?;
+        // The namespace's own conntrack timeout, read where the kernel keeps it.
+        assert_eq!(row["conntrack_timeout_seconds"], TIMEOUT as f64, "{row}");
         Ok(row["idle_kill_risk"].clone())
     };
     assert_eq!(risk_of(&off.conn)?, THRESHOLD, "keepalive off");
@@ -107,6 +117,49 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
         serde_json::Value::Null,
         "keepalive idle below"
     );
+    let plain = row_of(plain_client.local_addr()?.port(), 8080)?;
+    assert_eq!(
+        plain["conntrack_timeout_seconds"],
+        serde_json::Value::Null,
+        "{plain}"
+    );
+    assert_eq!(plain["idle_kill_risk"], serde_json::Value::Null, "{plain}");
+
+    // The audit counts the keepalive-on connection whose idle (10 s) is at or above the
+    // namespace's conntrack timeout; the namespace without conntrack has no threshold at all,
+    // so KeepaliveIdleAboveMiddleboxTimeout cannot fire there.
+    let agent = env.agent().context("agent")?;
+    let at_or_above = "tcp_keepalive_idle_at_or_above_threshold_sockets";
+    let reset_labels = [
+        ("netns", reset_ns.inum().to_string()),
+        ("threshold", THRESHOLD.to_owned()),
+    ];
+    let plain_labels = [("netns", plain_ns.inum().to_string())];
+    let started = std::time::Instant::now();
+    loop {
+        let metrics = agent.scrape()?;
+        let counted = metrics.matching(at_or_above, &reset_labels);
+        if counted.len() == 1 && counted[0].value == 1.0 {
+            let plain_series = metrics.matching(at_or_above, &plain_labels);
+            ensure!(
+                plain_series.is_empty(),
+                "a threshold series in the namespace without conntrack: {plain_series:?}"
+            );
+            ensure!(
+                metrics
+                    .matching("tcp_keepalive_sockets", &plain_labels)
+                    .len()
+                    == 2,
+                "the namespace without conntrack was not audited"
+            );
+            break;
+        }
+        ensure!(
+            started.elapsed() < DEADLINE,
+            "{at_or_above}{reset_labels:?}: {counted:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let silence_off = send(&off)?;
     let silence_above = send(&above)?;

@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::{
     export::{labels::AggregateLabels, metrics::DETECTION_BUCKETS},
     record::decoder::{AuditedSocket, KeepaliveSettings},
-    track::idle_kill::{self, IdleThreshold},
+    track::idle_kill::{self, Applicable, IdleThreshold},
 };
 
 /// The connections the audit metrics count: ESTABLISHED and CLOSE_WAIT. Both hold an open
@@ -109,6 +109,9 @@ pub(crate) struct SocketKeepalive {
     /// forgotten the flow and the next send dies ([`idle_kill::exposed_to`]). `null` otherwise,
     /// and for listeners.
     pub idle_kill_risk: Option<String>,
+    /// The namespace's conntrack established timeout when conntrack tracks its connections of
+    /// this family (the `conntrack` threshold, see [`idle_kill::CONNTRACK`]); `null` otherwise.
+    pub conntrack_timeout_seconds: Option<f64>,
     /// cgroup v2 id of the owning cgroup (inode of its directory under /sys/fs/cgroup); 0 if
     /// unknown.
     pub cgroup_id: u64,
@@ -144,6 +147,8 @@ impl SocketKeepalive {
             silent_seconds: is_connection_state(socket.state)
                 .then(|| seconds(u64::from(socket.silent_jiffies()))),
             idle_kill_risk: None,
+            conntrack_timeout_seconds: (socket.conntrack_timeout_jiffies != 0)
+                .then(|| seconds(u64::from(socket.conntrack_timeout_jiffies))),
             cgroup_id: socket.owner.cgroup_id,
             socket_ino: socket.owner.socket_ino,
             pid: None,
@@ -153,11 +158,13 @@ impl SocketKeepalive {
 
     /// Marks a connection already silent past a threshold its keepalive does not beat (see
     /// [`Self::idle_kill_risk`]).
-    pub(crate) fn with_idle_kill_risk(mut self, thresholds: &[IdleThreshold]) -> Self {
+    pub(crate) fn with_idle_kill_risk(mut self, node_thresholds: &[IdleThreshold]) -> Self {
         if let Some(silent) = self.silent_seconds {
             let keepalive_idle = self.keepalive.then_some(self.idle_seconds);
-            self.idle_kill_risk =
-                idle_kill::exposed_to(silent, keepalive_idle, thresholds).map(|t| t.name.clone());
+            let thresholds =
+                Applicable::with_seconds(node_thresholds, self.conntrack_timeout_seconds);
+            self.idle_kill_risk = idle_kill::exposed_to(silent, keepalive_idle, thresholds)
+                .map(|(name, _)| name.to_owned());
         }
         self
     }
@@ -218,6 +225,11 @@ pub(crate) struct GroupAudit {
     /// Keepalive-on connections whose idle time is at or above each threshold (same order as
     /// the thresholds given to [`AuditSummary::new`]).
     pub idle_at_or_above_threshold: Vec<u64>,
+    /// Where conntrack tracks connections of the group (see [`idle_kill::CONNTRACK`]): its
+    /// keepalive-on connections whose idle time is at or above their namespace's conntrack
+    /// established timeout. `None`: no walked socket of the group is tracked (or a node
+    /// threshold is named `conntrack`), so the series is absent.
+    pub idle_at_or_above_conntrack: Option<u64>,
 }
 
 /// Per-label-set figures of one walk. Every label set with at least one walked socket (a
@@ -243,6 +255,11 @@ impl AuditSummary {
                     idle_at_or_above_threshold: vec![0; thresholds.len()],
                     ..GroupAudit::default()
                 });
+            let conntrack = Applicable::new(thresholds, socket.conntrack_timeout_jiffies, hz)
+                .conntrack_seconds();
+            if conntrack.is_some() {
+                netns.idle_at_or_above_conntrack.get_or_insert(0);
+            }
             if !is_connection_state(socket.state) {
                 continue;
             }
@@ -261,6 +278,10 @@ impl AuditSummary {
             }
             for (count, threshold) in netns.idle_at_or_above_threshold.iter_mut().zip(thresholds) {
                 *count += u64::from(idle >= threshold.seconds);
+            }
+            if let (Some(count), Some(timeout)) = (&mut netns.idle_at_or_above_conntrack, conntrack)
+            {
+                *count += u64::from(idle >= timeout);
             }
         }
         Self {
@@ -393,6 +414,10 @@ impl Collector for AuditCollector {
                 let labels = with_label(group, "threshold", &threshold.name);
                 ConstGauge::new(*count as i64).encode(at_or_above.encode_family(&labels)?)?;
             }
+            if let Some(count) = audit.idle_at_or_above_conntrack {
+                let labels = with_label(group, "threshold", idle_kill::CONNTRACK);
+                ConstGauge::new(count as i64).encode(at_or_above.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }
@@ -524,6 +549,7 @@ mod tests {
             jiffies: 0,
             last_received_jiffies: 0,
             last_sent_jiffies: 0,
+            conntrack_timeout_jiffies: 0,
         }
     }
 
@@ -622,6 +648,42 @@ mod tests {
         ] {
             assert!(has(line), "missing {line:?} in:\n{text}");
         }
+    }
+
+    /// Namespace 7 has conntrack attached with a 3600 s established timeout, namespace 8 does
+    /// not: only 7 gets a conntrack series, counted against its own timeout.
+    #[test]
+    fn the_conntrack_threshold_is_each_tracked_namespaces_own() {
+        let tracked = |mut socket: AuditedSocket| {
+            socket.conntrack_timeout_jiffies = 3600 * HZ;
+            socket
+        };
+        let walk = vec![
+            tracked(socket(7, tcp_state::ESTABLISHED, settings(7200, 75, 9, 0))),
+            tracked(socket(7, tcp_state::ESTABLISHED, settings(300, 75, 9, 0))),
+            socket(8, tcp_state::ESTABLISHED, settings(7200, 75, 9, 0)),
+        ];
+        let summary = AuditSummary::new(&walk, HZ, &[], netns_group);
+        let group = |netns: &str| vec![("netns", netns.to_owned())];
+        assert_eq!(
+            summary.groups[&group("7")].idle_at_or_above_conntrack,
+            Some(1)
+        );
+        assert_eq!(summary.groups[&group("8")].idle_at_or_above_conntrack, None);
+
+        // A threshold given with the name replaces every namespace's own.
+        let given = ["conntrack=60".parse().expect("threshold")];
+        let summary = AuditSummary::new(&walk, HZ, &given, netns_group);
+        assert_eq!(summary.groups[&group("7")].idle_at_or_above_conntrack, None);
+        assert_eq!(summary.groups[&group("7")].idle_at_or_above_threshold, [2]);
+        assert_eq!(summary.groups[&group("8")].idle_at_or_above_threshold, [1]);
+
+        let shown = SocketKeepalive::new(&walk[0], HZ);
+        assert_eq!(shown.conntrack_timeout_seconds, Some(3600.0));
+        assert_eq!(
+            SocketKeepalive::new(&walk[2], HZ).conntrack_timeout_seconds,
+            None
+        );
     }
 
     #[test]

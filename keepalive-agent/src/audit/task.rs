@@ -2,6 +2,7 @@
 //! every `--audit.interval`, and hand the summary to [`AuditCollector`] for the next scrape.
 
 use std::{
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -14,21 +15,16 @@ use crate::{
     audit::walk,
     export::labels::AggregateLabels,
     kernel::hash_walk::HashWalk,
+    kernel::ipvs,
     record::decoder::AuditedSocket,
-    track::{idle_kill::IdleThreshold, namespaces::NamespaceIdentity},
+    track::{
+        idle_kill::{self, IdleThreshold},
+        namespaces::NamespaceIdentity,
+    },
 };
 
 /// The label set each audited socket is counted under (see [`AuditSummary::new`]).
 pub(crate) type AuditGroup = Arc<dyn Fn(&AuditedSocket) -> AggregateLabels + Send + Sync>;
-
-/// Middlebox idle timeouts counted when `--idle-timeout-threshold` is not given: the defaults
-/// of the middleboxes a Kubernetes connection most often crosses.
-/// - `aws-nlb=350`: AWS Network Load Balancer TCP idle timeout.
-/// - `gcp-lb=600`: Google Cloud VPC firewall / load balancer connection tracking (10 minutes).
-/// - `ipvs=900`: IPVS (kube-proxy in IPVS mode) established-connection timeout.
-/// - `conntrack=432000`: netfilter `nf_conntrack_tcp_timeout_established` (5 days).
-pub(crate) const DEFAULT_IDLE_THRESHOLDS: [&str; 4] =
-    ["aws-nlb=350", "gcp-lb=600", "ipvs=900", "conntrack=432000"];
 
 /// `keepalive-agent run` flags of the audit.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,17 +34,16 @@ pub struct AuditConfig {
     /// Each walk's duration is exported as keepalive_agent_audit_duration_seconds.
     #[arg(long = "audit.interval", default_value = "60s", value_parser = parse_interval)]
     pub interval: Duration,
-    /// A middlebox idle timeout, as NAME=SECONDS (repeat the flag for several): count the
-    /// keepalive-on connections whose idle time is at or above it, in
-    /// tcp_keepalive_idle_at_or_above_threshold_sockets{threshold="NAME"}. Those connections
-    /// are forgotten by the middlebox before their first probe and then silently dropped.
-    /// A drop after at least this much silence is an idle kill (tcp_idle_kills_total).
-    /// Giving any replaces the whole default set.
-    #[arg(
-        long = "idle-timeout-threshold",
-        value_name = "NAME=SECONDS",
-        default_values = DEFAULT_IDLE_THRESHOLDS,
-    )]
+    /// A middlebox idle timeout on this node's paths, as NAME=SECONDS (repeat the flag for
+    /// several): a load balancer's, e.g. aws-nlb=350, gcp-lb=600, azure-lb=240. Added to what
+    /// the node knows itself: each namespace's conntrack established timeout where conntrack
+    /// tracks it (threshold "conntrack"), and IPVS's when the node balances TCP services with
+    /// it ("ipvs", 900 s; give ipvs=SECONDS for kube-proxy's --ipvs-tcp-timeout). A threshold
+    /// of either name replaces the one found. Keepalive-on connections whose idle time is at or
+    /// above a threshold are counted in tcp_keepalive_idle_at_or_above_threshold_sockets (the
+    /// middlebox forgets them before their first probe); a drop after at least this much
+    /// silence is an idle kill (tcp_idle_kills_total).
+    #[arg(long = "idle-timeout-threshold", value_name = "NAME=SECONDS")]
     pub idle_timeout_thresholds: Vec<IdleThreshold>,
 }
 
@@ -60,6 +55,39 @@ impl AuditConfig {
             .map(|t| t.seconds)
             .min_by(f64::total_cmp)
     }
+}
+
+/// The node's middlebox idle timeouts: the operator's (`given`), and IPVS's when the node
+/// balances TCP services with it and none is named `ipvs` (`proc_root`: the host's procfs).
+/// Conntrack's is not here: it is per namespace, read by the kernel programs with each record
+/// ([`idle_kill::CONNTRACK`]).
+pub(crate) fn node_thresholds(given: &[IdleThreshold], proc_root: &Path) -> Vec<IdleThreshold> {
+    let mut thresholds = given.to_vec();
+    if given.iter().any(|t| t.name == idle_kill::IPVS) {
+        return thresholds;
+    }
+    match ipvs::balances_tcp(proc_root) {
+        Ok(true) => {
+            info!(
+                "this node balances TCP services with IPVS: idle-timeout threshold ipvs={} (its \
+                 default; give --idle-timeout-threshold ipvs=SECONDS if kube-proxy sets \
+                 --ipvs-tcp-timeout)",
+                ipvs::DEFAULT_TCP_TIMEOUT_SECONDS
+            );
+            thresholds.push(IdleThreshold {
+                name: idle_kill::IPVS.to_owned(),
+                seconds: ipvs::DEFAULT_TCP_TIMEOUT_SECONDS,
+            });
+        }
+        Ok(false) => {}
+        Err(e) => warn!(
+            "cannot tell whether this node uses IPVS ({}: {}): no ipvs idle-timeout threshold; \
+             give --idle-timeout-threshold ipvs=SECONDS if it does",
+            proc_root.join("1/net/ip_vs").display(),
+            crate::files::io_reason(&e)
+        ),
+    }
+    thresholds
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -88,12 +116,7 @@ pub(crate) fn start(
         info!(
             "keepalive configuration audit every {}, idle-timeout thresholds: {}",
             humantime::format_duration(config.interval),
-            config
-                .idle_timeout_thresholds
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
+            describe_thresholds(&config.idle_timeout_thresholds)
         );
         tokio::spawn(run(
             Walker {
@@ -114,6 +137,21 @@ pub(crate) fn start(
         );
     }
     collector
+}
+
+/// The thresholds as the start-up log lists them, conntrack's per-namespace one included.
+pub(crate) fn describe_thresholds(node: &[IdleThreshold]) -> String {
+    node.iter()
+        .map(ToString::to_string)
+        .chain(
+            (!node.iter().any(|t| t.name == idle_kill::CONNTRACK)).then(|| {
+                "conntrack=<each namespace's nf_conntrack_tcp_timeout_established, where \
+                 conntrack tracks it>"
+                    .to_owned()
+            }),
+        )
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The walk program the periodic audit runs and the namespace identity each walk marks alive.
@@ -214,12 +252,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_thresholds_parse() {
-        for threshold in DEFAULT_IDLE_THRESHOLDS {
-            threshold
-                .parse::<IdleThreshold>()
-                .unwrap_or_else(|err| panic!("{threshold}: {err}"));
-        }
+    fn an_ipvs_threshold_given_replaces_the_one_found() {
+        let dir = std::env::temp_dir().join(format!("keepalive-task-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("1/net")).expect("mkdir");
+        std::fs::write(dir.join("1/net/ip_vs"), "TCP  0A600001:01BB rr\n").expect("write");
+        let given: Vec<IdleThreshold> = vec!["aws-nlb=350".parse().expect("threshold")];
+        let found = node_thresholds(&given, &dir);
+        let own: Vec<IdleThreshold> = vec!["ipvs=300".parse().expect("threshold")];
+        let replaced = node_thresholds(&own, &dir);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        let names = |t: &[IdleThreshold]| t.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(names(&found), ["aws-nlb=350", "ipvs=900"]);
+        assert_eq!(names(&replaced), ["ipvs=300"]);
+        assert!(describe_thresholds(&found).contains("conntrack=<each namespace's"));
+        assert!(!describe_thresholds(&["conntrack=60".parse().expect("t")]).contains('<'));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `keepalive-agent run`: resolve the kernel, load and attach, then drain events and serve.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     num::NonZeroUsize,
     sync::{Arc, Mutex, atomic::Ordering},
@@ -32,7 +33,7 @@ use crate::{
     },
     pipeline::{Drained, Pipeline},
     record::{decoder::AuditedSocket, netns_counters::NetnsCounterMaps},
-    track::connection_table::ConnectionTable,
+    track::{connection_table::ConnectionTable, idle_kill},
 };
 
 pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9879";
@@ -176,8 +177,11 @@ impl RunConfig {
     }
 }
 
-pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     config.validate()?;
+    // From here on the thresholds are the node's: the flags' and what the node uses.
+    config.audit.idle_timeout_thresholds =
+        audit::task::node_thresholds(&config.audit.idle_timeout_thresholds, &config.proc_root);
     // Before the kernel is touched: a file that does not load stops the agent at once.
     let web = match &config.web_config_file {
         Some(path) => WebConfig::load(path)?,
@@ -275,7 +279,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .audit
             .idle_timeout_thresholds
             .iter()
-            .map(|t| t.name.clone())
+            .map(|t| t.name.as_str())
+            .chain([idle_kill::CONNTRACK])
+            .map(str::to_owned)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect(),
     );
     if config.aggregate_by == AggregateBy::default() {

@@ -13,7 +13,7 @@ use keepalive_ebpf::tcp_state;
 
 use crate::{
     attribution::Attributor,
-    audit::{summary::SocketKeepalive, task::DEFAULT_IDLE_THRESHOLDS, walk},
+    audit::{summary::SocketKeepalive, task, walk},
     kernel::{Session, hz},
     track::idle_kill::IdleThreshold,
 };
@@ -48,14 +48,11 @@ pub struct SocketsConfig {
     /// host's /proc (in a pod, where it is mounted, e.g. /host/proc), as for `run`.
     #[arg(long = "proc.root", value_name = "PATH", default_value = "/proc", value_parser = crate::cmd::flags::parse_proc_root)]
     pub proc_root: std::path::PathBuf,
-    /// A middlebox idle timeout, as NAME=SECONDS (repeat for several; as for `run`): a
-    /// connection already silent past one that its keepalive does not beat is marked with it
+    /// A middlebox idle timeout, as NAME=SECONDS (repeat for several; as for `run`, added to
+    /// each namespace's conntrack timeout and IPVS's where the node uses them): a connection
+    /// already silent past one that its keepalive does not beat is marked with it
     /// (IDLE_KILL_RISK): the middlebox has forgotten it, and its next send will die.
-    #[arg(
-        long = "idle-timeout-threshold",
-        value_name = "NAME=SECONDS",
-        default_values = DEFAULT_IDLE_THRESHOLDS,
-    )]
+    #[arg(long = "idle-timeout-threshold", value_name = "NAME=SECONDS")]
     pub idle_timeout_thresholds: Vec<IdleThreshold>,
 }
 
@@ -88,14 +85,14 @@ pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
         }
     }
 
+    let thresholds = task::node_thresholds(&config.idle_timeout_thresholds, &config.proc_root);
     // Owners from the `socket:[INO]` links under --proc.root: one scan of it, cached.
     let attributor = Attributor::new(None, config.proc_root.clone());
     let mut sockets: Vec<SocketKeepalive> = host
         .sockets
         .iter()
         .filter_map(|socket| {
-            let mut shown = SocketKeepalive::new(socket, hz)
-                .with_idle_kill_risk(&config.idle_timeout_thresholds);
+            let mut shown = SocketKeepalive::new(socket, hz).with_idle_kill_risk(&thresholds);
             if !config.wants(&shown, socket.state) {
                 return None;
             }
@@ -264,6 +261,7 @@ mod tests {
             worst_case_detection_seconds: Some(7875.0),
             silent_seconds: Some(12.5),
             idle_kill_risk: None,
+            conntrack_timeout_seconds: None,
             cgroup_id: 0,
             socket_ino: 0,
             pid: Some(4242),

@@ -267,6 +267,7 @@ impl KernelLayout {
         let timers = Timers::resolve(&r)?;
 
         let listen_table = ListenTable::resolve(&r)?;
+        let conntrack = Conntrack::resolve(&r)?;
         let mut offsets = KernelOffsets::default();
         for (field, slot) in KernelOffsets::FIELDS.iter().zip(offsets.fields_mut()) {
             *slot = match (field.kind, field.name) {
@@ -289,6 +290,10 @@ impl KernelLayout {
                 (FieldKind::Computed, "net_cookie_lazy") => {
                     u32::from(!matches!(r.field(NET_COOKIE)?.ty, Type::Int(_)))
                 }
+                (FieldKind::Computed, "net_ct_tcp_established") => conntrack.established,
+                (FieldKind::Computed, "net_defrag_ipv4") => conntrack.defrag_ipv4,
+                (FieldKind::Computed, "net_defrag_ipv6") => conntrack.defrag_ipv6,
+                (FieldKind::Computed, "net_defrag_is_bool") => u32::from(conntrack.defrag_is_bool),
                 (FieldKind::Computed, "ehash_bucket_size") => r.struct_size("inet_ehash_bucket")?,
                 (FieldKind::Computed, "listen_bucket_size") => {
                     r.struct_size("inet_listen_hashbucket")?
@@ -395,6 +400,79 @@ impl ListenTable {
     }
 }
 
+/// Where `struct net` keeps the namespace's conntrack TCP established timeout and whether
+/// conntrack is attached to it; 0 offsets where the kernel has no conntrack (the programs then
+/// report no conntrack threshold).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Conntrack {
+    established: u32,
+    defrag_ipv4: u32,
+    defrag_ipv6: u32,
+    defrag_is_bool: bool,
+}
+
+const CT_TCP_TIMEOUTS: &str = "net.ct.nf_ct_proto.tcp.timeouts";
+
+impl Conntrack {
+    fn resolve(r: &Resolver<'_>) -> Result<Self, LayoutError> {
+        let timeouts = match r.field(CT_TCP_TIMEOUTS) {
+            Ok(Field {
+                byte_offset,
+                ty: Type::Array(array),
+            }) => Some((byte_offset, array.len())),
+            Ok(other) => {
+                return Err(LayoutError::UnexpectedType {
+                    path: CT_TCP_TIMEOUTS.to_owned(),
+                    expected: "an array of unsigned int".to_owned(),
+                    found: r.describe(&other.ty),
+                });
+            }
+            Err(e) if e.is_missing_on_the_way(CT_TCP_TIMEOUTS) => None,
+            Err(e) => return Err(e),
+        };
+        let Some((timeouts, len)) = timeouts else {
+            return Ok(Self::default());
+        };
+        let Some(index) = r.optional_enum_value(
+            "tcp_conntrack",
+            "TCP_CONNTRACK_ESTABLISHED",
+            u64::try_from(len).unwrap_or(0),
+        )?
+        else {
+            return Ok(Self::default());
+        };
+        let users = |family: &str| -> Result<(u32, bool), LayoutError> {
+            let counter = format!("net.nf.defrag_{family}_users");
+            if let Some(at) = r.optional_offset(&counter, FieldKind::Int(4))? {
+                return Ok((at, false));
+            }
+            let flag = format!("net.nf.defrag_{family}");
+            Ok(match r.optional_offset(&flag, FieldKind::Int(1))? {
+                Some(at) => (at, true),
+                None => (0, false),
+            })
+        };
+        let (defrag_ipv4, ipv4_bool) = users("ipv4")?;
+        let (defrag_ipv6, ipv6_bool) = users("ipv6")?;
+        if defrag_ipv4 == 0 {
+            // Without the IPv4 member nothing tells whether conntrack tracks the namespace.
+            return Ok(Self::default());
+        }
+        Ok(Self {
+            established: timeouts + 4 * index,
+            defrag_ipv4,
+            // One load width for both: a kernel with one member of each kind is not one the
+            // programs know how to read.
+            defrag_ipv6: if ipv6_bool == ipv4_bool {
+                defrag_ipv6
+            } else {
+                0
+            },
+            defrag_is_bool: ipv4_bool,
+        })
+    }
+}
+
 /// Both TCP timers of this kernel.
 struct Timers {
     layout: TimerLayout,
@@ -430,6 +508,12 @@ impl Timers {
 impl LayoutError {
     /// Whether this is `path` missing its last member (and not a missing struct or
     /// intermediate member on the way to it).
+    /// `path` or any struct on the way to it is missing a member (a kernel built without the
+    /// feature that adds it).
+    fn is_missing_on_the_way(&self, path: &str) -> bool {
+        matches!(self, Self::MissingField { path: p, .. } if p == path)
+    }
+
     fn is_missing_member(&self, path: &str) -> bool {
         matches!(self, Self::MissingField { path: p, member, .. }
             if p == path && path.rsplit('.').next() == Some(member.as_str()))

@@ -1,6 +1,6 @@
 //! Everything the agent knows about the running kernel, and the only room that talks to it:
 //! struct layout and hook prototypes from BTF ([`layout`]), timer callback addresses
-//! ([`kallsyms`]), the tick rate ([`hz`]), the embedded programs and how they
+//! ([`kallsyms`]), the tick rate ([`hz`]), whether the node uses IPVS ([`ipvs`]), the embedded programs and how they
 //! are loaded ([`programs`]), and the audit's walk program ([`hash_walk`]).
 //!
 //! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
@@ -10,6 +10,7 @@ pub(crate) mod bpf_syscall;
 pub mod hash_walk;
 pub(crate) mod hooks;
 pub(crate) mod hz;
+pub(crate) mod ipvs;
 pub mod kallsyms;
 pub(crate) mod layout;
 pub mod maps;

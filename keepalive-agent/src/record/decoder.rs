@@ -119,6 +119,9 @@ pub struct CloseEvent {
     /// `tcp_sock.retrans_stamp`: when the segment being retransmitted first went out
     /// (`CLOCK_MONOTONIC` milliseconds, low 32 bits), 0 when none is.
     pub retrans_stamp: u32,
+    /// The namespace's conntrack established timeout (jiffies) when conntrack tracks the
+    /// namespace's connections of this family, else 0.
+    pub conntrack_timeout_jiffies: u32,
 }
 
 impl CloseEvent {
@@ -173,6 +176,8 @@ pub(crate) struct AuditedSocket {
     pub last_received_jiffies: u32,
     /// `tcp_sock.lsndtime`: data last sent (32-bit jiffies).
     pub last_sent_jiffies: u32,
+    /// As [`CloseEvent::conntrack_timeout_jiffies`].
+    pub conntrack_timeout_jiffies: u32,
 }
 
 impl AuditedSocket {
@@ -349,6 +354,7 @@ fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             last_received_jiffies,
             last_sent_jiffies: rec.lsndtime,
             retrans_stamp: rec.retrans_stamp,
+            conntrack_timeout_jiffies: rec.conntrack_timeout,
         }),
         RecordKind::Audit => Event::Audit(AuditedSocket {
             sk: rec.sk,
@@ -360,6 +366,7 @@ fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             jiffies: rec.jiffies,
             last_received_jiffies,
             last_sent_jiffies: rec.lsndtime,
+            conntrack_timeout_jiffies: rec.conntrack_timeout,
         }),
     })
 }
@@ -442,6 +449,7 @@ pub(crate) mod fixtures {
             last_received_jiffies: 0,
             last_sent_jiffies: 0,
             retrans_stamp: 0,
+            conntrack_timeout_jiffies: 0,
         }
     }
 }

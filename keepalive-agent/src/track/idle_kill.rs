@@ -52,6 +52,61 @@ impl fmt::Display for IdleThreshold {
     }
 }
 
+/// The threshold the kernel reads from each connection's namespace: its conntrack established
+/// timeout (`nf_conntrack_tcp_timeout_established`), when conntrack is attached to the namespace.
+/// A `--idle-timeout-threshold` of this name replaces it everywhere.
+pub(crate) const CONNTRACK: &str = "conntrack";
+
+/// The threshold of IPVS, when the node balances TCP services with it (see
+/// `audit::task::node_thresholds`).
+pub(crate) const IPVS: &str = "ipvs";
+
+/// The thresholds that apply to one connection: the node's (`--idle-timeout-threshold`, IPVS
+/// when the node uses it) and its namespace's conntrack timeout.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Applicable<'a> {
+    node: &'a [IdleThreshold],
+    /// The namespace's conntrack established timeout, when conntrack tracks the namespace's
+    /// connections and no node threshold is named [`CONNTRACK`].
+    conntrack_seconds: Option<f64>,
+}
+
+impl<'a> Applicable<'a> {
+    /// `conntrack_jiffies`: the record's `conntrack_timeout` (0 when conntrack does not track
+    /// the connection's namespace).
+    pub(crate) fn new(node: &'a [IdleThreshold], conntrack_jiffies: u32, hz: u32) -> Self {
+        let conntrack_seconds = (conntrack_jiffies != 0
+            && !node.iter().any(|t| t.name == CONNTRACK))
+        .then(|| jiffies_to_seconds(u64::from(conntrack_jiffies), hz));
+        Self {
+            node,
+            conntrack_seconds,
+        }
+    }
+
+    /// [`Self::new`] from a timeout already in seconds (`None`: not tracked).
+    pub(crate) fn with_seconds(node: &'a [IdleThreshold], conntrack_seconds: Option<f64>) -> Self {
+        Self {
+            node,
+            conntrack_seconds: conntrack_seconds
+                .filter(|_| !node.iter().any(|t| t.name == CONNTRACK)),
+        }
+    }
+
+    /// The namespace's conntrack threshold, when it applies.
+    pub(crate) fn conntrack_seconds(self) -> Option<f64> {
+        self.conntrack_seconds
+    }
+
+    /// Every applicable threshold as (name, seconds).
+    pub(crate) fn iter(self) -> impl Iterator<Item = (&'a str, f64)> {
+        self.node
+            .iter()
+            .map(|t| (t.name.as_str(), t.seconds))
+            .chain(self.conntrack_seconds.map(|seconds| (CONNTRACK, seconds)))
+    }
+}
+
 /// How the send after the silence died.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum IdleKillHow {
@@ -99,7 +154,7 @@ pub(crate) fn classify(
     close: &CloseEvent,
     reason: DropReason,
     hz: u32,
-    thresholds: &[IdleThreshold],
+    node_thresholds: &[IdleThreshold],
 ) -> Option<IdleKill> {
     let how = match reason {
         DropReason::ResetReceived => IdleKillHow::Reset,
@@ -115,14 +170,18 @@ pub(crate) fn classify(
         .then(|| jiffies_to_seconds(u64::from(settings.idle_jiffies), hz));
     // With keepalive idle below every threshold the silence reaches, its probes would have kept
     // the middlebox's entry alive: something else killed it.
-    let threshold = exposed_to(silence_seconds, keepalive_idle_seconds, thresholds)?;
+    let thresholds = Applicable::new(node_thresholds, close.conntrack_timeout_jiffies, hz);
+    let (name, seconds) = exposed_to(silence_seconds, keepalive_idle_seconds, thresholds)?;
     let interval = jiffies_to_seconds(u64::from(settings.interval_jiffies), hz);
     Some(IdleKill {
-        threshold: threshold.clone(),
+        threshold: IdleThreshold {
+            name: name.to_owned(),
+            seconds,
+        },
         silence_seconds,
         how,
         keepalive_idle_seconds,
-        suggested_keepalive_idle_seconds: suggested_idle(threshold.seconds, interval),
+        suggested_keepalive_idle_seconds: suggested_idle(seconds, interval),
     })
 }
 
@@ -130,16 +189,16 @@ pub(crate) fn classify(
 /// threshold at or below the silence that its keepalive (`keepalive_idle_seconds`, `None` when
 /// off) would not have beaten with a probe. `None`: no threshold reached, or keepalive probes
 /// come first.
-pub(crate) fn exposed_to(
+pub(crate) fn exposed_to<'a>(
     silent_seconds: f64,
     keepalive_idle_seconds: Option<f64>,
-    thresholds: &[IdleThreshold],
-) -> Option<&IdleThreshold> {
+    thresholds: Applicable<'a>,
+) -> Option<(&'a str, f64)> {
     thresholds
         .iter()
-        .filter(|t| t.seconds <= silent_seconds)
-        .filter(|t| keepalive_idle_seconds.is_none_or(|idle| idle >= t.seconds))
-        .max_by(|a, b| a.seconds.total_cmp(&b.seconds))
+        .filter(|&(_, seconds)| seconds <= silent_seconds)
+        .filter(|&(_, seconds)| keepalive_idle_seconds.is_none_or(|idle| idle >= seconds))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
 /// A keepalive idle below `threshold`, in whole seconds: `threshold - interval` when that leaves
@@ -212,6 +271,25 @@ mod tests {
         assert_eq!(kill.keepalive_idle_seconds, None);
         // 350 - 75 leaves more than half.
         assert_eq!(kill.suggested_keepalive_idle_seconds, 275.0);
+    }
+
+    /// The namespace's conntrack timeout (from the record) is a threshold of its own, unless
+    /// one is given under that name.
+    #[test]
+    fn the_namespaces_conntrack_timeout_names_a_kill_without_any_threshold_given() {
+        let mut close = drop_after(6);
+        assert_eq!(classify(&close, DropReason::ResetReceived, HZ, &[]), None);
+        close.conntrack_timeout_jiffies = 3 * HZ;
+        let kill = classify(&close, DropReason::ResetReceived, HZ, &[]).expect("idle kill");
+        assert_eq!(kill.threshold.name, CONNTRACK);
+        assert_eq!(kill.threshold.seconds, 3.0);
+        assert_eq!(kill.suggested_keepalive_idle_seconds, 1.0);
+        // Given as a flag (here 10 s, above the silence), it replaces the namespace's.
+        let given: Vec<IdleThreshold> = vec!["conntrack=10".parse().expect("threshold")];
+        assert_eq!(
+            classify(&close, DropReason::ResetReceived, HZ, &given),
+            None
+        );
     }
 
     #[test]

@@ -153,3 +153,26 @@ fn only_6_18_keeps_the_inode_number_in_the_socket() {
         assert_eq!(fixture(older).offsets.sk_ino, 0, "{older}");
     }
 }
+
+/// Every matrix kernel has conntrack's per-namespace TCP timeouts in `struct net` (Debian
+/// builds it as a module, the struct is vmlinux's): a `bool` per family tells whether conntrack
+/// is attached on 5.10, a counter of users after.
+#[test]
+fn every_matrix_kernel_has_the_namespaces_conntrack_timeout() {
+    for (name, defrag_is_bool) in [
+        ("5.10.262_5.10.0-46-cloud-amd64.btf.zst", true),
+        ("6.1.190_6.1.0-54-cloud-amd64.btf.zst", false),
+        ("6.1.192_6.1.0-57-cloud-amd64.btf.zst", false),
+        ("6.12.111_6.12.111+deb12-cloud-amd64.btf.zst", false),
+        ("6.12.117_6.12.117+deb12-cloud-amd64.btf.zst", false),
+        ("6.18.44_6.18.44-fc-v1045.btf.zst", false),
+    ] {
+        let o = fixture(name).offsets;
+        assert!(o.net_ct_tcp_established > 0, "{name}");
+        assert_eq!(o.net_defrag_is_bool, u32::from(defrag_is_bool), "{name}");
+        // `defrag_ipv6[_users]` follows `defrag_ipv4[_users]` in `struct netns_nf`.
+        let width = if defrag_is_bool { 1 } else { 4 };
+        assert!(o.net_defrag_ipv4 > 0, "{name}");
+        assert_eq!(o.net_defrag_ipv6, o.net_defrag_ipv4 + width, "{name}");
+    }
+}

@@ -129,6 +129,14 @@ impl SyntheticKernel {
                 (FieldKind::Computed, "listen_inline_buckets") => 0,
                 // `net.net_cookie` is emitted as the table's 8 bytes: not an integer here.
                 (FieldKind::Computed, "net_cookie_lazy") => 1,
+                // Built without conntrack: no threshold of its own for any namespace.
+                (
+                    FieldKind::Computed,
+                    "net_ct_tcp_established"
+                    | "net_defrag_ipv4"
+                    | "net_defrag_ipv6"
+                    | "net_defrag_is_bool",
+                ) => 0,
                 (FieldKind::Computed, name) => {
                     panic!("the synthetic kernel does not know how `{name}` is computed")
                 }
