@@ -182,6 +182,11 @@ kernel_offsets! {
     /// `CLOCK_MONOTONIC` milliseconds (low 32 bits; microseconds with the 6.7+ `tcp_usec_ts`
     /// option), 0 when nothing is being retransmitted.
     tcp_retrans_stamp: "tcp_sock.retrans_stamp", Int(4);
+    /// `inet_connection_sock.icsk_probes_tstamp` (5.11, and 5.10's stable updates; else 0): when the probe timer first
+    /// ran for data waiting unsent (jiffies), 0 when it has not. A send this host's firewall
+    /// refused never leaves, and each of the timer's attempts moves `lsndtime`: this dates the
+    /// first, one probe timeout after the send.
+    icsk_probes_tstamp: "inet_connection_sock.icsk_probes_tstamp where present, else 0", Computed;
     tcp_packets_out: "tcp_sock.packets_out", Int(4);
     tcp_snd_wnd: "tcp_sock.snd_wnd", Int(4);
     /// `tcp_sock.segs_out`: every segment the socket sent, never reset. Its growth across a
@@ -263,7 +268,7 @@ kernel_offsets! {
 impl KernelOffsets {
     /// The `struct sock`-relative fields the socket snapshot takes from its one copy of the
     /// socket, with their sizes.
-    pub fn snapshot_fields(&self) -> [(u32, u32); 26] {
+    pub fn snapshot_fields(&self) -> [(u32, u32); 27] {
         [
             (self.skc_daddr, 4),
             (self.skc_rcv_saddr, 4),
@@ -286,6 +291,8 @@ impl KernelOffsets {
             (self.tcp_rcv_tstamp, 4),
             (self.tcp_lsndtime, 4),
             (self.tcp_retrans_stamp, 4),
+            // Absent (0), it lies inside `skc_daddr`'s span: nothing more is copied.
+            (self.icsk_probes_tstamp, 4),
             (self.tcp_packets_out, 4),
             (self.tcp_snd_wnd, 4),
             (self.tcp_segs_out, 4),
@@ -301,18 +308,18 @@ impl KernelOffsets {
     /// Each copy lands at its offset in the per-CPU buffer, so fields load from their own
     /// offsets.
     pub fn snapshot_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
-        let mut spans = [(0u32, 0u32); 29];
+        let mut spans = [(0u32, 0u32); 30];
         for (i, (offset, size)) in self.snapshot_fields().into_iter().enumerate() {
             spans[i] = (offset, offset + size);
         }
-        spans[26] = (self.sk_cgroup, self.sk_cgroup + 8);
-        spans[27] = (self.sk_socket, self.sk_socket + 8);
+        spans[27] = (self.sk_cgroup, self.sk_cgroup + 8);
+        spans[28] = (self.sk_socket, self.sk_socket + 8);
         // Without `sk_ino`, a repeat of `sk_socket`, merged away below.
-        spans[28] = match self.sk_ino {
-            0 => spans[27],
+        spans[29] = match self.sk_ino {
+            0 => spans[28],
             ino => (ino, ino + 8),
         };
-        // Insertion sort: no_std, 29 entries.
+        // Insertion sort: no_std, 30 entries.
         for i in 1..spans.len() {
             let mut j = i;
             while j > 0 && spans[j - 1].0 > spans[j].0 {
@@ -321,7 +328,7 @@ impl KernelOffsets {
             }
         }
         // Merge what overlaps or lies closer than REGION_GAP_BYTES...
-        let mut merged = [(0u32, 0u32); 29];
+        let mut merged = [(0u32, 0u32); 30];
         let mut count = 0;
         for &(start, end) in &spans {
             if count > 0 && start <= merged[count - 1].1 + REGION_GAP_BYTES {
@@ -536,7 +543,9 @@ pub struct SocketRecord {
     /// conntrack tracks the namespace's connections of this family, else 0 (see
     /// [`KernelOffsets::net_ct_tcp_established`]).
     pub conntrack_timeout: u32,
-    pub _reserved: u32,
+    /// Close records: `icsk_probes_tstamp` (see [`KernelOffsets::icsk_probes_tstamp`]; 32-bit
+    /// jiffies, 0 when the probe timer has not run or the kernel lacks the member).
+    pub probes_tstamp: u32,
     /// cgroup v2 id of the socket (0 when unknown).
     pub cgroup_id: u64,
     /// Inode number of the socket's file (0 for orphans, which have no file any more).

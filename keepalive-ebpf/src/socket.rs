@@ -521,6 +521,11 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
     rec.rcv_tstamp = c.load::<u32>(offset!(tcp_rcv_tstamp));
     rec.lsndtime = c.load::<u32>(offset!(tcp_lsndtime));
     rec.retrans_stamp = c.load::<u32>(offset!(tcp_retrans_stamp));
+    rec.probes_tstamp = if offset!(icsk_probes_tstamp) != 0 {
+        c.load::<u32>(offset!(icsk_probes_tstamp))
+    } else {
+        0
+    };
     rec.packets_out = c.load::<u32>(offset!(tcp_packets_out));
     rec.snd_wnd = c.load::<u32>(offset!(tcp_snd_wnd));
     rec.sk_err = c.load::<i32>(offset!(sk_err));

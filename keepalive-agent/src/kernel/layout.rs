@@ -290,6 +290,9 @@ impl KernelLayout {
                 (FieldKind::Computed, "net_cookie_lazy") => {
                     u32::from(!matches!(r.field(NET_COOKIE)?.ty, Type::Int(_)))
                 }
+                (FieldKind::Computed, "icsk_probes_tstamp") => r
+                    .optional_offset(ICSK_PROBES_TSTAMP, FieldKind::Int(4))?
+                    .unwrap_or(0),
                 (FieldKind::Computed, "net_ct_tcp_established") => conntrack.established,
                 (FieldKind::Computed, "net_defrag_ipv4") => conntrack.defrag_ipv4,
                 (FieldKind::Computed, "net_defrag_ipv6") => conntrack.defrag_ipv6,
@@ -412,6 +415,8 @@ struct Conntrack {
 }
 
 const CT_TCP_TIMEOUTS: &str = "net.ct.nf_ct_proto.tcp.timeouts";
+/// 5.11, and 5.10's stable updates ("tcp: fix TCP_USER_TIMEOUT with zero window").
+const ICSK_PROBES_TSTAMP: &str = "inet_connection_sock.icsk_probes_tstamp";
 
 impl Conntrack {
     fn resolve(r: &Resolver<'_>) -> Result<Self, LayoutError> {

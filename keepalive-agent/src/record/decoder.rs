@@ -122,6 +122,9 @@ pub struct CloseEvent {
     /// The namespace's conntrack established timeout (jiffies) when conntrack tracks the
     /// namespace's connections of this family, else 0.
     pub conntrack_timeout_jiffies: u32,
+    /// `icsk_probes_tstamp`: when the probe timer first ran for data waiting unsent (32-bit
+    /// jiffies), 0 when it has not (or the kernel lacks the member).
+    pub probes_tstamp: u32,
 }
 
 impl CloseEvent {
@@ -137,18 +140,25 @@ impl CloseEvent {
 
     /// When the send that died first went out (32-bit jiffies). `lsndtime` moves with every
     /// retransmission, so a send being retransmitted is dated by `retrans_stamp` instead: its
-    /// age in milliseconds on the clock of `ktime_ns`, back from this close. A stamp older than
-    /// the last segment received belongs to an earlier episode (or is in microseconds, 6.7+
+    /// age in milliseconds on the clock of `ktime_ns`, back from this close, one
+    /// retransmission timeout after the send. A send this host refused never left, and the
+    /// probe timer's attempts moved `lsndtime` instead: `probes_tstamp` dates its first
+    /// attempt, one probe timeout after the send. A stamp older than the last segment received
+    /// belongs to an earlier episode (or `retrans_stamp` is in microseconds, 6.7+
     /// `tcp_usec_ts`), and `lsndtime` stands.
     pub fn first_send_jiffies(&self, hz: u32) -> u32 {
         let now = self.jiffies as u32;
+        let since_received = now.wrapping_sub(self.last_received_jiffies);
         if self.retrans_stamp != 0 {
             let now_ms = (self.ktime_ns / 1_000_000) as u32;
             let age_ms = u64::from(now_ms.wrapping_sub(self.retrans_stamp));
             let age = age_ms * u64::from(hz) / 1000;
-            if age <= u64::from(now.wrapping_sub(self.last_received_jiffies)) {
+            if age <= u64::from(since_received) {
                 return now.wrapping_sub(age as u32);
             }
+        }
+        if self.probes_tstamp != 0 && now.wrapping_sub(self.probes_tstamp) <= since_received {
+            return self.probes_tstamp;
         }
         self.last_sent_jiffies
     }
@@ -355,6 +365,7 @@ fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
             last_sent_jiffies: rec.lsndtime,
             retrans_stamp: rec.retrans_stamp,
             conntrack_timeout_jiffies: rec.conntrack_timeout,
+            probes_tstamp: rec.probes_tstamp,
         }),
         RecordKind::Audit => Event::Audit(AuditedSocket {
             sk: rec.sk,
@@ -450,6 +461,7 @@ pub(crate) mod fixtures {
             last_sent_jiffies: 0,
             retrans_stamp: 0,
             conntrack_timeout_jiffies: 0,
+            probes_tstamp: 0,
         }
     }
 }

@@ -339,6 +339,32 @@ mod tests {
         assert_eq!(kill.silence_seconds, 415.0);
     }
 
+    /// A send this host refused never leaves: the probe timer's attempts move `lsndtime`, and
+    /// its first run (`icsk_probes_tstamp`) dates the send.
+    #[test]
+    fn a_refused_send_is_dated_by_the_probe_timers_first_run() {
+        let mut close = drop_after(400);
+        close.send_window = 65535;
+        // Retried for 2 s (TCP_USER_TIMEOUT): lsndtime is the last attempt.
+        let first_attempt = close.last_sent_jiffies;
+        close.last_sent_jiffies += 2 * HZ;
+        close.jiffies = u64::from(close.last_sent_jiffies) + 1;
+        close.probes_tstamp = first_attempt;
+        let kill =
+            classify(&close, DropReason::ZeroWindowTimeout, HZ, &thresholds()).expect("idle kill");
+        assert_eq!(kill.silence_seconds, 400.0);
+        // Without the stamp (a kernel without the member), the last attempt.
+        close.probes_tstamp = 0;
+        let kill =
+            classify(&close, DropReason::ZeroWindowTimeout, HZ, &thresholds()).expect("idle kill");
+        assert_eq!(kill.silence_seconds, 402.0);
+        // A stamp from before the last segment received belongs to an earlier episode.
+        close.probes_tstamp = 500;
+        let kill =
+            classify(&close, DropReason::ZeroWindowTimeout, HZ, &thresholds()).expect("idle kill");
+        assert_eq!(kill.silence_seconds, 402.0);
+    }
+
     #[test]
     fn silence_below_every_threshold_is_no_idle_kill() {
         assert_eq!(

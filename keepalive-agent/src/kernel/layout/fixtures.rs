@@ -168,6 +168,8 @@ fn every_matrix_kernel_has_the_namespaces_conntrack_timeout() {
         ("6.18.44_6.18.44-fc-v1045.btf.zst", false),
     ] {
         let o = fixture(name).offsets;
+        // The probe timer's first-run stamp (5.11, and 5.10's stable updates).
+        assert!(o.icsk_probes_tstamp > 0, "{name}");
         assert!(o.net_ct_tcp_established > 0, "{name}");
         assert_eq!(o.net_defrag_is_bool, u32::from(defrag_is_bool), "{name}");
         // `defrag_ipv6[_users]` follows `defrag_ipv4[_users]` in `struct netns_nf`.

@@ -129,6 +129,8 @@ impl SyntheticKernel {
                 (FieldKind::Computed, "listen_inline_buckets") => 0,
                 // `net.net_cookie` is emitted as the table's 8 bytes: not an integer here.
                 (FieldKind::Computed, "net_cookie_lazy") => 1,
+                // It predates `icsk_probes_tstamp`.
+                (FieldKind::Computed, "icsk_probes_tstamp") => 0,
                 // Built without conntrack: no threshold of its own for any namespace.
                 (
                     FieldKind::Computed,
