@@ -147,27 +147,40 @@ pub(crate) struct IdleKill {
     pub suggested_keepalive_idle_seconds: f64,
 }
 
-/// Whether `close`, dropped for `reason`, was an idle kill: it died by a reset or by
-/// retransmission timeout on a send after a silence at least as long as a threshold, and its
-/// keepalive (if on) would not have probed before that threshold.
+/// Whether `close`, dropped for `reason`, was an idle kill: it died on its first activity after
+/// a silence at least as long as a threshold (a send answered by a reset or never answered, or
+/// the first keepalive probe answered by a reset or never answered), and its keepalive (if on)
+/// would not have probed before that threshold.
 pub(crate) fn classify(
     close: &CloseEvent,
     reason: DropReason,
     hz: u32,
     node_thresholds: &[IdleThreshold],
 ) -> Option<IdleKill> {
-    let how = match reason {
-        DropReason::ResetReceived => IdleKillHow::Reset,
-        DropReason::RetransmitTimeout => IdleKillHow::Timeout,
-        // The probe timer with the window open: the send never left this host.
-        DropReason::ZeroWindowTimeout if close.send_window > 0 => IdleKillHow::Timeout,
-        _ => return None,
-    };
-    let silence_seconds = close.silence_before_send_seconds(hz);
     let settings = &close.settings;
     let keepalive_idle_seconds = settings
         .enabled
         .then(|| jiffies_to_seconds(u64::from(settings.idle_jiffies), hz));
+    let (how, silence_seconds) = match reason {
+        DropReason::ResetReceived => (IdleKillHow::Reset, close.silence_before_send_seconds(hz)),
+        DropReason::RetransmitTimeout => {
+            (IdleKillHow::Timeout, close.silence_before_send_seconds(hz))
+        }
+        // The probe timer with the window open: the send never left this host.
+        DropReason::ZeroWindowTimeout if close.send_window > 0 => {
+            (IdleKillHow::Timeout, close.silence_before_send_seconds(hz))
+        }
+        // The first probe after the silence (one unanswered so far: this one) answered by a
+        // reset: the middlebox had forgotten the flow before keepalive spoke. Silent until the
+        // reset, nothing having been received since.
+        DropReason::KeepaliveReset if close.probes_out <= 1 => {
+            (IdleKillHow::Reset, close.silent_seconds(hz))
+        }
+        // Every probe unanswered from the first, which went out one keepalive idle after the
+        // last segment received. A dead peer looks the same (see the runbook).
+        DropReason::KeepaliveTimeout => (IdleKillHow::Timeout, keepalive_idle_seconds?),
+        _ => return None,
+    };
     // With keepalive idle below every threshold the silence reaches, its probes would have kept
     // the middlebox's entry alive: something else killed it.
     let thresholds = Applicable::new(node_thresholds, close.conntrack_timeout_jiffies, hz);
@@ -375,13 +388,44 @@ mod tests {
 
     #[test]
     fn other_reasons_are_no_idle_kill() {
-        for reason in [
-            DropReason::KeepaliveTimeout,
-            DropReason::LocalAbort,
-            DropReason::ConnectTimeout,
-        ] {
+        for reason in [DropReason::LocalAbort, DropReason::ConnectTimeout] {
             assert_eq!(classify(&drop_after(400), reason, HZ, &thresholds()), None);
         }
+    }
+
+    /// Keepalive idle at or above a threshold: its first probe is the first activity after the
+    /// silence, and dies like a send would.
+    #[test]
+    fn a_first_keepalive_probe_that_died_is_an_idle_kill() {
+        let clouds = &thresholds()[..2];
+        let mut close = fixtures::keepalive_abort();
+        close.settings.idle_jiffies = 7200 * HZ;
+        close.settings.interval_jiffies = 75 * HZ;
+        close.last_received_jiffies = 1000;
+        close.jiffies = 1000 + 7201 * u64::from(HZ);
+        close.probes_out = 1;
+        let kill = classify(&close, DropReason::KeepaliveReset, HZ, clouds).expect("idle kill");
+        assert_eq!(kill.threshold.name, "gcp-lb");
+        assert_eq!(kill.how, IdleKillHow::Reset);
+        assert_eq!(kill.silence_seconds, 7201.0);
+        assert_eq!(kill.suggested_keepalive_idle_seconds, 525.0);
+        // A reset answering a later probe: earlier ones went unanswered, then something else.
+        close.probes_out = 2;
+        assert_eq!(
+            classify(&close, DropReason::KeepaliveReset, HZ, clouds),
+            None
+        );
+        // Every probe unanswered, the first one keepalive idle after the last segment received.
+        close.probes_out = 9;
+        let kill = classify(&close, DropReason::KeepaliveTimeout, HZ, clouds).expect("idle kill");
+        assert_eq!(kill.how, IdleKillHow::Timeout);
+        assert_eq!(kill.silence_seconds, 7200.0);
+        // Keepalive idle below every threshold: its probes kept the flow alive.
+        close.settings.idle_jiffies = 60 * HZ;
+        assert_eq!(
+            classify(&close, DropReason::KeepaliveTimeout, HZ, clouds),
+            None
+        );
     }
 
     #[test]
