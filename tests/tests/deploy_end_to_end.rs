@@ -97,9 +97,14 @@ fn keepalive_drop_reaches_prometheus_tsdb_and_its_alert_reaches_alertmanager_wit
     }
     // The agent as the DaemonSet runs it, in a pod network namespace of its own; Prometheus and
     // Alertmanager run in that namespace too, as if they scraped the pod's address.
-    // No threshold given: the idle kill below is named by the middlebox namespace's conntrack
-    // timeout, a few seconds, which the agent reads from that namespace.
-    let Some(env) = TestEnv::start_as_daemonset(test) else {
+    // The idle kill below is named by the middlebox namespace's conntrack timeout, a few
+    // seconds, which the agent reads from that namespace unasked. A load balancer's threshold
+    // is given too, as operators do: above every silence here, it names no kill, and it gives
+    // every namespace the at-or-above series KeepaliveIdleAboveMiddleboxTimeout reads from the
+    // first audit walk on (the middlebox namespace does not exist yet then).
+    let Some(env) =
+        TestEnv::start_as_daemonset_with_args(test, &["--idle-timeout-threshold", "e2e-lb=3600"])
+    else {
         return Ok(());
     };
     let Some(agent) = env.agent() else {
