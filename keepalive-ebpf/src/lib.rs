@@ -182,10 +182,10 @@ kernel_offsets! {
     /// `CLOCK_MONOTONIC` milliseconds (low 32 bits; microseconds with the 6.7+ `tcp_usec_ts`
     /// option), 0 when nothing is being retransmitted.
     tcp_retrans_stamp: "tcp_sock.retrans_stamp", Int(4);
-    /// `inet_connection_sock.icsk_probes_tstamp` (5.11, and 5.10's stable updates; else 0): when the probe timer first
-    /// ran for data waiting unsent (jiffies), 0 when it has not. A send this host's firewall
-    /// refused never leaves, and each of the timer's attempts moves `lsndtime`: this dates the
-    /// first, one probe timeout after the send.
+    /// `inet_connection_sock.icsk_probes_tstamp` (5.11, and 5.10's stable updates; else 0):
+    /// when the probe timer first ran for data waiting unsent (jiffies), 0 when it has not. A
+    /// send this host's firewall refused never leaves, and each of the timer's attempts moves
+    /// `lsndtime`: this dates the first, one probe timeout after the send.
     icsk_probes_tstamp: "inet_connection_sock.icsk_probes_tstamp where present, else 0", Computed;
     tcp_packets_out: "tcp_sock.packets_out", Int(4);
     tcp_snd_wnd: "tcp_sock.snd_wnd", Int(4);

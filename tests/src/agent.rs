@@ -20,6 +20,34 @@ use crate::{DEADLINE, wait_until};
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Runs `keepalive-agent sockets ARGS` and returns what it printed; fails with its stderr when
+/// it exits non-zero.
+pub fn run_sockets(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(agent_bin())
+        .arg("sockets")
+        .args(args)
+        .output()
+        .context("running keepalive-agent sockets")?;
+    ensure!(
+        out.status.success(),
+        "keepalive-agent sockets {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).context("sockets output is not UTF-8")
+}
+
+/// [`run_sockets`] with `--output json`: its rows.
+pub fn sockets_json(args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let text = run_sockets(&all)?;
+    match serde_json::from_str(&text).with_context(|| format!("parsing {text}"))? {
+        serde_json::Value::Array(rows) => Ok(rows),
+        other => bail!("expected a JSON array, got {other}"),
+    }
+}
+
 /// Where the agent binary is: `$KEEPALIVE_AGENT_BIN`, else `<target dir>/release/keepalive-agent`
 /// (`$CARGO_TARGET_DIR` or the workspace's `target/`).
 pub fn agent_bin() -> PathBuf {

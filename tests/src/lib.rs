@@ -28,7 +28,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-pub use agent::{Agent, AgentEndpoint, NeverMatched, agent_bin, free_loopback_port, http_get};
+pub use agent::{
+    Agent, AgentEndpoint, NeverMatched, agent_bin, free_loopback_port, http_get, run_sockets,
+    sockets_json,
+};
 pub use expect::{DROP_REASONS, Expectations};
 pub use metrics::{Metrics, Sample, UNCOUNTED_METRICS};
 pub use netns::{Netns, NftRule, TcpExt};

@@ -13,8 +13,8 @@ use anyhow::{Context, bail, ensure};
 use keepalive_tests::deploy::{ScratchDir, agent_in_pod, daemonset_container};
 use keepalive_tests::{
     Conn, DEADLINE, Metrics, Netns, TCP_ESTABLISHED, TcpPair, TestEnv, agent_bin, getsockopt_int,
-    kernel_tests_enabled, set_keepalive, set_user_timeout, setsockopt_int, skip_or_fail, tcp_state,
-    wait_until,
+    kernel_tests_enabled, run_sockets, set_keepalive, set_user_timeout, setsockopt_int,
+    skip_or_fail, sockets_json, tcp_state, wait_until,
 };
 
 /// The namespace's keepalive idle time: not the 7200 s a new namespace starts with, so a socket
@@ -149,31 +149,6 @@ impl SocketMix {
             _pairs: pairs,
             sockets,
         })
-    }
-}
-
-fn run_sockets(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(agent_bin())
-        .arg("sockets")
-        .args(args)
-        .output()
-        .context("running keepalive-agent sockets")?;
-    ensure!(
-        out.status.success(),
-        "keepalive-agent sockets {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).context("sockets output is not UTF-8")
-}
-
-fn sockets_json(args: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
-    let mut all = vec!["--output", "json"];
-    all.extend_from_slice(args);
-    let text = run_sockets(&all)?;
-    match serde_json::from_str(&text).with_context(|| format!("parsing {text}"))? {
-        serde_json::Value::Array(rows) => Ok(rows),
-        other => bail!("expected a JSON array, got {other}"),
     }
 }
 

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use keepalive_tests::{
-    Conn, DEADLINE, Expectations, Netns, TestEnv, agent_bin,
+    Conn, DEADLINE, Expectations, Netns, TestEnv,
     middlebox::{Blackhole, connect, middlebox, send},
-    set_user_timeout, wait_closed,
+    set_user_timeout, sockets_json, wait_closed,
 };
 
 /// The middlebox's idle timeout. The agent is given no threshold: it reads the timeout from
@@ -84,25 +84,13 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
     std::thread::sleep(SILENCE);
 
     // Before the sends: `sockets` marks the connections the middlebox has forgotten.
-    let output = std::process::Command::new(agent_bin())
-        .args(["sockets", "--output", "json"])
-        .args(["--netns", &reset_ns.inum().to_string()])
-        .args(["--netns", &plain_ns.inum().to_string()])
-        .output()
-        .context("running keepalive-agent sockets")?;
-    ensure!(
-        output.status.success(),
-        "sockets failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let sockets: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let (reset_inum, plain_inum) = (reset_ns.inum().to_string(), plain_ns.inum().to_string());
+    let sockets = sockets_json(&["--netns", &reset_inum, "--netns", &plain_inum])?;
     let row_of = |local_port: u16, remote_port: u16| -> anyhow::Result<&serde_json::Value> {
         sockets
-            .as_array()
-            .context("an array")?
             .iter()
             .find(|s| s["local_port"] == local_port && s["remote_port"] == remote_port)
-            .with_context(|| format!("no row for :{local_port} -> :{remote_port} in {sockets}"))
+            .with_context(|| format!("no row for :{local_port} -> :{remote_port} in {sockets:?}"))
     };
     let risk_of = |conn: &Conn| -> anyhow::Result<serde_json::Value> {
         let row = row_of(conn.local.port(), 80)?;

@@ -511,14 +511,14 @@ impl Timers {
 }
 
 impl LayoutError {
-    /// Whether this is `path` missing its last member (and not a missing struct or
-    /// intermediate member on the way to it).
     /// `path` or any struct on the way to it is missing a member (a kernel built without the
     /// feature that adds it).
     fn is_missing_on_the_way(&self, path: &str) -> bool {
         matches!(self, Self::MissingField { path: p, .. } if p == path)
     }
 
+    /// Whether this is `path` missing its last member (and not a missing struct or
+    /// intermediate member on the way to it).
     fn is_missing_member(&self, path: &str) -> bool {
         matches!(self, Self::MissingField { path: p, member, .. }
             if p == path && path.rsplit('.').next() == Some(member.as_str()))

@@ -1,7 +1,8 @@
 //! Everything the agent knows about the running kernel, and the only room that talks to it:
 //! struct layout and hook prototypes from BTF ([`layout`]), timer callback addresses
-//! ([`kallsyms`]), the tick rate ([`hz`]), whether the node uses IPVS ([`ipvs`]), the embedded programs and how they
-//! are loaded ([`programs`]), and the audit's walk program ([`hash_walk`]).
+//! ([`kallsyms`]), the tick rate ([`hz`]), whether the node uses IPVS ([`ipvs`]), the embedded
+//! programs and how they are loaded ([`programs`]), and the audit's walk program
+//! ([`hash_walk`]).
 //!
 //! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
 //! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.

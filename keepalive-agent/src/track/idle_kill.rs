@@ -72,19 +72,17 @@ pub(crate) struct Applicable<'a> {
 }
 
 impl<'a> Applicable<'a> {
-    /// `conntrack_jiffies`: the record's `conntrack_timeout` (0 when conntrack does not track
-    /// the connection's namespace).
+    /// [`Self::with_seconds`] from the record's `conntrack_timeout` (jiffies; 0 when conntrack
+    /// does not track the connection's namespace).
     pub(crate) fn new(node: &'a [IdleThreshold], conntrack_jiffies: u32, hz: u32) -> Self {
-        let conntrack_seconds = (conntrack_jiffies != 0
-            && !node.iter().any(|t| t.name == CONNTRACK))
-        .then(|| jiffies_to_seconds(u64::from(conntrack_jiffies), hz));
-        Self {
+        Self::with_seconds(
             node,
-            conntrack_seconds,
-        }
+            (conntrack_jiffies != 0).then(|| jiffies_to_seconds(u64::from(conntrack_jiffies), hz)),
+        )
     }
 
-    /// [`Self::new`] from a timeout already in seconds (`None`: not tracked).
+    /// The node's thresholds and the namespace's conntrack timeout (`None`: not tracked), which
+    /// a node threshold named [`CONNTRACK`] replaces.
     pub(crate) fn with_seconds(node: &'a [IdleThreshold], conntrack_seconds: Option<f64>) -> Self {
         Self {
             node,
