@@ -96,17 +96,33 @@ impl Expectations {
     /// `tcp_keepalive_probes_total{netns}` == n, or up to `not_run` below it: probes sent in
     /// keepalive expiries the kernel ran none of the agent's programs for (see
     /// [`crate::tracepoint`]). Each such expiry sends at most one probe here (no urgent data).
-    pub fn probes_unless_not_run(mut self, n: u64, not_run: u64) -> Self {
+    pub fn probes_unless_not_run(self, n: u64, not_run: u64) -> Self {
+        self.probes(n).probes_short_by_at_most(not_run)
+    }
+
+    /// Every probe count (`tcp_keepalive_probes_total`, `tcp_keepalive_connection_probes_total`)
+    /// expected exact may be up to `not_run` below it: probes sent in keepalive expiries the
+    /// kernel ran none of the agent's programs for. No-op when `not_run` is 0.
+    pub fn probes_short_by_at_most(mut self, not_run: u64) -> Self {
         if not_run == 0 {
-            return self.probes(n);
+            return self;
         }
-        self.checks.push(Check::Range {
-            name: PROBES,
-            labels: self.ns_labels(),
-            min: n.saturating_sub(not_run) as f64,
-            max: n as f64,
-            why: format!("TCPKeepAlive {n}; {not_run} keepalive expiries ran no program"),
-        });
+        for check in &mut self.checks {
+            if let Check::Value {
+                name: name @ (PROBES | CONN_PROBES),
+                labels,
+                expected,
+            } = check
+            {
+                *check = Check::Range {
+                    name,
+                    labels: std::mem::take(labels),
+                    min: (*expected - not_run as f64).max(0.0),
+                    max: *expected,
+                    why: format!("{expected}; {not_run} keepalive expiries ran no program"),
+                };
+            }
+        }
         self
     }
 
@@ -404,5 +420,31 @@ mod tests {
         // Nothing the kernel left unrun: exact.
         let exact = Expectations::for_netns(42).probes_unless_not_run(100, 0);
         assert_eq!(exact.mismatches(&probes(99)).len(), 1);
+    }
+
+    #[test]
+    fn a_connections_probes_may_fall_short_by_the_same_and_other_checks_stay_exact() {
+        let conn = Conn {
+            local: "127.0.0.1:1000".parse().expect("addr"),
+            remote: "127.0.0.1:2000".parse().expect("addr"),
+        };
+        let labels = "netns=\"42\",local_addr=\"127.0.0.1\",local_port=\"1000\",\
+                      remote_addr=\"127.0.0.1\",remote_port=\"2000\"";
+        let scrape = |probes: u32, unanswered: u32| {
+            Metrics::parse(&format!(
+                "tcp_keepalive_connection_probes_total{{{labels}}} {probes}\n\
+                 tcp_keepalive_connection_unanswered_probes{{{labels}}} {unanswered}\n"
+            ))
+            .expect("parse")
+        };
+        let e = Expectations::for_netns(42)
+            .conn_probes(&conn, 3)
+            .conn_unanswered(&conn, 3)
+            .probes_short_by_at_most(1);
+        assert_eq!(e.mismatches(&scrape(2, 3)), Vec::<String>::new());
+        assert_eq!(e.mismatches(&scrape(1, 3)).len(), 1);
+        assert_eq!(e.mismatches(&scrape(4, 3)).len(), 1);
+        // Unanswered probes are read from the socket, not counted: still exact.
+        assert_eq!(e.mismatches(&scrape(3, 2)).len(), 1);
     }
 }

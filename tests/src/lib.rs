@@ -157,6 +157,9 @@ fn raise_nofile_limit() {
 pub struct TestEnv {
     test: String,
     agent: Option<Agent>,
+    /// Opened with the agent: [`TestEnv::expect_agent`] lets probe counts fall short by the
+    /// keepalive expiries the kernel ran none of the agent's programs for, and by no more.
+    expiries_witness: Option<ExpiriesNotRun>,
 }
 
 impl TestEnv {
@@ -201,10 +204,13 @@ impl TestEnv {
                 }
             }
         };
-        Some(TestEnv {
+        let mut env = TestEnv {
             test: test.to_owned(),
             agent,
-        })
+            expiries_witness: None,
+        };
+        env.expiries_witness = env.count_expiries_not_run();
+        Some(env)
     }
 
     pub fn test(&self) -> &str {
@@ -250,13 +256,22 @@ impl TestEnv {
         Ok(not_run)
     }
 
-    /// Waits until the agent's metrics meet `expected` (no-op in kernel-only mode).
+    /// Waits until the agent's metrics meet `expected` (no-op in kernel-only mode). Probe
+    /// counts may fall short by the keepalive expiries the kernel ran none of the agent's
+    /// programs for since the agent started (see [`tracepoint`]), which a perf event counts:
+    /// a CI run once saw a 3-probe keepalive timeout with 2 probes and 3 of its 4 expiries.
+    /// Any other shortfall still fails. Call it once the kernel has done what is expected (the
+    /// window closes here).
     pub fn expect_agent(&self, what: &str, expected: &Expectations) -> anyhow::Result<()> {
-        match &self.agent {
-            Some(agent) => agent
-                .wait_for(&format!("{}: {what}", self.test), expected)
-                .map(drop),
-            None => Ok(()),
-        }
+        let Some(agent) = &self.agent else {
+            return Ok(());
+        };
+        let not_run = self.expiries_not_run(&self.expiries_witness)?;
+        agent
+            .wait_for(
+                &format!("{}: {what}", self.test),
+                &expected.clone().probes_short_by_at_most(not_run),
+            )
+            .map(drop)
     }
 }

@@ -198,6 +198,16 @@ fn event_stream_reports_timeout_reset_and_answered_streaks_field_by_field() -> T
     let err = wait_closed(&dead.client, DEADLINE, "blackholed client")?;
     let silence = last_received.elapsed().as_secs_f64();
     assert_eq!(err, libc::ETIMEDOUT);
+    // The kernel's side first, so that a reset the server never got fails here, not as an
+    // event the agent did not write.
+    let err = wait_closed(&dead.server, DEADLINE, "server of the blackholed client")?;
+    assert_eq!(
+        err,
+        libc::ECONNRESET,
+        "server after the client's keepalive RST"
+    );
+    let err = wait_closed(&forgotten.0, DEADLINE, "client of the forgetful server")?;
+    assert_eq!(err, libc::ECONNRESET, "client whose probe a reset answered");
 
     let events = wait_for_events(&path.0, "the drop and an answered streak", |events| {
         find(&of_connection(events, netns, &dead.client_conn), "drop").is_some()
