@@ -267,3 +267,98 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
     }
     Ok(())
 }
+
+/// Keepalive idle above the middlebox's timeout, and nothing to send: the first keepalive probe
+/// after the silence is the activity that dies.
+const PROBE_IDLE: i32 = 4;
+
+#[test]
+fn a_first_keepalive_probe_after_the_timeout_dies_as_an_idle_kill() -> TestResult {
+    let test = "a_first_keepalive_probe_after_the_timeout_dies_as_an_idle_kill";
+    let Some(env) = TestEnv::start(test) else {
+        return Ok(());
+    };
+    if env.agent().is_none() {
+        return Ok(()); // kernel-only mode: nothing of the agent's to check
+    }
+    // The probe reaches 127.0.0.2:80 untranslated and the reset comes back; or the middlebox
+    // drops it, and every probe after it, until the keepalive timer gives up.
+    let reset_ns = middlebox("probe-reset", TIMEOUT, Blackhole::None)?;
+    let lost_ns = middlebox("probe-lost", TIMEOUT, Blackhole::Input)?;
+    let listen = |ns: &Netns| -> anyhow::Result<TcpListener> {
+        Ok(ns.run(|| TcpListener::bind("127.0.0.1:8080"))??)
+    };
+    let (reset_listener, lost_listener) = (listen(&reset_ns)?, listen(&lost_ns)?);
+    let (reset_before, lost_before) = (reset_ns.tcp_ext()?, lost_ns.tcp_ext()?);
+    let reset = connect(&reset_ns, &reset_listener, Some(PROBE_IDLE))?;
+    let lost = connect(&lost_ns, &lost_listener, Some(PROBE_IDLE))?;
+
+    // The reset answers the first probe: the read fails then, which the test's clock takes.
+    let mut buf = [0u8; 4];
+    let mut client = &reset.client;
+    client.set_read_timeout(Some(DEADLINE))?;
+    let err = client.read(&mut buf).expect_err("the probe's reset");
+    let silence_reset = reset.last_received.elapsed().as_secs_f64();
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET), "{err}");
+    let err = wait_closed(&lost.client, DEADLINE, "client whose probes were lost")?;
+    assert_eq!(err, libc::ETIMEDOUT, "client whose probes were lost");
+    let (reset_after, lost_after) = (reset_ns.tcp_ext()?, lost_ns.tcp_ext()?);
+    assert_eq!(reset_after.delta(&reset_before, "TCPKeepAlive"), 1);
+    assert_eq!(lost_after.delta(&lost_before, "TCPKeepAlive"), 3);
+    assert_eq!(lost_after.delta(&lost_before, "TCPAbortOnTimeout"), 1);
+
+    env.expect_agent(
+        "idle kill by a reset answering the first probe",
+        &Expectations::for_netns(reset_ns.inum())
+            .probes(1)
+            .drops("keepalive_reset", 1)
+            .other_drops_zero()
+            .idle_kills(THRESHOLD, "reset", 1)
+            .idle_kills(THRESHOLD, "timeout", 0)
+            .conn_idle_kill(&reset.conn, THRESHOLD, "reset", "on"),
+    )?;
+    env.expect_agent(
+        "idle kill by unanswered probes",
+        &Expectations::for_netns(lost_ns.inum())
+            .probes(3)
+            .drops("keepalive_timeout", 1)
+            .other_drops_zero()
+            .idle_kills(THRESHOLD, "timeout", 1)
+            .idle_kills(THRESHOLD, "reset", 0)
+            .conn_idle_kill(&lost.conn, THRESHOLD, "timeout", "on"),
+    )?;
+
+    // A reset is dated by its arrival, which the test's read saw. Unanswered probes are dated
+    // by the first of them, which the kernel sends keepalive idle after the last segment
+    // received: the agent reports that setting, read from the socket, as the silence.
+    for (ns, silent, silence) in [
+        (&reset_ns, &reset, silence_reset),
+        (&lost_ns, &lost, f64::from(PROBE_IDLE)),
+    ] {
+        let figure = |name| conn_figure(&env, name, ns.inum(), &silent.conn);
+        let agent = figure("tcp_connection_idle_kill_silence_seconds")?;
+        eprintln!(
+            "{test}: {:?}: agent says silent {agent:.3} s, the test expects {silence:.3} s",
+            silent.conn
+        );
+        assert!(
+            (agent - silence).abs() <= 0.5,
+            "{:?}: agent {agent:.3} s, test {silence:.3} s",
+            silent.conn
+        );
+        assert_eq!(
+            figure("tcp_connection_idle_kill_threshold_seconds")?,
+            TIMEOUT as f64
+        );
+        assert_eq!(
+            figure("tcp_connection_idle_kill_keepalive_idle_seconds")?,
+            f64::from(PROBE_IDLE)
+        );
+        // TIMEOUT − the 1 s keepalive interval.
+        assert_eq!(
+            figure("tcp_connection_idle_kill_suggested_keepalive_idle_seconds")?,
+            2.0
+        );
+    }
+    Ok(())
+}
