@@ -224,6 +224,16 @@ kernel_offsets! {
     net_defrag_ipv4: "net.nf.defrag_ipv4_users, else net.nf.defrag_ipv4, else 0", Computed;
     net_defrag_ipv6: "net.nf.defrag_ipv6_users, else net.nf.defrag_ipv6, else 0", Computed;
     net_defrag_is_bool: "net.nf.defrag_ipv4 is a bool", Computed;
+    /// `net.nf.hooks_ipv4[NF_INET_LOCAL_IN]`/`hooks_ipv6[...]`, from the start of
+    /// `struct net`, with `nf_hook_entries.hooks`, `sizeof(struct nf_hook_entry)` and
+    /// `nf_hook_ops.priority` (all 0 where the types do not say): conntrack is attached for a
+    /// family when the last (highest-priority) hook there has its confirm priority, `INT_MAX`.
+    /// Defragmentation alone is also TPROXY's and `xt_socket`'s, without conntrack.
+    net_hooks_ipv4_local_in: "net.nf.hooks_ipv4[NF_INET_LOCAL_IN], else 0", Computed;
+    net_hooks_ipv6_local_in: "net.nf.hooks_ipv6[NF_INET_LOCAL_IN], else 0", Computed;
+    nf_hook_entries_hooks: "nf_hook_entries.hooks, else 0", Computed;
+    nf_hook_entry_size: "sizeof(struct nf_hook_entry), else 0", Computed;
+    nf_hook_ops_priority: "nf_hook_ops.priority, else 0", Computed;
     /// Bit numbers of `SOCK_DEAD` and `SOCK_KEEPOPEN` in the 64-bit `skc_flags`.
     sock_flag_dead: "enum sock_flags SOCK_DEAD", Computed;
     sock_flag_keepopen: "enum sock_flags SOCK_KEEPOPEN", Computed;

@@ -369,24 +369,68 @@ pub(crate) fn smallest_threshold(a: u32, b: u32) -> u32 {
 }
 
 /// The namespace's conntrack established timeout in jiffies when conntrack is attached to the
-/// namespace for the socket's family (its defragmentation users are not 0), else 0: the idle
-/// timeout of the middlebox the namespace itself is (see [`SocketRecord::conntrack_timeout`]).
+/// namespace for the socket's family, else 0: the idle timeout of the middlebox the namespace
+/// itself is (see [`SocketRecord::conntrack_timeout`]). Attached: defragmentation has users
+/// (one load, which most namespaces stop at) and conntrack's confirm hook is registered (see
+/// [`conntrack_confirms`]; TPROXY and `xt_socket` enable defragmentation without conntrack).
 #[inline(always)]
 fn conntrack_timeout(c: impl SockFields) -> u32 {
     if offset!(net_ct_tcp_established) == 0 {
         return 0;
     }
     let net = c.load::<u64>(offset!(skc_net)) as *const u8;
-    let users = if c.load::<u16>(offset!(skc_family)) == AF_INET6 {
-        defrag_users(c, net, offset!(net_defrag_ipv6))
+    let (users, local_in) = if c.load::<u16>(offset!(skc_family)) == AF_INET6 {
+        (
+            defrag_users(c, net, offset!(net_defrag_ipv6)),
+            offset!(net_hooks_ipv6_local_in),
+        )
     } else {
-        defrag_users(c, net, offset!(net_defrag_ipv4))
+        (
+            defrag_users(c, net, offset!(net_defrag_ipv4)),
+            offset!(net_hooks_ipv4_local_in),
+        )
     };
     if users == 0 {
         return 0;
     }
+    if offset!(nf_hook_entry_size) != 0 && !conntrack_confirms(net, local_in) {
+        return 0;
+    }
     c.follow::<u32>(net, offset!(net_ct_tcp_established))
         .unwrap_or(0)
+}
+
+/// More `NF_INET_LOCAL_IN` hooks than any namespace registers (conntrack's, defragmentation's,
+/// a few chains): a bound for the verifier, and a list longer than this is not trusted.
+const MAX_NF_HOOKS: usize = 64;
+
+/// Whether the namespace's last `NF_INET_LOCAL_IN` hook (the list is sorted by priority) has
+/// conntrack's confirm priority, `NF_IP_PRI_CONNTRACK_CONFIRM` (`INT_MAX`), which nothing else
+/// registers at: conntrack is attached for that family. Its `nf_hook_ops` pointer lies past the
+/// `nf_hook_entry` array (`nf_hook_entries_get_hook_ops`), at an offset the entry count decides:
+/// helper reads, not typed loads.
+#[inline(always)]
+fn conntrack_confirms(net: *const u8, local_in: usize) -> bool {
+    if local_in == 0 {
+        return false;
+    }
+    let entries = match read::<u64>(net, local_in) {
+        Ok(0) | Err(_) => return false,
+        Ok(entries) => entries as *const u8,
+    };
+    let count = match read::<u16>(entries, 0) {
+        Ok(count) if count > 0 && usize::from(count) <= MAX_NF_HOOKS => usize::from(count),
+        _ => return false,
+    };
+    let last_ops = offset!(nf_hook_entries_hooks)
+        + count * offset!(nf_hook_entry_size)
+        + (count - 1) * core::mem::size_of::<u64>();
+    match read::<u64>(entries, last_ops) {
+        Ok(ops) if ops != 0 => {
+            read::<i32>(ops as *const u8, offset!(nf_hook_ops_priority)) == Ok(i32::MAX)
+        }
+        _ => false,
+    }
 }
 
 /// `net.nf.defrag_ipv{4,6}_users` at `at` (0 when the kernel has neither member), read as the

@@ -48,6 +48,20 @@ pub fn middlebox(tag: &str, timeout: u64, blackhole: Blackhole) -> anyhow::Resul
     Ok(ns)
 }
 
+/// A namespace that defragments without conntrack: an nftables TPROXY rule (on a port nothing
+/// uses) enables IPv4 defragmentation, as conntrack does, but attaches no conntrack, so no
+/// conntrack timeout applies to its connections. A namespace without netfilter at all proves
+/// less: there the programs stop at the first check.
+pub fn defragmenting_without_conntrack(tag: &str) -> anyhow::Result<Netns> {
+    let ns = Netns::new(tag)?;
+    ns.nft(
+        "table ip transparent {
+            chain pre { type filter hook prerouting priority -150; tcp dport 9 tproxy to 127.0.0.1:9; }
+        }",
+    )?;
+    Ok(ns)
+}
+
 /// A connection through the middlebox that went silent: the client read the server's last
 /// words at `last_received`, by the test's clock.
 pub struct Silent {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use keepalive_tests::{
     Conn, DEADLINE, Expectations, Netns, TestEnv,
-    middlebox::{Blackhole, connect, middlebox, send},
+    middlebox::{Blackhole, connect, defragmenting_without_conntrack, middlebox, send},
     set_user_timeout, sockets_json, wait_closed,
 };
 
@@ -71,8 +71,9 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
     let off = connect(&reset_ns, &reset_listener, None)?;
     let above = connect(&reset_ns, &reset_listener, Some(IDLE_ABOVE))?;
     let below = connect(&reset_ns, &reset_listener, Some(IDLE_BELOW))?;
-    // The same silence in a namespace without conntrack: no threshold applies there.
-    let plain_ns = Netns::new("idle-plain")?;
+    // The same silence in a namespace without conntrack (but defragmenting, as one with
+    // conntrack does): no threshold applies there.
+    let plain_ns = defragmenting_without_conntrack("idle-plain")?;
     let plain_listener = listen(&plain_ns)?;
     let plain_client = plain_ns.run(|| std::net::TcpStream::connect("127.0.0.1:8080"))??;
     let (_plain_server, _) = plain_listener.accept()?;

@@ -297,6 +297,11 @@ impl KernelLayout {
                 (FieldKind::Computed, "net_defrag_ipv4") => conntrack.defrag_ipv4,
                 (FieldKind::Computed, "net_defrag_ipv6") => conntrack.defrag_ipv6,
                 (FieldKind::Computed, "net_defrag_is_bool") => u32::from(conntrack.defrag_is_bool),
+                (FieldKind::Computed, "net_hooks_ipv4_local_in") => conntrack.confirm.ipv4,
+                (FieldKind::Computed, "net_hooks_ipv6_local_in") => conntrack.confirm.ipv6,
+                (FieldKind::Computed, "nf_hook_entries_hooks") => conntrack.confirm.entries_hooks,
+                (FieldKind::Computed, "nf_hook_entry_size") => conntrack.confirm.entry_size,
+                (FieldKind::Computed, "nf_hook_ops_priority") => conntrack.confirm.ops_priority,
                 (FieldKind::Computed, "ehash_bucket_size") => r.struct_size("inet_ehash_bucket")?,
                 (FieldKind::Computed, "listen_bucket_size") => {
                     r.struct_size("inet_listen_hashbucket")?
@@ -412,6 +417,25 @@ struct Conntrack {
     defrag_ipv4: u32,
     defrag_ipv6: u32,
     defrag_is_bool: bool,
+    /// Where conntrack's confirm hook shows it is attached (see [`ConfirmHook`]); all 0 when
+    /// the kernel's types do not say, and the defragmentation users alone decide.
+    confirm: ConfirmHook,
+}
+
+/// How the programs find whether conntrack is attached to a namespace for a family, past
+/// defragmentation (which TPROXY and `xt_socket` also enable, without conntrack): the last of
+/// the namespace's `NF_INET_LOCAL_IN` hooks (`net.nf.hooks_ipv{4,6}[NF_INET_LOCAL_IN]`, sorted
+/// by priority) has conntrack's `NF_IP_PRI_CONNTRACK_CONFIRM` (`INT_MAX`). Its `nf_hook_ops`
+/// pointer lies past the `struct nf_hook_entry` array (`nf_hook_entries_get_hook_ops`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ConfirmHook {
+    /// Offsets in `struct net` of the two `NF_INET_LOCAL_IN` pointers.
+    ipv4: u32,
+    ipv6: u32,
+    /// `nf_hook_entries.hooks`, `sizeof(struct nf_hook_entry)`, `nf_hook_ops.priority`.
+    entries_hooks: u32,
+    entry_size: u32,
+    ops_priority: u32,
 }
 
 const CT_TCP_TIMEOUTS: &str = "net.ct.nf_ct_proto.tcp.timeouts";
@@ -465,6 +489,7 @@ impl Conntrack {
         }
         Ok(Self {
             established: timeouts + 4 * index,
+            confirm: ConfirmHook::resolve(r)?.unwrap_or_default(),
             defrag_ipv4,
             // One load width for both: a kernel with one member of each kind is not one the
             // programs know how to read.
@@ -475,6 +500,55 @@ impl Conntrack {
             },
             defrag_is_bool: ipv4_bool,
         })
+    }
+}
+
+const NF_HOOKS_IPV4: &str = "net.nf.hooks_ipv4";
+const NF_HOOKS_IPV6: &str = "net.nf.hooks_ipv6";
+const NF_HOOK_ENTRIES_HOOKS: &str = "nf_hook_entries.hooks";
+const NF_HOOK_OPS_PRIORITY: &str = "nf_hook_ops.priority";
+
+impl ConfirmHook {
+    /// `None` when a type or member is missing (no netfilter, or a layout the programs do
+    /// not know): then defragmentation users alone say whether conntrack is attached.
+    fn resolve(r: &Resolver<'_>) -> Result<Option<Self>, LayoutError> {
+        let Some(local_in) = r.optional_enum_value("nf_inet_hooks", "NF_INET_LOCAL_IN", 16)? else {
+            return Ok(None);
+        };
+        let hook_pointer = |path: &str| -> Result<Option<u32>, LayoutError> {
+            match r.field(path) {
+                Ok(Field {
+                    byte_offset,
+                    ty: Type::Array(array),
+                }) if array.len() > local_in as usize => Ok(Some(byte_offset + 8 * local_in)),
+                Ok(other) => Err(LayoutError::UnexpectedType {
+                    path: path.to_owned(),
+                    expected: format!("an array of more than {local_in} pointers"),
+                    found: r.describe(&other.ty),
+                }),
+                Err(e) if e.is_missing_on_the_way(path) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        let (Some(ipv4), ipv6) = (hook_pointer(NF_HOOKS_IPV4)?, hook_pointer(NF_HOOKS_IPV6)?)
+        else {
+            return Ok(None);
+        };
+        let entries_hooks = match r.field(NF_HOOK_ENTRIES_HOOKS) {
+            Ok(field) => field.byte_offset,
+            Err(e) if e.is_missing_on_the_way(NF_HOOK_ENTRIES_HOOKS) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(ops_priority) = r.optional_offset(NF_HOOK_OPS_PRIORITY, FieldKind::Int(4))? else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            ipv4,
+            ipv6: ipv6.unwrap_or(0),
+            entries_hooks,
+            entry_size: r.struct_size("nf_hook_entry")?,
+            ops_priority,
+        }))
     }
 }
 

@@ -176,5 +176,16 @@ fn every_matrix_kernel_has_the_namespaces_conntrack_timeout() {
         let width = if defrag_is_bool { 1 } else { 4 };
         assert!(o.net_defrag_ipv4 > 0, "{name}");
         assert_eq!(o.net_defrag_ipv6, o.net_defrag_ipv4 + width, "{name}");
+        // Conntrack's confirm hook, which defragmentation alone (TPROXY) does not register:
+        // `hooks_ipv6[5]` follows `hooks_ipv4[5]`, `NF_INET_LOCAL_IN` is the second of each.
+        assert!(o.net_hooks_ipv4_local_in > 0, "{name}");
+        assert_eq!(
+            o.net_hooks_ipv6_local_in,
+            o.net_hooks_ipv4_local_in + 5 * 8,
+            "{name}"
+        );
+        assert_eq!(o.nf_hook_entries_hooks, 8, "{name}: a u16, padded");
+        assert_eq!(o.nf_hook_entry_size, 16, "{name}: hook and priv");
+        assert!(o.nf_hook_ops_priority > 0, "{name}");
     }
 }

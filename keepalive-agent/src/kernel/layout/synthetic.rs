@@ -137,7 +137,12 @@ impl SyntheticKernel {
                     "net_ct_tcp_established"
                     | "net_defrag_ipv4"
                     | "net_defrag_ipv6"
-                    | "net_defrag_is_bool",
+                    | "net_defrag_is_bool"
+                    | "net_hooks_ipv4_local_in"
+                    | "net_hooks_ipv6_local_in"
+                    | "nf_hook_entries_hooks"
+                    | "nf_hook_entry_size"
+                    | "nf_hook_ops_priority",
                 ) => 0,
                 (FieldKind::Computed, name) => {
                     panic!("the synthetic kernel does not know how `{name}` is computed")
