@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
     let mut span_connections = 5_000usize;
     let mut span_only = false;
     let mut churn_only = false;
+    let mut pipeline_only = false;
     let mut empty_hooks: Vec<String> = HOOKS.iter().map(|h| h.tracepoint.to_owned()).collect();
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if let Some(hold_args) = argv.strip_prefix(&["--hold".to_owned()]) {
@@ -97,6 +98,7 @@ fn main() -> anyhow::Result<()> {
             "--span-connections" => span_connections = value()?.parse()?,
             "--span-only" => span_only = true,
             "--churn-only" => churn_only = true,
+            "--pipeline-only" => pipeline_only = true,
             "--empty-hooks" => {
                 empty_hooks = value()?
                     .split(',')
@@ -107,7 +109,7 @@ fn main() -> anyhow::Result<()> {
             other => bail!(
                 "unknown argument {other}; flags: --connections N --seconds S --rounds N \
                  --churn-seconds S --pipeline-connections N --sync-connections N[,N...] \
-                 --sync-seconds S --span-connections N --span-only --churn-only \
+                 --sync-seconds S --span-connections N --span-only --churn-only --pipeline-only \
                  --empty-hooks TRACEPOINT[,TRACEPOINT...]"
             ),
         }
@@ -119,6 +121,10 @@ fn main() -> anyhow::Result<()> {
     println!("{} CPUs", std::thread::available_parallelism()?);
     if span_only {
         return expiry_span(rounds, span_connections, Duration::from_secs(seconds));
+    }
+    if pipeline_only {
+        pipeline(pipeline_connections);
+        return Ok(());
     }
     if rounds > 0 {
         churn_throughput(rounds, Duration::from_secs(churn_seconds), &empty_hooks)?;
@@ -215,16 +221,7 @@ fn main() -> anyhow::Result<()> {
         expiry_span(rounds, span_connections, phase)?;
     }
 
-    let run = keepalive_agent::pipeline_throughput(pipeline_connections, 5);
-    println!(
-        "userspace pipeline (decode → track → classify → metrics, attribution worker included): \
-         {} records ({pipeline_connections} keepalive timeouts of 3 probes each, 5 RST closes \
-         per timeout) in {:.2} s CPU ({:.2} s wall): {:.0} events/s per core",
-        run.records,
-        run.cpu.as_secs_f64(),
-        run.wall.as_secs_f64(),
-        run.per_core_second()
-    );
+    pipeline(pipeline_connections);
 
     if !sync_connections.is_empty() {
         println!(
@@ -880,4 +877,18 @@ impl Drop for BpfStats {
             eprintln!("warning: could not restore {STATS_SYSCTL}: {e}");
         }
     }
+}
+
+/// The userspace pipeline over records built in memory: records per second of process CPU.
+fn pipeline(connections: u32) {
+    let run = keepalive_agent::pipeline_throughput(connections, 5);
+    println!(
+        "userspace pipeline (decode → track → classify → metrics, attribution worker included): \
+         {} records ({connections} keepalive timeouts of 3 probes each, 5 RST closes \
+         per timeout) in {:.2} s CPU ({:.2} s wall): {:.0} events/s per core",
+        run.records,
+        run.cpu.as_secs_f64(),
+        run.wall.as_secs_f64(),
+        run.per_core_second()
+    );
 }
