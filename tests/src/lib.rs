@@ -266,7 +266,19 @@ impl TestEnv {
         let Some(agent) = &self.agent else {
             return Ok(());
         };
-        let not_run = self.expiries_not_run(&self.expiries_witness)?;
+        // A scrape that fails here is tried again, as `wait_for` would.
+        let mut tries = 0;
+        let not_run = loop {
+            match self.expiries_not_run(&self.expiries_witness) {
+                Ok(n) => break n,
+                Err(e) if tries < 10 => {
+                    eprintln!("{}: counting unrun expiries: {e:#}; again", self.test);
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         agent
             .wait_for(
                 &format!("{}: {what}", self.test),

@@ -21,6 +21,8 @@ const ATTR_SIZE: u32 = 64;
 const PERF_EVENT_IOC_ENABLE: libc::Ioctl = 0x2400;
 const PERF_EVENT_IOC_SET_FILTER: libc::Ioctl = 0x4008_2406;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+/// Bit 0 of `perf_event_attr`'s flags word (its sixth `u64`).
+const ATTR_FLAG_DISABLED: u64 = 1;
 
 /// Counts `timer_expire_entry` hits for `tcp_keepalive_timer` on every CPU from its creation.
 #[derive(Debug)]
@@ -43,8 +45,11 @@ impl KeepaliveExpiryCount {
             let mut attr = [0u64; ATTR_SIZE as usize / 8];
             attr[0] = u64::from(PERF_TYPE_TRACEPOINT) | (u64::from(ATTR_SIZE) << 32);
             attr[1] = id;
+            // `disabled`: counting starts at PERF_EVENT_IOC_ENABLE, once the filter is set;
+            // enabled at once, it would count every timer until then as a keepalive one.
+            attr[5] = ATTR_FLAG_DISABLED;
             // SAFETY: `attr` is a zero-filled perf_event_attr of ATTR_SIZE bytes (counting
-            // only: no sampling, enabled at once since `disabled` is 0).
+            // only: no sampling).
             let fd = unsafe {
                 libc::syscall(
                     libc::SYS_perf_event_open,
@@ -108,21 +113,26 @@ fn tracepoint_id() -> anyhow::Result<u64> {
 }
 
 /// Keepalive expiries the kernel ran none of the agent's programs for, over a window: the perf
-/// count against the growth of the agent's `tcp_keepalive_timer_expiries_total` (every
-/// namespace, since both count the whole host; a namespace the agent forgets inside the window
-/// only makes the figure larger).
+/// count against the expiries the agent's programs ran for, which is the growth of each
+/// namespace's `tcp_keepalive_timer_expiries_total` (a namespace the agent forgets inside the
+/// window takes its growth with it, which only makes the figure larger; one it forgot before,
+/// whose inode a new namespace took, counts from 0) plus the expiries the programs saw and
+/// could not count themselves (`keepalive_agent_kernel_uncounted_total`, except
+/// `entry_not_run`: the kernel skipped that expiry's entry program). So the agent's own losses
+/// are never taken for the kernel's.
 #[derive(Debug)]
 pub struct ExpiriesNotRun {
     count: KeepaliveExpiryCount,
-    seen_before: f64,
+    before: Seen,
 }
 
 impl ExpiriesNotRun {
-    /// Opens the perf count first, then reads the agent, so the window holds the agent's.
+    /// Reads the agent first, then opens the perf count: an expiry in between is in the
+    /// agent's growth and not in perf's count, so the figure errs low (stricter), never high.
     pub fn open(agent: &crate::Agent) -> anyhow::Result<Self> {
+        let before = Seen::scrape(agent)?;
         let count = KeepaliveExpiryCount::start()?;
-        let seen_before = agent.scrape()?.value(EXPIRIES, &[] as &[(&str, &str)]);
-        Ok(Self { count, seen_before })
+        Ok(Self { count, before })
     }
 
     /// Expiries counted by perf since [`Self::open`] that the agent's programs did not see.
@@ -130,14 +140,58 @@ impl ExpiriesNotRun {
         Ok(self.counts(agent)?.not_run())
     }
 
-    /// Both counts since [`Self::open`].
+    /// Both counts since [`Self::open`]; perf is read first, for the same reason.
     pub fn counts(&self, agent: &crate::Agent) -> anyhow::Result<ExpiryCounts> {
-        let seen = agent.scrape()?.value(EXPIRIES, &[] as &[(&str, &str)]) - self.seen_before;
         let hits = self.count.read()?;
+        let now = Seen::scrape(agent)?;
         Ok(ExpiryCounts {
             hits,
-            seen: seen.max(0.0) as u64,
+            seen: now.since(&self.before),
         })
+    }
+}
+
+/// What the agent's programs ran for, as the agent exports it.
+#[derive(Debug)]
+struct Seen {
+    /// `tcp_keepalive_timer_expiries_total` by label set (`netns`, and workload labels
+    /// when aggregated).
+    per_netns: std::collections::HashMap<Vec<(String, String)>, f64>,
+    /// Keepalive expiries the programs could not count (every cause but `entry_not_run`).
+    uncounted: f64,
+}
+
+impl Seen {
+    fn scrape(agent: &crate::Agent) -> anyhow::Result<Self> {
+        let metrics = agent.scrape()?;
+        let per_netns = metrics
+            .samples(EXPIRIES)
+            .into_iter()
+            .map(|s| (s.labels.clone(), s.value))
+            .collect();
+        let uncounted = metrics
+            .matching(UNCOUNTED, &[("event", "keepalive_expiry")])
+            .into_iter()
+            .filter(|s| s.label("cause") != Some("entry_not_run"))
+            .map(|s| s.value)
+            .sum();
+        Ok(Self {
+            per_netns,
+            uncounted,
+        })
+    }
+
+    fn since(&self, earlier: &Seen) -> u64 {
+        let grown: f64 = self
+            .per_netns
+            .iter()
+            .map(|(netns, &now)| match earlier.per_netns.get(netns) {
+                Some(&then) if then <= now => now - then,
+                // New, or a new namespace on a forgotten one's inode.
+                _ => now,
+            })
+            .sum();
+        (grown + (self.uncounted - earlier.uncounted).max(0.0)) as u64
     }
 }
 
@@ -157,3 +211,4 @@ impl ExpiryCounts {
 }
 
 const EXPIRIES: &str = "tcp_keepalive_timer_expiries_total";
+const UNCOUNTED: &str = "keepalive_agent_kernel_uncounted_total";
