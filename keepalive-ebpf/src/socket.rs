@@ -379,7 +379,12 @@ fn conntrack_timeout(c: impl SockFields) -> u32 {
         return 0;
     }
     let net = c.load::<u64>(offset!(skc_net)) as *const u8;
-    let (users, local_in) = if c.load::<u16>(offset!(skc_family)) == AF_INET6 {
+    // A dual-stack socket talking to an IPv4 peer (`::ffff:a.b.c.d`, the JVM's default) sends
+    // IPv4 packets, which IPv4's conntrack tracks.
+    let ipv6 = c.load::<u16>(offset!(skc_family)) == AF_INET6
+        && !(c.load::<u64>(offset!(skc_v6_daddr)) == 0
+            && c.load::<u32>(offset!(skc_v6_daddr) + 8) == V4_MAPPED_WORD);
+    let (users, local_in) = if ipv6 {
         (
             defrag_users(c, net, offset!(net_defrag_ipv6)),
             offset!(net_hooks_ipv6_local_in),
@@ -399,6 +404,10 @@ fn conntrack_timeout(c: impl SockFields) -> u32 {
     c.follow::<u32>(net, offset!(net_ct_tcp_established))
         .unwrap_or(0)
 }
+
+/// Bytes 8..12 of an IPv4-mapped IPv6 address (`0, 0, 0xff, 0xff`), loaded as a little-endian
+/// `u32`.
+const V4_MAPPED_WORD: u32 = 0xffff_0000;
 
 /// More `NF_INET_LOCAL_IN` hooks than any namespace registers (conntrack's, defragmentation's,
 /// a few chains): a bound for the verifier, and a list longer than this is not trusted.

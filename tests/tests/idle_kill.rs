@@ -114,6 +114,12 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
     let plain_listener = listen(&plain_ns)?;
     let plain_client = plain_ns.run(|| std::net::TcpStream::connect("127.0.0.1:8080"))??;
     let (_plain_server, _) = plain_listener.accept()?;
+    // A dual-stack socket to the same NAT address (`::ffff:127.0.0.2`, as the JVM connects by
+    // default): IPv4 on the wire, tracked by the namespace's IPv4 conntrack only (its table is
+    // `ip`), so the threshold is that one although the socket is AF_INET6.
+    let mapped_client =
+        reset_ns.run(|| std::net::TcpStream::connect("[::ffff:127.0.0.2]:80"))??;
+    let (_mapped_server, _) = reset_listener.accept()?;
     let refused = connect(&output_ns, &output_listener, None)?;
     let lost = connect(&input_ns, &input_listener, None)?;
     for silent in [&refused, &lost] {
@@ -143,6 +149,12 @@ fn middlebox_idle_kills_are_named_with_their_threshold_and_silence() -> TestResu
         serde_json::Value::Null,
         "keepalive idle below"
     );
+    let mapped = row_of(mapped_client.local_addr()?.port(), 80)?;
+    assert_eq!(
+        mapped["conntrack_timeout_seconds"], TIMEOUT as f64,
+        "{mapped}"
+    );
+    assert_eq!(mapped["idle_kill_risk"], THRESHOLD, "{mapped}");
     let plain = row_of(plain_client.local_addr()?.port(), 8080)?;
     assert_eq!(
         plain["conntrack_timeout_seconds"],
