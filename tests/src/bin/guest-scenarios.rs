@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use keepalive_tests::{
     AgentEndpoint, DEADLINE, DROP_REASONS, Expectations, Metrics, Netns, TCP_ESTABLISHED, TcpExt,
-    TcpPair, accept_incoming_again, agent_bin, connect_deaf, disable_keepalive, drop_all_incoming,
-    errno_name, expect, fill_send_buffer, set_keepalive, set_linger_zero, set_user_timeout,
-    so_error, tcp_state, wait_closed, wait_until,
+    TcpPair, accept_incoming_again, connect_deaf, disable_keepalive, drop_all_incoming, errno_name,
+    expect, fill_send_buffer, set_keepalive, set_linger_zero, set_user_timeout, so_error,
+    sockets_json, tcp_state, wait_closed, wait_until,
 };
 use libc::{ECONNRESET, ETIMEDOUT};
 use serde_json::json;
@@ -459,19 +459,7 @@ fn audit_every_namespace(ns: &Netns) -> anyhow::Result<Outcome> {
     set_keepalive(&pair.client, 3000, 60, 5)?;
     // The listener is in the listeners' table (an array inside tcp_hashinfo up to 5.18, lhash2
     // after): `sockets --all` walks it too.
-    let out = std::process::Command::new(agent_bin())
-        .args(["sockets", "--all", "--output", "json", "--netns"])
-        .arg(ns.inum().to_string())
-        .output()
-        .context("running keepalive-agent sockets")?;
-    ensure!(
-        out.status.success(),
-        "keepalive-agent sockets failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).context("parsing `sockets --output json`")?;
+    let rows = sockets_json(&["--all", "--netns", &ns.inum().to_string()])?;
     let port = listener.local_addr()?.port();
     let listening = rows
         .iter()
