@@ -32,6 +32,10 @@ pub mod names {
     pub const NETNS_COUNTERS_FULL_MAP: &str = "NETNS_COUNTERS_FULL";
     /// Per-CPU counts of events the programs saw but could not count, by [`super::Uncounted`].
     pub const UNCOUNTED_MAP: &str = "UNCOUNTED";
+    /// The read of IPVS's TCP established timeout in the host's namespace, run on demand.
+    pub const IPVS_PROGRAM: &str = "ipvs_tcp_timeout";
+    /// Its question and answer ([`super::IpvsQuery`]).
+    pub const IPVS_QUERY_MAP: &str = "IPVS_QUERY";
 }
 
 /// TCP states as `include/net/tcp_states.h` numbers them (kernel ABI, stable since 2.6).
@@ -1025,6 +1029,7 @@ mod pod {
     unsafe impl aya::Pod for super::ExpiryRecord {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::AuditCursor {}
+    unsafe impl aya::Pod for super::IpvsQuery {}
     unsafe impl aya::Pod for super::NetnsKey {}
     unsafe impl aya::Pod for super::NetnsCounters {}
     unsafe impl aya::Pod for super::SnapshotRegion {}
@@ -1089,6 +1094,61 @@ pub struct AuditCursor {
     pub full: u32,
 }
 
+/// The question the agent puts to the IPVS program (`names::IPVS_PROGRAM`, run with
+/// `BPF_PROG_TEST_RUN`) and its answer: where IPVS keeps the TCP established timeout of one
+/// network namespace. `net->ipvs` (a `struct netns_ipvs`, NULL until IPVS initialised the
+/// namespace) → `proto_data_table[IPPROTO_TCP % 32]`, a chain of `struct ip_vs_proto_data`
+/// linked by `next`, each naming its `struct ip_vs_protocol` (`pp->protocol`) → the TCP one's
+/// `timeout_table[IP_VS_TCP_S_ESTABLISHED]`, in jiffies. The offsets come from the `ip_vs`
+/// module's BTF: the types are not in the kernel's own.
+///
+/// The namespace is the host's, `init_net`, where kube-proxy configures IPVS: the program finds
+/// it as `init_task`'s, climbing `task_struct.real_parent` from the running task (the agent)
+/// to the task that is its own parent. That works from any PID namespace, and needs no data
+/// symbol from `/proc/kallsyms` (kernels without `CONFIG_KALLSYMS_ALL` list none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpvsQuery {
+    /// Out: the `struct net` read (the host's `init_net`).
+    pub net: u64,
+    /// In: `task_struct.real_parent`.
+    pub task_real_parent: u32,
+    /// In: `net.ipvs`, `netns_ipvs.proto_data_table`, `ip_vs_proto_data.next`, `.pp`,
+    /// `.timeout_table`, `ip_vs_protocol.protocol`.
+    pub net_ipvs: u32,
+    pub proto_data_table: u32,
+    pub proto_data_next: u32,
+    pub proto_data_pp: u32,
+    pub proto_data_timeout_table: u32,
+    pub protocol_protocol: u32,
+    /// In: `IP_VS_TCP_S_ESTABLISHED`, the index into `timeout_table`.
+    pub established: u32,
+    /// Out: an [`ipvs_status`] value.
+    pub status: u32,
+    /// Out: the timeout in jiffies, when `status` is [`ipvs_status::FOUND`].
+    pub timeout_jiffies: i32,
+    /// Out: the `bpf_probe_read_kernel` error, when `status` is [`ipvs_status::UNREADABLE`].
+    pub error: i32,
+    /// Out: parents climbed to `init_task`.
+    pub depth: u32,
+}
+
+/// What the IPVS program found ([`IpvsQuery::status`]).
+pub mod ipvs_status {
+    /// The program has not run (the agent zeroes the answer before each run).
+    pub const NOT_RUN: u32 = 0;
+    pub const FOUND: u32 = 1;
+    /// `net->ipvs` is NULL: IPVS has not initialised this namespace.
+    pub const NO_IPVS: u32 = 2;
+    /// No TCP entry in the protocol table (IPVS built without TCP support).
+    pub const NO_TCP: u32 = 3;
+    /// A pointer on the way could not be read.
+    pub const UNREADABLE: u32 = 4;
+    /// No task that is its own parent within the program's bound of parents.
+    pub const NO_ROOT_TASK: u32 = 5;
+}
+
+const _: () = assert!(core::mem::size_of::<IpvsQuery>() == 56);
 const _: () = assert!(SocketRecord::SIZE == 168);
 const _: () = assert!(ExpiryRecord::SIZE == 104);
 const _: () = assert!(core::mem::offset_of!(ExpiryRecord, addrs) == 72);

@@ -11,8 +11,9 @@
 //!
 //! Records go to userspace through one ring buffer; a failed reserve is counted per CPU.
 //!
-//! One module per hook family: [`timer`], [`close`], [`reset`], [`audit`]; [`socket`] holds
-//! what they share (the offsets, the socket snapshot, the ring buffer).
+//! One module per hook family: [`timer`], [`close`], [`reset`], [`audit`] and [`ipvs`] (the
+//! last two run on demand, never attached); [`socket`] holds what they share (the offsets, the
+//! socket snapshot, the ring buffer).
 #![no_std]
 #![no_main]
 // `atomic_xadd`: the only atomic add the BPF target offers (see `socket::add`). This crate is
@@ -31,6 +32,7 @@ macro_rules! offset {
 
 mod audit;
 mod close;
+mod ipvs;
 mod reset;
 mod socket;
 mod timer;

@@ -409,6 +409,18 @@ fn audit_metrics_match_the_sockets(env: &TestEnv) -> anyhow::Result<()> {
     // The walk covers the whole host: at least this namespace's sockets and listeners.
     assert!(metrics.value("keepalive_agent_audit_sockets", none) >= (mix.sockets.len() + 2) as f64);
     assert!(metrics.value("keepalive_agent_audit_duration_seconds", none) > 0.0);
+    // The node-wide thresholds in force are the ones given (this host has no IPVS to add one).
+    let mut in_force: Vec<(String, f64)> = metrics
+        .samples("keepalive_agent_idle_timeout_threshold_seconds")
+        .iter()
+        .map(|s| (s.label("threshold").unwrap_or("").to_owned(), s.value))
+        .collect();
+    in_force.sort_by(|a, b| a.0.cmp(&b.0));
+    let given: Vec<(String, f64)> = thresholds
+        .iter()
+        .map(|(name, seconds)| ((*name).to_owned(), *seconds))
+        .collect();
+    assert_eq!(in_force, given);
 
     // The metrics describe the latest walk: closing the tuned sockets takes them out.
     drop(mix);

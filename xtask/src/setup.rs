@@ -34,7 +34,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-user-static",
     // Kernel matrix (`cargo xtask vm`): Debian kernels booted under qemu's TCG with a busybox
     // initramfs (`cpio -t` checks the archive xtask writes); gzip, xz and zstd unpack each
-    // kernel's bzImage payload, compress the initramfs and the BTF test fixtures.
+    // kernel's bzImage payload and its IPVS modules, compress the initramfs and the BTF test
+    // fixtures.
     "qemu-system-x86",
     "busybox-static",
     "cpio",

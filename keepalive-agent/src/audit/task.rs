@@ -58,25 +58,61 @@ impl AuditConfig {
 }
 
 /// The node's middlebox idle timeouts: the operator's (`given`), and IPVS's when the node
-/// balances TCP services with it and none is named `ipvs` (`proc_root`: the host's procfs).
-/// Conntrack's is not here: it is per namespace, read by the kernel programs with each record
-/// ([`idle_kill::CONNTRACK`]).
-pub(crate) fn node_thresholds(given: &[IdleThreshold], proc_root: &Path) -> Vec<IdleThreshold> {
+/// balances TCP services with it and none is named `ipvs` (`proc_root`: the host's procfs):
+/// its TCP established timeout as `read_ipvs_timeout` finds it in the kernel (kube-proxy's
+/// `--ipvs-tcp-timeout`), else its default. Conntrack's is not here: it is per namespace, read
+/// by the kernel programs with each record ([`idle_kill::CONNTRACK`]).
+pub(crate) fn node_thresholds(
+    given: &[IdleThreshold],
+    proc_root: &Path,
+    hz: u32,
+    read_ipvs_timeout: impl FnOnce() -> Result<ipvs::TcpTimeout, ipvs::TimeoutError>,
+) -> Vec<IdleThreshold> {
     let mut thresholds = given.to_vec();
     if given.iter().any(|t| t.name == idle_kill::IPVS) {
         return thresholds;
     }
     match ipvs::balances_tcp(proc_root) {
         Ok(true) => {
-            info!(
-                "this node balances TCP services with IPVS: idle-timeout threshold ipvs={} (its \
-                 default; give --idle-timeout-threshold ipvs=SECONDS if kube-proxy sets \
-                 --ipvs-tcp-timeout)",
-                ipvs::DEFAULT_TCP_TIMEOUT_SECONDS
-            );
+            let default = ipvs::DEFAULT_TCP_TIMEOUT_SECONDS;
+            let seconds = match read_ipvs_timeout() {
+                Ok(ipvs::TcpTimeout::Jiffies(jiffies)) if jiffies > 0 && hz > 0 => {
+                    let seconds = f64::from(jiffies) / f64::from(hz);
+                    info!(
+                        "this node balances TCP services with IPVS: idle-timeout threshold \
+                         ipvs={seconds} (its TCP established timeout, read from the kernel)"
+                    );
+                    seconds
+                }
+                Ok(found) => {
+                    warn!(
+                        "{} lists TCP services, but {}: idle-timeout threshold ipvs={default} \
+                         (IPVS's default); give --idle-timeout-threshold ipvs=SECONDS if \
+                         kube-proxy sets --ipvs-tcp-timeout",
+                        proc_root.join("1/net/ip_vs").display(),
+                        match found {
+                            ipvs::TcpTimeout::NotBuilt => "this kernel has no IPVS".to_owned(),
+                            ipvs::TcpTimeout::NotLoaded =>
+                                "the ip_vs module is not loaded".to_owned(),
+                            ipvs::TcpTimeout::Jiffies(j) =>
+                                format!("its TCP timeout reads {j} jiffies"),
+                        }
+                    );
+                    default
+                }
+                Err(e) => {
+                    warn!(
+                        "this node balances TCP services with IPVS, but its TCP timeout could \
+                         not be read ({e}): idle-timeout threshold ipvs={default} (IPVS's \
+                         default); give --idle-timeout-threshold ipvs=SECONDS if kube-proxy \
+                         sets --ipvs-tcp-timeout"
+                    );
+                    default
+                }
+            };
             thresholds.push(IdleThreshold {
                 name: idle_kill::IPVS.to_owned(),
-                seconds: ipvs::DEFAULT_TCP_TIMEOUT_SECONDS,
+                seconds,
             });
         }
         Ok(false) => {}
@@ -255,14 +291,26 @@ mod tests {
     fn an_ipvs_threshold_given_replaces_the_one_found() {
         let dir = std::env::temp_dir().join(format!("keepalive-task-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("1/net")).expect("mkdir");
-        std::fs::write(dir.join("1/net/ip_vs"), "TCP  0A600001:01BB rr\n").expect("write");
         let given: Vec<IdleThreshold> = vec!["aws-nlb=350".parse().expect("threshold")];
-        let found = node_thresholds(&given, &dir);
+        let hz = 250;
+        let read = || Ok(ipvs::TcpTimeout::Jiffies(1234 * 250));
+        let unused = || -> Result<ipvs::TcpTimeout, ipvs::TimeoutError> {
+            panic!("IPVS's timeout read without a TCP service or with ipvs given")
+        };
+        let without_service = node_thresholds(&given, &dir, hz, unused);
+        std::fs::write(dir.join("1/net/ip_vs"), "TCP  0A600001:01BB rr\n").expect("write");
+        let found = node_thresholds(&given, &dir, hz, read);
+        let unreadable = node_thresholds(&given, &dir, hz, || Err(ipvs::TimeoutError::NoTcp));
+        let not_loaded = node_thresholds(&given, &dir, hz, || Ok(ipvs::TcpTimeout::NotLoaded));
         let own: Vec<IdleThreshold> = vec!["ipvs=300".parse().expect("threshold")];
-        let replaced = node_thresholds(&own, &dir);
+        let replaced = node_thresholds(&own, &dir, hz, unused);
         std::fs::remove_dir_all(&dir).expect("clean up");
         let names = |t: &[IdleThreshold]| t.iter().map(ToString::to_string).collect::<Vec<_>>();
-        assert_eq!(names(&found), ["aws-nlb=350", "ipvs=900"]);
+        assert_eq!(names(&without_service), ["aws-nlb=350"]);
+        assert_eq!(names(&found), ["aws-nlb=350", "ipvs=1234"]);
+        // What the kernel does not say is IPVS's default.
+        assert_eq!(names(&unreadable), ["aws-nlb=350", "ipvs=900"]);
+        assert_eq!(names(&not_loaded), ["aws-nlb=350", "ipvs=900"]);
         assert_eq!(names(&replaced), ["ipvs=300"]);
         assert!(describe_thresholds(&found).contains("conntrack=<each namespace's"));
         assert!(!describe_thresholds(&["conntrack=60".parse().expect("t")]).contains('<'));

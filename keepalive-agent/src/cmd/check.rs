@@ -8,7 +8,7 @@ use aya::util::KernelVersion;
 
 use crate::audit::walk;
 use crate::kernel::{
-    Session, hash_walk, hz,
+    Session, hash_walk, hz, ipvs,
     kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
     layout::{self, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
     programs::{CloseReports, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
@@ -157,20 +157,25 @@ pub async fn run(config: CheckConfig) -> anyhow::Result<()> {
         Err(err) => Check::new("hz", Status::Fail, err.to_string(), None),
     });
     if config.load {
-        checks.push(match (btf, layout, timers, hz) {
+        match (btf, layout, timers, hz) {
             (Ok(btf), Some(layout), Some(timers), Ok(Ok(hz))) => {
                 match Session::new(&btf, layout, timers, hz) {
-                    Ok(session) => load(&session),
-                    Err(err) => Check::new("load", Status::Fail, err.to_string(), None),
+                    Ok(session) => {
+                        checks.push(load(&session));
+                        checks.push(ipvs(&session));
+                    }
+                    Err(err) => {
+                        checks.push(Check::new("load", Status::Fail, err.to_string(), None))
+                    }
                 }
             }
-            _ => Check::new(
+            _ => checks.push(Check::new(
                 "load",
                 Status::Fail,
                 "skipped: BTF layout, kallsyms or tick rate missing (see above)",
                 None,
-            ),
-        });
+            )),
+        }
     }
 
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
@@ -375,6 +380,44 @@ fn tracefs() -> Check {
         None => format!("not mounted; not required: {PROGRAM_TYPE} hooks attach without it"),
     };
     Check::ok("tracefs", detail)
+}
+
+/// IPVS's TCP timeout as the agent reads it (the program loads whatever IPVS's state, so the
+/// verifier is checked on every kernel).
+fn ipvs(session: &Session) -> Check {
+    let services = match ipvs::balances_tcp(Path::new("/proc")) {
+        Ok(true) => "this namespace's /proc/1/net/ip_vs lists TCP services",
+        Ok(false) => "no TCP service in /proc/1/net/ip_vs",
+        Err(_) => "/proc/1/net/ip_vs unreadable",
+    };
+    match session.ipvs_tcp_timeout() {
+        Ok(ipvs::TcpTimeout::Jiffies(jiffies)) => Check::ok(
+            "ipvs",
+            format!(
+                "TCP established timeout {} s in the host's network namespace, read by the IPVS \
+                 program ({jiffies} jiffies); {services}",
+                f64::from(jiffies) / f64::from(session.hz)
+            ),
+        ),
+        Ok(ipvs::TcpTimeout::NotLoaded) => Check::ok(
+            "ipvs",
+            format!("IPVS program loaded; the ip_vs module is not loaded; {services}"),
+        ),
+        Ok(ipvs::TcpTimeout::NotBuilt) => Check::ok(
+            "ipvs",
+            format!("IPVS program loaded; this kernel has no IPVS; {services}"),
+        ),
+        Err(err) => Check::new(
+            "ipvs",
+            Status::Warn,
+            format!("cannot read IPVS's TCP timeout: {err}"),
+            Some(
+                "Give --idle-timeout-threshold ipvs=SECONDS if kube-proxy runs in IPVS mode with \
+                 --ipvs-tcp-timeout; otherwise its default (900 s) is used."
+                    .to_owned(),
+            ),
+        ),
+    }
 }
 
 fn load(session: &Session) -> Check {

@@ -179,9 +179,6 @@ impl RunConfig {
 
 pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     config.validate()?;
-    // From here on the thresholds are the node's: the flags' and what the node uses.
-    config.audit.idle_timeout_thresholds =
-        audit::task::node_thresholds(&config.audit.idle_timeout_thresholds, &config.proc_root);
     // Before the kernel is touched: a file that does not load stops the agent at once.
     let web = match &config.web_config_file {
         Some(path) => WebConfig::load(path)?,
@@ -204,6 +201,13 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         session.layout.offsets.write_timer
     );
     info!("kernel tick rate: {} Hz", session.hz);
+    // From here on the thresholds are the node's: the flags' and what the node uses.
+    config.audit.idle_timeout_thresholds = audit::task::node_thresholds(
+        &config.audit.idle_timeout_thresholds,
+        &config.proc_root,
+        session.hz,
+        || session.ipvs_tcp_timeout(),
+    );
 
     // Bind first: a taken port should fail before anything is attached to the kernel.
     let listener = tokio::net::TcpListener::bind(config.listen_address)
@@ -346,6 +350,7 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         reserve_failures,
         &hooks,
     );
+    metrics::register_idle_thresholds(&mut registry, &config.audit.idle_timeout_thresholds);
     let cgroup_root = config
         .cgroup_root
         .clone()

@@ -73,6 +73,12 @@ pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
         .load_audit_only()
         .context("loading the audit program (run as root, or see `keepalive-agent check`)")?;
     let hz = session.hz;
+    let thresholds = task::node_thresholds(
+        &config.idle_timeout_thresholds,
+        &config.proc_root,
+        hz,
+        || session.ipvs_tcp_timeout(),
+    );
     drop(session);
     let host = walk::walk_host(&mut program).context("walking the host's TCP sockets")?;
     drop(program);
@@ -85,7 +91,6 @@ pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
         }
     }
 
-    let thresholds = task::node_thresholds(&config.idle_timeout_thresholds, &config.proc_root);
     // Owners from the `socket:[INO]` links under --proc.root: one scan of it, cached.
     let attributor = Attributor::new(None, config.proc_root.clone());
     let mut sockets: Vec<SocketKeepalive> = host

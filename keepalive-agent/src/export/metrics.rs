@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicU64},
 };
 
 use aya::maps::{MapData, PerCpuArray};
@@ -24,7 +24,7 @@ use crate::{
     track::{
         classifier::DropReason,
         connection_table::{ConnectionState, ConnectionTable, DropClass},
-        idle_kill::{IdleKill, IdleKillHow},
+        idle_kill::{IdleKill, IdleKillHow, IdleThreshold},
     },
 };
 
@@ -68,6 +68,30 @@ pub(crate) struct ForgetLabels {
 pub(crate) struct HookLabels {
     pub hook: &'static str,
     pub program_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ThresholdLabels {
+    pub threshold: String,
+}
+
+/// Registers the node's middlebox idle timeouts in force (the flags' and IPVS's; conntrack's
+/// are per namespace), so dashboards and alerts can show what a connection was measured
+/// against and where the agent fell back to a default.
+pub(crate) fn register_idle_thresholds(registry: &mut Registry, thresholds: &[IdleThreshold]) {
+    let family: Family<ThresholdLabels, Gauge<f64, AtomicU64>> = Family::default();
+    for t in thresholds {
+        family
+            .get_or_create(&ThresholdLabels {
+                threshold: t.name.clone(),
+            })
+            .set(t.seconds);
+    }
+    registry.register(
+        "keepalive_agent_idle_timeout_threshold_seconds",
+        "Node-wide middlebox idle timeouts in force: each --idle-timeout-threshold, and ipvs (IPVS's TCP established timeout read from the kernel, or its default 900 when unreadable) when the node balances TCP services with IPVS; each namespace's conntrack timeout is not here",
+        family,
+    );
 }
 
 /// Aggregates the pipeline updates.

@@ -1,7 +1,10 @@
 //! The `bpf(2)` commands aya 0.14 does not wrap (a program's test run, the run statistics in
 //! its info), for the rooms of `kernel/` that need them.
 
-use std::io;
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
 
 /// `enum bpf_cmd` in include/uapi/linux/bpf.h (the libc crate does not have it).
 pub(crate) const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -27,4 +30,37 @@ pub(crate) unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc:
     } else {
         Ok(ret)
     }
+}
+
+/// `union bpf_attr` as `BPF_PROG_TEST_RUN` reads it, up to `cpu` (5.10's layout; the kernel
+/// zero-fills what a shorter attribute leaves out).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+}
+
+/// Runs a raw tracepoint program once with `BPF_PROG_TEST_RUN` (Linux 5.10+), in the caller's
+/// context, with no input: programs that take their question from a map and answer in it.
+pub(crate) fn test_run(program: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix of the size passed, alive for
+    // the call; a raw tracepoint test run reads no other memory (no context, no data).
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.map(drop)
 }

@@ -4,10 +4,7 @@
 //! continuing where the last one stopped ([`AuditCursor`]). What a walk does with the records
 //! is `crate::audit::walk`.
 
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
-};
+use std::{io, os::fd::AsFd as _};
 
 use aya::{
     Ebpf,
@@ -17,7 +14,7 @@ use aya::{
 use keepalive_ebpf::{AuditCursor, names};
 
 use crate::kernel::{
-    bpf_syscall::{BPF_PROG_TEST_RUN, bpf},
+    bpf_syscall::test_run,
     maps::{TakeMapError, take_map},
 };
 
@@ -85,39 +82,12 @@ pub(crate) enum RunError {
     TestRun(#[source] io::Error),
 }
 
-/// `union bpf_attr` as `BPF_PROG_TEST_RUN` reads it, up to `cpu` (5.10's layout; the kernel
-/// zero-fills what a shorter attribute leaves out).
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-}
-
 impl HashWalk {
     /// One run from `cursor`: returns the cursor as the program left it. The records it wrote
     /// are in [`Self::records`].
     pub(crate) fn run(&mut self, cursor: AuditCursor) -> Result<AuditCursor, RunError> {
         self.cursor.set(0, cursor, 0).map_err(RunError::SetCursor)?;
-        let mut attr = TestRunAttr {
-            prog_fd: self.program.as_fd().as_raw_fd() as u32,
-            ..TestRunAttr::default()
-        };
-        // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix of the size passed, alive for
-        // the call; a raw tracepoint test run reads no other memory (no context, no data).
-        unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.map_err(RunError::TestRun)?;
+        test_run(self.program.as_fd()).map_err(RunError::TestRun)?;
         self.cursor.get(&0, 0).map_err(RunError::GetCursor)
     }
 }

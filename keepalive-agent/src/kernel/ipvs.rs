@@ -1,9 +1,26 @@
 //! Whether the node balances TCP connections with IPVS (kube-proxy in IPVS mode): then IPVS is a
 //! middlebox with an idle timeout on every connection to a Service, and its threshold applies.
+//! Its configured TCP timeout (kube-proxy's `--ipvs-tcp-timeout`) is read from the kernel by
+//! the IPVS program ([`tcp_timeout`]).
 
-use std::{io, path::Path};
+use std::{io, os::fd::AsFd as _, path::Path};
 
-use crate::files::{self, cap};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+    programs::{ProgramError, RawTracePoint},
+};
+use keepalive_ebpf::{IpvsQuery, ipvs_status, names};
+
+use crate::{
+    files::{self, cap},
+    kernel::{
+        bpf_syscall::test_run,
+        layout::{self, LayoutError, ipvs::IpvsLayout},
+        maps::{TakeMapError, take_map},
+        programs::ProgramsError,
+    },
+};
 
 /// IPVS's TCP established timeout when nobody set one (`ip_vs_proto_tcp.c`,
 /// `tcp_timeouts[IP_VS_TCP_S_ESTABLISHED]`): 15 minutes. kube-proxy leaves it alone unless
@@ -22,6 +39,126 @@ pub(crate) fn balances_tcp(proc_root: &Path) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Why IPVS's TCP timeout could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TimeoutError {
+    #[error("the kernel's BTF: {0}")]
+    KernelBtf(#[source] LayoutError),
+    #[error(
+        "the ip_vs module's BTF ({path}): {0}",
+        path = layout::ipvs::MODULE_BTF_PATH
+    )]
+    ModuleBtf(#[source] LayoutError),
+    #[error("opening the kernel programs object: {0}")]
+    Open(#[source] ProgramsError),
+    #[error("loading the IPVS program: {0}")]
+    Program(#[source] ProgramError),
+    #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Map(#[from] TakeMapError),
+    #[error("the IPVS program's answer: {0}")]
+    Answer(#[source] aya::maps::MapError),
+    #[error(
+        "running the IPVS program (BPF_PROG_TEST_RUN on a raw tracepoint program, Linux 5.10+): \
+         {0}"
+    )]
+    TestRun(#[source] io::Error),
+    #[error(
+        "the ip_vs module is loaded but the kernel has no BTF for it ({path} is missing: modules \
+         carry BTF from Linux 5.11, with CONFIG_DEBUG_INFO_BTF_MODULES)",
+        path = layout::ipvs::MODULE_BTF_PATH
+    )]
+    NoModuleBtf,
+    #[error("the host's network namespace has no IPVS state (the ip_vs module did not set it up)")]
+    NotInitialised,
+    #[error("IPVS in the host's network namespace has no TCP protocol entry")]
+    NoTcp,
+    #[error("the host's network namespace was not found (no task is its own parent within 64)")]
+    NoRootTask,
+    #[error("reading IPVS's state failed (bpf_probe_read_kernel: {0})")]
+    Unreadable(i32),
+    #[error("the IPVS program did not answer (status {0})")]
+    NoAnswer(u32),
+}
+
+/// Present while the `ip_vs` module is loaded.
+const MODULE_SYSFS: &str = "/sys/module/ip_vs";
+
+/// What the IPVS program found in the host's network namespace.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum TcpTimeout {
+    /// The kernel was built without IPVS.
+    NotBuilt,
+    /// IPVS is a module, and it is not loaded.
+    NotLoaded,
+    /// IPVS's TCP established timeout (`timeout_table[IP_VS_TCP_S_ESTABLISHED]`), in jiffies.
+    Jiffies(i32),
+}
+
+/// Loads the IPVS program from `ebpf` (the verifier checks it whatever IPVS's state) and, when
+/// IPVS is loaded, runs it once: IPVS's TCP established timeout in the host's namespace.
+pub(crate) fn tcp_timeout(ebpf: &mut Ebpf, vmlinux: &[u8]) -> Result<TcpTimeout, TimeoutError> {
+    let mut answer: Array<MapData, IpvsQuery> = take_map(ebpf, names::IPVS_QUERY_MAP)?;
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(names::IPVS_PROGRAM)
+        .ok_or(TimeoutError::Missing(names::IPVS_PROGRAM))?
+        .try_into()
+        .map_err(TimeoutError::Program)?;
+    program.load().map_err(TimeoutError::Program)?;
+    let question = match query(vmlinux)? {
+        IpvsLayout::NotBuilt => return Ok(TcpTimeout::NotBuilt),
+        // Loaded without BTF of its own: 5.10, before CONFIG_DEBUG_INFO_BTF_MODULES.
+        IpvsLayout::NotLoaded if Path::new(MODULE_SYSFS).exists() => {
+            return Err(TimeoutError::NoModuleBtf);
+        }
+        IpvsLayout::NotLoaded => return Ok(TcpTimeout::NotLoaded),
+        IpvsLayout::Query(question) => question,
+    };
+    answer.set(0, question, 0).map_err(TimeoutError::Answer)?;
+    let fd = program.fd().map_err(TimeoutError::Program)?.as_fd();
+    test_run(fd).map_err(TimeoutError::TestRun)?;
+    let answer = answer.get(&0, 0).map_err(TimeoutError::Answer)?;
+    match answer.status {
+        ipvs_status::FOUND => Ok(TcpTimeout::Jiffies(answer.timeout_jiffies)),
+        ipvs_status::NO_IPVS => Err(TimeoutError::NotInitialised),
+        ipvs_status::NO_TCP => Err(TimeoutError::NoTcp),
+        ipvs_status::NO_ROOT_TASK => Err(TimeoutError::NoRootTask),
+        ipvs_status::UNREADABLE => Err(TimeoutError::Unreadable(answer.error)),
+        other => Err(TimeoutError::NoAnswer(other)),
+    }
+}
+
+/// The program's question from the kernel's BTF and, when IPVS is a loaded module, the
+/// module's.
+fn query(vmlinux: &[u8]) -> Result<IpvsLayout, TimeoutError> {
+    let parse = |context: &str, e| LayoutError::BtfInvalid {
+        context: context.to_owned(),
+        source: e,
+    };
+    let base = btf_rs::Btf::from_bytes(vmlinux)
+        .map_err(|e| TimeoutError::KernelBtf(parse("parsing", e)))?;
+    let module_path = Path::new(layout::ipvs::MODULE_BTF_PATH);
+    let module = match files::read_bounded(module_path, cap::BTF) {
+        Ok(bytes) => Some(
+            btf_rs::Btf::from_split_bytes(&bytes, &base)
+                .map_err(|e| TimeoutError::ModuleBtf(parse("parsing as split BTF", e)))?,
+        ),
+        // Not loaded, or built in: then the types are the kernel's own.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(TimeoutError::ModuleBtf(LayoutError::BtfUnreadable {
+                path: module_path.to_path_buf(),
+                source,
+            }));
+        }
+    };
+    layout::ipvs::query(&base, module.as_ref()).map_err(|e| match module {
+        Some(_) => TimeoutError::ModuleBtf(e),
+        None => TimeoutError::KernelBtf(e),
+    })
 }
 
 /// A virtual-service line of `/proc/net/ip_vs` (`ip_vs_info_seq_show`): the protocol, two

@@ -990,6 +990,8 @@ impl Resolver<'_> {
     }
 }
 
+pub(crate) mod ipvs;
+
 #[cfg(test)]
 mod btf_builder;
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! Everything the agent knows about the running kernel, and the only room that talks to it:
 //! struct layout and hook prototypes from BTF ([`layout`]), timer callback addresses
-//! ([`kallsyms`]), the tick rate ([`hz`]), whether the node uses IPVS ([`ipvs`]), the embedded
-//! programs and how they are loaded ([`programs`]), and the audit's walk program
-//! ([`hash_walk`]).
+//! ([`kallsyms`]), the tick rate ([`hz`]), whether the node uses IPVS and its TCP timeout
+//! ([`ipvs`]), the embedded programs and how they are loaded ([`programs`]), and the audit's
+//! walk program ([`hash_walk`]).
 //!
 //! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
 //! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.
@@ -137,6 +137,25 @@ impl Session {
             closes,
             idle_kill_seconds.map_or(0, |seconds| seconds_to_jiffies(seconds, self.hz)),
         )
+    }
+
+    /// IPVS's TCP established timeout in the host's network namespace, read by the IPVS program
+    /// ([`ipvs::tcp_timeout`]).
+    pub(crate) fn ipvs_tcp_timeout(&self) -> Result<ipvs::TcpTimeout, ipvs::TimeoutError> {
+        let mut ebpf = programs::open(
+            &self.layout,
+            &self.timers,
+            &self.btf,
+            programs::MIN_RING_BUFFER_BYTES,
+            programs::CloseReports::KeepaliveOn,
+            0,
+        )
+        .map_err(ipvs::TimeoutError::Open)?;
+        let vmlinux = layout::read_vmlinux_btf().map_err(ipvs::TimeoutError::KernelBtf)?;
+        let found = ipvs::tcp_timeout(&mut ebpf, &vmlinux);
+        drop(vmlinux);
+        release_freed_memory();
+        found
     }
 
     /// Only the audit's walk, for a one-off audit: nothing is attached to a hook.

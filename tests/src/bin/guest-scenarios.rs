@@ -23,7 +23,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,7 @@ struct Scenario {
     run: fn(&Netns) -> anyhow::Result<Outcome>,
 }
 
-const SCENARIOS: [Scenario; 11] = [
+const SCENARIOS: [Scenario; 12] = [
     Scenario {
         name: "healthy_peer",
         expect: "probes answered, no drop",
@@ -128,9 +128,19 @@ const SCENARIOS: [Scenario; 11] = [
         expect: "probes answered, FIN close, no drop",
         run: orderly_close,
     },
+    Scenario {
+        name: "ipvs_timeout",
+        expect: "IPVS's TCP timeout set to 1234 s before the agent started: threshold ipvs=1234 \
+                 (900, IPVS's default, on 5.10: no module BTF), also read from a private network \
+                 and PID namespace",
+        run: ipvs_timeout,
+    },
 ];
 
 struct Args {
+    /// `--ipvs-setup`: configure IPVS for the `ipvs_timeout` scenario and exit (run by the
+    /// guest's `/init` after loading the modules, before the agent starts).
+    ipvs_setup: bool,
     agent: SocketAddr,
     agent_log: Option<PathBuf>,
     only: Vec<String>,
@@ -139,6 +149,7 @@ struct Args {
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
+        ipvs_setup: false,
         agent: SocketAddr::from((Ipv4Addr::LOCALHOST, 9879)),
         agent_log: None,
         only: Vec::new(),
@@ -152,9 +163,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--agent-log" => args.agent_log = Some(PathBuf::from(value()?)),
             "--only" => args.only.push(value()?),
             "--poweroff" => args.poweroff = true,
+            "--ipvs-setup" => args.ipvs_setup = true,
             _ => bail!(
                 "usage: guest-scenarios [--agent ADDR:PORT] [--agent-log FILE] [--only NAME]... \
-                 [--poweroff]; scenarios: {}",
+                 [--poweroff] | --ipvs-setup; scenarios: {}",
                 SCENARIOS.map(|s| s.name).join(", ")
             ),
         }
@@ -171,6 +183,16 @@ fn parse_args() -> anyhow::Result<Args> {
 fn main() {
     let started = Instant::now();
     let (scenarios, failed) = match parse_args() {
+        Ok(args) if args.ipvs_setup => match ipvs::setup() {
+            Ok(said) => {
+                println!("{said}");
+                std::process::exit(0)
+            }
+            Err(err) => {
+                println!("IPVS setup failed: {err:#}");
+                std::process::exit(1)
+            }
+        },
         Ok(args) => {
             let counts = run(&args, started);
             if args.poweroff {
@@ -204,10 +226,13 @@ fn finish((scenarios, failed): (usize, usize), started: Instant) {
 /// Runs the scenarios against the agent; returns (scenarios run, scenarios failed).
 /// The agent, for scenarios that must see it count something before they go on.
 static AGENT: OnceLock<AgentEndpoint> = OnceLock::new();
+/// The agent's log (`--agent-log`), for scenarios that check what it said.
+static AGENT_LOG: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 fn run(args: &Args, started: Instant) -> (usize, usize) {
     let agent = AgentEndpoint::new(args.agent);
     let _ = AGENT.set(agent);
+    let _ = AGENT_LOG.set(args.agent_log.clone());
     if let Err(err) = agent.wait_ready(READY_DEADLINE, || Ok(())) {
         println!(
             "KAT-FATAL the agent at {} is not ready: {err:#}",
@@ -871,5 +896,199 @@ fn orderly_close(ns: &Netns) -> anyhow::Result<Outcome> {
             .conn_not_dropped(&server_conn)
             .conn_not_dropped(&marker.client_conn),
         hold: vec![marker],
+    })
+}
+
+/// IPVS as kube-proxy in IPVS mode leaves it, set up through the same `setsockopt` interface
+/// `ipvsadm` uses (the guest has no ipvsadm): a TCP timeout and one TCP virtual service.
+mod ipvs {
+    use std::io;
+
+    use anyhow::{Context as _, ensure};
+
+    /// The TCP established timeout the guest sets (kube-proxy's `--ipvs-tcp-timeout`): not
+    /// IPVS's default 900 s, so the agent can only show it by reading it.
+    pub(super) const TCP_TIMEOUT_SECONDS: i32 = 1234;
+    /// What `/init` wrote while loading the modules and running [`setup`].
+    pub(super) const SETUP_LOG: &str = "/tmp/ipvs-setup.txt";
+
+    /// `IP_VS_BASE_CTL` (include/uapi/linux/ip_vs.h) and the commands used.
+    const BASE_CTL: libc::c_int = 64 + 1024 + 64;
+    const SO_SET_ADD: libc::c_int = BASE_CTL + 2;
+    const SO_SET_TIMEOUT: libc::c_int = BASE_CTL + 10;
+    const SO_GET_TIMEOUT: libc::c_int = BASE_CTL + 6;
+
+    /// `struct ip_vs_timeout_user`, seconds (0 leaves one unchanged).
+    #[repr(C)]
+    #[derive(Default)]
+    struct Timeouts {
+        tcp: i32,
+        tcp_fin: i32,
+        udp: i32,
+    }
+
+    /// `struct ip_vs_service_user` (44 bytes; the kernel refuses any other length).
+    #[repr(C)]
+    #[derive(Default)]
+    struct Service {
+        protocol: u16,
+        addr: u32,
+        port: u16,
+        fwmark: u32,
+        sched_name: [u8; 16],
+        flags: u32,
+        timeout: u32,
+        netmask: u32,
+    }
+
+    const _: () = assert!(std::mem::size_of::<Service>() == 44);
+
+    /// Sets the TCP timeout, adds a round-robin TCP service on 10.96.0.1:443, and reads the
+    /// timeout back from IPVS.
+    pub(super) fn setup() -> anyhow::Result<String> {
+        // SAFETY: plain socket(2) call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        ensure!(
+            fd >= 0,
+            "socket(AF_INET, SOCK_RAW): {}",
+            io::Error::last_os_error()
+        );
+        let timeouts = Timeouts {
+            tcp: TCP_TIMEOUT_SECONDS,
+            ..Timeouts::default()
+        };
+        set(fd, SO_SET_TIMEOUT, &timeouts).context("IP_VS_SO_SET_TIMEOUT")?;
+        let mut sched_name = [0u8; 16];
+        sched_name[..2].copy_from_slice(b"rr");
+        let service = Service {
+            protocol: libc::IPPROTO_TCP as u16,
+            addr: u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)).to_be(),
+            port: 443u16.to_be(),
+            sched_name,
+            netmask: u32::MAX,
+            ..Service::default()
+        };
+        set(fd, SO_SET_ADD, &service).context("IP_VS_SO_SET_ADD")?;
+        let mut read = Timeouts::default();
+        let mut len = std::mem::size_of::<Timeouts>() as libc::socklen_t;
+        // SAFETY: `read` is a valid buffer of `len` bytes for the kernel to fill.
+        let ret = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                SO_GET_TIMEOUT,
+                std::ptr::from_mut(&mut read).cast(),
+                &mut len,
+            )
+        };
+        let got = if ret == 0 {
+            Ok(read.tcp)
+        } else {
+            Err(io::Error::last_os_error())
+        };
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(fd) };
+        let tcp = got.context("IP_VS_SO_GET_TIMEOUT")?;
+        ensure!(
+            tcp == TCP_TIMEOUT_SECONDS,
+            "IPVS reports a TCP timeout of {tcp} s after setting {TCP_TIMEOUT_SECONDS} s"
+        );
+        Ok(format!(
+            "IPVS: TCP timeout {tcp} s (IP_VS_SO_GET_TIMEOUT), TCP service 10.96.0.1:443 rr"
+        ))
+    }
+
+    fn set<T>(fd: libc::c_int, command: libc::c_int, value: &T) -> io::Result<()> {
+        // SAFETY: `value` is a live `#[repr(C)]` struct of the size passed.
+        let ret = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IP,
+                command,
+                std::ptr::from_ref(value).cast(),
+                std::mem::size_of::<T>() as libc::socklen_t,
+            )
+        };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// The agent's `ipvs` threshold is IPVS's configured TCP timeout, read from the kernel: `/init`
+/// loaded the IPVS modules, set the timeout to [`ipvs::TCP_TIMEOUT_SECONDS`] (not the default
+/// 900 s) and added a TCP service before the agent started.
+fn ipvs_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
+    let setup = std::fs::read_to_string(ipvs::SETUP_LOG)
+        .unwrap_or_else(|e| format!("{}: {e}", ipvs::SETUP_LOG));
+    ensure!(
+        setup.contains("IPVS: TCP timeout"),
+        "IPVS was not set up before the agent started: {}",
+        setup.trim()
+    );
+    // Modules carry BTF from 5.11: on 5.10 the agent cannot know IPVS's structs, says so and
+    // takes IPVS's default.
+    let (expected, log_says) = if Path::new("/sys/kernel/btf/ip_vs").exists() {
+        (ipvs::TCP_TIMEOUT_SECONDS, "read from the kernel")
+    } else {
+        (900, "the kernel has no BTF for it")
+    };
+    let agent = *AGENT.get().context("the agent endpoint is not set")?;
+    let m = agent.scrape()?;
+    let threshold = m
+        .matching(
+            "keepalive_agent_idle_timeout_threshold_seconds",
+            &[("threshold", "ipvs")],
+        )
+        .first()
+        .map(|s| s.value);
+    ensure!(
+        threshold == Some(f64::from(expected)),
+        "keepalive_agent_idle_timeout_threshold_seconds{{threshold=\"ipvs\"}} is {threshold:?}, \
+         expected {expected} ({})",
+        setup.trim()
+    );
+    let path = AGENT_LOG
+        .get()
+        .and_then(Option::as_ref)
+        .context("ipvs_timeout reads the agent's log: give --agent-log")?;
+    let log =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("threshold ipvs") && l.contains(log_says)),
+        "the agent's log does not say where its ipvs threshold came from ({log_says:?})"
+    );
+    // A DaemonSet's pod has its own network and PID namespaces: the program still finds the
+    // host's namespace (climbing to `init_task`), whose IPVS the pod's /proc does not show.
+    let out = std::process::Command::new("unshare")
+        .args(["--net", "--pid", "--fork", "--mount", "--mount-proc"])
+        .arg(keepalive_tests::agent_bin())
+        .args(["check", "--load"])
+        .output()
+        .context("running `unshare ... keepalive-agent check --load`")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("ipvs"))
+        .with_context(|| {
+            format!("`check --load` in a private namespace has no ipvs row: {text}")
+        })?;
+    let says = if expected == ipvs::TCP_TIMEOUT_SECONDS {
+        format!("TCP established timeout {expected} s in the host's network namespace")
+    } else {
+        "no BTF for it".to_owned()
+    };
+    ensure!(
+        row.contains(&says),
+        "`check --load` in a private network and PID namespace says {row:?}, expected {says:?}"
+    );
+    Ok(Outcome {
+        keepalive_probes: 0,
+        timeout_aborts: 0,
+        expected: Expectations::for_netns(ns.inum()).probes(0),
+        hold: Vec::new(),
     })
 }

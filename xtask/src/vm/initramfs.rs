@@ -16,6 +16,9 @@ use crate::{env::AMD64, image, setup::Setup};
 const BUSYBOX: &str = "/bin/busybox";
 /// The scenario program's binary in the keepalive-tests crate.
 const GUEST_PROGRAM: &str = "guest-scenarios";
+/// What loading the IPVS modules and `guest-scenarios --ipvs-setup` said (the scenario's
+/// `ipvs::SETUP_LOG`).
+const IPVS_SETUP_LOG: &str = "/tmp/ipvs-setup.txt";
 /// Where the agent listens inside the guest (its own loopback).
 pub(super) const AGENT_ADDR: &str = "127.0.0.1:9879";
 
@@ -34,12 +37,20 @@ mount -t tmpfs tmpfs /tmp
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 echo "KAT-UNAME $(uname -r)"
+# This kernel's IPVS modules (appended archive, see modules.rs), then IPVS as kube-proxy
+# leaves it, before the agent starts: the ipvs_timeout scenario reads what the agent found.
+for m in /{modules_dir}/*.ko; do
+    insmod "$m" >>{ipvs_log} 2>&1 || echo "insmod $m failed" >>{ipvs_log}
+done
+{GUEST_PROGRAM} --ipvs-setup >>{ipvs_log} 2>&1
 keepalive-agent check --load >/tmp/check.txt 2>&1
 echo "KAT-CHECK-EXIT $?"
 sed 's/^/KAT-CHECK /' /tmp/check.txt
 RUST_LOG=info keepalive-agent run --web.listen-address {AGENT_ADDR} --audit.interval 2s >/tmp/agent.log 2>&1 &
 exec {GUEST_PROGRAM} --agent {AGENT_ADDR} --agent-log /tmp/agent.log --poweroff
-"#
+"#,
+        modules_dir = super::modules::GUEST_DIR,
+        ipvs_log = IPVS_SETUP_LOG,
     )
 }
 
@@ -84,7 +95,7 @@ pub(super) fn build(setup: &Setup, work: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+pub(super) fn gzip(data: &[u8]) -> Result<Vec<u8>> {
     let out = pipe_through(Command::new("gzip").args(["-6", "-n", "-c"]), data, "gzip")?;
     ensure!(out.status.success(), "gzip failed ({})", out.status);
     Ok(out.stdout)
@@ -93,17 +104,17 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
 /// A cpio archive in the "new ASCII" (newc) format the kernel unpacks into its rootfs
 /// (Documentation/driver-api/early-userspace/buffer-format.rst).
 #[derive(Default)]
-struct Newc {
+pub(super) struct Newc {
     out: Vec<u8>,
     next_ino: u32,
 }
 
 impl Newc {
-    fn dir(&mut self, name: &str) {
+    pub(super) fn dir(&mut self, name: &str) {
         self.entry(name, 0o040_755, 2, (0, 0), b"");
     }
 
-    fn file(&mut self, name: &str, data: &[u8], perm: u32) {
+    pub(super) fn file(&mut self, name: &str, data: &[u8], perm: u32) {
         self.entry(name, 0o100_000 | perm, 1, (0, 0), data);
     }
 
@@ -150,7 +161,7 @@ impl Newc {
         }
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(super) fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, 1, (0, 0), b"");
         self.out
     }

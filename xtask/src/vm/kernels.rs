@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::{btf, output_text, write_atomically};
+use super::{btf, modules, output_text, write_atomically};
 use crate::{env, setup::Setup};
 
 /// A kernel of the matrix, ready to boot.
@@ -28,6 +28,8 @@ pub(super) struct Kernel {
     pub vmlinuz: PathBuf,
     /// The raw `.BTF` section of its vmlinux.
     pub btf: Vec<u8>,
+    /// Its IPVS modules, an archive appended to the guest's initramfs ([`modules`]).
+    pub ipvs_modules: PathBuf,
     pub facts: btf::Facts,
     /// Why this package was picked, for the log.
     pub why: String,
@@ -352,6 +354,12 @@ impl Store<'_> {
         };
         let facts = btf::Facts::from_btf(&btf)
             .with_context(|| format!("reading the BTF of {}", candidate.name))?;
+        let ipvs_modules = self.extracted.join(format!("{stem}.ipvs-modules.cpio.gz"));
+        if !ipvs_modules.is_file() {
+            let deb = self.download(candidate)?;
+            modules::ipvs_archive(&deb, &release, &ipvs_modules)
+                .with_context(|| format!("taking the IPVS modules out of {}", deb.display()))?;
+        }
         Ok(Kernel {
             id,
             package: candidate.name.clone(),
@@ -359,6 +367,7 @@ impl Store<'_> {
             release,
             vmlinuz,
             btf,
+            ipvs_modules,
             facts,
             why: String::new(),
         })

@@ -12,6 +12,7 @@ mod btf;
 mod fixtures;
 mod initramfs;
 mod kernels;
+mod modules;
 mod qemu;
 mod report;
 

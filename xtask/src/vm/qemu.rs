@@ -136,6 +136,14 @@ fn run_qemu(
     timeout: Duration,
 ) -> Result<Option<String>> {
     let _ = std::fs::remove_file(console);
+    // The shared archive, then this kernel's IPVS modules: the kernel unpacks both.
+    let own_initrd = console.with_extension("initramfs.gz");
+    let mut bytes = std::fs::read(initrd).with_context(|| format!("{}", initrd.display()))?;
+    bytes.extend(
+        std::fs::read(&kernel.ipvs_modules)
+            .with_context(|| format!("{}", kernel.ipvs_modules.display()))?,
+    );
+    std::fs::write(&own_initrd, bytes).with_context(|| format!("{}", own_initrd.display()))?;
     let log = console.with_extension("qemu.log");
     let stderr = std::fs::File::create(&log).with_context(|| format!("{}", log.display()))?;
     // TCG: this machine's /dev/kvm cannot run these guests. panic=-1 plus -no-reboot turns a
@@ -145,7 +153,7 @@ fn run_qemu(
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
-        .arg(initrd)
+        .arg(&own_initrd)
         .args([
             "-append",
             "console=ttyS0 panic=-1 quiet random.trust_cpu=on",

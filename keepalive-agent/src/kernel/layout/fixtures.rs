@@ -8,6 +8,11 @@ use std::path::PathBuf;
 use super::*;
 
 pub(crate) fn fixture(name: &str) -> KernelLayout {
+    KernelLayout::from_btf_bytes(&fixture_bytes(name))
+        .unwrap_or_else(|e| panic!("layout of {name}: {e}"))
+}
+
+fn fixture_bytes(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/btf")
         .join(name);
@@ -19,8 +24,29 @@ pub(crate) fn fixture(name: &str) -> KernelLayout {
     decoder
         .read_to_end(&mut bytes)
         .unwrap_or_else(|e| panic!("decompressing {}: {e}", path.display()));
-    KernelLayout::from_btf_bytes(&bytes)
-        .unwrap_or_else(|e| panic!("layout of {}: {e}", path.display()))
+    bytes
+}
+
+/// Debian builds IPVS as a module: `struct net` has `ipvs`, the structs behind it come with
+/// the module's BTF (`cargo xtask vm` loads it and reads the timeout). The development
+/// kernel has no IPVS at all.
+#[test]
+fn ipvs_is_a_module_on_debian_and_absent_from_the_development_kernel() {
+    let query = |name: &str| {
+        let btf = Btf::from_bytes(&fixture_bytes(name)).expect("parse");
+        ipvs::query(&btf, None).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    for name in [
+        "5.10.262_5.10.0-46-cloud-amd64.btf.zst",
+        "6.1.192_6.1.0-57-cloud-amd64.btf.zst",
+        "6.12.117_6.12.117+deb12-cloud-amd64.btf.zst",
+    ] {
+        assert_eq!(query(name), ipvs::IpvsLayout::NotLoaded, "{name}");
+    }
+    assert_eq!(
+        query("6.18.44_6.18.44-fc-v1045.btf.zst"),
+        ipvs::IpvsLayout::NotBuilt
+    );
 }
 
 #[test]
