@@ -30,7 +30,7 @@ use crate::{
     track::{
         classifier::{DropReason, ResetReasons},
         connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
-        idle_kill::IdleThreshold,
+        idle_kill::NodeThresholds,
         namespaces::{NamespaceIdentity, Sighting},
         tracker::{Dropped, Tracker},
     },
@@ -130,7 +130,7 @@ impl Pipeline {
     /// Checks every drop against these middlebox idle timeouts (`--idle-timeout-threshold`).
     /// (Its metrics count them under the names given to
     /// [`PipelineMetrics::with_idle_thresholds`].)
-    pub(crate) fn with_idle_thresholds(mut self, thresholds: &[IdleThreshold]) -> Self {
+    pub(crate) fn with_idle_thresholds(mut self, thresholds: NodeThresholds) -> Self {
         self.tracker = self.tracker.with_idle_thresholds(thresholds);
         self
     }
@@ -677,7 +677,7 @@ mod tests {
     use prometheus_client::metrics::counter::Counter;
 
     use super::*;
-    use crate::record::decoder::fixtures;
+    use crate::{record::decoder::fixtures, track::idle_kill::IdleThreshold};
 
     /// One record as the kernel would write it for connection `sk` (127.0.0.1:40000 → :8080).
     fn record(kind: RecordKind, before: u8, after: u8, flags: u8) -> SocketRecord {
@@ -827,7 +827,7 @@ mod tests {
             metrics.clone(),
             Arc::new(Attributor::new(None, "/nonexistent".into())),
         )
-        .with_idle_thresholds(&thresholds);
+        .with_idle_thresholds(NodeThresholds::new(thresholds.clone()));
         pipeline.handle(&decoder::encode(&reset_after_silence()));
         let idle_kills = |threshold: &str, died_by: &str| {
             metrics

@@ -23,9 +23,10 @@ pub mod names {
     pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
     /// 1: closes of connections without `SO_KEEPALIVE` are sent to the agent too.
     pub const REPORT_KEEPALIVE_OFF_GLOBAL: &str = "REPORT_KEEPALIVE_OFF";
-    /// The smallest middlebox idle timeout in jiffies (0 = none): a drop that may be an idle
-    /// kill ([`super::idle_kill_candidate`]) is sent to the agent even without keepalive.
-    pub const IDLE_KILL_JIFFIES_GLOBAL: &str = "IDLE_KILL_JIFFIES";
+    /// The smallest node-wide middlebox idle timeout in jiffies (0 = none; one `u32`, rewritten
+    /// when the node's thresholds change): a drop that may be an idle kill
+    /// ([`super::idle_kill_candidate`]) is sent to the agent even without keepalive.
+    pub const IDLE_KILL_JIFFIES_MAP: &str = "IDLE_KILL_JIFFIES";
     /// Exact per-namespace counters ([`super::NetnsKey`] → [`super::NetnsCounters`]).
     pub const NETNS_COUNTERS_MAP: &str = "NETNS_COUNTERS";
     /// Per-CPU count of namespaces that found [`NETNS_COUNTERS_MAP`] full.

@@ -8,7 +8,7 @@ use aya_ebpf::{
         generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
     },
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use keepalive_ebpf::{
     AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
@@ -54,18 +54,19 @@ pub(crate) fn report_keepalive_off() -> bool {
     unsafe { core::ptr::read_volatile(&raw const REPORT_KEEPALIVE_OFF) != 0 }
 }
 
-/// The smallest middlebox idle timeout in jiffies (`--idle-timeout-threshold`), 0 for none: a
-/// drop on a send after at least this much silence (`keepalive_ebpf::idle_kill_candidate`) is
-/// sent to the agent whatever `REPORT_KEEPALIVE_OFF` says, since it may be an idle kill.
-/// Written by the agent before load.
-#[unsafe(no_mangle)]
-pub(crate) static IDLE_KILL_JIFFIES: u32 = 0;
+/// The smallest node-wide middlebox idle timeout in jiffies (`--idle-timeout-threshold`, IPVS's),
+/// 0 for none: a drop on a send after at least this much silence
+/// (`keepalive_ebpf::idle_kill_candidate`) is sent to the agent whatever `REPORT_KEEPALIVE_OFF`
+/// says, since it may be an idle kill. A map, not a load-time constant: the agent rewrites it
+/// when the node's thresholds change (IPVS set up after it started). Read only for drops after
+/// a silence.
+#[map]
+static IDLE_KILL_JIFFIES: Array<u32> = Array::with_max_entries(1, 0);
 
 /// [`IDLE_KILL_JIFFIES`].
 #[inline(always)]
 pub(crate) fn idle_kill_jiffies() -> u32 {
-    // SAFETY: read of our own static (see `offset!`).
-    unsafe { core::ptr::read_volatile(&raw const IDLE_KILL_JIFFIES) }
+    IDLE_KILL_JIFFIES.get(0).copied().unwrap_or(0)
 }
 
 /// Exact counters per namespace, bumped with atomic adds (shared by every CPU; contention is

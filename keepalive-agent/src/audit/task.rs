@@ -2,7 +2,7 @@
 //! every `--audit.interval`, and hand the summary to [`AuditCollector`] for the next scrape.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -15,10 +15,11 @@ use crate::{
     audit::walk,
     export::labels::AggregateLabels,
     kernel::hash_walk::HashWalk,
-    kernel::ipvs,
+    kernel::ipvs::{self, IpvsProgram},
+    kernel::programs::IdleKillFilter,
     record::decoder::AuditedSocket,
     track::{
-        idle_kill::{self, IdleThreshold},
+        idle_kill::{self, IdleThreshold, NodeThresholds},
         namespaces::NamespaceIdentity,
     },
 };
@@ -38,8 +39,8 @@ pub struct AuditConfig {
     /// several): a load balancer's, e.g. aws-nlb=350, gcp-lb=600, azure-lb=240. Added to what
     /// the node knows itself: each namespace's conntrack established timeout where conntrack
     /// tracks it (threshold "conntrack"), and IPVS's when the node balances TCP services with
-    /// it ("ipvs", 900 s; give ipvs=SECONDS for kube-proxy's --ipvs-tcp-timeout). A threshold
-    /// of either name replaces the one found. Keepalive-on connections whose idle time is at or
+    /// it ("ipvs": its TCP timeout read from the kernel every --audit.interval, 900 s where it
+    /// cannot be read). A threshold of either name replaces the one found. Keepalive-on connections whose idle time is at or
     /// above a threshold are counted in tcp_keepalive_idle_at_or_above_threshold_sockets (the
     /// middlebox forgets them before their first probe); a drop after at least this much
     /// silence is an idle kill (tcp_idle_kills_total).
@@ -47,83 +48,172 @@ pub struct AuditConfig {
     pub idle_timeout_thresholds: Vec<IdleThreshold>,
 }
 
-impl AuditConfig {
-    /// The smallest middlebox idle timeout: a drop after a shorter silence is no idle kill.
-    pub(crate) fn smallest_idle_timeout(&self) -> Option<f64> {
-        self.idle_timeout_thresholds
-            .iter()
-            .map(|t| t.seconds)
-            .min_by(f64::total_cmp)
-    }
-}
-
 /// The node's middlebox idle timeouts: the operator's (`given`), and IPVS's when the node
 /// balances TCP services with it and none is named `ipvs` (`proc_root`: the host's procfs):
 /// its TCP established timeout as `read_ipvs_timeout` finds it in the kernel (kube-proxy's
 /// `--ipvs-tcp-timeout`), else its default. Conntrack's is not here: it is per namespace, read
-/// by the kernel programs with each record ([`idle_kill::CONNTRACK`]).
+/// by the kernel programs with each record ([`idle_kill::CONNTRACK`]). Logs where IPVS's came
+/// from.
 pub(crate) fn node_thresholds(
     given: &[IdleThreshold],
     proc_root: &Path,
     hz: u32,
     read_ipvs_timeout: impl FnOnce() -> Result<ipvs::TcpTimeout, ipvs::TimeoutError>,
 ) -> Vec<IdleThreshold> {
+    let (thresholds, note) = node_thresholds_noted(given, proc_root, hz, read_ipvs_timeout);
+    if let Some(note) = note {
+        note.log();
+    }
+    thresholds
+}
+
+/// What the agent says about a threshold it found (or could not).
+#[derive(Debug)]
+pub(crate) enum Note {
+    Info(String),
+    Warn(String),
+}
+
+impl Note {
+    fn log(&self) {
+        match self {
+            Self::Info(text) => info!("{text}"),
+            Self::Warn(text) => warn!("{text}"),
+        }
+    }
+}
+
+/// [`node_thresholds`], with what it would log returned instead.
+fn node_thresholds_noted(
+    given: &[IdleThreshold],
+    proc_root: &Path,
+    hz: u32,
+    read_ipvs_timeout: impl FnOnce() -> Result<ipvs::TcpTimeout, ipvs::TimeoutError>,
+) -> (Vec<IdleThreshold>, Option<Note>) {
     let mut thresholds = given.to_vec();
     if given.iter().any(|t| t.name == idle_kill::IPVS) {
-        return thresholds;
+        return (thresholds, None);
     }
-    match ipvs::balances_tcp(proc_root) {
+    let default = ipvs::DEFAULT_TCP_TIMEOUT_SECONDS;
+    let note = match ipvs::balances_tcp(proc_root) {
         Ok(true) => {
-            let default = ipvs::DEFAULT_TCP_TIMEOUT_SECONDS;
-            let seconds = match read_ipvs_timeout() {
+            let (seconds, note) = match read_ipvs_timeout() {
                 Ok(ipvs::TcpTimeout::Jiffies(jiffies)) if jiffies > 0 && hz > 0 => {
                     let seconds = f64::from(jiffies) / f64::from(hz);
-                    info!(
+                    let note = Note::Info(format!(
                         "this node balances TCP services with IPVS: idle-timeout threshold \
                          ipvs={seconds} (its TCP established timeout, read from the kernel)"
-                    );
-                    seconds
+                    ));
+                    (seconds, note)
                 }
                 Ok(found) => {
-                    warn!(
-                        "{} lists TCP services, but {}: idle-timeout threshold ipvs={default} \
-                         (IPVS's default); give --idle-timeout-threshold ipvs=SECONDS if \
-                         kube-proxy sets --ipvs-tcp-timeout",
-                        proc_root.join("1/net/ip_vs").display(),
-                        match found {
-                            ipvs::TcpTimeout::NotBuilt => "this kernel has no IPVS".to_owned(),
-                            ipvs::TcpTimeout::NotLoaded =>
-                                "the ip_vs module is not loaded".to_owned(),
-                            ipvs::TcpTimeout::Jiffies(j) =>
-                                format!("its TCP timeout reads {j} jiffies"),
+                    let why = match found {
+                        ipvs::TcpTimeout::NotBuilt => "this kernel has no IPVS".to_owned(),
+                        ipvs::TcpTimeout::NotLoaded => "the ip_vs module is not loaded".to_owned(),
+                        ipvs::TcpTimeout::Jiffies(j) => {
+                            format!("its TCP timeout reads {j} jiffies")
                         }
-                    );
-                    default
+                    };
+                    let note = Note::Warn(format!(
+                        "{} lists TCP services, but {why}: idle-timeout threshold \
+                         ipvs={default} (IPVS's default); give --idle-timeout-threshold \
+                         ipvs=SECONDS if kube-proxy sets --ipvs-tcp-timeout",
+                        proc_root.join("1/net/ip_vs").display(),
+                    ));
+                    (default, note)
                 }
                 Err(e) => {
-                    warn!(
+                    let note = Note::Warn(format!(
                         "this node balances TCP services with IPVS, but its TCP timeout could \
                          not be read ({e}): idle-timeout threshold ipvs={default} (IPVS's \
                          default); give --idle-timeout-threshold ipvs=SECONDS if kube-proxy \
                          sets --ipvs-tcp-timeout"
-                    );
-                    default
+                    ));
+                    (default, note)
                 }
             };
             thresholds.push(IdleThreshold {
                 name: idle_kill::IPVS.to_owned(),
                 seconds,
             });
+            Some(note)
         }
-        Ok(false) => {}
-        Err(e) => warn!(
+        Ok(false) => None,
+        Err(e) => Some(Note::Warn(format!(
             "cannot tell whether this node uses IPVS ({}: {}): no ipvs idle-timeout threshold; \
              give --idle-timeout-threshold ipvs=SECONDS if it does",
             proc_root.join("1/net/ip_vs").display(),
             crate::files::io_reason(&e)
-        ),
+        ))),
+    };
+    (thresholds, note)
+}
+
+/// Keeps the node's thresholds current: at start, then every audit interval, IPVS is looked
+/// for and its timeout read again, so IPVS set up after the agent (kube-proxy starting with it
+/// on a new node) or retuned later is taken without a restart.
+pub(crate) struct ThresholdRefresh {
+    pub(crate) given: Vec<IdleThreshold>,
+    pub(crate) proc_root: PathBuf,
+    pub(crate) hz: u32,
+    /// `None` when the IPVS program did not load (logged): IPVS's default then.
+    pub(crate) ipvs: Option<IpvsProgram>,
+    pub(crate) filter: IdleKillFilter,
+    pub(crate) shared: NodeThresholds,
+}
+
+impl ThresholdRefresh {
+    /// Reads what the node reports now and puts it in force: in the shared thresholds and the
+    /// close program's filter. Logs only a change. Blocking (BPF test runs, a BTF parse the
+    /// first time IPVS is found).
+    pub(crate) fn refresh(&mut self) {
+        let ipvs = &mut self.ipvs;
+        let (now, note) = node_thresholds_noted(&self.given, &self.proc_root, self.hz, || {
+            ipvs.as_mut()
+                .map_or(Err(ipvs::TimeoutError::ProgramOff), IpvsProgram::read)
+        });
+        let smallest = now.iter().map(|t| t.seconds).min_by(f64::total_cmp);
+        let described = describe_thresholds(&now);
+        if !self.shared.replace(now) {
+            return;
+        }
+        if let Some(note) = note {
+            note.log();
+        }
+        info!("idle-timeout thresholds in force: {described}");
+        if let Err(e) = self.filter.set(smallest, self.hz) {
+            warn!(
+                "setting the close program's idle-kill filter: {e}; drops without keepalive \
+                 after a silence above {smallest:?} s may not reach the agent"
+            );
+        }
     }
-    thresholds
+
+    /// Refreshes every `interval` from now on, on the blocking pool.
+    pub(crate) fn keep_current(self, interval: Duration) {
+        let refresh = Arc::new(Mutex::new(self));
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            // The first tick is immediate: the start already refreshed.
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let refresh = Arc::clone(&refresh);
+                let done = tokio::task::spawn_blocking(move || {
+                    if let Ok(mut refresh) = refresh.lock() {
+                        refresh.refresh();
+                    }
+                })
+                .await;
+                if let Err(err) = done {
+                    warn!(
+                        "refreshing the idle-timeout thresholds panicked ({err}); they stay as they were"
+                    );
+                }
+            }
+        });
+    }
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -141,6 +231,7 @@ pub(crate) fn start(
     audit: Option<HashWalk>,
     hz: u32,
     config: &AuditConfig,
+    thresholds: NodeThresholds,
     group: AuditGroup,
     namespaces: Arc<Mutex<NamespaceIdentity>>,
 ) -> AuditCollector {
@@ -152,7 +243,7 @@ pub(crate) fn start(
         info!(
             "keepalive configuration audit every {}, idle-timeout thresholds: {}",
             humantime::format_duration(config.interval),
-            describe_thresholds(&config.idle_timeout_thresholds)
+            describe_thresholds(&thresholds.get())
         );
         tokio::spawn(run(
             Walker {
@@ -161,7 +252,7 @@ pub(crate) fn start(
             },
             hz,
             config.interval,
-            config.idle_timeout_thresholds.clone(),
+            thresholds,
             group,
             collector.clone(),
         ));
@@ -203,17 +294,17 @@ pub(crate) async fn run(
     walker: Walker,
     hz: u32,
     interval: Duration,
-    thresholds: Vec<IdleThreshold>,
+    thresholds: NodeThresholds,
     group: AuditGroup,
     collector: AuditCollector,
 ) {
-    let thresholds: Arc<[IdleThreshold]> = thresholds.into();
     let mut ticker = tokio::time::interval(interval);
     // A walk slower than the interval delays the next one rather than running them back to back.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let thresholds = Arc::clone(&thresholds);
+        // The thresholds in force when the walk starts.
+        let thresholds = thresholds.get();
         let group = Arc::clone(&group);
         let walker = walker.clone();
         let walk = tokio::task::spawn_blocking(move || {

@@ -422,7 +422,7 @@ fn ipvs(session: &Session) -> Check {
 
 fn load(session: &Session) -> Check {
     // Nothing is read from the ring buffer: the smallest size the kernel accepts.
-    match session.load(MIN_RING_BUFFER_BYTES, CloseReports::KeepaliveOn, None) {
+    match session.load(MIN_RING_BUFFER_BYTES, CloseReports::KeepaliveOn) {
         Ok(mut kernel) => {
             let attached = kernel.hooks.iter().filter(|s| s.attached).count();
             let mut audited = false;

@@ -33,7 +33,10 @@ use crate::{
     },
     pipeline::{Drained, Pipeline},
     record::{decoder::AuditedSocket, netns_counters::NetnsCounterMaps},
-    track::{connection_table::ConnectionTable, idle_kill},
+    track::{
+        connection_table::ConnectionTable,
+        idle_kill::{self, NodeThresholds},
+    },
 };
 
 pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9879";
@@ -177,7 +180,7 @@ impl RunConfig {
     }
 }
 
-pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     config.validate()?;
     // Before the kernel is touched: a file that does not load stops the agent at once.
     let web = match &config.web_config_file {
@@ -201,13 +204,6 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         session.layout.offsets.write_timer
     );
     info!("kernel tick rate: {} Hz", session.hz);
-    // From here on the thresholds are the node's: the flags' and what the node uses.
-    config.audit.idle_timeout_thresholds = audit::task::node_thresholds(
-        &config.audit.idle_timeout_thresholds,
-        &config.proc_root,
-        session.hz,
-        || session.ipvs_tcp_timeout(),
-    );
 
     // Bind first: a taken port should fail before anything is attached to the kernel.
     let listener = tokio::net::TcpListener::bind(config.listen_address)
@@ -240,11 +236,7 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         );
     }
     let mut kernel = session
-        .load(
-            config.ring_buffer_bytes,
-            closes,
-            config.audit.smallest_idle_timeout(),
-        )
+        .load(config.ring_buffer_bytes, closes)
         .context("loading the kernel programs")?;
     let hooks: Family<HookLabels, Gauge> = Family::default();
     for status in &kernel.hooks {
@@ -269,9 +261,29 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         events,
         reserve_failures,
         audit,
+        ipvs,
+        idle_kill_filter,
         netns_counters,
         ..
     } = kernel;
+    // The node's thresholds: the flags' and what the node uses (IPVS), read now and again
+    // every audit interval.
+    let node_thresholds = NodeThresholds::default();
+    let mut refresh = audit::task::ThresholdRefresh {
+        given: config.audit.idle_timeout_thresholds.clone(),
+        proc_root: config.proc_root.clone(),
+        hz: session.hz,
+        ipvs,
+        filter: idle_kill_filter,
+        shared: node_thresholds.clone(),
+    };
+    let refresh = tokio::task::spawn_blocking(move || {
+        refresh.refresh();
+        refresh
+    })
+    .await
+    .context("reading the node's idle-timeout thresholds")?;
+    refresh.keep_current(config.audit.interval);
 
     let table = Arc::new(Mutex::new(ConnectionTable::new(
         config.max_tracked,
@@ -284,7 +296,8 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
             .idle_timeout_thresholds
             .iter()
             .map(|t| t.name.as_str())
-            .chain([idle_kill::CONNTRACK])
+            // The node's own, whenever they come.
+            .chain([idle_kill::CONNTRACK, idle_kill::IPVS])
             .map(str::to_owned)
             .collect::<BTreeSet<_>>()
             .into_iter()
@@ -350,7 +363,9 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
         reserve_failures,
         &hooks,
     );
-    metrics::register_idle_thresholds(&mut registry, &config.audit.idle_timeout_thresholds);
+    registry.register_collector(Box::new(metrics::IdleThresholdsCollector(
+        node_thresholds.clone(),
+    )));
     let cgroup_root = config
         .cgroup_root
         .clone()
@@ -383,11 +398,12 @@ pub async fn run(mut config: RunConfig) -> anyhow::Result<()> {
     };
     let mut pipeline = Pipeline::new(&session, table, pipeline_metrics, attributor)
         .aggregated_by(config.aggregate_by.clone())
-        .with_idle_thresholds(&config.audit.idle_timeout_thresholds);
+        .with_idle_thresholds(node_thresholds.clone());
     let audit_collector = audit::task::start(
         audit,
         session.hz,
         &config.audit,
+        node_thresholds,
         audit_group,
         pipeline.namespaces(),
     );

@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{Arc, Mutex},
 };
 
 use aya::maps::{MapData, PerCpuArray};
@@ -24,7 +24,7 @@ use crate::{
     track::{
         classifier::DropReason,
         connection_table::{ConnectionState, ConnectionTable, DropClass},
-        idle_kill::{IdleKill, IdleKillHow, IdleThreshold},
+        idle_kill::{IdleKill, IdleKillHow, NodeThresholds},
     },
 };
 
@@ -70,28 +70,27 @@ pub(crate) struct HookLabels {
     pub program_type: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(crate) struct ThresholdLabels {
-    pub threshold: String,
-}
+/// The node-wide middlebox idle timeouts in force (the flags' and IPVS's; conntrack's are per
+/// namespace), read at each scrape, so dashboards and alerts show what a connection was
+/// measured against, and when IPVS's changed.
+#[derive(Debug)]
+pub(crate) struct IdleThresholdsCollector(pub NodeThresholds);
 
-/// Registers the node's middlebox idle timeouts in force (the flags' and IPVS's; conntrack's
-/// are per namespace), so dashboards and alerts can show what a connection was measured
-/// against and where the agent fell back to a default.
-pub(crate) fn register_idle_thresholds(registry: &mut Registry, thresholds: &[IdleThreshold]) {
-    let family: Family<ThresholdLabels, Gauge<f64, AtomicU64>> = Family::default();
-    for t in thresholds {
-        family
-            .get_or_create(&ThresholdLabels {
-                threshold: t.name.clone(),
-            })
-            .set(t.seconds);
+impl prometheus_client::collector::Collector for IdleThresholdsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let thresholds = self.0.get();
+        let mut family = encoder.encode_descriptor(
+            "keepalive_agent_idle_timeout_threshold_seconds",
+            "Node-wide middlebox idle timeouts in force: each --idle-timeout-threshold, and ipvs (IPVS's TCP established timeout read from the kernel, or its default 900 when unreadable) while the node balances TCP services with IPVS; each namespace's conntrack timeout is not here",
+            None,
+            MetricType::Gauge,
+        )?;
+        for t in thresholds.iter() {
+            ConstGauge::new(t.seconds)
+                .encode(family.encode_family(&[("threshold", t.name.as_str())])?)?;
+        }
+        Ok(())
     }
-    registry.register(
-        "keepalive_agent_idle_timeout_threshold_seconds",
-        "Node-wide middlebox idle timeouts in force: each --idle-timeout-threshold, and ipvs (IPVS's TCP established timeout read from the kernel, or its default 900 when unreadable) when the node balances TCP services with IPVS; each namespace's conntrack timeout is not here",
-        family,
-    );
 }
 
 /// Aggregates the pipeline updates.

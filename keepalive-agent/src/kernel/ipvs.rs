@@ -8,7 +8,7 @@ use std::{io, os::fd::AsFd as _, path::Path};
 use aya::{
     Ebpf,
     maps::{Array, MapData},
-    programs::{ProgramError, RawTracePoint},
+    programs::{ProgramError, ProgramFd, RawTracePoint},
 };
 use keepalive_ebpf::{IpvsQuery, ipvs_status, names};
 
@@ -80,6 +80,8 @@ pub(crate) enum TimeoutError {
     NoRootTask,
     #[error("reading IPVS's state failed (bpf_probe_read_kernel: {0})")]
     Unreadable(i32),
+    #[error("the IPVS program did not load (see the warning at start)")]
+    ProgramOff,
     #[error("the IPVS program did not answer (status {0})")]
     NoAnswer(u32),
 }
@@ -98,36 +100,78 @@ pub(crate) enum TcpTimeout {
     Jiffies(i32),
 }
 
-/// Loads the IPVS program from `ebpf` (the verifier checks it whatever IPVS's state) and, when
-/// IPVS is loaded, runs it once: IPVS's TCP established timeout in the host's namespace.
-pub(crate) fn tcp_timeout(ebpf: &mut Ebpf, vmlinux: &[u8]) -> Result<TcpTimeout, TimeoutError> {
-    let mut answer: Array<MapData, IpvsQuery> = take_map(ebpf, names::IPVS_QUERY_MAP)?;
-    let program: &mut RawTracePoint = ebpf
-        .program_mut(names::IPVS_PROGRAM)
-        .ok_or(TimeoutError::Missing(names::IPVS_PROGRAM))?
-        .try_into()
-        .map_err(TimeoutError::Program)?;
-    program.load().map_err(TimeoutError::Program)?;
-    let question = match query(vmlinux)? {
-        IpvsLayout::NotBuilt => return Ok(TcpTimeout::NotBuilt),
-        // Loaded without BTF of its own: 5.10, before CONFIG_DEBUG_INFO_BTF_MODULES.
-        IpvsLayout::NotLoaded if Path::new(MODULE_SYSFS).exists() => {
-            return Err(TimeoutError::NoModuleBtf);
+/// The IPVS program, loaded (the verifier checks it whatever IPVS's state), and where it reads
+/// once the `ip_vs` module's BTF has said so.
+pub(crate) struct IpvsProgram {
+    program: ProgramFd,
+    query: Array<MapData, IpvsQuery>,
+    /// Resolved at the first read that found IPVS loaded; a module's layout does not change.
+    question: Option<IpvsQuery>,
+}
+
+impl std::fmt::Debug for IpvsProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpvsProgram")
+            .field("question", &self.question)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IpvsProgram {
+    /// Loads the program from `ebpf` and takes its map out of it.
+    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, TimeoutError> {
+        let query: Array<MapData, IpvsQuery> = take_map(ebpf, names::IPVS_QUERY_MAP)?;
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(names::IPVS_PROGRAM)
+            .ok_or(TimeoutError::Missing(names::IPVS_PROGRAM))?
+            .try_into()
+            .map_err(TimeoutError::Program)?;
+        program.load().map_err(TimeoutError::Program)?;
+        let program = program
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+            .map_err(TimeoutError::Program)?;
+        Ok(Self {
+            program,
+            query,
+            question: None,
+        })
+    }
+
+    /// IPVS's TCP established timeout in the host's namespace now. The first read that finds
+    /// the module loaded parses the kernel's and the module's BTF (blocking, tens of MiB).
+    pub(crate) fn read(&mut self) -> Result<TcpTimeout, TimeoutError> {
+        let question = match self.question {
+            Some(question) => question,
+            None => {
+                let vmlinux = layout::read_vmlinux_btf().map_err(TimeoutError::KernelBtf)?;
+                let resolved = query(&vmlinux);
+                drop(vmlinux);
+                crate::kernel::release_freed_memory();
+                match resolved? {
+                    IpvsLayout::NotBuilt => return Ok(TcpTimeout::NotBuilt),
+                    // Loaded without BTF of its own: 5.10, before CONFIG_DEBUG_INFO_BTF_MODULES.
+                    IpvsLayout::NotLoaded if Path::new(MODULE_SYSFS).exists() => {
+                        return Err(TimeoutError::NoModuleBtf);
+                    }
+                    IpvsLayout::NotLoaded => return Ok(TcpTimeout::NotLoaded),
+                    IpvsLayout::Query(question) => *self.question.insert(question),
+                }
+            }
+        };
+        self.query
+            .set(0, question, 0)
+            .map_err(TimeoutError::Answer)?;
+        test_run(self.program.as_fd()).map_err(TimeoutError::TestRun)?;
+        let answer = self.query.get(&0, 0).map_err(TimeoutError::Answer)?;
+        match answer.status {
+            ipvs_status::FOUND => Ok(TcpTimeout::Jiffies(answer.timeout_jiffies)),
+            ipvs_status::NO_IPVS => Err(TimeoutError::NotInitialised),
+            ipvs_status::NO_TCP => Err(TimeoutError::NoTcp),
+            ipvs_status::NO_ROOT_TASK => Err(TimeoutError::NoRootTask),
+            ipvs_status::UNREADABLE => Err(TimeoutError::Unreadable(answer.error)),
+            other => Err(TimeoutError::NoAnswer(other)),
         }
-        IpvsLayout::NotLoaded => return Ok(TcpTimeout::NotLoaded),
-        IpvsLayout::Query(question) => question,
-    };
-    answer.set(0, question, 0).map_err(TimeoutError::Answer)?;
-    let fd = program.fd().map_err(TimeoutError::Program)?.as_fd();
-    test_run(fd).map_err(TimeoutError::TestRun)?;
-    let answer = answer.get(&0, 0).map_err(TimeoutError::Answer)?;
-    match answer.status {
-        ipvs_status::FOUND => Ok(TcpTimeout::Jiffies(answer.timeout_jiffies)),
-        ipvs_status::NO_IPVS => Err(TimeoutError::NotInitialised),
-        ipvs_status::NO_TCP => Err(TimeoutError::NoTcp),
-        ipvs_status::NO_ROOT_TASK => Err(TimeoutError::NoRootTask),
-        ipvs_status::UNREADABLE => Err(TimeoutError::Unreadable(answer.error)),
-        other => Err(TimeoutError::NoAnswer(other)),
     }
 }
 

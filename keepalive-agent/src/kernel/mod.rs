@@ -75,7 +75,6 @@ pub fn open_programs() -> Result<aya::Ebpf, OpenProgramsError> {
         &btf,
         programs::MIN_RING_BUFFER_BYTES,
         programs::CloseReports::KeepaliveOn,
-        0,
     )
     .map_err(|e| OpenProgramsError(OpenFailure::Programs(e)))
 }
@@ -120,14 +119,13 @@ impl Session {
         })
     }
 
-    /// Every hook attached, the audit's walk loaded, the maps taken. `idle_kill_seconds`: the
-    /// smallest middlebox idle timeout, whose possible idle kills the close program sends even
-    /// without keepalive (`None`: no idle-kill detection).
+    /// Every hook attached, the audit's walk and the IPVS read loaded, the maps taken. Possible
+    /// idle kills without keepalive are not sent until [`KernelPrograms::idle_kill_filter`] is
+    /// set.
     pub(crate) fn load(
         &self,
         ring_buffer_bytes: u32,
         closes: programs::CloseReports,
-        idle_kill_seconds: Option<f64>,
     ) -> Result<KernelPrograms, ProgramsError> {
         programs::load(
             &self.layout,
@@ -135,12 +133,11 @@ impl Session {
             &self.btf,
             ring_buffer_bytes,
             closes,
-            idle_kill_seconds.map_or(0, |seconds| seconds_to_jiffies(seconds, self.hz)),
         )
     }
 
-    /// IPVS's TCP established timeout in the host's network namespace, read by the IPVS program
-    /// ([`ipvs::tcp_timeout`]).
+    /// IPVS's TCP established timeout in the host's network namespace, read once by the IPVS
+    /// program ([`ipvs::IpvsProgram`]), for commands that do not keep the programs loaded.
     pub(crate) fn ipvs_tcp_timeout(&self) -> Result<ipvs::TcpTimeout, ipvs::TimeoutError> {
         let mut ebpf = programs::open(
             &self.layout,
@@ -148,14 +145,9 @@ impl Session {
             &self.btf,
             programs::MIN_RING_BUFFER_BYTES,
             programs::CloseReports::KeepaliveOn,
-            0,
         )
         .map_err(ipvs::TimeoutError::Open)?;
-        let vmlinux = layout::read_vmlinux_btf().map_err(ipvs::TimeoutError::KernelBtf)?;
-        let found = ipvs::tcp_timeout(&mut ebpf, &vmlinux);
-        drop(vmlinux);
-        release_freed_memory();
-        found
+        ipvs::IpvsProgram::load(&mut ebpf)?.read()
     }
 
     /// Only the audit's walk, for a one-off audit: nothing is attached to a hook.
@@ -166,7 +158,6 @@ impl Session {
             &self.btf,
             programs::MIN_RING_BUFFER_BYTES,
             programs::CloseReports::KeepaliveOn,
-            0,
         )?;
         // The walk holds its own program descriptor and maps: the object can go.
         programs::load_audit(&mut ebpf)
@@ -175,6 +166,6 @@ impl Session {
 
 /// `seconds` in jiffies of a `hz` kernel, at least 1 (0 means "off" to the programs) and at
 /// most `u32::MAX` (the 32-bit stamps the programs compare).
-fn seconds_to_jiffies(seconds: f64, hz: u32) -> u32 {
+pub(crate) fn seconds_to_jiffies(seconds: f64, hz: u32) -> u32 {
     (seconds * f64::from(hz)).clamp(1.0, f64::from(u32::MAX)) as u32
 }

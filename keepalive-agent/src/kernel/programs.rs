@@ -6,7 +6,7 @@
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramError, ProgramFd},
 };
 use keepalive_ebpf::{NetnsCounters, NetnsKey, SNAPSHOT_SCRATCH_BYTES, names};
@@ -16,6 +16,7 @@ pub use crate::kernel::hooks::{HOOKS, Hook};
 use crate::kernel::{
     bpf_syscall::{BPF_OBJ_GET_INFO_BY_FD, bpf},
     hash_walk::{self, HashWalk},
+    ipvs::IpvsProgram,
     kallsyms::TimerFunctions,
     layout::KernelLayout,
     maps::{TakeMapError, take_map},
@@ -162,6 +163,11 @@ pub struct KernelPrograms {
     pub hooks: Vec<HookStatus>,
     /// The audit's walk (see `crate::audit::walk`); `None`: audit off.
     pub(crate) audit: Option<HashWalk>,
+    /// The read of IPVS's TCP timeout; `None` when it did not load (logged).
+    pub(crate) ipvs: Option<IpvsProgram>,
+    /// The smallest node-wide threshold, below which the close program does not send a drop
+    /// without keepalive as a possible idle kill.
+    pub(crate) idle_kill_filter: IdleKillFilter,
     pub events: RingBuf<MapData>,
     pub reserve_failures: PerCpuArray<MapData, u64>,
     /// The exact per-namespace counters and the count of namespaces that found them full.
@@ -174,6 +180,18 @@ pub struct NetnsCounterMaps {
     pub counters: HashMap<MapData, NetnsKey, NetnsCounters>,
     pub full: PerCpuArray<MapData, u64>,
     pub uncounted: PerCpuArray<MapData, u64>,
+}
+
+/// [`names::IDLE_KILL_JIFFIES_MAP`].
+pub(crate) struct IdleKillFilter(Array<MapData, u32>);
+
+impl IdleKillFilter {
+    /// `smallest`: the smallest node-wide middlebox idle timeout, `None` for none (then only
+    /// each namespace's conntrack timeout makes a drop without keepalive a possible idle kill).
+    pub(crate) fn set(&mut self, smallest: Option<f64>, hz: u32) -> Result<(), MapError> {
+        let jiffies = smallest.map_or(0, |seconds| super::seconds_to_jiffies(seconds, hz));
+        self.0.set(0, jiffies, 0)
+    }
 }
 
 impl KernelPrograms {
@@ -203,7 +221,6 @@ pub(crate) fn open(
     btf: &Btf,
     ring_buffer_bytes: u32,
     closes: CloseReports,
-    idle_kill_jiffies: u32,
 ) -> Result<Ebpf, ProgramsError> {
     // No kernel reports u32::MAX as a reset reason: the close program's comparison never
     // matches where the kernel has no keepalive reason.
@@ -233,7 +250,6 @@ pub(crate) fn open(
             &report_keepalive_off,
             true,
         )
-        .override_global(names::IDLE_KILL_JIFFIES_GLOBAL, &idle_kill_jiffies, true)
         .override_global(names::SNAPSHOT_REGIONS_GLOBAL, &snapshot_regions, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
@@ -259,16 +275,8 @@ pub(crate) fn load(
     btf: &Btf,
     ring_buffer_bytes: u32,
     closes: CloseReports,
-    idle_kill_jiffies: u32,
 ) -> Result<KernelPrograms, ProgramsError> {
-    let mut ebpf = open(
-        layout,
-        timers,
-        btf,
-        ring_buffer_bytes,
-        closes,
-        idle_kill_jiffies,
-    )?;
+    let mut ebpf = open(layout, timers, btf, ring_buffer_bytes, closes)?;
 
     match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => spawn_kernel_log(logger),
@@ -325,6 +333,17 @@ pub(crate) fn load(
         hooks.len()
     );
 
+    let ipvs = match IpvsProgram::load(&mut ebpf) {
+        Ok(program) => Some(program),
+        Err(err) => {
+            warn!(
+                "{err}; IPVS's TCP timeout cannot be read (the ipvs threshold, if the node uses \
+                 IPVS, is its default)"
+            );
+            None
+        }
+    };
+    let idle_kill_filter = IdleKillFilter(take_map(&mut ebpf, names::IDLE_KILL_JIFFIES_MAP)?);
     let events: RingBuf<MapData> = take_map(&mut ebpf, names::EVENTS_MAP)?;
     let reserve_failures = take_map(&mut ebpf, names::RESERVE_FAILURES_MAP)?;
     let counters = take_map(&mut ebpf, names::NETNS_COUNTERS_MAP)?;
@@ -334,6 +353,8 @@ pub(crate) fn load(
         ebpf,
         hooks,
         audit,
+        ipvs,
+        idle_kill_filter,
         events,
         reserve_failures,
         netns_counters: NetnsCounterMaps {

@@ -4,7 +4,11 @@
 //! went unanswered. Keepalive with an idle time below that middlebox's timeout would have kept
 //! the flow alive. One pure function over a dropped [`CloseEvent`], like the classifier.
 
-use std::{fmt, str::FromStr};
+use std::{
+    fmt,
+    str::FromStr,
+    sync::{Arc, RwLock},
+};
 
 use crate::{
     kernel::hz::jiffies_to_seconds, record::decoder::CloseEvent, track::classifier::DropReason,
@@ -49,6 +53,41 @@ impl FromStr for IdleThreshold {
 impl fmt::Display for IdleThreshold {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={}", self.name, self.seconds)
+    }
+}
+
+/// The node-wide thresholds in force (the flags' and IPVS's), shared by the tracker, the audit
+/// and the metrics. Replaced whole when what the node reports changes: IPVS set up or retuned
+/// after the agent started (kube-proxy starts with it on a new node).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NodeThresholds(Arc<RwLock<Arc<[IdleThreshold]>>>);
+
+impl NodeThresholds {
+    #[cfg(test)]
+    pub(crate) fn new(thresholds: Vec<IdleThreshold>) -> Self {
+        Self(Arc::new(RwLock::new(thresholds.into())))
+    }
+
+    /// The thresholds now.
+    pub(crate) fn get(&self) -> Arc<[IdleThreshold]> {
+        match self.0.read() {
+            Ok(thresholds) => Arc::clone(&thresholds),
+            // Only a panic while replacing poisons it; what it holds is still whole.
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Puts `thresholds` in force; whether they differ from the ones before.
+    pub(crate) fn replace(&self, thresholds: Vec<IdleThreshold>) -> bool {
+        let mut current = match self.0.write() {
+            Ok(current) => current,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current[..] == thresholds[..] {
+            return false;
+        }
+        *current = thresholds.into();
+        true
     }
 }
 
@@ -250,6 +289,26 @@ mod tests {
         close.last_sent_jiffies = 1000 + silent_seconds * HZ;
         close.jiffies = u64::from(close.last_sent_jiffies) + 1;
         close
+    }
+
+    #[test]
+    fn node_thresholds_are_replaced_whole_and_a_change_is_reported() {
+        let parse = |list: &[&str]| -> Vec<IdleThreshold> {
+            list.iter().map(|t| t.parse().expect("threshold")).collect()
+        };
+        let shared = NodeThresholds::default();
+        let reader = shared.clone();
+        assert!(
+            !shared.replace(Vec::new()),
+            "nothing to nothing is no change"
+        );
+        assert!(shared.replace(parse(&["aws-nlb=350", "ipvs=1234"])));
+        assert!(!shared.replace(parse(&["aws-nlb=350", "ipvs=1234"])));
+        let before = reader.get();
+        assert!(shared.replace(parse(&["aws-nlb=350", "ipvs=1500"])));
+        // A reader holding the old set keeps it whole; the next read sees the new one.
+        assert_eq!(before[..], parse(&["aws-nlb=350", "ipvs=1234"])[..]);
+        assert_eq!(reader.get()[..], parse(&["aws-nlb=350", "ipvs=1500"])[..]);
     }
 
     #[test]

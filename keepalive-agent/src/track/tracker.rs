@@ -13,7 +13,7 @@ use crate::{
     track::{
         classifier::{self, CloseOutcome, DropReason, ResetReasons},
         connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
-        idle_kill::{self, IdleThreshold},
+        idle_kill::{self, NodeThresholds},
     },
 };
 
@@ -32,8 +32,9 @@ pub(crate) struct Tracker {
     reset_reasons: ResetReasons,
     /// CONFIG_HZ, for the idle-kill silence.
     hz: u32,
-    /// Middlebox idle timeouts a drop is checked against (none: no idle kills).
-    idle_thresholds: Arc<[IdleThreshold]>,
+    /// Node-wide middlebox idle timeouts a drop is checked against, besides its namespace's
+    /// conntrack timeout.
+    idle_thresholds: NodeThresholds,
 }
 
 impl Tracker {
@@ -46,13 +47,13 @@ impl Tracker {
             table,
             reset_reasons,
             hz,
-            idle_thresholds: Arc::new([]),
+            idle_thresholds: NodeThresholds::default(),
         }
     }
 
     /// Checks every drop against these middlebox idle timeouts ([`idle_kill::classify`]).
-    pub(crate) fn with_idle_thresholds(mut self, thresholds: &[IdleThreshold]) -> Self {
-        self.idle_thresholds = thresholds.into();
+    pub(crate) fn with_idle_thresholds(mut self, thresholds: NodeThresholds) -> Self {
+        self.idle_thresholds = thresholds;
         self
     }
 
@@ -78,7 +79,7 @@ impl Tracker {
             self.table().on_close(close, outcome, now);
             return None;
         };
-        let idle_kill = idle_kill::classify(close, reason, self.hz, &self.idle_thresholds);
+        let idle_kill = idle_kill::classify(close, reason, self.hz, &self.idle_thresholds.get());
         let connection =
             self.table()
                 .on_close_with(close, outcome, now, known, idle_kill.map(Box::new))?;

@@ -132,7 +132,7 @@ const SCENARIOS: [Scenario; 12] = [
         name: "ipvs_timeout",
         expect: "IPVS's TCP timeout set to 1234 s before the agent started: threshold ipvs=1234 \
                  (900, IPVS's default, on 5.10: no module BTF), also read from a private network \
-                 and PID namespace",
+                 and PID namespace; retuned to 1500 s while it runs: 1500",
         run: ipvs_timeout,
     },
 ];
@@ -909,6 +909,9 @@ mod ipvs {
     /// The TCP established timeout the guest sets (kube-proxy's `--ipvs-tcp-timeout`): not
     /// IPVS's default 900 s, so the agent can only show it by reading it.
     pub(super) const TCP_TIMEOUT_SECONDS: i32 = 1234;
+    /// The timeout the scenario sets while the agent runs: the agent must take it without a
+    /// restart.
+    pub(super) const RETUNED_TCP_TIMEOUT_SECONDS: i32 = 1500;
     /// What `/init` wrote while loading the modules and running [`setup`].
     pub(super) const SETUP_LOG: &str = "/tmp/ipvs-setup.txt";
 
@@ -946,18 +949,7 @@ mod ipvs {
     /// Sets the TCP timeout, adds a round-robin TCP service on 10.96.0.1:443, and reads the
     /// timeout back from IPVS.
     pub(super) fn setup() -> anyhow::Result<String> {
-        // SAFETY: plain socket(2) call.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        ensure!(
-            fd >= 0,
-            "socket(AF_INET, SOCK_RAW): {}",
-            io::Error::last_os_error()
-        );
-        let timeouts = Timeouts {
-            tcp: TCP_TIMEOUT_SECONDS,
-            ..Timeouts::default()
-        };
-        set(fd, SO_SET_TIMEOUT, &timeouts).context("IP_VS_SO_SET_TIMEOUT")?;
+        let fd = socket()?;
         let mut sched_name = [0u8; 16];
         sched_name[..2].copy_from_slice(b"rr");
         let service = Service {
@@ -968,7 +960,56 @@ mod ipvs {
             netmask: u32::MAX,
             ..Service::default()
         };
-        set(fd, SO_SET_ADD, &service).context("IP_VS_SO_SET_ADD")?;
+        let added = set_timeout(fd, TCP_TIMEOUT_SECONDS)
+            .and_then(|()| set(fd, SO_SET_ADD, &service).context("IP_VS_SO_SET_ADD"));
+        let tcp = added.and_then(|()| get_tcp_timeout(fd));
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(fd) };
+        let tcp = tcp?;
+        ensure!(
+            tcp == TCP_TIMEOUT_SECONDS,
+            "IPVS reports a TCP timeout of {tcp} s after setting {TCP_TIMEOUT_SECONDS} s"
+        );
+        Ok(format!(
+            "IPVS: TCP timeout {tcp} s (IP_VS_SO_GET_TIMEOUT), TCP service 10.96.0.1:443 rr"
+        ))
+    }
+
+    /// Sets IPVS's TCP timeout to `seconds` (as a restarted kube-proxy with another
+    /// `--ipvs-tcp-timeout` would) and reads it back.
+    pub(super) fn retune(seconds: i32) -> anyhow::Result<()> {
+        let fd = socket()?;
+        let tcp = set_timeout(fd, seconds).and_then(|()| get_tcp_timeout(fd));
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(fd) };
+        let tcp = tcp?;
+        ensure!(
+            tcp == seconds,
+            "IPVS reports {tcp} s after setting {seconds} s"
+        );
+        Ok(())
+    }
+
+    fn socket() -> anyhow::Result<libc::c_int> {
+        // SAFETY: plain socket(2) call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        ensure!(
+            fd >= 0,
+            "socket(AF_INET, SOCK_RAW): {}",
+            io::Error::last_os_error()
+        );
+        Ok(fd)
+    }
+
+    fn set_timeout(fd: libc::c_int, tcp: i32) -> anyhow::Result<()> {
+        let timeouts = Timeouts {
+            tcp,
+            ..Timeouts::default()
+        };
+        set(fd, SO_SET_TIMEOUT, &timeouts).context("IP_VS_SO_SET_TIMEOUT")
+    }
+
+    fn get_tcp_timeout(fd: libc::c_int) -> anyhow::Result<i32> {
         let mut read = Timeouts::default();
         let mut len = std::mem::size_of::<Timeouts>() as libc::socklen_t;
         // SAFETY: `read` is a valid buffer of `len` bytes for the kernel to fill.
@@ -981,21 +1022,11 @@ mod ipvs {
                 &mut len,
             )
         };
-        let got = if ret == 0 {
+        if ret == 0 {
             Ok(read.tcp)
         } else {
-            Err(io::Error::last_os_error())
-        };
-        // SAFETY: our own descriptor, closed once.
-        unsafe { libc::close(fd) };
-        let tcp = got.context("IP_VS_SO_GET_TIMEOUT")?;
-        ensure!(
-            tcp == TCP_TIMEOUT_SECONDS,
-            "IPVS reports a TCP timeout of {tcp} s after setting {TCP_TIMEOUT_SECONDS} s"
-        );
-        Ok(format!(
-            "IPVS: TCP timeout {tcp} s (IP_VS_SO_GET_TIMEOUT), TCP service 10.96.0.1:443 rr"
-        ))
+            Err(io::Error::last_os_error()).context("IP_VS_SO_GET_TIMEOUT")
+        }
     }
 
     fn set<T>(fd: libc::c_int, command: libc::c_int, value: &T) -> io::Result<()> {
@@ -1085,6 +1116,29 @@ fn ipvs_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
         row.contains(&says),
         "`check --load` in a private network and PID namespace says {row:?}, expected {says:?}"
     );
+    // Retuned while the agent runs (kube-proxy restarted with another --ipvs-tcp-timeout):
+    // taken at the next audit interval, without a restart. 5.10 cannot read it at all.
+    if expected == ipvs::TCP_TIMEOUT_SECONDS {
+        ipvs::retune(ipvs::RETUNED_TCP_TIMEOUT_SECONDS)?;
+        let retuned = f64::from(ipvs::RETUNED_TCP_TIMEOUT_SECONDS);
+        let mut last = None;
+        wait_until(
+            AGENT_DEADLINE,
+            "the agent to take the retuned IPVS timeout",
+            || {
+                last = agent
+                    .scrape()?
+                    .matching(
+                        "keepalive_agent_idle_timeout_threshold_seconds",
+                        &[("threshold", "ipvs")],
+                    )
+                    .first()
+                    .map(|s| s.value);
+                Ok(last == Some(retuned))
+            },
+        )
+        .with_context(|| format!("the agent's ipvs threshold stayed {last:?}"))?;
+    }
     Ok(Outcome {
         keepalive_probes: 0,
         timeout_aborts: 0,
