@@ -17,6 +17,9 @@ pub(crate) mod cap {
     /// `/proc/self/mounts`, `/proc/self/mountinfo`: a node with thousands of pods has thousands
     /// of mounts of ~150 bytes.
     pub(crate) const MOUNTS: u64 = 64 << 20;
+    /// `/proc/net/ip_vs`: one line per Service and per endpoint of it; 64 MiB is about a
+    /// million of them.
+    pub(crate) const IPVS: u64 = 64 << 20;
     /// `/proc/timer_list`: a few KB per CPU.
     pub(crate) const TIMER_LIST: u64 = 64 << 20;
     /// `cgroup.procs`: one pid per line.

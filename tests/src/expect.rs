@@ -154,6 +154,19 @@ impl Expectations {
         self.value(AUDIT_SOCKETS, labels, n)
     }
 
+    /// `tcp_keepalive_idle_at_or_above_threshold_sockets{netns,threshold}` == n: keepalive-on
+    /// connections of the latest audit walk whose idle is at or above that threshold, among
+    /// those it applies to.
+    pub fn audit_at_or_above(self, threshold: &str, n: u64) -> Self {
+        let mut labels = self.ns_labels();
+        labels.push(("threshold".to_owned(), threshold.to_owned()));
+        self.value(
+            "tcp_keepalive_idle_at_or_above_threshold_sockets",
+            labels,
+            n,
+        )
+    }
+
     /// `tcp_keepalive_connection_probes_total{conn}` == n (whatever the reason label).
     pub fn conn_probes(self, conn: &Conn, n: u64) -> Self {
         let labels = conn.labels(self.netns);

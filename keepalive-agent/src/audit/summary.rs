@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::{
     export::{labels::AggregateLabels, metrics::DETECTION_BUCKETS},
-    record::decoder::{AuditedSocket, KeepaliveSettings},
+    record::decoder::{AuditedSocket, Endpoints, KeepaliveSettings},
     track::idle_kill::{self, Applicable, IdleThreshold},
 };
 
@@ -158,11 +158,18 @@ impl SocketKeepalive {
 
     /// Marks a connection already silent past a threshold its keepalive does not beat (see
     /// [`Self::idle_kill_risk`]).
-    pub(crate) fn with_idle_kill_risk(mut self, node_thresholds: &[IdleThreshold]) -> Self {
+    pub(crate) fn with_idle_kill_risk(
+        mut self,
+        node_thresholds: &[IdleThreshold],
+        endpoints: &Endpoints,
+    ) -> Self {
         if let Some(silent) = self.silent_seconds {
             let keepalive_idle = self.keepalive.then_some(self.idle_seconds);
-            let thresholds =
-                Applicable::with_seconds(node_thresholds, self.conntrack_timeout_seconds);
+            let thresholds = Applicable::with_seconds(
+                node_thresholds,
+                (endpoints.local, endpoints.remote),
+                self.conntrack_timeout_seconds,
+            );
             self.idle_kill_risk = idle_kill::exposed_to(silent, keepalive_idle, thresholds)
                 .map(|(name, _)| name.to_owned());
         }
@@ -255,8 +262,10 @@ impl AuditSummary {
                     idle_at_or_above_threshold: vec![0; thresholds.len()],
                     ..GroupAudit::default()
                 });
-            let conntrack = Applicable::new(thresholds, socket.conntrack_timeout_jiffies, hz)
-                .conntrack_seconds();
+            let endpoints = (socket.endpoints.local, socket.endpoints.remote);
+            let conntrack =
+                Applicable::new(thresholds, endpoints, socket.conntrack_timeout_jiffies, hz)
+                    .conntrack_seconds();
             if conntrack.is_some() {
                 netns.idle_at_or_above_conntrack.get_or_insert(0);
             }
@@ -277,7 +286,9 @@ impl AuditSummary {
                     .observe(jiffies as f64 / f64::from(hz));
             }
             for (count, threshold) in netns.idle_at_or_above_threshold.iter_mut().zip(thresholds) {
-                *count += u64::from(idle >= threshold.seconds);
+                *count += u64::from(
+                    idle >= threshold.seconds && threshold.applies_to(endpoints.0, endpoints.1),
+                );
             }
             if let (Some(count), Some(timeout)) = (&mut netns.idle_at_or_above_conntrack, conntrack)
             {
@@ -464,7 +475,7 @@ mod tests {
             let mut audited = socket(1, state, keepalive);
             (audited.last_received_jiffies, audited.last_sent_jiffies) = (1000, 900);
             audited.jiffies = 1000 + 400 * u64::from(HZ);
-            SocketKeepalive::new(&audited, HZ).with_idle_kill_risk(&thresholds)
+            SocketKeepalive::new(&audited, HZ).with_idle_kill_risk(&thresholds, &audited.endpoints)
         };
         let established = tcp_state::ESTABLISHED;
         let default_idle = silent(settings(7200, 75, 9, 0), established);
@@ -491,7 +502,8 @@ mod tests {
         let mut recent = socket(1, established, settings(7200, 75, 9, 0));
         recent.jiffies = 1000 + 400 * u64::from(HZ);
         recent.last_sent_jiffies = recent.jiffies as u32 - 10 * HZ;
-        let recent = SocketKeepalive::new(&recent, HZ).with_idle_kill_risk(&thresholds);
+        let recent =
+            SocketKeepalive::new(&recent, HZ).with_idle_kill_risk(&thresholds, &recent.endpoints);
         assert_eq!(recent.silent_seconds, Some(10.0));
         assert_eq!(recent.idle_kill_risk, None);
     }

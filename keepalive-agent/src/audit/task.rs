@@ -19,7 +19,7 @@ use crate::{
     kernel::programs::IdleKillFilter,
     record::decoder::AuditedSocket,
     track::{
-        idle_kill::{self, IdleThreshold, NodeThresholds},
+        idle_kill::{self, IdleThreshold, NodeThresholds, Scope},
         namespaces::NamespaceIdentity,
     },
 };
@@ -95,8 +95,8 @@ fn node_thresholds_noted(
         return (thresholds, None);
     }
     let default = ipvs::DEFAULT_TCP_TIMEOUT_SECONDS;
-    let note = match ipvs::balances_tcp(proc_root) {
-        Ok(true) => {
+    let note = match ipvs::tcp_services(proc_root) {
+        Ok(Some(services)) => {
             let (seconds, note) = match read_ipvs_timeout() {
                 Ok(ipvs::TcpTimeout::Jiffies(jiffies)) if jiffies > 0 && hz > 0 => {
                     let seconds = f64::from(jiffies) / f64::from(hz);
@@ -135,10 +135,17 @@ fn node_thresholds_noted(
             thresholds.push(IdleThreshold {
                 name: idle_kill::IPVS.to_owned(),
                 seconds,
+                // A firewall-mark service may carry any connection.
+                scope: (!services.fwmark).then(|| {
+                    Arc::new(Scope {
+                        remote: services.virtual_endpoints,
+                        local: services.real_servers,
+                    })
+                }),
             });
             Some(note)
         }
-        Ok(false) => None,
+        Ok(None) => None,
         Err(e) => Some(Note::Warn(format!(
             "cannot tell whether this node uses IPVS ({}: {}): no ipvs idle-timeout threshold; \
              give --idle-timeout-threshold ipvs=SECONDS if it does",
@@ -173,14 +180,18 @@ impl ThresholdRefresh {
                 .map_or(Err(ipvs::TimeoutError::ProgramOff), IpvsProgram::read)
         });
         let smallest = now.iter().map(|t| t.seconds).min_by(f64::total_cmp);
+        let before = describe_thresholds(&self.shared.get());
         let described = describe_thresholds(&now);
         if !self.shared.replace(now) {
             return;
         }
-        if let Some(note) = note {
-            note.log();
+        // Services come and go all the time on a busy cluster: only a new timeout is news.
+        if before != described {
+            if let Some(note) = note {
+                note.log();
+            }
+            info!("idle-timeout thresholds in force: {described}");
         }
-        info!("idle-timeout thresholds in force: {described}");
         if let Err(e) = self.filter.set(smallest, self.hz) {
             warn!(
                 "setting the close program's idle-kill filter: {e}; drops without keepalive \

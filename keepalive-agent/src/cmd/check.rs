@@ -385,10 +385,20 @@ fn tracefs() -> Check {
 /// IPVS's TCP timeout as the agent reads it (the program loads whatever IPVS's state, so the
 /// verifier is checked on every kernel).
 fn ipvs(session: &Session) -> Check {
-    let services = match ipvs::balances_tcp(Path::new("/proc")) {
-        Ok(true) => "this namespace's /proc/1/net/ip_vs lists TCP services",
-        Ok(false) => "no TCP service in /proc/1/net/ip_vs",
-        Err(_) => "/proc/1/net/ip_vs unreadable",
+    let services = match ipvs::tcp_services(Path::new("/proc")) {
+        Ok(Some(services)) if services.fwmark => {
+            "/proc/1/net/ip_vs lists a firewall-mark service: IPVS's timeout applies to every \
+             connection"
+                .to_owned()
+        }
+        Ok(Some(services)) => format!(
+            "/proc/1/net/ip_vs: {} TCP service(s), {} destination(s); IPVS's timeout applies \
+             to connections to or from them",
+            services.virtual_endpoints.len(),
+            services.real_servers.len()
+        ),
+        Ok(None) => "no TCP service in /proc/1/net/ip_vs".to_owned(),
+        Err(e) => format!("/proc/1/net/ip_vs unreadable: {e}"),
     };
     match session.ipvs_tcp_timeout() {
         Ok(ipvs::TcpTimeout::Jiffies(jiffies)) => Check::ok(

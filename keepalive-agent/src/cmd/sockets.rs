@@ -97,7 +97,8 @@ pub fn run(config: &SocketsConfig) -> anyhow::Result<()> {
         .sockets
         .iter()
         .filter_map(|socket| {
-            let mut shown = SocketKeepalive::new(socket, hz).with_idle_kill_risk(&thresholds);
+            let mut shown = SocketKeepalive::new(socket, hz)
+                .with_idle_kill_risk(&thresholds, &socket.endpoints);
             if !config.wants(&shown, socket.state) {
                 return None;
             }

@@ -3,7 +3,13 @@
 //! Its configured TCP timeout (kube-proxy's `--ipvs-tcp-timeout`) is read from the kernel by
 //! the IPVS program ([`tcp_timeout`]).
 
-use std::{io, os::fd::AsFd as _, path::Path};
+use std::{
+    collections::HashSet,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
+    path::Path,
+};
 
 use aya::{
     Ebpf,
@@ -27,18 +33,62 @@ use crate::{
 /// `--ipvs-tcp-timeout` is given.
 pub(crate) const DEFAULT_TCP_TIMEOUT_SECONDS: f64 = 900.0;
 
-/// Whether the network namespace of pid 1 under `proc_root` (the node's, from the host's
-/// procfs) has an IPVS virtual service that can carry TCP: a `TCP` or a firewall-mark (`FWM`)
-/// service in `PID/net/ip_vs`. `Ok(false)` when the kernel has no IPVS (the file is absent).
-pub(crate) fn balances_tcp(proc_root: &Path) -> io::Result<bool> {
+/// The TCP virtual services of the node's IPVS: the connections it balances, and so the ones
+/// its idle timeout applies to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Services {
+    /// `TCP` services' virtual addresses: a client's socket to a Service has one as its peer.
+    pub virtual_endpoints: HashSet<SocketAddr>,
+    /// Their destinations: a backend's socket behind a Service has one as its own address.
+    pub real_servers: HashSet<SocketAddr>,
+    /// A firewall-mark (`FWM`) service exists: which connections carry the mark is not in the
+    /// table, so IPVS's timeout applies to every connection.
+    pub fwmark: bool,
+}
+
+/// The TCP services in the IPVS table of the network namespace of pid 1 under `proc_root`
+/// (the node's, from the host's procfs): `PID/net/ip_vs`. `None` when there is none, or the
+/// kernel has no IPVS (the file is absent).
+pub(crate) fn tcp_services(proc_root: &Path) -> io::Result<Option<Services>> {
     let path = proc_root.join("1/net/ip_vs");
-    match files::find_line(&path, cap::MOUNTS, |line| {
-        is_tcp_service(line).then_some(())
-    }) {
-        Ok(found) => Ok(found.is_some()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
+    let mut services = Services::default();
+    // Destination lines follow their service's line: kept only under a TCP one.
+    let mut in_tcp = false;
+    let scanned = files::find_line(&path, cap::IPVS, |line| {
+        if let Some(destination) = line.trim_start().strip_prefix("-> ") {
+            if in_tcp && let Some(at) = endpoint(destination) {
+                services.real_servers.insert(at);
+            }
+        } else if let Some(service) = line.strip_prefix("TCP  ") {
+            in_tcp = true;
+            if let Some(at) = endpoint(service) {
+                services.virtual_endpoints.insert(at);
+            }
+        } else {
+            in_tcp = false;
+            services.fwmark |= line.starts_with("FWM  ");
+        }
+        None::<()>
+    });
+    match scanned {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
     }
+    Ok((services.fwmark || !services.virtual_endpoints.is_empty()).then_some(services))
+}
+
+/// The leading `ADDR:PORT` of a service or destination line, as `ip_vs_info_seq_show` prints
+/// them: IPv4 as 8 hex digits, IPv6 in brackets (`%pI6`), the port as 4 hex digits.
+fn endpoint(text: &str) -> Option<SocketAddr> {
+    let field = text.split_whitespace().next()?;
+    let (address, port) = field.rsplit_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match address.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        Some(v6) => IpAddr::V6(v6.parse::<Ipv6Addr>().ok()?),
+        None => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(address, 16).ok()?)),
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Why IPVS's TCP timeout could not be read.
@@ -205,19 +255,12 @@ fn query(vmlinux: &[u8]) -> Result<IpvsLayout, TimeoutError> {
     })
 }
 
-/// A virtual-service line of `/proc/net/ip_vs` (`ip_vs_info_seq_show`): the protocol, two
-/// spaces, then the address. Destinations are indented (`  -> `); the two header lines start
-/// with `IP Virtual Server` and `Prot`.
-fn is_tcp_service(line: &str) -> bool {
-    line.starts_with("TCP  ") || line.starts_with("FWM  ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The format `ip_vs_info_seq_show` prints (net/netfilter/ipvs/ip_vs_ctl.c).
-    const TWO_SERVICES: &str = "\
+    const SERVICES: &str = "\
 IP Virtual Server version 1.2.1 (size=4096)
 Prot LocalAddress:Port Scheduler Flags
   -> RemoteAddress:Port Forward Weight ActiveConn InActConn
@@ -225,35 +268,59 @@ UDP  0A60000A:0035 rr
   -> 0AF40002:0035      Masq    1      0          0
 TCP  0A600001:01BB rr
   -> AC120002:192B      Masq    1      3          0
+  -> AC120003:192B      Masq    1      0          0
+TCP  [fd00:0010:0096:0000:0000:0000:0000:0001]:0050 rr
+  -> [fd00:0010:0244:0001:0000:0000:0000:0005]:1F90      Masq    1      0          0
 ";
 
-    #[test]
-    fn a_tcp_service_is_found_and_headers_and_destinations_are_not() {
-        assert!(TWO_SERVICES.lines().any(is_tcp_service));
-        let headers_only: Vec<&str> = TWO_SERVICES.lines().take(3).collect();
-        assert!(!headers_only.into_iter().any(is_tcp_service));
-        assert!(!is_tcp_service("UDP  0A60000A:0035 rr"));
-        assert!(!is_tcp_service(
-            "  -> AC120002:192B      Masq    1      3          0"
+    fn with_file(text: Option<&str>) -> io::Result<Option<Services>> {
+        let dir = std::env::temp_dir().join(format!(
+            "keepalive-ipvs-{}-{}",
+            std::process::id(),
+            text.map_or(0, str::len)
         ));
-        assert!(is_tcp_service("FWM  00000001 wlc"));
+        std::fs::create_dir_all(dir.join("1/net")).expect("mkdir");
+        if let Some(text) = text {
+            std::fs::write(dir.join("1/net/ip_vs"), text).expect("write");
+        }
+        let found = tcp_services(&dir);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        found
     }
 
     #[test]
-    fn a_procfs_without_ipvs_has_no_service() {
-        let dir = std::env::temp_dir().join(format!("keepalive-ipvs-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("1/net")).expect("mkdir");
-        let without = balances_tcp(&dir);
-        std::fs::write(dir.join("1/net/ip_vs"), TWO_SERVICES).expect("write");
-        let with = balances_tcp(&dir);
-        std::fs::remove_dir_all(&dir).expect("clean up");
-        assert!(!without.expect("no file is no IPVS"));
-        assert!(with.expect("read"));
+    fn tcp_services_and_their_destinations_are_read_and_udp_ones_are_not() {
+        let services = with_file(Some(SERVICES)).expect("read").expect("services");
+        let at = |s: &str| s.parse::<SocketAddr>().expect("address");
+        assert_eq!(
+            services.virtual_endpoints,
+            HashSet::from([at("10.96.0.1:443"), at("[fd00:10:96::1]:80")])
+        );
+        assert_eq!(
+            services.real_servers,
+            HashSet::from([
+                at("172.18.0.2:6443"),
+                at("172.18.0.3:6443"),
+                at("[fd00:10:244:1::5]:8080")
+            ])
+        );
+        assert!(!services.fwmark);
+    }
+
+    #[test]
+    fn no_file_or_no_tcp_service_is_no_ipvs_and_a_firewall_mark_service_is_one() {
+        assert_eq!(with_file(None).expect("absent"), None);
+        let headers_and_udp: String = SERVICES.lines().take(5).map(|l| format!("{l}\n")).collect();
+        assert_eq!(with_file(Some(&headers_and_udp)).expect("read"), None);
+        let fwm = with_file(Some("FWM  00000001 wlc\n  -> 0A000001:0050 Route 1 0 0\n"))
+            .expect("read")
+            .expect("services");
+        assert!(fwm.fwmark && fwm.virtual_endpoints.is_empty() && fwm.real_servers.is_empty());
     }
 
     /// This machine's kernel: whatever it has, reading it must not fail.
     #[test]
     fn the_running_kernel_answers() {
-        balances_tcp(Path::new("/proc")).expect("reading /proc/1/net/ip_vs");
+        tcp_services(Path::new("/proc")).expect("reading /proc/1/net/ip_vs");
     }
 }

@@ -5,7 +5,9 @@
 //! the flow alive. One pure function over a dropped [`CloseEvent`], like the classifier.
 
 use std::{
+    collections::HashSet,
     fmt,
+    net::SocketAddr,
     str::FromStr,
     sync::{Arc, RwLock},
 };
@@ -20,6 +22,28 @@ use crate::{
 pub struct IdleThreshold {
     pub name: String,
     pub seconds: f64,
+    /// The connections it applies to; `None`: every connection (a flag's, a load balancer the
+    /// operator knows the node is behind).
+    pub scope: Option<Arc<Scope>>,
+}
+
+/// The connections a middlebox sits in front of, by endpoint: IPVS's Services, whose clients
+/// have a virtual address as their peer and whose backends have a destination as their own.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scope {
+    pub remote: HashSet<SocketAddr>,
+    pub local: HashSet<SocketAddr>,
+}
+
+impl IdleThreshold {
+    /// Whether the middlebox is on the path of a connection between `local` and `remote`.
+    pub(crate) fn applies_to(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        // A dual-stack socket to an IPv4 peer shows it as ::ffff:a.b.c.d; IPVS lists a.b.c.d.
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        self.scope.as_ref().is_none_or(|scope| {
+            scope.remote.contains(&canonical(remote)) || scope.local.contains(&canonical(local))
+        })
+    }
 }
 
 impl FromStr for IdleThreshold {
@@ -46,6 +70,7 @@ impl FromStr for IdleThreshold {
         Ok(Self {
             name: name.to_owned(),
             seconds,
+            scope: None,
         })
     }
 }
@@ -101,10 +126,13 @@ pub(crate) const CONNTRACK: &str = "conntrack";
 pub(crate) const IPVS: &str = "ipvs";
 
 /// The thresholds that apply to one connection: the node's (`--idle-timeout-threshold`, IPVS
-/// when the node uses it) and its namespace's conntrack timeout.
+/// for connections to or behind its Services) and its namespace's conntrack timeout.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Applicable<'a> {
     node: &'a [IdleThreshold],
+    /// The connection's own and its peer's endpoints, for thresholds with a [`Scope`].
+    local: SocketAddr,
+    remote: SocketAddr,
     /// The namespace's conntrack established timeout, when conntrack tracks the namespace's
     /// connections and no node threshold is named [`CONNTRACK`].
     conntrack_seconds: Option<f64>,
@@ -113,18 +141,31 @@ pub(crate) struct Applicable<'a> {
 impl<'a> Applicable<'a> {
     /// [`Self::with_seconds`] from the record's `conntrack_timeout` (jiffies; 0 when conntrack
     /// does not track the connection's namespace).
-    pub(crate) fn new(node: &'a [IdleThreshold], conntrack_jiffies: u32, hz: u32) -> Self {
+    pub(crate) fn new(
+        node: &'a [IdleThreshold],
+        (local, remote): (SocketAddr, SocketAddr),
+        conntrack_jiffies: u32,
+        hz: u32,
+    ) -> Self {
         Self::with_seconds(
             node,
+            (local, remote),
             (conntrack_jiffies != 0).then(|| jiffies_to_seconds(u64::from(conntrack_jiffies), hz)),
         )
     }
 
-    /// The node's thresholds and the namespace's conntrack timeout (`None`: not tracked), which
-    /// a node threshold named [`CONNTRACK`] replaces.
-    pub(crate) fn with_seconds(node: &'a [IdleThreshold], conntrack_seconds: Option<f64>) -> Self {
+    /// The node's thresholds that apply between `local` and `remote`, and the namespace's
+    /// conntrack timeout (`None`: not tracked), which a node threshold named [`CONNTRACK`]
+    /// replaces.
+    pub(crate) fn with_seconds(
+        node: &'a [IdleThreshold],
+        (local, remote): (SocketAddr, SocketAddr),
+        conntrack_seconds: Option<f64>,
+    ) -> Self {
         Self {
             node,
+            local,
+            remote,
             conntrack_seconds: conntrack_seconds
                 .filter(|_| !node.iter().any(|t| t.name == CONNTRACK)),
         }
@@ -139,6 +180,7 @@ impl<'a> Applicable<'a> {
     pub(crate) fn iter(self) -> impl Iterator<Item = (&'a str, f64)> {
         self.node
             .iter()
+            .filter(move |t| t.applies_to(self.local, self.remote))
             .map(|t| (t.name.as_str(), t.seconds))
             .chain(self.conntrack_seconds.map(|seconds| (CONNTRACK, seconds)))
     }
@@ -220,13 +262,20 @@ pub(crate) fn classify(
     };
     // With keepalive idle below every threshold the silence reaches, its probes would have kept
     // the middlebox's entry alive: something else killed it.
-    let thresholds = Applicable::new(node_thresholds, close.conntrack_timeout_jiffies, hz);
+    let endpoints = (close.endpoints.local, close.endpoints.remote);
+    let thresholds = Applicable::new(
+        node_thresholds,
+        endpoints,
+        close.conntrack_timeout_jiffies,
+        hz,
+    );
     let (name, seconds) = exposed_to(silence_seconds, keepalive_idle_seconds, thresholds)?;
     let interval = jiffies_to_seconds(u64::from(settings.interval_jiffies), hz);
     Some(IdleKill {
         threshold: IdleThreshold {
             name: name.to_owned(),
             seconds,
+            scope: None,
         },
         silence_seconds,
         how,
@@ -311,13 +360,49 @@ mod tests {
         assert_eq!(reader.get()[..], parse(&["aws-nlb=350", "ipvs=1500"])[..]);
     }
 
+    /// IPVS's timeout applies to a client whose peer is a Service's virtual address and to a
+    /// backend that is one of its destinations, whatever the socket's family; not to others.
+    #[test]
+    fn a_scoped_threshold_applies_to_its_services_clients_and_backends_only() {
+        let at = |s: &str| s.parse::<SocketAddr>().expect("address");
+        let ipvs = IdleThreshold {
+            name: IPVS.to_owned(),
+            seconds: 900.0,
+            scope: Some(Arc::new(Scope {
+                remote: HashSet::from([at("10.96.0.1:443")]),
+                local: HashSet::from([at("172.18.0.2:6443")]),
+            })),
+        };
+        let flag: IdleThreshold = "aws-nlb=350".parse().expect("threshold");
+        let pod = at("10.244.1.5:40000");
+        assert!(ipvs.applies_to(pod, at("10.96.0.1:443")));
+        assert!(ipvs.applies_to(
+            at("[::ffff:10.244.1.5]:40000"),
+            at("[::ffff:10.96.0.1]:443")
+        ));
+        assert!(ipvs.applies_to(at("172.18.0.2:6443"), at("10.244.1.5:40000")));
+        assert!(!ipvs.applies_to(pod, at("10.96.0.1:80")));
+        assert!(!ipvs.applies_to(pod, at("192.0.2.7:5432")));
+        assert!(flag.applies_to(pod, at("192.0.2.7:5432")));
+        let node = [flag, ipvs];
+        let names = |remote: &str| -> Vec<&str> {
+            Applicable::with_seconds(&node, (pod, at(remote)), None)
+                .iter()
+                .map(|(name, _)| name)
+                .collect()
+        };
+        assert_eq!(names("10.96.0.1:443"), ["aws-nlb", IPVS]);
+        assert_eq!(names("192.0.2.7:5432"), ["aws-nlb"]);
+    }
+
     #[test]
     fn thresholds_parse_name_equals_seconds() {
         assert_eq!(
             "aws-nlb=350".parse::<IdleThreshold>(),
             Ok(IdleThreshold {
                 name: "aws-nlb".to_owned(),
-                seconds: 350.0
+                seconds: 350.0,
+                scope: None,
             })
         );
         assert!("350".parse::<IdleThreshold>().is_err());

@@ -132,7 +132,8 @@ const SCENARIOS: [Scenario; 12] = [
         name: "ipvs_timeout",
         expect: "IPVS's TCP timeout set to 1234 s before the agent started: threshold ipvs=1234 \
                  (900, IPVS's default, on 5.10: no module BTF), also read from a private network \
-                 and PID namespace; retuned to 1500 s while it runs: 1500",
+                 and PID namespace; retuned to 1500 s while it runs: 1500; applies to the 2 of 3 \
+                 connections IPVS carries",
         run: ipvs_timeout,
     },
 ];
@@ -919,6 +920,7 @@ mod ipvs {
     const BASE_CTL: libc::c_int = 64 + 1024 + 64;
     const SO_SET_ADD: libc::c_int = BASE_CTL + 2;
     const SO_SET_TIMEOUT: libc::c_int = BASE_CTL + 10;
+    const SO_SET_ADDDEST: libc::c_int = BASE_CTL + 7;
     const SO_GET_TIMEOUT: libc::c_int = BASE_CTL + 6;
 
     /// `struct ip_vs_timeout_user`, seconds (0 leaves one unchanged).
@@ -932,7 +934,7 @@ mod ipvs {
 
     /// `struct ip_vs_service_user` (44 bytes; the kernel refuses any other length).
     #[repr(C)]
-    #[derive(Default)]
+    #[derive(Default, Clone, Copy)]
     struct Service {
         protocol: u16,
         addr: u32,
@@ -946,22 +948,64 @@ mod ipvs {
 
     const _: () = assert!(std::mem::size_of::<Service>() == 44);
 
-    /// Sets the TCP timeout, adds a round-robin TCP service on 10.96.0.1:443, and reads the
-    /// timeout back from IPVS.
+    /// `struct ip_vs_dest_user`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Dest {
+        addr: u32,
+        port: u16,
+        conn_flags: u32,
+        weight: i32,
+        u_threshold: u32,
+        l_threshold: u32,
+    }
+
+    /// What `IP_VS_SO_SET_ADDDEST` takes: the service, then the destination.
+    #[repr(C)]
+    struct ServiceDest {
+        service: Service,
+        dest: Dest,
+    }
+
+    const _: () = assert!(std::mem::size_of::<ServiceDest>() == 44 + 24);
+
+    /// The Service: its virtual address and one destination. On loopback, so a scenario's own
+    /// namespace (where IPVS has no service) can hold connections with these endpoints.
+    pub(super) const VIRTUAL: (std::net::Ipv4Addr, u16) =
+        (std::net::Ipv4Addr::new(127, 0, 0, 53), 443);
+    pub(super) const DESTINATION: (std::net::Ipv4Addr, u16) =
+        (std::net::Ipv4Addr::new(127, 0, 0, 55), 8443);
+
+    /// Sets the TCP timeout, adds a round-robin TCP service on [`VIRTUAL`] with [`DESTINATION`],
+    /// and reads the timeout back from IPVS.
     pub(super) fn setup() -> anyhow::Result<String> {
         let fd = socket()?;
         let mut sched_name = [0u8; 16];
         sched_name[..2].copy_from_slice(b"rr");
         let service = Service {
             protocol: libc::IPPROTO_TCP as u16,
-            addr: u32::from(std::net::Ipv4Addr::new(10, 96, 0, 1)).to_be(),
-            port: 443u16.to_be(),
+            addr: u32::from(VIRTUAL.0).to_be(),
+            port: VIRTUAL.1.to_be(),
             sched_name,
             netmask: u32::MAX,
             ..Service::default()
         };
+        let with_destination = ServiceDest {
+            service,
+            dest: Dest {
+                addr: u32::from(DESTINATION.0).to_be(),
+                port: DESTINATION.1.to_be(),
+                // IP_VS_CONN_F_MASQ
+                conn_flags: 0,
+                weight: 1,
+                ..Dest::default()
+            },
+        };
         let added = set_timeout(fd, TCP_TIMEOUT_SECONDS)
-            .and_then(|()| set(fd, SO_SET_ADD, &service).context("IP_VS_SO_SET_ADD"));
+            .and_then(|()| set(fd, SO_SET_ADD, &service).context("IP_VS_SO_SET_ADD"))
+            .and_then(|()| {
+                set(fd, SO_SET_ADDDEST, &with_destination).context("IP_VS_SO_SET_ADDDEST")
+            });
         let tcp = added.and_then(|()| get_tcp_timeout(fd));
         // SAFETY: our own descriptor, closed once.
         unsafe { libc::close(fd) };
@@ -971,7 +1015,8 @@ mod ipvs {
             "IPVS reports a TCP timeout of {tcp} s after setting {TCP_TIMEOUT_SECONDS} s"
         );
         Ok(format!(
-            "IPVS: TCP timeout {tcp} s (IP_VS_SO_GET_TIMEOUT), TCP service 10.96.0.1:443 rr"
+            "IPVS: TCP timeout {tcp} s (IP_VS_SO_GET_TIMEOUT), TCP service {}:{} rr -> {}:{}",
+            VIRTUAL.0, VIRTUAL.1, DESTINATION.0, DESTINATION.1
         ))
     }
 
@@ -1139,10 +1184,29 @@ fn ipvs_timeout(ns: &Netns) -> anyhow::Result<Outcome> {
         )
         .with_context(|| format!("the agent's ipvs threshold stayed {last:?}"))?;
     }
+    // IPVS's timeout applies to a Service's clients (peer: its virtual address) and backends
+    // (own address: a destination), not to the node's other connections: three keepalive-on
+    // connections idle 2000 s, above any of its timeouts, and two of them behind IPVS.
+    let bind = |(ip, port): (Ipv4Addr, u16)| {
+        ns.run(move || TcpListener::bind((ip, port)))?
+            .with_context(|| format!("listening on {ip}:{port}"))
+    };
+    let service = bind(ipvs::VIRTUAL)?;
+    let backend = bind(ipvs::DESTINATION)?;
+    let elsewhere = bind((Ipv4Addr::new(127, 0, 0, 54), ipvs::VIRTUAL.1))?;
+    let client = ns.connect_pair(&service)?;
+    set_keepalive(&client.client, 2000, 60, 5)?;
+    let served = ns.connect_pair(&backend)?;
+    set_keepalive(&served.server, 2000, 60, 5)?;
+    let other = ns.connect_pair(&elsewhere)?;
+    set_keepalive(&other.client, 2000, 60, 5)?;
     Ok(Outcome {
         keepalive_probes: 0,
         timeout_aborts: 0,
-        expected: Expectations::for_netns(ns.inum()).probes(0),
-        hold: Vec::new(),
+        expected: Expectations::for_netns(ns.inum())
+            .probes(0)
+            .audit_sockets("on", 3)
+            .audit_at_or_above("ipvs", 2),
+        hold: vec![client, served, other],
     })
 }
