@@ -139,28 +139,27 @@ impl Session {
     /// IPVS's TCP established timeout in the host's network namespace, read once by the IPVS
     /// program ([`ipvs::IpvsProgram`]), for commands that do not keep the programs loaded.
     pub(crate) fn ipvs_tcp_timeout(&self) -> Result<ipvs::TcpTimeout, ipvs::TimeoutError> {
-        let mut ebpf = programs::open(
+        let mut ebpf = self.open_for_one_off().map_err(ipvs::TimeoutError::Open)?;
+        ipvs::IpvsProgram::load(&mut ebpf)?.read()
+    }
+
+    /// Only the audit's walk, for a one-off audit: nothing is attached to a hook.
+    pub(crate) fn load_audit_only(&self) -> Result<hash_walk::HashWalk, ProgramsError> {
+        let mut ebpf = self.open_for_one_off()?;
+        // The walk holds its own program descriptor and maps: the object can go.
+        programs::load_audit(&mut ebpf)
+    }
+
+    /// The programs object with nothing loaded and the smallest ring buffer, for a command
+    /// that runs one program and reads no records.
+    fn open_for_one_off(&self) -> Result<aya::Ebpf, ProgramsError> {
+        programs::open(
             &self.layout,
             &self.timers,
             &self.btf,
             programs::MIN_RING_BUFFER_BYTES,
             programs::CloseReports::KeepaliveOn,
         )
-        .map_err(ipvs::TimeoutError::Open)?;
-        ipvs::IpvsProgram::load(&mut ebpf)?.read()
-    }
-
-    /// Only the audit's walk, for a one-off audit: nothing is attached to a hook.
-    pub(crate) fn load_audit_only(&self) -> Result<hash_walk::HashWalk, ProgramsError> {
-        let mut ebpf = programs::open(
-            &self.layout,
-            &self.timers,
-            &self.btf,
-            programs::MIN_RING_BUFFER_BYTES,
-            programs::CloseReports::KeepaliveOn,
-        )?;
-        // The walk holds its own program descriptor and maps: the object can go.
-        programs::load_audit(&mut ebpf)
     }
 }
 

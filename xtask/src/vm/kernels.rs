@@ -491,15 +491,20 @@ impl Apt {
     }
 }
 
-/// `/boot/vmlinuz-<release>` out of a kernel package.
-fn extract_vmlinuz(deb: &Path, release: &str) -> Result<Vec<u8>> {
-    let member = format!("./boot/vmlinuz-{release}");
-    let mut dpkg = Command::new("dpkg-deb")
+/// `dpkg-deb --fsys-tarfile deb`, started: the package's files as a tar stream on its stdout.
+pub(super) fn fsys_tarfile(deb: &Path) -> Result<std::process::Child> {
+    Command::new("dpkg-deb")
         .arg("--fsys-tarfile")
         .arg(deb)
         .stdout(Stdio::piped())
         .spawn()
-        .context("starting dpkg-deb --fsys-tarfile")?;
+        .context("starting dpkg-deb --fsys-tarfile")
+}
+
+/// `/boot/vmlinuz-<release>` out of a kernel package.
+fn extract_vmlinuz(deb: &Path, release: &str) -> Result<Vec<u8>> {
+    let member = format!("./boot/vmlinuz-{release}");
+    let mut dpkg = fsys_tarfile(deb)?;
     let tar_in = dpkg.stdout.take().context("dpkg-deb stdout")?;
     let tar = Command::new("tar")
         .args(["-x", "-O", &member])

@@ -6,12 +6,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::{initramfs, write_atomically};
+use super::{initramfs, kernels::fsys_tarfile, write_atomically};
 
 /// What the guest's IPVS scenario needs: IPVS, and the scheduler of the service it adds.
 const WANTED: [&str; 2] = ["ip_vs", "ip_vs_rr"];
@@ -75,17 +75,13 @@ pub(super) fn ipvs_archive(deb: &Path, release: &str, out: &Path) -> Result<()> 
 
 /// Module name (`-` as `_`, as the kernel names them) → path in the package.
 fn module_paths(deb: &Path, release: &str) -> Result<BTreeMap<String, String>> {
-    let listing = Command::new("dpkg-deb")
-        .arg("--fsys-tarfile")
-        .arg(deb)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting dpkg-deb --fsys-tarfile")?;
+    let mut listing = fsys_tarfile(deb)?;
     let tar = Command::new("tar")
         .arg("-t")
-        .stdin(listing.stdout.context("dpkg-deb stdout")?)
+        .stdin(listing.stdout.take().context("dpkg-deb stdout")?)
         .output()
         .context("starting tar -t")?;
+    let _ = listing.wait();
     ensure!(tar.status.success(), "listing {} failed", deb.display());
     let prefix = format!("./lib/modules/{release}/kernel/");
     Ok(String::from_utf8_lossy(&tar.stdout)
@@ -106,12 +102,7 @@ fn extract(deb: &Path, members: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
     let dir = std::env::temp_dir().join(format!("keepalive-ipvs-modules-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut dpkg = Command::new("dpkg-deb")
-        .arg("--fsys-tarfile")
-        .arg(deb)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting dpkg-deb --fsys-tarfile")?;
+    let mut dpkg = fsys_tarfile(deb)?;
     let tar = Command::new("tar")
         .arg("-x")
         .arg("-C")
