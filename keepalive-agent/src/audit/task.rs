@@ -40,10 +40,11 @@ pub struct AuditConfig {
     /// the node knows itself: each namespace's conntrack established timeout where conntrack
     /// tracks it (threshold "conntrack"), and IPVS's when the node balances TCP services with
     /// it ("ipvs": its TCP timeout read from the kernel every --audit.interval, 900 s where it
-    /// cannot be read). A threshold of either name replaces the one found. Keepalive-on connections whose idle time is at or
-    /// above a threshold are counted in tcp_keepalive_idle_at_or_above_threshold_sockets (the
-    /// middlebox forgets them before their first probe); a drop after at least this much
-    /// silence is an idle kill (tcp_idle_kills_total).
+    /// cannot be read). A threshold of either name replaces the one found. Keepalive-on
+    /// connections whose idle time is at or above a threshold are counted in
+    /// tcp_keepalive_idle_at_or_above_threshold_sockets (the middlebox forgets them before
+    /// their first probe); a drop after at least this much silence is an idle kill
+    /// (tcp_idle_kills_total).
     #[arg(long = "idle-timeout-threshold", value_name = "NAME=SECONDS")]
     pub idle_timeout_thresholds: Vec<IdleThreshold>,
 }

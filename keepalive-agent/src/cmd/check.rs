@@ -161,8 +161,11 @@ pub async fn run(config: CheckConfig) -> anyhow::Result<()> {
             (Ok(btf), Some(layout), Some(timers), Ok(Ok(hz))) => {
                 match Session::new(&btf, layout, timers, hz) {
                     Ok(session) => {
-                        checks.push(load(&session));
-                        checks.push(ipvs(&session));
+                        let (loaded, ipvs_program) = load(&session);
+                        checks.push(loaded);
+                        let read = ipvs_program
+                            .map_or(Err(ipvs::TimeoutError::ProgramOff), |mut p| p.read());
+                        checks.push(ipvs_check(read, session.hz));
                     }
                     Err(err) => {
                         checks.push(Check::new("load", Status::Fail, err.to_string(), None))
@@ -382,9 +385,9 @@ fn tracefs() -> Check {
     Check::ok("tracefs", detail)
 }
 
-/// IPVS's TCP timeout as the agent reads it (the program loads whatever IPVS's state, so the
-/// verifier is checked on every kernel).
-fn ipvs(session: &Session) -> Check {
+/// IPVS's TCP timeout as the agent reads it (`read`: by the IPVS program the load check left
+/// loaded; it loads whatever IPVS's state, so the verifier is checked on every kernel).
+fn ipvs_check(read: Result<ipvs::TcpTimeout, ipvs::TimeoutError>, hz: u32) -> Check {
     let services = match ipvs::tcp_services(Path::new("/proc")) {
         Ok(Some(services)) if services.fwmark => {
             "/proc/1/net/ip_vs lists a firewall-mark service: IPVS's timeout applies to every \
@@ -400,13 +403,13 @@ fn ipvs(session: &Session) -> Check {
         Ok(None) => "no TCP service in /proc/1/net/ip_vs".to_owned(),
         Err(e) => format!("/proc/1/net/ip_vs unreadable: {e}"),
     };
-    match session.ipvs_tcp_timeout() {
+    match read {
         Ok(ipvs::TcpTimeout::Jiffies(jiffies)) => Check::ok(
             "ipvs",
             format!(
                 "TCP established timeout {} s in the host's network namespace, read by the IPVS \
                  program ({jiffies} jiffies); {services}",
-                f64::from(jiffies) / f64::from(session.hz)
+                f64::from(jiffies) / f64::from(hz)
             ),
         ),
         Ok(ipvs::TcpTimeout::NotLoaded) => Check::ok(
@@ -430,10 +433,12 @@ fn ipvs(session: &Session) -> Check {
     }
 }
 
-fn load(session: &Session) -> Check {
+/// The load check, and the IPVS program it loaded (kept for [`ipvs_check`]).
+fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
     // Nothing is read from the ring buffer: the smallest size the kernel accepts.
     match session.load(MIN_RING_BUFFER_BYTES, CloseReports::KeepaliveOn) {
         Ok(mut kernel) => {
+            let ipvs_program = kernel.ipvs.take();
             let attached = kernel.hooks.iter().filter(|s| s.attached).count();
             let mut audited = false;
             let audit = match kernel.audit.take() {
@@ -480,7 +485,7 @@ fn load(session: &Session) -> Check {
             );
             // Dropping the programs detaches them.
             drop(kernel);
-            Check::new(
+            let check = Check::new(
                 "load",
                 status,
                 detail,
@@ -489,13 +494,17 @@ fn load(session: &Session) -> Check {
                      for one it refused, `dmesg` and the verifier log above say why."
                         .to_owned()
                 }),
-            )
+            );
+            (check, ipvs_program)
         }
-        Err(err) => Check::new(
-            "load",
-            Status::Fail,
-            err.to_string(),
-            Some("The kernel refused the programs: run as root, check `dmesg` and the verifier log above.".to_owned()),
+        Err(err) => (
+            Check::new(
+                "load",
+                Status::Fail,
+                err.to_string(),
+                Some("The kernel refused the programs: run as root, check `dmesg` and the verifier log above.".to_owned()),
+            ),
+            None,
         ),
     }
 }

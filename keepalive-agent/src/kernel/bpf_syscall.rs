@@ -53,14 +53,21 @@ struct TestRunAttr {
     cpu: u32,
 }
 
+/// A test run the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("BPF_PROG_TEST_RUN on a raw tracepoint program (Linux 5.10+): {0}")]
+pub(crate) struct TestRunError(#[source] io::Error);
+
 /// Runs a raw tracepoint program once with `BPF_PROG_TEST_RUN` (Linux 5.10+), in the caller's
 /// context, with no input: programs that take their question from a map and answer in it.
-pub(crate) fn test_run(program: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn test_run(program: BorrowedFd<'_>) -> Result<(), TestRunError> {
     let mut attr = TestRunAttr {
         prog_fd: program.as_raw_fd() as u32,
         ..TestRunAttr::default()
     };
     // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix of the size passed, alive for
     // the call; a raw tracepoint test run reads no other memory (no context, no data).
-    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.map(drop)
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }
+        .map(drop)
+        .map_err(TestRunError)
 }

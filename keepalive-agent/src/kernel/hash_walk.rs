@@ -4,7 +4,7 @@
 //! continuing where the last one stopped ([`AuditCursor`]). What a walk does with the records
 //! is `crate::audit::walk`.
 
-use std::{io, os::fd::AsFd as _};
+use std::os::fd::AsFd as _;
 
 use aya::{
     Ebpf,
@@ -14,7 +14,7 @@ use aya::{
 use keepalive_ebpf::{AuditCursor, names};
 
 use crate::kernel::{
-    bpf_syscall::test_run,
+    bpf_syscall::{TestRunError, test_run},
     maps::{TakeMapError, take_map},
 };
 
@@ -75,11 +75,8 @@ pub(crate) enum RunError {
     SetCursor(#[source] aya::maps::MapError),
     #[error("reading the audit cursor: {0}")]
     GetCursor(#[source] aya::maps::MapError),
-    #[error(
-        "running the audit program (BPF_PROG_TEST_RUN on a raw tracepoint program, Linux 5.10+): \
-         {0}"
-    )]
-    TestRun(#[source] io::Error),
+    #[error("running the audit program: {0}")]
+    TestRun(#[source] TestRunError),
 }
 
 impl HashWalk {

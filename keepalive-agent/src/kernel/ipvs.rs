@@ -1,7 +1,7 @@
 //! Whether the node balances TCP connections with IPVS (kube-proxy in IPVS mode): then IPVS is a
 //! middlebox with an idle timeout on every connection to a Service, and its threshold applies.
 //! Its configured TCP timeout (kube-proxy's `--ipvs-tcp-timeout`) is read from the kernel by
-//! the IPVS program ([`tcp_timeout`]).
+//! the IPVS program ([`IpvsProgram`]).
 
 use std::{
     collections::HashSet,
@@ -21,7 +21,7 @@ use keepalive_ebpf::{IpvsQuery, ipvs_status, names};
 use crate::{
     files::{self, cap},
     kernel::{
-        bpf_syscall::test_run,
+        bpf_syscall::{TestRunError, test_run},
         layout::{self, LayoutError, ipvs::IpvsLayout},
         maps::{TakeMapError, take_map},
         programs::ProgramsError,
@@ -111,11 +111,8 @@ pub(crate) enum TimeoutError {
     Map(#[from] TakeMapError),
     #[error("the IPVS program's answer: {0}")]
     Answer(#[source] aya::maps::MapError),
-    #[error(
-        "running the IPVS program (BPF_PROG_TEST_RUN on a raw tracepoint program, Linux 5.10+): \
-         {0}"
-    )]
-    TestRun(#[source] io::Error),
+    #[error("running the IPVS program: {0}")]
+    TestRun(#[source] TestRunError),
     #[error(
         "the ip_vs module is loaded but the kernel has no BTF for it ({path} is missing: modules \
          carry BTF from Linux 5.11, with CONFIG_DEBUG_INFO_BTF_MODULES)",
@@ -155,14 +152,24 @@ pub(crate) enum TcpTimeout {
 pub(crate) struct IpvsProgram {
     program: ProgramFd,
     query: Array<MapData, IpvsQuery>,
-    /// Resolved at the first read that found IPVS loaded; a module's layout does not change.
-    question: Option<IpvsQuery>,
+    /// What the kernel's and the module's BTF said, once it cannot change until a reboot: the
+    /// question, or that there is none to ask. Not kept while the module is not loaded.
+    resolved: Option<Resolved>,
+}
+
+/// A lasting answer of the BTF ([`IpvsProgram::resolved`]).
+#[derive(Debug, Clone, Copy)]
+enum Resolved {
+    Question(IpvsQuery),
+    NotBuilt,
+    /// Loaded without BTF of its own: 5.10, before CONFIG_DEBUG_INFO_BTF_MODULES.
+    NoModuleBtf,
 }
 
 impl std::fmt::Debug for IpvsProgram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IpvsProgram")
-            .field("question", &self.question)
+            .field("resolved", &self.resolved)
             .finish_non_exhaustive()
     }
 }
@@ -184,30 +191,36 @@ impl IpvsProgram {
         Ok(Self {
             program,
             query,
-            question: None,
+            resolved: None,
         })
     }
 
-    /// IPVS's TCP established timeout in the host's namespace now. The first read that finds
-    /// the module loaded parses the kernel's and the module's BTF (blocking, tens of MiB).
+    /// IPVS's TCP established timeout in the host's namespace now. Until the BTF has given a
+    /// lasting answer, each read parses the kernel's and the module's BTF (blocking, tens of
+    /// MiB); after, a read is one test run.
     pub(crate) fn read(&mut self) -> Result<TcpTimeout, TimeoutError> {
-        let question = match self.question {
-            Some(question) => question,
+        let resolved = match self.resolved {
+            Some(resolved) => resolved,
             None => {
                 let vmlinux = layout::read_vmlinux_btf().map_err(TimeoutError::KernelBtf)?;
-                let resolved = query(&vmlinux);
+                let found = query(&vmlinux);
                 drop(vmlinux);
                 crate::kernel::release_freed_memory();
-                match resolved? {
-                    IpvsLayout::NotBuilt => return Ok(TcpTimeout::NotBuilt),
-                    // Loaded without BTF of its own: 5.10, before CONFIG_DEBUG_INFO_BTF_MODULES.
+                let resolved = match found? {
+                    IpvsLayout::NotBuilt => Resolved::NotBuilt,
                     IpvsLayout::NotLoaded if Path::new(MODULE_SYSFS).exists() => {
-                        return Err(TimeoutError::NoModuleBtf);
+                        Resolved::NoModuleBtf
                     }
                     IpvsLayout::NotLoaded => return Ok(TcpTimeout::NotLoaded),
-                    IpvsLayout::Query(question) => *self.question.insert(question),
-                }
+                    IpvsLayout::Query(question) => Resolved::Question(question),
+                };
+                *self.resolved.insert(resolved)
             }
+        };
+        let question = match resolved {
+            Resolved::Question(question) => question,
+            Resolved::NotBuilt => return Ok(TcpTimeout::NotBuilt),
+            Resolved::NoModuleBtf => return Err(TimeoutError::NoModuleBtf),
         };
         self.query
             .set(0, question, 0)
