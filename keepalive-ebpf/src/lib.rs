@@ -19,8 +19,10 @@ pub mod names {
     pub const KEEPALIVE_RST_REASON_GLOBAL: &str = "KEEPALIVE_RST_REASON";
     /// [`super::KernelOffsets::snapshot_regions`]: the parts of a socket the snapshot copies.
     pub const SNAPSHOT_REGIONS_GLOBAL: &str = "SNAPSHOT_REGIONS";
-    /// Bytes of unread records past which a submit wakes the agent (see `socket::emit`).
-    pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+    /// [`super::KernelOffsets::expiry_regions`]: the parts a keepalive expiry copies.
+    pub const EXPIRY_REGIONS_GLOBAL: &str = "EXPIRY_REGIONS";
+    /// Records a CPU submits without waking the agent before one wakes it (see `socket::emit`).
+    pub const WAKEUP_RECORDS_GLOBAL: &str = "WAKEUP_RECORDS";
     /// 1: closes of connections without `SO_KEEPALIVE` are sent to the agent too.
     pub const REPORT_KEEPALIVE_OFF_GLOBAL: &str = "REPORT_KEEPALIVE_OFF";
     /// The smallest node-wide middlebox idle timeout in jiffies (0 = none; one `u32`, rewritten
@@ -168,6 +170,10 @@ kernel_offsets! {
     /// `inet_sock.inet_sport` (network order). Not `skc_num`: `inet_put_port` zeroes that before
     /// the `TCP_CLOSE` tracepoint fires (`inet_sk_state_store` runs after the unhash).
     inet_sport: "inet_sock.inet_sport", Int(2);
+    /// `sock_common.skc_num`, the local port in host order: with `skc_daddr` and `skc_dport`
+    /// in the first 16 bytes of the socket, so a keepalive expiry's exit checks the
+    /// connection with one read (it falls back to `inet_sport` when `skc_num` is 0).
+    skc_num: "sock.__sk_common.skc_num", Int(2);
     sk_protocol: "sock.sk_protocol", Int(2);
     sk_err: "sock.sk_err", Int(4);
     sk_err_soft: "sock.sk_err_soft", Int(4);
@@ -316,24 +322,66 @@ impl KernelOffsets {
         ]
     }
 
-    /// The parts of the socket the snapshot copies, one `bpf_probe_read_kernel` each: the
-    /// fields (and the two pointers) sorted and merged where less than [`REGION_GAP_BYTES`]
-    /// apart, then the closest neighbours merged until at most [`SNAPSHOT_REGIONS`] remain.
-    /// Unused entries are 0.
+    /// The fields a keepalive expiry's record needs ([`ExpiryRecord`]) and its probe detection
+    /// (`segs_out`, `packets_out`, `write_seq`, `snd_nxt`): [`Self::snapshot_fields`] without
+    /// the close's and the audit's timestamps, errors and window, which lie in other parts of
+    /// the socket and would cost the expiry more reads.
+    pub fn expiry_fields(&self) -> [(u32, u32); 19] {
+        [
+            (self.skc_daddr, 4),
+            (self.skc_rcv_saddr, 4),
+            (self.skc_dport, 2),
+            (self.skc_family, 2),
+            (self.skc_state, 1),
+            (self.skc_flags, 8),
+            (self.skc_net, 8),
+            (self.skc_v6_daddr, 16),
+            (self.skc_v6_rcv_saddr, 16),
+            (self.inet_sport, 2),
+            (self.icsk_probes_out, 1),
+            (self.icsk_user_timeout, 4),
+            (self.tcp_keepalive_time, 4),
+            (self.tcp_keepalive_intvl, 4),
+            (self.tcp_keepalive_probes, 1),
+            (self.tcp_packets_out, 4),
+            (self.tcp_segs_out, 4),
+            (self.tcp_write_seq, 4),
+            (self.tcp_snd_nxt, 4),
+        ]
+    }
+
+    /// The parts of the socket the snapshot copies, one `bpf_probe_read_kernel` each (see
+    /// [`Self::regions_of`]).
+    pub fn snapshot_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
+        self.regions_of(&self.snapshot_fields())
+    }
+
+    /// The parts a keepalive expiry copies: [`Self::expiry_fields`]'s regions.
+    pub fn expiry_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
+        self.regions_of(&self.expiry_fields())
+    }
+
+    /// `fields` (and the two pointers every snapshot follows, `sk_cgroup` and `sk_socket`, and
+    /// `sk_ino`) sorted and merged where less than [`REGION_GAP_BYTES`] apart, then the closest
+    /// neighbours merged until at most [`SNAPSHOT_REGIONS`] remain. Unused entries are 0.
     /// Each copy lands at its offset in the per-CPU buffer, so fields load from their own
     /// offsets.
-    pub fn snapshot_regions(&self) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
-        let mut spans = [(0u32, 0u32); 30];
-        for (i, (offset, size)) in self.snapshot_fields().into_iter().enumerate() {
-            spans[i] = (offset, offset + size);
+    fn regions_of(&self, fields: &[(u32, u32)]) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
+        const MAX_SPANS: usize = 30;
+        let mut spans = [(0u32, 0u32); MAX_SPANS];
+        let mut used = 0;
+        for &(offset, size) in fields.iter().take(MAX_SPANS - 3) {
+            spans[used] = (offset, offset + size);
+            used += 1;
         }
-        spans[27] = (self.sk_cgroup, self.sk_cgroup + 8);
-        spans[28] = (self.sk_socket, self.sk_socket + 8);
+        spans[used] = (self.sk_cgroup, self.sk_cgroup + 8);
+        spans[used + 1] = (self.sk_socket, self.sk_socket + 8);
         // Without `sk_ino`, a repeat of `sk_socket`, merged away below.
-        spans[29] = match self.sk_ino {
-            0 => spans[28],
+        spans[used + 2] = match self.sk_ino {
+            0 => spans[used + 1],
             ino => (ino, ino + 8),
         };
+        let spans = &mut spans[..used + 3];
         // Insertion sort: no_std, 30 entries.
         for i in 1..spans.len() {
             let mut j = i;
@@ -343,9 +391,9 @@ impl KernelOffsets {
             }
         }
         // Merge what overlaps or lies closer than REGION_GAP_BYTES...
-        let mut merged = [(0u32, 0u32); 30];
+        let mut merged = [(0u32, 0u32); MAX_SPANS];
         let mut count = 0;
-        for &(start, end) in &spans {
+        for &(start, end) in spans.iter() {
             if count > 0 && start <= merged[count - 1].1 + REGION_GAP_BYTES {
                 if end > merged[count - 1].1 {
                     merged[count - 1].1 = end;

@@ -2,7 +2,7 @@
 //! socket snapshot, and the ring buffer with its loss counter.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_jiffies64, bpf_ktime_get_ns,
         generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use keepalive_ebpf::{
     AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
-    RecordKind, SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
+    SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
     SocketRecord, Uncounted, record_flags,
 };
 
@@ -35,10 +35,15 @@ pub(crate) static RESERVE_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_ent
 /// `SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT`, or `u32::MAX` before 6.12 (no active-reset reasons).
 #[unsafe(no_mangle)]
 pub(crate) static KEEPALIVE_RST_REASON: u32 = u32::MAX;
-/// Unread bytes past which a submit wakes the agent; below it records wait for the agent's
-/// poll timer. Written by the agent before load (a quarter of the ring).
+/// Records a CPU submits without waking the agent before the next one wakes it; until then
+/// records wait for the agent's poll timer. Written by the agent before load: a quarter of the
+/// ring in the largest records, shared by the CPUs.
 #[unsafe(no_mangle)]
-pub(crate) static WAKEUP_BYTES: u64 = 0;
+pub(crate) static WAKEUP_RECORDS: u64 = 1;
+
+/// Per CPU: records submitted since this CPU last woke the agent.
+#[map]
+static UNWOKEN_RECORDS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// 0: a close of a connection without `SO_KEEPALIVE` is counted in `NETNS_COUNTERS` and not
 /// sent to the agent (it never probed, so no per-connection state of the agent waits for it);
@@ -182,6 +187,10 @@ pub(crate) fn read<T>(base: *const u8, offset: usize) -> Result<T, i64> {
 #[unsafe(no_mangle)]
 pub(crate) static SNAPSHOT_REGIONS: [SnapshotRegion; SNAPSHOT_REGION_COUNT] =
     [SnapshotRegion { start: 0, len: 0 }; SNAPSHOT_REGION_COUNT];
+/// `KernelOffsets::expiry_regions`, written by the agent before load.
+#[unsafe(no_mangle)]
+pub(crate) static EXPIRY_REGIONS: [SnapshotRegion; SNAPSHOT_REGION_COUNT] =
+    [SnapshotRegion { start: 0, len: 0 }; SNAPSHOT_REGION_COUNT];
 
 /// A per-CPU copy of the start of a socket, so the snapshot costs one helper call instead of one
 /// per field. Two per CPU: a program in process context (a `close()`) can be interrupted by a
@@ -246,7 +255,7 @@ pub(crate) fn read_or_zero<T: Copy>(base: *const u8, offset: usize) -> (T, bool)
 /// of the whole 2.3 KiB), then the namespace's fields and the owner's ids.
 #[inline(always)]
 pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64> {
-    snapshot_then(sk, rec, |_| ())
+    snapshot_then::<true, _>(sk, rec, |_| ())
 }
 
 /// What the keepalive timer's entry needs besides the record, taken from the snapshot's copy
@@ -258,30 +267,31 @@ pub(crate) struct SendState {
     pub(crate) unsent: bool,
 }
 
-/// [`snapshot`], and the [`SendState`] from the same copy. Only the timer asks for it: the
-/// audit walk's program, given even unused extra loads, was laid out with a loop head after its
-/// latch, which the 5.10 and 6.1 verifiers refuse ("back-edge").
+/// What a keepalive expiry needs of the socket (`KernelOffsets::expiry_fields`, copied by
+/// `EXPIRY_REGIONS`), and the [`SendState`] from the same copy. The record's other fields
+/// (timestamps, errors, window, conntrack timeout) are left as they are: its
+/// `ExpiryRecord` does not carry them. Only the timer asks for it: the audit walk's program,
+/// given even unused extra loads, was laid out with a loop head after its latch, which the 5.10
+/// and 6.1 verifiers refuse ("back-edge").
 #[inline(always)]
-pub(crate) fn snapshot_with_send_state(
-    sk: *const u8,
-    rec: &mut SocketRecord,
-) -> Result<SendState, i64> {
-    snapshot_then(sk, rec, |c| SendState {
+pub(crate) fn expiry_snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<SendState, i64> {
+    snapshot_then::<false, _>(sk, rec, |c| SendState {
         segs_out: field::<u32>(c, offset!(tcp_segs_out)),
         unsent: field::<u32>(c, offset!(tcp_write_seq)) != field::<u32>(c, offset!(tcp_snd_nxt)),
     })
 }
 
-/// Takes a per-CPU copy, snapshots the socket through it, lets `then` load more fields from the
-/// filled copy, and releases the copy.
+/// Takes a per-CPU copy, snapshots the socket through it (every field when `FULL`, else a
+/// keepalive expiry's), lets `then` load more fields from the filled copy, and releases the
+/// copy.
 #[inline(always)]
-fn snapshot_then<T>(
+fn snapshot_then<const FULL: bool, T>(
     sk: *const u8,
     rec: &mut SocketRecord,
     then: impl FnOnce(*const u8) -> T,
 ) -> Result<T, i64> {
     let copy = take_copy().ok_or(EBUSY)?;
-    let result = snapshot_from_copy(sk, copy, rec).map(|()| {
+    let result = snapshot_from_copy::<FULL>(sk, copy, rec).map(|()| {
         // SAFETY: `copy` is our per-CPU slot, filled above and not yet released.
         then(unsafe { (&raw const (*copy).bytes).cast::<u8>() })
     });
@@ -300,6 +310,8 @@ pub(crate) trait SockFields: Copy {
     fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64>;
     /// The socket's address, for the record.
     fn sk(self) -> u64;
+    /// The namespace's `sysctl_tcp_keepalive_{time,intvl,probes}`.
+    fn keepalive_sysctls(self, net: *const u8) -> Result<(u32, u32, u8), i64>;
 }
 
 /// The per-CPU copy of the socket's regions, which sit at their own offsets in it.
@@ -322,6 +334,23 @@ impl SockFields for Copied {
     #[inline(always)]
     fn sk(self) -> u64 {
         self.sk as u64
+    }
+    /// One read where the three lie together (`time`, `intvl`, `probes`, as in every kernel's
+    /// `netns_ipv4` so far): through a plain number each is a helper call.
+    #[inline(always)]
+    fn keepalive_sysctls(self, net: *const u8) -> Result<(u32, u32, u8), i64> {
+        let time = offset!(net_keepalive_time);
+        if offset!(net_keepalive_intvl) == time + 4 && offset!(net_keepalive_probes) == time + 8 {
+            let [time, intvl, probes] = read::<[u32; 3]>(net, time)?;
+            // `probes` is a u8: the low byte of its little-endian word.
+            Ok((time, intvl, probes as u8))
+        } else {
+            Ok((
+                read::<u32>(net, time)?,
+                read::<u32>(net, offset!(net_keepalive_intvl))?,
+                read::<u8>(net, offset!(net_keepalive_probes))?,
+            ))
+        }
     }
 }
 
@@ -349,6 +378,15 @@ impl SockFields for Typed {
     #[inline(always)]
     fn sk(self) -> u64 {
         self.0 as u64
+    }
+    /// Three checked loads: one load spanning the three members would be refused.
+    #[inline(always)]
+    fn keepalive_sysctls(self, net: *const u8) -> Result<(u32, u32, u8), i64> {
+        Ok((
+            self.follow::<u32>(net, offset!(net_keepalive_time))?,
+            self.follow::<u32>(net, offset!(net_keepalive_intvl))?,
+            self.follow::<u8>(net, offset!(net_keepalive_probes))?,
+        ))
     }
 }
 
@@ -459,13 +497,13 @@ fn defrag_users(c: impl SockFields, net: *const u8, at: usize) -> u32 {
 /// [`snapshot`] without a copy, from a BTF-typed `struct tcp_sock *`.
 #[inline(always)]
 pub(crate) fn snapshot_typed(tp: Typed, rec: &mut SocketRecord) -> Result<(), i64> {
-    fill_record(tp, rec)
+    fill_record::<true>(tp, rec)
 }
 
 // A call of its own: inlined into the close program its temporaries would push that program's
 // stack past BPF's 512 bytes (LLVM does not share stack slots across inlined scopes well).
 #[inline(never)]
-fn snapshot_from_copy(
+fn snapshot_from_copy<const FULL: bool>(
     sk: *const u8,
     copy: *mut SockCopy,
     rec: &mut SocketRecord,
@@ -477,7 +515,13 @@ fn snapshot_from_copy(
     macro_rules! copy_region {
         ($i:literal) => {{
             // SAFETY: read of our own static (see `offset!`).
-            let region = unsafe { core::ptr::read_volatile(&raw const SNAPSHOT_REGIONS[$i]) };
+            let region = unsafe {
+                if FULL {
+                    core::ptr::read_volatile(&raw const SNAPSHOT_REGIONS[$i])
+                } else {
+                    core::ptr::read_volatile(&raw const EXPIRY_REGIONS[$i])
+                }
+            };
             if region.len != 0 {
                 let at = region.start as usize;
                 // SAFETY: bpf_probe_read_kernel copes with any source address; TCP sockets
@@ -504,7 +548,7 @@ fn snapshot_from_copy(
     copy_region!(5);
     copy_region!(6);
     copy_region!(7);
-    fill_record(
+    fill_record::<FULL>(
         Copied {
             sk,
             copy: c.cast_const(),
@@ -513,10 +557,11 @@ fn snapshot_from_copy(
     )
 }
 
-/// The record's socket fields, then the namespace's and the owner's through their pointers.
+/// The record's socket fields, then the namespace's and the owner's through their pointers:
+/// all of them when `FULL`, else a keepalive expiry's (`KernelOffsets::expiry_fields`).
 // Not inlined, for the close program's stack (see `snapshot_from_copy`).
 #[inline(never)]
-fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
+fn fill_record<const FULL: bool>(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
     rec.sk = c.sk();
     // SAFETY: helpers without preconditions.
     rec.ktime_ns = unsafe { bpf_ktime_get_ns() };
@@ -553,9 +598,6 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
     let net = c.load::<u64>(offset!(skc_net)) as *const u8;
     rec.netns = c.follow::<u32>(net, offset!(net_ns_inum))?;
     store_netns_cookie(c, net, &raw mut rec.netns_cookie);
-    rec.sysctl_keepalive_time = c.follow::<u32>(net, offset!(net_keepalive_time))?;
-    rec.sysctl_keepalive_intvl = c.follow::<u32>(net, offset!(net_keepalive_intvl))?;
-    rec.sysctl_keepalive_probes = c.follow::<u8>(net, offset!(net_keepalive_probes))?;
 
     let sk_flags = c.load::<u64>(offset!(skc_flags));
     rec.flags = 0;
@@ -568,22 +610,39 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
     rec.probes_out_before = c.load::<u8>(offset!(icsk_probes_out));
     rec.probes_out_after = rec.probes_out_before;
     rec.user_timeout_ms = c.load::<u32>(offset!(icsk_user_timeout));
-    rec.lrcvtime = c.load::<u32>(offset!(icsk_ack_lrcvtime));
     rec.keepalive_time = c.load::<u32>(offset!(tcp_keepalive_time));
     rec.keepalive_intvl = c.load::<u32>(offset!(tcp_keepalive_intvl));
     rec.keepalive_probes = c.load::<u8>(offset!(tcp_keepalive_probes));
-    rec.rcv_tstamp = c.load::<u32>(offset!(tcp_rcv_tstamp));
-    rec.lsndtime = c.load::<u32>(offset!(tcp_lsndtime));
-    rec.retrans_stamp = c.load::<u32>(offset!(tcp_retrans_stamp));
-    rec.probes_tstamp = if offset!(icsk_probes_tstamp) != 0 {
-        c.load::<u32>(offset!(icsk_probes_tstamp))
+    // An expiry's record carries only the effective values: where the socket sets all three
+    // (as Go's dialer and many proxies do) the namespace's are not read.
+    if FULL || rec.keepalive_time == 0 || rec.keepalive_intvl == 0 || rec.keepalive_probes == 0 {
+        (
+            rec.sysctl_keepalive_time,
+            rec.sysctl_keepalive_intvl,
+            rec.sysctl_keepalive_probes,
+        ) = c.keepalive_sysctls(net)?;
     } else {
-        0
-    };
+        (
+            rec.sysctl_keepalive_time,
+            rec.sysctl_keepalive_intvl,
+            rec.sysctl_keepalive_probes,
+        ) = (0, 0, 0);
+    }
     rec.packets_out = c.load::<u32>(offset!(tcp_packets_out));
-    rec.snd_wnd = c.load::<u32>(offset!(tcp_snd_wnd));
-    rec.sk_err = c.load::<i32>(offset!(sk_err));
-    rec.sk_err_soft = c.load::<i32>(offset!(sk_err_soft));
+    if FULL {
+        rec.lrcvtime = c.load::<u32>(offset!(icsk_ack_lrcvtime));
+        rec.rcv_tstamp = c.load::<u32>(offset!(tcp_rcv_tstamp));
+        rec.lsndtime = c.load::<u32>(offset!(tcp_lsndtime));
+        rec.retrans_stamp = c.load::<u32>(offset!(tcp_retrans_stamp));
+        rec.probes_tstamp = if offset!(icsk_probes_tstamp) != 0 {
+            c.load::<u32>(offset!(icsk_probes_tstamp))
+        } else {
+            0
+        };
+        rec.snd_wnd = c.load::<u32>(offset!(tcp_snd_wnd));
+        rec.sk_err = c.load::<i32>(offset!(sk_err));
+        rec.sk_err_soft = c.load::<i32>(offset!(sk_err_soft));
+    }
     // Ownership: both optional (no cgroup data, or an orphan without a file).
     let cgroup = c.load::<u64>(offset!(sk_cgroup));
     rec.cgroup_id = c
@@ -591,11 +650,7 @@ fn fill_record(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
         .and_then(|kn| c.follow::<u64>(kn as *const u8, offset!(kernfs_node_id)))
         .unwrap_or(0);
     // Not for a keepalive expiry, which never asks for it: two more reads per expiry.
-    rec.conntrack_timeout = if rec.kind == RecordKind::KeepaliveTimer as u8 {
-        0
-    } else {
-        conntrack_timeout(c)
-    };
+    rec.conntrack_timeout = if FULL { conntrack_timeout(c) } else { 0 };
     rec.socket_ino = if offset!(sk_ino) != 0 {
         c.load::<u64>(offset!(sk_ino))
     } else {
@@ -681,15 +736,27 @@ pub(crate) fn emit_expiry(rec: &ExpiryRecord) {
 
 /// Without a flag, each submit that finds the agent caught up queues an irq_work to wake it (an
 /// interrupt a hypervisor handles, per record under churn); instead records wait for the
-/// agent's poll timer until a quarter of the ring is unread.
+/// agent's poll timer until this CPU has submitted `WAKEUP_RECORDS` of them. Counted per CPU
+/// rather than asked of the ring (`bpf_ringbuf_query`): a helper call per record, about 40 ns
+/// of every reported close and keepalive expiry, where a per-CPU slot is a few loads (an
+/// inlined lookup from 6.10).
 #[inline(always)]
 fn output<T: ?Sized>(data: &T) {
     // SAFETY: read of our own static (see `offset!`).
-    let wakeup_bytes = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= wakeup_bytes {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+    let wakeup_records = unsafe { core::ptr::read_volatile(&raw const WAKEUP_RECORDS) };
+    let flags = match UNWOKEN_RECORDS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU (a nested
+        // program on this CPU can at worst lose one count, a wakeup one record late).
+        Some(unwoken) => unsafe {
+            *unwoken += 1;
+            if *unwoken >= wakeup_records {
+                *unwoken = 0;
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            }
+        },
+        None => BPF_RB_FORCE_WAKEUP,
     };
     // bpf_ringbuf_output copies in the kernel: a copy in the program, from a record on the
     // stack, compiles to a byte loop the verifier refuses (and costs more).

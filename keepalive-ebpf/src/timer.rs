@@ -14,8 +14,8 @@ use keepalive_ebpf::{
 };
 
 use crate::socket::{
-    EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit_expiry, netns_counters, read,
-    read_or_zero, snapshot_with_send_state, uncounted,
+    EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit_expiry, expiry_snapshot, netns_counters,
+    read, read_or_zero, uncounted,
 };
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -83,7 +83,7 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
     } else {
         tctx.snapshot.kind = RecordKind::KeepaliveTimer as u8;
         tctx.snapshot.context = CloseContext::KeepaliveTimer as u8;
-        match snapshot_with_send_state(sk, &mut tctx.snapshot) {
+        match expiry_snapshot(sk, &mut tctx.snapshot) {
             Ok(send) => {
                 tctx.segs_out = send.segs_out;
                 tctx.may_probe = u8::from(!send.unsent && tctx.snapshot.packets_out == 0);
@@ -148,14 +148,10 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
     } else {
         let sk = tctx.sk as *const u8;
         // Re-read only if the slot still holds the same connection (SLAB_TYPESAFE_BY_RCU reuse).
-        let (sport, sport_ok) = read_or_zero::<u16>(sk, offset!(inet_sport));
-        let (dport, dport_ok) = read_or_zero::<u16>(sk, offset!(skc_dport));
-        let (daddr, daddr_ok) = read_or_zero::<[u8; 4]>(sk, offset!(skc_daddr));
-        let same = sport_ok
-            && dport_ok
-            && daddr_ok
-            && u16::from_be(sport) == rec.local_port
-            && u16::from_be(dport) == rec.remote_port
+        let (local_port, remote_port, daddr, head_ok) = connection(sk);
+        let same = head_ok
+            && local_port == rec.local_port
+            && remote_port == rec.remote_port
             && (rec.family != AF_INET
                 || daddr
                     == [
@@ -195,6 +191,50 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
     tctx.expiry.fill_from(&tctx.snapshot);
     emit_expiry(&tctx.expiry);
     0
+}
+
+/// The connection's local and remote port (host order), its IPv4 remote address, and whether
+/// they could be read. One read where `skc_daddr`, `skc_dport` and `skc_num` lie in the first
+/// 16 bytes of `sock_common` (every kernel so far); `skc_num` is 0 once the socket was unhashed
+/// (closed on another CPU meanwhile), and `inet_sport` still holds the port then.
+#[inline(always)]
+fn connection(sk: *const u8) -> (u16, u16, [u8; 4], bool) {
+    const HEAD: usize = 16;
+    let base = offset!(skc_daddr);
+    let (dport_at, num_at) = (offset!(skc_dport), offset!(skc_num));
+    let (local, remote, daddr, ok) = if dport_at >= base
+        && dport_at + 2 <= base + HEAD
+        && num_at >= base
+        && num_at + 2 <= base + HEAD
+    {
+        let (head, ok) = read_or_zero::<[u8; HEAD]>(sk, base);
+        // SAFETY: `i + 2 <= HEAD` (checked above; the offsets are constants to the verifier
+        // too). Not indexed: a bounds check's panic path ends without an exit, which the
+        // verifier refuses.
+        let at =
+            |i: usize| unsafe { core::ptr::read_unaligned(head.as_ptr().add(i).cast::<u16>()) };
+        (
+            at(num_at - base),
+            u16::from_be(at(dport_at - base)),
+            [head[0], head[1], head[2], head[3]],
+            ok,
+        )
+    } else {
+        let (num, num_ok) = read_or_zero::<u16>(sk, num_at);
+        let (dport, dport_ok) = read_or_zero::<u16>(sk, dport_at);
+        let (daddr, daddr_ok) = read_or_zero::<[u8; 4]>(sk, base);
+        (
+            num,
+            u16::from_be(dport),
+            daddr,
+            num_ok && dport_ok && daddr_ok,
+        )
+    };
+    if local != 0 || !ok {
+        return (local, remote, daddr, ok);
+    }
+    let (sport, sport_ok) = read_or_zero::<u16>(sk, offset!(inet_sport));
+    (u16::from_be(sport), remote, daddr, sport_ok)
 }
 
 /// Does nothing. Never attached by the agent: the benchmark (`cargo xtask bench`) attaches it

@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramError, ProgramFd},
 };
-use keepalive_ebpf::{NetnsCounters, NetnsKey, SNAPSHOT_SCRATCH_BYTES, names};
+use keepalive_ebpf::{NetnsCounters, NetnsKey, SNAPSHOT_SCRATCH_BYTES, SocketRecord, names};
 use log::{info, warn};
 
 pub use crate::kernel::hooks::{HOOKS, Hook};
@@ -225,12 +225,13 @@ pub(crate) fn open(
     // No kernel reports u32::MAX as a reset reason: the close program's comparison never
     // matches where the kernel has no keepalive reason.
     let keepalive_rst_reason = layout.rst_reason_keepalive_timeout.unwrap_or(u32::MAX);
-    let wakeup_bytes = wakeup_bytes(ring_buffer_bytes);
+    let wakeup_records = wakeup_records(ring_buffer_bytes, possible_cpus());
     let snapshot_bytes = layout.offsets.snapshot_bytes();
     if snapshot_bytes > SNAPSHOT_SCRATCH_BYTES {
         return Err(ProgramsError::SocketTooLarge(snapshot_bytes));
     }
     let snapshot_regions = layout.offsets.snapshot_regions();
+    let expiry_regions = layout.offsets.expiry_regions();
     let report_keepalive_off = u8::from(closes == CloseReports::All);
     // aya 0.14's `EbpfLoader::new` parses the kernel BTF itself; handing it ours frees that
     // copy at once, and every later program load reuses ours.
@@ -244,23 +245,38 @@ pub(crate) fn open(
             &keepalive_rst_reason,
             true,
         )
-        .override_global(names::WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(names::WAKEUP_RECORDS_GLOBAL, &wakeup_records, true)
         .override_global(
             names::REPORT_KEEPALIVE_OFF_GLOBAL,
             &report_keepalive_off,
             true,
         )
         .override_global(names::SNAPSHOT_REGIONS_GLOBAL, &snapshot_regions, true)
+        .override_global(names::EXPIRY_REGIONS_GLOBAL, &expiry_regions, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
         .load(PROGRAMS_OBJECT)
         .map_err(ProgramsError::Load)
 }
 
-/// Unread bytes at which a record wakes the agent at once: a quarter of the ring, so a burst
-/// has three quarters left while the agent wakes; below it the agent's poll timer
-/// ([`crate::record::ring_reader::POLL_INTERVAL`]) reads the records.
-pub(crate) fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
-    u64::from(ring_buffer_bytes / 4)
+/// Records each CPU submits before one wakes the agent at once: together, the CPUs have then
+/// filled at most a quarter of the ring (counting every record at the largest size, with its
+/// 8-byte header), so a burst has three quarters left while the agent wakes; below it the
+/// agent's poll timer ([`crate::record::ring_reader::POLL_INTERVAL`]) reads the records.
+pub(crate) fn wakeup_records(ring_buffer_bytes: u32, cpus: u32) -> u64 {
+    let largest = (SocketRecord::SIZE + RINGBUF_HEADER_BYTES) as u64;
+    (u64::from(ring_buffer_bytes / 4) / largest / u64::from(cpus.max(1))).max(1)
+}
+
+/// The ring buffer's header before each record (`BPF_RINGBUF_HDR_SZ`).
+const RINGBUF_HEADER_BYTES: usize = 8;
+
+/// CPUs the kernel may run programs on (each has its own count, see [`wakeup_records`]); all
+/// of them if the count cannot be read, which only makes wakeups more frequent.
+fn possible_cpus() -> u32 {
+    aya::util::nr_cpus()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(1024)
 }
 
 /// Loads the audit's walk ([`hash_walk`]).
@@ -417,6 +433,7 @@ fn spawn_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 mod tests {
     use super::*;
     use crate::kernel::layout::fixtures::fixture;
+    use keepalive_ebpf::SnapshotRegion;
 
     /// The program each hook loads with on the kernels of the matrix, from their stored BTF.
     fn programs(btf: &str) -> Vec<Option<&'static str>> {
@@ -439,27 +456,75 @@ mod tests {
         ] {
             let offsets = fixture(btf).offsets;
             assert!(offsets.snapshot_bytes() <= SNAPSHOT_SCRATCH_BYTES, "{btf}");
-            let regions = offsets.snapshot_regions();
-            let covered = |offset: u32, size: u32| {
+            let full = offsets.snapshot_regions();
+            let expiry = offsets.expiry_regions();
+            let covered = |regions: &[SnapshotRegion], offset: u32, size: u32| {
                 regions
                     .iter()
                     .any(|r| r.start <= offset && offset + size <= r.start + r.len)
             };
-            for (offset, size) in offsets.snapshot_fields() {
-                assert!(covered(offset, size), "{btf}: field at {offset} not copied");
+            for (regions, fields) in [
+                (&full, &offsets.snapshot_fields()[..]),
+                (&expiry, &offsets.expiry_fields()[..]),
+            ] {
+                for &(offset, size) in fields {
+                    assert!(
+                        covered(regions, offset, size),
+                        "{btf}: field at {offset} not copied"
+                    );
+                }
+                assert!(
+                    covered(regions, offsets.sk_cgroup, 8)
+                        && covered(regions, offsets.sk_socket, 8)
+                );
+                assert!(
+                    offsets.sk_ino == 0 || covered(regions, offsets.sk_ino, 8),
+                    "{btf}: sk_ino"
+                );
             }
-            assert!(covered(offsets.sk_cgroup, 8) && covered(offsets.sk_socket, 8));
-            assert!(
-                offsets.sk_ino == 0 || covered(offsets.sk_ino, 8),
-                "{btf}: sk_ino"
-            );
-            let bytes: u32 = regions.iter().map(|r| r.len).sum();
+            let bytes = |regions: &[SnapshotRegion]| regions.iter().map(|r| r.len).sum::<u32>();
             // Far less than the whole socket: the point of copying by region.
             assert!(
-                bytes < offsets.snapshot_bytes() / 3,
-                "{btf}: {bytes} bytes in {regions:?}"
+                bytes(&full) < offsets.snapshot_bytes() / 3,
+                "{btf}: {} bytes in {full:?}",
+                bytes(&full)
+            );
+            // An expiry copies less than a full snapshot: what it leaves out lies elsewhere.
+            assert!(
+                bytes(&expiry) < bytes(&full),
+                "{btf}: expiry {expiry:?}, full {full:?}"
+            );
+            // The exit's one read of the connection (`timer::connection`).
+            assert!(
+                offsets.skc_daddr == 0 && offsets.skc_dport + 2 <= 16 && offsets.skc_num + 2 <= 16
+            );
+            // The sysctls' one read (`Copied::keepalive_sysctls`).
+            assert_eq!(
+                (offsets.net_keepalive_intvl, offsets.net_keepalive_probes),
+                (
+                    offsets.net_keepalive_time + 4,
+                    offsets.net_keepalive_time + 8
+                ),
+                "{btf}"
             );
         }
+    }
+
+    #[test]
+    fn the_cpus_wake_the_agent_before_a_quarter_of_the_ring_is_full() {
+        let record = (SocketRecord::SIZE + RINGBUF_HEADER_BYTES) as u64;
+        for (ring, cpus) in [(1 << 20, 2), (1 << 20, 64), (1 << 24, 1), (4096, 8)] {
+            let each = wakeup_records(ring, cpus);
+            assert!(each >= 1);
+            // Every CPU one record short of waking: at most a quarter of the ring unread.
+            if each > 1 {
+                assert!((each - 1) * record * u64::from(cpus) <= u64::from(ring / 4));
+            }
+        }
+        // The default ring on two CPUs: hundreds of records per wakeup, not one.
+        assert_eq!(wakeup_records(1 << 20, 2), 744);
+        // A ring too small to share: every record wakes.
+        assert_eq!(wakeup_records(4096, 8), 1);
     }
 
     #[test]

@@ -62,7 +62,7 @@ const EXIT_NAME: &str = "timer_expire_ex";
 const CLOSE_NAME: &str = "inet_sock_set_s";
 
 fn main() -> anyhow::Result<()> {
-    let mut connections = 200usize;
+    let mut connections = 1_000usize;
     let mut seconds = 6u64;
     let mut rounds = 3usize;
     let mut churn_seconds = 2u64;
