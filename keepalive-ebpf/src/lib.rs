@@ -288,38 +288,24 @@ kernel_offsets! {
 
 impl KernelOffsets {
     /// The `struct sock`-relative fields the socket snapshot takes from its one copy of the
-    /// socket, with their sizes.
+    /// socket, with their sizes: a keepalive expiry's ([`Self::expiry_fields`]), then what only
+    /// the close's and the audit's records carry.
     pub fn snapshot_fields(&self) -> [(u32, u32); 27] {
-        [
-            (self.skc_daddr, 4),
-            (self.skc_rcv_saddr, 4),
-            (self.skc_dport, 2),
-            (self.skc_family, 2),
-            (self.skc_state, 1),
-            (self.skc_flags, 8),
-            (self.skc_net, 8),
-            (self.skc_v6_daddr, 16),
-            (self.skc_v6_rcv_saddr, 16),
-            (self.inet_sport, 2),
+        let mut fields = [(0, 0); 27];
+        let (expiry, rest) = fields.split_at_mut(19);
+        expiry.copy_from_slice(&self.expiry_fields());
+        rest.copy_from_slice(&[
             (self.sk_err, 4),
             (self.sk_err_soft, 4),
-            (self.icsk_probes_out, 1),
-            (self.icsk_user_timeout, 4),
             (self.icsk_ack_lrcvtime, 4),
-            (self.tcp_keepalive_time, 4),
-            (self.tcp_keepalive_intvl, 4),
-            (self.tcp_keepalive_probes, 1),
             (self.tcp_rcv_tstamp, 4),
             (self.tcp_lsndtime, 4),
             (self.tcp_retrans_stamp, 4),
             // Absent (0), it lies inside `skc_daddr`'s span: nothing more is copied.
             (self.icsk_probes_tstamp, 4),
-            (self.tcp_packets_out, 4),
             (self.tcp_snd_wnd, 4),
-            (self.tcp_segs_out, 4),
-            (self.tcp_write_seq, 4),
-            (self.tcp_snd_nxt, 4),
-        ]
+        ]);
+        fields
     }
 
     /// The fields a keepalive expiry's record needs ([`ExpiryRecord`]) and its probe detection
