@@ -37,7 +37,9 @@ pub(crate) static RESERVE_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_ent
 pub(crate) static KEEPALIVE_RST_REASON: u32 = u32::MAX;
 /// Records a CPU submits without waking the agent before the next one wakes it; until then
 /// records wait for the agent's poll timer. Written by the agent before load: a quarter of the
-/// ring in the largest records, shared by the CPUs.
+/// ring in the largest records, shared by the online CPUs. The count is not reset when the
+/// agent drains on its timer, so a CPU may wake it with less unread: one wakeup per this many
+/// records at most, against one per record without the flag.
 #[unsafe(no_mangle)]
 pub(crate) static WAKEUP_RECORDS: u64 = 1;
 
@@ -746,7 +748,8 @@ fn output<T: ?Sized>(data: &T) {
     let wakeup_records = unsafe { core::ptr::read_volatile(&raw const WAKEUP_RECORDS) };
     let flags = match UNWOKEN_RECORDS.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU (a nested
-        // program on this CPU can at worst lose one count, a wakeup one record late).
+        // program on this CPU can at worst lose or repeat one count: a wakeup one record late
+        // or early).
         Some(unwoken) => unsafe {
             *unwoken += 1;
             if *unwoken >= wakeup_records {

@@ -3,8 +3,9 @@
 //! closes the event stream after its last event, and exits 0.
 //!
 //! The drops are made right before the signal. The agent reads the ring buffer every 50 ms
-//! unless a quarter of it is full, so when the signal arrives the records of the last drops
-//! are still in the ring: without the final drain their events are missing from the file.
+//! unless a CPU has written its share of a quarter of the ring since it last woke the agent,
+//! so when the signal arrives the records of the last drops are still in the ring: without the
+//! final drain their events are missing from the file.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -22,8 +23,9 @@ use serde_json::Value;
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// Connections aborted just before the signal: two drop records each (the server's
-/// `local_abort`, the client's `reset_received`), far below the quarter of the default ring
-/// (4 MiB) that would wake the agent.
+/// `local_abort`, the client's `reset_received`), far below the records per CPU that would wake
+/// the agent (a quarter of the default 4 MiB ring in 176-byte records, shared by the CPUs:
+/// 2 978 each on 2 CPUs; the programs' count starts at 0 with the agent).
 const CONNECTIONS: usize = 300;
 
 /// The events file, removed on drop.

@@ -225,7 +225,7 @@ pub(crate) fn open(
     // No kernel reports u32::MAX as a reset reason: the close program's comparison never
     // matches where the kernel has no keepalive reason.
     let keepalive_rst_reason = layout.rst_reason_keepalive_timeout.unwrap_or(u32::MAX);
-    let wakeup_records = wakeup_records(ring_buffer_bytes, possible_cpus());
+    let wakeup_records = wakeup_records(ring_buffer_bytes, program_cpus());
     let snapshot_bytes = layout.offsets.snapshot_bytes();
     if snapshot_bytes > SNAPSHOT_SCRATCH_BYTES {
         return Err(ProgramsError::SocketTooLarge(snapshot_bytes));
@@ -270,12 +270,19 @@ pub(crate) fn wakeup_records(ring_buffer_bytes: u32, cpus: u32) -> u64 {
 /// The ring buffer's header before each record (`BPF_RINGBUF_HDR_SZ`).
 const RINGBUF_HEADER_BYTES: usize = 8;
 
-/// CPUs the kernel may run programs on (each has its own count, see [`wakeup_records`]); all
-/// of them if the count cannot be read, which only makes wakeups more frequent.
-fn possible_cpus() -> u32 {
-    aya::util::nr_cpus()
+/// CPUs running programs now (each has its own count, see [`wakeup_records`]). Online, not
+/// possible: a VM with room for hot-plugged CPUs lists far more possible CPUs than it runs,
+/// which would wake the agent every few records; a CPU brought online later only lets the
+/// ring fill a little past a quarter before a wakeup. The possible CPUs if the online list
+/// cannot be read, and 1024 if neither can, which only makes wakeups more frequent.
+fn program_cpus() -> u32 {
+    let count = aya::util::online_cpus()
+        .map(|cpus| cpus.len())
+        .or_else(|_| aya::util::nr_cpus());
+    count
         .ok()
         .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n > 0)
         .unwrap_or(1024)
 }
 
@@ -521,8 +528,10 @@ mod tests {
                 assert!((each - 1) * record * u64::from(cpus) <= u64::from(ring / 4));
             }
         }
-        // The default ring on two CPUs: hundreds of records per wakeup, not one.
+        // `watch`'s default ring and `run`'s on two CPUs: hundreds or thousands of records per
+        // wakeup, not one.
         assert_eq!(wakeup_records(1 << 20, 2), 744);
+        assert_eq!(wakeup_records(4 << 20, 2), 2978);
         // A ring too small to share: every record wakes.
         assert_eq!(wakeup_records(4096, 8), 1);
     }

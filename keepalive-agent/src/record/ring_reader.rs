@@ -1,12 +1,14 @@
-//! Drains the kernel's ring buffer: when the kernel wakes the agent (a quarter of the ring
-//! unread), and on a short timer otherwise; at shutdown, what the ring still holds.
+//! Drains the kernel's ring buffer: when the kernel wakes the agent (a CPU has submitted its
+//! share of a quarter of the ring since it last did), and on a short timer otherwise; at
+//! shutdown, what the ring still holds.
 
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch, time::Instant};
 
-/// The programs submit with `BPF_RB_NO_WAKEUP` below the wake-up fill level, so a quiet
+/// The programs submit with `BPF_RB_NO_WAKEUP` between wakeups (see
+/// [`crate::kernel::programs::wakeup_records`]), so a quiet
 /// stretch's records wait at most this long: the latency added to a detection, against one
 /// wakeup (an irq_work, and the agent's thread switch) per record under connection churn.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
