@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{RwLock, RwLockReadGuard, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
@@ -24,6 +24,22 @@ const INTVL: i32 = 1;
 const CNT: i32 = 3;
 
 type TestResult = anyhow::Result<()>;
+
+/// Loopback's receive backlog is per CPU and shared by every namespace: the burst test's 2 000
+/// keepalive timers fire in the same jiffy, and their probes and ACKs (then 4 000 closes)
+/// overflow it, dropping whatever another test sent through loopback on that CPU meanwhile. A
+/// blackholed client's abort RST lost that way left its server open, and the field-by-field
+/// test waiting for it failed in CI. The burst test runs alone; the tests whose checks need
+/// every segment delivered hold this shared.
+static LOOPBACK: RwLock<()> = RwLock::new(());
+
+/// Shares loopback with the other tests that need every segment delivered.
+fn loopback_shared() -> RwLockReadGuard<'static, ()> {
+    // A test that panicked while holding it left nothing to clean up.
+    LOOPBACK
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// A file name of its own in the temp directory, removed on drop (with its rotated copy).
 struct TempPath(PathBuf);
@@ -179,6 +195,7 @@ fn blackholed(ns: &Netns) -> anyhow::Result<(TcpPair, keepalive_tests::NftRule, 
 #[test]
 fn event_stream_reports_timeout_reset_and_answered_streaks_field_by_field() -> TestResult {
     let test = "event_stream_reports_timeout_reset_and_answered_streaks_field_by_field";
+    let _loopback = loopback_shared();
     let path = TempPath::new("fields");
     let Some(env) = TestEnv::start_with_agent_args(test, &["--events", path.str()]) else {
         return Ok(());
@@ -323,6 +340,7 @@ fn abort(pair: TcpPair) -> anyhow::Result<Conn> {
 #[test]
 fn events_file_is_reopened_on_sighup_after_rotation() -> TestResult {
     let test = "events_file_is_reopened_on_sighup_after_rotation";
+    let _loopback = loopback_shared();
     let path = TempPath::new("rotation");
     let Some(env) = TestEnv::start_with_agent_args(test, &["--events", path.str()]) else {
         return Ok(());
@@ -558,6 +576,7 @@ fn shows(line: &str, conn: &Conn) -> bool {
 #[test]
 fn watch_shows_each_probe_then_the_keepalive_timeout_for_its_namespace_only() -> TestResult {
     let test = "watch_shows_each_probe_then_the_keepalive_timeout_for_its_namespace_only";
+    let _loopback = loopback_shared();
     if !kernel_tests_enabled(test) {
         return Ok(());
     }
@@ -638,6 +657,9 @@ fn lost_count(line: &str) -> Option<u64> {
 #[test]
 fn watch_reports_the_events_a_full_ring_buffer_lost() -> TestResult {
     let test = "watch_reports_the_events_a_full_ring_buffer_lost";
+    let _alone = LOOPBACK
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if !kernel_tests_enabled(test) {
         return Ok(());
     }
