@@ -354,9 +354,14 @@ impl KernelOffsets {
     /// offsets.
     fn regions_of(&self, fields: &[(u32, u32)]) -> [SnapshotRegion; SNAPSHOT_REGIONS] {
         const MAX_SPANS: usize = 30;
+        // The three pointers take the last slots; no field may be left out.
+        assert!(
+            fields.len() <= MAX_SPANS - 3,
+            "more snapshot fields than spans"
+        );
         let mut spans = [(0u32, 0u32); MAX_SPANS];
         let mut used = 0;
-        for &(offset, size) in fields.iter().take(MAX_SPANS - 3) {
+        for &(offset, size) in fields {
             spans[used] = (offset, offset + size);
             used += 1;
         }

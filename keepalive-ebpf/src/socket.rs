@@ -312,8 +312,21 @@ pub(crate) trait SockFields: Copy {
     fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64>;
     /// The socket's address, for the record.
     fn sk(self) -> u64;
-    /// The namespace's `sysctl_tcp_keepalive_{time,intvl,probes}`.
-    fn keepalive_sysctls(self, net: *const u8) -> Result<(u32, u32, u8), i64>;
+    /// The namespace's `sysctl_tcp_keepalive_{time,intvl,probes}`: [`each_keepalive_sysctl`].
+    #[inline(always)]
+    fn keepalive_sysctls(self, net: *const u8) -> Result<(u32, u32, u8), i64> {
+        each_keepalive_sysctl(self, net)
+    }
+}
+
+/// The namespace's `sysctl_tcp_keepalive_{time,intvl,probes}`, one [`SockFields::follow`] each.
+#[inline(always)]
+fn each_keepalive_sysctl(c: impl SockFields, net: *const u8) -> Result<(u32, u32, u8), i64> {
+    Ok((
+        c.follow::<u32>(net, offset!(net_keepalive_time))?,
+        c.follow::<u32>(net, offset!(net_keepalive_intvl))?,
+        c.follow::<u8>(net, offset!(net_keepalive_probes))?,
+    ))
 }
 
 /// The per-CPU copy of the socket's regions, which sit at their own offsets in it.
@@ -338,21 +351,16 @@ impl SockFields for Copied {
         self.sk as u64
     }
     /// One read where the three lie together (`time`, `intvl`, `probes`, as in every kernel's
-    /// `netns_ipv4` so far): through a plain number each is a helper call.
+    /// `netns_ipv4` so far): through a plain number each [`Self::follow`] is a helper call.
     #[inline(always)]
     fn keepalive_sysctls(self, net: *const u8) -> Result<(u32, u32, u8), i64> {
         let time = offset!(net_keepalive_time);
-        if offset!(net_keepalive_intvl) == time + 4 && offset!(net_keepalive_probes) == time + 8 {
-            let [time, intvl, probes] = read::<[u32; 3]>(net, time)?;
-            // `probes` is a u8: the low byte of its little-endian word.
-            Ok((time, intvl, probes as u8))
-        } else {
-            Ok((
-                read::<u32>(net, time)?,
-                read::<u32>(net, offset!(net_keepalive_intvl))?,
-                read::<u8>(net, offset!(net_keepalive_probes))?,
-            ))
+        if offset!(net_keepalive_intvl) != time + 4 || offset!(net_keepalive_probes) != time + 8 {
+            return each_keepalive_sysctl(self, net);
         }
+        let [time, intvl, probes] = read::<[u32; 3]>(net, time)?;
+        // `probes` is a u8: the low byte of its little-endian word.
+        Ok((time, intvl, probes as u8))
     }
 }
 
@@ -381,15 +389,8 @@ impl SockFields for Typed {
     fn sk(self) -> u64 {
         self.0 as u64
     }
-    /// Three checked loads: one load spanning the three members would be refused.
-    #[inline(always)]
-    fn keepalive_sysctls(self, net: *const u8) -> Result<(u32, u32, u8), i64> {
-        Ok((
-            self.follow::<u32>(net, offset!(net_keepalive_time))?,
-            self.follow::<u32>(net, offset!(net_keepalive_intvl))?,
-            self.follow::<u8>(net, offset!(net_keepalive_probes))?,
-        ))
-    }
+    // `keepalive_sysctls` keeps the trait's three checked loads: one load spanning the three
+    // members would be refused.
 }
 
 /// [`conntrack_timeout`] through a BTF-typed `struct tcp_sock *`. A call of its own (a static
@@ -739,9 +740,9 @@ pub(crate) fn emit_expiry(rec: &ExpiryRecord) {
 /// Without a flag, each submit that finds the agent caught up queues an irq_work to wake it (an
 /// interrupt a hypervisor handles, per record under churn); instead records wait for the
 /// agent's poll timer until this CPU has submitted `WAKEUP_RECORDS` of them. Counted per CPU
-/// rather than asked of the ring (`bpf_ringbuf_query`): a helper call per record, about 40 ns
-/// of every reported close and keepalive expiry, where a per-CPU slot is a few loads (an
-/// inlined lookup from 6.10).
+/// rather than asked of the ring (`bpf_ringbuf_query`): that is one more helper call in every
+/// reported close and keepalive expiry, where a per-CPU slot is a few loads (an inlined lookup
+/// from 6.10).
 #[inline(always)]
 fn output<T: ?Sized>(data: &T) {
     // SAFETY: read of our own static (see `offset!`).
