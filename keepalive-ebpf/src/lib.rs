@@ -35,6 +35,9 @@ pub mod names {
     pub const NETNS_COUNTERS_FULL_MAP: &str = "NETNS_COUNTERS_FULL";
     /// Per-CPU counts of events the programs saw but could not count, by [`super::Uncounted`].
     pub const UNCOUNTED_MAP: &str = "UNCOUNTED";
+    /// BTF id of `struct tcp_sock` in the kernel's BTF, for the `bpf_rdonly_cast` kfunc (see
+    /// [`super::RDONLY_CAST_CALL`]); 0 where the programs that call it are not loaded.
+    pub const TCP_SOCK_BTF_ID_GLOBAL: &str = "TCP_SOCK_BTF_ID";
     /// The read of IPVS's TCP established timeout in the host's namespace, run on demand.
     pub const IPVS_PROGRAM: &str = "ipvs_tcp_timeout";
     /// Its question and answer ([`super::IpvsQuery`]).
@@ -446,6 +449,13 @@ pub struct SnapshotRegion {
 }
 
 /// At most this many `bpf_probe_read_kernel` calls per snapshot.
+/// The `imm` of the helper call the programs compile for the kfunc `bpf_rdonly_cast` (6.2+):
+/// Rust eBPF gets no kfunc relocation from aya 0.14, so the programs call this number, which no
+/// kernel has as a helper, and the agent rewrites each such call into a kfunc call with the
+/// kernel's BTF id of `bpf_rdonly_cast` before load. Only the `_typed` timer programs contain
+/// it, and they are loaded only where the kernel has the kfunc.
+pub const RDONLY_CAST_CALL: i32 = 0x6b66_6e63;
+
 pub const SNAPSHOT_REGIONS: usize = 8;
 /// Fields closer than this are copied in one read: a helper call costs more than copying that
 /// many bytes.

@@ -25,6 +25,32 @@ pub(crate) static KEEPALIVE_TIMER_FN: u64 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static WRITE_TIMER_FN: u64 = 0;
 
+/// `struct tcp_sock`'s BTF id, for [`typed_tcp_sock`]; written by the agent before load where
+/// the kernel has `bpf_rdonly_cast`.
+#[unsafe(no_mangle)]
+pub(crate) static TCP_SOCK_BTF_ID: u32 = 0;
+
+/// The socket behind a plain address, typed as `struct tcp_sock *` by the kfunc
+/// `bpf_rdonly_cast` (6.2+): the verifier then checks each load against the type and turns it
+/// into a load that reads 0 if it faults, with no helper call and no copy. The kfunc itself
+/// costs nothing: the verifier replaces the call with a register move. Compiled as a call of
+/// helper [`keepalive_ebpf::RDONLY_CAST_CALL`], which the agent rewrites into the kfunc call
+/// before load; only programs the agent loads where the kernel has the kfunc may use it.
+#[inline(always)]
+pub(crate) fn typed_tcp_sock(sk: *const u8) -> Typed {
+    // SAFETY: a call the agent rewrites into `bpf_rdonly_cast(void *, u32 btf_id)`, which only
+    // retypes its argument; the BTF id comes from frozen `.rodata`, a constant the verifier
+    // checks names a struct.
+    unsafe {
+        let cast: unsafe extern "C" fn(*const u8, u32) -> *const u8 =
+            core::mem::transmute(keepalive_ebpf::RDONLY_CAST_CALL as usize);
+        Typed(cast(
+            sk,
+            core::ptr::read_volatile(&raw const TCP_SOCK_BTF_ID),
+        ))
+    }
+}
+
 /// Default size; the agent overrides it with `--ring-buffer.bytes`.
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -280,6 +306,16 @@ pub(crate) fn expiry_snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<S
     snapshot_then::<false, _>(sk, rec, |c| SendState {
         segs_out: field::<u32>(c, offset!(tcp_segs_out)),
         unsent: field::<u32>(c, offset!(tcp_write_seq)) != field::<u32>(c, offset!(tcp_snd_nxt)),
+    })
+}
+
+/// [`expiry_snapshot`] without a copy, from a socket typed by [`typed_tcp_sock`].
+#[inline(always)]
+pub(crate) fn expiry_snapshot_typed(tp: Typed, rec: &mut SocketRecord) -> Result<SendState, i64> {
+    fill_record::<false>(tp, rec)?;
+    Ok(SendState {
+        segs_out: tp.load::<u32>(offset!(tcp_segs_out)),
+        unsent: tp.load::<u32>(offset!(tcp_write_seq)) != tp.load::<u32>(offset!(tcp_snd_nxt)),
     })
 }
 

@@ -14,8 +14,9 @@ use keepalive_ebpf::{
 };
 
 use crate::socket::{
-    EBUSY, KEEPALIVE_TIMER_FN, WRITE_TIMER_FN, add, emit_expiry, expiry_snapshot, netns_counters,
-    read, read_or_zero, uncounted,
+    EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, emit_expiry,
+    expiry_snapshot, expiry_snapshot_typed, netns_counters, read, read_or_zero, typed_tcp_sock,
+    uncounted,
 };
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -44,8 +45,32 @@ pub(crate) struct TimerContext {
     pub(crate) expiry: ExpiryRecord,
 }
 
+/// Reads the socket with helper calls: kernels without `bpf_rdonly_cast` (before 6.2).
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
+    entry::<false>(&ctx)
+}
+
+/// Reads the socket with typed loads ([`typed_tcp_sock`]), where the kernel has the kfunc.
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub(crate) fn timer_expire_entry_typed(ctx: BtfTracePointContext) -> i32 {
+    entry::<true>(&ctx)
+}
+
+#[btf_tracepoint(function = "timer_expire_exit")]
+pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
+    exit::<false>(&ctx)
+}
+
+#[btf_tracepoint(function = "timer_expire_exit")]
+pub(crate) fn timer_expire_exit_typed(ctx: BtfTracePointContext) -> i32 {
+    exit::<true>(&ctx)
+}
+
+/// `timer_expire_entry`: the socket read through [`typed_tcp_sock`] when `TYPED`, else with
+/// helper calls.
+#[inline(always)]
+fn entry<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     let timer: *const u8 = ctx.arg(0);
     // This hook fires for every kernel timer: one direct load through the BTF-typed pointer and
     // two compares decide, without a helper call.
@@ -78,12 +103,23 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
     tctx.kind = kind as u8;
     tctx.closed = 0;
     if kind == CloseContext::WriteTimer {
-        tctx.write_timer_event = read::<u8>(sk, offset!(icsk_pending)).unwrap_or(0);
-        tctx.packets_out = read::<u32>(sk, offset!(tcp_packets_out)).unwrap_or(0);
+        if TYPED {
+            let tp = typed_tcp_sock(sk);
+            tctx.write_timer_event = tp.load::<u8>(offset!(icsk_pending));
+            tctx.packets_out = tp.load::<u32>(offset!(tcp_packets_out));
+        } else {
+            tctx.write_timer_event = read::<u8>(sk, offset!(icsk_pending)).unwrap_or(0);
+            tctx.packets_out = read::<u32>(sk, offset!(tcp_packets_out)).unwrap_or(0);
+        }
     } else {
         tctx.snapshot.kind = RecordKind::KeepaliveTimer as u8;
         tctx.snapshot.context = CloseContext::KeepaliveTimer as u8;
-        match expiry_snapshot(sk, &mut tctx.snapshot) {
+        let snapshot = if TYPED {
+            expiry_snapshot_typed(typed_tcp_sock(sk), &mut tctx.snapshot)
+        } else {
+            expiry_snapshot(sk, &mut tctx.snapshot)
+        };
+        match snapshot {
             Ok(send) => {
                 tctx.segs_out = send.segs_out;
                 tctx.may_probe = u8::from(!send.unsent && tctx.snapshot.packets_out == 0);
@@ -100,7 +136,7 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
                 uncounted(Uncounted::ExpiryUnreadable);
                 // No address in the message: the verifier refuses arithmetic on the pointer.
                 warn!(
-                    &ctx,
+                    ctx,
                     "keepalive timer: cannot read the socket; offsets wrong?"
                 );
             }
@@ -109,8 +145,9 @@ pub(crate) fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "timer_expire_exit")]
-pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
+/// `timer_expire_exit`: the socket read through [`typed_tcp_sock`] when `TYPED`.
+#[inline(always)]
+fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     let timer: u64 = ctx.arg(0);
     let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) else {
         return 0;
@@ -148,7 +185,21 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
     } else {
         let sk = tctx.sk as *const u8;
         // Re-read only if the slot still holds the same connection (SLAB_TYPESAFE_BY_RCU reuse).
-        let (local_port, remote_port, daddr, head_ok) = connection(sk);
+        let ((local_port, remote_port, daddr, head_ok), (after, after_ok), (segs_out, segs_ok)) =
+            if TYPED {
+                let tp = typed_tcp_sock(sk);
+                (
+                    connection_typed(tp),
+                    (tp.load::<u8>(offset!(icsk_probes_out)), true),
+                    (tp.load::<u32>(offset!(tcp_segs_out)), true),
+                )
+            } else {
+                (
+                    connection(sk),
+                    read_or_zero::<u8>(sk, offset!(icsk_probes_out)),
+                    read_or_zero::<u32>(sk, offset!(tcp_segs_out)),
+                )
+            };
         let same = head_ok
             && local_port == rec.local_port
             && remote_port == rec.remote_port
@@ -160,8 +211,6 @@ pub(crate) fn timer_expire_exit(ctx: BtfTracePointContext) -> i32 {
                         rec.remote_addr[2],
                         rec.remote_addr[3],
                     ]);
-        let (after, after_ok) = read_or_zero::<u8>(sk, offset!(icsk_probes_out));
-        let (segs_out, segs_ok) = read_or_zero::<u32>(sk, offset!(tcp_segs_out));
         if same && after_ok && segs_ok {
             rec.probes_out_after = after;
             // An ACK processed on another CPU between bh_unlock_sock and this hook zeroes
@@ -235,6 +284,19 @@ fn connection(sk: *const u8) -> (u16, u16, [u8; 4], bool) {
     }
     let (sport, sport_ok) = read_or_zero::<u16>(sk, offset!(inet_sport));
     (u16::from_be(sport), remote, daddr, sport_ok)
+}
+
+/// [`connection`] through typed loads: one per field, no helper call (a faulting load reads 0,
+/// which no connection has as its remote port).
+#[inline(always)]
+fn connection_typed(tp: Typed) -> (u16, u16, [u8; 4], bool) {
+    let remote = u16::from_be(tp.load::<u16>(offset!(skc_dport)));
+    let daddr = tp.load::<[u8; 4]>(offset!(skc_daddr));
+    let local = match tp.load::<u16>(offset!(skc_num)) {
+        0 => u16::from_be(tp.load::<u16>(offset!(inet_sport))),
+        num => num,
+    };
+    (local, remote, daddr, true)
 }
 
 /// Does nothing. Never attached by the agent: the benchmark (`cargo xtask bench`) attaches it

@@ -657,8 +657,18 @@ fn agent_is_healthy_ready_and_reports_every_hook_attached() -> TestResult {
         "no keepalive_agent_hook_attached series:\n{}",
         m.raw()
     );
+    // The timer programs read the socket with typed loads wherever the kernel has the kfunc
+    // bpf_rdonly_cast (6.2+); falling back to helper reads would pass every other test.
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux")?;
+    let rdonly_cast = btf.windows(17).any(|w| w == b"\0bpf_rdonly_cast\0");
     for h in hooks {
         assert_eq!(h.value, 1.0, "hook not attached although ready: {h:?}");
+        let hook = h.label("hook").unwrap_or_default();
+        if hook.starts_with("timer_expire_") {
+            let typed = format!("{hook}_typed");
+            let expected = if rdonly_cast { typed.as_str() } else { hook };
+            assert_eq!(h.label("program"), Some(expected), "{h:?}");
+        }
     }
     for name in [
         "keepalive_agent_ringbuf_reserve_failures_total",

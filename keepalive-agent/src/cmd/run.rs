@@ -244,6 +244,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .get_or_create(&HookLabels {
                 hook: status.hook.tracepoint,
                 program_type: PROGRAM_TYPE,
+                program: status.program_name,
             })
             .set(i64::from(status.attached));
     }

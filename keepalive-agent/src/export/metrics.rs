@@ -68,6 +68,8 @@ pub(crate) struct ForgetLabels {
 pub(crate) struct HookLabels {
     pub hook: &'static str,
     pub program_type: &'static str,
+    /// The variant that attached (e.g. `timer_expire_entry_typed`), empty when none did.
+    pub program: &'static str,
 }
 
 /// The node-wide middlebox idle timeouts in force (the flags' and IPVS's; conntrack's are per
@@ -497,7 +499,7 @@ pub(crate) fn registry(
     );
     registry.register(
         "keepalive_agent_hook_attached",
-        "1 when the kernel hook is attached, 0 when it could not be",
+        "1 when the kernel hook is attached, 0 when it could not be; program: the variant that attached",
         hooks.clone(),
     );
     registry.register(

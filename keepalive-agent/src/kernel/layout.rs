@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use btf_rs::{Btf, BtfType, Member, Struct, Type};
 use keepalive_ebpf::{FieldKind, KernelOffsets};
 
-use crate::kernel::hooks::HOOKS;
+use crate::kernel::{hooks::HOOKS, kfunc::RdonlyCast};
 
 /// Where the kernel exposes its own BTF (`CONFIG_DEBUG_INFO_BTF=y`).
 pub(crate) const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -115,6 +115,9 @@ pub(crate) struct KernelLayout {
     /// its prototype is `(void *, const struct sock *, const struct sk_buff *)` and the verifier
     /// refuses a program that reads a fourth argument.
     pub(crate) send_reset_reason: bool,
+    /// The kfunc `bpf_rdonly_cast` and `struct tcp_sock` (6.2+): the timer programs read the
+    /// socket with typed loads. `None`: with helper calls.
+    pub(crate) rdonly_cast: Option<RdonlyCast>,
 }
 
 /// Why the kernel's layout could not be determined. Every variant means the agent cannot run
@@ -333,6 +336,7 @@ impl KernelLayout {
             tracepoints,
             listen_table,
             send_reset_reason: r.send_reset_has_reason()?,
+            rdonly_cast: RdonlyCast::resolve(btf),
             offsets,
             timer_layout: timers.layout,
             rst_reason_keepalive_timeout: r.optional_enum_value(

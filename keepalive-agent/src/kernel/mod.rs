@@ -13,6 +13,7 @@ pub(crate) mod hooks;
 pub(crate) mod hz;
 pub(crate) mod ipvs;
 pub mod kallsyms;
+pub mod kfunc;
 pub(crate) mod layout;
 pub mod maps;
 pub mod programs;

@@ -18,6 +18,7 @@ use crate::kernel::{
     hash_walk::{self, HashWalk},
     ipvs::IpvsProgram,
     kallsyms::TimerFunctions,
+    kfunc,
     layout::KernelLayout,
     maps::{TakeMapError, take_map},
 };
@@ -35,7 +36,12 @@ pub(crate) struct Variant {
     pub(crate) program: &'static str,
     /// Why this one, for `check` and the start-up log.
     pub(crate) why: &'static str,
+    /// The program loaded instead if the kernel refuses this one.
+    pub(crate) fallback: Option<&'static str>,
 }
+
+/// Why the timer programs read the socket with helper calls.
+const HELPER_READS: &str = "the socket read with helper calls (no bpf_rdonly_cast before 6.2)";
 
 impl Hook {
     /// The variant that loads on this kernel, from the tracepoint's BTF prototype; `None`
@@ -44,19 +50,39 @@ impl Hook {
         if !layout.tracepoints.contains(&self.tracepoint) {
             return None;
         }
+        let typed = |program, fallback| {
+            if layout.rdonly_cast.is_some() {
+                Variant {
+                    program,
+                    why: "the socket read with typed loads (bpf_rdonly_cast, 6.2+)",
+                    fallback: Some(fallback),
+                }
+            } else {
+                Variant {
+                    program: fallback,
+                    why: HELPER_READS,
+                    fallback: None,
+                }
+            }
+        };
         Some(match self.tracepoint {
+            "timer_expire_entry" => typed("timer_expire_entry_typed", "timer_expire_entry"),
+            "timer_expire_exit" => typed("timer_expire_exit_typed", "timer_expire_exit"),
             "tcp_send_reset" if layout.send_reset_reason => Variant {
                 program: "tcp_send_reset",
                 why: "prototype (sk, skb, reason), 6.10+",
+                fallback: None,
             },
             // Reading a third argument would be refused by the verifier.
             "tcp_send_reset" => Variant {
                 program: "tcp_send_reset_without_reason",
                 why: "prototype (sk, skb) before 6.10: resets without their reason",
+                fallback: None,
             },
             tracepoint => Variant {
                 program: tracepoint,
                 why: "one prototype on every supported kernel",
+                fallback: None,
             },
         })
     }
@@ -87,6 +113,8 @@ pub enum ProgramsError {
         "loading the kernel programs failed (needs root or CAP_BPF+CAP_PERFMON, and a kernel with BTF): {0}"
     )]
     Load(#[source] aya::EbpfError),
+    #[error("cannot prepare the typed timer programs: {0}")]
+    Kfunc(#[from] kfunc::PatchError),
     #[error("cannot load the audit's hash-table walk program: {0}")]
     LoadAudit(#[source] hash_walk::LoadError),
     #[error(transparent)]
@@ -129,6 +157,8 @@ pub struct HookStatus {
     pub(crate) error: Option<String>,
     /// The attached program, for what the kernel counts of its runs ([`recursion_misses`]).
     pub(crate) program: Option<ProgramFd>,
+    /// Its name in the programs object (which variant attached); empty when none did.
+    pub program_name: &'static str,
 }
 
 /// How many times the kernel skipped the program behind `fd` because it was already running on
@@ -233,6 +263,16 @@ pub(crate) fn open(
     let snapshot_regions = layout.offsets.snapshot_regions();
     let expiry_regions = layout.offsets.expiry_regions();
     let report_keepalive_off = u8::from(closes == CloseReports::All);
+    // The typed timer programs' kfunc calls, rewritten for this kernel (see `kfunc`); where the
+    // kernel has no `bpf_rdonly_cast` they stay helper calls no kernel has, in programs that
+    // are not loaded.
+    let (object, tcp_sock_btf_id) = match layout.rdonly_cast {
+        Some(cast) => (
+            std::borrow::Cow::Owned(kfunc::patch(PROGRAMS_OBJECT, cast.func)?.0),
+            cast.tcp_sock,
+        ),
+        None => (std::borrow::Cow::Borrowed(PROGRAMS_OBJECT), 0),
+    };
     // aya 0.14's `EbpfLoader::new` parses the kernel BTF itself; handing it ours frees that
     // copy at once, and every later program load reuses ours.
     EbpfLoader::new()
@@ -253,8 +293,9 @@ pub(crate) fn open(
         )
         .override_global(names::SNAPSHOT_REGIONS_GLOBAL, &snapshot_regions, true)
         .override_global(names::EXPIRY_REGIONS_GLOBAL, &expiry_regions, true)
+        .override_global(names::TCP_SOCK_BTF_ID_GLOBAL, &tcp_sock_btf_id, true)
         .map_max_entries(names::EVENTS_MAP, ring_buffer_bytes)
-        .load(PROGRAMS_OBJECT)
+        .load(&object)
         .map_err(ProgramsError::Load)
 }
 
@@ -319,7 +360,30 @@ pub(crate) fn load(
     let mut hooks = Vec::with_capacity(HOOKS.len());
     for hook in HOOKS {
         let variant = hook.variant(layout);
-        match attach(&mut ebpf, btf, hook, variant) {
+        let attached = match (attach(&mut ebpf, btf, hook, variant), variant) {
+            (
+                Err(err),
+                Some(Variant {
+                    fallback: Some(fallback),
+                    ..
+                }),
+            ) => {
+                warn!("{err}; loading {fallback} instead");
+                attach(
+                    &mut ebpf,
+                    btf,
+                    hook,
+                    Some(Variant {
+                        program: fallback,
+                        why: "the kernel refused the typed variant: the socket read with helper \
+                              calls",
+                        fallback: None,
+                    }),
+                )
+            }
+            (attached, _) => attached,
+        };
+        match attached {
             Ok(variant) => {
                 info!(
                     "attached {} as {PROGRAM_TYPE} with {} ({}): {}",
@@ -334,6 +398,7 @@ pub(crate) fn load(
                     attached: true,
                     error: None,
                     program,
+                    program_name: variant.program,
                 });
             }
             Err(err) if !hook.required => {
@@ -343,6 +408,7 @@ pub(crate) fn load(
                     attached: false,
                     error: Some(err.to_string()),
                     program: None,
+                    program_name: "",
                 });
             }
             Err(err) => return Err(err),
@@ -537,7 +603,7 @@ mod tests {
     }
 
     #[test]
-    fn reset_hook_without_a_reason_argument_loads_its_two_argument_variant() {
+    fn old_kernels_load_the_reset_hook_without_reason_and_the_timer_hooks_without_the_kfunc() {
         let common = |send_reset| {
             vec![
                 Some("timer_expire_entry"),
@@ -547,7 +613,14 @@ mod tests {
                 Some("tcp_receive_reset"),
             ]
         };
+        let typed = |send_reset| {
+            let mut programs = common(send_reset);
+            programs[0] = Some("timer_expire_entry_typed");
+            programs[1] = Some("timer_expire_exit_typed");
+            programs
+        };
         let without = "tcp_send_reset_without_reason";
+        // bpf_rdonly_cast came with 6.2.
         for old in [
             "5.10.262_5.10.0-46-cloud-amd64.btf.zst",
             "6.1.190_6.1.0-54-cloud-amd64.btf.zst",
@@ -560,7 +633,7 @@ mod tests {
             "6.12.117_6.12.117+deb12-cloud-amd64.btf.zst",
             "6.18.44_6.18.44-fc-v1045.btf.zst",
         ] {
-            assert_eq!(programs(new), common("tcp_send_reset"), "{new}");
+            assert_eq!(programs(new), typed("tcp_send_reset"), "{new}");
         }
     }
 }

@@ -11,7 +11,8 @@
 //! Output on stdout (the guest's serial console), one tagged line each, read by xtask's vm
 //! module (`xtask/src/vm/report.rs` is the other end of this format):
 //! - `KAT-READY <seconds>`: the agent answered `/readyz` 200
-//! - `KAT-HOOK <tracepoint> <0|1>`: `keepalive_agent_hook_attached` once the agent is ready
+//! - `KAT-HOOK <tracepoint> <0|1> <program>`: `keepalive_agent_hook_attached` once the agent is
+//!   ready, and the variant that attached
 //! - `KAT-PLAN <scenario>...`: the scenarios about to run
 //! - `KAT-RESULT <json>`: one per scenario, when it ends (fields in [`report`])
 //! - `KAT-AGENT-LOG <line>`: the agent's warnings and errors, or its whole log tail on failure
@@ -247,9 +248,10 @@ fn run(args: &Args, started: Instant) -> (usize, usize) {
         Ok(m) => {
             for hook in m.samples("keepalive_agent_hook_attached") {
                 println!(
-                    "KAT-HOOK {} {}",
+                    "KAT-HOOK {} {} {}",
                     hook.label("hook").unwrap_or("?"),
-                    hook.value
+                    hook.value,
+                    hook.label("program").unwrap_or("-")
                 );
             }
         }

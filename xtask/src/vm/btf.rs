@@ -144,6 +144,9 @@ pub(super) struct Facts {
     /// Every BTF tracepoint the kernel has (`btf_trace_<name>` typedefs): a hook the agent did
     /// not attach although its tracepoint is here is the agent's failure, not the kernel's.
     pub tracepoints: BTreeSet<String>,
+    /// The kfunc `bpf_rdonly_cast` (6.2+) is in the kernel's BTF: the agent's timer programs
+    /// must load their typed variants.
+    pub rdonly_cast: bool,
 }
 
 impl Facts {
@@ -170,8 +173,12 @@ impl Facts {
             })
             .filter_map(|name| name.strip_prefix("btf_trace_").map(str::to_owned))
             .collect();
+        let rdonly_cast = btf
+            .resolve_types_by_name("bpf_rdonly_cast")
+            .is_ok_and(|types| types.iter().any(|t| matches!(t, Type::Func(_))));
         Ok(Facts {
             tracepoints,
+            rdonly_cast,
             keepalive_timer_member: members.iter().any(|m| m == "icsk_keepalive_timer"),
             retransmit_timer_member: members.iter().any(|m| m == "icsk_retransmit_timer"),
             send_reset_args: tracepoint_args(&btf, "tcp_send_reset"),

@@ -43,7 +43,8 @@ struct Console {
     check: Vec<String>,
     check_exit: Option<i32>,
     ready: Option<String>,
-    hooks: Vec<(String, bool)>,
+    /// Each hook, whether it attached, and the program (variant) that did.
+    hooks: Vec<(String, bool, String)>,
     plan: Vec<String>,
     results: Vec<ScenarioResult>,
     unreadable: Vec<String>,
@@ -67,7 +68,9 @@ impl Console {
                 "KAT-HOOK" => {
                     let mut words = rest.split_whitespace();
                     if let (Some(hook), Some(value)) = (words.next(), words.next()) {
-                        c.hooks.push((hook.to_owned(), value.parse() == Ok(1.0)));
+                        let program = words.next().unwrap_or_default().to_owned();
+                        c.hooks
+                            .push((hook.to_owned(), value.parse() == Ok(1.0), program));
                     }
                 }
                 "KAT-PLAN" => c.plan = rest.split_whitespace().map(str::to_owned).collect(),
@@ -100,12 +103,12 @@ impl Console {
         if self.hooks.is_empty() {
             return "unknown (agent never ready)".to_owned();
         }
-        let attached = self.hooks.iter().filter(|(_, on)| *on).count();
+        let attached = self.hooks.iter().filter(|(_, on, _)| *on).count();
         let (absent, refused): (Vec<&str>, Vec<&str>) = self
             .hooks
             .iter()
-            .filter(|(_, on)| !on)
-            .map(|(h, _)| h.as_str())
+            .filter(|(_, on, _)| !on)
+            .map(|(h, _, _)| h.as_str())
             .partition(|h| !facts.tracepoints.contains(*h));
         let mut notes = Vec::new();
         if !refused.is_empty() {
@@ -114,10 +117,26 @@ impl Console {
         if !absent.is_empty() {
             notes.push(format!("not in this kernel: {}", absent.join(", ")));
         }
+        let timer_reads = self
+            .hooks
+            .iter()
+            .find(|(hook, on, _)| hook == "timer_expire_entry" && *on)
+            .map(|(_, _, program)| {
+                if program.ends_with(TYPED_SUFFIX) {
+                    "; timers read the socket with typed loads"
+                } else {
+                    "; timers read the socket with helper calls"
+                }
+            })
+            .unwrap_or_default();
         if notes.is_empty() {
-            format!("{attached}/{}", self.hooks.len())
+            format!("{attached}/{}{timer_reads}", self.hooks.len())
         } else {
-            format!("{attached}/{} ({})", self.hooks.len(), notes.join("; "))
+            format!(
+                "{attached}/{} ({}){timer_reads}",
+                self.hooks.len(),
+                notes.join("; ")
+            )
         }
     }
 }
@@ -353,14 +372,30 @@ fn agent_cell(r: &ScenarioResult) -> String {
     }
 }
 
+/// The hooks whose programs read the socket with typed loads where the kernel has
+/// `bpf_rdonly_cast`, and the suffix of those variants' names.
+const TIMER_HOOKS: [&str; 2] = ["timer_expire_entry", "timer_expire_exit"];
+const TYPED_SUFFIX: &str = "_typed";
+
 fn problems(console: &Console, guest: &Guest, facts: &Facts) -> Vec<String> {
     let mut out = Vec::new();
-    for (hook, attached) in &console.hooks {
+    for (hook, attached, program) in &console.hooks {
         if !attached && facts.tracepoints.contains(hook) {
             out.push(format!(
                 "hook {hook}: the kernel has this tracepoint (btf_trace_{hook} in its BTF) but \
                  the agent did not attach it"
             ));
+        }
+        // Where the kernel has the kfunc, the typed timer programs must load: a fall-back to
+        // helper reads passes every scenario and would go unnoticed.
+        if *attached && TIMER_HOOKS.contains(&hook.as_str()) {
+            let typed = program.ends_with(TYPED_SUFFIX);
+            if typed != facts.rdonly_cast {
+                out.push(format!(
+                    "hook {hook}: attached {program}, but the kernel {} bpf_rdonly_cast",
+                    if facts.rdonly_cast { "has" } else { "lacks" }
+                ));
+            }
         }
     }
     if let Some(problem) = &guest.problem {
@@ -408,7 +443,7 @@ mod tests {
     fn console_lines_are_read_and_a_mismatch_is_a_problem() {
         let text = "[    1.0] kernel noise\r\nKAT-UNAME 6.1.0-57-cloud-amd64\r\n\
             KAT-CHECK-EXIT 0\r\nKAT-CHECK WARN  load  4/5 hooks attached as tp_btf\r\n\
-            KAT-HOOK tcp_send_reset 0\r\nKAT-HOOK timer_expire_entry 1\r\n\
+            KAT-HOOK tcp_send_reset 0 \r\nKAT-HOOK timer_expire_entry 1 timer_expire_entry\r\n\
             KAT-HOOK tcp_receive_reset 0\r\n\
             KAT-PLAN a b\r\n\
             KAT-RESULT {\"scenario\":\"a\",\"expect\":\"x\",\"netns\":1,\"kernel\":{\"TCPKeepAlive\":3,\"TCPAbortOnTimeout\":1},\"agent\":{\"probes\":3.0,\"drops\":{\"keepalive_timeout\":1.0}},\"mismatches\":[\"m\"],\"seconds\":1.0}\r\n\
@@ -419,17 +454,19 @@ mod tests {
         assert!(c.load_line().is_some_and(|l| l.contains("4/5")));
         // tcp_send_reset exists but was refused; tcp_receive_reset's tracepoint is missing (no
         // supported kernel lacks it, but an optional hook may be absent).
-        let facts = Facts {
+        let mut facts = Facts {
             keepalive_timer_member: false,
             retransmit_timer_member: true,
             send_reset_args: Some(2),
             tracepoints: ["tcp_send_reset", "timer_expire_entry"]
                 .map(str::to_owned)
                 .into(),
+            rdonly_cast: false,
         };
         assert_eq!(
             c.hooks_summary(&facts),
-            "1/3 (not attached: tcp_send_reset; not in this kernel: tcp_receive_reset)"
+            "1/3 (not attached: tcp_send_reset; not in this kernel: tcp_receive_reset); timers \
+             read the socket with helper calls"
         );
         assert!(c.done);
         let r = &c.results[0];
@@ -446,6 +483,22 @@ mod tests {
         assert_eq!(p.len(), 3, "{p:?}");
         assert!(p[0].starts_with("hook tcp_send_reset: the kernel has this tracepoint"));
         assert_eq!(p[1..], ["b: no result", "a: m"]);
+        // A kernel with the kfunc whose agent fell back to helper reads.
+        facts.rdonly_cast = true;
+        let p = problems(&c, &guest, &facts);
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert_eq!(
+            p[1],
+            "hook timer_expire_entry: attached timer_expire_entry, but the kernel has \
+             bpf_rdonly_cast"
+        );
+        let typed = Console::parse("KAT-HOOK timer_expire_entry 1 timer_expire_entry_typed\n");
+        assert!(typed.hooks_summary(&facts).ends_with("typed loads"));
+        assert!(
+            problems(&typed, &guest, &facts)
+                .iter()
+                .all(|p| !p.starts_with("hook"))
+        );
         let cut = Console::parse("KAT-UNAME x\n");
         assert!(problems(&cut, &guest, &facts).len() >= 3);
     }
