@@ -94,8 +94,8 @@ mod tests {
     use super::*;
     use crate::kernel::programs::PROGRAMS_OBJECT;
 
-    /// The raw calls left in the object's program sections.
-    fn raw_calls(object: &[u8]) -> usize {
+    /// The instructions of the object's program sections that `matches` accepts.
+    fn count(object: &[u8], matches: impl Fn(&[u8]) -> bool) -> usize {
         let file = object::File::parse(object).unwrap();
         file.sections()
             .filter(|s| s.kind() == SectionKind::Text)
@@ -103,14 +103,21 @@ mod tests {
                 s.data()
                     .unwrap()
                     .chunks_exact(INSN_BYTES)
-                    .filter(|insn| {
-                        insn[0] == CALL
-                            && i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]])
-                                == RDONLY_CAST_CALL
-                    })
+                    .filter(|insn| matches(insn))
                     .count()
             })
             .sum()
+    }
+
+    fn imm(insn: &[u8]) -> i32 {
+        i32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]])
+    }
+
+    /// The raw calls left in the object's program sections.
+    fn raw_calls(object: &[u8]) -> usize {
+        count(object, |insn| {
+            insn[0] == CALL && imm(insn) == RDONLY_CAST_CALL
+        })
     }
 
     #[test]
@@ -133,22 +140,9 @@ mod tests {
             "{} bytes changed",
             changed.len()
         );
-        let kfunc_calls = object::File::parse(&*patched)
-            .unwrap()
-            .sections()
-            .filter(|s| s.kind() == SectionKind::Text)
-            .map(|s| {
-                s.data()
-                    .unwrap()
-                    .chunks_exact(INSN_BYTES)
-                    .filter(|insn| {
-                        insn[0] == CALL
-                            && insn[1] == PSEUDO_KFUNC_CALL << 4
-                            && u32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]) == 12345
-                    })
-                    .count()
-            })
-            .sum::<usize>();
+        let kfunc_calls = count(&patched, |insn| {
+            insn[0] == CALL && insn[1] == PSEUDO_KFUNC_CALL << 4 && imm(insn) == 12345
+        });
         assert_eq!(kfunc_calls, calls);
     }
 
