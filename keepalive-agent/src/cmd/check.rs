@@ -462,7 +462,22 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                 .hooks
                 .iter()
                 .any(|s| !s.attached && s.hook.variant(&session.layout).is_some());
-            let status = if !refused && audited {
+            // A typed timer program the kernel refused, replaced by its helper-read variant:
+            // the agent works, at the copy's cost.
+            let fell_back: Vec<String> = kernel
+                .hooks
+                .iter()
+                .filter_map(|s| {
+                    let planned = s.hook.variant(&session.layout)?.program;
+                    (s.attached && s.program_name != planned).then(|| {
+                        format!(
+                            "{} runs {} instead of {planned}",
+                            s.hook.tracepoint, s.program_name
+                        )
+                    })
+                })
+                .collect();
+            let status = if !refused && audited && fell_back.is_empty() {
                 Status::Ok
             } else if kernel.all_required_attached() {
                 Status::Warn
@@ -475,12 +490,20 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                 .filter_map(|s| Some(format!("{}: {}", s.hook.tracepoint, s.error.as_deref()?)))
                 .collect();
             let detail = format!(
-                "{attached}/{} hooks attached as {PROGRAM_TYPE}, {audit}; detached again{}",
+                "{attached}/{} hooks attached as {PROGRAM_TYPE}, {audit}; detached again{}{}",
                 kernel.hooks.len(),
                 if failed.is_empty() {
                     String::new()
                 } else {
                     format!("; not attached: {}", failed.join("; "))
+                },
+                if fell_back.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; the kernel refused the typed variant (verifier log above), so {}",
+                        fell_back.join(", ")
+                    )
                 }
             );
             // Dropping the programs detaches them.
@@ -491,7 +514,9 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                 detail,
                 (status != Status::Ok).then(|| {
                     "See the hooks above: an optional hook this kernel lacks costs only its role; \
-                     for one it refused, `dmesg` and the verifier log above say why."
+                     for one it refused, `dmesg` and the verifier log above say why. A timer \
+                     hook on its helper-read variant works, at that variant's cost: report the \
+                     kernel version and the verifier log."
                         .to_owned()
                 }),
             );
