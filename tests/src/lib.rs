@@ -256,6 +256,25 @@ impl TestEnv {
         Ok(not_run)
     }
 
+    /// The keepalive expiries the kernel ran none of the agent's programs for since the agent
+    /// started (0 without a count): how far below the kernel's own figure a probe count may
+    /// be. Call it once the kernel has done what is expected. A scrape that fails here is
+    /// tried again, as `wait_for` would.
+    pub fn expiries_not_run_since_start(&self) -> anyhow::Result<u64> {
+        let mut tries = 0;
+        loop {
+            match self.expiries_not_run(&self.expiries_witness) {
+                Ok(n) => return Ok(n),
+                Err(e) if tries < 10 => {
+                    eprintln!("{}: counting unrun expiries: {e:#}; again", self.test);
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Waits until the agent's metrics meet `expected` (no-op in kernel-only mode). Probe
     /// counts may fall short by the keepalive expiries the kernel ran none of the agent's
     /// programs for since the agent started (see [`tracepoint`]), which a perf event counts:
@@ -266,19 +285,7 @@ impl TestEnv {
         let Some(agent) = &self.agent else {
             return Ok(());
         };
-        // A scrape that fails here is tried again, as `wait_for` would.
-        let mut tries = 0;
-        let not_run = loop {
-            match self.expiries_not_run(&self.expiries_witness) {
-                Ok(n) => break n,
-                Err(e) if tries < 10 => {
-                    eprintln!("{}: counting unrun expiries: {e:#}; again", self.test);
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(500));
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let not_run = self.expiries_not_run_since_start()?;
         agent
             .wait_for(
                 &format!("{}: {what}", self.test),
