@@ -51,6 +51,11 @@ pub enum PatchError {
          mismatched sources"
     )]
     NoCall,
+    #[error(
+        "the kernel programs object is big-endian; the agent rewrites little-endian BPF only: \
+         build it for a little-endian target"
+    )]
+    BigEndian,
 }
 
 /// A copy of `object` with every call of helper [`RDONLY_CAST_CALL`] in its program sections
@@ -58,6 +63,12 @@ pub enum PatchError {
 pub(crate) fn patch(object: &[u8], func: u32) -> Result<(Vec<u8>, usize), PatchError> {
     let mut patched = object.to_vec();
     let file = object::File::parse(object)?;
+    // The instruction layout below (`src_reg` in the high nibble, `imm` little-endian) is
+    // bpfel's; a bpfeb object would never match and the agent would refuse to start with
+    // NoCall, which blames the build for the wrong reason.
+    if !file.is_little_endian() {
+        return Err(PatchError::BigEndian);
+    }
     let mut calls = 0;
     for section in file.sections() {
         if section.kind() != SectionKind::Text {
@@ -144,6 +155,73 @@ mod tests {
             insn[0] == CALL && insn[1] == PSEUDO_KFUNC_CALL << 4 && imm(insn) == 12345
         });
         assert_eq!(kfunc_calls, calls);
+    }
+
+    /// The rewrite checked against the kernel's instruction encoding written out, not against
+    /// this module's constants: `85 20 00 00 <imm le>` is `call` with `src_reg` 2
+    /// (`BPF_PSEUDO_KFUNC_CALL` in include/uapi/linux/bpf.h) and `off` 0, and the object still
+    /// parses as aya parses it before loading (sections, BTF, relocations).
+    #[test]
+    fn the_rewritten_calls_are_kfunc_calls_in_the_kernels_encoding_and_aya_parses_the_object() {
+        let func: u32 = 0x0001_e240;
+        let (patched, calls) = patch(PROGRAMS_OBJECT, func).unwrap();
+        let expected = [0x85, 0x20, 0x00, 0x00, 0x40, 0xe2, 0x01, 0x00];
+        let file = object::File::parse(&patched[..]).unwrap();
+        let mut found = 0;
+        for section in file.sections().filter(|s| s.kind() == SectionKind::Text) {
+            let data = section.data().unwrap();
+            assert_eq!(data.len() % 8, 0, "{:?}", section.name());
+            let mut insns = data.chunks_exact(8).peekable();
+            while let Some(insn) = insns.next() {
+                // The second half of a 16-byte `ld_imm64` is data, never a call.
+                if insn[0] == 0x18 {
+                    insns.next();
+                    continue;
+                }
+                if insn == expected {
+                    found += 1;
+                }
+                // No raw call of the placeholder helper is left behind.
+                let placeholder = RDONLY_CAST_CALL.to_le_bytes();
+                assert!(
+                    !(insn[0] == 0x85 && insn[1] == 0 && insn[4..8] == placeholder),
+                    "{:?}",
+                    section.name()
+                );
+            }
+        }
+        assert_eq!(found, calls);
+        aya_obj::Object::parse(&patched).expect("aya parses the rewritten object");
+    }
+
+    /// `resolve` finds the ids aya's own BTF parser finds for the same names and kinds, on a
+    /// kernel with the kfunc, and nothing on kernels before it (6.2).
+    #[test]
+    fn resolve_returns_the_ids_of_the_kfunc_and_of_tcp_sock() {
+        use crate::kernel::layout::fixtures::fixture_bytes;
+        use aya_obj::btf::BtfKind;
+        let name = "6.18.44_6.18.44-fc-v1045.btf.zst";
+        let bytes = fixture_bytes(name);
+        let cast = RdonlyCast::resolve(&Btf::from_bytes(&bytes).unwrap()).expect(name);
+        let aya = aya_obj::btf::Btf::parse(&bytes, object::Endianness::Little).unwrap();
+        assert_eq!(
+            cast.func,
+            aya.id_by_type_name_kind("bpf_rdonly_cast", BtfKind::Func)
+                .unwrap()
+        );
+        assert_eq!(
+            cast.tcp_sock,
+            aya.id_by_type_name_kind("tcp_sock", BtfKind::Struct)
+                .unwrap()
+        );
+        assert_ne!(cast.func, cast.tcp_sock);
+        for old in [
+            "5.10.262_5.10.0-46-cloud-amd64.btf.zst",
+            "6.1.192_6.1.0-57-cloud-amd64.btf.zst",
+        ] {
+            let btf = Btf::from_bytes(&fixture_bytes(old)).unwrap();
+            assert_eq!(RdonlyCast::resolve(&btf), None, "{old}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub(crate) fn fixture(name: &str) -> KernelLayout {
         .unwrap_or_else(|e| panic!("layout of {name}: {e}"))
 }
 
-fn fixture_bytes(name: &str) -> Vec<u8> {
+pub(crate) fn fixture_bytes(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/btf")
         .join(name);
