@@ -55,11 +55,11 @@ pub struct AuditConfig {
 /// `--ipvs-tcp-timeout`), else its default. Conntrack's is not here: it is per namespace, read
 /// by the kernel programs with each record ([`idle_kill::CONNTRACK`]). Logs where IPVS's came
 /// from.
-pub(crate) fn node_thresholds(
+pub(crate) fn node_thresholds<E: std::fmt::Display>(
     given: &[IdleThreshold],
     proc_root: &Path,
     hz: u32,
-    read_ipvs_timeout: impl FnOnce() -> Result<ipvs::TcpTimeout, ipvs::TimeoutError>,
+    read_ipvs_timeout: impl FnOnce() -> Result<ipvs::TcpTimeout, E>,
 ) -> Vec<IdleThreshold> {
     let (thresholds, note) = node_thresholds_noted(given, proc_root, hz, read_ipvs_timeout);
     if let Some(note) = note {
@@ -85,11 +85,11 @@ impl Note {
 }
 
 /// [`node_thresholds`], with what it would log returned instead.
-fn node_thresholds_noted(
+fn node_thresholds_noted<E: std::fmt::Display>(
     given: &[IdleThreshold],
     proc_root: &Path,
     hz: u32,
-    read_ipvs_timeout: impl FnOnce() -> Result<ipvs::TcpTimeout, ipvs::TimeoutError>,
+    read_ipvs_timeout: impl FnOnce() -> Result<ipvs::TcpTimeout, E>,
 ) -> (Vec<IdleThreshold>, Option<Note>) {
     let mut thresholds = given.to_vec();
     if given.iter().any(|t| t.name == idle_kill::IPVS) {
@@ -396,7 +396,8 @@ mod tests {
         std::fs::create_dir_all(dir.join("1/net")).expect("mkdir");
         let given: Vec<IdleThreshold> = vec!["aws-nlb=350".parse().expect("threshold")];
         let hz = 250;
-        let read = || Ok(ipvs::TcpTimeout::Jiffies(1234 * 250));
+        let read =
+            || -> Result<_, ipvs::TimeoutError> { Ok(ipvs::TcpTimeout::Jiffies(1234 * 250)) };
         let unused = || -> Result<ipvs::TcpTimeout, ipvs::TimeoutError> {
             panic!("IPVS's timeout read without a TCP service or with ipvs given")
         };
@@ -404,7 +405,9 @@ mod tests {
         std::fs::write(dir.join("1/net/ip_vs"), "TCP  0A600001:01BB rr\n").expect("write");
         let found = node_thresholds(&given, &dir, hz, read);
         let unreadable = node_thresholds(&given, &dir, hz, || Err(ipvs::TimeoutError::NoTcp));
-        let not_loaded = node_thresholds(&given, &dir, hz, || Ok(ipvs::TcpTimeout::NotLoaded));
+        let not_loaded = node_thresholds(&given, &dir, hz, || -> Result<_, ipvs::TimeoutError> {
+            Ok(ipvs::TcpTimeout::NotLoaded)
+        });
         let own: Vec<IdleThreshold> = vec!["ipvs=300".parse().expect("threshold")];
         let replaced = node_thresholds(&own, &dir, hz, unused);
         std::fs::remove_dir_all(&dir).expect("clean up");

@@ -24,7 +24,6 @@ use crate::{
         bpf_syscall::{TestRunError, test_run},
         layout::{self, LayoutError, ipvs::IpvsLayout},
         maps::{TakeMapError, take_map},
-        programs::ProgramsError,
     },
 };
 
@@ -101,8 +100,6 @@ pub(crate) enum TimeoutError {
         path = layout::ipvs::MODULE_BTF_PATH
     )]
     ModuleBtf(#[source] LayoutError),
-    #[error("opening the kernel programs object: {0}")]
-    Open(#[source] ProgramsError),
     #[error("loading the IPVS program: {0}")]
     Program(#[source] ProgramError),
     #[error("the kernel programs object has no {0}: agent built from mismatched sources")]

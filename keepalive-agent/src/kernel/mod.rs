@@ -37,6 +37,16 @@ pub(crate) enum SessionError {
     Hz(#[from] HzError),
 }
 
+/// Why a one-off read of IPVS's TCP timeout failed: the programs object did not open, or the
+/// IPVS program did not answer. Here rather than in [`ipvs`], which the program loader imports.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum IpvsReadError {
+    #[error("opening the kernel programs object: {0}")]
+    Open(#[source] ProgramsError),
+    #[error(transparent)]
+    Read(#[from] ipvs::TimeoutError),
+}
+
 /// Gives freed heap pages back to the kernel. A BTF parse allocates tens of MiB in small pieces
 /// and frees them below longer-lived allocations, where glibc keeps them resident until asked;
 /// called after each parse is dropped, so start-up does not hold two parses' worth at once.
@@ -139,9 +149,9 @@ impl Session {
 
     /// IPVS's TCP established timeout in the host's network namespace, read once by the IPVS
     /// program ([`ipvs::IpvsProgram`]), for commands that do not keep the programs loaded.
-    pub(crate) fn ipvs_tcp_timeout(&self) -> Result<ipvs::TcpTimeout, ipvs::TimeoutError> {
-        let mut ebpf = self.open_for_one_off().map_err(ipvs::TimeoutError::Open)?;
-        ipvs::IpvsProgram::load(&mut ebpf)?.read()
+    pub(crate) fn ipvs_tcp_timeout(&self) -> Result<ipvs::TcpTimeout, IpvsReadError> {
+        let mut ebpf = self.open_for_one_off().map_err(IpvsReadError::Open)?;
+        Ok(ipvs::IpvsProgram::load(&mut ebpf)?.read()?)
     }
 
     /// Only the audit's walk, for a one-off audit: nothing is attached to a hook.
