@@ -7,13 +7,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::{btf, modules, output_text, write_atomically};
+use super::{btf, deb::fsys_tarfile, modules, output_text, write_atomically};
 use crate::{env, setup::Setup};
 
 /// A kernel of the matrix, ready to boot.
@@ -489,16 +489,6 @@ impl Apt {
     fn get_command(&self, setup: &Setup) -> Command {
         self.with_options(setup.env.command("apt-get"))
     }
-}
-
-/// `dpkg-deb --fsys-tarfile deb`, started: the package's files as a tar stream on its stdout.
-pub(super) fn fsys_tarfile(deb: &Path) -> Result<std::process::Child> {
-    Command::new("dpkg-deb")
-        .arg("--fsys-tarfile")
-        .arg(deb)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting dpkg-deb --fsys-tarfile")
 }
 
 /// `/boot/vmlinuz-<release>` out of a kernel package.

@@ -9,6 +9,8 @@
 //! `keepalive-agent/tests/btf/`, so layout code can be unit-tested against real kernels.
 
 mod btf;
+mod cpio;
+mod deb;
 mod fixtures;
 mod initramfs;
 mod kernels;

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::{initramfs, kernels::fsys_tarfile, write_atomically};
+use super::{cpio, deb::fsys_tarfile, write_atomically};
 
 /// What the guest's IPVS scenario needs: IPVS, and the scheduler of the service it adds.
 const WANTED: [&str; 2] = ["ip_vs", "ip_vs_rr"];
@@ -56,14 +56,14 @@ pub(super) fn ipvs_archive(deb: &Path, release: &str, out: &Path) -> Result<()> 
         "the IPVS modules of {release} depend more than {MAX_LEVELS} levels deep"
     );
     let order = load_order(&found)?;
-    let mut archive = initramfs::Newc::default();
+    let mut archive = cpio::Newc::default();
     archive.dir("lib");
     archive.dir(GUEST_DIR);
     for (i, module) in order.iter().enumerate() {
         let (ko, _) = &found[module];
         archive.file(&format!("{GUEST_DIR}/{i:02}-{module}.ko"), ko, 0o644);
     }
-    let gz = initramfs::gzip(&archive.finish())?;
+    let gz = cpio::gzip(&archive.finish())?;
     write_atomically(out, &gz)?;
     println!(
         "IPVS modules for {release}: {} ({} KiB)",
