@@ -185,6 +185,15 @@ fn main() -> anyhow::Result<()> {
     }
     let busy = measure(&ids, &agent, phase)?;
     drop(pairs);
+    // The two phases are solved for the two paths' costs by the agent's count of keepalive
+    // expiries; without any, the system has no solution and the table would print NaN.
+    if busy.keepalive_hits == 0 {
+        bail!(
+            "the agent reported no keepalive expiry while {connections} connections probed for \
+             {seconds} s (keepalive_agent_events_total{{kind=\"keepalive_timer\"}} did not grow): \
+             are its records decoded? see its log"
+        );
+    }
 
     let (filtered_entry, keepalive_entry) = solve(&idle, &busy, |p| p.entry);
     let (filtered_exit, keepalive_exit) = solve(&idle, &busy, |p| p.exit);
