@@ -3,7 +3,7 @@
 //! property the rest of the agent relies on, so a fuzz run finds wrong answers, not only
 //! panics. Built only with the `fuzzing` feature.
 
-use std::{path::Path, str::FromStr as _};
+use std::str::FromStr as _;
 
 use crate::{
     attribution, cmd, export, kernel,
@@ -99,7 +99,7 @@ pub fn proc_text(text: &str) {
         );
         let _ = mount;
     }
-    let _ = attribution::process::parse_socket_link(Path::new(text));
+    let _ = attribution::process::parse_socket_target(text.as_bytes());
 }
 
 /// The flags that take structured text: what a parser accepts, the agent must be able to use

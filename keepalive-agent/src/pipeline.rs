@@ -258,7 +258,12 @@ impl Pipeline {
             });
         }
         let count = if outcome.probe_sent {
-            self.metrics.probe_sent(expiry.endpoints.netns);
+            // Once per connection, not per probe: a namespace's series and the table's
+            // connections in it are forgotten together, so a namespace whose histograms were
+            // removed has no connection left that probed.
+            if outcome.first_probe {
+                self.metrics.probe_sent(expiry.endpoints.netns);
+            }
             Count::Probe
         } else {
             Count::Seen
@@ -769,6 +774,16 @@ mod tests {
             .is_some_and(|n| n != "0")
     }
 
+    /// Whether the namespace's keepalive-timeout detection histogram exists (at 0 or not).
+    fn detection_exists(metrics: &PipelineMetrics, netns: u32) -> bool {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("d", "", metrics.detection.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let count = format!("d_count{{netns=\"{netns}\",reason=\"keepalive_timeout\"}} ");
+        text.lines().any(|line| line.starts_with(&count))
+    }
+
     /// Namespace `cookie` (inode NETNS) sends `probes` probes on connection `sk`, then the
     /// connection times out.
     fn probes_then_timeout(pipeline: &Pipeline, cookie: u64, sk: u64, probes: u8) {
@@ -911,6 +926,34 @@ mod tests {
         probes_then_timeout(&pipeline, 0, 1, 3);
         probes_then_timeout(&pipeline, 0, 2, 2);
         assert_eq!(probes_of(&metrics, NETNS), Some(5));
+    }
+
+    #[test]
+    fn detection_histograms_exist_from_the_first_probe_and_again_after_the_namespace_was_forgotten()
+    {
+        let (pipeline, _table, metrics) = pipeline_with_table();
+        let retention = pipeline.namespace_retention(Duration::from_secs(300));
+        let probe = |before: u8| {
+            let mut rec = record(RecordKind::KeepaliveTimer, before, before + 1, 0);
+            rec.netns_cookie = 100;
+            pipeline.handle(&decoder::encode(&rec));
+        };
+        // An idle expiry before the first probe leaves the connection out of the table.
+        let mut idle = record(RecordKind::KeepaliveTimer, 0, 0, 0);
+        idle.netns_cookie = 100;
+        pipeline.handle(&decoder::encode(&idle));
+        assert!(!detection_exists(&metrics, NETNS));
+        probe(0);
+        assert!(detection_exists(&metrics, NETNS));
+        probe(1);
+        // The namespace's series go with its connections; the same connection's next probe
+        // makes them again (it enters the table anew), not only a new connection's.
+        let later = Instant::now() + Duration::from_secs(300);
+        assert_eq!(retention.sweep(later), HashSet::from([NETNS]));
+        assert!(!detection_exists(&metrics, NETNS));
+        probe(2);
+        assert!(detection_exists(&metrics, NETNS));
+        assert!(!has_detection(&metrics, NETNS));
     }
 
     #[test]

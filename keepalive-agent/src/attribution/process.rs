@@ -2,8 +2,10 @@
 
 use std::{
     collections::HashMap,
+    ffi::CStr,
     fs,
-    path::{Path, PathBuf},
+    os::{fd::AsRawFd, unix::ffi::OsStringExt},
+    path::PathBuf,
     time::Instant,
 };
 
@@ -24,8 +26,9 @@ pub(super) struct Process {
 #[derive(Debug)]
 pub(super) struct ProcessResolver {
     proc_root: PathBuf,
-    /// socket inode → pid (the lowest pid when several processes share the socket).
-    owners: HashMap<u64, u32>,
+    /// socket inode → pid (the lowest pid when several processes share the socket); a whole-host
+    /// rescan fills it with every socket on the node, so foldhash rather than SipHash.
+    owners: HashMap<u64, u32, foldhash::quality::RandomState>,
     last_scan: Option<Instant>,
 }
 
@@ -33,7 +36,7 @@ impl ProcessResolver {
     pub(super) fn new(proc_root: PathBuf) -> Self {
         Self {
             proc_root,
-            owners: HashMap::new(),
+            owners: HashMap::default(),
             last_scan: None,
         }
     }
@@ -98,7 +101,7 @@ impl ProcessResolver {
             return None;
         }
         self.last_scan = Some(now);
-        let mut owners = HashMap::new();
+        let mut owners = HashMap::default();
         let mut pids: Vec<u32> = fs::read_dir(&self.proc_root)
             .into_iter()
             .flatten()
@@ -128,22 +131,42 @@ impl ProcessResolver {
     }
 
     /// Socket inodes among the process's descriptors (none if it is gone or not readable).
+    /// Each link is read relative to the open directory: `readlink` of the whole path would
+    /// walk `/proc/PID/fd/N` from the root again for every descriptor, and a process holding
+    /// tens of thousands of sockets is read whole.
     fn sockets_of(&self, pid: u32) -> impl Iterator<Item = u64> {
         let fd_dir = self.proc_root.join(pid.to_string()).join("fd");
-        fs::read_dir(fd_dir)
+        let dir = fs::File::open(&fd_dir).ok();
+        let entries = dir.as_ref().and_then(|_| fs::read_dir(&fd_dir).ok());
+        entries
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|entry| parse_socket_link(&fs::read_link(entry.path()).ok()?))
+            .filter_map(move |entry| {
+                let dir = dir.as_ref()?;
+                let mut name = entry.file_name().into_vec();
+                name.push(0);
+                let name = CStr::from_bytes_with_nul(&name).ok()?;
+                // `socket:[` and a u64's 20 digits fit; a longer target is no socket.
+                let mut target = [0u8; 64];
+                // SAFETY: `name` is NUL-terminated and `target` is writable for its length.
+                let len = unsafe {
+                    libc::readlinkat(
+                        dir.as_raw_fd(),
+                        name.as_ptr(),
+                        target.as_mut_ptr().cast(),
+                        target.len(),
+                    )
+                };
+                parse_socket_target(target.get(..usize::try_from(len).ok()?)?)
+            })
     }
 }
 
-/// `socket:[12345]` → 12345.
-pub(crate) fn parse_socket_link(target: &Path) -> Option<u64> {
-    target
-        .to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
+/// A descriptor's link target `socket:[12345]` → 12345.
+pub(crate) fn parse_socket_target(target: &[u8]) -> Option<u64> {
+    std::str::from_utf8(target.strip_prefix(b"socket:[")?.strip_suffix(b"]")?)
+        .ok()?
         .parse()
         .ok()
 }

@@ -43,8 +43,39 @@ impl Throughput {
 /// before the clock starts.
 pub fn pipeline_throughput(connections: u32, resets_per_connection: u32) -> Throughput {
     let records = records(connections, resets_per_connection);
+    run(&records, NonZeroUsize::new(100_000).expect("non-zero"))
+}
+
+/// The synchronized bench's shape in userspace: `connections` connections in one namespace,
+/// each probing once a second for `rounds` seconds against a peer that answers (every expiry
+/// sends a probe and finds the last one answered), in the same order every round. Unlike
+/// [`pipeline_throughput`], whose connections each live for four records, every record finds
+/// its connection among `connections` live ones, as on a node with that many keepalive sockets.
+pub fn probing_throughput(connections: u32, rounds: u32) -> Throughput {
+    let mut records = Vec::with_capacity(connections as usize * rounds as usize);
+    for _ in 0..rounds {
+        for n in 0..connections {
+            let sk = 0xffff_8880_0000_0000 + u64::from(n) * 0x1000;
+            let mut rec = record(sk, n, RecordKind::KeepaliveTimer);
+            // Every connection in one namespace, as the bench's children hold them.
+            (rec.netns, rec.netns_cookie) = (4026531840, 1);
+            rec.probes_out_before = 0;
+            rec.probes_out_after = 1;
+            rec.probes_sent = 1;
+            records.push(encode(&rec));
+        }
+    }
+    run(
+        &records,
+        NonZeroUsize::new((connections as usize).max(65_536)).expect("non-zero"),
+    )
+}
+
+/// Feeds `records` to a pipeline configured as `run` is by default (aggregates counted by the
+/// kernel), with a connection table tracking at most `max_tracked`, and times it.
+fn run(records: &[Vec<u8>], max_tracked: NonZeroUsize) -> Throughput {
     let table = Arc::new(Mutex::new(ConnectionTable::new(
-        NonZeroUsize::new(100_000).expect("non-zero"),
+        max_tracked,
         10_000,
         Duration::from_secs(600),
     )));
@@ -62,7 +93,7 @@ pub fn pipeline_throughput(connections: u32, resets_per_connection: u32) -> Thro
     let worker = worker.spawn(jobs).expect("spawning the attribution worker");
     let cpu_before = process_cpu();
     let start = Instant::now();
-    for record in &records {
+    for record in records {
         pipeline.handle(record);
     }
     drop(pipeline);

@@ -75,6 +75,8 @@ pub(crate) struct ExpiryOutcome {
     pub first_at_risk: bool,
     /// How many probes that answered streak had.
     pub answered_probes: u8,
+    /// The first probe the table counted for this connection since it entered.
+    pub first_probe: bool,
 }
 
 /// Which dropped list a drop goes to. Keepalive drops (and idle kills) are what an alert names;
@@ -196,6 +198,7 @@ impl ConnectionTable {
         // streak the next expiry reports as answered.
         let after = e.probes_out_after.unwrap_or(e.probes_out_before);
         state.streak_probes = after.max(e.probes_out_before.saturating_add(e.probes_sent));
+        let first_probe = probe_sent && state.probes_sent == 0;
         if probe_sent {
             state.probes_sent += u64::from(e.probes_sent);
         }
@@ -208,6 +211,7 @@ impl ConnectionTable {
             entered,
             first_at_risk,
             answered_probes,
+            first_probe,
         }
     }
 

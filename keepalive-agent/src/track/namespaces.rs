@@ -43,7 +43,8 @@ pub(crate) enum Sighting {
 /// Namespace identity by (inode, cookie), with the time each was last seen.
 #[derive(Debug, Default)]
 pub(crate) struct NamespaceIdentity {
-    known: HashMap<u32, Known>,
+    /// Looked up once per record: foldhash, not the standard SipHash, on the drain's path.
+    known: HashMap<u32, Known, foldhash::quality::RandomState>,
 }
 
 /// Whether two cookies can name the same namespace: equal, or one of them not generated (0).

@@ -15,7 +15,9 @@
 //!    alternating phases (`--rounds`; `--span-only` runs nothing else). Unlike the run-time
 //!    counters of 2, this does not charge the agent for the cache misses on the socket its
 //!    entry program takes first and the kernel's callback then does not.
-//! 4. Userspace: records through decode → track → classify → metrics, per second of CPU.
+//! 4. Userspace: records through decode → track → classify → metrics, per second of CPU; then
+//!    `--probing-connections` live connections probing every second against answering peers
+//!    (the synchronized run's records, without the kernel), per second of CPU.
 //! 5. Synchronized keepalive: `--sync-connections` connections (several sizes, comma
 //!    separated) that start probing in the same second, every second, against answering peers,
 //!    for `--sync-seconds`: the namespace's `TCPKeepAlive` against the agent's probe total,
@@ -67,6 +69,7 @@ fn main() -> anyhow::Result<()> {
     let mut rounds = 3usize;
     let mut churn_seconds = 2u64;
     let mut pipeline_connections = 50_000u32;
+    let mut probing_connections = 50_000u32;
     let mut sync_connections = vec![50_000usize, 100_000];
     let mut sync_seconds = 10u64;
     let mut span_connections = 5_000usize;
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             "--rounds" => rounds = value()?.parse()?,
             "--churn-seconds" => churn_seconds = value()?.parse()?,
             "--pipeline-connections" => pipeline_connections = value()?.parse()?,
+            "--probing-connections" => probing_connections = value()?.parse()?,
             "--sync-connections" => {
                 sync_connections = value()?
                     .split(',')
@@ -108,7 +112,8 @@ fn main() -> anyhow::Result<()> {
             }
             other => bail!(
                 "unknown argument {other}; flags: --connections N --seconds S --rounds N \
-                 --churn-seconds S --pipeline-connections N --sync-connections N[,N...] \
+                 --churn-seconds S --pipeline-connections N --probing-connections N \
+                 --sync-connections N[,N...] \
                  --sync-seconds S --span-connections N --span-only --churn-only --pipeline-only \
                  --empty-hooks TRACEPOINT[,TRACEPOINT...]"
             ),
@@ -123,7 +128,7 @@ fn main() -> anyhow::Result<()> {
         return expiry_span(rounds, span_connections, Duration::from_secs(seconds));
     }
     if pipeline_only {
-        pipeline(pipeline_connections);
+        pipeline(pipeline_connections, probing_connections);
         return Ok(());
     }
     if rounds > 0 {
@@ -230,7 +235,7 @@ fn main() -> anyhow::Result<()> {
         expiry_span(rounds, span_connections, phase)?;
     }
 
-    pipeline(pipeline_connections);
+    pipeline(pipeline_connections, probing_connections);
 
     if !sync_connections.is_empty() {
         println!(
@@ -238,7 +243,7 @@ fn main() -> anyhow::Result<()> {
              probing (agent with default flags, --connections.max-tracked raised to the count)"
         );
         println!(
-            "| connections | TCPKeepAlive | agent probes | short | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core) | agent RSS | uncounted by the programs, skipped runs |"
+            "| connections | TCPKeepAlive | agent probes | short | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core; of it, the attribution worker) | agent RSS | uncounted by the programs, skipped runs |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for &n in &sync_connections {
@@ -425,6 +430,7 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         &[] as &[(&str, &str)],
     );
     let cpu_before = cpu_ticks(agent.pid())?;
+    let attribution_before = attribution_ticks(agent.pid())?;
     let signal_agent = |signal: libc::c_int| -> anyhow::Result<()> {
         // SAFETY: kill has no memory preconditions; the pid is our own child's.
         if unsafe { libc::kill(agent.pid() as libc::pid_t, signal) } != 0 {
@@ -444,6 +450,7 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     }
     std::thread::sleep(length);
     let cpu = cpu_ticks(agent.pid())? - cpu_before;
+    let attribution = attribution_ticks(agent.pid())? - attribution_before;
     let rss = vm_rss_kib(agent.pid())?;
     // Closing stdin ends the children; their sockets close and probing stops.
     for child in &mut children {
@@ -476,7 +483,8 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = match during {
         AgentDuringSync::Running => {
-            format!("{:.1} %", cpu as f64 / hz / length.as_secs_f64() * 100.0)
+            let percent = |ticks: u64| ticks as f64 / hz / length.as_secs_f64() * 100.0;
+            format!("{:.1} % ({:.1} %)", percent(cpu), percent(attribution))
         }
         AgentDuringSync::Stopped => "stopped".to_owned(),
     };
@@ -491,7 +499,24 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
 
 /// User plus system clock ticks of a process.
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_ticks(&format!("/proc/{pid}/stat"))
+}
+
+/// User plus system clock ticks of the agent's attribution worker (its thread named
+/// `attribution`): owner lookups, which read `/proc` and the cgroup tree, apart from the drain.
+fn attribution_ticks(pid: u32) -> anyhow::Result<u64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        if std::fs::read_to_string(task.join("comm"))?.trim_end() == "attribution" {
+            return stat_ticks(&task.join("stat").to_string_lossy());
+        }
+    }
+    bail!("the agent (pid {pid}) has no thread named attribution")
+}
+
+/// User plus system clock ticks from a `stat` file of `/proc` (a process's or a thread's).
+fn stat_ticks(path: &str) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -889,7 +914,7 @@ impl Drop for BpfStats {
 }
 
 /// The userspace pipeline over records built in memory: records per second of process CPU.
-fn pipeline(connections: u32) {
+fn pipeline(connections: u32, probing: u32) {
     let run = keepalive_agent::pipeline_throughput(connections, 5);
     println!(
         "userspace pipeline (decode → track → classify → metrics, attribution worker included): \
@@ -899,5 +924,20 @@ fn pipeline(connections: u32) {
         run.cpu.as_secs_f64(),
         run.wall.as_secs_f64(),
         run.per_core_second()
+    );
+    if probing == 0 {
+        return;
+    }
+    const ROUNDS: u32 = 10;
+    let run = keepalive_agent::probing_throughput(probing, ROUNDS);
+    println!(
+        "userspace, {probing} live connections probing every second, answered ({ROUNDS} rounds): \
+         {} records in {:.2} s CPU ({:.2} s wall): {:.0} events/s per core, {:.1} % of a core \
+         at {probing} probes/s",
+        run.records,
+        run.cpu.as_secs_f64(),
+        run.wall.as_secs_f64(),
+        run.per_core_second(),
+        f64::from(probing) / run.per_core_second() * 100.0
     );
 }
