@@ -26,6 +26,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 pub use cgroup::system_cgroup2_mount;
 use cgroup::{CgroupNames, CgroupResolver};
 use process::ProcessResolver;
@@ -89,6 +91,21 @@ impl Attributor {
         Self {
             cgroups: CgroupResolver::new(cgroup_root),
             processes: Mutex::new(ProcessResolver::new(proc_root)),
+        }
+    }
+
+    /// Bounds the CPU that process lookups spend reading `/proc/PID/fd` (the daemon's; a
+    /// one-off listing reads what it needs): misses that found the budget spent leave the
+    /// process unknown and count in `deferred`.
+    pub(crate) fn with_process_read_budget(self, deferred: Counter) -> Self {
+        let processes = self
+            .processes
+            .into_inner()
+            .expect("process resolver lock poisoned")
+            .with_read_budget(deferred);
+        Self {
+            processes: Mutex::new(processes),
+            ..self
         }
     }
 

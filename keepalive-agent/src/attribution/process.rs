@@ -6,14 +6,24 @@ use std::{
     fs,
     os::{fd::AsRawFd, unix::ffi::OsStringExt},
     path::PathBuf,
-    time::Instant,
+    time::{Duration, Instant},
 };
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::MIN_RESCAN_INTERVAL;
 
 /// More cached socket owners than this and the process cache starts over, and a rescan keeps
 /// no more (a node with that many sockets re-reads `/proc` anyway on the next miss).
 const MAX_CACHED_SOCKETS: usize = 1 << 20;
+
+/// Descriptor tables read on a miss may take this share of one core on average...
+const READ_SHARE: f64 = 0.05;
+/// ...with bursts up to this. A process holding 100 000 sockets takes a good part of a second to
+/// read, and each new connection of it that misses the cache would read it whole again (the
+/// candidates are not rate limited, and a busy node's whole-host rescan can take longer than
+/// [`MIN_RESCAN_INTERVAL`]).
+const READ_BURST: Duration = Duration::from_millis(100);
 
 /// The process holding a socket open.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +40,33 @@ pub(super) struct ProcessResolver {
     /// rescan fills it with every socket on the node, so foldhash rather than SipHash.
     owners: HashMap<u64, u32, foldhash::quality::RandomState>,
     last_scan: Option<Instant>,
+    /// With a read budget ([`Self::with_read_budget`]), the time left for reading descriptor
+    /// tables.
+    budget: Option<ReadBudget>,
+}
+
+/// A token bucket of CPU time for reading descriptor tables.
+#[derive(Debug)]
+struct ReadBudget {
+    share: f64,
+    burst: f64,
+    /// Seconds of reading allowed now; below 0 after a read that took more than was left.
+    balance: f64,
+    refilled: Option<Instant>,
+    /// Misses that read nothing because the budget was spent.
+    deferred: Counter,
+}
+
+impl ReadBudget {
+    /// Whether a read may start `now`.
+    fn allows(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.refilled {
+            let earned = now.saturating_duration_since(last).as_secs_f64() * self.share;
+            self.balance = (self.balance + earned).min(self.burst);
+        }
+        self.refilled = Some(now);
+        self.balance >= 0.0
+    }
 }
 
 impl ProcessResolver {
@@ -38,7 +75,27 @@ impl ProcessResolver {
             proc_root,
             owners: HashMap::default(),
             last_scan: None,
+            budget: None,
         }
+    }
+
+    /// Bounds the time spent reading descriptor tables to [`READ_SHARE`] of a core, with bursts
+    /// up to [`READ_BURST`]: for the daemon; a one-off listing reads what it needs. Misses that
+    /// find the budget spent are counted in `deferred`, and their owner stays unknown (a
+    /// keepalive drop looks again at its close).
+    pub(super) fn with_read_budget(self, deferred: Counter) -> Self {
+        self.with_budget(READ_SHARE, READ_BURST, deferred)
+    }
+
+    fn with_budget(mut self, share: f64, burst: Duration, deferred: Counter) -> Self {
+        self.budget = Some(ReadBudget {
+            share,
+            burst: burst.as_secs_f64(),
+            balance: burst.as_secs_f64(),
+            refilled: None,
+            deferred,
+        });
+        self
     }
 
     /// The process that has the socket open. On a miss, looks first among `candidates` (the
@@ -55,9 +112,22 @@ impl ProcessResolver {
         }
         let pid = match self.owners.get(&socket_ino) {
             Some(&pid) => Some(pid),
-            None => self
-                .search(socket_ino, candidates)
-                .or_else(|| self.rescan(socket_ino, now)),
+            None => {
+                if let Some(budget) = &mut self.budget
+                    && !budget.allows(now)
+                {
+                    budget.deferred.inc();
+                    return None;
+                }
+                let started = Instant::now();
+                let found = self
+                    .search(socket_ino, candidates)
+                    .or_else(|| self.rescan(socket_ino, now));
+                if let Some(budget) = &mut self.budget {
+                    budget.balance -= started.elapsed().as_secs_f64();
+                }
+                found
+            }
         }?;
         let comm = crate::files::read_string_bounded(
             &self.proc_root.join(pid.to_string()).join("comm"),
@@ -227,5 +297,41 @@ mod tests {
                 comm: None
             })
         );
+    }
+
+    #[test]
+    fn with_a_read_budget_a_miss_soon_after_a_read_reads_nothing_and_is_counted() {
+        let scratch = Scratch::new("proc-budget");
+        let proc_root = &scratch.0;
+        fake_process(proc_root, 300, "worker", &[1001]);
+        let deferred = Counter::default();
+        // No burst: any read spends more than there is, until the share earns it back.
+        let mut resolver = ProcessResolver::new(proc_root.clone()).with_budget(
+            READ_SHARE,
+            Duration::ZERO,
+            deferred.clone(),
+        );
+        let t0 = Instant::now();
+        assert_eq!(resolver.owner(1001, &[300], t0).map(|p| p.pid), Some(300));
+
+        // The read above took some time: a miss at the same moment waits for the budget...
+        fake_process(proc_root, 400, "late", &[1002]);
+        assert_eq!(resolver.owner(1002, &[400], t0), None);
+        assert_eq!(deferred.get(), 1);
+        // ...a cached socket does not...
+        assert_eq!(resolver.owner(1001, &[], t0).map(|p| p.pid), Some(300));
+        assert_eq!(deferred.get(), 1);
+        // ...and once the share has earned the read's time back, the miss reads.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(
+            resolver.owner(1002, &[400], later).map(|p| p.pid),
+            Some(400)
+        );
+        assert_eq!(deferred.get(), 1);
+
+        // Without a budget (one-off listings), misses always read.
+        let mut unbounded = ProcessResolver::new(proc_root.clone());
+        assert_eq!(unbounded.owner(1001, &[300], t0).map(|p| p.pid), Some(300));
+        assert_eq!(unbounded.owner(1002, &[400], t0).map(|p| p.pid), Some(400));
     }
 }

@@ -384,7 +384,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     // One attributor (one set of caches) for the pipeline and the audit, which counts sockets
     // under the same label sets as the probe and drop counters.
-    let attributor = Arc::new(Attributor::new(cgroup_root, config.proc_root.clone()));
+    let attributor = Arc::new(
+        Attributor::new(cgroup_root, config.proc_root.clone())
+            .with_process_read_budget(pipeline_metrics.process_lookups_deferred.clone()),
+    );
     let audit_group = {
         let aggregate_by = config.aggregate_by.clone();
         let attributor = Arc::clone(&attributor);

@@ -120,6 +120,8 @@ pub(crate) struct PipelineMetrics {
     pub events_dropped: Counter,
     /// Owner lookups the attribution worker's full queue could not take.
     pub attribution_requests_dropped: Counter,
+    /// Process lookups that read nothing: `/proc/PID/fd` reads had spent their share of a core.
+    pub process_lookups_deferred: Counter,
     pub detection: Family<DropLabels, Histogram, fn() -> Histogram>,
     /// Namespaces whose series were removed, by cause.
     pub namespaces_forgotten: Family<ForgetLabels, Counter>,
@@ -154,6 +156,7 @@ impl Default for PipelineMetrics {
             events_written: Counter::default(),
             events_dropped: Counter::default(),
             attribution_requests_dropped: Counter::default(),
+            process_lookups_deferred: Counter::default(),
             detection: Family::new_with_constructor(|| {
                 Histogram::new(DETECTION_BUCKETS.iter().copied())
             }),
@@ -496,6 +499,11 @@ pub(crate) fn registry(
         "keepalive_agent_attribution_requests_dropped",
         "Owner lookups not made because the attribution queue was full (slow /proc or cgroup tree): those records were handled without their owner",
         pipeline.attribution_requests_dropped.clone(),
+    );
+    registry.register(
+        "keepalive_agent_process_lookups_deferred",
+        "Socket owner lookups that read no /proc/PID/fd because those reads had used their share of a core (5 % on average, bursts up to 100 ms): the process stays unknown (a keepalive drop is looked up again at its close)",
+        pipeline.process_lookups_deferred.clone(),
     );
     registry.register(
         "keepalive_agent_hook_attached",
