@@ -761,9 +761,9 @@ mod tests {
             .map(|c| c.get())
     }
 
-    /// Whether the namespace's keepalive-timeout detection histogram has an observation (the
-    /// series itself exists at 0 from the namespace's first record).
-    fn has_detection(metrics: &PipelineMetrics, netns: u32) -> bool {
+    /// The observation count of the namespace's keepalive-timeout detection histogram; `None`
+    /// when the series does not exist (it is made at 0 by the namespace's first probe).
+    fn detection_count(metrics: &PipelineMetrics, netns: u32) -> Option<u64> {
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register("d", "", metrics.detection.clone());
         let mut text = String::new();
@@ -771,17 +771,12 @@ mod tests {
         let count = format!("d_count{{netns=\"{netns}\",reason=\"keepalive_timeout\"}} ");
         text.lines()
             .find_map(|line| line.strip_prefix(&count))
-            .is_some_and(|n| n != "0")
+            .map(|n| n.parse().expect("a count"))
     }
 
-    /// Whether the namespace's keepalive-timeout detection histogram exists (at 0 or not).
-    fn detection_exists(metrics: &PipelineMetrics, netns: u32) -> bool {
-        let mut registry = prometheus_client::registry::Registry::default();
-        registry.register("d", "", metrics.detection.clone());
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
-        let count = format!("d_count{{netns=\"{netns}\",reason=\"keepalive_timeout\"}} ");
-        text.lines().any(|line| line.starts_with(&count))
+    /// Whether the namespace's keepalive-timeout detection histogram has an observation.
+    fn has_detection(metrics: &PipelineMetrics, netns: u32) -> bool {
+        detection_count(metrics, netns).is_some_and(|n| n > 0)
     }
 
     /// Namespace `cookie` (inode NETNS) sends `probes` probes on connection `sk`, then the
@@ -942,17 +937,17 @@ mod tests {
         let mut idle = record(RecordKind::KeepaliveTimer, 0, 0, 0);
         idle.netns_cookie = 100;
         pipeline.handle(&decoder::encode(&idle));
-        assert!(!detection_exists(&metrics, NETNS));
+        assert!(detection_count(&metrics, NETNS).is_none());
         probe(0);
-        assert!(detection_exists(&metrics, NETNS));
+        assert!(detection_count(&metrics, NETNS).is_some());
         probe(1);
         // The namespace's series go with its connections; the same connection's next probe
         // makes them again (it enters the table anew), not only a new connection's.
         let later = Instant::now() + Duration::from_secs(300);
         assert_eq!(retention.sweep(later), HashSet::from([NETNS]));
-        assert!(!detection_exists(&metrics, NETNS));
+        assert!(detection_count(&metrics, NETNS).is_none());
         probe(2);
-        assert!(detection_exists(&metrics, NETNS));
+        assert!(detection_count(&metrics, NETNS).is_some());
         assert!(!has_detection(&metrics, NETNS));
     }
 
