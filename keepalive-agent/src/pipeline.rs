@@ -1230,6 +1230,8 @@ mod tests {
         settled: bool,
         lookups: std::sync::atomic::AtomicUsize,
         process_lookups: std::sync::atomic::AtomicUsize,
+        /// Process lookups that find no process before one does.
+        processes_missed: usize,
     }
 
     impl CountingCgroups {
@@ -1238,6 +1240,7 @@ mod tests {
                 settled,
                 lookups: std::sync::atomic::AtomicUsize::new(0),
                 process_lookups: std::sync::atomic::AtomicUsize::new(0),
+                processes_missed: 0,
             })
         }
 
@@ -1270,10 +1273,11 @@ mod tests {
         }
 
         fn everything(&self, owner: &SocketOwner) -> Workload {
-            self.process_lookups
+            let before = self
+                .process_lookups
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Workload {
-                pid: Some(77),
+                pid: (before >= self.processes_missed).then_some(77),
                 ..self.cgroup(owner)
             }
         }
@@ -1305,6 +1309,45 @@ mod tests {
     fn a_reset_close_wakes_the_worker_only_when_its_cgroup_is_not_cached_yet() {
         assert_eq!(cgroup_lookups_for_reset_closes(false), 5);
         assert_eq!(cgroup_lookups_for_reset_closes(true), 0);
+    }
+
+    #[test]
+    fn a_live_connection_whose_process_was_not_found_is_looked_up_again_at_its_next_unanswered_probe()
+     {
+        let resolver = Arc::new(CountingCgroups {
+            processes_missed: 1,
+            ..Arc::into_inner(CountingCgroups::new(false)).unwrap()
+        });
+        let table = table();
+        let pipeline = pipeline(
+            Arc::clone(&table),
+            PipelineMetrics::default(),
+            resolver.clone(),
+        );
+        let (worker, jobs) = pipeline.take_worker();
+        let worker = worker.spawn(jobs).unwrap();
+        let expiry = RecordKind::KeepaliveTimer;
+        let settle = |want: (usize, usize)| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while resolver.counts() != want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            resolver.counts()
+        };
+        pipeline.handle(&record_bytes(expiry, 0, 1, 0));
+        // The first unanswered probe: the lookup finds no process (a spent /proc budget)...
+        pipeline.handle(&record_bytes(expiry, 1, 2, 0));
+        assert_eq!(settle((2, 1)), (2, 1));
+        let pid = || table.lock().unwrap().live_mut(1).unwrap().workload.pid;
+        assert_eq!(pid(), None);
+        // ...so the next one asks again and finds it; later ones do not ask.
+        pipeline.handle(&record_bytes(expiry, 2, 3, 0));
+        assert_eq!(settle((3, 2)), (3, 2));
+        assert_eq!(pid(), Some(77));
+        pipeline.handle(&record_bytes(expiry, 3, 4, 0));
+        drop(pipeline);
+        worker.join().unwrap();
+        assert_eq!(resolver.counts(), (3, 2));
     }
 
     #[test]

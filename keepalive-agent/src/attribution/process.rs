@@ -81,8 +81,8 @@ impl ProcessResolver {
 
     /// Bounds the time spent reading descriptor tables to [`READ_SHARE`] of a core, with bursts
     /// up to [`READ_BURST`]: for the daemon; a one-off listing reads what it needs. Misses that
-    /// find the budget spent are counted in `deferred`, and their owner stays unknown (a
-    /// keepalive drop looks again at its close).
+    /// find the budget spent are counted in `deferred`, and their owner stays unknown (the
+    /// pipeline asks again at the connection's next unanswered probe, or its keepalive drop).
     pub(super) fn with_read_budget(self, deferred: Counter) -> Self {
         self.with_budget(READ_SHARE, READ_BURST, deferred)
     }

@@ -502,7 +502,7 @@ pub(crate) fn registry(
     );
     registry.register(
         "keepalive_agent_process_lookups_deferred",
-        "Socket owner lookups that read no /proc/PID/fd because those reads had used their share of a core (5 % on average, bursts up to 100 ms): the process stays unknown (a keepalive drop is looked up again at its close)",
+        "Socket owner lookups that read no /proc/PID/fd because those reads had used their share of a core (5 % on average, bursts up to 100 ms): the process stays unknown until the next unanswered probe or keepalive drop of the connection looks again",
         pipeline.process_lookups_deferred.clone(),
     );
     registry.register(

@@ -318,7 +318,7 @@ impl Worker {
                 } else {
                     self.resolver.cgroup(&owner)
                 };
-                self.tracker.set_workload(sk, &endpoints, workload);
+                self.tracker.set_workload(sk, &endpoints, workload, process);
             }
             Job::Count {
                 endpoints,

@@ -42,6 +42,7 @@ pub(crate) struct ConnectionState {
     /// An expiry found a probe unanswered. Only then is the owning process looked up for a
     /// live connection: finding it reads `/proc/PID/fd` (the kernel builds a dentry per
     /// descriptor), which would otherwise be done for every healthy keepalive connection.
+    /// Cleared when that lookup found no process, so the next unanswered probe asks again.
     pub at_risk_seen: bool,
 }
 

@@ -100,14 +100,25 @@ impl Tracker {
             .map(|state| state.workload.clone())
     }
 
-    /// Records the owner of a connection that entered the table. The lookup ran while the
-    /// table went on: if the connection has been dropped since, its dropped entry learns what
-    /// it did not know yet.
-    pub(crate) fn set_workload(&self, sk: u64, endpoints: &Endpoints, workload: Workload) {
+    /// Records the owner of a connection that entered the table or became at risk
+    /// (`process`: its process was looked for). The lookup ran while the table went on: if the
+    /// connection has been dropped since, its dropped entry learns what it did not know yet.
+    pub(crate) fn set_workload(
+        &self,
+        sk: u64,
+        endpoints: &Endpoints,
+        workload: Workload,
+        process: bool,
+    ) {
         let mut table = self.table();
         if let Some(state) = table.live_mut(sk)
             && state.endpoints == *endpoints
         {
+            if process && workload.pid.is_none() {
+                // Not found (the /proc read budget was spent, or the holder was not readable):
+                // the next unanswered probe asks again, each time within that budget.
+                state.at_risk_seen = false;
+            }
             state.workload = workload;
         } else if let Some(state) = table.dropped_mut(endpoints) {
             state.workload.fill_unknown_from(workload);
