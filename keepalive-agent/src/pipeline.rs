@@ -1251,6 +1251,30 @@ mod tests {
                 self.process_lookups.load(Relaxed),
             )
         }
+
+        /// The counts once they reach `want` (cgroup, process lookups) or 10 s have passed.
+        fn settle(&self, want: (usize, usize)) -> (usize, usize) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.counts() != want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.counts()
+        }
+    }
+
+    /// A pipeline over `table` asking `resolver`, with its attribution worker running.
+    fn with_worker(
+        table: &Arc<Mutex<ConnectionTable>>,
+        resolver: &Arc<CountingCgroups>,
+    ) -> (Pipeline, std::thread::JoinHandle<()>) {
+        let pipeline = pipeline(
+            Arc::clone(table),
+            PipelineMetrics::default(),
+            resolver.clone(),
+        );
+        let (worker, jobs) = pipeline.take_worker();
+        let worker = worker.spawn(jobs).unwrap();
+        (pipeline, worker)
     }
 
     /// A cgroup without a path: what the resolver finds for every owner.
@@ -1319,21 +1343,9 @@ mod tests {
             ..Arc::into_inner(CountingCgroups::new(false)).unwrap()
         });
         let table = table();
-        let pipeline = pipeline(
-            Arc::clone(&table),
-            PipelineMetrics::default(),
-            resolver.clone(),
-        );
-        let (worker, jobs) = pipeline.take_worker();
-        let worker = worker.spawn(jobs).unwrap();
+        let (pipeline, worker) = with_worker(&table, &resolver);
         let expiry = RecordKind::KeepaliveTimer;
-        let settle = |want: (usize, usize)| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while resolver.counts() != want && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            resolver.counts()
-        };
+        let settle = |want| resolver.settle(want);
         pipeline.handle(&record_bytes(expiry, 0, 1, 0));
         // The first unanswered probe: the lookup finds no process (a spent /proc budget)...
         pipeline.handle(&record_bytes(expiry, 1, 2, 0));
@@ -1354,21 +1366,9 @@ mod tests {
     fn a_live_connection_gets_its_process_looked_up_at_its_first_unanswered_probe_only() {
         let resolver = CountingCgroups::new(false);
         let table = table();
-        let pipeline = pipeline(
-            Arc::clone(&table),
-            PipelineMetrics::default(),
-            resolver.clone(),
-        );
-        let (worker, jobs) = pipeline.take_worker();
-        let worker = worker.spawn(jobs).unwrap();
+        let (pipeline, worker) = with_worker(&table, &resolver);
         let expiry = RecordKind::KeepaliveTimer;
-        let settle = |want: (usize, usize)| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while resolver.counts() != want && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            resolver.counts()
-        };
+        let settle = |want| resolver.settle(want);
         // Answered probes: the connection enters the table, its cgroup is looked up, no /proc.
         for _ in 0..3 {
             pipeline.handle(&record_bytes(expiry, 0, 1, 0));
