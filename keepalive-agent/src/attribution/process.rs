@@ -113,7 +113,11 @@ impl ProcessResolver {
         let pid = match self.owners.get(&socket_ino) {
             Some(&pid) => Some(pid),
             None => {
-                if let Some(budget) = &mut self.budget
+                // A miss that would read nothing anyway (no candidates, and the whole-host rescan
+                // not due) neither waits for the budget nor counts as deferred.
+                let reads = !candidates.is_empty() || self.rescan_due(now);
+                if reads
+                    && let Some(budget) = &mut self.budget
                     && !budget.allows(now)
                 {
                     budget.deferred.inc();
@@ -163,11 +167,14 @@ impl ProcessResolver {
         None
     }
 
+    /// Whether a whole-host rescan may run `now`: at most one per [`MIN_RESCAN_INTERVAL`].
+    fn rescan_due(&self, now: Instant) -> bool {
+        self.last_scan
+            .is_none_or(|last| now.duration_since(last) >= MIN_RESCAN_INTERVAL)
+    }
+
     fn rescan(&mut self, socket_ino: u64, now: Instant) -> Option<u32> {
-        if self
-            .last_scan
-            .is_some_and(|last| now.duration_since(last) < MIN_RESCAN_INTERVAL)
-        {
+        if !self.rescan_due(now) {
             return None;
         }
         self.last_scan = Some(now);
@@ -328,6 +335,16 @@ mod tests {
             Some(400)
         );
         assert_eq!(deferred.get(), 1);
+
+        // A miss with no candidates while the whole-host rescan is not due would read nothing:
+        // it is not counted as deferred; one with a candidate to read is.
+        let t1 = t0 + Duration::from_secs(120);
+        assert_eq!(resolver.owner(9999, &[], t1), None);
+        assert_eq!(deferred.get(), 1);
+        assert_eq!(resolver.owner(9998, &[], t1), None);
+        assert_eq!(deferred.get(), 1);
+        assert_eq!(resolver.owner(9998, &[400], t1), None);
+        assert_eq!(deferred.get(), 2);
 
         // Without a budget (one-off listings), misses always read.
         let mut unbounded = ProcessResolver::new(proc_root.clone());
