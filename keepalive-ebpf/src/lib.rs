@@ -534,6 +534,9 @@ pub mod record_flags {
     pub const EXIT_UNVERIFIED: u8 = 1 << 4;
     /// `SOCK_KEEPOPEN`: keepalive is enabled on the socket.
     pub const KEEPALIVE_ON: u8 = 1 << 5;
+    /// [`super::ExpiryRecord`] only: where its probes sent (0 to 2) are, as a number.
+    pub const PROBES_SENT_SHIFT: u8 = 6;
+    pub const PROBES_SENT_MASK: u8 = 0b11 << PROBES_SENT_SHIFT;
 }
 
 /// One ring-buffer record. Fixed size, no implicit padding, so both sides agree byte for byte.
@@ -696,20 +699,29 @@ fn own_or<T: Copy + Default + PartialEq>(own: T, namespace: T) -> T {
 
 /// One keepalive expiry as the timer's exit writes it to the ring buffer: only what the agent
 /// reads of an expiry, with the effective settings resolved in the kernel. The addresses come
-/// last and an IPv4 record stops after its 8 bytes of them, so an IPv4 expiry takes 88 bytes of
-/// the ring (80 and the ring's 8-byte header) where a [`SocketRecord`] takes 176: in a burst of
-/// tens of thousands of expiries in one jiffy, which the agent cannot drain while the timer
-/// softirq runs, the ring holds twice as many before it loses any.
+/// last and an IPv4 record stops after its 8 bytes of them, so an IPv4 expiry takes 72 bytes of
+/// the ring (64 and the ring's 8-byte header) where a [`SocketRecord`] takes 176. Every byte
+/// counts: the timer softirq runs a synchronized second's expiries in one go, tens of
+/// thousands, which the agent cannot drain while it runs; at 72 bytes the default 4 MiB ring
+/// holds 58 254 of them (50 000 connections probing together fit), at 80 it held 52 428 and at
+/// 88 (the layout before) 47 662. So what the length already says is not repeated: the layout is
+/// told apart from a [`SocketRecord`], and IPv4 from IPv6, by the record's length alone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExpiryRecord {
     /// As in [`SocketRecord`].
     pub sk: u64,
-    pub ktime_ns: u64,
     pub netns_cookie: u64,
     pub cgroup_id: u64,
-    pub socket_ino: u64,
+    /// `bpf_ktime_get_ns() >> EXPIRY_KTIME_SHIFT` (units of 1.024 µs), its low 32 bits: it
+    /// wraps every 73 minutes, and the agent, which reads a record within moments of its
+    /// writing, restores the rest from its own reading of the same clock.
+    pub ktime: u32,
     pub netns: u32,
+    /// The socket file's inode, 0 for orphans. Socket inodes come from `get_next_ino()`, which
+    /// is 32-bit on every kernel (`unsigned int`, so that 32-bit `stat` never overflows); one
+    /// that did not fit would be sent as 0, unknown, rather than cut.
+    pub socket_ino: u32,
     /// Effective `TCP_KEEPIDLE`/`TCP_KEEPINTVL` in jiffies: the socket's own, else the
     /// namespace's sysctl.
     pub idle_jiffies: u32,
@@ -719,24 +731,22 @@ pub struct ExpiryRecord {
     /// Host byte order.
     pub local_port: u16,
     pub remote_port: u16,
-    pub family: u16,
-    /// Always [`RecordKind::KeepaliveTimer`].
-    pub kind: u8,
-    /// TCP state at timer entry.
-    pub state: u8,
     /// As in [`SocketRecord`].
     pub probes_out_before: u8,
     pub probes_out_after: u8,
-    pub probes_sent: u8,
-    /// [`record_flags`].
+    /// [`record_flags`], with [`SocketRecord::probes_sent`] (0 to 2) in the bits of
+    /// [`record_flags::PROBES_SENT_MASK`].
     pub flags: u8,
     /// Effective `TCP_KEEPCNT`.
     pub probes: u8,
-    pub _pad: [u8; 3],
     /// Network byte order. IPv4: local in bytes 0..4, remote in 4..8 (and the record ends
     /// there); IPv6: local in 0..16, remote in 16..32.
     pub addrs: [u8; 32],
 }
+
+/// See [`ExpiryRecord::ktime`]: a shift, where a division by 1 000 would cost the timer's exit
+/// a 64-bit divide.
+pub const EXPIRY_KTIME_SHIFT: u32 = 10;
 
 impl ExpiryRecord {
     pub const SIZE: usize = core::mem::size_of::<Self>();
@@ -750,23 +760,29 @@ impl ExpiryRecord {
     #[inline(always)]
     pub fn fill_from(&mut self, rec: &SocketRecord) {
         self.sk = rec.sk;
-        self.ktime_ns = rec.ktime_ns;
         self.netns_cookie = rec.netns_cookie;
         self.cgroup_id = rec.cgroup_id;
-        self.socket_ino = rec.socket_ino;
+        self.ktime = (rec.ktime_ns >> EXPIRY_KTIME_SHIFT) as u32;
         self.netns = rec.netns;
+        self.socket_ino = if rec.socket_ino > u64::from(u32::MAX) {
+            0
+        } else {
+            rec.socket_ino as u32
+        };
         self.idle_jiffies = rec.idle_jiffies();
         self.interval_jiffies = rec.interval_jiffies();
         self.user_timeout_ms = rec.user_timeout_ms;
         self.local_port = rec.local_port;
         self.remote_port = rec.remote_port;
-        self.family = rec.family;
-        self.kind = RecordKind::KeepaliveTimer as u8;
-        self.state = rec.state;
         self.probes_out_before = rec.probes_out_before;
         self.probes_out_after = rec.probes_out_after;
-        self.probes_sent = rec.probes_sent;
-        self.flags = rec.flags;
+        let sent = if rec.probes_sent > 2 {
+            2
+        } else {
+            rec.probes_sent
+        };
+        self.flags =
+            (rec.flags & !record_flags::PROBES_SENT_MASK) | sent << record_flags::PROBES_SENT_SHIFT;
         self.probes = rec.probes();
         let from_local = (&raw const rec.local_addr).cast::<u64>();
         let from_remote = (&raw const rec.remote_addr).cast::<u64>();
@@ -797,10 +813,16 @@ impl ExpiryRecord {
         }
     }
 
-    /// How many of its bytes go into the ring buffer.
+    /// Probes sent in this expiry (see [`SocketRecord::probes_sent`]).
     #[inline(always)]
-    pub fn ring_len(&self) -> usize {
-        if self.family == AF_INET6 {
+    pub fn probes_sent(&self) -> u8 {
+        (self.flags & record_flags::PROBES_SENT_MASK) >> record_flags::PROBES_SENT_SHIFT
+    }
+
+    /// How many bytes of the record of a socket of `family` go into the ring buffer.
+    #[inline(always)]
+    pub fn ring_len(family: u16) -> usize {
+        if family == AF_INET6 {
             Self::IPV6_BYTES
         } else {
             Self::IPV4_BYTES
@@ -1200,8 +1222,9 @@ pub mod ipvs_status {
 
 const _: () = assert!(core::mem::size_of::<IpvsQuery>() == 56);
 const _: () = assert!(SocketRecord::SIZE == 168);
-const _: () = assert!(ExpiryRecord::SIZE == 104);
-const _: () = assert!(core::mem::offset_of!(ExpiryRecord, addrs) == 72);
+const _: () = assert!(ExpiryRecord::SIZE == 88);
+const _: () = assert!(ExpiryRecord::IPV4_BYTES == 64);
+const _: () = assert!(core::mem::offset_of!(ExpiryRecord, addrs) == 56);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, local_addr) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, remote_addr) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<AuditCursor>() == 56);

@@ -757,14 +757,15 @@ pub(crate) fn emit(rec: &SocketRecord) {
     output::<SocketRecord>(rec);
 }
 
-/// Sends a keepalive expiry to the agent: only its [`ExpiryRecord::ring_len`] bytes (an IPv4
-/// record stops after its addresses). Each branch passes a constant length, for the verifier.
+/// Sends the keepalive expiry of a socket of `family` to the agent: only its
+/// [`ExpiryRecord::ring_len`] bytes (an IPv4 record stops after its addresses). Each branch
+/// passes a constant length, for the verifier.
 #[inline(always)]
-pub(crate) fn emit_expiry(rec: &ExpiryRecord) {
+pub(crate) fn emit_expiry(rec: &ExpiryRecord, family: u16) {
     let bytes = (&raw const *rec).cast::<u8>();
     // SAFETY: both lengths are within the record (`IPV6_BYTES` is its size).
     let data = unsafe {
-        if rec.family == AF_INET6 {
+        if family == AF_INET6 {
             core::slice::from_raw_parts(bytes, ExpiryRecord::IPV6_BYTES)
         } else {
             core::slice::from_raw_parts(bytes, ExpiryRecord::IPV4_BYTES)

@@ -238,7 +238,7 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
         }
     }
     tctx.expiry.fill_from(&tctx.snapshot);
-    emit_expiry(&tctx.expiry);
+    emit_expiry(&tctx.expiry, tctx.snapshot.family);
     0
 }
 

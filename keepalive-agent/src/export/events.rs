@@ -25,7 +25,9 @@ use tokio::{signal::unix::Signal, sync::mpsc};
 use crate::{
     attribution::Workload,
     kernel::hz,
-    record::decoder::{CloseEvent, Endpoints, KeepaliveExpiry, KeepaliveSettings, SocketOwner},
+    record::decoder::{
+        CloseEvent, Endpoints, KeepaliveExpiry, KeepaliveSettings, KernelTime, SocketOwner,
+    },
     track::{classifier::DropReason, idle_kill::IdleKill},
 };
 
@@ -208,7 +210,7 @@ impl ConnectionEvent {
     ) -> Self {
         Self::new(
             event,
-            expiry.ktime_ns,
+            KernelTime::Expiry(expiry.ktime),
             &expiry.endpoints,
             expiry.owner,
             u64::from(probes),
@@ -232,7 +234,7 @@ impl ConnectionEvent {
             idle_before_death_seconds: Some(close.silent_seconds(hz)),
             ..Self::new(
                 event,
-                close.ktime_ns,
+                KernelTime::Ns(close.ktime_ns),
                 &close.endpoints,
                 close.owner,
                 probes_sent,
@@ -245,7 +247,7 @@ impl ConnectionEvent {
     /// The fields every event has; reason, error and silence are a close's.
     fn new(
         event: EventKind,
-        ktime_ns: u64,
+        ktime: KernelTime,
         e: &Endpoints,
         owner: SocketOwner,
         probes_sent: u64,
@@ -253,7 +255,7 @@ impl ConnectionEvent {
         keepalive: KeepaliveSeconds,
     ) -> Self {
         Self {
-            timestamp: rfc3339_from_ktime(ktime_ns),
+            timestamp: rfc3339_from_ktime(ktime),
             event,
             netns: e.netns,
             local_addr: e.local.ip(),
@@ -284,7 +286,7 @@ pub fn errno_name(errno: i32) -> String {
 
 /// The wall-clock time of a kernel `bpf_ktime_get_ns` stamp (CLOCK_MONOTONIC), so the line
 /// says when the kernel acted, not when the agent got round to it.
-pub(crate) fn rfc3339_from_ktime(ktime_ns: u64) -> String {
+pub(crate) fn rfc3339_from_ktime(ktime: KernelTime) -> String {
     let now = SystemTime::now();
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -294,8 +296,9 @@ pub(crate) fn rfc3339_from_ktime(ktime_ns: u64) -> String {
     let monotonic_ns = if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) } == 0 {
         ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     } else {
-        ktime_ns
+        return humantime::format_rfc3339_micros(now).to_string();
     };
+    let ktime_ns = ktime.ns(monotonic_ns);
     let age = Duration::from_nanos(monotonic_ns.saturating_sub(ktime_ns));
     // A record without a stamp would be decades old; fall back to now.
     let at = if ktime_ns == 0 { now } else { now - age };
@@ -807,9 +810,16 @@ mod tests {
             0
         );
         let ten_seconds_ago = (ts.tv_sec as u64 - 10) * 1_000_000_000 + ts.tv_nsec as u64;
-        let at = humantime::parse_rfc3339(&rfc3339_from_ktime(ten_seconds_ago)).unwrap();
-        let age = SystemTime::now().duration_since(at).unwrap().as_secs_f64();
-        assert!((age - 10.0).abs() < 1.0, "{age}");
+        // A close's whole stamp, and a keepalive expiry's 32 bits of it.
+        let stamps = [
+            KernelTime::Ns(ten_seconds_ago),
+            KernelTime::Expiry((ten_seconds_ago >> keepalive_ebpf::EXPIRY_KTIME_SHIFT) as u32),
+        ];
+        for stamp in stamps {
+            let at = humantime::parse_rfc3339(&rfc3339_from_ktime(stamp)).unwrap();
+            let age = SystemTime::now().duration_since(at).unwrap().as_secs_f64();
+            assert!((age - 10.0).abs() < 1.0, "{stamp:?}: {age}");
+        }
     }
 
     #[test]

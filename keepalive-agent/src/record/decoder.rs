@@ -3,7 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use keepalive_ebpf::{
-    AF_INET, AF_INET6, CloseContext, ExpiryRecord, RecordKind, SocketRecord, record_flags,
+    AF_INET, AF_INET6, CloseContext, EXPIRY_KTIME_SHIFT, ExpiryRecord, RecordKind, SocketRecord,
+    record_flags,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,7 +69,6 @@ pub struct KeepaliveExpiry {
     pub sk: u64,
     pub endpoints: Endpoints,
     pub owner: SocketOwner,
-    pub state: u8,
     /// `icsk_probes_out` when the timer started: probes still unanswered an interval later.
     pub probes_out_before: u8,
     /// `icsk_probes_out` when the timer finished, if it could be read safely.
@@ -78,7 +78,33 @@ pub struct KeepaliveExpiry {
     /// The connection was aborted inside this expiry.
     pub closed_in_timer: bool,
     pub settings: KeepaliveSettings,
-    pub ktime_ns: u64,
+    /// When it ran: [`ExpiryRecord::ktime`], see [`KernelTime::Expiry`].
+    pub ktime: u32,
+}
+
+/// When the kernel acted, on `bpf_ktime_get_ns`'s clock (`CLOCK_MONOTONIC`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KernelTime {
+    /// A close record's nanoseconds, whole.
+    Ns(u64),
+    /// A keepalive expiry's [`ExpiryRecord::ktime`]: the low 32 bits of its 1.024 µs units.
+    Expiry(u32),
+}
+
+impl KernelTime {
+    /// Nanoseconds on that clock, given a reading of it taken after the record was written
+    /// (for an expiry, less than 73 minutes after: its stamp wraps then). An expiry's is exact
+    /// to 1.024 µs.
+    pub(crate) fn ns(self, monotonic_now_ns: u64) -> u64 {
+        match self {
+            Self::Ns(ns) => ns,
+            Self::Expiry(stamp) => {
+                let now = monotonic_now_ns >> EXPIRY_KTIME_SHIFT;
+                let age = u64::from((now as u32).wrapping_sub(stamp));
+                now.saturating_sub(age) << EXPIRY_KTIME_SHIFT
+            }
+        }
+    }
 }
 
 impl KeepaliveExpiry {
@@ -228,7 +254,9 @@ impl Event {
 }
 
 /// One record as the ring buffer holds it: a [`SocketRecord`], or a keepalive expiry's
-/// [`ExpiryRecord`] (shorter for IPv4), told apart by their length.
+/// [`ExpiryRecord`] (shorter for IPv4), told apart by their length. An expiry's record has no
+/// kind or family of its own (its length says both), so any bytes of an expiry's two lengths
+/// decode.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     match bytes.len() {
         SocketRecord::SIZE => {
@@ -237,56 +265,33 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let rec: SocketRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
             decode_record(&rec)
         }
-        ExpiryRecord::IPV4_BYTES | ExpiryRecord::IPV6_BYTES => {
+        len @ (ExpiryRecord::IPV4_BYTES | ExpiryRecord::IPV6_BYTES) => {
             let mut rec = ExpiryRecord::default();
             // SAFETY: at most `ExpiryRecord::SIZE` bytes into a record of plain integers (any
             // bit pattern is valid); the rest stays 0.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    bytes.as_ptr(),
-                    (&raw mut rec).cast::<u8>(),
-                    bytes.len(),
-                );
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&raw mut rec).cast::<u8>(), len);
             }
-            decode_expiry(&rec, bytes.len())
+            Ok(decode_expiry(&rec, len))
         }
         other => Err(DecodeError::Size(other)),
     }
 }
 
-fn decode_expiry(rec: &ExpiryRecord, bytes: usize) -> Result<Event, DecodeError> {
-    if rec.kind != RecordKind::KeepaliveTimer as u8 {
-        return Err(match RecordKind::from_u8(rec.kind) {
-            Some(_) => DecodeError::Layout {
-                kind: rec.kind,
-                bytes,
-            },
-            None => DecodeError::Kind(rec.kind),
-        });
-    }
-    let (local, remote) = match rec.family {
-        AF_INET => {
-            let v4 = |at: usize| {
-                let a = &rec.addrs[at..at + 4];
-                IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
-            };
-            (v4(0), v4(4))
-        }
-        AF_INET6 => {
-            let v6 = |at: usize| {
-                let octets: [u8; 16] = rec.addrs[at..at + 16].try_into().expect("16 bytes");
-                IpAddr::V6(Ipv6Addr::from(octets))
-            };
-            (v6(0), v6(16))
-        }
-        other => return Err(DecodeError::Family(other)),
+fn decode_expiry(rec: &ExpiryRecord, bytes: usize) -> Event {
+    let (local, remote) = if bytes == ExpiryRecord::IPV6_BYTES {
+        let v6 = |at: usize| {
+            let octets: [u8; 16] = rec.addrs[at..at + 16].try_into().expect("16 bytes");
+            IpAddr::V6(Ipv6Addr::from(octets))
+        };
+        (v6(0), v6(16))
+    } else {
+        let v4 = |at: usize| {
+            let a = &rec.addrs[at..at + 4];
+            IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+        };
+        (v4(0), v4(4))
     };
-    if rec.ring_len() != bytes {
-        return Err(DecodeError::Layout {
-            kind: rec.kind,
-            bytes,
-        });
-    }
     let endpoints = Endpoints {
         netns: rec.netns,
         netns_cookie: rec.netns_cookie,
@@ -295,17 +300,16 @@ fn decode_expiry(rec: &ExpiryRecord, bytes: usize) -> Result<Event, DecodeError>
     };
     let flag = |bit: u8| rec.flags & bit != 0;
     let verified = !flag(record_flags::EXIT_UNVERIFIED) && !flag(record_flags::CLOSED_IN_TIMER);
-    Ok(Event::KeepaliveExpiry(KeepaliveExpiry {
+    Event::KeepaliveExpiry(KeepaliveExpiry {
         sk: rec.sk,
         endpoints,
         owner: SocketOwner {
             cgroup_id: rec.cgroup_id,
-            socket_ino: rec.socket_ino,
+            socket_ino: u64::from(rec.socket_ino),
         },
-        state: rec.state,
         probes_out_before: rec.probes_out_before,
         probes_out_after: verified.then_some(rec.probes_out_after),
-        probes_sent: if verified { rec.probes_sent } else { 0 },
+        probes_sent: if verified { rec.probes_sent() } else { 0 },
         closed_in_timer: flag(record_flags::CLOSED_IN_TIMER),
         settings: KeepaliveSettings {
             enabled: flag(record_flags::KEEPALIVE_ON),
@@ -314,8 +318,8 @@ fn decode_expiry(rec: &ExpiryRecord, bytes: usize) -> Result<Event, DecodeError>
             probes: rec.probes,
             user_timeout_ms: rec.user_timeout_ms,
         },
-        ktime_ns: rec.ktime_ns,
-    }))
+        ktime: rec.ktime,
+    })
 }
 
 fn decode_record(rec: &SocketRecord) -> Result<Event, DecodeError> {
@@ -394,7 +398,7 @@ pub(crate) fn encode(rec: &SocketRecord) -> Vec<u8> {
     if rec.kind == RecordKind::KeepaliveTimer as u8 {
         let mut expiry = ExpiryRecord::default();
         expiry.fill_from(rec);
-        bytes_of(&expiry, expiry.ring_len())
+        bytes_of(&expiry, ExpiryRecord::ring_len(rec.family))
     } else {
         bytes_of(rec, SocketRecord::SIZE)
     }
@@ -565,7 +569,9 @@ mod tests {
         let mut rec = record();
         rec.kind = 99;
         assert_eq!(decode(&encode(&rec)), Err(DecodeError::Kind(99)));
+        // An expiry's family is its length; a close record carries one.
         let mut rec = record();
+        rec.kind = RecordKind::Close as u8;
         rec.family = 1;
         assert_eq!(decode(&encode(&rec)), Err(DecodeError::Family(1)));
     }
@@ -586,7 +592,8 @@ mod tests {
     fn keepalive_expiries_travel_in_the_short_layout() {
         let v4 = encode(&record());
         assert_eq!(v4.len(), ExpiryRecord::IPV4_BYTES);
-        assert_eq!(ExpiryRecord::IPV4_BYTES, 80);
+        // 72 bytes of the ring with its header: 58 254 in 4 MiB.
+        assert_eq!(ExpiryRecord::IPV4_BYTES, 64);
         let mut rec = record();
         rec.family = AF_INET6;
         rec.local_addr = Ipv6Addr::LOCALHOST.octets();
@@ -601,27 +608,45 @@ mod tests {
         // Everything the agent reads of an expiry survives the short layout.
         rec.probes_out_before = 2;
         rec.probes_out_after = 0;
-        rec.probes_sent = 1;
+        rec.probes_sent = 2;
+        rec.flags = record_flags::KEEPALIVE_ON | record_flags::ORPHAN;
         rec.user_timeout_ms = 4000;
         rec.keepalive_probes = 5;
-        rec.cgroup_id = 77;
-        rec.socket_ino = 88;
+        rec.cgroup_id = u64::MAX - 1;
+        rec.socket_ino = u64::from(u32::MAX);
         rec.netns_cookie = 99;
-        rec.ktime_ns = 123;
-        rec.state = 4;
+        // Ten hours after boot; the stamp has wrapped several times by then.
+        let ktime_ns = 36_000_000_123_456;
+        rec.ktime_ns = ktime_ns;
         let Event::KeepaliveExpiry(e) = decode(&encode(&rec)).unwrap() else {
             panic!("wrong kind")
         };
         assert_eq!(
             (e.probes_out_before, e.probes_out_after, e.probes_sent),
-            (2, Some(0), 1)
+            (2, Some(0), 2)
         );
+        assert!(e.settings.enabled && !e.closed_in_timer);
         assert_eq!((e.settings.user_timeout_ms, e.settings.probes), (4000, 5));
-        assert_eq!((e.owner.cgroup_id, e.owner.socket_ino), (77, 88));
         assert_eq!(
-            (e.endpoints.netns_cookie, e.ktime_ns, e.state),
-            (99, 123, 4)
+            (e.owner.cgroup_id, e.owner.socket_ino),
+            (u64::MAX - 1, u64::from(u32::MAX))
         );
+        assert_eq!(e.endpoints.netns_cookie, 99);
+        // The agent reads its clock a moment later, or an hour later: the time comes back to
+        // within the stamp's 1.024 µs.
+        for later in [0, 1_000, 2_000_000_000, 3_600_000_000_000] {
+            let back = KernelTime::Expiry(e.ktime).ns(ktime_ns + later);
+            assert!(
+                back <= ktime_ns && ktime_ns - back < 1024,
+                "{later}: {back}"
+            );
+        }
+        // A socket inode that did not fit 32 bits (no kernel makes one) goes as unknown.
+        rec.socket_ino = 1 << 32;
+        let Event::KeepaliveExpiry(e) = decode(&encode(&rec)).unwrap() else {
+            panic!("wrong kind")
+        };
+        assert_eq!(e.owner.socket_ino, 0);
     }
 
     #[test]
@@ -640,18 +665,10 @@ mod tests {
                 bytes: SocketRecord::SIZE
             })
         );
-        // An IPv4 expiry cut to the IPv6 length, and the other way round.
-        let mut v4 = encode(&record());
-        v4.resize(ExpiryRecord::IPV6_BYTES, 0);
-        assert!(matches!(decode(&v4), Err(DecodeError::Layout { .. })));
-        let mut rec = record();
-        rec.family = AF_INET6;
-        let mut v6 = encode(&rec);
-        v6.truncate(ExpiryRecord::IPV4_BYTES);
-        assert!(matches!(decode(&v6), Err(DecodeError::Layout { .. })));
-        // A close record cut to an expiry's length.
-        rec.kind = RecordKind::Close as u8;
-        let close = encode(&rec);
-        assert!(decode(&close[..ExpiryRecord::IPV4_BYTES]).is_err());
+        // A length between the layouts'.
+        assert_eq!(
+            decode(&full[..ExpiryRecord::IPV6_BYTES + 8]),
+            Err(DecodeError::Size(ExpiryRecord::IPV6_BYTES + 8))
+        );
     }
 }

@@ -457,13 +457,12 @@ mod tests {
             sk,
             endpoints: endpoints(port),
             owner: SocketOwner::default(),
-            state: 1,
             probes_out_before: before,
             probes_out_after: Some(after),
             probes_sent: after.saturating_sub(before),
             closed_in_timer: false,
             settings: SETTINGS,
-            ktime_ns: 0,
+            ktime: 0,
         }
     }
 
