@@ -177,7 +177,7 @@ impl Pipeline {
     ) -> std::io::Result<Drained> {
         let (worker, jobs) = self.take_worker();
         let worker = worker.spawn(jobs)?;
-        let mut handle = |record: &[u8]| self.handle(record);
+        let mut handle = |record: &[u8], now| self.handle_at(record, now);
         let mut ring = ring_reader::drain(ring, &mut handle, &mut stop).await?;
         let deadline = tokio::time::Instant::now() + budget;
         detach();
@@ -213,7 +213,14 @@ impl Pipeline {
         (worker, jobs)
     }
 
+    /// One record, read now.
+    #[cfg(test)]
     pub(crate) fn handle(&self, bytes: &[u8]) {
+        self.handle_at(bytes, Instant::now());
+    }
+
+    /// One record, read at `now` (the reader's [`ring_reader::BatchClock`]).
+    pub(crate) fn handle_at(&self, bytes: &[u8], now: Instant) {
         let event = match decoder::decode(bytes) {
             Ok(event) => event,
             Err(err) => {
@@ -223,7 +230,6 @@ impl Pipeline {
             }
         };
         self.metrics.count_event(event.kind_name());
-        let now = Instant::now();
         if !matches!(event, Event::Audit(_)) {
             self.identify_namespace(event.endpoints(), now);
         }

@@ -16,7 +16,7 @@ use crate::{
     attribution::Attributor,
     export::metrics::PipelineMetrics,
     pipeline::Pipeline,
-    record::decoder::encode,
+    record::{decoder::encode, ring_reader::BatchClock},
     track::{classifier::ResetReasons, connection_table::ConnectionTable},
 };
 
@@ -93,8 +93,10 @@ fn run(records: &[Vec<u8>], max_tracked: NonZeroUsize) -> Throughput {
     let worker = worker.spawn(jobs).expect("spawning the attribution worker");
     let cpu_before = process_cpu();
     let start = Instant::now();
+    // One batch, as the reader hands a full ring over.
+    let mut clock = BatchClock::new();
     for record in records {
-        pipeline.handle(record);
+        pipeline.handle_at(record, clock.now());
     }
     drop(pipeline);
     worker.join().expect("attribution worker panicked");
