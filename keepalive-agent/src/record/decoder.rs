@@ -592,8 +592,13 @@ mod tests {
     fn keepalive_expiries_travel_in_the_short_layout() {
         let v4 = encode(&record());
         assert_eq!(v4.len(), ExpiryRecord::IPV4_BYTES);
-        // 72 bytes of the ring with its header: 58 254 in 4 MiB.
+        // 72 bytes of the ring with its 8-byte header, so the default 4 MiB ring holds more than
+        // the 50 000 expiries of a synchronized second (README, ARCHITECTURE); 88 held fewer.
         assert_eq!(ExpiryRecord::IPV4_BYTES, 64);
+        let in_ring = |bytes: usize| (4 << 20) / (bytes + 8).next_multiple_of(8);
+        assert_eq!(in_ring(ExpiryRecord::IPV4_BYTES), 58_254);
+        assert_eq!(in_ring(80), 47_662);
+        assert_eq!(in_ring(ExpiryRecord::IPV6_BYTES), 43_690);
         let mut rec = record();
         rec.family = AF_INET6;
         rec.local_addr = Ipv6Addr::LOCALHOST.octets();
