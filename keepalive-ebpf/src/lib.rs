@@ -703,8 +703,8 @@ fn own_or<T: Copy + Default + PartialEq>(own: T, namespace: T) -> T {
 /// the ring (64 and the ring's 8-byte header) where a [`SocketRecord`] takes 176. Every byte
 /// counts: the timer softirq runs a synchronized second's expiries in one go, tens of
 /// thousands, which the agent cannot drain while it runs; at 72 bytes the default 4 MiB ring
-/// holds 58 254 of them (50 000 connections probing together fit), at 80 it held 52 428 and at
-/// 88 (the layout before) 47 662. So what the length already says is not repeated: the layout is
+/// holds 58 254 of them (50 000 connections probing together fit), at 88 (the layout before)
+/// 47 662. So what the length already says is not repeated: the layout is
 /// told apart from a [`SocketRecord`], and IPv4 from IPv6, by the record's length alone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{RwLock, RwLockReadGuard, mpsc};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
@@ -42,6 +42,14 @@ fn loopback_shared() -> RwLockReadGuard<'static, ()> {
     // A test that panicked while holding it left nothing to clean up.
     LOOPBACK
         .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Loopback to this test alone, the other tests of this file waiting.
+fn loopback_alone() -> RwLockWriteGuard<'static, ()> {
+    // A test that panicked while holding it left nothing to clean up.
+    LOOPBACK
+        .write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -199,9 +207,7 @@ fn blackholed(ns: &Netns) -> anyhow::Result<(TcpPair, keepalive_tests::NftRule, 
 #[test]
 fn event_stream_reports_timeout_reset_and_answered_streaks_field_by_field() -> TestResult {
     let test = "event_stream_reports_timeout_reset_and_answered_streaks_field_by_field";
-    let _alone = LOOPBACK
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _alone = loopback_alone();
     let path = TempPath::new("fields");
     let Some(env) = TestEnv::start_with_agent_args(test, &["--events", path.str()]) else {
         return Ok(());
@@ -667,9 +673,7 @@ fn lost_count(line: &str) -> Option<u64> {
 #[test]
 fn watch_reports_the_events_a_full_ring_buffer_lost() -> TestResult {
     let test = "watch_reports_the_events_a_full_ring_buffer_lost";
-    let _alone = LOOPBACK
-        .write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _alone = loopback_alone();
     if !kernel_tests_enabled(test) {
         return Ok(());
     }
