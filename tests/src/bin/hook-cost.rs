@@ -63,6 +63,11 @@ const ENTRY_NAME: &str = "timer_expire_en";
 const EXIT_NAME: &str = "timer_expire_ex";
 const CLOSE_NAME: &str = "inet_sock_set_s";
 
+const FLAGS: &str = "--connections N --seconds S --rounds N --churn-seconds S \
+     --pipeline-connections N --probing-connections N --sync-connections N[,N...] \
+     --sync-seconds S --span-connections N --span-only --churn-only --pipeline-only \
+     --empty-hooks TRACEPOINT[,TRACEPOINT...]";
+
 fn main() -> anyhow::Result<()> {
     let mut connections = 1_000usize;
     let mut seconds = 6u64;
@@ -83,23 +88,23 @@ fn main() -> anyhow::Result<()> {
     }
     let mut args = argv.into_iter();
     while let Some(arg) = args.next() {
-        let mut value = || args.next().context("flag needs a value");
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--connections" => connections = value()?.parse()?,
-            "--seconds" => seconds = value()?.parse()?,
-            "--rounds" => rounds = value()?.parse()?,
-            "--churn-seconds" => churn_seconds = value()?.parse()?,
-            "--pipeline-connections" => pipeline_connections = value()?.parse()?,
-            "--probing-connections" => probing_connections = value()?.parse()?,
+            "--connections" => connections = number(&arg, value()?)?,
+            "--seconds" => seconds = number(&arg, value()?)?,
+            "--rounds" => rounds = number(&arg, value()?)?,
+            "--churn-seconds" => churn_seconds = number(&arg, value()?)?,
+            "--pipeline-connections" => pipeline_connections = number(&arg, value()?)?,
+            "--probing-connections" => probing_connections = number(&arg, value()?)?,
             "--sync-connections" => {
                 sync_connections = value()?
                     .split(',')
                     .filter(|n| !n.is_empty())
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()?;
+                    .map(|n| number(&arg, n.to_owned()))
+                    .collect::<anyhow::Result<_>>()?;
             }
-            "--sync-seconds" => sync_seconds = value()?.parse()?,
-            "--span-connections" => span_connections = value()?.parse()?,
+            "--sync-seconds" => sync_seconds = number(&arg, value()?)?,
+            "--span-connections" => span_connections = number(&arg, value()?)?,
             "--span-only" => span_only = true,
             "--churn-only" => churn_only = true,
             "--pipeline-only" => pipeline_only = true,
@@ -110,13 +115,11 @@ fn main() -> anyhow::Result<()> {
                     .map(str::to_owned)
                     .collect();
             }
-            other => bail!(
-                "unknown argument {other}; flags: --connections N --seconds S --rounds N \
-                 --churn-seconds S --pipeline-connections N --probing-connections N \
-                 --sync-connections N[,N...] \
-                 --sync-seconds S --span-connections N --span-only --churn-only --pipeline-only \
-                 --empty-hooks TRACEPOINT[,TRACEPOINT...]"
-            ),
+            "--help" | "-h" => {
+                println!("usage: hook-cost {FLAGS}\n(as root; see `cargo xtask bench`)");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other}; flags: {FLAGS}"),
         }
     }
     // SAFETY: geteuid has no preconditions.
@@ -534,6 +537,15 @@ fn stat_ticks(path: &str) -> anyhow::Result<u64> {
 /// `--hold NETNS_PATH N`: joins the namespace, connects N pairs on its loopback, says
 /// "ready", and on "go" turns keepalive on for every client (1 s idle, 1 s interval, and
 /// enough probes that answering peers never time out); holds them until stdin closes.
+/// `text`, the value of `flag`, as a number.
+fn number<T: std::str::FromStr>(flag: &str, text: String) -> anyhow::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    text.parse()
+        .with_context(|| format!("{flag} {text}: not a number"))
+}
+
 fn hold(args: &[String]) -> anyhow::Result<()> {
     let [netns_path, n] = args else {
         bail!("usage: hook-cost --hold NETNS_PATH PAIRS");
