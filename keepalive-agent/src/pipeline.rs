@@ -253,15 +253,24 @@ impl Pipeline {
         // needs, and finding it is the dearest lookup there is: it waits until a probe goes
         // unanswered (or the drop). The event stream shows each probe with its process, so
         // with it on every connection gets one at once.
-        let process = outcome.first_at_risk || (outcome.entered && self.events.is_some());
-        if outcome.entered || process {
-            // A full queue leaves the owner unknown until the close looks again.
-            let _ = self.requests.send(Job::Enter {
-                sk: expiry.sk,
-                endpoints: expiry.endpoints,
-                owner: expiry.owner,
-                process,
-            });
+        let asks = outcome.entered || outcome.owner_retry;
+        let process = outcome.first_at_risk || (asks && self.events.is_some());
+        if (asks || process)
+            && self
+                .requests
+                .send(Job::Enter {
+                    sk: expiry.sk,
+                    endpoints: expiry.endpoints,
+                    owner: expiry.owner,
+                    process,
+                })
+                .is_err()
+        {
+            // A full queue (thousands of connections entering at once, as when the agent
+            // starts on a busy node): the connection's next expiry asks again, rather than
+            // leaving its series without an owner until it closes.
+            self.tracker
+                .owner_refused(expiry.sk, &expiry.endpoints, process);
         }
         let count = if outcome.probe_sent {
             // Once per connection, not per probe: a namespace's series and the table's
@@ -1389,6 +1398,56 @@ mod tests {
         drop(pipeline);
         worker.join().unwrap();
         assert_eq!(resolver.counts(), (2, 1));
+    }
+
+    /// A connection that entered while the attribution queue was full gets its owner at its
+    /// next expiry, and only that one asks again.
+    #[test]
+    fn an_owner_lookup_the_full_queue_refused_is_asked_again_at_the_next_expiry() {
+        let capacity = attribution_worker::QUEUE_CAPACITY;
+        let table = Arc::new(Mutex::new(ConnectionTable::new(
+            std::num::NonZeroUsize::new(capacity + 8).unwrap(),
+            16,
+            Duration::from_secs(60),
+        )));
+        let resolver = CountingCgroups::new(true);
+        let metrics = PipelineMetrics::default();
+        let pipeline = pipeline(Arc::clone(&table), metrics.clone(), resolver.clone());
+        let expiry = |i: usize| {
+            let mut rec = record(RecordKind::KeepaliveTimer, 0, 1, 0);
+            rec.sk = 1000 + i as u64;
+            rec.local_port = 10000 + i as u16;
+            decoder::encode(&rec)
+        };
+        // The worker is not running yet: the queue fills, and the last connection's lookup
+        // is refused.
+        let (worker, jobs) = pipeline.take_worker();
+        for i in 0..=capacity {
+            pipeline.handle(&expiry(i));
+        }
+        assert_eq!(metrics.attribution_requests_dropped.get(), 1);
+        let refused = 1000 + capacity as u64;
+        let worker = worker.spawn(jobs).unwrap();
+        assert_eq!(resolver.settle((capacity, 0)), (capacity, 0));
+        let owner = |sk: u64| {
+            table
+                .lock()
+                .unwrap()
+                .live_mut(sk)
+                .map(|state| state.workload.cgroup_id)
+        };
+        assert_eq!(owner(1000), Some(42));
+        assert_eq!(owner(refused), Some(0), "nothing looked it up yet");
+
+        pipeline.handle(&expiry(capacity));
+        assert_eq!(resolver.settle((capacity + 1, 0)), (capacity + 1, 0));
+        assert_eq!(owner(refused), Some(42));
+        // Asked once more, not at every expiry from then on.
+        pipeline.handle(&expiry(capacity));
+        drop(pipeline);
+        worker.join().unwrap();
+        assert_eq!(resolver.counts(), (capacity + 1, 0));
+        assert_eq!(metrics.attribution_requests_dropped.get(), 1);
     }
 
     #[test]

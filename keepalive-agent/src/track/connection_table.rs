@@ -44,6 +44,9 @@ pub(crate) struct ConnectionState {
     /// descriptor), which would otherwise be done for every healthy keepalive connection.
     /// Cleared when that lookup found no process, so the next unanswered probe asks again.
     pub at_risk_seen: bool,
+    /// The lookup of its owner could not be queued (the attribution queue was full, as when
+    /// thousands of connections enter in the same second): its next expiry asks again.
+    pub owner_refused: bool,
 }
 
 impl ConnectionState {
@@ -59,6 +62,7 @@ impl ConnectionState {
             updated: now,
             workload: Workload::default(),
             at_risk_seen: false,
+            owner_refused: false,
         }
     }
 }
@@ -74,6 +78,9 @@ pub(crate) struct ExpiryOutcome {
     /// The first expiry of this connection with an unanswered probe: the one whose process is
     /// worth a `/proc` read (see [`ConnectionState::at_risk_seen`]).
     pub first_at_risk: bool,
+    /// The lookup of its owner was refused before (see [`ConnectionState::owner_refused`]):
+    /// ask again, as for a connection that entered.
+    pub owner_retry: bool,
     /// How many probes that answered streak had.
     pub answered_probes: u8,
     /// The first probe the table counted for this connection since it entered.
@@ -211,6 +218,7 @@ impl ConnectionTable {
             streak_answered: answered_probes > 0,
             entered,
             first_at_risk,
+            owner_retry: std::mem::take(&mut state.owner_refused),
             answered_probes,
             first_probe,
         }
@@ -339,6 +347,20 @@ impl ConnectionTable {
         }
     }
 
+    /// The owner lookup a live connection's expiry asked for could not be queued: its next
+    /// expiry asks again, with its process if `process` (the first unanswered probe, found
+    /// again then).
+    pub(crate) fn owner_refused(&mut self, sk: u64, endpoints: &Endpoints, process: bool) {
+        if let Some(state) = self.live.peek_mut(&sk)
+            && state.endpoints == *endpoints
+        {
+            state.owner_refused = true;
+            if process {
+                state.at_risk_seen = false;
+            }
+        }
+    }
+
     /// A live connection's state, without refreshing its place in the LRU order.
     pub(crate) fn live_mut(&mut self, sk: u64) -> Option<&mut ConnectionState> {
         self.live.peek_mut(&sk)
@@ -464,6 +486,31 @@ mod tests {
             settings: SETTINGS,
             ktime: 0,
         }
+    }
+
+    #[test]
+    fn a_refused_owner_lookup_is_asked_again_once_with_its_process_if_it_wanted_one() {
+        let mut t = ConnectionTable::new(NonZeroUsize::new(4).unwrap(), 4, Duration::from_secs(60));
+        let now = Instant::now();
+        let first = t.on_expiry(&expiry(1, 1000, 0, 1), now);
+        assert!(first.entered && !first.owner_retry);
+        t.owner_refused(1, &endpoints(1000), false);
+        let retry = t.on_expiry(&expiry(1, 1000, 0, 1), now);
+        assert!(!retry.entered && retry.owner_retry && !retry.first_at_risk);
+        assert!(!t.on_expiry(&expiry(1, 1000, 0, 1), now).owner_retry);
+
+        // The first unanswered probe's lookup (with the process) refused: the next unanswered
+        // probe is a first again.
+        let at_risk = t.on_expiry(&expiry(1, 1000, 1, 2), now);
+        assert!(at_risk.first_at_risk);
+        t.owner_refused(1, &endpoints(1000), true);
+        let retry = t.on_expiry(&expiry(1, 1000, 2, 3), now);
+        assert!(retry.owner_retry && retry.first_at_risk);
+        assert!(!t.on_expiry(&expiry(1, 1000, 3, 3), now).first_at_risk);
+
+        // Endpoints that are not the slot's connection: nothing marked.
+        t.owner_refused(1, &endpoints(2000), false);
+        assert!(!t.on_expiry(&expiry(1, 1000, 0, 1), now).owner_retry);
     }
 
     fn close(sk: u64, port: u16, probes_out: u8) -> CloseEvent {

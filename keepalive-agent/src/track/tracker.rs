@@ -66,6 +66,11 @@ impl Tracker {
         self.table().on_expiry(expiry, now)
     }
 
+    /// See [`ConnectionTable::owner_refused`].
+    pub(crate) fn owner_refused(&self, sk: u64, endpoints: &Endpoints, process: bool) {
+        self.table().owner_refused(sk, endpoints, process);
+    }
+
     /// One move to `TCP_CLOSE`; `None` when it was not a drop. `known`: what the caller
     /// already knows of the owner (a cached cgroup), filled into a dropped entry that lacks it.
     pub(crate) fn close(
