@@ -1,9 +1,9 @@
 //! Thousands of keepalive connections probing in the same jiffy, when the agent starts: they
 //! all enter its connection table with its first records, and their owner lookups overflow the
 //! attribution worker's queue (4096 jobs). Each connection whose lookup was refused must ask
-//! again at its next expiry. Before that existed, this scenario with 8 000 connections left 2 720
-//! of them (2 902 in a second run) without an owner in their series, still so 12 s later; only
-//! a probe going unanswered would have asked again, or the close.
+//! again at its next expiry. Run against the agent of 61df5e7 (`KEEPALIVE_AGENT_BIN`), from
+//! before that existed, this test failed with 6 902 of the 12 000 series still without an owner
+//! after 30 s; only a probe going unanswered, or the close, would have asked again.
 //!
 //! Alone in its file: the synchronized probes and ACKs overflow loopback's per-CPU receive
 //! backlog, which would drop segments of other tests running beside it.
