@@ -15,6 +15,7 @@
 pub mod agent;
 pub mod deploy;
 pub mod expect;
+pub mod holder;
 pub mod metrics;
 pub mod middlebox;
 pub mod netns;

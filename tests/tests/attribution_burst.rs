@@ -8,12 +8,12 @@
 //! Alone in its file: the synchronized probes and ACKs overflow loopback's per-CPU receive
 //! backlog, which would drop segments of other tests running beside it.
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context as _, ensure};
-use keepalive_tests::{Agent, DEADLINE, Netns, kernel_only, kernel_tests_enabled, wait_until};
+use keepalive_tests::{
+    Agent, DEADLINE, Netns, holder::Holders, kernel_only, kernel_tests_enabled, wait_until,
+};
 
 const CONN_PROBES: &str = "tcp_keepalive_connection_probes_total";
 const REFUSED: &str = "keepalive_agent_attribution_requests_dropped_total";
@@ -22,46 +22,6 @@ const REFUSED: &str = "keepalive_agent_attribution_requests_dropped_total";
 /// those whose probes the loopback backlog dropped, which ask again anyway when a probe goes
 /// unanswered, and the old code passed.
 const CONNECTIONS: usize = 12_000;
-/// Pairs per holder process (two descriptors each, under the 20 000 a process may hold).
-const PAIRS_PER_HOLDER: usize = 6000;
-
-/// A process holding connection pairs in a namespace (`hook-cost --hold`), which turns keepalive
-/// on for all of them at once when told; killed on drop.
-struct Holder(Child);
-
-impl Holder {
-    fn connect(ns: &Netns, pairs: usize) -> anyhow::Result<Holder> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hook-cost"))
-            .args(["--hold", &format!("/run/netns/{}", ns.name())])
-            .arg(pairs.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("spawning hook-cost --hold")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().context("holder stdout")?).read_line(&mut line)?;
-        let holder = Holder(child);
-        ensure!(
-            line.trim() == "ready",
-            "the holder failed before connecting its {pairs} pairs: {line:?}"
-        );
-        Ok(holder)
-    }
-
-    /// Keepalive on every client: probe after 1 s idle, every 1 s, against answering peers.
-    fn start_probing(&mut self) -> anyhow::Result<()> {
-        let stdin = self.0.stdin.as_mut().context("holder stdin")?;
-        writeln!(stdin, "go")?;
-        Ok(stdin.flush()?)
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn connections_whose_owner_lookup_a_full_queue_refused_get_their_owner_at_the_next_expiry()
@@ -73,13 +33,10 @@ fn connections_whose_owner_lookup_a_full_queue_refused_get_their_owner_at_the_ne
     }
     let ns = Netns::new("ownerburst")?;
     let netns = ns.inum().to_string();
-    let mut holders = (0..CONNECTIONS / PAIRS_PER_HOLDER)
-        .map(|_| Holder::connect(&ns, PAIRS_PER_HOLDER))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // Every client then probes once a second, all in the same jiffy.
-    for holder in &mut holders {
-        holder.start_probing()?;
-    }
+    let mut holders =
+        Holders::connect(Path::new(env!("CARGO_BIN_EXE_hook-cost")), &ns, CONNECTIONS)?;
+    // Every client then probes once a second against answering peers, all in the same jiffy.
+    holders.start_probing()?;
     std::thread::sleep(Duration::from_secs(2));
     let max_series = (CONNECTIONS * 2).to_string();
     let agent = Agent::start_with_args(&["--connections.max-series", &max_series])?;
@@ -99,6 +56,7 @@ fn connections_whose_owner_lookup_a_full_queue_refused_get_their_owner_at_the_ne
         Ok(series.len() == CONNECTIONS && without_owner == 0)
     });
     eprintln!("{test}: {last}");
-    drop(holders);
-    result.map_err(|err| anyhow::anyhow!("{err}: {last}\nagent log:\n{}", agent.log()))
+    let closed = holders.close();
+    result.map_err(|err| anyhow::anyhow!("{err}: {last}\nagent log:\n{}", agent.log()))?;
+    closed
 }

@@ -53,8 +53,8 @@ use keepalive_agent::kernel::programs::{
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
-    Agent, ExpiriesNotRun, Netns, UNCOUNTED_METRICS, agent::vm_rss_kib, set_keepalive,
-    set_linger_zero, setsockopt_int,
+    Agent, ExpiriesNotRun, Netns, UNCOUNTED_METRICS, agent::vm_rss_kib, holder::Holders,
+    set_keepalive, set_linger_zero, setsockopt_int,
 };
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let mut empty_hooks: Vec<String> = HOOKS.iter().map(|h| h.tracepoint.to_owned()).collect();
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if let Some(hold_args) = argv.strip_prefix(&["--hold".to_owned()]) {
-        return hold(hold_args);
+        return keepalive_tests::holder::hold(hold_args);
     }
     let mut args = argv.into_iter();
     while let Some(arg) = args.next() {
@@ -360,10 +360,6 @@ fn tp_program<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<&'a mut
         .try_into()?)
 }
 
-/// Connection pairs one `--hold` child keeps: two descriptors each, under the 20 000 a process
-/// may hold here.
-const PAIRS_PER_CHILD: usize = 6_000;
-
 /// What the agent's process does while the synchronized connections probe.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum AgentDuringSync {
@@ -379,31 +375,7 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     let agent = Agent::start_with_args(&["--connections.max-tracked", &max_tracked])
         .context("starting the agent")?;
     let ns = Netns::new("sync")?;
-    let netns_path = format!("/run/netns/{}", ns.name());
-    let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    let mut left = total;
-    while left > 0 {
-        let n = left.min(PAIRS_PER_CHILD);
-        left -= n;
-        let child = std::process::Command::new(&exe)
-            .args(["--hold", &netns_path, &n.to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("spawning a connection holder")?;
-        children.push(child);
-    }
-    for child in &mut children {
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().context("child stdout")?),
-            &mut line,
-        )?;
-        if line.trim() != "ready" {
-            bail!("a connection holder failed before connecting all its pairs: {line:?}");
-        }
-    }
+    let mut holders = Holders::connect(&std::env::current_exe()?, &ns, total)?;
     let netns = ns.inum().to_string();
     let labels = [("netns", netns.as_str())];
     // The same expiries counted by a classic tracepoint program, which the kernel runs from the
@@ -444,27 +416,13 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     if during == AgentDuringSync::Stopped {
         signal_agent(libc::SIGSTOP)?;
     }
-    for child in &mut children {
-        child
-            .stdin
-            .as_mut()
-            .context("child stdin")?
-            .write_all(b"go\n")?;
-    }
+    holders.start_probing()?;
     std::thread::sleep(length);
     let cpu = cpu_ticks(agent.pid())? - cpu_before;
     let attribution = attribution_ticks(agent.pid())? - attribution_before;
     let rss = vm_rss_kib(agent.pid())?;
-    // Closing stdin ends the children; their sockets close and probing stops.
-    for child in &mut children {
-        drop(child.stdin.take());
-    }
-    for mut child in children {
-        let status = child.wait()?;
-        if !status.success() {
-            bail!("a connection holder failed: {status}");
-        }
-    }
+    // The holders exit; their sockets close and probing stops.
+    holders.close()?;
     let kernel = ns.tcp_ext()?.get("TCPKeepAlive") - kernel_before;
     if during == AgentDuringSync::Stopped {
         signal_agent(libc::SIGCONT)?;
@@ -534,9 +492,6 @@ fn stat_ticks(path: &str) -> anyhow::Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
-/// `--hold NETNS_PATH N`: joins the namespace, connects N pairs on its loopback, says
-/// "ready", and on "go" turns keepalive on for every client (1 s idle, 1 s interval, and
-/// enough probes that answering peers never time out); holds them until stdin closes.
 /// `text`, the value of `flag`, as a number.
 fn number<T: std::str::FromStr>(flag: &str, text: String) -> anyhow::Result<T>
 where
@@ -544,51 +499,6 @@ where
 {
     text.parse()
         .with_context(|| format!("{flag} {text}: not a number"))
-}
-
-fn hold(args: &[String]) -> anyhow::Result<()> {
-    let [netns_path, n] = args else {
-        bail!("usage: hook-cost --hold NETNS_PATH PAIRS");
-    };
-    let n: usize = n.parse()?;
-    let limit = libc::rlimit {
-        rlim_cur: 20_000,
-        rlim_max: 20_000,
-    };
-    // SAFETY: setrlimit and setns read the arguments they are given; this process has one
-    // thread, so setns moves all of it.
-    unsafe {
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
-            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
-        }
-        let ns = std::fs::File::open(netns_path)?;
-        if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) != 0 {
-            return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
-        }
-    }
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let addr = listener.local_addr()?;
-    let mut pairs = Vec::with_capacity(n);
-    for _ in 0..n {
-        let client = TcpStream::connect(addr)?;
-        let (server, _) = listener.accept()?;
-        pairs.push((client, server));
-    }
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "ready")?;
-    stdout.flush()?;
-    let mut stdin = std::io::stdin().lock();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdin, &mut line)?;
-    if line.trim() != "go" {
-        return Ok(());
-    }
-    for (client, _) in &pairs {
-        set_keepalive(client, 1, 1, 120)?;
-    }
-    let mut rest = Vec::new();
-    std::io::Read::read_to_end(&mut stdin, &mut rest)?;
-    Ok(())
 }
 
 /// What a churn round does with each connection before closing it.
