@@ -255,8 +255,8 @@ impl Pipeline {
         // with it on every connection gets one at once.
         let asks = outcome.entered || outcome.owner_retry;
         let process = outcome.first_at_risk || (asks && self.events.is_some());
-        if (asks || process)
-            && self
+        if asks || process {
+            let refused = self
                 .requests
                 .send(Job::Enter {
                     sk: expiry.sk,
@@ -264,13 +264,16 @@ impl Pipeline {
                     owner: expiry.owner,
                     process,
                 })
-                .is_err()
-        {
-            // A full queue (thousands of connections entering at once, as when the agent
-            // starts on a busy node): the connection's next expiry asks again, rather than
-            // leaving its series without an owner until it closes.
-            self.tracker
-                .owner_refused(expiry.sk, &expiry.endpoints, process);
+                .is_err();
+            if refused && asks {
+                // A full queue (thousands of connections entering at once, as when the
+                // agent starts on a busy node): the connection's next expiry asks again,
+                // rather than leaving its series without an owner until it closes. A refused
+                // process lookup alone is not asked again before the drop: asking again spent
+                // the worker's /proc budget where loopback's backlog drops probes by the
+                // thousand (ARCHITECTURE.md, Attribution).
+                self.tracker.owner_refused(expiry.sk, &expiry.endpoints);
+            }
         }
         let count = if outcome.probe_sent {
             // Once per connection, not per probe: a namespace's series and the table's

@@ -13,8 +13,8 @@
 //! A full queue is counted (`keepalive_agent_attribution_requests_dropped_total`) and logged at
 //! most every [`FULL_WARNING_INTERVAL`]; the record is then handled with what is known: counts
 //! under empty workload labels (the namespace's totals stay exact), events with the owner known
-//! so far. A connection whose owner lookup was refused asks again at its next expiry
-//! ([`Tracker::owner_refused`]).
+//! so far. A connection that entered and whose owner lookup was refused asks again at its next
+//! expiry ([`Tracker::owner_refused`]).
 
 use std::{
     collections::HashMap,

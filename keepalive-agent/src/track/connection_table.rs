@@ -347,17 +347,13 @@ impl ConnectionTable {
         }
     }
 
-    /// The owner lookup a live connection's expiry asked for could not be queued: its next
-    /// expiry asks again, with its process if `process` (the first unanswered probe, found
-    /// again then).
-    pub(crate) fn owner_refused(&mut self, sk: u64, endpoints: &Endpoints, process: bool) {
+    /// The owner lookup of a live connection that entered (or asked again) could not be
+    /// queued: its next expiry asks again.
+    pub(crate) fn owner_refused(&mut self, sk: u64, endpoints: &Endpoints) {
         if let Some(state) = self.live.peek_mut(&sk)
             && state.endpoints == *endpoints
         {
             state.owner_refused = true;
-            if process {
-                state.at_risk_seen = false;
-            }
         }
     }
 
@@ -489,27 +485,18 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_owner_lookup_is_asked_again_once_with_its_process_if_it_wanted_one() {
+    fn a_refused_owner_lookup_is_asked_again_at_the_next_expiry_only() {
         let mut t = ConnectionTable::new(NonZeroUsize::new(4).unwrap(), 4, Duration::from_secs(60));
         let now = Instant::now();
         let first = t.on_expiry(&expiry(1, 1000, 0, 1), now);
         assert!(first.entered && !first.owner_retry);
-        t.owner_refused(1, &endpoints(1000), false);
+        t.owner_refused(1, &endpoints(1000));
         let retry = t.on_expiry(&expiry(1, 1000, 0, 1), now);
-        assert!(!retry.entered && retry.owner_retry && !retry.first_at_risk);
+        assert!(!retry.entered && retry.owner_retry);
         assert!(!t.on_expiry(&expiry(1, 1000, 0, 1), now).owner_retry);
 
-        // The first unanswered probe's lookup (with the process) refused: the next unanswered
-        // probe is a first again.
-        let at_risk = t.on_expiry(&expiry(1, 1000, 1, 2), now);
-        assert!(at_risk.first_at_risk);
-        t.owner_refused(1, &endpoints(1000), true);
-        let retry = t.on_expiry(&expiry(1, 1000, 2, 3), now);
-        assert!(retry.owner_retry && retry.first_at_risk);
-        assert!(!t.on_expiry(&expiry(1, 1000, 3, 3), now).first_at_risk);
-
         // Endpoints that are not the slot's connection: nothing marked.
-        t.owner_refused(1, &endpoints(2000), false);
+        t.owner_refused(1, &endpoints(2000));
         assert!(!t.on_expiry(&expiry(1, 1000, 0, 1), now).owner_retry);
     }
 

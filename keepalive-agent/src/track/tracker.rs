@@ -67,8 +67,8 @@ impl Tracker {
     }
 
     /// See [`ConnectionTable::owner_refused`].
-    pub(crate) fn owner_refused(&self, sk: u64, endpoints: &Endpoints, process: bool) {
-        self.table().owner_refused(sk, endpoints, process);
+    pub(crate) fn owner_refused(&self, sk: u64, endpoints: &Endpoints) {
+        self.table().owner_refused(sk, endpoints);
     }
 
     /// One move to `TCP_CLOSE`; `None` when it was not a drop. `known`: what the caller
