@@ -350,7 +350,7 @@ impl ConnectionTable {
     /// The owner lookup of a live connection that entered (or asked again) could not be
     /// queued: its next expiry asks again.
     pub(crate) fn owner_refused(&mut self, sk: u64, endpoints: &Endpoints) {
-        if let Some(state) = self.live.peek_mut(&sk)
+        if let Some(state) = self.live_mut(sk)
             && state.endpoints == *endpoints
         {
             state.owner_refused = true;
