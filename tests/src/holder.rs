@@ -25,7 +25,9 @@ impl Holders {
     /// Spawns `program --hold` children holding `total` pairs in `ns` between them, and waits
     /// until each has connected its pairs.
     pub fn connect(program: &Path, ns: &Netns, total: usize) -> anyhow::Result<Holders> {
-        let netns_path = format!("/run/netns/{}", ns.name());
+        // The namespace by this process's descriptor of it: a `Netns::unshared` has no name
+        // under /run/netns.
+        let netns_path = format!("/proc/{}/fd/{}", std::process::id(), ns.fd());
         let mut holders = Holders {
             children: Vec::new(),
         };
@@ -106,7 +108,7 @@ pub fn hold(args: &[String]) -> anyhow::Result<()> {
         if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
             return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
         }
-        let ns = std::fs::File::open(netns_path)?;
+        let ns = std::fs::File::open(netns_path).with_context(|| format!("open {netns_path}"))?;
         if libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) != 0 {
             return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
         }
