@@ -6,8 +6,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
     CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, NetnsCounters, RecordKind,
-    SocketRecord, Uncounted, classify_close, idle_kill_candidate, last_received, record_flags,
-    silence_before_send, tcp_state,
+    SocketRecord, Uncounted, classify_close, idle_kill_candidate, last_received, may_be_idle_kill,
+    record_flags, silence_before_send, tcp_state,
 };
 
 use crate::{
@@ -192,6 +192,15 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         sk_err: rec.sk_err,
     });
     rec.drop_reason = verdict.map_or(NOT_A_DROP, |reason| reason as u32);
+    if !tp.is_null()
+        && may_be_idle_kill(
+            verdict,
+            silence_before_send(rec.last_received_jiffies(), rec.lsndtime),
+        )
+    {
+        // An idle kill's threshold is the timeout's one use (see `snapshot_typed`).
+        rec.conntrack_timeout = conntrack_timeout_typed(tp);
+    }
     count_close(netns_counters(rec), verdict);
     // A socket the typed helper refused, without keepalive, is counted here and sent only if
     // it may be an idle kill.

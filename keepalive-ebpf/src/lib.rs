@@ -608,7 +608,8 @@ pub struct SocketRecord {
     pub drop_reason: u32,
     /// Close and audit records: the namespace's conntrack established timeout in jiffies when
     /// conntrack tracks the namespace's connections of this family, else 0 (see
-    /// [`KernelOffsets::net_ct_tcp_established`]).
+    /// [`KernelOffsets::net_ct_tcp_established`]). Close records carry it only for a drop that
+    /// may be an idle kill ([`may_be_idle_kill`]), its one use; else 0.
     pub conntrack_timeout: u32,
     /// Close records: `icsk_probes_tstamp` (see [`KernelOffsets::icsk_probes_tstamp`]; 32-bit
     /// jiffies, 0 when the probe timer has not run or the kernel lacks the member).
@@ -689,6 +690,23 @@ pub fn idle_kill_candidate(
         )
     ) && threshold_jiffies != 0
         && silence >= threshold_jiffies
+}
+
+/// Whether a drop can be an idle kill under some threshold: a keepalive drop, or a drop on a
+/// send after `silence` (from [`silence_before_send`]) jiffies of it. The agent's idle-kill
+/// classification stops at once when not, and only then does the kernel read the namespace's
+/// conntrack timeout into a close record: a threshold nothing would compare.
+#[inline(always)]
+pub fn may_be_idle_kill(verdict: Option<DropReason>, silence: u32) -> bool {
+    match verdict {
+        Some(DropReason::KeepaliveTimeout | DropReason::KeepaliveReset) => true,
+        Some(
+            DropReason::ResetReceived
+            | DropReason::RetransmitTimeout
+            | DropReason::ZeroWindowTimeout,
+        ) => silence != 0,
+        _ => false,
+    }
 }
 
 /// A socket's own keepalive setting, or the namespace's where the socket has none (0).

@@ -312,7 +312,7 @@ pub(crate) fn expiry_snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<S
 /// [`expiry_snapshot`] without a copy, from a socket typed by [`typed_tcp_sock`].
 #[inline(always)]
 pub(crate) fn expiry_snapshot_typed(tp: Typed, rec: &mut SocketRecord) -> Result<SendState, i64> {
-    fill_record::<false>(tp, rec)?;
+    fill_record::<false, false>(tp, rec)?;
     Ok(SendState {
         segs_out: tp.load::<u32>(offset!(tcp_segs_out)),
         unsent: tp.load::<u32>(offset!(tcp_write_seq)) != tp.load::<u32>(offset!(tcp_snd_nxt)),
@@ -533,10 +533,15 @@ fn defrag_users(c: impl SockFields, net: *const u8, at: usize) -> u32 {
     }
 }
 
-/// [`snapshot`] without a copy, from a BTF-typed `struct tcp_sock *`.
+/// [`snapshot`] without a copy, from a BTF-typed `struct tcp_sock *`, and without the
+/// namespace's conntrack timeout: the close program reads it ([`conntrack_timeout_typed`]) only
+/// for a drop that may be an idle kill (`keepalive_ebpf::may_be_idle_kill`), its one use. Most
+/// closes sent are not: orderly closes with `SO_KEEPALIVE` (Go's default), resets right after
+/// traffic. On a node with conntrack (every Kubernetes node) it is three helper reads and two
+/// more loads.
 #[inline(always)]
 pub(crate) fn snapshot_typed(tp: Typed, rec: &mut SocketRecord) -> Result<(), i64> {
-    fill_record::<true>(tp, rec)
+    fill_record::<true, false>(tp, rec)
 }
 
 // A call of its own: inlined into the close program its temporaries would push that program's
@@ -587,7 +592,7 @@ fn snapshot_from_copy<const FULL: bool>(
     copy_region!(5);
     copy_region!(6);
     copy_region!(7);
-    fill_record::<FULL>(
+    fill_record::<FULL, FULL>(
         Copied {
             sk,
             copy: c.cast_const(),
@@ -597,10 +602,14 @@ fn snapshot_from_copy<const FULL: bool>(
 }
 
 /// The record's socket fields, then the namespace's and the owner's through their pointers:
-/// all of them when `FULL`, else a keepalive expiry's (`KernelOffsets::expiry_fields`).
+/// all of them when `FULL` (the namespace's conntrack timeout only with `CONNTRACK` too), else
+/// a keepalive expiry's (`KernelOffsets::expiry_fields`).
 // Not inlined, for the close program's stack (see `snapshot_from_copy`).
 #[inline(never)]
-fn fill_record<const FULL: bool>(c: impl SockFields, rec: &mut SocketRecord) -> Result<(), i64> {
+fn fill_record<const FULL: bool, const CONNTRACK: bool>(
+    c: impl SockFields,
+    rec: &mut SocketRecord,
+) -> Result<(), i64> {
     rec.sk = c.sk();
     // SAFETY: helpers without preconditions.
     rec.ktime_ns = unsafe { bpf_ktime_get_ns() };
@@ -689,7 +698,11 @@ fn fill_record<const FULL: bool>(c: impl SockFields, rec: &mut SocketRecord) -> 
         .and_then(|kn| c.follow::<u64>(kn as *const u8, offset!(kernfs_node_id)))
         .unwrap_or(0);
     // Not for a keepalive expiry, which never asks for it: two more reads per expiry.
-    rec.conntrack_timeout = if FULL { conntrack_timeout(c) } else { 0 };
+    rec.conntrack_timeout = if FULL && CONNTRACK {
+        conntrack_timeout(c)
+    } else {
+        0
+    };
     rec.socket_ino = if offset!(sk_ino) != 0 {
         c.load::<u64>(offset!(sk_ino))
     } else {

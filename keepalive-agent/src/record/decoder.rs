@@ -146,7 +146,8 @@ pub struct CloseEvent {
     /// (`CLOCK_MONOTONIC` milliseconds, low 32 bits), 0 when none is.
     pub retrans_stamp: u32,
     /// The namespace's conntrack established timeout (jiffies) when conntrack tracks the
-    /// namespace's connections of this family, else 0.
+    /// namespace's connections of this family, else 0; 0 too when the close cannot be an idle kill
+    /// (`keepalive_ebpf::may_be_idle_kill`; the kernel reads the timeout only for those).
     pub conntrack_timeout_jiffies: u32,
     /// `icsk_probes_tstamp`: when the probe timer first ran for data waiting unsent (32-bit
     /// jiffies), 0 when it has not (or the kernel lacks the member).

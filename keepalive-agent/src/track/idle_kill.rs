@@ -528,6 +528,41 @@ mod tests {
         );
     }
 
+    /// The kernel reads the namespace's conntrack timeout into a close record only where
+    /// `keepalive_ebpf::may_be_idle_kill` holds: every drop this classification can call an
+    /// idle kill must be one of those, or its conntrack threshold would be missing.
+    #[test]
+    fn every_idle_kill_is_a_drop_the_kernel_reads_the_conntrack_timeout_for() {
+        let mut kills = 0;
+        for reason in DropReason::ALL {
+            for silent_seconds in [0, 400] {
+                for keepalive in [false, true] {
+                    let mut close = drop_after(silent_seconds);
+                    close.settings.enabled = keepalive;
+                    close.settings.idle_jiffies = 600 * HZ;
+                    close.probes_out = 1;
+                    close.send_window = 1;
+                    close.jiffies = u64::from(close.last_received_jiffies) + 700 * u64::from(HZ);
+                    close.conntrack_timeout_jiffies = HZ;
+                    let silence = keepalive_ebpf::silence_before_send(
+                        close.last_received_jiffies,
+                        close.last_sent_jiffies,
+                    );
+                    if classify(&close, reason, HZ, &thresholds()).is_some() {
+                        kills += 1;
+                        assert!(
+                            keepalive_ebpf::may_be_idle_kill(Some(reason), silence),
+                            "{reason} after {silent_seconds} s, keepalive {keepalive}"
+                        );
+                    }
+                }
+            }
+        }
+        // Every kind of idle kill was among them: resets, retransmissions, zero window and
+        // both keepalive drops.
+        assert!(kills >= 5, "{kills}");
+    }
+
     #[test]
     fn other_reasons_are_no_idle_kill() {
         for reason in [DropReason::LocalAbort, DropReason::ConnectTimeout] {

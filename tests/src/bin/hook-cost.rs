@@ -8,7 +8,9 @@
 //!    the agent by default) and RST closes with keepalive on both ends (both reported).
 //!    `--churn-only` stops there.
 //! 2. Kernel-side cost per hit of the timer and close hooks, from `kernel.bpf_stats_enabled`
-//!    run-time counters, as the difference from empty programs on the same hooks.
+//!    run-time counters, as the difference from empty programs on the same hooks; the close
+//!    hook per workload of 1, in a namespace without conntrack and in one whose connections it
+//!    tracks.
 //! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
 //!    expiry from `timer_expire_entry` to `timer_expire_exit` around the agent's, over
 //!    `--span-connections` connections probing every second, with and without the agent in
@@ -537,7 +539,8 @@ impl Churn {
         match self {
             Churn::Orderly => "filtered",
             Churn::Reset => "counted, not sent",
-            Churn::Keepalive | Churn::ResetKeepalive => "reported",
+            Churn::Keepalive => "reported, not a drop",
+            Churn::ResetKeepalive => "reported, drops",
         }
     }
 }
@@ -680,31 +683,50 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
 }
 
 /// Cost of `inet_sock_set_state` per close above an empty program on the same hook, for closes
-/// the kernel filters out (orderly, no keepalive), RST closes it counts without sending (no
-/// keepalive) and RST closes it reports (keepalive on).
+/// the kernel filters out (orderly, no keepalive), orderly closes it reports (keepalive on: not
+/// drops), RST closes it counts without sending (no keepalive) and RST closes it reports
+/// (keepalive on: drops); each in a namespace without conntrack, then in one whose connections
+/// conntrack tracks, as on every Kubernetes node (a drop's record carries the namespace's
+/// conntrack timeout, which takes more reads there).
 fn close_costs((baseline_id, close_id): (u32, u32), length: Duration) -> anyhow::Result<()> {
-    let ns = Netns::new("bench-close")?;
-    let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
-    println!("| close path | closes | hook runs | ns/run above floor | ns per close above floor |");
-    println!("|---|---|---|---|---|");
-    for kind in [Churn::Orderly, Churn::Reset, Churn::ResetKeepalive] {
-        let (b0, c0) = (stats(baseline_id)?, stats(close_id)?);
-        let connections = churn(&ns, &listener, kind, length)?;
-        // Let the last closes (softirq) land before the snapshot.
-        std::thread::sleep(Duration::from_millis(200));
-        let (b1, c1) = (stats(baseline_id)?, stats(close_id)?);
-        let (base, hook) = (b1.since(&b0), c1.since(&c0));
-        let above = hook.nanos as f64 - hook.count as f64 * base.per_hit();
-        // Both ends of every connection close.
-        let closes = 2 * connections;
-        println!(
-            "| {} ({}) | {closes} | {} | {:.0} | {:.0} |",
-            kind.name(),
-            kind.close_path(),
-            hook.count,
-            above / hook.count as f64,
-            above / closes as f64
-        );
+    println!(
+        "| close path | conntrack | closes | hook runs | ns/run above floor | ns per close above floor |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for conntrack in [false, true] {
+        let ns = Netns::new(if conntrack {
+            "bench-close-ct"
+        } else {
+            "bench-close"
+        })?;
+        if conntrack {
+            ns.nft(
+                "table inet bench_ct {\n  chain input {\n    type filter hook input priority 0;\n    \
+                 ct state established,related accept\n  }\n}\n",
+            )
+            .context("loading an nftables conntrack rule into the close namespace")?;
+        }
+        let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        for kind in Churn::ALL {
+            let (b0, c0) = (stats(baseline_id)?, stats(close_id)?);
+            let connections = churn(&ns, &listener, kind, length)?;
+            // Let the last closes (softirq) land before the snapshot.
+            std::thread::sleep(Duration::from_millis(200));
+            let (b1, c1) = (stats(baseline_id)?, stats(close_id)?);
+            let (base, hook) = (b1.since(&b0), c1.since(&c0));
+            let above = hook.nanos as f64 - hook.count as f64 * base.per_hit();
+            // Both ends of every connection close.
+            let closes = 2 * connections;
+            println!(
+                "| {} ({}) | {} | {closes} | {} | {:.0} | {:.0} |",
+                kind.name(),
+                kind.close_path(),
+                if conntrack { "tracked" } else { "off" },
+                hook.count,
+                above / hook.count as f64,
+                above / closes as f64
+            );
+        }
     }
     Ok(())
 }
