@@ -14,8 +14,9 @@ use crate::{
     reset::RESET_CONTEXT,
     socket::{
         EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, conntrack_timeout_typed, emit,
-        idle_kill_jiffies, netns_counters, netns_counters_of, netns_key, report_keepalive_off,
-        smallest_threshold, snapshot, snapshot_typed, uncounted, zero_record,
+        expired_key, idle_kill_jiffies, may_have_expired, netns_counters, netns_counters_of,
+        netns_key, report_keepalive_off, smallest_threshold, snapshot, snapshot_typed, uncounted,
+        zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -91,6 +92,33 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         );
     if orderly && sk_flags & (1 << offset!(sock_flag_keepopen)) == 0 {
         return 0;
+    }
+    if orderly && !report_keepalive_off() {
+        // A keepalive connection that never had an expiry is not in the agent's table (see
+        // `EXPIRED`): its orderly close, never a drop, is counted and not sent. An early
+        // return of its own, so the paths below are the ones the older verifiers already walk
+        // within their million instructions.
+        // SAFETY: as below.
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
+        if !tp.is_null() {
+            let c = Typed(tp);
+            // `inet_sport`, not `skc_num`: `inet_put_port` zeroed that before this tracepoint
+            // (the socket is unhashed first); through the typed `tcp_sock`, since it lies
+            // past `struct sock`.
+            let key = expired_key(
+                sock_field::<u16>(sk, offset!(skc_family)),
+                sock_field::<u32>(sk, offset!(skc_daddr)),
+                u16::from_be(sock_field::<u16>(sk, offset!(skc_dport))),
+                u16::from_be(c.load::<u16>(offset!(inet_sport))),
+            );
+            if !may_have_expired(key) {
+                match netns_key(c) {
+                    Ok(key) => count_close(netns_counters_of(key), None),
+                    Err(_) => uncounted(Uncounted::CloseUnreadable),
+                }
+                return 0;
+            }
+        }
     }
 
     // SAFETY: read of our own static (see `offset!`).

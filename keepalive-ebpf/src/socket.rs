@@ -11,8 +11,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use keepalive_ebpf::{
-    AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
-    SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
+    AF_INET, AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters,
+    NetnsKey, SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
     SocketRecord, Uncounted, record_flags,
 };
 
@@ -100,6 +100,70 @@ static IDLE_KILL_JIFFIES: Array<u32> = Array::with_max_entries(1, 0);
 #[inline(always)]
 pub(crate) fn idle_kill_jiffies() -> u32 {
     IDLE_KILL_JIFFIES.get(0).copied().unwrap_or(0)
+}
+
+/// Slots of [`EXPIRED`]: a power of two.
+const EXPIRED_SLOTS: usize = 1 << 18;
+
+/// One byte per slot, set to 1 by a keepalive expiry of a socket hashing there
+/// ([`mark_expired`]) and never cleared.
+#[repr(C)]
+pub(crate) struct ExpiredSlots {
+    bytes: [u8; EXPIRED_SLOTS],
+}
+
+/// Which sockets may have had a keepalive expiry since the programs were loaded: the agent's
+/// connection table holds only those (a connection enters it at an expiry), so the close of a
+/// keepalive connection in an unmarked slot, when not a drop, tells the agent nothing and is
+/// counted without being sent (the bulk of the closes of short keepalive connections, Go's
+/// default dialer's). A marked slot only says "maybe" (another socket may hash there, or this
+/// address held an earlier connection): that close is sent, as every one was before. Slots
+/// are never cleared, so no close of a connection the agent tracks is ever skipped; addresses
+/// come from the TCP socket slab, which reuses them, so the marks grow with the node's peak
+/// socket count, not with its connections over time. Bytes, not bits: a byte store needs no
+/// atomic read-modify-write (5.12+) to keep another CPU's mark. 256 KiB of kernel memory.
+#[map]
+static EXPIRED: Array<ExpiredSlots> = Array::with_max_entries(1, 0);
+
+/// A connection's key in [`EXPIRED`]: its ports and, for an IPv4 socket, its remote address,
+/// which both the timer's record and the close's typed loads have. Not the socket's address:
+/// the close hook's `sk` is a pointer to the verifier, which refuses the arithmetic of a hash.
+/// Connections sharing a key only share a "maybe".
+#[inline(always)]
+pub(crate) fn expired_key(family: u16, remote_v4: u32, remote_port: u16, local_port: u16) -> u64 {
+    let address = if family == AF_INET { remote_v4 } else { 0 };
+    (u64::from(address) << 32) | (u64::from(remote_port) << 16) | u64::from(local_port)
+}
+
+/// The slot of `key` ([`expired_key`]) in [`EXPIRED`]: a multiplicative hash.
+#[inline(always)]
+fn expired_slot(key: u64) -> Option<*mut u8> {
+    let slots = EXPIRED.get_ptr_mut(0)?;
+    let index =
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - 18)) as usize & (EXPIRED_SLOTS - 1);
+    // SAFETY: `index` is below the array's length (masked, which the verifier sees too).
+    Some(unsafe { (&raw mut (*slots).bytes).cast::<u8>().add(index) })
+}
+
+/// Marks the connection of `key` ([`expired_key`]) as having had a keepalive expiry (see
+/// [`EXPIRED`]).
+#[inline(always)]
+pub(crate) fn mark_expired(key: u64) {
+    if let Some(slot) = expired_slot(key) {
+        // SAFETY: a byte of the map value (see `expired_slot`); a plain byte store.
+        unsafe { core::ptr::write_volatile(slot, 1) };
+    }
+}
+
+/// Whether the connection of `key` ([`expired_key`]) may have had a keepalive expiry since the
+/// programs were loaded (see [`EXPIRED`]); `true` when the map cannot tell.
+#[inline(always)]
+pub(crate) fn may_have_expired(key: u64) -> bool {
+    match expired_slot(key) {
+        // SAFETY: as in `mark_expired`.
+        Some(slot) => unsafe { core::ptr::read_volatile(slot) != 0 },
+        None => true,
+    }
 }
 
 /// Exact counters per namespace, bumped with atomic adds (shared by every CPU; contention is

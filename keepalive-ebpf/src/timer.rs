@@ -14,9 +14,9 @@ use keepalive_ebpf::{
 };
 
 use crate::socket::{
-    EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, emit_expiry,
-    expiry_snapshot, expiry_snapshot_typed, netns_counters, read, read_or_zero, typed_tcp_sock,
-    uncounted,
+    EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, emit_expiry, expired_key,
+    expiry_snapshot, expiry_snapshot_typed, mark_expired, netns_counters, read, read_or_zero,
+    typed_tcp_sock, uncounted,
 };
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -237,6 +237,18 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             }
         }
     }
+    let rec = &tctx.snapshot;
+    mark_expired(expired_key(
+        rec.family,
+        u32::from_ne_bytes([
+            rec.remote_addr[0],
+            rec.remote_addr[1],
+            rec.remote_addr[2],
+            rec.remote_addr[3],
+        ]),
+        rec.remote_port,
+        rec.local_port,
+    ));
     tctx.expiry.fill_from(&tctx.snapshot);
     emit_expiry(&tctx.expiry, tctx.snapshot.family);
     0

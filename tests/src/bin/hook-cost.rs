@@ -4,7 +4,7 @@
 //! 1. Loopback connection churn without programs, with an empty program on each of the agent's
 //!    hooks (`--empty-hooks` for others) and with the agent, in alternating rounds, for four
 //!    workloads: orderly closes without keepalive (filtered in the kernel), the same with
-//!    keepalive on (reported), RST closes without keepalive (counted in the kernel, not sent to
+//!    keepalive on (counted in the kernel, not sent: no keepalive expiry yet), RST closes without keepalive (counted in the kernel, not sent to
 //!    the agent by default) and RST closes with keepalive on both ends (both reported).
 //!    `--churn-only` stops there.
 //! 2. Kernel-side cost per hit of the timer and close hooks, from `kernel.bpf_stats_enabled`
@@ -508,7 +508,8 @@ where
 enum Churn {
     /// The server closes first, then the client: FIN exchange, no keepalive (not reported).
     Orderly,
-    /// The same with `SO_KEEPALIVE` on the client (its close is reported).
+    /// The same with `SO_KEEPALIVE` on the client: closed long before its first keepalive
+    /// expiry, so counted in the kernel and not sent (the agent does not track it).
     Keepalive,
     /// The client closes with `SO_LINGER` 0: RST, both ends dropped. No keepalive: counted in
     /// the kernel, not sent to the agent (its default).
@@ -539,7 +540,7 @@ impl Churn {
         match self {
             Churn::Orderly => "filtered",
             Churn::Reset => "counted, not sent",
-            Churn::Keepalive => "reported, not a drop",
+            Churn::Keepalive => "counted, not sent: never expired",
             Churn::ResetKeepalive => "reported, drops",
         }
     }
@@ -683,8 +684,8 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
 }
 
 /// Cost of `inet_sock_set_state` per close above an empty program on the same hook, for closes
-/// the kernel filters out (orderly, no keepalive), orderly closes it reports (keepalive on: not
-/// drops), RST closes it counts without sending (no keepalive) and RST closes it reports
+/// the kernel filters out (orderly, no keepalive), orderly closes of keepalive connections that
+/// never had an expiry (counted, not sent), RST closes it counts without sending (no keepalive) and RST closes it reports
 /// (keepalive on: drops); each in a namespace without conntrack, then in one whose connections
 /// conntrack tracks, as on every Kubernetes node (a drop's record carries the namespace's
 /// conntrack timeout, which takes more reads there).
