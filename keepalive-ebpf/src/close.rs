@@ -106,8 +106,6 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             // (the socket is unhashed first); through the typed `tcp_sock`, since it lies
             // past `struct sock`.
             let key = expired_key(
-                sock_field::<u16>(sk, offset!(skc_family)),
-                sock_field::<u32>(sk, offset!(skc_daddr)),
                 u16::from_be(sock_field::<u16>(sk, offset!(skc_dport))),
                 u16::from_be(c.load::<u16>(offset!(inet_sport))),
             );

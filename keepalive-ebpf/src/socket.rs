@@ -11,8 +11,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use keepalive_ebpf::{
-    AF_INET, AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters,
-    NetnsKey, SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
+    AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
+    SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
     SocketRecord, Uncounted, record_flags,
 };
 
@@ -127,14 +127,15 @@ pub(crate) struct ExpiredSlots {
 #[map]
 static EXPIRED: Array<ExpiredSlots> = Array::with_max_entries(1, 0);
 
-/// A connection's key in [`EXPIRED`]: its ports and, for an IPv4 socket, its remote address,
-/// which both the timer's record and the close's typed loads have. Not the socket's address:
-/// the close hook's `sk` is a pointer to the verifier, which refuses the arithmetic of a hash.
+/// A connection's key in [`EXPIRED`]: its ports, which both the timer's record and the close's
+/// typed loads have. Nothing that may change while the connection lives: `IPV6_ADDRFORM` turns
+/// an IPv4-mapped IPv6 socket into an IPv4 one, so a key with the family (or an address chosen
+/// by it) could differ between an expiry and the close. Not the socket's address either: the
+/// close hook's `sk` is a pointer to the verifier, which refuses the arithmetic of a hash.
 /// Connections sharing a key only share a "maybe".
 #[inline(always)]
-pub(crate) fn expired_key(family: u16, remote_v4: u32, remote_port: u16, local_port: u16) -> u64 {
-    let address = if family == AF_INET { remote_v4 } else { 0 };
-    (u64::from(address) << 32) | (u64::from(remote_port) << 16) | u64::from(local_port)
+pub(crate) fn expired_key(remote_port: u16, local_port: u16) -> u64 {
+    (u64::from(remote_port) << 16) | u64::from(local_port)
 }
 
 /// The slot of `key` ([`expired_key`]) in [`EXPIRED`]: a multiplicative hash.

@@ -237,17 +237,9 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             }
         }
     }
-    let rec = &tctx.snapshot;
     mark_expired(expired_key(
-        rec.family,
-        u32::from_ne_bytes([
-            rec.remote_addr[0],
-            rec.remote_addr[1],
-            rec.remote_addr[2],
-            rec.remote_addr[3],
-        ]),
-        rec.remote_port,
-        rec.local_port,
+        tctx.snapshot.remote_port,
+        tctx.snapshot.local_port,
     ));
     tctx.expiry.fill_from(&tctx.snapshot);
     emit_expiry(&tctx.expiry, tctx.snapshot.family);

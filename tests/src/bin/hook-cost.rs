@@ -4,8 +4,9 @@
 //! 1. Loopback connection churn without programs, with an empty program on each of the agent's
 //!    hooks (`--empty-hooks` for others) and with the agent, in alternating rounds, for four
 //!    workloads: orderly closes without keepalive (filtered in the kernel), the same with
-//!    keepalive on (counted in the kernel, not sent: no keepalive expiry yet), RST closes without keepalive (counted in the kernel, not sent to
-//!    the agent by default) and RST closes with keepalive on both ends (both reported).
+//!    keepalive on (counted in the kernel, not sent: no keepalive expiry yet), RST closes
+//!    without keepalive (counted in the kernel, not sent to the agent by default) and RST
+//!    closes with keepalive on both ends (both reported).
 //!    `--churn-only` stops there.
 //! 2. Kernel-side cost per hit of the timer and close hooks, from `kernel.bpf_stats_enabled`
 //!    run-time counters, as the difference from empty programs on the same hooks; the close
