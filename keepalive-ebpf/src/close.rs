@@ -243,17 +243,19 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Adds a close, and its drop reason if any, to its namespace's counters.
+/// Adds a close to its namespace's counters: to its drop reason, or else to the orderly ones.
 #[inline(always)]
 fn count_close(counters: Option<*mut NetnsCounters>, verdict: Option<DropReason>) {
     if let Some(counters) = counters {
         // SAFETY: a map value (see `netns_counters`).
         unsafe {
-            add(&raw mut (*counters).closes, 1);
-            if let Some(reason) = verdict {
-                // The index is a u8 enum below COUNT; the mask tells the verifier so.
-                let index = (reason as usize) & (DropReason::COUNT - 1);
-                add(&raw mut (*counters).drops[index], 1);
+            match verdict {
+                Some(reason) => {
+                    // The index is a u8 enum below COUNT; the mask tells the verifier so.
+                    let index = (reason as usize) & (DropReason::COUNT - 1);
+                    add(&raw mut (*counters).drops[index], 1);
+                }
+                None => add(&raw mut (*counters).orderly_closes, 1),
             }
         }
     }

@@ -1045,8 +1045,9 @@ pub struct NetnsCounters {
     pub expiries: u64,
     /// Probes sent (`TCPKeepAlive` of the namespace).
     pub probes: u64,
-    /// Closes reported (drops and orderly ends of keepalive sockets).
-    pub closes: u64,
+    /// Closes counted that were not drops: a drop adds to its reason in `drops` alone, so each
+    /// close is one atomic add (a locked add waits for the CPU's pending stores).
+    pub orderly_closes: u64,
     /// Drops by [`DropReason`] value.
     pub drops: [u64; DropReason::COUNT],
 }

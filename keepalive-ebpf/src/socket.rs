@@ -215,7 +215,7 @@ pub(crate) fn netns_counters(rec: &SocketRecord) -> Option<*mut NetnsCounters> {
 static ZERO_COUNTERS: NetnsCounters = NetnsCounters {
     expiries: 0,
     probes: 0,
-    closes: 0,
+    orderly_closes: 0,
     drops: [0; DropReason::COUNT],
 };
 

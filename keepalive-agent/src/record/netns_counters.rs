@@ -208,7 +208,7 @@ pub(crate) fn current(
         let total = totals.entry(key.inum).or_default();
         total.expiries += counters.expiries;
         total.probes += counters.probes;
-        total.closes += counters.closes;
+        total.orderly_closes += counters.orderly_closes;
         for (sum, n) in total.drops.iter_mut().zip(counters.drops) {
             *sum += n;
         }
@@ -218,7 +218,11 @@ pub(crate) fn current(
 
 /// Everything that moves when a namespace does anything the programs see.
 fn activity(counters: &NetnsCounters) -> u64 {
-    counters.expiries + counters.closes
+    // Wrapping: only a change matters, and the values are the kernel's.
+    counters.drops.iter().fold(
+        counters.expiries.wrapping_add(counters.orderly_closes),
+        |sum, &n| sum.wrapping_add(n),
+    )
 }
 
 /// The pure part of [`NetnsCounterMaps::expire`]: updates `seen` (activity and when it last
@@ -374,5 +378,35 @@ mod tests {
         assert!(active.is_empty());
         assert_eq!(stale, [key(INODE, 5)]);
         assert_eq!(seen.len(), 1);
+    }
+
+    #[test]
+    fn a_drop_or_an_orderly_close_alone_keeps_a_namespace_active() {
+        // A close adds to one counter only: its drop reason, or else the orderly ones.
+        let retention = Duration::from_secs(60);
+        let start = Instant::now();
+        let mut seen = HashMap::new();
+        let quiet = counters(1, 0);
+        let first = [(key(INODE, 5), quiet), (key(INODE + 1, 6), quiet)];
+        sweep(&mut seen, &first, start, retention);
+        let mut dropped = quiet;
+        dropped.drops[3] += 1;
+        let mut orderly = quiet;
+        orderly.orderly_closes += 1;
+        let second = [(key(INODE, 5), dropped), (key(INODE + 1, 6), orderly)];
+        let (active, _) = sweep(
+            &mut seen,
+            &second,
+            start + Duration::from_secs(59),
+            retention,
+        );
+        assert_eq!(active, [(INODE, 5), (INODE + 1, 6)]);
+        let (active, stale) = sweep(
+            &mut seen,
+            &second,
+            start + Duration::from_secs(118),
+            retention,
+        );
+        assert!(active.is_empty() && stale.is_empty(), "{stale:?}");
     }
 }
