@@ -13,6 +13,7 @@
 //! - `KEEPALIVE_KEEP_LOGS=1`: keep the agent's log file even when the test passes.
 
 pub mod agent;
+pub mod churn;
 pub mod deploy;
 pub mod expect;
 pub mod holder;
@@ -33,6 +34,7 @@ pub use agent::{
     Agent, AgentEndpoint, NeverMatched, agent_bin, free_loopback_port, http_get, run_sockets,
     sockets_json,
 };
+pub use churn::Churn;
 pub use expect::{DROP_REASONS, Expectations};
 pub use metrics::{Metrics, Sample, UNCOUNTED_METRICS};
 pub use netns::{Netns, NftRule, TcpExt};

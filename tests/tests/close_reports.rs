@@ -6,10 +6,10 @@
 //! Alone in its file: it counts the agent's close records, to which every connection closing on
 //! the host adds, and cargo runs test binaries one at a time.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use anyhow::{Context, ensure};
-use keepalive_tests::{DEADLINE, Netns, TestEnv, set_keepalive, setsockopt_int, wait_until};
+use anyhow::ensure;
+use keepalive_tests::{Churn, DEADLINE, Netns, TestEnv, set_keepalive, wait_until};
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
@@ -52,21 +52,10 @@ fn closes_of_keepalive_connections_that_never_expired_are_not_sent() -> anyhow::
     })?;
 
     let records_before = agent.scrape()?.value(CLOSE_RECORDS, &[("kind", "close")]);
-    let addr = listener.local_addr()?;
     ns.run(|| -> anyhow::Result<()> {
         for _ in 0..SHORT {
-            let client = TcpStream::connect(addr).context("connect")?;
-            let (server, _) = listener.accept().context("accept")?;
-            setsockopt_int(
-                &client,
-                libc::SOL_SOCKET,
-                libc::SO_KEEPALIVE,
-                1,
-                "SO_KEEPALIVE",
-            )?;
-            // Orderly: the server's FIN first, then the client's.
-            drop(server);
-            drop(client);
+            // Orderly, with `SO_KEEPALIVE` on the client: the server's FIN first.
+            Churn::Keepalive.connect_and_close(&listener)?;
         }
         Ok(())
     })??;

@@ -42,7 +42,7 @@
 
 use std::{
     io::Write as _,
-    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, TcpListener},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
@@ -56,8 +56,8 @@ use keepalive_agent::kernel::programs::{
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
-    Agent, ExpiriesNotRun, Netns, UNCOUNTED_METRICS, agent::vm_rss_kib, holder::Holders,
-    set_keepalive, set_linger_zero, setsockopt_int,
+    Agent, Churn, ExpiriesNotRun, Netns, UNCOUNTED_METRICS, agent::vm_rss_kib, holder::Holders,
+    set_keepalive,
 };
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -504,84 +504,14 @@ where
         .with_context(|| format!("{flag} {text}: not a number"))
 }
 
-/// What a churn round does with each connection before closing it.
-#[derive(Clone, Copy, Debug)]
-enum Churn {
-    /// The server closes first, then the client: FIN exchange, no keepalive (not reported).
-    Orderly,
-    /// The same with `SO_KEEPALIVE` on the client: closed long before its first keepalive
-    /// expiry, so counted in the kernel and not sent (the agent does not track it).
-    Keepalive,
-    /// The client closes with `SO_LINGER` 0: RST, both ends dropped. No keepalive: counted in
-    /// the kernel, not sent to the agent (its default).
-    Reset,
-    /// The same with `SO_KEEPALIVE` on both ends: both closes reported.
-    ResetKeepalive,
-}
-
-impl Churn {
-    const ALL: [Churn; 4] = [
-        Churn::Orderly,
-        Churn::Keepalive,
-        Churn::Reset,
-        Churn::ResetKeepalive,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Churn::Orderly => "orderly, no keepalive",
-            Churn::Keepalive => "orderly, keepalive on",
-            Churn::Reset => "RST close, no keepalive",
-            Churn::ResetKeepalive => "RST close, keepalive on",
-        }
-    }
-
-    /// What the close program does with these closes.
-    fn close_path(self) -> &'static str {
-        match self {
-            Churn::Orderly => "filtered",
-            Churn::Reset => "counted, not sent",
-            Churn::Keepalive => "counted, not sent: never expired",
-            Churn::ResetKeepalive => "reported, drops",
-        }
-    }
-}
-
 /// Connections opened and closed on the namespace's loopback in `length`.
 fn churn(ns: &Netns, listener: &TcpListener, kind: Churn, length: Duration) -> anyhow::Result<u64> {
-    let addr = listener.local_addr()?;
     ns.run(|| -> anyhow::Result<u64> {
         let end = Instant::now() + length;
         let mut n = 0;
         while Instant::now() < end {
             for _ in 0..32 {
-                let client = TcpStream::connect(addr).context("connect")?;
-                let (server, _) = listener.accept().context("accept")?;
-                let keepalive = |socket: &TcpStream| {
-                    setsockopt_int(
-                        socket,
-                        libc::SOL_SOCKET,
-                        libc::SO_KEEPALIVE,
-                        1,
-                        "SO_KEEPALIVE",
-                    )
-                };
-                match kind {
-                    // The server's side ends in TIME_WAIT, which does not hold the client's
-                    // ephemeral port.
-                    Churn::Orderly => drop(server),
-                    Churn::Keepalive => {
-                        keepalive(&client)?;
-                        drop(server);
-                    }
-                    Churn::Reset => set_linger_zero(&client)?,
-                    Churn::ResetKeepalive => {
-                        keepalive(&client)?;
-                        keepalive(&server)?;
-                        set_linger_zero(&client)?;
-                    }
-                }
-                drop(client);
+                kind.connect_and_close(listener)?;
                 n += 1;
             }
         }
