@@ -29,10 +29,10 @@ use crate::{
     },
     track::{
         classifier::{DropReason, ResetReasons},
-        connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
+        connection_table::{ConnectionTable, ExpiryOutcome},
         idle_kill::NodeThresholds,
         namespaces::{NamespaceIdentity, Sighting},
-        tracker::{Dropped, Tracker},
+        tracker::{Dropped, DroppedConnection, Tracker},
     },
 };
 use attribution_worker::{Count, InFlightHandle, Job, Requests, Resolve, Worker};
@@ -301,7 +301,10 @@ impl Pipeline {
         let cached = self.resolver.cached_cgroup(&close.owner);
         // The cache's answer (a path, or known to have none) is all a lookup would find.
         let cgroup_settled = cached.is_some();
-        let Some(Dropped { reason, connection }) = self.tracker.close(close, now, cached) else {
+        let Some(Dropped { reason, connection }) =
+            self.tracker
+                .close(close, now, cached, self.events.is_some())
+        else {
             self.count(aggregate, Count::Seen);
             return;
         };
@@ -334,7 +337,7 @@ impl Pipeline {
             &close.endpoints,
             close.owner,
             Some(DroppedOwner {
-                workload: &connection.workload,
+                connection: &connection,
                 process: reason.is_keepalive(),
                 cgroup_settled,
             }),
@@ -508,7 +511,8 @@ impl Pipeline {
             return;
         };
         let known = match dropped {
-            Some(dropped) => Some(dropped.workload.clone()),
+            // With events, the drop brought its owner (see `Tracker::close`).
+            Some(dropped) => dropped.connection.workload.clone(),
             None => self.tracker.known_workload(sk, endpoints),
         };
         for mut event in events {
@@ -556,7 +560,7 @@ impl Pipeline {
         &self,
         close: &CloseEvent,
         reason: DropReason,
-        state: &ConnectionState,
+        state: &DroppedConnection,
     ) -> Vec<ConnectionEvent> {
         let streak_end = match reason {
             DropReason::KeepaliveTimeout => Some(EventKind::TimedOut),
@@ -591,7 +595,7 @@ impl Pipeline {
 
 /// A dropped connection's owner as the table kept it, and whether the worker should look again.
 struct DroppedOwner<'a> {
-    workload: &'a Workload,
+    connection: &'a DroppedConnection,
     /// A keepalive drop: whose process is unknown gets a `/proc` lookup once more (its last
     /// chance).
     process: bool,
@@ -606,9 +610,9 @@ impl DroppedOwner<'_> {
     /// path woke the worker for nothing.
     fn look_again(&self) -> bool {
         if self.process {
-            self.workload.pid.is_none()
+            !self.connection.pid_known
         } else {
-            self.workload.cgroup_path.is_none() && !self.cgroup_settled
+            !self.connection.cgroup_path_known && !self.cgroup_settled
         }
     }
 }
@@ -1378,6 +1382,41 @@ mod tests {
         drop(pipeline);
         worker.join().unwrap();
         assert_eq!(resolver.counts(), (3, 2));
+    }
+
+    #[test]
+    fn a_keepalive_drop_asks_for_its_process_once_more_only_when_it_is_still_unknown() {
+        // (probes whose lookup finds no process, process lookups the drop adds)
+        for (missed, added) in [(0, 0), (usize::MAX, 1)] {
+            let resolver = Arc::new(CountingCgroups {
+                processes_missed: missed,
+                ..Arc::into_inner(CountingCgroups::new(false)).unwrap()
+            });
+            let table = table();
+            let (pipeline, worker) = with_worker(&table, &resolver);
+            let expiry = RecordKind::KeepaliveTimer;
+            pipeline.handle(&record_bytes(expiry, 0, 1, 0));
+            pipeline.handle(&record_bytes(expiry, 1, 2, 0));
+            assert_eq!(resolver.settle((2, 1)), (2, 1));
+            // Found at the first unanswered probe, or asked again at the next (see above).
+            pipeline.handle(&record_bytes(expiry, 2, 3, 0));
+            let want = if missed == 0 { (2, 1) } else { (3, 2) };
+            let before = resolver.settle(want);
+            assert_eq!(before, want, "lookups before the drop with {missed} missed");
+            pipeline.handle(&record_bytes(
+                RecordKind::Close,
+                3,
+                0,
+                record_flags::RESET_SENT,
+            ));
+            drop(pipeline);
+            worker.join().unwrap();
+            assert_eq!(
+                resolver.counts().1,
+                before.1 + added,
+                "process lookups with {missed} missed"
+            );
+        }
     }
 
     #[test]

@@ -232,18 +232,20 @@ impl ConnectionTable {
         outcome: CloseOutcome,
         now: Instant,
     ) -> Option<ConnectionState> {
-        self.on_close_with(c, outcome, now, None, None)
+        self.on_close_with(c, outcome, now, None, None, ConnectionState::clone)
     }
 
-    /// [`Self::on_close`], completing the connection's owner with `known` first.
-    pub(crate) fn on_close_with(
+    /// [`Self::on_close`], completing the connection's owner with `known` first, and returning
+    /// what `view` takes of the final state instead of a copy of it.
+    pub(crate) fn on_close_with<R>(
         &mut self,
         c: &CloseEvent,
         outcome: CloseOutcome,
         now: Instant,
         known: Option<Workload>,
         idle_kill: Option<Box<IdleKill>>,
-    ) -> Option<ConnectionState> {
+        view: impl FnOnce(&ConnectionState) -> R,
+    ) -> Option<R> {
         let previous = self
             .live
             .pop(&c.sk)
@@ -279,7 +281,7 @@ impl ConnectionTable {
             if victim == DropClass::Keepalive && class == DropClass::Other {
                 self.dropped_evictions[DropClass::Other as usize] += 1;
                 self.evictions += 1;
-                return Some(state);
+                return Some(view(&state));
             }
             if let Some((order, evicted)) = self.dropped[victim as usize].pop_front() {
                 self.unindex(victim, order, &evicted.endpoints);
@@ -290,8 +292,9 @@ impl ConnectionTable {
         let order = self.next_drop;
         self.next_drop += 1;
         index_drop(&mut self.newest_dropped, state.endpoints, class, order);
-        self.dropped[class as usize].push_back((order, state.clone()));
-        Some(state)
+        let seen = view(&state);
+        self.dropped[class as usize].push_back((order, state));
+        Some(seen)
     }
 
     /// Takes a dropped entry that left its list out of the index.

@@ -13,15 +13,45 @@ use crate::{
     track::{
         classifier::{self, CloseOutcome, DropReason, ResetReasons},
         connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
-        idle_kill::{self, NodeThresholds},
+        idle_kill::{self, IdleKill, NodeThresholds},
     },
 };
 
-/// A connection the kernel dropped: why, and its final state as the table keeps it.
+/// A connection the kernel dropped: why, and what the pipeline uses of its final state.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Dropped {
     pub(crate) reason: DropReason,
-    pub(crate) connection: ConnectionState,
+    pub(crate) connection: DroppedConnection,
+}
+
+/// What the pipeline uses of a dropped connection's final state, which the table keeps. Not a
+/// copy of that state: its owner's three cgroup names are refcounted, and a copy taken and
+/// dropped at every RST close under churn was six atomic operations for nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct DroppedConnection {
+    pub(crate) endpoints: Endpoints,
+    pub(crate) probes_sent: u64,
+    pub(crate) unanswered_probes: u8,
+    pub(crate) idle_kill: Option<Box<IdleKill>>,
+    /// Whether its owner's process, and its cgroup's path, are known.
+    pub(crate) pid_known: bool,
+    pub(crate) cgroup_path_known: bool,
+    /// Its owner, when the caller asked for it (events carry it).
+    pub(crate) workload: Option<Workload>,
+}
+
+impl DroppedConnection {
+    fn of(state: &ConnectionState, with_workload: bool) -> Self {
+        Self {
+            endpoints: state.endpoints,
+            probes_sent: state.probes_sent,
+            unanswered_probes: state.unanswered_probes,
+            idle_kill: state.idle_kill.clone(),
+            pid_known: state.workload.pid.is_some(),
+            cgroup_path_known: state.workload.cgroup_path.is_some(),
+            workload: with_workload.then(|| state.workload.clone()),
+        }
+    }
 }
 
 /// The connection table (shared with the metrics collector, which renders it at scrape time)
@@ -72,12 +102,14 @@ impl Tracker {
     }
 
     /// One move to `TCP_CLOSE`; `None` when it was not a drop. `known`: what the caller
-    /// already knows of the owner (a cached cgroup), filled into a dropped entry that lacks it.
+    /// already knows of the owner (a cached cgroup), filled into a dropped entry that lacks it;
+    /// `with_workload`: the owner comes back with the drop.
     pub(crate) fn close(
         &self,
         close: &CloseEvent,
         now: Instant,
         known: Option<Workload>,
+        with_workload: bool,
     ) -> Option<Dropped> {
         let outcome = classifier::classify(close, self.reset_reasons);
         let CloseOutcome::Dropped(reason) = outcome else {
@@ -85,9 +117,14 @@ impl Tracker {
             return None;
         };
         let idle_kill = idle_kill::classify(close, reason, self.hz, &self.idle_thresholds.get());
-        let connection =
-            self.table()
-                .on_close_with(close, outcome, now, known, idle_kill.map(Box::new))?;
+        let connection = self.table().on_close_with(
+            close,
+            outcome,
+            now,
+            known,
+            idle_kill.map(Box::new),
+            |state| DroppedConnection::of(state, with_workload),
+        )?;
         Some(Dropped { reason, connection })
     }
 
