@@ -343,7 +343,7 @@ impl Pipeline {
             }),
             list,
         );
-        let e = &connection.endpoints;
+        let e = &close.endpoints;
         let message = format_args!(
             "connection dropped: {reason} netns={} {} -> {} probes={} unanswered={} errno={}",
             e.netns,

@@ -26,10 +26,10 @@ pub(crate) struct Dropped {
 
 /// What the pipeline uses of a dropped connection's final state, which the table keeps. Not a
 /// copy of that state: its owner's three cgroup names are refcounted, and a copy taken and
-/// dropped at every RST close under churn was six atomic operations for nothing.
+/// dropped at every RST close under churn was six atomic operations for nothing. Its endpoints
+/// are the close record's (the table keeps a state only under those).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct DroppedConnection {
-    pub(crate) endpoints: Endpoints,
     pub(crate) probes_sent: u64,
     pub(crate) unanswered_probes: u8,
     pub(crate) idle_kill: Option<Box<IdleKill>>,
@@ -43,7 +43,6 @@ pub(crate) struct DroppedConnection {
 impl DroppedConnection {
     fn of(state: &ConnectionState, with_workload: bool) -> Self {
         Self {
-            endpoints: state.endpoints,
             probes_sent: state.probes_sent,
             unanswered_probes: state.unanswered_probes,
             idle_kill: state.idle_kill.clone(),
