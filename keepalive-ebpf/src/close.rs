@@ -30,6 +30,17 @@ fn sock_field<T: Copy>(sk: *const u8, offset: usize) -> T {
     unsafe { core::ptr::read_volatile(sk.wrapping_add(offset) as *const T) }
 }
 
+/// The closing connection's key in `EXPIRED` ([`expired_key`]). `inet_sport`, not `skc_num`:
+/// `inet_put_port` zeroed that before this tracepoint (the socket is unhashed first); through
+/// the typed `tcp_sock`, since it lies past `struct sock`.
+#[inline(always)]
+fn closing_key(sk: *const u8, tp: Typed) -> u64 {
+    expired_key(
+        u16::from_be(sock_field::<u16>(sk, offset!(skc_dport))),
+        u16::from_be(tp.load::<u16>(offset!(inet_sport))),
+    )
+}
+
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let new_state: i32 = ctx.arg(2);
@@ -57,7 +68,10 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk_flags = sock_field::<u64>(sk, offset!(skc_flags));
     let sk_err = sock_field::<i32>(sk, offset!(sk_err));
     let mut context = CloseContext::None as u8;
-    let (mut write_timer_event, mut packets_out) = (0, None);
+    // `packets_out` as the timer or the reset found it, before an abort purged it; not an
+    // `Option`: LLVM leaves a `None`'s payload unwritten and may still load it, a read of
+    // uninitialized stack that the 5.10 verifier refuses.
+    let (mut write_timer_event, mut packets_out, mut packets_out_known) = (0, 0u32, false);
     if let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         let tctx = unsafe { &mut *tctx };
@@ -66,7 +80,8 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             tctx.closed = 1;
             if tctx.kind == CloseContext::WriteTimer as u8 {
                 write_timer_event = tctx.write_timer_event;
-                packets_out = Some(tctx.packets_out);
+                packets_out = tctx.packets_out;
+                packets_out_known = true;
             }
         }
     }
@@ -78,7 +93,8 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             reset_flags = reset.flags;
             reset_reason = reset.reason;
             if reset.flags & record_flags::RESET_RECEIVED != 0 {
-                packets_out = Some(reset.packets_out);
+                packets_out = reset.packets_out;
+                packets_out_known = true;
             }
             reset.sk = 0;
         }
@@ -93,82 +109,54 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     if orderly && sk_flags & (1 << offset!(sock_flag_keepopen)) == 0 {
         return 0;
     }
-    if orderly && !report_keepalive_off() {
+    // SAFETY: read of our own static (see `offset!`).
+    let keepalive_rst_reason = unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_RST_REASON) };
+    let seen = CloseSeen {
+        old_state,
+        context,
+        write_timer_event,
+        sk_flags,
+        sk_err,
+        packets_out,
+        packets_out_known,
+        reset_received: reset_flags & record_flags::RESET_RECEIVED != 0,
+        keepalive_reset_sent: reset_flags & record_flags::RESET_SENT != 0
+            && reset_reason == keepalive_rst_reason,
+    };
+    let keepalive_on = sk_flags & (1 << offset!(sock_flag_keepopen)) != 0;
+    if keepalive_on && context != CloseContext::KeepaliveTimer as u8 && !report_keepalive_off() {
         // A keepalive connection that never had an expiry is not in the agent's table (see
-        // `EXPIRED`): its orderly close, never a drop, is counted and not sent. An early
-        // return of its own, so the paths below are the ones the older verifiers already walk
-        // within their million instructions.
+        // `EXPIRED`): its orderly close tells it nothing, nor does its drop, unless that may
+        // be an idle kill or is a keepalive drop. Counted and not sent, like a connection's
+        // without keepalive (RST churn of short connections: every one of Go's has
+        // `SO_KEEPALIVE`). An early return of its own, nothing computed here kept past it, so
+        // the paths below are the ones the older verifiers already walk within their million
+        // instructions: folded into the reporting decision below, 5.10 went past it.
         // SAFETY: as below.
         let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
-        if !tp.is_null() {
-            let c = Typed(tp);
-            // `inet_sport`, not `skc_num`: `inet_put_port` zeroed that before this tracepoint
-            // (the socket is unhashed first); through the typed `tcp_sock`, since it lies
-            // past `struct sock`.
-            let key = expired_key(
-                u16::from_be(sock_field::<u16>(sk, offset!(skc_dport))),
-                u16::from_be(c.load::<u16>(offset!(inet_sport))),
-            );
-            if !may_have_expired(key) {
-                match netns_key(c) {
+        if !tp.is_null() && !may_have_expired(closing_key(sk, Typed(tp))) {
+            if orderly {
+                match netns_key(Typed(tp)) {
                     Ok(key) => count_close(netns_counters_of(key), None),
                     Err(_) => uncounted(Uncounted::CloseUnreadable),
                 }
                 return 0;
             }
+            if counted_not_sent(&seen, tp, true) {
+                return 0;
+            }
         }
     }
 
-    // SAFETY: read of our own static (see `offset!`).
-    let keepalive_rst_reason = unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_RST_REASON) };
-    let reset_received = reset_flags & record_flags::RESET_RECEIVED != 0;
-    let keepalive_reset_sent =
-        reset_flags & record_flags::RESET_SENT != 0 && reset_reason == keepalive_rst_reason;
     // SAFETY: the helper checks its argument (a BTF-typed socket) and returns NULL for anything
     // but a full TCP socket.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
-    // Counted either way; sent for a keepalive connection, for any when asked (see
-    // `report_keepalive_off`), and for a drop that may be an idle kill (see
+    // Counted either way; sent for a keepalive connection (but see above), for any when asked
+    // (see `report_keepalive_off`), and for a drop that may be an idle kill (see
     // `idle_kill_candidate`).
-    let mut send = sk_flags & (1 << offset!(sock_flag_keepopen)) != 0 || report_keepalive_off();
+    let mut send = keepalive_on || report_keepalive_off();
     if !send && !tp.is_null() {
-        // The few fields the classifier and the namespace's key need, one typed load each,
-        // instead of the whole record.
-        let c = Typed(tp);
-        let verdict = classify_close(&CloseFacts {
-            old_state,
-            context,
-            write_timer_event,
-            orphan: sk_flags & (1 << offset!(sock_flag_dead)) != 0,
-            keepalive_on: false,
-            probes_out: c.load::<u8>(offset!(icsk_probes_out)),
-            packets_out: packets_out.unwrap_or_else(|| c.load::<u32>(offset!(tcp_packets_out))),
-            send_window: c.load::<u32>(offset!(tcp_snd_wnd)),
-            reset_received,
-            keepalive_reset_sent,
-            sk_err,
-        });
-        let idle_kill = verdict.is_some() && {
-            let received = last_received(
-                c.load::<u32>(offset!(icsk_ack_lrcvtime)),
-                c.load::<u32>(offset!(tcp_rcv_tstamp)),
-            );
-            let silence = silence_before_send(received, c.load::<u32>(offset!(tcp_lsndtime)));
-            // No silence (a reset answering a connection that just talked, the bulk of RST
-            // churn) can be no idle kill: the conntrack read is skipped.
-            let threshold = if silence == 0 {
-                0
-            } else {
-                smallest_threshold(idle_kill_jiffies(), conntrack_timeout_typed(tp))
-            };
-            idle_kill_candidate(verdict, silence, threshold)
-        };
-        if !idle_kill {
-            // Counted, not sent.
-            match netns_key(c) {
-                Ok(key) => count_close(netns_counters_of(key), verdict),
-                Err(_) => uncounted(Uncounted::CloseUnreadable),
-            }
+        if counted_not_sent(&seen, tp, false) {
             return 0;
         }
         send = true;
@@ -199,7 +187,7 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     rec.state = old_state;
     rec.context = context;
     rec.write_timer_event = write_timer_event;
-    if let Some(packets_out) = packets_out {
+    if packets_out_known {
         rec.packets_out = packets_out;
     }
     rec.flags |= reset_flags;
@@ -213,8 +201,8 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         probes_out: rec.probes_out_before,
         packets_out: rec.packets_out,
         send_window: rec.snd_wnd,
-        reset_received,
-        keepalive_reset_sent,
+        reset_received: seen.reset_received,
+        keepalive_reset_sent: seen.keepalive_reset_sent,
         sk_err: rec.sk_err,
     });
     rec.drop_reason = verdict.map_or(NOT_A_DROP, |reason| reason as u32);
@@ -241,6 +229,74 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     emit(rec);
     0
+}
+
+/// What the close hook found before reading the socket for a record.
+struct CloseSeen {
+    old_state: u8,
+    context: u8,
+    write_timer_event: u8,
+    sk_flags: u64,
+    sk_err: i32,
+    /// `packets_out` as the timer or the reset found it (when `packets_out_known`).
+    packets_out: u32,
+    packets_out_known: bool,
+    reset_received: bool,
+    keepalive_reset_sent: bool,
+}
+
+/// Classifies a close from the few fields the classifier and the namespace's key need (one
+/// typed load each, instead of the whole record) and, unless it may be an idle kill (see
+/// `idle_kill_candidate`) or is a keepalive drop, counts it: then it is not sent (`true`).
+#[inline(always)]
+fn counted_not_sent(seen: &CloseSeen, tp: *const u8, keepalive_on: bool) -> bool {
+    let c = Typed(tp);
+    let verdict = classify_close(&CloseFacts {
+        old_state: seen.old_state,
+        context: seen.context,
+        write_timer_event: seen.write_timer_event,
+        orphan: seen.sk_flags & (1 << offset!(sock_flag_dead)) != 0,
+        keepalive_on,
+        probes_out: c.load::<u8>(offset!(icsk_probes_out)),
+        packets_out: if seen.packets_out_known {
+            seen.packets_out
+        } else {
+            c.load::<u32>(offset!(tcp_packets_out))
+        },
+        send_window: c.load::<u32>(offset!(tcp_snd_wnd)),
+        reset_received: seen.reset_received,
+        keepalive_reset_sent: seen.keepalive_reset_sent,
+        sk_err: seen.sk_err,
+    });
+    let idle_kill = verdict.is_some() && {
+        let received = last_received(
+            c.load::<u32>(offset!(icsk_ack_lrcvtime)),
+            c.load::<u32>(offset!(tcp_rcv_tstamp)),
+        );
+        let silence = silence_before_send(received, c.load::<u32>(offset!(tcp_lsndtime)));
+        // No silence (a reset answering a connection that just talked, the bulk of RST churn)
+        // can be no idle kill: the conntrack read is skipped.
+        let threshold = if silence == 0 {
+            0
+        } else {
+            smallest_threshold(idle_kill_jiffies(), conntrack_timeout_typed(tp))
+        };
+        idle_kill_candidate(verdict, silence, threshold)
+    };
+    // A keepalive drop is what the agent is for, its expiry seen or not (a zero-window probe
+    // counts in `icsk_probes_out` too).
+    let keepalive_drop = matches!(
+        verdict,
+        Some(DropReason::KeepaliveTimeout | DropReason::KeepaliveReset)
+    );
+    if idle_kill || keepalive_drop {
+        return false;
+    }
+    match netns_key(c) {
+        Ok(key) => count_close(netns_counters_of(key), verdict),
+        Err(_) => uncounted(Uncounted::CloseUnreadable),
+    }
+    true
 }
 
 /// Adds a close to its namespace's counters: to its drop reason, or else to the orderly ones.

@@ -18,7 +18,9 @@ pub enum Churn {
     /// The client closes with `SO_LINGER` 0: RST, both ends dropped. No keepalive: counted in
     /// the kernel, not sent to the agent (its default).
     Reset,
-    /// The same with `SO_KEEPALIVE` on both ends: both closes reported.
+    /// The same with `SO_KEEPALIVE` on both ends: drops of keepalive connections that never
+    /// had a keepalive expiry, counted in the kernel and not sent (reported with
+    /// `--connections.keepalive-off-drops`).
     ResetKeepalive,
 }
 
@@ -39,13 +41,12 @@ impl Churn {
         }
     }
 
-    /// What the close program does with these closes.
+    /// What the close program does with these closes, by the agent's default.
     pub fn close_path(self) -> &'static str {
         match self {
             Churn::Orderly => "filtered",
             Churn::Reset => "counted, not sent",
-            Churn::Keepalive => "counted, not sent: never expired",
-            Churn::ResetKeepalive => "reported, drops",
+            Churn::Keepalive | Churn::ResetKeepalive => "counted, not sent: never expired",
         }
     }
 

@@ -262,7 +262,8 @@ impl Expectations {
     }
 
     /// The connection has no per-connection series: what the agent does by default with a
-    /// connection without `SO_KEEPALIVE`, even once dropped.
+    /// connection without `SO_KEEPALIVE`, or one whose keepalive timer never ran, even once
+    /// dropped.
     pub fn conn_without_series(mut self, conn: &Conn) -> Self {
         self.checks.push(Check::NoSeries { conn: *conn });
         self

@@ -1,7 +1,8 @@
 //! Which closes of keepalive connections the kernel sends to the agent (issue 10). The agent's
-//! connection table holds only connections that had a keepalive expiry, so the orderly close of
-//! one that never had one tells it nothing: the kernel counts it and sends nothing. A connection
-//! that did have one is sent at its close, and its series leaves with it.
+//! connection table holds only connections that had a keepalive expiry, so the close of one that
+//! never had one, orderly or a drop, tells it nothing it needs: the kernel counts it (drops by
+//! reason, exact) and sends nothing. A connection that did have one is sent at its close: its
+//! series leaves with it, or, for a drop, takes the drop's reason.
 //!
 //! Alone in its file: it counts the agent's close records, to which every connection closing on
 //! the host adds, and cargo runs test binaries one at a time.
@@ -9,19 +10,23 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::ensure;
-use keepalive_tests::{Churn, DEADLINE, Netns, TestEnv, set_keepalive, wait_until};
+use keepalive_tests::{
+    Churn, DEADLINE, Netns, TestEnv, set_keepalive, set_linger_zero, wait_until,
+};
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const V6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 const KEEPALIVE: &str = "TCPKeepAlive";
 const CLOSE_RECORDS: &str = "keepalive_agent_events_total";
 const PROBES: &str = "tcp_keepalive_connection_probes_total";
-/// Short keepalive connections closed before their first expiry (Linux's default idle, 2 h).
+const DROPS: &str = "tcp_connection_drops_total";
+/// Short keepalive connections closed before their first expiry (Linux's default idle, 2 h),
+/// each way: orderly, then with a reset.
 const SHORT: usize = 2000;
 
 #[test]
-fn closes_of_keepalive_connections_that_never_expired_are_not_sent() -> anyhow::Result<()> {
-    let test = "closes_of_keepalive_connections_that_never_expired_are_not_sent";
+fn closes_of_keepalive_connections_that_never_expired_are_counted_not_sent() -> anyhow::Result<()> {
+    let test = "closes_of_keepalive_connections_that_never_expired_are_counted_not_sent";
     let Some(env) = TestEnv::start(test) else {
         return Ok(());
     };
@@ -51,36 +56,67 @@ fn closes_of_keepalive_connections_that_never_expired_are_not_sent() -> anyhow::
         Ok(labels.iter().all(|l| !m.matching(PROBES, l).is_empty()))
     })?;
 
+    let drops = |reason: &str| -> anyhow::Result<f64> {
+        let netns = netns.to_string();
+        Ok(agent
+            .scrape()?
+            .value(DROPS, &[("netns", netns.as_str()), ("reason", reason)]))
+    };
+    let (aborts_before, resets_before) = (drops("local_abort")?, drops("reset_received")?);
     let records_before = agent.scrape()?.value(CLOSE_RECORDS, &[("kind", "close")]);
     ns.run(|| -> anyhow::Result<()> {
         for _ in 0..SHORT {
             // Orderly, with `SO_KEEPALIVE` on the client: the server's FIN first.
             Churn::Keepalive.connect_and_close(&listener)?;
+            // `SO_KEEPALIVE` on both ends, the client's `SO_LINGER` 0: two drops.
+            Churn::ResetKeepalive.connect_and_close(&listener)?;
         }
         Ok(())
     })??;
-    // The known connections close the same way; their series leave once their closes arrive.
-    for pair in known {
-        drop(pair.server);
-        drop(pair.client);
-    }
+    // The known connections close each way too: the IPv4 one orderly (its series leaves once
+    // its close arrives), the IPv6 one by the server's reset (its client's series stays, as a
+    // drop). Their servers have no `SO_KEEPALIVE`: never sent.
+    let [orderly, reset] = known;
+    drop(orderly.server);
+    drop(orderly.client);
+    set_linger_zero(&reset.server)?;
+    drop(reset.server);
+    let mut reset_drop = labels[1].clone();
+    reset_drop.push(("reason".to_owned(), "reset_received".to_owned()));
     wait_until(
         DEADLINE,
-        "the known connections' closes to remove their series",
+        "the known connections' closes: one series gone, one a reset_received drop",
         || {
             let m = agent.scrape()?;
-            Ok(labels.iter().all(|l| m.matching(PROBES, l).is_empty()))
+            Ok(m.matching(PROBES, &labels[0]).is_empty()
+                && !m.matching(PROBES, &reset_drop).is_empty())
         },
     )?;
+    drop(reset.client);
     let sent = agent.scrape()?.value(CLOSE_RECORDS, &[("kind", "close")]) - records_before;
     // The known connections' closes, and those of any other keepalive connection of the host
     // closing meanwhile; never one per short connection, as before.
     ensure!(
         sent >= 2.0 && sent < (SHORT / 10) as f64,
-        "{sent} close records for {SHORT} short keepalive connections and two known ones"
+        "{sent} close records for {} short keepalive connections and two known ones",
+        2 * SHORT
+    );
+    // Not sent, yet counted: both ends of every reset churn connection (and the known reset's
+    // two ends).
+    let (aborts, resets) = (
+        drops("local_abort")? - aborts_before,
+        drops("reset_received")? - resets_before,
+    );
+    ensure!(
+        aborts == (SHORT + 1) as f64 && resets == (SHORT + 1) as f64,
+        "drops counted in the namespace: {aborts} local_abort and {resets} reset_received, \
+         expected {} each",
+        SHORT + 1
     );
     eprintln!(
-        "{test}: {sent} close records for {SHORT} short keepalive connections and two known ones"
+        "{test}: {sent} close records for {} short keepalive connections and two known ones; \
+         {aborts} local_abort and {resets} reset_received drops counted",
+        2 * SHORT
     );
     Ok(())
 }

@@ -71,10 +71,11 @@ pub struct RunConfig {
     #[arg(long = "connections.max-series", default_value = "2000", value_parser = flags::parse_max_series)]
     pub max_series: usize,
     /// Also export per-connection series for connections without SO_KEEPALIVE that ended in a
-    /// drop (a RST received, a retransmission or connect timeout, an abort). Off, their drops
-    /// count in tcp_connection_drops_total only, and their closes never leave the kernel,
-    /// which keeps the agent idle under connection churn. Always on with --events or an
-    /// --aggregate-by label beyond netns, which need every close.
+    /// drop (a RST received, a retransmission or connect timeout, an abort), and for such drops
+    /// of keepalive connections whose keepalive timer never ran. Off, their drops count in
+    /// tcp_connection_drops_total only, and their closes never leave the kernel (unless the
+    /// drop may be an idle kill), which keeps the agent idle under connection churn. Always on
+    /// with --events or an --aggregate-by label beyond netns, which need every close.
     #[arg(long = "connections.keepalive-off-drops")]
     pub keepalive_off_drops: bool,
     /// Kernel→agent ring buffer size in bytes (or KiB/MiB): a power of two from 4KiB to
@@ -230,9 +231,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let closes = config.close_reports();
     if closes == CloseReports::KeepaliveOn {
         info!(
-            "closes of connections without SO_KEEPALIVE are counted in the kernel only \
-             (tcp_connection_drops_total); --connections.keepalive-off-drops exports their \
-             per-connection drop series too"
+            "closes of connections without SO_KEEPALIVE, or whose keepalive timer never ran, \
+             are counted in the kernel only (tcp_connection_drops_total); \
+             --connections.keepalive-off-drops exports their per-connection drop series too"
         );
     }
     let mut kernel = session

@@ -234,9 +234,11 @@ impl KernelPrograms {
 /// either way (`tcp_connection_drops_total` stays exact).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseReports {
-    /// Only closes of connections with `SO_KEEPALIVE`: a connection without it never probed,
-    /// so nothing in the agent waits for its close but a per-connection drop series. Under
-    /// connection churn (RST closes of plain connections) this keeps the agent idle.
+    /// Only closes of connections with `SO_KEEPALIVE` that may have had a keepalive expiry,
+    /// keepalive drops, and drops that may be idle kills: a connection without keepalive never
+    /// probed, nor did one whose keepalive timer never ran, so nothing in the agent waits for
+    /// their closes but a per-connection drop series. Under connection churn (RST closes of
+    /// short connections, with keepalive or not) this keeps the agent idle.
     KeepaliveOn,
     /// Every close the programs report (per-connection series of every drop, the event
     /// stream, aggregates by workload).

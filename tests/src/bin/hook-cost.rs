@@ -229,11 +229,25 @@ fn main() -> anyhow::Result<()> {
         keepalive_entry + keepalive_exit
     );
 
-    close_costs(close_ids, Duration::from_secs(seconds))?;
+    println!(
+        "| close path | conntrack | closes | hook runs | ns/run above floor | ns per close above floor |"
+    );
+    println!("|---|---|---|---|---|---|");
+    close_costs(close_ids, phase, ClosePaths::Default)?;
 
     let rss = vm_rss_kib(agent.pid())?;
-    println!("agent RSS after the run: {} MiB", rss / 1024);
     drop(agent);
+    // Only a connection that had a keepalive expiry (a second at least) takes the reported
+    // path by default; with this flag every drop does, so churn measures it.
+    let reporting = Agent::start_with_args(&["--connections.keepalive-off-drops"])
+        .context("starting the agent with --connections.keepalive-off-drops")?;
+    close_costs(
+        (close_ids.0, newest(CLOSE_NAME)?),
+        phase,
+        ClosePaths::Reported,
+    )?;
+    drop(reporting);
+    println!("agent RSS after the run: {} MiB", rss / 1024);
     // The empty programs measured the floor; the rows below measure the agent alone.
     drop(baseline_obj);
 
@@ -614,17 +628,32 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
     Ok(())
 }
 
-/// Cost of `inet_sock_set_state` per close above an empty program on the same hook, for closes
-/// the kernel filters out (orderly, no keepalive), orderly closes of keepalive connections that
-/// never had an expiry (counted, not sent), RST closes it counts without sending (no keepalive) and RST closes it reports
-/// (keepalive on: drops); each in a namespace without conntrack, then in one whose connections
-/// conntrack tracks, as on every Kubernetes node (a drop's record carries the namespace's
-/// conntrack timeout, which takes more reads there).
-fn close_costs((baseline_id, close_id): (u32, u32), length: Duration) -> anyhow::Result<()> {
-    println!(
-        "| close path | conntrack | closes | hook runs | ns/run above floor | ns per close above floor |"
-    );
-    println!("|---|---|---|---|---|---|");
+/// Which closes [`close_costs`] measures, and what the agent does with them.
+#[derive(Clone, Copy)]
+enum ClosePaths {
+    /// Every churn workload, with the agent's default flags.
+    Default,
+    /// The RST workloads with `--connections.keepalive-off-drops`: every drop reported, the path
+    /// a drop of a connection that had a keepalive expiry takes by default.
+    Reported,
+}
+
+/// Cost of `inet_sock_set_state` per close above an empty program on the same hook. By default:
+/// closes the kernel filters out (orderly, no keepalive), closes of keepalive connections that
+/// never had an expiry (counted, not sent), and RST closes it counts without sending (no
+/// keepalive). [`ClosePaths::Reported`]: RST closes it reports (drops). Each in a namespace
+/// without conntrack, then in one whose connections conntrack tracks, as on every Kubernetes
+/// node (a drop's record carries the namespace's conntrack timeout, which takes more reads
+/// there).
+fn close_costs(
+    (baseline_id, close_id): (u32, u32),
+    length: Duration,
+    paths: ClosePaths,
+) -> anyhow::Result<()> {
+    let kinds: &[Churn] = match paths {
+        ClosePaths::Default => &Churn::ALL,
+        ClosePaths::Reported => &[Churn::Reset, Churn::ResetKeepalive],
+    };
     for conntrack in [false, true] {
         let ns = Netns::new(if conntrack {
             "bench-close-ct"
@@ -639,7 +668,7 @@ fn close_costs((baseline_id, close_id): (u32, u32), length: Duration) -> anyhow:
             .context("loading an nftables conntrack rule into the close namespace")?;
         }
         let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
-        for kind in Churn::ALL {
+        for &kind in kinds {
             let (b0, c0) = (stats(baseline_id)?, stats(close_id)?);
             let connections = churn(&ns, &listener, kind, length)?;
             // Let the last closes (softirq) land before the snapshot.
@@ -652,7 +681,10 @@ fn close_costs((baseline_id, close_id): (u32, u32), length: Duration) -> anyhow:
             println!(
                 "| {} ({}) | {} | {closes} | {} | {:.0} | {:.0} |",
                 kind.name(),
-                kind.close_path(),
+                match paths {
+                    ClosePaths::Default => kind.close_path(),
+                    ClosePaths::Reported => "reported, drops",
+                },
                 if conntrack { "tracked" } else { "off" },
                 hook.count,
                 above / hook.count as f64,
