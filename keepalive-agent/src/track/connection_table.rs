@@ -3,7 +3,7 @@
 //! a SLAB_TYPESAFE_BY_RCU cache) starts a new generation, recognised by its endpoints.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
     num::NonZeroUsize,
     time::{Duration, Instant},
 };
@@ -283,8 +283,13 @@ impl ConnectionTable {
                 self.evictions += 1;
                 return Some(view(&state));
             }
-            if let Some((order, evicted)) = self.dropped[victim as usize].pop_front() {
-                self.unindex(victim, order, &evicted.endpoints);
+            let list = &mut self.dropped[victim as usize];
+            if let Some((order, endpoints)) = list.front().map(|(o, e)| (*o, e.endpoints)) {
+                // Dropped where it lies: `pop_front` would first copy the whole entry out of
+                // the oldest, cold end of the list (the agent's largest cost under RST churn
+                // with every drop reported, `perf`).
+                list.drain(..1);
+                self.unindex(victim, order, &endpoints);
                 self.dropped_evictions[victim as usize] += 1;
                 self.evictions += 1;
             }
@@ -299,12 +304,14 @@ impl ConnectionTable {
 
     /// Takes a dropped entry that left its list out of the index.
     fn unindex(&mut self, class: DropClass, order: u64, endpoints: &Endpoints) {
-        let Some(index) = self.newest_dropped.get_mut(endpoints) else {
+        // One hash lookup, not a second one to remove.
+        let Entry::Occupied(mut entry) = self.newest_dropped.entry(*endpoints) else {
             return;
         };
+        let index = entry.get_mut();
         index.entries -= 1;
         if index.entries == 0 {
-            self.newest_dropped.remove(endpoints);
+            entry.remove();
         } else if (index.class, index.order) == (class, order) {
             // The newest left while an older one on the same endpoints stays (it can be
             // younger only in the other list): rare enough for a scan.
