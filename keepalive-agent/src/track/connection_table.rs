@@ -4,6 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque, hash_map::Entry},
+    hash::BuildHasherDefault,
     num::NonZeroUsize,
     time::{Duration, Instant},
 };
@@ -123,14 +124,54 @@ struct DroppedIndex {
     entries: u32,
 }
 
+/// The dropped index's key for some endpoints: a 64-bit hash, so the index's entries are 24
+/// bytes instead of 96 (at 10 000 drops a quarter of the cache lines) and its lookups compare
+/// integers. Endpoints that share one (1 in 2^64 for a pair) share an index entry: the lookup
+/// checks the entry it finds, and scans when it is the other's.
+#[derive(Debug, Default)]
+struct Fingerprints {
+    hasher: foldhash::quality::RandomState,
+    /// Tests set it to 0: every endpoints then share one fingerprint.
+    #[cfg(test)]
+    mask: u64,
+}
+
+impl Fingerprints {
+    fn of(&self, endpoints: &Endpoints) -> u64 {
+        let fingerprint = std::hash::BuildHasher::hash_one(&self.hasher, endpoints);
+        #[cfg(test)]
+        let fingerprint = fingerprint & self.mask;
+        fingerprint
+    }
+}
+
+/// Hashes a fingerprint to itself: it is a hash already (foldhash's quality one), whose low bits
+/// pick the bucket and top bits the control byte as well as any rehash would.
+#[derive(Debug, Default)]
+struct FingerprintHasher(u64);
+
+impl std::hash::Hasher for FingerprintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed with it (`write_u64`); anything else still gets a hash.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, fingerprint: u64) {
+        self.0 = fingerprint;
+    }
+}
+
+type DroppedIndexMap = HashMap<u64, DroppedIndex, BuildHasherDefault<FingerprintHasher>>;
+
 /// Counts a dropped entry pushed at `order` (the newest so far) in the index.
-fn index_drop(
-    index: &mut HashMap<Endpoints, DroppedIndex, foldhash::quality::RandomState>,
-    endpoints: Endpoints,
-    class: DropClass,
-    order: u64,
-) {
-    let entry = index.entry(endpoints).or_insert(DroppedIndex {
+fn index_drop(index: &mut DroppedIndexMap, fingerprint: u64, class: DropClass, order: u64) {
+    let entry = index.entry(fingerprint).or_insert(DroppedIndex {
         class,
         order,
         entries: 0,
@@ -146,11 +187,13 @@ pub(crate) struct ConnectionTable {
     /// Dropped connections by [`DropClass`], oldest first, kept `retention` so alerts can name
     /// them. Each entry carries its place in drop order, which [`Self::newest_dropped`] indexes.
     dropped: [VecDeque<(u64, ConnectionState)>; 2],
-    /// Where the newest dropped entry on each endpoints is, and how many entries there are on
-    /// them (endpoints come back when a port is reused). The attribution worker looks a drop up
-    /// once or twice after the fact, by which time a flood of resets may have buried or evicted
-    /// it: a scan per lookup held the pipeline benchmark below 0.1 M records/s per core.
-    newest_dropped: HashMap<Endpoints, DroppedIndex, foldhash::quality::RandomState>,
+    /// Where the newest dropped entry on each endpoints' fingerprint is, and how many entries
+    /// there are on it (endpoints come back when a port is reused). The attribution worker looks
+    /// a drop up once or twice after the fact, by which time a flood of resets may have buried
+    /// or evicted it: a scan per lookup held the pipeline benchmark below 0.1 M records/s per
+    /// core.
+    newest_dropped: DroppedIndexMap,
+    fingerprints: Fingerprints,
     next_drop: u64,
     /// Bound of both lists together; other drops are evicted first.
     max_dropped: usize,
@@ -166,6 +209,11 @@ impl ConnectionTable {
             live: LruCache::new(max_live),
             dropped: [VecDeque::new(), VecDeque::new()],
             newest_dropped: HashMap::default(),
+            fingerprints: Fingerprints {
+                #[cfg(test)]
+                mask: u64::MAX,
+                ..Fingerprints::default()
+            },
             next_drop: 0,
             max_dropped,
             retention,
@@ -289,23 +337,28 @@ impl ConnectionTable {
                 // the oldest, cold end of the list (the agent's largest cost under RST churn
                 // with every drop reported, `perf`).
                 list.drain(..1);
-                self.unindex(victim, order, &endpoints);
+                self.unindex(victim, order, self.fingerprints.of(&endpoints));
                 self.dropped_evictions[victim as usize] += 1;
                 self.evictions += 1;
             }
         }
         let order = self.next_drop;
         self.next_drop += 1;
-        index_drop(&mut self.newest_dropped, state.endpoints, class, order);
+        index_drop(
+            &mut self.newest_dropped,
+            self.fingerprints.of(&state.endpoints),
+            class,
+            order,
+        );
         let seen = view(&state);
         self.dropped[class as usize].push_back((order, state));
         Some(seen)
     }
 
     /// Takes a dropped entry that left its list out of the index.
-    fn unindex(&mut self, class: DropClass, order: u64, endpoints: &Endpoints) {
+    fn unindex(&mut self, class: DropClass, order: u64, fingerprint: u64) {
         // One hash lookup, not a second one to remove.
-        let Entry::Occupied(mut entry) = self.newest_dropped.entry(*endpoints) else {
+        let Entry::Occupied(mut entry) = self.newest_dropped.entry(fingerprint) else {
             return;
         };
         let index = entry.get_mut();
@@ -313,15 +366,16 @@ impl ConnectionTable {
         if index.entries == 0 {
             entry.remove();
         } else if (index.class, index.order) == (class, order) {
-            // The newest left while an older one on the same endpoints stays (it can be
+            // The newest left while an older one on the same fingerprint stays (it can be
             // younger only in the other list): rare enough for a scan.
+            let fingerprints = &self.fingerprints;
             let newest = DropClass::ALL
                 .into_iter()
                 .filter_map(|class| {
                     self.dropped[class as usize]
                         .iter()
                         .rev()
-                        .find(|(_, state)| state.endpoints == *endpoints)
+                        .find(|(_, state)| fingerprints.of(&state.endpoints) == fingerprint)
                         .map(|&(order, _)| (order, class))
                 })
                 .max_by_key(|&(order, _)| order);
@@ -335,17 +389,18 @@ impl ConnectionTable {
     /// Rebuilds the index after entries left from the middle of the lists.
     fn reindex(&mut self) {
         self.newest_dropped.clear();
-        let mut all: Vec<(u64, DropClass, Endpoints)> = DropClass::ALL
+        let fingerprints = &self.fingerprints;
+        let mut all: Vec<(u64, DropClass, u64)> = DropClass::ALL
             .into_iter()
             .flat_map(|class| {
                 self.dropped[class as usize]
                     .iter()
-                    .map(move |(order, state)| (*order, class, state.endpoints))
+                    .map(move |(order, state)| (*order, class, fingerprints.of(&state.endpoints)))
             })
             .collect();
         all.sort_unstable_by_key(|&(order, ..)| order);
-        for (order, class, endpoints) in all {
-            index_drop(&mut self.newest_dropped, endpoints, class, order);
+        for (order, class, fingerprint) in all {
+            index_drop(&mut self.newest_dropped, fingerprint, class, order);
         }
     }
 
@@ -374,13 +429,31 @@ impl ConnectionTable {
 
     /// The newest dropped connection on these endpoints.
     pub(crate) fn dropped_mut(&mut self, endpoints: &Endpoints) -> Option<&mut ConnectionState> {
-        let index = self.newest_dropped.get(endpoints)?;
-        let list = &mut self.dropped[index.class as usize];
+        let index = *self.newest_dropped.get(&self.fingerprints.of(endpoints))?;
+        let list = &self.dropped[index.class as usize];
         // Each list is in drop order.
-        let at = list
+        let found = list
             .binary_search_by_key(&index.order, |&(order, _)| order)
-            .ok()?;
-        list.get_mut(at).map(|(_, state)| state)
+            .ok()
+            .filter(|&at| list[at].1.endpoints == *endpoints);
+        let (class, at) = match found {
+            Some(at) => (index.class, at),
+            // The newest on this fingerprint is another endpoints'.
+            None => DropClass::ALL
+                .into_iter()
+                .filter_map(|class| {
+                    let list = &self.dropped[class as usize];
+                    let at = list
+                        .iter()
+                        .rposition(|(_, state)| state.endpoints == *endpoints)?;
+                    Some((list[at].0, class, at))
+                })
+                .max_by_key(|&(order, ..)| order)
+                .map(|(_, class, at)| (class, at))?,
+        };
+        self.dropped[class as usize]
+            .get_mut(at)
+            .map(|(_, state)| state)
     }
 
     /// Forgets dropped connections older than the retention.
@@ -389,7 +462,7 @@ impl ConnectionTable {
             while let Some((order, state)) = self.dropped[class as usize]
                 .pop_front_if(|(_, state)| now.duration_since(state.updated) >= self.retention)
             {
-                self.unindex(class, order, &state.endpoints);
+                self.unindex(class, order, self.fingerprints.of(&state.endpoints));
             }
         }
     }
@@ -700,7 +773,21 @@ mod tests {
 
     #[test]
     fn dropped_lookup_finds_the_newest_entry_on_reused_endpoints_as_entries_leave() {
+        dropped_lookup_as_entries_leave(u64::MAX);
+    }
+
+    #[test]
+    fn dropped_lookup_is_right_when_every_endpoints_share_one_fingerprint() {
+        // Every index entry then counts every dropped entry and names the newest of all, which
+        // is mostly another endpoints': each lookup must check it and find its own.
+        dropped_lookup_as_entries_leave(0);
+    }
+
+    /// Drops on reused endpoints across both lists, evictions and a forgotten namespace, with
+    /// the fingerprints masked by `mask`.
+    fn dropped_lookup_as_entries_leave(mask: u64) {
         let mut t = ConnectionTable::new(NonZeroUsize::new(8).unwrap(), 3, Duration::from_secs(60));
+        t.fingerprints.mask = mask;
         let now = Instant::now();
         let drop = |t: &mut ConnectionTable, sk: u64, port: u16, reason: DropReason| {
             t.on_close(&close(sk, port, 3), CloseOutcome::Dropped(reason), now);

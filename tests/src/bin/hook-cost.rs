@@ -475,6 +475,22 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     Ok(())
 }
 
+/// CPU time of every thread of a process, in ns (`schedstat`: finer than the clock ticks of
+/// `stat`, which count a churn round's agent work in a handful of 10 ms ticks).
+fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let schedstat = std::fs::read_to_string(task?.path().join("schedstat"))?;
+        total += schedstat
+            .split_whitespace()
+            .next()
+            .context("empty schedstat")?
+            .parse::<u64>()
+            .context("schedstat: time on the CPU")?;
+    }
+    Ok(total)
+}
+
 /// User plus system clock ticks of a process.
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     stat_ticks(&format!("/proc/{pid}/stat"))
@@ -578,13 +594,19 @@ impl EmptyPrograms {
 /// Churn throughput without programs, with empty programs on the agent's hooks and with the
 /// agent, in alternating rounds (forward, then backward), so drift on a shared machine falls on
 /// every side alike. The empty side splits the agent's cost into the hooks' floor, which any
-/// program on those tracepoints pays, and the agent's own work above it.
+/// program on those tracepoints pays, and the agent's own work above it. The agent's process's
+/// CPU per connection comes with it (what its userspace does with the records), and the same
+/// for the RST workloads with an agent that reports every drop
+/// (`--connections.keepalive-off-drops`), the path a drop of a connection that had a keepalive
+/// expiry takes by default.
 fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> anyhow::Result<()> {
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     let ns = Netns::new("bench-churn")?;
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
     let sides = [Side::Bare, Side::Empty, Side::Agent];
     let mut totals = [[0u64; Churn::ALL.len()]; Side::COUNT];
+    // The agent's CPU (ns) over each workload's rounds, and the connections it saw.
+    let mut agent_cpu = [0u64; Churn::ALL.len()];
     for round in 0..rounds {
         let mut order = sides;
         if round % 2 != 0 {
@@ -597,7 +619,13 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
                 Side::Agent => (Some(Agent::start().context("starting the agent")?), None),
             };
             for (i, kind) in Churn::ALL.into_iter().enumerate() {
+                let before = agent.as_ref().map(|a| cpu_ns(a.pid())).transpose()?;
                 totals[side as usize][i] += churn(&ns, &listener, kind, length)?;
+                if let (Some(agent), Some(before)) = (&agent, before) {
+                    // The agent drains what the last closes wrote (it polls every 50 ms).
+                    std::thread::sleep(Duration::from_millis(200));
+                    agent_cpu[i] += cpu_ns(agent.pid())? - before;
+                }
             }
             drop((agent, empty));
         }
@@ -611,18 +639,43 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
     );
     println!(
         "| workload | connections/s, no programs | empty programs | agent | lost to empty programs | \
-         lost to the agent | agent against empty programs |"
+         lost to the agent | agent against empty programs | agent process CPU per connection |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let lost = |from: f64, to: f64| (1.0 - to / from) * 100.0;
     for (i, kind) in Churn::ALL.into_iter().enumerate() {
         let [bare, empty, agent] = totals.map(|side| side[i] as f64 / seconds);
         println!(
-            "| {} | {bare:.0} | {empty:.0} | {agent:.0} | {:.1} % | {:.1} % | {:.1} % |",
+            "| {} | {bare:.0} | {empty:.0} | {agent:.0} | {:.1} % | {:.1} % | {:.1} % | {:.0} ns |",
             kind.name(),
             lost(bare, empty),
             lost(bare, agent),
             lost(empty, agent),
+            agent_cpu[i] as f64 / totals[Side::Agent as usize][i].max(1) as f64,
+        );
+    }
+
+    // Every drop reported: one agent for all rounds (its throughput is not compared here).
+    let agent = Agent::start_with_args(&["--connections.keepalive-off-drops"])
+        .context("starting the agent with --connections.keepalive-off-drops")?;
+    println!(
+        "agent process CPU per connection with every drop reported (--connections.keepalive-off-drops), {rounds} rounds of {} s",
+        length.as_secs()
+    );
+    println!("| workload | connections | agent process CPU per connection |");
+    println!("|---|---|---|");
+    for kind in [Churn::Reset, Churn::ResetKeepalive] {
+        let (mut connections, mut cpu) = (0, 0);
+        for _ in 0..rounds {
+            let before = cpu_ns(agent.pid())?;
+            connections += churn(&ns, &listener, kind, length)?;
+            std::thread::sleep(Duration::from_millis(200));
+            cpu += cpu_ns(agent.pid())? - before;
+        }
+        println!(
+            "| {} | {connections} | {:.0} ns |",
+            kind.name(),
+            cpu as f64 / connections.max(1) as f64
         );
     }
     Ok(())
