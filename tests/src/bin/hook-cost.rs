@@ -41,6 +41,7 @@
 //! because an empty program's run time is the measurement's own floor.
 
 use std::{
+    collections::HashMap,
     io::Write as _,
     net::{IpAddr, Ipv4Addr, TcpListener},
     sync::atomic::{AtomicBool, Ordering},
@@ -475,20 +476,36 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     Ok(())
 }
 
-/// CPU time of every thread of a process, in ns (`schedstat`: finer than the clock ticks of
-/// `stat`, which count a churn round's agent work in a handful of 10 ms ticks).
-fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// CPU time of each thread of a process, in ns, by thread id (`schedstat`: finer than the
+/// clock ticks of `stat`, which count a churn round's agent work in a handful of 10 ms ticks).
+fn thread_cpu_ns(pid: u32) -> anyhow::Result<HashMap<u32, u64>> {
+    let mut threads = HashMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let schedstat = std::fs::read_to_string(task?.path().join("schedstat"))?;
-        total += schedstat
+        let task = task?;
+        let Ok(schedstat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            // The thread exited meanwhile.
+            continue;
+        };
+        let ns = schedstat
             .split_whitespace()
             .next()
             .context("empty schedstat")?
             .parse::<u64>()
             .context("schedstat: time on the CPU")?;
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+            threads.insert(tid, ns);
+        }
     }
-    Ok(total)
+    Ok(threads)
+}
+
+/// CPU time a process's threads took since `before` ([`thread_cpu_ns`]); a thread that exited
+/// since (a runtime's idle blocking thread) is missing its last share, not subtracted.
+fn cpu_ns_since(pid: u32, before: &HashMap<u32, u64>) -> anyhow::Result<u64> {
+    Ok(thread_cpu_ns(pid)?
+        .into_iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(&tid).copied().unwrap_or(0)))
+        .sum())
 }
 
 /// User plus system clock ticks of a process.
@@ -619,12 +636,12 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
                 Side::Agent => (Some(Agent::start().context("starting the agent")?), None),
             };
             for (i, kind) in Churn::ALL.into_iter().enumerate() {
-                let before = agent.as_ref().map(|a| cpu_ns(a.pid())).transpose()?;
+                let before = agent.as_ref().map(|a| thread_cpu_ns(a.pid())).transpose()?;
                 totals[side as usize][i] += churn(&ns, &listener, kind, length)?;
                 if let (Some(agent), Some(before)) = (&agent, before) {
                     // The agent drains what the last closes wrote (it polls every 50 ms).
                     std::thread::sleep(Duration::from_millis(200));
-                    agent_cpu[i] += cpu_ns(agent.pid())? - before;
+                    agent_cpu[i] += cpu_ns_since(agent.pid(), &before)?;
                 }
             }
             drop((agent, empty));
@@ -667,10 +684,10 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
     for kind in [Churn::Reset, Churn::ResetKeepalive] {
         let (mut connections, mut cpu) = (0, 0);
         for _ in 0..rounds {
-            let before = cpu_ns(agent.pid())?;
+            let before = thread_cpu_ns(agent.pid())?;
             connections += churn(&ns, &listener, kind, length)?;
             std::thread::sleep(Duration::from_millis(200));
-            cpu += cpu_ns(agent.pid())? - before;
+            cpu += cpu_ns_since(agent.pid(), &before)?;
         }
         println!(
             "| {} | {connections} | {:.0} ns |",
