@@ -1122,7 +1122,7 @@ mod tests {
         fn workload(owner: &SocketOwner) -> Workload {
             Workload {
                 cgroup_id: owner.cgroup_id,
-                pod_uid: Some("pod-a".into()),
+                cgroup: crate::attribution::names(None, Some("pod-a"), None),
                 ..Workload::default()
             }
         }
@@ -1198,9 +1198,14 @@ mod tests {
         let mut got = Vec::new();
         while let Ok(event) = receiver.try_recv() {
             let w = &event.workload.workload;
-            got.push((event.event, w.pid, w.comm.clone(), w.pod_uid.clone()));
+            got.push((
+                event.event,
+                w.pid,
+                w.comm.clone(),
+                w.pod_uid().map(str::to_owned),
+            ));
         }
-        let owner = (Some(77), Some("app".to_owned()), Some(Arc::from("pod-a")));
+        let owner = (Some(77), Some("app".to_owned()), Some("pod-a".to_owned()));
         use EventKind::*;
         assert_eq!(
             got,
@@ -1219,7 +1224,7 @@ mod tests {
             aggregate_by.labels(
                 &endpoints,
                 &Workload {
-                    pod_uid: pod.map(Arc::from),
+                    cgroup: crate::attribution::names(None, pod, None),
                     ..Workload::default()
                 },
             )

@@ -50,23 +50,24 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const FILEID_KERNFS: i32 = 0xfe;
 
 /// What a cgroup's path says: the path and the Kubernetes ids in it, parsed once when the
-/// cgroup enters the cache and shared by every workload of that cgroup.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// cgroup enters the cache and shared (one `Arc` for the three, so a workload's clone or drop is
+/// one reference count) by every workload of that cgroup.
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
 pub(crate) struct CgroupNames {
     /// Below the mount (`/` for the root).
-    pub(crate) path: Option<Arc<str>>,
-    pub(crate) pod_uid: Option<Arc<str>>,
-    pub(crate) container_id: Option<Arc<str>>,
+    pub(crate) path: Option<Box<str>>,
+    pub(crate) pod_uid: Option<Box<str>>,
+    pub(crate) container_id: Option<Box<str>>,
 }
 
 impl CgroupNames {
-    fn of(path: String) -> Self {
+    fn of(path: String) -> Arc<Self> {
         let ids = super::kubernetes::parse_kubernetes(&path);
-        Self {
+        Arc::new(Self {
             path: Some(path.into()),
-            pod_uid: ids.pod_uid.map(Arc::from),
-            container_id: ids.container_id.map(Arc::from),
-        }
+            pod_uid: ids.pod_uid.map(Box::from),
+            container_id: ids.container_id.map(Box::from),
+        })
     }
 }
 
@@ -74,7 +75,7 @@ impl CgroupNames {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Lookup {
     /// The cgroup's names.
-    Found(CgroupNames),
+    Found(Arc<CgroupNames>),
     /// The cgroup is gone, or not below this mount: ids are never reused, so this is final.
     Absent,
     /// Not known yet: the fallback walk ran less than [`MIN_RESCAN_INTERVAL`] ago.
@@ -90,7 +91,7 @@ pub(super) struct CgroupResolver {
     /// `None`: no cgroup v2 mount, paths cannot be known.
     root: Option<PathBuf>,
     /// Positive and negative results (`None`: the cgroup is gone).
-    cache: Mutex<LruCache<u64, Option<CgroupNames>>>,
+    cache: Mutex<LruCache<u64, Option<Arc<CgroupNames>>>>,
     lookups: Mutex<Lookups>,
 }
 
@@ -115,13 +116,13 @@ impl CgroupResolver {
         }
     }
 
-    fn cache(&self) -> MutexGuard<'_, LruCache<u64, Option<CgroupNames>>> {
+    fn cache(&self) -> MutexGuard<'_, LruCache<u64, Option<Arc<CgroupNames>>>> {
         self.cache.lock().expect("cgroup cache lock poisoned")
     }
 
     /// From the cache only, never touching the filesystem: `None` when the id was not looked
     /// up yet, `Some(None)` when it cannot be resolved.
-    pub(super) fn cached(&self, cgroup_id: u64) -> Option<Option<CgroupNames>> {
+    pub(super) fn cached(&self, cgroup_id: u64) -> Option<Option<Arc<CgroupNames>>> {
         if cgroup_id == 0 || self.root.is_none() {
             return Some(None);
         }
@@ -129,7 +130,7 @@ impl CgroupResolver {
     }
 
     /// The cgroup's names (its path below the mount, `/` for the root), looked up on a miss.
-    pub(super) fn names(&self, cgroup_id: u64, now: Instant) -> Option<CgroupNames> {
+    pub(super) fn names(&self, cgroup_id: u64, now: Instant) -> Option<Arc<CgroupNames>> {
         match self.lookup(cgroup_id, now) {
             Lookup::Found(names) => Some(names),
             Lookup::Absent | Lookup::NotYet => None,
@@ -141,7 +142,8 @@ impl CgroupResolver {
     pub(super) fn path(&self, cgroup_id: u64, now: Instant) -> Option<String> {
         self.names(cgroup_id, now)?
             .path
-            .map(|path| path.to_string())
+            .as_deref()
+            .map(str::to_owned)
     }
 
     /// [`Self::names`], saying why they are unknown.

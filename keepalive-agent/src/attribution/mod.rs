@@ -39,33 +39,45 @@ pub(crate) const MIN_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The workload behind one socket. Every field but the cgroup id can be unknown: the cgroup may
 /// be gone, the path may not be a container's, the process may have closed the socket.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Workload {
     /// cgroup v2 id of the socket (0 when the kernel record had none).
     pub cgroup_id: u64,
-    /// Path relative to the cgroup v2 mount, starting with `/` (as in `/proc/PID/cgroup`).
-    /// The cgroup's three names are shared with the cgroup cache and with every connection of
-    /// that cgroup: 100 000 connections of one pod hold one copy, not 100 000.
-    pub cgroup_path: Option<Arc<str>>,
-    /// Kubernetes pod UID, with dashes (`kube_pod_info{uid}`).
-    pub pod_uid: Option<Arc<str>>,
-    /// Container runtime id (64 hex digits), without the runtime prefix.
-    pub container_id: Option<Arc<str>>,
+    /// The cgroup's path and the Kubernetes ids in it ([`Self::cgroup_path`], [`Self::pod_uid`],
+    /// [`Self::container_id`]), shared with the cgroup cache and with every connection of that
+    /// cgroup: 100 000 connections of one pod hold one copy, not 100 000.
+    pub(crate) cgroup: Option<Arc<CgroupNames>>,
     pub pid: Option<u32>,
     /// `/proc/PID/comm` of that process.
     pub comm: Option<String>,
 }
 
 impl Workload {
+    /// Path relative to the cgroup v2 mount, starting with `/` (as in `/proc/PID/cgroup`).
+    pub fn cgroup_path(&self) -> Option<&str> {
+        self.cgroup.as_ref()?.path.as_deref()
+    }
+
+    /// Kubernetes pod UID, with dashes (`kube_pod_info{uid}`).
+    pub fn pod_uid(&self) -> Option<&str> {
+        self.cgroup.as_ref()?.pod_uid.as_deref()
+    }
+
+    /// Container runtime id (64 hex digits), without the runtime prefix.
+    pub fn container_id(&self) -> Option<&str> {
+        self.cgroup.as_ref()?.container_id.as_deref()
+    }
+
     /// Takes from `newer` what this one does not know yet; known fields stay (the process may
-    /// be gone by the time a connection closes, its cgroup deleted).
+    /// be gone by the time a connection closes, its cgroup deleted). The cgroup's names come
+    /// together, from one lookup.
     pub fn fill_unknown_from(&mut self, newer: Workload) {
         if self.cgroup_id == 0 {
             self.cgroup_id = newer.cgroup_id;
         }
-        fill(&mut self.cgroup_path, newer.cgroup_path);
-        fill(&mut self.pod_uid, newer.pod_uid);
-        fill(&mut self.container_id, newer.container_id);
+        if self.cgroup.is_none() {
+            self.cgroup = newer.cgroup;
+        }
         if self.pid.is_none() {
             self.pid = newer.pid;
             self.comm = newer.comm;
@@ -73,10 +85,34 @@ impl Workload {
     }
 }
 
-fn fill(slot: &mut Option<Arc<str>>, newer: Option<Arc<str>>) {
-    if slot.is_none() {
-        *slot = newer;
+/// The event stream's `workload` object: the cgroup's names as fields of their own, as before
+/// they were shared.
+impl serde::Serialize for Workload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut s = serializer.serialize_struct("Workload", 6)?;
+        s.serialize_field("cgroup_id", &self.cgroup_id)?;
+        s.serialize_field("cgroup_path", &self.cgroup_path())?;
+        s.serialize_field("pod_uid", &self.pod_uid())?;
+        s.serialize_field("container_id", &self.container_id())?;
+        s.serialize_field("pid", &self.pid)?;
+        s.serialize_field("comm", &self.comm)?;
+        s.end()
     }
+}
+
+/// The cgroup's names of a workload built by hand (tests).
+#[cfg(test)]
+pub(crate) fn names(
+    path: Option<&str>,
+    pod_uid: Option<&str>,
+    container_id: Option<&str>,
+) -> Option<Arc<CgroupNames>> {
+    Some(Arc::new(CgroupNames {
+        path: path.map(Box::from),
+        pod_uid: pod_uid.map(Box::from),
+        container_id: container_id.map(Box::from),
+    }))
 }
 
 #[derive(Debug)]
@@ -128,8 +164,7 @@ impl Attributor {
         let now = Instant::now();
         let mut workload = self.cgroup_workload(owner, now);
         let candidates = workload
-            .cgroup_path
-            .as_deref()
+            .cgroup_path()
             // Every process is a candidate in the root cgroup: leave that to the rate-limited
             // whole-host scan.
             .filter(|path| *path != "/")
@@ -171,13 +206,10 @@ impl Attributor {
 }
 
 /// The cgroup side of a workload: the cached names, shared.
-fn cgroup_workload(owner: &SocketOwner, names: Option<CgroupNames>) -> Workload {
-    let names = names.unwrap_or_default();
+fn cgroup_workload(owner: &SocketOwner, names: Option<Arc<CgroupNames>>) -> Workload {
     Workload {
         cgroup_id: owner.cgroup_id,
-        cgroup_path: names.path,
-        pod_uid: names.pod_uid,
-        container_id: names.container_id,
+        cgroup: names,
         pid: None,
         comm: None,
     }
@@ -260,9 +292,7 @@ mod tests {
         };
         let expected = Workload {
             cgroup_id: owner.cgroup_id,
-            cgroup_path: Some(format!("/{container}").into()),
-            pod_uid: Some(UID.into()),
-            container_id: Some(CID.into()),
+            cgroup: names(Some(&format!("/{container}")), Some(UID), Some(CID)),
             pid: Some(77),
             comm: Some("app".to_owned()),
         };
@@ -301,17 +331,21 @@ mod tests {
     fn filling_keeps_what_was_known() {
         let mut known = Workload {
             cgroup_id: 5,
-            cgroup_path: Some("/a".into()),
+            cgroup: names(Some("/a"), None, None),
             ..Workload::default()
         };
         known.fill_unknown_from(Workload {
             cgroup_id: 5,
-            cgroup_path: None,
+            cgroup: names(Some("/b"), Some("pod"), None),
             pid: Some(9),
             comm: Some("x".to_owned()),
-            ..Workload::default()
         });
-        assert_eq!(known.cgroup_path.as_deref(), Some("/a"));
+        assert_eq!(known.cgroup_path(), Some("/a"));
+        assert_eq!(
+            known.pod_uid(),
+            None,
+            "a cgroup's names come from one lookup"
+        );
         assert_eq!((known.pid, known.comm.as_deref()), (Some(9), Some("x")));
     }
 }

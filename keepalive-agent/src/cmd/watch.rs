@@ -84,8 +84,7 @@ impl Filter {
             && any(
                 e.workload
                     .workload
-                    .pod_uid
-                    .as_ref()
+                    .pod_uid()
                     .is_some_and(|uid| self.pods.iter().any(|p| p.eq_ignore_ascii_case(uid))),
                 self.pods.is_empty(),
             )
@@ -173,7 +172,7 @@ fn endpoint(ip: IpAddr, port: u16) -> String {
 fn workload(e: &ConnectionEvent) -> String {
     let w = &e.workload.workload;
     let mut parts = Vec::new();
-    if let Some(uid) = &w.pod_uid {
+    if let Some(uid) = w.pod_uid() {
         parts.push(format!("pod={uid}"));
     }
     match (&w.comm, w.pid) {
@@ -182,7 +181,7 @@ fn workload(e: &ConnectionEvent) -> String {
         _ => {}
     }
     if parts.is_empty() {
-        match &w.cgroup_path {
+        match w.cgroup_path() {
             Some(path) => parts.push(format!("cgroup={path}")),
             None if w.cgroup_id != 0 => parts.push(format!("cgroup_id={}", w.cgroup_id)),
             None => {}

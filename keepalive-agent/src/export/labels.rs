@@ -111,9 +111,9 @@ impl AggregateBy {
             .map(|&label| {
                 let value = match label {
                     AggregateLabel::Netns => endpoints.netns.to_string(),
-                    AggregateLabel::PodUid => text(workload.pod_uid.as_deref()),
-                    AggregateLabel::ContainerId => text(workload.container_id.as_deref()),
-                    AggregateLabel::Cgroup => text(workload.cgroup_path.as_deref()),
+                    AggregateLabel::PodUid => text(workload.pod_uid()),
+                    AggregateLabel::ContainerId => text(workload.container_id()),
+                    AggregateLabel::Cgroup => text(workload.cgroup_path()),
                     AggregateLabel::RemotePort => endpoints.remote.port().to_string(),
                     AggregateLabel::LocalPort => endpoints.local.port().to_string(),
                 };
@@ -136,9 +136,9 @@ pub(crate) fn connection_labels(workload: &Workload) -> [(&'static str, String);
                 workload.cgroup_id.to_string()
             },
         ),
-        ("cgroup", text(workload.cgroup_path.as_deref())),
-        ("pod_uid", text(workload.pod_uid.as_deref())),
-        ("container_id", text(workload.container_id.as_deref())),
+        ("cgroup", text(workload.cgroup_path())),
+        ("pod_uid", text(workload.pod_uid())),
+        ("container_id", text(workload.container_id())),
         (
             "pid",
             workload.pid.map(|pid| pid.to_string()).unwrap_or_default(),
@@ -188,7 +188,7 @@ mod tests {
             remote: "127.0.0.1:80".parse().unwrap(),
         };
         let workload = Workload {
-            pod_uid: Some(UID.into()),
+            cgroup: crate::attribution::names(None, Some(UID), None),
             ..Workload::default()
         };
         let by: AggregateBy = "local_port,cgroup,container_id,pod_uid,remote_port"

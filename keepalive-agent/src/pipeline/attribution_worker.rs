@@ -350,7 +350,7 @@ impl Worker {
                 if dropped && process && workload.pid.is_none() {
                     let newer = self.resolver.everything(&owner);
                     workload = self.tracker.complete_workload(&endpoints, &workload, newer);
-                } else if dropped && !process && workload.cgroup_path.is_none() {
+                } else if dropped && !process && workload.cgroup_path().is_none() {
                     let newer = self.resolver.cgroup(&owner);
                     workload = self.tracker.complete_workload(&endpoints, &workload, newer);
                 }

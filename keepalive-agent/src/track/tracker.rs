@@ -47,7 +47,7 @@ impl DroppedConnection {
             unanswered_probes: state.unanswered_probes,
             idle_kill: state.idle_kill.clone(),
             pid_known: state.workload.pid.is_some(),
-            cgroup_path_known: state.workload.cgroup_path.is_some(),
+            cgroup_path_known: state.workload.cgroup_path().is_some(),
             workload: with_workload.then(|| state.workload.clone()),
         }
     }
