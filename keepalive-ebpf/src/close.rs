@@ -136,10 +136,7 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
         if !tp.is_null() && !may_have_expired(closing_key(sk, Typed(tp))) {
             if orderly {
-                match netns_key(Typed(tp)) {
-                    Ok(key) => count_close(netns_counters_of(key), None),
-                    Err(_) => uncounted(Uncounted::CloseUnreadable),
-                }
+                count_typed(Typed(tp), None);
                 return 0;
             }
             if counted_not_sent(&seen, tp, true) {
@@ -285,18 +282,21 @@ fn counted_not_sent(seen: &CloseSeen, tp: *const u8, keepalive_on: bool) -> bool
     };
     // A keepalive drop is what the agent is for, its expiry seen or not (a zero-window probe
     // counts in `icsk_probes_out` too).
-    let keepalive_drop = matches!(
-        verdict,
-        Some(DropReason::KeepaliveTimeout | DropReason::KeepaliveReset)
-    );
-    if idle_kill || keepalive_drop {
+    if idle_kill || verdict.is_some_and(DropReason::is_keepalive) {
         return false;
     }
+    count_typed(c, verdict);
+    true
+}
+
+/// [`count_close`] for a socket read through the typed `tcp_sock`, whose namespace gives the
+/// counters' key; a namespace that cannot be read counts as such.
+#[inline(always)]
+fn count_typed(c: Typed, verdict: Option<DropReason>) {
     match netns_key(c) {
         Ok(key) => count_close(netns_counters_of(key), verdict),
         Err(_) => uncounted(Uncounted::CloseUnreadable),
     }
-    true
 }
 
 /// Adds a close to its namespace's counters: to its drop reason, or else to the orderly ones.
