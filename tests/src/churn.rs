@@ -32,6 +32,9 @@ impl Churn {
         Churn::ResetKeepalive,
     ];
 
+    /// The workloads whose closes are drops (RST).
+    pub const RESETS: [Churn; 2] = [Churn::Reset, Churn::ResetKeepalive];
+
     pub fn name(self) -> &'static str {
         match self {
             Churn::Orderly => "orderly, no keepalive",

@@ -169,6 +169,22 @@ impl std::hash::Hasher for FingerprintHasher {
 
 type DroppedIndexMap = HashMap<u64, DroppedIndex, BuildHasherDefault<FingerprintHasher>>;
 
+/// The newest entry of both dropped lists that `matches`: its order, list and place in it. A
+/// scan from each list's newest end, for the index's rare cases.
+fn newest_dropped_where(
+    dropped: &[VecDeque<(u64, ConnectionState)>; 2],
+    matches: impl Fn(&ConnectionState) -> bool,
+) -> Option<(u64, DropClass, usize)> {
+    DropClass::ALL
+        .into_iter()
+        .filter_map(|class| {
+            let list = &dropped[class as usize];
+            let at = list.iter().rposition(|(_, state)| matches(state))?;
+            Some((list[at].0, class, at))
+        })
+        .max_by_key(|&(order, ..)| order)
+}
+
 /// Counts a dropped entry pushed at `order` (the newest so far) in the index.
 fn index_drop(index: &mut DroppedIndexMap, fingerprint: u64, class: DropClass, order: u64) {
     let entry = index.entry(fingerprint).or_insert(DroppedIndex {
@@ -369,17 +385,10 @@ impl ConnectionTable {
             // The newest left while an older one on the same fingerprint stays (it can be
             // younger only in the other list): rare enough for a scan.
             let fingerprints = &self.fingerprints;
-            let newest = DropClass::ALL
-                .into_iter()
-                .filter_map(|class| {
-                    self.dropped[class as usize]
-                        .iter()
-                        .rev()
-                        .find(|(_, state)| fingerprints.of(&state.endpoints) == fingerprint)
-                        .map(|&(order, _)| (order, class))
-                })
-                .max_by_key(|&(order, _)| order);
-            if let Some((order, class)) = newest {
+            let newest = newest_dropped_where(&self.dropped, |state| {
+                fingerprints.of(&state.endpoints) == fingerprint
+            });
+            if let Some((order, class, _)) = newest {
                 index.class = class;
                 index.order = order;
             }
@@ -439,16 +448,7 @@ impl ConnectionTable {
         let (class, at) = match found {
             Some(at) => (index.class, at),
             // The newest on this fingerprint is another endpoints'.
-            None => DropClass::ALL
-                .into_iter()
-                .filter_map(|class| {
-                    let list = &self.dropped[class as usize];
-                    let at = list
-                        .iter()
-                        .rposition(|(_, state)| state.endpoints == *endpoints)?;
-                    Some((list[at].0, class, at))
-                })
-                .max_by_key(|&(order, ..)| order)
+            None => newest_dropped_where(&self.dropped, |state| state.endpoints == *endpoints)
                 .map(|(_, class, at)| (class, at))?,
         };
         self.dropped[class as usize]

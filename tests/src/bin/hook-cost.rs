@@ -240,8 +240,7 @@ fn main() -> anyhow::Result<()> {
     drop(agent);
     // Only a connection that had a keepalive expiry (a second at least) takes the reported
     // path by default; with this flag every drop does, so churn measures it.
-    let reporting = Agent::start_with_args(&["--connections.keepalive-off-drops"])
-        .context("starting the agent with --connections.keepalive-off-drops")?;
+    let reporting = reporting_agent()?;
     close_costs(
         (close_ids.0, newest(CLOSE_NAME)?),
         phase,
@@ -622,7 +621,7 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
     let sides = [Side::Bare, Side::Empty, Side::Agent];
     let mut totals = [[0u64; Churn::ALL.len()]; Side::COUNT];
-    // The agent's CPU (ns) over each workload's rounds, and the connections it saw.
+    // The agent's CPU (ns) over each workload's rounds.
     let mut agent_cpu = [0u64; Churn::ALL.len()];
     for round in 0..rounds {
         let mut order = sides;
@@ -673,15 +672,14 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
     }
 
     // Every drop reported: one agent for all rounds (its throughput is not compared here).
-    let agent = Agent::start_with_args(&["--connections.keepalive-off-drops"])
-        .context("starting the agent with --connections.keepalive-off-drops")?;
+    let agent = reporting_agent()?;
     println!(
         "agent process CPU per connection with every drop reported (--connections.keepalive-off-drops), {rounds} rounds of {} s",
         length.as_secs()
     );
     println!("| workload | connections | agent process CPU per connection |");
     println!("|---|---|---|");
-    for kind in [Churn::Reset, Churn::ResetKeepalive] {
+    for kind in Churn::RESETS {
         let (mut connections, mut cpu) = (0, 0);
         for _ in 0..rounds {
             let before = thread_cpu_ns(agent.pid())?;
@@ -696,6 +694,13 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
         );
     }
     Ok(())
+}
+
+/// An agent that reports every drop (`--connections.keepalive-off-drops`): the path a drop of
+/// a connection that had a keepalive expiry takes by default, which churn cannot make.
+fn reporting_agent() -> anyhow::Result<Agent> {
+    Agent::start_with_args(&["--connections.keepalive-off-drops"])
+        .context("starting the agent with --connections.keepalive-off-drops")
 }
 
 /// Which closes [`close_costs`] measures, and what the agent does with them.
@@ -722,7 +727,7 @@ fn close_costs(
 ) -> anyhow::Result<()> {
     let kinds: &[Churn] = match paths {
         ClosePaths::Default => &Churn::ALL,
-        ClosePaths::Reported => &[Churn::Reset, Churn::ResetKeepalive],
+        ClosePaths::Reported => &Churn::RESETS,
     };
     for conntrack in [false, true] {
         let ns = Netns::new(if conntrack {
