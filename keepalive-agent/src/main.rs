@@ -26,7 +26,8 @@ struct Cli {
 enum Command {
     /// Load the eBPF programs (needs root, or CAP_BPF + CAP_PERFMON + CAP_SYSLOG) and serve
     /// metrics until interrupted. Follows every network namespace on the host.
-    Run(RunConfig),
+    // Boxed: its flags make it several times the size of the other commands'.
+    Run(Box<RunConfig>),
     /// List every TCP connection on the host (all network namespaces) with its effective
     /// keepalive settings — the socket's own TCP_KEEPIDLE/TCP_KEEPINTVL/TCP_KEEPCNT, else its
     /// namespace's net.ipv4.tcp_keepalive_* sysctls — TCP_USER_TIMEOUT, unanswered probes, and
@@ -176,7 +177,7 @@ fn one_line(err: &anyhow::Error) -> String {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run(config) => run::run(config).await.context("keepalive-agent run"),
+        Command::Run(config) => run::run(*config).await.context("keepalive-agent run"),
         Command::Check(config) => check::run(config).await.context("keepalive-agent check"),
         Command::Watch(config) => watch::run(config).await.context("keepalive-agent watch"),
         Command::Sockets(config) => tokio::task::spawn_blocking(move || sockets::run(&config))

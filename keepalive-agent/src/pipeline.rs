@@ -22,7 +22,7 @@ use crate::{
         labels::{AggregateBy, AggregateLabels},
         metrics::PipelineMetrics,
     },
-    kernel::Session,
+    kernel::{Session, tracked::TrackedMarksMap},
     record::{
         decoder::{self, CloseEvent, Endpoints, Event, KeepaliveExpiry, SocketOwner},
         ring_reader,
@@ -160,6 +160,16 @@ impl Pipeline {
             metrics: self.metrics.clone(),
             tracker: self.tracker.clone(),
             retention,
+        }
+    }
+
+    /// The renewal, every `period`, of the kernel's marks of the connections this pipeline's
+    /// table holds.
+    pub(crate) fn marks_renewal(&self, marks: TrackedMarksMap, period: Duration) -> MarksRenewal {
+        MarksRenewal {
+            tracker: self.tracker.clone(),
+            marks,
+            period,
         }
     }
 
@@ -613,6 +623,43 @@ impl DroppedOwner<'_> {
             !self.connection.pid_known
         } else {
             !self.connection.cgroup_path_known && !self.cgroup_settled
+        }
+    }
+}
+
+/// Tells the kernel, every period, which connections the table holds ([`TrackedMarksMap`]), so
+/// the close program sends their closes, and lets the marks of connections it no longer holds
+/// age out, so their closes stay in the kernel.
+#[derive(Debug)]
+pub(crate) struct MarksRenewal {
+    tracker: Tracker,
+    marks: TrackedMarksMap,
+    period: Duration,
+}
+
+impl MarksRenewal {
+    /// One renewal: the next epoch, then a mark in it for each live connection.
+    pub(crate) fn renew(&mut self) {
+        let marks = &mut self.marks;
+        let mut held = 0usize;
+        let epochs = self
+            .tracker
+            .with_live_ports(|ports| marks.renew(ports.inspect(|_| held += 1)));
+        debug!(
+            "marked {held} tracked connections in epoch {}",
+            epochs.current
+        );
+    }
+
+    /// Renews every period, forever. The first renewal waits a period: at start the table is
+    /// empty, and the marks the programs made since they were loaded hold for two epochs.
+    pub(crate) async fn run(mut self) {
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.period, self.period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.renew();
         }
     }
 }

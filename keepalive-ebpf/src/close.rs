@@ -14,9 +14,8 @@ use crate::{
     reset::RESET_CONTEXT,
     socket::{
         EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, conntrack_timeout_typed, emit,
-        expired_key, idle_kill_jiffies, may_have_expired, netns_counters, netns_counters_of,
-        netns_key, report_keepalive_off, smallest_threshold, snapshot, snapshot_typed, uncounted,
-        zero_record,
+        idle_kill_jiffies, may_be_tracked, netns_counters, netns_counters_of, netns_key,
+        report_keepalive_off, smallest_threshold, snapshot, snapshot_typed, uncounted, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -30,12 +29,12 @@ fn sock_field<T: Copy>(sk: *const u8, offset: usize) -> T {
     unsafe { core::ptr::read_volatile(sk.wrapping_add(offset) as *const T) }
 }
 
-/// The closing connection's key in `EXPIRED` ([`expired_key`]). `inet_sport`, not `skc_num`:
-/// `inet_put_port` zeroed that before this tracepoint (the socket is unhashed first); through
-/// the typed `tcp_sock`, since it lies past `struct sock`.
+/// Whether the agent's table may hold the closing connection ([`may_be_tracked`]), by its
+/// ports. `inet_sport`, not `skc_num`: `inet_put_port` zeroed that before this tracepoint (the
+/// socket is unhashed first); through the typed `tcp_sock`, since it lies past `struct sock`.
 #[inline(always)]
-fn closing_key(sk: *const u8, tp: Typed) -> u64 {
-    expired_key(
+fn closing_may_be_tracked(sk: *const u8, tp: Typed) -> bool {
+    may_be_tracked(
         u16::from_be(sock_field::<u16>(sk, offset!(skc_dport))),
         u16::from_be(tp.load::<u16>(offset!(inet_sport))),
     )
@@ -125,16 +124,16 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     };
     let keepalive_on = sk_flags & (1 << offset!(sock_flag_keepopen)) != 0;
     if keepalive_on && context != CloseContext::KeepaliveTimer as u8 && !report_keepalive_off() {
-        // A keepalive connection that never had an expiry is not in the agent's table (see
-        // `EXPIRED`): its orderly close tells it nothing, nor does its drop, unless that may
-        // be an idle kill or is a keepalive drop. Counted and not sent, like a connection's
+        // A keepalive connection the agent's table does not hold (see `TRACKED`: it never
+        // probed, or the agent let it go): its orderly close tells it nothing, nor does its
+        // drop, unless that may be an idle kill or is a keepalive drop. Counted and not sent, like a connection's
         // without keepalive (RST churn of short connections: every one of Go's has
         // `SO_KEEPALIVE`). An early return of its own, nothing computed here kept past it, so
         // the paths below are the ones the older verifiers already walk within their million
         // instructions: folded into the reporting decision below, 5.10 went past it.
         // SAFETY: as below.
         let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
-        if !tp.is_null() && !may_have_expired(closing_key(sk, Typed(tp))) {
+        if !tp.is_null() && !closing_may_be_tracked(sk, Typed(tp)) {
             if orderly {
                 count_typed(Typed(tp), None);
                 return 0;

@@ -38,6 +38,9 @@ pub mod names {
     /// BTF id of `struct tcp_sock` in the kernel's BTF, for the `bpf_rdonly_cast` kfunc (see
     /// [`super::RDONLY_CAST_CALL`]); 0 where the programs that call it are not loaded.
     pub const TCP_SOCK_BTF_ID_GLOBAL: &str = "TCP_SOCK_BTF_ID";
+    /// [`super::TrackedMarks`]: which connections the agent's table may hold (mmapped by the
+    /// agent, which renews the marks of its connections every epoch).
+    pub const TRACKED_MAP: &str = "TRACKED";
     /// The read of IPVS's TCP established timeout in the host's namespace, run on demand.
     pub const IPVS_PROGRAM: &str = "ipvs_tcp_timeout";
     /// Its question and answer ([`super::IpvsQuery`]).
@@ -1106,6 +1109,89 @@ impl Uncounted {
             Uncounted::ExpiryEntryMissed => "entry_not_run",
         }
     }
+}
+
+/// The one value of [`names::TRACKED_MAP`]: which connections the agent's connection table may
+/// hold, so that a close of any other keepalive connection can stay in the kernel. One byte per
+/// slot, at [`tracked_slot`] of the connection's ports, holds the mark of the epoch in which it
+/// was last marked: by the timer's exit, at an expiry that would put the connection in the table
+/// (it probed, or had unanswered probes), and by the agent, every epoch, for each connection its
+/// table holds. A slot marked in the current or the previous epoch ([`TrackedEpochs::holds`])
+/// says "maybe"; an older one lets a connection the table no longer holds (closed unseen,
+/// evicted, its records lost) stop costing its close.
+#[repr(C)]
+pub struct TrackedMarks {
+    /// Written by the agent alone, in one store.
+    pub epochs: TrackedEpochs,
+    /// Keeps the epochs alone on their cache line, which every CPU reads and only the agent's
+    /// epoch change writes.
+    pub _pad: [u8; 62],
+    pub slots: [u8; TRACKED_SLOTS],
+}
+
+/// Slots of [`TrackedMarks`]: a power of two. 32 KiB: at 256 KiB the mark's cache and TLB miss
+/// added about 100 ns to the timer's exit.
+pub const TRACKED_SLOTS: usize = 1 << 15;
+
+/// The current and the previous epoch, 0 to [`TrackedEpochs::LAST`] each: a slot holds an epoch
+/// plus one, so 0 is a slot never marked, and the map's zero value is a valid state (both epochs
+/// 0) in which marks only accumulate, as when no agent advances them (`watch`, which asks for
+/// every close anyway).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackedEpochs {
+    pub current: u8,
+    pub previous: u8,
+}
+
+impl TrackedEpochs {
+    pub const LAST: u8 = 254;
+
+    /// What a mark made now stores.
+    #[inline(always)]
+    pub fn mark(self) -> u8 {
+        self.current.wrapping_add(1)
+    }
+
+    /// Whether a slot holding `mark` may be a connection the agent's table holds.
+    #[inline(always)]
+    pub fn holds(self, mark: u8) -> bool {
+        mark != 0 && (mark == self.current.wrapping_add(1) || mark == self.previous.wrapping_add(1))
+    }
+
+    /// The next epoch: the current one becomes the previous one.
+    pub fn next(self) -> Self {
+        Self {
+            current: if self.current >= Self::LAST {
+                0
+            } else {
+                self.current + 1
+            },
+            previous: self.current,
+        }
+    }
+
+    /// Both in one `u16` (the current one in the low byte, as they lie in memory on a
+    /// little-endian machine), for the agent's single store.
+    pub fn to_bits(self) -> u16 {
+        u16::from_ne_bytes([self.current, self.previous])
+    }
+
+    pub fn from_bits(bits: u16) -> Self {
+        let [current, previous] = bits.to_ne_bytes();
+        Self { current, previous }
+    }
+}
+
+/// The slot of a connection in [`TrackedMarks`]: a multiplicative hash of its ports (host byte
+/// order). Only its ports: nothing in the key may change while the connection lives
+/// (`IPV6_ADDRFORM` turns an IPv4-mapped IPv6 socket into an IPv4 one), and the close hook's
+/// `sk` is a pointer the verifier refuses a hash's arithmetic on. Connections sharing a slot
+/// only share a "maybe".
+#[inline(always)]
+pub fn tracked_slot(remote_port: u16, local_port: u16) -> usize {
+    let key = (u64::from(remote_port) << 16) | u64::from(local_port);
+    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - 15)) as usize & (TRACKED_SLOTS - 1)
 }
 
 /// Entries of [`names::NETNS_COUNTERS_MAP`]: namespaces on one node, with room for churn

@@ -2,7 +2,7 @@
 //! socket snapshot, and the ring buffer with its loss counter.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_jiffies64, bpf_ktime_get_ns,
         generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
@@ -13,7 +13,7 @@ use aya_ebpf::{
 use keepalive_ebpf::{
     AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
     SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
-    SocketRecord, Uncounted, record_flags,
+    SocketRecord, TrackedEpochs, TrackedMarks, Uncounted, record_flags, tracked_slot,
 };
 
 /// Written by the agent before load (`.rodata` is frozen, so the verifier sees constants).
@@ -102,75 +102,54 @@ pub(crate) fn idle_kill_jiffies() -> u32 {
     IDLE_KILL_JIFFIES.get(0).copied().unwrap_or(0)
 }
 
-/// Slots of [`EXPIRED`]: a power of two.
-const EXPIRED_SLOTS: usize = 1 << 15;
-
-/// One byte per slot, set to 1 by a keepalive expiry of a socket hashing there
-/// ([`mark_expired`]) and never cleared.
-#[repr(C)]
-pub(crate) struct ExpiredSlots {
-    bytes: [u8; EXPIRED_SLOTS],
-}
-
-/// Which connections may have had a keepalive expiry since the programs were loaded: the
-/// agent's connection table holds only those (a connection enters it at an expiry), so the
-/// orderly close of a keepalive connection in an unmarked slot tells the agent nothing and is
+/// Which connections the agent's table may hold ([`TrackedMarks`]): the orderly close of a
+/// keepalive connection whose slot does not hold a live mark tells the agent nothing and is
 /// counted without being sent (the bulk of the closes of short keepalive connections, Go's
-/// default dialer's). A marked slot only says "maybe" (another connection may hash there, or an
-/// earlier one with the same ports did): that close is sent, as every one was before. Slots are
-/// never cleared, so no close of a connection the agent tracks is ever skipped; the share of
-/// slots marked grows with the distinct connections that expired while the agent ran (about
-/// `1 - e^(-n/32768)` for n of them). 32 KiB, eight pages: at 256 KiB the mark's cache and TLB
-/// miss added about 100 ns to the timer's exit (`hook-cost`, timer rows, alternating with the
-/// build without it). Bytes, not bits: a byte store needs no atomic read-modify-write (5.12+)
-/// to keep another CPU's mark.
+/// default dialer's), and so is a drop that is neither a keepalive drop nor an idle-kill
+/// candidate. Mmapped by the agent, which moves the epochs on and renews its connections'
+/// marks. Bytes, not bits: a byte store needs no atomic read-modify-write (5.12+) to keep
+/// another CPU's mark.
 #[map]
-static EXPIRED: Array<ExpiredSlots> = Array::with_max_entries(1, 0);
+static TRACKED: Array<TrackedMarks> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// A connection's key in [`EXPIRED`]: its ports, which both the timer's record and the close's
-/// typed loads have. Nothing that may change while the connection lives: `IPV6_ADDRFORM` turns
-/// an IPv4-mapped IPv6 socket into an IPv4 one, so a key with the family (or an address chosen
-/// by it) could differ between an expiry and the close. Not the socket's address either: the
-/// close hook's `sk` is a pointer to the verifier, which refuses the arithmetic of a hash.
-/// Connections sharing a key only share a "maybe".
+/// The epochs and the slot of the connection with these ports ([`tracked_slot`]).
 #[inline(always)]
-pub(crate) fn expired_key(remote_port: u16, local_port: u16) -> u64 {
-    (u64::from(remote_port) << 16) | u64::from(local_port)
+fn tracked(remote_port: u16, local_port: u16) -> Option<(TrackedEpochs, *mut u8)> {
+    let marks = TRACKED.get_ptr_mut(0)?;
+    let index = tracked_slot(remote_port, local_port);
+    // SAFETY: a map value; `index` is below the slots' length (masked, which the verifier sees
+    // too). The epochs are one aligned `u16` the agent writes in one store.
+    unsafe {
+        let epochs = TrackedEpochs::from_bits(core::ptr::read_volatile(
+            (&raw const (*marks).epochs).cast::<u16>(),
+        ));
+        Some((epochs, (&raw mut (*marks).slots).cast::<u8>().add(index)))
+    }
 }
 
-/// The slot of `key` ([`expired_key`]) in [`EXPIRED`]: a multiplicative hash.
+/// Marks the connection with these ports as one the agent's table may hold (see [`TRACKED`]).
 #[inline(always)]
-fn expired_slot(key: u64) -> Option<*mut u8> {
-    let slots = EXPIRED.get_ptr_mut(0)?;
-    let index =
-        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - 15)) as usize & (EXPIRED_SLOTS - 1);
-    // SAFETY: `index` is below the array's length (masked, which the verifier sees too).
-    Some(unsafe { (&raw mut (*slots).bytes).cast::<u8>().add(index) })
-}
-
-/// Marks the connection of `key` ([`expired_key`]) as having had a keepalive expiry (see
-/// [`EXPIRED`]).
-#[inline(always)]
-pub(crate) fn mark_expired(key: u64) {
-    if let Some(slot) = expired_slot(key) {
-        // SAFETY: a byte of the map value (see `expired_slot`); a plain byte load and store.
-        // Stored only when not set yet: a connection expires again and again, and a store
-        // would take the line from the CPUs that hold it.
+pub(crate) fn mark_tracked(remote_port: u16, local_port: u16) {
+    if let Some((epochs, slot)) = tracked(remote_port, local_port) {
+        let mark = epochs.mark();
+        // SAFETY: a byte of the map value (see `tracked`); a plain byte load and store. Stored
+        // only when it changes: a connection expires again and again, and a store would take
+        // the line from the CPUs that hold it.
         unsafe {
-            if core::ptr::read_volatile(slot) == 0 {
-                core::ptr::write_volatile(slot, 1);
+            if core::ptr::read_volatile(slot) != mark {
+                core::ptr::write_volatile(slot, mark);
             }
         }
     }
 }
 
-/// Whether the connection of `key` ([`expired_key`]) may have had a keepalive expiry since the
-/// programs were loaded (see [`EXPIRED`]); `true` when the map cannot tell.
+/// Whether the agent's table may hold the connection with these ports (see [`TRACKED`]);
+/// `true` when the map cannot tell.
 #[inline(always)]
-pub(crate) fn may_have_expired(key: u64) -> bool {
-    match expired_slot(key) {
-        // SAFETY: as in `mark_expired`.
-        Some(slot) => unsafe { core::ptr::read_volatile(slot) != 0 },
+pub(crate) fn may_be_tracked(remote_port: u16, local_port: u16) -> bool {
+    match tracked(remote_port, local_port) {
+        // SAFETY: as in `mark_tracked`.
+        Some((epochs, slot)) => epochs.holds(unsafe { core::ptr::read_volatile(slot) }),
         None => true,
     }
 }

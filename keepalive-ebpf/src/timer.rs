@@ -14,8 +14,8 @@ use keepalive_ebpf::{
 };
 
 use crate::socket::{
-    EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, emit_expiry, expired_key,
-    expiry_snapshot, expiry_snapshot_typed, mark_expired, netns_counters, read, read_or_zero,
+    EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, emit_expiry,
+    expiry_snapshot, expiry_snapshot_typed, mark_tracked, netns_counters, read, read_or_zero,
     typed_tcp_sock, uncounted,
 };
 
@@ -237,10 +237,12 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             }
         }
     }
-    mark_expired(expired_key(
-        tctx.snapshot.remote_port,
-        tctx.snapshot.local_port,
-    ));
+    // The agent's table takes a connection in at an expiry that probed or found probes
+    // unanswered (`ConnectionTable::on_expiry`): only those may be tracked. A connection with
+    // traffic expires every idle without either, and its close stays in the kernel.
+    if rec.probes_sent != 0 || rec.probes_out_before != 0 {
+        mark_tracked(rec.remote_port, rec.local_port);
+    }
     tctx.expiry.fill_from(&tctx.snapshot);
     emit_expiry(&tctx.expiry, tctx.snapshot.family);
     0

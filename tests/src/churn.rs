@@ -49,7 +49,7 @@ impl Churn {
         match self {
             Churn::Orderly => "filtered",
             Churn::Reset => "counted, not sent",
-            Churn::Keepalive | Churn::ResetKeepalive => "counted, not sent: never expired",
+            Churn::Keepalive | Churn::ResetKeepalive => "counted, not sent: never probed",
         }
     }
 

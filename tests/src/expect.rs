@@ -255,6 +255,19 @@ impl Expectations {
             .conn_not_dropped(&pair.server_conn)
     }
 
+    /// [`Self::write_timer_drop`] of a keepalive client that never probed (its keepalive timer
+    /// ran only with data in flight, when it sends nothing): the agent's table never held it,
+    /// so its drop is counted in the namespace and has no per-connection series (see
+    /// `TrackedMarks` in `keepalive-ebpf`).
+    pub fn write_timer_drop_unprobed(netns: u64, pair: &TcpPair, reason: &'static str) -> Self {
+        Self::for_netns(netns)
+            .probes(0)
+            .drops(reason, 1)
+            .other_drops_zero()
+            .conn_without_series(&pair.client_conn)
+            .conn_not_dropped(&pair.server_conn)
+    }
+
     /// The connection's series (if any) have no `reason` label.
     pub fn conn_not_dropped(mut self, conn: &Conn) -> Self {
         self.checks.push(Check::NotDropped { conn: *conn });
@@ -262,8 +275,7 @@ impl Expectations {
     }
 
     /// The connection has no per-connection series: what the agent does by default with a
-    /// connection without `SO_KEEPALIVE`, or one whose keepalive timer never ran, even once
-    /// dropped.
+    /// connection without `SO_KEEPALIVE`, or one that never probed, even once dropped.
     pub fn conn_without_series(mut self, conn: &Conn) -> Self {
         self.checks.push(Check::NoSeries { conn: *conn });
         self

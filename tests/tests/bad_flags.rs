@@ -181,9 +181,12 @@ fn duration_flags_refuse_zero_negative_tiny_and_huge() -> anyhow::Result<()> {
         "--connections.dropped-retention",
         "--netns.retention",
         "--audit.interval",
+        "--connections.marks-interval",
     ] {
         run_refuses_each(flag, &DURATIONS)?;
     }
+    // Above an hour, a connection the agent let go would cost its close for hours.
+    run_refuses_each("--connections.marks-interval", &["2h"])?;
     Ok(())
 }
 

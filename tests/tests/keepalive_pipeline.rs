@@ -313,7 +313,7 @@ fn unacknowledged_data_to_dead_peer_is_a_retransmit_timeout_not_a_keepalive_time
 
     env.expect_agent(
         "retransmission timeout",
-        &Expectations::write_timer_drop(ns.inum(), &pair, 0, "retransmit_timeout"),
+        &Expectations::write_timer_drop_unprobed(ns.inum(), &pair, "retransmit_timeout"),
     )
 }
 
@@ -426,9 +426,9 @@ fn rst_from_peer_during_traffic_is_counted_as_reset_received() -> TestResult {
             .drops("retransmit_timeout", 0)
             .drops("zero_window_timeout", 0)
             .drops("connect_timeout", 0)
-            // Its keepalive timer never ran (the reset came long before its idle): like a
-            // connection without `SO_KEEPALIVE`, counted above and not sent. `close_reports`
-            // has a reset connection that had expiries, whose drop gets its series.
+            // It never probed (the reset came long before its idle): like a connection
+            // without `SO_KEEPALIVE`, counted above and not sent. `close_reports` has a reset
+            // connection that probed, whose drop gets its series.
             .conn_without_series(&client_conn),
     )
 }

@@ -123,6 +123,13 @@ pub(crate) fn parse_retention(s: &str) -> Result<Duration, String> {
     duration_within(s, MIN_RETENTION, MAX_RETENTION)
 }
 
+/// `--connections.marks-interval`: at least a second, so a renewal (one pass over the table)
+/// never runs back to back; at most an hour, so a connection the table let go stops costing
+/// its close within two hours.
+pub(crate) fn parse_marks_interval(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_secs(1), Duration::from_secs(3600))
+}
+
 /// `--web.telemetry-path`: a plain absolute path that is not one of the other endpoints. The
 /// router takes `{` and `*` as patterns and panics on a duplicate route, so only literal
 /// characters get through.
@@ -281,6 +288,17 @@ mod tests {
     #[test]
     fn durations_are_within_bounds() {
         assert_eq!(parse_retention("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_marks_interval("1m"), Ok(Duration::from_secs(60)));
+        assert!(
+            parse_marks_interval("500ms")
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(
+            parse_marks_interval("2h")
+                .unwrap_err()
+                .contains("out of range")
+        );
         assert!(parse_retention("1ns").unwrap_err().contains("out of range"));
         assert!(parse_retention("100y").is_err());
         assert!(parse_retention("soon").unwrap_err().contains("\"soon\""));

@@ -72,12 +72,18 @@ pub struct RunConfig {
     pub max_series: usize,
     /// Also export per-connection series for connections without SO_KEEPALIVE that ended in a
     /// drop (a RST received, a retransmission or connect timeout, an abort), and for such drops
-    /// of keepalive connections whose keepalive timer never ran. Off, their drops count in
+    /// of keepalive connections that never probed. Off, their drops count in
     /// tcp_connection_drops_total only, and their closes never leave the kernel (unless the
     /// drop may be an idle kill), which keeps the agent idle under connection churn. Always on
     /// with --events or an --aggregate-by label beyond netns, which need every close.
     #[arg(long = "connections.keepalive-off-drops")]
     pub keepalive_off_drops: bool,
+    /// How often the kernel is told again which keepalive connections the agent tracks, so
+    /// that it sends their closes and keeps every other one's (counted) to itself. A connection
+    /// the agent stopped tracking (evicted, or its close or records lost) has its close sent
+    /// for at most two of these. 1s to 1h.
+    #[arg(long = "connections.marks-interval", value_name = "DURATION", default_value = "1m", value_parser = flags::parse_marks_interval)]
+    pub marks_interval: Duration,
     /// Kernel→agent ring buffer size in bytes (or KiB/MiB): a power of two from 4KiB to
     /// 256MiB, a multiple of the page size.
     #[arg(long = "ring-buffer.bytes", value_name = "BYTES", default_value = "4194304", value_parser = flags::parse_ring_buffer_bytes)]
@@ -231,8 +237,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let closes = config.close_reports();
     if closes == CloseReports::KeepaliveOn {
         info!(
-            "closes of connections without SO_KEEPALIVE, or whose keepalive timer never ran, \
-             are counted in the kernel only (tcp_connection_drops_total); \
+            "closes of connections without SO_KEEPALIVE, or that never probed, are counted in \
+             the kernel only (tcp_connection_drops_total); \
              --connections.keepalive-off-drops exports their per-connection drop series too"
         );
     }
@@ -266,6 +272,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         ipvs,
         idle_kill_filter,
         netns_counters,
+        tracked,
         ..
     } = kernel;
     // The node's thresholds: the flags' and what the node uses (IPVS), read now and again
@@ -439,6 +446,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         humantime::format_duration(config.netns_retention)
     );
     tokio::spawn(pipeline.namespace_retention(config.netns_retention).run());
+    tokio::spawn(pipeline.marks_renewal(tracked, config.marks_interval).run());
     let mut drain =
         tokio::spawn(pipeline.run(events, stopping, move || drop(ebpf), SHUTDOWN_DRAIN_BUDGET));
     state.ready.store(ready, Ordering::Relaxed);

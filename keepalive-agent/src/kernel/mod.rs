@@ -2,7 +2,8 @@
 //! struct layout and hook prototypes from BTF ([`layout`]), timer callback addresses
 //! ([`kallsyms`]), the tick rate ([`hz`]), whether the node uses IPVS and its TCP timeout
 //! ([`ipvs`]), the embedded programs and how they are loaded ([`programs`]), and the audit's
-//! walk program ([`hash_walk`]).
+//! walk program ([`hash_walk`]), and the marks of which connections the table may hold
+//! ([`tracked`]).
 //!
 //! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
 //! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.
@@ -17,6 +18,7 @@ pub mod kfunc;
 pub(crate) mod layout;
 pub mod maps;
 pub mod programs;
+pub mod tracked;
 
 use std::path::Path;
 

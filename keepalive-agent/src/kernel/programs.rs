@@ -21,6 +21,7 @@ use crate::kernel::{
     kfunc,
     layout::KernelLayout,
     maps::{TakeMapError, take_map},
+    tracked::{TrackedMarksError, TrackedMarksMap},
 };
 
 /// The kernel programs, compiled for this agent by build.rs.
@@ -119,6 +120,8 @@ pub enum ProgramsError {
     LoadAudit(#[source] hash_walk::LoadError),
     #[error(transparent)]
     TakeMap(#[from] TakeMapError),
+    #[error(transparent)]
+    TrackedMarks(#[from] TrackedMarksError),
     #[error(
         "the socket fields the programs read end {0} bytes into struct tcp_sock on this kernel, \
          beyond the programs' {SNAPSHOT_SCRATCH_BYTES}-byte copy: report this kernel version \
@@ -202,6 +205,8 @@ pub struct KernelPrograms {
     pub reserve_failures: PerCpuArray<MapData, u64>,
     /// The exact per-namespace counters and the count of namespaces that found them full.
     pub netns_counters: NetnsCounterMaps,
+    /// Which connections the table may hold, for the close program; renewed by `run`.
+    pub tracked: TrackedMarksMap,
 }
 
 /// [`names::NETNS_COUNTERS_MAP`], [`names::NETNS_COUNTERS_FULL_MAP`] and
@@ -234,10 +239,10 @@ impl KernelPrograms {
 /// either way (`tcp_connection_drops_total` stays exact).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseReports {
-    /// Only closes of connections with `SO_KEEPALIVE` that may have had a keepalive expiry,
-    /// keepalive drops, and drops that may be idle kills: a connection without keepalive never
-    /// probed, nor did one whose keepalive timer never ran, so nothing in the agent waits for
-    /// their closes but a per-connection drop series. Under connection churn (RST closes of
+    /// Only closes of connections with `SO_KEEPALIVE` the agent's table may hold (they probed:
+    /// see `TrackedMarks`), keepalive drops, and drops that may be idle kills: a connection
+    /// without keepalive never probed, nor did one the table does not hold, so nothing in the
+    /// agent waits for their closes but a per-connection drop series. Under connection churn (RST closes of
     /// short connections, with keepalive or not) this keeps the agent idle.
     KeepaliveOn,
     /// Every close the programs report (per-connection series of every drop, the event
@@ -440,6 +445,7 @@ pub(crate) fn load(
     let counters = take_map(&mut ebpf, names::NETNS_COUNTERS_MAP)?;
     let full = take_map(&mut ebpf, names::NETNS_COUNTERS_FULL_MAP)?;
     let uncounted = take_map(&mut ebpf, names::UNCOUNTED_MAP)?;
+    let tracked = TrackedMarksMap::take(&mut ebpf)?;
     Ok(KernelPrograms {
         ebpf,
         hooks,
@@ -453,6 +459,7 @@ pub(crate) fn load(
             full,
             uncounted,
         },
+        tracked,
     })
 }
 

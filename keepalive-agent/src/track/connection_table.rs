@@ -488,6 +488,13 @@ impl ConnectionTable {
         before - self.live.len() - self.dropped_len()
     }
 
+    /// The ports (remote, local) of every live connection.
+    pub(crate) fn live_ports(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        self.live
+            .iter()
+            .map(|(_, state)| (state.endpoints.remote.port(), state.endpoints.local.port()))
+    }
+
     pub(crate) fn live_len(&self) -> usize {
         self.live.len()
     }

@@ -187,4 +187,13 @@ impl Tracker {
     pub(crate) fn forget_namespaces(&self, inodes: &std::collections::HashSet<u32>) -> usize {
         self.table().forget_namespaces(inodes)
     }
+
+    /// Calls `f` with the ports (remote, local) of every live connection, the table locked
+    /// meanwhile.
+    pub(crate) fn with_live_ports<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = (u16, u16)>) -> R,
+    ) -> R {
+        f(&mut self.table().live_ports())
+    }
 }

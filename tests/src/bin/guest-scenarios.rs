@@ -96,7 +96,7 @@ const SCENARIOS: [Scenario; 12] = [
     },
     Scenario {
         name: "retransmission_timeout",
-        expect: "no probe, retransmit_timeout",
+        expect: "no probe, retransmit_timeout (never probed: no per-connection series)",
         run: retransmission_timeout,
     },
     Scenario {
@@ -796,7 +796,11 @@ fn retransmit_timeout_outcome(ns: &Netns, pair: TcpPair, probes: u64, aborts: u6
     Outcome {
         keepalive_probes: probes,
         timeout_aborts: aborts,
-        expected: Expectations::write_timer_drop(ns.inum(), &pair, probes, "retransmit_timeout"),
+        expected: if probes == 0 {
+            Expectations::write_timer_drop_unprobed(ns.inum(), &pair, "retransmit_timeout")
+        } else {
+            Expectations::write_timer_drop(ns.inum(), &pair, probes, "retransmit_timeout")
+        },
         hold: vec![pair],
     }
 }

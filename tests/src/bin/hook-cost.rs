@@ -709,13 +709,13 @@ enum ClosePaths {
     /// Every churn workload, with the agent's default flags.
     Default,
     /// The RST workloads with `--connections.keepalive-off-drops`: every drop reported, the path
-    /// a drop of a connection that had a keepalive expiry takes by default.
+    /// a drop of a connection that probed takes by default.
     Reported,
 }
 
 /// Cost of `inet_sock_set_state` per close above an empty program on the same hook. By default:
 /// closes the kernel filters out (orderly, no keepalive), closes of keepalive connections that
-/// never had an expiry (counted, not sent), and RST closes it counts without sending (no
+/// never probed (counted, not sent), and RST closes it counts without sending (no
 /// keepalive). [`ClosePaths::Reported`]: RST closes it reports (drops). Each in a namespace
 /// without conntrack, then in one whose connections conntrack tracks, as on every Kubernetes
 /// node (a drop's record carries the namespace's conntrack timeout, which takes more reads

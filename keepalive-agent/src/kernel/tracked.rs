@@ -1,0 +1,166 @@
+//! The kernel's marks of which connections the agent's table may hold
+//! ([`keepalive_ebpf::TrackedMarks`]), mapped into the agent's memory. The programs mark a
+//! connection at an expiry that puts it in the table; the agent moves the epochs on and marks,
+//! in the new epoch, every connection its table holds ([`TrackedMarksMap::renew`]). A mark two
+//! epochs old is a connection the table no longer holds (closed unseen, evicted, its records
+//! lost): its close stays in the kernel again, as if it had never probed. Without the renewal
+//! the marks only accumulated, and with them the closes sent: after some 100 000 distinct
+//! probing connections, nearly every close of a keepalive connection.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Map, MapData},
+};
+use keepalive_ebpf::{TRACKED_SLOTS, TrackedEpochs, TrackedMarks, names, tracked_slot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackedMarksError {
+    #[error("the kernel programs object has no array map {0}: agent built from mismatched sources")]
+    Missing(&'static str),
+    #[error(
+        "cannot map the kernel's marks of tracked connections ({map}) into memory: {0}; the \
+         kernel needs BPF_F_MMAPABLE arrays (5.5+)",
+        map = names::TRACKED_MAP
+    )]
+    Mmap(#[source] std::io::Error),
+}
+
+/// [`TrackedMarks`] mapped read-write. Owns the map (its descriptor) and the mapping.
+#[derive(Debug)]
+pub struct TrackedMarksMap {
+    marks: NonNull<TrackedMarks>,
+    len: usize,
+    _map: MapData,
+}
+
+// SAFETY: the mapping belongs to this value alone on the agent's side (the programs write it
+// too, with the same single-byte stores), and every access goes through `&mut self`.
+unsafe impl Send for TrackedMarksMap {}
+
+impl TrackedMarksMap {
+    /// Takes the map out of the programs object and maps its value.
+    pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, TrackedMarksError> {
+        let Some(Map::Array(map)) = ebpf.take_map(names::TRACKED_MAP) else {
+            return Err(TrackedMarksError::Missing(names::TRACKED_MAP));
+        };
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = size_of::<TrackedMarks>().div_ceil(page) * page;
+        // SAFETY: a new shared mapping of the map's one value (an mmapable array maps its values
+        // from offset 0, page-aligned, and is at least `len` long); nothing else is touched.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(TrackedMarksError::Mmap(std::io::Error::last_os_error()));
+        }
+        let marks = NonNull::new(addr.cast()).ok_or(TrackedMarksError::Mmap(
+            std::io::Error::other("mmap returned a null address"),
+        ))?;
+        Ok(Self {
+            marks,
+            len,
+            _map: map,
+        })
+    }
+
+    /// The epochs the programs read now.
+    pub(crate) fn epochs(&self) -> TrackedEpochs {
+        // SAFETY: the mapping is live and aligned (page); one aligned `u16` load, as the
+        // programs do.
+        TrackedEpochs::from_bits(unsafe {
+            std::ptr::read_volatile((&raw const (*self.marks.as_ptr()).epochs).cast::<u16>())
+        })
+    }
+
+    /// Starts the next epoch, then marks in it the connections with these ports (remote,
+    /// local), which the table holds. The epoch comes first: a connection the programs marked
+    /// in the one before, whose record the table has not taken in yet, is still held by that
+    /// mark, until the next renewal marks it from the table. Returns the new epochs.
+    pub(crate) fn renew(&mut self, ports: impl IntoIterator<Item = (u16, u16)>) -> TrackedEpochs {
+        let epochs = self.epochs().next();
+        let marks = self.marks.as_ptr();
+        // SAFETY: the mapping is live for `self`'s lifetime; the epochs are one aligned `u16`,
+        // stored at once so no program reads one epoch moved and the other not; each slot is a
+        // byte below `TRACKED_SLOTS` (`tracked_slot` masks it), stored whole as the programs
+        // store it.
+        unsafe {
+            std::ptr::write_volatile((&raw mut (*marks).epochs).cast::<u16>(), epochs.to_bits());
+            let slots = (&raw mut (*marks).slots).cast::<u8>();
+            let mark = epochs.mark();
+            for (remote, local) in ports {
+                let slot = slots.add(tracked_slot(remote, local) % TRACKED_SLOTS);
+                if std::ptr::read_volatile(slot) != mark {
+                    std::ptr::write_volatile(slot, mark);
+                }
+            }
+        }
+        epochs
+    }
+}
+
+impl Drop for TrackedMarksMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `take`, unmapped once.
+        unsafe {
+            libc::munmap(self.marks.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_holds_for_its_epoch_and_the_next_then_lets_go() {
+        let mut epochs = TrackedEpochs::default();
+        let first = epochs.mark();
+        assert_ne!(first, 0, "0 is a slot never marked");
+        assert!(epochs.holds(first));
+        assert!(!epochs.holds(0));
+        epochs = epochs.next();
+        assert!(epochs.holds(first), "the previous epoch's mark still holds");
+        assert!(epochs.holds(epochs.mark()));
+        epochs = epochs.next();
+        assert!(!epochs.holds(first), "two epochs old: let go");
+    }
+
+    #[test]
+    fn epochs_wrap_without_ever_marking_zero() {
+        let mut epochs = TrackedEpochs::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..600 {
+            let before = epochs;
+            epochs = epochs.next();
+            assert_ne!(epochs.mark(), 0);
+            assert!(epochs.current <= TrackedEpochs::LAST);
+            assert!(epochs.holds(before.mark()), "{before:?} → {epochs:?}");
+            assert_eq!(TrackedEpochs::from_bits(epochs.to_bits()), epochs);
+            seen.insert(epochs.current);
+        }
+        assert_eq!(seen.len(), usize::from(TrackedEpochs::LAST) + 1);
+    }
+
+    #[test]
+    fn slots_are_in_range_and_spread() {
+        let slots: std::collections::HashSet<usize> = (0..4096u16)
+            .map(|port| tracked_slot(443, 32768 + port))
+            .collect();
+        assert!(slots.iter().all(|&slot| slot < TRACKED_SLOTS));
+        // 4 096 keys in 32 768 slots: about 3 800 distinct if the hash spreads them.
+        assert!(slots.len() > 3500, "{} distinct slots", slots.len());
+    }
+}

@@ -1,0 +1,161 @@
+//! The kernel sends the close of a keepalive connection only while the agent's table may hold
+//! it (issue 10): the timer marks a connection at an expiry that probed, and the agent renews
+//! the marks of the connections its table holds every `--connections.marks-interval`, so the
+//! mark of one it let go ages out. Before, every expiry marked its connection for good: the
+//! closes of connections that only ever expired with traffic, and of every connection that
+//! ever probed, were sent until the agent stopped, and the share of closes sent grew with the
+//! distinct connections seen.
+//!
+//! Alone in its file: it counts the agent's close records, to which every connection closing on
+//! the host adds, and cargo runs test binaries one at a time.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use keepalive_tests::{DEADLINE, Metrics, Netns, TcpPair, TestEnv, set_keepalive, wait_until};
+
+const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const KEEPALIVE: &str = "TCPKeepAlive";
+const CLOSE_RECORDS: &str = "keepalive_agent_events_total";
+const PROBES: &str = "tcp_keepalive_connection_probes_total";
+const EXPIRIES: &str = "tcp_keepalive_timer_expiries_total";
+/// The agent's table holds at most this many live connections.
+const TRACKED: usize = 100;
+/// Connections that probe, three times what the table holds.
+const PROBING: usize = 300;
+/// Connections whose keepalive timer runs with traffic flowing: it never probes.
+const BUSY: usize = 200;
+/// Closes of other connections on the host may add records while a phase runs.
+const SLACK: f64 = 30.0;
+
+#[test]
+fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<()> {
+    let test = "closes_are_sent_while_the_table_may_hold_the_connection";
+    let tracked = TRACKED.to_string();
+    let Some(env) = TestEnv::start_with_agent_args(
+        test,
+        &[
+            "--connections.max-tracked",
+            &tracked,
+            "--connections.marks-interval",
+            "1s",
+        ],
+    ) else {
+        return Ok(());
+    };
+    let Some(agent) = env.agent() else {
+        eprintln!("{test}: kernel-only mode, nothing to check (it is about the agent's records)");
+        return Ok(());
+    };
+    let ns = Netns::new("tracked-marks")?;
+    let listener = ns.listen(V4)?;
+    let netns = ns.inum();
+    let netns_label = netns.to_string();
+    let close_records = || -> anyhow::Result<f64> {
+        Ok(agent.scrape()?.value(CLOSE_RECORDS, &[("kind", "close")]))
+    };
+
+    // Keepalive timers that run with traffic flowing: each expiry finds the connection active
+    // and re-arms without a probe, so none of them is marked, and their closes stay in the
+    // kernel.
+    let mut busy = ns.connect_pairs(&listener, BUSY)?;
+    let before = ns.tcp_ext()?;
+    let expiries = |m: &Metrics| m.value(EXPIRIES, &[("netns", &netns_label)]);
+    let expiries_before = expiries(&agent.scrape()?);
+    for pair in &busy {
+        set_keepalive(&pair.client, 1, 1, 3)?;
+    }
+    // Every 100 ms a byte each way. An expiry probes only after a whole second without one.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        for pair in &mut busy {
+            exchange(pair)?;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let busy_expiries = expiries(&agent.scrape()?) - expiries_before;
+    let busy_probes = ns.tcp_ext()?.delta(&before, KEEPALIVE);
+    ensure!(
+        busy_expiries >= BUSY as f64,
+        "{busy_expiries} keepalive expiries in the namespace while {BUSY} busy connections ran \
+         4 s with a 1 s idle"
+    );
+    let records_before = close_records()?;
+    drop(busy);
+    let busy_sent = close_records()? - records_before;
+    // Waits for the closes to arrive, if they were sent: the agent drains within milliseconds.
+    thread::sleep(Duration::from_secs(1));
+    let busy_sent = busy_sent.max(close_records()? - records_before);
+    ensure!(
+        busy_sent < busy_probes as f64 + SLACK,
+        "{busy_sent} close records for {BUSY} busy keepalive connections that expired \
+         {busy_expiries} times and probed {busy_probes} times"
+    );
+
+    // Connections that probe, three times what the table holds: it keeps the most recent
+    // ones. Then they stop expiring (a 1 h idle), and after more than two renewals the marks
+    // of those it let go have aged out: only the closes of the connections it holds are sent.
+    let probing = ns.connect_pairs(&listener, PROBING)?;
+    let before = ns.tcp_ext()?;
+    for pair in &probing {
+        set_keepalive(&pair.client, 1, 1, 3)?;
+    }
+    wait_until(DEADLINE, "every probing connection to probe", || {
+        Ok(ns.tcp_ext()?.delta(&before, KEEPALIVE) >= PROBING as u64)
+    })?;
+    for pair in &probing {
+        set_keepalive(&pair.client, 3600, 1, 3)?;
+    }
+    thread::sleep(Duration::from_secs(4));
+    let labels: Vec<_> = probing
+        .iter()
+        .map(|p| p.client_conn.labels(netns))
+        .collect();
+    let m = agent.scrape()?;
+    let held: Vec<usize> = (0..PROBING)
+        .filter(|&i| !m.matching(PROBES, &labels[i]).is_empty())
+        .collect();
+    ensure!(
+        !held.is_empty() && held.len() <= TRACKED,
+        "{} of {PROBING} probing connections have series, with a table of {TRACKED}",
+        held.len()
+    );
+    let records_before = close_records()?;
+    drop(probing);
+    wait_until(DEADLINE, "the held connections' series to leave", || {
+        let m = agent.scrape()?;
+        Ok(held
+            .iter()
+            .all(|&i| m.matching(PROBES, &labels[i]).is_empty()))
+    })
+    .context("a close of a connection the table held was not sent")?;
+    thread::sleep(Duration::from_secs(1));
+    let sent = close_records()? - records_before;
+    ensure!(
+        sent >= held.len() as f64 && sent < held.len() as f64 + SLACK,
+        "{sent} close records for {PROBING} connections that probed, of which the table held {}",
+        held.len()
+    );
+    eprintln!(
+        "{test}: {busy_sent} close records for {BUSY} busy keepalive connections \
+         ({busy_expiries} expiries, {busy_probes} probes); {sent} for {PROBING} that probed, of \
+         which the table held {}",
+        held.len()
+    );
+    Ok(())
+}
+
+/// One byte from the server to the client and one back, so both ends have just received.
+fn exchange(pair: &mut TcpPair) -> anyhow::Result<()> {
+    let mut byte = [0u8; 1];
+    pair.server.write_all(b"s")?;
+    pair.client.read_exact(&mut byte)?;
+    pair.client.write_all(b"c")?;
+    pair.server.read_exact(&mut byte)?;
+    Ok(())
+}
