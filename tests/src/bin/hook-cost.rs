@@ -421,8 +421,8 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         "keepalive_agent_ringbuf_reserve_failures_total",
         &[] as &[(&str, &str)],
     );
-    let cpu_before = cpu_ticks(agent.pid())?;
-    let attribution_before = attribution_ticks(agent.pid())?;
+    let attribution = attribution_thread(agent.pid())?;
+    let cpu_before = thread_cpu_ns(agent.pid())?;
     let signal_agent = |signal: libc::c_int| -> anyhow::Result<()> {
         // SAFETY: kill has no memory preconditions; the pid is our own child's.
         if unsafe { libc::kill(agent.pid() as libc::pid_t, signal) } != 0 {
@@ -435,8 +435,10 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     }
     holders.start_probing()?;
     std::thread::sleep(length);
-    let cpu = cpu_ticks(agent.pid())? - cpu_before;
-    let attribution = attribution_ticks(agent.pid())? - attribution_before;
+    let cpu_after = thread_cpu_ns(agent.pid())?;
+    let cpu = ns_since(&cpu_before, &cpu_after);
+    let of_thread = |threads: &HashMap<u32, u64>| threads.get(&attribution).copied().unwrap_or(0);
+    let attribution = of_thread(&cpu_after).saturating_sub(of_thread(&cpu_before));
     let rss = vm_rss_kib(agent.pid())?;
     // The holders exit; their sockets close and probing stops.
     holders.close()?;
@@ -457,11 +459,9 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         .hits
         .saturating_sub(classic_total()? - classic_before);
     let not_run = counts.not_run();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = match during {
         AgentDuringSync::Running => {
-            let percent = |ticks: u64| ticks as f64 / hz / length.as_secs_f64() * 100.0;
+            let percent = |ns: u64| ns as f64 / length.as_nanos() as f64 * 100.0;
             format!("{:.1} % ({:.1} %)", percent(cpu), percent(attribution))
         }
         AgentDuringSync::Stopped => "stopped".to_owned(),
@@ -501,44 +501,29 @@ fn thread_cpu_ns(pid: u32) -> anyhow::Result<HashMap<u32, u64>> {
 /// CPU time a process's threads took since `before` ([`thread_cpu_ns`]); a thread that exited
 /// since (a runtime's idle blocking thread) is missing its last share, not subtracted.
 fn cpu_ns_since(pid: u32, before: &HashMap<u32, u64>) -> anyhow::Result<u64> {
-    Ok(thread_cpu_ns(pid)?
-        .into_iter()
-        .map(|(tid, ns)| ns.saturating_sub(before.get(&tid).copied().unwrap_or(0)))
-        .sum())
+    Ok(ns_since(before, &thread_cpu_ns(pid)?))
 }
 
-/// User plus system clock ticks of a process.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    stat_ticks(&format!("/proc/{pid}/stat"))
+/// CPU time the threads in `after` took since `before` (both [`thread_cpu_ns`]).
+fn ns_since(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
 }
 
-/// User plus system clock ticks of the agent's attribution worker (its thread named
-/// `attribution`): owner lookups, which read `/proc` and the cgroup tree, apart from the drain.
-fn attribution_ticks(pid: u32) -> anyhow::Result<u64> {
+/// The thread id of the agent's attribution worker (its thread named `attribution`): owner
+/// lookups, which read `/proc` and the cgroup tree, apart from the drain.
+fn attribution_thread(pid: u32) -> anyhow::Result<u32> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let task = task?.path();
-        if std::fs::read_to_string(task.join("comm"))?.trim_end() == "attribution" {
-            return stat_ticks(&task.join("stat").to_string_lossy());
+        let task = task?;
+        if std::fs::read_to_string(task.path().join("comm"))?.trim_end() == "attribution"
+            && let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok())
+        {
+            return Ok(tid);
         }
     }
     bail!("the agent (pid {pid}) has no thread named attribution")
-}
-
-/// User plus system clock ticks from a `stat` file of `/proc` (a process's or a thread's).
-fn stat_ticks(path: &str) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(path)?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("malformed /proc/PID/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let field = |i: usize| -> anyhow::Result<u64> {
-        Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?)
-    };
-    // utime and stime are fields 14 and 15; the slice starts at field 3.
-    Ok(field(11)? + field(12)?)
 }
 
 /// `text`, the value of `flag`, as a number.
