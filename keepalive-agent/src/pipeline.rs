@@ -652,7 +652,7 @@ impl MarksRenewal {
     }
 
     /// Renews every period, forever. The first renewal waits a period: at start the table is
-    /// empty, and the marks the programs made since they were loaded hold for two epochs.
+    /// empty, and the marks the programs made since they were loaded hold for three epochs.
     pub(crate) async fn run(mut self) {
         let mut ticker =
             tokio::time::interval_at(tokio::time::Instant::now() + self.period, self.period);

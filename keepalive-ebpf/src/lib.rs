@@ -1116,16 +1116,16 @@ impl Uncounted {
 /// slot, at [`tracked_slot`] of the connection's ports, holds the mark of the epoch in which it
 /// was last marked: by the timer's exit, at an expiry that would put the connection in the table
 /// (it probed, or had unanswered probes), and by the agent, every epoch, for each connection its
-/// table holds. A slot marked in the current or the previous epoch ([`TrackedEpochs::holds`])
-/// says "maybe"; an older one lets a connection the table no longer holds (closed unseen,
-/// evicted, its records lost) stop costing its close.
+/// table holds. A slot marked in one of the last three epochs ([`TrackedEpochs::holds`]) says
+/// "maybe"; an older one lets a connection the table no longer holds (closed unseen, evicted, its
+/// records lost) stop costing its close.
 #[repr(C)]
 pub struct TrackedMarks {
     /// Written by the agent alone, in one store.
     pub epochs: TrackedEpochs,
     /// Keeps the epochs alone on their cache line, which every CPU reads and only the agent's
     /// epoch change writes.
-    pub _pad: [u8; 62],
+    pub _pad: [u8; 60],
     pub slots: [u8; TRACKED_SLOTS],
 }
 
@@ -1133,15 +1133,19 @@ pub struct TrackedMarks {
 /// added about 100 ns to the timer's exit.
 pub const TRACKED_SLOTS: usize = 1 << 15;
 
-/// The current and the previous epoch, 0 to [`TrackedEpochs::LAST`] each: a slot holds an epoch
-/// plus one, so 0 is a slot never marked, and the map's zero value is a valid state (both epochs
-/// 0) in which marks only accumulate, as when no agent advances them (`watch`, which asks for
-/// every close anyway).
+/// The last three epochs, 0 to [`TrackedEpochs::LAST`] each: a slot holds an epoch plus one, so
+/// 0 is a slot never marked, and the map's zero value is a valid state (every epoch 0) in which
+/// marks only accumulate, as when no agent advances them (`watch`, which asks for every close
+/// anyway). Three, not two: the agent's renewal marks what its table holds when it starts an
+/// epoch, and a connection the programs marked just before, whose record reached the table just
+/// after, is marked by the next renewal only; its first mark must hold until then.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackedEpochs {
     pub current: u8,
     pub previous: u8,
+    pub oldest: u8,
+    pub _pad: u8,
 }
 
 impl TrackedEpochs {
@@ -1156,10 +1160,13 @@ impl TrackedEpochs {
     /// Whether a slot holding `mark` may be a connection the agent's table holds.
     #[inline(always)]
     pub fn holds(self, mark: u8) -> bool {
-        mark != 0 && (mark == self.current.wrapping_add(1) || mark == self.previous.wrapping_add(1))
+        mark != 0
+            && (mark == self.current.wrapping_add(1)
+                || mark == self.previous.wrapping_add(1)
+                || mark == self.oldest.wrapping_add(1))
     }
 
-    /// The next epoch: the current one becomes the previous one.
+    /// The next epoch: each one moves down a place, the oldest is dropped.
     pub fn next(self) -> Self {
         Self {
             current: if self.current >= Self::LAST {
@@ -1168,18 +1175,25 @@ impl TrackedEpochs {
                 self.current + 1
             },
             previous: self.current,
+            oldest: self.previous,
+            _pad: 0,
         }
     }
 
-    /// Both in one `u16` (the current one in the low byte, as they lie in memory on a
-    /// little-endian machine), for the agent's single store.
-    pub fn to_bits(self) -> u16 {
-        u16::from_ne_bytes([self.current, self.previous])
+    /// All in one `u32` (as they lie in memory), for the agent's single store and the programs'
+    /// single load.
+    pub fn to_bits(self) -> u32 {
+        u32::from_ne_bytes([self.current, self.previous, self.oldest, 0])
     }
 
-    pub fn from_bits(bits: u16) -> Self {
-        let [current, previous] = bits.to_ne_bytes();
-        Self { current, previous }
+    pub fn from_bits(bits: u32) -> Self {
+        let [current, previous, oldest, _] = bits.to_ne_bytes();
+        Self {
+            current,
+            previous,
+            oldest,
+            _pad: 0,
+        }
     }
 }
 

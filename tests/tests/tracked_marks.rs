@@ -98,7 +98,7 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
     );
 
     // Connections that probe, three times what the table holds: it keeps the most recent
-    // ones. Then they stop expiring (a 1 h idle), and after more than two renewals the marks
+    // ones. Then they stop expiring (a 1 h idle), and after more than three renewals the marks
     // of those it let go have aged out: only the closes of the connections it holds are sent.
     let probing = ns.connect_pairs(&listener, PROBING)?;
     let before = ns.tcp_ext()?;
@@ -111,7 +111,7 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
     for pair in &probing {
         set_keepalive(&pair.client, 3600, 1, 3)?;
     }
-    thread::sleep(Duration::from_secs(4));
+    thread::sleep(Duration::from_secs(6));
     let labels: Vec<_> = probing
         .iter()
         .map(|p| p.client_conn.labels(netns))

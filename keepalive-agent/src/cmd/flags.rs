@@ -125,7 +125,7 @@ pub(crate) fn parse_retention(s: &str) -> Result<Duration, String> {
 
 /// `--connections.marks-interval`: at least a second, so a renewal (one pass over the table)
 /// never runs back to back; at most an hour, so a connection the table let go stops costing
-/// its close within two hours.
+/// its close within three hours.
 pub(crate) fn parse_marks_interval(s: &str) -> Result<Duration, String> {
     duration_within(s, Duration::from_secs(1), Duration::from_secs(3600))
 }

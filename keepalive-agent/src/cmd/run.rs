@@ -81,7 +81,7 @@ pub struct RunConfig {
     /// How often the kernel is told again which keepalive connections the agent tracks, so
     /// that it sends their closes and keeps every other one's (counted) to itself. A connection
     /// the agent stopped tracking (evicted, or its close or records lost) has its close sent
-    /// for at most two of these. 1s to 1h.
+    /// for at most three of these. 1s to 1h.
     #[arg(long = "connections.marks-interval", value_name = "DURATION", default_value = "1m", value_parser = flags::parse_marks_interval)]
     pub marks_interval: Duration,
     /// Kernel→agent ring buffer size in bytes (or KiB/MiB): a power of two from 4KiB to

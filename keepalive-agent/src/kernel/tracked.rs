@@ -1,7 +1,7 @@
 //! The kernel's marks of which connections the agent's table may hold
 //! ([`keepalive_ebpf::TrackedMarks`]), mapped into the agent's memory. The programs mark a
 //! connection at an expiry that puts it in the table; the agent moves the epochs on and marks,
-//! in the new epoch, every connection its table holds ([`TrackedMarksMap::renew`]). A mark two
+//! in the new epoch, every connection its table holds ([`TrackedMarksMap::renew`]). A mark three
 //! epochs old is a connection the table no longer holds (closed unseen, evicted, its records
 //! lost): its close stays in the kernel again, as if it had never probed. Without the renewal
 //! the marks only accumulated, and with them the closes sent: after some 100 000 distinct
@@ -78,26 +78,26 @@ impl TrackedMarksMap {
 
     /// The epochs the programs read now.
     pub(crate) fn epochs(&self) -> TrackedEpochs {
-        // SAFETY: the mapping is live and aligned (page); one aligned `u16` load, as the
+        // SAFETY: the mapping is live and aligned (page); one aligned `u32` load, as the
         // programs do.
         TrackedEpochs::from_bits(unsafe {
-            std::ptr::read_volatile((&raw const (*self.marks.as_ptr()).epochs).cast::<u16>())
+            std::ptr::read_volatile((&raw const (*self.marks.as_ptr()).epochs).cast::<u32>())
         })
     }
 
     /// Starts the next epoch, then marks in it the connections with these ports (remote,
-    /// local), which the table holds. The epoch comes first: a connection the programs marked
-    /// in the one before, whose record the table has not taken in yet, is still held by that
-    /// mark, until the next renewal marks it from the table. Returns the new epochs.
+    /// local), which the table holds. A connection the programs marked in an earlier epoch,
+    /// whose record the table had not taken in when this renewal read it, is still held by
+    /// that mark until the next renewal marks it from the table. Returns the new epochs.
     pub(crate) fn renew(&mut self, ports: impl IntoIterator<Item = (u16, u16)>) -> TrackedEpochs {
         let epochs = self.epochs().next();
         let marks = self.marks.as_ptr();
-        // SAFETY: the mapping is live for `self`'s lifetime; the epochs are one aligned `u16`,
-        // stored at once so no program reads one epoch moved and the other not; each slot is a
+        // SAFETY: the mapping is live for `self`'s lifetime; the epochs are one aligned `u32`,
+        // stored at once so no program reads some moved and others not; each slot is a
         // byte below `TRACKED_SLOTS` (`tracked_slot` masks it), stored whole as the programs
         // store it.
         unsafe {
-            std::ptr::write_volatile((&raw mut (*marks).epochs).cast::<u16>(), epochs.to_bits());
+            std::ptr::write_volatile((&raw mut (*marks).epochs).cast::<u32>(), epochs.to_bits());
             let slots = (&raw mut (*marks).slots).cast::<u8>();
             let mark = epochs.mark();
             for (remote, local) in ports {
@@ -125,17 +125,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_mark_holds_for_its_epoch_and_the_next_then_lets_go() {
+    fn a_mark_holds_for_its_epoch_and_the_next_two_then_lets_go() {
         let mut epochs = TrackedEpochs::default();
         let first = epochs.mark();
         assert_ne!(first, 0, "0 is a slot never marked");
         assert!(epochs.holds(first));
         assert!(!epochs.holds(0));
+        for _ in 0..2 {
+            epochs = epochs.next();
+            assert!(
+                epochs.holds(first),
+                "{epochs:?}: an earlier epoch's mark still holds"
+            );
+            assert!(epochs.holds(epochs.mark()));
+        }
         epochs = epochs.next();
-        assert!(epochs.holds(first), "the previous epoch's mark still holds");
-        assert!(epochs.holds(epochs.mark()));
-        epochs = epochs.next();
-        assert!(!epochs.holds(first), "two epochs old: let go");
+        assert!(!epochs.holds(first), "three epochs old: let go");
     }
 
     #[test]
@@ -148,6 +153,7 @@ mod tests {
             assert_ne!(epochs.mark(), 0);
             assert!(epochs.current <= TrackedEpochs::LAST);
             assert!(epochs.holds(before.mark()), "{before:?} → {epochs:?}");
+            assert!(!epochs.next().next().next().holds(epochs.mark()));
             assert_eq!(TrackedEpochs::from_bits(epochs.to_bits()), epochs);
             seen.insert(epochs.current);
         }
