@@ -1,8 +1,9 @@
 //! Which closes of keepalive connections the kernel sends to the agent (issue 10). The agent's
-//! connection table holds only connections that had a keepalive expiry, so the close of one that
-//! never had one, orderly or a drop, tells it nothing it needs: the kernel counts it (drops by
-//! reason, exact) and sends nothing. A connection that did have one is sent at its close: its
-//! series leaves with it, or, for a drop, takes the drop's reason.
+//! connection table holds only connections that probed, so the close of one that never had a
+//! keepalive expiry, orderly or a drop, tells it nothing it needs: the kernel counts it (drops
+//! by reason, exact) and sends nothing. A connection that probed is sent at its close: its
+//! series leaves with it, or, for a drop, takes the drop's reason. (`tracked_marks` covers the
+//! connections that expired without probing, and those the table let go.)
 //!
 //! Alone in its file: it counts the agent's close records, to which every connection closing on
 //! the host adds, and cargo runs test binaries one at a time.

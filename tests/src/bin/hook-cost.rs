@@ -238,7 +238,7 @@ fn main() -> anyhow::Result<()> {
 
     let rss = vm_rss_kib(agent.pid())?;
     drop(agent);
-    // Only a connection that had a keepalive expiry (a second at least) takes the reported
+    // Only a connection that probed (a second at least) takes the reported
     // path by default; with this flag every drop does, so churn measures it.
     let reporting = reporting_agent()?;
     close_costs(
@@ -598,8 +598,8 @@ impl EmptyPrograms {
 /// program on those tracepoints pays, and the agent's own work above it. The agent's process's
 /// CPU per connection comes with it (what its userspace does with the records), and the same
 /// for the RST workloads with an agent that reports every drop
-/// (`--connections.keepalive-off-drops`), the path a drop of a connection that had a keepalive
-/// expiry takes by default.
+/// (`--connections.keepalive-off-drops`), the path a drop of a connection that probed takes by
+/// default.
 fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> anyhow::Result<()> {
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     let ns = Netns::new("bench-churn")?;
@@ -682,7 +682,7 @@ fn churn_throughput(rounds: usize, length: Duration, empty_hooks: &[String]) -> 
 }
 
 /// An agent that reports every drop (`--connections.keepalive-off-drops`): the path a drop of
-/// a connection that had a keepalive expiry takes by default, which churn cannot make.
+/// a connection that probed takes by default, which churn cannot make.
 fn reporting_agent() -> anyhow::Result<Agent> {
     Agent::start_with_args(&["--connections.keepalive-off-drops"])
         .context("starting the agent with --connections.keepalive-off-drops")
