@@ -44,7 +44,9 @@ pub use sock::{
     set_keepalive, set_linger_zero, set_user_timeout, setsockopt_int, so_error, tcp_info,
     tcp_state, wait_closed,
 };
-pub use tracepoint::{ExpiriesNotRun, ExpiryCounts, KeepaliveExpiryCount};
+pub use tracepoint::{
+    ExpiriesNotRun, ExpiriesNotRunByAnyProgram, ExpiryCounts, KeepaliveExpiryCount,
+};
 
 /// How long any test waits for an expected state before failing.
 pub const DEADLINE: Duration = Duration::from_secs(30);

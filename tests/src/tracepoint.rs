@@ -151,6 +151,61 @@ impl ExpiriesNotRun {
     }
 }
 
+/// Keepalive expiries the kernel ran no BPF program for, over a window, for a command that
+/// exports no count of the expiries its programs saw (`watch`): the perf count against that of
+/// a classic tracepoint program the test attaches to the same hook (`expiry_count_classic`),
+/// which the kernel skips together with every other program there (README, "Exact totals and
+/// the kernel").
+pub struct ExpiriesNotRunByAnyProgram {
+    count: KeepaliveExpiryCount,
+    classic: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    before: u64,
+    /// Keeps the classic program attached.
+    _object: aya::Ebpf,
+}
+
+impl ExpiriesNotRunByAnyProgram {
+    /// Attaches the classic program and reads it, then opens the perf count: an expiry in
+    /// between is in the program's growth and not in perf's, so the figure errs low
+    /// (stricter), never high.
+    pub fn open() -> anyhow::Result<Self> {
+        use keepalive_agent::kernel::programs::{EXPIRY_CLASSIC_MAP, EXPIRY_CLASSIC_PROGRAM};
+        let mut object =
+            keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
+        let classic = aya::maps::PerCpuArray::try_from(
+            object
+                .take_map(EXPIRY_CLASSIC_MAP)
+                .context("classic count map missing from the object")?,
+        )?;
+        let program: &mut aya::programs::TracePoint = object
+            .program_mut(EXPIRY_CLASSIC_PROGRAM)
+            .context("classic tracepoint program missing from the object")?
+            .try_into()?;
+        program.load()?;
+        program.attach("timer", "timer_expire_entry")?;
+        let before = classic_total(&classic)?;
+        Ok(Self {
+            count: KeepaliveExpiryCount::start()?,
+            classic,
+            before,
+            _object: object,
+        })
+    }
+
+    /// Expiries counted by perf since [`Self::open`] that the classic program did not see
+    /// (perf is read first, for the same reason).
+    pub fn not_run(&self) -> anyhow::Result<u64> {
+        let hits = self.count.read()?;
+        let seen = classic_total(&self.classic)?.saturating_sub(self.before);
+        Ok(hits.saturating_sub(seen))
+    }
+}
+
+/// The classic program's count, summed over CPUs.
+fn classic_total(counts: &aya::maps::PerCpuArray<aya::maps::MapData, u64>) -> anyhow::Result<u64> {
+    Ok(counts.get(&0, 0)?.iter().sum())
+}
+
 /// What the agent's programs ran for, as the agent exports it.
 #[derive(Debug)]
 struct Seen {
