@@ -126,8 +126,8 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     if keepalive_on && context != CloseContext::KeepaliveTimer as u8 && !report_keepalive_off() {
         // A keepalive connection the agent's table does not hold (see `TRACKED`: it never
         // probed, or the agent let it go): its orderly close tells it nothing, nor does its
-        // drop, unless that may be an idle kill or is a keepalive drop. Counted and not sent, like a connection's
-        // without keepalive (RST churn of short connections: every one of Go's has
+        // drop, unless that may be an idle kill or is a keepalive drop. Counted and not sent,
+        // like a connection's without keepalive (RST churn of short connections: every one of Go's has
         // `SO_KEEPALIVE`). An early return of its own, nothing computed here kept past it, so
         // the paths below are the ones the older verifiers already walk within their million
         // instructions: folded into the reporting decision below, 5.10 went past it.

@@ -1197,6 +1197,15 @@ impl TrackedEpochs {
     }
 }
 
+/// Whether a keepalive expiry takes its connection into the agent's connection table: it sent
+/// a probe, or found probes unanswered. Idle expiries before the first probe are common and
+/// tell nothing per connection. The timer's exit marks in [`TrackedMarks`] exactly these, so
+/// the close program sends the closes of the connections the table may hold.
+#[inline(always)]
+pub fn expiry_enters_table(probes_sent: u8, probes_out_before: u8) -> bool {
+    probes_sent != 0 || probes_out_before != 0
+}
+
 /// The slot of a connection in [`TrackedMarks`]: a multiplicative hash of its ports (host byte
 /// order). Only its ports: nothing in the key may change while the connection lives
 /// (`IPV6_ADDRFORM` turns an IPv4-mapped IPv6 socket into an IPv4 one), and the close hook's

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
     AF_INET, CloseContext, ExpiryRecord, ExpirySpan, RecordKind, SocketRecord, Uncounted,
-    record_flags,
+    expiry_enters_table, record_flags,
 };
 
 use crate::socket::{
@@ -237,10 +237,9 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             }
         }
     }
-    // The agent's table takes a connection in at an expiry that probed or found probes
-    // unanswered (`ConnectionTable::on_expiry`): only those may be tracked. A connection with
-    // traffic expires every idle without either, and its close stays in the kernel.
-    if rec.probes_sent != 0 || rec.probes_out_before != 0 {
+    // Only connections the agent's table takes in may be tracked. A connection with traffic
+    // expires every idle without a probe, and its close stays in the kernel.
+    if expiry_enters_table(rec.probes_sent, rec.probes_out_before) {
         mark_tracked(rec.remote_port, rec.local_port);
     }
     tctx.expiry.fill_from(&tctx.snapshot);

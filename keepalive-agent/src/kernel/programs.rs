@@ -242,8 +242,8 @@ pub(crate) enum CloseReports {
     /// Only closes of connections with `SO_KEEPALIVE` the agent's table may hold (they probed:
     /// see `TrackedMarks`), keepalive drops, and drops that may be idle kills: a connection
     /// without keepalive never probed, nor did one the table does not hold, so nothing in the
-    /// agent waits for their closes but a per-connection drop series. Under connection churn (RST closes of
-    /// short connections, with keepalive or not) this keeps the agent idle.
+    /// agent waits for their closes but a per-connection drop series. Under connection churn
+    /// (RST closes of short connections, with keepalive or not) this keeps the agent idle.
     KeepaliveOn,
     /// Every close the programs report (per-connection series of every drop, the event
     /// stream, aggregates by workload).

@@ -16,7 +16,7 @@ use aya::{
     Ebpf,
     maps::{Map, MapData},
 };
-use keepalive_ebpf::{TRACKED_SLOTS, TrackedEpochs, TrackedMarks, names, tracked_slot};
+use keepalive_ebpf::{TrackedEpochs, TrackedMarks, names, tracked_slot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackedMarksError {
@@ -101,7 +101,7 @@ impl TrackedMarksMap {
             let slots = (&raw mut (*marks).slots).cast::<u8>();
             let mark = epochs.mark();
             for (remote, local) in ports {
-                let slot = slots.add(tracked_slot(remote, local) % TRACKED_SLOTS);
+                let slot = slots.add(tracked_slot(remote, local));
                 if std::ptr::read_volatile(slot) != mark {
                     std::ptr::write_volatile(slot, mark);
                 }
@@ -123,6 +123,7 @@ impl Drop for TrackedMarksMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keepalive_ebpf::TRACKED_SLOTS;
 
     #[test]
     fn a_mark_holds_for_its_epoch_and_the_next_two_then_lets_go() {

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use keepalive_ebpf::expiry_enters_table;
 use lru::LruCache;
 
 use crate::{
@@ -248,10 +249,10 @@ impl ConnectionTable {
         let state = match self.live.get_mut(&e.sk) {
             Some(state) if state.endpoints == e.endpoints => state,
             _ => {
-                // First sight, or the slot now holds another connection. Connections that never
-                // probed stay out of the table: idle expiries before the first probe are common
-                // and tell nothing per connection.
-                if !probe_sent && e.probes_out_before == 0 {
+                // First sight, or the slot now holds another connection. The rule the timer's
+                // exit marks the kernel's tracked connections by (a closed_in_timer expiry
+                // returned above).
+                if !expiry_enters_table(e.probes_sent, e.probes_out_before) {
                     self.live.pop(&e.sk);
                     return ExpiryOutcome::default();
                 }

@@ -50,15 +50,15 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::PerCpuArray;
-use aya::programs::{BtfTracePoint, ProgramInfo, TracePoint, loaded_programs};
+use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
 use keepalive_agent::kernel::programs::{
-    BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_CLASSIC_MAP, EXPIRY_CLASSIC_PROGRAM,
-    EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP, EXPIRY_SPAN_OUT_PROGRAM, HOOKS, PROGRAMS_OBJECT,
+    BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP,
+    EXPIRY_SPAN_OUT_PROGRAM, HOOKS, PROGRAMS_OBJECT,
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
-    Agent, Churn, ExpiriesNotRun, Netns, UNCOUNTED_METRICS, agent::vm_rss_kib, holder::Holders,
-    set_keepalive,
+    Agent, Churn, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, Netns, UNCOUNTED_METRICS,
+    agent::vm_rss_kib, holder::Holders, set_keepalive,
 };
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -397,23 +397,10 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     let labels = [("netns", netns.as_str())];
     // The same expiries counted by a classic tracepoint program, which the kernel runs from the
     // tracepoint's perf probe rather than as a raw-tracepoint probe like the agent's.
-    let mut classic =
-        keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
-    let classic_counts: PerCpuArray<_, u64> = PerCpuArray::try_from(
-        classic
-            .take_map(EXPIRY_CLASSIC_MAP)
-            .context("classic count map missing from the object")?,
-    )?;
-    let classic_program: &mut TracePoint = classic
-        .program_mut(EXPIRY_CLASSIC_PROGRAM)
-        .context("classic tracepoint program missing from the object")?
-        .try_into()?;
-    classic_program.load()?;
-    classic_program.attach("timer", "timer_expire_entry")?;
-    let classic_total = || -> anyhow::Result<u64> { Ok(classic_counts.get(&0, 0)?.iter().sum()) };
+    let classic = ExpiriesNotRunByAnyProgram::open()
+        .context("counting keepalive expiries with a classic tracepoint program")?;
     let not_run = ExpiriesNotRun::open(&agent)
         .context("counting keepalive expiries with a perf event on timer_expire_entry")?;
-    let classic_before = classic_total()?;
     let kernel_before = ns.tcp_ext()?.get("TCPKeepAlive");
     let before = agent.scrape()?;
     let agent_before = before.value("tcp_keepalive_probes_total", &labels);
@@ -455,9 +442,7 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         &[] as &[(&str, &str)],
     ) - lost_before;
     let counts = not_run.counts(&agent)?;
-    let classic_missed = counts
-        .hits
-        .saturating_sub(classic_total()? - classic_before);
+    let classic_missed = classic.not_run()?;
     let not_run = counts.not_run();
     let cpu = match during {
         AgentDuringSync::Running => {
