@@ -152,6 +152,12 @@ impl Pipeline {
         Arc::clone(&self.namespaces)
     }
 
+    /// The connection table this pipeline updates, for the audit's walks to find the gone
+    /// connections of.
+    pub(crate) fn tracker(&self) -> Tracker {
+        self.tracker.clone()
+    }
+
     /// The sweep that removes the series and connections of namespaces not seen for
     /// `retention`; run it with [`NamespaceRetention::run`].
     pub(crate) fn namespace_retention(&self, retention: Duration) -> NamespaceRetention {
@@ -170,6 +176,7 @@ impl Pipeline {
             tracker: self.tracker.clone(),
             marks,
             period,
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -635,18 +642,29 @@ pub(crate) struct MarksRenewal {
     tracker: Tracker,
     marks: TrackedMarksMap,
     period: Duration,
+    metrics: PipelineMetrics,
 }
 
 impl MarksRenewal {
     /// One renewal: the next epoch, then a mark in it for each live connection.
     pub(crate) fn renew(&mut self) {
         let marks = &mut self.marks;
-        let mut held = 0usize;
+        let mut connections = 0usize;
         let epochs = self
             .tracker
-            .with_live_ports(|ports| marks.renew(ports.inspect(|_| held += 1)));
+            .with_live_ports(|ports| marks.renew(ports.inspect(|_| connections += 1)));
+        // Outside the table's lock: a read of the whole map (32 KiB), for the filter's
+        // pass rate.
+        let held = marks.held();
+        self.metrics.marks_renewals.inc();
+        self.metrics
+            .marks_connections
+            .set(i64::try_from(connections).unwrap_or(i64::MAX));
+        self.metrics
+            .marks_slots_held
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
         debug!(
-            "marked {held} tracked connections in epoch {}",
+            "marked {connections} tracked connections in epoch {}; {held} slots hold a mark",
             epochs.current
         );
     }

@@ -24,6 +24,10 @@ const KEEPALIVE: &str = "TCPKeepAlive";
 const CLOSE_RECORDS: &str = "keepalive_agent_events_total";
 const PROBES: &str = "tcp_keepalive_connection_probes_total";
 const EXPIRIES: &str = "tcp_keepalive_timer_expiries_total";
+const RENEWALS: &str = "keepalive_agent_tracked_marks_renewals_total";
+const MARKED: &str = "keepalive_agent_tracked_marks_connections";
+const SLOTS_HELD: &str = "keepalive_agent_tracked_marks_slots_held";
+const NO_LABELS: &[(&str, &str)] = &[];
 /// The agent's table holds at most this many live connections.
 const TRACKED: usize = 100;
 /// Connections that probe, three times what the table holds.
@@ -32,6 +36,9 @@ const PROBING: usize = 300;
 const BUSY: usize = 200;
 /// Closes of other connections on the host may add records while a phase runs.
 const SLACK: f64 = 30.0;
+/// Connections sharing a slot of the kernel's marks (32 768 slots): about 1.4 expected among
+/// 300.
+const SHARED_SLOTS: f64 = 10.0;
 
 #[test]
 fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<()> {
@@ -108,9 +115,22 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
     wait_until(DEADLINE, "every probing connection to probe", || {
         Ok(ns.tcp_ext()?.delta(&before, KEEPALIVE) >= PROBING as u64)
     })?;
+    // They probe every second, so each one's mark is in a live epoch at the next renewal.
+    let renewals = agent.scrape()?.value(RENEWALS, NO_LABELS);
+    let mut probing_held = 0.0;
+    wait_until(DEADLINE, "a renewal of the marks", || {
+        let m = agent.scrape()?;
+        probing_held = m.value(SLOTS_HELD, NO_LABELS);
+        Ok(m.value(RENEWALS, NO_LABELS) > renewals)
+    })?;
+    ensure!(
+        probing_held >= PROBING as f64 - SHARED_SLOTS,
+        "{probing_held} slots of the kernel's marks held while {PROBING} connections probed"
+    );
     for pair in &probing {
         set_keepalive(&pair.client, 3600, 1, 3)?;
     }
+    let renewals = agent.scrape()?.value(RENEWALS, NO_LABELS);
     thread::sleep(Duration::from_secs(6));
     let labels: Vec<_> = probing
         .iter()
@@ -124,6 +144,26 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
         !held.is_empty() && held.len() <= TRACKED,
         "{} of {PROBING} probing connections have series, with a table of {TRACKED}",
         held.len()
+    );
+    // Every mark the programs made aged out: what holds is what the last renewal marked.
+    let (quiet_renewals, marked, quiet_held) = (
+        m.value(RENEWALS, NO_LABELS) - renewals,
+        m.value(MARKED, NO_LABELS),
+        m.value(SLOTS_HELD, NO_LABELS),
+    );
+    ensure!(
+        quiet_renewals >= 4.0,
+        "{quiet_renewals} renewals of the marks in 6 s, with a 1 s interval"
+    );
+    ensure!(
+        marked >= held.len() as f64 && marked <= TRACKED as f64,
+        "the last renewal marked {marked} connections; {} have series, with a table of {TRACKED}",
+        held.len()
+    );
+    ensure!(
+        quiet_held <= marked + SLACK && quiet_held >= marked - SHARED_SLOTS,
+        "{quiet_held} slots of the kernel's marks held after the last renewal marked {marked} \
+         connections and the {PROBING} that probed stopped expiring"
     );
     let records_before = close_records()?;
     drop(probing);
@@ -144,7 +184,8 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
     eprintln!(
         "{test}: {busy_sent} close records for {BUSY} busy keepalive connections \
          ({busy_expiries} expiries, {busy_probes} probes); {sent} for {PROBING} that probed, of \
-         which the table held {}",
+         which the table held {}; slots held {probing_held} while they probed, {quiet_held} \
+         after {quiet_renewals} renewals that marked {marked}",
         held.len()
     );
     Ok(())

@@ -21,6 +21,7 @@ use crate::{
     track::{
         idle_kill::{self, IdleThreshold, NodeThresholds, Scope},
         namespaces::NamespaceIdentity,
+        tracker::Tracker,
     },
 };
 
@@ -246,6 +247,7 @@ pub(crate) fn start(
     thresholds: NodeThresholds,
     group: AuditGroup,
     namespaces: Arc<Mutex<NamespaceIdentity>>,
+    tracker: Tracker,
 ) -> AuditCollector {
     let collector = AuditCollector::default();
     if let Some(program) = audit {
@@ -261,6 +263,7 @@ pub(crate) fn start(
             Walker {
                 program: Arc::new(Mutex::new(program)),
                 namespaces,
+                tracker,
             },
             hz,
             config.interval,
@@ -293,11 +296,13 @@ pub(crate) fn describe_thresholds(node: &[IdleThreshold]) -> String {
         .join(", ")
 }
 
-/// The walk program the periodic audit runs and the namespace identity each walk marks alive.
+/// The walk program the periodic audit runs, the namespace identity each walk marks alive, and
+/// the connection table each walk finds the gone connections of.
 #[derive(Debug, Clone)]
 pub(crate) struct Walker {
     pub(crate) program: Arc<Mutex<HashWalk>>,
     pub(crate) namespaces: Arc<Mutex<NamespaceIdentity>>,
+    pub(crate) tracker: Tracker,
 }
 
 /// Runs walks forever (the first one immediately). A walk is synchronous (a series of program
@@ -338,11 +343,13 @@ pub(crate) async fn run(
                     started,
                 );
             }
+            let vanished = walker.tracker.reconcile(&host.sockets, started);
             Ok::<_, String>(WalkOutcome {
                 summary: AuditSummary::new(&host.sockets, hz, &thresholds, |s| group(s)),
                 sockets: host.sockets.len(),
                 namespaces: host.namespaces,
                 unreadable: host.unreadable,
+                vanished,
                 took: started.elapsed(),
             })
         })
@@ -364,6 +371,8 @@ struct WalkOutcome {
     namespaces: usize,
     /// Sockets freed while the walk read them.
     unreadable: u64,
+    /// Live connections of the agent's table this walk took for gone.
+    vanished: usize,
     took: Duration,
 }
 
@@ -374,6 +383,14 @@ fn record(state: &mut AuditState, walk: Result<WalkOutcome, String>) {
                 "audit walk: {} TCP sockets in {} namespaces ({} freed while read), {:?}",
                 outcome.sockets, outcome.namespaces, outcome.unreadable, outcome.took
             );
+            if outcome.vanished > 0 {
+                info!(
+                    "{} tracked connections removed: two audit walks in a row did not find \
+                     their socket, so their close never reached the agent \
+                     (keepalive_agent_connections_vanished_total)",
+                    outcome.vanished
+                );
+            }
             state.latest = Some(outcome.summary);
             state.last_sockets = outcome.sockets;
             state.last_duration = Some(outcome.took);
@@ -432,6 +449,7 @@ mod tests {
                 sockets: 3,
                 namespaces: 2,
                 unreadable: 0,
+                vanished: 0,
                 took: Duration::from_millis(2),
             }),
         );

@@ -418,6 +418,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         node_thresholds,
         audit_group,
         pipeline.namespaces(),
+        pipeline.tracker(),
     );
     registry.register_collector(Box::new(audit_collector));
     registry.register_collector(Box::new(recursion_misses));

@@ -127,6 +127,12 @@ pub(crate) struct PipelineMetrics {
     pub namespaces_forgotten: Family<ForgetLabels, Counter>,
     /// Namespaces that have series.
     pub namespaces: Gauge,
+    /// Renewals of the kernel's marks of tracked connections (`pipeline::MarksRenewal`).
+    pub marks_renewals: Counter,
+    /// The table's live connections the last renewal marked.
+    pub marks_connections: Gauge,
+    /// Slots of the kernel's marks holding a live mark after the last renewal.
+    pub marks_slots_held: Gauge,
     /// Aggregate label sets already created at 0 (one per namespace by default; one per
     /// namespace and workload with `--aggregate-by`).
     seen: Arc<Mutex<HashSet<AggregateLabels>>>,
@@ -162,6 +168,9 @@ impl Default for PipelineMetrics {
             }),
             namespaces_forgotten: Family::default(),
             namespaces: Gauge::default(),
+            marks_renewals: Counter::default(),
+            marks_connections: Gauge::default(),
+            marks_slots_held: Gauge::default(),
             seen: Arc::default(),
             kernel_counters: None,
             count_records: true,
@@ -496,6 +505,24 @@ pub(crate) fn registry(
         pipeline.namespaces_forgotten.clone(),
     );
     registry.register(
+        "keepalive_agent_tracked_marks_renewals",
+        "Renewals of the kernel's marks of the connections the agent tracks (every --connections.marks-interval): the kernel sends the close of a keepalive connection only while its mark holds",
+        pipeline.marks_renewals.clone(),
+    );
+    registry.register(
+        "keepalive_agent_tracked_marks_connections",
+        "Connections the last renewal of the kernel's marks marked: those the connection table held",
+        pipeline.marks_connections.clone(),
+    );
+    registry.register(
+        "keepalive_agent_tracked_marks_slots_held",
+        format!(
+            "Slots of the kernel's {} marks of tracked connections that held a mark after the last renewal; a close of a keepalive connection the agent does not track shares a held slot, and is sent to the agent, in this share of cases",
+            keepalive_ebpf::TRACKED_SLOTS
+        ),
+        pipeline.marks_slots_held.clone(),
+    );
+    registry.register(
         "keepalive_agent_attribution_requests_dropped",
         "Owner lookups not made because the attribution queue was full (slow /proc or cgroup tree): those records were handled without their owner",
         pipeline.attribution_requests_dropped.clone(),
@@ -608,6 +635,12 @@ impl prometheus_client::collector::Collector for ConnectionSeries {
         ConstCounter::new(table.evictions()).encode(encoder.encode_descriptor(
             "keepalive_agent_connection_table_evictions",
             "Connections pushed out of the agent's table by --connections.max-tracked",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(table.vanished()).encode(encoder.encode_descriptor(
+            "keepalive_agent_connections_vanished",
+            "Live connections removed from the agent's table because two audit walks in a row did not find their socket: their close never reached the agent (its record lost to a full ring buffer, see keepalive_agent_ringbuf_reserve_failures_total, or a close the kernel ran no program for)",
             None,
             MetricType::Counter,
         )?)?;

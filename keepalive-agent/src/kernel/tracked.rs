@@ -16,7 +16,7 @@ use aya::{
     Ebpf,
     maps::{Map, MapData},
 };
-use keepalive_ebpf::{TrackedEpochs, TrackedMarks, names, tracked_slot};
+use keepalive_ebpf::{TRACKED_SLOTS, TrackedEpochs, TrackedMarks, names, tracked_slot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackedMarksError {
@@ -109,6 +109,21 @@ impl TrackedMarksMap {
         }
         epochs
     }
+
+    /// How many slots hold a mark of a live epoch: the connections the table held at the last
+    /// renewal (less those sharing a slot) and those the programs marked since. A close of a
+    /// keepalive connection the agent does not track finds its slot held, and is sent, in this
+    /// share of the [`TRACKED_SLOTS`] cases.
+    pub(crate) fn held(&self) -> usize {
+        let epochs = self.epochs();
+        // SAFETY: the mapping is live for `self`'s lifetime.
+        let slots = unsafe { (&raw const (*self.marks.as_ptr()).slots).cast::<u8>() };
+        (0..TRACKED_SLOTS)
+            // SAFETY: `i < TRACKED_SLOTS`, inside the mapping; a whole-byte load, as the
+            // programs store them.
+            .filter(|&i| epochs.holds(unsafe { std::ptr::read_volatile(slots.add(i)) }))
+            .count()
+    }
 }
 
 impl Drop for TrackedMarksMap {
@@ -123,7 +138,6 @@ impl Drop for TrackedMarksMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keepalive_ebpf::TRACKED_SLOTS;
 
     #[test]
     fn a_mark_holds_for_its_epoch_and_the_next_two_then_lets_go() {

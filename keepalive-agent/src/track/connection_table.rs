@@ -49,6 +49,10 @@ pub(crate) struct ConnectionState {
     /// The lookup of its owner could not be queued (the attribution queue was full, as when
     /// thousands of connections enter in the same second): its next expiry asks again.
     pub owner_refused: bool,
+    /// Live: audit walks in a row that did not find its socket ([`ConnectionTable::reconcile`]).
+    missed_walks: u8,
+    /// Live: the walk being reconciled found its socket.
+    found_by_walk: bool,
 }
 
 impl ConnectionState {
@@ -65,6 +69,8 @@ impl ConnectionState {
             workload: Workload::default(),
             at_risk_seen: false,
             owner_refused: false,
+            missed_walks: 0,
+            found_by_walk: false,
         }
     }
 }
@@ -218,7 +224,12 @@ pub(crate) struct ConnectionTable {
     evictions: u64,
     /// Dropped connections evicted before their retention, by [`DropClass`].
     dropped_evictions: [u64; 2],
+    /// Live connections removed because audit walks no longer found their socket.
+    vanished: u64,
 }
+
+/// Audit walks in a row that must miss a live connection's socket before it is taken for gone.
+pub(crate) const VANISHED_AFTER: u8 = 2;
 
 impl ConnectionTable {
     pub(crate) fn new(max_live: NonZeroUsize, max_dropped: usize, retention: Duration) -> Self {
@@ -236,6 +247,7 @@ impl ConnectionTable {
             retention,
             evictions: 0,
             dropped_evictions: [0; 2],
+            vanished: 0,
         }
     }
 
@@ -489,6 +501,58 @@ impl ConnectionTable {
         before - self.live.len() - self.dropped_len()
     }
 
+    /// Removes the live connections whose socket is gone: those [`VANISHED_AFTER`] audit walks
+    /// in a row did not find. `walked` is one complete walk's sockets of the established table
+    /// (every connection of the namespaces whose sockets the host's tables hold), begun at
+    /// `started`. A connection whose close never reached the agent (its record lost to a full
+    /// ring buffer, or a close the kernel ran no program for) would otherwise keep its live
+    /// entry, its series and its unanswered probes until the table's bound pushed it out.
+    /// Not judged: a connection with a record since `started`, and one in a namespace none of
+    /// whose connections the walk found (a namespace with tables of its own,
+    /// `tcp_child_ehash_entries`, is not in the host's). Two walks, not one: the walk is
+    /// lockless, and a socket whose chain changed while it passed may be missed once. Returns
+    /// how many were removed.
+    pub(crate) fn reconcile<'a>(
+        &mut self,
+        walked: impl Iterator<Item = (u64, &'a Endpoints)> + Clone,
+        started: Instant,
+    ) -> usize {
+        let covered: HashSet<(u32, u64)> = walked
+            .clone()
+            .map(|(_, e)| (e.netns, e.netns_cookie))
+            .collect();
+        // A lookup per socket walked, without promoting anything in the LRU order: no copy of
+        // the walk is kept (it can be every socket on the host).
+        for (sk, endpoints) in walked {
+            if let Some(state) = self.live.peek_mut(&sk)
+                && state.endpoints == *endpoints
+            {
+                state.found_by_walk = true;
+            }
+        }
+        let mut gone = Vec::new();
+        for (&sk, state) in self.live.iter_mut() {
+            if std::mem::take(&mut state.found_by_walk) || state.updated >= started {
+                state.missed_walks = 0;
+            } else if covered.contains(&(state.endpoints.netns, state.endpoints.netns_cookie)) {
+                state.missed_walks = state.missed_walks.saturating_add(1);
+                if state.missed_walks >= VANISHED_AFTER {
+                    gone.push(sk);
+                }
+            }
+        }
+        for sk in &gone {
+            self.live.pop(sk);
+        }
+        self.vanished += gone.len() as u64;
+        gone.len()
+    }
+
+    /// Live connections [`Self::reconcile`] removed, since start.
+    pub(crate) fn vanished(&self) -> u64 {
+        self.vanished
+    }
+
     /// The ports (remote, local) of every live connection.
     pub(crate) fn live_ports(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
         self.live
@@ -589,6 +653,51 @@ mod tests {
         // Endpoints that are not the slot's connection: nothing marked.
         t.owner_refused(1, &endpoints(2000));
         assert!(!t.on_expiry(&expiry(1, 1000, 0, 1), now).owner_retry);
+    }
+
+    #[test]
+    fn a_connection_two_walks_in_a_row_miss_is_gone_and_nothing_else() {
+        let mut t = ConnectionTable::new(NonZeroUsize::new(8).unwrap(), 4, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let own_tables = Endpoints {
+            netns: 8,
+            ..endpoints(4000)
+        };
+        for (sk, port) in [(1, 1000), (2, 2000), (3, 3000)] {
+            t.on_expiry(&expiry(sk, port, 0, 1), t0);
+        }
+        t.on_expiry(
+            &KeepaliveExpiry {
+                endpoints: own_tables,
+                ..expiry(4, 4000, 0, 1)
+            },
+            t0,
+        );
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (e1, e3, other) = (endpoints(1000), endpoints(3000), endpoints(9000));
+        // 2 and 3 missed once; 4's namespace had no connection in the walk: not judged.
+        assert_eq!(t.reconcile([(1, &e1), (9, &other)].into_iter(), at(1)), 0);
+        // 3 found again; 2 missed twice, its slot now another connection's: gone.
+        let reused = endpoints(5555);
+        assert_eq!(
+            t.reconcile([(1, &e1), (2, &reused), (3, &e3)].into_iter(), at(2)),
+            1
+        );
+        assert_eq!(t.vanished(), 1);
+        let live = |t: &ConnectionTable| {
+            let mut sks: Vec<u64> = t.live.iter().map(|(&sk, _)| sk).collect();
+            sks.sort_unstable();
+            sks
+        };
+        assert_eq!(live(&t), [1, 3, 4]);
+        // 3 was found by the last walk: one miss is not two. 1 had a record after the walk
+        // began: not judged either.
+        t.on_expiry(&expiry(1, 1000, 0, 1), at(4));
+        assert_eq!(t.reconcile([(9, &other)].into_iter(), at(3)), 0);
+        assert_eq!(live(&t), [1, 3, 4]);
+        assert_eq!(t.reconcile([(9, &other)].into_iter(), at(5)), 1);
+        assert_eq!(live(&t), [1, 4]);
+        assert_eq!(t.vanished(), 2);
     }
 
     fn close(sk: u64, port: u16, probes_out: u8) -> CloseEvent {

@@ -7,9 +7,11 @@ use std::{
     time::Instant,
 };
 
+use keepalive_ebpf::tcp_state;
+
 use crate::{
     attribution::Workload,
-    record::decoder::{CloseEvent, Endpoints, KeepaliveExpiry},
+    record::decoder::{AuditedSocket, CloseEvent, Endpoints, KeepaliveExpiry},
     track::{
         classifier::{self, CloseOutcome, DropReason, ResetReasons},
         connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
@@ -186,6 +188,18 @@ impl Tracker {
     /// [`ConnectionTable::forget_namespaces`]).
     pub(crate) fn forget_namespaces(&self, inodes: &std::collections::HashSet<u32>) -> usize {
         self.table().forget_namespaces(inodes)
+    }
+
+    /// Removes the live connections whose socket one more audit walk did not find (see
+    /// [`ConnectionTable::reconcile`]); `sockets` is the whole walk, begun at `started`.
+    pub(crate) fn reconcile(&self, sockets: &[AuditedSocket], started: Instant) -> usize {
+        // Listening sockets come from their own table, which a namespace with established
+        // tables of its own shares with the host: they say nothing about its connections.
+        let walked = sockets
+            .iter()
+            .filter(|s| s.state != tcp_state::LISTEN)
+            .map(|s| (s.sk, &s.endpoints));
+        self.table().reconcile(walked, started)
     }
 
     /// Calls `f` with the ports (remote, local) of every live connection, the table locked
