@@ -34,7 +34,9 @@ pub use attribution::system_cgroup2_mount;
 
 /// The pipeline's cost per record, for `cargo xtask bench`.
 #[doc(hidden)]
-pub use pipeline::benchmark::{Throughput, pipeline_throughput, probing_throughput};
+pub use pipeline::benchmark::{
+    Throughput, pipeline_throughput, probing_throughput, reconcile_cost,
+};
 
 /// The name of an error TCP reports in `sk_err` (`ETIMEDOUT`, ...), as the event stream and
 /// `watch` print it; the integration tests name errors the same way.

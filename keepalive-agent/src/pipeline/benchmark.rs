@@ -16,7 +16,10 @@ use crate::{
     attribution::Attributor,
     export::metrics::PipelineMetrics,
     pipeline::Pipeline,
-    record::{decoder::encode, ring_reader::BatchClock},
+    record::{
+        decoder::{self, Event, encode},
+        ring_reader::BatchClock,
+    },
     track::{classifier::ResetReasons, connection_table::ConnectionTable},
 };
 
@@ -69,6 +72,38 @@ pub fn probing_throughput(connections: u32, rounds: u32) -> Throughput {
         &records,
         NonZeroUsize::new((connections as usize).max(65_536)).expect("non-zero"),
     )
+}
+
+/// What one audit walk's check of the connection table costs ([`ConnectionTable::reconcile`]):
+/// `connections` live connections, each having probed once, against a walk of `sockets`
+/// sockets (every one of the table's connections, then others), begun after every entry's last
+/// record so each is judged. The time of the call alone, under the table's lock as the audit
+/// runs it, wall-clock (one thread, no I/O).
+pub fn reconcile_cost(connections: u32, sockets: u32) -> Duration {
+    let mut table = ConnectionTable::new(
+        NonZeroUsize::new(connections.max(1) as usize).expect("non-zero"),
+        10_000,
+        Duration::from_secs(600),
+    );
+    let now = Instant::now();
+    let mut walked = Vec::with_capacity(sockets.max(connections) as usize);
+    for n in 0..sockets.max(connections) {
+        let sk = 0xffff_8880_0000_0000 + u64::from(n) * 0x1000;
+        let mut rec = record(sk, n, RecordKind::KeepaliveTimer);
+        (rec.probes_out_before, rec.probes_out_after, rec.probes_sent) = (0, 1, 1);
+        let Ok(Event::KeepaliveExpiry(expiry)) = decoder::decode(&encode(&rec)) else {
+            unreachable!("an expiry record decodes as one");
+        };
+        if n < connections {
+            table.on_expiry(&expiry, now);
+        }
+        walked.push((sk, expiry.endpoints));
+    }
+    let started = Instant::now();
+    let gone = table.reconcile(walked.iter().map(|(sk, e)| (*sk, e)), started);
+    let took = started.elapsed();
+    assert_eq!(gone, 0, "every connection was walked");
+    took
 }
 
 /// Feeds `records` to a pipeline configured as `run` is by default (aggregates counted by the
