@@ -195,7 +195,20 @@ impl Pipeline {
         let (worker, jobs) = self.take_worker();
         let worker = worker.spawn(jobs)?;
         let mut handle = |record: &[u8], now| self.handle_at(record, now);
-        let mut ring = ring_reader::drain(ring, &mut handle, &mut stop).await?;
+        // On the drain's task, so nothing else holds the queue's sender: once the drain
+        // returns, the retries stop with it.
+        let retries = async {
+            let mut ticker = tokio::time::interval(attribution_worker::RETRY_PERIOD);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                self.retry_deferred();
+            }
+        };
+        let mut ring = tokio::select! {
+            drained = ring_reader::drain(ring, &mut handle, &mut stop) => drained?,
+            () = retries => unreachable!("the retries loop forever"),
+        };
         let deadline = tokio::time::Instant::now() + budget;
         detach();
         let remaining = ring_reader::drain_remaining(&mut ring, deadline, &mut handle).await;
@@ -209,6 +222,13 @@ impl Pipeline {
             remaining,
             worker_finished: worker.is_finished(),
         })
+    }
+
+    /// Asks again the owner lookups a full queue refused ([`Requests::defer`]) of connections
+    /// the table still holds, as far as the queue has room.
+    pub(crate) fn retry_deferred(&self) -> usize {
+        self.requests
+            .resend_deferred(|sk| self.tracker.live_endpoints(sk))
     }
 
     /// The worker for this pipeline's queue, with the same table, metrics, labels and events.
@@ -273,23 +293,26 @@ impl Pipeline {
         let asks = outcome.entered || outcome.owner_retry;
         let process = outcome.first_at_risk || (asks && self.events.is_some());
         if asks || process {
-            let refused = self
-                .requests
-                .send(Job::Enter {
-                    sk: expiry.sk,
-                    endpoints: expiry.endpoints,
-                    owner: expiry.owner,
-                    process,
-                })
-                .is_err();
-            if refused && asks {
+            let sent = self.requests.send(Job::Enter {
+                sk: expiry.sk,
+                endpoints: expiry.endpoints,
+                owner: expiry.owner,
+                process,
+            });
+            if let Err(job) = sent
+                && asks
+            {
                 // A full queue (thousands of connections entering at once, as when the
-                // agent starts on a busy node): the connection's next expiry asks again,
-                // rather than leaving its series without an owner until it closes. A refused
-                // process lookup alone is not asked again before the drop: asking again spent
-                // the worker's /proc budget where loopback's backlog drops probes by the
-                // thousand (ARCHITECTURE.md, Attribution).
-                self.tracker.owner_refused(expiry.sk, &expiry.endpoints);
+                // agent starts on a busy node): asked again within a second while the queue
+                // has room ([`Self::retry_deferred`]), else at the connection's next expiry
+                // (with a peer that answers, a whole keepalive idle later), rather than leaving
+                // its series without an owner until it closes. The process is asked again
+                // only for the event stream, and a refused process lookup alone not before the
+                // drop: asking again spent the worker's /proc budget where loopback's backlog
+                // drops probes by the thousand (ARCHITECTURE.md, Attribution).
+                if !self.requests.defer(&job, self.events.is_some()) {
+                    self.tracker.owner_refused(expiry.sk, &expiry.endpoints);
+                }
             }
         }
         let count = if outcome.probe_sent {
@@ -1512,13 +1535,15 @@ mod tests {
         assert_eq!(resolver.counts(), (2, 1));
     }
 
-    /// A connection that entered while the attribution queue was full gets its owner at its
-    /// next expiry, and only that one asks again.
+    /// A connection that entered while the attribution queue was full gets its owner from the
+    /// retry once the queue has room; one refused when the retry list was full too, at its next
+    /// expiry. Each is asked once more, not at every expiry from then on.
     #[test]
-    fn an_owner_lookup_the_full_queue_refused_is_asked_again_at_the_next_expiry() {
+    fn an_owner_lookup_the_full_queue_refused_is_retried_or_asked_again_at_the_next_expiry() {
         let capacity = attribution_worker::QUEUE_CAPACITY;
+        let deferred = attribution_worker::DEFERRED_CAPACITY;
         let table = Arc::new(Mutex::new(ConnectionTable::new(
-            std::num::NonZeroUsize::new(capacity + 8).unwrap(),
+            std::num::NonZeroUsize::new(capacity + deferred + 8).unwrap(),
             16,
             Duration::from_secs(60),
         )));
@@ -1531,14 +1556,18 @@ mod tests {
             rec.local_port = 10000 + i as u16;
             decoder::encode(&rec)
         };
-        // The worker is not running yet: the queue fills, and the last connection's lookup
-        // is refused.
+        // The worker is not running yet: the queue fills, then the retry list, and the last
+        // connection's lookup is refused by both.
         let (worker, jobs) = pipeline.take_worker();
-        for i in 0..=capacity {
+        for i in 0..=capacity + deferred {
             pipeline.handle(&expiry(i));
         }
-        assert_eq!(metrics.attribution_requests_dropped.get(), 1);
-        let refused = 1000 + capacity as u64;
+        assert_eq!(
+            metrics.attribution_requests_dropped.get(),
+            deferred as u64 + 1
+        );
+        let (retried, flagged) = (1000 + capacity as u64, 1000 + (capacity + deferred) as u64);
+        assert_eq!(pipeline.retry_deferred(), 0, "the queue is still full");
         let worker = worker.spawn(jobs).unwrap();
         assert_eq!(resolver.settle((capacity, 0)), (capacity, 0));
         let owner = |sk: u64| {
@@ -1549,17 +1578,72 @@ mod tests {
                 .map(|state| state.workload.cgroup_id)
         };
         assert_eq!(owner(1000), Some(42));
-        assert_eq!(owner(refused), Some(0), "nothing looked it up yet");
+        assert_eq!(owner(retried), Some(0), "nothing looked it up yet");
 
+        // As far as the queue has room each time, until none is left.
+        let mut resent = 0;
+        while resent < deferred {
+            let sent = pipeline.retry_deferred();
+            assert!(sent > 0 && sent <= capacity, "{sent} sent at once");
+            resent += sent;
+            let want = (capacity + resent, 0);
+            assert_eq!(resolver.settle(want), want);
+        }
+        assert_eq!(resent, deferred);
+        assert_eq!(owner(retried), Some(42));
+        assert_eq!(owner(flagged), Some(0));
+        assert_eq!(pipeline.retry_deferred(), 0, "nothing left to retry");
+
+        pipeline.handle(&expiry(capacity + deferred));
+        let all = (capacity + deferred + 1, 0);
+        assert_eq!(resolver.settle(all), all);
+        assert_eq!(owner(flagged), Some(42));
+        // Neither asks again.
         pipeline.handle(&expiry(capacity));
-        assert_eq!(resolver.settle((capacity + 1, 0)), (capacity + 1, 0));
-        assert_eq!(owner(refused), Some(42));
-        // Asked once more, not at every expiry from then on.
-        pipeline.handle(&expiry(capacity));
+        pipeline.handle(&expiry(capacity + deferred));
         drop(pipeline);
         worker.join().unwrap();
-        assert_eq!(resolver.counts(), (capacity + 1, 0));
-        assert_eq!(metrics.attribution_requests_dropped.get(), 1);
+        assert_eq!(resolver.counts(), all);
+        assert_eq!(
+            metrics.attribution_requests_dropped.get(),
+            deferred as u64 + 1
+        );
+    }
+
+    /// A deferred lookup of a connection the table no longer holds is not sent.
+    #[test]
+    fn a_deferred_owner_lookup_of_a_closed_connection_is_not_sent() {
+        let capacity = attribution_worker::QUEUE_CAPACITY;
+        let table = Arc::new(Mutex::new(ConnectionTable::new(
+            std::num::NonZeroUsize::new(capacity + 8).unwrap(),
+            16,
+            Duration::from_secs(60),
+        )));
+        let resolver = CountingCgroups::new(true);
+        let pipeline = pipeline(
+            Arc::clone(&table),
+            PipelineMetrics::default(),
+            resolver.clone(),
+        );
+        let (worker, jobs) = pipeline.take_worker();
+        for i in 0..=capacity {
+            let mut rec = record(RecordKind::KeepaliveTimer, 0, 1, 0);
+            rec.sk = 1000 + i as u64;
+            rec.local_port = 10000 + i as u16;
+            pipeline.handle(&decoder::encode(&rec));
+        }
+        // Gone with its namespace (every connection here is in the same one).
+        let gone = table
+            .lock()
+            .unwrap()
+            .forget_namespaces(&HashSet::from([4026532000]));
+        assert_eq!(gone, capacity + 1);
+        let worker = worker.spawn(jobs).unwrap();
+        assert_eq!(resolver.settle((capacity, 0)), (capacity, 0));
+        assert_eq!(pipeline.retry_deferred(), 0);
+        drop(pipeline);
+        worker.join().unwrap();
+        assert_eq!(resolver.counts(), (capacity, 0));
     }
 
     #[test]

@@ -63,6 +63,17 @@ impl Holders {
         Ok(())
     }
 
+    /// Tells every child to set a 1 h keepalive idle on every client: each keepalive timer is
+    /// re-armed an hour out, so no connection expires again while a test runs.
+    pub fn quiet(&mut self) -> anyhow::Result<()> {
+        for child in &mut self.children {
+            let stdin = child.stdin.as_mut().context("holder stdin")?;
+            stdin.write_all(b"quiet\n")?;
+            stdin.flush()?;
+        }
+        Ok(())
+    }
+
     /// Closes every child's stdin: they exit, and their sockets close. Fails if one failed.
     pub fn close(mut self) -> anyhow::Result<()> {
         for child in &mut self.children {
@@ -89,8 +100,8 @@ impl Drop for Holders {
 
 /// The child's side, `--hold NETNS_PATH PAIRS`: joins the namespace, connects the pairs on its
 /// loopback, says "ready", and on "go" turns keepalive on for every client (1 s idle, 1 s
-/// interval, and enough probes that answering peers never time out); holds them until stdin
-/// closes.
+/// interval, and enough probes that answering peers never time out), on "quiet" sets a 1 h idle
+/// on every client; holds them until stdin closes.
 pub fn hold(args: &[String]) -> anyhow::Result<()> {
     let [netns_path, n] = args else {
         bail!("usage: hook-cost --hold NETNS_PATH PAIRS");
@@ -133,7 +144,15 @@ pub fn hold(args: &[String]) -> anyhow::Result<()> {
     for (client, _) in &pairs {
         set_keepalive(client, 1, 1, 120)?;
     }
-    let mut rest = Vec::new();
-    std::io::Read::read_to_end(&mut stdin, &mut rest)?;
-    Ok(())
+    loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut stdin, &mut line)? == 0 {
+            return Ok(());
+        }
+        if line.trim() == "quiet" {
+            for (client, _) in &pairs {
+                set_keepalive(client, 3600, 1, 120)?;
+            }
+        }
+    }
 }

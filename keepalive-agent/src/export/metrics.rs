@@ -524,7 +524,7 @@ pub(crate) fn registry(
     );
     registry.register(
         "keepalive_agent_attribution_requests_dropped",
-        "Owner lookups not made because the attribution queue was full (slow /proc or cgroup tree): those records were handled without their owner",
+        "Owner lookups the attribution queue refused because it was full (slow /proc or cgroup tree, or thousands of connections entering at once): those records were handled without their owner; a connection that entered is asked again every second while the queue is full (up to 16384 waiting), else at its next keepalive expiry",
         pipeline.attribution_requests_dropped.clone(),
     );
     registry.register(

@@ -13,11 +13,13 @@
 //! A full queue is counted (`keepalive_agent_attribution_requests_dropped_total`) and logged at
 //! most every [`FULL_WARNING_INTERVAL`]; the record is then handled with what is known: counts
 //! under empty workload labels (the namespace's totals stay exact), events with the owner known
-//! so far. A connection that entered and whose owner lookup was refused asks again at its next
-//! expiry ([`Tracker::owner_refused`]).
+//! so far. A connection that entered and whose owner lookup was refused is asked again every
+//! [`RETRY_PERIOD`] while the queue stays full ([`Requests::defer`], up to
+//! [`DEFERRED_CAPACITY`] of them), else at its next expiry ([`Tracker::owner_refused`]): with
+//! the default 2 h keepalive idle and a peer that answers, that is two hours later.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fmt,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -41,6 +43,14 @@ use crate::{
 /// Jobs waiting for the worker before new ones are dropped. A job is a few hundred bytes; the
 /// worker resolves a cached owner in microseconds, so only a stalled `/proc` fills this.
 pub(crate) const QUEUE_CAPACITY: usize = 4096;
+
+/// Owner lookups of entering connections a full queue refused, kept to ask again: 40 bytes each
+/// ([`Deferred`]), 640 KiB when full, which with the queue covers 20 480 connections entering
+/// at once. A refused lookup beyond it waits for its connection's next expiry.
+pub(crate) const DEFERRED_CAPACITY: usize = 16_384;
+
+/// How often the pipeline asks the deferred lookups again ([`Requests::resend_deferred`]).
+pub(crate) const RETRY_PERIOD: Duration = Duration::from_secs(1);
 
 /// How long the worker waits for more jobs before it parks on the queue: what a job may wait
 /// beyond its lookup, while the queue (4096 jobs) holds far more than a tick's worth even at a
@@ -160,6 +170,8 @@ type InFlight = Arc<Mutex<HashMap<u64, usize>>>;
 pub(crate) struct Requests {
     tx: mpsc::Sender<Job>,
     in_flight: InFlight,
+    /// `Enter` jobs the full queue refused, oldest first ([`Self::defer`]).
+    deferred: Mutex<VecDeque<Deferred>>,
     dropped: Counter,
     /// When the last "queue full" warning was logged, and how many were not logged since.
     warned: Mutex<(Option<Instant>, u64)>,
@@ -187,12 +199,30 @@ pub(crate) fn queue(
         Requests {
             tx,
             in_flight: Arc::clone(&in_flight),
+            deferred: Mutex::new(VecDeque::new()),
             dropped,
             warned: Mutex::new((None, 0)),
         },
         rx,
         InFlightHandle(in_flight),
     )
+}
+
+/// An `Enter` job a full queue refused, as [`Requests::defer`] keeps it: the endpoints as a
+/// fingerprint, checked against the table's when it is sent again.
+#[derive(Debug)]
+struct Deferred {
+    sk: u64,
+    endpoints: u64,
+    owner: SocketOwner,
+    process: bool,
+}
+
+impl Deferred {
+    fn fingerprint(endpoints: &Endpoints) -> u64 {
+        use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(endpoints)
+    }
 }
 
 /// The per-socket job counts the worker decrements (opaque outside this module).
@@ -222,6 +252,14 @@ impl Requests {
     /// Under the in-flight lock, so the worker cannot finish a socket's last job between the
     /// check and the count.
     fn try_send(&self, in_flight: &mut HashMap<u64, usize>, job: Job) -> Result<(), Box<Job>> {
+        self.queue(in_flight, job).inspect_err(|_| {
+            self.dropped.inc();
+            self.warn_full();
+        })
+    }
+
+    /// [`Self::try_send`] without counting or logging a refusal.
+    fn queue(&self, in_flight: &mut HashMap<u64, usize>, job: Job) -> Result<(), Box<Job>> {
         let sk = job.socket();
         match self.tx.try_send(job) {
             Ok(()) => {
@@ -231,11 +269,76 @@ impl Requests {
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
-                self.dropped.inc();
-                self.warn_full();
                 Err(Box::new(job))
             }
         }
+    }
+
+    /// Keeps the `Enter` job of a connection the full queue refused, to send again with
+    /// [`Self::resend_deferred`], its process lookup only `with_process`. False when
+    /// [`DEFERRED_CAPACITY`] are waiting already, or the job is not an `Enter`.
+    pub(crate) fn defer(&self, job: &Job, with_process: bool) -> bool {
+        let Job::Enter {
+            sk,
+            endpoints,
+            owner,
+            process,
+        } = job
+        else {
+            return false;
+        };
+        let mut deferred = self.deferred.lock().expect("deferred lock poisoned");
+        if deferred.len() >= DEFERRED_CAPACITY {
+            return false;
+        }
+        deferred.push_back(Deferred {
+            sk: *sk,
+            endpoints: Deferred::fingerprint(endpoints),
+            owner: *owner,
+            process: *process && with_process,
+        });
+        true
+    }
+
+    /// Sends the deferred lookups of connections the table still holds (`live` gives a live
+    /// connection's endpoints), oldest first, until the queue is full again; those left wait
+    /// for the next call. A refusal here is not counted again (each was counted once, when
+    /// first refused). Returns how many were sent.
+    pub(crate) fn resend_deferred(&self, live: impl Fn(u64) -> Option<Endpoints>) -> usize {
+        // Taken out, so `live` (the table's lock) and the in-flight lock are never taken under
+        // this one.
+        let mut waiting =
+            std::mem::take(&mut *self.deferred.lock().expect("deferred lock poisoned"));
+        let mut sent = 0;
+        while let Some(entry) = waiting.pop_front() {
+            // Gone, or its socket now another connection's: that one asks for itself.
+            let Some(endpoints) =
+                live(entry.sk).filter(|e| Deferred::fingerprint(e) == entry.endpoints)
+            else {
+                continue;
+            };
+            let job = Job::Enter {
+                sk: entry.sk,
+                endpoints,
+                owner: entry.owner,
+                process: entry.process,
+            };
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock poisoned");
+            if self.queue(&mut in_flight, job).is_err() {
+                waiting.push_front(entry);
+                break;
+            }
+            sent += 1;
+        }
+        if !waiting.is_empty() {
+            let mut deferred = self.deferred.lock().expect("deferred lock poisoned");
+            // In front of any deferred meanwhile (none when, as in the pipeline, the same task
+            // defers and resends): they are older.
+            while let Some(job) = waiting.pop_back() {
+                deferred.push_front(job);
+            }
+        }
+        sent
     }
 
     fn warn_full(&self) {

@@ -102,6 +102,11 @@ impl Tracker {
         self.table().owner_refused(sk, endpoints);
     }
 
+    /// The endpoints of the live connection on this socket, if the table holds one.
+    pub(crate) fn live_endpoints(&self, sk: u64) -> Option<Endpoints> {
+        self.table().live_mut(sk).map(|state| state.endpoints)
+    }
+
     /// One move to `TCP_CLOSE`; `None` when it was not a drop. `known`: what the caller
     /// already knows of the owner (a cached cgroup), filled into a dropped entry that lacks it;
     /// `with_workload`: the owner comes back with the drop.
