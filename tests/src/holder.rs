@@ -55,20 +55,20 @@ impl Holders {
 
     /// Tells every child to turn keepalive on (see [`hold`]), one right after the other.
     pub fn start_probing(&mut self) -> anyhow::Result<()> {
-        for child in &mut self.children {
-            let stdin = child.stdin.as_mut().context("holder stdin")?;
-            stdin.write_all(b"go\n")?;
-            stdin.flush()?;
-        }
-        Ok(())
+        self.tell("go")
     }
 
     /// Tells every child to set a 1 h keepalive idle on every client: each keepalive timer is
     /// re-armed an hour out, so no connection expires again while a test runs.
     pub fn quiet(&mut self) -> anyhow::Result<()> {
+        self.tell("quiet")
+    }
+
+    /// One command line to every child, one right after the other.
+    fn tell(&mut self, command: &str) -> anyhow::Result<()> {
         for child in &mut self.children {
             let stdin = child.stdin.as_mut().context("holder stdin")?;
-            stdin.write_all(b"quiet\n")?;
+            writeln!(stdin, "{command}")?;
             stdin.flush()?;
         }
         Ok(())
