@@ -1580,11 +1580,12 @@ mod tests {
         assert_eq!(owner(1000), Some(42));
         assert_eq!(owner(retried), Some(0), "nothing looked it up yet");
 
-        // As far as the queue has room each time, until none is left.
+        // As far as the queue has room each time (the worker drains it meanwhile, so one call
+        // may send more than it holds), until none is left.
         let mut resent = 0;
         while resent < deferred {
             let sent = pipeline.retry_deferred();
-            assert!(sent > 0 && sent <= capacity, "{sent} sent at once");
+            assert!(sent > 0, "nothing sent with {resent} of {deferred} sent");
             resent += sent;
             let want = (capacity + resent, 0);
             assert_eq!(resolver.settle(want), want);
