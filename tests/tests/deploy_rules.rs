@@ -62,6 +62,7 @@ fn every_alert_has_promtool_unit_tests_that_pass() -> TestResult {
         "KeepaliveAgentHookNotAttached",
         "KeepaliveAgentEventsLost",
         "KeepaliveAgentEventsUncounted",
+        "KeepaliveAgentConnectionsVanished",
     ];
     for name in required {
         assert!(alerts.contains(name), "the rules lost alert {name}");
