@@ -106,7 +106,8 @@ pub(crate) fn idle_kill_jiffies() -> u32 {
 /// keepalive connection whose slot does not hold a live mark tells the agent nothing and is
 /// counted without being sent (the bulk of the closes of short keepalive connections, Go's
 /// default dialer's), and so is a drop that is neither a keepalive drop nor an idle-kill
-/// candidate. Mmapped by the agent, which moves the epochs on and renews its connections'
+/// candidate; so is a keepalive expiry that neither probed nor found probes unanswered
+/// (traffic flowing). Mmapped by the agent, which moves the epochs on and renews its connections'
 /// marks. Bytes, not bits: a byte store needs no atomic read-modify-write (5.12+) to keep
 /// another CPU's mark.
 #[map]

@@ -15,8 +15,8 @@ use keepalive_ebpf::{
 
 use crate::socket::{
     EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, emit_expiry,
-    expiry_snapshot, expiry_snapshot_typed, mark_tracked, netns_counters, read, read_or_zero,
-    typed_tcp_sock, uncounted,
+    expiry_snapshot, expiry_snapshot_typed, mark_tracked, may_be_tracked, netns_counters, read,
+    read_or_zero, report_keepalive_off, typed_tcp_sock, uncounted,
 };
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -241,6 +241,12 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     // expires every idle without a probe, and its close stays in the kernel.
     if expiry_enters_table(rec.probes_sent, rec.probes_out_before) {
         mark_tracked(rec.remote_port, rec.local_port);
+    } else if !report_keepalive_off() && !may_be_tracked(rec.remote_port, rec.local_port) {
+        // Nor is such an expiry sent, counted above: the table neither takes the connection in
+        // nor holds it, and only the event stream and aggregates by workload
+        // (`report_keepalive_off`) read every expiry. Most keepalive expiries of a busy node
+        // are these (every connection with traffic, once per idle).
+        return 0;
     }
     tctx.expiry.fill_from(&tctx.snapshot);
     emit_expiry(&tctx.expiry, tctx.snapshot.family);

@@ -4,7 +4,8 @@
 //! mark of one it let go ages out. Before, every expiry marked its connection for good: the
 //! closes of connections that only ever expired with traffic, and of every connection that
 //! ever probed, were sent until the agent stopped, and the share of closes sent grew with the
-//! distinct connections seen.
+//! distinct connections seen. Nor are the expiries of a connection the table neither holds nor
+//! takes in sent: those of connections with traffic, which never probe.
 //!
 //! Alone in its file: it counts the agent's close records, to which every connection closing on
 //! the host adds, and cargo runs test binaries one at a time.
@@ -21,7 +22,7 @@ use keepalive_tests::{DEADLINE, Metrics, Netns, TcpPair, TestEnv, set_keepalive,
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const KEEPALIVE: &str = "TCPKeepAlive";
-const CLOSE_RECORDS: &str = "keepalive_agent_events_total";
+const RECORDS: &str = "keepalive_agent_events_total";
 const PROBES: &str = "tcp_keepalive_connection_probes_total";
 const EXPIRIES: &str = "tcp_keepalive_timer_expiries_total";
 const RENEWALS: &str = "keepalive_agent_tracked_marks_renewals_total";
@@ -63,17 +64,22 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
     let listener = ns.listen(V4)?;
     let netns = ns.inum();
     let netns_label = netns.to_string();
-    let close_records = || -> anyhow::Result<f64> {
-        Ok(agent.scrape()?.value(CLOSE_RECORDS, &[("kind", "close")]))
+    let close_records =
+        || -> anyhow::Result<f64> { Ok(agent.scrape()?.value(RECORDS, &[("kind", "close")])) };
+    let expiry_records = || -> anyhow::Result<f64> {
+        Ok(agent
+            .scrape()?
+            .value(RECORDS, &[("kind", "keepalive_timer")]))
     };
 
     // Keepalive timers that run with traffic flowing: each expiry finds the connection active
-    // and re-arms without a probe, so none of them is marked, and their closes stay in the
-    // kernel.
+    // and re-arms without a probe, so none of them is marked, and neither those expiries nor
+    // the connections' closes leave the kernel; the namespace's expiries still count them.
     let mut busy = ns.connect_pairs(&listener, BUSY)?;
     let before = ns.tcp_ext()?;
     let expiries = |m: &Metrics| m.value(EXPIRIES, &[("netns", &netns_label)]);
     let expiries_before = expiries(&agent.scrape()?);
+    let expiry_records_before = expiry_records()?;
     for pair in &busy {
         set_keepalive(&pair.client, 1, 1, 3)?;
     }
@@ -102,6 +108,13 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
         busy_sent < busy_probes as f64 + SLACK,
         "{busy_sent} close records for {BUSY} busy keepalive connections that expired \
          {busy_expiries} times and probed {busy_probes} times"
+    );
+    // Their expiries were read after the closes' second: every record sent has arrived.
+    let busy_expiries_sent = expiry_records()? - expiry_records_before;
+    ensure!(
+        busy_expiries_sent < busy_probes as f64 + SLACK,
+        "{busy_expiries_sent} expiry records for {BUSY} busy keepalive connections that \
+         expired {busy_expiries} times and probed {busy_probes} times"
     );
 
     // Connections that probe, three times what the table holds: it keeps the most recent
@@ -182,8 +195,8 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
         held.len()
     );
     eprintln!(
-        "{test}: {busy_sent} close records for {BUSY} busy keepalive connections \
-         ({busy_expiries} expiries, {busy_probes} probes); {sent} for {PROBING} that probed, of \
+        "{test}: {busy_sent} close and {busy_expiries_sent} expiry records for {BUSY} busy \
+         keepalive connections ({busy_expiries} expiries, {busy_probes} probes); {sent} for {PROBING} that probed, of \
          which the table held {}; slots held {probing_held} while they probed, {quiet_held} \
          after {quiet_renewals} renewals that marked {marked}",
         held.len()

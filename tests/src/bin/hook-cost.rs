@@ -31,12 +31,15 @@
 //!    The connections are held by child processes (this binary run with `--hold`), 6 000 pairs
 //!    each, under the per-process descriptor limit.
 //!
-//! `timer_expire_entry`/`_exit` fire for every kernel timer. Two phases on the same running
+//! `timer_expire_entry`/`_exit` fire for every kernel timer. Three phases on the same running
 //! agent, each with `--connections` loopback connections in a private namespace: first without
 //! keepalive, one byte sent on each every 100 ms, so their delayed-ACK timers (`tcp_delack_timer`,
-//! filtered out) fire; then with keepalive every second against a healthy peer. Keepalive hits
-//! are known exactly from the agent's own event counter; the two phases give two equations for
-//! the two per-hit costs. Costs are reported as the
+//! filtered out) fire; then the same with keepalive on (1 s idle), whose expiries find traffic
+//! and send no probe; then with keepalive every second against a healthy peer and no traffic.
+//! Keepalive hits are known exactly from the kernel's count of the namespace's expiries
+//! (`tcp_keepalive_timer_expiries_total`); the first and last phases give two equations for the
+//! two per-hit costs, and the second phase, less the filtered hits at that cost, the cost of
+//! an expiry without a probe. Costs are reported as the
 //! difference from an empty tp_btf program attached to `timer_expire_entry` at the same time,
 //! because an empty program's run time is the measurement's own floor.
 
@@ -169,9 +172,17 @@ fn main() -> anyhow::Result<()> {
     println!("timer hook cost, {seconds} s per phase");
 
     let ns = Netns::new("bench")?;
+    let netns = ns.inum().to_string();
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
     let pairs = ns.connect_pairs(&listener, connections)?;
-    let idle = {
+    // Keepalive on (`keepalive`) or off, while the clients write: a keepalive timer then
+    // expires without a probe.
+    let with_traffic = |keepalive: bool| -> anyhow::Result<Phase> {
+        if keepalive {
+            for pair in &pairs {
+                set_keepalive(&pair.client, 1, 1, 3)?;
+            }
+        }
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
             let writer = scope.spawn(|| -> anyhow::Result<()> {
@@ -185,25 +196,27 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             });
-            let phase = measure(&ids, &agent, phase);
+            let phase = measure(&ids, &agent, &netns, phase);
             stop.store(true, Ordering::Relaxed);
             writer.join().expect("writer thread panicked")?;
             phase
-        })?
+        })
     };
-    for pair in &pairs {
-        // A healthy peer answers every probe; the timer then fires once a second.
-        set_keepalive(&pair.client, 1, 1, 3)?;
-    }
-    let busy = measure(&ids, &agent, phase)?;
+    let idle = with_traffic(false)?;
+    // Before any probe: connections the agent's table never held.
+    let flowing = with_traffic(true)?;
+    // The writes stop: a healthy peer answers every probe; the timer then fires once a second.
+    let busy = measure(&ids, &agent, &netns, phase)?;
     drop(pairs);
-    // The two phases are solved for the two paths' costs by the agent's count of keepalive
+    // The two phases are solved for the two paths' costs by the kernel's count of keepalive
     // expiries; without any, the system has no solution and the table would print NaN.
-    if busy.keepalive_hits == 0 {
+    if busy.keepalive_hits == 0 || flowing.keepalive_hits == 0 {
         bail!(
-            "the agent reported no keepalive expiry while {connections} connections probed for \
-             {seconds} s (keepalive_agent_events_total{{kind=\"keepalive_timer\"}} did not grow): \
-             are its records decoded? see its log"
+            "the agent counted no keepalive expiry in a phase ({} with traffic, {} probing) of \
+             {connections} connections with a 1 s idle for {seconds} s \
+             (tcp_keepalive_timer_expiries_total{{netns=\"{netns}\"}} did not grow): see its log",
+            flowing.keepalive_hits,
+            busy.keepalive_hits
         );
     }
 
@@ -228,6 +241,36 @@ fn main() -> anyhow::Result<()> {
     println!(
         "keepalive expiry (entry + exit): {:.0} ns above the floor",
         keepalive_entry + keepalive_exit
+    );
+    // The filtered path's cost from the two phases above; the rest of this phase's is its
+    // expiries'.
+    let flowing_cost = |hook: Stats, filtered: f64| {
+        let k = flowing.keepalive_hits as f64;
+        (flowing.above_floor(hook) - (hook.count as f64 - k) * filtered) / k
+    };
+    let (flowing_entry, flowing_exit) = (
+        flowing_cost(flowing.entry, filtered_entry),
+        flowing_cost(flowing.exit, filtered_exit),
+    );
+    println!(
+        "keepalive expiry without a probe (traffic flowing, connection not in the agent's \
+         table; {} expiries): {flowing_entry:.0} + {flowing_exit:.0} = {:.0} ns above the floor",
+        flowing.keepalive_hits,
+        flowing_entry + flowing_exit
+    );
+    // The delayed-ACK phase has the same scrapes and poll timer, and no keepalive expiry.
+    let agent_per_expiry = |p: &Phase| {
+        p.agent_cpu_ns.saturating_sub(idle.agent_cpu_ns) as f64 / p.keepalive_hits as f64
+    };
+    println!(
+        "agent process CPU per phase: {:.1} ms delayed-ACK, {:.1} ms traffic with keepalive, \
+         {:.1} ms probing; above the delayed-ACK phase, per keepalive expiry: {:.0} ns without \
+         a probe, {:.0} ns probing",
+        idle.agent_cpu_ns as f64 / 1e6,
+        flowing.agent_cpu_ns as f64 / 1e6,
+        busy.agent_cpu_ns as f64 / 1e6,
+        agent_per_expiry(&flowing),
+        agent_per_expiry(&busy)
     );
 
     println!(
@@ -795,6 +838,8 @@ struct Phase {
     entry: Stats,
     exit: Stats,
     keepalive_hits: u64,
+    /// The agent process's CPU time over the phase (scrapes included).
+    agent_cpu_ns: u64,
 }
 
 impl Phase {
@@ -818,21 +863,28 @@ fn solve(idle: &Phase, busy: &Phase, hook: impl Fn(&Phase) -> Stats) -> (f64, f6
     ((y1 * b2 - y2 * b1) / det, (a1 * y2 - a2 * y1) / det)
 }
 
-fn keepalive_events(agent: &Agent) -> anyhow::Result<u64> {
-    Ok(agent.scrape()?.value(
-        "keepalive_agent_events_total",
-        &[("kind", "keepalive_timer")],
-    ) as u64)
+/// The namespace's keepalive expiries as the kernel programs count them (exact, sent to the
+/// agent or not).
+fn keepalive_expiries(agent: &Agent, netns: &str) -> anyhow::Result<u64> {
+    Ok(agent
+        .scrape()?
+        .value("tcp_keepalive_timer_expiries_total", &[("netns", netns)]) as u64)
 }
 
-fn measure(ids: &ProgramIds, agent: &Agent, length: Duration) -> anyhow::Result<Phase> {
-    // The agent drains its ring buffer asynchronously, so its event count is read a moment
-    // after each stats snapshot, at both ends alike: the window shifts, its length does not.
+fn measure(
+    ids: &ProgramIds,
+    agent: &Agent,
+    netns: &str,
+    length: Duration,
+) -> anyhow::Result<Phase> {
+    // The agent reads the kernel's counters at a scrape, so its count is read a moment after
+    // each stats snapshot, at both ends alike: the window shifts, its length does not.
     let snapshot = || -> anyhow::Result<(Stats, Stats, Stats, u64)> {
         let stats = (stats(ids.baseline)?, stats(ids.entry)?, stats(ids.exit)?);
         std::thread::sleep(Duration::from_millis(300));
-        Ok((stats.0, stats.1, stats.2, keepalive_events(agent)?))
+        Ok((stats.0, stats.1, stats.2, keepalive_expiries(agent, netns)?))
     };
+    let cpu = thread_cpu_ns(agent.pid())?;
     let (b0, e0, x0, k0) = snapshot()?;
     std::thread::sleep(length);
     let (b1, e1, x1, k1) = snapshot()?;
@@ -841,6 +893,7 @@ fn measure(ids: &ProgramIds, agent: &Agent, length: Duration) -> anyhow::Result<
         entry: e1.since(&e0),
         exit: x1.since(&x0),
         keepalive_hits: k1 - k0,
+        agent_cpu_ns: cpu_ns_since(agent.pid(), &cpu)?,
     })
 }
 
