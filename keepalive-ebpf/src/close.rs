@@ -1,7 +1,10 @@
 //! `inet_sock_set_state` to `TCP_CLOSE` (the tracepoint inside `tcp_done`).
 
 use aya_ebpf::{
-    helpers::generated::bpf_skc_to_tcp_sock, macros::btf_tracepoint, programs::BtfTracePointContext,
+    helpers::generated::bpf_skc_to_tcp_sock,
+    macros::{btf_tracepoint, map},
+    maps::{Array, PerCpuArray},
+    programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
@@ -321,4 +324,53 @@ fn count_close(counters: Option<*mut NetnsCounters>, verdict: Option<DropReason>
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub(crate) fn close_baseline(_ctx: BtfTracePointContext) -> i32 {
     0
+}
+
+/// Tests only, never attached by the agent: see [`close_count_classic`].
+#[map]
+static CLOSE_CLASSIC: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Tests only: the ports (host order) whose closes [`close_count_classic`] counts; 0 matches
+/// none.
+#[map]
+static CLOSE_CLASSIC_PORTS: Array<u16> = Array::with_max_entries(CLOSE_CLASSIC_PORT_SLOTS, 0);
+
+const CLOSE_CLASSIC_PORT_SLOTS: u32 = 2;
+
+/// Tests only, never attached by the agent: counts moves of TCP sockets to `TCP_CLOSE` whose
+/// local or remote port is one of [`CLOSE_CLASSIC_PORTS`], as a classic (perf-event) tracepoint
+/// program. Against a perf counting event with the same filter, a test tells the closes the
+/// kernel ran no program for (as it sometimes does for keepalive expiries: see
+/// `expiry_count_classic`) from closes the agent's program saw. Returns 1 for the same reason.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tracepoint/sock/inet_sock_set_state")]
+pub(crate) fn close_count_classic(ctx: *mut core::ffi::c_void) -> u32 {
+    // The event's record (tracefs `events/sock/inet_sock_set_state/format`, unchanged since
+    // 4.16): `newstate` at 20, `sport` and `dport` (host order) at 24 and 26, `protocol` at 30.
+    let at = |offset: usize| ctx.cast::<u8>().wrapping_add(offset);
+    // SAFETY: the verifier checks these context loads against the record's size.
+    let (newstate, sport, dport, protocol) = unsafe {
+        (
+            core::ptr::read_volatile(at(20).cast::<i32>()),
+            core::ptr::read_volatile(at(24).cast::<u16>()),
+            core::ptr::read_volatile(at(26).cast::<u16>()),
+            core::ptr::read_volatile(at(30).cast::<u16>()),
+        )
+    };
+    if newstate != i32::from(tcp_state::CLOSE) || protocol != IPPROTO_TCP {
+        return 1;
+    }
+    let matches = |slot: u32| {
+        CLOSE_CLASSIC_PORTS
+            .get(slot)
+            .is_some_and(|&port| port != 0 && (port == sport || port == dport))
+    };
+    if (matches(0) || matches(1))
+        && let Some(count) = CLOSE_CLASSIC.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot; the kernel runs no classic tracepoint program inside another
+        // on one CPU (`bpf_prog_active`).
+        unsafe { *count += 1 };
+    }
+    1
 }

@@ -45,7 +45,8 @@ pub use sock::{
     tcp_state, wait_closed,
 };
 pub use tracepoint::{
-    ExpiriesNotRun, ExpiriesNotRunByAnyProgram, ExpiryCounts, KeepaliveExpiryCount,
+    ClosesNotRunByAnyProgram, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, ExpiryCounts,
+    KeepaliveExpiryCount,
 };
 
 /// How long any test waits for an expected state before failing.

@@ -14,7 +14,8 @@ use anyhow::{Context, bail};
 use keepalive_agent::kernel::kallsyms::TimerFunctions;
 
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
-const EVENT: &str = "events/timer/timer_expire_entry/id";
+const EXPIRY_EVENT: &str = "timer/timer_expire_entry";
+const CLOSE_EVENT: &str = "sock/inet_sock_set_state";
 const PERF_TYPE_TRACEPOINT: u32 = 2;
 /// `PERF_ATTR_SIZE_VER0`: type, size, config, sample period, sample type, read format, flags.
 const ATTR_SIZE: u32 = 64;
@@ -26,18 +27,35 @@ const ATTR_FLAG_DISABLED: u64 = 1;
 
 /// Counts `timer_expire_entry` hits for `tcp_keepalive_timer` on every CPU from its creation.
 #[derive(Debug)]
-pub struct KeepaliveExpiryCount {
-    per_cpu: Vec<OwnedFd>,
-}
+pub struct KeepaliveExpiryCount(TracepointCount);
 
 impl KeepaliveExpiryCount {
     /// Opens one counting event per online CPU. Needs root (or CAP_PERFMON) and tracefs, for
     /// the tracepoint's id.
     pub fn start() -> anyhow::Result<Self> {
-        let id = tracepoint_id()?;
         // The address the agent's programs filter on, read the way the agent reads it.
         let function = TimerFunctions::from_proc()?.keepalive;
-        let filter = std::ffi::CString::new(format!("function == 0x{function:x}"))?;
+        TracepointCount::start(EXPIRY_EVENT, &format!("function == 0x{function:x}")).map(Self)
+    }
+
+    /// Keepalive timer expiries on all CPUs since [`Self::start`].
+    pub fn read(&self) -> anyhow::Result<u64> {
+        self.0.read()
+    }
+}
+
+/// Hits of a tracepoint that pass a filter, on every CPU from its creation.
+#[derive(Debug)]
+struct TracepointCount {
+    per_cpu: Vec<OwnedFd>,
+}
+
+impl TracepointCount {
+    /// `event` is `category/name` under tracefs' `events`; `filter` in the kernel's event
+    /// filter syntax, on the event's fields.
+    fn start(event: &str, filter: &str) -> anyhow::Result<Self> {
+        let id = tracepoint_id(event)?;
+        let filter = std::ffi::CString::new(filter)?;
         // SAFETY: sysconf has no preconditions.
         let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as i32;
         let mut per_cpu = Vec::new();
@@ -61,9 +79,8 @@ impl KeepaliveExpiryCount {
                 )
             };
             if fd < 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| {
-                    format!("perf_event_open(timer:timer_expire_entry, cpu {cpu})")
-                });
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("perf_event_open({event}, cpu {cpu})"));
             }
             // SAFETY: a descriptor perf_event_open just returned, owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
@@ -72,7 +89,7 @@ impl KeepaliveExpiryCount {
                 != 0
             {
                 return Err(std::io::Error::last_os_error())
-                    .context("PERF_EVENT_IOC_SET_FILTER on timer:timer_expire_entry");
+                    .with_context(|| format!("PERF_EVENT_IOC_SET_FILTER {filter:?} on {event}"));
             }
             // SAFETY: ioctl on our own perf descriptor.
             if unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) } != 0 {
@@ -83,8 +100,8 @@ impl KeepaliveExpiryCount {
         Ok(Self { per_cpu })
     }
 
-    /// Keepalive timer expiries on all CPUs since [`Self::start`].
-    pub fn read(&self) -> anyhow::Result<u64> {
+    /// Hits on all CPUs since [`Self::start`].
+    fn read(&self) -> anyhow::Result<u64> {
         let mut total = 0;
         for fd in &self.per_cpu {
             let mut count = 0u64;
@@ -99,9 +116,9 @@ impl KeepaliveExpiryCount {
     }
 }
 
-fn tracepoint_id() -> anyhow::Result<u64> {
+fn tracepoint_id(event: &str) -> anyhow::Result<u64> {
     for root in TRACEFS {
-        let path = format!("{root}/{EVENT}");
+        let path = format!("{root}/events/{event}/id");
         if let Ok(text) = std::fs::read_to_string(&path) {
             return text
                 .trim()
@@ -109,7 +126,7 @@ fn tracepoint_id() -> anyhow::Result<u64> {
                 .with_context(|| format!("{path}: {text:?}"));
         }
     }
-    bail!("tracefs is not mounted (no {EVENT} under {TRACEFS:?})")
+    bail!("tracefs is not mounted (no events/{event}/id under {TRACEFS:?})")
 }
 
 /// Keepalive expiries the kernel ran none of the agent's programs for, over a window: the perf
@@ -172,17 +189,12 @@ impl ExpiriesNotRunByAnyProgram {
         use keepalive_agent::kernel::programs::{EXPIRY_CLASSIC_MAP, EXPIRY_CLASSIC_PROGRAM};
         let mut object =
             keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
-        let classic = aya::maps::PerCpuArray::try_from(
-            object
-                .take_map(EXPIRY_CLASSIC_MAP)
-                .context("classic count map missing from the object")?,
+        let classic = attach_classic(
+            &mut object,
+            EXPIRY_CLASSIC_PROGRAM,
+            EXPIRY_CLASSIC_MAP,
+            EXPIRY_EVENT,
         )?;
-        let program: &mut aya::programs::TracePoint = object
-            .program_mut(EXPIRY_CLASSIC_PROGRAM)
-            .context("classic tracepoint program missing from the object")?
-            .try_into()?;
-        program.load()?;
-        program.attach("timer", "timer_expire_entry")?;
         let before = classic_total(&classic)?;
         Ok(Self {
             count: KeepaliveExpiryCount::start()?,
@@ -199,6 +211,96 @@ impl ExpiriesNotRunByAnyProgram {
         let seen = classic_total(&self.classic)?.saturating_sub(self.before);
         Ok(hits.saturating_sub(seen))
     }
+}
+
+/// Closes (moves to `TCP_CLOSE`) of TCP sockets with one of up to two ports, local or remote,
+/// that the kernel ran no BPF program for, over a window: a perf count of
+/// `sock:inet_sock_set_state` with that filter against the count of a classic tracepoint
+/// program the test attaches to the same hook (`close_count_classic`), which the kernel skips
+/// together with the agent's close program. For a test that expects an exact number of drops.
+pub struct ClosesNotRunByAnyProgram {
+    count: TracepointCount,
+    classic: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    before: u64,
+    /// Keeps the classic program attached.
+    _object: aya::Ebpf,
+}
+
+impl ClosesNotRunByAnyProgram {
+    /// Attaches the classic program for `ports` and reads it, then opens the perf count (see
+    /// [`ExpiriesNotRunByAnyProgram::open`] for the order).
+    pub fn open(ports: &[u16]) -> anyhow::Result<Self> {
+        use keepalive_agent::kernel::programs::{
+            CLOSE_CLASSIC_MAP, CLOSE_CLASSIC_PORTS_MAP, CLOSE_CLASSIC_PROGRAM,
+        };
+        anyhow::ensure!(
+            (1..=2).contains(&ports.len()) && !ports.contains(&0),
+            "the close witness takes one or two ports, none 0: {ports:?}"
+        );
+        let mut object =
+            keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
+        let mut slots: aya::maps::Array<_, u16> = aya::maps::Array::try_from(
+            object
+                .map_mut(CLOSE_CLASSIC_PORTS_MAP)
+                .context("classic program's port map missing from the object")?,
+        )?;
+        for (slot, &port) in ports.iter().enumerate() {
+            slots.set(slot as u32, port, 0)?;
+        }
+        let classic = attach_classic(
+            &mut object,
+            CLOSE_CLASSIC_PROGRAM,
+            CLOSE_CLASSIC_MAP,
+            CLOSE_EVENT,
+        )?;
+        let before = classic_total(&classic)?;
+        let ports = ports
+            .iter()
+            .map(|p| format!("sport == {p} || dport == {p}"))
+            .collect::<Vec<_>>()
+            .join(" || ");
+        // `TCP_CLOSE` and `IPPROTO_TCP`.
+        let filter = format!("newstate == 7 && protocol == 6 && ({ports})");
+        Ok(Self {
+            count: TracepointCount::start(CLOSE_EVENT, &filter)?,
+            classic,
+            before,
+            _object: object,
+        })
+    }
+
+    /// Closes since [`Self::open`]: counted by perf (every one the kernel ran), and seen by
+    /// the classic program (perf is read first, for the order's reason).
+    pub fn counts(&self) -> anyhow::Result<(u64, u64)> {
+        let hits = self.count.read()?;
+        let seen = classic_total(&self.classic)?.saturating_sub(self.before);
+        Ok((hits, seen))
+    }
+}
+
+/// Loads `program`, a classic tracepoint program of the object, attaches it to `event`
+/// (`category/name`) and takes its per-CPU count, `map`.
+fn attach_classic(
+    object: &mut aya::Ebpf,
+    program: &str,
+    map: &str,
+    event: &str,
+) -> anyhow::Result<aya::maps::PerCpuArray<aya::maps::MapData, u64>> {
+    let counts = aya::maps::PerCpuArray::try_from(
+        object
+            .take_map(map)
+            .with_context(|| format!("classic count map {map} missing from the object"))?,
+    )?;
+    let loaded: &mut aya::programs::TracePoint = object
+        .program_mut(program)
+        .with_context(|| format!("classic tracepoint program {program} missing from the object"))?
+        .try_into()?;
+    loaded.load()?;
+    let (category, name) = event.split_once('/').context("event without a category")?;
+    loaded
+        .attach(category, name)
+        .with_context(|| format!("attaching {program} to {event}"))?;
+    Ok(counts)
 }
 
 /// The classic program's count, summed over CPUs.

@@ -12,7 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::ensure;
 use keepalive_tests::{
-    Churn, DEADLINE, Netns, TestEnv, set_keepalive, set_linger_zero, wait_until,
+    Churn, ClosesNotRunByAnyProgram, DEADLINE, Netns, TestEnv, set_keepalive, set_linger_zero,
+    wait_until,
 };
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -63,6 +64,11 @@ fn closes_of_keepalive_connections_that_never_expired_are_counted_not_sent() -> 
             .scrape()?
             .value(DROPS, &[("netns", netns.as_str()), ("reason", reason)]))
     };
+    // Every close below has one of the two listeners' ports.
+    let witness = ClosesNotRunByAnyProgram::open(&[
+        listener.local_addr()?.port(),
+        listener6.local_addr()?.port(),
+    ])?;
     let (aborts_before, resets_before) = (drops("local_abort")?, drops("reset_received")?);
     let records_before = agent.scrape()?.value(CLOSE_RECORDS, &[("kind", "close")]);
     ns.run(|| -> anyhow::Result<()> {
@@ -108,15 +114,31 @@ fn closes_of_keepalive_connections_that_never_expired_are_counted_not_sent() -> 
         drops("local_abort")? - aborts_before,
         drops("reset_received")? - resets_before,
     );
+    // Exact, but for closes the kernel ran no program for at all (it does that to keepalive
+    // expiries now and then: README, "Exact totals and the kernel"), which no count of the
+    // agent can hold.
+    let (hits, seen) = witness.counts()?;
+    let unrun = hits.saturating_sub(seen);
+    // Both ends of every connection close: a count far below that is a broken witness.
     ensure!(
-        aborts == (SHORT + 1) as f64 && resets == (SHORT + 1) as f64,
+        hits >= 4 * SHORT as u64,
+        "perf counted {hits} closes on the listeners' ports for {} connections",
+        2 * SHORT
+    );
+    let expected = (SHORT + 1) as f64;
+    ensure!(
+        aborts <= expected
+            && resets <= expected
+            && 2.0 * expected - aborts - resets <= unrun as f64,
         "drops counted in the namespace: {aborts} local_abort and {resets} reset_received, \
-         expected {} each",
+         expected {} each, less at most the {unrun} closes on the listeners' ports the kernel ran \
+         no program for",
         SHORT + 1
     );
     eprintln!(
         "{test}: {sent} close records for {} short keepalive connections and two known ones; \
-         {aborts} local_abort and {resets} reset_received drops counted",
+         {aborts} local_abort and {resets} reset_received drops counted; of {hits} closes on the \
+         listeners' ports a classic program saw {seen}",
         2 * SHORT
     );
     Ok(())

@@ -107,6 +107,12 @@ pub const EXPIRY_SPAN_MAP: &str = "EXPIRY_SPAN";
 /// `timer:timer_expire_entry`, into the per-CPU `u64` of [`EXPIRY_CLASSIC_MAP`].
 pub const EXPIRY_CLASSIC_PROGRAM: &str = "expiry_count_classic";
 pub const EXPIRY_CLASSIC_MAP: &str = "EXPIRY_CLASSIC";
+/// Tests only: moves to `TCP_CLOSE` of sockets with a port in [`CLOSE_CLASSIC_PORTS_MAP`] (an
+/// array of two `u16`, host order, 0 for none), counted by a classic tracepoint program on
+/// `sock:inet_sock_set_state` into the per-CPU `u64` of [`CLOSE_CLASSIC_MAP`].
+pub const CLOSE_CLASSIC_PROGRAM: &str = "close_count_classic";
+pub const CLOSE_CLASSIC_MAP: &str = "CLOSE_CLASSIC";
+pub const CLOSE_CLASSIC_PORTS_MAP: &str = "CLOSE_CLASSIC_PORTS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramsError {
