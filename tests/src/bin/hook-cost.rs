@@ -254,23 +254,11 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "keepalive expiry without a probe (traffic flowing, connection not in the agent's \
-         table; {} expiries): {flowing_entry:.0} + {flowing_exit:.0} = {:.0} ns above the floor",
+         table; {} expiries, {} records sent): {flowing_entry:.0} + {flowing_exit:.0} = {:.0} ns \
+         above the floor",
         flowing.keepalive_hits,
+        flowing.records,
         flowing_entry + flowing_exit
-    );
-    // The delayed-ACK phase has the same scrapes and poll timer, and no keepalive expiry.
-    let agent_per_expiry = |p: &Phase| {
-        p.agent_cpu_ns.saturating_sub(idle.agent_cpu_ns) as f64 / p.keepalive_hits as f64
-    };
-    println!(
-        "agent process CPU per phase: {:.1} ms delayed-ACK, {:.1} ms traffic with keepalive, \
-         {:.1} ms probing; above the delayed-ACK phase, per keepalive expiry: {:.0} ns without \
-         a probe, {:.0} ns probing",
-        idle.agent_cpu_ns as f64 / 1e6,
-        flowing.agent_cpu_ns as f64 / 1e6,
-        busy.agent_cpu_ns as f64 / 1e6,
-        agent_per_expiry(&flowing),
-        agent_per_expiry(&busy)
     );
 
     println!(
@@ -838,8 +826,8 @@ struct Phase {
     entry: Stats,
     exit: Stats,
     keepalive_hits: u64,
-    /// The agent process's CPU time over the phase (scrapes included).
-    agent_cpu_ns: u64,
+    /// Keepalive expiry records the agent received.
+    records: u64,
 }
 
 impl Phase {
@@ -864,11 +852,16 @@ fn solve(idle: &Phase, busy: &Phase, hook: impl Fn(&Phase) -> Stats) -> (f64, f6
 }
 
 /// The namespace's keepalive expiries as the kernel programs count them (exact, sent to the
-/// agent or not).
-fn keepalive_expiries(agent: &Agent, netns: &str) -> anyhow::Result<u64> {
-    Ok(agent
-        .scrape()?
-        .value("tcp_keepalive_timer_expiries_total", &[("netns", netns)]) as u64)
+/// agent or not), and the keepalive expiry records the agent received (from any namespace).
+fn keepalive_expiries(agent: &Agent, netns: &str) -> anyhow::Result<(u64, u64)> {
+    let m = agent.scrape()?;
+    Ok((
+        m.value("tcp_keepalive_timer_expiries_total", &[("netns", netns)]) as u64,
+        m.value(
+            "keepalive_agent_events_total",
+            &[("kind", "keepalive_timer")],
+        ) as u64,
+    ))
 }
 
 fn measure(
@@ -879,21 +872,20 @@ fn measure(
 ) -> anyhow::Result<Phase> {
     // The agent reads the kernel's counters at a scrape, so its count is read a moment after
     // each stats snapshot, at both ends alike: the window shifts, its length does not.
-    let snapshot = || -> anyhow::Result<(Stats, Stats, Stats, u64)> {
+    let snapshot = || -> anyhow::Result<(Stats, Stats, Stats, (u64, u64))> {
         let stats = (stats(ids.baseline)?, stats(ids.entry)?, stats(ids.exit)?);
         std::thread::sleep(Duration::from_millis(300));
         Ok((stats.0, stats.1, stats.2, keepalive_expiries(agent, netns)?))
     };
-    let cpu = thread_cpu_ns(agent.pid())?;
-    let (b0, e0, x0, k0) = snapshot()?;
+    let (b0, e0, x0, (k0, r0)) = snapshot()?;
     std::thread::sleep(length);
-    let (b1, e1, x1, k1) = snapshot()?;
+    let (b1, e1, x1, (k1, r1)) = snapshot()?;
     Ok(Phase {
         baseline: b1.since(&b0),
         entry: e1.since(&e0),
         exit: x1.since(&x0),
         keepalive_hits: k1 - k0,
-        agent_cpu_ns: cpu_ns_since(agent.pid(), &cpu)?,
+        records: r1 - r0,
     })
 }
 
