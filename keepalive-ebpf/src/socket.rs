@@ -74,13 +74,14 @@ pub(crate) static WAKEUP_RECORDS: u64 = 1;
 static UNWOKEN_RECORDS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// 0: a close of a connection without `SO_KEEPALIVE` is counted in `NETNS_COUNTERS` and not
-/// sent to the agent (it never probed, so no per-connection state of the agent waits for it);
-/// 1: sent too, for per-connection series of every drop, the event stream, or aggregates by
-/// workload. Written by the agent before load.
+/// sent to the agent (it never probed, so no per-connection state of the agent waits for it),
+/// nor is a keepalive connection's close or expiry without a probe that its table does not
+/// hold ([`TRACKED`]); 1: sent too, for per-connection series of every drop, the event stream,
+/// or aggregates by workload. Written by the agent before load.
 #[unsafe(no_mangle)]
 pub(crate) static REPORT_KEEPALIVE_OFF: u8 = 0;
 
-/// Whether closes of connections without `SO_KEEPALIVE` go to the agent.
+/// Whether every close and keepalive expiry goes to the agent (see [`REPORT_KEEPALIVE_OFF`]).
 #[inline(always)]
 pub(crate) fn report_keepalive_off() -> bool {
     // SAFETY: read of our own static (see `offset!`).

@@ -33,15 +33,20 @@ impl KeepaliveExpiryCount {
     /// Opens one counting event per online CPU. Needs root (or CAP_PERFMON) and tracefs, for
     /// the tracepoint's id.
     pub fn start() -> anyhow::Result<Self> {
-        // The address the agent's programs filter on, read the way the agent reads it.
-        let function = TimerFunctions::from_proc()?.keepalive;
-        TracepointCount::start(EXPIRY_EVENT, &format!("function == 0x{function:x}")).map(Self)
+        TracepointCount::start(EXPIRY_EVENT, &keepalive_expiry_filter()?).map(Self)
     }
 
     /// Keepalive timer expiries on all CPUs since [`Self::start`].
     pub fn read(&self) -> anyhow::Result<u64> {
         self.0.read()
     }
+}
+
+/// The perf filter of `timer_expire_entry` hits for `tcp_keepalive_timer`: the address the
+/// agent's programs filter on, read the way the agent reads it.
+fn keepalive_expiry_filter() -> anyhow::Result<String> {
+    let function = TimerFunctions::from_proc()?.keepalive;
+    Ok(format!("function == 0x{function:x}"))
 }
 
 /// Hits of a tracepoint that pass a filter, on every CPU from its creation.
@@ -173,42 +178,27 @@ impl ExpiriesNotRun {
 /// a classic tracepoint program the test attaches to the same hook (`expiry_count_classic`),
 /// which the kernel skips together with every other program there (README, "Exact totals and
 /// the kernel").
-pub struct ExpiriesNotRunByAnyProgram {
-    count: KeepaliveExpiryCount,
-    classic: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
-    before: u64,
-    /// Keeps the classic program attached.
-    _object: aya::Ebpf,
-}
+pub struct ExpiriesNotRunByAnyProgram(ClassicWitness);
 
 impl ExpiriesNotRunByAnyProgram {
-    /// Attaches the classic program and reads it, then opens the perf count: an expiry in
-    /// between is in the program's growth and not in perf's, so the figure errs low
-    /// (stricter), never high.
+    /// See [`ClassicWitness::open`].
     pub fn open() -> anyhow::Result<Self> {
         use keepalive_agent::kernel::programs::{EXPIRY_CLASSIC_MAP, EXPIRY_CLASSIC_PROGRAM};
-        let mut object =
+        let object =
             keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
-        let classic = attach_classic(
-            &mut object,
+        ClassicWitness::open(
+            object,
             EXPIRY_CLASSIC_PROGRAM,
             EXPIRY_CLASSIC_MAP,
             EXPIRY_EVENT,
-        )?;
-        let before = classic_total(&classic)?;
-        Ok(Self {
-            count: KeepaliveExpiryCount::start()?,
-            classic,
-            before,
-            _object: object,
-        })
+            &keepalive_expiry_filter()?,
+        )
+        .map(Self)
     }
 
-    /// Expiries counted by perf since [`Self::open`] that the classic program did not see
-    /// (perf is read first, for the same reason).
+    /// Expiries counted by perf since [`Self::open`] that the classic program did not see.
     pub fn not_run(&self) -> anyhow::Result<u64> {
-        let hits = self.count.read()?;
-        let seen = classic_total(&self.classic)?.saturating_sub(self.before);
+        let (hits, seen) = self.0.counts()?;
         Ok(hits.saturating_sub(seen))
     }
 }
@@ -218,17 +208,10 @@ impl ExpiriesNotRunByAnyProgram {
 /// `sock:inet_sock_set_state` with that filter against the count of a classic tracepoint
 /// program the test attaches to the same hook (`close_count_classic`), which the kernel skips
 /// together with the agent's close program. For a test that expects an exact number of drops.
-pub struct ClosesNotRunByAnyProgram {
-    count: TracepointCount,
-    classic: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
-    before: u64,
-    /// Keeps the classic program attached.
-    _object: aya::Ebpf,
-}
+pub struct ClosesNotRunByAnyProgram(ClassicWitness);
 
 impl ClosesNotRunByAnyProgram {
-    /// Attaches the classic program for `ports` and reads it, then opens the perf count (see
-    /// [`ExpiriesNotRunByAnyProgram::open`] for the order).
+    /// The classic program counts the closes on `ports`; see [`ClassicWitness::open`].
     pub fn open(ports: &[u16]) -> anyhow::Result<Self> {
         use keepalive_agent::kernel::programs::{
             CLOSE_CLASSIC_MAP, CLOSE_CLASSIC_PORTS_MAP, CLOSE_CLASSIC_PROGRAM,
@@ -247,13 +230,6 @@ impl ClosesNotRunByAnyProgram {
         for (slot, &port) in ports.iter().enumerate() {
             slots.set(slot as u32, port, 0)?;
         }
-        let classic = attach_classic(
-            &mut object,
-            CLOSE_CLASSIC_PROGRAM,
-            CLOSE_CLASSIC_MAP,
-            CLOSE_EVENT,
-        )?;
-        let before = classic_total(&classic)?;
         let ports = ports
             .iter()
             .map(|p| format!("sport == {p} || dport == {p}"))
@@ -261,46 +237,77 @@ impl ClosesNotRunByAnyProgram {
             .join(" || ");
         // `TCP_CLOSE` and `IPPROTO_TCP`.
         let filter = format!("newstate == 7 && protocol == 6 && ({ports})");
+        ClassicWitness::open(
+            object,
+            CLOSE_CLASSIC_PROGRAM,
+            CLOSE_CLASSIC_MAP,
+            CLOSE_EVENT,
+            &filter,
+        )
+        .map(Self)
+    }
+
+    /// See [`ClassicWitness::counts`].
+    pub fn counts(&self) -> anyhow::Result<(u64, u64)> {
+        self.0.counts()
+    }
+}
+
+/// A classic tracepoint program of the programs object counting the hits of a hook that pass
+/// a filter, beside a perf counting event with the same filter: the kernel runs no program for
+/// some hits (README, "Exact totals and the kernel"), and perf counts every one.
+struct ClassicWitness {
+    count: TracepointCount,
+    classic: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    before: u64,
+    /// Keeps the classic program attached.
+    _object: aya::Ebpf,
+}
+
+impl ClassicWitness {
+    /// Loads `program` of `object`, attaches it to `event` (`category/name`) and reads its
+    /// per-CPU count, `map`; then opens the perf count with `filter`, which must select what
+    /// the program counts. A hit in between is in the program's growth and not in perf's, so
+    /// the difference errs low (stricter), never high.
+    fn open(
+        mut object: aya::Ebpf,
+        program: &str,
+        map: &str,
+        event: &str,
+        filter: &str,
+    ) -> anyhow::Result<Self> {
+        let classic = aya::maps::PerCpuArray::try_from(
+            object
+                .take_map(map)
+                .with_context(|| format!("classic count map {map} missing from the object"))?,
+        )?;
+        let loaded: &mut aya::programs::TracePoint = object
+            .program_mut(program)
+            .with_context(|| {
+                format!("classic tracepoint program {program} missing from the object")
+            })?
+            .try_into()?;
+        loaded.load()?;
+        let (category, name) = event.split_once('/').context("event without a category")?;
+        loaded
+            .attach(category, name)
+            .with_context(|| format!("attaching {program} to {event}"))?;
+        let before = classic_total(&classic)?;
         Ok(Self {
-            count: TracepointCount::start(CLOSE_EVENT, &filter)?,
+            count: TracepointCount::start(event, filter)?,
             classic,
             before,
             _object: object,
         })
     }
 
-    /// Closes since [`Self::open`]: counted by perf (every one the kernel ran), and seen by
-    /// the classic program (perf is read first, for the order's reason).
-    pub fn counts(&self) -> anyhow::Result<(u64, u64)> {
+    /// Hits since [`Self::open`]: counted by perf (every one the kernel ran), and seen by the
+    /// classic program. Perf is read first, for the reason in [`Self::open`].
+    fn counts(&self) -> anyhow::Result<(u64, u64)> {
         let hits = self.count.read()?;
         let seen = classic_total(&self.classic)?.saturating_sub(self.before);
         Ok((hits, seen))
     }
-}
-
-/// Loads `program`, a classic tracepoint program of the object, attaches it to `event`
-/// (`category/name`) and takes its per-CPU count, `map`.
-fn attach_classic(
-    object: &mut aya::Ebpf,
-    program: &str,
-    map: &str,
-    event: &str,
-) -> anyhow::Result<aya::maps::PerCpuArray<aya::maps::MapData, u64>> {
-    let counts = aya::maps::PerCpuArray::try_from(
-        object
-            .take_map(map)
-            .with_context(|| format!("classic count map {map} missing from the object"))?,
-    )?;
-    let loaded: &mut aya::programs::TracePoint = object
-        .program_mut(program)
-        .with_context(|| format!("classic tracepoint program {program} missing from the object"))?
-        .try_into()?;
-    loaded.load()?;
-    let (category, name) = event.split_once('/').context("event without a category")?;
-    loaded
-        .attach(category, name)
-        .with_context(|| format!("attaching {program} to {event}"))?;
-    Ok(counts)
 }
 
 /// The classic program's count, summed over CPUs.

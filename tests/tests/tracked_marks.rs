@@ -196,9 +196,9 @@ fn closes_are_sent_while_the_table_may_hold_the_connection() -> anyhow::Result<(
     );
     eprintln!(
         "{test}: {busy_sent} close and {busy_expiries_sent} expiry records for {BUSY} busy \
-         keepalive connections ({busy_expiries} expiries, {busy_probes} probes); {sent} for {PROBING} that probed, of \
-         which the table held {}; slots held {probing_held} while they probed, {quiet_held} \
-         after {quiet_renewals} renewals that marked {marked}",
+         keepalive connections ({busy_expiries} expiries, {busy_probes} probes); {sent} for \
+         {PROBING} that probed, of which the table held {}; slots held {probing_held} while \
+         they probed, {quiet_held} after {quiet_renewals} renewals that marked {marked}",
         held.len()
     );
     Ok(())

@@ -241,8 +241,9 @@ impl KernelPrograms {
     }
 }
 
-/// Which closes the kernel programs send to the agent. Every close is counted in the kernel
-/// either way (`tcp_connection_drops_total` stays exact).
+/// Which closes (and keepalive expiries without a probe) the kernel programs send to the agent.
+/// Every close and expiry is counted in the kernel either way (`tcp_connection_drops_total`
+/// and `tcp_keepalive_timer_expiries_total` stay exact).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseReports {
     /// Only closes of connections with `SO_KEEPALIVE` the agent's table may hold (they probed:
@@ -250,9 +251,11 @@ pub(crate) enum CloseReports {
     /// without keepalive never probed, nor did one the table does not hold, so nothing in the
     /// agent waits for their closes but a per-connection drop series. Under connection churn
     /// (RST closes of short connections, with keepalive or not) this keeps the agent idle.
+    /// Likewise an expiry that neither probed nor found probes unanswered (traffic flowing) is
+    /// sent only for a connection the table may hold.
     KeepaliveOn,
-    /// Every close the programs report (per-connection series of every drop, the event
-    /// stream, aggregates by workload).
+    /// Every close the programs report, and every keepalive expiry (per-connection series of
+    /// every drop, the event stream, aggregates by workload).
     All,
 }
 
