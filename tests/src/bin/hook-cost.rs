@@ -14,10 +14,12 @@
 //!    tracks.
 //! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
 //!    expiry from `timer_expire_entry` to `timer_expire_exit` around the agent's, over
-//!    `--span-connections` connections probing every second, with and without the agent in
-//!    alternating phases (`--rounds`; `--span-only` runs nothing else). Unlike the run-time
-//!    counters of 2, this does not charge the agent for the cache misses on the socket its
-//!    entry program takes first and the kernel's callback then does not.
+//!    `--span-connections` connections probing every second, with no other program, with empty
+//!    programs on the two hooks and with the agent, in alternating phases (`--rounds`;
+//!    `--span-only` runs nothing else), with `bpf_stats` off. Unlike the run-time counters of 2,
+//!    this includes what the agent's programs change in the callback: a cache miss taken by the
+//!    entry program may be one the callback no longer takes, or one it cannot overlap with its
+//!    own.
 //! 4. Userspace: records through decode → track → classify → metrics, per second of CPU; then
 //!    `--probing-connections` live connections probing every second against answering peers
 //!    (the synchronized run's records, without the kernel), per second of CPU.
@@ -148,7 +150,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let _stats = BpfStats::enable()?;
+    let _stats = BpfStats::set(true)?;
     let agent = Agent::start().context("starting the agent")?;
 
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
@@ -319,13 +321,19 @@ fn main() -> anyhow::Result<()> {
 
 /// What the agent adds to a keepalive expiry on the CPU. `bpf_stats` charges the agent's entry
 /// program with the cache misses on the socket, which it takes first; the kernel's callback
-/// would take most of them itself (it reads the same socket), so the programs' run time
-/// overstates the cost. Here the bench's own programs time each keepalive expiry from
-/// `timer_expire_entry` (attached before the agent starts, so before its entry program) to
-/// `timer_expire_exit` (attached after the agent's, so after its exit program), with and
-/// without the agent, in alternating phases over the same probing connections: the difference
-/// is the agent's entry and exit plus whatever they change in the callback.
+/// reads the same socket, so the programs' run time need not be what the agent adds. Here the
+/// bench's own programs time each keepalive expiry from `timer_expire_entry` (attached first, so
+/// before any other program on it) to `timer_expire_exit` (attached last, so after the others),
+/// in alternating phases over the same probing connections: with no other program, with an
+/// empty program on each of the two hooks (what any program there costs: the tracepoint's
+/// dispatch and the run), and with the agent. The agent's own work is its difference from the
+/// empty programs, as in the other rows.
+///
+/// `kernel.bpf_stats_enabled` is off meanwhile, whatever the run-time rows need: with it on the
+/// kernel reads the clock before and after every program run (a pvclock read in a KVM guest),
+/// which would charge the agent's two programs with four reads a production node does not make.
 fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::Result<()> {
+    let _stats = BpfStats::set(false)?;
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     let mut ebpf =
         keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
@@ -358,17 +366,24 @@ fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::R
     println!(
         "keepalive expiry on the CPU, timer_expire_entry to timer_expire_exit (callback and \
          programs), {connections} connections probing every second, {rounds} rounds of {} s \
-         per side, alternating",
+         per side, alternating; bpf_stats off",
         length.as_secs()
     );
     println!(
-        "| round | expiries without agent | ns/expiry without | expiries with agent | ns/expiry with | added by the agent |"
+        "| round | expiries (none / empty / agent) | ns/expiry, no programs | empty programs | agent | empty programs add | agent adds over empty programs |"
     );
-    println!("|---|---|---|---|---|---|");
-    let mut added = Vec::new();
+    println!("|---|---|---|---|---|---|---|");
+    let timer_hooks = [
+        "timer_expire_entry".to_owned(),
+        "timer_expire_exit".to_owned(),
+    ];
+    let (mut floor, mut added) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let mut side = |with_agent: bool| -> anyhow::Result<(u64, f64)> {
-            let agent = with_agent
+        let mut side = |programs: SpanSide| -> anyhow::Result<(u64, f64)> {
+            let empty = (programs == SpanSide::Empty)
+                .then(|| EmptyPrograms::attach(&btf, &timer_hooks))
+                .transpose()?;
+            let agent = (programs == SpanSide::Agent)
                 .then(|| Agent::start().context("starting the agent"))
                 .transpose()?;
             let span_out = tp_program(&mut ebpf, EXPIRY_SPAN_OUT_PROGRAM)?;
@@ -380,24 +395,42 @@ fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::R
             let (ns1, n1) = totals()?;
             span_out.detach(link)?;
             drop(agent);
+            drop(empty);
             let n = n1 - n0;
             Ok((n, (ns1 - ns0) as f64 / n.max(1) as f64))
         };
-        let (n_without, without) = side(false)?;
-        let (n_with, with) = side(true)?;
+        let (n_none, none) = side(SpanSide::None)?;
+        let (n_empty, empty) = side(SpanSide::Empty)?;
+        let (n_agent, agent) = side(SpanSide::Agent)?;
         println!(
-            "| {round} | {n_without} | {without:.0} | {n_with} | {with:.0} | {:.0} ns |",
-            with - without
+            "| {round} | {n_none} / {n_empty} / {n_agent} | {none:.0} | {empty:.0} | {agent:.0} | {:.0} ns | {:.0} ns |",
+            empty - none,
+            agent - empty
         );
-        added.push(with - without);
+        floor.push(empty - none);
+        added.push(agent - empty);
     }
     drop(pairs);
-    added.sort_by(f64::total_cmp);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     println!(
-        "added by the agent per keepalive expiry (median of {rounds} rounds): {:.0} ns",
-        added[added.len() / 2]
+        "per keepalive expiry (median of {rounds} rounds): empty programs on the two hooks add \
+         {:.0} ns; the agent adds {:.0} ns over them",
+        median(&mut floor),
+        median(&mut added)
     );
     Ok(())
+}
+
+/// Which programs besides the bench's own run on the timer hooks in a phase of [`expiry_span`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SpanSide {
+    None,
+    /// An empty program on `timer_expire_entry` and one on `timer_expire_exit`.
+    Empty,
+    Agent,
 }
 
 /// A tp_btf program of the object, by name.
@@ -889,16 +922,17 @@ fn measure(
     })
 }
 
-/// Turns `kernel.bpf_stats_enabled` on for the run and restores the previous value.
+/// Sets `kernel.bpf_stats_enabled` for a phase and restores the previous value.
 struct BpfStats {
     previous: String,
 }
 
 impl BpfStats {
-    fn enable() -> anyhow::Result<Self> {
+    fn set(on: bool) -> anyhow::Result<Self> {
         let previous = std::fs::read_to_string(STATS_SYSCTL)
             .with_context(|| format!("reading {STATS_SYSCTL}"))?;
-        std::fs::write(STATS_SYSCTL, "1").with_context(|| format!("writing {STATS_SYSCTL}"))?;
+        std::fs::write(STATS_SYSCTL, if on { "1" } else { "0" })
+            .with_context(|| format!("writing {STATS_SYSCTL}"))?;
         Ok(Self { previous })
     }
 }
