@@ -20,7 +20,10 @@ use crate::{
         decoder::{self, Event, encode},
         ring_reader::BatchClock,
     },
-    track::{classifier::ResetReasons, connection_table::ConnectionTable},
+    track::{
+        classifier::ResetReasons,
+        connection_table::{ConnectionTable, WalkedNamespaces},
+    },
 };
 
 /// What one [`pipeline_throughput`] run measured.
@@ -99,8 +102,10 @@ pub fn reconcile_cost(connections: u32, sockets: u32) -> Duration {
         }
         walked.push((sk, expiry.endpoints));
     }
+    // Built before the lock, as the audit does (see `Tracker::reconcile`).
+    let covered = WalkedNamespaces::of(walked.iter().map(|(_, e)| e));
     let started = Instant::now();
-    let gone = table.reconcile(walked.iter().map(|(sk, e)| (*sk, e)), started);
+    let gone = table.reconcile(walked.iter().map(|(sk, e)| (*sk, e)), &covered, started);
     let took = started.elapsed();
     assert_eq!(gone, 0, "every connection was walked");
     took

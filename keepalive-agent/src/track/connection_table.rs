@@ -514,13 +514,10 @@ impl ConnectionTable {
     /// how many were removed.
     pub(crate) fn reconcile<'a>(
         &mut self,
-        walked: impl Iterator<Item = (u64, &'a Endpoints)> + Clone,
+        walked: impl Iterator<Item = (u64, &'a Endpoints)>,
+        covered: &WalkedNamespaces,
         started: Instant,
     ) -> usize {
-        let covered: HashSet<(u32, u64)> = walked
-            .clone()
-            .map(|(_, e)| (e.netns, e.netns_cookie))
-            .collect();
         // A lookup per socket walked, without promoting anything in the LRU order: no copy of
         // the walk is kept (it can be every socket on the host).
         for (sk, endpoints) in walked {
@@ -534,7 +531,7 @@ impl ConnectionTable {
         for (&sk, state) in self.live.iter_mut() {
             if std::mem::take(&mut state.found_by_walk) || state.updated >= started {
                 state.missed_walks = 0;
-            } else if covered.contains(&(state.endpoints.netns, state.endpoints.netns_cookie)) {
+            } else if covered.contains(&state.endpoints) {
                 state.missed_walks = state.missed_walks.saturating_add(1);
                 if state.missed_walks >= VANISHED_AFTER {
                     gone.push(sk);
@@ -600,6 +597,21 @@ impl ConnectionTable {
             .chain(live)
             .chain(other.iter().rev().map(|(_, state)| state))
             .collect()
+    }
+}
+
+/// The namespaces, by inode and cookie, that one audit walk found connections of: the only ones
+/// whose connections [`ConnectionTable::reconcile`] judges. Built from the walk before the
+/// table is locked, since it hashes every socket walked (every one on the host).
+pub(crate) struct WalkedNamespaces(HashSet<(u32, u64), foldhash::fast::RandomState>);
+
+impl WalkedNamespaces {
+    pub(crate) fn of<'a>(walked: impl Iterator<Item = &'a Endpoints>) -> Self {
+        Self(walked.map(|e| (e.netns, e.netns_cookie)).collect())
+    }
+
+    fn contains(&self, endpoints: &Endpoints) -> bool {
+        self.0.contains(&(endpoints.netns, endpoints.netns_cookie))
     }
 }
 
@@ -674,13 +686,17 @@ mod tests {
             t0,
         );
         let at = |s: u64| t0 + Duration::from_secs(s);
+        let reconcile = |t: &mut ConnectionTable, walked: &[(u64, &Endpoints)], started| {
+            let covered = WalkedNamespaces::of(walked.iter().map(|&(_, e)| e));
+            t.reconcile(walked.iter().copied(), &covered, started)
+        };
         let (e1, e3, other) = (endpoints(1000), endpoints(3000), endpoints(9000));
         // 2 and 3 missed once; 4's namespace had no connection in the walk: not judged.
-        assert_eq!(t.reconcile([(1, &e1), (9, &other)].into_iter(), at(1)), 0);
+        assert_eq!(reconcile(&mut t, &[(1, &e1), (9, &other)], at(1)), 0);
         // 3 found again; 2 missed twice, its slot now another connection's: gone.
         let reused = endpoints(5555);
         assert_eq!(
-            t.reconcile([(1, &e1), (2, &reused), (3, &e3)].into_iter(), at(2)),
+            reconcile(&mut t, &[(1, &e1), (2, &reused), (3, &e3)], at(2)),
             1
         );
         assert_eq!(t.vanished(), 1);
@@ -693,9 +709,9 @@ mod tests {
         // 3 was found by the last walk: one miss is not two. 1 had a record after the walk
         // began: not judged either.
         t.on_expiry(&expiry(1, 1000, 0, 1), at(4));
-        assert_eq!(t.reconcile([(9, &other)].into_iter(), at(3)), 0);
+        assert_eq!(reconcile(&mut t, &[(9, &other)], at(3)), 0);
         assert_eq!(live(&t), [1, 3, 4]);
-        assert_eq!(t.reconcile([(9, &other)].into_iter(), at(5)), 1);
+        assert_eq!(reconcile(&mut t, &[(9, &other)], at(5)), 1);
         assert_eq!(live(&t), [1, 4]);
         assert_eq!(t.vanished(), 2);
     }

@@ -14,7 +14,7 @@ use crate::{
     record::decoder::{AuditedSocket, CloseEvent, Endpoints, KeepaliveExpiry},
     track::{
         classifier::{self, CloseOutcome, DropReason, ResetReasons},
-        connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome},
+        connection_table::{ConnectionState, ConnectionTable, ExpiryOutcome, WalkedNamespaces},
         idle_kill::{self, IdleKill, NodeThresholds},
     },
 };
@@ -204,7 +204,9 @@ impl Tracker {
             .iter()
             .filter(|s| s.state != tcp_state::LISTEN)
             .map(|s| (s.sk, &s.endpoints));
-        self.table().reconcile(walked, started)
+        // Before the lock: records wait in the ring buffer while the table is locked.
+        let covered = WalkedNamespaces::of(walked.clone().map(|(_, e)| e));
+        self.table().reconcile(walked, &covered, started)
     }
 
     /// Calls `f` with the ports (remote, local) of every live connection, the table locked
