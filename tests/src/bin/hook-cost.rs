@@ -14,9 +14,10 @@
 //!    tracks.
 //! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
 //!    expiry from `timer_expire_entry` to `timer_expire_exit` around the agent's, over
-//!    `--span-connections` connections probing every second, with no other program, with empty
-//!    programs on the two hooks and with the agent, in alternating phases (`--rounds`;
-//!    `--span-only` runs nothing else), with `bpf_stats` off. Unlike the run-time counters of 2,
+//!    `--span-connections` connections probing every second, then over `--connections`
+//!    connections whose expiries find traffic (a byte every 100 ms) and send no probe, with no
+//!    other program, with empty programs on the two hooks and with the agent, in alternating
+//!    phases (`--rounds`; `--span-only` runs nothing else), with `bpf_stats` off. Unlike the run-time counters of 2,
 //!    this includes what the agent's programs change in the callback: a cache miss taken by the
 //!    entry program may be one the callback no longer takes, or one it cannot overlap with its
 //!    own.
@@ -137,7 +138,9 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{} CPUs", std::thread::available_parallelism()?);
     if span_only {
-        return expiry_span(rounds, span_connections, Duration::from_secs(seconds));
+        let length = Duration::from_secs(seconds);
+        expiry_span(rounds, SpanLoad::Probing(span_connections), length)?;
+        return expiry_span(rounds, SpanLoad::Traffic(connections), length);
     }
     if pipeline_only {
         pipeline(pipeline_connections, probing_connections);
@@ -285,7 +288,8 @@ fn main() -> anyhow::Result<()> {
     drop(baseline_obj);
 
     if rounds > 0 && span_connections > 0 {
-        expiry_span(rounds, span_connections, phase)?;
+        expiry_span(rounds, SpanLoad::Probing(span_connections), phase)?;
+        expiry_span(rounds, SpanLoad::Traffic(connections), phase)?;
     }
 
     pipeline(pipeline_connections, probing_connections);
@@ -332,7 +336,7 @@ fn main() -> anyhow::Result<()> {
 /// `kernel.bpf_stats_enabled` is off meanwhile, whatever the run-time rows need: with it on the
 /// kernel reads the clock before and after every program run (a pvclock read in a KVM guest),
 /// which would charge the agent's two programs with four reads a production node does not make.
-fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::Result<()> {
+fn expiry_span(rounds: usize, load: SpanLoad, length: Duration) -> anyhow::Result<()> {
     let _stats = BpfStats::set(false)?;
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     let mut ebpf =
@@ -353,6 +357,7 @@ fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::R
             .fold((0, 0), |(ns, n), s| (ns + s.total_ns, n + s.expiries)))
     };
 
+    let (SpanLoad::Probing(connections) | SpanLoad::Traffic(connections)) = load;
     let ns = Netns::new("bench-span")?;
     let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
     let pairs = ns.connect_pairs(&listener, connections)?;
@@ -363,12 +368,51 @@ fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::R
         set_keepalive(&pair.client, 1, 1, 9)?;
         std::thread::sleep(gap);
     }
+    let workload = match load {
+        SpanLoad::Probing(_) => "probing every second",
+        SpanLoad::Traffic(_) => {
+            "with keepalive on (1 s) and a byte sent every 100 ms, so each expiry finds traffic \
+             and sends no probe (the agent sends no record for it)"
+        }
+    };
     println!(
         "keepalive expiry on the CPU, timer_expire_entry to timer_expire_exit (callback and \
-         programs), {connections} connections probing every second, {rounds} rounds of {} s \
-         per side, alternating; bpf_stats off",
+         programs), {connections} connections {workload}, {rounds} rounds of {} s per side, \
+         alternating; bpf_stats off",
         length.as_secs()
     );
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let writer = matches!(load, SpanLoad::Traffic(_)).then(|| {
+            scope.spawn(|| -> anyhow::Result<()> {
+                while !stop.load(Ordering::Relaxed) {
+                    for pair in &pairs {
+                        (&pair.client).write_all(b"x")?;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(())
+            })
+        });
+        let spans = span_rounds(rounds, length, &btf, &mut ebpf, &totals);
+        stop.store(true, Ordering::Relaxed);
+        if let Some(writer) = writer {
+            writer.join().expect("writer thread panicked")?;
+        }
+        spans
+    })?;
+    drop(pairs);
+    Ok(())
+}
+
+/// The alternating rounds of [`expiry_span`], printed as a table and its medians.
+fn span_rounds(
+    rounds: usize,
+    length: Duration,
+    btf: &aya::Btf,
+    ebpf: &mut aya::Ebpf,
+    totals: &dyn Fn() -> anyhow::Result<(u64, u64)>,
+) -> anyhow::Result<()> {
     println!(
         "| round | expiries (none / empty / agent) | ns/expiry, no programs | empty programs | agent | empty programs add | agent adds over empty programs |"
     );
@@ -381,12 +425,12 @@ fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::R
     for round in 1..=rounds {
         let mut side = |programs: SpanSide| -> anyhow::Result<(u64, f64)> {
             let empty = (programs == SpanSide::Empty)
-                .then(|| EmptyPrograms::attach(&btf, &timer_hooks))
+                .then(|| EmptyPrograms::attach(btf, &timer_hooks))
                 .transpose()?;
             let agent = (programs == SpanSide::Agent)
                 .then(|| Agent::start().context("starting the agent"))
                 .transpose()?;
-            let span_out = tp_program(&mut ebpf, EXPIRY_SPAN_OUT_PROGRAM)?;
+            let span_out = tp_program(ebpf, EXPIRY_SPAN_OUT_PROGRAM)?;
             let link = span_out.attach()?;
             // Expiries that began before the exit program was attached end unmeasured.
             std::thread::sleep(Duration::from_secs(1));
@@ -410,7 +454,6 @@ fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::R
         floor.push(empty - none);
         added.push(agent - empty);
     }
-    drop(pairs);
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -422,6 +465,16 @@ fn expiry_span(rounds: usize, connections: usize, length: Duration) -> anyhow::R
         median(&mut added)
     );
     Ok(())
+}
+
+/// The connections whose keepalive expiries [`expiry_span`] times.
+#[derive(Clone, Copy)]
+enum SpanLoad {
+    /// This many connections whose idle peers answer a probe every second.
+    Probing(usize),
+    /// This many connections sending a byte every 100 ms: every expiry finds traffic, sends no
+    /// probe and re-arms, the keepalive expiry most connections of a busy node have.
+    Traffic(usize),
 }
 
 /// Which programs besides the bench's own run on the timer hooks in a phase of [`expiry_span`].
