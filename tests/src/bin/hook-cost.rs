@@ -17,10 +17,10 @@
 //!    `--span-connections` connections probing every second, then over `--connections`
 //!    connections whose expiries find traffic (a byte every 100 ms) and send no probe, with no
 //!    other program, with empty programs on the two hooks and with the agent, in alternating
-//!    phases (`--rounds`; `--span-only` runs nothing else), with `bpf_stats` off. Unlike the run-time counters of 2,
-//!    this includes what the agent's programs change in the callback: a cache miss taken by the
-//!    entry program may be one the callback no longer takes, or one it cannot overlap with its
-//!    own.
+//!    phases (`--rounds`; `--span-only` runs nothing else), with `bpf_stats` off. Unlike the
+//!    run-time counters of 2, this includes what the agent's programs change in the callback: a
+//!    cache miss taken by the entry program may be one the callback no longer takes, or one it
+//!    cannot overlap with its own.
 //! 4. Userspace: records through decode → track → classify → metrics, per second of CPU; then
 //!    `--probing-connections` live connections probing every second against answering peers
 //!    (the synchronized run's records, without the kernel), per second of CPU.
@@ -63,7 +63,7 @@ use keepalive_agent::kernel::programs::{
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
-    Agent, Churn, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, Netns, UNCOUNTED_METRICS,
+    Agent, Churn, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, Netns, TcpPair, UNCOUNTED_METRICS,
     agent::vm_rss_kib, holder::Holders, set_keepalive,
 };
 
@@ -188,24 +188,7 @@ fn main() -> anyhow::Result<()> {
                 set_keepalive(&pair.client, 1, 1, 3)?;
             }
         }
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|scope| {
-            let writer = scope.spawn(|| -> anyhow::Result<()> {
-                // Each byte is acknowledged by the peer's delayed-ACK timer (no reply follows);
-                // sending again within the RTO keeps the retransmit timer from expiring.
-                while !stop.load(Ordering::Relaxed) {
-                    for pair in &pairs {
-                        (&pair.client).write_all(b"x")?;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Ok(())
-            });
-            let phase = measure(&ids, &agent, &netns, phase);
-            stop.store(true, Ordering::Relaxed);
-            writer.join().expect("writer thread panicked")?;
-            phase
-        })
+        while_writing(&pairs, || measure(&ids, &agent, &netns, phase))
     };
     let idle = with_traffic(false)?;
     // Before any probe: connections the agent's table never held.
@@ -381,28 +364,34 @@ fn expiry_span(rounds: usize, load: SpanLoad, length: Duration) -> anyhow::Resul
          alternating; bpf_stats off",
         length.as_secs()
     );
+    let mut timed = || span_rounds(rounds, length, &btf, &mut ebpf, &totals);
+    match load {
+        SpanLoad::Probing(_) => timed(),
+        SpanLoad::Traffic(_) => while_writing(&pairs, timed),
+    }
+}
+
+/// Runs `f` while a thread writes a byte on each pair's client every 100 ms, so their keepalive
+/// expiries find traffic and send no probe. Each byte is acknowledged by the peer's delayed-ACK
+/// timer (no reply follows); sending again within the RTO keeps the retransmit timer from
+/// expiring.
+fn while_writing<T>(pairs: &[TcpPair], f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let writer = matches!(load, SpanLoad::Traffic(_)).then(|| {
-            scope.spawn(|| -> anyhow::Result<()> {
-                while !stop.load(Ordering::Relaxed) {
-                    for pair in &pairs {
-                        (&pair.client).write_all(b"x")?;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
+        let writer = scope.spawn(|| -> anyhow::Result<()> {
+            while !stop.load(Ordering::Relaxed) {
+                for pair in pairs {
+                    (&pair.client).write_all(b"x")?;
                 }
-                Ok(())
-            })
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
         });
-        let spans = span_rounds(rounds, length, &btf, &mut ebpf, &totals);
+        let result = f();
         stop.store(true, Ordering::Relaxed);
-        if let Some(writer) = writer {
-            writer.join().expect("writer thread panicked")?;
-        }
-        spans
-    })?;
-    drop(pairs);
-    Ok(())
+        writer.join().expect("writer thread panicked")?;
+        result
+    })
 }
 
 /// The alternating rounds of [`expiry_span`], printed as a table and its medians.
