@@ -318,6 +318,28 @@ pub(crate) fn timer_entry_baseline(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Benchmarks only, never attached by the agent: picks the keepalive expiry out as the agent's
+/// entry does, then loads one byte of the socket's first line (`skc_state`) through the typed
+/// pointer and nothing else. The bench's on-CPU span (`hook-cost --span-only`) times it
+/// against empty programs: what a first load from a socket line costs before the callback,
+/// which is most of what the agent adds to an expiry (ARCHITECTURE, "How the cost is
+/// measured").
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub(crate) fn timer_entry_socket_load(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
+    let function_offset = offset!(timer_function);
+    // SAFETY: the verifier checks this load against `struct timer_list` (see timer_expire_entry).
+    let function = unsafe { core::ptr::read_volatile(timer.add(function_offset) as *const u64) };
+    // SAFETY: read of our own static (see `offset!`).
+    if function != unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_TIMER_FN) } {
+        return 0;
+    }
+    let sk = timer.wrapping_sub(offset!(keepalive_timer));
+    // A volatile load: kept though its value is not used.
+    let _state: u8 = typed_tcp_sock(sk).load(offset!(skc_state));
+    0
+}
+
 /// Benchmarks only, never attached by the agent: see [`ExpirySpan`].
 #[map]
 static EXPIRY_SPAN: PerCpuArray<ExpirySpan> = PerCpuArray::with_max_entries(1, 0);

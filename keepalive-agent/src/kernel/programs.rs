@@ -94,6 +94,10 @@ pub(crate) const MIN_RING_BUFFER_BYTES: u32 = 4096;
 
 /// An empty program on `timer_expire_entry`, for benchmarks only.
 pub const BASELINE_PROGRAM: &str = "timer_entry_baseline";
+/// Benchmarks only: on `timer_expire_entry`, one typed load from a keepalive expiry's socket
+/// and nothing else (needs the agent's prepared object: the keepalive callback's address and
+/// the typed cast).
+pub const SOCKET_LOAD_PROGRAM: &str = "timer_entry_socket_load";
 /// An empty program on `inet_sock_set_state`, for benchmarks only.
 pub const CLOSE_BASELINE_PROGRAM: &str = "close_baseline";
 /// Benchmarks only: starts timing a keepalive expiry on `timer_expire_entry`

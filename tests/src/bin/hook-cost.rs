@@ -16,8 +16,9 @@
 //!    expiry from `timer_expire_entry` to `timer_expire_exit` around the agent's, over
 //!    `--span-connections` connections probing every second, then over `--connections`
 //!    connections whose expiries find traffic (a byte every 100 ms) and send no probe, with no
-//!    other program, with empty programs on the two hooks and with the agent, in alternating
-//!    phases (`--rounds`; `--span-only` runs nothing else), with `bpf_stats` off. Unlike the
+//!    other program, with empty programs on the two hooks, with an entry program that loads one
+//!    byte of the socket and nothing else, and with the agent, in alternating phases
+//!    (`--rounds`; `--span-only` runs nothing else), with `bpf_stats` off. Unlike the
 //!    run-time counters of 2, this includes what the agent's programs change in the callback: a
 //!    cache miss taken by the entry program may be one the callback no longer takes, or one it
 //!    cannot overlap with its own.
@@ -59,7 +60,7 @@ use aya::maps::PerCpuArray;
 use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
 use keepalive_agent::kernel::programs::{
     BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP,
-    EXPIRY_SPAN_OUT_PROGRAM, HOOKS, PROGRAMS_OBJECT,
+    EXPIRY_SPAN_OUT_PROGRAM, HOOKS, PROGRAMS_OBJECT, SOCKET_LOAD_PROGRAM,
 };
 use keepalive_ebpf::ExpirySpan;
 use keepalive_tests::{
@@ -313,8 +314,10 @@ fn main() -> anyhow::Result<()> {
 /// before any other program on it) to `timer_expire_exit` (attached last, so after the others),
 /// in alternating phases over the same probing connections: with no other program, with an
 /// empty program on each of the two hooks (what any program there costs: the tracepoint's
-/// dispatch and the run), and with the agent. The agent's own work is its difference from the
-/// empty programs, as in the other rows.
+/// dispatch and the run), with an entry program that loads one byte of the socket (and an empty
+/// exit), and with the agent. The agent's own work is its difference from the empty programs,
+/// as in the other rows; the one load's difference is what a first touch of a socket line
+/// before the callback costs, the floor of any entry program that reads the socket.
 ///
 /// `kernel.bpf_stats_enabled` is off meanwhile, whatever the run-time rows need: with it on the
 /// kernel reads the clock before and after every program run (a pvclock read in a KVM guest),
@@ -333,6 +336,7 @@ fn expiry_span(rounds: usize, load: SpanLoad, length: Duration) -> anyhow::Resul
     span_in.attach()?;
     let span_out = tp_program(&mut ebpf, EXPIRY_SPAN_OUT_PROGRAM)?;
     span_out.load("timer_expire_exit", &btf)?;
+    tp_program(&mut ebpf, SOCKET_LOAD_PROGRAM)?.load("timer_expire_entry", &btf)?;
     let totals = || -> anyhow::Result<(u64, u64)> {
         let per_cpu = spans.get(&0, 0)?;
         Ok(per_cpu
@@ -403,18 +407,24 @@ fn span_rounds(
     totals: &dyn Fn() -> anyhow::Result<(u64, u64)>,
 ) -> anyhow::Result<()> {
     println!(
-        "| round | expiries (none / empty / agent) | ns/expiry, no programs | empty programs | agent | empty programs add | agent adds over empty programs |"
+        "| round | expiries (none / empty / one load / agent) | ns/expiry, no programs | empty programs | one socket load | agent | empty programs add | one socket load adds over them | agent adds over them |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let timer_hooks = [
         "timer_expire_entry".to_owned(),
         "timer_expire_exit".to_owned(),
     ];
-    let (mut floor, mut added) = (Vec::new(), Vec::new());
+    let (mut floor, mut one_load, mut added) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let mut side = |programs: SpanSide| -> anyhow::Result<(u64, f64)> {
             let empty = (programs == SpanSide::Empty)
                 .then(|| EmptyPrograms::attach(btf, &timer_hooks))
+                .transpose()?;
+            let socket_load = (programs == SpanSide::SocketLoad)
+                .then(|| -> anyhow::Result<_> {
+                    let exit = EmptyPrograms::attach(btf, &timer_hooks[1..])?;
+                    Ok((exit, tp_program(ebpf, SOCKET_LOAD_PROGRAM)?.attach()?))
+                })
                 .transpose()?;
             let agent = (programs == SpanSide::Agent)
                 .then(|| Agent::start().context("starting the agent"))
@@ -429,18 +439,25 @@ fn span_rounds(
             span_out.detach(link)?;
             drop(agent);
             drop(empty);
+            if let Some((exit, link)) = socket_load {
+                tp_program(ebpf, SOCKET_LOAD_PROGRAM)?.detach(link)?;
+                drop(exit);
+            }
             let n = n1 - n0;
             Ok((n, (ns1 - ns0) as f64 / n.max(1) as f64))
         };
         let (n_none, none) = side(SpanSide::None)?;
         let (n_empty, empty) = side(SpanSide::Empty)?;
+        let (n_load, load) = side(SpanSide::SocketLoad)?;
         let (n_agent, agent) = side(SpanSide::Agent)?;
         println!(
-            "| {round} | {n_none} / {n_empty} / {n_agent} | {none:.0} | {empty:.0} | {agent:.0} | {:.0} ns | {:.0} ns |",
+            "| {round} | {n_none} / {n_empty} / {n_load} / {n_agent} | {none:.0} | {empty:.0} | {load:.0} | {agent:.0} | {:.0} ns | {:.0} ns | {:.0} ns |",
             empty - none,
+            load - empty,
             agent - empty
         );
         floor.push(empty - none);
+        one_load.push(load - empty);
         added.push(agent - empty);
     }
     let median = |v: &mut Vec<f64>| {
@@ -449,8 +466,10 @@ fn span_rounds(
     };
     println!(
         "per keepalive expiry (median of {rounds} rounds): empty programs on the two hooks add \
-         {:.0} ns; the agent adds {:.0} ns over them",
+         {:.0} ns; an entry that loads one byte of the socket adds {:.0} ns over them, the \
+         agent {:.0} ns",
         median(&mut floor),
+        median(&mut one_load),
         median(&mut added)
     );
     Ok(())
@@ -472,6 +491,9 @@ enum SpanSide {
     None,
     /// An empty program on `timer_expire_entry` and one on `timer_expire_exit`.
     Empty,
+    /// On `timer_expire_entry`, a program that loads one byte of the expiring keepalive
+    /// timer's socket (`timer_entry_socket_load`); an empty one on `timer_expire_exit`.
+    SocketLoad,
     Agent,
 }
 
