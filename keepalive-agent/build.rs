@@ -8,6 +8,9 @@ use std::process::Command;
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=KEEPALIVE_BPF_TOOLCHAIN");
+    // Parts the programs leave out for `cargo xtask ablate` (keepalive_ebpf::ablation): the
+    // programs' build reads it from this script's environment.
+    println!("cargo:rerun-if-env-changed=KEEPALIVE_EBPF_ABLATE");
     println!("cargo:rustc-env=KEEPALIVE_GIT_REVISION={}", git_revision());
     let toolchain =
         std::env::var("KEEPALIVE_BPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".to_owned());

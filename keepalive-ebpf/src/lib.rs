@@ -48,6 +48,54 @@ pub mod names {
 }
 
 /// TCP states as `include/net/tcp_states.h` numbers them (kernel ABI, stable since 2.6).
+/// Parts of the kernel programs a build can leave out, so `cargo xtask ablate` can measure what
+/// each costs by running the agent built without it against the agent as built, alternately.
+/// Chosen at build time by `KEEPALIVE_EBPF_ABLATE` (a comma-separated list of [`PARTS`]): the
+/// agent's build script passes its environment to the programs' build, and both read it with
+/// `option_env!`, so cargo rebuilds them when it changes. Empty in every other build; an agent
+/// built with any part left out says so when it starts, since its figures are wrong.
+pub mod ablation {
+    /// What this build leaves out (empty: nothing).
+    pub const ABLATED: &str = match option_env!("KEEPALIVE_EBPF_ABLATE") {
+        Some(parts) => parts,
+        None => "",
+    };
+
+    /// `ring-write`: no record reaches the ring buffer (the agent sees no event).
+    /// `counters`: no namespace counter is looked up or added to (its totals stay 0).
+    /// `cgroup`: the socket's cgroup is not read (every record says cgroup 0).
+    pub const PARTS: [&str; 3] = ["ring-write", "counters", "cgroup"];
+
+    /// Whether this build leaves `part` out; a constant where `part` is one, so the programs'
+    /// code for it is not compiled at all in a build that keeps it.
+    pub const fn ablated(part: &str) -> bool {
+        lists(ABLATED, part)
+    }
+
+    /// Whether the comma-separated `list` names `part` (exactly; no spaces).
+    pub const fn lists(list: &str, part: &str) -> bool {
+        let (list, part) = (list.as_bytes(), part.as_bytes());
+        let mut start = 0;
+        while start < list.len() {
+            let mut end = start;
+            while end < list.len() && list[end] != b',' {
+                end += 1;
+            }
+            if end - start == part.len() {
+                let mut i = 0;
+                while i < part.len() && list[start + i] == part[i] {
+                    i += 1;
+                }
+                if i == part.len() {
+                    return true;
+                }
+            }
+            start = end + 1;
+        }
+        false
+    }
+}
+
 pub mod tcp_state {
     pub const ESTABLISHED: u8 = 1;
     pub const SYN_SENT: u8 = 2;

@@ -13,7 +13,8 @@ use aya_ebpf::{
 use keepalive_ebpf::{
     AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
     SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
-    SocketRecord, TrackedEpochs, TrackedMarks, Uncounted, record_flags, tracked_slot,
+    SocketRecord, TrackedEpochs, TrackedMarks, Uncounted, ablation::ablated, record_flags,
+    tracked_slot,
 };
 
 /// Written by the agent before load (`.rodata` is frozen, so the verifier sees constants).
@@ -206,6 +207,9 @@ static ZERO_COUNTERS: NetnsCounters = NetnsCounters {
 // `ZERO_COUNTERS`).
 #[allow(clippy::needless_borrows_for_generic_args)]
 pub(crate) fn netns_counters_of(key: NetnsKey) -> Option<*mut NetnsCounters> {
+    if const { ablated("counters") } {
+        return None;
+    }
     // Map values stay valid while the program runs (RCU); a deletion by the agent meanwhile
     // only loses this add, for a namespace it forgot.
     if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(key) {
@@ -748,11 +752,14 @@ fn fill_record<const FULL: bool, const CONNTRACK: bool>(
         rec.sk_err_soft = c.load::<i32>(offset!(sk_err_soft));
     }
     // Ownership: both optional (no cgroup data, or an orphan without a file).
-    let cgroup = c.load::<u64>(offset!(sk_cgroup));
-    rec.cgroup_id = c
-        .follow::<u64>(cgroup as *const u8, offset!(cgroup_kn))
-        .and_then(|kn| c.follow::<u64>(kn as *const u8, offset!(kernfs_node_id)))
-        .unwrap_or(0);
+    rec.cgroup_id = if const { ablated("cgroup") } {
+        0
+    } else {
+        let cgroup = c.load::<u64>(offset!(sk_cgroup));
+        c.follow::<u64>(cgroup as *const u8, offset!(cgroup_kn))
+            .and_then(|kn| c.follow::<u64>(kn as *const u8, offset!(kernfs_node_id)))
+            .unwrap_or(0)
+    };
     // Not for a keepalive expiry, which never asks for it: two more reads per expiry.
     rec.conntrack_timeout = if FULL && CONNTRACK {
         conntrack_timeout(c)
@@ -851,6 +858,9 @@ pub(crate) fn emit_expiry(rec: &ExpiryRecord, family: u16) {
 /// from 6.10).
 #[inline(always)]
 fn output<T: ?Sized>(data: &T) {
+    if const { ablated("ring-write") } {
+        return;
+    }
     // SAFETY: read of our own static (see `offset!`).
     let wakeup_records = unsafe { core::ptr::read_volatile(&raw const WAKEUP_RECORDS) };
     let flags = match UNWOKEN_RECORDS.get_ptr_mut(0) {

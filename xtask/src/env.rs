@@ -12,6 +12,9 @@ use anyhow::{Context as _, Result, bail};
 
 /// Names the nightly toolchain the agent's build.rs compiles the eBPF crate with.
 pub(crate) const TOOLCHAIN_ENV: &str = "KEEPALIVE_BPF_TOOLCHAIN";
+/// Parts the kernel programs leave out (`keepalive_ebpf::ablation`): set by `cargo xtask
+/// ablate` for its one build, removed from every other command.
+pub(crate) const ABLATE_ENV: &str = "KEEPALIVE_EBPF_ABLATE";
 
 /// A platform the static agent and its image are built for.
 pub(crate) struct Platform {

@@ -86,6 +86,29 @@ enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Build the agent without parts of its kernel programs as well as with them, then run the
+    /// hook-cost benchmark against each, alternately (`--pairs` pairs, the order swapped every
+    /// pair): what a part costs is the difference between the figures of the two runs of a pair.
+    /// The agent without them is target/ablate/keepalive-agent-without-<parts>; it warns when
+    /// it starts, and target/release/keepalive-agent is the agent as built again afterwards.
+    Ablate {
+        /// Comma-separated parts to leave out: ring-write (no record reaches the ring buffer),
+        /// counters (no namespace counter is looked up or added to), cgroup (the socket's
+        /// cgroup is not read).
+        parts: String,
+        /// Pairs of runs.
+        #[arg(long, default_value_t = 2)]
+        pairs: u32,
+        /// Arguments for the hook-cost benchmark (after `--`); without any, the per-hook rows
+        /// only: --rounds 0 --seconds 3 --connections 1000 --pipeline-connections 10
+        /// --probing-connections 0 --sync-connections ''.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
     /// Setup, then the kernel matrix: Debian's 5.10, 6.1 and 6.12 kernels (newest, and newest
     /// before the icsk_keepalive_timer backport) booted in qemu with the static agent and the
     /// scenario program; prints kernel vs agent figures per scenario, writes
@@ -108,6 +131,9 @@ fn main() -> ExitCode {
             .and_then(|setup| package::build_package(&setup))
             .map(|_| ExitCode::SUCCESS),
         Command::Bench { args } => tasks::bench(&args).map(|()| ExitCode::SUCCESS),
+        Command::Ablate { parts, pairs, args } => {
+            tasks::ablate(&parts, pairs, &args).map(|()| ExitCode::SUCCESS)
+        }
         Command::Vm(args) => setup::setup()
             .and_then(|setup| vm::vm(&setup, &args))
             .map(|()| ExitCode::SUCCESS),

@@ -68,10 +68,12 @@ pub(crate) struct Setup {
 
 impl Setup {
     /// A command in the workspace root with PATH including cargo's bin directory and
-    /// KEEPALIVE_BPF_TOOLCHAIN naming the nightly toolchain.
+    /// KEEPALIVE_BPF_TOOLCHAIN naming the nightly toolchain, and without KEEPALIVE_EBPF_ABLATE:
+    /// an agent built with it set in the shell would be missing parts of its programs.
     pub(crate) fn command(&self, program: impl AsRef<OsStr>) -> std::process::Command {
         let mut cmd = self.env.command(program);
-        cmd.env(env::TOOLCHAIN_ENV, &self.toolchain);
+        cmd.env(env::TOOLCHAIN_ENV, &self.toolchain)
+            .env_remove(env::ABLATE_ENV);
         cmd
     }
 }

@@ -294,6 +294,103 @@ pub(crate) fn bench(args: &[OsString]) -> Result<()> {
     )
 }
 
+/// hook-cost's arguments for `cargo xtask ablate` without any: the per-hook rows only.
+const ABLATE_DEFAULT_ARGS: [&str; 12] = [
+    "--rounds",
+    "0",
+    "--seconds",
+    "3",
+    "--connections",
+    "1000",
+    "--pipeline-connections",
+    "10",
+    "--probing-connections",
+    "0",
+    "--sync-connections",
+    "",
+];
+
+/// `cargo xtask ablate`: see its help in main.rs.
+pub(crate) fn ablate(parts: &str, pairs: u32, args: &[OsString]) -> Result<()> {
+    let parts = ablation_parts(parts)?;
+    if pairs == 0 {
+        bail!("--pairs 0 runs nothing; give at least 1");
+    }
+    let setup = setup::setup()?;
+    let dir = setup.env.root.join("target/ablate");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Without the parts first, then as built: target/release keeps the agent as built.
+    header(&format!(
+        "build: cargo build --release -p keepalive-agent, {}={parts}",
+        env::ABLATE_ENV
+    ));
+    env::run(setup.command("cargo").env(env::ABLATE_ENV, &parts).args([
+        "build",
+        "--release",
+        "-p",
+        "keepalive-agent",
+    ]))
+    .context("building keepalive-agent without the parts failed")?;
+    let without = dir.join(format!(
+        "keepalive-agent-without-{}",
+        parts.replace(',', "+")
+    ));
+    copy_file(&setup.env.agent_bin(), &without)?;
+    let as_built = dir.join("keepalive-agent");
+    copy_file(&build_agent(&setup)?, &as_built)?;
+    header("build: cargo build --release -p keepalive-tests --bin hook-cost");
+    env::run(setup.command("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "keepalive-tests",
+        "--bin",
+        "hook-cost",
+    ]))
+    .context("building hook-cost failed")?;
+    let hook_cost = setup.env.agent_bin().with_file_name("hook-cost");
+    let defaults: Vec<OsString> = ABLATE_DEFAULT_ARGS.iter().map(OsString::from).collect();
+    let args = if args.is_empty() { &defaults[..] } else { args };
+    let label = format!("without {parts}");
+    for pair in 1..=pairs {
+        let mut order = [("as built", &as_built), (label.as_str(), &without)];
+        if pair % 2 == 0 {
+            order.reverse();
+        }
+        for (name, bin) in order {
+            header(&format!("pair {pair} of {pairs}: the agent {name}"));
+            env::run(setup.command(&hook_cost).env(AGENT_BIN_ENV, bin).args(args))
+                .with_context(|| format!("hook-cost with the agent {name} failed"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The parts `cargo xtask ablate` was given, checked against what the programs can leave out,
+/// as the comma-separated list the build reads.
+fn ablation_parts(parts: &str) -> Result<String> {
+    let known = keepalive_ebpf::ablation::PARTS;
+    let mut list = Vec::new();
+    for part in parts.split(',').map(str::trim) {
+        if !known.contains(&part) {
+            bail!(
+                "unknown part {part:?}: the kernel programs can leave out {}",
+                known.join(", ")
+            );
+        }
+        if !list.contains(&part) {
+            list.push(part);
+        }
+    }
+    Ok(list.join(","))
+}
+
+fn copy_file(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::copy(from, to)
+        .map(drop)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))
+}
+
 fn header(text: &str) {
     println!("\n== {text}");
 }
@@ -309,4 +406,37 @@ fn step(name: &str, what: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ablation_parts;
+    use keepalive_ebpf::ablation::lists;
+
+    #[test]
+    fn ablation_parts_are_checked_and_listed_once() {
+        assert_eq!(ablation_parts("ring-write").unwrap(), "ring-write");
+        assert_eq!(
+            ablation_parts("counters, cgroup,counters").unwrap(),
+            "counters,cgroup"
+        );
+        let err = ablation_parts("ring-write,ringwrite")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"ringwrite\"") && err.contains("cgroup"),
+            "{err}"
+        );
+        assert!(ablation_parts("").is_err());
+    }
+
+    #[test]
+    fn the_programs_match_whole_parts_of_the_list() {
+        assert!(lists("ring-write,counters", "counters"));
+        assert!(lists("ring-write,counters", "ring-write"));
+        assert!(!lists("ring-write,counters", "ring"));
+        assert!(!lists("ring-write,counters", "cgroup"));
+        assert!(!lists("", "cgroup"));
+        assert!(!lists("cgroups", "cgroup"));
+    }
 }

@@ -188,6 +188,13 @@ impl RunConfig {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let ablated = keepalive_ebpf::ablation::ABLATED;
+    if !ablated.is_empty() {
+        warn!(
+            "this agent was built for `cargo xtask ablate` without {ablated} in its kernel \
+             programs: its figures are wrong; build it again without KEEPALIVE_EBPF_ABLATE"
+        );
+    }
     config.validate()?;
     // Before the kernel is touched: a file that does not load stops the agent at once.
     let web = match &config.web_config_file {
