@@ -318,22 +318,32 @@ pub(crate) fn timer_entry_baseline(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Benchmarks only, never attached by the agent: picks the keepalive expiry out as the agent's
-/// entry does, then loads one byte of the socket's first line (`skc_state`) through the typed
-/// pointer and nothing else. The bench's on-CPU span (`hook-cost --span-only`) times it
-/// against empty programs: what a first load from a socket line costs before the callback,
-/// which is most of what the agent adds to an expiry (ARCHITECTURE, "How the cost is
-/// measured").
-#[btf_tracepoint(function = "timer_expire_entry")]
-pub(crate) fn timer_entry_socket_load(ctx: BtfTracePointContext) -> i32 {
+/// The bench programs' filter on `timer_expire_entry`: the expiring timer when its callback is
+/// `tcp_keepalive_timer`, from one load through the BTF-typed pointer, as the agent's entry.
+#[inline(always)]
+fn keepalive_timer(ctx: &BtfTracePointContext) -> Option<*const u8> {
     let timer: *const u8 = ctx.arg(0);
     let function_offset = offset!(timer_function);
     // SAFETY: the verifier checks this load against `struct timer_list` (see timer_expire_entry).
     let function = unsafe { core::ptr::read_volatile(timer.add(function_offset) as *const u64) };
     // SAFETY: read of our own static (see `offset!`).
-    if function != unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_TIMER_FN) } {
-        return 0;
+    if function == unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_TIMER_FN) } {
+        Some(timer)
+    } else {
+        None
     }
+}
+
+/// Benchmarks only, never attached by the agent: picks the keepalive expiry out as the agent's
+/// entry does, then loads one byte of the socket's first line (`skc_state`) through the typed
+/// pointer and nothing else. The bench's on-CPU span (`hook-cost --span-only`) times it
+/// against empty programs: what a first load from a socket line costs before the callback, a
+/// large part of what the agent adds to an expiry (ARCHITECTURE, "How the cost is measured").
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub(crate) fn timer_entry_socket_load(ctx: BtfTracePointContext) -> i32 {
+    let Some(timer) = keepalive_timer(&ctx) else {
+        return 0;
+    };
     let sk = timer.wrapping_sub(offset!(keepalive_timer));
     // A volatile load: kept though its value is not used.
     let _state: u8 = typed_tcp_sock(sk).load(offset!(skc_state));
@@ -348,14 +358,9 @@ static EXPIRY_SPAN: PerCpuArray<ExpirySpan> = PerCpuArray::with_max_entries(1, 0
 /// agent's program: the span includes what the agent's entry costs, cache misses included.
 #[btf_tracepoint(function = "timer_expire_entry")]
 pub(crate) fn expiry_span_in(ctx: BtfTracePointContext) -> i32 {
-    let timer: *const u8 = ctx.arg(0);
-    let function_offset = offset!(timer_function);
-    // SAFETY: the verifier checks this load against `struct timer_list` (see timer_expire_entry).
-    let function = unsafe { core::ptr::read_volatile(timer.add(function_offset) as *const u64) };
-    // SAFETY: read of our own static (see `offset!`).
-    if function != unsafe { core::ptr::read_volatile(&raw const KEEPALIVE_TIMER_FN) } {
+    let Some(timer) = keepalive_timer(&ctx) else {
         return 0;
-    }
+    };
     if let Some(span) = EXPIRY_SPAN.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; timer callbacks do not nest on one CPU.
         unsafe {
