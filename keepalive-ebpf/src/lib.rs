@@ -47,12 +47,11 @@ pub mod names {
     pub const IPVS_QUERY_MAP: &str = "IPVS_QUERY";
 }
 
-/// TCP states as `include/net/tcp_states.h` numbers them (kernel ABI, stable since 2.6).
 /// Parts of the kernel programs a build can leave out, so `cargo xtask ablate` can measure what
 /// each costs by running the agent built without it against the agent as built, alternately.
-/// Chosen at build time by `KEEPALIVE_EBPF_ABLATE` (a comma-separated list of [`PARTS`]): the
-/// agent's build script passes its environment to the programs' build, and both read it with
-/// `option_env!`, so cargo rebuilds them when it changes. Empty in every other build; an agent
+/// Chosen at build time by `KEEPALIVE_EBPF_ABLATE` (a comma-separated list of
+/// [`ablation::PARTS`]): the agent's build script passes its environment to the programs'
+/// build, and both read it with `option_env!`, so cargo rebuilds them when it changes. Empty in every other build; an agent
 /// built with any part left out says so when it starts, since its figures are wrong.
 pub mod ablation {
     /// What this build leaves out (empty: nothing).
@@ -96,6 +95,7 @@ pub mod ablation {
     }
 }
 
+/// TCP states as `include/net/tcp_states.h` numbers them (kernel ABI, stable since 2.6).
 pub mod tcp_state {
     pub const ESTABLISHED: u8 = 1;
     pub const SYN_SENT: u8 = 2;

@@ -325,7 +325,7 @@ fn main() -> anyhow::Result<()> {
 /// reads the same socket, so the programs' run time need not be what the agent adds. Here the
 /// bench's own programs time each keepalive expiry from `timer_expire_entry` (attached first, so
 /// before any other program on it) to `timer_expire_exit` (attached last, so after the others),
-/// in alternating phases over the same probing connections: with no other program, with an
+/// in alternating phases over the same connections (`load`): with no other program, with an
 /// empty program on each of the two hooks (what any program there costs: the tracepoint's
 /// dispatch and the run), with an entry program that loads one byte of the socket (and an empty
 /// exit), and with the agent. The agent's own work is its difference from the empty programs,
