@@ -9,8 +9,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
     CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, NetnsCounters, RecordKind,
-    SocketRecord, Uncounted, classify_close, idle_kill_candidate, last_received, may_be_idle_kill,
-    record_flags, silence_before_send, tcp_state,
+    RecordSlots, SocketRecord, Uncounted, classify_close, idle_kill_candidate, last_received,
+    may_be_idle_kill, record_flags, silence_before_send, tcp_state,
 };
 
 use crate::{
@@ -323,6 +323,62 @@ fn count_close(counters: Option<*mut NetnsCounters>, verdict: Option<DropReason>
 /// `inet_sock_set_state` to measure the per-hit floor of a tp_btf program on that hook.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub(crate) fn close_baseline(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+/// Whether this hit moves a TCP socket to `TCP_CLOSE`: the first two checks of
+/// [`inet_sock_set_state`], for the bench programs that write a record per close.
+#[inline(always)]
+fn tcp_close(ctx: &BtfTracePointContext) -> bool {
+    let new_state: i32 = ctx.arg(2);
+    let sk: *const u8 = ctx.arg(0);
+    new_state == tcp_state::CLOSE as i32
+        && sock_field::<u16>(sk, offset!(sk_protocol)) == IPPROTO_TCP
+}
+
+/// Benchmarks only, never attached by the agent: at each TCP close, a zeroed close record
+/// written the way the agent's program writes one (on the stack, then [`emit`] into the ring
+/// buffer, with its wakeup count) and nothing else. Against [`close_record_slot`], in the same
+/// run: what the ring buffer's write costs over plain stores (`hook-cost`, record write rows).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub(crate) fn close_record_ring(ctx: BtfTracePointContext) -> i32 {
+    if !tcp_close(&ctx) {
+        return 0;
+    }
+    let mut rec = core::mem::MaybeUninit::<SocketRecord>::uninit();
+    zero_record(rec.as_mut_ptr());
+    // SAFETY: every byte was written just above, and all-zero is a valid record.
+    let rec = unsafe { rec.assume_init_mut() };
+    rec.kind = RecordKind::Close as u8;
+    emit(rec);
+    0
+}
+
+/// Benchmarks only: where [`close_record_slot`] writes.
+#[map]
+static RECORD_SLOTS: PerCpuArray<RecordSlots> = PerCpuArray::with_max_entries(1, 0);
+
+/// Benchmarks only, never attached by the agent: at each TCP close, a zeroed close record
+/// written in place into the next of this CPU's [`RecordSlots`], whose head it advances: the
+/// stores a per-CPU ring would make, without a lock, an atomic or a helper call. Nobody reads
+/// the slots, so their lines stay in this CPU's cache: a floor under such a ring, whose reader
+/// on another CPU would take the lines away (what that costs per byte, `cargo xtask ablate
+/// short-records` measures on the ring buffer).
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub(crate) fn close_record_slot(ctx: BtfTracePointContext) -> i32 {
+    if !tcp_close(&ctx) {
+        return 0;
+    }
+    if let Some(slots) = RECORD_SLOTS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot. The index is masked below the slots' count, for the verifier.
+        unsafe {
+            let head = (*slots).head;
+            let rec = (&raw mut (*slots).records[(head as usize) & (RecordSlots::COUNT - 1)]);
+            zero_record(rec);
+            (*rec).kind = RecordKind::Close as u8;
+            (*slots).head = head + 1;
+        }
+    }
     0
 }
 

@@ -63,7 +63,17 @@ pub mod ablation {
     /// `ring-write`: no record reaches the ring buffer (the agent sees no event).
     /// `counters`: no namespace counter is looked up or added to (its totals stay 0).
     /// `cgroup`: the socket's cgroup is not read (every record says cgroup 0).
-    pub const PARTS: [&str; 3] = ["ring-write", "counters", "cgroup"];
+    /// `short-records`: every record is cut to its first [`SHORT_RECORD_BYTES`], which with the
+    /// ring's 8-byte header fill one cache line (the agent discards them as malformed): what
+    /// the bytes of a record cost, against what its write costs whatever its size.
+    pub const PARTS: [&str; 4] = ["ring-write", "counters", "cgroup", "short-records"];
+
+    /// What `short-records` keeps of a record; shorter than any record, so it cuts every one.
+    pub const SHORT_RECORD_BYTES: usize = 56;
+    const _: () = assert!(
+        SHORT_RECORD_BYTES < super::ExpiryRecord::IPV4_BYTES
+            && super::ExpiryRecord::IPV4_BYTES < super::SocketRecord::SIZE
+    );
 
     /// Whether this build leaves `part` out; a constant where `part` is one, so the programs'
     /// code for it is not compiled at all in a build that keeps it.
@@ -1282,6 +1292,7 @@ mod pod {
     unsafe impl aya::Pod for super::NetnsCounters {}
     unsafe impl aya::Pod for super::SnapshotRegion {}
     unsafe impl aya::Pod for super::ExpirySpan {}
+    unsafe impl aya::Pod for super::RecordSlots {}
 }
 
 /// Benchmarks only: the time keepalive expiries spend between `timer_expire_entry` and
@@ -1295,6 +1306,21 @@ pub struct ExpirySpan {
     pub start_ns: u64,
     pub total_ns: u64,
     pub expiries: u64,
+}
+
+/// Benchmarks only: a few close records per CPU and the count written, where the bench program
+/// `close_record_slot` writes as a per-CPU ring would.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordSlots {
+    /// Records written on this CPU.
+    pub head: u64,
+    pub records: [SocketRecord; RecordSlots::COUNT],
+}
+
+impl RecordSlots {
+    /// A power of two, so the head masked by `COUNT - 1` picks a slot.
+    pub const COUNT: usize = 4;
 }
 
 /// Which table an audit run walks.

@@ -13,8 +13,9 @@ use aya_ebpf::{
 use keepalive_ebpf::{
     AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
     SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
-    SocketRecord, TrackedEpochs, TrackedMarks, Uncounted, ablation::ablated, record_flags,
-    tracked_slot,
+    SocketRecord, TrackedEpochs, TrackedMarks, Uncounted,
+    ablation::{SHORT_RECORD_BYTES, ablated},
+    record_flags, tracked_slot,
 };
 
 /// Written by the agent before load (`.rodata` is frozen, so the verifier sees constants).
@@ -880,7 +881,17 @@ fn output<T: ?Sized>(data: &T) {
     };
     // bpf_ringbuf_output copies in the kernel: a copy in the program, from a record on the
     // stack, compiles to a byte loop the verifier refuses (and costs more).
-    if EVENTS.output::<T>(data, flags as u64).is_err()
+    let written = if const { ablated("short-records") } {
+        // SAFETY: every record is longer than `SHORT_RECORD_BYTES` (asserted with it), so
+        // these bytes lie within `data`.
+        let head = unsafe {
+            core::slice::from_raw_parts((&raw const *data).cast::<u8>(), SHORT_RECORD_BYTES)
+        };
+        EVENTS.output::<[u8]>(head, flags as u64)
+    } else {
+        EVENTS.output::<T>(data, flags as u64)
+    };
+    if written.is_err()
         && let Some(count) = RESERVE_FAILURES.get_ptr_mut(0)
     {
         // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.

@@ -183,9 +183,11 @@ pub struct ExpiriesNotRunByAnyProgram(ClassicWitness);
 impl ExpiriesNotRunByAnyProgram {
     /// See [`ClassicWitness::open`].
     pub fn open() -> anyhow::Result<Self> {
-        use keepalive_agent::kernel::programs::{EXPIRY_CLASSIC_MAP, EXPIRY_CLASSIC_PROGRAM};
-        let object =
-            keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
+        use keepalive_agent::kernel::programs::{
+            EXPIRY_CLASSIC_MAP, EXPIRY_CLASSIC_PROGRAM, MIN_RING_BUFFER_BYTES,
+        };
+        let object = keepalive_agent::kernel::open_programs(MIN_RING_BUFFER_BYTES)
+            .context("preparing the programs object")?;
         ClassicWitness::open(
             object,
             EXPIRY_CLASSIC_PROGRAM,
@@ -215,13 +217,14 @@ impl ClosesNotRunByAnyProgram {
     pub fn open(ports: &[u16]) -> anyhow::Result<Self> {
         use keepalive_agent::kernel::programs::{
             CLOSE_CLASSIC_MAP, CLOSE_CLASSIC_PORTS_MAP, CLOSE_CLASSIC_PROGRAM,
+            MIN_RING_BUFFER_BYTES,
         };
         anyhow::ensure!(
             (1..=2).contains(&ports.len()) && !ports.contains(&0),
             "the close witness takes one or two ports, none 0: {ports:?}"
         );
-        let mut object =
-            keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
+        let mut object = keepalive_agent::kernel::open_programs(MIN_RING_BUFFER_BYTES)
+            .context("preparing the programs object")?;
         let mut slots: aya::maps::Array<_, u16> = aya::maps::Array::try_from(
             object
                 .map_mut(CLOSE_CLASSIC_PORTS_MAP)

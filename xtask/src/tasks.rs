@@ -417,6 +417,10 @@ mod tests {
     fn ablation_parts_are_checked_and_listed_once() {
         assert_eq!(ablation_parts("ring-write").unwrap(), "ring-write");
         assert_eq!(
+            ablation_parts("short-records,ring-write").unwrap(),
+            "short-records,ring-write"
+        );
+        assert_eq!(
             ablation_parts("counters, cgroup,counters").unwrap(),
             "counters,cgroup"
         );

@@ -74,8 +74,10 @@ enum OpenFailure {
 }
 
 /// The programs object prepared with this kernel's offsets and timer callbacks, with nothing
-/// loaded: for benchmarks, which load from it the programs they measure with.
-pub fn open_programs() -> Result<aya::Ebpf, OpenProgramsError> {
+/// loaded: for benchmarks, which load from it the programs they measure with. Its ring buffer
+/// ([`programs::RECORDS_MAP`]) holds `ring_buffer_bytes` (a power of two, at least a page);
+/// [`programs::MIN_RING_BUFFER_BYTES`] where nothing writes to it.
+pub fn open_programs(ring_buffer_bytes: u32) -> Result<aya::Ebpf, OpenProgramsError> {
     let session = |e: SessionError| OpenProgramsError(OpenFailure::Session(e));
     let bytes = layout::read_vmlinux_btf().map_err(|e| session(e.into()))?;
     let layout = KernelLayout::from_btf_bytes(&bytes).map_err(|e| session(e.into()))?;
@@ -86,7 +88,7 @@ pub fn open_programs() -> Result<aya::Ebpf, OpenProgramsError> {
         &layout,
         &timers,
         &btf,
-        programs::MIN_RING_BUFFER_BYTES,
+        ring_buffer_bytes,
         programs::CloseReports::KeepaliveOn,
     )
     .map_err(|e| OpenProgramsError(OpenFailure::Programs(e)))

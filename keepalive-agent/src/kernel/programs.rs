@@ -90,7 +90,7 @@ impl Hook {
 }
 
 /// The smallest ring buffer the kernel accepts (one page), for commands that never read it.
-pub(crate) const MIN_RING_BUFFER_BYTES: u32 = 4096;
+pub const MIN_RING_BUFFER_BYTES: u32 = 4096;
 
 /// An empty program on `timer_expire_entry`, for benchmarks only.
 pub const BASELINE_PROGRAM: &str = "timer_entry_baseline";
@@ -107,6 +107,17 @@ pub const EXPIRY_SPAN_IN_PROGRAM: &str = "expiry_span_in";
 pub const EXPIRY_SPAN_OUT_PROGRAM: &str = "expiry_span_out";
 /// Benchmarks only: the per-CPU [`keepalive_ebpf::ExpirySpan`] sums.
 pub const EXPIRY_SPAN_MAP: &str = "EXPIRY_SPAN";
+/// Benchmarks only: on `inet_sock_set_state`, a zeroed close record per TCP close written into
+/// the ring buffer as the agent writes one ([`RECORDS_MAP`]).
+pub const RECORD_RING_PROGRAM: &str = "close_record_ring";
+/// The ring buffer the programs write records to (its size: [`open_programs`]).
+///
+/// [`open_programs`]: super::open_programs
+pub const RECORDS_MAP: &str = names::EVENTS_MAP;
+/// Benchmarks only: the same record per TCP close written in place into this CPU's
+/// [`keepalive_ebpf::RecordSlots`] ([`RECORD_SLOTS_MAP`]), as a per-CPU ring would.
+pub const RECORD_SLOT_PROGRAM: &str = "close_record_slot";
+pub const RECORD_SLOTS_MAP: &str = "RECORD_SLOTS";
 /// Benchmarks only: keepalive expiries counted by a classic (perf-event) tracepoint program on
 /// `timer:timer_expire_entry`, into the per-CPU `u64` of [`EXPIRY_CLASSIC_MAP`].
 pub const EXPIRY_CLASSIC_PROGRAM: &str = "expiry_count_classic";

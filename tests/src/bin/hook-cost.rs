@@ -12,6 +12,10 @@
 //!    run-time counters, as the difference from empty programs on the same hooks; the close
 //!    hook per workload of 1, in a namespace without conntrack and in one whose connections it
 //!    tracks.
+//!    Then, with no agent, what writing a close record costs by how it is written: into the
+//!    ring buffer as the agent writes it, and in place into a per-CPU slot (the floor of a
+//!    per-CPU ring), each by a bench program at every TCP close of RST churn, against an empty
+//!    program on the same hook.
 //! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
 //!    expiry from `timer_expire_entry` to `timer_expire_exit` around the agent's, over
 //!    `--span-connections` connections probing every second, then over `--connections`
@@ -57,13 +61,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::PerCpuArray;
+use aya::maps::{PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
 use keepalive_agent::kernel::programs::{
     BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP,
-    EXPIRY_SPAN_OUT_PROGRAM, HOOKS, PROGRAMS_OBJECT, SOCKET_LOAD_PROGRAM,
+    EXPIRY_SPAN_OUT_PROGRAM, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAMS_OBJECT, RECORD_RING_PROGRAM,
+    RECORD_SLOT_PROGRAM, RECORD_SLOTS_MAP, RECORDS_MAP, SOCKET_LOAD_PROGRAM,
 };
-use keepalive_ebpf::ExpirySpan;
+use keepalive_ebpf::{ExpirySpan, RecordSlots, names};
 use keepalive_tests::{
     Agent, Churn, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, KeepaliveExpiryCount, Netns, TcpPair,
     UNCOUNTED_METRICS, agent::vm_rss_kib, holder::Holders, set_keepalive,
@@ -283,6 +288,7 @@ fn main() -> anyhow::Result<()> {
     println!("agent RSS after the run: {} MiB", rss / 1024);
     // The empty programs measured the floor; the rows below measure the agent alone.
     drop(baseline_obj);
+    record_write_costs(phase)?;
 
     if rounds > 0 && span_connections > 0 {
         expiry_span(rounds, SpanLoad::Probing(span_connections), phase)?;
@@ -338,8 +344,8 @@ fn main() -> anyhow::Result<()> {
 fn expiry_span(rounds: usize, load: SpanLoad, length: Duration) -> anyhow::Result<()> {
     let _stats = BpfStats::set(false)?;
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
-    let mut ebpf =
-        keepalive_agent::kernel::open_programs().context("preparing the programs object")?;
+    let mut ebpf = keepalive_agent::kernel::open_programs(MIN_RING_BUFFER_BYTES)
+        .context("preparing the programs object")?;
     let spans: PerCpuArray<_, ExpirySpan> = PerCpuArray::try_from(
         ebpf.take_map(EXPIRY_SPAN_MAP)
             .context("span map missing from the object")?,
@@ -885,6 +891,94 @@ struct ProgramIds {
     baseline: u32,
     entry: u32,
     exit: u32,
+}
+
+/// What writing one close record costs, by how it is written, with no agent: the agent's write
+/// into the ring buffer (a record zeroed on the stack, then `bpf_ringbuf_output`: its lock, its
+/// copy, its commit) against plain stores into a per-CPU slot (a per-CPU ring's floor), each
+/// per TCP close of RST churn above an empty program on the same hook, in the same run. The
+/// ring is drained every 10 ms, as the agent drains it, and what failed to fit is counted.
+fn record_write_costs(length: Duration) -> anyhow::Result<()> {
+    // Room for about 23 000 close records, many times what the churn closes between two
+    // drains (the row's "did not fit" says if not).
+    const RING_BYTES: u32 = 4 << 20;
+    let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+    let mut ebpf = keepalive_agent::kernel::open_programs(RING_BYTES)
+        .context("preparing the programs object")?;
+    let mut ring = RingBuf::try_from(
+        ebpf.take_map(RECORDS_MAP)
+            .context("ring buffer missing from the object")?,
+    )?;
+    let failures: PerCpuArray<_, u64> = PerCpuArray::try_from(
+        ebpf.take_map(names::RESERVE_FAILURES_MAP)
+            .context("reserve-failure counter missing from the object")?,
+    )?;
+    let slots: PerCpuArray<_, RecordSlots> = PerCpuArray::try_from(
+        ebpf.take_map(RECORD_SLOTS_MAP)
+            .context("record slots missing from the object")?,
+    )?;
+    let mut ids = [0; 3];
+    for (id, name) in ids.iter_mut().zip([
+        CLOSE_BASELINE_PROGRAM,
+        RECORD_RING_PROGRAM,
+        RECORD_SLOT_PROGRAM,
+    ]) {
+        let program = tp_program(&mut ebpf, name)?;
+        program.load("inet_sock_set_state", &btf)?;
+        program.attach()?;
+        *id = program.info()?.id();
+    }
+    let [baseline, ring_id, slot_id] = ids;
+    let measured = std::thread::scope(|scope| -> anyhow::Result<_> {
+        let churner = scope.spawn(|| -> anyhow::Result<_> {
+            let ns = Netns::new("bench-write")?;
+            let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+            let before = [stats(baseline)?, stats(ring_id)?, stats(slot_id)?];
+            let connections = churn(&ns, &listener, Churn::Reset, length)?;
+            // Let the last closes (softirq) land before the snapshot.
+            std::thread::sleep(Duration::from_millis(200));
+            let after = [stats(baseline)?, stats(ring_id)?, stats(slot_id)?];
+            Ok((connections, before, after))
+        });
+        let mut read = 0u64;
+        let mut drain = |ring: &mut RingBuf<_>| {
+            while ring.next().is_some() {
+                read += 1;
+            }
+        };
+        while !churner.is_finished() {
+            drain(&mut ring);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drain(&mut ring);
+        let churned = churner
+            .join()
+            .map_err(|_| anyhow::anyhow!("the churn thread panicked"))??;
+        Ok((churned, read))
+    });
+    let ((connections, before, after), read) = measured?;
+    let failed: u64 = failures.get(&0, 0)?.iter().sum();
+    let slot_writes: u64 = slots.get(&0, 0)?.iter().map(|s| s.head).sum();
+    let [base, ring_stats, slot_stats] = [0, 1, 2].map(|i| after[i].since(&before[i]));
+    let per_record = |hook: Stats, records: u64| {
+        (hook.nanos as f64 - hook.count as f64 * base.per_hit()) / records as f64
+    };
+    println!(
+        "close record write alone (no agent), RST churn: {connections} connections, {} ring \
+         records read and {failed} that did not fit, {slot_writes} slot writes",
+        read
+    );
+    println!("| written to | ns per record above an empty program |");
+    println!("|---|---|");
+    println!(
+        "| ring buffer, as the agent writes (zeroed on the stack, `bpf_ringbuf_output`) | {:.0} |",
+        per_record(ring_stats, read + failed)
+    );
+    println!(
+        "| this CPU's slot, in place (a per-CPU ring's floor: no reader takes its lines) | {:.0} |",
+        per_record(slot_stats, slot_writes)
+    );
+    Ok(())
 }
 
 /// The most recently loaded program of that name: the agent this run started.
