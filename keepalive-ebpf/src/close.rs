@@ -16,9 +16,10 @@ use keepalive_ebpf::{
 use crate::{
     reset::RESET_CONTEXT,
     socket::{
-        EBUSY, KEEPALIVE_RST_REASON, SockFields, Typed, add, conntrack_timeout_typed, emit,
-        idle_kill_jiffies, may_be_tracked, netns_counters, netns_counters_of, netns_key,
-        report_keepalive_off, smallest_threshold, snapshot, snapshot_typed, uncounted, zero_record,
+        EBUSY, EVENTS, KEEPALIVE_RST_REASON, SockFields, Typed, add, conntrack_timeout_typed,
+        count_reserve_failure, emit, idle_kill_jiffies, may_be_tracked, netns_counters,
+        netns_counters_of, netns_key, report_keepalive_off, smallest_threshold, snapshot,
+        snapshot_typed, uncounted, wakeup_flags, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
@@ -338,8 +339,9 @@ fn tcp_close(ctx: &BtfTracePointContext) -> bool {
 
 /// Benchmarks only, never attached by the agent: at each TCP close, a zeroed close record
 /// written the way the agent's program writes one (on the stack, then [`emit`] into the ring
-/// buffer, with its wakeup count) and nothing else. Against [`close_record_slot`], in the same
-/// run: what the ring buffer's write costs over plain stores (`hook-cost`, record write rows).
+/// buffer, with its wakeup count) and nothing else. Against [`close_record_reserve`] and
+/// [`close_record_slot`], in the same run: what the ring buffer's write costs, and what it
+/// costs over plain stores (`hook-cost`, record write rows).
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub(crate) fn close_record_ring(ctx: BtfTracePointContext) -> i32 {
     if !tcp_close(&ctx) {
@@ -351,6 +353,27 @@ pub(crate) fn close_record_ring(ctx: BtfTracePointContext) -> i32 {
     let rec = unsafe { rec.assume_init_mut() };
     rec.kind = RecordKind::Close as u8;
     emit(rec);
+    0
+}
+
+/// Benchmarks only, never attached by the agent: at each TCP close, the same record reserved in
+/// the ring buffer, zeroed there and submitted (`bpf_ringbuf_reserve`, `bpf_ringbuf_submit`):
+/// no copy from the stack, but two helper calls where [`emit`] makes one.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub(crate) fn close_record_reserve(ctx: BtfTracePointContext) -> i32 {
+    if !tcp_close(&ctx) {
+        return 0;
+    }
+    match EVENTS.reserve::<SocketRecord>(0) {
+        Some(mut entry) => {
+            let rec = entry.as_mut_ptr();
+            zero_record(rec);
+            // SAFETY: the reserved record, every byte of it written just above.
+            unsafe { (*rec).kind = RecordKind::Close as u8 };
+            entry.submit(wakeup_flags());
+        }
+        None => count_reserve_failure(),
+    }
     0
 }
 

@@ -851,17 +851,39 @@ pub(crate) fn emit_expiry(rec: &ExpiryRecord, family: u16) {
     output::<[u8]>(data);
 }
 
-/// Without a flag, each submit that finds the agent caught up queues an irq_work to wake it (an
-/// interrupt a hypervisor handles, per record under churn); instead records wait for the
-/// agent's poll timer until this CPU has submitted `WAKEUP_RECORDS` of them. Counted per CPU
-/// rather than asked of the ring (`bpf_ringbuf_query`): that is one more helper call in every
-/// reported close and keepalive expiry, where a per-CPU slot is a few loads (an inlined lookup
-/// from 6.10).
+/// Copies `data` into the ring buffer, with this CPU's [`wakeup_flags`]; a record that does not
+/// fit is counted.
 #[inline(always)]
 fn output<T: ?Sized>(data: &T) {
     if const { ablated("ring-write") } {
         return;
     }
+    let flags = wakeup_flags();
+    // bpf_ringbuf_output copies in the kernel: a copy in the program, from a record on the
+    // stack, compiles to a byte loop the verifier refuses (and costs more).
+    let written = if const { ablated("short-records") } {
+        // SAFETY: every record is longer than `SHORT_RECORD_BYTES` (asserted with it), so
+        // these bytes lie within `data`.
+        let head = unsafe {
+            core::slice::from_raw_parts((&raw const *data).cast::<u8>(), SHORT_RECORD_BYTES)
+        };
+        EVENTS.output::<[u8]>(head, flags)
+    } else {
+        EVENTS.output::<T>(data, flags)
+    };
+    if written.is_err() {
+        count_reserve_failure();
+    }
+}
+
+/// The flags of this CPU's next record. Without a flag, each submit that finds the agent caught
+/// up queues an irq_work to wake it (an interrupt a hypervisor handles, per record under
+/// churn); instead records wait for the agent's poll timer until this CPU has submitted
+/// `WAKEUP_RECORDS` of them. Counted per CPU rather than asked of the ring
+/// (`bpf_ringbuf_query`): that is one more helper call in every reported close and keepalive
+/// expiry, where a per-CPU slot is a few loads (an inlined lookup from 6.10).
+#[inline(always)]
+pub(crate) fn wakeup_flags() -> u64 {
     // SAFETY: read of our own static (see `offset!`).
     let wakeup_records = unsafe { core::ptr::read_volatile(&raw const WAKEUP_RECORDS) };
     let flags = match UNWOKEN_RECORDS.get_ptr_mut(0) {
@@ -879,21 +901,13 @@ fn output<T: ?Sized>(data: &T) {
         },
         None => BPF_RB_FORCE_WAKEUP,
     };
-    // bpf_ringbuf_output copies in the kernel: a copy in the program, from a record on the
-    // stack, compiles to a byte loop the verifier refuses (and costs more).
-    let written = if const { ablated("short-records") } {
-        // SAFETY: every record is longer than `SHORT_RECORD_BYTES` (asserted with it), so
-        // these bytes lie within `data`.
-        let head = unsafe {
-            core::slice::from_raw_parts((&raw const *data).cast::<u8>(), SHORT_RECORD_BYTES)
-        };
-        EVENTS.output::<[u8]>(head, flags as u64)
-    } else {
-        EVENTS.output::<T>(data, flags as u64)
-    };
-    if written.is_err()
-        && let Some(count) = RESERVE_FAILURES.get_ptr_mut(0)
-    {
+    flags as u64
+}
+
+/// Counts a record that did not fit in the ring buffer.
+#[inline(always)]
+pub(crate) fn count_reserve_failure() {
+    if let Some(count) = RESERVE_FAILURES.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
         unsafe { *count += 1 };
     }

@@ -114,6 +114,8 @@ pub const RECORD_RING_PROGRAM: &str = "close_record_ring";
 ///
 /// [`open_programs`]: super::open_programs
 pub const RECORDS_MAP: &str = names::EVENTS_MAP;
+/// Benchmarks only: the same record per TCP close reserved in the ring buffer and written there.
+pub const RECORD_RESERVE_PROGRAM: &str = "close_record_reserve";
 /// Benchmarks only: the same record per TCP close written in place into this CPU's
 /// [`keepalive_ebpf::RecordSlots`] ([`RECORD_SLOTS_MAP`]), as a per-CPU ring would.
 pub const RECORD_SLOT_PROGRAM: &str = "close_record_slot";

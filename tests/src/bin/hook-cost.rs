@@ -13,9 +13,9 @@
 //!    hook per workload of 1, in a namespace without conntrack and in one whose connections it
 //!    tracks.
 //!    Then, with no agent, what writing a close record costs by how it is written: into the
-//!    ring buffer as the agent writes it, and in place into a per-CPU slot (the floor of a
-//!    per-CPU ring), each by a bench program at every TCP close of RST churn, against an empty
-//!    program on the same hook.
+//!    ring buffer as the agent writes it, reserved in the ring and written in place, and in
+//!    place into a per-CPU slot (the floor of a per-CPU ring), each by a bench program at every
+//!    TCP close of RST churn, against an empty program on the same hook.
 //! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
 //!    expiry from `timer_expire_entry` to `timer_expire_exit` around the agent's, over
 //!    `--span-connections` connections probing every second, then over `--connections`
@@ -65,8 +65,8 @@ use aya::maps::{PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, ProgramInfo, loaded_programs};
 use keepalive_agent::kernel::programs::{
     BASELINE_PROGRAM, CLOSE_BASELINE_PROGRAM, EXPIRY_SPAN_IN_PROGRAM, EXPIRY_SPAN_MAP,
-    EXPIRY_SPAN_OUT_PROGRAM, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAMS_OBJECT, RECORD_RING_PROGRAM,
-    RECORD_SLOT_PROGRAM, RECORD_SLOTS_MAP, RECORDS_MAP, SOCKET_LOAD_PROGRAM,
+    EXPIRY_SPAN_OUT_PROGRAM, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAMS_OBJECT, RECORD_RESERVE_PROGRAM,
+    RECORD_RING_PROGRAM, RECORD_SLOT_PROGRAM, RECORD_SLOTS_MAP, RECORDS_MAP, SOCKET_LOAD_PROGRAM,
 };
 use keepalive_ebpf::{ExpirySpan, RecordSlots, names};
 use keepalive_tests::{
@@ -893,15 +893,30 @@ struct ProgramIds {
     exit: u32,
 }
 
-/// What writing one close record costs, by how it is written, with no agent: the agent's write
-/// into the ring buffer (a record zeroed on the stack, then `bpf_ringbuf_output`: its lock, its
-/// copy, its commit) against plain stores into a per-CPU slot (a per-CPU ring's floor), each
-/// per TCP close of RST churn above an empty program on the same hook, in the same run. The
-/// ring is drained every 10 ms, as the agent drains it, and what failed to fit is counted.
+/// What writing one close record costs, by how it is written, with no agent, per TCP close of
+/// RST churn above an empty program on the same hook, in the same run: the agent's write into
+/// the ring buffer (a record zeroed on the stack, then `bpf_ringbuf_output`: its lock, its copy,
+/// its commit), the same record reserved in the ring and zeroed there (no copy, two helper
+/// calls), and plain stores into a per-CPU slot (a per-CPU ring's floor). The ring is drained
+/// every 10 ms, as the agent drains it, and what failed to fit is counted.
 fn record_write_costs(length: Duration) -> anyhow::Result<()> {
     // Room for about 23 000 close records, many times what the churn closes between two
-    // drains (the row's "did not fit" says if not).
+    // drains (the line's "did not fit" says if not).
     const RING_BYTES: u32 = 4 << 20;
+    const SIDES: [(&str, &str); 3] = [
+        (
+            RECORD_RING_PROGRAM,
+            "ring buffer, as the agent writes (zeroed on the stack, `bpf_ringbuf_output`)",
+        ),
+        (
+            RECORD_RESERVE_PROGRAM,
+            "ring buffer, reserved and zeroed in place (`bpf_ringbuf_reserve`, `_submit`)",
+        ),
+        (
+            RECORD_SLOT_PROGRAM,
+            "this CPU's slot, in place (a per-CPU ring's floor: no reader takes its lines)",
+        ),
+    ];
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     let mut ebpf = keepalive_agent::kernel::open_programs(RING_BYTES)
         .context("preparing the programs object")?;
@@ -917,27 +932,23 @@ fn record_write_costs(length: Duration) -> anyhow::Result<()> {
         ebpf.take_map(RECORD_SLOTS_MAP)
             .context("record slots missing from the object")?,
     )?;
-    let mut ids = [0; 3];
-    for (id, name) in ids.iter_mut().zip([
-        CLOSE_BASELINE_PROGRAM,
-        RECORD_RING_PROGRAM,
-        RECORD_SLOT_PROGRAM,
-    ]) {
+    let mut ids = [0; 1 + SIDES.len()];
+    let names = std::iter::once(CLOSE_BASELINE_PROGRAM).chain(SIDES.map(|(name, _)| name));
+    for (id, name) in ids.iter_mut().zip(names) {
         let program = tp_program(&mut ebpf, name)?;
         program.load("inet_sock_set_state", &btf)?;
         program.attach()?;
         *id = program.info()?.id();
     }
-    let [baseline, ring_id, slot_id] = ids;
     let measured = std::thread::scope(|scope| -> anyhow::Result<_> {
         let churner = scope.spawn(|| -> anyhow::Result<_> {
             let ns = Netns::new("bench-write")?;
             let listener = ns.listen(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
-            let before = [stats(baseline)?, stats(ring_id)?, stats(slot_id)?];
+            let before = ids.map(stats);
             let connections = churn(&ns, &listener, Churn::Reset, length)?;
             // Let the last closes (softirq) land before the snapshot.
             std::thread::sleep(Duration::from_millis(200));
-            let after = [stats(baseline)?, stats(ring_id)?, stats(slot_id)?];
+            let after = ids.map(stats);
             Ok((connections, before, after))
         });
         let mut read = 0u64;
@@ -958,26 +969,24 @@ fn record_write_costs(length: Duration) -> anyhow::Result<()> {
     });
     let ((connections, before, after), read) = measured?;
     let failed: u64 = failures.get(&0, 0)?.iter().sum();
-    let slot_writes: u64 = slots.get(&0, 0)?.iter().map(|s| s.head).sum();
-    let [base, ring_stats, slot_stats] = [0, 1, 2].map(|i| after[i].since(&before[i]));
-    let per_record = |hook: Stats, records: u64| {
-        (hook.nanos as f64 - hook.count as f64 * base.per_hit()) / records as f64
-    };
+    // Every side writes one record per TCP close: the slot side's count is theirs.
+    let closes: u64 = slots.get(&0, 0)?.iter().map(|s| s.head).sum();
+    let mut spent = Vec::with_capacity(ids.len());
+    for (before, after) in before.into_iter().zip(after) {
+        spent.push(after?.since(&before?));
+    }
     println!(
-        "close record write alone (no agent), RST churn: {connections} connections, {} ring \
-         records read and {failed} that did not fit, {slot_writes} slot writes",
-        read
+        "close record write alone (no agent), RST churn: {connections} connections, {closes} TCP \
+         closes, each side one record per close; {read} ring records read, {failed} that did \
+         not fit"
     );
     println!("| written to | ns per record above an empty program |");
     println!("|---|---|");
-    println!(
-        "| ring buffer, as the agent writes (zeroed on the stack, `bpf_ringbuf_output`) | {:.0} |",
-        per_record(ring_stats, read + failed)
-    );
-    println!(
-        "| this CPU's slot, in place (a per-CPU ring's floor: no reader takes its lines) | {:.0} |",
-        per_record(slot_stats, slot_writes)
-    );
+    let floor = spent[0].per_hit();
+    for ((_, side), hook) in SIDES.iter().zip(&spent[1..]) {
+        let above = hook.nanos as f64 - hook.count as f64 * floor;
+        println!("| {side} | {:.0} |", above / closes as f64);
+    }
     Ok(())
 }
 
