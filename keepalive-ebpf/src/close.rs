@@ -1,16 +1,17 @@
 //! `inet_sock_set_state` to `TCP_CLOSE` (the tracepoint inside `tcp_done`).
 
 use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::generated::bpf_skc_to_tcp_sock,
     macros::{btf_tracepoint, map},
-    maps::{Array, PerCpuArray},
+    maps::{Array, PerCpuArray, ring_buf::RingBufEntry},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
     CloseContext, CloseFacts, DropReason, IPPROTO_TCP, NOT_A_DROP, NetnsCounters, RecordKind,
-    RecordSlots, SocketRecord, Uncounted, classify_close, idle_kill_candidate, last_received,
-    may_be_idle_kill, record_flags, silence_before_send, tcp_state,
+    RecordSlots, SocketRecord, Uncounted, ablation::ablated, classify_close, idle_kill_candidate,
+    last_received, may_be_idle_kill, record_flags, silence_before_send, tcp_state,
 };
 
 use crate::{
@@ -162,10 +163,32 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         send = true;
     }
 
-    let mut rec = core::mem::MaybeUninit::<SocketRecord>::uninit();
-    zero_record(rec.as_mut_ptr());
+    // The record is written where it is sent: reserved in the ring buffer, not built on the
+    // stack and copied (`bpf_ringbuf_output`), which costs about 40 ns more per record (hook-cost,
+    // record write rows). A build without the ring write builds it on the stack and sends
+    // nothing.
+    let mut unsent = core::mem::MaybeUninit::<SocketRecord>::uninit();
+    let mut entry = if const { ablated("ring-write") } {
+        None
+    } else {
+        match EVENTS.reserve::<SocketRecord>(0) {
+            Some(entry) => Some(entry),
+            None => {
+                // The ring is full: the close is still counted, as one not sent is (the totals
+                // do not depend on the ring), and the record's loss is counted.
+                count_without_record(&seen, tp, keepalive_on);
+                count_reserve_failure();
+                return 0;
+            }
+        }
+    };
+    let rec = match &mut entry {
+        Some(entry) => entry.as_mut_ptr(),
+        None => unsent.as_mut_ptr(),
+    };
+    zero_record(rec);
     // SAFETY: every byte was written just above, and all-zero is a valid record (integers only).
-    let rec = unsafe { rec.assume_init_mut() };
+    let rec = unsafe { &mut *rec };
     rec.kind = RecordKind::Close as u8;
     let snapped = if tp.is_null() {
         snapshot(sk, rec)
@@ -175,10 +198,12 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     match snapped {
         Ok(()) => {}
         Err(EBUSY) => {
+            discard(entry);
             uncounted(Uncounted::CloseCopyBusy);
             return 0;
         }
         Err(_) => {
+            discard(entry);
             uncounted(Uncounted::CloseUnreadable);
             warn!(&ctx, "close: cannot read the socket; offsets wrong?");
             return 0;
@@ -225,10 +250,21 @@ pub(crate) fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
             smallest_threshold(idle_kill_jiffies(), rec.conntrack_timeout),
         )
     {
+        discard(entry);
         return 0;
     }
-    emit(rec);
+    if let Some(entry) = entry {
+        entry.submit(wakeup_flags());
+    }
     0
+}
+
+/// Gives a reserved record back to the ring buffer unsent (its space is skipped by the reader).
+#[inline(always)]
+fn discard(entry: Option<RingBufEntry<SocketRecord>>) {
+    if let Some(entry) = entry {
+        entry.discard(BPF_RB_NO_WAKEUP as u64);
+    }
 }
 
 /// What the close hook found before reading the socket for a record.
@@ -251,23 +287,7 @@ struct CloseSeen {
 #[inline(always)]
 fn counted_not_sent(seen: &CloseSeen, tp: *const u8, keepalive_on: bool) -> bool {
     let c = Typed(tp);
-    let verdict = classify_close(&CloseFacts {
-        old_state: seen.old_state,
-        context: seen.context,
-        write_timer_event: seen.write_timer_event,
-        orphan: seen.sk_flags & (1 << offset!(sock_flag_dead)) != 0,
-        keepalive_on,
-        probes_out: c.load::<u8>(offset!(icsk_probes_out)),
-        packets_out: if seen.packets_out_known {
-            seen.packets_out
-        } else {
-            c.load::<u32>(offset!(tcp_packets_out))
-        },
-        send_window: c.load::<u32>(offset!(tcp_snd_wnd)),
-        reset_received: seen.reset_received,
-        keepalive_reset_sent: seen.keepalive_reset_sent,
-        sk_err: seen.sk_err,
-    });
+    let verdict = classify_typed(seen, c, keepalive_on);
     let idle_kill = verdict.is_some() && {
         let received = last_received(
             c.load::<u32>(offset!(icsk_ack_lrcvtime)),
@@ -292,6 +312,40 @@ fn counted_not_sent(seen: &CloseSeen, tp: *const u8, keepalive_on: bool) -> bool
     true
 }
 
+/// [`classify_close`] from the few fields it needs, one typed load each.
+#[inline(always)]
+fn classify_typed(seen: &CloseSeen, c: Typed, keepalive_on: bool) -> Option<DropReason> {
+    classify_close(&CloseFacts {
+        old_state: seen.old_state,
+        context: seen.context,
+        write_timer_event: seen.write_timer_event,
+        orphan: seen.sk_flags & (1 << offset!(sock_flag_dead)) != 0,
+        keepalive_on,
+        probes_out: c.load::<u8>(offset!(icsk_probes_out)),
+        packets_out: if seen.packets_out_known {
+            seen.packets_out
+        } else {
+            c.load::<u32>(offset!(tcp_packets_out))
+        },
+        send_window: c.load::<u32>(offset!(tcp_snd_wnd)),
+        reset_received: seen.reset_received,
+        keepalive_reset_sent: seen.keepalive_reset_sent,
+        sk_err: seen.sk_err,
+    })
+}
+
+/// Counts a close whose record the ring buffer has no room for, from the fields the classifier
+/// and the namespace's key need, as [`counted_not_sent`] counts one it does not send.
+#[inline(always)]
+fn count_without_record(seen: &CloseSeen, tp: *const u8, keepalive_on: bool) {
+    if tp.is_null() {
+        uncounted(Uncounted::CloseUnreadable);
+        return;
+    }
+    let c = Typed(tp);
+    count_typed(c, classify_typed(seen, c, keepalive_on));
+}
+
 /// [`count_close`] for a socket read through the typed `tcp_sock`, whose namespace gives the
 /// counters' key; a namespace that cannot be read counts as such.
 #[inline(always)]
@@ -310,8 +364,12 @@ fn count_close(counters: Option<*mut NetnsCounters>, verdict: Option<DropReason>
         unsafe {
             match verdict {
                 Some(reason) => {
-                    // The index is a u8 enum below COUNT; the mask tells the verifier so.
-                    let index = (reason as usize) & (DropReason::COUNT - 1);
+                    // The index is a u8 enum below COUNT; the mask tells the verifier so. Read
+                    // back through a volatile load first: LLVM knows the enum's range and
+                    // dropped the mask as redundant on the path of a close the ring had no
+                    // room for, and 5.10's verifier refused the add (the byte could be 255).
+                    let index =
+                        core::ptr::read_volatile(&(reason as usize)) & (DropReason::COUNT - 1);
                     add(&raw mut (*counters).drops[index], 1);
                 }
                 None => add(&raw mut (*counters).orderly_closes, 1),

@@ -63,9 +63,11 @@ pub mod ablation {
     /// `ring-write`: no record reaches the ring buffer (the agent sees no event).
     /// `counters`: no namespace counter is looked up or added to (its totals stay 0).
     /// `cgroup`: the socket's cgroup is not read (every record says cgroup 0).
-    /// `short-records`: every record is cut to its first [`SHORT_RECORD_BYTES`], which with the
-    /// ring's 8-byte header fill one cache line (the agent discards them as malformed): what
-    /// the bytes of a record cost, against what its write costs whatever its size.
+    /// `short-records`: every record copied into the ring (`bpf_ringbuf_output`: keepalive
+    /// expiries; a close record is reserved in the ring and written there, whole) is cut to its
+    /// first [`SHORT_RECORD_BYTES`], which with the ring's 8-byte header fill one cache line
+    /// (the agent discards them as malformed): what the bytes of a record cost, against what
+    /// its write costs whatever its size.
     pub const PARTS: [&str; 4] = ["ring-write", "counters", "cgroup", "short-records"];
 
     /// What `short-records` keeps of a record; shorter than any record, so it cuts every one.
