@@ -385,8 +385,9 @@ pub(crate) fn close_baseline(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Whether this hit moves a TCP socket to `TCP_CLOSE`: the first two checks of
-/// [`inet_sock_set_state`], for the bench programs that write a record per close.
+/// Whether this hit moves a TCP socket to `TCP_CLOSE`: the new-state and protocol checks of
+/// [`inet_sock_set_state`] (which checks the old state between them), for the bench programs
+/// that write a record per close.
 #[inline(always)]
 fn tcp_close(ctx: &BtfTracePointContext) -> bool {
     let new_state: i32 = ctx.arg(2);
@@ -396,8 +397,9 @@ fn tcp_close(ctx: &BtfTracePointContext) -> bool {
 }
 
 /// Benchmarks only, never attached by the agent: at each TCP close, a zeroed close record
-/// written the way the agent's program writes one (on the stack, then [`emit`] into the ring
-/// buffer, with its wakeup count) and nothing else. Against [`close_record_reserve`] and
+/// copied in the way the close program wrote one until it reserved its record in the ring, and
+/// the timer's exit still writes its expiries (on the stack, then [`emit`] into the ring
+/// buffer, with its wakeup count), and nothing else. Against [`close_record_reserve`] and
 /// [`close_record_slot`], in the same run: what the ring buffer's write costs, and what it
 /// costs over plain stores (`hook-cost`, record write rows).
 #[btf_tracepoint(function = "inet_sock_set_state")]

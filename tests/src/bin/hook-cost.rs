@@ -13,9 +13,10 @@
 //!    hook per workload of 1, in a namespace without conntrack and in one whose connections it
 //!    tracks.
 //!    Then, with no agent, what writing a close record costs by how it is written: into the
-//!    ring buffer as the agent writes it, reserved in the ring and written in place, and in
-//!    place into a per-CPU slot (the floor of a per-CPU ring), each by a bench program at every
-//!    TCP close of RST churn, against an empty program on the same hook.
+//!    ring buffer copied in from the stack, reserved in the ring and written in place (how the
+//!    agent writes close records), and in place into a per-CPU slot (the floor of a per-CPU
+//!    ring), each by a bench program at every TCP close of RST churn, against an empty program
+//!    on the same hook.
 //! 3. What the agent adds to a keepalive expiry on the CPU: the bench's own programs time each
 //!    expiry from `timer_expire_entry` to `timer_expire_exit` around the agent's, over
 //!    `--span-connections` connections probing every second, then over `--connections`
@@ -867,7 +868,7 @@ fn close_costs(
             std::thread::sleep(Duration::from_millis(200));
             let (b1, c1) = (stats(baseline_id)?, stats(close_id)?);
             let (base, hook) = (b1.since(&b0), c1.since(&c0));
-            let above = hook.nanos as f64 - hook.count as f64 * base.per_hit();
+            let above = hook.above(&base);
             // Both ends of every connection close.
             let closes = 2 * connections;
             println!(
@@ -894,10 +895,10 @@ struct ProgramIds {
 }
 
 /// What writing one close record costs, by how it is written, with no agent, per TCP close of
-/// RST churn above an empty program on the same hook, in the same run: the agent's write into
-/// the ring buffer (a record zeroed on the stack, then `bpf_ringbuf_output`: its lock, its copy,
-/// its commit), the same record reserved in the ring and zeroed there (no copy, two helper
-/// calls), and plain stores into a per-CPU slot (a per-CPU ring's floor). The ring is drained
+/// RST churn above an empty program on the same hook, in the same run: a record zeroed on the
+/// stack and copied into the ring buffer (`bpf_ringbuf_output`: its lock, its copy, its commit;
+/// how the agent writes keepalive expiries), the same record reserved in the ring and zeroed
+/// there (no copy, two helper calls; how it writes close records), and plain stores into a per-CPU slot (a per-CPU ring's floor). The ring is drained
 /// every 10 ms, as the agent drains it, and what failed to fit is counted.
 fn record_write_costs(length: Duration) -> anyhow::Result<()> {
     // Room for about 23 000 close records, many times what the churn closes between two
@@ -906,7 +907,7 @@ fn record_write_costs(length: Duration) -> anyhow::Result<()> {
     const SIDES: [(&str, &str); 3] = [
         (
             RECORD_RING_PROGRAM,
-            "ring buffer, as the agent writes (zeroed on the stack, `bpf_ringbuf_output`)",
+            "ring buffer, copied in (zeroed on the stack, `bpf_ringbuf_output`)",
         ),
         (
             RECORD_RESERVE_PROGRAM,
@@ -982,10 +983,8 @@ fn record_write_costs(length: Duration) -> anyhow::Result<()> {
     );
     println!("| written to | ns per record above an empty program |");
     println!("|---|---|");
-    let floor = spent[0].per_hit();
     for ((_, side), hook) in SIDES.iter().zip(&spent[1..]) {
-        let above = hook.nanos as f64 - hook.count as f64 * floor;
-        println!("| {side} | {:.0} |", above / closes as f64);
+        println!("| {side} | {:.0} |", hook.above(&spent[0]) / closes as f64);
     }
     Ok(())
 }
@@ -1013,6 +1012,11 @@ impl Stats {
         } else {
             self.nanos as f64 / self.count as f64
         }
+    }
+
+    /// ns spent above `floor`'s per-hit run time over the same number of hits.
+    fn above(&self, floor: &Stats) -> f64 {
+        self.nanos as f64 - self.count as f64 * floor.per_hit()
     }
 
     fn since(&self, earlier: &Stats) -> Stats {
@@ -1050,7 +1054,7 @@ struct Phase {
 impl Phase {
     /// ns above the floor spent in `hook` during the phase.
     fn above_floor(&self, hook: Stats) -> f64 {
-        hook.nanos as f64 - hook.count as f64 * self.baseline.per_hit()
+        hook.above(&self.baseline)
     }
 }
 
