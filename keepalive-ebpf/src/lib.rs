@@ -63,14 +63,15 @@ pub mod ablation {
     /// `ring-write`: no record reaches the ring buffer (the agent sees no event).
     /// `counters`: no namespace counter is looked up or added to (its totals stay 0).
     /// `cgroup`: the socket's cgroup is not read (every record says cgroup 0).
-    /// `short-records`: every record copied into the ring (`bpf_ringbuf_output`: keepalive
-    /// expiries; a close record is reserved in the ring and written there, whole) is cut to its
-    /// first [`SHORT_RECORD_BYTES`], which with the ring's 8-byte header fill one cache line
-    /// (the agent discards them as malformed): what the bytes of a record cost, against what
-    /// its write costs whatever its size.
+    /// `short-records`: every keepalive expiry record is reserved in the ring at its first
+    /// [`SHORT_RECORD_BYTES`], the fields before its addresses, which with the ring's 8-byte
+    /// header fill one cache line, and only those are written (the agent discards them as
+    /// malformed): what the bytes of a record cost, against what its write costs whatever its
+    /// size. A close record is written whole either way.
     pub const PARTS: [&str; 4] = ["ring-write", "counters", "cgroup", "short-records"];
 
-    /// What `short-records` keeps of a record; shorter than any record, so it cuts every one.
+    /// What `short-records` keeps of an expiry record: its head
+    /// ([`super::ExpiryRecord::HEAD_BYTES`]), shorter than any record, so it cuts every one.
     pub const SHORT_RECORD_BYTES: usize = 56;
     const _: () = assert!(
         SHORT_RECORD_BYTES < super::ExpiryRecord::IPV4_BYTES
@@ -835,63 +836,113 @@ impl ExpiryRecord {
     pub const IPV4_BYTES: usize = Self::SIZE - 24;
     pub const IPV6_BYTES: usize = Self::SIZE;
 
+    /// Bytes before the addresses: what [`Self::write_head`] writes.
+    pub const HEAD_BYTES: usize = core::mem::offset_of!(Self, addrs);
+
     /// The record of the expiry whose entry snapshot is `rec`, with the values the exit read
-    /// (`probes_out_after`, `probes_sent`, `flags`) already in it. Addresses are copied as
-    /// 8-byte words: a copy of the byte arrays compiles to a byte loop on the BPF target.
+    /// (`probes_out_after`, `probes_sent`, `flags`) already in it; an IPv4 record's unused
+    /// address bytes are zero.
     #[inline(always)]
     pub fn fill_from(&mut self, rec: &SocketRecord) {
-        self.sk = rec.sk;
-        self.netns_cookie = rec.netns_cookie;
-        self.cgroup_id = rec.cgroup_id;
-        self.ktime = (rec.ktime_ns >> EXPIRY_KTIME_SHIFT) as u32;
-        self.netns = rec.netns;
-        self.socket_ino = if rec.socket_ino > u64::from(u32::MAX) {
-            0
-        } else {
-            rec.socket_ino as u32
-        };
-        self.idle_jiffies = rec.idle_jiffies();
-        self.interval_jiffies = rec.interval_jiffies();
-        self.user_timeout_ms = rec.user_timeout_ms;
-        self.local_port = rec.local_port;
-        self.remote_port = rec.remote_port;
-        self.probes_out_before = rec.probes_out_before;
-        self.probes_out_after = rec.probes_out_after;
+        let to = &raw mut *self;
+        // SAFETY: `to` is a whole record, so every write below lies within it.
+        unsafe {
+            Self::write_head(to, rec);
+            if rec.family == AF_INET6 {
+                Self::write_ipv6_addrs(to, rec);
+            } else {
+                Self::write_ipv4_addrs(to, rec);
+                let words = (&raw mut (*to).addrs).cast::<u64>();
+                words.add(1).write(0);
+                words.add(2).write(0);
+                words.add(3).write(0);
+            }
+        }
+    }
+
+    /// Writes every field before the addresses ([`Self::HEAD_BYTES`]) from `rec`.
+    ///
+    /// # Safety
+    /// `to` is 8-byte aligned and valid for writes of [`Self::HEAD_BYTES`] bytes: a whole
+    /// record, or the start of a reservation in the ring buffer, which the timer's exit fills
+    /// in place.
+    #[inline(always)]
+    pub unsafe fn write_head(to: *mut Self, rec: &SocketRecord) {
         let sent = if rec.probes_sent > 2 {
             2
         } else {
             rec.probes_sent
         };
-        self.flags =
-            (rec.flags & !record_flags::PROBES_SENT_MASK) | sent << record_flags::PROBES_SENT_SHIFT;
-        self.probes = rec.probes();
+        // SAFETY: within the first `HEAD_BYTES` of `to` (the caller's contract); place
+        // writes through the raw pointer, no reference to memory that may be partly outside.
+        unsafe {
+            (*to).sk = rec.sk;
+            (*to).netns_cookie = rec.netns_cookie;
+            (*to).cgroup_id = rec.cgroup_id;
+            (*to).ktime = (rec.ktime_ns >> EXPIRY_KTIME_SHIFT) as u32;
+            (*to).netns = rec.netns;
+            (*to).socket_ino = if rec.socket_ino > u64::from(u32::MAX) {
+                0
+            } else {
+                rec.socket_ino as u32
+            };
+            (*to).idle_jiffies = rec.idle_jiffies();
+            (*to).interval_jiffies = rec.interval_jiffies();
+            (*to).user_timeout_ms = rec.user_timeout_ms;
+            (*to).local_port = rec.local_port;
+            (*to).remote_port = rec.remote_port;
+            (*to).probes_out_before = rec.probes_out_before;
+            (*to).probes_out_after = rec.probes_out_after;
+            (*to).flags = (rec.flags & !record_flags::PROBES_SENT_MASK)
+                | sent << record_flags::PROBES_SENT_SHIFT;
+            (*to).probes = rec.probes();
+        }
+    }
+
+    /// Writes the two IPv6 addresses of `rec`, as four 8-byte words: a copy of the byte arrays
+    /// compiles to a byte loop on the BPF target.
+    ///
+    /// # Safety
+    /// `to` is 8-byte aligned and valid for writes of [`Self::IPV6_BYTES`] bytes.
+    #[inline(always)]
+    pub unsafe fn write_ipv6_addrs(to: *mut Self, rec: &SocketRecord) {
         let from_local = (&raw const rec.local_addr).cast::<u64>();
         let from_remote = (&raw const rec.remote_addr).cast::<u64>();
-        let to = (&raw mut self.addrs).cast::<u64>();
-        // SAFETY: both records are 8-byte aligned (they start with a u64) and every address
-        // field lies at a multiple of 8 (asserted below), so these are aligned word accesses
-        // inside the two records.
+        // SAFETY: `rec` is 8-byte aligned (it starts with a u64) and its address fields lie at
+        // multiples of 8 (asserted below), so these are aligned word reads inside it; the
+        // writes lie within `to`'s `IPV6_BYTES` (the caller's contract).
         unsafe {
-            if rec.family == AF_INET6 {
-                to.write(from_local.read());
-                to.add(1).write(from_local.add(1).read());
-                to.add(2).write(from_remote.read());
-                to.add(3).write(from_remote.add(1).read());
-            } else {
-                let v4 = |from: *const u64| u64::from(from.cast::<u32>().read());
-                // Local in bytes 0..4 and remote in 4..8, as the kernel keeps them.
-                let (local, remote) = (v4(from_local), v4(from_remote));
-                let word = if cfg!(target_endian = "little") {
-                    local | remote << 32
-                } else {
-                    local << 32 | remote
-                };
-                to.write(word);
-                to.add(1).write(0);
-                to.add(2).write(0);
-                to.add(3).write(0);
-            }
+            let to = (&raw mut (*to).addrs).cast::<u64>();
+            to.write(from_local.read());
+            to.add(1).write(from_local.add(1).read());
+            to.add(2).write(from_remote.read());
+            to.add(3).write(from_remote.add(1).read());
         }
+    }
+
+    /// Writes the two IPv4 addresses of `rec` as one 8-byte word: local in bytes 0..4 and
+    /// remote in 4..8, as the kernel keeps them.
+    ///
+    /// # Safety
+    /// `to` is 8-byte aligned and valid for writes of [`Self::IPV4_BYTES`] bytes.
+    #[inline(always)]
+    pub unsafe fn write_ipv4_addrs(to: *mut Self, rec: &SocketRecord) {
+        let v4 = |from: *const [u8; 16]| {
+            // SAFETY: an address field of `rec`, 8-byte aligned (asserted below).
+            u64::from(unsafe { from.cast::<u32>().read() })
+        };
+        let (local, remote) = (
+            v4(&raw const rec.local_addr),
+            v4(&raw const rec.remote_addr),
+        );
+        let word = if cfg!(target_endian = "little") {
+            local | remote << 32
+        } else {
+            local << 32 | remote
+        };
+        // SAFETY: the first address word lies within `to`'s `IPV4_BYTES` (the caller's
+        // contract, and `HEAD_BYTES + 8 == IPV4_BYTES`, asserted below).
+        unsafe { (&raw mut (*to).addrs).cast::<u64>().write(word) };
     }
 
     /// Probes sent in this expiry (see [`SocketRecord::probes_sent`]).
@@ -1429,6 +1480,7 @@ const _: () = assert!(SocketRecord::SIZE == 168);
 const _: () = assert!(ExpiryRecord::SIZE == 88);
 const _: () = assert!(ExpiryRecord::IPV4_BYTES == 64);
 const _: () = assert!(core::mem::offset_of!(ExpiryRecord, addrs) == 56);
+const _: () = assert!(ExpiryRecord::HEAD_BYTES + 8 == ExpiryRecord::IPV4_BYTES);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, local_addr) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, remote_addr) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<AuditCursor>() == 56);

@@ -14,9 +14,9 @@ use keepalive_ebpf::{
 };
 
 use crate::socket::{
-    EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, emit_expiry,
-    expiry_snapshot, expiry_snapshot_typed, mark_tracked, may_be_tracked, netns_counters, read,
-    read_or_zero, report_keepalive_off, typed_tcp_sock, uncounted,
+    EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, expiry_snapshot,
+    expiry_snapshot_typed, mark_tracked, may_be_tracked, netns_counters, read, read_or_zero,
+    report_keepalive_off, send_expiry, typed_tcp_sock, uncounted,
 };
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -41,7 +41,8 @@ pub(crate) struct TimerContext {
     /// zero-window probe of the write timer on another CPU) are not probes.
     pub(crate) may_probe: u8,
     pub(crate) snapshot: SocketRecord,
-    /// What the exit sends: the part of the snapshot the agent reads, and the exit's values.
+    /// What a build without the ring write fills instead of a reservation (see
+    /// [`send_expiry`]): the part of the snapshot the agent reads, and the exit's values.
     pub(crate) expiry: ExpiryRecord,
 }
 
@@ -248,8 +249,7 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
         // are these (every connection with traffic, once per idle).
         return 0;
     }
-    tctx.expiry.fill_from(&tctx.snapshot);
-    emit_expiry(&tctx.expiry, tctx.snapshot.family);
+    send_expiry(&tctx.snapshot, &mut tctx.expiry);
     0
 }
 

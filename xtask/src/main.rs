@@ -94,8 +94,8 @@ enum Command {
     Ablate {
         /// Comma-separated parts to leave out: ring-write (no record reaches the ring buffer),
         /// counters (no namespace counter is looked up or added to), cgroup (the socket's
-        /// cgroup is not read), short-records (every record copied into the ring is cut to
-        /// one cache line with its header).
+        /// cgroup is not read), short-records (every keepalive expiry record is reserved
+        /// and written at the length that fills one cache line with its header).
         parts: String,
         /// Pairs of runs.
         #[arg(long, default_value_t = 2)]
