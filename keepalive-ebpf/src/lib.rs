@@ -1164,6 +1164,11 @@ pub struct NetnsCounters {
     pub orderly_closes: u64,
     /// Drops by [`DropReason`] value.
     pub drops: [u64; DropReason::COUNT],
+    /// `bpf_ktime_get_ns()` when the program that inserted the entry stamped it; 0 for the
+    /// moment between. An inode is reused only after its namespace is gone, and every event of
+    /// that namespace came before, so of two entries on one inode the later one is the live
+    /// namespace's, though no record of it reached the agent yet.
+    pub created_ns: u64,
 }
 
 /// Why a program that saw a keepalive expiry or a close could not add it to
@@ -1485,7 +1490,7 @@ const _: () = assert!(core::mem::offset_of!(SocketRecord, local_addr) % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(SocketRecord, remote_addr) % 8 == 0);
 const _: () = assert!(core::mem::size_of::<AuditCursor>() == 56);
 const _: () = assert!(core::mem::size_of::<NetnsKey>() == 16);
-const _: () = assert!(core::mem::size_of::<NetnsCounters>() == 8 * (3 + DropReason::COUNT));
+const _: () = assert!(core::mem::size_of::<NetnsCounters>() == 8 * (4 + DropReason::COUNT));
 const _: () = assert!(
     core::mem::size_of::<KernelOffsets>()
         == KernelOffsets::FIELD_COUNT * core::mem::size_of::<u32>()

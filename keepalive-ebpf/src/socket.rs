@@ -192,7 +192,7 @@ pub(crate) fn netns_counters(rec: &SocketRecord) -> Option<*mut NetnsCounters> {
 
 /// The value a new namespace's counters start from. Passed by address (a map value the verifier
 /// knows): built on the stack, `NetnsCounters::default()` compiled to the BPF target's
-/// byte-by-byte `memset` loop, 88 iterations of 5 instructions that the 5.10 and 6.1 verifiers
+/// byte-by-byte `memset` loop, 5 instructions per byte of it that the 5.10 and 6.1 verifiers
 /// walk again on every path that inserts a namespace, which put the close program past their
 /// million-instruction limit.
 static ZERO_COUNTERS: NetnsCounters = NetnsCounters {
@@ -200,6 +200,7 @@ static ZERO_COUNTERS: NetnsCounters = NetnsCounters {
     probes: 0,
     orderly_closes: 0,
     drops: [0; DropReason::COUNT],
+    created_ns: 0,
 };
 
 /// [`netns_counters`] by key.
@@ -217,18 +218,24 @@ pub(crate) fn netns_counters_of(key: NetnsKey) -> Option<*mut NetnsCounters> {
         return Some(counters);
     }
     // Another CPU may insert the same key first: NOEXIST keeps its counts.
-    if NETNS_COUNTERS
+    let inserted = NETNS_COUNTERS
         .insert(key, &ZERO_COUNTERS, BPF_NOEXIST as u64)
-        .is_err()
-        && NETNS_COUNTERS.get_ptr(key).is_none()
-    {
+        .is_ok();
+    if !inserted && NETNS_COUNTERS.get_ptr(key).is_none() {
         if let Some(count) = NETNS_COUNTERS_FULL.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, and BPF programs are not preempted on their CPU.
             unsafe { *count += 1 };
         }
         return None;
     }
-    NETNS_COUNTERS.get_ptr_mut(key)
+    let counters = NETNS_COUNTERS.get_ptr_mut(key)?;
+    if inserted {
+        // Stamped once, by the program that inserted it: what tells the agent which of two
+        // namespaces on one inode is the live one (see `NetnsCounters::created_ns`).
+        // SAFETY: a map value, valid while the program runs (see above).
+        unsafe { core::ptr::write_volatile(&raw mut (*counters).created_ns, bpf_ktime_get_ns()) };
+    }
+    Some(counters)
 }
 
 /// Adds `n` to a counter shared by every CPU. The BPF target has no compare-and-swap, so

@@ -162,24 +162,31 @@ fn older(cookie: u64, newer: u64) -> bool {
     cookie != 0 && cookie != newer
 }
 
-/// Which entries count for an inode: the namespace records last showed holding it (`known`);
-/// without records (all lost), the entry whose activity changed last (a dead namespace's entry
-/// stops changing; one not swept yet is the newest). Cookies are not ordered by creation
-/// (`gen_cookie_next` hands them out in per-CPU batches), so they cannot decide. An entry with
-/// cookie 0 (5.10 before the cookie was generated) adds to it: the same namespace as far as
-/// anyone can tell, as in [`crate::track::namespaces`].
+/// Which entries count for an inode: the entry the kernel inserted last
+/// ([`NetnsCounters::created_ns`]: an inode is reused only once its namespace is gone, so the
+/// later entry is the live namespace's even before any record of it arrives, as when all its
+/// closes are counted and not sent); while an entry is not stamped yet, the namespace records
+/// last showed holding it (`known`); without records (all lost), the entry whose activity
+/// changed last (a dead namespace's entry stops changing; one not swept yet is the newest).
+/// Cookies are not ordered by creation (`gen_cookie_next` hands them out in per-CPU batches), so
+/// they cannot decide. An entry with cookie 0 (5.10 before the cookie was generated) adds to it:
+/// the same namespace as far as anyone can tell, as in [`crate::track::namespaces`].
 pub(crate) fn current(
     entries: &[(NetnsKey, NetnsCounters)],
     known: &HashMap<u32, u64>,
     activity: &HashMap<NetnsKey, (u64, Instant)>,
 ) -> BTreeMap<u32, NetnsCounters> {
-    let mut chosen: HashMap<u32, (NetnsKey, Option<Instant>)> = HashMap::new();
-    for (key, _) in entries {
+    let mut chosen: HashMap<u32, (NetnsKey, Option<Instant>, u64)> = HashMap::new();
+    for (key, counters) in entries {
         if key.cookie == 0 {
             continue;
         }
         let changed = activity.get(key).map(|&(_, at)| at);
-        let better = |(best, best_changed): &(NetnsKey, Option<Instant>)| {
+        let created = counters.created_ns;
+        let better = |(best, best_changed, best_created): &(NetnsKey, Option<Instant>, u64)| {
+            if created != 0 && *best_created != 0 && created != *best_created {
+                return created > *best_created;
+            }
             if known.get(&key.inum) == Some(&key.cookie) {
                 return true;
             }
@@ -196,13 +203,13 @@ pub(crate) fn current(
         match chosen.get(&key.inum) {
             Some(best) if !better(best) => {}
             _ => {
-                chosen.insert(key.inum, (*key, changed));
+                chosen.insert(key.inum, (*key, changed, created));
             }
         }
     }
     let mut totals: BTreeMap<u32, NetnsCounters> = BTreeMap::new();
     for (key, counters) in entries {
-        if key.cookie != 0 && chosen.get(&key.inum).map(|(k, _)| k.cookie) != Some(key.cookie) {
+        if key.cookie != 0 && chosen.get(&key.inum).map(|(k, ..)| k.cookie) != Some(key.cookie) {
             continue;
         }
         let total = totals.entry(key.inum).or_default();
@@ -299,6 +306,24 @@ mod tests {
         let totals = current(&entries, &known, &HashMap::new());
         assert_eq!(totals[&INODE].probes, 1);
         assert_eq!(totals[&(INODE + 1)].probes, 3);
+    }
+
+    #[test]
+    fn the_entry_the_kernel_inserted_last_is_the_live_namespace_whatever_records_showed() {
+        // A record showed the old namespace (9); the new one (5) has only counted closes.
+        let mut old = counters(10, 7);
+        old.created_ns = 1_000;
+        let mut new = counters(2, 1);
+        new.created_ns = 2_000;
+        let known = HashMap::from([(INODE, 9)]);
+        let entries = [(key(INODE, 9), old), (key(INODE, 5), new)];
+        assert_eq!(current(&entries, &known, &HashMap::new())[&INODE].probes, 1);
+        let entries = [(key(INODE, 5), new), (key(INODE, 9), old)];
+        assert_eq!(current(&entries, &known, &HashMap::new())[&INODE].probes, 1);
+        // Not stamped yet (the moment after its insert): the records decide, as before.
+        new.created_ns = 0;
+        let entries = [(key(INODE, 9), old), (key(INODE, 5), new)];
+        assert_eq!(current(&entries, &known, &HashMap::new())[&INODE].probes, 7);
     }
 
     #[test]
