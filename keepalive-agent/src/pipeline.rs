@@ -25,6 +25,7 @@ use crate::{
     kernel::{Session, tracked::TrackedMarksMap},
     record::{
         decoder::{self, CloseEvent, Endpoints, Event, KeepaliveExpiry, SocketOwner},
+        netns_counters::Sweep,
         ring_reader,
     },
     track::{
@@ -432,15 +433,12 @@ impl Pipeline {
             }
             Sighting::Replaced => {
                 // Still under the namespaces lock, so the retention sweep cannot interleave.
-                let gone = HashSet::from([endpoints.netns]);
-                self.metrics.forget_namespaces(&gone, "inode_reused");
-                if let Some(maps) = self.metrics.kernel_counters() {
-                    maps.forget(endpoints.netns, endpoints.netns_cookie);
-                }
-                let connections = self.tracker.forget_namespaces(&gone);
-                info!(
-                    "netns {} now belongs to a new namespace (cookie {}): the old one's series and {connections} connections removed",
-                    endpoints.netns, endpoints.netns_cookie
+                forget_replaced(
+                    &self.metrics,
+                    &self.tracker,
+                    endpoints.netns,
+                    endpoints.netns_cookie,
+                    "a record",
                 );
             }
         }
@@ -705,6 +703,27 @@ impl MarksRenewal {
     }
 }
 
+/// A new namespace (`cookie`) holds `inode`, as `evidence` showed: the old namespace's series,
+/// kernel counter entries and connections go, so the new one starts from 0. Called under the
+/// namespaces lock.
+fn forget_replaced(
+    metrics: &PipelineMetrics,
+    tracker: &Tracker,
+    inode: u32,
+    cookie: u64,
+    evidence: &str,
+) {
+    let gone = HashSet::from([inode]);
+    metrics.forget_namespaces(&gone, "inode_reused");
+    if let Some(maps) = metrics.kernel_counters() {
+        maps.forget(inode, cookie);
+    }
+    let connections = tracker.forget_namespaces(&gone);
+    info!(
+        "netns {inode} now belongs to a new namespace (cookie {cookie}, from {evidence}): the old one's series and {connections} connections removed"
+    );
+}
+
 /// Removes what the agent keeps of namespaces not seen (no record, no socket in an audit walk)
 /// for the retention: their aggregate series, and their connections with their per-connection
 /// series.
@@ -733,10 +752,29 @@ impl NamespaceRetention {
             // The kernel's counters show a namespace alive even when all its records were
             // lost; entries quiet for the retention (or of dead namespaces) go.
             match maps.expire(now, self.retention) {
-                Ok((active, deleted)) => {
+                Ok(Sweep {
+                    active,
+                    deleted,
+                    superseded,
+                }) => {
                     namespaces.present(active, now);
                     if deleted > 0 {
                         debug!("{deleted} kernel counter entries of gone namespaces deleted");
+                    }
+                    // A namespace whose records never came (all its closes counted and not
+                    // sent) still replaces the dead one before it on its inode: its series
+                    // (per connection, and aggregates counted from records) would otherwise
+                    // stay under that inode until a record of the new one arrived.
+                    for (inode, cookie) in superseded {
+                        if let Sighting::Replaced = namespaces.saw(inode, cookie, now) {
+                            forget_replaced(
+                                &self.metrics,
+                                &self.tracker,
+                                inode,
+                                cookie,
+                                "the kernel's counters",
+                            );
+                        }
                     }
                 }
                 Err(err) => warn!("cannot sweep the kernel's per-namespace counters: {err}"),

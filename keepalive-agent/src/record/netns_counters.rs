@@ -138,22 +138,79 @@ impl NetnsCounterMaps {
     }
 
     /// One retention pass over the map: deletes entries nothing touched for `retention` (a dead
-    /// namespace's entry stops changing). Returns the
-    /// inodes whose namespaces were active since the last pass (alive, even if every one of
-    /// their records was lost) and the number of entries deleted.
-    pub(crate) fn expire(
-        &self,
-        now: Instant,
-        retention: Duration,
-    ) -> Result<(Vec<(u32, u64)>, usize), MapError> {
+    /// namespace's entry stops changing), and finds the inodes a later namespace took over.
+    pub(crate) fn expire(&self, now: Instant, retention: Duration) -> Result<Sweep, MapError> {
         let entries = self.entries()?;
         let (active, stale) = {
             let mut activity = self.activity.lock().expect("activity lock poisoned");
             sweep(&mut activity, &entries, now, retention)
         };
+        let superseded = {
+            let known = self.current_cookie.lock().expect("cookie lock poisoned");
+            superseded(&entries, &known, &active)
+        };
         let deleted = self.delete(&stale);
-        Ok((active, deleted))
+        Ok(Sweep {
+            active,
+            deleted,
+            superseded,
+        })
     }
+}
+
+/// What one retention pass over the map found.
+#[derive(Debug)]
+pub(crate) struct Sweep {
+    /// The namespaces (inode, cookie) active since the last pass: alive, even if every one of
+    /// their records was lost.
+    pub(crate) active: Vec<(u32, u64)>,
+    /// Entries deleted.
+    pub(crate) deleted: usize,
+    /// Inodes a later namespace took over from the one records last showed, with the later
+    /// namespace's cookie (see [`superseded`]).
+    pub(crate) superseded: Vec<(u32, u64)>,
+}
+
+/// The inodes whose newest entry (by [`NetnsCounters::created_ns`]) is another namespace's than
+/// the one records last showed (`known`), whose own entry is older: that namespace is gone
+/// (an inode is reused only after). With the newer namespace's cookie, in inode order. Not while
+/// the known namespace's entry is still among the `active` ones (it changed since the last
+/// sweep): a record of its last events may still wait in the ring buffer, and arriving after
+/// the replacement it would replace the live namespace in turn.
+fn superseded(
+    entries: &[(NetnsKey, NetnsCounters)],
+    known: &HashMap<u32, u64>,
+    active: &[(u32, u64)],
+) -> Vec<(u32, u64)> {
+    let stamp = |inum: u32, cookie: u64| {
+        entries
+            .iter()
+            .find(|(key, _)| key.inum == inum && key.cookie == cookie)
+            .map(|(_, counters)| counters.created_ns)
+    };
+    let mut newest: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+    for (key, counters) in entries {
+        if key.cookie == 0 || counters.created_ns == 0 {
+            continue;
+        }
+        let later = newest
+            .get(&key.inum)
+            .is_none_or(|&(_, created)| counters.created_ns > created);
+        if later {
+            newest.insert(key.inum, (key.cookie, counters.created_ns));
+        }
+    }
+    newest
+        .into_iter()
+        .filter(|&(inum, (cookie, created))| match known.get(&inum) {
+            Some(&old) if old != 0 && old != cookie && !active.contains(&(inum, old)) => {
+                stamp(inum, old)
+                    .is_some_and(|old_created| old_created != 0 && old_created < created)
+            }
+            _ => false,
+        })
+        .map(|(inum, (cookie, _))| (inum, cookie))
+        .collect()
 }
 
 /// Whether an entry with `cookie` belongs to another namespace than the one with `newer`: a
@@ -324,6 +381,34 @@ mod tests {
         new.created_ns = 0;
         let entries = [(key(INODE, 9), old), (key(INODE, 5), new)];
         assert_eq!(current(&entries, &known, &HashMap::new())[&INODE].probes, 7);
+    }
+
+    #[test]
+    fn an_inode_is_superseded_when_a_later_entry_than_the_known_namespaces_exists() {
+        let stamped = |created_ns| NetnsCounters {
+            created_ns,
+            ..counters(1, 0)
+        };
+        let known = HashMap::from([(INODE, 9), (INODE + 1, 6), (INODE + 2, 7)]);
+        let entries = [
+            // Taken over by 5, created after the known namespace's entry.
+            (key(INODE, 9), stamped(1_000)),
+            (key(INODE, 5), stamped(2_000)),
+            // The known namespace is the newest: nothing to do.
+            (key(INODE + 1, 4), stamped(1_000)),
+            (key(INODE + 1, 6), stamped(2_000)),
+            // Not stamped yet, or the known namespace's entry is gone: no evidence.
+            (key(INODE + 2, 7), stamped(1_000)),
+            (key(INODE + 2, 8), stamped(0)),
+            (key(INODE + 3, 3), stamped(5_000)),
+        ];
+        assert_eq!(superseded(&entries, &known, &[]), [(INODE, 5)]);
+        let without_known_entry = [(key(INODE, 5), stamped(2_000))];
+        assert!(superseded(&without_known_entry, &known, &[]).is_empty());
+        // The known namespace's entry changed since the last sweep: its last records may
+        // still be on their way, so not yet.
+        assert!(superseded(&entries, &known, &[(INODE, 9)]).is_empty());
+        assert_eq!(superseded(&entries, &known, &[(INODE, 5)]), [(INODE, 5)]);
     }
 
     #[test]
