@@ -397,9 +397,9 @@ fn tcp_close(ctx: &BtfTracePointContext) -> bool {
 }
 
 /// Benchmarks only, never attached by the agent: at each TCP close, a zeroed close record
-/// copied in the way the close program wrote one until it reserved its record in the ring, and
-/// the timer's exit still writes its expiries (on the stack, then [`emit`] into the ring
-/// buffer, with its wakeup count), and nothing else. Against [`close_record_reserve`] and
+/// copied in the way the agent's programs wrote their records until they reserved them in the
+/// ring (on the stack, then [`emit`] into the ring buffer, with its wakeup count), and nothing
+/// else. Against [`close_record_reserve`] and
 /// [`close_record_slot`], in the same run: what the ring buffer's write costs, and what it
 /// costs over plain stores (`hook-cost`, record write rows).
 #[btf_tracepoint(function = "inet_sock_set_state")]

@@ -897,8 +897,9 @@ struct ProgramIds {
 /// What writing one close record costs, by how it is written, with no agent, per TCP close of
 /// RST churn above an empty program on the same hook, in the same run: a record zeroed on the
 /// stack and copied into the ring buffer (`bpf_ringbuf_output`: its lock, its copy, its commit;
-/// how the agent writes keepalive expiries), the same record reserved in the ring and zeroed
-/// there (no copy, two helper calls; how it writes close records), and plain stores into a per-CPU slot (a per-CPU ring's floor). The ring is drained
+/// how the agent wrote its records before it reserved them), the same record reserved in the
+/// ring and zeroed there (no copy, two helper calls; how it writes close records and keepalive
+/// expiries), and plain stores into a per-CPU slot (a per-CPU ring's floor). The ring is drained
 /// every 10 ms, as the agent drains it, and what failed to fit is counted.
 fn record_write_costs(length: Duration) -> anyhow::Result<()> {
     // Room for about 23 000 close records, many times what the churn closes between two
