@@ -267,14 +267,19 @@ kernel_offsets! {
     icsk_probes_tstamp: "inet_connection_sock.icsk_probes_tstamp where present, else 0", Computed;
     tcp_packets_out: "tcp_sock.packets_out", Int(4);
     tcp_snd_wnd: "tcp_sock.snd_wnd", Int(4);
-    /// `tcp_sock.segs_out`: every segment the socket sent, never reset. Its growth across a
-    /// keepalive expiry is the probes sent (`tcp_xmit_probe_skb` counts `TCPKeepAlive`, then
-    /// `__tcp_transmit_skb` counts the segment), which an ACK cannot hide.
-    tcp_segs_out: "tcp_sock.segs_out", Int(4);
-    /// `tcp_sock.write_seq` and `snd_nxt`: unequal while data waits unsent
-    /// (`tcp_write_queue_empty`), when `tcp_keepalive_timer` sends no probe.
-    tcp_write_seq: "tcp_sock.write_seq", Int(4);
-    tcp_snd_nxt: "tcp_sock.snd_nxt", Int(4);
+    /// `net.mib.net_statistics`: the namespace's per-CPU `struct linux_mib`, whose
+    /// `TCPKeepAlive` (`mib_tcp_keepalive`) `tcp_xmit_probe_skb` counts for every keepalive
+    /// probe, on the CPU running the timer. Its growth on this CPU across an expiry is the
+    /// probes that expiry sent, exactly what the namespace's `TcpExt TCPKeepAlive` counts.
+    net_mib_statistics: "net.mib.net_statistics", Pointer;
+    /// `LINUX_MIB_TCPKEEPALIVE` (an anonymous enum) times 8: the byte offset of `TCPKeepAlive`
+    /// in `linux_mib.mibs`, an array of `unsigned long`.
+    mib_tcp_keepalive: "LINUX_MIB_TCPKEEPALIVE * sizeof(unsigned long)", Computed;
+    /// `bpf_array.pptrs`: a per-CPU array map's element pointers as allocated, before
+    /// `this_cpu_ptr`. The timer's entry finds this CPU's per-CPU offset (which it adds to
+    /// `net_statistics`) as the distance from its own map's element 0 to where that element
+    /// is on this CPU.
+    bpf_array_pptrs: "bpf_array.pptrs", Computed;
     /// `net.ns.inum`, from the start of `struct net`.
     net_ns_inum: "net.ns.inum", Int(4);
     /// `net.net_cookie`: unlike the inode, never reused by a later namespace. A `u64` from 5.12,
@@ -357,9 +362,9 @@ impl KernelOffsets {
     /// The `struct sock`-relative fields the socket snapshot takes from its one copy of the
     /// socket, with their sizes: a keepalive expiry's ([`Self::expiry_fields`]), then what only
     /// the close's and the audit's records carry.
-    pub fn snapshot_fields(&self) -> [(u32, u32); 27] {
-        let mut fields = [(0, 0); 27];
-        let (expiry, rest) = fields.split_at_mut(19);
+    pub fn snapshot_fields(&self) -> [(u32, u32); 24] {
+        let mut fields = [(0, 0); 24];
+        let (expiry, rest) = fields.split_at_mut(16);
         expiry.copy_from_slice(&self.expiry_fields());
         rest.copy_from_slice(&[
             (self.sk_err, 4),
@@ -375,11 +380,11 @@ impl KernelOffsets {
         fields
     }
 
-    /// The fields a keepalive expiry's record needs ([`ExpiryRecord`]) and its probe detection
-    /// (`segs_out`, `packets_out`, `write_seq`, `snd_nxt`): [`Self::snapshot_fields`] without
-    /// the close's and the audit's timestamps, errors and window, which lie in other parts of
-    /// the socket and would cost the expiry more reads.
-    pub fn expiry_fields(&self) -> [(u32, u32); 19] {
+    /// The fields a keepalive expiry's record needs ([`ExpiryRecord`]): [`Self::snapshot_fields`]
+    /// without the close's and the audit's timestamps, errors and window, which lie in other
+    /// parts of the socket and would cost the expiry more reads. Its probes are counted from
+    /// the namespace, not the socket (`net_mib_statistics`).
+    pub fn expiry_fields(&self) -> [(u32, u32); 16] {
         [
             (self.skc_daddr, 4),
             (self.skc_rcv_saddr, 4),
@@ -397,9 +402,6 @@ impl KernelOffsets {
             (self.tcp_keepalive_intvl, 4),
             (self.tcp_keepalive_probes, 1),
             (self.tcp_packets_out, 4),
-            (self.tcp_segs_out, 4),
-            (self.tcp_write_seq, 4),
-            (self.tcp_snd_nxt, 4),
         ]
     }
 
@@ -640,8 +642,9 @@ pub struct SocketRecord {
     pub flags: u8,
     /// Close inside the write timer: `icsk_pending` when that timer started ([`icsk_timer`]).
     pub write_timer_event: u8,
-    /// Timer record: probes `tcp_write_wakeup` sent in this expiry (growth of
-    /// `tcp_sock.segs_out`, which no ACK resets, unlike `icsk_probes_out`).
+    /// Timer record: probes `tcp_write_wakeup` sent in this expiry: the growth of the
+    /// namespace's `TCPKeepAlive` on the timer's CPU, which no ACK resets (unlike
+    /// `icsk_probes_out`) and no other segment moves (unlike `tcp_sock.segs_out`).
     pub probes_sent: u8,
     /// `tcp_sock.keepalive_time`/`keepalive_intvl` in jiffies; 0 means the sysctl applies.
     pub keepalive_time: u32,
@@ -1181,11 +1184,12 @@ pub enum Uncounted {
     ExpiryCopyBusy = 0,
     /// A keepalive expiry whose socket could not be read at entry.
     ExpiryUnreadable = 1,
-    /// At exit the socket no longer held the connection seen at entry (freed and reused while
-    /// the timer ran), so the probes it sent could not be counted.
-    ExpiryUnverified = 2,
+    /// This CPU's `TCPKeepAlive` of the expiry's namespace could not be read (or moved by more
+    /// than the two probes an expiry sends), so the probes it sent could not be counted.
+    ExpiryCounterUnreadable = 2,
     /// The exit program ran for a keepalive expiry the entry program was not run for (the
-    /// kernel skipped it): whatever that expiry sent went uncounted.
+    /// kernel skipped it): the expiry went uncounted, and its probes too unless a later expiry
+    /// on that CPU in that namespace counts them (see `timer.rs`, "unseen").
     ExpiryEntryMissed = 3,
     /// A close found both per-CPU socket copies taken.
     CloseCopyBusy = 4,
@@ -1198,7 +1202,7 @@ impl Uncounted {
     pub const ALL: [Uncounted; 6] = [
         Uncounted::ExpiryCopyBusy,
         Uncounted::ExpiryUnreadable,
-        Uncounted::ExpiryUnverified,
+        Uncounted::ExpiryCounterUnreadable,
         Uncounted::ExpiryEntryMissed,
         Uncounted::CloseCopyBusy,
         Uncounted::CloseUnreadable,
@@ -1210,7 +1214,7 @@ impl Uncounted {
         match self {
             Uncounted::ExpiryCopyBusy
             | Uncounted::ExpiryUnreadable
-            | Uncounted::ExpiryUnverified
+            | Uncounted::ExpiryCounterUnreadable
             | Uncounted::ExpiryEntryMissed => "keepalive_expiry",
             Uncounted::CloseCopyBusy | Uncounted::CloseUnreadable => "close",
         }
@@ -1221,7 +1225,7 @@ impl Uncounted {
         match self {
             Uncounted::ExpiryCopyBusy | Uncounted::CloseCopyBusy => "copy_busy",
             Uncounted::ExpiryUnreadable | Uncounted::CloseUnreadable => "unreadable",
-            Uncounted::ExpiryUnverified => "socket_reused",
+            Uncounted::ExpiryCounterUnreadable => "probe_counter_unreadable",
             Uncounted::ExpiryEntryMissed => "entry_not_run",
         }
     }

@@ -353,12 +353,10 @@ pub(crate) fn snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<(), i64>
 }
 
 /// What the keepalive timer's entry needs besides the record, taken from the snapshot's copy
-/// instead of three more reads of the socket.
+/// instead of another read of the socket.
 pub(crate) struct SendState {
-    /// `tcp_sock.segs_out`.
-    pub(crate) segs_out: u32,
-    /// `write_seq != snd_nxt`: data waits unsent (`tcp_write_queue_empty` is false).
-    pub(crate) unsent: bool,
+    /// `skc_net`: the namespace whose `TCPKeepAlive` counts this expiry's probes.
+    pub(crate) net: *const u8,
 }
 
 /// What a keepalive expiry needs of the socket (`KernelOffsets::expiry_fields`, copied by
@@ -370,8 +368,7 @@ pub(crate) struct SendState {
 #[inline(always)]
 pub(crate) fn expiry_snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<SendState, i64> {
     snapshot_then::<false, _>(sk, rec, |c| SendState {
-        segs_out: field::<u32>(c, offset!(tcp_segs_out)),
-        unsent: field::<u32>(c, offset!(tcp_write_seq)) != field::<u32>(c, offset!(tcp_snd_nxt)),
+        net: field::<u64>(c, offset!(skc_net)) as *const u8,
     })
 }
 
@@ -380,8 +377,7 @@ pub(crate) fn expiry_snapshot(sk: *const u8, rec: &mut SocketRecord) -> Result<S
 pub(crate) fn expiry_snapshot_typed(tp: Typed, rec: &mut SocketRecord) -> Result<SendState, i64> {
     fill_record::<false, false>(tp, rec)?;
     Ok(SendState {
-        segs_out: tp.load::<u32>(offset!(tcp_segs_out)),
-        unsent: tp.load::<u32>(offset!(tcp_write_seq)) != tp.load::<u32>(offset!(tcp_snd_nxt)),
+        net: tp.load::<u64>(offset!(skc_net)) as *const u8,
     })
 }
 

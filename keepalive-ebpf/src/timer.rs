@@ -19,6 +19,10 @@ use crate::socket::{
     report_keepalive_off, send_expiry, typed_tcp_sock, uncounted,
 };
 
+/// More probes than one CPU's keepalive timers send between two expiries the programs see
+/// (a million expiries skipped in a row): a gap this large is a wrong read, not probes.
+const UNSEEN_PROBES_BOUND: u64 = 1 << 20;
+
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
 #[map]
 pub(crate) static TIMER_CONTEXT: PerCpuArray<TimerContext> = PerCpuArray::with_max_entries(1, 0);
@@ -34,12 +38,24 @@ pub(crate) struct TimerContext {
     /// Write timer: `icsk_pending` and `packets_out` at entry, before an abort purges them.
     pub(crate) write_timer_event: u8,
     pub(crate) packets_out: u32,
-    /// Keepalive timer: `tcp_sock.segs_out` at entry.
-    pub(crate) segs_out: u32,
-    /// Keepalive timer: 0 when this expiry cannot send a probe (`tcp_keepalive_timer` skips it
-    /// while segments are in flight or data waits unsent), so segments sent meanwhile (a
-    /// zero-window probe of the write timer on another CPU) are not probes.
-    pub(crate) may_probe: u8,
+    /// This CPU's per-CPU offset (what `this_cpu_ptr` adds), found by [`cpu_offset`] at the
+    /// first keepalive expiry on this CPU; 0 until then.
+    pub(crate) cpu_offset: u64,
+    /// Keepalive timer: where this CPU's `TCPKeepAlive` of the socket's namespace is, 0 when it
+    /// could not be found (the exit then cannot count this expiry's probes).
+    pub(crate) keepalive_mib: u64,
+    /// Keepalive timer: that counter at entry.
+    pub(crate) keepalive_mib_before: u64,
+    /// The namespace whose `net_statistics` [`keepalive_mib`] read last on this CPU (its
+    /// `struct net` address and cookie), and that pointer: the next expiry in the same
+    /// namespace does not read it again.
+    pub(crate) mib_net: u64,
+    pub(crate) mib_cookie: u64,
+    pub(crate) mib_statistics: u64,
+    /// That namespace's `TCPKeepAlive` on this CPU when the last expiry the programs saw in it
+    /// here ended; valid while `mib_seen_valid` is 1 (reset when the namespace changes).
+    pub(crate) mib_seen: u64,
+    pub(crate) mib_seen_valid: u8,
     pub(crate) snapshot: SocketRecord,
     /// What a build without the ring write fills instead of a reservation (see
     /// [`send_expiry`]): the part of the snapshot the agent reads, and the exit's values.
@@ -122,8 +138,14 @@ fn entry<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
         };
         match snapshot {
             Ok(send) => {
-                tctx.segs_out = send.segs_out;
-                tctx.may_probe = u8::from(!send.unsent && tctx.snapshot.packets_out == 0);
+                tctx.keepalive_mib = 0;
+                let cookie = tctx.snapshot.netns_cookie;
+                if let Some(at) = keepalive_mib(tctx, send.net, cookie)
+                    && let Some(before) = load_mib::<TYPED>(at)
+                {
+                    tctx.keepalive_mib = at;
+                    tctx.keepalive_mib_before = before;
+                }
             }
             Err(err) => {
                 // Still this expiry's context, so the exit neither counts it nor takes it for
@@ -177,30 +199,65 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     if tctx.kind != CloseContext::KeepaliveTimer as u8 {
         return 0;
     }
+    // Counted whatever became of the socket: the counter belongs to its namespace, and only
+    // this callback runs on this CPU between the two hooks.
+    let after = if tctx.keepalive_mib == 0 {
+        None
+    } else {
+        load_mib::<TYPED>(tctx.keepalive_mib)
+    };
+    // tcp_write_wakeup sends at most two probes (an urgent-pointer probe, then the probe); more
+    // means the counter read is not TCPKeepAlive.
+    let probes = after.and_then(
+        |after| match after.wrapping_sub(tctx.keepalive_mib_before) {
+            sent @ 0..=2 => Some(sent as u8),
+            _ => None,
+        },
+    );
+    // Probes counted on this CPU in this namespace since the last expiry the programs saw end
+    // here: only keepalive callbacks count TCPKeepAlive, and every one the programs saw is
+    // counted by its own exit, so these are the probes of expiries the kernel ran the
+    // programs for only in part or not at all (it skips them now and then in bursts,
+    // README "Exact totals and the kernel"). The bound keeps a wrong read from adding a wild
+    // number.
+    let mut unseen = 0;
+    if let (Some(_), Some(after)) = (probes, after) {
+        if tctx.mib_seen_valid != 0 {
+            let gap = tctx.keepalive_mib_before.wrapping_sub(tctx.mib_seen);
+            if gap < UNSEEN_PROBES_BOUND {
+                unseen = gap;
+            }
+        }
+        tctx.mib_seen = after;
+        tctx.mib_seen_valid = 1;
+    } else {
+        tctx.mib_seen_valid = 0;
+    }
     let rec = &mut tctx.snapshot;
-    rec.probes_sent = 0;
+    rec.probes_sent = probes.unwrap_or(0);
+    if probes.is_none() {
+        rec.flags |= record_flags::EXIT_UNVERIFIED;
+        uncounted(Uncounted::ExpiryCounterUnreadable);
+    }
     if tctx.closed != 0 {
         // The socket may be freed by now (the callback's sock_put, or tcp_done on an orphan):
-        // the close record already carries its final state. An abort sends no probe.
+        // the close record already carries its final state.
         rec.flags |= record_flags::CLOSED_IN_TIMER;
     } else {
         let sk = tctx.sk as *const u8;
         // Re-read only if the slot still holds the same connection (SLAB_TYPESAFE_BY_RCU reuse).
-        let ((local_port, remote_port, daddr, head_ok), (after, after_ok), (segs_out, segs_ok)) =
-            if TYPED {
-                let tp = typed_tcp_sock(sk);
-                (
-                    connection_typed(tp),
-                    (tp.load::<u8>(offset!(icsk_probes_out)), true),
-                    (tp.load::<u32>(offset!(tcp_segs_out)), true),
-                )
-            } else {
-                (
-                    connection(sk),
-                    read_or_zero::<u8>(sk, offset!(icsk_probes_out)),
-                    read_or_zero::<u32>(sk, offset!(tcp_segs_out)),
-                )
-            };
+        let ((local_port, remote_port, daddr, head_ok), (after, after_ok)) = if TYPED {
+            let tp = typed_tcp_sock(sk);
+            (
+                connection_typed(tp),
+                (tp.load::<u8>(offset!(icsk_probes_out)), true),
+            )
+        } else {
+            (
+                connection(sk),
+                read_or_zero::<u8>(sk, offset!(icsk_probes_out)),
+            )
+        };
         let same = head_ok
             && local_port == rec.local_port
             && remote_port == rec.remote_port
@@ -212,29 +269,20 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
                         rec.remote_addr[2],
                         rec.remote_addr[3],
                     ]);
-        if same && after_ok && segs_ok {
+        if same && after_ok {
             rec.probes_out_after = after;
-            // An ACK processed on another CPU between bh_unlock_sock and this hook zeroes
-            // icsk_probes_out, but never segs_out. tcp_write_wakeup sends at most two
-            // segments (an urgent-pointer probe, then the probe); more means the application
-            // wrote in that window, and those are not probes.
-            let sent = if tctx.may_probe != 0 {
-                segs_out.wrapping_sub(tctx.segs_out)
-            } else {
-                0
-            };
-            rec.probes_sent = if sent > 2 { 2 } else { sent as u8 };
         } else {
+            // Its probes are counted all the same; what the socket says after is not known.
             rec.flags |= record_flags::EXIT_UNVERIFIED;
-            uncounted(Uncounted::ExpiryUnverified);
         }
     }
     if let Some(counters) = netns_counters(rec) {
         // SAFETY: a map value (see `netns_counters`).
         unsafe {
             add(&raw mut (*counters).expiries, 1);
-            if rec.probes_sent != 0 {
-                add(&raw mut (*counters).probes, u64::from(rec.probes_sent));
+            let probes = u64::from(rec.probes_sent) + unseen;
+            if probes != 0 {
+                add(&raw mut (*counters).probes, probes);
             }
         }
     }
@@ -251,6 +299,71 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     }
     send_expiry(&tctx.snapshot, &mut tctx.expiry);
     0
+}
+
+/// This CPU's per-CPU offset: how far this CPU's copy of a per-CPU object lies from the
+/// object's address as allocated, the same for every per-CPU object. Programs have no
+/// `__per_cpu_offset` (not in kallsyms without `CONFIG_KALLSYMS_ALL`, nor in BTF), so it is
+/// measured on our own per-CPU map: where its element is on this CPU, less the element's
+/// allocated address (`bpf_array.pptrs[0]`). Once per CPU; 0 (never a real offset on SMP)
+/// stays unknown and is measured again.
+#[inline(always)]
+fn cpu_offset(tctx: &mut TimerContext) -> Option<u64> {
+    if tctx.cpu_offset != 0 {
+        return Some(tctx.cpu_offset);
+    }
+    let map = address_of((&raw const TIMER_CONTEXT).cast())?;
+    let allocated = read::<u64>(map as *const u8, offset!(bpf_array_pptrs)).ok()?;
+    let here = address_of((tctx as *const TimerContext).cast())?;
+    tctx.cpu_offset = here.wrapping_sub(allocated);
+    Some(tctx.cpu_offset)
+}
+
+/// A pointer's value as a number the program may do arithmetic on. The verifier keeps a map
+/// pointer typed whatever the program does with it, except through memory a helper wrote: so
+/// a helper copies it from the stack.
+#[inline(always)]
+fn address_of(pointer: *const u8) -> Option<u64> {
+    read::<u64>((&raw const pointer).cast(), 0).ok()
+}
+
+/// Where this CPU's `TCPKeepAlive` of namespace `net` (whose cookie is `cookie`) is: its
+/// `net_statistics` (a per-CPU pointer, read with a helper so that it is a number) plus this
+/// CPU's offset. The pointer is read again only when the namespace differs from the last one
+/// on this CPU: a namespace freed and another allocated at its address has another cookie
+/// (`hash_mix` on 5.10: 1 in 2^32 that two draws match), and an unknown cookie (0) is never
+/// taken for a match.
+#[inline(always)]
+fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option<u64> {
+    let cpu = cpu_offset(tctx)?;
+    if cookie == 0 || tctx.mib_cookie != cookie || tctx.mib_net != net as u64 {
+        let statistics = read::<u64>(net, offset!(net_mib_statistics)).ok()?;
+        if statistics == 0 {
+            return None;
+        }
+        tctx.mib_net = net as u64;
+        tctx.mib_cookie = cookie;
+        tctx.mib_statistics = statistics;
+        tctx.mib_seen_valid = 0;
+    }
+    Some(
+        tctx.mib_statistics
+            .wrapping_add(cpu)
+            .wrapping_add(offset!(mib_tcp_keepalive) as u64),
+    )
+}
+
+/// The counter at `at`: a typed load where the kernel has `bpf_rdonly_cast` (which reads 0 if
+/// it faults; the exit's bound on the growth catches that), else a helper read.
+#[inline(always)]
+fn load_mib<const TYPED: bool>(at: u64) -> Option<u64> {
+    if TYPED {
+        // Any struct serves as the cast's type: offset 0 of `struct tcp_sock` is an 8-byte
+        // member (`skc_addrpair`), so the verifier accepts an 8-byte load there.
+        Some(typed_tcp_sock(at as *const u8).load::<u64>(0))
+    } else {
+        read::<u64>(at as *const u8, 0).ok()
+    }
 }
 
 /// The connection's local and remote port (host order), its IPv4 remote address, and whether

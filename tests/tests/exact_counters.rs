@@ -6,7 +6,7 @@
 //!   `TCPAbortOnTimeout` keepalive timeouts, and the resets its server sockets received,
 //! - a namespace whose peers answer counts exactly its `TCPKeepAlive` probes (an answered
 //!   probe's ACK can zero `icsk_probes_out` before the timer's exit hook reads it; the probes
-//!   are counted from `tcp_sock.segs_out`, which no ACK resets).
+//!   are counted from the namespace's `TCPKeepAlive` on the timer's CPU, which no ACK resets).
 //!
 //! Exactly, unless the kernel ran none of the agent's programs for some keepalive expiries (it
 //! does, now and then, when hundreds of them fall in the same jiffy; `tests/src/tracepoint.rs`).

@@ -88,6 +88,12 @@ const SOCKET_INODE: &str = "socket_alloc.vfs_inode";
 const INODE_NUMBER: &str = "inode.i_ino";
 /// The socket's own copy of its inode number (6.18+).
 const SOCK_INODE_NUMBER: &str = "sock.sk_ino";
+/// `enum { LINUX_MIB_NUM = 0, ... }` (uapi `snmp.h`) has no name: found by its enumerator.
+const LINUX_MIB_TCPKEEPALIVE: &str = "LINUX_MIB_TCPKEEPALIVE";
+/// Bounds the index so that `index * 8` stays a sane offset into `linux_mib.mibs` (about 130
+/// entries in 6.18).
+const LINUX_MIB_LIMIT: u64 = 4096;
+const BPF_ARRAY_PPTRS: &str = "bpf_array.pptrs";
 
 /// The tracepoint typedef whose prototype says whether `tcp_send_reset` passes a reason.
 const SEND_RESET_PROTOTYPE: &str = "btf_trace_tcp_send_reset";
@@ -305,6 +311,11 @@ impl KernelLayout {
                 (FieldKind::Computed, "nf_hook_entries_hooks") => conntrack.confirm.entries_hooks,
                 (FieldKind::Computed, "nf_hook_entry_size") => conntrack.confirm.entry_size,
                 (FieldKind::Computed, "nf_hook_ops_priority") => conntrack.confirm.ops_priority,
+                (FieldKind::Computed, "mib_tcp_keepalive") => {
+                    r.anonymous_enum_value(LINUX_MIB_TCPKEEPALIVE, LINUX_MIB_LIMIT)? * 8
+                }
+                // A flexible array in an anonymous union: no size to check.
+                (FieldKind::Computed, "bpf_array_pptrs") => r.field(BPF_ARRAY_PPTRS)?.byte_offset,
                 (FieldKind::Computed, "ehash_bucket_size") => r.struct_size("inet_ehash_bucket")?,
                 (FieldKind::Computed, "listen_bucket_size") => {
                     r.struct_size("inet_listen_hashbucket")?
@@ -966,6 +977,38 @@ impl Resolver<'_> {
             };
         }
         Ok(None)
+    }
+
+    /// The value of enumerator `name` of an enum without a name, the first such enum that has
+    /// it (a walk over every type, whose ids run from 1 without gaps: once per start).
+    fn anonymous_enum_value(&self, name: &str, limit: u64) -> Result<u32, LayoutError> {
+        for id in 1.. {
+            let Ok(ty) = self.btf.resolve_type_by_id(id) else {
+                break;
+            };
+            let Type::Enum(e) = &ty else { continue };
+            if !self.name_of(e, name)?.is_empty() {
+                continue;
+            }
+            for m in &e.members {
+                if self.name_of(m, name)? == name {
+                    let value = u64::from(m.val());
+                    if e.is_signed() && (m.val() as i32) < 0 || value >= limit {
+                        return Err(LayoutError::EnumValueOutOfRange {
+                            enum_name: "(anonymous)".to_string(),
+                            name: name.to_string(),
+                            value: i128::from(m.val() as i32),
+                            limit,
+                        });
+                    }
+                    return Ok(m.val());
+                }
+            }
+        }
+        Err(LayoutError::MissingEnumValue {
+            enum_name: "(anonymous)".to_string(),
+            name: name.to_string(),
+        })
     }
 
     fn required_enum_value(

@@ -11,8 +11,9 @@ use keepalive_ebpf::{FieldKind, KernelOffsets};
 
 use super::btf_builder::{BtfBuilder, M, bf, m};
 use super::{
-    ICSK_KEEPALIVE_TIMER, ICSK_RETRANSMIT_TIMER, INODE_NUMBER, LHASH2, MUST_BEGIN_WITH,
-    SEND_RESET_PROTOTYPE, SK_TIMER, SOCKET_INODE, TIMER, TimerLayout,
+    BPF_ARRAY_PPTRS, ICSK_KEEPALIVE_TIMER, ICSK_RETRANSMIT_TIMER, INODE_NUMBER, LHASH2,
+    LINUX_MIB_TCPKEEPALIVE, MUST_BEGIN_WITH, SEND_RESET_PROTOTYPE, SK_TIMER, SOCKET_INODE, TIMER,
+    TimerLayout,
 };
 
 /// The member that gives `struct inet_ehash_bucket` its size.
@@ -25,6 +26,15 @@ const SOCK_FLAGS: [(&str, u32); 5] = [
     ("SOCK_URGINLINE", 2),
     ("SOCK_KEEPOPEN", 3),
     ("SOCK_LINGER", 4),
+];
+
+/// The anonymous `enum { LINUX_MIB_NUM = 0, ... }` of the synthetic kernel, deliberately not
+/// the real numbers. An anonymous enum without the enumerator comes first, so the resolver
+/// must look past it.
+const LINUX_MIB: [(&str, u32); 3] = [
+    ("LINUX_MIB_NUM", 0),
+    ("LINUX_MIB_SYNCOOKIESSENT", 1),
+    (LINUX_MIB_TCPKEEPALIVE, 77),
 ];
 
 /// `enum sk_rst_reason` with active reasons (6.12+), deliberately not the real numbers.
@@ -52,7 +62,8 @@ pub(super) struct Synth {
     /// Has `enum sk_rst_reason` with active reasons (6.12+).
     pub(super) rst_reasons: bool,
     pub(super) send_reset: SendReset,
-    /// Leaves this member out (its container stays).
+    /// Leaves this member out (its container stays); `LINUX_MIB_TCPKEEPALIVE` leaves out the
+    /// anonymous enum that has it.
     pub(super) omit: Option<&'static str>,
     /// Makes this member a bitfield of its own width.
     pub(super) bitfield: Option<&'static str>,
@@ -122,6 +133,8 @@ impl SyntheticKernel {
                 }
                 // The synthetic kernel predates `sock.sk_ino`.
                 (FieldKind::Computed, "sk_ino") => 0,
+                (FieldKind::Computed, "mib_tcp_keepalive") => 77 * 8,
+                (FieldKind::Computed, "bpf_array_pptrs") => self.offset_of(BPF_ARRAY_PPTRS),
                 (FieldKind::Computed, "ehash_bucket_size") => self.sizes["inet_ehash_bucket"],
                 (FieldKind::Computed, "listen_bucket_size") => self.sizes["inet_listen_hashbucket"],
                 // 5.19+: listeners behind the `lhash2` pointer, no inline buckets.
@@ -220,6 +233,7 @@ pub(super) fn synthetic_kernel(synth: &Synth) -> SyntheticKernel {
         FieldKind::Struct("hlist_nulls_head"),
     );
     insert(&mut roots, LHASH2, FieldKind::Pointer);
+    insert(&mut roots, BPF_ARRAY_PPTRS, FieldKind::Pointer);
     for field in KernelOffsets::FIELDS {
         if field.kind != FieldKind::Computed {
             insert(&mut roots, field.source, field.kind);
@@ -427,6 +441,11 @@ impl Emitter<'_> {
 
     fn enums_and_prototypes(&mut self) {
         self.b.enumeration("sock_flags", &SOCK_FLAGS);
+        self.b
+            .enumeration("", &[("TCP_ESTABLISHED", 1), ("TCP_SYN_SENT", 2)]);
+        if self.synth.omit != Some(LINUX_MIB_TCPKEEPALIVE) {
+            self.b.enumeration("", &LINUX_MIB);
+        }
         let reasons: &[(&str, u32)] = if self.synth.rst_reasons {
             &RST_REASONS
         } else {

@@ -202,6 +202,24 @@ fn kernel_without_any_icsk_timer_names_the_retransmit_timer() {
 }
 
 #[test]
+fn keepalive_counter_is_found_in_an_anonymous_enum_and_its_absence_is_named() {
+    let kernel = synthetic_kernel(&Synth::default());
+    let layout = KernelLayout::from_btf_bytes(&kernel.btf).expect("synthetic layout");
+    assert_eq!(layout.offsets.mib_tcp_keepalive, 77 * 8);
+    let kernel = synthetic_kernel(&Synth {
+        omit: Some(super::LINUX_MIB_TCPKEEPALIVE),
+        ..Synth::default()
+    });
+    let err = KernelLayout::from_btf_bytes(&kernel.btf).expect_err("no LINUX_MIB_TCPKEEPALIVE");
+    assert!(
+        matches!(&err, LayoutError::MissingEnumValue { name, .. }
+            if name == "LINUX_MIB_TCPKEEPALIVE"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("LINUX_MIB_TCPKEEPALIVE"), "{err}");
+}
+
+#[test]
 fn kernel_without_rst_reasons() {
     let kernel = synthetic_kernel(&Synth::default());
     let layout = KernelLayout::from_btf_bytes(&kernel.btf).expect("synthetic pre-6.10 layout");
