@@ -274,7 +274,7 @@ kernel_offsets! {
     net_mib_statistics: "net.mib.net_statistics", Pointer;
     /// `LINUX_MIB_TCPKEEPALIVE` (an anonymous enum) times 8: the byte offset of `TCPKeepAlive`
     /// in `linux_mib.mibs`, an array of `unsigned long`.
-    mib_tcp_keepalive: "LINUX_MIB_TCPKEEPALIVE * sizeof(unsigned long)", Computed;
+    mib_tcp_keepalive: "linux_mib.mibs + LINUX_MIB_TCPKEEPALIVE * sizeof(unsigned long)", Computed;
     /// `bpf_array.pptrs`: a per-CPU array map's element pointers as allocated, before
     /// `this_cpu_ptr`. The timer's entry finds this CPU's per-CPU offset (which it adds to
     /// `net_statistics`) as the distance from its own map's element 0 to where that element
@@ -1185,7 +1185,8 @@ pub enum Uncounted {
     /// A keepalive expiry whose socket could not be read at entry.
     ExpiryUnreadable = 1,
     /// This CPU's `TCPKeepAlive` of the expiry's namespace could not be read (or moved by more
-    /// than the two probes an expiry sends), so the probes it sent could not be counted.
+    /// than the two probes an expiry sends, or implausibly far since the last expiry there),
+    /// so the probes it sent could not be counted.
     ExpiryCounterUnreadable = 2,
     /// The exit program ran for a keepalive expiry the entry program was not run for (the
     /// kernel skipped it): the expiry went uncounted, and its probes too unless a later expiry
@@ -1195,17 +1196,22 @@ pub enum Uncounted {
     CloseCopyBusy = 4,
     /// A close whose socket could not be read.
     CloseUnreadable = 5,
+    /// The entry program ran for a keepalive expiry the exit program was not run for (the
+    /// kernel skipped it; seen at the next expiry on that CPU): the expiry went uncounted, and
+    /// its probes too unless a later expiry on that CPU in that namespace counts them.
+    ExpiryExitMissed = 6,
 }
 
 impl Uncounted {
     /// In value order: `ALL[u as usize] == u`.
-    pub const ALL: [Uncounted; 6] = [
+    pub const ALL: [Uncounted; 7] = [
         Uncounted::ExpiryCopyBusy,
         Uncounted::ExpiryUnreadable,
         Uncounted::ExpiryCounterUnreadable,
         Uncounted::ExpiryEntryMissed,
         Uncounted::CloseCopyBusy,
         Uncounted::CloseUnreadable,
+        Uncounted::ExpiryExitMissed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -1215,7 +1221,8 @@ impl Uncounted {
             Uncounted::ExpiryCopyBusy
             | Uncounted::ExpiryUnreadable
             | Uncounted::ExpiryCounterUnreadable
-            | Uncounted::ExpiryEntryMissed => "keepalive_expiry",
+            | Uncounted::ExpiryEntryMissed
+            | Uncounted::ExpiryExitMissed => "keepalive_expiry",
             Uncounted::CloseCopyBusy | Uncounted::CloseUnreadable => "close",
         }
     }
@@ -1227,6 +1234,7 @@ impl Uncounted {
             Uncounted::ExpiryUnreadable | Uncounted::CloseUnreadable => "unreadable",
             Uncounted::ExpiryCounterUnreadable => "probe_counter_unreadable",
             Uncounted::ExpiryEntryMissed => "entry_not_run",
+            Uncounted::ExpiryExitMissed => "exit_not_run",
         }
     }
 }

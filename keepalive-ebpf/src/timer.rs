@@ -20,7 +20,8 @@ use crate::socket::{
 };
 
 /// More probes than one CPU's keepalive timers send between two expiries the programs see
-/// (a million expiries skipped in a row): a gap this large is a wrong read, not probes.
+/// (about a million, from half a million expiries skipped in a row): a gap this large is a
+/// wrong read, not probes.
 const UNSEEN_PROBES_BOUND: u64 = 1 << 20;
 
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
@@ -55,6 +56,10 @@ pub(crate) struct TimerContext {
     /// That namespace's `TCPKeepAlive` on this CPU when the last expiry the programs saw in it
     /// here ended; valid while `mib_seen_valid` is 1 (reset when the namespace changes).
     pub(crate) mib_seen: u64,
+    /// When that expiry started (its record's `ktime_ns`): growth since is added only to a
+    /// namespace entry created before it (one created later, after the agent's retention sweep
+    /// deleted an idle namespace's entry, starts from what happens after it).
+    pub(crate) mib_seen_ns: u64,
     pub(crate) mib_seen_valid: u8,
     pub(crate) snapshot: SocketRecord,
     /// What a build without the ring write fills instead of a reservation (see
@@ -115,6 +120,10 @@ fn entry<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     let tctx = unsafe { &mut *tctx };
     // The socket is the timer's container (`timer_container_of(sk, t, sk_timer)` in the kernel).
     let sk = timer.wrapping_sub(timer_offset);
+    if tctx.timer != 0 && tctx.kind == CloseContext::KeepaliveTimer as u8 {
+        // The last keepalive expiry on this CPU ran its entry and not its exit.
+        uncounted(Uncounted::ExpiryExitMissed);
+    }
     tctx.timer = timer as u64;
     tctx.sk = sk as u64;
     tctx.kind = kind as u8;
@@ -221,14 +230,18 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     // README "Exact totals and the kernel"). The bound keeps a wrong read from adding a wild
     // number.
     let mut unseen = 0;
+    let unseen_since = tctx.mib_seen_ns;
     if let (Some(_), Some(after)) = (probes, after) {
         if tctx.mib_seen_valid != 0 {
             let gap = tctx.keepalive_mib_before.wrapping_sub(tctx.mib_seen);
             if gap < UNSEEN_PROBES_BOUND {
                 unseen = gap;
+            } else {
+                uncounted(Uncounted::ExpiryCounterUnreadable);
             }
         }
         tctx.mib_seen = after;
+        tctx.mib_seen_ns = tctx.snapshot.ktime_ns;
         tctx.mib_seen_valid = 1;
     } else {
         tctx.mib_seen_valid = 0;
@@ -280,6 +293,10 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
         // SAFETY: a map value (see `netns_counters`).
         unsafe {
             add(&raw mut (*counters).expiries, 1);
+            let created = core::ptr::read_volatile(&raw const (*counters).created_ns);
+            if created == 0 || created > unseen_since {
+                unseen = 0;
+            }
             let probes = u64::from(rec.probes_sent) + unseen;
             if probes != 0 {
                 add(&raw mut (*counters).probes, probes);
@@ -338,7 +355,12 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
     let cpu = cpu_offset(tctx)?;
     if cookie == 0 || tctx.mib_cookie != cookie || tctx.mib_net != net as u64 {
         let statistics = read::<u64>(net, offset!(net_mib_statistics)).ok()?;
-        if statistics == 0 {
+        // Once per namespace, a helper read of the counter itself: a typed load that faults
+        // reads 0 at both hooks, which would count no probe without saying so.
+        let at = statistics
+            .wrapping_add(cpu)
+            .wrapping_add(offset!(mib_tcp_keepalive) as u64);
+        if statistics == 0 || read::<u64>(at as *const u8, 0).is_err() {
             return None;
         }
         tctx.mib_net = net as u64;
@@ -354,7 +376,8 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
 }
 
 /// The counter at `at`: a typed load where the kernel has `bpf_rdonly_cast` (which reads 0 if
-/// it faults; the exit's bound on the growth catches that), else a helper read.
+/// it faults: [`keepalive_mib`] checked the address with a helper read once per namespace),
+/// else a helper read.
 #[inline(always)]
 fn load_mib<const TYPED: bool>(at: u64) -> Option<u64> {
     if TYPED {

@@ -140,8 +140,8 @@ fn tracepoint_id(event: &str) -> anyhow::Result<u64> {
 /// window takes its growth with it, which only makes the figure larger; one it forgot before,
 /// whose inode a new namespace took, counts from 0) plus the expiries the programs saw and
 /// could not count themselves (`keepalive_agent_kernel_uncounted_total`, except
-/// `entry_not_run`: the kernel skipped that expiry's entry program). So the agent's own losses
-/// are never taken for the kernel's.
+/// `entry_not_run` and `exit_not_run`: the kernel skipped one of that expiry's programs). So the
+/// agent's own losses are never taken for the kernel's.
 #[derive(Debug)]
 pub struct ExpiriesNotRun {
     count: KeepaliveExpiryCount,
@@ -324,7 +324,8 @@ struct Seen {
     /// `tcp_keepalive_timer_expiries_total` by label set (`netns`, and workload labels
     /// when aggregated).
     per_netns: std::collections::HashMap<Vec<(String, String)>, f64>,
-    /// Keepalive expiries the programs could not count (every cause but `entry_not_run`).
+    /// Keepalive expiries the programs could not count (every cause but the kernel's skips,
+    /// `entry_not_run` and `exit_not_run`).
     uncounted: f64,
 }
 
@@ -339,7 +340,7 @@ impl Seen {
         let uncounted = metrics
             .matching(UNCOUNTED, &[("event", "keepalive_expiry")])
             .into_iter()
-            .filter(|s| s.label("cause") != Some("entry_not_run"))
+            .filter(|s| !matches!(s.label("cause"), Some("entry_not_run" | "exit_not_run")))
             .map(|s| s.value)
             .sum();
         Ok(Self {

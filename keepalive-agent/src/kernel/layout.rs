@@ -94,6 +94,8 @@ const LINUX_MIB_TCPKEEPALIVE: &str = "LINUX_MIB_TCPKEEPALIVE";
 /// entries in 6.18).
 const LINUX_MIB_LIMIT: u64 = 4096;
 const BPF_ARRAY_PPTRS: &str = "bpf_array.pptrs";
+/// `struct linux_mib { unsigned long mibs[LINUX_MIB_MAX]; }`: at 0 in every kernel so far.
+const LINUX_MIB_MIBS: &str = "linux_mib.mibs";
 
 /// The tracepoint typedef whose prototype says whether `tcp_send_reset` passes a reason.
 const SEND_RESET_PROTOTYPE: &str = "btf_trace_tcp_send_reset";
@@ -312,7 +314,8 @@ impl KernelLayout {
                 (FieldKind::Computed, "nf_hook_entry_size") => conntrack.confirm.entry_size,
                 (FieldKind::Computed, "nf_hook_ops_priority") => conntrack.confirm.ops_priority,
                 (FieldKind::Computed, "mib_tcp_keepalive") => {
-                    r.anonymous_enum_value(LINUX_MIB_TCPKEEPALIVE, LINUX_MIB_LIMIT)? * 8
+                    r.field(LINUX_MIB_MIBS)?.byte_offset
+                        + r.anonymous_enum_value(LINUX_MIB_TCPKEEPALIVE, LINUX_MIB_LIMIT)? * 8
                 }
                 // A flexible array in an anonymous union: no size to check.
                 (FieldKind::Computed, "bpf_array_pptrs") => r.field(BPF_ARRAY_PPTRS)?.byte_offset,

@@ -12,8 +12,8 @@ use keepalive_ebpf::{FieldKind, KernelOffsets};
 use super::btf_builder::{BtfBuilder, M, bf, m};
 use super::{
     BPF_ARRAY_PPTRS, ICSK_KEEPALIVE_TIMER, ICSK_RETRANSMIT_TIMER, INODE_NUMBER, LHASH2,
-    LINUX_MIB_TCPKEEPALIVE, MUST_BEGIN_WITH, SEND_RESET_PROTOTYPE, SK_TIMER, SOCKET_INODE, TIMER,
-    TimerLayout,
+    LINUX_MIB_MIBS, LINUX_MIB_TCPKEEPALIVE, MUST_BEGIN_WITH, SEND_RESET_PROTOTYPE, SK_TIMER,
+    SOCKET_INODE, TIMER, TimerLayout,
 };
 
 /// The member that gives `struct inet_ehash_bucket` its size.
@@ -133,7 +133,9 @@ impl SyntheticKernel {
                 }
                 // The synthetic kernel predates `sock.sk_ino`.
                 (FieldKind::Computed, "sk_ino") => 0,
-                (FieldKind::Computed, "mib_tcp_keepalive") => 77 * 8,
+                (FieldKind::Computed, "mib_tcp_keepalive") => {
+                    self.offset_of(LINUX_MIB_MIBS) + 77 * 8
+                }
                 (FieldKind::Computed, "bpf_array_pptrs") => self.offset_of(BPF_ARRAY_PPTRS),
                 (FieldKind::Computed, "ehash_bucket_size") => self.sizes["inet_ehash_bucket"],
                 (FieldKind::Computed, "listen_bucket_size") => self.sizes["inet_listen_hashbucket"],
@@ -234,6 +236,9 @@ pub(super) fn synthetic_kernel(synth: &Synth) -> SyntheticKernel {
     );
     insert(&mut roots, LHASH2, FieldKind::Pointer);
     insert(&mut roots, BPF_ARRAY_PPTRS, FieldKind::Pointer);
+    // Not at 0, so that the resolver is seen to add its offset (the real kernel's is 0).
+    insert(&mut roots, "linux_mib.head", FieldKind::Int(8));
+    insert(&mut roots, LINUX_MIB_MIBS, FieldKind::Int(8));
     for field in KernelOffsets::FIELDS {
         if field.kind != FieldKind::Computed {
             insert(&mut roots, field.source, field.kind);

@@ -205,7 +205,11 @@ fn kernel_without_any_icsk_timer_names_the_retransmit_timer() {
 fn keepalive_counter_is_found_in_an_anonymous_enum_and_its_absence_is_named() {
     let kernel = synthetic_kernel(&Synth::default());
     let layout = KernelLayout::from_btf_bytes(&kernel.btf).expect("synthetic layout");
-    assert_eq!(layout.offsets.mib_tcp_keepalive, 77 * 8);
+    assert_eq!(
+        layout.offsets.mib_tcp_keepalive,
+        kernel.offset_of(super::LINUX_MIB_MIBS) + 77 * 8
+    );
+    assert_ne!(kernel.offset_of(super::LINUX_MIB_MIBS), 0);
     let kernel = synthetic_kernel(&Synth {
         omit: Some(super::LINUX_MIB_TCPKEEPALIVE),
         ..Synth::default()
