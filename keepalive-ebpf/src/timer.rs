@@ -47,12 +47,12 @@ pub(crate) struct TimerContext {
     pub(crate) keepalive_mib: u64,
     /// Keepalive timer: that counter at entry.
     pub(crate) keepalive_mib_before: u64,
-    /// The namespace whose `net_statistics` [`keepalive_mib`] read last on this CPU (its
-    /// `struct net` address and cookie), and that pointer: the next expiry in the same
-    /// namespace does not read it again.
+    /// The namespace [`keepalive_mib`] found the counter of last on this CPU (its `struct net`
+    /// address and cookie), and where that counter is: the next expiry in the same namespace
+    /// does not look for it again.
     pub(crate) mib_net: u64,
     pub(crate) mib_cookie: u64,
-    pub(crate) mib_statistics: u64,
+    pub(crate) mib_at: u64,
     /// That namespace's `TCPKeepAlive` on this CPU when the last expiry the programs saw in it
     /// here ended; valid while `mib_seen_valid` is 1 (reset when the namespace changes).
     pub(crate) mib_seen: u64,
@@ -346,14 +346,14 @@ fn address_of(pointer: *const u8) -> Option<u64> {
 
 /// Where this CPU's `TCPKeepAlive` of namespace `net` (whose cookie is `cookie`) is: its
 /// `net_statistics` (a per-CPU pointer, read with a helper so that it is a number) plus this
-/// CPU's offset. The pointer is read again only when the namespace differs from the last one
-/// on this CPU: a namespace freed and another allocated at its address has another cookie
+/// CPU's offset. Worked out again only when the namespace differs from the last one on this
+/// CPU: a namespace freed and another allocated at its address has another cookie
 /// (`hash_mix` on 5.10: 1 in 2^32 that two draws match), and an unknown cookie (0) is never
 /// taken for a match.
 #[inline(always)]
 fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option<u64> {
-    let cpu = cpu_offset(tctx)?;
     if cookie == 0 || tctx.mib_cookie != cookie || tctx.mib_net != net as u64 {
+        let cpu = cpu_offset(tctx)?;
         let statistics = read::<u64>(net, offset!(net_mib_statistics)).ok()?;
         // Once per namespace, a helper read of the counter itself: a typed load that faults
         // reads 0 at both hooks, which would count no probe without saying so.
@@ -365,14 +365,10 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
         }
         tctx.mib_net = net as u64;
         tctx.mib_cookie = cookie;
-        tctx.mib_statistics = statistics;
+        tctx.mib_at = at;
         tctx.mib_seen_valid = 0;
     }
-    Some(
-        tctx.mib_statistics
-            .wrapping_add(cpu)
-            .wrapping_add(offset!(mib_tcp_keepalive) as u64),
-    )
+    Some(tctx.mib_at)
 }
 
 /// The counter at `at`: a typed load where the kernel has `bpf_rdonly_cast` (which reads 0 if

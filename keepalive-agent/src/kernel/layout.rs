@@ -930,10 +930,33 @@ impl Resolver<'_> {
         name: &str,
         limit: u64,
     ) -> Result<Option<u32>, LayoutError> {
+        self.enumerator_value(enum_name, enum_name, name, limit)
+    }
+
+    /// The value of enumerator `name` of an enum without a name (`enum { LINUX_MIB_NUM, ... }`),
+    /// the first such enum that has it: BTF indexes types without a name under `""`.
+    fn anonymous_enum_value(&self, name: &str, limit: u64) -> Result<u32, LayoutError> {
+        const ANONYMOUS: &str = "(anonymous)";
+        self.enumerator_value("", ANONYMOUS, name, limit)?
+            .ok_or_else(|| LayoutError::MissingEnumValue {
+                enum_name: ANONYMOUS.to_string(),
+                name: name.to_string(),
+            })
+    }
+
+    /// [`Self::optional_enum_value`] among the enums BTF names `lookup`, called `enum_name` in
+    /// errors.
+    fn enumerator_value(
+        &self,
+        lookup: &str,
+        enum_name: &str,
+        name: &str,
+        limit: u64,
+    ) -> Result<Option<u32>, LayoutError> {
         let context = || format!("looking up enum {enum_name}");
         let types = self
             .btf
-            .resolve_types_by_name(enum_name)
+            .resolve_types_by_name(lookup)
             .map_err(Self::invalid(context()))?;
         for ty in types {
             let value: Option<i128> = match &ty {
@@ -980,38 +1003,6 @@ impl Resolver<'_> {
             };
         }
         Ok(None)
-    }
-
-    /// The value of enumerator `name` of an enum without a name, the first such enum that has
-    /// it (a walk over every type, whose ids run from 1 without gaps: once per start).
-    fn anonymous_enum_value(&self, name: &str, limit: u64) -> Result<u32, LayoutError> {
-        for id in 1.. {
-            let Ok(ty) = self.btf.resolve_type_by_id(id) else {
-                break;
-            };
-            let Type::Enum(e) = &ty else { continue };
-            if !self.name_of(e, name)?.is_empty() {
-                continue;
-            }
-            for m in &e.members {
-                if self.name_of(m, name)? == name {
-                    let value = u64::from(m.val());
-                    if e.is_signed() && (m.val() as i32) < 0 || value >= limit {
-                        return Err(LayoutError::EnumValueOutOfRange {
-                            enum_name: "(anonymous)".to_string(),
-                            name: name.to_string(),
-                            value: i128::from(m.val() as i32),
-                            limit,
-                        });
-                    }
-                    return Ok(m.val());
-                }
-            }
-        }
-        Err(LayoutError::MissingEnumValue {
-            enum_name: "(anonymous)".to_string(),
-            name: name.to_string(),
-        })
     }
 
     fn required_enum_value(
