@@ -1349,6 +1349,23 @@ pub fn tracked_slot(remote_port: u16, local_port: u16) -> usize {
 /// between the agent's sweeps. A namespace that finds it full is counted, not tracked.
 pub const NETNS_COUNTERS_MAX: u32 = 4096;
 
+/// Namespaces each CPU remembers the keepalive counter of (the timer program's per-CPU slots,
+/// 40 bytes each): a power of two, for [`counter_slot`].
+pub const COUNTER_SLOTS: usize = 256;
+
+/// The slot of the namespace whose cookie ([`SocketRecord::netns_cookie`]) is `cookie` among a
+/// CPU's [`COUNTER_SLOTS`] (the timer program keeps it in this slot or its pair's other,
+/// `counter_slot(cookie) ^ 1`): a multiplicative hash of the cookie, which is a count of the
+/// namespaces created since boot (5.11+; on 5.10 a random `hash_mix`), and the multiplication
+/// spreads consecutive counts over the slots. Not the `struct net` address: through a typed
+/// pointer the verifier refuses arithmetic on it.
+#[inline(always)]
+pub fn counter_slot(cookie: u64) -> usize {
+    const BITS: u32 = COUNTER_SLOTS.trailing_zeros();
+    const _: () = assert!(COUNTER_SLOTS.is_power_of_two());
+    (cookie.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as usize
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` data made only of integers, without implicit padding

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
-    AF_INET, CloseContext, ExpiryRecord, ExpirySpan, RecordKind, SocketRecord, Uncounted,
-    expiry_enters_table, record_flags,
+    AF_INET, COUNTER_SLOTS, CloseContext, ExpiryRecord, ExpirySpan, RecordKind, SocketRecord,
+    Uncounted, counter_slot, expiry_enters_table, record_flags,
 };
 
 use crate::socket::{
@@ -47,24 +47,35 @@ pub(crate) struct TimerContext {
     pub(crate) keepalive_mib: u64,
     /// Keepalive timer: that counter at entry.
     pub(crate) keepalive_mib_before: u64,
-    /// The namespace [`keepalive_mib`] found the counter of last on this CPU (its `struct net`
-    /// address and cookie), and where that counter is: the next expiry in the same namespace
-    /// does not look for it again.
-    pub(crate) mib_net: u64,
-    pub(crate) mib_cookie: u64,
-    pub(crate) mib_at: u64,
-    /// That namespace's `TCPKeepAlive` on this CPU when the last expiry the programs saw in it
-    /// here ended; valid while `mib_seen_valid` is 1 (reset when the namespace changes).
-    pub(crate) mib_seen: u64,
-    /// When that expiry started (its record's `ktime_ns`): growth since is added only to a
-    /// namespace entry created before it (one created later, after the agent's retention sweep
-    /// deleted an idle namespace's entry, starts from what happens after it).
-    pub(crate) mib_seen_ns: u64,
-    pub(crate) mib_seen_valid: u8,
+    /// Keepalive timer: the index of the namespace's slot in `counters`.
+    pub(crate) counter_slot: u32,
     pub(crate) snapshot: SocketRecord,
     /// What a build without the ring write fills instead of a reservation (see
     /// [`send_expiry`]): the part of the snapshot the agent reads, and the exit's values.
     pub(crate) expiry: ExpiryRecord,
+    /// The namespaces whose keepalive expiries this CPU ran, each in the slot its cookie picks
+    /// ([`counter_slot`]): where this CPU's copy of its `TCPKeepAlive` is, and
+    /// where that counter stood when the last of its expiries the programs saw here ended. A
+    /// slot per namespace, not one for the last namespace, because a node's namespaces (a pod
+    /// each) take turns on a CPU ([`keepalive_mib`] says which slot).
+    pub(crate) counters: [CounterSlot; COUNTER_SLOTS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct CounterSlot {
+    /// The namespace (its `struct net` address and cookie); 0 in a slot never taken.
+    pub(crate) net: u64,
+    pub(crate) cookie: u64,
+    /// Where this CPU's `TCPKeepAlive` of the namespace is.
+    pub(crate) at: u64,
+    /// That counter when the last expiry the programs saw in the namespace on this CPU ended.
+    pub(crate) seen: u64,
+    /// When that expiry started (its record's `ktime_ns`), 0 when `seen` is not known: growth
+    /// since is added only to a namespace entry created before it (one created later, after the
+    /// agent's retention sweep deleted an idle namespace's entry, starts from what happens
+    /// after it).
+    pub(crate) seen_ns: u64,
 }
 
 /// Reads the socket with helper calls: kernels without `bpf_rdonly_cast` (before 6.2).
@@ -230,21 +241,28 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     // README "Exact totals and the kernel"). The bound keeps a wrong read from adding a wild
     // number.
     let mut unseen = 0;
-    let unseen_since = tctx.mib_seen_ns;
-    if let (Some(_), Some(after)) = (probes, after) {
-        if tctx.mib_seen_valid != 0 {
-            let gap = tctx.keepalive_mib_before.wrapping_sub(tctx.mib_seen);
-            if gap < UNSEEN_PROBES_BOUND {
-                unseen = gap;
-            } else {
-                uncounted(Uncounted::ExpiryCounterUnreadable);
+    let mut unseen_since = 0;
+    // The slot the entry found the counter through (nothing else writes it in between).
+    let ktime_ns = tctx.snapshot.ktime_ns;
+    let (mib, before) = (tctx.keepalive_mib, tctx.keepalive_mib_before);
+    let slot = slot_of(tctx, tctx.counter_slot as usize);
+    if mib != 0 && slot.at == mib {
+        match (probes, after) {
+            (Some(_), Some(after)) => {
+                if slot.seen_ns != 0 {
+                    let gap = before.wrapping_sub(slot.seen);
+                    if gap < UNSEEN_PROBES_BOUND {
+                        unseen = gap;
+                        unseen_since = slot.seen_ns;
+                    } else {
+                        uncounted(Uncounted::ExpiryCounterUnreadable);
+                    }
+                }
+                slot.seen = after;
+                slot.seen_ns = ktime_ns;
             }
+            _ => slot.seen_ns = 0,
         }
-        tctx.mib_seen = after;
-        tctx.mib_seen_ns = tctx.snapshot.ktime_ns;
-        tctx.mib_seen_valid = 1;
-    } else {
-        tctx.mib_seen_valid = 0;
     }
     let rec = &mut tctx.snapshot;
     rec.probes_sent = probes.unwrap_or(0);
@@ -344,31 +362,62 @@ fn address_of(pointer: *const u8) -> Option<u64> {
     read::<u64>((&raw const pointer).cast(), 0).ok()
 }
 
-/// Where this CPU's `TCPKeepAlive` of namespace `net` (whose cookie is `cookie`) is: its
-/// `net_statistics` (a per-CPU pointer, read with a helper so that it is a number) plus this
-/// CPU's offset. Worked out again only when the namespace differs from the last one on this
-/// CPU: a namespace freed and another allocated at its address has another cookie
-/// (`hash_mix` on 5.10: 1 in 2^32 that two draws match), and an unknown cookie (0) is never
-/// taken for a match.
+/// Slot `index` of this CPU's namespaces ([`TimerContext::counters`]).
+#[inline(always)]
+fn slot_of(tctx: &mut TimerContext, index: usize) -> &mut CounterSlot {
+    // SAFETY: masked to the array's length (a power of two), which the verifier sees too; not
+    // indexed, since a bounds check's panic path ends without an exit, which it refuses.
+    unsafe { &mut *tctx.counters.as_mut_ptr().add(index & (COUNTER_SLOTS - 1)) }
+}
+
+/// Where this CPU's `TCPKeepAlive` of namespace `net` (whose cookie is `cookie`) is, and the
+/// namespace's slot, in `tctx.counter_slot`. The counter is at its `net_statistics` (a per-CPU
+/// pointer, read with a helper so that it is a number) plus this CPU's offset. A namespace may
+/// be in either slot of the pair [`counter_slot`] picks (so it takes three namespaces picking
+/// one pair to push one out); the counter is worked out again only when neither holds it, into
+/// the slot whose namespace was seen longer ago. A namespace freed and another allocated at its
+/// address has another cookie (`hash_mix` on 5.10: 1 in 2^32 that two draws match), and an
+/// unknown cookie (0) is never taken for a match.
 #[inline(always)]
 fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option<u64> {
-    if cookie == 0 || tctx.mib_cookie != cookie || tctx.mib_net != net as u64 {
-        let cpu = cpu_offset(tctx)?;
-        let statistics = read::<u64>(net, offset!(net_mib_statistics)).ok()?;
-        // Once per namespace, a helper read of the counter itself: a typed load that faults
-        // reads 0 at both hooks, which would count no probe without saying so.
-        let at = statistics
-            .wrapping_add(cpu)
-            .wrapping_add(offset!(mib_tcp_keepalive) as u64);
-        if statistics == 0 || read::<u64>(at as *const u8, 0).is_err() {
-            return None;
-        }
-        tctx.mib_net = net as u64;
-        tctx.mib_cookie = cookie;
-        tctx.mib_at = at;
-        tctx.mib_seen_valid = 0;
+    let pair = counter_slot(cookie) & !1;
+    let holds = |slot: &CounterSlot| cookie != 0 && slot.cookie == cookie && slot.net == net as u64;
+    let first = slot_of(tctx, pair);
+    let (first_holds, first_seen_ns, first_at) = (holds(first), first.seen_ns, first.at);
+    let second = slot_of(tctx, pair | 1);
+    let (second_holds, second_seen_ns, second_at) = (holds(second), second.seen_ns, second.at);
+    if first_holds {
+        tctx.counter_slot = pair as u32;
+        return Some(first_at);
     }
-    Some(tctx.mib_at)
+    if second_holds {
+        tctx.counter_slot = (pair | 1) as u32;
+        return Some(second_at);
+    }
+    // The slot whose namespace's last expiry seen here is older (0, none known, is oldest).
+    let index = if second_seen_ns < first_seen_ns {
+        pair | 1
+    } else {
+        pair
+    };
+    // The exit reads the slot only if the counter is found (`keepalive_mib` not 0).
+    tctx.counter_slot = index as u32;
+    let cpu = cpu_offset(tctx)?;
+    let statistics = read::<u64>(net, offset!(net_mib_statistics)).ok()?;
+    // Once per namespace, a helper read of the counter itself: a typed load that faults
+    // reads 0 at both hooks, which would count no probe without saying so.
+    let at = statistics
+        .wrapping_add(cpu)
+        .wrapping_add(offset!(mib_tcp_keepalive) as u64);
+    if statistics == 0 || read::<u64>(at as *const u8, 0).is_err() {
+        return None;
+    }
+    let slot = slot_of(tctx, index);
+    slot.net = net as u64;
+    slot.cookie = cookie;
+    slot.at = at;
+    slot.seen_ns = 0;
+    Some(at)
 }
 
 /// The counter at `at`: a typed load where the kernel has `bpf_rdonly_cast` (which reads 0 if

@@ -671,4 +671,19 @@ mod tests {
             assert_eq!(programs(new), typed("tcp_send_reset"), "{new}");
         }
     }
+
+    /// The timer program's per-CPU slots of namespaces (`keepalive_ebpf::counter_slot`): 128
+    /// namespaces created one after the other (consecutive cookies, from any start) each get a
+    /// slot of their own, so at most two share a pair (a namespace is kept in either slot of its
+    /// pair), and a node's pods taking turns on a CPU keep their counters' memory.
+    #[test]
+    fn namespaces_created_in_turn_get_slots_of_their_own() {
+        use keepalive_ebpf::{COUNTER_SLOTS, counter_slot};
+        for first in [1u64, 1_000, 123_456] {
+            let slots: std::collections::HashSet<usize> =
+                (first..first + 128).map(counter_slot).collect();
+            assert!(slots.iter().all(|&slot| slot < COUNTER_SLOTS));
+            assert_eq!(slots.len(), 128, "from cookie {first}");
+        }
+    }
 }

@@ -32,8 +32,10 @@
 //!    (the synchronized run's records, without the kernel), per second of CPU.
 //! 5. Synchronized keepalive: `--sync-connections` connections (several sizes, comma
 //!    separated) that start probing in the same second, every second, against answering peers,
-//!    for `--sync-seconds`: the namespace's `TCPKeepAlive` against the agent's probe total,
-//!    the keepalive expiries a perf event on `timer_expire_entry` counted that no program of
+//!    for `--sync-seconds`, spread over `--sync-namespaces` namespaces (default 1; a node's
+//!    pods each have their own, and a CPU's expiries then alternate between them): the
+//!    namespaces' `TCPKeepAlive` against the agent's probe totals (and which namespaces fell
+//!    short, by how much), the keepalive expiries a perf event on `timer_expire_entry` counted that no program of
 //!    the agent ran for, and those a classic (perf-event) tracepoint program on the same hook
 //!    missed, records lost, the agent's CPU and RSS; then each size again with the agent's process
 //!    stopped (SIGSTOP) while the connections probe, which its kernel programs do not notice.
@@ -71,8 +73,8 @@ use keepalive_agent::kernel::programs::{
 };
 use keepalive_ebpf::{ExpirySpan, RecordSlots, names};
 use keepalive_tests::{
-    Agent, Churn, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, KeepaliveExpiryCount, Netns, TcpPair,
-    UNCOUNTED_METRICS, agent::vm_rss_kib, holder::Holders, set_keepalive,
+    Agent, Churn, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, KeepaliveExpiryCount, Metrics, Netns,
+    TcpPair, UNCOUNTED_METRICS, agent::vm_rss_kib, holder::Holders, set_keepalive,
 };
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -83,7 +85,7 @@ const CLOSE_NAME: &str = "inet_sock_set_s";
 
 const FLAGS: &str = "--connections N --seconds S --rounds N --churn-seconds S \
      --pipeline-connections N --probing-connections N --sync-connections N[,N...] \
-     --sync-seconds S --span-connections N --span-only --churn-only --pipeline-only \
+     --sync-seconds S --sync-namespaces N --span-connections N --span-only --churn-only --pipeline-only \
      --empty-hooks TRACEPOINT[,TRACEPOINT...]";
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     let mut probing_connections = 50_000u32;
     let mut sync_connections = vec![50_000usize, 100_000];
     let mut sync_seconds = 10u64;
+    let mut sync_namespaces = 1usize;
     let mut span_connections = 5_000usize;
     let mut span_only = false;
     let mut churn_only = false;
@@ -122,6 +125,7 @@ fn main() -> anyhow::Result<()> {
                     .collect::<anyhow::Result<_>>()?;
             }
             "--sync-seconds" => sync_seconds = number(&arg, value()?)?,
+            "--sync-namespaces" => sync_namespaces = number(&arg, value()?)?,
             "--span-connections" => span_connections = number(&arg, value()?)?,
             "--span-only" => span_only = true,
             "--churn-only" => churn_only = true,
@@ -301,15 +305,17 @@ fn main() -> anyhow::Result<()> {
     if !sync_connections.is_empty() {
         println!(
             "synchronized keepalive, answering peers, 1 s idle and interval, {sync_seconds} s of \
-             probing (agent with default flags, --connections.max-tracked raised to the count)"
+             probing, in {sync_namespaces} namespace(s) (agent with default flags, \
+             --connections.max-tracked raised to the count)"
         );
         println!(
-            "| connections | TCPKeepAlive | agent probes | short | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core; of it, the attribution worker) | agent RSS | uncounted by the programs, skipped runs |"
+            "| connections | TCPKeepAlive | agent probes | short | namespaces short (by) | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core; of it, the attribution worker) | agent RSS | uncounted by the programs, skipped runs |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for &n in &sync_connections {
             synchronized(
                 n,
+                sync_namespaces,
                 Duration::from_secs(sync_seconds),
                 AgentDuringSync::Running,
             )?;
@@ -319,6 +325,7 @@ fn main() -> anyhow::Result<()> {
         for &n in &sync_connections {
             synchronized(
                 n,
+                sync_namespaces,
                 Duration::from_secs(sync_seconds),
                 AgentDuringSync::Stopped,
             )?;
@@ -535,23 +542,48 @@ enum AgentDuringSync {
 
 /// One row of the synchronized run: `total` connections whose keepalive starts in the same
 /// second (the children get "go" together), probing every second for `length`.
-fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyhow::Result<()> {
+/// `total` connections split evenly over `namespaces` namespaces; the totals are their sums.
+fn synchronized(
+    total: usize,
+    namespaces: usize,
+    length: Duration,
+    during: AgentDuringSync,
+) -> anyhow::Result<()> {
+    if namespaces == 0 || namespaces > total {
+        bail!("--sync-namespaces {namespaces}: must be 1 to the number of connections ({total})");
+    }
     let max_tracked = total.max(65_536).to_string();
     let agent = Agent::start_with_args(&["--connections.max-tracked", &max_tracked])
         .context("starting the agent")?;
-    let ns = Netns::new("sync")?;
-    let mut holders = Holders::connect(&std::env::current_exe()?, &ns, total)?;
-    let netns = ns.inum().to_string();
-    let labels = [("netns", netns.as_str())];
+    let program = std::env::current_exe()?;
+    let mut spaces = Vec::with_capacity(namespaces);
+    for i in 0..namespaces {
+        let ns = Netns::new("sync")?;
+        // The first `total % namespaces` take one more.
+        let share = total / namespaces + usize::from(i < total % namespaces);
+        let holders = Holders::connect(&program, &ns, share)?;
+        spaces.push((ns, holders));
+    }
+    let inums: Vec<String> = spaces.iter().map(|(ns, _)| ns.inum().to_string()).collect();
+    // Each namespace's, in the order of `spaces`.
+    let agent_probes = |scrape: &Metrics| -> Vec<f64> {
+        inums
+            .iter()
+            .map(|inum| scrape.value("tcp_keepalive_probes_total", &[("netns", inum.as_str())]))
+            .collect()
+    };
     // The same expiries counted by a classic tracepoint program, which the kernel runs from the
     // tracepoint's perf probe rather than as a raw-tracepoint probe like the agent's.
     let classic = ExpiriesNotRunByAnyProgram::open()
         .context("counting keepalive expiries with a classic tracepoint program")?;
     let not_run = ExpiriesNotRun::open(&agent)
         .context("counting keepalive expiries with a perf event on timer_expire_entry")?;
-    let kernel_before = ns.tcp_ext()?.get("TCPKeepAlive");
+    let kernel_before = spaces
+        .iter()
+        .map(|(ns, _)| Ok(ns.tcp_ext()?.get("TCPKeepAlive")))
+        .collect::<anyhow::Result<Vec<u64>>>()?;
     let before = agent.scrape()?;
-    let agent_before = before.value("tcp_keepalive_probes_total", &labels);
+    let agent_before = agent_probes(&before);
     let lost_before = before.value(
         "keepalive_agent_ringbuf_reserve_failures_total",
         &[] as &[(&str, &str)],
@@ -568,7 +600,9 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     if during == AgentDuringSync::Stopped {
         signal_agent(libc::SIGSTOP)?;
     }
-    holders.start_probing()?;
+    for (_, holders) in &mut spaces {
+        holders.start_probing()?;
+    }
     std::thread::sleep(length);
     let cpu_after = thread_cpu_ns(agent.pid())?;
     let cpu = ns_since(&cpu_before, &cpu_after);
@@ -576,15 +610,37 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
     let attribution = of_thread(&cpu_after).saturating_sub(of_thread(&cpu_before));
     let rss = vm_rss_kib(agent.pid())?;
     // The holders exit; their sockets close and probing stops.
-    holders.close()?;
-    let kernel = ns.tcp_ext()?.get("TCPKeepAlive") - kernel_before;
+    let mut kernel_each = Vec::with_capacity(namespaces);
+    for ((ns, holders), before) in spaces.into_iter().zip(&kernel_before) {
+        holders.close()?;
+        kernel_each.push(ns.tcp_ext()?.get("TCPKeepAlive") - before);
+    }
+    let kernel: u64 = kernel_each.iter().sum();
     if during == AgentDuringSync::Stopped {
         signal_agent(libc::SIGCONT)?;
     }
     // The counters live in a kernel map, read at scrape: settled once the sockets are gone.
     std::thread::sleep(Duration::from_secs(1));
     let scrape = agent.scrape()?;
-    let probes = scrape.value("tcp_keepalive_probes_total", &labels) - agent_before;
+    let probes_each: Vec<f64> = agent_probes(&scrape)
+        .iter()
+        .zip(&agent_before)
+        .map(|(after, before)| after - before)
+        .collect();
+    let probes: f64 = probes_each.iter().sum();
+    // Which namespaces fell short, and by how much: one namespace short alone points at that
+    // namespace's counting, all of them at something shared.
+    let short: Vec<String> = kernel_each
+        .iter()
+        .zip(&probes_each)
+        .filter(|&(&kernel, &probes)| probes < kernel as f64)
+        .map(|(&kernel, &probes)| format!("{}", kernel as f64 - probes))
+        .collect();
+    let short = if short.is_empty() {
+        format!("0 of {namespaces}")
+    } else {
+        format!("{} of {namespaces} ({})", short.len(), short.join(", "))
+    };
     let lost = scrape.value(
         "keepalive_agent_ringbuf_reserve_failures_total",
         &[] as &[(&str, &str)],
@@ -600,7 +656,7 @@ fn synchronized(total: usize, length: Duration, during: AgentDuringSync) -> anyh
         AgentDuringSync::Stopped => "stopped".to_owned(),
     };
     println!(
-        "| {total} | {kernel} | {probes} | {:.2} % | {not_run} | {classic_missed} | {lost} | {cpu} | {} MiB | {} |",
+        "| {total} | {kernel} | {probes} | {:.2} % | {short} | {not_run} | {classic_missed} | {lost} | {cpu} | {} MiB | {} |",
         (kernel as f64 - probes) / kernel.max(1) as f64 * 100.0,
         rss / 1024,
         scrape.growth_since(&before, &UNCOUNTED_METRICS)
