@@ -1353,12 +1353,17 @@ pub const NETNS_COUNTERS_MAX: u32 = 4096;
 /// 40 bytes each): a power of two, for [`counter_slot`].
 pub const COUNTER_SLOTS: usize = 256;
 
+/// Slots a namespace may take on a CPU: the set of this many that [`counter_slot`] falls in
+/// (`counter_slot(cookie) & !(COUNTER_SET_SLOTS - 1)`), so that namespaces whose cookies hash
+/// close together need not push each other out.
+pub const COUNTER_SET_SLOTS: usize = 4;
+
 /// The slot of the namespace whose cookie ([`SocketRecord::netns_cookie`]) is `cookie` among a
-/// CPU's [`COUNTER_SLOTS`] (the timer program keeps it in this slot or its pair's other,
-/// `counter_slot(cookie) ^ 1`): a multiplicative hash of the cookie, which is a count of the
-/// namespaces created since boot (5.11+; on 5.10 a random `hash_mix`), and the multiplication
-/// spreads consecutive counts over the slots. Not the `struct net` address: through a typed
-/// pointer the verifier refuses arithmetic on it.
+/// CPU's [`COUNTER_SLOTS`], which picks its set of [`COUNTER_SET_SLOTS`]: a multiplicative hash
+/// of the cookie. From 5.12 the cookie comes from a counter (handed out in per-CPU batches,
+/// and on 6.18 shared with every other namespace type, so a pod's network namespace lies a few
+/// ids past the last one's); on 5.10 and 5.11 it is the random `hash_mix`. Not the
+/// `struct net` address: through a typed pointer the verifier refuses arithmetic on it.
 #[inline(always)]
 pub fn counter_slot(cookie: u64) -> usize {
     const BITS: u32 = COUNTER_SLOTS.trailing_zeros();

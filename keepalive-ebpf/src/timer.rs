@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
-    AF_INET, COUNTER_SLOTS, CloseContext, ExpiryRecord, ExpirySpan, RecordKind, SocketRecord,
-    Uncounted, counter_slot, expiry_enters_table, record_flags,
+    AF_INET, COUNTER_SET_SLOTS, COUNTER_SLOTS, CloseContext, ExpiryRecord, ExpirySpan, RecordKind,
+    SocketRecord, Uncounted, counter_slot, expiry_enters_table, record_flags,
 };
 
 use crate::socket::{
@@ -53,8 +53,8 @@ pub(crate) struct TimerContext {
     /// What a build without the ring write fills instead of a reservation (see
     /// [`send_expiry`]): the part of the snapshot the agent reads, and the exit's values.
     pub(crate) expiry: ExpiryRecord,
-    /// The namespaces whose keepalive expiries this CPU ran, each in the slot its cookie picks
-    /// ([`counter_slot`]): where this CPU's copy of its `TCPKeepAlive` is, and
+    /// The namespaces whose keepalive expiries this CPU ran, each in a slot of the set of
+    /// [`COUNTER_SET_SLOTS`] its cookie picks ([`counter_slot`]): where this CPU's copy of its `TCPKeepAlive` is, and
     /// where that counter stood when the last of its expiries the programs saw here ended. A
     /// slot per namespace, not one for the last namespace, because a node's namespaces (a pod
     /// each) take turns on a CPU ([`keepalive_mib`] says which slot).
@@ -245,7 +245,10 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     // The slot the entry found the counter through (nothing else writes it in between).
     let ktime_ns = tctx.snapshot.ktime_ns;
     let (mib, before) = (tctx.keepalive_mib, tctx.keepalive_mib_before);
-    let slot = slot_of(tctx, tctx.counter_slot as usize);
+    // SAFETY: a slot of our per-CPU context ([`slot_of`]), apart from the snapshot borrowed
+    // below; through a pointer, so that both may be used until the namespace's counters are.
+    let slot = unsafe { &mut *(slot_of(tctx, tctx.counter_slot as usize) as *mut CounterSlot) };
+    let mut seen_now = false;
     if mib != 0 && slot.at == mib {
         match (probes, after) {
             (Some(_), Some(after)) => {
@@ -260,6 +263,7 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
                 }
                 slot.seen = after;
                 slot.seen_ns = ktime_ns;
+                seen_now = true;
             }
             _ => slot.seen_ns = 0,
         }
@@ -319,6 +323,12 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             if probes != 0 {
                 add(&raw mut (*counters).probes, probes);
             }
+            // An entry this exit created (the namespace's first expiry or close, or one the
+            // retention sweep had deleted) is newer than this expiry's start, yet no probe on
+            // this CPU came between its `after` and now: the next gap here belongs to it.
+            if seen_now && created > slot.seen_ns {
+                slot.seen_ns = created;
+            }
         }
     }
     // Only connections the agent's table takes in may be tracked. A connection with traffic
@@ -373,33 +383,27 @@ fn slot_of(tctx: &mut TimerContext, index: usize) -> &mut CounterSlot {
 /// Where this CPU's `TCPKeepAlive` of namespace `net` (whose cookie is `cookie`) is, and the
 /// namespace's slot, in `tctx.counter_slot`. The counter is at its `net_statistics` (a per-CPU
 /// pointer, read with a helper so that it is a number) plus this CPU's offset. A namespace may
-/// be in either slot of the pair [`counter_slot`] picks (so it takes three namespaces picking
-/// one pair to push one out); the counter is worked out again only when neither holds it, into
-/// the slot whose namespace was seen longer ago. A namespace freed and another allocated at its
-/// address has another cookie (`hash_mix` on 5.10: 1 in 2^32 that two draws match), and an
-/// unknown cookie (0) is never taken for a match.
+/// be in any slot of the set [`counter_slot`] picks (so it takes more namespaces than the set
+/// has slots, picking one set, to push one out); the counter is worked out again only when
+/// none holds it, into the slot whose namespace was seen longest ago. A namespace freed and
+/// another allocated at its address has another cookie (`hash_mix` on 5.10: 1 in 2^32 that two
+/// draws match), and an unknown cookie (0) is never taken for a match.
 #[inline(always)]
 fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option<u64> {
-    let pair = counter_slot(cookie) & !1;
-    let holds = |slot: &CounterSlot| cookie != 0 && slot.cookie == cookie && slot.net == net as u64;
-    let first = slot_of(tctx, pair);
-    let (first_holds, first_seen_ns, first_at) = (holds(first), first.seen_ns, first.at);
-    let second = slot_of(tctx, pair | 1);
-    let (second_holds, second_seen_ns, second_at) = (holds(second), second.seen_ns, second.at);
-    if first_holds {
-        tctx.counter_slot = pair as u32;
-        return Some(first_at);
+    let set = counter_slot(cookie) & !(COUNTER_SET_SLOTS - 1);
+    // The slot whose namespace's last expiry seen here is oldest (0, none known, is oldest).
+    let (mut index, mut oldest_ns) = (set, u64::MAX);
+    for way in 0..COUNTER_SET_SLOTS {
+        let slot = slot_of(tctx, set | way);
+        if cookie != 0 && slot.cookie == cookie && slot.net == net as u64 {
+            let at = slot.at;
+            tctx.counter_slot = (set | way) as u32;
+            return Some(at);
+        }
+        if slot.seen_ns < oldest_ns {
+            (index, oldest_ns) = (set | way, slot.seen_ns);
+        }
     }
-    if second_holds {
-        tctx.counter_slot = (pair | 1) as u32;
-        return Some(second_at);
-    }
-    // The slot whose namespace's last expiry seen here is older (0, none known, is oldest).
-    let index = if second_seen_ns < first_seen_ns {
-        pair | 1
-    } else {
-        pair
-    };
     // The exit reads the slot only if the counter is found (`keepalive_mib` not 0).
     tctx.counter_slot = index as u32;
     let cpu = cpu_offset(tctx)?;

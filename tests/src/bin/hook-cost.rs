@@ -309,7 +309,7 @@ fn main() -> anyhow::Result<()> {
              --connections.max-tracked raised to the count)"
         );
         println!(
-            "| connections | TCPKeepAlive | agent probes | short | namespaces short (by) | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core; of it, the attribution worker) | agent RSS | uncounted by the programs, skipped runs |"
+            "| connections | TCPKeepAlive | agent probes | short | namespaces short (by; + over) | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core; of it, the attribution worker) | agent RSS | uncounted by the programs, skipped runs |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|---|");
         for &n in &sync_connections {
@@ -611,9 +611,13 @@ fn synchronized(
     let rss = vm_rss_kib(agent.pid())?;
     // The holders exit; their sockets close and probing stops.
     let mut kernel_each = Vec::with_capacity(namespaces);
+    // The namespaces outlive the scrape: one deleted before it could lend its inode, and so
+    // its series, to another namespace.
+    let mut held = Vec::with_capacity(namespaces);
     for ((ns, holders), before) in spaces.into_iter().zip(&kernel_before) {
         holders.close()?;
         kernel_each.push(ns.tcp_ext()?.get("TCPKeepAlive") - before);
+        held.push(ns);
     }
     let kernel: u64 = kernel_each.iter().sum();
     if during == AgentDuringSync::Stopped {
@@ -628,18 +632,22 @@ fn synchronized(
         .map(|(after, before)| after - before)
         .collect();
     let probes: f64 = probes_each.iter().sum();
-    // Which namespaces fell short, and by how much: one namespace short alone points at that
-    // namespace's counting, all of them at something shared.
-    let short: Vec<String> = kernel_each
+    // Which namespaces fell short, and by how much (one over, by how much with a +, which the
+    // sum would hide): one namespace short alone points at that namespace's counting, all of
+    // them at something shared.
+    let off: Vec<String> = kernel_each
         .iter()
         .zip(&probes_each)
-        .filter(|&(&kernel, &probes)| probes < kernel as f64)
-        .map(|(&kernel, &probes)| format!("{}", kernel as f64 - probes))
+        .filter(|&(&kernel, &probes)| probes != kernel as f64)
+        .map(|(&kernel, &probes)| match kernel as f64 - probes {
+            short if short > 0.0 => format!("{short}"),
+            over => format!("+{}", -over),
+        })
         .collect();
-    let short = if short.is_empty() {
+    let short = if off.is_empty() {
         format!("0 of {namespaces}")
     } else {
-        format!("{} of {namespaces} ({})", short.len(), short.join(", "))
+        format!("{} of {namespaces} ({})", off.len(), off.join(", "))
     };
     let lost = scrape.value(
         "keepalive_agent_ringbuf_reserve_failures_total",
@@ -661,6 +669,7 @@ fn synchronized(
         rss / 1024,
         scrape.growth_since(&before, &UNCOUNTED_METRICS)
     );
+    drop(held);
     Ok(())
 }
 
