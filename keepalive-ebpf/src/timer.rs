@@ -54,10 +54,10 @@ pub(crate) struct TimerContext {
     /// [`send_expiry`]): the part of the snapshot the agent reads, and the exit's values.
     pub(crate) expiry: ExpiryRecord,
     /// The namespaces whose keepalive expiries this CPU ran, each in a slot of the set of
-    /// [`COUNTER_SET_SLOTS`] its cookie picks ([`counter_slot`]): where this CPU's copy of its `TCPKeepAlive` is, and
-    /// where that counter stood when the last of its expiries the programs saw here ended. A
-    /// slot per namespace, not one for the last namespace, because a node's namespaces (a pod
-    /// each) take turns on a CPU ([`keepalive_mib`] says which slot).
+    /// [`COUNTER_SET_SLOTS`] its cookie picks ([`counter_slot`]): where this CPU's copy of its
+    /// `TCPKeepAlive` is, and where that counter stood when the last of its expiries the
+    /// programs saw here ended. A slot per namespace, not one for the last namespace, because a
+    /// node's namespaces (a pod each) take turns on a CPU ([`keepalive_mib`] says which slot).
     pub(crate) counters: [CounterSlot; COUNTER_SLOTS],
 }
 
@@ -71,10 +71,10 @@ pub(crate) struct CounterSlot {
     pub(crate) at: u64,
     /// That counter when the last expiry the programs saw in the namespace on this CPU ended.
     pub(crate) seen: u64,
-    /// When that expiry started (its record's `ktime_ns`), 0 when `seen` is not known: growth
-    /// since is added only to a namespace entry created before it (one created later, after the
-    /// agent's retention sweep deleted an idle namespace's entry, starts from what happens
-    /// after it).
+    /// When that expiry started (its record's `ktime_ns`), or when its exit created the
+    /// namespace's entry if that is later; 0 when `seen` is not known. Growth since is added
+    /// only to a namespace entry created by then (one created later, after the agent's
+    /// retention sweep deleted an idle namespace's entry, starts from what happens after it).
     pub(crate) seen_ns: u64,
 }
 
@@ -408,8 +408,8 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
     tctx.counter_slot = index as u32;
     let cpu = cpu_offset(tctx)?;
     let statistics = read::<u64>(net, offset!(net_mib_statistics)).ok()?;
-    // Once per namespace, a helper read of the counter itself: a typed load that faults
-    // reads 0 at both hooks, which would count no probe without saying so.
+    // Each time a namespace takes a slot, a helper read of the counter itself: a typed load
+    // that faults reads 0 at both hooks, which would count no probe without saying so.
     let at = statistics
         .wrapping_add(cpu)
         .wrapping_add(offset!(mib_tcp_keepalive) as u64);

@@ -35,8 +35,8 @@
 //!    for `--sync-seconds`, spread over `--sync-namespaces` namespaces (default 1; a node's
 //!    pods each have their own, and a CPU's expiries then alternate between them): the
 //!    namespaces' `TCPKeepAlive` against the agent's probe totals (and which namespaces fell
-//!    short, by how much), the keepalive expiries a perf event on `timer_expire_entry` counted that no program of
-//!    the agent ran for, and those a classic (perf-event) tracepoint program on the same hook
+//!    short, by how much, or over), the keepalive expiries a perf event on
+//!    `timer_expire_entry` counted that no program of the agent ran for, and those a classic (perf-event) tracepoint program on the same hook
 //!    missed, records lost, the agent's CPU and RSS; then each size again with the agent's process
 //!    stopped (SIGSTOP) while the connections probe, which its kernel programs do not notice.
 //!    The connections are held by child processes (this binary run with `--hold`), 6 000 pairs
