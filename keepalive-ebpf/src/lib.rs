@@ -1342,7 +1342,14 @@ pub fn expiry_enters_table(probes_sent: u8, probes_out_before: u8) -> bool {
 #[inline(always)]
 pub fn tracked_slot(remote_port: u16, local_port: u16) -> usize {
     let key = (u64::from(remote_port) << 16) | u64::from(local_port);
-    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - 15)) as usize & (TRACKED_SLOTS - 1)
+    multiplicative_hash(key, 15) & (TRACKED_SLOTS - 1)
+}
+
+/// `key`'s top `bits` bits after a multiplication by 2^64 / φ, which spreads keys lying a
+/// fixed stride apart (ports in turn, cookies in turn) over the `2^bits` values.
+#[inline(always)]
+fn multiplicative_hash(key: u64, bits: u32) -> usize {
+    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - bits)) as usize
 }
 
 /// Entries of [`names::NETNS_COUNTERS_MAP`]: namespaces on one node, with room for churn
@@ -1368,7 +1375,7 @@ pub const COUNTER_SET_SLOTS: usize = 4;
 pub fn counter_slot(cookie: u64) -> usize {
     const BITS: u32 = COUNTER_SLOTS.trailing_zeros();
     const _: () = assert!(COUNTER_SLOTS.is_power_of_two());
-    (cookie.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as usize
+    multiplicative_hash(cookie, BITS)
 }
 
 #[cfg(feature = "user")]
