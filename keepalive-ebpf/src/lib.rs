@@ -45,6 +45,22 @@ pub mod names {
     pub const IPVS_PROGRAM: &str = "ipvs_tcp_timeout";
     /// Its question and answer ([`super::IpvsQuery`]).
     pub const IPVS_QUERY_MAP: &str = "IPVS_QUERY";
+    /// Adds the probes of expiries no program ran for after the last one seen in a namespace
+    /// on a CPU; run by the agent on each CPU.
+    pub const COUNTER_SWEEP_PROGRAM: &str = "counter_sweep";
+    /// What its runs did, per CPU, since the programs were loaded ([`super::sweep_totals`]).
+    pub const COUNTER_SWEEP_TOTALS_MAP: &str = "COUNTER_SWEEP_TOTALS";
+}
+
+/// Indices of [`names::COUNTER_SWEEP_TOTALS_MAP`], a per-CPU array of `u64` (raw tracepoint
+/// programs cannot return a value to a test run through aya's macro, which returns 0).
+pub mod sweep_totals {
+    /// Probes the sweep added to their namespaces' totals.
+    pub const PROBES: u32 = 0;
+    /// Runs that interrupted a keepalive expiry of their CPU (between its entry and its exit's
+    /// count) and read nothing: that CPU waits for the next sweep.
+    pub const BUSY: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Parts of the kernel programs a build can leave out, so `cargo xtask ablate` can measure what
@@ -289,6 +305,9 @@ kernel_offsets! {
     /// the namespace by `net.hash_mix` instead, a random `u32` drawn when it was created.
     net_cookie_lazy: "net.net_cookie is an atomic64_t", Computed;
     net_hash_mix: "net.hash_mix", Int(4);
+    /// `net.list`, its place on `net_namespace_list`: `list.prev` (8 bytes in) is poisoned when
+    /// the namespace leaves the list, before it is freed. The counter sweep checks it.
+    net_list: "net.list", Bytes(16);
     /// `net.ipv4.sysctl_tcp_keepalive_{time,intvl,probes}`, from the start of `struct net`: they
     /// apply when the socket's own values are 0, and a new namespace starts from the defaults,
     /// not from the host's values.
@@ -1365,6 +1384,64 @@ pub const COUNTER_SLOTS: usize = 256;
 /// close together need not push each other out.
 pub const COUNTER_SET_SLOTS: usize = 4;
 
+/// The timer programs' per-CPU context (`TIMER_CONTEXT` in timer.rs): the TCP timer callback
+/// running on this CPU (timer callbacks do not nest on one CPU), and this CPU's memory of each
+/// namespace's keepalive counter. Here, not in timer.rs, so that the tests can read it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TimerContext {
+    /// The `timer_list` being run; 0 when no TCP timer callback is running.
+    pub timer: u64,
+    pub sk: u64,
+    /// A `CloseContext` value.
+    pub kind: u8,
+    pub closed: u8,
+    /// 1 while a timer program reads and moves a slot of `counters` (the entry taking one, the
+    /// exit counting from one): a `counter_sweep` (timer.rs) that interrupted it leaves this
+    /// CPU's slots alone. Only within one program run, so no skipped exit leaves it set.
+    pub counting: u8,
+    /// Write timer: `icsk_pending` and `packets_out` at entry, before an abort purges them.
+    pub write_timer_event: u8,
+    pub packets_out: u32,
+    /// This CPU's per-CPU offset (what `this_cpu_ptr` adds), found by `cpu_offset` (timer.rs) at the
+    /// first keepalive expiry on this CPU; 0 until then.
+    pub cpu_offset: u64,
+    /// Keepalive timer: where this CPU's `TCPKeepAlive` of the socket's namespace is, 0 when it
+    /// could not be found (the exit then cannot count this expiry's probes).
+    pub keepalive_mib: u64,
+    /// Keepalive timer: that counter at entry.
+    pub keepalive_mib_before: u64,
+    /// Keepalive timer: the index of the namespace's slot in `counters`.
+    pub counter_slot: u32,
+    pub snapshot: SocketRecord,
+    /// What a build without the ring write fills instead of a reservation (see
+    /// `send_expiry`): the part of the snapshot the agent reads, and the exit's values.
+    pub expiry: ExpiryRecord,
+    /// The namespaces whose keepalive expiries this CPU ran, each in a slot of the set of
+    /// [`COUNTER_SET_SLOTS`] its cookie picks ([`counter_slot`]): where this CPU's copy of its
+    /// `TCPKeepAlive` is, and where that counter stood when the last of its expiries the
+    /// programs saw here ended. A slot per namespace, not one for the last namespace, because a
+    /// node's namespaces (a pod each) take turns on a CPU (`keepalive_mib` (timer.rs) says which slot).
+    pub counters: [CounterSlot; COUNTER_SLOTS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CounterSlot {
+    /// The namespace (its `struct net` address and cookie); 0 in a slot never taken.
+    pub net: u64,
+    pub cookie: u64,
+    /// Where this CPU's `TCPKeepAlive` of the namespace is.
+    pub at: u64,
+    /// That counter when the last expiry the programs saw in the namespace on this CPU ended.
+    pub seen: u64,
+    /// When that expiry started (its record's `ktime_ns`), or when its exit created the
+    /// namespace's entry if that is later; 0 when `seen` is not known. Growth since is added
+    /// only to a namespace entry created by then (one created later, after the agent's
+    /// retention sweep deleted an idle namespace's entry, starts from what happens after it).
+    pub seen_ns: u64,
+}
+
 /// The slot of the namespace whose cookie ([`SocketRecord::netns_cookie`]) is `cookie` among a
 /// CPU's [`COUNTER_SLOTS`], which picks its set of [`COUNTER_SET_SLOTS`]: a multiplicative hash
 /// of the cookie. From 5.12 the cookie comes from a counter (handed out in per-CPU batches,
@@ -1392,6 +1469,8 @@ mod pod {
     unsafe impl aya::Pod for super::SnapshotRegion {}
     unsafe impl aya::Pod for super::ExpirySpan {}
     unsafe impl aya::Pod for super::RecordSlots {}
+    unsafe impl aya::Pod for super::TimerContext {}
+    unsafe impl aya::Pod for super::CounterSlot {}
 }
 
 /// Benchmarks only: the time keepalive expiries spend between `timer_expire_entry` and

@@ -3,20 +3,21 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::{
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, map, raw_tracepoint},
     maps::PerCpuArray,
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
-    AF_INET, COUNTER_SET_SLOTS, COUNTER_SLOTS, CloseContext, ExpiryRecord, ExpirySpan, RecordKind,
-    SocketRecord, Uncounted, counter_slot, expiry_enters_table, record_flags,
+    AF_INET, COUNTER_SET_SLOTS, COUNTER_SLOTS, CloseContext, CounterSlot, ExpirySpan, NetnsKey,
+    RecordKind, TimerContext, Uncounted, counter_slot, expiry_enters_table, record_flags,
+    sweep_totals,
 };
 
 use crate::socket::{
-    EBUSY, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add, expiry_snapshot,
-    expiry_snapshot_typed, mark_tracked, may_be_tracked, netns_counters, read, read_or_zero,
-    report_keepalive_off, send_expiry, typed_tcp_sock, uncounted,
+    EBUSY, KEEPALIVE_TIMER_FN, NETNS_COUNTERS, SockFields, Typed, WRITE_TIMER_FN, add,
+    expiry_snapshot, expiry_snapshot_typed, mark_tracked, may_be_tracked, netns_counters, read,
+    read_or_zero, report_keepalive_off, send_expiry, typed_tcp_sock, uncounted,
 };
 
 /// More probes than one CPU's keepalive timers send between two expiries the programs see
@@ -27,56 +28,6 @@ const UNSEEN_PROBES_BOUND: u64 = 1 << 20;
 /// The TCP timer callback running on this CPU (timer callbacks do not nest on one CPU).
 #[map]
 pub(crate) static TIMER_CONTEXT: PerCpuArray<TimerContext> = PerCpuArray::with_max_entries(1, 0);
-
-#[repr(C)]
-pub(crate) struct TimerContext {
-    /// The `timer_list` being run; 0 when no TCP timer callback is running.
-    pub(crate) timer: u64,
-    pub(crate) sk: u64,
-    /// A `CloseContext` value.
-    pub(crate) kind: u8,
-    pub(crate) closed: u8,
-    /// Write timer: `icsk_pending` and `packets_out` at entry, before an abort purges them.
-    pub(crate) write_timer_event: u8,
-    pub(crate) packets_out: u32,
-    /// This CPU's per-CPU offset (what `this_cpu_ptr` adds), found by [`cpu_offset`] at the
-    /// first keepalive expiry on this CPU; 0 until then.
-    pub(crate) cpu_offset: u64,
-    /// Keepalive timer: where this CPU's `TCPKeepAlive` of the socket's namespace is, 0 when it
-    /// could not be found (the exit then cannot count this expiry's probes).
-    pub(crate) keepalive_mib: u64,
-    /// Keepalive timer: that counter at entry.
-    pub(crate) keepalive_mib_before: u64,
-    /// Keepalive timer: the index of the namespace's slot in `counters`.
-    pub(crate) counter_slot: u32,
-    pub(crate) snapshot: SocketRecord,
-    /// What a build without the ring write fills instead of a reservation (see
-    /// [`send_expiry`]): the part of the snapshot the agent reads, and the exit's values.
-    pub(crate) expiry: ExpiryRecord,
-    /// The namespaces whose keepalive expiries this CPU ran, each in a slot of the set of
-    /// [`COUNTER_SET_SLOTS`] its cookie picks ([`counter_slot`]): where this CPU's copy of its
-    /// `TCPKeepAlive` is, and where that counter stood when the last of its expiries the
-    /// programs saw here ended. A slot per namespace, not one for the last namespace, because a
-    /// node's namespaces (a pod each) take turns on a CPU ([`keepalive_mib`] says which slot).
-    pub(crate) counters: [CounterSlot; COUNTER_SLOTS],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub(crate) struct CounterSlot {
-    /// The namespace (its `struct net` address and cookie); 0 in a slot never taken.
-    pub(crate) net: u64,
-    pub(crate) cookie: u64,
-    /// Where this CPU's `TCPKeepAlive` of the namespace is.
-    pub(crate) at: u64,
-    /// That counter when the last expiry the programs saw in the namespace on this CPU ended.
-    pub(crate) seen: u64,
-    /// When that expiry started (its record's `ktime_ns`), or when its exit created the
-    /// namespace's entry if that is later; 0 when `seen` is not known. Growth since is added
-    /// only to a namespace entry created by then (one created later, after the agent's
-    /// retention sweep deleted an idle namespace's entry, starts from what happens after it).
-    pub(crate) seen_ns: u64,
-}
 
 /// Reads the socket with helper calls: kernels without `bpf_rdonly_cast` (before 6.2).
 #[btf_tracepoint(function = "timer_expire_entry")]
@@ -160,7 +111,11 @@ fn entry<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             Ok(send) => {
                 tctx.keepalive_mib = 0;
                 let cookie = tctx.snapshot.netns_cookie;
-                if let Some(at) = keepalive_mib(tctx, send.net, cookie)
+                // A sweep in an interrupt here would find a slot half taken.
+                tctx.counting = 1;
+                let found = keepalive_mib(tctx, send.net, cookie);
+                tctx.counting = 0;
+                if let Some(at) = found
                     && let Some(before) = load_mib::<TYPED>(at)
                 {
                     tctx.keepalive_mib = at;
@@ -242,23 +197,35 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     // number.
     let mut unseen = 0;
     let mut unseen_since = 0;
-    // The slot the entry found the counter through (nothing else writes it in between).
+    // This expiry's probes a counter sweep already added (see below).
+    let mut swept = 0;
+    // The slot the entry found the counter through (nothing but a sweep writes it in between).
     let ktime_ns = tctx.snapshot.ktime_ns;
     let (mib, before) = (tctx.keepalive_mib, tctx.keepalive_mib_before);
+    // From the slot's read to the end of its update, a sweep in an interrupt leaves it alone:
+    // it would count again what this exit is about to.
+    tctx.counting = 1;
     // SAFETY: a slot of our per-CPU context ([`slot_of`]), apart from the snapshot borrowed
     // below; through a pointer, so that both may be used until the namespace's counters are.
     let slot = unsafe { &mut *(slot_of(tctx, tctx.counter_slot as usize) as *mut CounterSlot) };
     let mut seen_now = false;
     if mib != 0 && slot.at == mib {
         match (probes, after) {
-            (Some(_), Some(after)) => {
+            (Some(sent), Some(after)) => {
                 if slot.seen_ns != 0 {
-                    let gap = before.wrapping_sub(slot.seen);
-                    if gap < UNSEEN_PROBES_BOUND {
-                        unseen = gap;
-                        unseen_since = slot.seen_ns;
+                    if slot.seen > before {
+                        // A sweep ran between the entry and here and moved the memory past
+                        // `before`: it added what the counter had grown by then, this
+                        // expiry's probes included if they were sent by then.
+                        swept = (slot.seen - before).min(u64::from(sent));
                     } else {
-                        uncounted(Uncounted::ExpiryCounterUnreadable);
+                        let gap = before - slot.seen;
+                        if gap < UNSEEN_PROBES_BOUND {
+                            unseen = gap;
+                            unseen_since = slot.seen_ns;
+                        } else {
+                            uncounted(Uncounted::ExpiryCounterUnreadable);
+                        }
                     }
                 }
                 slot.seen = after;
@@ -319,7 +286,7 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             if created == 0 || created > unseen_since {
                 unseen = 0;
             }
-            let probes = u64::from(rec.probes_sent) + unseen;
+            let probes = u64::from(rec.probes_sent) - swept + unseen;
             if probes != 0 {
                 add(&raw mut (*counters).probes, probes);
             }
@@ -331,6 +298,7 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             }
         }
     }
+    tctx.counting = 0;
     // Only connections the agent's table takes in may be tracked. A connection with traffic
     // expires every idle without a probe, and its close stays in the kernel.
     if expiry_enters_table(rec.probes_sent, rec.probes_out_before) {
@@ -435,6 +403,155 @@ fn load_mib<const TYPED: bool>(at: u64) -> Option<u64> {
         Some(typed_tcp_sock(at as *const u8).load::<u64>(0))
     } else {
         read::<u64>(at as *const u8, 0).ok()
+    }
+}
+
+/// Never attached: the agent runs it on each CPU in turn (`BPF_PROG_TEST_RUN` with
+/// `BPF_F_TEST_RUN_ON_CPU`, from a thread on another CPU, so it runs in that CPU's interrupt
+/// with interrupts off, `kernel/counter_sweep.rs`) to add the probes of the expiries the kernel
+/// ran no program for after the last one it did in a namespace on that CPU: the exits count a
+/// gap only at the namespace's next expiry seen there, and there may be none (the burst came
+/// last, the pod went away). Each slot whose counter grew since is checked to be its
+/// namespace's, still alive, before its growth is added, and its memory moves up to the
+/// counter: an expiry it came in the middle of (after its entry) then counts only what grew
+/// after (its exit's `swept`). Counts what it added, and a run that interrupted a timer program
+/// in the middle of a slot, in [`COUNTER_SWEEP_TOTALS`].
+#[raw_tracepoint]
+pub(crate) fn counter_sweep(_ctx: RawTracePointContext) -> i32 {
+    let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot; this run has the CPU to itself (interrupts off), and a timer
+    // program it interrupted in the middle of a slot says so in `counting`.
+    let tctx = unsafe { &mut *tctx };
+    if tctx.counting != 0 {
+        add_to_sweep_totals(sweep_totals::BUSY, 1);
+        return 0;
+    }
+    // 0: no keepalive expiry has found a counter on this CPU yet, so no slot holds one.
+    let cpu = tctx.cpu_offset;
+    if cpu == 0 {
+        return 0;
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut added = 0;
+    let mut index = 0;
+    while index < COUNTER_SLOTS {
+        let slot = slot_of(tctx, index);
+        index += 1;
+        if slot.seen_ns == 0 {
+            continue;
+        }
+        // Read before the namespace is checked, which is only worth doing when it grew: the
+        // value of a freed counter is never used (a namespace found alive below was alive
+        // here too).
+        let Ok(counter) = read::<u64>(slot.at as *const u8, 0) else {
+            slot.seen_ns = 0;
+            continue;
+        };
+        let gap = counter.wrapping_sub(slot.seen);
+        if gap == 0 {
+            continue;
+        }
+        let inum = match namespace_alive(slot, cpu) {
+            Alive::Yes(inum) => inum,
+            Alive::Unsure => continue,
+            Alive::No => {
+                slot.seen_ns = 0;
+                continue;
+            }
+        };
+        if gap >= UNSEEN_PROBES_BOUND {
+            uncounted(Uncounted::ExpiryCounterUnreadable);
+            slot.seen_ns = 0;
+            continue;
+        }
+        let key = NetnsKey {
+            cookie: slot.cookie,
+            inum,
+            _pad: 0,
+        };
+        // Not created here: no entry means the agent's retention sweep deleted an idle
+        // namespace's, whose next entry starts from what happens after it (as at an exit).
+        if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(key) {
+            // SAFETY: a map value, valid while the program runs.
+            let created = unsafe { core::ptr::read_volatile(&raw const (*counters).created_ns) };
+            if created != 0 && created <= slot.seen_ns {
+                // SAFETY: as above.
+                add(unsafe { &raw mut (*counters).probes }, gap);
+                added += gap;
+            }
+        }
+        slot.seen = counter;
+        slot.seen_ns = now;
+    }
+    if added != 0 {
+        add_to_sweep_totals(sweep_totals::PROBES, added);
+    }
+    0
+}
+
+/// What [`counter_sweep`] did on each CPU (indices in [`sweep_totals`]), read by the agent
+/// after each sweep.
+#[map]
+static COUNTER_SWEEP_TOTALS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(sweep_totals::COUNT, 0);
+
+#[inline(always)]
+fn add_to_sweep_totals(index: u32, n: u64) {
+    if let Some(total) = COUNTER_SWEEP_TOTALS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, written only by this program, which runs with interrupts off.
+        unsafe { *total += n };
+    }
+}
+
+/// Whether a slot's namespace ([`counter_sweep`]) is still the one it took, alive, with its
+/// counter where the slot says.
+enum Alive {
+    /// Yes; its inode number (the rest of its key in `NETNS_COUNTERS`).
+    Yes(u32),
+    /// Freed (or freed and its memory reused): the slot forgets it.
+    No,
+    /// Its neighbours on the namespace list were moving: asked again at the next sweep.
+    Unsure,
+}
+
+/// A namespace is freed only after it left `net_namespace_list` (`list_del_rcu`, which poisons
+/// `list.prev`) and an RCU grace period passed, which cannot end while this CPU runs with
+/// interrupts off: found on the list here, its counter is not freed before this run ends. A
+/// struct freed and reused by another namespace has another cookie.
+#[inline(always)]
+fn namespace_alive(slot: &CounterSlot, cpu: u64) -> Alive {
+    let net = slot.net as *const u8;
+    let cookie = if offset!(net_cookie_lazy) != 0 {
+        read::<u32>(net, offset!(net_hash_mix)).map(|mix| (1 << 32) | u64::from(mix))
+    } else {
+        read::<u64>(net, offset!(net_cookie))
+    };
+    if cookie != Ok(slot.cookie) {
+        return Alive::No;
+    }
+    let list = slot.net.wrapping_add(offset!(net_list) as u64);
+    // A poisoned `prev` faults; a live one points back at the namespace, unless a neighbour is
+    // being added or removed on another CPU right now.
+    let Ok(prev) = read::<u64>(net, offset!(net_list) + 8) else {
+        return Alive::No;
+    };
+    match read::<u64>(prev as *const u8, 0) {
+        Err(_) => return Alive::No,
+        Ok(next) if next != list => return Alive::Unsure,
+        Ok(_) => {}
+    }
+    let Ok(statistics) = read::<u64>(net, offset!(net_mib_statistics)) else {
+        return Alive::No;
+    };
+    let at = statistics
+        .wrapping_add(cpu)
+        .wrapping_add(offset!(mib_tcp_keepalive) as u64);
+    match read::<u32>(net, offset!(net_ns_inum)) {
+        Ok(inum) if statistics != 0 && at == slot.at => Alive::Yes(inum),
+        _ => Alive::No,
     }
 }
 

@@ -411,6 +411,31 @@ impl Agent {
         self.endpoint.scrape()
     }
 
+    /// Waits until the agent's counter sweep has swept every CPU twice more (the first may have
+    /// begun before the caller's last probe), so that its namespace totals hold every probe
+    /// sent so far; polled, up to [`DEADLINE`]. An agent without the sweep (a baseline binary
+    /// in the bench) has no such metric: one second then, as before the sweep existed.
+    pub fn settle_counters(&self) -> anyhow::Result<()> {
+        const SWEEPS: &str = "keepalive_agent_counter_sweeps_total";
+        let none: &[(&str, &str)] = &[];
+        let first = self.scrape()?;
+        if first.samples(SWEEPS).is_empty() {
+            std::thread::sleep(Duration::from_secs(1));
+            return Ok(());
+        }
+        let start = first.value(SWEEPS, none);
+        let deadline = Instant::now() + DEADLINE;
+        while self.scrape()?.value(SWEEPS, none) < start + 2.0 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the agent's counter sweep did not run twice within {DEADLINE:?} \
+                 ({SWEEPS} stayed at {start})"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// Sends `signal` and waits (up to [`DEADLINE`]) for the agent to exit: its exit status.
     pub fn signal_and_wait(
         &mut self,

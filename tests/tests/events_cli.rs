@@ -445,6 +445,10 @@ fn check_passes_on_this_machine_and_names_every_hook() -> TestResult {
         );
     }
     assert!(stdout.contains("5/5 hooks attached as tp_btf"));
+    assert!(
+        stdout.contains("counter sweep ran on every CPU"),
+        "{stdout}"
+    );
     Ok(())
 }
 

@@ -456,6 +456,23 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                 },
                 None => "audit walk NOT loaded".to_owned(),
             };
+            let mut swept = false;
+            let sweep = match kernel.counter_sweep.take() {
+                // On a thread of its own: the sweep moves its thread from CPU to CPU.
+                Some(sweep) => match std::thread::scope(|s| s.spawn(|| sweep.sweep()).join()) {
+                    Ok(Ok(None)) => {
+                        swept = true;
+                        "counter sweep ran on every CPU".to_owned()
+                    }
+                    Ok(Ok(Some(cpu))) => format!(
+                        "counter sweep ran, but not on CPU {cpu}, the only one the agent may \
+                         run on"
+                    ),
+                    Ok(Err(err)) => format!("counter sweep loaded but FAILED: {err}"),
+                    Err(_) => "counter sweep loaded but its thread panicked".to_owned(),
+                },
+                None => "counter sweep NOT loaded".to_owned(),
+            };
             // A hook this kernel lacks is already a WARN of its own above; here only what the
             // kernel has and refused counts.
             let refused = kernel
@@ -477,7 +494,7 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                     })
                 })
                 .collect();
-            let status = if !refused && audited && fell_back.is_empty() {
+            let status = if !refused && audited && swept && fell_back.is_empty() {
                 Status::Ok
             } else if kernel.all_required_attached() {
                 Status::Warn
@@ -490,7 +507,8 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                 .filter_map(|s| Some(format!("{}: {}", s.hook.tracepoint, s.error.as_deref()?)))
                 .collect();
             let detail = format!(
-                "{attached}/{} hooks attached as {PROGRAM_TYPE}, {audit}; detached again{}{}",
+                "{attached}/{} hooks attached as {PROGRAM_TYPE}, {audit}, {sweep}; detached \
+                 again{}{}",
                 kernel.hooks.len(),
                 if failed.is_empty() {
                     String::new()

@@ -130,6 +130,13 @@ pub(crate) fn parse_marks_interval(s: &str) -> Result<Duration, String> {
     duration_within(s, Duration::from_secs(1), Duration::from_secs(3600))
 }
 
+/// `--netns.counter-sweep-interval`: at least 10ms (each sweep interrupts every CPU once), at
+/// most a minute, so a namespace that goes away soon after a burst of unrun expiries still has
+/// their probes counted.
+pub(crate) fn parse_counter_sweep_interval(s: &str) -> Result<Duration, String> {
+    duration_within(s, Duration::from_millis(10), Duration::from_secs(60))
+}
+
 /// `--web.telemetry-path`: a plain absolute path that is not one of the other endpoints. The
 /// router takes `{` and `*` as patterns and panics on a duplicate route, so only literal
 /// characters get through.
@@ -300,6 +307,20 @@ mod tests {
                 .contains("out of range")
         );
         assert!(parse_retention("1ns").unwrap_err().contains("out of range"));
+        assert_eq!(
+            parse_counter_sweep_interval("1s"),
+            Ok(Duration::from_secs(1))
+        );
+        assert!(
+            parse_counter_sweep_interval("1ms")
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(
+            parse_counter_sweep_interval("2m")
+                .unwrap_err()
+                .contains("out of range")
+        );
         assert!(parse_retention("100y").is_err());
         assert!(parse_retention("soon").unwrap_err().contains("\"soon\""));
     }

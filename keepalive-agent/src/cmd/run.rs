@@ -24,7 +24,10 @@ use crate::{
         events::{self, EventWriter, EventsTarget},
         http::{self, HttpState},
         labels::AggregateBy,
-        metrics::{self, HookLabels, PipelineMetrics, RecursionMisses, ReserveFailures},
+        metrics::{
+            self, CounterSweepMetrics, HookLabels, PipelineMetrics, RecursionMisses,
+            ReserveFailures,
+        },
         web_config::WebConfig,
     },
     kernel::{
@@ -119,6 +122,12 @@ pub struct RunConfig {
     /// 1s to 30 days.
     #[arg(long = "netns.retention", value_name = "DURATION", default_value = "15m", value_parser = flags::parse_retention)]
     pub netns_retention: Duration,
+    /// How often every CPU's counter memory is swept: the probes of keepalive expiries the
+    /// kernel ran no program for, after the last one it did in a namespace on a CPU, are added
+    /// to that namespace's total within this (each sweep costs one interrupt per CPU). 10ms to
+    /// 1m.
+    #[arg(long = "netns.counter-sweep-interval", value_name = "DURATION", default_value = "1s", value_parser = flags::parse_counter_sweep_interval)]
+    pub counter_sweep_interval: Duration,
     #[command(flatten)]
     pub audit: audit::task::AuditConfig,
 }
@@ -277,6 +286,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         reserve_failures,
         audit,
         ipvs,
+        counter_sweep,
         idle_kill_filter,
         netns_counters,
         tracked,
@@ -429,6 +439,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     registry.register_collector(Box::new(audit_collector));
     registry.register_collector(Box::new(recursion_misses));
+    if let Some(sweep) = &counter_sweep {
+        registry.register_collector(Box::new(CounterSweepMetrics(sweep.totals())));
+    }
     let server_metrics = http::ServerMetrics::default();
     server_metrics.register(&mut registry);
     crate::logging::register_metrics(&mut registry);
@@ -455,6 +468,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     tokio::spawn(pipeline.namespace_retention(config.netns_retention).run());
     tokio::spawn(pipeline.marks_renewal(tracked, config.marks_interval).run());
+    if let Some(sweep) = counter_sweep {
+        // Its own thread: it moves itself from CPU to CPU, which a runtime thread must not.
+        sweep
+            .spawn(config.counter_sweep_interval)
+            .context("cannot start the counter sweep's thread")?;
+        info!(
+            "probes of keepalive expiries the kernel ran no program for are counted within {} \
+             (counter sweep on every CPU)",
+            humantime::format_duration(config.counter_sweep_interval)
+        );
+    }
     let mut drain =
         tokio::spawn(pipeline.run(events, stopping, move || drop(ebpf), SHUTDOWN_DRAIN_BUDGET));
     state.ready.store(ready, Ordering::Relaxed);

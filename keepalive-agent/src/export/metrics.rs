@@ -786,6 +786,48 @@ impl prometheus_client::collector::Collector for ReserveFailures {
     }
 }
 
+/// `keepalive_agent_counter_sweep*_total`: what the counter sweep did (see
+/// `kernel::counter_sweep`), registered when it runs.
+pub(crate) struct CounterSweepMetrics(pub(crate) Arc<crate::kernel::counter_sweep::SweepTotals>);
+
+impl fmt::Debug for CounterSweepMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CounterSweepMetrics")
+    }
+}
+
+impl prometheus_client::collector::Collector for CounterSweepMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let totals = &self.0;
+        for (name, help, total) in [
+            (
+                "keepalive_agent_counter_sweeps",
+                "Sweeps of every CPU that added the probes of keepalive expiries the kernel ran no program for, when no later expiry in their namespace on that CPU had",
+                &totals.sweeps,
+            ),
+            (
+                "keepalive_agent_counter_sweep_probes",
+                "Probes the counter sweeps added to tcp_keepalive_probes_total (already in it)",
+                &totals.probes,
+            ),
+            (
+                "keepalive_agent_counter_sweep_busy",
+                "Runs of the counter sweep that found their CPU in the middle of a keepalive expiry and left it for the next sweep",
+                &totals.busy,
+            ),
+            (
+                "keepalive_agent_counter_sweep_failures",
+                "Counter sweeps that failed (logged); the probes they would add wait for a later expiry in their namespace on the same CPU",
+                &totals.failures,
+            ),
+        ] {
+            ConstCounter::new(total.load(std::sync::atomic::Ordering::Relaxed))
+                .encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// `keepalive_agent_program_recursion_misses_total`: per hook, the hits the kernel did not run
 /// the agent's program for because it was already running on that CPU (read at scrape).
 pub(crate) struct RecursionMisses(pub Vec<(&'static str, aya::programs::ProgramFd)>);

@@ -6,6 +6,11 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
+use aya::{
+    Ebpf,
+    programs::{ProgramError, ProgramFd, RawTracePoint},
+};
+
 /// `enum bpf_cmd` in include/uapi/linux/bpf.h (the libc crate does not have it).
 pub(crate) const BPF_PROG_TEST_RUN: libc::c_long = 10;
 pub(crate) const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -56,7 +61,54 @@ struct TestRunAttr {
 /// A test run the kernel refused.
 #[derive(Debug, thiserror::Error)]
 #[error("BPF_PROG_TEST_RUN on a raw tracepoint program (Linux 5.10+): {0}")]
-pub(crate) struct TestRunError(#[source] io::Error);
+pub(crate) struct TestRunError(#[source] pub(crate) io::Error);
+
+/// Why a program to test-run could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProgramLoadError {
+    #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Load(ProgramError),
+}
+
+/// Loads the raw tracepoint program `name` of `ebpf` (never attached: the verifier checks it
+/// now, not at its first run) and returns a descriptor of it to test-run.
+pub(crate) fn load_for_test_run(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<ProgramFd, ProgramLoadError> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProgramLoadError::Missing(name))?
+        .try_into()
+        .map_err(ProgramLoadError::Load)?;
+    program.load().map_err(ProgramLoadError::Load)?;
+    program
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+        .map_err(ProgramLoadError::Load)
+}
+
+/// `BPF_F_TEST_RUN_ON_CPU` in include/uapi/linux/bpf.h.
+const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
+
+/// Runs a raw tracepoint program once on `cpu` (Linux 5.10+) and returns what it returned. From
+/// a thread on another CPU, the kernel runs it there in an interrupt
+/// (`smp_call_function_single`), with interrupts off; on the caller's own CPU, in the caller's
+/// context.
+pub(crate) fn test_run_on_cpu(program: BorrowedFd<'_>, cpu: u32) -> Result<u32, TestRunError> {
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        flags: BPF_F_TEST_RUN_ON_CPU,
+        cpu,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: as in `test_run`.
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }
+        .map(|_| attr.retval)
+        .map_err(TestRunError)
+}
 
 /// Runs a raw tracepoint program once with `BPF_PROG_TEST_RUN` (Linux 5.10+), in the caller's
 /// context, with no input: programs that take their question from a map and answer in it.

@@ -9,12 +9,12 @@ use std::os::fd::AsFd as _;
 use aya::{
     Ebpf,
     maps::{Array, MapData, RingBuf},
-    programs::{ProgramError, ProgramFd, RawTracePoint},
+    programs::{ProgramError, ProgramFd},
 };
 use keepalive_ebpf::{AuditCursor, names};
 
 use crate::kernel::{
-    bpf_syscall::{TestRunError, test_run},
+    bpf_syscall::{ProgramLoadError, TestRunError, load_for_test_run, test_run},
     maps::{TakeMapError, take_map},
 };
 
@@ -51,17 +51,10 @@ pub enum LoadError {
 /// Loads the walk program into the kernel (the verifier checks it now, not at the first audit)
 /// and takes its maps out of `ebpf`.
 pub(crate) fn load(ebpf: &mut Ebpf) -> Result<HashWalk, LoadError> {
-    let load_error = LoadError::Program;
-    let program: &mut RawTracePoint = ebpf
-        .program_mut(names::AUDIT_PROGRAM)
-        .ok_or(LoadError::Missing(names::AUDIT_PROGRAM))?
-        .try_into()
-        .map_err(load_error)?;
-    program.load().map_err(load_error)?;
-    let program = program
-        .fd()
-        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
-        .map_err(load_error)?;
+    let program = load_for_test_run(ebpf, names::AUDIT_PROGRAM).map_err(|err| match err {
+        ProgramLoadError::Missing(name) => LoadError::Missing(name),
+        ProgramLoadError::Load(err) => LoadError::Program(err),
+    })?;
     Ok(HashWalk {
         program,
         cursor: take_map(ebpf, names::AUDIT_CURSOR_MAP)?,

@@ -14,14 +14,14 @@ use std::{
 use aya::{
     Ebpf,
     maps::{Array, MapData},
-    programs::{ProgramError, ProgramFd, RawTracePoint},
+    programs::ProgramFd,
 };
 use keepalive_ebpf::{IpvsQuery, ipvs_status, names};
 
 use crate::{
     files::{self, cap},
     kernel::{
-        bpf_syscall::{TestRunError, test_run},
+        bpf_syscall::{ProgramLoadError, TestRunError, load_for_test_run, test_run},
         layout::{self, LayoutError, ipvs::IpvsLayout},
         maps::{TakeMapError, take_map},
     },
@@ -101,9 +101,7 @@ pub(crate) enum TimeoutError {
     )]
     ModuleBtf(#[source] LayoutError),
     #[error("loading the IPVS program: {0}")]
-    Program(#[source] ProgramError),
-    #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
-    Missing(&'static str),
+    Program(#[source] ProgramLoadError),
     #[error(transparent)]
     Map(#[from] TakeMapError),
     #[error("the IPVS program's answer: {0}")]
@@ -175,16 +173,8 @@ impl IpvsProgram {
     /// Loads the program from `ebpf` and takes its map out of it.
     pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, TimeoutError> {
         let query: Array<MapData, IpvsQuery> = take_map(ebpf, names::IPVS_QUERY_MAP)?;
-        let program: &mut RawTracePoint = ebpf
-            .program_mut(names::IPVS_PROGRAM)
-            .ok_or(TimeoutError::Missing(names::IPVS_PROGRAM))?
-            .try_into()
-            .map_err(TimeoutError::Program)?;
-        program.load().map_err(TimeoutError::Program)?;
-        let program = program
-            .fd()
-            .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
-            .map_err(TimeoutError::Program)?;
+        let program =
+            load_for_test_run(ebpf, names::IPVS_PROGRAM).map_err(TimeoutError::Program)?;
         Ok(Self {
             program,
             query,

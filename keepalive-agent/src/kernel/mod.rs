@@ -9,6 +9,7 @@
 //! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.
 
 pub(crate) mod bpf_syscall;
+pub(crate) mod counter_sweep;
 pub mod hash_walk;
 pub(crate) mod hooks;
 pub(crate) mod hz;

@@ -15,6 +15,7 @@ use log::{info, warn};
 pub use crate::kernel::hooks::{HOOKS, Hook};
 use crate::kernel::{
     bpf_syscall::{BPF_OBJ_GET_INFO_BY_FD, bpf},
+    counter_sweep::CounterSweep,
     hash_walk::{self, HashWalk},
     ipvs::IpvsProgram,
     kallsyms::TimerFunctions,
@@ -221,6 +222,9 @@ pub struct KernelPrograms {
     pub(crate) audit: Option<HashWalk>,
     /// The read of IPVS's TCP timeout; `None` when it did not load (logged).
     pub(crate) ipvs: Option<IpvsProgram>,
+    /// The sweep that counts probes of unrun expiries no later expiry counts; `None` when it
+    /// did not load (logged). `run` starts it.
+    pub(crate) counter_sweep: Option<CounterSweep>,
     /// The smallest node-wide threshold, below which the close program does not send a drop
     /// without keepalive as a possible idle kill.
     pub(crate) idle_kill_filter: IdleKillFilter,
@@ -465,6 +469,16 @@ pub(crate) fn load(
             None
         }
     };
+    let counter_sweep = match CounterSweep::load(&mut ebpf) {
+        Ok(sweep) => Some(sweep),
+        Err(err) => {
+            warn!(
+                "{err}; probes of keepalive expiries the kernel ran no program for are counted \
+                 only at a later expiry in their namespace on the same CPU"
+            );
+            None
+        }
+    };
     let idle_kill_filter = IdleKillFilter(take_map(&mut ebpf, names::IDLE_KILL_JIFFIES_MAP)?);
     let events: RingBuf<MapData> = take_map(&mut ebpf, names::EVENTS_MAP)?;
     let reserve_failures = take_map(&mut ebpf, names::RESERVE_FAILURES_MAP)?;
@@ -477,6 +491,7 @@ pub(crate) fn load(
         hooks,
         audit,
         ipvs,
+        counter_sweep,
         idle_kill_filter,
         events,
         reserve_failures,

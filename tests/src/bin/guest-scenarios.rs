@@ -15,6 +15,9 @@
 //!   ready, and the variant that attached
 //! - `KAT-PLAN <scenario>...`: the scenarios about to run
 //! - `KAT-RESULT <json>`: one per scenario, when it ends (fields in [`report`])
+//! - `KAT-SWEEP <sweeps> <failures> <probes>`: the agent's counter sweep after the scenarios
+//!   (`keepalive_agent_counter_sweep*_total`; `absent` when the agent has none: its program
+//!   did not load)
 //! - `KAT-AGENT-LOG <line>`: the agent's warnings and errors, or its whole log tail on failure
 //! - `KAT-FATAL <text>`: the run could not happen (agent never ready)
 //! - `KAT-DONE <scenarios> <failed>`: the last line; a console without it was cut short
@@ -286,8 +289,26 @@ fn run(args: &Args, started: Instant) -> (usize, usize) {
             .filter(|passed| !passed)
             .count()
     });
+    print_counter_sweep(agent);
     print_agent_log(args, (failed == 0).then_some("WARN"));
     (selected.len(), failed)
+}
+
+/// The `KAT-SWEEP` line: whether the counter sweep's program loaded and ran on this kernel.
+fn print_counter_sweep(agent: AgentEndpoint) {
+    let none: &[(&str, &str)] = &[];
+    match agent.scrape() {
+        Ok(m) if m.samples("keepalive_agent_counter_sweeps_total").is_empty() => {
+            println!("KAT-SWEEP absent")
+        }
+        Ok(m) => println!(
+            "KAT-SWEEP {} {} {}",
+            m.value("keepalive_agent_counter_sweeps_total", none),
+            m.value("keepalive_agent_counter_sweep_failures_total", none),
+            m.value("keepalive_agent_counter_sweep_probes_total", none)
+        ),
+        Err(err) => println!("KAT-SWEEP absent (scrape failed: {err:#})"),
+    }
 }
 
 /// Runs one scenario and prints its `KAT-RESULT` line; true when it passed.

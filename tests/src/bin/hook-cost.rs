@@ -623,8 +623,9 @@ fn synchronized(
     if during == AgentDuringSync::Stopped {
         signal_agent(libc::SIGCONT)?;
     }
-    // The counters live in a kernel map, read at scrape: settled once the sockets are gone.
-    std::thread::sleep(Duration::from_secs(1));
+    // The counters live in a kernel map, read at scrape: settled once the sockets are gone
+    // and the counter sweep has added what no exit counted.
+    agent.settle_counters()?;
     let scrape = agent.scrape()?;
     let probes_each: Vec<f64> = agent_probes(&scrape)
         .iter()

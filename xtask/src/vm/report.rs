@@ -49,6 +49,8 @@ struct Console {
     results: Vec<ScenarioResult>,
     unreadable: Vec<String>,
     agent_log: Vec<String>,
+    /// The `KAT-SWEEP` line as printed: `<sweeps> <failures> <probes>`, or `absent ...`.
+    sweep: Option<String>,
     fatal: Vec<String>,
     done: bool,
 }
@@ -79,6 +81,7 @@ impl Console {
                     Err(err) => c.unreadable.push(format!("{err}: {line}")),
                 },
                 "KAT-AGENT-LOG" => c.agent_log.push(rest.to_owned()),
+                "KAT-SWEEP" => c.sweep = Some(rest.to_owned()),
                 "KAT-FATAL" => c.fatal.push(rest.to_owned()),
                 "KAT-DONE" => c.done = true,
                 _ => {}
@@ -410,6 +413,9 @@ fn problems(console: &Console, guest: &Guest, facts: &Facts) -> Vec<String> {
     if console.plan.is_empty() {
         out.push("the scenario program never said what it would run (no KAT-PLAN)".to_owned());
     }
+    if let Some(problem) = sweep_problem(console.sweep.as_deref()) {
+        out.push(problem);
+    }
     for name in &console.plan {
         if !console.results.iter().any(|r| &r.scenario == name) {
             out.push(format!("{name}: no result"));
@@ -435,9 +441,43 @@ fn problems(console: &Console, guest: &Guest, facts: &Facts) -> Vec<String> {
     out
 }
 
+/// What is wrong with the agent's counter sweep on this kernel, from its `KAT-SWEEP` line:
+/// its program must load and every sweep of the guest's two CPUs succeed.
+fn sweep_problem(line: Option<&str>) -> Option<String> {
+    let Some(line) = line else {
+        return Some("the scenario program did not report the counter sweep (no KAT-SWEEP)".into());
+    };
+    let figures: Vec<f64> = line
+        .split_whitespace()
+        .map_while(|word| word.parse().ok())
+        .collect();
+    match figures[..] {
+        [sweeps, 0.0, _] if sweeps > 0.0 => None,
+        [sweeps, failures, _] => Some(format!(
+            "counter sweep: {sweeps} sweeps, {failures} failed (see the agent log)"
+        )),
+        _ => Some(format!(
+            "counter sweep: {line} (its program did not load: see the agent log)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_counter_sweep_that_never_ran_or_failed_is_a_problem() {
+        assert_eq!(sweep_problem(Some("12 0 0")), None);
+        assert!(sweep_problem(Some("0 0 0")).is_some());
+        assert!(sweep_problem(Some("12 1 0")).is_some());
+        assert!(
+            sweep_problem(Some("absent"))
+                .unwrap()
+                .contains("did not load")
+        );
+        assert!(sweep_problem(None).unwrap().contains("no KAT-SWEEP"));
+    }
 
     #[test]
     fn console_lines_are_read_and_a_mismatch_is_a_problem() {
@@ -447,10 +487,12 @@ mod tests {
             KAT-HOOK tcp_receive_reset 0\r\n\
             KAT-PLAN a b\r\n\
             KAT-RESULT {\"scenario\":\"a\",\"expect\":\"x\",\"netns\":1,\"kernel\":{\"TCPKeepAlive\":3,\"TCPAbortOnTimeout\":1},\"agent\":{\"probes\":3.0,\"drops\":{\"keepalive_timeout\":1.0}},\"mismatches\":[\"m\"],\"seconds\":1.0}\r\n\
+            KAT-SWEEP 9 0 0\r\n\
             KAT-DONE 2 1\r\n";
         let c = Console::parse(text);
         assert_eq!(c.uname.as_deref(), Some("6.1.0-57-cloud-amd64"));
         assert_eq!(c.check_exit, Some(0));
+        assert_eq!(c.sweep.as_deref(), Some("9 0 0"));
         assert!(c.load_line().is_some_and(|l| l.contains("4/5")));
         // tcp_send_reset exists but was refused; tcp_receive_reset's tracepoint is missing (no
         // supported kernel lacks it, but an optional hook may be absent).

@@ -1,0 +1,163 @@
+//! The counter sweep adds, once, the probes a CPU's memory of a namespace's `TCPKeepAlive` lacks
+//! when no later expiry in that namespace runs on that CPU to add them.
+//!
+//! Those probes come from keepalive expiries the kernel ran no program for, which it does only
+//! now and then under load (README, "Exact totals and the kernel"). This test makes the same
+//! gap on purpose: once a namespace has probed and gone quiet, it sets one CPU's memory of the
+//! counter (`CounterSlot::seen` in the agent's `TIMER_CONTEXT` map) back by a few probes, as if
+//! that many had been sent by expiries the programs did not see. The sweep must then add
+//! exactly that many to the namespace's total, once: the totals stand that far above
+//! `TCPKeepAlive`, and stay there.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use anyhow::{Context as _, ensure};
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use keepalive_ebpf::TimerContext;
+use keepalive_tests::{
+    Agent, DEADLINE, Expectations, Netns, TestEnv, disable_keepalive, set_keepalive, wait_until,
+};
+
+const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const KEEPALIVE: &str = "TCPKeepAlive";
+const SWEEP_PROBES: &str = "keepalive_agent_counter_sweep_probes_total";
+/// Probes the test takes off one CPU's memory of the counter.
+const GAP: u64 = 2;
+
+#[test]
+fn counter_sweep_adds_what_no_expiry_counted_once() -> anyhow::Result<()> {
+    let test = "counter_sweep_adds_what_no_expiry_counted_once";
+    let Some(env) =
+        TestEnv::start_with_agent_args(test, &["--netns.counter-sweep-interval", "100ms"])
+    else {
+        return Ok(());
+    };
+    let ns = Netns::new("sweep")?;
+    let listener = ns.listen(V4)?;
+    let pairs = ns.connect_pairs(&listener, 1)?;
+    let client = &pairs[0].client;
+    set_keepalive(client, 1, 1, 3)?;
+    wait_until(
+        DEADLINE,
+        "the kernel to send three keepalive probes",
+        || Ok(ns.tcp_ext()?.get(KEEPALIVE) >= 3),
+    )?;
+    disable_keepalive(client)?;
+    let kernel = ns.tcp_ext()?.get(KEEPALIVE);
+    env.expect_agent(
+        "before the gap",
+        &Expectations::for_netns(ns.inum()).probes(kernel),
+    )?;
+    let Some(agent) = env.agent() else {
+        return Ok(());
+    };
+    let none: &[(&str, &str)] = &[];
+    let swept_before = agent.scrape()?.value(SWEEP_PROBES, none);
+
+    let cookie = netns_cookie(client)?;
+    let mut map = timer_context(agent)?;
+    let values = map.get(&0, 0).context("reading TIMER_CONTEXT")?;
+    // One CPU that ran the namespace's expiries: its slot holds the namespace, with memory.
+    let (cpu, slot, seen) = values
+        .iter()
+        .enumerate()
+        .find_map(|(cpu, context)| {
+            context
+                .counters
+                .iter()
+                .enumerate()
+                .find_map(|(index, slot)| {
+                    (slot.cookie == cookie && slot.seen_ns != 0).then_some((cpu, index, slot.seen))
+                })
+        })
+        .with_context(|| {
+            format!("no CPU remembers the counter of the namespace with cookie {cookie}")
+        })?;
+    ensure!(
+        seen >= GAP,
+        "CPU {cpu} remembers the counter at {seen}, below {GAP}"
+    );
+    let mut contexts: Vec<TimerContext> = values.iter().copied().collect();
+    contexts[cpu].counters[slot].seen = seen - GAP;
+    let contexts = PerCpuValues::try_from(contexts).context("TIMER_CONTEXT's values")?;
+    map.set(0, contexts, 0).context("writing TIMER_CONTEXT")?;
+    eprintln!("{test}: CPU {cpu}'s memory of the counter set back from {seen} by {GAP}");
+
+    env.expect_agent(
+        "after the gap",
+        &Expectations::for_netns(ns.inum()).probes(kernel + GAP),
+    )?;
+    // Two more sweeps: what the first added is not added again.
+    agent.settle_counters()?;
+    let metrics = agent.scrape()?;
+    env.expect_agent(
+        "two sweeps later",
+        &Expectations::for_netns(ns.inum()).probes(kernel + GAP),
+    )?;
+    let swept = metrics.value(SWEEP_PROBES, none) - swept_before;
+    ensure!(
+        swept == GAP as f64,
+        "{SWEEP_PROBES} grew by {swept}, expected {GAP}"
+    );
+    ensure!(
+        ns.tcp_ext()?.get(KEEPALIVE) == kernel,
+        "the namespace probed again: the test's premise (a quiet namespace) broke"
+    );
+    let values = map.get(&0, 0).context("reading TIMER_CONTEXT")?;
+    let moved = values[cpu].counters[slot].seen;
+    ensure!(
+        moved == seen,
+        "the sweep moved CPU {cpu}'s memory to {moved}, expected the counter's {seen}"
+    );
+    Ok(())
+}
+
+/// The namespace's cookie, as the programs see it (`SO_NETNS_COOKIE`, 5.14+).
+fn netns_cookie(socket: &impl AsRawFd) -> anyhow::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a u64 of the length passed, written by the kernel.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    ensure!(
+        ret == 0,
+        "getsockopt(SO_NETNS_COOKIE): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(cookie)
+}
+
+/// The agent's `TIMER_CONTEXT` map, found among the maps its descriptors hold (`map_id` in
+/// their fdinfo).
+fn timer_context(agent: &Agent) -> anyhow::Result<PerCpuArray<MapData, TimerContext>> {
+    let pid = agent.pid();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let fd = fd?;
+        let fdinfo = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+        let Ok(info) = std::fs::read_to_string(&fdinfo) else {
+            continue; // closed meanwhile
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|id| id.trim().parse().ok())
+        else {
+            continue;
+        };
+        let map = MapData::from_id(id).with_context(|| format!("opening BPF map {id}"))?;
+        if map.info()?.name_as_str() == Some("TIMER_CONTEXT") {
+            return PerCpuArray::try_from(Map::PerCpuArray(map))
+                .context("TIMER_CONTEXT is not the per-CPU array the test expects");
+        }
+    }
+    anyhow::bail!("the agent (pid {pid}) holds no map named TIMER_CONTEXT")
+}
