@@ -60,7 +60,10 @@ pub mod sweep_totals {
     /// Runs that interrupted a keepalive expiry of their CPU (between its entry and its exit's
     /// count) and read nothing: that CPU waits for the next sweep.
     pub const BUSY: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Runs the kernel made in the sweeping thread itself (it was on the CPU asked for), where
+    /// a timer softirq could interrupt them: they read nothing.
+    pub const IN_CALLER: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Parts of the kernel programs a build can leave out, so `cargo xtask ablate` can measure what

@@ -1,7 +1,9 @@
 //! `timer_expire_entry`/`timer_expire_exit`, kept only for `tcp_keepalive_timer` (probes) and
 //! `tcp_write_timer` (so a close inside it is a retransmission or zero-window timeout).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use core::sync::atomic::{Ordering, compiler_fence};
+
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 use aya_ebpf::{
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::PerCpuArray,
@@ -112,9 +114,9 @@ fn entry<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
                 tctx.keepalive_mib = 0;
                 let cookie = tctx.snapshot.netns_cookie;
                 // A sweep in an interrupt here would find a slot half taken.
-                tctx.counting = 1;
+                set_counting(&raw mut tctx.counting, 1);
                 let found = keepalive_mib(tctx, send.net, cookie);
-                tctx.counting = 0;
+                set_counting(&raw mut tctx.counting, 0);
                 if let Some(at) = found
                     && let Some(before) = load_mib::<TYPED>(at)
                 {
@@ -204,7 +206,7 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     let (mib, before) = (tctx.keepalive_mib, tctx.keepalive_mib_before);
     // From the slot's read to the end of its update, a sweep in an interrupt leaves it alone:
     // it would count again what this exit is about to.
-    tctx.counting = 1;
+    set_counting(&raw mut tctx.counting, 1);
     // SAFETY: a slot of our per-CPU context ([`slot_of`]), apart from the snapshot borrowed
     // below; through a pointer, so that both may be used until the namespace's counters are.
     let slot = unsafe { &mut *(slot_of(tctx, tctx.counter_slot as usize) as *mut CounterSlot) };
@@ -212,20 +214,19 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
     if mib != 0 && slot.at == mib {
         match (probes, after) {
             (Some(sent), Some(after)) => {
-                if slot.seen_ns != 0 {
-                    if slot.seen > before {
-                        // A sweep ran between the entry and here and moved the memory past
-                        // `before`: it added what the counter had grown by then, this
-                        // expiry's probes included if they were sent by then.
-                        swept = (slot.seen - before).min(u64::from(sent));
+                if slot.seen > before {
+                    // A sweep ran between the entry and here and moved the memory past
+                    // `before` (nothing else can: a slot taken starts from 0): it added what
+                    // the counter had grown by then, this expiry's probes included if they
+                    // were sent by then. Whatever a later sweep did to `seen_ns`.
+                    swept = (slot.seen - before).min(u64::from(sent));
+                } else if slot.seen_ns != 0 {
+                    let gap = before - slot.seen;
+                    if gap < UNSEEN_PROBES_BOUND {
+                        unseen = gap;
+                        unseen_since = slot.seen_ns;
                     } else {
-                        let gap = before - slot.seen;
-                        if gap < UNSEEN_PROBES_BOUND {
-                            unseen = gap;
-                            unseen_since = slot.seen_ns;
-                        } else {
-                            uncounted(Uncounted::ExpiryCounterUnreadable);
-                        }
+                        uncounted(Uncounted::ExpiryCounterUnreadable);
                     }
                 }
                 slot.seen = after;
@@ -298,7 +299,7 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
             }
         }
     }
-    tctx.counting = 0;
+    set_counting(&raw mut tctx.counting, 0);
     // Only connections the agent's table takes in may be tracked. A connection with traffic
     // expires every idle without a probe, and its close stays in the kernel.
     if expiry_enters_table(rec.probes_sent, rec.probes_out_before) {
@@ -388,6 +389,8 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
     slot.net = net as u64;
     slot.cookie = cookie;
     slot.at = at;
+    // No memory yet; and a `seen` past this namespace's counter would read as a sweep's (exit).
+    slot.seen = 0;
     slot.seen_ns = 0;
     Some(at)
 }
@@ -417,7 +420,16 @@ fn load_mib<const TYPED: bool>(at: u64) -> Option<u64> {
 /// after (its exit's `swept`). Counts what it added, and a run that interrupted a timer program
 /// in the middle of a slot, in [`COUNTER_SWEEP_TOTALS`].
 #[raw_tracepoint]
-pub(crate) fn counter_sweep(_ctx: RawTracePointContext) -> i32 {
+pub(crate) fn counter_sweep(ctx: RawTracePointContext) -> i32 {
+    // The test run's context: the sweeping thread's id. The kernel runs the program in that
+    // thread, with interrupts on, when the thread is on the CPU asked for (it was moved since
+    // it pinned itself: hotplug, a cpuset change), and a timer softirq could then run a whole
+    // expiry between this program's read of a slot and its update of it.
+    let caller: u64 = ctx.arg(0);
+    if bpf_get_current_pid_tgid() & 0xffff_ffff == caller {
+        add_to_sweep_totals(sweep_totals::IN_CALLER, 1);
+        return 0;
+    }
     let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) else {
         return 0;
     };
@@ -506,6 +518,28 @@ fn add_to_sweep_totals(index: u32, n: u64) {
     }
 }
 
+/// The cookie of namespace `net` as the programs key it (see `store_netns_cookie`), with
+/// helper reads.
+#[inline(always)]
+fn namespace_cookie(net: *const u8) -> Result<u64, i64> {
+    if offset!(net_cookie_lazy) != 0 {
+        read::<u32>(net, offset!(net_hash_mix)).map(|mix| (1 << 32) | u64::from(mix))
+    } else {
+        read::<u64>(net, offset!(net_cookie))
+    }
+}
+
+/// Sets [`TimerContext::counting`] (at `counting`) with a store the compiler keeps in its
+/// place: volatile, between two compiler fences, so that no load or store of a slot moves
+/// across it.
+#[inline(always)]
+fn set_counting(counting: *mut u8, value: u8) {
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: a field of our per-CPU context.
+    unsafe { core::ptr::write_volatile(counting, value) };
+    compiler_fence(Ordering::SeqCst);
+}
+
 /// Whether a slot's namespace ([`counter_sweep`]) is still the one it took, alive, with its
 /// counter where the slot says.
 enum Alive {
@@ -524,17 +558,12 @@ enum Alive {
 #[inline(always)]
 fn namespace_alive(slot: &CounterSlot, cpu: u64) -> Alive {
     let net = slot.net as *const u8;
-    let cookie = if offset!(net_cookie_lazy) != 0 {
-        read::<u32>(net, offset!(net_hash_mix)).map(|mix| (1 << 32) | u64::from(mix))
-    } else {
-        read::<u64>(net, offset!(net_cookie))
-    };
-    if cookie != Ok(slot.cookie) {
+    if namespace_cookie(net) != Ok(slot.cookie) {
         return Alive::No;
     }
     let list = slot.net.wrapping_add(offset!(net_list) as u64);
-    // A poisoned `prev` faults; a live one points back at the namespace, unless a neighbour is
-    // being added or removed on another CPU right now.
+    // Reading through a poisoned `prev` faults; a live one points back at the namespace, unless
+    // a neighbour is being added or removed on another CPU right now.
     let Ok(prev) = read::<u64>(net, offset!(net_list) + 8) else {
         return Alive::No;
     };
@@ -542,6 +571,11 @@ fn namespace_alive(slot: &CounterSlot, cpu: u64) -> Alive {
         Err(_) => return Alive::No,
         Ok(next) if next != list => return Alive::Unsure,
         Ok(_) => {}
+    }
+    // Read again now that it is known to be on the list: a struct freed and reused between
+    // the first read and the list's is another namespace's.
+    if namespace_cookie(net) != Ok(slot.cookie) {
+        return Alive::No;
     }
     let Ok(statistics) = read::<u64>(net, offset!(net_mib_statistics)) else {
         return Alive::No;

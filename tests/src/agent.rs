@@ -416,7 +416,7 @@ impl Agent {
     /// sent so far; polled, up to [`DEADLINE`]. An agent without the sweep (a baseline binary
     /// in the bench) has no such metric: one second then, as before the sweep existed.
     pub fn settle_counters(&self) -> anyhow::Result<()> {
-        const SWEEPS: &str = "keepalive_agent_counter_sweeps_total";
+        const SWEEPS: &str = "keepalive_agent_probe_sweeps_total";
         let none: &[(&str, &str)] = &[];
         let first = self.scrape()?;
         if first.samples(SWEEPS).is_empty() {

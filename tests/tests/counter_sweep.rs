@@ -21,7 +21,7 @@ use keepalive_tests::{
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const KEEPALIVE: &str = "TCPKeepAlive";
-const SWEEP_PROBES: &str = "keepalive_agent_counter_sweep_probes_total";
+const SWEEP_PROBES: &str = "keepalive_agent_probe_sweep_added_total";
 /// Probes the test takes off one CPU's memory of the counter.
 const GAP: u64 = 2;
 

@@ -190,9 +190,9 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
             "no record was lost, so this test proved nothing about loss: raise BLACKHOLED"
         );
         let none: &[(&str, &str)] = &[];
-        let sweeps = metrics.value("keepalive_agent_counter_sweeps_total", none);
-        let failures = metrics.value("keepalive_agent_counter_sweep_failures_total", none);
-        let swept = metrics.value("keepalive_agent_counter_sweep_probes_total", none);
+        let sweeps = metrics.value("keepalive_agent_probe_sweeps_total", none);
+        let failures = metrics.value("keepalive_agent_probe_sweep_failures_total", none);
+        let swept = metrics.value("keepalive_agent_probe_sweep_added_total", none);
         eprintln!("{test}: agent: {sweeps} counter sweeps, which added {swept} probes");
         ensure!(
             sweeps >= 100.0 && failures == 0.0,

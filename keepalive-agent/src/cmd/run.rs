@@ -468,11 +468,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     tokio::spawn(pipeline.namespace_retention(config.netns_retention).run());
     tokio::spawn(pipeline.marks_renewal(tracked, config.marks_interval).run());
+    let mut sweep_thread = None;
     if let Some(sweep) = counter_sweep {
         // Its own thread: it moves itself from CPU to CPU, which a runtime thread must not.
-        sweep
-            .spawn(config.counter_sweep_interval)
-            .context("cannot start the counter sweep's thread")?;
+        sweep_thread = Some(
+            sweep
+                .spawn(config.counter_sweep_interval)
+                .context("cannot start the counter sweep's thread")?,
+        );
         info!(
             "probes of keepalive expiries the kernel ran no program for are counted within {} \
              (counter sweep on every CPU)",
@@ -506,6 +509,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // buffer, detach the programs, put what the ring still holds through the pipeline, and close
     // the event stream after its last event; all before the DaemonSet's grace period ends.
     state.ready.store(false, Ordering::Relaxed);
+    // Before the programs are detached: it adds to their counters.
+    if let Some(sweep) = sweep_thread {
+        sweep.stop();
+    }
     let _ = stop.send(true);
     if !drain_done {
         match tokio::time::timeout_at(deadline, &mut drain).await {

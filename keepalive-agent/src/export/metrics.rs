@@ -786,7 +786,7 @@ impl prometheus_client::collector::Collector for ReserveFailures {
     }
 }
 
-/// `keepalive_agent_counter_sweep*_total`: what the counter sweep did (see
+/// `keepalive_agent_probe_sweep*_total`: what the counter sweep did (see
 /// `kernel::counter_sweep`), registered when it runs.
 pub(crate) struct CounterSweepMetrics(pub(crate) Arc<crate::kernel::counter_sweep::SweepTotals>);
 
@@ -801,22 +801,22 @@ impl prometheus_client::collector::Collector for CounterSweepMetrics {
         let totals = &self.0;
         for (name, help, total) in [
             (
-                "keepalive_agent_counter_sweeps",
+                "keepalive_agent_probe_sweeps",
                 "Sweeps of every CPU that added the probes of keepalive expiries the kernel ran no program for, when no later expiry in their namespace on that CPU had",
                 &totals.sweeps,
             ),
             (
-                "keepalive_agent_counter_sweep_probes",
+                "keepalive_agent_probe_sweep_added",
                 "Probes the counter sweeps added to tcp_keepalive_probes_total (already in it)",
                 &totals.probes,
             ),
             (
-                "keepalive_agent_counter_sweep_busy",
-                "Runs of the counter sweep that found their CPU in the middle of a keepalive expiry and left it for the next sweep",
+                "keepalive_agent_probe_sweep_busy",
+                "Runs of the counter sweep that read nothing and left their CPU to the next sweep: they came in the middle of a timer program's update of the counter's memory, or the kernel ran them in the sweeping thread (moved to that CPU since it pinned itself)",
                 &totals.busy,
             ),
             (
-                "keepalive_agent_counter_sweep_failures",
+                "keepalive_agent_probe_sweep_failures",
                 "Counter sweeps that failed (logged); the probes they would add wait for a later expiry in their namespace on the same CPU",
                 &totals.failures,
             ),

@@ -93,20 +93,27 @@ pub(crate) fn load_for_test_run(
 /// `BPF_F_TEST_RUN_ON_CPU` in include/uapi/linux/bpf.h.
 const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
 
-/// Runs a raw tracepoint program once on `cpu` (Linux 5.10+) and returns what it returned. From
-/// a thread on another CPU, the kernel runs it there in an interrupt
-/// (`smp_call_function_single`), with interrupts off; on the caller's own CPU, in the caller's
-/// context.
-pub(crate) fn test_run_on_cpu(program: BorrowedFd<'_>, cpu: u32) -> Result<u32, TestRunError> {
+/// Runs a raw tracepoint program once on `cpu` (Linux 5.10+), with `args` as its tracepoint
+/// arguments (at most 12). From a thread on another CPU, the kernel runs it there in an
+/// interrupt (`smp_call_function_single`), with interrupts off; on the caller's own CPU, in the
+/// caller's context.
+pub(crate) fn test_run_on_cpu(
+    program: BorrowedFd<'_>,
+    cpu: u32,
+    args: &[u64],
+) -> Result<(), TestRunError> {
     let mut attr = TestRunAttr {
         prog_fd: program.as_raw_fd() as u32,
+        ctx_size_in: std::mem::size_of_val(args) as u32,
+        ctx_in: args.as_ptr() as u64,
         flags: BPF_F_TEST_RUN_ON_CPU,
         cpu,
         ..TestRunAttr::default()
     };
-    // SAFETY: as in `test_run`.
+    // SAFETY: as in `test_run`; the kernel reads `ctx_size_in` bytes at `ctx_in`, which is
+    // `args`, alive for the call.
     unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }
-        .map(|_| attr.retval)
+        .map(drop)
         .map_err(TestRunError)
 }
 

@@ -13,7 +13,7 @@ use std::{
     os::fd::AsFd as _,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -58,8 +58,9 @@ pub(crate) struct SweepTotals {
     pub(crate) sweeps: AtomicU64,
     /// Probes they added to their namespaces' totals (the kernel's count, after the last sweep).
     pub(crate) probes: AtomicU64,
-    /// Runs that interrupted a keepalive expiry on their CPU, which then waited for the next
-    /// sweep (the kernel's count, after the last sweep).
+    /// Runs that read nothing, so that their CPU waited for the next sweep: they interrupted a
+    /// timer program in the middle of a slot, or the kernel ran them in the sweeping thread
+    /// (the kernel's counts, after the last sweep).
     pub(crate) busy: AtomicU64,
     /// Sweeps that failed (logged).
     pub(crate) failures: AtomicU64,
@@ -108,22 +109,36 @@ impl CounterSweep {
             )));
         };
         let second = homes.next();
+        // The program reads nothing when the kernel runs it in this thread (see
+        // `counter_sweep`): moved since it pinned itself, it may be on the CPU it asks for.
+        // SAFETY: gettid has no preconditions.
+        let thread = unsafe { libc::gettid() } as u64;
+        // Every CPU is tried; the first failure is reported after.
+        let mut failed = None;
         pin(first)?;
         for &cpu in online.iter().filter(|&&cpu| cpu != first) {
-            self.run_on(cpu)?;
+            if let Err(err) = self.run_on(cpu, thread) {
+                failed.get_or_insert(err);
+            }
         }
-        match second {
+        let unreachable = match second {
             Some(second) => {
                 pin(second)?;
-                self.run_on(first)?;
-                Ok(None)
+                if let Err(err) = self.run_on(first, thread) {
+                    failed.get_or_insert(err);
+                }
+                None
             }
-            None => Ok(Some(first)),
+            None => Some(first),
+        };
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(unreachable),
         }
     }
 
-    fn run_on(&self, cpu: u32) -> Result<(), SweepError> {
-        match test_run_on_cpu(self.program.as_fd(), cpu) {
+    fn run_on(&self, cpu: u32, thread: u64) -> Result<(), SweepError> {
+        match test_run_on_cpu(self.program.as_fd(), cpu, &[thread]) {
             Ok(_) => Ok(()),
             // Gone offline since the list was read: its slots wait until it is back.
             Err(TestRunError(err)) if err.raw_os_error() == Some(libc::ENXIO) => Ok(()),
@@ -141,23 +156,27 @@ impl CounterSweep {
     }
 
     /// Sweeps every CPU each `interval` (`--netns.counter-sweep-interval`) on a thread of its
-    /// own, for as long as the process runs. A sweep that fails is logged and tried again at
-    /// the next interval.
-    pub(crate) fn spawn(self, interval: Duration) -> io::Result<thread::JoinHandle<()>> {
-        thread::Builder::new()
+    /// own, until [`SweepThread::stop`]. A sweep that fails is logged and tried again at the
+    /// next interval.
+    pub(crate) fn spawn(self, interval: Duration) -> io::Result<SweepThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let handle = thread::Builder::new()
             .name("counter-sweep".into())
-            .spawn(move || self.run_forever(interval))
+            .spawn(move || self.run(interval, &stopping))?;
+        Ok(SweepThread { stop, handle })
     }
 
-    fn run_forever(self, interval: Duration) {
+    fn run(self, interval: Duration, stop: &AtomicBool) {
         let mut failing = false;
         let mut told_unreachable = false;
         let mut next = Instant::now();
-        loop {
+        while !stop.load(Ordering::Relaxed) {
             next += interval;
             let swept = self.sweep().and_then(|unreachable| {
                 let probes = self.kernel_total(sweep_totals::PROBES)?;
-                let busy = self.kernel_total(sweep_totals::BUSY)?;
+                let busy = self.kernel_total(sweep_totals::BUSY)?
+                    + self.kernel_total(sweep_totals::IN_CALLER)?;
                 Ok((unreachable, probes, busy))
             });
             match swept {
@@ -200,10 +219,11 @@ impl CounterSweep {
                     }
                 }
             }
-            // After a stall (a suspended VM), sweep again at once rather than catch up.
+            // After a stall (a suspended VM), sweep again at once rather than catch up. Parked,
+            // not asleep, so that `stop` ends the wait.
             let now = Instant::now();
             if next > now {
-                thread::sleep(next - now);
+                thread::park_timeout(next - now);
             } else {
                 next = now;
             }
@@ -211,45 +231,62 @@ impl CounterSweep {
     }
 }
 
+/// The sweep's thread, running until [`Self::stop`].
+pub(crate) struct SweepThread {
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl SweepThread {
+    /// Ends the sweeps (a round under way finishes first: milliseconds) and waits for the
+    /// thread; says so if it had ended by a panic.
+    pub(crate) fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.thread().unpark();
+        if self.handle.join().is_err() {
+            warn!("the counter sweep's thread had stopped with a panic");
+        }
+    }
+}
+
+/// Bytes of the CPU masks passed to the kernel: room for 8192 CPUs (a `cpu_set_t` holds 1024,
+/// and `sched_getaffinity` refuses a mask shorter than the kernel's CPU count).
+const MASK_BYTES: usize = 1024;
+
 /// The CPUs the process may run on: its main thread's affinity (this thread's own is pinned).
 fn process_cpus() -> io::Result<Vec<u32>> {
-    // SAFETY: an all-zero cpu_set_t is an empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a cpu_set_t of the size passed, written by the kernel.
-    let ret = unsafe {
-        libc::sched_getaffinity(
+    let mut mask = [0u8; MASK_BYTES];
+    // SAFETY: the kernel writes at most `MASK_BYTES` bytes to `mask`.
+    let written = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getaffinity,
             libc::getpid(),
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &raw mut set,
+            MASK_BYTES,
+            mask.as_mut_ptr(),
         )
     };
-    if ret != 0 {
+    if written < 0 {
         return Err(io::Error::last_os_error());
     }
-    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: CPU_ISSET reads the set within its size.
-    Ok((0..max)
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+    let written = (written as usize).min(MASK_BYTES);
+    Ok((0..written * 8)
+        .filter(|&bit| mask[bit / 8] & (1 << (bit % 8)) != 0)
         .map(|cpu| cpu as u32)
         .collect())
 }
 
 /// Moves the calling thread to `cpu` (the kernel migrates it before returning).
 fn pin(cpu: u32) -> Result<(), SweepError> {
-    // SAFETY: an all-zero cpu_set_t is an empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if cpu as usize >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+    let mut mask = [0u8; MASK_BYTES];
+    let Some(byte) = mask.get_mut(cpu as usize / 8) else {
         return Err(SweepError::Pin {
             cpu,
-            source: io::Error::other("past the CPUs a cpu_set_t holds (CPU_SETSIZE)"),
+            source: io::Error::other("past the 8192 CPUs the agent's masks hold"),
         });
-    }
-    // SAFETY: `cpu` is below the set's size, checked above.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
-    let ret = unsafe {
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set)
     };
+    *byte = 1 << (cpu % 8);
+    // SAFETY: the kernel reads `MASK_BYTES` bytes of `mask`; 0 is the calling thread.
+    let ret = unsafe { libc::syscall(libc::SYS_sched_setaffinity, 0, MASK_BYTES, mask.as_ptr()) };
     if ret != 0 {
         return Err(SweepError::Pin {
             cpu,

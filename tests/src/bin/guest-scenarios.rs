@@ -16,7 +16,7 @@
 //! - `KAT-PLAN <scenario>...`: the scenarios about to run
 //! - `KAT-RESULT <json>`: one per scenario, when it ends (fields in [`report`])
 //! - `KAT-SWEEP <sweeps> <failures> <probes>`: the agent's counter sweep after the scenarios
-//!   (`keepalive_agent_counter_sweep*_total`; `absent` when the agent has none: its program
+//!   (`keepalive_agent_probe_sweep*_total`; `absent` when the agent has none: its program
 //!   did not load)
 //! - `KAT-AGENT-LOG <line>`: the agent's warnings and errors, or its whole log tail on failure
 //! - `KAT-FATAL <text>`: the run could not happen (agent never ready)
@@ -298,14 +298,14 @@ fn run(args: &Args, started: Instant) -> (usize, usize) {
 fn print_counter_sweep(agent: AgentEndpoint) {
     let none: &[(&str, &str)] = &[];
     match agent.scrape() {
-        Ok(m) if m.samples("keepalive_agent_counter_sweeps_total").is_empty() => {
+        Ok(m) if m.samples("keepalive_agent_probe_sweeps_total").is_empty() => {
             println!("KAT-SWEEP absent")
         }
         Ok(m) => println!(
             "KAT-SWEEP {} {} {}",
-            m.value("keepalive_agent_counter_sweeps_total", none),
-            m.value("keepalive_agent_counter_sweep_failures_total", none),
-            m.value("keepalive_agent_counter_sweep_probes_total", none)
+            m.value("keepalive_agent_probe_sweeps_total", none),
+            m.value("keepalive_agent_probe_sweep_failures_total", none),
+            m.value("keepalive_agent_probe_sweep_added_total", none)
         ),
         Err(err) => println!("KAT-SWEEP absent (scrape failed: {err:#})"),
     }
