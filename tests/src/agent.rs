@@ -497,6 +497,26 @@ impl Agent {
         text
     }
 
+    /// [`wait_until`] for something the agent should come to show: on timeout its log is kept
+    /// and the error carries the log's notable lines and its end, as [`Self::wait_for`]'s.
+    pub fn wait_until(
+        &self,
+        deadline: Duration,
+        what: &str,
+        f: impl FnMut() -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        wait_until(deadline, what, f).map_err(|err| {
+            self.keep_log.store(true, Ordering::Relaxed);
+            err.context(format!(
+                "agent log, warnings and namespace changes:\n{}\n\
+                 agent log (last 10 lines, full log {}):\n{}",
+                self.log_notable(15),
+                self.log_path.display(),
+                self.log_tail(10)
+            ))
+        })
+    }
+
     /// Polls `/metrics` until every expectation holds in one scrape (deadline 30 s). On timeout
     /// the error lists what differed, the namespace's aggregate series, the agent's own
     /// counters, the notable lines of its log and its end. Kept short: CI shows the head and
