@@ -400,14 +400,29 @@ fn snapshot_then<const FULL: bool, T>(
     result
 }
 
+/// How a program reads a field of an object a socket points to (its namespace, its cgroup).
+pub(crate) trait Follow: Copy {
+    /// The field at `offset` from `object`, a pointer loaded from the socket (or a map).
+    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64>;
+}
+
+/// Through a helper (`bpf_probe_read_kernel`): for a pointer that is a plain number to the
+/// verifier.
+#[derive(Clone, Copy)]
+pub(crate) struct HelperRead;
+
+impl Follow for HelperRead {
+    #[inline(always)]
+    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64> {
+        read(object, offset)
+    }
+}
+
 /// Where a snapshot loads the socket's fields from: the per-CPU copy ([`Copied`]) or, where
 /// the hook gives one, the socket itself through a BTF-typed pointer ([`Typed`]).
-pub(crate) trait SockFields: Copy {
+pub(crate) trait SockFields: Follow {
     /// The field at `offset` from the start of the socket.
     fn load<T: Copy>(self, offset: usize) -> T;
-    /// A field of an object the socket points to (its namespace, its cgroup), at `offset`
-    /// from `object`, a pointer loaded with [`Self::load`].
-    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64>;
     /// The socket's address, for the record.
     fn sk(self) -> u64;
     /// The namespace's `sysctl_tcp_keepalive_{time,intvl,probes}`: [`each_keepalive_sysctl`].
@@ -434,15 +449,18 @@ struct Copied {
     copy: *const u8,
 }
 
+/// A pointer from the copy is a plain number to the verifier: a helper reads through it.
+impl Follow for Copied {
+    #[inline(always)]
+    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64> {
+        HelperRead.follow(object, offset)
+    }
+}
+
 impl SockFields for Copied {
     #[inline(always)]
     fn load<T: Copy>(self, offset: usize) -> T {
         field(self.copy, offset)
-    }
-    /// A pointer from the copy is a plain number to the verifier: a helper reads through it.
-    #[inline(always)]
-    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64> {
-        read(object, offset)
     }
     #[inline(always)]
     fn sk(self) -> u64 {
@@ -468,6 +486,16 @@ impl SockFields for Copied {
 #[derive(Clone, Copy)]
 pub(crate) struct Typed(pub(crate) *const u8);
 
+/// A pointer member loaded through a typed pointer is typed too (`struct net *`,
+/// `struct cgroup *`): one more checked load.
+impl Follow for Typed {
+    #[inline(always)]
+    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64> {
+        // SAFETY: as in `load`, against the type of `object`'s member.
+        Ok(unsafe { core::ptr::read_volatile(object.wrapping_add(offset) as *const T) })
+    }
+}
+
 impl SockFields for Typed {
     #[inline(always)]
     fn load<T: Copy>(self, offset: usize) -> T {
@@ -475,13 +503,6 @@ impl SockFields for Typed {
         // frozen `.rodata`, so it sees constants); volatile, so LLVM does not merge two
         // neighbouring fields into one load that spans members, which the verifier refuses.
         unsafe { core::ptr::read_volatile(self.0.wrapping_add(offset) as *const T) }
-    }
-    /// A pointer member loaded through a typed pointer is typed too (`struct net *`,
-    /// `struct cgroup *`): one more checked load.
-    #[inline(always)]
-    fn follow<T: Copy>(self, object: *const u8, offset: usize) -> Result<T, i64> {
-        // SAFETY: as in `load`, against the type of `object`'s member.
-        Ok(unsafe { core::ptr::read_volatile(object.wrapping_add(offset) as *const T) })
     }
     #[inline(always)]
     fn sk(self) -> u64 {
@@ -787,7 +808,7 @@ fn fill_record<const FULL: bool, const CONNTRACK: bool>(
 /// cannot be read. Stored in each branch (volatile): merged into one value, LLVM kept it in a
 /// stack slot that only one branch writes, and 5.10's verifier refuses that read on the other.
 #[inline(always)]
-fn store_netns_cookie(c: impl SockFields, net: *const u8, cookie: *mut u64) {
+pub(crate) fn store_netns_cookie(c: impl Follow, net: *const u8, cookie: *mut u64) {
     // SAFETY: `cookie` points into a record or key the caller owns, alive for this call.
     unsafe { core::ptr::write_volatile(cookie, 0) };
     if offset!(net_cookie_lazy) != 0 {

@@ -17,9 +17,9 @@ use keepalive_ebpf::{
 };
 
 use crate::socket::{
-    EBUSY, KEEPALIVE_TIMER_FN, NETNS_COUNTERS, SockFields, Typed, WRITE_TIMER_FN, add,
+    EBUSY, HelperRead, KEEPALIVE_TIMER_FN, NETNS_COUNTERS, SockFields, Typed, WRITE_TIMER_FN, add,
     expiry_snapshot, expiry_snapshot_typed, mark_tracked, may_be_tracked, netns_counters, read,
-    read_or_zero, report_keepalive_off, send_expiry, typed_tcp_sock, uncounted,
+    read_or_zero, report_keepalive_off, send_expiry, store_netns_cookie, typed_tcp_sock, uncounted,
 };
 
 /// More probes than one CPU's keepalive timers send between two expiries the programs see
@@ -350,8 +350,7 @@ fn slot_of(tctx: &mut TimerContext, index: usize) -> &mut CounterSlot {
 }
 
 /// Where this CPU's `TCPKeepAlive` of namespace `net` (whose cookie is `cookie`) is, and the
-/// namespace's slot, in `tctx.counter_slot`. The counter is at its `net_statistics` (a per-CPU
-/// pointer, read with a helper so that it is a number) plus this CPU's offset. A namespace may
+/// namespace's slot, in `tctx.counter_slot` (the address: [`keepalive_counter`]). A namespace may
 /// be in any slot of the set [`counter_slot`] picks (so it takes more namespaces than the set
 /// has slots, picking one set, to push one out); the counter is worked out again only when
 /// none holds it, into the slot whose namespace was seen longest ago. A namespace freed and
@@ -375,16 +374,10 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
     }
     // The exit reads the slot only if the counter is found (`keepalive_mib` not 0).
     tctx.counter_slot = index as u32;
-    let cpu = cpu_offset(tctx)?;
-    let statistics = read::<u64>(net, offset!(net_mib_statistics)).ok()?;
+    let at = keepalive_counter(net, cpu_offset(tctx)?)?;
     // Each time a namespace takes a slot, a helper read of the counter itself: a typed load
     // that faults reads 0 at both hooks, which would count no probe without saying so.
-    let at = statistics
-        .wrapping_add(cpu)
-        .wrapping_add(offset!(mib_tcp_keepalive) as u64);
-    if statistics == 0 || read::<u64>(at as *const u8, 0).is_err() {
-        return None;
-    }
+    read::<u64>(at as *const u8, 0).ok()?;
     let slot = slot_of(tctx, index);
     slot.net = net as u64;
     slot.cookie = cookie;
@@ -393,6 +386,19 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
     slot.seen = 0;
     slot.seen_ns = 0;
     Some(at)
+}
+
+/// The address of namespace `net`'s `TCPKeepAlive` on the CPU whose per-CPU offset is `cpu`:
+/// its `net_statistics` (a per-CPU pointer, read with a helper so that it is a number) plus
+/// the offset; `None` when the pointer cannot be read or is not set yet.
+#[inline(always)]
+fn keepalive_counter(net: *const u8, cpu: u64) -> Option<u64> {
+    let statistics = read::<u64>(net, offset!(net_mib_statistics)).ok()?;
+    (statistics != 0).then(|| {
+        statistics
+            .wrapping_add(cpu)
+            .wrapping_add(offset!(mib_tcp_keepalive) as u64)
+    })
 }
 
 /// The counter at `at`: a typed load where the kernel has `bpf_rdonly_cast` (which reads 0 if
@@ -518,15 +524,13 @@ fn add_to_sweep_totals(index: u32, n: u64) {
     }
 }
 
-/// The cookie of namespace `net` as the programs key it (see `store_netns_cookie`), with
-/// helper reads.
+/// The cookie of namespace `net` as the programs key it ([`store_netns_cookie`]), 0 when it
+/// cannot be read (never a namespace's).
 #[inline(always)]
-fn namespace_cookie(net: *const u8) -> Result<u64, i64> {
-    if offset!(net_cookie_lazy) != 0 {
-        read::<u32>(net, offset!(net_hash_mix)).map(|mix| (1 << 32) | u64::from(mix))
-    } else {
-        read::<u64>(net, offset!(net_cookie))
-    }
+fn namespace_cookie(net: *const u8) -> u64 {
+    let mut cookie = 0;
+    store_netns_cookie(HelperRead, net, &raw mut cookie);
+    cookie
 }
 
 /// Sets [`TimerContext::counting`] (at `counting`) with a store the compiler keeps in its
@@ -558,7 +562,7 @@ enum Alive {
 #[inline(always)]
 fn namespace_alive(slot: &CounterSlot, cpu: u64) -> Alive {
     let net = slot.net as *const u8;
-    if namespace_cookie(net) != Ok(slot.cookie) {
+    if slot.cookie == 0 || namespace_cookie(net) != slot.cookie {
         return Alive::No;
     }
     let list = slot.net.wrapping_add(offset!(net_list) as u64);
@@ -574,17 +578,14 @@ fn namespace_alive(slot: &CounterSlot, cpu: u64) -> Alive {
     }
     // Read again now that it is known to be on the list: a struct freed and reused between
     // the first read and the list's is another namespace's.
-    if namespace_cookie(net) != Ok(slot.cookie) {
+    if namespace_cookie(net) != slot.cookie {
         return Alive::No;
     }
-    let Ok(statistics) = read::<u64>(net, offset!(net_mib_statistics)) else {
-        return Alive::No;
-    };
-    let at = statistics
-        .wrapping_add(cpu)
-        .wrapping_add(offset!(mib_tcp_keepalive) as u64);
-    match read::<u32>(net, offset!(net_ns_inum)) {
-        Ok(inum) if statistics != 0 && at == slot.at => Alive::Yes(inum),
+    match (
+        keepalive_counter(net, cpu),
+        read::<u32>(net, offset!(net_ns_inum)),
+    ) {
+        (Some(at), Ok(inum)) if at == slot.at => Alive::Yes(inum),
         _ => Alive::No,
     }
 }
