@@ -63,7 +63,33 @@ pub mod sweep_totals {
     /// Runs the kernel made in the sweeping thread itself (it was on the CPU asked for), where
     /// a timer softirq could interrupt them: they read nothing.
     pub const IN_CALLER: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Runs asked only whether they recognise the thread that made them (the agent's check at
+    /// load, see [`SweepContext::check_only`]) that did.
+    pub const RECOGNISED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// The counter sweep's test-run context, as `u64` tracepoint arguments (the kernel copies only
+/// the bytes passed, so every run passes all of them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepContext {
+    /// The sweeping thread's id in its PID namespace (`gettid`).
+    pub thread: u64,
+    /// That PID namespace, as `bpf_get_ns_current_pid_tgid` takes it: the kernel's device
+    /// number of nsfs (`MKDEV(major, minor)`, not `stat`'s encoding) and its inode number.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
+    /// Not 0: the run only counts in [`sweep_totals::RECOGNISED`] whether it was made in that
+    /// thread, and sweeps nothing.
+    pub check_only: u64,
+}
+
+impl SweepContext {
+    /// Its arguments, in order.
+    pub fn args(&self) -> [u64; 4] {
+        [self.thread, self.pidns_dev, self.pidns_ino, self.check_only]
+    }
 }
 
 /// Parts of the kernel programs a build can leave out, so `cargo xtask ablate` can measure what

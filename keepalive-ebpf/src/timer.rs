@@ -3,7 +3,8 @@
 
 use core::sync::atomic::{Ordering, compiler_fence};
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use aya_ebpf::bindings::bpf_pidns_info;
+use aya_ebpf::helpers::{bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns};
 use aya_ebpf::{
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::PerCpuArray,
@@ -12,8 +13,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use keepalive_ebpf::{
     AF_INET, COUNTER_SET_SLOTS, COUNTER_SLOTS, CloseContext, CounterSlot, ExpirySpan, NetnsKey,
-    RecordKind, TimerContext, Uncounted, counter_slot, expiry_enters_table, record_flags,
-    sweep_totals,
+    RecordKind, SweepContext, TimerContext, Uncounted, counter_slot, expiry_enters_table,
+    record_flags, sweep_totals,
 };
 
 use crate::socket::{
@@ -427,13 +428,38 @@ fn load_mib<const TYPED: bool>(at: u64) -> Option<u64> {
 /// in the middle of a slot, in [`COUNTER_SWEEP_TOTALS`].
 #[raw_tracepoint]
 pub(crate) fn counter_sweep(ctx: RawTracePointContext) -> i32 {
-    // The test run's context: the sweeping thread's id. The kernel runs the program in that
+    // The test run's context names the sweeping thread. The kernel runs the program in that
     // thread, with interrupts on, when the thread is on the CPU asked for (it was moved since
     // it pinned itself: hotplug, a cpuset change), and a timer softirq could then run a whole
-    // expiry between this program's read of a slot and its update of it.
-    let caller: u64 = ctx.arg(0);
-    if bpf_get_current_pid_tgid() & 0xffff_ffff == caller {
-        add_to_sweep_totals(sweep_totals::IN_CALLER, 1);
+    // expiry between this program's read of a slot and its update of it. The thread's id is
+    // its id in the agent's PID namespace (a pod's, in the DaemonSet), which only that
+    // namespace's view of the current task can match.
+    let sweeper = SweepContext {
+        thread: ctx.arg(0),
+        pidns_dev: ctx.arg(1),
+        pidns_ino: ctx.arg(2),
+        check_only: ctx.arg(3),
+    };
+    let mut current = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: the helper writes `size` bytes to `current`, on our stack.
+    let found = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            sweeper.pidns_dev,
+            sweeper.pidns_ino,
+            &raw mut current,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    } == 0;
+    if found && u64::from(current.pid) == sweeper.thread {
+        let why = if sweeper.check_only != 0 {
+            sweep_totals::RECOGNISED
+        } else {
+            sweep_totals::IN_CALLER
+        };
+        add_to_sweep_totals(why, 1);
+        return 0;
+    }
+    if sweeper.check_only != 0 {
         return 0;
     }
     let Some(tctx) = TIMER_CONTEXT.get_ptr_mut(0) else {

@@ -21,7 +21,7 @@ use keepalive_tests::deploy::{
 use keepalive_tests::{
     Agent, DEADLINE, Netns, TcpPair, TestEnv, kernel_tests_enabled,
     middlebox::{Blackhole, connect, middlebox, send},
-    set_keepalive, skip_or_fail, wait_closed,
+    set_keepalive, skip_or_fail, wait_closed, wait_until,
 };
 use serde_json::Value as Json;
 
@@ -543,6 +543,20 @@ fn agent_is_ready_with_only_the_daemonset_capabilities_and_fails_without_cap_sys
         assert!(
             detached.is_empty(),
             "hooks not attached with the DaemonSet's capabilities: {detached:?}\n{}",
+            agent.log()
+        );
+        // The counter sweep loads only if its program recognises its own thread by its id in
+        // the pod's PID namespace (checked at load), and then sweeps.
+        let none: &[(&str, &str)] = &[];
+        let swept = wait_until(DEADLINE, "the agent's first counter sweep", || {
+            Ok(agent
+                .scrape()?
+                .value("keepalive_agent_probe_sweeps_total", none)
+                >= 1.0)
+        });
+        assert!(
+            swept.is_ok(),
+            "no counter sweep with the DaemonSet's PID namespace and capabilities: {swept:?}\n{}",
             agent.log()
         );
     }

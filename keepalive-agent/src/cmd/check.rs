@@ -471,7 +471,7 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                     Ok(Err(err)) => format!("counter sweep loaded but FAILED: {err}"),
                     Err(_) => "counter sweep loaded but its thread panicked".to_owned(),
                 },
-                None => "counter sweep NOT loaded".to_owned(),
+                None => "counter sweep NOT loaded (the warning logged above says why)".to_owned(),
             };
             // A hook this kernel lacks is already a WARN of its own above; here only what the
             // kernel has and refused counts.

@@ -118,14 +118,22 @@ pub(crate) fn test_run_on_cpu(
 }
 
 /// Runs a raw tracepoint program once with `BPF_PROG_TEST_RUN` (Linux 5.10+), in the caller's
-/// context, with no input: programs that take their question from a map and answer in it.
-pub(crate) fn test_run(program: BorrowedFd<'_>) -> Result<(), TestRunError> {
+/// context, with `args` as its tracepoint arguments (at most 12): programs that take their
+/// question from a map or `args` and answer in a map.
+pub(crate) fn test_run(program: BorrowedFd<'_>, args: &[u64]) -> Result<(), TestRunError> {
     let mut attr = TestRunAttr {
         prog_fd: program.as_raw_fd() as u32,
+        ctx_size_in: std::mem::size_of_val(args) as u32,
+        ctx_in: if args.is_empty() {
+            0
+        } else {
+            args.as_ptr() as u64
+        },
         ..TestRunAttr::default()
     };
     // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix of the size passed, alive for
-    // the call; a raw tracepoint test run reads no other memory (no context, no data).
+    // the call; the kernel reads `ctx_size_in` bytes at `ctx_in`, which is `args`, alive for
+    // the call, and no other memory (no data).
     unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }
         .map(drop)
         .map_err(TestRunError)

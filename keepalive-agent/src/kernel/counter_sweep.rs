@@ -6,7 +6,10 @@
 //! could then run an expiry in the middle of it, and both would move the same slot. The kernel
 //! runs a test run in an interrupt only when the caller is on another CPU, so this thread
 //! moves itself between two CPUs it may run on: from the first it sweeps every other CPU, from
-//! the second the first. A process confined to one CPU cannot have that CPU swept.
+//! the second the first. A process confined to one CPU cannot have that CPU swept. A thread
+//! moved since it pinned itself (hotplug, a cpuset written) may be on the CPU it asks for: the
+//! program then recognises the thread that made the run, by its id in the agent's PID
+//! namespace, and reads nothing; [`CounterSweep::load`] checks that it does, here.
 
 use std::{
     io,
@@ -24,11 +27,11 @@ use aya::{
     maps::{MapData, MapError, PerCpuArray},
     programs::ProgramFd,
 };
-use keepalive_ebpf::{names, sweep_totals};
+use keepalive_ebpf::{SweepContext, names, sweep_totals};
 use log::{debug, info, warn};
 
 use super::{
-    bpf_syscall::{ProgramLoadError, TestRunError, load_for_test_run, test_run_on_cpu},
+    bpf_syscall::{ProgramLoadError, TestRunError, load_for_test_run, test_run, test_run_on_cpu},
     maps::{TakeMapError, take_map},
 };
 
@@ -49,7 +52,28 @@ pub(crate) enum SweepError {
     Pin { cpu: u32, source: io::Error },
     #[error("counter sweep on CPU {cpu}: {source}")]
     Run { cpu: u32, source: TestRunError },
+    #[error(
+        "cannot tell which PID namespace the agent is in (stat {PIDNS_PATH}): {0}; the agent \
+         needs a /proc mounted"
+    )]
+    PidNamespace(#[source] io::Error),
+    #[error("cannot check the counter sweep's guard against its own thread: {0}")]
+    GuardRun(#[source] TestRunError),
+    #[error(
+        "the counter sweep's program does not recognise the thread that runs it (thread \
+         {thread} in PID namespace {dev:#x}:{ino}, by bpf_get_ns_current_pid_tgid): a run the \
+         kernel made in that thread could count a keepalive expiry's probes twice, so the \
+         sweep stays off"
+    )]
+    Unguarded { thread: u64, dev: u64, ino: u64 },
 }
+
+/// What goes uncounted without the sweep, for the operator.
+pub(crate) const UNSWEPT: &str = "probes of keepalive expiries the kernel ran no program for \
+     are counted only at a later expiry in their namespace on the same CPU";
+
+/// The agent's PID namespace, whose device and inode number name it to the kernel.
+const PIDNS_PATH: &str = "/proc/self/ns/pid";
 
 /// What the sweeps did since the agent started, for the metrics.
 #[derive(Debug, Default)]
@@ -71,6 +95,8 @@ pub(crate) struct CounterSweep {
     program: ProgramFd,
     kernel_totals: PerCpuArray<MapData, u64>,
     totals: Arc<SweepTotals>,
+    /// The agent's PID namespace as the program's context names it.
+    pidns: (u64, u64),
 }
 
 impl std::fmt::Debug for CounterSweep {
@@ -80,14 +106,42 @@ impl std::fmt::Debug for CounterSweep {
 }
 
 impl CounterSweep {
-    /// Loads the program from `ebpf` (it shares the timer programs' per-CPU context map).
+    /// Loads the program from `ebpf` (it shares the timer programs' per-CPU context map), and
+    /// checks that it recognises a run made in the thread that asks for it (one run in this
+    /// thread that only says so and sweeps nothing).
     pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, SweepError> {
-        Ok(Self {
+        let sweep = Self {
             program: load_for_test_run(ebpf, names::COUNTER_SWEEP_PROGRAM)
                 .map_err(SweepError::Load)?,
             kernel_totals: take_map(ebpf, names::COUNTER_SWEEP_TOTALS_MAP)?,
             totals: Arc::default(),
-        })
+            pidns: pid_namespace().map_err(SweepError::PidNamespace)?,
+        };
+        let check = SweepContext {
+            check_only: 1,
+            ..sweep.context()
+        };
+        let before = sweep.kernel_total(sweep_totals::RECOGNISED)?;
+        test_run(sweep.program.as_fd(), &check.args()).map_err(SweepError::GuardRun)?;
+        if sweep.kernel_total(sweep_totals::RECOGNISED)? != before + 1 {
+            return Err(SweepError::Unguarded {
+                thread: check.thread,
+                dev: check.pidns_dev,
+                ino: check.pidns_ino,
+            });
+        }
+        Ok(sweep)
+    }
+
+    /// The program's context for runs asked for by the calling thread.
+    fn context(&self) -> SweepContext {
+        SweepContext {
+            // SAFETY: gettid has no preconditions.
+            thread: unsafe { libc::gettid() } as u64,
+            pidns_dev: self.pidns.0,
+            pidns_ino: self.pidns.1,
+            check_only: 0,
+        }
     }
 
     /// What the sweeps did, shared with the thread [`Self::spawn`] starts.
@@ -111,20 +165,19 @@ impl CounterSweep {
         let second = homes.next();
         // The program reads nothing when the kernel runs it in this thread (see
         // `counter_sweep`): moved since it pinned itself, it may be on the CPU it asks for.
-        // SAFETY: gettid has no preconditions.
-        let thread = unsafe { libc::gettid() } as u64;
+        let context = self.context().args();
         // Every CPU is tried; the first failure is reported after.
         let mut failed = None;
         pin(first)?;
         for &cpu in online.iter().filter(|&&cpu| cpu != first) {
-            if let Err(err) = self.run_on(cpu, thread) {
+            if let Err(err) = self.run_on(cpu, &context) {
                 failed.get_or_insert(err);
             }
         }
         let unreachable = match second {
             Some(second) => {
                 pin(second)?;
-                if let Err(err) = self.run_on(first, thread) {
+                if let Err(err) = self.run_on(first, &context) {
                     failed.get_or_insert(err);
                 }
                 None
@@ -137,13 +190,29 @@ impl CounterSweep {
         }
     }
 
-    fn run_on(&self, cpu: u32, thread: u64) -> Result<(), SweepError> {
-        match test_run_on_cpu(self.program.as_fd(), cpu, &[thread]) {
+    fn run_on(&self, cpu: u32, context: &[u64]) -> Result<(), SweepError> {
+        match test_run_on_cpu(self.program.as_fd(), cpu, context) {
             Ok(_) => Ok(()),
             // Gone offline since the list was read: its slots wait until it is back.
             Err(TestRunError(err)) if err.raw_os_error() == Some(libc::ENXIO) => Ok(()),
             Err(source) => Err(SweepError::Run { cpu, source }),
         }
+    }
+
+    /// Updates [`SweepTotals::probes`] and [`SweepTotals::busy`] from the kernel's counts.
+    fn read_totals(&self) -> Result<(), SweepError> {
+        let probes = self.kernel_total(sweep_totals::PROBES)?;
+        let busy =
+            self.kernel_total(sweep_totals::BUSY)? + self.kernel_total(sweep_totals::IN_CALLER)?;
+        let before = self.totals.probes.swap(probes, Ordering::Relaxed);
+        self.totals.busy.store(busy, Ordering::Relaxed);
+        if probes != before {
+            debug!(
+                "counter sweep: {} probes of unseen expiries added",
+                probes.wrapping_sub(before)
+            );
+        }
+        Ok(())
     }
 
     /// The kernel's count at `index` ([`sweep_totals`]), summed over the CPUs.
@@ -173,16 +242,12 @@ impl CounterSweep {
         let mut next = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             next += interval;
-            let swept = self.sweep().and_then(|unreachable| {
-                let probes = self.kernel_total(sweep_totals::PROBES)?;
-                let busy = self.kernel_total(sweep_totals::BUSY)?
-                    + self.kernel_total(sweep_totals::IN_CALLER)?;
-                Ok((unreachable, probes, busy))
-            });
-            match swept {
-                Ok((unreachable, probes, busy)) => {
-                    let before = self.totals.probes.swap(probes, Ordering::Relaxed);
-                    self.totals.busy.store(busy, Ordering::Relaxed);
+            // What the kernel counted is read after every round, one that failed on some CPU
+            // too: the others added their probes all the same.
+            let swept = self.sweep();
+            let read = self.read_totals();
+            match swept.and_then(|unreachable| read.map(|()| unreachable)) {
+                Ok(unreachable) => {
                     self.totals.sweeps.fetch_add(1, Ordering::Relaxed);
                     if failing {
                         info!("the counter sweep runs again");
@@ -193,26 +258,16 @@ impl CounterSweep {
                     {
                         warn!(
                             "the agent may run on CPU {cpu} only, so the counter sweep cannot \
-                             run there: probes of keepalive expiries the kernel ran no program \
-                             for on it are counted only at a later expiry in their namespace \
-                             there (give the agent a second CPU in its cpuset)"
+                             run there: {UNSWEPT} (give the agent a second CPU in its cpuset)"
                         );
                         told_unreachable = true;
-                    }
-                    if probes != before {
-                        debug!(
-                            "counter sweep: {} probes of unseen expiries added",
-                            probes.wrapping_sub(before)
-                        );
                     }
                 }
                 Err(err) => {
                     self.totals.failures.fetch_add(1, Ordering::Relaxed);
                     if !failing {
                         warn!(
-                            "{err}; probes of keepalive expiries the kernel ran no program for \
-                             are counted only at a later expiry in their namespace on the same \
-                             CPU (retrying every {})",
+                            "{err}; {UNSWEPT} (retrying every {})",
                             humantime::format_duration(interval)
                         );
                         failing = true;
@@ -247,6 +302,16 @@ impl SweepThread {
             warn!("the counter sweep's thread had stopped with a panic");
         }
     }
+}
+
+/// The agent's PID namespace as `bpf_get_ns_current_pid_tgid` takes it: the kernel's device
+/// number of nsfs (`MKDEV`: major above bit 20, which `stat`'s `st_dev` encodes otherwise) and
+/// the namespace's inode number.
+fn pid_namespace() -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(PIDNS_PATH)?;
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    Ok(((u64::from(major) << 20) | u64::from(minor), meta.ino()))
 }
 
 /// Bytes of the CPU masks passed to the kernel: room for 8192 CPUs (a `cpu_set_t` holds 1024,

@@ -77,7 +77,7 @@ impl HashWalk {
     /// are in [`Self::records`].
     pub(crate) fn run(&mut self, cursor: AuditCursor) -> Result<AuditCursor, RunError> {
         self.cursor.set(0, cursor, 0).map_err(RunError::SetCursor)?;
-        test_run(self.program.as_fd()).map_err(RunError::TestRun)?;
+        test_run(self.program.as_fd(), &[]).map_err(RunError::TestRun)?;
         self.cursor.get(&0, 0).map_err(RunError::GetCursor)
     }
 }

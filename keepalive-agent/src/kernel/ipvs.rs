@@ -212,7 +212,7 @@ impl IpvsProgram {
         self.query
             .set(0, question, 0)
             .map_err(TimeoutError::Answer)?;
-        test_run(self.program.as_fd()).map_err(TimeoutError::TestRun)?;
+        test_run(self.program.as_fd(), &[]).map_err(TimeoutError::TestRun)?;
         let answer = self.query.get(&0, 0).map_err(TimeoutError::Answer)?;
         match answer.status {
             ipvs_status::FOUND => Ok(TcpTimeout::Jiffies(answer.timeout_jiffies)),

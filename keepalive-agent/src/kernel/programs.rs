@@ -15,7 +15,7 @@ use log::{info, warn};
 pub use crate::kernel::hooks::{HOOKS, Hook};
 use crate::kernel::{
     bpf_syscall::{BPF_OBJ_GET_INFO_BY_FD, bpf},
-    counter_sweep::CounterSweep,
+    counter_sweep::{CounterSweep, UNSWEPT},
     hash_walk::{self, HashWalk},
     ipvs::IpvsProgram,
     kallsyms::TimerFunctions,
@@ -472,10 +472,7 @@ pub(crate) fn load(
     let counter_sweep = match CounterSweep::load(&mut ebpf) {
         Ok(sweep) => Some(sweep),
         Err(err) => {
-            warn!(
-                "{err}; probes of keepalive expiries the kernel ran no program for are counted \
-                 only at a later expiry in their namespace on the same CPU"
-            );
+            warn!("{err}; {UNSWEPT}");
             None
         }
     };
