@@ -411,9 +411,10 @@ impl Agent {
         self.endpoint.scrape()
     }
 
-    /// Waits until the agent's counter sweep has swept every CPU twice more (the first may have
+    /// Waits until the agent's counter sweep has completed two more rounds (the first may have
     /// begun before the caller's last probe), so that its namespace totals hold every probe
-    /// sent so far; polled, up to [`DEADLINE`]. An agent without the sweep (a baseline binary
+    /// sent so far, unless a CPU was busy in a timer program at both (it then waits for a
+    /// later round); polled, up to [`DEADLINE`]. An agent without the sweep (a baseline binary
     /// in the bench) has no such metric: one second then, as before the sweep existed.
     pub fn settle_counters(&self) -> anyhow::Result<()> {
         const SWEEPS: &str = "keepalive_agent_probe_sweeps_total";

@@ -203,3 +203,27 @@ fn counter_sweep_knows_its_own_thread_in_a_pid_namespace_of_its_own() -> anyhow:
     );
     Ok(())
 }
+
+/// `--netns.counter-sweep-interval off`: no sweep at all (no interrupt on any CPU), said in the
+/// log, and no sweep metrics, which would read as a sweep that never ran.
+#[test]
+fn counter_sweep_off_runs_no_sweep_and_says_so() -> anyhow::Result<()> {
+    let test = "counter_sweep_off_runs_no_sweep_and_says_so";
+    if !kernel_tests_enabled(test) {
+        return Ok(());
+    }
+    let agent = Agent::start_with_args(&["--netns.counter-sweep-interval", "off"])?;
+    let metrics = agent.scrape()?;
+    ensure!(
+        metrics
+            .samples("keepalive_agent_probe_sweeps_total")
+            .is_empty(),
+        "sweep metrics with the sweep off"
+    );
+    ensure!(
+        agent.log().contains("counter sweep off"),
+        "the agent did not say the sweep is off:\n{}",
+        agent.log()
+    );
+    Ok(())
+}

@@ -8,7 +8,9 @@ use aya::util::KernelVersion;
 
 use crate::audit::walk;
 use crate::kernel::{
-    Session, hash_walk, hz, ipvs,
+    Session,
+    counter_sweep::{Round, cpu_list},
+    hash_walk, hz, ipvs,
     kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
     layout::{self, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
     programs::{CloseReports, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
@@ -460,13 +462,26 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
             let sweep = match kernel.counter_sweep.take() {
                 // On a thread of its own: the sweep moves its thread from CPU to CPU.
                 Some(sweep) => match std::thread::scope(|s| s.spawn(|| sweep.sweep()).join()) {
-                    Ok(Ok(None)) => {
+                    Ok(Ok(Round {
+                        unreachable: None,
+                        left_alone,
+                    })) => {
                         swept = true;
-                        "counter sweep ran on every CPU".to_owned()
+                        if left_alone.is_empty() {
+                            "counter sweep ran on every CPU".to_owned()
+                        } else {
+                            format!(
+                                "counter sweep ran on every CPU but the isolated {}, left alone",
+                                cpu_list(&left_alone)
+                            )
+                        }
                     }
-                    Ok(Ok(Some(cpu))) => format!(
+                    Ok(Ok(Round {
+                        unreachable: Some(cpu),
+                        ..
+                    })) => format!(
                         "counter sweep ran, but not on CPU {cpu}, the only one the agent may \
-                         run on"
+                         run on (give it a second CPU in its cpuset)"
                     ),
                     Ok(Err(err)) => format!("counter sweep loaded but FAILED: {err}"),
                     Err(_) => "counter sweep loaded but its thread panicked".to_owned(),
@@ -494,6 +509,7 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                     })
                 })
                 .collect();
+            let kernel_all_attached = kernel.hooks.iter().all(|s| s.attached);
             let status = if !refused && audited && swept && fell_back.is_empty() {
                 Status::Ok
             } else if kernel.all_required_attached() {
@@ -531,11 +547,30 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                 status,
                 detail,
                 (status != Status::Ok).then(|| {
-                    "See the hooks above: an optional hook this kernel lacks costs only its role; \
-                     for one it refused, `dmesg` and the verifier log above say why. A timer \
-                     hook on its helper-read variant works, at that variant's cost: report the \
-                     kernel version and the verifier log."
-                        .to_owned()
+                    let mut remedy = String::new();
+                    if refused || !fell_back.is_empty() || !kernel_all_attached {
+                        remedy.push_str(
+                            "See the hooks above: an optional hook this kernel lacks costs only \
+                             its role; for one it refused, `dmesg` and the verifier log above \
+                             say why. A timer hook on its helper-read variant works, at that \
+                             variant's cost: report the kernel version and the verifier log. ",
+                        );
+                    }
+                    if !audited {
+                        remedy.push_str(
+                            "Without the audit walk the agent cannot see keepalive settings of \
+                             sockets that never expire: the warning logged above says why. ",
+                        );
+                    }
+                    if !swept {
+                        remedy.push_str(
+                            "Without the counter sweep, probes of keepalive expiries the kernel \
+                             ran no program for are counted only at a later expiry in their \
+                             namespace on the same CPU: the detail and the warning logged above \
+                             say why.",
+                        );
+                    }
+                    remedy.trim_end().to_owned()
                 }),
             );
             (check, ipvs_program)

@@ -130,11 +130,20 @@ pub(crate) fn parse_marks_interval(s: &str) -> Result<Duration, String> {
     duration_within(s, Duration::from_secs(1), Duration::from_secs(3600))
 }
 
-/// `--netns.counter-sweep-interval`: at least 10ms (each sweep interrupts every CPU once), at
-/// most a minute, so a namespace that goes away soon after a burst of unrun expiries still has
-/// their probes counted.
-pub(crate) fn parse_counter_sweep_interval(s: &str) -> Result<Duration, String> {
+/// `--netns.counter-sweep-interval`: how often the counter sweep runs, or `None` (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SweepInterval(pub Option<Duration>);
+
+/// `--netns.counter-sweep-interval`: `off`, or at least 10ms (each sweep interrupts every CPU
+/// once), at most a minute, so a namespace that goes away soon after a burst of unrun expiries
+/// still has their probes counted.
+pub(crate) fn parse_counter_sweep_interval(s: &str) -> Result<SweepInterval, String> {
+    if s.trim() == "off" {
+        return Ok(SweepInterval(None));
+    }
     duration_within(s, Duration::from_millis(10), Duration::from_secs(60))
+        .map(|d| SweepInterval(Some(d)))
+        .map_err(|e| format!("{e}; or off"))
 }
 
 /// `--web.telemetry-path`: a plain absolute path that is not one of the other endpoints. The
@@ -309,7 +318,13 @@ mod tests {
         assert!(parse_retention("1ns").unwrap_err().contains("out of range"));
         assert_eq!(
             parse_counter_sweep_interval("1s"),
-            Ok(Duration::from_secs(1))
+            Ok(SweepInterval(Some(Duration::from_secs(1))))
+        );
+        assert_eq!(parse_counter_sweep_interval("off"), Ok(SweepInterval(None)));
+        assert!(
+            parse_counter_sweep_interval("0s")
+                .unwrap_err()
+                .ends_with("; or off")
         );
         assert!(
             parse_counter_sweep_interval("1ms")

@@ -31,7 +31,9 @@ use crate::{
         web_config::WebConfig,
     },
     kernel::{
-        self, Session, hz,
+        self, Session,
+        counter_sweep::UNSWEPT,
+        hz,
         programs::{self, CloseReports, PROGRAM_TYPE},
     },
     pipeline::{Drained, Pipeline},
@@ -124,10 +126,10 @@ pub struct RunConfig {
     pub netns_retention: Duration,
     /// How often every CPU's counter memory is swept: the probes of keepalive expiries the
     /// kernel ran no program for, after the last one it did in a namespace on a CPU, are added
-    /// to that namespace's total within this (each sweep costs one interrupt per CPU). 10ms to
-    /// 1m.
+    /// to that namespace's total within this (each sweep costs one interrupt per CPU; isolated
+    /// CPUs are left alone). 10ms to 1m, or off.
     #[arg(long = "netns.counter-sweep-interval", value_name = "DURATION", default_value = "1s", value_parser = flags::parse_counter_sweep_interval)]
-    pub counter_sweep_interval: Duration,
+    pub counter_sweep_interval: flags::SweepInterval,
     #[command(flatten)]
     pub audit: audit::task::AuditConfig,
 }
@@ -439,7 +441,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     registry.register_collector(Box::new(audit_collector));
     registry.register_collector(Box::new(recursion_misses));
-    if let Some(sweep) = &counter_sweep {
+    // Not run when turned off (`--netns.counter-sweep-interval off`): no interrupts at all.
+    let counter_sweep = match (counter_sweep, config.counter_sweep_interval.0) {
+        (Some(sweep), Some(interval)) => Some((sweep, interval)),
+        (Some(_), None) => {
+            warn!("counter sweep off (--netns.counter-sweep-interval off): {UNSWEPT}");
+            None
+        }
+        (None, _) => None,
+    };
+    if let Some((sweep, _)) = &counter_sweep {
         registry.register_collector(Box::new(CounterSweepMetrics(sweep.totals())));
     }
     let server_metrics = http::ServerMetrics::default();
@@ -469,17 +480,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     tokio::spawn(pipeline.namespace_retention(config.netns_retention).run());
     tokio::spawn(pipeline.marks_renewal(tracked, config.marks_interval).run());
     let mut sweep_thread = None;
-    if let Some(sweep) = counter_sweep {
+    if let Some((sweep, interval)) = counter_sweep {
         // Its own thread: it moves itself from CPU to CPU, which a runtime thread must not.
         sweep_thread = Some(
             sweep
-                .spawn(config.counter_sweep_interval)
+                .spawn(interval)
                 .context("cannot start the counter sweep's thread")?,
         );
         info!(
             "probes of keepalive expiries the kernel ran no program for are counted within {} \
-             (counter sweep on every CPU)",
-            humantime::format_duration(config.counter_sweep_interval)
+             (counter sweep on every CPU that is not isolated)",
+            humantime::format_duration(interval)
         );
     }
     let mut drain =
@@ -509,7 +520,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // buffer, detach the programs, put what the ring still holds through the pipeline, and close
     // the event stream after its last event; all before the DaemonSet's grace period ends.
     state.ready.store(false, Ordering::Relaxed);
-    // Before the programs are detached: it adds to their counters.
+    // First, so that no thread runs a program of the object the drain drops below (a round
+    // finishes within milliseconds).
     if let Some(sweep) = sweep_thread {
         sweep.stop();
     }

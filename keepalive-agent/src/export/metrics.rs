@@ -802,7 +802,7 @@ impl prometheus_client::collector::Collector for CounterSweepMetrics {
         for (name, help, total) in [
             (
                 "keepalive_agent_probe_sweeps",
-                "Sweeps of every CPU that added the probes of keepalive expiries the kernel ran no program for, when no later expiry in their namespace on that CPU had",
+                "Rounds of the counter sweep that ran on every CPU they could reach (a CPU busy in a timer program's update waits for the next round), adding the probes of keepalive expiries the kernel ran no program for, when no later expiry in their namespace on that CPU had",
                 &totals.sweeps,
             ),
             (

@@ -65,7 +65,7 @@ pub(crate) struct TestRunError(#[source] pub(crate) io::Error);
 
 /// Why a program to test-run could not be loaded.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ProgramLoadError {
+pub enum ProgramLoadError {
     #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
     Missing(&'static str),
     #[error(transparent)]

@@ -6,7 +6,9 @@
 //! could then run an expiry in the middle of it, and both would move the same slot. The kernel
 //! runs a test run in an interrupt only when the caller is on another CPU, so this thread
 //! moves itself between two CPUs it may run on: from the first it sweeps every other CPU, from
-//! the second the first. A process confined to one CPU cannot have that CPU swept. A thread
+//! the second the first. A process confined to one CPU cannot have that CPU swept. CPUs the
+//! kernel keeps other work off (`isolcpus`, `nohz_full`, isolated cpuset partitions) are left
+//! alone: the interrupt would disturb what was given them (logged). A thread
 //! moved since it pinned itself (hotplug, a cpuset written) may be on the CPU it asks for: the
 //! program then recognises the thread that made the run, by its id in the agent's PID
 //! namespace, and reads nothing; [`CounterSweep::load`] checks that it does, here.
@@ -46,6 +48,8 @@ pub(crate) enum SweepError {
     ReadTotals(#[source] MapError),
     #[error("cannot list the online CPUs ({0}): {1}")]
     OnlineCpus(&'static str, #[source] io::Error),
+    #[error("cannot read which CPUs are isolated ({0}): {1}")]
+    IsolatedCpus(&'static str, #[source] io::Error),
     #[error("cannot read which CPUs the agent may run on (sched_getaffinity): {0}")]
     Affinity(#[source] io::Error),
     #[error("cannot move the counter sweep's thread to CPU {cpu} (sched_setaffinity): {source}")]
@@ -149,33 +153,43 @@ impl CounterSweep {
         Arc::clone(&self.totals)
     }
 
-    /// Sweeps every online CPU once, from the calling thread, which it leaves on one of the CPUs
-    /// the process may run on. Returns the CPU it could not sweep, when the process may run on
-    /// that one only.
-    pub(crate) fn sweep(&self) -> Result<Option<u32>, SweepError> {
+    /// Sweeps every online CPU that is not isolated once, from the calling thread, which it
+    /// leaves on one of the CPUs the process may run on.
+    pub(crate) fn sweep(&self) -> Result<Round, SweepError> {
         let online =
             aya::util::online_cpus().map_err(|(what, err)| SweepError::OnlineCpus(what, err))?;
+        let mut left_alone = isolated_cpus()?;
+        left_alone.retain(|cpu| online.contains(cpu));
         let allowed = process_cpus().map_err(SweepError::Affinity)?;
-        let mut homes = allowed.iter().copied().filter(|cpu| online.contains(cpu));
-        let Some(first) = homes.next() else {
+        let mut homes: Vec<u32> = allowed
+            .into_iter()
+            .filter(|cpu| online.contains(cpu))
+            .collect();
+        // An isolated CPU is the thread's home only when no other is: its own work there
+        // disturbs that CPU too (a stable sort keeps the others' order).
+        homes.sort_by_key(|cpu| left_alone.contains(cpu));
+        let Some(&first) = homes.first() else {
             return Err(SweepError::Affinity(io::Error::other(
                 "none of the CPUs the agent may run on is online",
             )));
         };
-        let second = homes.next();
         // The program reads nothing when the kernel runs it in this thread (see
         // `counter_sweep`): moved since it pinned itself, it may be on the CPU it asks for.
         let context = self.context().args();
         // Every CPU is tried; the first failure is reported after.
         let mut failed = None;
         pin(first)?;
-        for &cpu in online.iter().filter(|&&cpu| cpu != first) {
+        for &cpu in online
+            .iter()
+            .filter(|&&cpu| cpu != first && !left_alone.contains(&cpu))
+        {
             if let Err(err) = self.run_on(cpu, &context) {
                 failed.get_or_insert(err);
             }
         }
-        let unreachable = match second {
-            Some(second) => {
+        let unreachable = match homes.get(1) {
+            _ if left_alone.contains(&first) => None,
+            Some(&second) => {
                 pin(second)?;
                 if let Err(err) = self.run_on(first, &context) {
                     failed.get_or_insert(err);
@@ -186,7 +200,10 @@ impl CounterSweep {
         };
         match failed {
             Some(err) => Err(err),
-            None => Ok(unreachable),
+            None => Ok(Round {
+                unreachable,
+                left_alone,
+            }),
         }
     }
 
@@ -239,6 +256,7 @@ impl CounterSweep {
     fn run(self, interval: Duration, stop: &AtomicBool) {
         let mut failing = false;
         let mut told_unreachable = false;
+        let mut told_left_alone = Vec::new();
         let mut next = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             next += interval;
@@ -246,9 +264,22 @@ impl CounterSweep {
             // too: the others added their probes all the same.
             let swept = self.sweep();
             let read = self.read_totals();
-            match swept.and_then(|unreachable| read.map(|()| unreachable)) {
-                Ok(unreachable) => {
+            match swept.and_then(|round| read.map(|()| round)) {
+                Ok(Round {
+                    unreachable,
+                    left_alone,
+                }) => {
                     self.totals.sweeps.fetch_add(1, Ordering::Relaxed);
+                    if left_alone != told_left_alone {
+                        if !left_alone.is_empty() {
+                            warn!(
+                                "the counter sweep leaves the isolated CPUs {} alone (isolcpus, \
+                                 nohz_full or an isolated cpuset partition): {UNSWEPT}",
+                                cpu_list(&left_alone)
+                            );
+                        }
+                        told_left_alone = left_alone;
+                    }
                     if failing {
                         info!("the counter sweep runs again");
                         failing = false;
@@ -284,6 +315,77 @@ impl CounterSweep {
             }
         }
     }
+}
+
+/// What a sweep of every CPU could not do.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Round {
+    /// The CPU it could not sweep, when the process may run on that one only.
+    pub(crate) unreachable: Option<u32>,
+    /// The isolated CPUs it left alone ([`isolated_cpus`]).
+    pub(crate) left_alone: Vec<u32>,
+}
+
+/// `cpus` as a comma-separated list, for the operator.
+pub(crate) fn cpu_list(cpus: &[u32]) -> String {
+    cpus.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Where the kernel lists the CPUs it keeps other work off: `isolcpus` and isolated cpuset
+/// partitions (`isolated`), and CPUs without the scheduler tick (`nohz_full`, absent in
+/// kernels built without it).
+const ISOLATED_LISTS: [&str; 2] = [
+    "/sys/devices/system/cpu/isolated",
+    "/sys/devices/system/cpu/nohz_full",
+];
+
+/// The CPUs in [`ISOLATED_LISTS`], read at each sweep (a cpuset partition may change).
+fn isolated_cpus() -> Result<Vec<u32>, SweepError> {
+    let mut cpus = Vec::new();
+    for path in ISOLATED_LISTS {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(SweepError::IsolatedCpus(path, err)),
+        };
+        let listed = parse_cpu_list(&text).map_err(|err| {
+            SweepError::IsolatedCpus(path, io::Error::new(io::ErrorKind::InvalidData, err))
+        })?;
+        cpus.extend(listed);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// A kernel CPU list (`0-3,8,10-11`; empty, or `(null)` for `nohz_full` unset on some
+/// kernels, when none).
+fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
+    let text = text.trim();
+    if text.is_empty() || text == "(null)" {
+        return Ok(Vec::new());
+    }
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        let number = |s: &str| {
+            s.parse::<u32>()
+                .map_err(|_| format!("{text:?}: {s:?} is not a CPU number"))
+        };
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let (from, to) = (number(from)?, number(to)?);
+                if from > to || to - from >= 1 << 16 {
+                    return Err(format!("{text:?}: {part:?} is not a range of CPUs"));
+                }
+                cpus.extend(from..=to);
+            }
+            None => cpus.push(number(part)?),
+        }
+    }
+    Ok(cpus)
 }
 
 /// The sweep's thread, running until [`Self::stop`].
@@ -359,4 +461,28 @@ fn pin(cpu: u32) -> Result<(), SweepError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_prints_them() {
+        assert_eq!(parse_cpu_list("\n"), Ok(vec![]));
+        assert_eq!(parse_cpu_list("(null)\n"), Ok(vec![]));
+        assert_eq!(parse_cpu_list("3\n"), Ok(vec![3]));
+        assert_eq!(
+            parse_cpu_list("0-2,8,10-11\n"),
+            Ok(vec![0, 1, 2, 8, 10, 11])
+        );
+        assert!(parse_cpu_list("2-1").unwrap_err().contains("not a range"));
+        assert!(
+            parse_cpu_list("a")
+                .unwrap_err()
+                .contains("not a CPU number")
+        );
+        assert!(parse_cpu_list("0-99999999").is_err());
+        assert_eq!(cpu_list(&[2, 3, 7]), "2,3,7");
+    }
 }

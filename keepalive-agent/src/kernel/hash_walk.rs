@@ -9,7 +9,7 @@ use std::os::fd::AsFd as _;
 use aya::{
     Ebpf,
     maps::{Array, MapData, RingBuf},
-    programs::{ProgramError, ProgramFd},
+    programs::ProgramFd,
 };
 use keepalive_ebpf::{AuditCursor, names};
 
@@ -40,10 +40,8 @@ impl std::fmt::Debug for HashWalk {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("the kernel programs object has no {0}: agent built from mismatched sources")]
-    Missing(&'static str),
     #[error(transparent)]
-    Program(ProgramError),
+    Program(#[from] ProgramLoadError),
     #[error(transparent)]
     Map(#[from] TakeMapError),
 }
@@ -51,10 +49,7 @@ pub enum LoadError {
 /// Loads the walk program into the kernel (the verifier checks it now, not at the first audit)
 /// and takes its maps out of `ebpf`.
 pub(crate) fn load(ebpf: &mut Ebpf) -> Result<HashWalk, LoadError> {
-    let program = load_for_test_run(ebpf, names::AUDIT_PROGRAM).map_err(|err| match err {
-        ProgramLoadError::Missing(name) => LoadError::Missing(name),
-        ProgramLoadError::Load(err) => LoadError::Program(err),
-    })?;
+    let program = load_for_test_run(ebpf, names::AUDIT_PROGRAM)?;
     Ok(HashWalk {
         program,
         cursor: take_map(ebpf, names::AUDIT_CURSOR_MAP)?,

@@ -206,7 +206,11 @@ fn main() -> anyhow::Result<()> {
     // Before any probe: connections the agent's table never held.
     let flowing = with_traffic(true)?;
     // The writes stop: a healthy peer answers every probe; the timer then fires once a second.
+    let sweep_before = SweepCost::read(&agent)?;
     let busy = measure(&ids, &agent, &netns, phase)?;
+    let sweep = SweepCost::read(&agent)?
+        .zip(sweep_before)
+        .map(|(after, before)| after.since(&before));
     drop(pairs);
     // The two phases are solved for the two paths' costs by the kernel's count of keepalive
     // expiries; without any, the system has no solution and the table would print NaN.
@@ -272,6 +276,19 @@ fn main() -> anyhow::Result<()> {
         flowing.records,
         flowing_entry + flowing_exit
     );
+    match sweep {
+        Some(sweep) if sweep.rounds > 0 => println!(
+            "counter sweep in the keepalive phase: {} rounds, {} program runs, {:.0} ns per run \
+             in the swept CPU's interrupt (bpf_stats), {:.1} µs of the sweeping thread's CPU per \
+             round (its test runs and the wait for each CPU's interrupt)",
+            sweep.rounds,
+            sweep.program.count,
+            sweep.program.per_hit(),
+            sweep.thread_ns as f64 / sweep.rounds as f64 / 1e3
+        ),
+        Some(_) => println!("counter sweep in the keepalive phase: no round ran"),
+        None => println!("counter sweep: none (an agent without it)"),
+    }
 
     println!(
         "| close path | conntrack | closes | hook runs | ns/run above floor | ns per close above floor |"
@@ -714,15 +731,58 @@ fn ns_since(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> u64 {
 /// The thread id of the agent's attribution worker (its thread named `attribution`): owner
 /// lookups, which read `/proc` and the cgroup tree, apart from the drain.
 fn attribution_thread(pid: u32) -> anyhow::Result<u32> {
+    named_thread(pid, "attribution")?
+        .with_context(|| format!("the agent (pid {pid}) has no thread named attribution"))
+}
+
+/// The id of the thread of process `pid` named `name`, if it has one.
+fn named_thread(pid: u32, name: &str) -> anyhow::Result<Option<u32>> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let task = task?;
-        if std::fs::read_to_string(task.path().join("comm"))?.trim_end() == "attribution"
+        if std::fs::read_to_string(task.path().join("comm"))?.trim_end() == name
             && let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok())
         {
-            return Ok(tid);
+            return Ok(Some(tid));
         }
     }
-    bail!("the agent (pid {pid}) has no thread named attribution")
+    Ok(None)
+}
+
+/// What the agent's counter sweep did and cost so far: its rounds (its metric), its program's
+/// runs and run time (`bpf_stats`: on the swept CPUs, in their interrupts), and its thread's CPU
+/// time (the test runs it makes and its wait for each interrupt to finish).
+struct SweepCost {
+    rounds: u64,
+    program: Stats,
+    thread_ns: u64,
+}
+
+impl SweepCost {
+    /// `None` for an agent without the sweep (a baseline binary).
+    fn read(agent: &Agent) -> anyhow::Result<Option<SweepCost>> {
+        let pid = agent.pid();
+        let Some(thread) = named_thread(pid, "counter-sweep")? else {
+            return Ok(None);
+        };
+        let none: &[(&str, &str)] = &[];
+        let rounds = agent
+            .scrape()?
+            .value("keepalive_agent_probe_sweeps_total", none) as u64;
+        let thread_ns = thread_cpu_ns(pid)?.get(&thread).copied().unwrap_or(0);
+        Ok(Some(SweepCost {
+            rounds,
+            program: stats(newest(names::COUNTER_SWEEP_PROGRAM)?)?,
+            thread_ns,
+        }))
+    }
+
+    fn since(&self, earlier: &SweepCost) -> SweepCost {
+        SweepCost {
+            rounds: self.rounds - earlier.rounds,
+            program: self.program.since(&earlier.program),
+            thread_ns: self.thread_ns - earlier.thread_ns,
+        }
+    }
 }
 
 /// `text`, the value of `flag`, as a number.

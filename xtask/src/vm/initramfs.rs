@@ -34,15 +34,20 @@ mount -t tmpfs tmpfs /tmp
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 echo "KAT-UNAME $(uname -r)"
+# Each step says so before it starts, so that a guest that hangs shows where (KAT-STEP).
 # This kernel's IPVS modules (appended archive, see modules.rs), then IPVS as kube-proxy
 # leaves it, before the agent starts: the ipvs_timeout scenario reads what the agent found.
 for m in /{modules_dir}/*.ko; do
+    echo "KAT-STEP insmod ${{m##*/}}"
     insmod "$m" >>{ipvs_log} 2>&1 || echo "insmod $m failed" >>{ipvs_log}
 done
+echo "KAT-STEP {GUEST_PROGRAM} --ipvs-setup"
 {GUEST_PROGRAM} --ipvs-setup >>{ipvs_log} 2>&1
-keepalive-agent check --load >/tmp/check.txt 2>&1
-echo "KAT-CHECK-EXIT $?"
-sed 's/^/KAT-CHECK /' /tmp/check.txt
+# Its lines as they come (a hang inside it leaves those before on the console).
+echo "KAT-STEP keepalive-agent check --load"
+(keepalive-agent check --load 2>&1; echo $? >/tmp/check-exit) | sed 's/^/KAT-CHECK /'
+echo "KAT-CHECK-EXIT $(cat /tmp/check-exit)"
+echo "KAT-STEP keepalive-agent run, {GUEST_PROGRAM}"
 RUST_LOG=info keepalive-agent run --web.listen-address {AGENT_ADDR} --audit.interval 2s >/tmp/agent.log 2>&1 &
 exec {GUEST_PROGRAM} --agent {AGENT_ADDR} --agent-log /tmp/agent.log --poweroff
 "#,

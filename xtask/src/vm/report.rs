@@ -52,6 +52,8 @@ struct Console {
     /// The `KAT-SWEEP` line as printed: `<sweeps> <failures> <probes>`, or `absent ...`.
     sweep: Option<String>,
     fatal: Vec<String>,
+    /// The last step `/init` said it was starting (`KAT-STEP`).
+    step: Option<String>,
     done: bool,
 }
 
@@ -83,6 +85,7 @@ impl Console {
                 "KAT-AGENT-LOG" => c.agent_log.push(rest.to_owned()),
                 "KAT-SWEEP" => c.sweep = Some(rest.to_owned()),
                 "KAT-FATAL" => c.fatal.push(rest.to_owned()),
+                "KAT-STEP" => c.step = Some(rest.to_owned()),
                 "KAT-DONE" => c.done = true,
                 _ => {}
             }
@@ -436,7 +439,13 @@ fn problems(console: &Console, guest: &Guest, facts: &Facts) -> Vec<String> {
         }
     }
     if !console.done {
-        out.push("the console has no KAT-DONE: the guest was cut short".to_owned());
+        out.push(format!(
+            "the console has no KAT-DONE: the guest was cut short{}",
+            match &console.step {
+                Some(step) => format!(" (in or after /init's step `{step}`)"),
+                None => " before /init's first step".to_owned(),
+            }
+        ));
     }
     out
 }
@@ -455,6 +464,9 @@ fn sweep_problem(line: Option<&str>) -> Option<String> {
         [sweeps, 0.0, _] if sweeps > 0.0 => None,
         [sweeps, failures, _] => Some(format!(
             "counter sweep: {sweeps} sweeps, {failures} failed (see the agent log)"
+        )),
+        _ if line.starts_with("absent (scrape failed") => Some(format!(
+            "counter sweep: {line} (the agent could not be scraped: see the agent log)"
         )),
         _ => Some(format!(
             "counter sweep: {line} (its program did not load: see the agent log)"
@@ -477,6 +489,11 @@ mod tests {
                 .contains("did not load")
         );
         assert!(sweep_problem(None).unwrap().contains("no KAT-SWEEP"));
+        assert!(
+            sweep_problem(Some("absent (scrape failed: connection refused)"))
+                .unwrap()
+                .contains("could not be scraped")
+        );
     }
 
     #[test]
@@ -543,5 +560,16 @@ mod tests {
         );
         let cut = Console::parse("KAT-UNAME x\n");
         assert!(problems(&cut, &guest, &facts).len() >= 3);
+        let hung = Console::parse(
+            "KAT-STEP insmod ip_vs.ko\nKAT-STEP keepalive-agent check --load\n\
+             KAT-CHECK ok    kernel  6.1\n",
+        );
+        assert!(
+            problems(&hung, &guest, &facts)
+                .iter()
+                .any(|p| p.ends_with("(in or after /init's step `keepalive-agent check --load`)")),
+            "{:?}",
+            problems(&hung, &guest, &facts)
+        );
     }
 }
