@@ -63,8 +63,8 @@ pub mod sweep_totals {
     /// Runs the kernel made in the sweeping thread itself (it was on the CPU asked for), where
     /// a timer softirq could interrupt them: they read nothing.
     pub const IN_CALLER: u32 = 2;
-    /// Runs asked only whether they recognise the thread that made them (the agent's check at
-    /// load, see [`SweepContext::check_only`]) that did.
+    /// Runs that were asked only whether they run in the sweeping thread (the agent's check
+    /// at load, [`SweepContext::check_only`]) and found that they do.
     pub const RECOGNISED: u32 = 3;
     pub const COUNT: u32 = 4;
 }

@@ -478,10 +478,15 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                     }
                     Ok(Ok(Round {
                         unreachable: Some(cpu),
-                        ..
+                        left_alone,
                     })) => format!(
                         "counter sweep ran, but not on CPU {cpu}, the only one the agent may \
-                         run on (give it a second CPU in its cpuset)"
+                         run on (give it a second CPU in its cpuset){}",
+                        if left_alone.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", nor on the isolated {}, left alone", cpu_list(&left_alone))
+                        }
                     ),
                     Ok(Err(err)) => format!("counter sweep loaded but FAILED: {err}"),
                     Err(_) => "counter sweep loaded but its thread panicked".to_owned(),
