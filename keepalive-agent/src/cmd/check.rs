@@ -553,7 +553,8 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
                 detail,
                 (status != Status::Ok).then(|| {
                     let mut remedy = String::new();
-                    if refused || !fell_back.is_empty() || !kernel_all_attached {
+                    // A hook refused is one not attached.
+                    if !kernel_all_attached || !fell_back.is_empty() {
                         remedy.push_str(
                             "See the hooks above: an optional hook this kernel lacks costs only \
                              its role; for one it refused, `dmesg` and the verifier log above \

@@ -102,25 +102,23 @@ pub(crate) fn test_run_on_cpu(
     cpu: u32,
     args: &[u64],
 ) -> Result<(), TestRunError> {
-    let mut attr = TestRunAttr {
-        prog_fd: program.as_raw_fd() as u32,
-        ctx_size_in: std::mem::size_of_val(args) as u32,
-        ctx_in: args.as_ptr() as u64,
-        flags: BPF_F_TEST_RUN_ON_CPU,
-        cpu,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: as in `test_run`; the kernel reads `ctx_size_in` bytes at `ctx_in`, which is
-    // `args`, alive for the call.
-    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }
-        .map(drop)
-        .map_err(TestRunError)
+    run_raw_tracepoint(program, args, Some(cpu))
 }
 
 /// Runs a raw tracepoint program once with `BPF_PROG_TEST_RUN` (Linux 5.10+), in the caller's
 /// context, with `args` as its tracepoint arguments (at most 12): programs that take their
 /// question from a map or `args` and answer in a map.
 pub(crate) fn test_run(program: BorrowedFd<'_>, args: &[u64]) -> Result<(), TestRunError> {
+    run_raw_tracepoint(program, args, None)
+}
+
+/// [`test_run`] and [`test_run_on_cpu`]: one `BPF_PROG_TEST_RUN`, on `cpu` when given
+/// (`BPF_F_TEST_RUN_ON_CPU`).
+fn run_raw_tracepoint(
+    program: BorrowedFd<'_>,
+    args: &[u64],
+    cpu: Option<u32>,
+) -> Result<(), TestRunError> {
     let mut attr = TestRunAttr {
         prog_fd: program.as_raw_fd() as u32,
         ctx_size_in: std::mem::size_of_val(args) as u32,
@@ -129,6 +127,12 @@ pub(crate) fn test_run(program: BorrowedFd<'_>, args: &[u64]) -> Result<(), Test
         } else {
             args.as_ptr() as u64
         },
+        flags: if cpu.is_some() {
+            BPF_F_TEST_RUN_ON_CPU
+        } else {
+            0
+        },
+        cpu: cpu.unwrap_or(0),
         ..TestRunAttr::default()
     };
     // SAFETY: `attr` is a valid, initialised `bpf_attr` prefix of the size passed, alive for
