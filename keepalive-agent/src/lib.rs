@@ -38,6 +38,9 @@ pub use pipeline::benchmark::{
     Throughput, pipeline_throughput, probing_throughput, reconcile_cost,
 };
 
+/// The counter sweep's metric names, which the integration tests and the matrix's guest read.
+pub use export::metrics::sweep_metric;
+
 /// The name of an error TCP reports in `sk_err` (`ETIMEDOUT`, ...), as the event stream and
 /// `watch` print it; the integration tests name errors the same way.
 pub use export::events::errno_name;

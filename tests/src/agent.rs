@@ -1,5 +1,6 @@
 //! Running the agent binary and reading its HTTP endpoints.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use keepalive_agent::sweep_metric;
 
 use crate::deploy::{ScratchDir, agent_as_in_daemonset, daemonset_container};
 use crate::expect::Expectations;
@@ -19,6 +21,44 @@ use crate::netns::{Netns, run_in_netns};
 use crate::{DEADLINE, wait_until};
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Ids of the BPF programs `pid` holds a descriptor of (`prog_id` in the fdinfo of its
+/// `anon_inode:bpf-prog` descriptors).
+pub fn programs_of(pid: u32) -> anyhow::Result<HashSet<u64>> {
+    let mut ids = HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let fd = fd?;
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue; // closed meanwhile
+        };
+        if target.as_os_str() != "anon_inode:bpf-prog" {
+            continue;
+        }
+        let fdinfo = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+        let Ok(info) = std::fs::read_to_string(&fdinfo) else {
+            continue;
+        };
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .and_then(|id| id.trim().parse().ok())
+        {
+            ids.insert(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// The names of the BPF programs `pid` holds a descriptor of (truncated by the kernel to 15
+/// bytes).
+pub fn program_names_of(pid: u32) -> anyhow::Result<Vec<String>> {
+    let ids = programs_of(pid)?;
+    Ok(aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&u64::from(p.id())))
+        .filter_map(|p| p.name_as_str().map(str::to_owned))
+        .collect())
+}
 
 /// Runs `keepalive-agent sockets ARGS` and returns what it printed; fails with its stderr when
 /// it exits non-zero.
@@ -417,20 +457,20 @@ impl Agent {
     /// later round); polled, up to [`DEADLINE`]. An agent without the sweep (a baseline binary
     /// in the bench) has no such metric: one second then, as before the sweep existed.
     pub fn settle_counters(&self) -> anyhow::Result<()> {
-        const SWEEPS: &str = "keepalive_agent_probe_sweeps_total";
         let none: &[(&str, &str)] = &[];
         let first = self.scrape()?;
-        if first.samples(SWEEPS).is_empty() {
+        if first.samples(sweep_metric::ROUNDS).is_empty() {
             std::thread::sleep(Duration::from_secs(1));
             return Ok(());
         }
-        let start = first.value(SWEEPS, none);
+        let start = first.value(sweep_metric::ROUNDS, none);
         let deadline = Instant::now() + DEADLINE;
-        while self.scrape()?.value(SWEEPS, none) < start + 2.0 {
+        while self.scrape()?.value(sweep_metric::ROUNDS, none) < start + 2.0 {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "the agent's counter sweep did not run twice within {DEADLINE:?} \
-                 ({SWEEPS} stayed at {start})"
+                 ({} stayed at {start})",
+                sweep_metric::ROUNDS
             );
             std::thread::sleep(Duration::from_millis(100));
         }

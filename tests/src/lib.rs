@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 pub use agent::{
-    Agent, AgentEndpoint, NeverMatched, agent_bin, free_loopback_port, http_get, run_sockets,
-    sockets_json,
+    Agent, AgentEndpoint, NeverMatched, agent_bin, free_loopback_port, http_get, program_names_of,
+    programs_of, run_sockets, sockets_json,
 };
 pub use churn::Churn;
 pub use expect::{DROP_REASONS, Expectations};

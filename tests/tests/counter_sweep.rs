@@ -19,16 +19,18 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, ensure};
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use keepalive_agent::sweep_metric;
 use keepalive_ebpf::TimerContext;
 use keepalive_tests::{
     Agent, DEADLINE, Expectations, Netns, TestEnv, agent_bin, disable_keepalive,
-    kernel_tests_enabled, set_keepalive, wait_until,
+    kernel_tests_enabled, program_names_of, set_keepalive, wait_until,
 };
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const KEEPALIVE: &str = "TCPKeepAlive";
-const SWEEP_PROBES: &str = "keepalive_agent_probe_sweep_added_total";
 const PROBES: &str = "tcp_keepalive_probes_total";
+/// The sweep's program, by the name the kernel lists it under.
+const SWEEP_PROGRAM: &str = "counter_sweep";
 /// Probes the test takes off one CPU's memory of the counter.
 const GAP: u64 = 2;
 
@@ -59,6 +61,12 @@ fn counter_sweep_adds_what_no_expiry_counted_once() -> anyhow::Result<()> {
     let Some(agent) = env.agent() else {
         return Ok(());
     };
+    // What the test with the sweep off requires absent is there when it is on.
+    let programs = program_names_of(agent.pid())?;
+    ensure!(
+        programs.iter().any(|name| name == SWEEP_PROGRAM),
+        "no {SWEEP_PROGRAM} among the agent's programs: {programs:?}"
+    );
     // What the agent counted, once two more sweeps have added whatever expiries the kernel ran
     // no program for left out: from here on the namespace's total may move only by the gap.
     agent.settle_counters()?;
@@ -66,7 +74,7 @@ fn counter_sweep_adds_what_no_expiry_counted_once() -> anyhow::Result<()> {
     let netns = ns.inum().to_string();
     let metrics = agent.scrape()?;
     let counted = metrics.value(PROBES, &[("netns", netns.as_str())]) as u64;
-    let swept_before = metrics.value(SWEEP_PROBES, none);
+    let swept_before = metrics.value(sweep_metric::ADDED, none);
 
     let cookie = netns_cookie(client)?;
     let mut map = timer_context(agent)?;
@@ -107,10 +115,11 @@ fn counter_sweep_adds_what_no_expiry_counted_once() -> anyhow::Result<()> {
     agent.settle_counters()?;
     let metrics = agent.scrape()?;
     agent.wait_for(&format!("{test}: two sweeps later"), &after_gap)?;
-    let swept = metrics.value(SWEEP_PROBES, none) - swept_before;
+    let swept = metrics.value(sweep_metric::ADDED, none) - swept_before;
     ensure!(
         swept >= GAP as f64,
-        "{SWEEP_PROBES} grew by {swept}, expected at least {GAP}"
+        "{} grew by {swept}, expected at least {GAP}",
+        sweep_metric::ADDED
     );
     ensure!(
         ns.tcp_ext()?.get(KEEPALIVE) == kernel,
@@ -215,15 +224,23 @@ fn counter_sweep_off_runs_no_sweep_and_says_so() -> anyhow::Result<()> {
     let agent = Agent::start_with_args(&["--netns.counter-sweep-interval", "off"])?;
     let metrics = agent.scrape()?;
     ensure!(
-        metrics
-            .samples("keepalive_agent_probe_sweeps_total")
-            .is_empty(),
+        metrics.samples(sweep_metric::ROUNDS).is_empty(),
         "sweep metrics with the sweep off"
     );
     ensure!(
         agent.log().contains("counter sweep off"),
         "the agent did not say the sweep is off:\n{}",
         agent.log()
+    );
+    // Not loaded either: its load checks the guard with a run, and costs a verifier pass.
+    let programs = program_names_of(agent.pid())?;
+    ensure!(
+        !programs.is_empty(),
+        "the agent holds no BPF program descriptor"
+    );
+    ensure!(
+        !programs.iter().any(|name| name == SWEEP_PROGRAM),
+        "the agent loaded {SWEEP_PROGRAM} with the sweep off: {programs:?}"
     );
     Ok(())
 }

@@ -13,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use keepalive_agent::sweep_metric;
 use keepalive_tests::agent::http_get_accept;
 use keepalive_tests::deploy::{
     ScratchDir, Server, agent_as_in_daemonset, daemonset_container, deploy_path, json_label, poll,
@@ -549,10 +550,7 @@ fn agent_is_ready_with_only_the_daemonset_capabilities_and_fails_without_cap_sys
         // the pod's PID namespace (checked at load), and then sweeps.
         let none: &[(&str, &str)] = &[];
         let swept = wait_until(DEADLINE, "the agent's first counter sweep", || {
-            Ok(agent
-                .scrape()?
-                .value("keepalive_agent_probe_sweeps_total", none)
-                >= 1.0)
+            Ok(agent.scrape()?.value(sweep_metric::ROUNDS, none) >= 1.0)
         });
         assert!(
             swept.is_ok(),

@@ -21,6 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use keepalive_agent::sweep_metric;
 use keepalive_tests::{
     DEADLINE, Expectations, Metrics, Netns, TCP_CLOSE, TestEnv, UNCOUNTED_METRICS,
     disable_keepalive, set_keepalive, so_error, tcp_state, wait_until,
@@ -65,9 +66,7 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
     let sweeps_now = || -> anyhow::Result<f64> {
         let none: &[(&str, &str)] = &[];
         Ok(match env.agent() {
-            Some(agent) => agent
-                .scrape()?
-                .value("keepalive_agent_probe_sweeps_total", none),
+            Some(agent) => agent.scrape()?.value(sweep_metric::ROUNDS, none),
             None => 0.0,
         })
     };
@@ -202,9 +201,9 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
             "no record was lost, so this test proved nothing about loss: raise BLACKHOLED"
         );
         let none: &[(&str, &str)] = &[];
-        let sweeps = metrics.value("keepalive_agent_probe_sweeps_total", none);
-        let failures = metrics.value("keepalive_agent_probe_sweep_failures_total", none);
-        let swept = metrics.value("keepalive_agent_probe_sweep_added_total", none);
+        let sweeps = metrics.value(sweep_metric::ROUNDS, none);
+        let failures = metrics.value(sweep_metric::FAILURES, none);
+        let swept = metrics.value(sweep_metric::ADDED, none);
         eprintln!(
             "{test}: agent: {sweeps} counter sweeps ({sweeps_through_bursts} while the \
              namespaces probed), which added {swept} probes"

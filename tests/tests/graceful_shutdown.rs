@@ -7,7 +7,7 @@
 //! so when the signal arrives the records of the last drops are still in the ring: without the
 //! final drain their events are missing from the file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use anyhow::{Context as _, ensure};
 use keepalive_tests::{
-    Agent, Conn, DEADLINE, Netns, TCP_CLOSE, kernel_only, kernel_tests_enabled, set_linger_zero,
-    skip_or_fail, so_error, tcp_state, wait_until,
+    Agent, Conn, DEADLINE, Netns, TCP_CLOSE, kernel_only, kernel_tests_enabled, programs_of,
+    set_linger_zero, skip_or_fail, so_error, tcp_state, wait_until,
 };
 use serde_json::Value;
 
@@ -35,33 +35,6 @@ impl Drop for EventsFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-/// Ids of the BPF programs `pid` holds a descriptor of (`prog_id` in the fdinfo of its
-/// `anon_inode:bpf-prog` descriptors).
-fn programs_of(pid: u32) -> anyhow::Result<HashSet<u64>> {
-    let mut ids = HashSet::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let fd = fd?;
-        let Ok(target) = std::fs::read_link(fd.path()) else {
-            continue; // closed meanwhile
-        };
-        if target.as_os_str() != "anon_inode:bpf-prog" {
-            continue;
-        }
-        let fdinfo = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
-        let Ok(info) = std::fs::read_to_string(&fdinfo) else {
-            continue;
-        };
-        if let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("prog_id:"))
-            .and_then(|id| id.trim().parse().ok())
-        {
-            ids.insert(id);
-        }
-    }
-    Ok(ids)
 }
 
 /// Every loaded BPF program, as bpftool's JSON; `None` without bpftool.

@@ -8,12 +8,10 @@ use aya::util::KernelVersion;
 
 use crate::audit::walk;
 use crate::kernel::{
-    Session,
-    counter_sweep::{Round, cpu_list},
-    hash_walk, hz, ipvs,
+    Session, hash_walk, hz, ipvs,
     kallsyms::{KEEPALIVE_TIMER, TimerFunctions, WRITE_TIMER},
     layout::{self, KernelLayout, VMLINUX_BTF_PATH as VMLINUX_BTF},
-    programs::{CloseReports, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE},
+    programs::{CloseReports, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAM_TYPE, SweepProgram},
 };
 
 /// Ring buffers (5.8) are the newest feature every required hook depends on; the audit runs its
@@ -438,7 +436,11 @@ fn ipvs_check(read: Result<ipvs::TcpTimeout, ipvs::TimeoutError>, hz: u32) -> Ch
 /// The load check, and the IPVS program it loaded (kept for [`ipvs_check`]).
 fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
     // Nothing is read from the ring buffer: the smallest size the kernel accepts.
-    match session.load(MIN_RING_BUFFER_BYTES, CloseReports::KeepaliveOn) {
+    match session.load(
+        MIN_RING_BUFFER_BYTES,
+        CloseReports::KeepaliveOn,
+        SweepProgram::Load,
+    ) {
         Ok(mut kernel) => {
             let ipvs_program = kernel.ipvs.take();
             let attached = kernel.hooks.iter().filter(|s| s.attached).count();
@@ -462,32 +464,10 @@ fn load(session: &Session) -> (Check, Option<ipvs::IpvsProgram>) {
             let sweep = match kernel.counter_sweep.take() {
                 // On a thread of its own: the sweep moves its thread from CPU to CPU.
                 Some(sweep) => match std::thread::scope(|s| s.spawn(|| sweep.sweep()).join()) {
-                    Ok(Ok(Round {
-                        unreachable: None,
-                        left_alone,
-                    })) => {
-                        swept = true;
-                        if left_alone.is_empty() {
-                            "counter sweep ran on every CPU".to_owned()
-                        } else {
-                            format!(
-                                "counter sweep ran on every CPU but the isolated {}, left alone",
-                                cpu_list(&left_alone)
-                            )
-                        }
+                    Ok(Ok(round)) => {
+                        swept = round.unreachable.is_none();
+                        round.summary()
                     }
-                    Ok(Ok(Round {
-                        unreachable: Some(cpu),
-                        left_alone,
-                    })) => format!(
-                        "counter sweep ran, but not on CPU {cpu}, the only one the agent may \
-                         run on (give it a second CPU in its cpuset){}",
-                        if left_alone.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", nor on the isolated {}, left alone", cpu_list(&left_alone))
-                        }
-                    ),
                     Ok(Err(err)) => format!("counter sweep loaded but FAILED: {err}"),
                     Err(_) => "counter sweep loaded but its thread panicked".to_owned(),
                 },

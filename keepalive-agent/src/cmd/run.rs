@@ -34,7 +34,7 @@ use crate::{
         self, Session,
         counter_sweep::UNSWEPT,
         hz,
-        programs::{self, CloseReports, PROGRAM_TYPE},
+        programs::{self, CloseReports, PROGRAM_TYPE, SweepProgram},
     },
     pipeline::{Drained, Pipeline},
     record::{decoder::AuditedSocket, netns_counters::NetnsCounterMaps},
@@ -260,8 +260,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
              --connections.keepalive-off-drops exports their per-connection drop series too"
         );
     }
+    // Not loaded when turned off (`--netns.counter-sweep-interval off`): no interrupts at all.
+    let sweep = match config.counter_sweep_interval.0 {
+        Some(_) => SweepProgram::Load,
+        None => {
+            warn!("counter sweep off (--netns.counter-sweep-interval off): {UNSWEPT}");
+            SweepProgram::Skip
+        }
+    };
     let mut kernel = session
-        .load(config.ring_buffer_bytes, closes)
+        .load(config.ring_buffer_bytes, closes, sweep)
         .context("loading the kernel programs")?;
     let hooks: Family<HookLabels, Gauge> = Family::default();
     for status in &kernel.hooks {
@@ -441,15 +449,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     registry.register_collector(Box::new(audit_collector));
     registry.register_collector(Box::new(recursion_misses));
-    // Not run when turned off (`--netns.counter-sweep-interval off`): no interrupts at all.
-    let counter_sweep = match (counter_sweep, config.counter_sweep_interval.0) {
-        (Some(sweep), Some(interval)) => Some((sweep, interval)),
-        (Some(_), None) => {
-            warn!("counter sweep off (--netns.counter-sweep-interval off): {UNSWEPT}");
-            None
-        }
-        (None, _) => None,
-    };
+    let counter_sweep = counter_sweep.zip(config.counter_sweep_interval.0);
     if let Some((sweep, _)) = &counter_sweep {
         registry.register_collector(Box::new(CounterSweepMetrics(sweep.totals())));
     }

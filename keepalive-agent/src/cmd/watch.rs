@@ -208,7 +208,12 @@ pub async fn run(config: WatchConfig) -> anyhow::Result<()> {
         .context("reading the running kernel (try `keepalive-agent check`)")?;
     let kernel = session
         // Every drop is a line.
-        .load(config.ring_buffer_bytes, programs::CloseReports::All)
+        .load(
+            config.ring_buffer_bytes,
+            programs::CloseReports::All,
+            // Nothing here reads the namespaces' totals the sweep completes.
+            programs::SweepProgram::Skip,
+        )
         .context("loading the kernel programs (try `keepalive-agent check`)")?;
     anyhow::ensure!(
         kernel.all_required_attached(),

@@ -786,6 +786,15 @@ impl prometheus_client::collector::Collector for ReserveFailures {
     }
 }
 
+/// The counter sweep's metrics by the names a scrape shows them under; the integration tests
+/// and the kernel matrix's guest program read them by these.
+pub mod sweep_metric {
+    pub const ROUNDS: &str = "keepalive_agent_probe_sweeps_total";
+    pub const ADDED: &str = "keepalive_agent_probe_sweep_added_total";
+    pub const BUSY: &str = "keepalive_agent_probe_sweep_busy_total";
+    pub const FAILURES: &str = "keepalive_agent_probe_sweep_failures_total";
+}
+
 /// `keepalive_agent_probe_sweep*_total`: what the counter sweep did (see
 /// `kernel::counter_sweep`), registered when it runs.
 pub(crate) struct CounterSweepMetrics(pub(crate) Arc<crate::kernel::counter_sweep::SweepTotals>);
@@ -801,26 +810,28 @@ impl prometheus_client::collector::Collector for CounterSweepMetrics {
         let totals = &self.0;
         for (name, help, total) in [
             (
-                "keepalive_agent_probe_sweeps",
+                sweep_metric::ROUNDS,
                 "Rounds of the counter sweep that ran on every CPU they could reach (a CPU busy in a timer program's update waits for the next round), adding the probes of keepalive expiries the kernel ran no program for, when no later expiry in their namespace on that CPU had",
                 &totals.sweeps,
             ),
             (
-                "keepalive_agent_probe_sweep_added",
+                sweep_metric::ADDED,
                 "Probes the counter sweeps added to tcp_keepalive_probes_total (already in it)",
                 &totals.probes,
             ),
             (
-                "keepalive_agent_probe_sweep_busy",
+                sweep_metric::BUSY,
                 "Runs of the counter sweep that read nothing and left their CPU to the next sweep: they came in the middle of a timer program's update of the counter's memory, or the kernel ran them in the sweeping thread (moved to that CPU since it pinned itself)",
                 &totals.busy,
             ),
             (
-                "keepalive_agent_probe_sweep_failures",
+                sweep_metric::FAILURES,
                 "Counter sweeps that failed (logged); the probes they would add wait for a later expiry in their namespace on the same CPU",
                 &totals.failures,
             ),
         ] {
+            // The encoder appends the counter's suffix to the name it is given.
+            let name = name.strip_suffix("_total").unwrap_or(name);
             ConstCounter::new(total.load(std::sync::atomic::Ordering::Relaxed))
                 .encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
         }
@@ -856,5 +867,39 @@ impl prometheus_client::collector::Collector for RecursionMisses {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, atomic::Ordering};
+
+    use prometheus_client::registry::Registry;
+
+    use super::{CounterSweepMetrics, sweep_metric};
+    use crate::kernel::counter_sweep::SweepTotals;
+
+    #[test]
+    fn sweep_metrics_are_scraped_under_the_names_readers_use() {
+        let totals = Arc::new(SweepTotals::default());
+        totals.sweeps.store(7, Ordering::Relaxed);
+        totals.probes.store(3, Ordering::Relaxed);
+        totals.busy.store(2, Ordering::Relaxed);
+        totals.failures.store(1, Ordering::Relaxed);
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(CounterSweepMetrics(totals)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for (name, value) in [
+            (sweep_metric::ROUNDS, 7),
+            (sweep_metric::ADDED, 3),
+            (sweep_metric::BUSY, 2),
+            (sweep_metric::FAILURES, 1),
+        ] {
+            assert!(
+                text.lines().any(|line| line == format!("{name} {value}")),
+                "no `{name} {value}` in:\n{text}"
+            );
+        }
     }
 }

@@ -326,8 +326,30 @@ pub(crate) struct Round {
     pub(crate) left_alone: Vec<u32>,
 }
 
+impl Round {
+    /// What the round did, for the operator (`check --load`).
+    pub(crate) fn summary(&self) -> String {
+        let left_alone = cpu_list(&self.left_alone);
+        match (self.unreachable, self.left_alone.is_empty()) {
+            (None, true) => "counter sweep ran on every CPU".to_owned(),
+            (None, false) => {
+                format!("counter sweep ran on every CPU but the isolated {left_alone}, left alone")
+            }
+            (Some(cpu), isolated_none) => format!(
+                "counter sweep ran, but not on CPU {cpu}, the only one the agent may run on (give \
+                 it a second CPU in its cpuset){}",
+                if isolated_none {
+                    String::new()
+                } else {
+                    format!(", nor on the isolated {left_alone}, left alone")
+                }
+            ),
+        }
+    }
+}
+
 /// `cpus` as a comma-separated list, for the operator.
-pub(crate) fn cpu_list(cpus: &[u32]) -> String {
+fn cpu_list(cpus: &[u32]) -> String {
     cpus.iter()
         .map(u32::to_string)
         .collect::<Vec<_>>()
@@ -466,6 +488,32 @@ fn pin(cpu: u32) -> Result<(), SweepError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_says_which_cpus_it_did_not_sweep_and_why() {
+        let round = |unreachable, left_alone: &[u32]| {
+            Round {
+                unreachable,
+                left_alone: left_alone.to_vec(),
+            }
+            .summary()
+        };
+        assert_eq!(round(None, &[]), "counter sweep ran on every CPU");
+        assert_eq!(
+            round(None, &[1, 3]),
+            "counter sweep ran on every CPU but the isolated 1,3, left alone"
+        );
+        assert_eq!(
+            round(Some(0), &[]),
+            "counter sweep ran, but not on CPU 0, the only one the agent may run on (give it a \
+             second CPU in its cpuset)"
+        );
+        assert_eq!(
+            round(Some(0), &[1]),
+            "counter sweep ran, but not on CPU 0, the only one the agent may run on (give it a \
+             second CPU in its cpuset), nor on the isolated 1, left alone"
+        );
+    }
 
     #[test]
     fn cpu_lists_parse_as_the_kernel_prints_them() {

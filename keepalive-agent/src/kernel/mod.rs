@@ -135,13 +135,15 @@ impl Session {
         })
     }
 
-    /// Every hook attached, the audit's walk and the IPVS read loaded, the maps taken. Possible
+    /// Every hook attached, the audit's walk, the IPVS read and (if asked) the counter sweep
+    /// loaded, the maps taken. Possible
     /// idle kills without keepalive are not sent until [`KernelPrograms::idle_kill_filter`] is
     /// set.
     pub(crate) fn load(
         &self,
         ring_buffer_bytes: u32,
         closes: programs::CloseReports,
+        sweep: programs::SweepProgram,
     ) -> Result<KernelPrograms, ProgramsError> {
         programs::load(
             &self.layout,
@@ -149,6 +151,7 @@ impl Session {
             &self.btf,
             ring_buffer_bytes,
             closes,
+            sweep,
         )
     }
 

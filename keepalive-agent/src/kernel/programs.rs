@@ -280,6 +280,15 @@ pub(crate) enum CloseReports {
     All,
 }
 
+/// Whether [`load`] loads the counter sweep's program (and checks its guard, a verifier pass
+/// and one run): only a command that runs the sweep needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SweepProgram {
+    Load,
+    /// `watch`, and `run --netns.counter-sweep-interval off`.
+    Skip,
+}
+
 /// Creates the maps and prepares the programs with this kernel's offsets; loads nothing into
 /// the kernel's program table yet.
 pub(crate) fn open(
@@ -376,6 +385,7 @@ pub(crate) fn load(
     btf: &Btf,
     ring_buffer_bytes: u32,
     closes: CloseReports,
+    sweep: SweepProgram,
 ) -> Result<KernelPrograms, ProgramsError> {
     let mut ebpf = open(layout, timers, btf, ring_buffer_bytes, closes)?;
 
@@ -469,12 +479,15 @@ pub(crate) fn load(
             None
         }
     };
-    let counter_sweep = match CounterSweep::load(&mut ebpf) {
-        Ok(sweep) => Some(sweep),
-        Err(err) => {
-            warn!("{err}; {UNSWEPT}");
-            None
-        }
+    let counter_sweep = match sweep {
+        SweepProgram::Skip => None,
+        SweepProgram::Load => match CounterSweep::load(&mut ebpf) {
+            Ok(sweep) => Some(sweep),
+            Err(err) => {
+                warn!("{err}; {UNSWEPT}");
+                None
+            }
+        },
     };
     let idle_kill_filter = IdleKillFilter(take_map(&mut ebpf, names::IDLE_KILL_JIFFIES_MAP)?);
     let events: RingBuf<MapData> = take_map(&mut ebpf, names::EVENTS_MAP)?;

@@ -32,6 +32,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
+use keepalive_agent::sweep_metric;
 use keepalive_tests::{
     AgentEndpoint, DEADLINE, DROP_REASONS, Expectations, Metrics, Netns, TCP_ESTABLISHED, TcpExt,
     TcpPair, accept_incoming_again, connect_deaf, disable_keepalive, drop_all_incoming, errno_name,
@@ -298,14 +299,14 @@ fn run(args: &Args, started: Instant) -> (usize, usize) {
 fn print_counter_sweep(agent: AgentEndpoint) {
     let none: &[(&str, &str)] = &[];
     match agent.scrape() {
-        Ok(m) if m.samples("keepalive_agent_probe_sweeps_total").is_empty() => {
+        Ok(m) if m.samples(sweep_metric::ROUNDS).is_empty() => {
             println!("KAT-SWEEP absent")
         }
         Ok(m) => println!(
             "KAT-SWEEP {} {} {}",
-            m.value("keepalive_agent_probe_sweeps_total", none),
-            m.value("keepalive_agent_probe_sweep_failures_total", none),
-            m.value("keepalive_agent_probe_sweep_added_total", none)
+            m.value(sweep_metric::ROUNDS, none),
+            m.value(sweep_metric::FAILURES, none),
+            m.value(sweep_metric::ADDED, none)
         ),
         Err(err) => println!("KAT-SWEEP absent (scrape failed: {err:#})"),
     }

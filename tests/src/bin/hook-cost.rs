@@ -71,6 +71,7 @@ use keepalive_agent::kernel::programs::{
     EXPIRY_SPAN_OUT_PROGRAM, HOOKS, MIN_RING_BUFFER_BYTES, PROGRAMS_OBJECT, RECORD_RESERVE_PROGRAM,
     RECORD_RING_PROGRAM, RECORD_SLOT_PROGRAM, RECORD_SLOTS_MAP, RECORDS_MAP, SOCKET_LOAD_PROGRAM,
 };
+use keepalive_agent::sweep_metric;
 use keepalive_ebpf::{ExpirySpan, RecordSlots, names};
 use keepalive_tests::{
     Agent, Churn, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, KeepaliveExpiryCount, Metrics, Netns,
@@ -765,9 +766,7 @@ impl SweepCost {
             return Ok(None);
         };
         let none: &[(&str, &str)] = &[];
-        let rounds = agent
-            .scrape()?
-            .value("keepalive_agent_probe_sweeps_total", none) as u64;
+        let rounds = agent.scrape()?.value(sweep_metric::ROUNDS, none) as u64;
         let thread_ns = thread_cpu_ns(pid)?.get(&thread).copied().unwrap_or(0);
         Ok(Some(SweepCost {
             rounds,
