@@ -523,7 +523,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // First, so that no thread runs a program of the object the drain drops below (a round
     // finishes within milliseconds).
     if let Some(sweep) = sweep_thread {
-        sweep.stop();
+        // Its join blocks: off the runtime's threads, which the HTTP server still uses.
+        if tokio::task::spawn_blocking(move || sweep.stop())
+            .await
+            .is_err()
+        {
+            warn!("shutdown: stopping the counter sweep's thread panicked");
+        }
     }
     let _ = stop.send(true);
     if !drain_done {

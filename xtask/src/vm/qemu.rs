@@ -11,6 +11,39 @@ use anyhow::{Context as _, Result};
 
 use super::kernels::Kernel;
 
+/// One guest to boot: a matrix kernel, and the CPU its command line isolates, if any.
+pub(super) struct Boot<'a> {
+    pub kernel: &'a Kernel,
+    /// Booted with `nohz_full=<cpu>`: the counter sweep must leave that CPU alone, and say so.
+    pub isolated_cpu: Option<u32>,
+}
+
+impl Boot<'_> {
+    /// `6.12`, or `6.12 nohz_full=1`.
+    pub(super) fn name(&self) -> String {
+        match self.isolated_cpu {
+            None => self.kernel.id.to_owned(),
+            Some(cpu) => format!("{} nohz_full={cpu}", self.kernel.id),
+        }
+    }
+
+    /// Where its console is written: `6.12.console.log`, `6.12-nohz_full.console.log`.
+    fn console_path(&self, work: &Path) -> PathBuf {
+        match self.isolated_cpu {
+            None => work.join(format!("{}.console.log", self.kernel.id)),
+            Some(_) => work.join(format!("{}-nohz_full.console.log", self.kernel.id)),
+        }
+    }
+
+    fn command_line(&self) -> String {
+        let base = "console=ttyS0 panic=-1 quiet random.trust_cpu=on";
+        match self.isolated_cpu {
+            None => base.to_owned(),
+            Some(cpu) => format!("{base} nohz_full={cpu}"),
+        }
+    }
+}
+
 /// How a guest ended, and what it printed.
 pub(super) struct Guest {
     pub console: String,
@@ -23,34 +56,34 @@ pub(super) struct Guest {
     pub first_boot: Option<String>,
 }
 
-/// Boots every kernel with `initrd`, `jobs` guests at a time; results in the kernels' order.
+/// Boots every guest with `initrd`, `jobs` at a time; results in the boots' order.
 pub(super) fn run_all(
-    kernels: &[Kernel],
+    boots: &[Boot],
     initrd: &Path,
     work: &Path,
     jobs: usize,
     timeout: Duration,
 ) -> Result<Vec<Guest>> {
     println!(
-        "booting {} kernel(s), {jobs} at a time, {} s deadline each",
-        kernels.len(),
+        "booting {} guest(s), {jobs} at a time, {} s deadline each",
+        boots.len(),
         timeout.as_secs()
     );
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Guest>>> = Mutex::new((0..kernels.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<Guest>>> = Mutex::new((0..boots.len()).map(|_| None).collect());
     std::thread::scope(|scope| {
-        for _ in 0..jobs.min(kernels.len()) {
+        for _ in 0..jobs.min(boots.len()) {
             scope.spawn(|| {
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(kernel) = kernels.get(index) else {
+                    let Some(planned) = boots.get(index) else {
                         break;
                     };
-                    let guest = boot(kernel, initrd, work, timeout);
+                    let guest = boot(planned, initrd, work, timeout);
                     println!(
                         "guest {} ({}) ended after {:.0} s{}",
-                        kernel.id,
-                        kernel.release,
+                        planned.name(),
+                        planned.kernel.release,
                         guest.seconds,
                         guest
                             .problem
@@ -73,8 +106,8 @@ pub(super) fn run_all(
         .collect()
 }
 
-fn boot(kernel: &Kernel, initrd: &Path, work: &Path, timeout: Duration) -> Guest {
-    let guest = boot_once(kernel, initrd, work, timeout);
+fn boot(planned: &Boot, initrd: &Path, work: &Path, timeout: Duration) -> Guest {
+    let guest = boot_once(planned, initrd, work, timeout);
     let Some(trap) = text_patching_trap(&guest.console) else {
         return guest;
     };
@@ -87,9 +120,10 @@ fn boot(kernel: &Kernel, initrd: &Path, work: &Path, timeout: Duration) -> Guest
     let _ = std::fs::rename(&guest.console_path, &kept);
     println!(
         "guest {} ({}): {trap}; booting it again",
-        kernel.id, kernel.release
+        planned.name(),
+        planned.kernel.release
     );
-    let mut again = boot_once(kernel, initrd, work, timeout);
+    let mut again = boot_once(planned, initrd, work, timeout);
     again.first_boot = Some(format!("{trap} (console kept in {})", kept.display()));
     again
 }
@@ -109,10 +143,10 @@ fn text_patching_trap(console: &str) -> Option<String> {
     ))
 }
 
-fn boot_once(kernel: &Kernel, initrd: &Path, work: &Path, timeout: Duration) -> Guest {
-    let console_path = work.join(format!("{}.console.log", kernel.id));
+fn boot_once(planned: &Boot, initrd: &Path, work: &Path, timeout: Duration) -> Guest {
+    let console_path = planned.console_path(work);
     let started = Instant::now();
-    let problem = match run_qemu(kernel, initrd, &console_path, timeout) {
+    let problem = match run_qemu(planned, initrd, &console_path, timeout) {
         Ok(problem) => problem,
         Err(err) => Some(format!("{err:#}")),
     };
@@ -130,11 +164,12 @@ fn boot_once(kernel: &Kernel, initrd: &Path, work: &Path, timeout: Duration) -> 
 
 /// Runs qemu to completion; `Ok(Some(..))` when it had to be killed or exited with an error.
 fn run_qemu(
-    kernel: &Kernel,
+    planned: &Boot,
     initrd: &Path,
     console: &Path,
     timeout: Duration,
 ) -> Result<Option<String>> {
+    let kernel = planned.kernel;
     let _ = std::fs::remove_file(console);
     // The shared archive, then this kernel's IPVS modules: the kernel unpacks both.
     let own_initrd = console.with_extension("initramfs.gz");
@@ -154,15 +189,9 @@ fn run_qemu(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(&own_initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet random.trust_cpu=on",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
+        .arg("-append")
+        .arg(planned.command_line())
+        .args(["-display", "none", "-no-reboot", "-nic", "none"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .stdin(Stdio::null())

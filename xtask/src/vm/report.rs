@@ -5,7 +5,11 @@ use std::{collections::BTreeMap, fmt::Write as _};
 
 use serde::Deserialize;
 
-use super::{btf::Facts, kernels::Kernel, qemu::Guest};
+use super::{
+    btf::Facts,
+    kernels::Kernel,
+    qemu::{Boot, Guest},
+};
 
 /// One `KAT-RESULT` line.
 #[derive(Debug, Deserialize)]
@@ -153,6 +157,7 @@ pub(super) struct Matrix<'a> {
 }
 
 struct Row<'a> {
+    boot: &'a Boot<'a>,
     kernel: &'a Kernel,
     guest: &'a Guest,
     console: Console,
@@ -161,15 +166,20 @@ struct Row<'a> {
 }
 
 impl<'a> Matrix<'a> {
-    pub(super) fn new(kernels: &'a [Kernel], guests: &'a [Guest]) -> Matrix<'a> {
-        let rows = kernels
+    pub(super) fn new(boots: &'a [Boot<'a>], guests: &'a [Guest]) -> Matrix<'a> {
+        let rows = boots
             .iter()
             .zip(guests)
-            .map(|(kernel, guest)| {
+            .map(|(boot, guest)| {
                 let console = Console::parse(&guest.console);
-                let problems = problems(&console, guest, &kernel.facts);
+                let mut problems = problems(&console, guest, &boot.kernel.facts);
+                problems.extend(
+                    boot.isolated_cpu
+                        .and_then(|cpu| isolation_problem(&console, cpu)),
+                );
                 Row {
-                    kernel,
+                    boot,
+                    kernel: boot.kernel,
                     guest,
                     console,
                     problems,
@@ -179,7 +189,7 @@ impl<'a> Matrix<'a> {
         Matrix { rows }
     }
 
-    /// Kernels with at least one problem.
+    /// Guests with at least one problem.
     pub(super) fn failures(&self) -> usize {
         self.rows.iter().filter(|r| !r.problems.is_empty()).count()
     }
@@ -210,7 +220,7 @@ impl<'a> Matrix<'a> {
             let _ = writeln!(
                 out,
                 "\n{} — {} {} (uname -r: {}), guest ran {:.0} s",
-                k.id,
+                row.boot.name(),
                 k.package,
                 k.version,
                 row.console.uname.as_deref().unwrap_or("? (no KAT-UNAME)"),
@@ -276,7 +286,7 @@ impl<'a> Matrix<'a> {
         }
         let _ = writeln!(
             out,
-            "\n{} of {} kernel(s) match the kernel's own counters in every scenario\n",
+            "\n{} of {} guest(s) match the kernel's own counters in every scenario\n",
             self.rows.len() - self.failures(),
             self.rows.len()
         );
@@ -296,18 +306,24 @@ impl<'a> Matrix<'a> {
             let _ = writeln!(
                 out,
                 "| {} (`{}`) | `{}` {} | {} | {} | {} |",
-                k.upstream(),
+                row.column(),
                 row.console.uname.as_deref().unwrap_or(&k.release),
                 k.package,
                 k.version,
                 k.facts.timer_layout().trim_start_matches("BTF: "),
                 row.console.hooks_summary(&row.kernel.facts),
                 if row.problems.is_empty() {
+                    let isolated = row
+                        .boot
+                        .isolated_cpu
+                        .map(|cpu| format!("; the counter sweep left the isolated CPU {cpu} alone"))
+                        .unwrap_or_default();
                     match row.guest.first_boot {
-                        Some(_) => "all scenarios equal the kernel (booted twice: the first \
-                                    boot panicked in kernel text patching)"
-                            .to_owned(),
-                        None => "all scenarios equal the kernel".to_owned(),
+                        Some(_) => format!(
+                            "all scenarios equal the kernel{isolated} (booted twice: the first \
+                             boot panicked in kernel text patching)"
+                        ),
+                        None => format!("all scenarios equal the kernel{isolated}"),
                     }
                 } else {
                     format!("**{} problem(s)**", row.problems.len())
@@ -319,7 +335,7 @@ impl<'a> Matrix<'a> {
              by reason.\n\n| scenario | expected |",
         );
         for row in &self.rows {
-            let _ = write!(out, " {} |", row.kernel.upstream());
+            let _ = write!(out, " {} |", row.column());
         }
         out.push_str("\n|---|---|");
         out.push_str(&"---|".repeat(self.rows.len()));
@@ -347,6 +363,26 @@ impl<'a> Matrix<'a> {
         }
         out
     }
+}
+
+impl Row<'_> {
+    /// The markdown's name for this guest: `6.12.118`, or `6.12.118 nohz_full=1`.
+    fn column(&self) -> String {
+        match self.boot.isolated_cpu {
+            None => self.kernel.upstream().to_owned(),
+            Some(cpu) => format!("{} nohz_full={cpu}", self.kernel.upstream()),
+        }
+    }
+}
+
+/// What is wrong on a guest booted with `cpu` isolated: `check --load` must say the counter
+/// sweep left it alone (the agent reads the kernel's isolated and nohz_full lists).
+fn isolation_problem(console: &Console, cpu: u32) -> Option<String> {
+    let line = console.load_line()?;
+    let said = format!("the isolated {cpu}, left alone");
+    (!line.contains(&said)).then(|| {
+        format!("booted with nohz_full={cpu}, but check --load did not say `{said}`: {line}")
+    })
 }
 
 fn kernel_cell(r: &ScenarioResult) -> String {
@@ -494,6 +530,26 @@ mod tests {
                 .unwrap()
                 .contains("could not be scraped")
         );
+    }
+
+    #[test]
+    fn a_guest_with_an_isolated_cpu_must_have_its_sweep_leave_it_alone() {
+        let left_alone = Console::parse(
+            "KAT-CHECK ok    load  5/5 hooks attached as tp_btf, counter sweep ran on every \
+             CPU but the isolated 1, left alone; detached again\n",
+        );
+        assert_eq!(isolation_problem(&left_alone, 1), None);
+        let swept = Console::parse(
+            "KAT-CHECK ok    load  5/5 hooks attached as tp_btf, counter sweep ran on every \
+             CPU; detached again\n",
+        );
+        assert!(
+            isolation_problem(&swept, 1)
+                .unwrap()
+                .contains("did not say `the isolated 1, left alone`")
+        );
+        // No load line is already a problem of its own (`check --load` did not report).
+        assert_eq!(isolation_problem(&Console::parse("KAT-UNAME x\n"), 1), None);
     }
 
     #[test]
