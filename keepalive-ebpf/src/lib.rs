@@ -50,6 +50,9 @@ pub mod names {
     pub const COUNTER_SWEEP_PROGRAM: &str = "counter_sweep";
     /// What its runs did, per CPU, since the programs were loaded ([`super::sweep_totals`]).
     pub const COUNTER_SWEEP_TOTALS_MAP: &str = "COUNTER_SWEEP_TOTALS";
+    /// The timer programs' per-CPU context ([`super::TimerContext`]); the agent does not read
+    /// it, the tests and the bench do.
+    pub const TIMER_CONTEXT_MAP: &str = "TIMER_CONTEXT";
 }
 
 /// Indices of [`names::COUNTER_SWEEP_TOTALS_MAP`], a per-CPU array of `u64` (raw tracepoint
@@ -1452,6 +1455,10 @@ pub struct TimerContext {
     /// programs saw here ended. A slot per namespace, not one for the last namespace, because a
     /// node's namespaces (a pod each) take turns on a CPU (`keepalive_mib` (timer.rs) says which slot).
     pub counters: [CounterSlot; COUNTER_SLOTS],
+    /// Slots taken from another namespace (pushed out of its set, or gone): each loses what
+    /// that namespace's counter grows by on this CPU until it takes a slot again. Read by the
+    /// bench, to tell this loss from the others.
+    pub slots_taken_over: u64,
 }
 
 #[repr(C)]
@@ -1469,6 +1476,11 @@ pub struct CounterSlot {
     /// only to a namespace entry created by then (one created later, after the agent's
     /// retention sweep deleted an idle namespace's entry, starts from what happens after it).
     pub seen_ns: u64,
+    /// The counter when the first expiry the programs saw after the slot was taken began: the
+    /// probes on this CPU in this namespace before it, which no program counts (sent before the
+    /// agent started, or by expiries the kernel ran no program for). Read by the bench, which
+    /// tells from it how much of a namespace's shortfall this limit explains.
+    pub before_first_seen: u64,
 }
 
 /// The slot of the namespace whose cookie ([`SocketRecord::netns_cookie`]) is `cookie` among a

@@ -229,6 +229,9 @@ fn exit<const TYPED: bool>(ctx: &BtfTracePointContext) -> i32 {
                     } else {
                         uncounted(Uncounted::ExpiryCounterUnreadable);
                     }
+                } else if slot.seen == 0 {
+                    // The slot's first expiry (`keepalive_mib` took it with no memory).
+                    slot.before_first_seen = before;
                 }
                 slot.seen = after;
                 slot.seen_ns = ktime_ns;
@@ -379,6 +382,9 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
     // Each time a namespace takes a slot, a helper read of the counter itself: a typed load
     // that faults reads 0 at both hooks, which would count no probe without saying so.
     read::<u64>(at as *const u8, 0).ok()?;
+    if slot_of(tctx, index).net != 0 {
+        tctx.slots_taken_over += 1;
+    }
     let slot = slot_of(tctx, index);
     slot.net = net as u64;
     slot.cookie = cookie;
@@ -386,6 +392,7 @@ fn keepalive_mib(tctx: &mut TimerContext, net: *const u8, cookie: u64) -> Option
     // No memory yet; and a `seen` past this namespace's counter would read as a sweep's (exit).
     slot.seen = 0;
     slot.seen_ns = 0;
+    slot.before_first_seen = 0;
     Some(at)
 }
 

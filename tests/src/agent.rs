@@ -1,6 +1,6 @@
 //! Running the agent binary and reading its HTTP endpoints.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use aya::maps::{Map, MapData, PerCpuArray};
 use keepalive_agent::sweep_metric;
+use keepalive_ebpf::{NetnsCounters, NetnsKey, TimerContext, names};
 
 use crate::deploy::{ScratchDir, agent_as_in_daemonset, daemonset_container};
 use crate::expect::Expectations;
@@ -429,6 +431,49 @@ impl Agent {
     /// The agent's process id (to signal it).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The agent's BPF map named `name`, found among the maps its descriptors hold (`map_id`
+    /// in their fdinfo).
+    pub fn bpf_map(&self, name: &str) -> anyhow::Result<MapData> {
+        let pid = self.pid();
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+            let fd = fd?;
+            let fdinfo = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            let Ok(info) = std::fs::read_to_string(&fdinfo) else {
+                continue; // closed meanwhile
+            };
+            let Some(id) = info
+                .lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|id| id.trim().parse().ok())
+            else {
+                continue;
+            };
+            let map = MapData::from_id(id).with_context(|| format!("opening BPF map {id}"))?;
+            if map.info()?.name_as_str() == Some(name) {
+                return Ok(map);
+            }
+        }
+        bail!("the agent (pid {pid}) holds no map named {name}")
+    }
+
+    /// The timer programs' per-CPU context ([`TimerContext`]): each CPU's memory of each
+    /// namespace's keepalive counter.
+    pub fn timer_context(&self) -> anyhow::Result<PerCpuArray<MapData, TimerContext>> {
+        PerCpuArray::try_from(Map::PerCpuArray(self.bpf_map(names::TIMER_CONTEXT_MAP)?))
+            .context("TIMER_CONTEXT is not the per-CPU array the tests expect")
+    }
+
+    /// Each namespace's cookie by its inode, from the agent's exact counters' keys.
+    pub fn netns_cookies(&self) -> anyhow::Result<HashMap<u32, u64>> {
+        let counters: aya::maps::HashMap<_, NetnsKey, NetnsCounters> =
+            aya::maps::HashMap::try_from(Map::HashMap(self.bpf_map(names::NETNS_COUNTERS_MAP)?))
+                .context("NETNS_COUNTERS is not the hash map the tests expect")?;
+        counters
+            .keys()
+            .map(|key| Ok(key.map(|key| (key.inum, key.cookie))?))
+            .collect()
     }
 
     /// `http://addr` of the agent's web server.

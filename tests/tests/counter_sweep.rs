@@ -18,9 +18,9 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, ensure};
-use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::PerCpuValues;
 use keepalive_agent::sweep_metric;
-use keepalive_ebpf::TimerContext;
+use keepalive_ebpf::{TimerContext, names};
 use keepalive_tests::{
     Agent, DEADLINE, Expectations, Netns, TestEnv, agent_bin, disable_keepalive,
     kernel_tests_enabled, program_names_of, set_keepalive, wait_until,
@@ -29,8 +29,6 @@ use keepalive_tests::{
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const KEEPALIVE: &str = "TCPKeepAlive";
 const PROBES: &str = "tcp_keepalive_probes_total";
-/// The sweep's program, by the name the kernel lists it under.
-const SWEEP_PROGRAM: &str = "counter_sweep";
 /// Probes the test takes off one CPU's memory of the counter.
 const GAP: u64 = 2;
 
@@ -64,8 +62,11 @@ fn counter_sweep_adds_what_no_expiry_counted_once() -> anyhow::Result<()> {
     // What the test with the sweep off requires absent is there when it is on.
     let programs = program_names_of(agent.pid())?;
     ensure!(
-        programs.iter().any(|name| name == SWEEP_PROGRAM),
-        "no {SWEEP_PROGRAM} among the agent's programs: {programs:?}"
+        programs
+            .iter()
+            .any(|name| name == names::COUNTER_SWEEP_PROGRAM),
+        "no {} among the agent's programs: {programs:?}",
+        names::COUNTER_SWEEP_PROGRAM
     );
     // What the agent counted, once two more sweeps have added whatever expiries the kernel ran
     // no program for left out: from here on the namespace's total may move only by the gap.
@@ -77,21 +78,22 @@ fn counter_sweep_adds_what_no_expiry_counted_once() -> anyhow::Result<()> {
     let swept_before = metrics.value(sweep_metric::ADDED, none);
 
     let cookie = netns_cookie(client)?;
-    let mut map = timer_context(agent)?;
+    let mut map = agent.timer_context()?;
     let values = map.get(&0, 0).context("reading TIMER_CONTEXT")?;
-    // One CPU that ran the namespace's expiries: its slot holds the namespace, with memory.
+    // The CPU that ran most of the namespace's probes (its three may be split between CPUs):
+    // its slot holds the namespace, with memory.
     let (cpu, slot, seen) = values
         .iter()
         .enumerate()
-        .find_map(|(cpu, context)| {
+        .flat_map(|(cpu, context)| {
             context
                 .counters
                 .iter()
                 .enumerate()
-                .find_map(|(index, slot)| {
-                    (slot.cookie == cookie && slot.seen_ns != 0).then_some((cpu, index, slot.seen))
-                })
+                .filter(|(_, slot)| slot.cookie == cookie && slot.seen_ns != 0)
+                .map(move |(index, slot)| (cpu, index, slot.seen))
         })
+        .max_by_key(|&(_, _, seen)| seen)
         .with_context(|| {
             format!("no CPU remembers the counter of the namespace with cookie {cookie}")
         })?;
@@ -157,32 +159,6 @@ fn netns_cookie(socket: &impl AsRawFd) -> anyhow::Result<u64> {
     Ok(cookie)
 }
 
-/// The agent's `TIMER_CONTEXT` map, found among the maps its descriptors hold (`map_id` in
-/// their fdinfo).
-fn timer_context(agent: &Agent) -> anyhow::Result<PerCpuArray<MapData, TimerContext>> {
-    let pid = agent.pid();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let fd = fd?;
-        let fdinfo = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
-        let Ok(info) = std::fs::read_to_string(&fdinfo) else {
-            continue; // closed meanwhile
-        };
-        let Some(id) = info
-            .lines()
-            .find_map(|l| l.strip_prefix("map_id:"))
-            .and_then(|id| id.trim().parse().ok())
-        else {
-            continue;
-        };
-        let map = MapData::from_id(id).with_context(|| format!("opening BPF map {id}"))?;
-        if map.info()?.name_as_str() == Some("TIMER_CONTEXT") {
-            return PerCpuArray::try_from(Map::PerCpuArray(map))
-                .context("TIMER_CONTEXT is not the per-CPU array the test expects");
-        }
-    }
-    anyhow::bail!("the agent (pid {pid}) holds no map named TIMER_CONTEXT")
-}
-
 /// In a PID namespace of its own, as in the DaemonSet, the sweep's program still recognises a
 /// run the kernel makes in the sweeping thread: the thread's id there is not the kernel's
 /// global one. The agent checks this at load and leaves the sweep off when it fails, so
@@ -239,8 +215,11 @@ fn counter_sweep_off_runs_no_sweep_and_says_so() -> anyhow::Result<()> {
         "the agent holds no BPF program descriptor"
     );
     ensure!(
-        !programs.iter().any(|name| name == SWEEP_PROGRAM),
-        "the agent loaded {SWEEP_PROGRAM} with the sweep off: {programs:?}"
+        !programs
+            .iter()
+            .any(|name| name == names::COUNTER_SWEEP_PROGRAM),
+        "the agent loaded {} with the sweep off: {programs:?}",
+        names::COUNTER_SWEEP_PROGRAM
     );
     Ok(())
 }

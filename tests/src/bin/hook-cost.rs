@@ -35,7 +35,10 @@
 //!    for `--sync-seconds`, spread over `--sync-namespaces` namespaces (default 1; a node's
 //!    pods each have their own, and a CPU's expiries then alternate between them): the
 //!    namespaces' `TCPKeepAlive` against the agent's probe totals (and which namespaces fell
-//!    short, by how much, or over), the keepalive expiries a perf event on
+//!    short, by how much, or over), the probes no program counts before the first expiry the
+//!    programs saw in each namespace on each CPU (read from the agent's `TIMER_CONTEXT`, with
+//!    the slots taken from another namespace, which would make it overstate), the keepalive
+//!    expiries a perf event on
 //!    `timer_expire_entry` counted that no program of the agent ran for, and those a classic (perf-event) tracepoint program on the same hook
 //!    missed, records lost, the agent's CPU and RSS; then each size again with the agent's process
 //!    stopped (SIGSTOP) while the connections probe, which its kernel programs do not notice.
@@ -327,9 +330,9 @@ fn main() -> anyhow::Result<()> {
              --connections.max-tracked raised to the count)"
         );
         println!(
-            "| connections | TCPKeepAlive | agent probes | short | namespaces short (by; + over) | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core; of it, the attribution worker) | agent RSS | uncounted by the programs, skipped runs |"
+            "| connections | TCPKeepAlive | agent probes | short | namespaces short (by; + over) | probes before a CPU's first expiry seen (slots taken over) | expiries the kernel ran no program for | missed by a classic tracepoint program | records lost | agent CPU (% of a core; of it, the attribution worker) | agent RSS | uncounted by the programs, skipped runs |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for &n in &sync_connections {
             synchronized(
                 n,
@@ -668,6 +671,7 @@ fn synchronized(
     } else {
         format!("{} of {namespaces} ({})", off.len(), off.join(", "))
     };
+    let first_seen = before_first_seen(&agent, &held)?;
     let lost = scrape.value(
         "keepalive_agent_ringbuf_reserve_failures_total",
         &[] as &[(&str, &str)],
@@ -683,13 +687,39 @@ fn synchronized(
         AgentDuringSync::Stopped => "stopped".to_owned(),
     };
     println!(
-        "| {total} | {kernel} | {probes} | {:.2} % | {short} | {not_run} | {classic_missed} | {lost} | {cpu} | {} MiB | {} |",
+        "| {total} | {kernel} | {probes} | {:.2} % | {short} | {first_seen} | {not_run} | {classic_missed} | {lost} | {cpu} | {} MiB | {} |",
         (kernel as f64 - probes) / kernel.max(1) as f64 * 100.0,
         rss / 1024,
         scrape.growth_since(&before, &UNCOUNTED_METRICS)
     );
     drop(held);
     Ok(())
+}
+
+/// What no program counts of `spaces`' probes on a CPU before the first expiry the programs saw
+/// there in the namespace (`CounterSlot::before_first_seen`, summed over every CPU's slots),
+/// and how many slots any namespace took from another (`TimerContext::slots_taken_over`),
+/// which such a sum would overstate. A namespace created after the agent started has nothing
+/// on any CPU before that but expiries the kernel ran no program for.
+fn before_first_seen(agent: &Agent, spaces: &[Netns]) -> anyhow::Result<String> {
+    let cookies = agent.netns_cookies()?;
+    let ours: Vec<u64> = spaces
+        .iter()
+        .filter_map(|ns| u32::try_from(ns.inum()).ok())
+        .filter_map(|inum| cookies.get(&inum).copied())
+        .collect();
+    let contexts = agent.timer_context()?.get(&0, 0)?;
+    let (mut before, mut taken_over) = (0, 0);
+    for context in contexts.iter() {
+        taken_over += context.slots_taken_over;
+        before += context
+            .counters
+            .iter()
+            .filter(|slot| slot.net != 0 && ours.contains(&slot.cookie))
+            .map(|slot| slot.before_first_seen)
+            .sum::<u64>();
+    }
+    Ok(format!("{before} ({taken_over})"))
 }
 
 /// CPU time of each thread of a process, in ns, by thread id (`schedstat`: finer than the
