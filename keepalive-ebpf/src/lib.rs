@@ -1476,10 +1476,13 @@ pub struct CounterSlot {
     /// only to a namespace entry created by then (one created later, after the agent's
     /// retention sweep deleted an idle namespace's entry, starts from what happens after it).
     pub seen_ns: u64,
-    /// The counter when the first expiry the programs saw after the slot was taken began: the
-    /// probes on this CPU in this namespace before it, which no program counts (sent before the
-    /// agent started, or by expiries the kernel ran no program for). Read by the bench, which
-    /// tells from it how much of a namespace's shortfall this limit explains.
+    /// The counter when the first expiry the programs saw after the slot was taken, and whose
+    /// probes they could read, began: the probes on this CPU in this namespace before it,
+    /// which no program counts (sent before the agent started, by expiries the kernel ran no
+    /// program for, or by one whose probes were unreadable, counted as uncounted too). Read by
+    /// the bench, which tells from it how much of a namespace's shortfall this limit explains.
+    /// Not the gaps dropped later, when the slot's memory is lost (`seen_ns` 0: an unreadable
+    /// counter) with `seen` already set.
     pub before_first_seen: u64,
 }
 

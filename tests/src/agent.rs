@@ -24,25 +24,19 @@ use crate::{DEADLINE, wait_until};
 
 static LOG_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Ids of the BPF programs `pid` holds a descriptor of (`prog_id` in the fdinfo of its
-/// `anon_inode:bpf-prog` descriptors).
-pub fn programs_of(pid: u32) -> anyhow::Result<HashSet<u64>> {
+/// The ids `key` (`prog_id:`, `map_id:`) gives in the fdinfo of `pid`'s descriptors: the BPF
+/// programs or maps it holds.
+fn bpf_ids_of(pid: u32, key: &str) -> anyhow::Result<HashSet<u32>> {
     let mut ids = HashSet::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let fd = fd?;
-        let Ok(target) = std::fs::read_link(fd.path()) else {
-            continue; // closed meanwhile
-        };
-        if target.as_os_str() != "anon_inode:bpf-prog" {
-            continue;
-        }
         let fdinfo = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
         let Ok(info) = std::fs::read_to_string(&fdinfo) else {
-            continue;
+            continue; // closed meanwhile
         };
         if let Some(id) = info
             .lines()
-            .find_map(|l| l.strip_prefix("prog_id:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|id| id.trim().parse().ok())
         {
             ids.insert(id);
@@ -51,13 +45,18 @@ pub fn programs_of(pid: u32) -> anyhow::Result<HashSet<u64>> {
     Ok(ids)
 }
 
+/// Ids of the BPF programs `pid` holds a descriptor of.
+pub fn programs_of(pid: u32) -> anyhow::Result<HashSet<u32>> {
+    bpf_ids_of(pid, "prog_id:")
+}
+
 /// The names of the BPF programs `pid` holds a descriptor of (truncated by the kernel to 15
 /// bytes).
 pub fn program_names_of(pid: u32) -> anyhow::Result<Vec<String>> {
     let ids = programs_of(pid)?;
     Ok(aya::programs::loaded_programs()
         .filter_map(Result::ok)
-        .filter(|p| ids.contains(&u64::from(p.id())))
+        .filter(|p| ids.contains(&p.id()))
         .filter_map(|p| p.name_as_str().map(str::to_owned))
         .collect())
 }
@@ -433,23 +432,10 @@ impl Agent {
         self.child.id()
     }
 
-    /// The agent's BPF map named `name`, found among the maps its descriptors hold (`map_id`
-    /// in their fdinfo).
+    /// The agent's BPF map named `name`, among the maps its descriptors hold.
     pub fn bpf_map(&self, name: &str) -> anyhow::Result<MapData> {
         let pid = self.pid();
-        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-            let fd = fd?;
-            let fdinfo = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
-            let Ok(info) = std::fs::read_to_string(&fdinfo) else {
-                continue; // closed meanwhile
-            };
-            let Some(id) = info
-                .lines()
-                .find_map(|l| l.strip_prefix("map_id:"))
-                .and_then(|id| id.trim().parse().ok())
-            else {
-                continue;
-            };
+        for id in bpf_ids_of(pid, "map_id:")? {
             let map = MapData::from_id(id).with_context(|| format!("opening BPF map {id}"))?;
             if map.info()?.name_as_str() == Some(name) {
                 return Ok(map);

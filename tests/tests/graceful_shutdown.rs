@@ -189,7 +189,7 @@ fn sigterm_drains_the_ring_buffer_into_the_event_stream_then_exits_0() -> anyhow
             let loaded = loaded_programs()?.unwrap_or_default();
             Ok(!loaded
                 .iter()
-                .filter_map(|p| p["id"].as_u64())
+                .filter_map(|p| p["id"].as_u64().and_then(|id| u32::try_from(id).ok()))
                 .any(|id| programs.contains(&id)))
         })?,
         None => eprintln!("{test}: no bpftool, not checking that the programs are unloaded"),

@@ -161,43 +161,31 @@ impl CounterSweep {
         let mut left_alone = isolated_cpus()?;
         left_alone.retain(|cpu| online.contains(cpu));
         let allowed = process_cpus().map_err(SweepError::Affinity)?;
-        let mut homes: Vec<u32> = allowed
-            .into_iter()
-            .filter(|cpu| online.contains(cpu))
-            .collect();
-        // An isolated CPU is the thread's home only when no other is: its own work there
-        // disturbs that CPU too (a stable sort keeps the others' order).
-        homes.sort_by_key(|cpu| left_alone.contains(cpu));
-        let Some(&first) = homes.first() else {
-            return Err(SweepError::Affinity(io::Error::other(
+        let plan = Plan::new(&online, &allowed, &left_alone).ok_or_else(|| {
+            SweepError::Affinity(io::Error::other(
                 "none of the CPUs the agent may run on is online",
-            )));
-        };
+            ))
+        })?;
         // The program reads nothing when the kernel runs it in this thread (see
         // `counter_sweep`): moved since it pinned itself, it may be on the CPU it asks for.
         let context = self.context().args();
         // Every CPU is tried; the first failure is reported after.
         let mut failed = None;
-        pin(first)?;
-        for &cpu in online
-            .iter()
-            .filter(|&&cpu| cpu != first && !left_alone.contains(&cpu))
-        {
+        pin(plan.home)?;
+        for &cpu in &plan.from_home {
             if let Err(err) = self.run_on(cpu, &context) {
                 failed.get_or_insert(err);
             }
         }
-        let unreachable = match homes.get(1) {
-            _ if left_alone.contains(&first) => None,
-            Some(&second) => {
-                pin(second)?;
-                if let Err(err) = self.run_on(first, &context) {
-                    failed.get_or_insert(err);
-                }
-                None
+        if let Some(second) = plan.second_home {
+            pin(second)?;
+            if let Err(err) = self.run_on(plan.home, &context) {
+                failed.get_or_insert(err);
             }
-            None => Some(first),
-        };
+            // Back home: the thread waits for the next round there, not on the second CPU.
+            pin(plan.home)?;
+        }
+        let unreachable = plan.unreachable;
         match failed {
             Some(err) => Err(err),
             None => Ok(Round {
@@ -288,8 +276,8 @@ impl CounterSweep {
                         && !told_unreachable
                     {
                         warn!(
-                            "the agent may run on CPU {cpu} only, so the counter sweep cannot \
-                             run there: {UNSWEPT} (give the agent a second CPU in its cpuset)"
+                            "the counter sweep cannot run on CPU {cpu}, {}: {UNSWEPT}",
+                            unreachable_why(cpu)
                         );
                         told_unreachable = true;
                     }
@@ -317,10 +305,59 @@ impl CounterSweep {
     }
 }
 
+/// Where the sweeping thread runs in a round, and what it sweeps from there.
+#[derive(Debug, PartialEq, Eq)]
+struct Plan {
+    /// Where the thread lives, and sweeps every other CPU from: the first CPU the process may
+    /// run on that is not isolated (an isolated one only when no other is: the thread's work
+    /// disturbs that CPU too).
+    home: u32,
+    /// The online CPUs it sweeps from `home`: not `home`, none isolated.
+    from_home: Vec<u32>,
+    /// Where it moves to sweep `home`: a second CPU the process may run on, not isolated.
+    second_home: Option<u32>,
+    /// `home`, when no such second CPU exists and `home` is not isolated itself.
+    unreachable: Option<u32>,
+}
+
+impl Plan {
+    /// `None` when the process may run on no online CPU.
+    fn new(online: &[u32], allowed: &[u32], isolated: &[u32]) -> Option<Plan> {
+        let mut homes: Vec<u32> = allowed
+            .iter()
+            .copied()
+            .filter(|cpu| online.contains(cpu))
+            .collect();
+        // A stable sort keeps the others' order.
+        homes.sort_by_key(|cpu| isolated.contains(cpu));
+        let home = *homes.first()?;
+        let from_home = online
+            .iter()
+            .copied()
+            .filter(|&cpu| cpu != home && !isolated.contains(&cpu))
+            .collect();
+        let (second_home, unreachable) = if isolated.contains(&home) {
+            (None, None)
+        } else {
+            match homes.get(1) {
+                Some(&second) if !isolated.contains(&second) => (Some(second), None),
+                _ => (None, Some(home)),
+            }
+        };
+        Some(Plan {
+            home,
+            from_home,
+            second_home,
+            unreachable,
+        })
+    }
+}
+
 /// What a sweep of every CPU could not do.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Round {
-    /// The CPU it could not sweep, when the process may run on that one only.
+    /// The CPU it could not sweep: the thread's home, when the process may run on no other
+    /// CPU that is not isolated.
     pub(crate) unreachable: Option<u32>,
     /// The isolated CPUs it left alone ([`isolated_cpus`]).
     pub(crate) left_alone: Vec<u32>,
@@ -336,8 +373,8 @@ impl Round {
                 format!("counter sweep ran on every CPU but the isolated {left_alone}, left alone")
             }
             (Some(cpu), isolated_none) => format!(
-                "counter sweep ran, but not on CPU {cpu}, the only one the agent may run on (give \
-                 it a second CPU in its cpuset){}",
+                "counter sweep ran, but not on CPU {cpu}, {}{}",
+                unreachable_why(cpu),
                 if isolated_none {
                     String::new()
                 } else {
@@ -346,6 +383,14 @@ impl Round {
             ),
         }
     }
+}
+
+/// Why `cpu` cannot be swept, and what to do.
+fn unreachable_why(cpu: u32) -> String {
+    format!(
+        "the only CPU the agent may run on that is not isolated (give the agent a second one \
+         in its cpuset: sweeping CPU {cpu} needs the thread on another)"
+    )
 }
 
 /// `cpus` as a comma-separated list, for the operator.
@@ -505,14 +550,53 @@ mod tests {
         );
         assert_eq!(
             round(Some(0), &[]),
-            "counter sweep ran, but not on CPU 0, the only one the agent may run on (give it a \
-             second CPU in its cpuset)"
+            "counter sweep ran, but not on CPU 0, the only CPU the agent may run on that is not \
+             isolated (give the agent a second one in its cpuset: sweeping CPU 0 needs the \
+             thread on another)"
         );
         assert_eq!(
             round(Some(0), &[1]),
-            "counter sweep ran, but not on CPU 0, the only one the agent may run on (give it a \
-             second CPU in its cpuset), nor on the isolated 1, left alone"
+            "counter sweep ran, but not on CPU 0, the only CPU the agent may run on that is not \
+             isolated (give the agent a second one in its cpuset: sweeping CPU 0 needs the \
+             thread on another), nor on the isolated 1, left alone"
         );
+    }
+
+    #[test]
+    fn the_sweeping_thread_never_runs_on_an_isolated_cpu_while_another_will_do() {
+        type Cpus = &'static [u32];
+        /// Online, allowed and isolated CPUs.
+        type Given = (Cpus, Cpus, Cpus);
+        /// Home, the CPUs swept from it, the second home and the CPU unreachable.
+        type Planned = (u32, Cpus, Option<u32>, Option<u32>);
+        let cases: [(Given, Planned); 5] = [
+            // Nothing isolated: CPU 1 sweeps home.
+            (
+                ([0, 1, 2].as_slice(), &[0, 1, 2], &[]),
+                (0, &[1, 2], Some(1), None),
+            ),
+            // nohz_full=1 on two CPUs: home cannot be swept without running on CPU 1.
+            ((&[0, 1], &[0, 1], &[1]), (0, &[], None, Some(0))),
+            // The first CPU isolated: home and second home are the others.
+            ((&[0, 1, 2], &[0, 1, 2], &[0]), (1, &[2], Some(2), None)),
+            // isolcpus=1: the process may run on CPU 0 only.
+            ((&[0, 1], &[0], &[1]), (0, &[], None, Some(0))),
+            // Every CPU the agent may use is isolated: it lives on one and sweeps the rest.
+            ((&[0, 1, 2], &[1, 2], &[1, 2]), (1, &[0], None, None)),
+        ];
+        for ((online, allowed, isolated), (home, from_home, second_home, unreachable)) in cases {
+            assert_eq!(
+                Plan::new(online, allowed, isolated),
+                Some(Plan {
+                    home,
+                    from_home: from_home.to_vec(),
+                    second_home,
+                    unreachable,
+                }),
+                "online {online:?}, allowed {allowed:?}, isolated {isolated:?}"
+            );
+        }
+        assert_eq!(Plan::new(&[0], &[3], &[]), None);
     }
 
     #[test]

@@ -37,7 +37,7 @@
 //!    namespaces' `TCPKeepAlive` against the agent's probe totals (and which namespaces fell
 //!    short, by how much, or over), the probes no program counts before the first expiry the
 //!    programs saw in each namespace on each CPU (read from the agent's `TIMER_CONTEXT`, with
-//!    the slots taken from another namespace, which would make it overstate), the keepalive
+//!    the slots taken from another namespace: when not 0, that sum is not exact), the keepalive
 //!    expiries a perf event on
 //!    `timer_expire_entry` counted that no program of the agent ran for, and those a classic (perf-event) tracepoint program on the same hook
 //!    missed, records lost, the agent's CPU and RSS; then each size again with the agent's process
@@ -698,9 +698,12 @@ fn synchronized(
 
 /// What no program counts of `spaces`' probes on a CPU before the first expiry the programs saw
 /// there in the namespace (`CounterSlot::before_first_seen`, summed over every CPU's slots),
-/// and how many slots any namespace took from another (`TimerContext::slots_taken_over`),
-/// which such a sum would overstate. A namespace created after the agent started has nothing
-/// on any CPU before that but expiries the kernel ran no program for.
+/// and how many slots any namespace on the host took from another
+/// (`TimerContext::slots_taken_over`): when that is not 0 the sum may be off either way (a
+/// slot taken again starts from probes already counted; one taken over loses its figure). A
+/// namespace created after the agent started has nothing on any CPU before that but expiries
+/// the kernel ran no program for (or whose probes were unreadable, counted in the last
+/// column).
 fn before_first_seen(agent: &Agent, spaces: &[Netns]) -> anyhow::Result<String> {
     let cookies = agent.netns_cookies()?;
     let ours: Vec<u64> = spaces

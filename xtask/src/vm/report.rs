@@ -316,7 +316,12 @@ impl<'a> Matrix<'a> {
                     let isolated = row
                         .boot
                         .isolated_cpu
-                        .map(|cpu| format!("; the counter sweep left the isolated CPU {cpu} alone"))
+                        .map(|cpu| {
+                            format!(
+                                "; the counter sweep left the isolated CPU {cpu} alone, and so \
+                                 the other unswept"
+                            )
+                        })
                         .unwrap_or_default();
                     match row.guest.first_boot {
                         Some(_) => format!(
@@ -376,12 +381,21 @@ impl Row<'_> {
 }
 
 /// What is wrong on a guest booted with `cpu` isolated: `check --load` must say the counter
-/// sweep left it alone (the agent reads the kernel's isolated and nohz_full lists).
+/// sweep ran and left that CPU alone (the agent reads the kernel's isolated and nohz_full
+/// lists). On the guests' two CPUs that also leaves the other one unswept: the sweeping thread
+/// would have to run on the isolated CPU to reach it, and says so.
 fn isolation_problem(console: &Console, cpu: u32) -> Option<String> {
-    let line = console.load_line()?;
+    let Some(line) = console.load_line() else {
+        return Some(format!(
+            "booted with nohz_full={cpu}, but check --load printed no load line"
+        ));
+    };
     let said = format!("the isolated {cpu}, left alone");
-    (!line.contains(&said)).then(|| {
-        format!("booted with nohz_full={cpu}, but check --load did not say `{said}`: {line}")
+    (!line.contains("counter sweep ran") || !line.contains(&said)).then(|| {
+        format!(
+            "booted with nohz_full={cpu}, but check --load did not say the counter sweep ran \
+             and left `{said}`: {line}"
+        )
     })
 }
 
@@ -539,6 +553,18 @@ mod tests {
              CPU but the isolated 1, left alone; detached again\n",
         );
         assert_eq!(isolation_problem(&left_alone, 1), None);
+        // Two CPUs, one isolated: the other cannot be swept either.
+        let two_cpus = Console::parse(
+            "KAT-CHECK WARN  load  5/5 hooks attached as tp_btf, counter sweep ran, but not on \
+             CPU 0, the only CPU the agent may run on that is not isolated (…), nor on the \
+             isolated 1, left alone; detached again\n",
+        );
+        assert_eq!(isolation_problem(&two_cpus, 1), None);
+        let not_loaded = Console::parse(
+            "KAT-CHECK WARN  load  5/5 hooks attached as tp_btf, counter sweep NOT loaded; \
+             the isolated 1, left alone\n",
+        );
+        assert!(isolation_problem(&not_loaded, 1).is_some());
         let swept = Console::parse(
             "KAT-CHECK ok    load  5/5 hooks attached as tp_btf, counter sweep ran on every \
              CPU; detached again\n",
@@ -546,10 +572,13 @@ mod tests {
         assert!(
             isolation_problem(&swept, 1)
                 .unwrap()
-                .contains("did not say `the isolated 1, left alone`")
+                .contains("left `the isolated 1, left alone`")
         );
-        // No load line is already a problem of its own (`check --load` did not report).
-        assert_eq!(isolation_problem(&Console::parse("KAT-UNAME x\n"), 1), None);
+        assert!(
+            isolation_problem(&Console::parse("KAT-UNAME x\n"), 1)
+                .unwrap()
+                .contains("no load line")
+        );
     }
 
     #[test]
