@@ -78,18 +78,26 @@ fn a_namespace_without_records_replaces_the_dead_one_on_its_inode() -> TestResul
     drop(old);
 
     // The kernel frees the inode once the namespace's cleanup work ran and gives the lowest
-    // free one to the next namespace: keep every other one alive until it comes back.
+    // free one to the next namespace: keep every other one alive until it comes back. That
+    // work is one queue for the whole host, after an RCU grace period: the namespaces an
+    // earlier test deleted are cleaned up first (a fresh-clone CI once waited more than 30 s
+    // after netns_churn), so the wait is longer than the other tests'.
     let mut others = Vec::new();
     let mut new = None;
-    wait_until(DEADLINE, "a new namespace on the old one's inode", || {
-        let ns = Netns::new("reuse-new")?;
-        if ns.inum() == inode {
-            new = Some(ns);
-            return Ok(true);
-        }
-        others.push(ns);
-        Ok(false)
-    })?;
+    wait_until(
+        4 * DEADLINE,
+        "a new namespace on the old one's inode",
+        || {
+            let ns = Netns::new("reuse-new")?;
+            if ns.inum() == inode {
+                new = Some(ns);
+                return Ok(true);
+            }
+            others.push(ns);
+            Ok(false)
+        },
+    )
+    .with_context(|| format!("{} other namespaces created meanwhile", others.len()))?;
     let new = new.context("wait_until returned without a namespace")?;
     eprintln!(
         "{test}: inode {inode} came back after {} other namespaces",
