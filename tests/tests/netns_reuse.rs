@@ -79,9 +79,10 @@ fn a_namespace_without_records_replaces_the_dead_one_on_its_inode() -> TestResul
 
     // The kernel frees the inode once the namespace's cleanup work ran and gives the lowest
     // free one to the next namespace: keep every other one alive until it comes back. That
-    // work is one queue for the whole host, after an RCU grace period: the namespaces an
-    // earlier test deleted are cleaned up first (a fresh-clone CI once waited more than 30 s
-    // after netns_churn), so the wait is longer than the other tests'.
+    // work is one queue for the whole host, after an RCU grace period, which the namespaces an
+    // earlier test deleted may still be in (a fresh-clone CI once waited more than 30 s right
+    // after netns_churn, for a reason not established), so the wait is longer than the other
+    // tests'.
     let mut others = Vec::new();
     let mut new = None;
     wait_until(

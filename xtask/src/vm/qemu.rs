@@ -19,12 +19,14 @@ pub(super) struct Boot<'a> {
 }
 
 impl Boot<'_> {
+    /// What this boot adds to the kernel's command line: `nohz_full=1`.
+    pub(super) fn parameter(&self) -> Option<String> {
+        self.isolated_cpu.map(|cpu| format!("nohz_full={cpu}"))
+    }
+
     /// `6.12`, or `6.12 nohz_full=1`.
     pub(super) fn name(&self) -> String {
-        match self.isolated_cpu {
-            None => self.kernel.id.to_owned(),
-            Some(cpu) => format!("{} nohz_full={cpu}", self.kernel.id),
-        }
+        with_parameter(self.kernel.id, self.parameter())
     }
 
     /// Where its console is written: `6.12.console.log`, `6.12-nohz_full.console.log`.
@@ -36,11 +38,18 @@ impl Boot<'_> {
     }
 
     fn command_line(&self) -> String {
-        let base = "console=ttyS0 panic=-1 quiet random.trust_cpu=on";
-        match self.isolated_cpu {
-            None => base.to_owned(),
-            Some(cpu) => format!("{base} nohz_full={cpu}"),
-        }
+        with_parameter(
+            "console=ttyS0 panic=-1 quiet random.trust_cpu=on",
+            self.parameter(),
+        )
+    }
+}
+
+/// `text`, then ` parameter` if there is one.
+pub(super) fn with_parameter(text: &str, parameter: Option<String>) -> String {
+    match parameter {
+        None => text.to_owned(),
+        Some(parameter) => format!("{text} {parameter}"),
     }
 }
 

@@ -7,8 +7,7 @@ use serde::Deserialize;
 
 use super::{
     btf::Facts,
-    kernels::Kernel,
-    qemu::{Boot, Guest},
+    qemu::{Boot, Guest, with_parameter},
 };
 
 /// One `KAT-RESULT` line.
@@ -158,7 +157,6 @@ pub(super) struct Matrix<'a> {
 
 struct Row<'a> {
     boot: &'a Boot<'a>,
-    kernel: &'a Kernel,
     guest: &'a Guest,
     console: Console,
     /// Why this kernel fails; empty when every scenario matched.
@@ -179,7 +177,6 @@ impl<'a> Matrix<'a> {
                 );
                 Row {
                     boot,
-                    kernel: boot.kernel,
                     guest,
                     console,
                     problems,
@@ -216,7 +213,7 @@ impl<'a> Matrix<'a> {
     pub(super) fn text(&self) -> String {
         let mut out = String::from("\n== kernel matrix\n");
         for row in &self.rows {
-            let k = row.kernel;
+            let k = row.boot.kernel;
             let _ = writeln!(
                 out,
                 "\n{} — {} {} (uname -r: {}), guest ran {:.0} s",
@@ -241,7 +238,7 @@ impl<'a> Matrix<'a> {
             let _ = writeln!(
                 out,
                 "  hooks attached: {}",
-                row.console.hooks_summary(&row.kernel.facts)
+                row.console.hooks_summary(&k.facts)
             );
             for result in &row.console.results {
                 let _ = writeln!(
@@ -302,7 +299,7 @@ impl<'a> Matrix<'a> {
              |---|---|---|---|---|\n",
         );
         for row in &self.rows {
-            let k = row.kernel;
+            let k = row.boot.kernel;
             let _ = writeln!(
                 out,
                 "| {} (`{}`) | `{}` {} | {} | {} | {} |",
@@ -311,7 +308,7 @@ impl<'a> Matrix<'a> {
                 k.package,
                 k.version,
                 k.facts.timer_layout().trim_start_matches("BTF: "),
-                row.console.hooks_summary(&row.kernel.facts),
+                row.console.hooks_summary(&k.facts),
                 if row.problems.is_empty() {
                     let isolated = row
                         .boot
@@ -373,10 +370,7 @@ impl<'a> Matrix<'a> {
 impl Row<'_> {
     /// The markdown's name for this guest: `6.12.118`, or `6.12.118 nohz_full=1`.
     fn column(&self) -> String {
-        match self.boot.isolated_cpu {
-            None => self.kernel.upstream().to_owned(),
-            Some(cpu) => format!("{} nohz_full={cpu}", self.kernel.upstream()),
-        }
+        with_parameter(self.boot.kernel.upstream(), self.boot.parameter())
     }
 }
 
