@@ -12,6 +12,10 @@
 //! The sweep's guard against a run the kernel makes in the sweeping thread itself must work
 //! where the agent has a PID namespace of its own (the DaemonSet): the agent checks it at load,
 //! and `check --load` in such a namespace must find the sweep loaded and run.
+//!
+//! Where a CPU's memory of a namespace's counter starts (its first expiry seen there), and what
+//! it leaves uncounted before that, is recorded per slot for the bench; that record is checked
+//! here against the probes a namespace sent before the agent started.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
@@ -22,7 +26,7 @@ use aya::maps::PerCpuValues;
 use keepalive_agent::sweep_metric;
 use keepalive_ebpf::{TimerContext, names};
 use keepalive_tests::{
-    Agent, DEADLINE, Expectations, Netns, TestEnv, agent_bin, disable_keepalive,
+    Agent, DEADLINE, Expectations, Netns, TestEnv, agent_bin, disable_keepalive, kernel_only,
     kernel_tests_enabled, program_names_of, set_keepalive, wait_until,
 };
 
@@ -136,6 +140,107 @@ fn counter_sweep_adds_what_no_expiry_counted_once() -> anyhow::Result<()> {
         "the sweep moved CPU {cpu}'s memory to {moved}, expected the counter's {seen}"
     );
     Ok(())
+}
+
+/// Where a CPU's memory of a namespace's counter starts (`CounterSlot::before_first_seen`, which
+/// the bench sums to explain a row's shortfall): the counter at the first expiry the programs
+/// see in the namespace on that CPU. In a namespace that probed before the agent started, then
+/// went quiet, that is every probe sent on that CPU before the start, so once each CPU that
+/// sent one has run an expiry there since, the slots' sum is the namespace's `TCPKeepAlive` at
+/// the start: short of it if the first expiry were not recorded, above it by that expiry's
+/// probes if it were recorded after them.
+#[test]
+fn first_expiry_seen_records_the_probes_sent_before_it() -> anyhow::Result<()> {
+    let test = "first_expiry_seen_records_the_probes_sent_before_it";
+    // Several connections, so that every CPU that ran the probes before the start soon runs one
+    // after it (a timer runs where it was armed or where an idle CPU's timers were pulled).
+    const CONNECTIONS: usize = 8;
+    if !kernel_tests_enabled(test) || kernel_only() {
+        return Ok(());
+    }
+    let ns = Netns::new("first")?;
+    let listener = ns.listen(V4)?;
+    let pairs = ns.connect_pairs(&listener, CONNECTIONS)?;
+    for pair in &pairs {
+        set_keepalive(&pair.client, 1, 1, 3)?;
+    }
+    wait_until(
+        DEADLINE,
+        "the kernel to send two keepalive probes per connection",
+        || Ok(ns.tcp_ext()?.get(KEEPALIVE) >= 2 * CONNECTIONS as u64),
+    )?;
+    for pair in &pairs {
+        disable_keepalive(&pair.client)?;
+    }
+    // Quiet: a callback that was running when keepalive went off has finished by now.
+    let before_start = quiet_counter(&ns)?;
+
+    let Some(env) = TestEnv::start(test) else {
+        return Ok(());
+    };
+    let Some(agent) = env.agent() else {
+        return Ok(());
+    };
+    ensure!(
+        ns.tcp_ext()?.get(KEEPALIVE) == before_start,
+        "the namespace probed while the agent started: the test's premise (a quiet namespace) broke"
+    );
+    let cookie = netns_cookie(&pairs[0].client)?;
+    for pair in &pairs {
+        set_keepalive(&pair.client, 1, 1, 3)?;
+    }
+    let map = agent.timer_context()?;
+    let mut last = Vec::new();
+    let converged = wait_until(
+        2 * DEADLINE,
+        "each CPU that probed before the agent started to run an expiry in the namespace since",
+        || {
+            let values = map.get(&0, 0).context("reading TIMER_CONTEXT")?;
+            last = values
+                .iter()
+                .map(|context| {
+                    context
+                        .counters
+                        .iter()
+                        .filter(|slot| slot.cookie == cookie)
+                        .map(|slot| slot.before_first_seen)
+                        .sum::<u64>()
+                })
+                .collect();
+            let sum: u64 = last.iter().sum();
+            ensure!(
+                sum <= before_start,
+                "the slots hold {sum} probes before each CPU's first expiry seen (by CPU: \
+                 {last:?}), above the namespace's {before_start} at the agent's start: an \
+                 expiry's own probes were taken for earlier ones ({} expiries since the start \
+                 the kernel ran no program for, whose probes would be there too)",
+                env.expiries_not_run_since_start()?
+            );
+            Ok(sum == before_start)
+        },
+    );
+    converged.with_context(|| {
+        format!(
+            "the slots hold {} of the {before_start} probes the namespace sent before the \
+             agent started (by CPU: {last:?})",
+            last.iter().sum::<u64>()
+        )
+    })?;
+    Ok(())
+}
+
+/// The namespace's `TCPKeepAlive` once it has stood still for a second.
+fn quiet_counter(ns: &Netns) -> anyhow::Result<u64> {
+    let mut last = ns.tcp_ext()?.get(KEEPALIVE);
+    let mut stood_still = false;
+    wait_until(DEADLINE, "the namespace to stop probing", || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let now = ns.tcp_ext()?.get(KEEPALIVE);
+        stood_still = now == last;
+        last = now;
+        Ok(stood_still)
+    })?;
+    Ok(last)
 }
 
 /// The namespace's cookie, as the programs see it (`SO_NETNS_COOKIE`, 5.14+).
