@@ -110,13 +110,22 @@ pub mod ablation {
 
     /// `ring-write`: no record reaches the ring buffer (the agent sees no event).
     /// `counters`: no namespace counter is looked up or added to (its totals stay 0).
+    /// `counter-adds`: the namespace's counters are looked up (and created) as built, but
+    /// nothing is added to them (its totals stay 0): against `counters`, what the lookup costs
+    /// apart from the adds, which every CPU makes to the same lines of a namespace's value.
     /// `cgroup`: the socket's cgroup is not read (every record says cgroup 0).
     /// `short-records`: every keepalive expiry record is reserved in the ring at its first
     /// [`SHORT_RECORD_BYTES`], the fields before its addresses, which with the ring's 8-byte
     /// header fill one cache line, and only those are written (the agent discards them as
     /// malformed): what the bytes of a record cost, against what its write costs whatever its
     /// size. A close record is written whole either way.
-    pub const PARTS: [&str; 4] = ["ring-write", "counters", "cgroup", "short-records"];
+    pub const PARTS: [&str; 5] = [
+        "ring-write",
+        "counters",
+        "counter-adds",
+        "cgroup",
+        "short-records",
+    ];
 
     /// What `short-records` keeps of an expiry record: its head
     /// ([`super::ExpiryRecord::HEAD_BYTES`]), shorter than any record, so it cuts every one.

@@ -93,7 +93,8 @@ enum Command {
     /// it starts, and target/release/keepalive-agent is the agent as built again afterwards.
     Ablate {
         /// Comma-separated parts to leave out: ring-write (no record reaches the ring buffer),
-        /// counters (no namespace counter is looked up or added to), cgroup (the socket's
+        /// counters (no namespace counter is looked up or added to), counter-adds (the
+        /// namespace's counters are looked up but not added to), cgroup (the socket's
         /// cgroup is not read), short-records (every keepalive expiry record is reserved
         /// and written at the length that fills one cache line with its header).
         parts: String,
