@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
-use keepalive_ebpf::record_flags;
+use keepalive_ebpf::{record_flags, tcp_state};
 
 use crate::socket::read;
 
@@ -51,7 +51,10 @@ pub(crate) fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 /// NULL): only its address is kept, to match the full socket that closes next on this CPU.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub(crate) fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
-    note_reset(ctx.arg(0), record_flags::RESET_SENT, ctx.arg(2), 0);
+    let sk: *const u8 = ctx.arg(0);
+    if may_close_next(sk) {
+        note_reset(sk, record_flags::RESET_SENT, ctx.arg(2), 0);
+    }
     0
 }
 
@@ -59,6 +62,30 @@ pub(crate) fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 /// so this variant records the reset without a reason (the agent's layout says which to load).
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub(crate) fn tcp_send_reset_without_reason(ctx: BtfTracePointContext) -> i32 {
-    note_reset(ctx.arg(0), record_flags::RESET_SENT, 0, 0);
+    let sk: *const u8 = ctx.arg(0);
+    if may_close_next(sk) {
+        note_reset(sk, record_flags::RESET_SENT, 0, 0);
+    }
     0
+}
+
+/// Whether a close of `sk` may still follow this reset, to consume the mark: not when the
+/// socket is closed already. A `SO_LINGER` 0 close (`tcp_disconnect`), a close with unread data
+/// and an abort on data after shutdown move the socket to `TCP_CLOSE` first and send the reset
+/// after, so the mark would outlive the socket and wait for the next one given its address (a
+/// freed socket's memory goes to the next one allocated on that CPU), whose close would then
+/// say it sent a reset, and skip the filter for orderly closes. Nor a listener's, a request's
+/// or a timewait socket's, which never reach the close hook's `TCP_CLOSE` as a connection.
+#[inline(always)]
+fn may_close_next(sk: *const u8) -> bool {
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the tracepoint's BTF-typed `struct sock *`, and `skc_state` a member of
+    // the `sock_common` every kind of socket begins with: a load the verifier checks.
+    let state = unsafe { core::ptr::read_volatile(sk.wrapping_add(offset!(skc_state))) };
+    !matches!(
+        state,
+        tcp_state::CLOSE | tcp_state::LISTEN | tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV
+    )
 }

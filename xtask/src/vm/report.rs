@@ -224,8 +224,8 @@ impl<'a> Matrix<'a> {
                 row.guest.seconds
             );
             let _ = writeln!(out, "  {}; {}", k.facts.timer_layout(), k.facts.hooks());
-            if let Some(first_boot) = &row.guest.first_boot {
-                let _ = writeln!(out, "  booted twice: {first_boot}");
+            for earlier in &row.guest.earlier_boots {
+                let _ = writeln!(out, "  booted again: {earlier}");
             }
             let _ = writeln!(
                 out,
@@ -320,12 +320,13 @@ impl<'a> Matrix<'a> {
                             )
                         })
                         .unwrap_or_default();
-                    match row.guest.first_boot {
-                        Some(_) => format!(
-                            "all scenarios equal the kernel{isolated} (booted twice: the first \
-                             boot panicked in kernel text patching)"
+                    match row.guest.earlier_boots.len() {
+                        0 => format!("all scenarios equal the kernel{isolated}"),
+                        n => format!(
+                            "all scenarios equal the kernel{isolated} (booted {} times: the \
+                             earlier {n} panicked in kernel text patching)",
+                            n + 1
                         ),
-                        None => format!("all scenarios equal the kernel{isolated}"),
                     }
                 } else {
                     format!("**{} problem(s)**", row.problems.len())
@@ -615,7 +616,7 @@ mod tests {
             console_path: "x".into(),
             seconds: 0.0,
             problem: None,
-            first_boot: None,
+            earlier_boots: Vec::new(),
         };
         let p = problems(&c, &guest, &facts);
         assert_eq!(p.len(), 3, "{p:?}");
