@@ -81,9 +81,10 @@ fn may_close_next(sk: *const u8) -> bool {
     if sk.is_null() {
         return false;
     }
+    let at = sk.wrapping_add(offset!(skc_state));
     // SAFETY: `sk` is the tracepoint's BTF-typed `struct sock *`, and `skc_state` a member of
     // the `sock_common` every kind of socket begins with: a load the verifier checks.
-    let state = unsafe { core::ptr::read_volatile(sk.wrapping_add(offset!(skc_state))) };
+    let state = unsafe { core::ptr::read_volatile(at) };
     !matches!(
         state,
         tcp_state::CLOSE | tcp_state::LISTEN | tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV
