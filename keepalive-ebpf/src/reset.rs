@@ -48,7 +48,8 @@ pub(crate) fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// 6.10+: `(sk, skb, reason)`. The socket may be a listener, request or timewait socket (or
-/// NULL): only its address is kept, to match the full socket that closes next on this CPU.
+/// NULL), whose reset leaves no mark ([`may_close_next`]); a connection's address is kept, to
+/// match its close next on this CPU.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub(crate) fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);

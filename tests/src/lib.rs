@@ -41,8 +41,8 @@ pub use netns::{Netns, NftRule, TcpExt};
 pub use sock::{
     Conn, TCP_CLOSE, TCP_ESTABLISHED, TcpPair, accept_incoming_again, connect_deaf,
     disable_keepalive, drop_all_incoming, errno_name, fill_send_buffer, getsockopt_int,
-    set_keepalive, set_linger_zero, set_user_timeout, setsockopt_int, so_error, tcp_info,
-    tcp_state, wait_closed,
+    pin_to_one_cpu, set_keepalive, set_linger_zero, set_user_timeout, setsockopt_int, so_error,
+    tcp_info, tcp_state, wait_closed,
 };
 pub use tracepoint::{
     ClosesNotRunByAnyProgram, ExpiriesNotRun, ExpiriesNotRunByAnyProgram, ExpiryCounts,

@@ -309,3 +309,35 @@ pub fn connect_deaf(addr: SocketAddrV4) -> anyhow::Result<io::Result<TcpStream>>
         Err(io::Error::last_os_error())
     })
 }
+
+/// Pins the calling thread to the first CPU it may run on, and returns that CPU: what it
+/// arms (a socket's timers) and closes then happens there, and so does what a child process it
+/// starts does.
+pub fn pin_to_one_cpu() -> anyhow::Result<usize> {
+    // SAFETY: a zeroed cpu_set_t is an empty set, filled by the kernel below.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed.
+    let ret = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
+    anyhow::ensure!(
+        ret == 0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    let cpu = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `set` is a live cpu_set_t and `cpu` below CPU_SETSIZE.
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .context("this thread may run on no CPU")?;
+    // SAFETY: as above.
+    unsafe {
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+    }
+    // SAFETY: as above.
+    let ret = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
+    anyhow::ensure!(
+        ret == 0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(cpu)
+}

@@ -27,7 +27,7 @@ use keepalive_agent::sweep_metric;
 use keepalive_ebpf::{TimerContext, names};
 use keepalive_tests::{
     Agent, DEADLINE, Expectations, Netns, TestEnv, agent_bin, disable_keepalive, kernel_only,
-    kernel_tests_enabled, program_names_of, set_keepalive, wait_until,
+    kernel_tests_enabled, pin_to_one_cpu, program_names_of, set_keepalive, wait_until,
 };
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -158,6 +158,10 @@ fn first_expiry_seen_records_the_probes_sent_before_it() -> anyhow::Result<()> {
     if !kernel_tests_enabled(test) || kernel_only() {
         return Ok(());
     }
+    // Timers are armed on the CPU of the thread that turns keepalive on and run there again
+    // (or on a CPU that pulls an idle one's): pinned, the probes before the start and the
+    // expiries after it share their CPUs, however many the host has.
+    pin_to_one_cpu()?;
     let ns = Netns::new("first")?;
     let listener = ns.listen(V4)?;
     let pairs = ns.connect_pairs(&listener, CONNECTIONS)?;
@@ -191,6 +195,7 @@ fn first_expiry_seen_records_the_probes_sent_before_it() -> anyhow::Result<()> {
     }
     let map = agent.timer_context()?;
     let mut last = Vec::new();
+    let mut inconclusive = false;
     let converged = wait_until(
         2 * DEADLINE,
         "each CPU that probed before the agent started to run an expiry in the namespace since",
@@ -208,17 +213,29 @@ fn first_expiry_seen_records_the_probes_sent_before_it() -> anyhow::Result<()> {
                 })
                 .collect();
             let sum: u64 = last.iter().sum();
+            if sum > before_start && env.expiries_not_run_since_start()? > 0 {
+                // Probes of expiries the kernel ran no program for belong there too: the sum
+                // says nothing about the first expiry's own then.
+                inconclusive = true;
+                return Ok(true);
+            }
             ensure!(
                 sum <= before_start,
                 "the slots hold {sum} probes before each CPU's first expiry seen (by CPU: \
-                 {last:?}), above the namespace's {before_start} at the agent's start: an \
-                 expiry's own probes were taken for earlier ones ({} expiries since the start \
-                 the kernel ran no program for, whose probes would be there too)",
-                env.expiries_not_run_since_start()?
+                 {last:?}), above the namespace's {before_start} at the agent's start, with \
+                 every expiry since run by the programs: an expiry's own probes were taken for \
+                 earlier ones"
             );
             Ok(sum == before_start)
         },
     );
+    if inconclusive {
+        eprintln!(
+            "{test}: the kernel ran no program for some expiries since the agent started, \
+             whose probes the slots hold too (by CPU: {last:?}); nothing to conclude"
+        );
+        return Ok(());
+    }
     converged.with_context(|| {
         format!(
             "the slots hold {} of the {before_start} probes the namespace sent before the \

@@ -442,7 +442,7 @@ mod tests {
         assert!(!lists("ring-write,counters", "cgroup"));
         assert!(!lists("", "cgroup"));
         assert!(!lists("cgroups", "cgroup"));
-        // Two parts where one name begins the other: each is left out only when named.
+        // Two parts whose names share a beginning: each is left out only when named.
         assert!(!lists("counter-adds", "counters"));
         assert!(!lists("counters", "counter-adds"));
         assert!(lists("counters,counter-adds", "counter-adds"));

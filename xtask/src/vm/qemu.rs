@@ -142,16 +142,18 @@ fn boot(planned: &Boot, initrd: &Path, work: &Path, timeout: Duration) -> Guest 
         let kept = guest
             .console_path
             .with_extension(format!("boot-{boot}.log"));
-        let _ = std::fs::rename(&guest.console_path, &kept);
+        // The next boot writes the same path: a console that cannot be kept is said so, not
+        // named as kept.
+        let kept = match std::fs::rename(&guest.console_path, &kept) {
+            Ok(()) => format!("console kept in {}", kept.display()),
+            Err(err) => format!("console not kept: renaming it failed: {err}"),
+        };
         println!(
             "guest {} ({}): boot {boot} {trap}; booting it again",
             planned.name(),
             planned.kernel.release
         );
-        earlier_boots.push(format!(
-            "boot {boot} panicked: {trap} (console kept in {})",
-            kept.display()
-        ));
+        earlier_boots.push(format!("boot {boot} panicked: {trap} ({kept})"));
     }
 }
 

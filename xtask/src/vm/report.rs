@@ -322,6 +322,10 @@ impl<'a> Matrix<'a> {
                         .unwrap_or_default();
                     match row.guest.earlier_boots.len() {
                         0 => format!("all scenarios equal the kernel{isolated}"),
+                        1 => format!(
+                            "all scenarios equal the kernel{isolated} (booted twice: the first \
+                             boot panicked in kernel text patching)"
+                        ),
                         n => format!(
                             "all scenarios equal the kernel{isolated} (booted {} times: the \
                              earlier {n} panicked in kernel text patching)",
