@@ -20,19 +20,10 @@ use crate::{
         EBUSY, EVENTS, KEEPALIVE_RST_REASON, SockFields, Typed, add, conntrack_timeout_typed,
         count_reserve_failure, emit, idle_kill_jiffies, may_be_tracked, netns_counters,
         netns_counters_of, netns_key, report_keepalive_off, smallest_threshold, snapshot,
-        snapshot_typed, uncounted, wakeup_flags, zero_record,
+        snapshot_typed, sock_field, uncounted, wakeup_flags, zero_record,
     },
     timer::TIMER_CONTEXT,
 };
-
-/// A member of `struct sock` loaded through the tracepoint's BTF-typed pointer (a faulting load
-/// reads 0, the verifier's probe-load semantics).
-#[inline(always)]
-fn sock_field<T: Copy>(sk: *const u8, offset: usize) -> T {
-    // SAFETY: the verifier checks the load against `struct sock` (offsets come from frozen
-    // `.rodata`, so it sees constants).
-    unsafe { core::ptr::read_volatile(sk.wrapping_add(offset) as *const T) }
-}
 
 /// Whether the agent's table may hold the closing connection ([`may_be_tracked`]), by its
 /// ports. `inet_sport`, not `skc_num`: `inet_put_port` zeroed that before this tracepoint (the

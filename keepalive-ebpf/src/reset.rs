@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use keepalive_ebpf::{record_flags, tcp_state};
 
-use crate::socket::read;
+use crate::socket::{read, sock_field};
 
 /// The last reset sent or received on this CPU, consumed by the `TCP_CLOSE` that follows it in
 /// `tcp_reset` / `tcp_keepalive_timer` / `tcp_abort`.
@@ -82,10 +82,8 @@ fn may_close_next(sk: *const u8) -> bool {
     if sk.is_null() {
         return false;
     }
-    let at = sk.wrapping_add(offset!(skc_state));
-    // SAFETY: `sk` is the tracepoint's BTF-typed `struct sock *`, and `skc_state` a member of
-    // the `sock_common` every kind of socket begins with: a load the verifier checks.
-    let state = unsafe { core::ptr::read_volatile(at) };
+    // `skc_state` is a member of the `sock_common` every kind of socket begins with.
+    let state = sock_field::<u8>(sk, offset!(skc_state));
     !matches!(
         state,
         tcp_state::CLOSE | tcp_state::LISTEN | tcp_state::TIME_WAIT | tcp_state::NEW_SYN_RECV

@@ -259,6 +259,15 @@ pub(crate) fn add(counter: *mut u64, n: u64) {
     };
 }
 
+/// A member of `struct sock` loaded through the BTF-typed pointer a tracepoint gives (`inet_sock_set_state`, `tcp_send_reset`) (a faulting load
+/// reads 0, the verifier's probe-load semantics).
+#[inline(always)]
+pub(crate) fn sock_field<T: Copy>(sk: *const u8, offset: usize) -> T {
+    // SAFETY: the verifier checks the load against `struct sock` (offsets come from frozen
+    // `.rodata`, so it sees constants).
+    unsafe { core::ptr::read_volatile(sk.wrapping_add(offset) as *const T) }
+}
+
 /// Reads a `T` at `base + offset`. The destination is zeroed first: LLVM may load it before
 /// checking the helper's result, and verifiers before 6.x refuse a read of stack the program
 /// never wrote ("invalid read from stack"), even on the path that discards it.

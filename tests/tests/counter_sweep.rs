@@ -249,11 +249,10 @@ fn first_expiry_seen_records_the_probes_sent_before_it() -> anyhow::Result<()> {
 /// The namespace's `TCPKeepAlive` once it has stood still for a second.
 fn quiet_counter(ns: &Netns) -> anyhow::Result<u64> {
     let mut last = ns.tcp_ext()?.get(KEEPALIVE);
-    let mut stood_still = false;
     wait_until(DEADLINE, "the namespace to stop probing", || {
         std::thread::sleep(std::time::Duration::from_secs(1));
         let now = ns.tcp_ext()?.get(KEEPALIVE);
-        stood_still = now == last;
+        let stood_still = now == last;
         last = now;
         Ok(stood_still)
     })?;
