@@ -2,13 +2,14 @@
 //! so the close record can say a reset was sent (with its reason) or received.
 
 use aya_ebpf::{
+    helpers::generated::bpf_skc_to_tcp_sock,
     macros::{btf_tracepoint, map},
     maps::PerCpuArray,
     programs::BtfTracePointContext,
 };
 use keepalive_ebpf::{record_flags, tcp_state};
 
-use crate::socket::{read, sock_field};
+use crate::socket::{SockFields, Typed, sock_field};
 
 /// The last reset sent or received on this CPU, consumed by the `TCP_CLOSE` that follows it in
 /// `tcp_reset` / `tcp_keepalive_timer` / `tcp_abort`.
@@ -42,7 +43,16 @@ fn note_reset(sk: *const u8, flags: u8, reason: u32, packets_out: u32) {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub(crate) fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    let packets_out = read::<u32>(sk, offset!(tcp_packets_out)).unwrap_or(0);
+    // One checked load through the typed `tcp_sock`, not a helper read (`bpf_probe_read_kernel`
+    // was half of this program's samples in `cargo xtask profile`'s RST churn).
+    // SAFETY: the helper checks its argument (a BTF-typed socket) and returns NULL for anything
+    // but a full TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut _) } as *const u8;
+    let packets_out = if tp.is_null() {
+        0
+    } else {
+        Typed(tp).load::<u32>(offset!(tcp_packets_out))
+    };
     note_reset(sk, record_flags::RESET_RECEIVED, 0, packets_out);
     0
 }

@@ -20,6 +20,7 @@ pub mod holder;
 pub mod metrics;
 pub mod middlebox;
 pub mod netns;
+pub mod profile;
 pub mod sock;
 pub mod tracepoint;
 

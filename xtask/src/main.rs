@@ -86,6 +86,21 @@ enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Build, then profile the agent's kernel programs (`keepalive-tests --bin program-profile`):
+    /// `perf record -a -g` while hook-cost runs 50 000 probing connections, then while it runs
+    /// its churn workloads, and each program's samples by source line (and by the helper they
+    /// were in), from the kernel's line information for the programs' JIT code. perf's data
+    /// and hook-cost's output are kept in target/profile/.
+    Profile {
+        /// Arguments for program-profile (after `--`): --workload expiries|closes (repeatable),
+        /// --top N lines per program (12), --out DIR.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
     /// Build the agent without parts of its kernel programs as well as with them, then run the
     /// hook-cost benchmark against each, alternately (`--pairs` pairs, the order swapped every
     /// pair): what a part costs is the difference between the figures of the two runs of a pair.
@@ -133,6 +148,7 @@ fn main() -> ExitCode {
             .and_then(|setup| package::build_package(&setup))
             .map(|_| ExitCode::SUCCESS),
         Command::Bench { args } => tasks::bench(&args).map(|()| ExitCode::SUCCESS),
+        Command::Profile { args } => tasks::profile(&args).map(|()| ExitCode::SUCCESS),
         Command::Ablate { parts, pairs, args } => {
             tasks::ablate(&parts, pairs, &args).map(|()| ExitCode::SUCCESS)
         }

@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     // Benchmark: reads per-program run time and run counts.
     "bpftool",
+    // `cargo xtask profile`: samples the programs (perf record, perf script).
+    "linux-perf",
     // Deployment tests: promtool and a real Prometheus and Alertmanager (deploy/prometheus);
     // buildah builds the container image without a daemon (`cargo xtask image`).
     "prometheus",

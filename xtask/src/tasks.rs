@@ -294,6 +294,29 @@ pub(crate) fn bench(args: &[OsString]) -> Result<()> {
     )
 }
 
+/// `cargo xtask profile`: see its help in main.rs.
+pub(crate) fn profile(args: &[OsString]) -> Result<()> {
+    let (setup, bin) = build()?;
+    step(
+        "profile",
+        "cargo build --release -p keepalive-tests --bins, then target/release/program-profile",
+        || {
+            env::run(setup.command("cargo").args([
+                "build",
+                "--release",
+                "-p",
+                "keepalive-tests",
+                "--bins",
+            ]))
+            .context("building hook-cost and program-profile failed")?;
+            let profiler = bin.with_file_name("program-profile");
+            let mut cmd = setup.command(&profiler);
+            cmd.env(AGENT_BIN_ENV, &bin).args(args);
+            env::run(&mut cmd)
+        },
+    )
+}
+
 /// hook-cost's arguments for `cargo xtask ablate` without any: the per-hook rows only.
 const ABLATE_DEFAULT_ARGS: [&str; 12] = [
     "--rounds",

@@ -176,12 +176,28 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_in_range_and_spread() {
-        let slots: std::collections::HashSet<usize> = (0..4096u16)
+    fn ports_in_turn_get_slots_side_by_side() {
+        let slots: Vec<usize> = (0..4096u16)
             .map(|port| tracked_slot(443, 32768 + port))
             .collect();
         assert!(slots.iter().all(|&slot| slot < TRACKED_SLOTS));
-        // 4 096 keys in 32 768 slots: about 3 800 distinct if the hash spreads them.
-        assert!(slots.len() > 3500, "{} distinct slots", slots.len());
+        // 64 blocks of 64 on 512 lines: a few blocks share a line.
+        let distinct: std::collections::HashSet<usize> = slots.iter().copied().collect();
+        assert!(distinct.len() > 3500, "{} distinct slots", distinct.len());
+        // Ephemeral ports in turn (Linux steps by 2): 32 connections' slots on one cache line.
+        let lines: std::collections::HashSet<usize> = slots
+            .iter()
+            .step_by(2)
+            .take(32)
+            .map(|slot| slot / 64)
+            .collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        // Ports in turn to 80 and to 443 do not pair up slot for slot, as XORed ports would
+        // (a port to 80 and the port XORed with 80 ^ 443 to 443).
+        let shared = (0..4096u16)
+            .map(|port| 32768 + port)
+            .filter(|&port| tracked_slot(80, port) == tracked_slot(443, port ^ 80 ^ 443))
+            .count();
+        assert!(shared < 100, "{shared} of 4096 pairs share a slot");
     }
 }
