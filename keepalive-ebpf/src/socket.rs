@@ -121,8 +121,8 @@ static TRACKED: Array<TrackedMarks> = Array::with_max_entries(1, BPF_F_MMAPABLE)
 fn tracked(remote_port: u16, local_port: u16) -> Option<(TrackedEpochs, *mut u8)> {
     let marks = TRACKED.get_ptr_mut(0)?;
     let index = tracked_slot(remote_port, local_port);
-    // SAFETY: a map value; `index` is below the slots' length (masked, which the verifier sees
-    // too). The epochs are one aligned `u32` the agent writes in one store.
+    // SAFETY: a map value; `index` is below the slots' length (`tracked_slot`'s arithmetic
+    // bounds it, and the verifier follows that arithmetic). The epochs are one aligned `u32` the agent writes in one store.
     unsafe {
         let epochs = TrackedEpochs::from_bits(core::ptr::read_volatile(
             (&raw const (*marks).epochs).cast::<u32>(),

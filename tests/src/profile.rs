@@ -12,34 +12,53 @@ use std::fmt::Write as _;
 
 use anyhow::{Context, bail};
 
-/// One frame of a sample: a symbol and the offset into it.
+/// One frame of a sample: its address, the symbol and offset perf named it by, and for BPF
+/// code the length of the function perf saw loaded there at the sample's time.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {
+    pub address: u64,
     pub symbol: String,
     pub offset: u64,
+    pub loaded_len: Option<u64>,
 }
 
-/// The frames of each sample in `perf script`'s default output (a header line, then one
-/// `\tADDRESS SYMBOL+0xOFFSET (DSO)` line per frame, leaf first; a blank line between samples).
+/// What `perf script --show-bpf-events` printed: each sample's frames.
+#[derive(Debug, Default)]
+pub struct Script {
+    pub samples: Vec<Vec<Frame>>,
+}
+
+/// Parses `perf script --show-bpf-events`'s default output, in time order: a sample is a
+/// header line, then one `\tADDRESS SYMBOL+0xOFFSET (DSO)` line per frame, leaf first, and a
+/// blank line; an event is one line (`... PERF_RECORD_KSYMBOL addr ADDRESS len LENGTH type 1
+/// flags 0x0 name SYMBOL`, flags 0x1 an unregistration). A BPF function's address is reused by
+/// the next one loaded, so a frame's length is the one registered there when it was sampled.
 /// Frames without a symbol (`[unknown]`) keep offset 0.
-pub fn parse_perf_script(text: &str) -> Vec<Vec<Frame>> {
-    let mut samples = Vec::new();
+pub fn parse_perf_script(text: &str) -> Script {
+    let mut script = Script::default();
     let mut frames = Vec::new();
+    let mut loaded: HashMap<(u64, String), u64> = HashMap::new();
     for line in text.lines() {
-        if line.trim().is_empty() {
+        if line.trim().is_empty() || !line.starts_with(char::is_whitespace) {
+            // A blank line, or a sample's header or an event: the frames before are done.
             if !frames.is_empty() {
-                samples.push(std::mem::take(&mut frames));
+                script.samples.push(std::mem::take(&mut frames));
+            }
+            match ksymbol(line) {
+                Some(Ksymbol::Registered(address, len, name)) => {
+                    loaded.insert((address, name), len);
+                }
+                Some(Ksymbol::Unregistered(address, name)) => {
+                    loaded.remove(&(address, name));
+                }
+                None => {}
             }
             continue;
         }
-        if !line.starts_with(char::is_whitespace) {
-            // A sample's header; the frames follow.
-            if !frames.is_empty() {
-                samples.push(std::mem::take(&mut frames));
-            }
+        let Some((address, rest)) = line.trim().split_once(char::is_whitespace) else {
             continue;
-        }
-        let Some((_address, rest)) = line.trim().split_once(char::is_whitespace) else {
+        };
+        let Ok(address) = u64::from_str_radix(address, 16) else {
             continue;
         };
         let symbol = rest
@@ -53,21 +72,54 @@ pub fn parse_perf_script(text: &str) -> Vec<Vec<Frame>> {
             },
             None => (symbol, 0),
         };
+        let loaded_len = symbol
+            .starts_with("bpf_prog_")
+            .then(|| loaded.get(&(address.wrapping_sub(offset), symbol.to_owned())))
+            .flatten()
+            .copied();
         frames.push(Frame {
+            address,
             symbol: symbol.to_owned(),
             offset,
+            loaded_len,
         });
     }
     if !frames.is_empty() {
-        samples.push(frames);
+        script.samples.push(frames);
     }
-    samples
+    script
+}
+
+enum Ksymbol {
+    Registered(u64, u64, String),
+    Unregistered(u64, String),
+}
+
+/// A `PERF_RECORD_KSYMBOL` line: code registered at an address with a length, or taken away.
+fn ksymbol(line: &str) -> Option<Ksymbol> {
+    let (_, event) = line.split_once("PERF_RECORD_KSYMBOL ")?;
+    let mut fields = HashMap::new();
+    let mut words = event.split_whitespace();
+    while let (Some(key), Some(value)) = (words.next(), words.next()) {
+        fields.insert(key, value);
+    }
+    let address = u64::from_str_radix(fields.get("addr")?, 16).ok()?;
+    let name = (*fields.get("name")?).to_owned();
+    match *fields.get("flags")? {
+        "0x0" => Some(Ksymbol::Registered(
+            address,
+            fields.get("len")?.parse().ok()?,
+            name,
+        )),
+        "0x1" => Some(Ksymbol::Unregistered(address, name)),
+        _ => None,
+    }
 }
 
 /// A source line of a program, as its BTF line information names it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SourceLine {
-    /// The program's name (as the kernel keeps it: 15 bytes at most).
+    /// The program's name (its main function's, from its symbol).
     pub program: String,
     /// The file's name, without its directory.
     pub file: String,
@@ -82,9 +134,9 @@ pub struct SourceLine {
 pub struct LineTable {
     starts: Vec<(u64, usize)>,
     lines: Vec<SourceLine>,
-    /// Where each program's code ends (its last function's start plus length), so an address
-    /// past it is no line of the program.
-    ends: Vec<(u64, u64)>,
+    /// Each function's start and length (the programs and their subprograms), so an address
+    /// past them is no line of theirs.
+    functions: HashMap<u64, u64>,
 }
 
 impl LineTable {
@@ -96,16 +148,20 @@ impl LineTable {
             self.lines.push(line);
         }
         self.starts.sort_unstable();
-        self.ends
-            .extend(functions.iter().map(|&(start, len)| (start, start + len)));
+        self.functions.extend(functions.iter().copied());
+    }
+
+    /// The length of the function that starts at `start`.
+    pub fn function_len(&self, start: u64) -> Option<u64> {
+        self.functions.get(&start).copied()
     }
 
     /// The line an address of JIT code belongs to.
     pub fn find(&self, address: u64) -> Option<&SourceLine> {
         if !self
-            .ends
+            .functions
             .iter()
-            .any(|&(start, end)| (start..end).contains(&address))
+            .any(|(&start, &len)| (start..start + len).contains(&address))
         {
             return None;
         }
@@ -121,22 +177,26 @@ pub struct Profile {
     /// Samples per program.
     pub programs: BTreeMap<String, u64>,
     /// Samples per (line, helper): the innermost frame in a program's code, and the kernel
-    /// function the sample was in when that was not the program's own code.
+    /// function the program called when the sample was not in its own code.
     pub lines: HashMap<(SourceLine, Option<String>), u64>,
-    /// Samples whose program frame had no line (a program not in the table, or code without
-    /// line information).
-    pub unknown: u64,
+    /// Samples in BPF code of other programs: the bench's own, an agent's started with other
+    /// flags (its `.rodata` differs, so its JIT code does too under the same symbol), programs
+    /// without line information.
+    pub other: u64,
 }
 
-/// Attributes each sample to the innermost frame in a BPF program's code (`bpf_prog_` symbols,
-/// whose addresses `symbols` gives, as in `/proc/kallsyms`) that `table` knows a line of.
+/// Attributes each sample to the innermost frame in a BPF program's code that is the code of
+/// a program in `table`: the frame's symbol names the same function in `symbols` (its
+/// addresses now, as in `/proc/kallsyms`), and the function perf saw loaded at the frame's
+/// address then had the same length. A return address (every frame but the leaf) is looked up one byte back, in
+/// the call.
 pub fn attribute(
-    samples: &[Vec<Frame>],
-    symbols: &HashMap<String, u64>,
+    script: &Script,
+    symbols: &HashMap<String, Vec<u64>>,
     table: &LineTable,
 ) -> Profile {
     let mut profile = Profile::default();
-    for frames in samples {
+    for frames in &script.samples {
         let Some((depth, frame)) = frames
             .iter()
             .enumerate()
@@ -144,15 +204,21 @@ pub fn attribute(
         else {
             continue;
         };
+        let same_code = |&start: &u64| {
+            table
+                .function_len(start)
+                .is_some_and(|len| frame.loaded_len == Some(len))
+        };
         let Some(line) = symbols
             .get(&frame.symbol)
-            .and_then(|start| table.find(start + frame.offset))
+            .and_then(|starts| starts.iter().find(|start| same_code(start)))
+            .and_then(|start| table.find(start + frame.offset - u64::from(depth > 0)))
         else {
-            profile.unknown += 1;
+            profile.other += 1;
             continue;
         };
         *profile.programs.entry(line.program.clone()).or_default() += 1;
-        let helper = (depth > 0).then(|| frames[0].symbol.clone());
+        let helper = (depth > 0).then(|| frames[depth - 1].symbol.clone());
         *profile.lines.entry((line.clone(), helper)).or_default() += 1;
     }
     profile
@@ -185,29 +251,42 @@ impl Profile {
                 );
             }
         }
-        if self.unknown != 0 {
+        if self.other != 0 {
             let _ = writeln!(
                 out,
-                "{} samples in BPF programs without a known line (not the agent's)",
-                self.unknown
+                "{} samples in other BPF code: the bench's own programs, an agent's with other \
+                 flags (other code under the same symbols), programs skipped above",
+                self.other
             );
         }
         out
     }
 }
 
-/// The addresses of the BPF programs' functions in `/proc/kallsyms` (`bpf_prog_TAG_NAME`).
-pub fn bpf_symbols(kallsyms: &str) -> HashMap<String, u64> {
-    kallsyms
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let address = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let name = fields.nth(1)?;
-            name.starts_with("bpf_prog_")
-                .then(|| (name.to_owned(), address))
-        })
-        .collect()
+/// The addresses of the BPF programs' functions in `/proc/kallsyms` (`bpf_prog_TAG_NAME`),
+/// every one where a symbol is loaded more than once (the same program in two processes).
+pub fn bpf_symbols(kallsyms: &str) -> HashMap<String, Vec<u64>> {
+    let mut symbols: HashMap<String, Vec<u64>> = HashMap::new();
+    for line in kallsyms.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(address), Some(name)) = (fields.next(), fields.nth(1)) else {
+            continue;
+        };
+        if let (Ok(address), true) = (
+            u64::from_str_radix(address, 16),
+            name.starts_with("bpf_prog_"),
+        ) {
+            symbols.entry(name.to_owned()).or_default().push(address);
+        }
+    }
+    symbols
+}
+
+/// A program's name from its symbol (`bpf_prog_TAG_NAME`): the kernel keeps only 15 bytes of
+/// it, which `timer_expire_entry` and `timer_expire_entry_typed` share.
+fn name_of(symbol: &str) -> Option<&str> {
+    let rest = symbol.strip_prefix("bpf_prog_")?;
+    rest.split_once('_').map(|(_tag, name)| name)
 }
 
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
@@ -272,12 +351,13 @@ pub struct ProgramLines {
 }
 
 /// [`ProgramLines`] of program `id`: from its `jited_line_info` and `line_info`, whose strings
-/// are in its BTF.
-pub fn program_lines(id: u32) -> anyhow::Result<ProgramLines> {
+/// are in its BTF; its name from the symbol at its first function in `names` (addresses to
+/// `/proc/kallsyms` names).
+pub fn program_lines(id: u32, names: &HashMap<u64, String>) -> anyhow::Result<ProgramLines> {
     let prog = get_fd(BPF_PROG_GET_FD_BY_ID, id).with_context(|| format!("program {id}"))?;
     let mut first = [0u8; PROG_INFO_SIZE];
     info(&prog, &mut first).with_context(|| format!("program {id}'s info"))?;
-    let name = String::from_utf8_lossy(&first[64..80])
+    let short_name = String::from_utf8_lossy(&first[64..80])
         .trim_end_matches('\0')
         .to_owned();
     let (n_ksyms, n_lens) = (u32_at(&first, 104) as usize, u32_at(&first, 108) as usize);
@@ -288,10 +368,10 @@ pub fn program_lines(id: u32) -> anyhow::Result<ProgramLines> {
         u32_at(&first, 172) as usize,
         u32_at(&first, 176) as usize,
     );
-    if n_lines == 0 || n_jited_lines != n_lines || line_size < 16 || jited_line_size != 8 {
+    if n_lines == 0 || n_jited_lines != n_lines || line_size != 16 || jited_line_size != 8 {
         bail!(
-            "program {id} ({name}) has no usable line information ({n_lines} lines, \
-             {n_jited_lines} JIT lines)"
+            "program {id} ({short_name}) has no usable line information ({n_lines} lines, \
+             {n_jited_lines} JIT lines; without CAP_BPF and CAP_PERFMON the kernel gives none)"
         );
     }
     let mut ksyms = vec![0u8; 8 * n_ksyms];
@@ -310,6 +390,22 @@ pub fn program_lines(id: u32) -> anyhow::Result<ProgramLines> {
     put_u32(&mut second, 172, line_size as u32);
     put_u32(&mut second, 176, jited_line_size as u32);
     info(&prog, &mut second).with_context(|| format!("program {id}'s line information"))?;
+    let ksyms: Vec<u64> = ksyms
+        .chunks_exact(8)
+        .map(|bytes| u64::from_ne_bytes(bytes.try_into().expect("8 bytes")))
+        .collect();
+    if ksyms.iter().all(|&address| address == 0) {
+        bail!(
+            "program {id} ({short_name}): the kernel hid its code's addresses (they read 0): \
+             run as root, with kernel.kptr_restrict at 0 or 1"
+        );
+    }
+    let name = ksyms
+        .first()
+        .and_then(|start| names.get(start))
+        .and_then(|symbol| name_of(symbol))
+        .unwrap_or(&short_name)
+        .to_owned();
 
     let strings = btf_strings(btf_id).with_context(|| format!("program {id}'s BTF"))?;
     let string = |at: u32| -> String {
@@ -332,12 +428,7 @@ pub fn program_lines(id: u32) -> anyhow::Result<ProgramLines> {
         })
         .collect();
     let functions = (0..n_ksyms.min(n_lens))
-        .map(|i| {
-            (
-                u64::from_ne_bytes(ksyms[i * 8..i * 8 + 8].try_into().expect("8")),
-                u64::from(u32_at(&lens, i * 4)),
-            )
-        })
+        .map(|i| (ksyms[i], u64::from(u32_at(&lens, i * 4))))
         .collect();
     Ok(ProgramLines { lines, functions })
 }
@@ -368,13 +459,20 @@ fn btf_strings(id: u32) -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("BTF object {id}'s strings lie past its end"))
 }
 
-/// The line table of every program in `ids` that has line information; the others are named
-/// in the second value.
-pub fn line_table(ids: &HashSet<u32>) -> (LineTable, Vec<String>) {
+/// The line table of every program in `ids` that has line information, named by their
+/// symbols in `symbols` ([`bpf_symbols`]); the others are named in the second value.
+pub fn line_table(
+    ids: &HashSet<u32>,
+    symbols: &HashMap<String, Vec<u64>>,
+) -> (LineTable, Vec<String>) {
+    let names: HashMap<u64, String> = symbols
+        .iter()
+        .flat_map(|(name, starts)| starts.iter().map(move |&start| (start, name.clone())))
+        .collect();
     let mut table = LineTable::default();
     let mut skipped = Vec::new();
     for &id in ids {
-        match program_lines(id) {
+        match program_lines(id, &names) {
             Ok(program) => table.add(program.lines, &program.functions),
             Err(err) => skipped.push(format!("{err:#}")),
         }
@@ -386,82 +484,134 @@ pub fn line_table(ids: &HashSet<u32>) -> (LineTable, Vec<String>) {
 mod tests {
     use super::*;
 
-    const SCRIPT: &str = "\
+    const FILL: &str = "bpf_prog_0123456789abcdef_fill_record";
+    const ENTRY: &str = "bpf_prog_fedcba9876543210_timer_expire_entry_typed";
+
+    /// Both functions loaded while perf recorded (fill_record at ...1000; the entry at ...5000,
+    /// where other code of the same symbol was before), and the entry once more with other
+    /// code (another length, at ...9000); samples in each.
+    fn script() -> String {
+        format!(
+            "\
+hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0005000 len 600 type 1 flags 0x0 name {ENTRY}
+hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0005000 len 600 type 1 flags 0x1 name {ENTRY}
+hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0001000 len 256 type 1 flags 0x0 name {FILL}
+hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0005000 len 512 type 1 flags 0x0 name {ENTRY}
+hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0009000 len 600 type 1 flags 0x0 name {ENTRY}
 swapper     0 [001]   582.712877:     200040 cpu-clock:ppp: 
-\tffffffffa0001234 bpf_prog_0123456789abcdef_fill_record+0x6e (bpf_prog_0123456789abcdef_fill_record)
-\tffffffffa0005678 bpf_prog_fedcba9876543210_timer_expire_entry_typed+0x139 (bpf_prog_fedcba9876543210_timer_expire_entry_typed)
+\tffffffffa000106e {FILL}+0x6e ({FILL})
+\tffffffffa0005139 {ENTRY}+0x139 ({ENTRY})
 \tffffffff81234567 call_timer_fn+0x2c ([kernel.kallsyms])
 
 perf-exec 13217 [000]   582.713005:     200040 cpu-clock:ppp: 
 \tffffffff81600001 read_tsc+0x5 ([kernel.kallsyms])
-\tffffffffa0005000 bpf_prog_fedcba9876543210_timer_expire_entry_typed+0x2c (bpf_prog_fedcba9876543210_timer_expire_entry_typed)
+\tffffffff81600101 ktime_get_mono_fast_ns+0x21 ([kernel.kallsyms])
+\tffffffffa000502d {ENTRY}+0x2d ({ENTRY})
 \t           d4ad7 [unknown] (/usr/lib/x86_64-linux-gnu/libc.so.6)
+
+a 1 [000] 1.0: 1 cpu-clock:ppp: 
+\tffffffff81700005 bpf_ringbuf_submit+0x5 ([kernel.kallsyms])
+\tffffffffa0005100 {ENTRY}+0x100 ({ENTRY})
+
+b 1 [000] 1.0: 1 cpu-clock:ppp: 
+\tffffffffa0009010 {ENTRY}+0x10 ({ENTRY})
+
+hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0009000 len 600 type 1 flags 0x1 name {ENTRY}
+c 1 [000] 1.0: 1 cpu-clock:ppp: 
+\tffffffffa0009010 {ENTRY}+0x10 ({ENTRY})
 
 x 1 [000] 1.0: 1 cpu-clock:ppp: 
 \tffffffff81000000 pv_native_safe_halt+0xb ([kernel.kallsyms])
-";
-
-    #[test]
-    fn parses_frames_of_each_sample() {
-        let samples = parse_perf_script(SCRIPT);
-        assert_eq!(samples.len(), 3);
-        assert_eq!(
-            samples[0][0],
-            Frame {
-                symbol: "bpf_prog_0123456789abcdef_fill_record".into(),
-                offset: 0x6e
-            }
-        );
-        assert_eq!(samples[0].len(), 3);
-        assert_eq!(samples[1][2].symbol, "[unknown]");
-        assert_eq!(samples[2][0].offset, 0xb);
+"
+        )
     }
 
-    fn line(program: &str, line: u32) -> SourceLine {
+    #[test]
+    fn parses_frames_of_each_sample_and_the_code_loaded() {
+        let script = parse_perf_script(&script());
+        assert_eq!(script.samples.len(), 6);
+        assert_eq!(
+            script.samples[0][0],
+            Frame {
+                address: 0xffff_ffff_a000_106e,
+                symbol: FILL.into(),
+                offset: 0x6e,
+                loaded_len: Some(256),
+            }
+        );
+        assert_eq!(script.samples[0].len(), 3);
+        // The length registered last at that address, not the one before.
+        assert_eq!(script.samples[0][1].loaded_len, Some(512));
+        assert_eq!(script.samples[1][0].loaded_len, None, "not BPF code");
+        assert_eq!(script.samples[1][3].symbol, "[unknown]");
+        assert_eq!(script.samples[3][0].loaded_len, Some(600));
+        assert_eq!(
+            script.samples[4][0].loaded_len, None,
+            "after its unregistration"
+        );
+        assert_eq!(script.samples[5][0].offset, 0xb);
+    }
+
+    fn line(line: u32) -> SourceLine {
         SourceLine {
-            program: program.into(),
+            program: "timer_expire_entry_typed".into(),
             file: "socket.rs".into(),
             line,
             text: format!("line {line}"),
         }
     }
 
-    #[test]
-    fn attributes_to_the_innermost_program_frame_and_its_helper() {
+    fn table() -> LineTable {
         let mut table = LineTable::default();
-        // The entry program at 0x5000 (0x200 long) with a subprogram at 0x1000 (0x100 long).
+        // Reloaded: the entry at 0x5000 (512 bytes) with its subprogram at 0x1000 (256).
         table.add(
             vec![
-                (0x1000, line("entry", 700)),
-                (0x1060, line("entry", 718)),
-                (0x5000, line("entry", 40)),
-                (0x5100, line("entry", 99)),
+                (0x1000, line(700)),
+                (0x1060, line(718)),
+                (0x5000, line(40)),
+                (0x5100, line(99)),
             ],
-            &[(0x5000, 0x200), (0x1000, 0x100)],
+            &[(0x5000, 512), (0x1000, 256)],
         );
+        table
+    }
+
+    #[test]
+    fn attributes_to_the_innermost_program_frame_and_the_function_it_called() {
         let symbols = HashMap::from([
-            ("bpf_prog_0123456789abcdef_fill_record".to_owned(), 0x1000),
-            (
-                "bpf_prog_fedcba9876543210_timer_expire_entry_typed".to_owned(),
-                0x5000,
-            ),
+            (FILL.to_owned(), vec![0x1000]),
+            // Loaded twice now: the instance in the table is the one read.
+            (ENTRY.to_owned(), vec![0x7000, 0x5000]),
         ]);
-        let profile = attribute(&parse_perf_script(SCRIPT), &symbols, &table);
-        assert_eq!(profile.programs.get("entry"), Some(&2));
+        let profile = attribute(&parse_perf_script(&script()), &symbols, &table());
+        assert_eq!(profile.programs.get("timer_expire_entry_typed"), Some(&3));
         // 0x1000 + 0x6e lies in line 718's range, in the program's own code.
-        assert_eq!(profile.lines.get(&(line("entry", 718), None)), Some(&1));
-        // A helper's sample goes to the line that called it.
+        assert_eq!(profile.lines.get(&(line(718), None)), Some(&1));
+        // A helper's sample goes to the line of the call (its return address less one), under
+        // the function the program called.
         assert_eq!(
             profile
                 .lines
-                .get(&(line("entry", 40), Some("read_tsc".to_owned()))),
+                .get(&(line(40), Some("ktime_get_mono_fast_ns".to_owned()))),
             Some(&1)
         );
-        assert_eq!(profile.unknown, 0);
+        assert_eq!(
+            profile
+                .lines
+                .get(&(line(40), Some("bpf_ringbuf_submit".to_owned()))),
+            Some(&1),
+            "a return address at a line's first byte is the call on the line before"
+        );
+        // The instance of other length is other code under the same symbol, and so is code
+        // perf did not see loaded.
+        assert_eq!(profile.other, 2);
         let rendered = profile.render(5);
-        assert!(rendered.contains("entry: 2 samples"), "{rendered}");
         assert!(
-            rendered.contains("| 1 | 50.0 % | socket.rs:40 `line 40` | read_tsc |"),
+            rendered.contains("timer_expire_entry_typed: 3 samples"),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("| 1 | 33.3 % | socket.rs:40 `line 40` | bpf_ringbuf_submit |"),
             "{rendered}"
         );
     }
@@ -469,22 +619,25 @@ x 1 [000] 1.0: 1 cpu-clock:ppp:
     #[test]
     fn an_address_past_every_function_has_no_line() {
         let mut table = LineTable::default();
-        table.add(vec![(0x1000, line("p", 1))], &[(0x1000, 0x10)]);
-        assert_eq!(table.find(0x1008), Some(&line("p", 1)));
+        table.add(vec![(0x1000, line(1))], &[(0x1000, 0x10)]);
+        assert_eq!(table.find(0x1008), Some(&line(1)));
         assert_eq!(table.find(0x1010), None);
         assert_eq!(table.find(0xfff), None);
     }
 
     #[test]
-    fn reads_bpf_symbols_from_kallsyms() {
-        let symbols = bpf_symbols(
-            "ffffffffa0001000 t bpf_prog_0123456789abcdef_fill_record\t[bpf]\n\
-             ffffffff81000000 T _stext\n",
-        );
+    fn reads_bpf_symbols_and_names_from_kallsyms() {
+        let symbols = bpf_symbols(&format!(
+            "ffffffffa0001000 t {ENTRY}\t[bpf]\n\
+             ffffffffa0007000 t {ENTRY}\t[bpf]\n\
+             ffffffff81000000 T _stext\n"
+        ));
         assert_eq!(
-            symbols.get("bpf_prog_0123456789abcdef_fill_record"),
-            Some(&0xffff_ffff_a000_1000)
+            symbols.get(ENTRY),
+            Some(&vec![0xffff_ffff_a000_1000, 0xffff_ffff_a000_7000])
         );
         assert_eq!(symbols.len(), 1);
+        assert_eq!(name_of(ENTRY), Some("timer_expire_entry_typed"));
+        assert_eq!(name_of("_stext"), None);
     }
 }

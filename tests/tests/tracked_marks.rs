@@ -37,8 +37,9 @@ const PROBING: usize = 300;
 const BUSY: usize = 200;
 /// Closes of other connections on the host may add records while a phase runs.
 const SLACK: f64 = 30.0;
-/// Connections sharing a slot of the kernel's marks (32 768 slots): about 1.4 expected among
-/// 300.
+/// Connections sharing a slot of the kernel's marks (32 768 slots): none among one listener's
+/// connections, whose ephemeral ports in turn take blocks of 64 in turn, each a line of its own
+/// (`tracked_slot`); room for a block on a line another block took.
 const SHARED_SLOTS: f64 = 10.0;
 
 #[test]

@@ -5,10 +5,12 @@
 //! this binary) runs it; then an agent started with default flags loads the same programs, and
 //! each sample whose call chain is in one of them is attributed to the innermost program line
 //! on it (the kernel's `jited_line_info` for the program, its strings from the program's BTF),
-//! and to the kernel function it was in when that was a helper. The programs are matched by
-//! symbol (`bpf_prog_TAG_NAME`), so only programs whose code is the default agent's count; the
-//! bench's own programs and the second agent `--churn-only` starts with other flags are the
-//! "without a known line" count.
+//! and to the kernel function the program called when the sample was not in its own code. A
+//! sample counts for a program when its frame's symbol (`bpf_prog_TAG_NAME`) is one of the
+//! reloaded program's functions and perf saw that function loaded at the frame's address with
+//! the same length: the bench's own programs, and the second agent `--churn-only` starts with
+//! other flags (its `.rodata` differs, so its JIT code does too, under the same tag), are the
+//! "other BPF code" count.
 //!
 //! Workloads (`--workload`, repeatable; default both):
 //! - `expiries`: 50 000 keepalive connections probing every second against answering peers
@@ -17,7 +19,7 @@
 //!
 //! With samples from a timer interrupt (no PMU in a VM), a stall shows on the instruction after
 //! it: a cache miss on a load is charged to the line that uses the value, or the next load.
-//! A helper's samples go to the line of its call's return address.
+//! A helper's samples go to the line of its call (its return address less one).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -109,24 +111,24 @@ fn main() -> anyhow::Result<()> {
     // The programs' lines and addresses, from an agent that loads the same code.
     let agent = Agent::start().context("cannot start the agent to read its programs' lines")?;
     let ids = programs_of(agent.pid())?;
-    let (table, skipped) = line_table(&ids);
     let kallsyms =
         std::fs::read_to_string("/proc/kallsyms").context("cannot read /proc/kallsyms")?;
     let symbols = bpf_symbols(&kallsyms);
+    let (table, skipped) = line_table(&ids, &symbols);
     drop(agent);
     for why in &skipped {
         eprintln!("program-profile: skipped {why}");
     }
 
     for (workload, data) in recorded {
-        let samples = parse_perf_script(&perf_script(&data)?);
-        let profile = attribute(&samples, &symbols, &table);
+        let script = parse_perf_script(&perf_script(&data)?);
+        let profile = attribute(&script, &symbols, &table);
         println!(
             "{}: hook-cost {} under perf record -a -g -F {FREQUENCY} ({} samples on the host; \
              hook-cost's output in {})",
             workload.name,
             workload.args.join(" "),
-            samples.len(),
+            script.samples.len(),
             out.join(format!("{}.hook-cost.txt", workload.name))
                 .display(),
         );
@@ -169,20 +171,22 @@ fn record(workload: &Workload, hook_cost: &Path, out: &Path) -> anyhow::Result<P
     Ok(data)
 }
 
-/// `perf script`'s text for `data`, with kernel symbols.
+/// `perf script`'s text for `data`: the samples with kernel symbols, and the BPF code loaded
+/// meanwhile. Without inlined frames: perf would run addr2line on the kernel for each.
 fn perf_script(data: &Path) -> anyhow::Result<String> {
     let output = Command::new("perf")
-        .arg("script")
-        .arg("-i")
+        .args(["script", "--show-bpf-events", "--no-inline", "-i"])
         .arg(data)
-        .stderr(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .output()
         .context("cannot run perf script")?;
     if !output.status.success() {
         bail!(
-            "perf script -i {} failed ({})",
+            "perf script -i {} failed ({}): {}",
             data.display(),
-            output.status
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
         );
     }
     String::from_utf8(output.stdout).context("perf script wrote something not UTF-8")
