@@ -26,6 +26,9 @@ pub struct Frame {
 #[derive(Debug, Default)]
 pub struct Script {
     pub samples: Vec<Vec<Frame>>,
+    /// `PERF_RECORD_KSYMBOL` registrations read: none while BPF frames were sampled means perf
+    /// recorded no load events, and no frame can be told apart.
+    pub registrations: usize,
 }
 
 /// Parses `perf script --show-bpf-events`'s default output, in time order: a sample is a
@@ -39,13 +42,16 @@ pub fn parse_perf_script(text: &str) -> Script {
     let mut frames = Vec::new();
     let mut loaded: HashMap<(u64, String), u64> = HashMap::new();
     for line in text.lines() {
-        if line.trim().is_empty() || !line.starts_with(char::is_whitespace) {
-            // A blank line, or a sample's header or an event: the frames before are done.
+        // An event, whose process name perf may pad with leading spaces, or a blank line or a
+        // sample's header: the frames before are done.
+        let event = ksymbol(line);
+        if event.is_some() || line.trim().is_empty() || !line.starts_with(char::is_whitespace) {
             if !frames.is_empty() {
                 script.samples.push(std::mem::take(&mut frames));
             }
-            match ksymbol(line) {
+            match event {
                 Some(Ksymbol::Registered(address, len, name)) => {
+                    script.registrations += 1;
                     loaded.insert((address, name), len);
                 }
                 Some(Ksymbol::Unregistered(address, name)) => {
@@ -177,19 +183,21 @@ pub struct Profile {
     /// Samples per program.
     pub programs: BTreeMap<String, u64>,
     /// Samples per (line, helper): the innermost frame in a program's code, and the kernel
-    /// function the program called when the sample was not in its own code.
+    /// function the program called (or "an interrupt") when the sample was not in its own
+    /// code.
     pub lines: HashMap<(SourceLine, Option<String>), u64>,
     /// Samples in BPF code of other programs: the bench's own, an agent's started with other
     /// flags (its `.rodata` differs, so its JIT code does too under the same symbol), programs
-    /// without line information.
+    /// without line information, a subprogram two reloaded programs share.
     pub other: u64,
 }
 
 /// Attributes each sample to the innermost frame in a BPF program's code that is the code of
-/// a program in `table`: the frame's symbol names the same function in `symbols` (its
-/// addresses now, as in `/proc/kallsyms`), and the function perf saw loaded at the frame's
-/// address then had the same length. A return address (every frame but the leaf) is looked up one byte back, in
-/// the call.
+/// exactly one function in `table`: the frame's symbol names it in `symbols` (its addresses
+/// now, as in `/proc/kallsyms`), and the function perf saw loaded at the frame's address then
+/// had the same length (a subprogram two loaded programs share matches twice, and is other
+/// code). A return address (a frame below which the program called a function) is looked up
+/// one byte back, in the call; a frame an interrupt stopped is where it stopped.
 pub fn attribute(
     script: &Script,
     symbols: &HashMap<String, Vec<u64>>,
@@ -209,16 +217,34 @@ pub fn attribute(
                 .function_len(start)
                 .is_some_and(|len| frame.loaded_len == Some(len))
         };
-        let Some(line) = symbols
+        let matching: Vec<u64> = symbols
             .get(&frame.symbol)
-            .and_then(|starts| starts.iter().find(|start| same_code(start)))
-            .and_then(|start| table.find(start + frame.offset - u64::from(depth > 0)))
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|start| same_code(start))
+            .collect();
+        let callee = depth
+            .checked_sub(1)
+            .map(|below| frames[below].symbol.as_str());
+        let interrupted =
+            callee.is_some_and(|callee| callee.starts_with("asm_") || callee.contains("interrupt"));
+        let back = u64::from(callee.is_some() && !interrupted && frame.offset > 0);
+        let Some(line) = (matching.len() == 1)
+            .then(|| table.find(matching[0] + frame.offset - back))
+            .flatten()
         else {
             profile.other += 1;
             continue;
         };
         *profile.programs.entry(line.program.clone()).or_default() += 1;
-        let helper = (depth > 0).then(|| frames[depth - 1].symbol.clone());
+        let helper = callee.map(|callee| {
+            if interrupted {
+                "an interrupt".to_owned()
+            } else {
+                callee.to_owned()
+            }
+        });
         *profile.lines.entry((line.clone(), helper)).or_default() += 1;
     }
     profile
@@ -497,7 +523,7 @@ hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0005000 len 600 type 1 
 hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0005000 len 600 type 1 flags 0x1 name {ENTRY}
 hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0001000 len 256 type 1 flags 0x0 name {FILL}
 hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0005000 len 512 type 1 flags 0x0 name {ENTRY}
-hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0009000 len 600 type 1 flags 0x0 name {ENTRY}
+       hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0009000 len 600 type 1 flags 0x0 name {ENTRY}
 swapper     0 [001]   582.712877:     200040 cpu-clock:ppp: 
 \tffffffffa000106e {FILL}+0x6e ({FILL})
 \tffffffffa0005139 {ENTRY}+0x139 ({ENTRY})
@@ -516,6 +542,13 @@ a 1 [000] 1.0: 1 cpu-clock:ppp:
 b 1 [000] 1.0: 1 cpu-clock:ppp: 
 \tffffffffa0009010 {ENTRY}+0x10 ({ENTRY})
 
+d 1 [000] 1.0: 1 cpu-clock:ppp: 
+\tffffffffa0001060 {FILL}+0x60 ({FILL})
+
+e 1 [000] 1.0: 1 cpu-clock:ppp: 
+\tffffffff81800000 asm_sysvec_apic_timer_interrupt+0x0 ([kernel.kallsyms])
+\tffffffffa0005100 {ENTRY}+0x100 ({ENTRY})
+
 hook-cost 1 [000] 1.0: PERF_RECORD_KSYMBOL addr ffffffffa0009000 len 600 type 1 flags 0x1 name {ENTRY}
 c 1 [000] 1.0: 1 cpu-clock:ppp: 
 \tffffffffa0009010 {ENTRY}+0x10 ({ENTRY})
@@ -529,7 +562,11 @@ x 1 [000] 1.0: 1 cpu-clock:ppp:
     #[test]
     fn parses_frames_of_each_sample_and_the_code_loaded() {
         let script = parse_perf_script(&script());
-        assert_eq!(script.samples.len(), 6);
+        assert_eq!(script.samples.len(), 8);
+        assert_eq!(
+            script.registrations, 4,
+            "an indented event line is an event too"
+        );
         assert_eq!(
             script.samples[0][0],
             Frame {
@@ -546,10 +583,10 @@ x 1 [000] 1.0: 1 cpu-clock:ppp:
         assert_eq!(script.samples[1][3].symbol, "[unknown]");
         assert_eq!(script.samples[3][0].loaded_len, Some(600));
         assert_eq!(
-            script.samples[4][0].loaded_len, None,
+            script.samples[6][0].loaded_len, None,
             "after its unregistration"
         );
-        assert_eq!(script.samples[5][0].offset, 0xb);
+        assert_eq!(script.samples[7][0].offset, 0xb);
     }
 
     fn line(line: u32) -> SourceLine {
@@ -584,9 +621,17 @@ x 1 [000] 1.0: 1 cpu-clock:ppp:
             (ENTRY.to_owned(), vec![0x7000, 0x5000]),
         ]);
         let profile = attribute(&parse_perf_script(&script()), &symbols, &table());
-        assert_eq!(profile.programs.get("timer_expire_entry_typed"), Some(&3));
-        // 0x1000 + 0x6e lies in line 718's range, in the program's own code.
-        assert_eq!(profile.lines.get(&(line(718), None)), Some(&1));
+        assert_eq!(profile.programs.get("timer_expire_entry_typed"), Some(&5));
+        // 0x1000 + 0x6e lies in line 718's range, in the program's own code, and so does its
+        // first byte (a leaf is no return address).
+        assert_eq!(profile.lines.get(&(line(718), None)), Some(&2));
+        // An interrupt stopped the program at 0x5100: line 99, not the line before.
+        assert_eq!(
+            profile
+                .lines
+                .get(&(line(99), Some("an interrupt".to_owned()))),
+            Some(&1)
+        );
         // A helper's sample goes to the line of the call (its return address less one), under
         // the function the program called.
         assert_eq!(
@@ -607,13 +652,27 @@ x 1 [000] 1.0: 1 cpu-clock:ppp:
         assert_eq!(profile.other, 2);
         let rendered = profile.render(5);
         assert!(
-            rendered.contains("timer_expire_entry_typed: 3 samples"),
+            rendered.contains("timer_expire_entry_typed: 5 samples"),
             "{rendered}"
         );
         assert!(
-            rendered.contains("| 1 | 33.3 % | socket.rs:40 `line 40` | bpf_ringbuf_submit |"),
+            rendered.contains("| 1 | 20.0 % | socket.rs:40 `line 40` | bpf_ringbuf_submit |"),
             "{rendered}"
         );
+    }
+
+    #[test]
+    fn a_function_loaded_twice_with_the_same_code_is_other_code() {
+        let mut table = table();
+        // A copy of the subprogram in a second reloaded program, as long as the first.
+        table.add(vec![(0x3000, line(700))], &[(0x3000, 256)]);
+        let symbols = HashMap::from([
+            (FILL.to_owned(), vec![0x1000, 0x3000]),
+            (ENTRY.to_owned(), vec![0x5000]),
+        ]);
+        let profile = attribute(&parse_perf_script(&script()), &symbols, &table);
+        assert_eq!(profile.lines.get(&(line(718), None)), None);
+        assert_eq!(profile.other, 4);
     }
 
     #[test]

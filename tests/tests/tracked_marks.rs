@@ -37,9 +37,10 @@ const PROBING: usize = 300;
 const BUSY: usize = 200;
 /// Closes of other connections on the host may add records while a phase runs.
 const SLACK: f64 = 30.0;
-/// Connections sharing a slot of the kernel's marks (32 768 slots): none among one listener's
-/// connections, whose ephemeral ports in turn take blocks of 64 in turn, each a line of its own
-/// (`tracked_slot`); room for a block on a line another block took.
+/// Connections sharing a slot of the kernel's marks (32 768 slots): the clients of one
+/// listener take ephemeral ports in turn, blocks of 64 in turn, each on a line of its own
+/// (`tracked_slot`); room for the accepted ends' blocks, which hash to other lines and may
+/// take one of theirs.
 const SHARED_SLOTS: f64 = 10.0;
 
 #[test]

@@ -122,6 +122,19 @@ fn main() -> anyhow::Result<()> {
 
     for (workload, data) in recorded {
         let script = parse_perf_script(&perf_script(&data)?);
+        let bpf_frames = script
+            .samples
+            .iter()
+            .flatten()
+            .any(|frame| frame.symbol.starts_with("bpf_prog_"));
+        if bpf_frames && script.registrations == 0 {
+            bail!(
+                "perf recorded samples in BPF code but no BPF load events (PERF_RECORD_KSYMBOL) \
+                 in {}: without them no sample can be told to be the agent's code (perf older \
+                 than 5.1?)",
+                data.display()
+            );
+        }
         let profile = attribute(&script, &symbols, &table);
         println!(
             "{}: hook-cost {} under perf record -a -g -F {FREQUENCY} ({} samples on the host; \
