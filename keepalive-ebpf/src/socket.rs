@@ -122,7 +122,8 @@ fn tracked(remote_port: u16, local_port: u16) -> Option<(TrackedEpochs, *mut u8)
     let marks = TRACKED.get_ptr_mut(0)?;
     let index = tracked_slot(remote_port, local_port);
     // SAFETY: a map value; `index` is below the slots' length (`tracked_slot`'s arithmetic
-    // bounds it, and the verifier follows that arithmetic). The epochs are one aligned `u32` the agent writes in one store.
+    // bounds it, and the verifier follows that arithmetic). The epochs are one aligned `u32`
+    // the agent writes in one store.
     unsafe {
         let epochs = TrackedEpochs::from_bits(core::ptr::read_volatile(
             (&raw const (*marks).epochs).cast::<u32>(),
@@ -259,8 +260,9 @@ pub(crate) fn add(counter: *mut u64, n: u64) {
     };
 }
 
-/// A member of `struct sock` loaded through the BTF-typed pointer a tracepoint gives (`inet_sock_set_state`, `tcp_send_reset`) (a faulting load
-/// reads 0, the verifier's probe-load semantics).
+/// A member of `struct sock` loaded through the BTF-typed pointer a tracepoint gives
+/// (`inet_sock_set_state`, `tcp_send_reset`); a faulting load reads 0, the verifier's
+/// probe-load semantics.
 #[inline(always)]
 pub(crate) fn sock_field<T: Copy>(sk: *const u8, offset: usize) -> T {
     // SAFETY: the verifier checks the load against `struct sock` (offsets come from frozen

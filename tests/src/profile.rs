@@ -9,8 +9,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::{Context, bail};
+use keepalive_agent::kernel::bpf_syscall::{
+    BPF_BTF_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_GET_FD_BY_ID, bpf,
+};
 
 /// One frame of a sample: its address, the symbol and offset perf named it by, and for BPF
 /// code the length of the function perf saw loaded there at the sample's time.
@@ -315,45 +319,29 @@ fn name_of(symbol: &str) -> Option<&str> {
     rest.split_once('_').map(|(_tag, name)| name)
 }
 
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
-
 /// `struct bpf_prog_info`'s size up to `attach_btf_id` (the fields read here come before it).
 const PROG_INFO_SIZE: usize = 232;
 
-fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> anyhow::Result<i32> {
-    // SAFETY: `attr` is a buffer of the size passed, laid out as the command's `union bpf_attr`
-    // member; the kernel reads and writes within it (and the user buffers it points to, which
-    // the callers keep alive and sized).
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(ret as i32)
-}
-
-struct Fd(i32);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: a descriptor this process opened and owns.
-        unsafe { libc::close(self.0) };
-    }
-}
-
-fn get_fd(cmd: libc::c_long, id: u32) -> anyhow::Result<Fd> {
+fn get_fd(cmd: libc::c_long, id: u32) -> anyhow::Result<OwnedFd> {
+    // `union bpf_attr` as the `*_GET_FD_BY_ID` commands read it: the id first.
     let mut attr = [0u8; 16];
     attr[..4].copy_from_slice(&id.to_ne_bytes());
-    Ok(Fd(bpf(cmd, &mut attr)?))
+    // SAFETY: the attribute is the prefix those commands read, with no pointers in it.
+    let fd = unsafe { bpf(cmd, &mut attr) }?;
+    // SAFETY: the kernel just opened this descriptor for us, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn info(fd: &Fd, info: &mut [u8]) -> anyhow::Result<()> {
+fn info(fd: &OwnedFd, info: &mut [u8]) -> anyhow::Result<()> {
+    // `union bpf_attr` as `BPF_OBJ_GET_INFO_BY_FD` reads it: fd, info_len, info.
     let mut attr = [0u8; 16];
-    attr[..4].copy_from_slice(&(fd.0 as u32).to_ne_bytes());
+    attr[..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
     attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
     attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
+    // SAFETY: the kernel writes at most `info.len()` bytes to `info`, and through the pointers
+    // the callers put in it, to buffers they keep alive and sized as the counts say.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    Ok(())
 }
 
 fn u32_at(buf: &[u8], at: usize) -> u32 {

@@ -8,7 +8,7 @@
 //! A command opens one [`Session`]: the kernel's BTF is read from disk once, parsed once by
 //! btf-rs for the layout (then dropped) and once by aya for the loader and every program load.
 
-pub(crate) mod bpf_syscall;
+pub mod bpf_syscall;
 pub(crate) mod counter_sweep;
 pub mod hash_walk;
 pub(crate) mod hooks;
