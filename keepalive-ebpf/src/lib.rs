@@ -31,6 +31,12 @@ pub mod names {
     pub const IDLE_KILL_JIFFIES_MAP: &str = "IDLE_KILL_JIFFIES";
     /// Exact per-namespace counters ([`super::NetnsKey`] → [`super::NetnsCounters`]).
     pub const NETNS_COUNTERS_MAP: &str = "NETNS_COUNTERS";
+    /// Namespaces' counters at fixed slots ([`super::NetnsCounterSlot`]; mmapped by the agent,
+    /// which places them).
+    pub const NETNS_SLOTS_MAP: &str = "NETNS_SLOTS";
+    /// Per-CPU count of entries the programs inserted in [`NETNS_COUNTERS_MAP`]: what tells the
+    /// agent there is a namespace to place, without walking the map.
+    pub const NETNS_INSERTS_MAP: &str = "NETNS_INSERTS";
     /// Per-CPU count of namespaces that found [`NETNS_COUNTERS_MAP`] full.
     pub const NETNS_COUNTERS_FULL_MAP: &str = "NETNS_COUNTERS_FULL";
     /// Per-CPU counts of events the programs saw but could not count, by [`super::Uncounted`].
@@ -1218,6 +1224,12 @@ pub struct NetnsKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetnsCounters {
+    /// `bpf_ktime_get_ns()` when the program that inserted the entry stamped it; 0 for the
+    /// moment between. An inode is reused only after its namespace is gone, and every event of
+    /// that namespace came before, so of two entries on one inode the later one is the live
+    /// namespace's, though no record of it reached the agent yet. First: in a
+    /// [`NetnsCounterSlot`] it shares the key's cache line, with the counts an expiry adds to.
+    pub created_ns: u64,
     /// Keepalive timer expiries (a namespace with keepalive sockets is alive even when idle).
     pub expiries: u64,
     /// Probes sent (`TCPKeepAlive` of the namespace).
@@ -1227,11 +1239,51 @@ pub struct NetnsCounters {
     pub orderly_closes: u64,
     /// Drops by [`DropReason`] value.
     pub drops: [u64; DropReason::COUNT],
-    /// `bpf_ktime_get_ns()` when the program that inserted the entry stamped it; 0 for the
-    /// moment between. An inode is reused only after its namespace is gone, and every event of
-    /// that namespace came before, so of two entries on one inode the later one is the live
-    /// namespace's, though no record of it reached the agent yet.
-    pub created_ns: u64,
+}
+
+/// One element of [`names::NETNS_SLOTS_MAP`]: a namespace's counters where the programs
+/// find them without hashing, at [`netns_counter_slot`] of its key. The agent places a
+/// namespace there once the programs have inserted its entry in
+/// [`names::NETNS_COUNTERS_MAP`], copying the entry's `created_ns`; from then on the programs
+/// add to the slot, and the agent reads each namespace's totals as its entry plus its slot
+/// (every add lands in one of the two). Finding a value in the hash map (a hash of the 16-byte
+/// key, its bucket, then the element) was about 45 ns of a counted close (`cargo xtask ablate
+/// counters`, README "Performance"); an array element's address is computed inline.
+///
+/// Written by the agent alone, apart from the counts: the key and `created_ns` while `inum` is
+/// 0 (free), then `inum` last, after a release fence; cleared by zeroing `inum`, then the
+/// cookie and `created_ns`. A program takes the slot only when its inode, cookie and a
+/// non-zero `created_ns` all match. Its three loads are not ordered (arm64), so what keeps a
+/// program from pairing one placement's inode with another's stamp is the quarantine: a slot
+/// the agent clears is not placed again before [`NETNS_SLOT_QUARANTINE_SECS`], by when its
+/// zeros are visible everywhere, and a program sees each word either zero (then it counts in
+/// the hash map, which is always right) or the new placement's. The counts are zeroed before
+/// the inode is stored, and a program's atomic add depends on its loads (a control
+/// dependency orders a load before a later store, arm64 included), so no add lands before
+/// the zeroing. An add of a program that matched a slot just before it was cleared lands in no
+/// namespace read later, as an add to an entry the agent is deleting always could.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsCounterSlot {
+    pub key: NetnsKey,
+    pub counters: NetnsCounters,
+    /// To 128 bytes: the key, `created_ns` and the expiry's counts on the first cache line.
+    pub _pad: [u64; 2],
+}
+
+/// Elements of [`names::NETNS_SLOTS_MAP`] (128 KiB): a power of two. A namespace whose
+/// slot another holds stays in the hash map, counted as exactly, for a hash lookup more.
+pub const NETNS_COUNTER_SLOTS: usize = 1024;
+
+/// Seconds a slot the agent cleared stays free before it places another namespace there.
+pub const NETNS_SLOT_QUARANTINE_SECS: u64 = 2;
+
+/// The slot of [`names::NETNS_SLOTS_MAP`] a namespace's counters may be placed in.
+#[inline(always)]
+pub fn netns_counter_slot(key: &NetnsKey) -> usize {
+    const BITS: u32 = NETNS_COUNTER_SLOTS.trailing_zeros();
+    const _: () = assert!(NETNS_COUNTER_SLOTS.is_power_of_two());
+    multiplicative_hash(key.cookie ^ u64::from(key.inum), BITS)
 }
 
 /// Why a program that saw a keepalive expiry or a close could not add it to
@@ -1533,6 +1585,7 @@ mod pod {
     unsafe impl aya::Pod for super::IpvsQuery {}
     unsafe impl aya::Pod for super::NetnsKey {}
     unsafe impl aya::Pod for super::NetnsCounters {}
+    unsafe impl aya::Pod for super::NetnsCounterSlot {}
     unsafe impl aya::Pod for super::SnapshotRegion {}
     unsafe impl aya::Pod for super::ExpirySpan {}
     unsafe impl aya::Pod for super::RecordSlots {}
@@ -1678,6 +1731,9 @@ const _: () = assert!(core::mem::offset_of!(SocketRecord, remote_addr) % 8 == 0)
 const _: () = assert!(core::mem::size_of::<AuditCursor>() == 56);
 const _: () = assert!(core::mem::size_of::<NetnsKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NetnsCounters>() == 8 * (4 + DropReason::COUNT));
+const _: () = assert!(core::mem::size_of::<NetnsCounterSlot>() == 128);
+const _: () = assert!(core::mem::offset_of!(NetnsCounterSlot, counters) == 16);
+const _: () = assert!(core::mem::offset_of!(NetnsCounters, created_ns) == 0);
 const _: () = assert!(
     core::mem::size_of::<KernelOffsets>()
         == KernelOffsets::FIELD_COUNT * core::mem::size_of::<u32>()

@@ -11,11 +11,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use keepalive_ebpf::{
-    AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTERS_MAX, NetnsCounters, NetnsKey,
-    SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT, SNAPSHOT_SCRATCH_BYTES, SnapshotRegion,
-    SocketRecord, TrackedEpochs, TrackedMarks, Uncounted,
+    AF_INET6, DropReason, ExpiryRecord, KernelOffsets, NETNS_COUNTER_SLOTS, NETNS_COUNTERS_MAX,
+    NetnsCounterSlot, NetnsCounters, NetnsKey, SNAPSHOT_REGIONS as SNAPSHOT_REGION_COUNT,
+    SNAPSHOT_SCRATCH_BYTES, SnapshotRegion, SocketRecord, TrackedEpochs, TrackedMarks, Uncounted,
     ablation::{SHORT_RECORD_BYTES, ablated},
-    record_flags, tracked_slot,
+    netns_counter_slot, record_flags, tracked_slot,
 };
 
 /// Written by the agent before load (`.rodata` is frozen, so the verifier sees constants).
@@ -165,6 +165,15 @@ pub(crate) fn may_be_tracked(remote_port: u16, local_port: u16) -> bool {
 pub(crate) static NETNS_COUNTERS: HashMap<NetnsKey, NetnsCounters> =
     HashMap::with_max_entries(NETNS_COUNTERS_MAX, 0);
 
+/// The namespaces' counters the agent placed where no hash finds them (see
+/// [`NetnsCounterSlot`]).
+#[map]
+static NETNS_SLOTS: Array<NetnsCounterSlot> =
+    Array::with_max_entries(NETNS_COUNTER_SLOTS as u32, BPF_F_MMAPABLE);
+
+#[map]
+static NETNS_INSERTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub(crate) static NETNS_COUNTERS_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -197,11 +206,11 @@ pub(crate) fn netns_counters(rec: &SocketRecord) -> Option<*mut NetnsCounters> {
 /// walk again on every path that inserts a namespace, which put the close program past their
 /// million-instruction limit.
 static ZERO_COUNTERS: NetnsCounters = NetnsCounters {
+    created_ns: 0,
     expiries: 0,
     probes: 0,
     orderly_closes: 0,
     drops: [0; DropReason::COUNT],
-    created_ns: 0,
 };
 
 /// [`netns_counters`] by key.
@@ -215,7 +224,7 @@ pub(crate) fn netns_counters_of(key: NetnsKey) -> Option<*mut NetnsCounters> {
     }
     // Map values stay valid while the program runs (RCU); a deletion by the agent meanwhile
     // only loses this add, for a namespace it forgot.
-    if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(key) {
+    if let Some(counters) = existing_netns_counters(&key) {
         return Some(counters);
     }
     // Another CPU may insert the same key first: NOEXIST keeps its counts.
@@ -235,8 +244,34 @@ pub(crate) fn netns_counters_of(key: NetnsKey) -> Option<*mut NetnsCounters> {
         // namespaces on one inode is the live one (see `NetnsCounters::created_ns`).
         // SAFETY: a map value, valid while the program runs (see above).
         unsafe { core::ptr::write_volatile(&raw mut (*counters).created_ns, bpf_ktime_get_ns()) };
+        if let Some(inserts) = NETNS_INSERTS.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot; a program nested on this CPU can at worst lose one count,
+            // and any later insert moves it again (the agent looks for a change).
+            unsafe { *inserts += 1 };
+        }
     }
     Some(counters)
+}
+
+/// The counters of namespace `key` if it has any: at its slot when the agent placed it there
+/// (see [`NetnsCounterSlot`]), else its entry in the hash map.
+#[inline(always)]
+pub(crate) fn existing_netns_counters(key: &NetnsKey) -> Option<*mut NetnsCounters> {
+    if let Some(slot) = NETNS_SLOTS.get_ptr_mut(netns_counter_slot(key) as u32) {
+        // SAFETY: a map value, valid while the program runs; the agent writes these words
+        // with single aligned stores, so each load sees one whole value. `inum` first: the
+        // agent writes it last, after the rest (a slot it cleared has 0 there).
+        let placed = unsafe {
+            core::ptr::read_volatile(&raw const (*slot).key.inum) == key.inum
+                && core::ptr::read_volatile(&raw const (*slot).key.cookie) == key.cookie
+                && core::ptr::read_volatile(&raw const (*slot).counters.created_ns) != 0
+        };
+        if placed {
+            // SAFETY: as above.
+            return Some(unsafe { &raw mut (*slot).counters });
+        }
+    }
+    NETNS_COUNTERS.get_ptr_mut(key)
 }
 
 /// Adds `n` to a counter shared by every CPU. The BPF target has no compare-and-swap, so

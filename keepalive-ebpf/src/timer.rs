@@ -18,9 +18,10 @@ use keepalive_ebpf::{
 };
 
 use crate::socket::{
-    EBUSY, HelperRead, KEEPALIVE_TIMER_FN, NETNS_COUNTERS, SockFields, Typed, WRITE_TIMER_FN, add,
-    expiry_snapshot, expiry_snapshot_typed, mark_tracked, may_be_tracked, netns_counters, read,
-    read_or_zero, report_keepalive_off, send_expiry, store_netns_cookie, typed_tcp_sock, uncounted,
+    EBUSY, HelperRead, KEEPALIVE_TIMER_FN, SockFields, Typed, WRITE_TIMER_FN, add,
+    existing_netns_counters, expiry_snapshot, expiry_snapshot_typed, mark_tracked, may_be_tracked,
+    netns_counters, read, read_or_zero, report_keepalive_off, send_expiry, store_netns_cookie,
+    typed_tcp_sock, uncounted,
 };
 
 /// More probes than one CPU's keepalive timers send between two expiries the programs see
@@ -525,7 +526,7 @@ pub(crate) fn counter_sweep(ctx: RawTracePointContext) -> i32 {
         };
         // Not created here: no entry means the agent's retention sweep deleted an idle
         // namespace's, whose next entry starts from what happens after it (as at an exit).
-        if let Some(counters) = NETNS_COUNTERS.get_ptr_mut(key) {
+        if let Some(counters) = existing_netns_counters(&key) {
             // SAFETY: a map value, valid while the program runs.
             let created = unsafe { core::ptr::read_volatile(&raw const (*counters).created_ns) };
             if created != 0 && created <= slot.seen_ns {
@@ -580,7 +581,7 @@ fn set_counting(counting: *mut u8, value: u8) {
 /// Whether a slot's namespace ([`counter_sweep`]) is still the one it took, alive, with its
 /// counter where the slot says.
 enum Alive {
-    /// Yes; its inode number (the rest of its key in `NETNS_COUNTERS`).
+    /// Yes; its inode number (the rest of its counters' key).
     Yes(u32),
     /// Freed (or freed and its memory reused): the slot forgets it.
     No,

@@ -13,14 +13,18 @@
 //! A perf event on the same tracepoint counts those, and the probes may then fall short of
 //! `TCPKeepAlive` by at most that count: a shortfall the kernel does not explain still fails.
 //!
+//! The namespaces' counts are in two places, their entry in the hash map and, once the agent
+//! placed them, their slot (`NETNS_SLOTS`): the totals must be their sum.
+//!
 //! The agent's counter sweep (which adds the probes of such expiries that no later expiry
 //! counts) runs every 10ms here, a hundred times its default, in the middle of the bursts: a
 //! probe it and an expiry's exit both counted would put the totals above `TCPKeepAlive`.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use keepalive_agent::sweep_metric;
 use keepalive_tests::{
     DEADLINE, Expectations, Metrics, Netns, TCP_CLOSE, TestEnv, UNCOUNTED_METRICS,
@@ -201,6 +205,23 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
             "no record was lost, so this test proved nothing about loss: raise BLACKHOLED"
         );
         let none: &[(&str, &str)] = &[];
+        // The namespaces were placed in slots (the agent looks once a second; the first probes
+        // are counted in the hash map, the rest at the slot): the totals above are the two
+        // added up. At least one of the two: they may hash to one slot.
+        let placed = metrics.value("keepalive_agent_netns_counters_placed", none);
+        let slot_probes = [
+            slot_probes(dead.inum()).context("reading the blackholed namespace's counter slot")?,
+            slot_probes(live.inum()).context("reading the answering namespace's counter slot")?,
+        ];
+        eprintln!(
+            "{test}: agent: {placed} namespaces counted at a slot; probes counted at the slots \
+             of the blackholed and the answering namespace: {slot_probes:?}"
+        );
+        ensure!(
+            slot_probes.iter().any(|&probes| probes > 0),
+            "neither namespace's probes were counted at a slot, so this test proved nothing \
+             about them"
+        );
         let sweeps = metrics.value(sweep_metric::ROUNDS, none);
         let failures = metrics.value(sweep_metric::FAILURES, none);
         let swept = metrics.value(sweep_metric::ADDED, none);
@@ -216,4 +237,86 @@ fn namespace_totals_equal_tcpext_when_the_ring_buffer_loses_records() -> anyhow:
         );
     }
     Ok(())
+}
+
+/// The probes counted at the counter slot (`NETNS_SLOTS`) of the namespace with inode `inum`,
+/// as bpftool reads the map: 0 when no slot holds it. Every map of that name is read (this
+/// test's agent is the one running).
+fn slot_probes(inum: u64) -> anyhow::Result<u64> {
+    use keepalive_ebpf::{NetnsCounterSlot, NetnsCounters, NetnsKey};
+    use std::mem::offset_of;
+    let output = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "name",
+            keepalive_ebpf::names::NETNS_SLOTS_MAP,
+        ])
+        .output()
+        .context("running bpftool (cargo xtask setup installs it)")?;
+    ensure!(
+        output.status.success(),
+        "bpftool map dump: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let dump: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("bpftool's JSON")?;
+    let inum_at = offset_of!(NetnsCounterSlot, key) + offset_of!(NetnsKey, inum);
+    let probes_at = offset_of!(NetnsCounterSlot, counters) + offset_of!(NetnsCounters, probes);
+    let mut elements = Vec::new();
+    collect_elements(&dump, &mut elements);
+    ensure!(
+        !elements.is_empty(),
+        "bpftool found no {} element",
+        keepalive_ebpf::names::NETNS_SLOTS_MAP
+    );
+    let mut probes = 0;
+    for value in elements {
+        let bytes = value
+            .iter()
+            .map(|byte| {
+                let hex = byte.as_str().context("a value byte that is not a string")?;
+                u8::from_str_radix(hex.trim_start_matches("0x"), 16)
+                    .with_context(|| format!("value byte {hex}"))
+            })
+            .collect::<anyhow::Result<Vec<u8>>>()?;
+        if bytes.len() != size_of::<NetnsCounterSlot>() {
+            bail!(
+                "a slot of {} bytes, expected {}",
+                bytes.len(),
+                size_of::<NetnsCounterSlot>()
+            );
+        }
+        let word = |at: usize, len: usize| {
+            let mut le = [0u8; 8];
+            le[..len].copy_from_slice(&bytes[at..at + len]);
+            u64::from_le_bytes(le)
+        };
+        if word(inum_at, 4) == inum {
+            probes += word(probes_at, 8);
+        }
+    }
+    Ok(probes)
+}
+
+/// The `value` arrays of every element in bpftool's dump, however it nests them (one map or
+/// several).
+fn collect_elements<'a>(json: &'a serde_json::Value, into: &mut Vec<&'a Vec<serde_json::Value>>) {
+    match json {
+        serde_json::Value::Array(items) => {
+            for item in items {
+                collect_elements(item, into);
+            }
+        }
+        serde_json::Value::Object(fields) => match (fields.get("key"), fields.get("value")) {
+            (Some(_), Some(serde_json::Value::Array(value))) => into.push(value),
+            _ => {
+                for field in fields.values() {
+                    collect_elements(field, into);
+                }
+            }
+        },
+        _ => {}
+    }
 }

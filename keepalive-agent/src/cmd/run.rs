@@ -340,11 +340,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .collect(),
     );
     if config.aggregate_by == AggregateBy::default() {
-        pipeline_metrics = pipeline_metrics.counted_in_kernel(Arc::new(NetnsCounterMaps::new(
+        let maps = Arc::new(NetnsCounterMaps::new(
             netns_counters.counters,
+            netns_counters.slots,
+            netns_counters.inserts,
             netns_counters.full,
             netns_counters.uncounted,
-        )));
+        ));
+        tokio::spawn(Arc::clone(&maps).place_forever());
+        pipeline_metrics = pipeline_metrics.counted_in_kernel(maps);
     } else {
         info!(
             "--aggregate-by {}: probe and drop totals are counted from ring-buffer records \

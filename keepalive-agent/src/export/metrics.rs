@@ -412,6 +412,12 @@ impl prometheus_client::collector::Collector for KernelNamespaceCounters {
             None,
             MetricType::Gauge,
         )?)?;
+        ConstGauge::new(self.0.placed() as i64).encode(encoder.encode_descriptor(
+            "keepalive_agent_netns_counters_placed",
+            "Namespaces whose kernel counters the programs find at a fixed slot, without the hash lookup (the rest of the map's entries are counted there, as exactly)",
+            None,
+            MetricType::Gauge,
+        )?)?;
         match self.0.full() {
             Ok(full) => ConstCounter::new(full).encode(encoder.encode_descriptor(
                 "keepalive_agent_netns_map_full",

@@ -18,6 +18,8 @@ pub mod kallsyms;
 pub mod kfunc;
 pub(crate) mod layout;
 pub mod maps;
+pub(crate) mod mmapped;
+pub(crate) mod netns_slots;
 pub mod programs;
 pub mod tracked;
 

@@ -22,7 +22,9 @@ use crate::kernel::{
     kfunc,
     layout::KernelLayout,
     maps::{TakeMapError, take_map},
-    tracked::{TrackedMarksError, TrackedMarksMap},
+    mmapped::MmapError,
+    netns_slots::NetnsSlotsMap,
+    tracked::TrackedMarksMap,
 };
 
 /// The kernel programs, compiled for this agent by build.rs.
@@ -145,7 +147,7 @@ pub enum ProgramsError {
     #[error(transparent)]
     TakeMap(#[from] TakeMapError),
     #[error(transparent)]
-    TrackedMarks(#[from] TrackedMarksError),
+    Mmap(#[from] MmapError),
     #[error(
         "the socket fields the programs read end {0} bytes into struct tcp_sock on this kernel, \
          beyond the programs' {SNAPSHOT_SCRATCH_BYTES}-byte copy: report this kernel version \
@@ -236,10 +238,12 @@ pub struct KernelPrograms {
     pub tracked: TrackedMarksMap,
 }
 
-/// [`names::NETNS_COUNTERS_MAP`], [`names::NETNS_COUNTERS_FULL_MAP`] and
-/// [`names::UNCOUNTED_MAP`].
+/// [`names::NETNS_COUNTERS_MAP`], [`names::NETNS_SLOTS_MAP`], [`names::NETNS_INSERTS_MAP`],
+/// [`names::NETNS_COUNTERS_FULL_MAP`] and [`names::UNCOUNTED_MAP`].
 pub struct NetnsCounterMaps {
     pub counters: HashMap<MapData, NetnsKey, NetnsCounters>,
+    pub(crate) slots: NetnsSlotsMap,
+    pub inserts: PerCpuArray<MapData, u64>,
     pub full: PerCpuArray<MapData, u64>,
     pub uncounted: PerCpuArray<MapData, u64>,
 }
@@ -493,6 +497,8 @@ pub(crate) fn load(
     let events: RingBuf<MapData> = take_map(&mut ebpf, names::EVENTS_MAP)?;
     let reserve_failures = take_map(&mut ebpf, names::RESERVE_FAILURES_MAP)?;
     let counters = take_map(&mut ebpf, names::NETNS_COUNTERS_MAP)?;
+    let slots = NetnsSlotsMap::take(&mut ebpf)?;
+    let inserts = take_map(&mut ebpf, names::NETNS_INSERTS_MAP)?;
     let full = take_map(&mut ebpf, names::NETNS_COUNTERS_FULL_MAP)?;
     let uncounted = take_map(&mut ebpf, names::UNCOUNTED_MAP)?;
     let tracked = TrackedMarksMap::take(&mut ebpf)?;
@@ -507,6 +513,8 @@ pub(crate) fn load(
         reserve_failures,
         netns_counters: NetnsCounterMaps {
             counters,
+            slots,
+            inserts,
             full,
             uncounted,
         },

@@ -7,72 +7,21 @@
 //! the marks only accumulated, and with them the closes sent: after some 100 000 distinct
 //! probing connections, nearly every close of a keepalive connection.
 
-use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
-};
-
-use aya::{
-    Ebpf,
-    maps::{Map, MapData},
-};
 use keepalive_ebpf::{TRACKED_SLOTS, TrackedEpochs, TrackedMarks, names, tracked_slot};
 
-#[derive(Debug, thiserror::Error)]
-pub enum TrackedMarksError {
-    #[error("the kernel programs object has no array map {0}: agent built from mismatched sources")]
-    Missing(&'static str),
-    #[error(
-        "cannot map the kernel's marks of tracked connections ({map}) into memory: {0}; the \
-         kernel needs BPF_F_MMAPABLE arrays (5.5+)",
-        map = names::TRACKED_MAP
-    )]
-    Mmap(#[source] std::io::Error),
-}
+use super::mmapped::{MmapError, MmappedArray};
 
-/// [`TrackedMarks`] mapped read-write. Owns the map (its descriptor) and the mapping.
+/// [`TrackedMarks`] mapped read-write. Owns the map and the mapping.
 #[derive(Debug)]
 pub struct TrackedMarksMap {
-    marks: NonNull<TrackedMarks>,
-    len: usize,
-    _map: MapData,
+    marks: MmappedArray<TrackedMarks>,
 }
-
-// SAFETY: the mapping belongs to this value alone on the agent's side (the programs write it
-// too, with the same single-byte stores), and every access goes through `&mut self`.
-unsafe impl Send for TrackedMarksMap {}
 
 impl TrackedMarksMap {
     /// Takes the map out of the programs object and maps its value.
-    pub(crate) fn take(ebpf: &mut Ebpf) -> Result<Self, TrackedMarksError> {
-        let Some(Map::Array(map)) = ebpf.take_map(names::TRACKED_MAP) else {
-            return Err(TrackedMarksError::Missing(names::TRACKED_MAP));
-        };
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let len = size_of::<TrackedMarks>().div_ceil(page) * page;
-        // SAFETY: a new shared mapping of the map's one value (an mmapable array maps its values
-        // from offset 0, page-aligned, and is at least `len` long); nothing else is touched.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(TrackedMarksError::Mmap(std::io::Error::last_os_error()));
-        }
-        let marks = NonNull::new(addr.cast()).ok_or(TrackedMarksError::Mmap(
-            std::io::Error::other("mmap returned a null address"),
-        ))?;
+    pub(crate) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, MmapError> {
         Ok(Self {
-            marks,
-            len,
-            _map: map,
+            marks: MmappedArray::take(ebpf, names::TRACKED_MAP, 1)?,
         })
     }
 
@@ -81,7 +30,7 @@ impl TrackedMarksMap {
         // SAFETY: the mapping is live and aligned (page); one aligned `u32` load, as the
         // programs do.
         TrackedEpochs::from_bits(unsafe {
-            std::ptr::read_volatile((&raw const (*self.marks.as_ptr()).epochs).cast::<u32>())
+            std::ptr::read_volatile((&raw const (*self.marks.value(0)).epochs).cast::<u32>())
         })
     }
 
@@ -91,7 +40,7 @@ impl TrackedMarksMap {
     /// that mark until the next renewal marks it from the table. Returns the new epochs.
     pub(crate) fn renew(&mut self, ports: impl IntoIterator<Item = (u16, u16)>) -> TrackedEpochs {
         let epochs = self.epochs().next();
-        let marks = self.marks.as_ptr();
+        let marks = self.marks.value(0);
         // SAFETY: the mapping is live for `self`'s lifetime; the epochs are one aligned `u32`,
         // stored at once so no program reads some moved and others not; each slot is a
         // byte below `TRACKED_SLOTS` (`tracked_slot` masks it), stored whole as the programs
@@ -117,21 +66,12 @@ impl TrackedMarksMap {
     pub(crate) fn held(&self) -> usize {
         let epochs = self.epochs();
         // SAFETY: the mapping is live for `self`'s lifetime.
-        let slots = unsafe { (&raw const (*self.marks.as_ptr()).slots).cast::<u8>() };
+        let slots = unsafe { (&raw const (*self.marks.value(0)).slots).cast::<u8>() };
         (0..TRACKED_SLOTS)
             // SAFETY: `i < TRACKED_SLOTS`, inside the mapping; a whole-byte load, as the
             // programs store them.
             .filter(|&i| epochs.holds(unsafe { std::ptr::read_volatile(slots.add(i)) }))
             .count()
-    }
-}
-
-impl Drop for TrackedMarksMap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `take`, unmapped once.
-        unsafe {
-            libc::munmap(self.marks.as_ptr().cast(), self.len);
-        }
     }
 }
 

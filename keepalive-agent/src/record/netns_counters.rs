@@ -1,7 +1,9 @@
 //! The kernel programs' exact per-namespace counters (`NETNS_COUNTERS`): probes and drops by
 //! reason, added in the kernel as they happen, so no ring-buffer loss changes them. This module
 //! reads them, decides which entry an inode currently means, and deletes the entries of
-//! namespaces that are gone.
+//! namespaces that are gone. It also places each namespace's counters in a slot the programs
+//! find without hashing (`NETNS_SLOTS`, [`keepalive_ebpf::NetnsCounterSlot`]), and reads a
+//! namespace's counts as its entry's plus its slot's.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,11 +12,26 @@ use std::{
 };
 
 use aya::maps::{self, MapData, MapError, PerCpuArray};
-use keepalive_ebpf::{NetnsCounters, NetnsKey, Uncounted};
+use keepalive_ebpf::{
+    NETNS_COUNTER_SLOTS, NETNS_SLOT_QUARANTINE_SECS, NetnsCounters, NetnsKey, Uncounted,
+    netns_counter_slot,
+};
+use log::debug;
 
-/// The two maps, behind locks so scrapes and the retention sweep can share them.
+use crate::kernel::netns_slots::NetnsSlotsMap;
+
+/// How often the agent looks for namespaces to place in a slot (when the programs inserted
+/// one): the hash lookup a namespace's events pay until then.
+pub(crate) const PLACEMENT_PERIOD: Duration = Duration::from_secs(1);
+
+/// The maps, behind locks so scrapes, the retention sweep and the placement can share them.
+/// Where one is taken inside another, the order is `counters`, `activity`, `slots`.
 pub(crate) struct NetnsCounterMaps {
     counters: Mutex<maps::HashMap<MapData, NetnsKey, NetnsCounters>>,
+    /// Which namespaces are placed where.
+    slots: Mutex<Placement>,
+    /// Entries the programs inserted, per CPU: a placement pass runs when the sum moved.
+    inserts: Mutex<PerCpuArray<MapData, u64>>,
     full: Mutex<PerCpuArray<MapData, u64>>,
     /// Events the programs saw but could not count, by [`Uncounted`].
     uncounted: Mutex<PerCpuArray<MapData, u64>>,
@@ -35,11 +52,19 @@ impl std::fmt::Debug for NetnsCounterMaps {
 impl NetnsCounterMaps {
     pub(crate) fn new(
         counters: maps::HashMap<MapData, NetnsKey, NetnsCounters>,
+        slots: NetnsSlotsMap,
+        inserts: PerCpuArray<MapData, u64>,
         full: PerCpuArray<MapData, u64>,
         uncounted: PerCpuArray<MapData, u64>,
     ) -> Self {
         Self {
             counters: Mutex::new(counters),
+            slots: Mutex::new(Placement {
+                map: slots,
+                table: SlotTable::default(),
+                inserts_seen: None,
+            }),
+            inserts: Mutex::new(inserts),
             full: Mutex::new(full),
             uncounted: Mutex::new(uncounted),
             activity: Mutex::default(),
@@ -78,18 +103,99 @@ impl NetnsCounterMaps {
         Ok((entries.len(), current(&entries, &known, &activity)))
     }
 
-    /// Every entry now. An entry deleted while the walk runs is skipped.
+    /// Every entry now, with what the programs added to its slot if it has one. An entry
+    /// deleted while the walk runs is skipped.
     pub(crate) fn entries(&self) -> Result<Vec<(NetnsKey, NetnsCounters)>, MapError> {
         let map = self.counters.lock().expect("counters lock poisoned");
-        let mut entries = Vec::new();
-        for entry in map.iter() {
-            match entry {
-                Ok(entry) => entries.push(entry),
-                Err(MapError::KeyNotFound) => {}
-                Err(err) => return Err(err),
+        let mut entries = walk(&map)?;
+        // After the entries: an add the programs made to an entry since (a program that looked
+        // for the slot just before it was placed) is read next time; every add lands in one of
+        // the two, so nothing is counted twice.
+        let slots = self.slots.lock().expect("slots lock poisoned");
+        for (key, counters) in &mut entries {
+            if let Some(index) = slots.table.slot_of(key) {
+                let (held, placed) = slots.map.read(index);
+                debug_assert_eq!(held, *key, "slot {index}");
+                add_counts(counters, &placed);
             }
         }
         Ok(entries)
+    }
+
+    /// Namespaces counted at a slot now, not in the hash map.
+    pub(crate) fn placed(&self) -> usize {
+        self.slots
+            .lock()
+            .expect("slots lock poisoned")
+            .table
+            .placed
+            .len()
+    }
+
+    /// Places in their slots the namespaces the programs inserted since the last pass (a pass
+    /// runs only when the programs' insert count moved, or a namespace was left waiting).
+    /// Returns how many were placed.
+    pub(crate) fn place_new(&self, now: Instant) -> Result<usize, MapError> {
+        let inserts: u64 = {
+            let inserts = self.inserts.lock().expect("inserts lock poisoned");
+            inserts.get(&0, 0)?.iter().sum()
+        };
+        if self.slots.lock().expect("slots lock poisoned").inserts_seen == Some(inserts) {
+            return Ok(0);
+        }
+        // Held throughout: an entry deleted meanwhile must not get a slot no walk reads.
+        let map = self.counters.lock().expect("counters lock poisoned");
+        let entries = walk(&map)?;
+        let mut slots = self.slots.lock().expect("slots lock poisoned");
+        let mut placed = 0;
+        let mut waiting = false;
+        for (key, counters) in entries {
+            if slots.table.slot_of(&key).is_some() {
+                continue;
+            }
+            // Not stamped yet: the program that inserted it is about to.
+            if counters.created_ns == 0 {
+                waiting = true;
+                continue;
+            }
+            match slots.table.take(key, now) {
+                Take::Placed(index) => {
+                    slots.map.place(index, key, counters.created_ns);
+                    placed += 1;
+                }
+                Take::Quarantined => waiting = true,
+                // Counted in the hash map, exactly, for a hash lookup more.
+                Take::Held => {}
+            }
+        }
+        slots.inserts_seen = if waiting { None } else { Some(inserts) };
+        Ok(placed)
+    }
+
+    /// Runs [`Self::place_new`] every [`PLACEMENT_PERIOD`], forever, off the runtime's
+    /// threads (its walk of the map is a few syscalls per namespace, under the map's lock).
+    pub(crate) async fn place_forever(self: std::sync::Arc<Self>) {
+        let mut ticker = tokio::time::interval(PLACEMENT_PERIOD);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let maps = std::sync::Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || maps.place_new(Instant::now())).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(placed)) => debug!("{placed} namespaces' kernel counters placed in slots"),
+                Ok(Err(err)) => log::warn!(
+                    "cannot place namespaces' kernel counters in slots (they stay exact, \
+                     for a hash lookup more per event): {err}"
+                ),
+                Err(err) => {
+                    log::error!(
+                        "the placement of namespaces' kernel counters in slots stopped: {err}; \
+                         counts stay exact, for a hash lookup more per event"
+                    );
+                    return;
+                }
+            }
+        }
     }
 
     /// Namespaces the kernel could not count because the map was full, summed over CPUs.
@@ -126,9 +232,19 @@ impl NetnsCounterMaps {
     fn delete(&self, keys: &[NetnsKey]) -> usize {
         let mut map = self.counters.lock().expect("counters lock poisoned");
         let mut activity = self.activity.lock().expect("activity lock poisoned");
+        let mut slots = self.slots.lock().expect("slots lock poisoned");
+        let now = Instant::now();
         let mut deleted = 0;
         for key in keys {
             activity.remove(key);
+            // The slot first: a program that finds it cleared adds to the entry, which goes
+            // next, as an add to an entry the agent is deleting always could.
+            if let Some(index) = slots.table.release(key, now) {
+                slots.map.clear(index);
+                // A namespace that found this slot held waits for it: the next pass looks,
+                // insert or not.
+                slots.inserts_seen = None;
+            }
             // Already gone (another sweep) is as good as deleted.
             if map.remove(key).is_ok() {
                 deleted += 1;
@@ -155,6 +271,91 @@ impl NetnsCounterMaps {
             deleted,
             superseded,
         })
+    }
+}
+
+/// Every entry of the hash map now. An entry deleted while the walk runs is skipped.
+fn walk(
+    map: &maps::HashMap<MapData, NetnsKey, NetnsCounters>,
+) -> Result<Vec<(NetnsKey, NetnsCounters)>, MapError> {
+    let mut entries = Vec::new();
+    for entry in map.iter() {
+        match entry {
+            Ok(entry) => entries.push(entry),
+            Err(MapError::KeyNotFound) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(entries)
+}
+
+/// Adds the counts of `more` (not its `created_ns`, which is the entry's) to `total`.
+fn add_counts(total: &mut NetnsCounters, more: &NetnsCounters) {
+    total.expiries += more.expiries;
+    total.probes += more.probes;
+    total.orderly_closes += more.orderly_closes;
+    for (sum, n) in total.drops.iter_mut().zip(more.drops) {
+        *sum += n;
+    }
+}
+
+/// The slots map and which namespace holds each slot.
+struct Placement {
+    map: NetnsSlotsMap,
+    table: SlotTable,
+    /// The programs' insert count at the last pass that left no namespace waiting.
+    inserts_seen: Option<u64>,
+}
+
+/// Which namespace the agent placed in which slot, and the slots it cleared lately (no program
+/// may still add to a slot once it is placed again: [`NETNS_SLOT_QUARANTINE_SECS`]).
+#[derive(Debug, Default)]
+struct SlotTable {
+    placed: HashMap<NetnsKey, usize>,
+    holders: HashMap<usize, NetnsKey>,
+    cleared: HashMap<usize, Instant>,
+}
+
+/// What [`SlotTable::take`] found at a namespace's slot.
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    Placed(usize),
+    /// Another namespace holds it.
+    Held,
+    /// Cleared less than the quarantine ago: try again later.
+    Quarantined,
+}
+
+impl SlotTable {
+    fn slot_of(&self, key: &NetnsKey) -> Option<usize> {
+        self.placed.get(key).copied()
+    }
+
+    /// Takes `key`'s slot ([`netns_counter_slot`]) for it, if free.
+    fn take(&mut self, key: NetnsKey, now: Instant) -> Take {
+        let index = netns_counter_slot(&key);
+        debug_assert!(index < NETNS_COUNTER_SLOTS);
+        if self.holders.contains_key(&index) {
+            return Take::Held;
+        }
+        let quarantine = Duration::from_secs(NETNS_SLOT_QUARANTINE_SECS);
+        if let Some(&cleared) = self.cleared.get(&index) {
+            if now.saturating_duration_since(cleared) < quarantine {
+                return Take::Quarantined;
+            }
+            self.cleared.remove(&index);
+        }
+        self.placed.insert(key, index);
+        self.holders.insert(index, key);
+        Take::Placed(index)
+    }
+
+    /// Frees `key`'s slot, if it has one, and returns it.
+    fn release(&mut self, key: &NetnsKey, now: Instant) -> Option<usize> {
+        let index = self.placed.remove(key)?;
+        self.holders.remove(&index);
+        self.cleared.insert(index, now);
+        Some(index)
     }
 }
 
@@ -269,13 +470,7 @@ pub(crate) fn current(
         if key.cookie != 0 && chosen.get(&key.inum).map(|(k, ..)| k.cookie) != Some(key.cookie) {
             continue;
         }
-        let total = totals.entry(key.inum).or_default();
-        total.expiries += counters.expiries;
-        total.probes += counters.probes;
-        total.orderly_closes += counters.orderly_closes;
-        for (sum, n) in total.drops.iter_mut().zip(counters.drops) {
-            *sum += n;
-        }
+        add_counts(totals.entry(key.inum).or_default(), counters);
     }
     totals
 }
@@ -349,6 +544,57 @@ mod tests {
             probes,
             ..NetnsCounters::default()
         }
+    }
+
+    #[test]
+    fn a_slot_is_taken_by_one_namespace_and_placed_again_only_after_the_quarantine() {
+        let mut table = SlotTable::default();
+        let now = Instant::now();
+        let first = key(INODE, 9);
+        let index = netns_counter_slot(&first);
+        assert_eq!(table.take(first, now), Take::Placed(index));
+        assert_eq!(table.slot_of(&first), Some(index));
+        // Another namespace hashed to the same slot stays in the hash map.
+        let other = (0..u64::MAX)
+            .map(|cookie| key(INODE + 1, cookie))
+            .find(|other| netns_counter_slot(other) == index)
+            .expect("1 in 1024 keys share a slot");
+        assert_eq!(table.take(other, now), Take::Held);
+        assert_eq!(table.slot_of(&other), None);
+        assert_eq!(table.release(&first, now), Some(index));
+        assert_eq!(table.release(&first, now), None, "released once");
+        let quarantine = Duration::from_secs(NETNS_SLOT_QUARANTINE_SECS);
+        let almost = now + quarantine - Duration::from_millis(1);
+        assert_eq!(table.take(other, almost), Take::Quarantined);
+        assert_eq!(table.take(other, now + quarantine), Take::Placed(index));
+        assert_eq!(table.placed.len(), 1);
+        assert_eq!(
+            table.cleared.len(),
+            0,
+            "bounded: a slot leaves when placed again"
+        );
+    }
+
+    #[test]
+    fn a_slots_counts_add_to_its_entrys_but_not_its_stamp() {
+        let mut entry = counters(10, 7);
+        entry.created_ns = 1_000;
+        entry.drops[3] = 2;
+        let mut slot = counters(5, 4);
+        slot.created_ns = 1_000;
+        slot.orderly_closes = 6;
+        slot.drops[3] = 1;
+        add_counts(&mut entry, &slot);
+        assert_eq!(
+            entry,
+            NetnsCounters {
+                created_ns: 1_000,
+                expiries: 15,
+                probes: 11,
+                orderly_closes: 6,
+                drops: [0, 0, 0, 3, 0, 0, 0, 0],
+            }
+        );
     }
 
     #[test]
