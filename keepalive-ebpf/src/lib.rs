@@ -1251,8 +1251,8 @@ pub struct NetnsCounters {
 /// counters`, README "Performance"); an array element's address is computed inline.
 ///
 /// Written by the agent alone, apart from the counts: the key and `created_ns` while `inum` is
-/// 0 (free), then `inum` last, after a release fence; cleared by zeroing `inum`, then the
-/// cookie and `created_ns`. A program takes the slot only when its inode, cookie and a
+/// 0 (free), then `inum` last, after a release fence; cleared by zeroing `inum`, the cookie and
+/// `created_ns` (in no order other CPUs are bound to see). A program takes the slot only when its inode, cookie and a
 /// non-zero `created_ns` all match. Its three loads are not ordered (arm64), so what keeps a
 /// program from pairing one placement's inode with another's stamp is the quarantine: a slot
 /// the agent clears is not placed again before [`NETNS_SLOT_QUARANTINE_SECS`], by when its
@@ -1275,7 +1275,10 @@ pub struct NetnsCounterSlot {
 /// slot another holds stays in the hash map, counted as exactly, for a hash lookup more.
 pub const NETNS_COUNTER_SLOTS: usize = 1024;
 
-/// Seconds a slot the agent cleared stays free before it places another namespace there.
+/// Seconds a slot the agent cleared stays free before it places another namespace there: far
+/// longer than a program runs, and than stores take to reach every CPU. A program preempted
+/// for longer between its match and its add (a task-context close on a `PREEMPT_RT` kernel)
+/// could add to the next namespace placed there.
 pub const NETNS_SLOT_QUARANTINE_SECS: u64 = 2;
 
 /// The slot of [`names::NETNS_SLOTS_MAP`] a namespace's counters may be placed in.

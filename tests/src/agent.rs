@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use aya::maps::{Map, MapData, PerCpuArray};
 use keepalive_agent::sweep_metric;
-use keepalive_ebpf::{NetnsCounters, NetnsKey, TimerContext, names};
+use keepalive_ebpf::{NetnsCounterSlot, NetnsCounters, NetnsKey, TimerContext, names};
 
 use crate::deploy::{ScratchDir, agent_as_in_daemonset, daemonset_container};
 use crate::expect::Expectations;
@@ -449,6 +449,12 @@ impl Agent {
     pub fn timer_context(&self) -> anyhow::Result<PerCpuArray<MapData, TimerContext>> {
         PerCpuArray::try_from(Map::PerCpuArray(self.bpf_map(names::TIMER_CONTEXT_MAP)?))
             .context("TIMER_CONTEXT is not the per-CPU array the tests expect")
+    }
+
+    /// The namespaces' counter slots ([`keepalive_ebpf::NetnsCounterSlot`]) the agent placed.
+    pub fn counter_slots(&self) -> anyhow::Result<aya::maps::Array<MapData, NetnsCounterSlot>> {
+        aya::maps::Array::try_from(Map::Array(self.bpf_map(names::NETNS_SLOTS_MAP)?))
+            .context("NETNS_SLOTS is not the array the tests expect")
     }
 
     /// Each namespace's cookie by its inode, from the agent's exact counters' keys.

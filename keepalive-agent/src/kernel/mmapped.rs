@@ -17,6 +17,23 @@ pub enum MmapError {
     #[error("the kernel programs object has no array map {0}: agent built from mismatched sources")]
     Missing(&'static str),
     #[error(
+        "the kernel programs' map {map} holds {entries} values of {value_size} bytes, where the \
+         agent expects {len} of {size}: agent built from mismatched sources"
+    )]
+    Layout {
+        map: &'static str,
+        entries: u32,
+        value_size: u32,
+        len: usize,
+        size: usize,
+    },
+    #[error("cannot read the kernel programs' map {map}: {source}")]
+    Info {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
         "cannot map the kernel programs' map {map} into memory: {source}; the kernel needs \
          BPF_F_MMAPABLE arrays (5.5+)"
     )]
@@ -54,6 +71,18 @@ impl<T> MmappedArray<T> {
         let Some(Map::Array(map)) = ebpf.take_map(name) else {
             return Err(MmapError::Missing(name));
         };
+        let info = map
+            .info()
+            .map_err(|source| MmapError::Info { map: name, source })?;
+        if info.max_entries() as usize != len || info.value_size() as usize != size_of::<T>() {
+            return Err(MmapError::Layout {
+                map: name,
+                entries: info.max_entries(),
+                value_size: info.value_size(),
+                len,
+                size: size_of::<T>(),
+            });
+        }
         let mmap_error = |source| MmapError::Mmap { map: name, source };
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);

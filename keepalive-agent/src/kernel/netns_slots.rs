@@ -82,11 +82,12 @@ impl NetnsSlotsMap {
     }
 
     /// Frees slot `index`: from now on the programs count its namespace in the hash map again.
-    /// Its cookie and stamp go too, after the inode: a program's loads of the three are not
-    /// ordered (arm64; BPF has no load-acquire before 6.15), so one that sees the inode of the
-    /// next namespace placed here, which may be this one again after the retention deleted it,
-    /// must not see this one's stamp with it. The caller's quarantine makes these zeros
-    /// visible to every CPU long before the next placement.
+    /// Its cookie and stamp are zeroed too. A program's loads of the three are not ordered
+    /// (arm64; BPF has no load-acquire before 6.15), nor are these stores to other CPUs (a
+    /// partly cleared slot matches no key: that program counts in the hash map); what keeps a
+    /// program from seeing the next namespace placed here, which may be this one again after
+    /// the retention deleted it, with this one's stamp is the caller's quarantine, by the end
+    /// of which every CPU sees these zeros.
     pub(crate) fn clear(&mut self, index: usize) {
         let words = self.words(index);
         words.inum.store(0, Ordering::Release);

@@ -184,13 +184,15 @@ impl NetnsCounterMaps {
                 Ok(Ok(0)) => {}
                 Ok(Ok(placed)) => debug!("{placed} namespaces' kernel counters placed in slots"),
                 Ok(Err(err)) => log::warn!(
-                    "cannot place namespaces' kernel counters in slots (they stay exact, \
-                     for a hash lookup more per event): {err}"
+                    "cannot place namespaces' kernel counters in slots: {err}; nothing to do \
+                     (they stay exact, in the hash map, for a hash lookup more per event), \
+                     report it if it repeats"
                 ),
                 Err(err) => {
                     log::error!(
                         "the placement of namespaces' kernel counters in slots stopped: {err}; \
-                         counts stay exact, for a hash lookup more per event"
+                         this is a bug, please report it; new namespaces are counted in the \
+                         hash map from now on"
                     );
                     return;
                 }
@@ -237,17 +239,22 @@ impl NetnsCounterMaps {
         let mut deleted = 0;
         for key in keys {
             activity.remove(key);
-            // The slot first: a program that finds it cleared adds to the entry, which goes
-            // next, as an add to an entry the agent is deleting always could.
-            if let Some(index) = slots.table.release(key, now) {
+            // Already gone (another sweep) is as good as deleted.
+            let gone = match map.remove(key) {
+                Ok(()) => {
+                    deleted += 1;
+                    true
+                }
+                Err(_) => matches!(map.get(key, 0), Err(MapError::KeyNotFound)),
+            };
+            // The slot only with its entry: an entry kept and its slot cleared would lose the
+            // slot's counts from its totals. Adds a program makes to the slot in between are
+            // lost, as adds to an entry the agent is deleting always could be.
+            if gone && let Some(index) = slots.table.release(key, now) {
                 slots.map.clear(index);
                 // A namespace that found this slot held waits for it: the next pass looks,
                 // insert or not.
                 slots.inserts_seen = None;
-            }
-            // Already gone (another sweep) is as good as deleted.
-            if map.remove(key).is_ok() {
-                deleted += 1;
             }
         }
         deleted
