@@ -128,7 +128,7 @@ impl NetnsCounterMaps {
             .lock()
             .expect("slots lock poisoned")
             .table
-            .placed
+            .holders
             .len()
     }
 
@@ -315,10 +315,11 @@ struct Placement {
 }
 
 /// Which namespace the agent placed in which slot, and the slots it cleared lately (no program
-/// may still add to a slot once it is placed again: [`NETNS_SLOT_QUARANTINE_SECS`]).
+/// may still add to a slot once it is placed again: [`NETNS_SLOT_QUARANTINE_SECS`]). A
+/// namespace can only be at [`netns_counter_slot`] of its key, so the slot's holder says
+/// whether it is placed.
 #[derive(Debug, Default)]
 struct SlotTable {
-    placed: HashMap<NetnsKey, usize>,
     holders: HashMap<usize, NetnsKey>,
     cleared: HashMap<usize, Instant>,
 }
@@ -335,7 +336,8 @@ enum Take {
 
 impl SlotTable {
     fn slot_of(&self, key: &NetnsKey) -> Option<usize> {
-        self.placed.get(key).copied()
+        let index = netns_counter_slot(key);
+        (self.holders.get(&index) == Some(key)).then_some(index)
     }
 
     /// Takes `key`'s slot ([`netns_counter_slot`]) for it, if free.
@@ -352,14 +354,13 @@ impl SlotTable {
             }
             self.cleared.remove(&index);
         }
-        self.placed.insert(key, index);
         self.holders.insert(index, key);
         Take::Placed(index)
     }
 
     /// Frees `key`'s slot, if it has one, and returns it.
     fn release(&mut self, key: &NetnsKey, now: Instant) -> Option<usize> {
-        let index = self.placed.remove(key)?;
+        let index = self.slot_of(key)?;
         self.holders.remove(&index);
         self.cleared.insert(index, now);
         Some(index)
@@ -574,7 +575,7 @@ mod tests {
         let almost = now + quarantine - Duration::from_millis(1);
         assert_eq!(table.take(other, almost), Take::Quarantined);
         assert_eq!(table.take(other, now + quarantine), Take::Placed(index));
-        assert_eq!(table.placed.len(), 1);
+        assert_eq!(table.holders.len(), 1);
         assert_eq!(
             table.cleared.len(),
             0,
